@@ -1,0 +1,66 @@
+"""The user-database interface: verify a login, look a user up.
+
+An :class:`Authenticator` answers "is this the password of this user?" with the user's
+record or ``None``.  ``None`` means *bad credentials* whether the user is unknown or the
+password wrong: callers cannot tell them apart, and a good backend spends the same work on
+both (it verifies against a dummy hash for unknown users), so nobody can enumerate users by
+timing.  Hash verification is CPU work and runs off the event loop.
+
+May import: the standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pobox.errors import PoboxError
+
+__all__ = ["AuthError", "AuthTemporaryError", "Authenticator", "User"]
+
+
+class AuthError(PoboxError):
+    """The user database could not be consulted."""
+
+    resp_code: str | None = "SYS/PERM"
+
+
+class AuthTemporaryError(AuthError):
+    """The user database is unavailable for now (RFC 3206 ``SYS/TEMP``)."""
+
+    resp_code = "SYS/TEMP"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user record, as Dovecot's passwd-file describes one.
+
+    Attributes:
+        name: the login name.
+        uid, gid: numeric owner for mail files, if set.
+        home: home directory, if set.
+        mail: per-user mail location (``userdb_mail=`` extra field), overriding the default.
+        extra: the remaining extra fields, ``key=value``.
+    """
+
+    name: str
+    uid: int | None = None
+    gid: int | None = None
+    home: str | None = None
+    mail: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+class Authenticator(Protocol):
+    """Verifies passwords and looks users up."""
+
+    async def authenticate(self, username: str, password: bytes) -> User | None:
+        """Return the user if ``password`` is right, else ``None`` (also for unknown users).
+
+        Raises:
+            AuthTemporaryError: the database is unavailable; the client should retry later.
+        """
+
+    async def lookup(self, username: str) -> User | None:
+        """Return the user record without checking a password (for delivery)."""

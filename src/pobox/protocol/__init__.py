@@ -1,0 +1,62 @@
+"""The sans-IO POP3 protocol core: bytes in, events and bytes out, no I/O.
+
+Public API: :class:`ServerConnection`, the events of :mod:`pobox.protocol._events`, the
+sentinels :data:`NEED_DATA`, :data:`PAUSED`, :data:`FLUSH`, and the errors.
+
+May import: the standard library only (no asyncio, socket, ssl, os, time, logging or other
+``pobox`` packages); ``tests/protocol/test_boundary.py`` checks it.
+"""
+
+from __future__ import annotations
+
+from pobox.protocol._events import (
+    FLUSH,
+    NEED_DATA,
+    PAUSED,
+    AuthenticateUser,
+    CommitDeletions,
+    ConnectionClosed,
+    DeletionsCommitted,
+    EndOfMessage,
+    Event,
+    LoginAccepted,
+    LoginRejected,
+    MessageData,
+    MessageUnavailable,
+    RetrieveMessage,
+    SnapshotEntry,
+    Trace,
+)
+from pobox.protocol._parser import MAX_COMMAND_LINE, Verb
+from pobox.protocol._replies import MessageEncoder
+from pobox.protocol._server import ServerConnection, SessionStats
+from pobox.protocol._state import State
+from pobox.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+
+__all__ = [
+    "FLUSH",
+    "MAX_COMMAND_LINE",
+    "NEED_DATA",
+    "PAUSED",
+    "AuthenticateUser",
+    "CommitDeletions",
+    "ConnectionClosed",
+    "DeletionsCommitted",
+    "EndOfMessage",
+    "Event",
+    "LocalProtocolError",
+    "LoginAccepted",
+    "LoginRejected",
+    "MessageData",
+    "MessageEncoder",
+    "MessageUnavailable",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RetrieveMessage",
+    "ServerConnection",
+    "SessionStats",
+    "SnapshotEntry",
+    "State",
+    "Trace",
+    "Verb",
+]

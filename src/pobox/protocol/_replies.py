@@ -1,0 +1,119 @@
+"""Reply formatting and the message encoder: pure functions from values to wire bytes.
+
+Multi-line replies (RFC 1939 §3) end with ``CRLF.CRLF``; a line of the body that starts with
+"." gets one more "." in front ("byte-stuffing").  The :class:`MessageEncoder` turns stored
+message bytes into that wire form chunk by chunk, with bytes-level ``replace`` calls (C speed,
+no per-line Python work), carrying the little state a chunk boundary needs: a CR at the end
+of a chunk may be the first half of a CRLF, and a "." at the start of a chunk is at the start
+of a line when the previous chunk ended one.
+
+May import: the standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["CRLF", "MessageEncoder", "TopFilter", "err", "ok"]
+
+CRLF: Final = b"\r\n"
+
+#: RFC 2449 §4: "Responses ... the initial status line ... MUST NOT exceed 512 octets".
+MAX_STATUS_LINE: Final = 512
+
+
+def ok(text: str = "") -> bytes:
+    """Format a ``+OK`` status line."""
+    return b"+OK " + text.encode() + CRLF if text else b"+OK" + CRLF
+
+
+def err(text: str, resp_code: str | None = None) -> bytes:
+    """Format a ``-ERR`` status line, with an RFC 2449 response code if given."""
+    if resp_code:
+        return b"-ERR [" + resp_code.encode() + b"] " + text.encode() + CRLF
+    return b"-ERR " + text.encode() + CRLF
+
+
+class MessageEncoder:
+    """Turn a stored message into wire form: CRLF line ends, byte-stuffed, terminated."""
+
+    __slots__ = ("_at_line_start", "_pending_cr")
+
+    def __init__(self) -> None:
+        self._pending_cr = False
+        self._at_line_start = True
+
+    def normalize(self, chunk: bytes) -> bytes:
+        """Return ``chunk`` with every bare LF made CRLF (no stuffing)."""
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        if b"\n" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        return chunk
+
+    def stuff(self, data: bytes) -> bytes:
+        """Byte-stuff already normalized data."""
+        if not data:
+            return data
+        if b"\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and data[0] == 0x2E:  # "."
+            data = b"." + data
+        self._at_line_start = data.endswith(b"\r\n")
+        return data
+
+    def encode(self, chunk: bytes) -> bytes:
+        """Return the wire form of the next chunk."""
+        return self.stuff(self.normalize(chunk))
+
+    def finish(self) -> bytes:
+        """Return what ends the message: a held CR, a CRLF if needed, and ``.CRLF``."""
+        tail = self.stuff(b"\r") if self._pending_cr else b""
+        self._pending_cr = False
+        if not self._at_line_start:
+            tail += CRLF
+        return tail + b"." + CRLF
+
+
+class TopFilter:
+    """Keep the header, the blank line and the first ``lines`` body lines (RFC 1939 §7 TOP).
+
+    Works on the output of :meth:`MessageEncoder.normalize`, which never splits a CRLF
+    across chunks, so only "are we at the start of a line" carries from chunk to chunk.
+    """
+
+    __slots__ = ("_at_line_start", "_in_body", "_remaining")
+
+    def __init__(self, lines: int) -> None:
+        self._remaining = lines
+        self._in_body = False
+        self._at_line_start = True
+
+    @property
+    def done(self) -> bool:
+        """Whether no more input can be part of the output."""
+        return self._in_body and self._remaining <= 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the part of ``data`` that belongs to the TOP output."""
+        if self.done:
+            return b""
+        pos = 0
+        while True:
+            nl = data.find(b"\r\n", pos)
+            if nl < 0:
+                if pos < len(data):
+                    self._at_line_start = False
+                return data
+            if self._in_body:
+                self._remaining -= 1
+            elif self._at_line_start and nl == pos:  # the empty line that ends the header
+                self._in_body = True
+            self._at_line_start = True
+            pos = nl + 2
+            if self.done:
+                return data[:pos]

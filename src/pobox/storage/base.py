@@ -1,0 +1,157 @@
+"""The storage interface: what the POP3 shell needs from a maildrop, and nothing more.
+
+A :class:`MaildropStore` opens one user's maildrop and (by default) locks it exclusively for
+the life of the session (RFC 1939 §8: "the POP3 server then acquires an exclusive-access lock
+on the maildrop").  The returned :class:`Maildrop` is a *snapshot*: its ``messages`` are fixed
+at open, so message numbers never shift inside a session, and mail delivered meanwhile shows
+up at the next open.  Deletion happens only through :meth:`Maildrop.delete`, which the shell
+calls in the UPDATE state after QUIT (RFC 1939 §6); each message is removed atomically.
+
+Every backend passes the same contract suite (``tests/storage/test_contract.py``).
+
+May import: the standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pobox.errors import PoboxError
+
+__all__ = [
+    "DeleteResult",
+    "MailUser",
+    "Maildrop",
+    "MaildropLocked",
+    "MaildropStore",
+    "MessageGone",
+    "MessageInfo",
+    "StorageError",
+    "StoragePermanentError",
+    "StorageTemporaryError",
+]
+
+
+class StorageError(PoboxError):
+    """A maildrop operation failed."""
+
+    resp_code: str | None = "SYS/TEMP"
+
+
+class StorageTemporaryError(StorageError):
+    """A failure that may go away if the client retries later (RFC 3206 ``SYS/TEMP``)."""
+
+    resp_code = "SYS/TEMP"
+
+
+class StoragePermanentError(StorageError):
+    """A failure that needs an administrator (RFC 3206 ``SYS/PERM``)."""
+
+    resp_code = "SYS/PERM"
+
+
+class MaildropLocked(StorageError):
+    """Another session holds the maildrop's exclusive lock (RFC 2449 ``IN-USE``)."""
+
+    resp_code = "IN-USE"
+
+
+class MessageGone(StorageError):
+    """The message vanished from the maildrop after the snapshot was taken."""
+
+    resp_code = "SYS/TEMP"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message of a maildrop snapshot.
+
+    Attributes:
+        key: the backend's own identifier of the message (opaque to everyone else).
+        size: octets of the message as sent on the wire by RETR: every line ending CRLF,
+            before byte-stuffing, without the terminating ``.CRLF`` (RFC 1939 §5, LIST).
+        uidl: the RFC 1939 §7 unique-id: 1 to 70 octets in 0x21-0x7E, stable across
+            sessions, never reused for another message of the same maildrop.
+    """
+
+    key: str
+    size: int
+    uidl: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """What :meth:`Maildrop.delete` did: keys removed and keys that could not be removed.
+
+    A message that was already gone counts as removed.
+    """
+
+    removed: tuple[str, ...]
+    failed: tuple[str, ...]
+
+
+class MailUser(Protocol):
+    """What a store needs to know about a user to find the maildrop.
+
+    :class:`pobox.auth.base.User` satisfies it.
+    """
+
+    @property
+    def name(self) -> str:
+        """The login name (``%u``; ``%n`` and ``%d`` are its parts around ``@``)."""
+
+    @property
+    def home(self) -> str | None:
+        """The home directory (``%h``, ``~``), if the user database has one."""
+
+    @property
+    def mail(self) -> str | None:
+        """A per-user mail location overriding the store's template (``userdb_mail``)."""
+
+
+class Maildrop(Protocol):
+    """One user's open maildrop: a snapshot plus the operations a POP3 session needs."""
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken at open, in message-number order (message 1 is index 0)."""
+
+    def read_message(self, key: str) -> AsyncIterator[bytes]:
+        """Yield the stored bytes of one message in chunks.
+
+        The bytes are as stored (line endings may be LF or CRLF); the protocol core turns
+        them into wire form.
+
+        Raises:
+            MessageGone: the message is no longer in the maildrop.
+            StorageTemporaryError: an I/O error that may pass.
+        """
+
+    async def delete(self, keys: Sequence[str]) -> DeleteResult:
+        """Remove messages for good; called only in the UPDATE state (RFC 1939 §6).
+
+        Each removal is atomic: a message is either fully present or fully gone.
+        """
+
+    async def close(self) -> None:
+        """Release the lock and any resources; safe to call more than once."""
+
+
+class MaildropStore(Protocol):
+    """Opens maildrops."""
+
+    async def open(self, user: MailUser, *, lock: bool = True) -> Maildrop:
+        """Open ``user``'s maildrop, taking the exclusive session lock if ``lock``.
+
+        A maildrop that does not exist yet is opened empty (and may be created).
+
+        Raises:
+            MaildropLocked: another session holds the lock.
+            StorageTemporaryError: a failure that may pass.
+            StoragePermanentError: a failure that needs an administrator.
+        """
+
+    async def aclose(self) -> None:
+        """Release store-wide resources (connection pools); safe to call more than once."""
