@@ -105,7 +105,7 @@ class Verb(enum.Enum):
     """The POP3 command keywords pobox knows (RFC 1939, RFC 2449, RFC 2595, RFC 5034)."""
 
     USER = "USER"
-    PASS = "PASS"  # noqa: S105 - a keyword, not a password
+    PASS = "PASS"
     APOP = "APOP"
     AUTH = "AUTH"
     STLS = "STLS"

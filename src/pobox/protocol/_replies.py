@@ -22,16 +22,25 @@ CRLF: Final = b"\r\n"
 MAX_STATUS_LINE: Final = 512
 
 
+def _one_line(text: str) -> bytes:
+    # Text may come from the shell (error messages): a CR or LF in it would end the status
+    # line early and desynchronise the client, so they become spaces.
+    data = text.encode()
+    if b"\r" in data or b"\n" in data:
+        data = data.replace(b"\r", b" ").replace(b"\n", b" ")
+    return data
+
+
 def ok(text: str = "") -> bytes:
     """Format a ``+OK`` status line."""
-    return b"+OK " + text.encode() + CRLF if text else b"+OK" + CRLF
+    return b"+OK " + _one_line(text) + CRLF if text else b"+OK" + CRLF
 
 
 def err(text: str, resp_code: str | None = None) -> bytes:
     """Format a ``-ERR`` status line, with an RFC 2449 response code if given."""
     if resp_code:
-        return b"-ERR [" + resp_code.encode() + b"] " + text.encode() + CRLF
-    return b"-ERR " + text.encode() + CRLF
+        return b"-ERR [" + _one_line(resp_code) + b"] " + _one_line(text) + CRLF
+    return b"-ERR " + _one_line(text) + CRLF
 
 
 class MessageEncoder:
@@ -70,10 +79,15 @@ class MessageEncoder:
         """Return the wire form of the next chunk."""
         return self.stuff(self.normalize(chunk))
 
+    def flush(self) -> bytes:
+        """Return the CR held back at the end of the last chunk (normalized, not stuffed)."""
+        held = b"\r" if self._pending_cr else b""
+        self._pending_cr = False
+        return held
+
     def finish(self) -> bytes:
         """Return what ends the message: a held CR, a CRLF if needed, and ``.CRLF``."""
-        tail = self.stuff(b"\r") if self._pending_cr else b""
-        self._pending_cr = False
+        tail = self.stuff(self.flush())
         if not self._at_line_start:
             tail += CRLF
         return tail + b"." + CRLF

@@ -71,6 +71,15 @@ OUTPUT_HIGH_WATER: Final = 256 * 1024
 
 _NO_ARGS: Final = frozenset({Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.CAPA})
 
+#: How much of a bad argument a ``-ERR`` reply echoes back: enough to recognise it, and the
+#: status line stays ASCII and far below RFC 2449's 512 octets whatever the client sent.
+_MAX_ECHO: Final = 40
+
+
+def _echo(arg: bytes) -> str:
+    """Return ``arg`` fit to quote in a reply: printable ASCII only, at most _MAX_ECHO long."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F else "?" for b in arg[:_MAX_ECHO])
+
 
 @dataclass(slots=True)
 class SessionStats:
@@ -254,6 +263,10 @@ class ServerConnection:
         if self.state is not State.CLOSED:
             self._transition(Trigger.CLOSE)
             self.close_reason = reason
+            # Work queued before the close must not run after it: a CommitDeletions left
+            # over from a pipelined QUIT would be an UPDATE the session never reached.
+            self._events = deque(e for e in self._events if isinstance(e, Trace))
+            self._retr = None
 
     def _reply(self, line: bytes) -> None:
         self._out.append(line)
@@ -282,8 +295,12 @@ class ServerConnection:
     def _handle_line(self, line: bytes) -> None:
         parsed = parse_command(line)
         if self._trace:
-            shown = line[:5] + b"***" if line[:5].upper() == b"PASS " else line
-            self._trace_line("C", shown.decode("utf-8", "replace"))
+            # Mask anything that looks like PASS, not just the well-formed command: a client
+            # that separates with a TAB or adds a leading space must not get logged either.
+            keyword_at = len(line) - len(line.lstrip())
+            if line[keyword_at : keyword_at + 4].upper() == b"PASS" and line[keyword_at + 4 :]:
+                line = line[: keyword_at + 4] + b" ***"
+            self._trace_line("C", line.decode("utf-8", "replace"))
         if isinstance(parsed, ParseFailure):
             self._bad_command(parsed.reason)
             return
@@ -452,7 +469,7 @@ class ServerConnection:
         """Validate a message-number argument; reply ``-ERR`` and return None if bad."""
         number = parse_number(arg)
         if number is None:
-            self._bad_command(f"Invalid message number: {arg.decode('ascii', 'replace')}")
+            self._bad_command(f"Invalid message number: {_echo(arg)}")
             return None
         if number < 1 or number > len(self._messages):
             shown = arg.decode("ascii") if number else "0"
@@ -493,7 +510,12 @@ class ServerConnection:
                 data = retr.top.feed(data)
             data = encoder.stuff(data)
         else:
-            data = encoder.finish()
+            # A CR held back at the end of the last chunk is message text: TOP must cut it
+            # too when it has already seen all the lines it keeps.
+            held = encoder.flush()
+            if retr.top is not None:
+                held = retr.top.feed(held)
+            data = encoder.stuff(held) + encoder.finish()
             self._retr = None
             if retr.top is not None:
                 self.stats.top_count += 1

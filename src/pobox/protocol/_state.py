@@ -47,7 +47,7 @@ class State(enum.Enum):
 class Trigger(enum.Enum):
     """What moves a session from one state to another."""
 
-    PASS = "PASS"  # noqa: S105 - a command name, not a password
+    PASS = "PASS"
     LOGIN_ACCEPTED = "LOGIN_ACCEPTED"
     LOGIN_REJECTED = "LOGIN_REJECTED"
     QUIT = "QUIT"

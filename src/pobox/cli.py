@@ -1,0 +1,296 @@
+"""The ``pobox`` command: the composition root, the only place that picks backends.
+
+Subcommands: ``serve`` (run the server), ``demo`` (a ready-made local folder with a user
+and mail, then ``serve`` on it), ``user add`` / ``user passwd`` (passwd-file entries).
+
+May import: anything in pobox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pobox import __version__
+from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user, set_password
+from pobox.auth.schemes import SUPPORTED_SCHEMES
+from pobox.config import KEYS, Config, load_config
+from pobox.errors import ConfigError, PoboxError
+from pobox.log import setup_logging
+from pobox.server import Pop3Server, SessionContext
+from pobox.storage.maildir import MaildirStore
+
+__all__ = ["main"]
+
+logger = logging.getLogger("pobox.cli")
+
+#: sysexits.h codes, so init systems and cron can tell failures apart.
+EX_USAGE, EX_DATAERR, EX_CONFIG, EX_UNAVAILABLE, EX_OSERR = 64, 65, 78, 69, 71
+
+
+def build_context(config: Config) -> SessionContext:
+    """Build the server's backends from the configuration."""
+    return SessionContext(
+        config=config,
+        authenticator=PasswdFileAuthenticator(
+            config.passwd_file, default_scheme=config.default_pass_scheme
+        ),
+        store=MaildirStore(config.mail_location),
+    )
+
+
+async def run_server(config: Config) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down cleanly."""
+    if not Path(config.passwd_file).is_file():
+        raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
+    server = Pop3Server(build_context(config))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses)
+    logger.info("master: pobox %s started, listening on %s", __version__, addresses)
+    await stop.wait()
+    logger.info("master: shutting down (%d sessions open)", server.session_count)
+    await server.aclose()
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.listen:
+        out["listen"] = args.listen
+    for key in ("mail_location", "passwd_file", "log_level", "log_path"):
+        if getattr(args, key, None):
+            out[key] = getattr(args, key)
+    if args.trace:
+        out["trace"] = True
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the POP3 server."""
+    config = load_config(args.config, _overrides(args))
+    setup_logging(config)
+    for warning in config.warnings:
+        logger.warning("config: %s", warning)
+    asyncio.run(run_server(config))
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+_DEMO_MESSAGES = [
+    b"Return-path: <user@client.thm>\n"
+    b"From: user@client.thm\n"
+    b"To: demo@pobox.test\n"
+    b"Subject: Welcome to pobox\n"
+    b"Date: Thu, 27 Jun 2024 16:19:35 +0000\n"
+    b"Message-ID: <welcome@pobox.test>\n"
+    b"\n"
+    b"Hello! This mailbox is served by pobox over POP3.\n"
+    b"Try STAT, LIST, UIDL, TOP 1 0, RETR 2, DELE 3 and QUIT.\n",
+    b"From: Mail Server <postmaster@pobox.test>\n"
+    b"To: Demo <demo@pobox.test>\n"
+    b"Subject: Sending email with Telnet\n"
+    b"Date: Wed, 15 Sep 2021 11:05:34 +0300\n"
+    b"Message-ID: <telnet@pobox.test>\n"
+    b"\n"
+    b"Hello Demo,\n"
+    b"I am just writing to say hi!\n"
+    b".A line starting with a dot is sent as '..' and read back as '.'.\n",
+    b"Return-path: <user@client.thm>\n"
+    b"Envelope-to: demo@pobox.test\n"
+    b"Delivery-date: Thu, 27 Jun 2024 16:19:35 +0000\n"
+    b"From: user@client.thm\n"
+    b"To: demo@pobox.test\n"
+    b"Subject: Telnet email\n"
+    b"Message-ID: <telnet-email@pobox.test>\n"
+    b"\n"
+    b"Hello. I am using telnet to send you an email!\n",
+]
+
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo"  # the documented password of the local demo user
+
+
+def _deliver_demo(maildir: Path, number: int, data: bytes) -> None:
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
+    name = f"{int(time.time())}.M{number}P{os.getpid()}.pobox-demo,S={len(data)},W={wire}"
+    tmp = maildir / "tmp" / name
+    tmp.write_bytes(data)
+    tmp.rename(maildir / "new" / name)
+
+
+def make_demo(folder: Path, port: int, *, reset: bool = False) -> Path:
+    """Create (or reuse) a demo folder: passwd-file, a user with mail, a config file.
+
+    Returns:
+        the path of the config file.
+    """
+    folder = folder.resolve()
+    config_path = folder / "pobox.toml"
+    maildir = folder / "mail" / DEMO_USER
+    passwd = folder / "passwd"
+    if reset or not passwd.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        if passwd.exists():
+            passwd.unlink()
+        add_user(passwd, DEMO_USER, DEMO_PASSWORD.encode(), scheme="ARGON2ID")
+    if reset or not maildir.exists():
+        for sub in ("cur", "new"):
+            if (maildir / sub).exists():
+                for f in (maildir / sub).iterdir():
+                    f.unlink()
+        for n, msg in enumerate(_DEMO_MESSAGES, 1):
+            _deliver_demo(maildir, n, msg)
+    config_path.write_text(
+        "# pobox demo configuration: every key is explained in README.md\n"
+        f'listen = ["127.0.0.1:{port}"]\n'
+        f'mail_location = "maildir:{folder}/mail/%u"\n'
+        f'passwd_file = "{passwd}"\n'
+        'login_greeting = "pobox ready."\n'
+    )
+    return config_path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Set up the demo folder and serve it."""
+    config_path = make_demo(Path(args.dir), args.port, reset=args.reset)
+    overrides = {"trace": True} if args.trace else {}
+    config = load_config(config_path, overrides)
+    setup_logging(config)
+    print(
+        f"pobox demo: folder {config_path.parent}\n"
+        f"  user {DEMO_USER!r}, password {DEMO_PASSWORD!r}, 3 messages\n"
+        f"  try:  telnet localhost {args.port}   (USER demo, PASS demo, STAT, LIST, RETR 1,"
+        " DELE 1, QUIT)\n"
+        "  stop with Ctrl-C",
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_server(config))
+    return 0
+
+
+# --------------------------------------------------------------------------- users
+
+
+def _read_password(args: argparse.Namespace) -> bytes:
+    if args.password_file:
+        data = Path(args.password_file).read_bytes()
+        return data.rstrip(b"\r\n")
+    if args.password_stdin or not sys.stdin.isatty():
+        return sys.stdin.buffer.readline().rstrip(b"\r\n")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Again: "):
+        raise PoboxError("the two passwords differ")
+    return first.encode()
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    """Add a user or change a password in a passwd-file."""
+    password = _read_password(args)
+    if not password:
+        raise PoboxError("empty password refused")
+    path = Path(args.passwd_file)
+    if args.user_command == "add":
+        add_user(
+            path,
+            args.name,
+            password,
+            scheme=args.scheme,
+            home=args.home,
+            mail=args.mail,
+        )
+        print(f"added user {args.name} to {path}")
+    else:
+        if not set_password(path, args.name, password, scheme=args.scheme, create=False):
+            print(f"pobox: no user {args.name} in {path}", file=sys.stderr)
+            return EX_DATAERR
+        print(f"changed the password of {args.name} in {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser."""
+    parser = argparse.ArgumentParser(prog="pobox", description="pobox POP3 server")
+    parser.add_argument("--version", action="version", version=f"pobox {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keys = "\n".join(f"  {k}: {doc}" for k, (_, doc) in KEYS.items())
+    serve = sub.add_parser(
+        "serve",
+        help="run the POP3 server",
+        description=f"Run the POP3 server.\n\nConfiguration keys (TOML):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", "-c", help="TOML configuration file")
+    serve.add_argument(
+        "--listen", action="append", metavar="HOST:PORT", help="address to listen on (repeat)"
+    )
+    serve.add_argument("--mail-location", help="e.g. 'maildir:/srv/mail/%%u'")
+    serve.add_argument("--passwd-file", help="Dovecot-format passwd-file")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-path", help="log file (default: standard error)")
+    serve.add_argument("--trace", action="store_true", help="log the C:/S: dialogue")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="serve a demo mailbox for telnet, like the seeds")
+    demo.add_argument("--dir", default="pobox-demo", help="demo folder (default ./pobox-demo)")
+    demo.add_argument("--port", type=int, default=1110, help="port on 127.0.0.1 (1110)")
+    demo.add_argument("--reset", action="store_true", help="recreate the user and the mail")
+    demo.add_argument("--trace", action="store_true", help="log the C:/S: dialogue")
+    demo.set_defaults(func=cmd_demo)
+
+    user = sub.add_parser("user", help="manage passwd-file users")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    for name, help_text in (("add", "add a user"), ("passwd", "change a user's password")):
+        p = user_sub.add_parser(name, help=help_text)
+        p.add_argument("name")
+        p.add_argument("--passwd-file", "-f", required=True)
+        p.add_argument(
+            "--scheme",
+            default="ARGON2ID",
+            type=str.upper,
+            choices=sorted(SUPPORTED_SCHEMES),
+            help="password scheme (ARGON2ID)",
+        )
+        p.add_argument("--password-file", help="read the password from this file")
+        p.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+        if name == "add":
+            p.add_argument("--home", help="home directory (%%h, ~ in mail_location)")
+            p.add_argument("--mail", help="per-user mail location (userdb_mail)")
+        p.set_defaults(func=cmd_user)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``pobox`` command; return its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pobox: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except PoboxError as exc:
+        print(f"pobox: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except OSError as exc:
+        print(f"pobox: {exc}", file=sys.stderr)
+        return EX_OSERR

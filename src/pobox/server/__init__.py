@@ -1,0 +1,8 @@
+"""The asyncio shell around the protocol core: listeners and sessions."""
+
+from __future__ import annotations
+
+from pobox.server._listener import Pop3Server
+from pobox.server._session import Session, SessionContext
+
+__all__ = ["Pop3Server", "Session", "SessionContext"]

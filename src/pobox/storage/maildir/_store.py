@@ -1,0 +1,598 @@
+"""The Maildir backend: :class:`MaildirStore` opens maildrops, :class:`MaildirMaildrop` serves one.
+
+Theory of operation
+-------------------
+
+*Finding the maildir.* The user's ``mail`` field (Dovecot's ``userdb_mail``) or else the
+store's location template gives the path (:mod:`._location`). A maildir that does not exist
+is created (``cur``, ``new``, ``tmp``, mode 0700) and opened empty.
+
+*Opening.* With ``lock=True`` the session first takes ``<maildir>/pobox.lock`` (see
+:class:`._fs.SessionLock`); a second session gets :class:`~pobox.storage.base.MaildropLocked`.
+Then, holding the short ``pobox-uidlist.lock`` that serializes index updates (sessions opened
+with ``lock=False`` update the index too), it reads the index (:mod:`._index`), lists ``new/``
+then ``cur/`` (never ``tmp/``, where MTAs write files not yet delivered), and reconciles:
+
+* a file already in the index keeps its UID and cached size: nothing is read;
+* a new file gets the next UID (new files are numbered in delivery order, as Dovecot numbers
+  them) and its wire size from the ``,W=`` field of its name or, lacking one, by reading it
+  once (``,S=`` is the file size, which is the wire size only for CRLF files); the size is
+  cached in the index;
+* an index entry whose file is gone is dropped, after a second listing confirms it is gone (a
+  file renamed by another program while we list may be missing from one listing);
+* the index is rewritten, atomically, only if something changed.
+
+UIDs only grow (``N`` never goes back), so a UIDL is never reused, and two copies of one
+message are two files with two UIDs. Deleting ``pobox-uidlist`` starts a new UIDVALIDITY: the
+current time, as in Dovecot, but always above the last one handed out, which
+``pobox-uidvalidity`` remembers (Dovecot's ``dovecot-uidvalidity`` does the same). Every
+message then gets a new UIDL and clients download everything once more, but no old UIDL is
+ever given to another message. A maildir last served by Dovecot
+keeps Dovecot's UIDLs (its ``dovecot-uidlist`` is imported once).
+
+*The snapshot.* Messages are listed in UID order, which is arrival order as pobox saw it,
+except that messages with a POP3 order number imported from Dovecot (``O`` field) come first,
+by that number, as in Dovecot. A message's key is its base name (the file name without the
+``:2,<flags>`` part), so a message whose flags change or that moves from ``new/`` to ``cur/``
+after the snapshot is found again by listing the directories once more.
+
+*Without an index* (``index=False``), nothing is written but the directories and the lock:
+each open computes sizes afresh (reading files that lack ``,W=``), orders messages by delivery
+time, and uses the SHA-256 of the base name as UIDL. These UIDLs are stable and never reused
+(base names are unique) but differ from those of index mode and from Dovecot's.
+
+All blocking filesystem work runs in worker threads (``asyncio.to_thread``).
+
+May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from pobox.errors import ConfigError
+from pobox.storage._wire import WireSizeCounter
+from pobox.storage.base import (
+    DeleteResult,
+    MailUser,
+    MessageGone,
+    MessageInfo,
+    StorageError,
+    StoragePermanentError,
+)
+from pobox.storage.maildir._fs import (
+    SessionLock,
+    fsync_directory,
+    held_lock,
+    os_errors,
+    replace_file,
+    storage_error,
+)
+from pobox.storage.maildir._index import (
+    DOVECOT_UIDLIST_NAME,
+    INDEX_NAME,
+    IndexEntry,
+    UidList,
+    format_pobox_uidlist,
+    parse_dovecot_uidlist,
+    parse_pobox_uidlist,
+)
+from pobox.storage.maildir._location import LocationError, MailLocation, parse_location
+from pobox.storage.maildir._names import (
+    base_name,
+    delivery_sort_key,
+    is_acceptable_name,
+    size_field,
+)
+
+__all__ = ["MaildirMaildrop", "MaildirStore"]
+
+#: Chunks :meth:`MaildirMaildrop.read_message` yields; a smaller message is read in one go.
+CHUNK_SIZE = 64 * 1024
+#: Chunks read to compute the wire size of a message whose name lacks ``,W=``.
+_SIZE_CHUNK = 1024 * 1024
+#: The session lock, inside the maildir.
+LOCK_NAME = "pobox.lock"
+#: The lock serializing updates of the index, inside the maildir.
+INDEX_LOCK_NAME = "pobox-uidlist.lock"
+#: The last UIDVALIDITY handed out, inside the maildir.
+UIDVALIDITY_NAME = "pobox-uidvalidity"
+#: Where delivered messages live, in listing order: new/ first, so that a message moving from
+#: new/ to cur/ while we list is seen in at least one of them.
+_MESSAGE_DIRS = ("new", "cur")
+_ALL_DIRS = ("cur", "new", "tmp")
+#: The user location templates are checked with when a store is built.
+_PROBE_USER = ("user@example.org", "/home/user")
+
+#: Where a message file was seen: (subdirectory, file name).
+_Location = tuple[str, str]
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class _Opened:
+    """What opening a maildrop produced, handed from the worker thread to the event loop."""
+
+    root: Path
+    messages: tuple[MessageInfo, ...]
+    files: dict[str, _Location]
+    lock: SessionLock | None
+    indexed: bool
+
+
+class MaildirStore:
+    """Opens Maildir maildrops; satisfies :class:`pobox.storage.base.MaildropStore`."""
+
+    def __init__(self, location: str = "maildir:~/Maildir", *, index: bool = True) -> None:
+        """Create a store serving the maildirs that ``location`` names.
+
+        Args:
+            location: a Dovecot-style mail location template (see :mod:`._location`); a user's
+                ``mail`` field overrides it.
+            index: keep UIDs and sizes in ``pobox-uidlist`` (the default); without it, see the
+                module documentation.
+
+        Raises:
+            ConfigError: the location is malformed.
+        """
+        try:
+            self._location = parse_location(location)
+            self._location.expand(*_PROBE_USER)
+        except LocationError as exc:
+            msg = f"storage location: {exc}"
+            raise ConfigError(msg) from exc
+        self._index = index
+
+    def maildir_path(self, user: MailUser) -> Path:
+        """Return the path of ``user``'s maildir.
+
+        Raises:
+            StoragePermanentError: the user's location cannot be expanded (no home directory
+                for ``~``, an unsafe user name, a malformed ``mail`` field).
+        """
+        try:
+            location: MailLocation = self._location
+            if user.mail:
+                location = parse_location(user.mail)
+            return Path(location.expand(user.name, user.home))
+        except LocationError as exc:
+            msg = f"mail location of user {user.name!r}: {exc}"
+            raise StoragePermanentError(msg) from exc
+
+    async def open(self, user: MailUser, *, lock: bool = True) -> MaildirMaildrop:
+        """Open ``user``'s maildrop, taking the session lock if ``lock``.
+
+        Raises:
+            MaildropLocked: another session holds the lock.
+            StorageTemporaryError: a failure that may pass (I/O error, disk full, ...).
+            StoragePermanentError: a failure that needs an administrator.
+        """
+        root = self.maildir_path(user)
+        opened = await _owned_in_thread(
+            functools.partial(_open_maildrop, root, lock, self._index), _release_opened
+        )
+        return MaildirMaildrop(opened)
+
+    async def aclose(self) -> None:
+        """Do nothing: the store keeps no resources between sessions."""
+
+
+class MaildirMaildrop:
+    """One open Maildir maildrop; satisfies :class:`pobox.storage.base.Maildrop`."""
+
+    def __init__(self, opened: _Opened) -> None:
+        self._root = opened.root
+        self._messages = opened.messages
+        self._files = opened.files
+        self._lock = opened.lock
+        self._indexed = opened.indexed
+        self._closed = False
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken at open, in message-number order."""
+        return self._messages
+
+    @property
+    def path(self) -> Path:
+        """The maildir's directory."""
+        return self._root
+
+    async def read_message(self, key: str) -> AsyncIterator[bytes]:
+        """Yield the stored bytes of message ``key`` in chunks of up to 64 KiB.
+
+        Raises:
+            MessageGone: the message was removed since the snapshot, or is not in it.
+            StorageTemporaryError: an I/O error that may pass.
+            StoragePermanentError: the file cannot be read (permissions).
+        """
+        self._check_open()
+        handle, chunk, path = await _owned_in_thread(
+            functools.partial(self._open_message, key), _close_opened_message
+        )
+        try:
+            if chunk:
+                yield chunk
+            while handle is not None:
+                chunk = await asyncio.to_thread(_read_chunk, handle, path)
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            if handle is not None:
+                handle.close()
+
+    async def delete(self, keys: Sequence[str]) -> DeleteResult:
+        """Unlink the files of messages of the snapshot (UPDATE state, RFC 1939 §6).
+
+        A file already gone counts as removed; one that cannot be unlinked (e.g. ``EACCES``)
+        and a key that is not in the snapshot are reported in ``failed``. The directories are
+        fsynced, then the index forgets the removed messages (their UIDs are not reused).
+
+        Raises:
+            StorageTemporaryError: the directories could not be synced.
+        """
+        self._check_open()
+        return await asyncio.to_thread(self._delete, tuple(keys))
+
+    async def close(self) -> None:
+        """Release the session lock; safe to call more than once."""
+        self._closed = True
+        if self._lock is not None:
+            # flock(LOCK_UN) and close() of a lock file do not wait on the disk.
+            self._lock.release()
+            self._lock = None
+
+    def _check_open(self) -> None:
+        """Refuse to work on a closed maildrop: its lock may belong to another session now."""
+        if self._closed:
+            msg = "the maildrop is closed"
+            raise RuntimeError(msg)
+
+    def _open_message(self, key: str) -> tuple[BinaryIO | None, bytes, Path]:
+        """Open a message file and read its first chunk (in a worker thread).
+
+        Returns:
+            The open file (``None`` when the whole message fitted in the first chunk and the
+            file is closed already), the first chunk, and the path.
+        """
+        location = self._files.get(key)
+        if location is None:
+            msg = f"message {key!r} is not in the maildrop snapshot of {self._root}"
+            raise MessageGone(msg)
+        path = self._root.joinpath(*location)
+        handle = _open_or_none(path)
+        if handle is None:
+            # Renamed (flags changed, moved to cur/) by another program since the snapshot?
+            found = _find_message(self._root, key)
+            if found is not None:
+                self._files[key] = found
+                path = self._root.joinpath(*found)
+                handle = _open_or_none(path)
+            if handle is None:
+                msg = f"message {key!r} was removed from {self._root}"
+                raise MessageGone(msg)
+        try:
+            chunk = _read_chunk(handle, path)
+        except BaseException:
+            handle.close()
+            raise
+        if len(chunk) < CHUNK_SIZE:
+            handle.close()
+            return None, chunk, path
+        return handle, chunk, path
+
+    def _delete(self, keys: tuple[str, ...]) -> DeleteResult:
+        """Unlink message files, sync the directories, update the index (in a worker thread)."""
+        removed: list[str] = []
+        failed: list[str] = []
+        touched: set[str] = set()
+        for key in keys:
+            location = self._files.get(key)
+            if location is None:
+                failed.append(key)
+            elif _unlink_message(self._root, key, location, touched):
+                removed.append(key)
+            else:
+                failed.append(key)
+        for directory in sorted(touched):
+            fsync_directory(self._root / directory)
+        if self._indexed and removed:
+            _forget(self._root, removed)
+        return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+
+async def _owned_in_thread(work: Callable[[], _T], release: Callable[[_T], None]) -> _T:
+    """Run ``work`` in a worker thread and return what it acquired (a lock, an open file).
+
+    A worker thread cannot be stopped: if the caller is cancelled meanwhile (a session timing
+    out), ``release`` is applied to the result once the thread is done, so nothing leaks.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(functools.partial(_release_orphan, release))
+        raise
+
+
+def _release_orphan(release: Callable[[_T], None], future: asyncio.Future[_T]) -> None:
+    """Release what a thread acquired for a caller that was cancelled."""
+    if not future.cancelled() and future.exception() is None:
+        release(future.result())
+
+
+def _release_opened(opened: _Opened) -> None:
+    """Release the lock of a maildrop opened for nobody."""
+    if opened.lock is not None:
+        opened.lock.release()
+
+
+def _close_opened_message(opened: tuple[BinaryIO | None, bytes, Path]) -> None:
+    """Close a message file opened for nobody."""
+    handle = opened[0]
+    if handle is not None:
+        handle.close()
+
+
+def _open_maildrop(root: Path, lock: bool, indexed: bool) -> _Opened:
+    """Create the maildir if needed, lock it, take the snapshot (in a worker thread)."""
+    _ensure_maildir(root)
+    session_lock = SessionLock(root / LOCK_NAME) if lock else None
+    try:
+        if indexed:
+            messages, files = _indexed_snapshot(root)
+        else:
+            messages, files = _unindexed_snapshot(root)
+    except BaseException:
+        if session_lock is not None:
+            session_lock.release()
+        raise
+    return _Opened(root=root, messages=messages, files=files, lock=session_lock, indexed=indexed)
+
+
+def _ensure_maildir(root: Path) -> None:
+    """Create ``root`` and its ``cur``, ``new`` and ``tmp`` if missing, mode 0700."""
+    for directory in (root, *(root / name for name in _ALL_DIRS)):
+        with os_errors("create maildir directory", directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+
+
+def _indexed_snapshot(root: Path) -> tuple[tuple[MessageInfo, ...], dict[str, _Location]]:
+    """Reconcile the index with the directories; return the snapshot and file locations."""
+    with held_lock(root / INDEX_LOCK_NAME):
+        uidlist, dirty = _load_index(root)
+        files = _list_messages(root)
+        missing = [base for base in uidlist.entries if base not in files]
+        if missing:
+            for base, location in _list_messages(root).items():
+                files.setdefault(base, location)
+            for base in missing:
+                if base not in files:
+                    del uidlist.entries[base]
+                    dirty = True
+        arrived = (base for base in files if base not in uidlist.entries)
+        for base in sorted(arrived, key=delivery_sort_key):
+            uidlist.entries[base] = IndexEntry(uid=uidlist.next_uid, size=None)
+            uidlist.next_uid += 1
+            dirty = True
+        for base, entry in list(uidlist.entries.items()):
+            if entry.size is None:
+                entry.size = _message_size(root, base, files)
+                if entry.size is None:  # removed meanwhile; its UID stays used
+                    del uidlist.entries[base]
+                    files.pop(base, None)
+                dirty = True
+        if dirty:
+            text = format_pobox_uidlist(uidlist)
+            replace_file(root / INDEX_NAME, text.encode("utf-8", "surrogateescape"))
+    ordered = sorted(uidlist.entries.items(), key=lambda item: _listing_order(item[1]))
+    messages = tuple(
+        MessageInfo(key=base, size=_known(entry.size), uidl=uidlist.uidl(entry))
+        for base, entry in ordered
+    )
+    return messages, files
+
+
+def _listing_order(entry: IndexEntry) -> tuple[bool, int, int]:
+    """Order messages as Dovecot does: by POP3 order number if any (those first), then UID."""
+    return entry.order is None, entry.order or 0, entry.uid
+
+
+def _known(size: int | None) -> int:
+    """Return a size the reconciliation has filled in."""
+    assert size is not None
+    return size
+
+
+def _load_index(root: Path) -> tuple[UidList, bool]:
+    """Return the index, and whether it must be written back.
+
+    Falls back to importing ``dovecot-uidlist`` when pobox has no index yet, and to a fresh
+    index (new UIDVALIDITY) when neither exists or pobox's own is unusable. A stale
+    ``dovecot-uidlist`` is never imported over an unusable pobox index: pobox may have handed
+    out UIDs above its ``N`` since.
+    """
+    text = _read_text(root / INDEX_NAME)
+    if text is not None:
+        parsed = parse_pobox_uidlist(text)
+        if parsed is None:
+            return _fresh_index(root), True
+        uidlist, clean = parsed
+        return uidlist, not clean
+    dovecot = _read_text(root / DOVECOT_UIDLIST_NAME)
+    if dovecot is not None:
+        imported = parse_dovecot_uidlist(dovecot)
+        if imported is not None:
+            return imported, True
+    return _fresh_index(root), True
+
+
+def _fresh_index(root: Path) -> UidList:
+    """Return an empty index with a new UIDVALIDITY, and remember that one.
+
+    The UIDVALIDITY is the current time, like Dovecot's, but always above the last one handed
+    out: an index lost twice within a second still gets two different ones.
+    """
+    path = root / UIDVALIDITY_NAME
+    last = (_read_text(path) or "").strip()
+    uidvalidity = max(int(time.time()), int(last) + 1 if last.isascii() and last.isdigit() else 1)
+    replace_file(path, f"{uidvalidity}\n".encode())
+    return UidList(uidvalidity=uidvalidity, next_uid=1)
+
+
+def _read_text(path: Path) -> str | None:
+    """Return a file's text (surrogate-escaped UTF-8), or ``None`` if it does not exist."""
+    with os_errors("read", path):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _unindexed_snapshot(root: Path) -> tuple[tuple[MessageInfo, ...], dict[str, _Location]]:
+    """Return the snapshot of a maildir used without an index."""
+    files = _list_messages(root)
+    messages: list[MessageInfo] = []
+    for base in sorted(files, key=delivery_sort_key):
+        size = _message_size(root, base, files)
+        if size is None:
+            files.pop(base, None)
+            continue
+        uidl = hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()
+        messages.append(MessageInfo(key=base, size=size, uidl=uidl))
+    return tuple(messages), files
+
+
+def _list_messages(root: Path) -> dict[str, _Location]:
+    """Map the base name of every message file in ``new/`` and ``cur/`` to where it is.
+
+    A base name found in both (a move caught half-way, or a broken copy) is taken from cur/.
+    """
+    files: dict[str, _Location] = {}
+    for directory in _MESSAGE_DIRS:
+        path = root / directory
+        with os_errors("list", path), os.scandir(path) as entries:
+            for entry in entries:
+                name = entry.name
+                if not is_acceptable_name(name):
+                    continue
+                try:
+                    if not entry.is_file():  # d_type: no stat(2) on most filesystems
+                        continue
+                except OSError:
+                    continue  # vanished while listing
+                files[base_name(name)] = (directory, name)
+    return files
+
+
+def _find_message(root: Path, base: str) -> _Location | None:
+    """Look for the current file of the message with base name ``base``."""
+    found: _Location | None = None
+    prefix = f"{base}:"
+    for directory in _MESSAGE_DIRS:
+        path = root / directory
+        with os_errors("list", path), os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name == base or entry.name.startswith(prefix):
+                    found = (directory, entry.name)
+    return found
+
+
+def _message_size(root: Path, base: str, files: dict[str, _Location]) -> int | None:
+    """Return a message's wire size: from ``,W=`` in its name, else by reading the file.
+
+    Returns ``None`` if the file is gone (even after looking for it under a new name).
+    """
+    size = size_field(base, "W")
+    if size is not None:
+        return size
+    size = _file_wire_size(root.joinpath(*files[base]))
+    if size is None:
+        found = _find_message(root, base)
+        if found is None:
+            return None
+        files[base] = found
+        size = _file_wire_size(root.joinpath(*found))
+    return size
+
+
+def _file_wire_size(path: Path) -> int | None:
+    """Read a file once and return its wire size (bare LF counted as CRLF), ``None`` if gone."""
+    handle = _open_or_none(path)
+    if handle is None:
+        return None
+    counter = WireSizeCounter()
+    with handle, os_errors("read message", path):
+        while chunk := handle.read(_SIZE_CHUNK):
+            counter.feed(chunk)
+    return counter.size
+
+
+def _open_or_none(path: Path) -> BinaryIO | None:
+    """Open a message file for reading; ``None`` if it does not exist."""
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise storage_error(exc, "open message", path) from exc
+
+
+def _read_chunk(handle: BinaryIO, path: Path) -> bytes:
+    """Read the next chunk of an open message file."""
+    with os_errors("read message", path):
+        return handle.read(CHUNK_SIZE)
+
+
+def _unlink_message(root: Path, key: str, location: _Location, touched: set[str]) -> bool:
+    """Unlink a message file, following a rename; tell whether the message is gone."""
+    path = root.joinpath(*location)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        found = _find_message(root, key)
+        if found is None:
+            return True  # already gone: that is what was asked
+        try:
+            root.joinpath(*found).unlink()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        touched.add(found[0])
+        return True
+    except OSError:
+        return False
+    touched.add(location[0])
+    return True
+
+
+def _forget(root: Path, bases: list[str]) -> None:
+    """Drop removed messages from the index.
+
+    Best effort: if this fails, the next open drops the entries of files that are gone, so a
+    failure here must not hide the result of the deletion from the session.
+    """
+    try:
+        with held_lock(root / INDEX_LOCK_NAME):
+            text = _read_text(root / INDEX_NAME)
+            parsed = parse_pobox_uidlist(text) if text is not None else None
+            if parsed is None:
+                return  # no usable index: the next open builds one
+            uidlist, _ = parsed
+            dropped = [base for base in bases if uidlist.entries.pop(base, None) is not None]
+            if dropped:
+                text = format_pobox_uidlist(uidlist)
+                replace_file(root / INDEX_NAME, text.encode("utf-8", "surrogateescape"))
+    except StorageError:
+        return

@@ -1,0 +1,155 @@
+"""The in-memory storage backend: the reference implementation of the storage contract.
+
+:class:`MemoryStore` keeps every maildrop in a dict. It is complete, not a mock: it passes the
+same contract suite as the Maildir backend (``tests/storage/test_contract.py``), so tests of the
+server can run against it and trust what they see. It lives and dies with the process.
+
+* :meth:`MemoryStore.deliver` adds a message, as an MTA would.
+* Each maildrop has an exclusive lock, held from :meth:`MemoryStore.open` (``lock=True``)
+  until :meth:`~MemoryMaildrop.close`.
+* UIDLs come from a per-maildrop counter that never goes back, so they are unique and never
+  reused, even after deletion; two identical messages get different UIDLs.
+* Sizes are wire sizes (:func:`pobox.storage._wire.wire_size`).
+
+Everything runs on the event loop: there is no I/O to move off it.
+
+May import: the standard library and :mod:`pobox.storage.base`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from pobox.storage._wire import wire_size
+from pobox.storage.base import (
+    DeleteResult,
+    MaildropLocked,
+    MailUser,
+    MessageGone,
+    MessageInfo,
+)
+
+__all__ = ["MemoryMaildrop", "MemoryStore"]
+
+#: Size of the chunks :meth:`MemoryMaildrop.read_message` yields, so that consumers see
+#: multi-chunk messages as they would from a file.
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Drop:
+    """One user's maildrop: messages by key in delivery order, UID counter, lock holder."""
+
+    messages: dict[str, bytes] = field(default_factory=dict)
+    next_uid: int = 1
+    holder: MemoryMaildrop | None = None
+
+
+class MemoryStore:
+    """Maildrops held in memory; satisfies :class:`pobox.storage.base.MaildropStore`."""
+
+    def __init__(self) -> None:
+        self._drops: dict[str, _Drop] = {}
+
+    def deliver(self, username: str, data: bytes) -> str:
+        """Add a message to ``username``'s maildrop and return its key.
+
+        The message is invisible to sessions already open (they work on a snapshot) and
+        shows up at the next :meth:`open`.
+        """
+        drop = self._drops.setdefault(username, _Drop())
+        key = str(drop.next_uid)
+        drop.next_uid += 1
+        drop.messages[key] = bytes(data)
+        return key
+
+    def stored(self, username: str) -> dict[str, bytes]:
+        """Return a copy of the messages currently stored for ``username``, by key."""
+        drop = self._drops.get(username)
+        return {} if drop is None else dict(drop.messages)
+
+    def is_locked(self, username: str) -> bool:
+        """Tell whether a session holds ``username``'s maildrop lock."""
+        drop = self._drops.get(username)
+        return drop is not None and drop.holder is not None
+
+    async def open(self, user: MailUser, *, lock: bool = True) -> MemoryMaildrop:
+        """Open ``user.name``'s maildrop (empty if nothing was delivered yet).
+
+        Raises:
+            MaildropLocked: another session holds the lock and ``lock`` is true.
+        """
+        drop = self._drops.setdefault(user.name, _Drop())
+        if lock and drop.holder is not None:
+            msg = f"maildrop of {user.name!r} is locked by another session"
+            raise MaildropLocked(msg)
+        snapshot = tuple(
+            MessageInfo(key=key, size=wire_size(data), uidl=f"{int(key):08x}")
+            for key, data in drop.messages.items()
+        )
+        maildrop = MemoryMaildrop(drop, snapshot)
+        if lock:
+            drop.holder = maildrop
+        return maildrop
+
+    async def aclose(self) -> None:
+        """Do nothing: the store holds no resources beyond memory."""
+
+
+class MemoryMaildrop:
+    """One open in-memory maildrop; satisfies :class:`pobox.storage.base.Maildrop`."""
+
+    def __init__(self, drop: _Drop, messages: tuple[MessageInfo, ...]) -> None:
+        self._drop = drop
+        self._messages = messages
+        self._keys = frozenset(info.key for info in messages)
+        self._closed = False
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken at open, in delivery order."""
+        return self._messages
+
+    async def read_message(self, key: str) -> AsyncIterator[bytes]:
+        """Yield the stored bytes of message ``key`` in chunks.
+
+        Raises:
+            MessageGone: the message was deleted since the snapshot, or ``key`` is not in it.
+        """
+        self._check_open()
+        data = self._drop.messages.get(key) if key in self._keys else None
+        if data is None:
+            msg = f"message {key!r} is no longer in the maildrop"
+            raise MessageGone(msg)
+        for start in range(0, len(data), CHUNK_SIZE):
+            yield data[start : start + CHUNK_SIZE]
+
+    async def delete(self, keys: Sequence[str]) -> DeleteResult:
+        """Remove messages of the snapshot; an already removed one counts as removed.
+
+        Keys that are not in this session's snapshot are reported as failed: a session
+        never deletes mail it has not seen.
+        """
+        self._check_open()
+        removed: list[str] = []
+        failed: list[str] = []
+        for key in keys:
+            if key in self._keys:
+                self._drop.messages.pop(key, None)
+                removed.append(key)
+            else:
+                failed.append(key)
+        return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+    async def close(self) -> None:
+        """Release the lock if this session holds it; safe to call more than once."""
+        self._closed = True
+        if self._drop.holder is self:
+            self._drop.holder = None
+
+    def _check_open(self) -> None:
+        """Refuse to work on a closed maildrop: its lock may belong to another session now."""
+        if self._closed:
+            msg = "the maildrop is closed"
+            raise RuntimeError(msg)

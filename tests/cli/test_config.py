@@ -1,0 +1,115 @@
+"""Configuration: TOML in, validated frozen settings out, errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pobox.config import Config, Listen, build_config, load_config, parse_listen
+from pobox.errors import ConfigError
+
+
+class TestParseListen:
+    """Listen addresses."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("127.0.0.1:110", Listen("127.0.0.1", 110)),
+            ("[::1]:995", Listen("::1", 995)),
+            ("1110", Listen("127.0.0.1", 1110)),
+            (":110", Listen("0.0.0.0", 110)),
+        ],
+    )
+    def test_forms(self, text: str, expected: Listen) -> None:
+        """HOST:PORT, [V6]:PORT, a bare port and :PORT are understood."""
+        assert expected == parse_listen(text)
+
+    @pytest.mark.parametrize("text", ["host", "1.2.3.4:x", "1.2.3.4:70000", "[::1]995"])
+    def test_bad(self, text: str) -> None:
+        """Anything else is a ConfigError naming the key."""
+        with pytest.raises(ConfigError, match=r"^listen: "):
+            parse_listen(text)
+
+
+class TestBuildConfig:
+    """Validation of TOML-shaped values."""
+
+    def test_defaults(self) -> None:
+        """With nothing set, the defaults are the documented ones."""
+        config = build_config({})
+        assert (Listen("127.0.0.1", 1110),) == config.listen
+        assert 600.0 == config.idle_timeout
+        assert config.pop3_lock_session is True
+
+    def test_unknown_key_named(self) -> None:
+        """An unknown key is an error that names it."""
+        with pytest.raises(ConfigError, match=r"^idel_timeout: unknown setting"):
+            build_config({"idel_timeout": 5})
+
+    def test_wrong_type_named(self) -> None:
+        """A value of the wrong type is an error naming the key and the value."""
+        with pytest.raises(ConfigError, match=r"^pop3_lock_session: expected bool, got str"):
+            build_config({"pop3_lock_session": "yes"})
+
+    def test_int_accepted_for_float(self) -> None:
+        """Whole numbers are fine where seconds are expected."""
+        assert 30.0 == build_config({"login_timeout": 30}).login_timeout
+
+    def test_bad_listen_entry_named_with_index(self) -> None:
+        """A bad listen entry names its index."""
+        with pytest.raises(ConfigError, match=r"^listen\[1\]: "):
+            build_config({"listen": ["127.0.0.1:110", "nope"]})
+
+    def test_mail_location_must_be_maildir(self) -> None:
+        """Only maildir: locations exist for now."""
+        with pytest.raises(ConfigError, match=r"^mail_location: "):
+            build_config({"mail_location": "mbox:~/mail"})
+
+    def test_greeting_limits(self) -> None:
+        """The greeting must be one line within RFC 2449's 512-octet status line."""
+        with pytest.raises(ConfigError, match=r"^login_greeting: "):
+            build_config({"login_greeting": "a\r\nb"})
+        with pytest.raises(ConfigError, match=r"^login_greeting: "):
+            build_config({"login_greeting": "x" * 507})
+
+    def test_short_autologout_warns(self) -> None:
+        """An idle_timeout below RFC 1939's 10 minutes is allowed with a warning."""
+        config = build_config({"idle_timeout": 5})
+        assert ("idle_timeout: 5 s is below the 600 s RFC 1939 requires",) == config.warnings
+
+    def test_zero_timeout_refused(self) -> None:
+        """A zero timeout would close every session at once: refused."""
+        with pytest.raises(ConfigError, match=r"^login_timeout: "):
+            build_config({"login_timeout": 0})
+
+    def test_override_base(self) -> None:
+        """Values replace those of the base config only where given."""
+        base = Config(passwd_file="/x/passwd")
+        config = build_config({"trace": True}, base=base)
+        assert ("/x/passwd", True) == (config.passwd_file, config.trace)
+
+
+class TestLoadConfig:
+    """Reading TOML files."""
+
+    def test_file_and_overrides(self, tmp_path: Path) -> None:
+        """Command-line overrides beat the file."""
+        path = tmp_path / "pobox.toml"
+        path.write_text('listen = ["127.0.0.1:2110"]\nlog_level = "debug"\n')
+        config = load_config(path, {"log_level": "warning"})
+        assert (Listen("127.0.0.1", 2110),) == config.listen
+        assert "warning" == config.log_level
+
+    def test_bad_toml(self, tmp_path: Path) -> None:
+        """A syntax error names the file."""
+        path = tmp_path / "pobox.toml"
+        path.write_text("listen = [\n")
+        with pytest.raises(ConfigError, match=r"pobox.toml: not valid TOML"):
+            load_config(path)
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A missing file names the file."""
+        with pytest.raises(ConfigError, match=r"cannot read the config file"):
+            load_config(tmp_path / "nope.toml")

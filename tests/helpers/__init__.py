@@ -1,0 +1,1 @@
+"""Helpers shared by pobox's tests and benchmarks (real external servers, fixtures)."""

@@ -1,0 +1,74 @@
+"""Fixtures of the storage tests: every backend behind one small harness.
+
+A :class:`Backend` couples a store with a way to deliver mail into it the way that backend
+receives mail in production: :meth:`MemoryStore.deliver` for memory, files written by an MTA
+for Maildir. The Maildir variants differ only in how the files look (size fields in the name
+or not, moved to ``cur/`` with flags or not) and whether the index is used; every one of them
+must pass the whole contract suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pobox.storage.base import MaildropStore, MailUser
+from pobox.storage.maildir import MaildirStore
+from pobox.storage.memory import MemoryStore
+from tests.helpers.maildir import User, deliver
+
+
+@dataclass
+class Backend:
+    """A store under test and how to deliver mail into it."""
+
+    name: str
+    store: MaildropStore
+    user: Callable[[str], MailUser]
+    deliver: Callable[[str, bytes], object]
+
+
+def _memory(tmp_path: Path) -> Backend:
+    """Return the memory backend (``tmp_path`` is unused)."""
+    store = MemoryStore()
+    return Backend("memory", store, User, store.deliver)
+
+
+def _maildir(tmp_path: Path, name: str, *, fields: str, flags: str | None, index: bool) -> Backend:
+    """Return a Maildir backend with homes under ``tmp_path`` and mail in ``~/Maildir``."""
+    store = MaildirStore("maildir:~/Maildir", index=index)
+
+    def user(name: str) -> MailUser:
+        """Return user ``name``, with a home of their own."""
+        return User(name, home=str(tmp_path / "home" / name))
+
+    def deliver_to(name: str, data: bytes) -> None:
+        """Deliver as an MTA would, with this variant's file names."""
+        deliver(store.maildir_path(user(name)), data, fields=fields, flags=flags)
+
+    return Backend(name, store, user, deliver_to)
+
+
+_BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "memory": _memory,
+    "maildir": lambda path: _maildir(path, "maildir", fields="SW", flags=None, index=True),
+    "maildir-no-sizes": lambda path: _maildir(
+        path, "maildir-no-sizes", fields="", flags=None, index=True
+    ),
+    "maildir-s-only-in-cur": lambda path: _maildir(
+        path, "maildir-s-only-in-cur", fields="S", flags="S", index=True
+    ),
+    "maildir-no-index": lambda path: _maildir(
+        path, "maildir-no-index", fields="", flags=None, index=False
+    ),
+}
+
+
+@pytest.fixture(params=sorted(_BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each storage backend in turn."""
+    factory: Callable[[Path], Backend] = _BACKENDS[request.param]
+    return factory(tmp_path)

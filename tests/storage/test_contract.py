@@ -1,0 +1,377 @@
+"""The storage contract: what every backend promises the POP3 shell.
+
+Each test runs against every backend of the ``backend`` fixture (``conftest.py``): memory,
+and Maildir with and without size fields in file names, with files moved to ``cur/``, and
+without an index. Expected sizes are worked out by hand in the test data, never computed by
+the code under test.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pobox.storage.base import Maildrop, MaildropLocked, MessageGone
+
+if TYPE_CHECKING:
+    from tests.storage.conftest import Backend
+
+#: (stored bytes, wire size): every bare LF counts as CRLF, a CRLF is 2, a bare CR is 1.
+MESSAGES = {
+    "lf": (b"Subject: a\n\nbody\n", 20),
+    "crlf": (b"Subject: a\r\n\r\nbody\r\n", 20),
+    "bare-cr": (b"a\rb\r\n", 5),
+    "mixed-endings": (b"a\r\nb\nc\rd", 9),
+    "no-final-newline": (b"Subject: a\n\nbody", 18),
+    "empty": (b"", 0),
+    "8-bit": (b"Subject: \xe9\n\n\xff\xfe\x00\x80\n", 20),
+    "dot-lines": (b".\n..\n.x\r\n", 11),
+}
+
+
+async def read_all(maildrop: Maildrop, key: str) -> bytes:
+    """Return the whole stored message ``key``."""
+    return b"".join([chunk async for chunk in maildrop.read_message(key)])
+
+
+async def contents(maildrop: Maildrop) -> list[bytes]:
+    """Return every message of the snapshot, in message-number order."""
+    return [await read_all(maildrop, info.key) for info in maildrop.messages]
+
+
+class TestOpen:
+    """Opening a maildrop."""
+
+    async def test_nothing_delivered_opens_empty(self, backend: Backend) -> None:
+        """A maildrop nobody delivered to opens with no messages."""
+        maildrop = await backend.store.open(backend.user("alice"))
+        assert not maildrop.messages
+        await maildrop.close()
+
+    async def test_messages_in_delivery_order(self, backend: Backend) -> None:
+        """Message 1 is the oldest delivery, then each later one in turn."""
+        for number in range(1, 6):
+            backend.deliver("alice", f"Subject: {number}\n\n".encode())
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = [f"Subject: {number}\n\n".encode() for number in range(1, 6)]
+        assert expected == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_maildrops_are_per_user(self, backend: Backend) -> None:
+        """A user sees their own mail only."""
+        backend.deliver("alice", b"for alice\n")
+        backend.deliver("bob", b"for bob\n")
+        maildrop = await backend.store.open(backend.user("bob"))
+        expected = [b"for bob\n"]
+        assert expected == await contents(maildrop)
+        await maildrop.close()
+
+
+class TestSnapshot:
+    """The message list is fixed when the maildrop is opened."""
+
+    async def test_mail_delivered_after_open_is_invisible(self, backend: Backend) -> None:
+        """Mail delivered during a session does not appear in that session."""
+        backend.deliver("alice", b"first\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        backend.deliver("alice", b"second\n")
+        expected = [b"first\n"]
+        assert expected == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_mail_delivered_after_open_appears_at_reopen(self, backend: Backend) -> None:
+        """Mail delivered during a session is there at the next open, after the older mail."""
+        backend.deliver("alice", b"first\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        backend.deliver("alice", b"second\n")
+        await maildrop.close()
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = [b"first\n", b"second\n"]
+        assert expected == await contents(maildrop)
+        await maildrop.close()
+
+
+class TestSizes:
+    """``MessageInfo.size`` is the wire size (RFC 1939 §5)."""
+
+    @pytest.mark.parametrize("case", sorted(MESSAGES))
+    async def test_size_is_wire_size(self, backend: Backend, case: str) -> None:
+        """The size counts every bare LF as CRLF, and nothing else changes."""
+        data, expected = MESSAGES[case]
+        backend.deliver("alice", data)
+        maildrop = await backend.store.open(backend.user("alice"))
+        assert [expected] == [info.size for info in maildrop.messages]
+        await maildrop.close()
+
+    async def test_size_stays_the_same_at_reopen(self, backend: Backend) -> None:
+        """A message keeps its size from session to session."""
+        backend.deliver("alice", b"Subject: a\n\nbody\n")
+        for _ in range(2):
+            maildrop = await backend.store.open(backend.user("alice"))
+            expected = [20]
+            assert expected == [info.size for info in maildrop.messages]
+            await maildrop.close()
+
+    async def test_large_message_with_crlf_on_chunk_boundaries(self, backend: Backend) -> None:
+        """CRLFs that straddle any power-of-two read boundary count as two octets."""
+        data = bytearray()
+        for boundary in (2**14, 2**16, 2**20):
+            data += b"a" * (boundary - 1 - len(data)) + b"\r\n"
+        data += b"line\n" * 1000
+        backend.deliver("alice", bytes(data))
+        maildrop = await backend.store.open(backend.user("alice"))
+        assert [len(data) + 1000] == [info.size for info in maildrop.messages]
+        await maildrop.close()
+
+
+class TestReadMessage:
+    """``read_message`` yields the stored bytes."""
+
+    @pytest.mark.parametrize("case", sorted(MESSAGES))
+    async def test_returns_stored_bytes(self, backend: Backend, case: str) -> None:
+        """The chunks join to exactly the bytes delivered, line endings untouched."""
+        data, _ = MESSAGES[case]
+        backend.deliver("alice", data)
+        maildrop = await backend.store.open(backend.user("alice"))
+        assert [data] == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_large_message_comes_in_several_chunks(self, backend: Backend) -> None:
+        """A message of several hundred KiB is yielded in more than one chunk, intact."""
+        data = bytes(range(256)) * 2000 + b"\n"
+        backend.deliver("alice", data)
+        maildrop = await backend.store.open(backend.user("alice"))
+        chunks = [chunk async for chunk in maildrop.read_message(maildrop.messages[0].key)]
+        assert (data, True) == (b"".join(chunks), len(chunks) > 1)
+        await maildrop.close()
+
+    async def test_message_read_twice(self, backend: Backend) -> None:
+        """A message can be read again in the same session (TOP, then RETR)."""
+        backend.deliver("alice", b"Subject: a\n\nbody\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        key = maildrop.messages[0].key
+        expected = [b"Subject: a\n\nbody\n"] * 2
+        assert expected == [await read_all(maildrop, key) for _ in range(2)]
+        await maildrop.close()
+
+    async def test_unknown_key_is_gone(self, backend: Backend) -> None:
+        """A key that is not in the snapshot raises MessageGone."""
+        maildrop = await backend.store.open(backend.user("alice"))
+        with pytest.raises(MessageGone):
+            await read_all(maildrop, "no-such-key")
+        await maildrop.close()
+
+    async def test_message_deleted_by_another_session_is_gone(self, backend: Backend) -> None:
+        """A message deleted after the snapshot raises MessageGone when read."""
+        backend.deliver("alice", b"doomed\n")
+        reader = await backend.store.open(backend.user("alice"), lock=False)
+        deleter = await backend.store.open(backend.user("alice"))
+        await deleter.delete([deleter.messages[0].key])
+        await deleter.close()
+        with pytest.raises(MessageGone):
+            await read_all(reader, reader.messages[0].key)
+        await reader.close()
+
+
+class TestUidl:
+    """UIDLs follow RFC 1939 §7: unique, stable, never reused, 1-70 chars of 0x21-0x7E."""
+
+    async def test_valid_characters_and_length(self, backend: Backend) -> None:
+        """Every UIDL is 1 to 70 printable, non-space ASCII characters."""
+        for data, _ in MESSAGES.values():
+            backend.deliver("alice", data)
+        maildrop = await backend.store.open(backend.user("alice"))
+        invalid = [
+            info.uidl
+            for info in maildrop.messages
+            if not 1 <= len(info.uidl) <= 70 or any(not 0x21 <= ord(c) <= 0x7E for c in info.uidl)
+        ]
+        assert not invalid
+        await maildrop.close()
+
+    async def test_unique(self, backend: Backend) -> None:
+        """No two messages of a maildrop share a UIDL."""
+        for number in range(20):
+            backend.deliver("alice", f"message {number}\n".encode())
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = 20
+        assert expected == len({info.uidl for info in maildrop.messages})
+        await maildrop.close()
+
+    async def test_identical_messages_differ(self, backend: Backend) -> None:
+        """Two deliveries of the same bytes are two messages with two UIDLs."""
+        backend.deliver("alice", b"Subject: same\n\nsame\n")
+        backend.deliver("alice", b"Subject: same\n\nsame\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = 2
+        assert expected == len({info.uidl for info in maildrop.messages})
+        await maildrop.close()
+
+    async def test_stable_across_sessions(self, backend: Backend) -> None:
+        """Each message keeps its UIDL from one session to the next."""
+        for number in range(3):
+            backend.deliver("alice", f"message {number}\n".encode())
+        first = await backend.store.open(backend.user("alice"))
+        before = [(await read_all(first, info.key), info.uidl) for info in first.messages]
+        await first.close()
+        second = await backend.store.open(backend.user("alice"))
+        after = [(await read_all(second, info.key), info.uidl) for info in second.messages]
+        await second.close()
+        assert before == after
+
+    async def test_stable_after_other_messages_are_deleted(self, backend: Backend) -> None:
+        """Deleting a message does not change the UIDLs of the others."""
+        for number in range(3):
+            backend.deliver("alice", f"message {number}\n".encode())
+        maildrop = await backend.store.open(backend.user("alice"))
+        kept = {info.uidl for info in maildrop.messages[1:]}
+        await maildrop.delete([maildrop.messages[0].key])
+        await maildrop.close()
+        maildrop = await backend.store.open(backend.user("alice"))
+        assert kept == {info.uidl for info in maildrop.messages}
+        await maildrop.close()
+
+    async def test_never_reused_after_delete(self, backend: Backend) -> None:
+        """Mail delivered after others were deleted never gets one of their UIDLs."""
+        seen: set[str] = set()
+        for _ in range(3):
+            backend.deliver("alice", b"Subject: same\n\nsame\n")
+            backend.deliver("alice", b"Subject: other\n\nother\n")
+            maildrop = await backend.store.open(backend.user("alice"))
+            uidls = {info.uidl for info in maildrop.messages}
+            assert set() == uidls & seen
+            seen |= uidls
+            await maildrop.delete([info.key for info in maildrop.messages])
+            await maildrop.close()
+
+
+class TestLock:
+    """A maildrop opened with ``lock=True`` is exclusive until closed (RFC 1939 §8)."""
+
+    async def test_second_locked_open_is_refused(self, backend: Backend) -> None:
+        """While a session holds the lock, another locked open raises MaildropLocked."""
+        first = await backend.store.open(backend.user("alice"))
+        with pytest.raises(MaildropLocked):
+            await backend.store.open(backend.user("alice"))
+        await first.close()
+
+    async def test_close_releases_the_lock(self, backend: Backend) -> None:
+        """After close, the maildrop can be locked again."""
+        first = await backend.store.open(backend.user("alice"))
+        await first.close()
+        second = await backend.store.open(backend.user("alice"))
+        await second.close()
+
+    async def test_close_twice_is_harmless(self, backend: Backend) -> None:
+        """Closing twice does not release a lock another session took meanwhile."""
+        first = await backend.store.open(backend.user("alice"))
+        await first.close()
+        second = await backend.store.open(backend.user("alice"))
+        await first.close()
+        with pytest.raises(MaildropLocked):
+            await backend.store.open(backend.user("alice"))
+        await second.close()
+
+    async def test_unlocked_open_ignores_the_lock(self, backend: Backend) -> None:
+        """``lock=False`` opens a maildrop another session holds, and sees its mail."""
+        backend.deliver("alice", b"hello\n")
+        holder = await backend.store.open(backend.user("alice"))
+        viewer = await backend.store.open(backend.user("alice"), lock=False)
+        expected = [b"hello\n"]
+        assert expected == await contents(viewer)
+        await viewer.close()
+        await holder.close()
+
+    async def test_unlocked_session_does_not_lock(self, backend: Backend) -> None:
+        """A ``lock=False`` session does not stop a locked open."""
+        viewer = await backend.store.open(backend.user("alice"), lock=False)
+        holder = await backend.store.open(backend.user("alice"))
+        await holder.close()
+        await viewer.close()
+
+    async def test_locks_are_per_maildrop(self, backend: Backend) -> None:
+        """Alice's session does not lock Bob's maildrop."""
+        alice = await backend.store.open(backend.user("alice"))
+        bob = await backend.store.open(backend.user("bob"))
+        await bob.close()
+        await alice.close()
+
+
+class TestDelete:
+    """``delete`` removes messages for good (UPDATE state, RFC 1939 §6)."""
+
+    async def test_deleted_messages_are_gone_at_reopen(self, backend: Backend) -> None:
+        """Deleted messages are not in the next session; the others are, in order."""
+        for number in range(4):
+            backend.deliver("alice", f"message {number}\n".encode())
+        maildrop = await backend.store.open(backend.user("alice"))
+        await maildrop.delete([maildrop.messages[1].key, maildrop.messages[3].key])
+        await maildrop.close()
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = [b"message 0\n", b"message 2\n"]
+        assert expected == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_result_lists_removed_keys(self, backend: Backend) -> None:
+        """The result names every removed key and no failure."""
+        backend.deliver("alice", b"one\n")
+        backend.deliver("alice", b"two\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        keys = [info.key for info in maildrop.messages]
+        result = await maildrop.delete(keys)
+        assert (tuple(keys), ()) == (result.removed, result.failed)
+        await maildrop.close()
+
+    async def test_already_gone_counts_as_removed(self, backend: Backend) -> None:
+        """Deleting a message another session deleted first succeeds."""
+        backend.deliver("alice", b"doomed\n")
+        first = await backend.store.open(backend.user("alice"), lock=False)
+        second = await backend.store.open(backend.user("alice"), lock=False)
+        key = second.messages[0].key
+        await first.delete([first.messages[0].key])
+        result = await second.delete([key])
+        assert ((key,), ()) == (result.removed, result.failed)
+        await first.close()
+        await second.close()
+
+    async def test_key_outside_snapshot_fails(self, backend: Backend) -> None:
+        """A key that is not in the session's snapshot is reported failed, nothing removed."""
+        backend.deliver("alice", b"kept\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        result = await maildrop.delete(["no-such-key"])
+        expected = ((), ("no-such-key",))
+        assert expected == (result.removed, result.failed)
+        await maildrop.close()
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected_contents = [b"kept\n"]
+        assert expected_contents == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_mail_delivered_during_session_survives(self, backend: Backend) -> None:
+        """Deleting every message of the snapshot leaves mail that arrived meanwhile."""
+        backend.deliver("alice", b"old\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        backend.deliver("alice", b"new\n")
+        await maildrop.delete([info.key for info in maildrop.messages])
+        await maildrop.close()
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = [b"new\n"]
+        assert expected == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_nothing_to_delete(self, backend: Backend) -> None:
+        """Deleting no keys removes nothing and fails nothing."""
+        maildrop = await backend.store.open(backend.user("alice"))
+        result = await maildrop.delete([])
+        expected = ((), ())
+        assert expected == (result.removed, result.failed)
+        await maildrop.close()
+
+    async def test_closed_maildrop_refuses_to_delete(self, backend: Backend) -> None:
+        """After close, delete raises instead of touching a maildrop it no longer locks."""
+        backend.deliver("alice", b"kept\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        await maildrop.close()
+        with pytest.raises(RuntimeError):
+            await maildrop.delete([maildrop.messages[0].key])
