@@ -1,7 +1,10 @@
 """The ``pobox`` command: the composition root, the only place that picks backends.
 
 Subcommands: ``serve`` (run the server), ``demo`` (a ready-made local folder with a user
-and mail, then ``serve`` on it), ``user add`` / ``user passwd`` (passwd-file entries).
+and mail, then ``serve`` on it), ``user add`` / ``user passwd`` (passwd-file entries),
+``deliver`` (an MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes).
+``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
+are set.
 
 May import: anything in pobox.
 """
@@ -22,12 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from pobox import __version__
+from pobox.auth.oauth import JwtVerifier
 from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user, set_password
 from pobox.auth.schemes import SUPPORTED_SCHEMES
+from pobox.client.cli import add_fetch_parser
 from pobox.config import KEYS, Config, load_config
+from pobox.delivery import DeliveryServer, build_agent
+from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
 from pobox.log import setup_logging
-from pobox.server import Pop3Server, SessionContext
+from pobox.server import Pop3Server, SessionContext, drop_privileges
+from pobox.server._throttle import LoginThrottle
 from pobox.storage.maildir import MaildirStore
 
 __all__ = ["main"]
@@ -36,6 +44,8 @@ logger = logging.getLogger("pobox.cli")
 
 #: sysexits.h codes, so init systems and cron can tell failures apart.
 EX_USAGE, EX_DATAERR, EX_CONFIG, EX_UNAVAILABLE, EX_OSERR = 64, 65, 78, 69, 71
+#: sysexits.h EX_TEMPFAIL: the MTA keeps the message and tries again.
+EX_TEMPFAIL = 75
 
 
 def build_context(config: Config) -> SessionContext:
@@ -46,6 +56,16 @@ def build_context(config: Config) -> SessionContext:
             config.passwd_file, default_scheme=config.default_pass_scheme
         ),
         store=MaildirStore(config.mail_location),
+        throttle=LoginThrottle(
+            delay=config.auth_failure_delay,
+            delay_max=config.auth_failure_delay_max,
+            per_ip=config.auth_failures_per_ip,
+            per_user=config.auth_failures_per_user,
+            window=config.auth_failure_window,
+        ),
+        token_verifier=JwtVerifier(config.oauth_jwt_key_file)
+        if config.oauth_jwt_key_file
+        else None,
     )
 
 
@@ -55,14 +75,34 @@ async def run_server(config: Config) -> None:
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
     server = Pop3Server(build_context(config))
     await server.start()
+    delivery = DeliveryServer(
+        config,
+        build_agent(
+            config,
+            PasswdFileAuthenticator(config.passwd_file, default_scheme=config.default_pass_scheme),
+        ),
+    )
+    try:  # the ports are bound and the TLS key read: root is no longer needed
+        await delivery.start()
+        # Start the thread pool (and import its modules) first: the interpreter may live
+        # where the unprivileged user cannot read (a pyenv under /root).
+        await asyncio.to_thread(int)
+        if drop_privileges(config.user, config.group):
+            logger.info("master: running as user %s (uid %d)", config.user, os.getuid())
+    except BaseException:
+        await delivery.aclose()
+        await server.aclose()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
     logger.info("master: pobox %s started, listening on %s", __version__, addresses)
     await stop.wait()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
+    await delivery.aclose()
     await server.aclose()
 
 
@@ -86,6 +126,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("config: %s", warning)
     asyncio.run(run_server(config))
     return 0
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """Deliver one message from standard input (an MDA, like dovecot-lda); sysexits status."""
+    overrides = {k: getattr(args, k) for k in ("mail_location", "passwd_file") if getattr(args, k)}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        # A broken setup must not bounce mail: the MTA keeps it and tries again.
+        print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    try:
+        status, message = asyncio.run(
+            deliver_stdin(config, args.user, args.sender, sys.stdin.buffer)
+        )
+    except Exception as exc:  # an MDA must tempfail, never crash into a bounce
+        status, message = EX_TEMPFAIL, f"internal error: {exc!r}"
+    if status:
+        print(f"pobox deliver: {message}", file=sys.stderr)
+    return status
 
 
 # --------------------------------------------------------------------------- demo
@@ -258,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", action="store_true", help="log the C:/S: dialogue")
     demo.set_defaults(func=cmd_demo)
 
+    deliver = sub.add_parser(
+        "deliver",
+        help="deliver a message from stdin to a user (MDA, like dovecot-lda)",
+        description="Read one message on standard input and store it in USER's maildrop. "
+        "Exit status (sysexits.h): 0 delivered, 65 bad input, 67 unknown user, 73 over quota "
+        "or cannot create, 75 temporary failure.",
+    )
+    deliver.add_argument("--user", "-u", "-d", required=True, help="recipient user or address")
+    deliver.add_argument("--sender", "-f", help="envelope sender (Return-Path)")
+    deliver.add_argument("--config", "-c", help="TOML configuration file")
+    deliver.add_argument("--mail-location", help="e.g. 'maildir:/srv/mail/%%u'")
+    deliver.add_argument("--passwd-file", help="Dovecot-format passwd-file")
+    deliver.set_defaults(func=cmd_deliver)
+
     user = sub.add_parser("user", help="manage passwd-file users")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     for name, help_text in (("add", "add a user"), ("passwd", "change a user's password")):
@@ -277,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--home", help="home directory (%%h, ~ in mail_location)")
             p.add_argument("--mail", help="per-user mail location (userdb_mail)")
         p.set_defaults(func=cmd_user)
+    add_fetch_parser(sub)
     return parser
 
 

@@ -10,6 +10,8 @@ May import: the standard library and :mod:`pobox.errors`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,12 @@ from typing import Any, Final
 from pobox.errors import ConfigError
 
 __all__ = ["KEYS", "Config", "Listen", "load_config", "parse_listen"]
+
+#: ``disable_plaintext_auth`` values, as Dovecot names them, plus ``loopback`` (the default).
+PLAINTEXT_POLICIES: Final = ("loopback", "yes", "no")
+
+#: ``ssl_min_protocol`` values: TLS 1.2 is the floor (RFC 8996 deprecates 1.0 and 1.1).
+TLS_PROTOCOLS: Final = ("TLSv1.2", "TLSv1.3")
 
 #: RFC 1939 §3: "the autologout timer MUST be of at least 10 minutes' duration".
 RFC_MIN_AUTOLOGOUT: Final = 600
@@ -52,6 +60,35 @@ class Config:
     log_level: str = "info"
     log_path: str = ""
     trace: bool = False
+    auth_mechanisms: str = "PLAIN LOGIN"
+    apop: bool = False
+    oauth_jwt_key_file: str = ""
+    auth_failure_delay_max: float = 15.0
+    auth_failures_per_ip: int = 10
+    auth_failures_per_user: int = 10
+    auth_failure_window: float = 600.0
+    max_auth_failures: int = 3
+    log_format: str = "pobox"
+    ssl_cert: str = ""
+    ssl_key: str = ""
+    ssl_listen: tuple[Listen, ...] = ()
+    ssl_min_protocol: str = "TLSv1.2"
+    ssl_client_ca: str = ""
+    #: (server name, cert path, key path) for SNI, in the order of the config file.
+    ssl_sni: tuple[tuple[str, str, str], ...] = ()
+    disable_plaintext_auth: str = "loopback"
+    login_trusted_networks: tuple[str, ...] = ()
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    user: str = ""
+    group: str = ""
+    lmtp_listen: tuple[str, ...] = ()
+    smtp_listen: tuple[str, ...] = ()
+    max_message_size: int = 50 * 1024 * 1024
+    quota_bytes: int = 0
+    quota_messages: int = 0
+    hostname: str = ""
+    local_domains: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -91,6 +128,115 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
     "log_level": (str, "debug, info, warning or error (info)."),
     "log_path": (str, "File to log to; empty for standard error (the systemd journal)."),
     "trace": (bool, "Log the C:/S: dialogue of every session, passwords masked (false)."),
+    "auth_mechanisms": (
+        str,
+        "SASL mechanisms AUTH offers, space-separated (Dovecot auth_mechanisms): PLAIN LOGIN "
+        "CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256 EXTERNAL OAUTHBEARER XOAUTH2. CRAM-MD5 and "
+        "SCRAM need {PLAIN}, {CRAM-MD5} or {SCRAM-*} passwords. Default PLAIN LOGIN.",
+    ),
+    "apop": (
+        bool,
+        "Offer APOP (RFC 1939 §7): the greeting ends with a <timestamp>; works for users "
+        "with {PLAIN} passwords only (false).",
+    ),
+    "oauth_jwt_key_file": (
+        str,
+        "File with the HS256 key that signs OAuth bearer tokens (JWT) for OAUTHBEARER and "
+        "XOAUTH2; the token's sub or email must be the user, exp is checked. Empty: none.",
+    ),
+    "auth_failure_delay_max": (
+        float,
+        "Cap of the failed-login delay, which doubles with each failure from an address (15).",
+    ),
+    "auth_failures_per_ip": (
+        int,
+        "Failed logins from one address within auth_failure_window after which its logins "
+        "are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
+    ),
+    "auth_failures_per_user": (
+        int,
+        "Failed logins for one user within auth_failure_window after which logins as that "
+        "user are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
+    ),
+    "auth_failure_window": (float, "Seconds the failed-login counters remember (600)."),
+    "max_auth_failures": (
+        int,
+        "Failed logins in one connection after which it is closed (3, like Dovecot).",
+    ),
+    "log_format": (
+        str,
+        'pobox (default) or dovecot: prefix each log line with a syslog-style "Mon DD '
+        'HH:MM:SS host dovecot: pop3-login:" so the stock fail2ban dovecot filter reads it.',
+    ),
+    "ssl_cert": (
+        str,
+        "PEM certificate chain for TLS (STLS and ssl_listen). Empty: no TLS. Re-read on "
+        "SIGHUP without dropping sessions.",
+    ),
+    "ssl_key": (str, "PEM private key of ssl_cert; must match it."),
+    "ssl_listen": (
+        list,
+        "Addresses for implicit TLS (RFC 8314, port 995 in production), like listen "
+        "(default none).",
+    ),
+    "ssl_min_protocol": (str, "Oldest TLS version accepted: TLSv1.2 (default) or TLSv1.3."),
+    "ssl_client_ca": (
+        str,
+        "PEM CA file: TLS clients may present a certificate it signed; its emailAddress or CN "
+        "is the identity for SASL EXTERNAL (add EXTERNAL to auth_mechanisms). Empty: off.",
+    ),
+    "ssl_sni": (
+        dict,
+        'Per-server-name certificates (SNI): [ssl_sni."mail.example.org"] with cert and key. '
+        "Other names get ssl_cert.",
+    ),
+    "disable_plaintext_auth": (
+        str,
+        "Refuse USER/PASS and AUTH PLAIN/LOGIN without TLS: loopback (default: refuse "
+        "except from loopback and login_trusted_networks), yes (always refuse), no (allow).",
+    ),
+    "login_trusted_networks": (
+        list,
+        'CIDR networks trusted like loopback by disable_plaintext_auth, e.g. ["10.0.0.0/8"].',
+    ),
+    "max_connections": (
+        int,
+        "Open connections in all; more get -ERR [SYS/TEMP] and are closed (1000).",
+    ),
+    "max_connections_per_ip": (
+        int,
+        "Open connections from one address; more get -ERR [SYS/TEMP] and are closed (50).",
+    ),
+    "user": (
+        str,
+        "Unprivileged user to switch to after binding the ports and loading the keys when "
+        "started as root (like Dovecot's default_internal_user). Empty: no switch.",
+    ),
+    "group": (str, "Group to switch to with user (default: the user's primary group)."),
+    "lmtp_listen": (
+        list,
+        'LMTP (RFC 2033) delivery listeners: "HOST:PORT" and/or "unix:/path" (default none).',
+    ),
+    "smtp_listen": (
+        list,
+        'Inbound SMTP listeners for local users only (never a relay), "HOST:PORT" (none).',
+    ),
+    "max_message_size": (
+        int,
+        "Largest message delivered, in octets (LMTP, SMTP, pobox deliver); 0: no limit. 50 MiB.",
+    ),
+    "quota_bytes": (
+        int,
+        "Default maildrop quota in octets, enforced at delivery; 0: none. Per user: passwd-file "
+        "extra field quota_bytes=100M or userdb_quota_rule=*:storage=100M:messages=1000.",
+    ),
+    "quota_messages": (int, "Default maximum number of messages per maildrop; 0: none."),
+    "hostname": (str, "Name in the LMTP/SMTP greeting (default: the system host name)."),
+    "local_domains": (
+        list,
+        "Domains whose addresses are local users for SMTP (user@domain is user); the "
+        "hostname and localhost always are.",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -141,10 +287,92 @@ def build_config(values: dict[str, Any], *, base: Config | None = None) -> Confi
             if not value or not all(isinstance(v, str) for v in value):
                 raise ConfigError('listen: expected a list of "HOST:PORT" strings')
             changes[key] = tuple(parse_listen(v, key=f"listen[{i}]") for i, v in enumerate(value))
+        elif key == "ssl_listen":
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError('ssl_listen: expected a list of "HOST:PORT" strings')
+            changes[key] = tuple(parse_listen(v, key=f"{key}[{i}]") for i, v in enumerate(value))
+        elif key in ("lmtp_listen", "smtp_listen"):
+            changes[key] = tuple(_delivery_listen(v, f"{key}[{i}]") for i, v in enumerate(value))
+        elif key == "local_domains":
+            if not all(isinstance(v, str) and v for v in value):
+                raise ConfigError("local_domains: expected a list of domain names")
+            changes[key] = tuple(v.lower().rstrip(".") for v in value)
+        elif key == "login_trusted_networks":
+            changes[key] = tuple(_network(v, f"{key}[{i}]") for i, v in enumerate(value))
+        elif key == "ssl_sni":
+            changes[key] = tuple(_sni_entry(name, entry) for name, entry in value.items())
         else:
             changes[key] = value
     config = dataclasses.replace(base or Config(), **changes)
     return _validate(config)
+
+
+def _delivery_listen(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f'{key}: expected "HOST:PORT" or "unix:/path", got {value!r}')
+    if value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise ConfigError(f"{key}: {value!r}: the socket path must be absolute")
+        return value
+    parse_listen(value, key=key)
+    return value
+
+
+def _network(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a CIDR string, got {value!r}")
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {value!r} is not a network: {exc}") from None
+
+
+def _sni_entry(name: str, entry: object) -> tuple[str, str, str]:
+    key = f"ssl_sni.{name}"
+    if not isinstance(entry, dict) or set(entry) != {"cert", "key"}:
+        raise ConfigError(f"{key}: expected a table with exactly cert and key")
+    if not all(isinstance(v, str) and v for v in entry.values()):
+        raise ConfigError(f"{key}: cert and key must be file paths")
+    return name.lower().rstrip("."), entry["cert"], entry["key"]
+
+
+def _check_readable(key: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: {path} does not exist or is not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}: {path} is not readable")
+
+
+def _validate_security(config: Config) -> None:
+    if bool(config.ssl_cert) != bool(config.ssl_key):
+        raise ConfigError("ssl_cert, ssl_key: set both or neither")
+    if config.ssl_client_ca:
+        if not config.ssl_cert:
+            raise ConfigError("ssl_client_ca: needs ssl_cert and ssl_key")
+        _check_readable("ssl_client_ca", config.ssl_client_ca)
+    if config.ssl_cert:
+        _check_readable("ssl_cert", config.ssl_cert)
+        _check_readable("ssl_key", config.ssl_key)
+    elif config.ssl_listen or config.ssl_sni:
+        which = "ssl_listen" if config.ssl_listen else "ssl_sni"
+        raise ConfigError(f"{which}: needs ssl_cert and ssl_key")
+    for name, cert, key in config.ssl_sni:
+        _check_readable(f"ssl_sni.{name}.cert", cert)
+        _check_readable(f"ssl_sni.{name}.key", key)
+    if config.ssl_min_protocol not in TLS_PROTOCOLS:
+        raise ConfigError(
+            f"ssl_min_protocol: {config.ssl_min_protocol!r} is not one of {list(TLS_PROTOCOLS)}"
+        )
+    if config.disable_plaintext_auth not in PLAINTEXT_POLICIES:
+        raise ConfigError(
+            f"disable_plaintext_auth: {config.disable_plaintext_auth!r} is not one of "
+            f"{list(PLAINTEXT_POLICIES)}"
+        )
+    for key in ("max_connections", "max_connections_per_ip"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if config.group and not config.user:
+        raise ConfigError("group: needs user")
 
 
 def _validate(config: Config) -> Config:
@@ -156,8 +384,25 @@ def _validate(config: Config) -> Config:
     for key in ("login_timeout", "idle_timeout", "auth_failure_delay"):
         if getattr(config, key) < 0 or (key != "auth_failure_delay" and not getattr(config, key)):
             raise ConfigError(f"{key}: must be a positive number of seconds")
+    # The names of pobox.protocol.ALL_MECHANISMS (config may not import the protocol core).
+    known = {"PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
+    known |= {"EXTERNAL", "OAUTHBEARER", "XOAUTH2"}
+    unknown = set(config.auth_mechanisms.upper().split()) - known
+    if unknown:
+        raise ConfigError(f"auth_mechanisms: unknown {sorted(unknown)}; known {sorted(known)}")
+    for key in ("auth_failures_per_ip", "auth_failures_per_user", "max_auth_failures"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if config.auth_failure_window <= 0 or config.auth_failure_delay_max < 0:
+        raise ConfigError("auth_failure_window, auth_failure_delay_max: must be positive")
+    if config.log_format not in ("pobox", "dovecot"):
+        raise ConfigError(f"log_format: {config.log_format!r} is not pobox or dovecot")
+    for key in ("max_message_size", "quota_bytes", "quota_messages"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key}: must not be negative")
     if config.max_bad_commands < 1:
         raise ConfigError("max_bad_commands: must be at least 1")
+    _validate_security(config)
     if "\r" in config.login_greeting or "\n" in config.login_greeting:
         raise ConfigError("login_greeting: must be a single line")
     if len(config.login_greeting.encode()) > 506:

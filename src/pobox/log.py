@@ -10,6 +10,7 @@ May import: the standard library and :mod:`pobox.config`.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -28,7 +29,13 @@ def setup_logging(config: Config) -> None:
         handler = logging.FileHandler(config.log_path)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    if config.log_format == "dovecot":
+        # What syslog would have written for Dovecot, so fail2ban's stock dovecot filter
+        # (and other tools reading Dovecot's log) match pobox's lines unchanged.
+        fmt = f"%(asctime)s {socket.gethostname()} dovecot: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt, "%b %d %H:%M:%S"))
+    else:
+        handler.setFormatter(logging.Formatter(_FORMAT))
     root = logging.getLogger("pobox")
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())

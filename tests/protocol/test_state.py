@@ -40,6 +40,12 @@ def in_state(state: State) -> ServerConnection:
     elif state is State.AUTHENTICATING:
         conn = ServerConnection()
         run(conn, b"USER alice\r\nPASS secret\r\n")
+    elif state is State.SASL:
+        conn = ServerConnection(sasl_mechanisms=["PLAIN"])
+        run(conn, b"AUTH PLAIN\r\n")
+    elif state is State.STARTING_TLS:
+        conn = ServerConnection(tls_available=True)
+        run(conn, b"STLS\r\n")
     elif state is State.TRANSACTION:
         conn = logged_in([Msg(5, "u1")])
     elif state is State.UPDATE:
@@ -63,10 +69,18 @@ class TestTables:
             (State.AUTHENTICATING, Trigger.LOGIN_ACCEPTED): State.TRANSACTION,
             (State.AUTHENTICATING, Trigger.LOGIN_REJECTED): State.AUTHORIZATION,
             (State.AUTHORIZATION, Trigger.QUIT): State.CLOSED,
+            (State.AUTHORIZATION, Trigger.STLS): State.STARTING_TLS,
+            (State.STARTING_TLS, Trigger.TLS_STARTED): State.AUTHORIZATION,
+            (State.AUTHORIZATION, Trigger.AUTH): State.SASL,
+            (State.SASL, Trigger.SASL_CHECK): State.AUTHENTICATING,
+            (State.SASL, Trigger.SASL_ABORT): State.AUTHORIZATION,
+            (State.AUTHENTICATING, Trigger.SASL_CHALLENGE): State.SASL,
+            (State.SASL, Trigger.CLOSE): State.CLOSED,
             (State.TRANSACTION, Trigger.QUIT): State.UPDATE,
             (State.UPDATE, Trigger.COMMITTED): State.CLOSED,
             (State.AUTHORIZATION, Trigger.CLOSE): State.CLOSED,
             (State.AUTHENTICATING, Trigger.CLOSE): State.CLOSED,
+            (State.STARTING_TLS, Trigger.CLOSE): State.CLOSED,
             (State.TRANSACTION, Trigger.CLOSE): State.CLOSED,
             (State.UPDATE, Trigger.CLOSE): State.CLOSED,
             (State.CLOSED, Trigger.CLOSE): State.CLOSED,
@@ -77,8 +91,18 @@ class TestTables:
     def test_allowed(self):
         """ALLOWED gives AUTHORIZATION and TRANSACTION their RFC 1939 commands, others none."""
         assert {
-            State.AUTHORIZATION: {Verb.USER, Verb.PASS, Verb.QUIT, Verb.CAPA},
+            State.AUTHORIZATION: {
+                Verb.USER,
+                Verb.PASS,
+                Verb.APOP,
+                Verb.AUTH,
+                Verb.QUIT,
+                Verb.CAPA,
+                Verb.STLS,
+            },
+            State.SASL: set(),
             State.AUTHENTICATING: set(),
+            State.STARTING_TLS: set(),
             State.TRANSACTION: {
                 Verb.STAT,
                 Verb.LIST,
@@ -218,7 +242,7 @@ class TestClose:
 
         events, _ = run(conn, b"")
 
-        if state in (State.AUTHENTICATING, State.UPDATE):
+        if state in (State.AUTHENTICATING, State.STARTING_TLS, State.UPDATE):
             assert [PAUSED] == events
         else:
             assert [ConnectionClosed("eof")] == events

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from pobox.errors import PoboxError
 
-__all__ = ["AuthError", "AuthTemporaryError", "Authenticator", "User"]
+__all__ = ["AuthError", "AuthTemporaryError", "Authenticator", "TokenVerifier", "User"]
 
 
 class AuthError(PoboxError):
@@ -64,3 +64,21 @@ class Authenticator(Protocol):
 
     async def lookup(self, username: str) -> User | None:
         """Return the user record without checking a password (for delivery)."""
+
+    async def credentials(self, username: str) -> str | None:
+        """Return the stored password ``{SCHEME}data`` of a user who may log in, else ``None``.
+
+        For the challenge-response logins (SASL SCRAM-*, CRAM-MD5, APOP), which need the
+        stored form, not a check of a plaintext.  ``None`` for unknown users and users who
+        may not log in.
+
+        Raises:
+            AuthTemporaryError: the database is unavailable; the client should retry later.
+        """
+
+
+class TokenVerifier(Protocol):
+    """Checks OAuth 2.0 bearer tokens (SASL OAUTHBEARER, XOAUTH2)."""
+
+    async def verify_token(self, username: str, token: str) -> bool:
+        """Return whether ``token`` is valid now and was issued for ``username``."""

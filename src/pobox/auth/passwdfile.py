@@ -274,6 +274,25 @@ class PasswdFileAuthenticator:
         entry = (await self._current()).entries.get(username)
         return None if entry is None else entry.user
 
+    async def credentials(self, username: str) -> str | None:
+        """Return the stored password of ``username`` as ``{SCHEME}data``, if it may log in.
+
+        Bare data gets the ``default_scheme`` prefix.  ``None`` for unknown users, users with
+        ``nologin``/``noauthenticate``, and ``nopassword`` users (no secret to check against).
+
+        Raises:
+            AuthTemporaryError: the file cannot be read.
+        """
+        entry = (await self._current()).entries.get(username)
+        if entry is None or entry.refused or entry.any_password or not entry.password:
+            return None
+        stored = entry.password
+        if not stored.startswith("{"):
+            stored = (
+                "{" + identify_scheme(stored, default_scheme=self.default_scheme) + "}" + stored
+            )
+        return stored
+
     async def _current(self) -> _Snapshot:
         async with self._lock:
             now = time.monotonic()

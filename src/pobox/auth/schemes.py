@@ -11,8 +11,9 @@ is all thread-safe: crypt(3) is libxcrypt's reentrant ``crypt_rn`` with a buffer
 (the stdlib ``crypt`` module is gone in Python 3.13), and ``ctypes`` releases the GIL while
 it runs.
 
-May import: the standard library, ``argon2`` (argon2-cffi), ``bcrypt``, :mod:`pobox.errors`
-and :mod:`pobox.auth.base`.
+May import: the standard library, ``argon2`` (argon2-cffi), ``bcrypt``, :mod:`pobox.errors`,
+:mod:`pobox.auth.base`, and the stdlib-only protocol core (``md5_compress`` from
+:mod:`pobox.protocol._sasl`; the core never imports auth).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import ctypes
 import functools
 import hashlib
 import hmac
-import math
 import secrets
 import struct
 from collections.abc import Callable
@@ -35,6 +35,7 @@ import bcrypt
 
 from pobox.auth.base import AuthError
 from pobox.errors import PoboxError
+from pobox.protocol._sasl import md5_compress
 
 __all__ = [
     "DUMMY_HASH",
@@ -264,46 +265,18 @@ def _scram_verify(scheme: str, data: str, password: bytes) -> bool:
 # Dovecot stores HMAC-MD5's two intermediate MD5 states: the states after compressing the
 # key XOR opad and the key XOR ipad blocks (hmac-cram-md5.c), each as four little-endian
 # words, outer first.  hashlib does not expose MD5's state, so the compression function of
-# RFC 1321 §3.4 is spelled out here; it runs twice per verification.
+# RFC 1321 §3.4 comes from the SASL core, which needs it too; it runs twice per verification.
 
 _MD5_IV = (0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476)
-_MD5_SHIFTS = (7, 12, 17, 22) * 4 + (5, 9, 14, 20) * 4 + (4, 11, 16, 23) * 4 + (6, 10, 15, 21) * 4
-_MD5_SINES = tuple(int(abs(math.sin(i + 1)) * 2**32) & 0xFFFFFFFF for i in range(64))
-_MASK32 = 0xFFFFFFFF
 _MD5_BLOCK = 64
-
-
-def _md5_compress(state: tuple[int, int, int, int], block: bytes) -> tuple[int, int, int, int]:
-    """Return the MD5 state after compressing one 64-byte block (RFC 1321 §3.4)."""
-    words = struct.unpack("<16I", block)
-    a, b, c, d = state
-    for i in range(64):
-        if i < 16:
-            f, g = (b & c) | (~b & d), i
-        elif i < 32:
-            f, g = (d & b) | (~d & c), (5 * i + 1) % 16
-        elif i < 48:
-            f, g = b ^ c ^ d, (3 * i + 5) % 16
-        else:
-            f, g = c ^ (b | ~d), (7 * i) % 16
-        f = (f + a + _MD5_SINES[i] + words[g]) & _MASK32
-        shift = _MD5_SHIFTS[i]
-        a, d, c = d, c, b
-        b = (b + ((f << shift) | (f >> (32 - shift)))) & _MASK32
-    return (
-        (state[0] + a) & _MASK32,
-        (state[1] + b) & _MASK32,
-        (state[2] + c) & _MASK32,
-        (state[3] + d) & _MASK32,
-    )
 
 
 def _cram_md5(password: bytes, _salt: bytes = b"", _username: str | None = None) -> bytes:
     """Return the 32-byte HMAC-MD5 context Dovecot stores as ``{CRAM-MD5}``."""
     key = hashlib.md5(password).digest() if len(password) > _MD5_BLOCK else password  # noqa: S324
     key = key.ljust(_MD5_BLOCK, b"\0")
-    outer = _md5_compress(_MD5_IV, bytes(k ^ 0x5C for k in key))
-    inner = _md5_compress(_MD5_IV, bytes(k ^ 0x36 for k in key))
+    outer = md5_compress(_MD5_IV, bytes(k ^ 0x5C for k in key))
+    inner = md5_compress(_MD5_IV, bytes(k ^ 0x36 for k in key))
     return struct.pack("<8I", *outer, *inner)
 
 

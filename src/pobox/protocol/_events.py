@@ -8,14 +8,19 @@ with :class:`LoginAccepted`; only what needs I/O reaches the shell:
 core → shell               shell → core (answer)
 =========================  ================================================================
 :class:`AuthenticateUser`  :class:`LoginAccepted` or :class:`LoginRejected`
+:class:`FetchSecret`       :class:`SecretFound` (or :class:`LoginRejected`)
+:class:`VerifyToken`       :class:`LoginAccepted` or :class:`LoginRejected`
+:class:`OpenMaildrop`      :class:`LoginAccepted` or :class:`LoginRejected`
+:class:`LoginFailed`       :class:`LoginRejected`
 :class:`RetrieveMessage`   :class:`MessageData`\\* then :class:`EndOfMessage`, or
                            :class:`MessageUnavailable`
 :class:`CommitDeletions`   :class:`DeletionsCommitted`
+:class:`StartTLS`          :class:`TlsStarted` (or ``close()`` if the handshake failed)
 :class:`ConnectionClosed`  (none: the shell flushes and closes)
 :class:`Trace`             (none: only with ``trace=True``, for the ``--trace`` log)
 =========================  ================================================================
 
-May import: the standard library only.
+May import: the standard library and :mod:`pobox.protocol._sasl`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
+
+from pobox.protocol._sasl import Secret
 
 __all__ = [
     "FLUSH",
@@ -35,13 +42,20 @@ __all__ = [
     "DeletionsCommitted",
     "EndOfMessage",
     "Event",
+    "FetchSecret",
     "LoginAccepted",
+    "LoginFailed",
     "LoginRejected",
     "MessageData",
     "MessageUnavailable",
+    "OpenMaildrop",
     "RetrieveMessage",
+    "SecretFound",
     "SnapshotEntry",
+    "StartTLS",
+    "TlsStarted",
     "Trace",
+    "VerifyToken",
 ]
 
 
@@ -80,6 +94,49 @@ class AuthenticateUser:
 
     username: str
     password: bytes = field(repr=False)
+    #: How the password came: ``"PLAIN"`` for USER/PASS (as Dovecot logs it) and AUTH PLAIN,
+    #: ``"LOGIN"`` for AUTH LOGIN.
+    mechanism: str = "PLAIN"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSecret:
+    """AUTH CRAM-MD5/SCRAM-* or APOP: answer with :class:`SecretFound` (or LoginRejected)."""
+
+    username: str
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyToken:
+    """AUTH OAUTHBEARER/XOAUTH2: verify the bearer token for the user, open the maildrop,
+    and answer with a Login* event."""
+
+    username: str
+    token: str = field(repr=False)
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMaildrop:
+    """The core verified the client's proof (SCRAM, CRAM-MD5, APOP, EXTERNAL): open the
+    user's maildrop and answer with a Login* event."""
+
+    username: str
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailed:
+    """The client's proof was wrong or malformed: log it, delay, answer LoginRejected.
+
+    ``username`` is ``None`` when the client's message was too malformed to name one;
+    ``reason`` is for the log only.
+    """
+
+    username: str | None
+    mechanism: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +156,18 @@ class CommitDeletions:
     """QUIT in TRANSACTION: remove these messages (1-based numbers), then answer."""
 
     numbers: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """STLS accepted (RFC 2595 §4): write ``data_to_send()``, then do the TLS handshake.
+
+    The core has already thrown away every byte the client sent after ``STLS``; the shell
+    must feed it nothing more that was read before the handshake.  ``discarded`` counts the
+    bytes dropped, for the log.
+    """
+
+    discarded: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +211,13 @@ class LoginRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretFound:
+    """The answer to :class:`FetchSecret`: what is stored, or ``None`` for no such user."""
+
+    secret: Secret | None
+
+
+@dataclass(frozen=True, slots=True)
 class MessageData:
     """A chunk of the stored message, in order, any size, line endings LF or CRLF."""
 
@@ -162,10 +238,32 @@ class MessageUnavailable:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsStarted:
+    """The TLS handshake after STLS succeeded; the session starts over (RFC 2595 §4).
+
+    ``user_enabled`` is the new value of :attr:`ServerConnection.user_enabled`: whether
+    plaintext logins are allowed now that the connection is encrypted.
+    """
+
+    user_enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class DeletionsCommitted:
     """UPDATE done; ``failed`` messages could not be removed."""
 
     failed: int = 0
 
 
-Event = AuthenticateUser | RetrieveMessage | CommitDeletions | ConnectionClosed | Trace
+Event = (
+    AuthenticateUser
+    | FetchSecret
+    | VerifyToken
+    | OpenMaildrop
+    | LoginFailed
+    | RetrieveMessage
+    | CommitDeletions
+    | StartTLS
+    | ConnectionClosed
+    | Trace
+)

@@ -21,6 +21,8 @@ May import: the standard library and :mod:`pobox.protocol`'s private modules.
 
 from __future__ import annotations
 
+import base64
+import secrets
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,17 +38,25 @@ from pobox.protocol._events import (
     DeletionsCommitted,
     EndOfMessage,
     Event,
+    FetchSecret,
     LoginAccepted,
+    LoginFailed,
     LoginRejected,
     MessageData,
     MessageUnavailable,
+    OpenMaildrop,
     RetrieveMessage,
+    SecretFound,
     SnapshotEntry,
+    StartTLS,
+    TlsStarted,
     Trace,
+    VerifyToken,
     _Sentinel,
 )
 from pobox.protocol._parser import (
     LINE_TOO_LONG,
+    MAX_COMMAND_LINE,
     Command,
     LineFramer,
     ParseFailure,
@@ -55,6 +65,20 @@ from pobox.protocol._parser import (
     parse_number,
 )
 from pobox.protocol._replies import CRLF, MAX_STATUS_LINE, MessageEncoder, TopFilter, err, ok
+from pobox.protocol._sasl import (
+    ALL_MECHANISMS,
+    PLAINTEXT_MECHANISMS,
+    Apop,
+    Challenge,
+    CheckPassword,
+    CheckToken,
+    Mechanism,
+    NeedSecret,
+    Step,
+    Verified,
+    b64decode_strict,
+    new_mechanism,
+)
 from pobox.protocol._state import ALLOWED, TRANSITIONS, State, Trigger
 from pobox.protocol.errors import LocalProtocolError
 
@@ -69,11 +93,20 @@ DEFAULT_MAX_BAD_COMMANDS: Final = 10
 #: pipelined command, so a batch of cheap commands with big answers cannot grow memory.
 OUTPUT_HIGH_WATER: Final = 256 * 1024
 
-_NO_ARGS: Final = frozenset({Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.CAPA})
+#: RFC 5034 §4 lets SASL responses be longer than 255 octets ("the client MAY ... exceed
+#: 255 octets"); 8 KiB holds any OAuth bearer token in practice and stays bounded.
+MAX_SASL_LINE: Final = 8192
+
+_NO_ARGS: Final = frozenset({Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.CAPA, Verb.STLS})
 
 #: How much of a bad argument a ``-ERR`` reply echoes back: enough to recognise it, and the
 #: status line stays ASCII and far below RFC 2449's 512 octets whatever the client sent.
 _MAX_ECHO: Final = 40
+
+
+def _random_nonce() -> str:
+    """Return a fresh SCRAM nonce / CRAM-MD5 challenge token: 144 random bits, URL-safe."""
+    return secrets.token_urlsafe(18)
 
 
 def _echo(arg: bytes) -> str:
@@ -112,12 +145,24 @@ class ServerConnection:
         greeting: text after ``+OK`` in the greeting (RFC 1939 §4).
         implementation: the CAPA ``IMPLEMENTATION`` value, or ``None`` to leave it out.
         max_bad_commands: consecutive bad commands before the session is closed.
-        user_enabled: whether USER/PASS is offered (CAPA ``USER``); the shell turns it off
-            where plaintext logins are not allowed.
+        user_enabled: whether plaintext logins (USER/PASS, CAPA ``USER``) are allowed on this
+            connection now; the shell turns it off on unencrypted connections where the
+            ``disable_plaintext_auth`` policy forbids them.
+        tls_available: whether the shell can do STLS (RFC 2595): CAPA shows ``STLS`` and
+            the command is accepted while the connection is not yet encrypted.
+        secure: whether the connection is already encrypted (implicit TLS, RFC 8314).
         trace: emit :class:`~pobox.protocol.Trace` events for the ``--trace`` log.
+        sasl_mechanisms: the SASL mechanisms AUTH offers (RFC 5034), upper case; none means
+            AUTH is not available.
+        apop_timestamp: the RFC 1939 §7 ``<...>`` timestamp to end the greeting with and
+            enable APOP, or ``None`` for no APOP.
+        sasl_nonce: return a fresh random token (printable ASCII, no ``,``) for the SCRAM
+            server nonce and the CRAM-MD5 challenge; injectable so tests replay RFC vectors.
+        hostname: the host name in the CRAM-MD5 challenge.
 
     Raises:
-        ValueError: the greeting would make a status line over 512 octets or holds CR/LF.
+        ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
+            or a SASL mechanism is unknown.
     """
 
     def __init__(
@@ -127,14 +172,24 @@ class ServerConnection:
         implementation: str | None = "pobox",
         max_bad_commands: int = DEFAULT_MAX_BAD_COMMANDS,
         user_enabled: bool = True,
+        tls_available: bool = False,
+        secure: bool = False,
         trace: bool = False,
+        sasl_mechanisms: Sequence[str] = (),
+        apop_timestamp: str | None = None,
+        sasl_nonce: Callable[[], str] | None = None,
+        hostname: str = "localhost",
     ) -> None:
+        if apop_timestamp is not None:
+            greeting = f"{greeting} {apop_timestamp}"
         if "\r" in greeting or "\n" in greeting or len(ok(greeting)) > MAX_STATUS_LINE:
             raise ValueError("greeting must be one line of at most 506 octets")
         self.state = State.AUTHORIZATION
         self.username: str | None = None
         self.stats = SessionStats()
         self.user_enabled = user_enabled
+        self.tls_available = tls_available
+        self.secure = secure
         self.close_reason: str | None = None
         self._implementation = implementation
         self._max_bad = max_bad_commands
@@ -148,6 +203,18 @@ class ServerConnection:
         self._deleted: set[int] = set()
         self._retr: _Retrieval | None = None
         self._bad = 0
+        self.sasl_mechanisms = tuple(m.upper() for m in sasl_mechanisms)
+        unknown = set(self.sasl_mechanisms) - set(ALL_MECHANISMS)
+        if unknown:
+            raise ValueError(f"unknown SASL mechanisms: {sorted(unknown)}")
+        #: The identity of a verified TLS client certificate, for SASL EXTERNAL; set by the
+        #: shell once the handshake is done.
+        self.external_identity: str | None = None
+        self._apop_timestamp = apop_timestamp
+        self._sasl_nonce = sasl_nonce or _random_nonce
+        self._hostname = hostname
+        self._sasl: Mechanism | None = None
+        self._sasl_rejection: LoginRejected | None = None
         self._reply(ok(greeting))
 
     # ------------------------------------------------------------------ public API
@@ -168,7 +235,10 @@ class ServerConnection:
                 return self._events.popleft()
             if self.state is State.CLOSED:
                 return ConnectionClosed(self.close_reason or "closed")
-            if self.state in (State.AUTHENTICATING, State.UPDATE) or self._retr is not None:
+            if (
+                self.state in (State.AUTHENTICATING, State.STARTING_TLS, State.UPDATE)
+                or self._retr is not None
+            ):
                 return PAUSED
             if self._out_len > OUTPUT_HIGH_WATER:
                 return FLUSH
@@ -178,7 +248,9 @@ class ServerConnection:
                     self._close("eof")
                     continue
                 return NEED_DATA
-            if line is LINE_TOO_LONG:
+            if self.state is State.SASL:
+                self._sasl_line(line)
+            elif line is LINE_TOO_LONG:
                 self._trace_line("C", "<line too long, discarded>")
                 self._bad_command("Line too long.")
             else:
@@ -192,7 +264,9 @@ class ServerConnection:
         | MessageData
         | EndOfMessage
         | MessageUnavailable
-        | DeletionsCommitted,
+        | DeletionsCommitted
+        | TlsStarted
+        | SecretFound,
     ) -> None:
         """Give the core the shell's answer to the last event.
 
@@ -205,14 +279,39 @@ class ServerConnection:
             self._transition(Trigger.LOGIN_ACCEPTED)
             self.username = self._pending_user
             self._pending_user = None
+            self._sasl = None
+            self._bad = 0
             self._messages = event.messages
             self.stats.messages_at_login = len(event.messages)
             self.stats.size_at_login = sum(m.size for m in event.messages)
             self._reply(ok("Logged in."))
         elif isinstance(event, LoginRejected):
+            last = self._sasl.rejected() if self._sasl is not None else None
+            if last is not None:
+                # RFC 7628 §3.2.2: an error challenge first; the -ERR follows the client's
+                # acknowledgement.
+                self._sasl_rejection = event
+                self._transition(Trigger.SASL_CHALLENGE)
+                self._challenge(last.data)
+                return
             self._transition(Trigger.LOGIN_REJECTED)
             self._pending_user = None
+            self._sasl = None
             self._reply(err(event.text, event.resp_code))
+        elif isinstance(event, SecretFound):
+            if self._sasl is None or self.state is not State.AUTHENTICATING:
+                raise LocalProtocolError("SecretFound without a FetchSecret")
+            self._sasl_step(self._sasl.secret(event.secret))
+        elif isinstance(event, TlsStarted):
+            self._transition(Trigger.TLS_STARTED)
+            # RFC 2595 §4: the client "MUST discard cached information about server
+            # capabilities", and the server forgets what came before the handshake: a USER
+            # given in plaintext, and any bytes that slipped in (fed here by mistake).
+            self._framer.discard_buffered()
+            self._pending_user = None
+            self._bad = 0
+            self.secure = True
+            self.user_enabled = event.user_enabled
         elif isinstance(event, DeletionsCommitted):
             self._transition(Trigger.COMMITTED)
             if event.failed:
@@ -258,6 +357,7 @@ class ServerConnection:
             raise LocalProtocolError(
                 f"{trigger.value} is not expected in state {self.state.value}"
             ) from None
+        self._framer.max_line = MAX_SASL_LINE if self.state is State.SASL else MAX_COMMAND_LINE
 
     def _close(self, reason: str) -> None:
         if self.state is not State.CLOSED:
@@ -300,6 +400,8 @@ class ServerConnection:
             keyword_at = len(line) - len(line.lstrip())
             if line[keyword_at : keyword_at + 4].upper() == b"PASS" and line[keyword_at + 4 :]:
                 line = line[: keyword_at + 4] + b" ***"
+            elif line[keyword_at : keyword_at + 4].upper() == b"AUTH" and len(line.split()) > 2:
+                line = b" ".join(line.split()[:2]) + b" ***"  # an initial response
             self._trace_line("C", line.decode("utf-8", "replace"))
         if isinstance(parsed, ParseFailure):
             self._bad_command(parsed.reason)
@@ -317,7 +419,9 @@ class ServerConnection:
             return
         bad_before = self._bad
         self._HANDLERS[parsed.verb](self, parsed)
-        if self._bad == bad_before:  # a well-formed command ends a run of bad ones
+        # A well-formed command ends a run of bad ones; AUTH does not, or "AUTH" followed by
+        # a garbage response, over and over, would never reach max_bad_commands.
+        if self._bad == bad_before and parsed.verb is not Verb.AUTH:
             self._bad = 0
 
     def _cmd_user(self, cmd: Command) -> None:
@@ -351,6 +455,136 @@ class ServerConnection:
         self._transition(Trigger.PASS)
         self._events.append(AuthenticateUser(self._pending_user, cmd.rest))
 
+    def _cmd_stls(self, _cmd: Command) -> None:
+        if self.secure:
+            self._reply(err("Already using TLS."))
+            return
+        if not self.tls_available:
+            self._bad_command("Command not available.")
+            return
+        self._reply(ok("Begin TLS negotiation now."))
+        self._transition(Trigger.STLS)
+        # CVE-2011-0411: commands pipelined behind STLS were sent in plaintext, where anyone
+        # on the path could have added them; executing them inside TLS would lend them the
+        # TLS session's trust.  RFC 2595 §4 has the client wait for this reply anyway.
+        discarded = self._framer.discard_buffered()
+        if discarded:
+            self._trace_line("C", f"<{discarded} bytes after STLS, discarded>")
+        self._events.append(StartTLS(discarded))
+
+    # ------------------------------------------------------------------ AUTH and APOP
+
+    def _cmd_auth(self, cmd: Command) -> None:
+        if not self.sasl_mechanisms:
+            self._bad_command("Command not available.")
+            return
+        if not cmd.args:  # RFC 5034 §4 leaves it open; the seeds' servers list mechanisms
+            self._reply_lines(ok(), [m.encode() + CRLF for m in self.sasl_mechanisms])
+            return
+        if len(cmd.args) > 2:
+            self._bad_command("AUTH takes a mechanism and an optional initial response.")
+            return
+        name = cmd.args[0].decode("ascii", "replace").upper()
+        if name not in self.sasl_mechanisms:
+            self._reply(err("Unsupported authentication mechanism."))
+            return
+        if name in PLAINTEXT_MECHANISMS and not self.user_enabled:
+            self._reply(
+                err("Plaintext authentication disallowed on non-secure connections.", "AUTH")
+            )
+            return
+        initial: bytes | None = None
+        if len(cmd.args) == 2:
+            # RFC 5034 §4: "=" is an empty initial response.
+            initial = b"" if cmd.args[1] == b"=" else b64decode_strict(cmd.args[1])
+            if initial is None:
+                self._bad_command("Invalid base64 data in initial response.")
+                return
+        nonce = self._sasl_nonce()
+        mechanism = new_mechanism(
+            name,
+            nonce=nonce,
+            challenge=f"<{nonce}@{self._hostname}>".encode(),
+            external_identity=self.external_identity,
+        )
+        self._sasl = mechanism
+        self._transition(Trigger.AUTH)
+        self._sasl_step(mechanism.start(initial))
+
+    def _cmd_apop(self, cmd: Command) -> None:
+        if self._apop_timestamp is None:
+            self._bad_command("Command not available.")
+            return
+        if len(cmd.args) != 2 or len(cmd.args[1]) != 32:
+            self._bad_command("APOP takes two arguments: a user name and an MD5 digest.")
+            return
+        try:
+            user = cmd.args[0].decode("utf-8")
+        except UnicodeDecodeError:
+            self._bad_command("User name is not valid UTF-8.")
+            return
+        self._sasl = Apop(self._apop_timestamp.encode(), user, cmd.args[1])
+        self._transition(Trigger.PASS)
+        self._sasl_step(self._sasl.start(None))
+
+    def _challenge(self, data: bytes) -> None:
+        self._reply(b"+ " + base64.b64encode(data) + CRLF)
+
+    def _sasl_line(self, line: bytes | object) -> None:
+        """Take one client response of an AUTH exchange (RFC 5034 §4)."""
+        mechanism = self._sasl
+        assert mechanism is not None
+        self._trace_line("C", "<SASL response>")
+        if line is LINE_TOO_LONG:
+            self._sasl_abort("Authentication response too long.", bad=True)
+            return
+        assert isinstance(line, bytes)
+        if line == b"*":
+            self._sasl_abort("Authentication aborted by client.")
+            return
+        rejection = self._sasl_rejection
+        if rejection is not None:
+            self._sasl_rejection = None
+            self._sasl_abort(rejection.text, rejection.resp_code)
+            return
+        response = b64decode_strict(line)
+        if response is None:
+            self._sasl_abort("Invalid base64 data in continued response.", bad=True)
+            return
+        self._sasl_step(mechanism.step(response))
+
+    def _sasl_abort(self, text: str, resp_code: str | None = None, *, bad: bool = False) -> None:
+        self._sasl = None
+        self._transition(Trigger.SASL_ABORT)
+        if bad:  # garbage counts towards max_bad_commands, like a bad command line
+            self._bad_command(text)
+        else:
+            self._reply(err(text, resp_code))
+
+    def _sasl_step(self, step: Step) -> None:
+        """Act on what the mechanism asks for: a challenge, or the shell's help."""
+        mechanism = self._sasl
+        assert mechanism is not None
+        if isinstance(step, Challenge):
+            if self.state is State.AUTHENTICATING:
+                self._transition(Trigger.SASL_CHALLENGE)
+            self._challenge(step.data)
+            return
+        if self.state is State.SASL:
+            self._transition(Trigger.SASL_CHECK)
+        name = mechanism.name
+        self._pending_user = step.authcid
+        if isinstance(step, CheckPassword):
+            self._events.append(AuthenticateUser(step.authcid, step.password, name))
+        elif isinstance(step, NeedSecret):
+            self._events.append(FetchSecret(step.authcid, name))
+        elif isinstance(step, CheckToken):
+            self._events.append(VerifyToken(step.authcid, step.token, name))
+        elif isinstance(step, Verified):
+            self._events.append(OpenMaildrop(step.authcid, name))
+        else:
+            self._events.append(LoginFailed(step.authcid, name, step.reason))
+
     def _cmd_quit(self, _cmd: Command) -> None:
         if self.state is State.AUTHORIZATION:
             self._reply(ok("Logging out."))
@@ -363,6 +597,16 @@ class ServerConnection:
         caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         if self.user_enabled and self.state is State.AUTHORIZATION:
             caps.append(b"USER")
+        if self.sasl_mechanisms and self.state is State.AUTHORIZATION:
+            offered = [
+                m
+                for m in self.sasl_mechanisms
+                if self.user_enabled or m not in PLAINTEXT_MECHANISMS
+            ]
+            if offered:
+                caps.append(" ".join(["SASL", *offered]).encode())
+        if self.tls_available and not self.secure and self.state is State.AUTHORIZATION:
+            caps.append(b"STLS")
         if self._implementation:
             caps.append(b"IMPLEMENTATION " + self._implementation.encode())
         self._reply_lines(ok("Capability list follows"), [c + CRLF for c in caps])
@@ -444,8 +688,11 @@ class ServerConnection:
     _HANDLERS: Final[dict[Verb, Callable[[ServerConnection, Command], None]]] = {
         Verb.USER: _cmd_user,
         Verb.PASS: _cmd_pass,
+        Verb.AUTH: _cmd_auth,
+        Verb.APOP: _cmd_apop,
         Verb.QUIT: _cmd_quit,
         Verb.CAPA: _cmd_capa,
+        Verb.STLS: _cmd_stls,
         Verb.STAT: _cmd_stat,
         Verb.NOOP: _cmd_noop,
         Verb.RSET: _cmd_rset,

@@ -9,21 +9,30 @@ Every network wait has a timeout: before login ``login_timeout``; after it the R
 autologout ``idle_timeout``, on whose expiry the connection is closed without a reply and
 without UPDATE (RFC 1939 §3), which also releases the maildrop lock.
 
+STLS (RFC 2595) goes through the public :meth:`asyncio.StreamWriter.start_tls` only, so it
+works on any event loop (uvloop included); see :meth:`Session._start_tls` for how no
+plaintext byte pipelined behind STLS can reach the core after the handshake.
+
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
-:mod:`pobox.config`, :mod:`pobox.log`.
+:mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import secrets
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Final
 
-from pobox.auth.base import Authenticator, AuthError
+from pobox.auth import schemes
+from pobox.auth.base import Authenticator, AuthError, TokenVerifier, User
 from pobox.config import Config
 from pobox.log import SessionLog
 from pobox.protocol import (
@@ -34,16 +43,26 @@ from pobox.protocol import (
     ConnectionClosed,
     DeletionsCommitted,
     EndOfMessage,
+    FetchSecret,
     LocalProtocolError,
     LoginAccepted,
+    LoginFailed,
     LoginRejected,
     MessageData,
     MessageUnavailable,
+    OpenMaildrop,
     RetrieveMessage,
+    ScramKeys,
+    Secret,
+    SecretFound,
     ServerConnection,
+    StartTLS,
     State,
+    TlsStarted,
     Trace,
+    VerifyToken,
 )
+from pobox.server._throttle import LoginThrottle
 from pobox.storage.base import (
     Maildrop,
     MaildropLocked,
@@ -51,6 +70,7 @@ from pobox.storage.base import (
     MessageGone,
     StorageError,
 )
+from pobox.tls import ServerTls, plaintext_auth_allowed
 
 __all__ = ["Session", "SessionContext"]
 
@@ -71,6 +91,69 @@ class SessionContext:
     config: Config
     authenticator: Authenticator
     store: MaildropStore
+    #: TLS contexts when ``ssl_cert`` is set; :class:`~pobox.server.Pop3Server` fills it in.
+    tls: ServerTls | None = None
+    #: Failed-login bookkeeping shared by all sessions (none: only auth_failure_delay).
+    throttle: LoginThrottle | None = None
+    #: Checks OAuth bearer tokens for OAUTHBEARER / XOAUTH2 (none: tokens always fail).
+    token_verifier: TokenVerifier | None = None
+
+
+_apop_counter = itertools.count()
+
+
+def apop_timestamp() -> str:
+    """Return a fresh RFC 1939 §7 timestamp, ``<pid.clock@hostname>``, never the same twice."""
+    return f"<{os.getpid()}.{time.time_ns()}.{next(_apop_counter)}@{socket.gethostname()}>"
+
+
+def secret_from_stored(stored: str) -> Secret:
+    """Turn a stored ``{SCHEME}data`` password into what the SASL core can use."""
+    scheme = schemes.identify_scheme(stored)
+    data = stored[stored.find("}") + 1 :] if stored.startswith("{") else stored
+    if scheme in ("PLAIN", "CLEAR", "CLEARTEXT"):
+        return Secret(password=data.encode("utf-8", "surrogateescape"))
+    scram = schemes.scram_credentials(stored)
+    if scram is not None:
+        return Secret(
+            scram=ScramKeys(
+                scram.hash_name, scram.iterations, scram.salt, scram.stored_key, scram.server_key
+            )
+        )
+    return Secret(cram_md5_context=schemes.cram_md5_context(stored))
+
+
+def client_identity(peercert: object) -> str | None:
+    """Return the identity of a *verified* TLS client certificate, for SASL EXTERNAL.
+
+    ``peercert`` is what ``SSLObject.getpeercert()`` gives: empty unless the TLS context asked
+    for and verified a client certificate.  The identity is the subject's ``emailAddress``,
+    else its ``commonName``.
+    """
+    if not isinstance(peercert, dict):
+        return None
+    fields = {key: value for rdn in peercert.get("subject", ()) for key, value in rdn}
+    identity = fields.get("emailAddress") or fields.get("commonName")
+    return identity if isinstance(identity, str) and identity else None
+
+
+def _may_log_in(user: User | None) -> User | None:
+    """Return ``user`` unless its passwd-file flags ``nologin``/``noauthenticate`` refuse it.
+
+    The password checks refuse those users themselves; a certificate or token login, which
+    only looks the user up, must too.
+    """
+    if user is None:
+        return None
+    for flag in ("nologin", "noauthenticate"):
+        value = user.extra.get(flag)
+        if value is not None and value.lower() not in ("n", "no", "false", "0"):
+            return None
+    return user
+
+
+#: What :meth:`Session._verify` returns when it has already answered the core itself.
+_ANSWERED: Final = object()
 
 
 class Session:
@@ -93,14 +176,27 @@ class Session:
         self.maildrop: Maildrop | None = None
         self.auth_failures = 0
         self.last_user: str | None = None
+        self.last_method = "PLAIN"
         self.delete_failures = 0
         self.started = time.monotonic()
         cfg = ctx.config
+        self.secure = writer.get_extra_info("ssl_object") is not None
         self.conn = ServerConnection(
+            user_enabled=self._plaintext_allowed(),
+            tls_available=ctx.tls is not None,
+            secure=self.secure,
             greeting=cfg.login_greeting,
             max_bad_commands=cfg.max_bad_commands,
             trace=cfg.trace,
+            sasl_mechanisms=[
+                m
+                for m in cfg.auth_mechanisms.upper().split()
+                if m not in ("OAUTHBEARER", "XOAUTH2") or ctx.token_verifier is not None
+            ],
+            apop_timestamp=apop_timestamp() if cfg.apop else None,
+            hostname=socket.gethostname(),
         )
+        self.conn.external_identity = client_identity(writer.get_extra_info("peercert"))
 
     async def run(self) -> None:
         """Serve the connection; never raises (errors are logged and end the session)."""
@@ -138,12 +234,16 @@ class Session:
                 await self._flush()
             elif isinstance(event, Trace):
                 self.log.info("%s: %s", event.direction, event.line)
-            elif isinstance(event, AuthenticateUser):
+            elif isinstance(
+                event, AuthenticateUser | FetchSecret | VerifyToken | OpenMaildrop | LoginFailed
+            ):
                 await self._login(event)
             elif isinstance(event, RetrieveMessage):
                 await self._retrieve(event)
             elif isinstance(event, CommitDeletions):
                 await self._commit(event)
+            elif isinstance(event, StartTLS):
+                await self._start_tls(event)
             elif isinstance(event, ConnectionClosed):
                 await self._flush()
                 return {
@@ -151,9 +251,46 @@ class Session:
                     "eof": "Connection closed",
                     "too-many-bad-commands": "Too many invalid commands",
                     "message-failed": "Message could not be read",
+                    "tls-failed": "TLS handshaking failed",
                 }.get(event.reason, event.reason)
             else:  # PAUSED: every event above is answered before looping
                 raise LocalProtocolError(f"core paused on {event!r}")
+
+    def _plaintext_allowed(self) -> bool:
+        cfg = self.ctx.config
+        return plaintext_auth_allowed(
+            cfg.disable_plaintext_auth,
+            self.rip,
+            cfg.login_trusted_networks,
+            secure=self.secure,
+        )
+
+    async def _start_tls(self, event: StartTLS) -> None:
+        """Answer STLS and do the handshake on this connection (RFC 2595 §4).
+
+        No plaintext byte sent after ``STLS`` may reach the core once TLS is up
+        (CVE-2011-0411).  The core dropped those it had; bytes still buffered in the
+        StreamReader are taken and dropped here; and between that and ``start_tls``
+        pausing the transport there is no ``await`` that could yield to the event loop
+        (``StreamWriter.start_tls`` only drains, which does not yield for one short line),
+        so nothing new can be buffered as plaintext.
+        """
+        assert self.ctx.tls is not None
+        self.writer.write(self.conn.data_to_send())
+        discarded = event.discarded + len(_take_buffered(self.reader))
+        if discarded:
+            self.log.warning("Discarded %d bytes pipelined after STLS", discarded)
+        try:
+            await self.writer.start_tls(
+                self.ctx.tls.context, ssl_handshake_timeout=self.ctx.config.login_timeout
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            self.log.info("TLS handshake failed: %s, rip=%s", exc, self.rip)
+            self.conn.close("tls-failed")
+            return
+        self.secure = True
+        self.conn.send(TlsStarted(user_enabled=self._plaintext_allowed()))
+        self.conn.external_identity = client_identity(self.writer.get_extra_info("peercert"))
 
     def _timeout(self) -> float:
         cfg = self.ctx.config
@@ -177,27 +314,82 @@ class Session:
 
     # ----------------------------------------------------------------- events
 
-    async def _login(self, event: AuthenticateUser) -> None:
-        cfg = self.ctx.config
-        try:
-            user = await self.ctx.authenticator.authenticate(event.username, event.password)
-        except AuthError as exc:
-            self.log.error("Authentication backend failure for user=<%s>: %s", event.username, exc)
-            self.conn.send(LoginRejected("Temporary authentication failure.", exc.resp_code))
-            return
-        if user is None:
-            self.auth_failures += 1
-            self.last_user = event.username
+    async def _login(
+        self, event: AuthenticateUser | FetchSecret | VerifyToken | OpenMaildrop | LoginFailed
+    ) -> None:
+        """Answer a login step: check, fetch, or open the maildrop (USER/PASS, APOP, AUTH)."""
+        throttle = self.ctx.throttle
+        if throttle is not None and throttle.blocked(self.rip, event.username):
             self.log.info(
-                "Authentication failed: user=<%s>, method=PLAIN, rip=%s, lip=%s, session=<%s>",
-                event.username,
+                "Login refused, too many failures: user=<%s>, method=%s, rip=%s, lip=%s, "
+                "session=<%s>",
+                event.username or "",
+                event.mechanism,
                 self.rip,
                 self.lip,
                 self.id,
             )
-            await asyncio.sleep(cfg.auth_failure_delay)
-            self.conn.send(LoginRejected())
+            self.conn.send(LoginRejected("Too many failed logins, try again later.", "LOGIN-DELAY"))
             return
+        try:
+            user = await self._verify(event)
+        except AuthError as exc:
+            self.log.error("Authentication backend failure for user=<%s>: %s", event.username, exc)
+            self.conn.send(LoginRejected("Temporary authentication failure.", exc.resp_code))
+            return
+        if user is _ANSWERED:
+            return
+        if not isinstance(user, User):
+            await self._failed(event.username, event.mechanism)
+            return
+        await self._open(user, event.mechanism)
+
+    async def _verify(
+        self, event: AuthenticateUser | FetchSecret | VerifyToken | OpenMaildrop | LoginFailed
+    ) -> User | object | None:
+        """Return the user the event proves, ``None`` if it proves nothing, or _ANSWERED."""
+        auth = self.ctx.authenticator
+        if isinstance(event, AuthenticateUser):
+            return await auth.authenticate(event.username, event.password)
+        if isinstance(event, FetchSecret):
+            stored = await auth.credentials(event.username)
+            self.conn.send(SecretFound(None if stored is None else secret_from_stored(stored)))
+            return _ANSWERED
+        if isinstance(event, VerifyToken):
+            verifier = self.ctx.token_verifier
+            if verifier is None or not await verifier.verify_token(event.username, event.token):
+                return None
+            return _may_log_in(await auth.lookup(event.username))
+        if isinstance(event, OpenMaildrop):
+            return _may_log_in(await auth.lookup(event.username))
+        self.log.debug("SASL %s failed: %s", event.mechanism, event.reason)
+        return None
+
+    async def _failed(self, username: str | None, method: str) -> None:
+        cfg = self.ctx.config
+        self.auth_failures += 1
+        self.last_user = username
+        self.last_method = method
+        self.log.info(
+            "Authentication failed: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>",
+            username or "",
+            method,
+            self.rip,
+            self.lip,
+            self.id,
+        )
+        throttle = self.ctx.throttle
+        delay = (
+            throttle.failed(self.rip, username) if throttle is not None else cfg.auth_failure_delay
+        )
+        await asyncio.sleep(delay)
+        self.conn.send(LoginRejected())
+        if self.auth_failures >= cfg.max_auth_failures:
+            # Dovecot too closes after a few failures: a brute-forcer must reconnect.
+            self.conn.close("too-many-auth-failures")
+
+    async def _open(self, user: User, method: str) -> None:
+        cfg = self.ctx.config
         try:
             self.maildrop = await self.ctx.store.open(user, lock=cfg.pop3_lock_session)
         except MaildropLocked:
@@ -210,9 +402,12 @@ class Session:
             self.log.error("Cannot open maildrop of user=<%s>: %s", user.name, exc)
             self.conn.send(LoginRejected("Cannot open the mailbox, try later.", exc.resp_code))
             return
+        if self.ctx.throttle is not None:
+            self.ctx.throttle.succeeded(self.rip, user.name)
         self.log.info(
-            "Login: user=<%s>, method=PLAIN, rip=%s, lip=%s, session=<%s>",
+            "Login: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>",
             user.name,
+            method,
             self.rip,
             self.lip,
             self.id,
@@ -289,11 +484,12 @@ class Session:
             )
         elif self.auth_failures:
             self.log.info(
-                "Disconnected (auth failed, %d attempts in %d secs): user=<%s>, method=PLAIN, "
+                "Disconnected (auth failed, %d attempts in %d secs): user=<%s>, method=%s, "
                 "rip=%s, lip=%s, session=<%s>",
                 self.auth_failures,
                 int(time.monotonic() - self.started),
-                self.last_user,
+                self.last_user or "",
+                self.last_method,
                 self.rip,
                 self.lip,
                 self.id,
@@ -307,3 +503,23 @@ class Session:
                 self.lip,
                 self.id,
             )
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """Return what ``reader`` holds already, without waiting and without yielding.
+
+    ``StreamReader.read`` returns buffered bytes without suspending; when the buffer is empty
+    it would suspend, so the coroutine is stepped once by hand and, if it suspends, closed.
+    """
+    taken = bytearray()
+    while True:
+        coro = reader.read(READ_SIZE)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            if not done.value:  # end of file
+                return bytes(taken)
+            taken += done.value
+            continue
+        coro.close()
+        return bytes(taken)

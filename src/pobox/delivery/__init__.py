@@ -1,0 +1,17 @@
+"""Getting mail into the maildrops: LMTP and SMTP listeners and the ``pobox deliver`` MDA.
+
+The only user of aiosmtpd. :mod:`.lmtp` (RFC 2033, per-recipient replies), :mod:`.smtp`
+(inbound SMTP for local users only), :mod:`.mda` (``pobox deliver``); all deliver through
+:class:`DeliveryAgent`, which writes with
+:func:`pobox.storage.maildir._deliver.deliver_message` (fsync before the acknowledgement).
+
+May import: the standard library, aiosmtpd, :mod:`pobox.auth`, :mod:`pobox.config`,
+:mod:`pobox.errors` and :mod:`pobox.storage`.
+"""
+
+from __future__ import annotations
+
+from pobox.delivery._agent import DeliveryAgent, Outcome, Recipient, build_agent, parse_size
+from pobox.delivery._listener import DeliveryServer
+
+__all__ = ["DeliveryAgent", "DeliveryServer", "Outcome", "Recipient", "build_agent", "parse_size"]

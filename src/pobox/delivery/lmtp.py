@@ -1,0 +1,91 @@
+"""The LMTP listener (RFC 2033): how an MTA hands mail to pobox, like Dovecot's LMTP.
+
+Per recipient: ``RCPT`` is refused with ``550 5.1.1`` for an unknown user (or ``451 4.3.0``
+when the user database is unavailable); after ``DATA`` each accepted recipient gets its own
+reply, in ``RCPT`` order (RFC 2033 §4.2): ``250`` once the message is fsynced in its maildir,
+``552 5.2.2`` over quota, ``451 4.3.0`` on a temporary failure. aiosmtpd's ``handle_DATA``
+hook returns one status; :class:`LmtpHandler` returns the replies joined by CRLF, which
+aiosmtpd writes as they are, one line per recipient.
+
+May import: the standard library, aiosmtpd and :mod:`pobox.delivery`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from pobox.delivery._agent import DeliveryAgent, Outcome
+from pobox.delivery._protocol import DeliveryProtocol
+
+__all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpProtocol"]
+
+#: Recipients per transaction, like Postfix's ``lmtp_destination_recipient_limit`` default
+#: (50) with room to spare; more get ``452 4.5.3`` (RFC 5321 §4.5.3.1.8) and come again.
+MAX_RECIPIENTS = 100
+
+
+class LmtpProtocol(DeliveryProtocol):
+    """aiosmtpd's SMTP speaking LMTP: ``LHLO`` instead of ``HELO``/``EHLO``, no greeting name."""
+
+    per_recipient_data_replies = True
+
+    @syntax("LHLO hostname")
+    async def smtp_LHLO(self, arg: str) -> None:
+        """Answer the LMTP greeting (RFC 2033 §4.1) as EHLO."""
+        await super().smtp_EHLO(arg)
+
+    async def smtp_HELO(self, arg: str) -> None:
+        """Refuse HELO, which LMTP does not have."""
+        await self.push('500 5.5.1 Error: command "HELO" not recognized')
+
+    async def smtp_EHLO(self, arg: str) -> None:
+        """Refuse EHLO, which LMTP does not have."""
+        await self.push('500 5.5.1 Error: command "EHLO" not recognized')
+
+
+class LmtpHandler:
+    """aiosmtpd hooks delivering LMTP mail through a :class:`DeliveryAgent`."""
+
+    def __init__(self, agent: DeliveryAgent) -> None:
+        """Deliver with ``agent``."""
+        self._agent = agent
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        """Accept a recipient that is a user, refuse others (RFC 2033 §4.1)."""
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        resolved = await self._agent.resolve(address, any_domain=True)
+        if isinstance(resolved, Outcome):
+            return resolved.reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+    ) -> str:
+        """Deliver to every recipient; return one reply line per recipient, CRLF-joined."""
+        content = envelope.original_content or b""
+        sender = envelope.mail_from or ""
+        outcomes = await asyncio.gather(
+            *(self._deliver(address, sender, content) for address in envelope.rcpt_tos)
+        )
+        return "\r\n".join(outcome.reply for outcome in outcomes)
+
+    async def _deliver(self, address: str, sender: str, content: bytes) -> Outcome:
+        """Resolve ``address`` again (the user may be gone since RCPT) and deliver."""
+        resolved = await self._agent.resolve(address, any_domain=True)
+        if isinstance(resolved, Outcome):
+            return resolved
+        return await self._agent.deliver(resolved, sender, content)

@@ -1,0 +1,132 @@
+"""The delivery agent: sizes, quotas, recipient resolution; and the delivery config keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pobox.auth.base import User
+from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user
+from pobox.config import build_config
+from pobox.delivery import DeliveryAgent, Outcome, Recipient, parse_size
+from pobox.delivery._agent import trace_headers, user_quota
+from pobox.errors import ConfigError
+from pobox.storage.maildir import MaildirStore
+from pobox.storage.maildir._deliver import Quota
+
+
+class TestParseSize:
+    """parse_size()."""
+
+    def test_units(self) -> None:
+        """Bare digits are octets; k, M, G and T are powers of 1024."""
+        assert [10, 10, 2048, 3 * 1024**2, 1024**3] == [
+            parse_size(text) for text in ("10", "10b", "2k", "3M", "1G")
+        ]
+
+    def test_garbage(self) -> None:
+        """Anything else is refused."""
+        with pytest.raises(ValueError, match="is not a size"):
+            parse_size("10 apples")
+
+
+class TestUserQuota:
+    """user_quota()."""
+
+    def test_default(self) -> None:
+        """A user without quota fields gets the configured default."""
+        assert Quota(5, 6) == user_quota(User("alice"), Quota(5, 6))
+
+    def test_dovecot_quota_rule(self) -> None:
+        """Dovecot's quota_rule extra field sets both limits."""
+        user = User("alice", extra={"quota_rule": "*:storage=1M:messages=10"})
+        assert Quota(1024**2, 10) == user_quota(user, Quota())
+
+    def test_simple_fields_win(self) -> None:
+        """quota_bytes and quota_messages override the rule."""
+        extra = {"quota_rule": "*:storage=1M", "quota_bytes": "2k", "quota_messages": "3"}
+        assert Quota(2048, 3) == user_quota(User("alice", extra=extra), Quota())
+
+    def test_malformed_field_is_ignored(self) -> None:
+        """A malformed value leaves the default in place."""
+        assert Quota(7, 0) == user_quota(User("a", extra={"quota_bytes": "lots"}), Quota(7, 0))
+
+
+class TestTraceHeaders:
+    """trace_headers()."""
+
+    def test_headers(self) -> None:
+        """Return-Path carries the sender in brackets, Delivered-To the recipient."""
+        assert b"Return-Path: <s@x.test>\nDelivered-To: a@y.test\n" == trace_headers(
+            "s@x.test", "a@y.test"
+        )
+
+    def test_no_header_injection(self) -> None:
+        """Line breaks in addresses cannot start a new header."""
+        assert b"Return-Path: <sX-Evil: 1>\nDelivered-To: a\n" == trace_headers(
+            "s\r\nX-Evil: 1", "a"
+        )
+
+
+class TestResolve:
+    """DeliveryAgent.resolve()."""
+
+    @pytest.fixture
+    def agent(self, tmp_path: Path) -> DeliveryAgent:
+        """An agent with users alice and bob@example.net, local domain mx.test."""
+        add_user(tmp_path / "passwd", "alice", b"x", scheme="PLAIN")
+        add_user(tmp_path / "passwd", "bob@example.net", b"x", scheme="PLAIN")
+        return DeliveryAgent(
+            PasswdFileAuthenticator(tmp_path / "passwd"),
+            MaildirStore(f"maildir:{tmp_path}/%u"),
+            local_domains=("mx.test",),
+        )
+
+    async def test_local_part_at_local_domain(self, agent: DeliveryAgent) -> None:
+        """alice@<local domain> is the user alice."""
+        resolved = await agent.resolve("alice@MX.test", any_domain=False)
+        assert isinstance(resolved, Recipient)
+        assert "alice" == resolved.user.name
+
+    async def test_full_address_user(self, agent: DeliveryAgent) -> None:
+        """A user named by a whole address is found at any domain."""
+        resolved = await agent.resolve("bob@example.net", any_domain=False)
+        assert isinstance(resolved, Recipient)
+        assert "bob@example.net" == resolved.user.name
+
+    async def test_foreign_domain_is_relay(self, agent: DeliveryAgent) -> None:
+        """A user's local part at a foreign domain is a relay attempt for SMTP."""
+        assert Outcome.RELAY_DENIED is await agent.resolve("alice@other.test", any_domain=False)
+
+    async def test_lmtp_takes_any_domain(self, agent: DeliveryAgent) -> None:
+        """For LMTP, the MTA has routed the mail: the local part names the user."""
+        assert isinstance(await agent.resolve("alice@other.test", any_domain=True), Recipient)
+
+    async def test_unknown_user(self, agent: DeliveryAgent) -> None:
+        """An unknown local user is 550 5.1.1."""
+        assert Outcome.UNKNOWN_USER is await agent.resolve("carol@mx.test", any_domain=False)
+
+
+class TestDeliveryConfig:
+    """The delivery keys of the configuration."""
+
+    def test_listen_addresses(self) -> None:
+        """TCP and Unix socket addresses are accepted."""
+        config = build_config({"lmtp_listen": ["127.0.0.1:24", "unix:/run/pobox/lmtp"]})
+        assert ("127.0.0.1:24", "unix:/run/pobox/lmtp") == config.lmtp_listen
+
+    def test_relative_socket_path(self) -> None:
+        """A Unix socket path must be absolute."""
+        with pytest.raises(ConfigError, match=r"lmtp_listen\[0\]"):
+            build_config({"lmtp_listen": ["unix:lmtp"]})
+
+    def test_bad_port(self) -> None:
+        """A malformed TCP address names the key."""
+        with pytest.raises(ConfigError, match=r"smtp_listen\[0\]"):
+            build_config({"smtp_listen": ["127.0.0.1:http"]})
+
+    def test_negative_quota(self) -> None:
+        """Quotas cannot be negative."""
+        with pytest.raises(ConfigError, match="quota_bytes"):
+            build_config({"quota_bytes": -1})
