@@ -1,0 +1,325 @@
+"""The load generator: asyncio POP3 clients over raw sockets, checking every answer.
+
+Each client sends one command at a time and waits for the whole answer, as real POP3 clients
+(fetchmail, getmail, Thunderbird) do; nothing is pipelined.  Every answer is checked while the
+load runs, so a fast wrong answer cannot win:
+
+- STAT's count equals the number of messages the benchmark delivered;
+- LIST has that many lines and its sizes add up to STAT's total;
+- UIDL has that many distinct lines;
+- each RETR returns exactly the LIST size once the dot-stuffing is undone.
+
+:func:`run_load` runs one workload for a fixed time in the calling process (the caller pins it
+to a core) and returns a :class:`LoadResult`.  uvloop is used when it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+try:  # uvloop is faster; the benchmark says which loop it used.
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the environment
+    uvloop = None
+
+LOOP_NAME = "uvloop" if uvloop is not None else "asyncio"
+
+
+class CheckError(Exception):
+    """A server's answer was wrong (or the connection broke)."""
+
+
+class Client(asyncio.Protocol):
+    """A minimal POP3 client connection: a receive buffer and two readers."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _more(self) -> None:
+        if self.closed:
+            raise CheckError("connection closed by the server")
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+    def send(self, line: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(line)
+
+    async def line(self) -> bytes:
+        """Return the next CRLF-terminated line, without the CRLF."""
+        while (end := self.buf.find(b"\r\n")) < 0:
+            await self._more()
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 2]
+        return line
+
+    async def ok(self, command: bytes) -> bytes:
+        """Send ``command`` and return its +OK line (anything else is a :class:`CheckError`)."""
+        self.send(command)
+        reply = await self.line()
+        if not reply.startswith(b"+OK"):
+            raise CheckError(f"{command!r}: {reply!r}")
+        return reply
+
+    async def multi(self, command: bytes, *, keep: bool = False) -> tuple[int, int, bytes | None]:
+        """Send ``command``; return (body length unstuffed, line count, the body if ``keep``).
+
+        LIST and UIDL keep their bodies to check them; RETR only counts bytes.
+        """
+        await self.ok(command)
+        start = 0
+        while True:
+            if self.buf[:3] == b".\r\n":
+                del self.buf[:3]
+                return 0, 0, b""
+            end = self.buf.find(b"\r\n.\r\n", start)
+            if end >= 0:
+                size = end + 2
+                stuffed = self.buf.count(b"\r\n..", 0, size) + self.buf.startswith(b"..")
+                lines = self.buf.count(b"\r\n", 0, size)
+                body = bytes(self.buf[:size]) if keep else None
+                del self.buf[: size + 3]
+                return size - stuffed, lines, body
+            start = max(0, len(self.buf) - 4)
+            await self._more()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort() if self.closed else self.transport.close()
+
+
+async def connect(host: str, port: int) -> Client:
+    """Open a connection and read the greeting."""
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(Client, host, port)
+    greeting = await client.line()
+    if not greeting.startswith(b"+OK"):
+        raise CheckError(f"greeting {greeting!r}")
+    return client
+
+
+async def login(host: str, port: int, user: str, password: str) -> Client:
+    """Connect and log in with USER/PASS."""
+    client = await connect(host, port)
+    await client.ok(b"USER " + user.encode() + b"\r\n")
+    await client.ok(b"PASS " + password.encode() + b"\r\n")
+    return client
+
+
+async def quit_(client: Client) -> None:
+    await client.ok(b"QUIT\r\n")
+    client.close()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One workload's parameters (picklable, for generator processes)."""
+
+    kind: str  # session, login, empty, bulk, bigbox
+    host: str
+    port: int
+    users: tuple[str, ...]
+    password: str
+    concurrency: int
+    duration: float
+    messages: int = 0  # the maildrop's expected message count
+    retr: bool = True
+    ops_limit: int = 0  # stop after this many sessions (0: run for ``duration``)
+
+
+@dataclass
+class LoadResult:
+    """What a load run did."""
+
+    ops: int = 0
+    bytes: int = 0
+    errors: int = 0
+    elapsed: float = 0.0
+    cpu: float = 0.0  # generator CPU seconds (user + system)
+    latencies: list[float] = field(default_factory=list)
+    first_error: str = ""
+
+    def merge(self, other: LoadResult) -> None:
+        self.ops += other.ops
+        self.bytes += other.bytes
+        self.errors += other.errors
+        self.elapsed = max(self.elapsed, other.elapsed)
+        self.cpu += other.cpu
+        self.latencies.extend(other.latencies)
+        self.first_error = self.first_error or other.first_error
+
+
+def _parse_listing(body: bytes, count: int, command: str) -> list[bytes]:
+    lines = body.split(b"\r\n")[:-1]
+    if len(lines) != count:
+        raise CheckError(f"{command}: {len(lines)} lines, expected {count}")
+    return lines
+
+
+async def session(spec: Spec, user: str) -> int:
+    """Login, STAT, LIST, UIDL, RETR each message, QUIT; return the message bytes received."""
+    client = await login(spec.host, spec.port, user, spec.password)
+    try:
+        stat = (await client.ok(b"STAT\r\n")).split()
+        count, total = int(stat[1]), int(stat[2])
+        if count != spec.messages:
+            raise CheckError(f"STAT {count} messages, expected {spec.messages}")
+        if spec.kind == "bigbox":
+            _, _, body = await client.multi(b"UIDL\r\n", keep=True)
+            if body is None:
+                raise CheckError("UIDL too long")
+            uids = {line.split()[1] for line in _parse_listing(body, count, "UIDL")}
+            if len(uids) != count:
+                raise CheckError("UIDL: duplicate unique-ids")
+            await quit_(client)
+            return 0
+        if spec.kind == "empty":
+            await quit_(client)
+            return 0
+        _, _, body = await client.multi(b"LIST\r\n", keep=True)
+        assert body is not None
+        sizes = [int(line.split()[1]) for line in _parse_listing(body, count, "LIST")]
+        if sum(sizes) != total:
+            raise CheckError(f"LIST sizes add up to {sum(sizes)}, STAT says {total}")
+        _, _, body = await client.multi(b"UIDL\r\n", keep=True)
+        assert body is not None
+        uids = {line.split()[1] for line in _parse_listing(body, count, "UIDL")}
+        if len(uids) != count:
+            raise CheckError("UIDL: duplicate unique-ids")
+        received = 0
+        if spec.retr:
+            for number, size in enumerate(sizes, 1):
+                got, _, _ = await client.multi(b"RETR %d\r\n" % number)
+                if got != size:
+                    raise CheckError(f"RETR {number}: {got} bytes, LIST said {size}")
+                received += got
+        await quit_(client)
+        return received
+    finally:
+        client.close()
+
+
+async def login_only(spec: Spec, user: str) -> int:
+    """Connect, USER/PASS, QUIT."""
+    client = await login(spec.host, spec.port, user, spec.password)
+    try:
+        await quit_(client)
+    finally:
+        client.close()
+    return 0
+
+
+async def _closed_loop(
+    spec: Spec, work: Callable[[Spec, str], Awaitable[int]], result: LoadResult
+) -> None:
+    """Run ``work`` from ``concurrency`` clients, each on a user nobody else holds."""
+    free: asyncio.Queue[str] = asyncio.Queue()
+    for user in spec.users:
+        free.put_nowait(user)
+    deadline = time.perf_counter() + spec.duration
+    busy = [0]
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            if spec.ops_limit and result.ops + result.errors + busy[0] >= spec.ops_limit:
+                return
+            user = await free.get()
+            busy[0] += 1
+            started = time.perf_counter()
+            try:
+                result.bytes += await work(spec, user)
+            except (CheckError, OSError, ValueError, IndexError) as exc:
+                result.errors += 1
+                result.first_error = result.first_error or f"{user}: {exc!r}"
+                await asyncio.sleep(0.01)
+            else:
+                result.ops += 1
+                result.latencies.append(time.perf_counter() - started)
+            finally:
+                busy[0] -= 1
+                free.put_nowait(user)
+
+    await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+
+
+async def _bulk(spec: Spec, result: LoadResult) -> None:
+    """One session, RETR 1 again and again; bytes are the unstuffed message bytes."""
+    client = await login(spec.host, spec.port, spec.users[0], spec.password)
+    _, _, body = await client.multi(b"LIST\r\n", keep=True)
+    assert body is not None
+    size = int(_parse_listing(body, spec.messages, "LIST")[0].split()[1])
+    deadline = time.perf_counter() + spec.duration
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        got, _, _ = await client.multi(b"RETR 1\r\n")
+        if got != size:
+            result.errors += 1
+            result.first_error = result.first_error or f"RETR 1: {got} bytes, LIST said {size}"
+        else:
+            result.ops += 1
+            result.bytes += got
+            result.latencies.append(time.perf_counter() - started)
+    await quit_(client)
+
+
+async def _run(spec: Spec) -> LoadResult:
+    result = LoadResult()
+    started = time.perf_counter()
+    if spec.kind == "bulk":
+        await _bulk(spec, result)
+    elif spec.kind == "login":
+        await _closed_loop(spec, login_only, result)
+    else:
+        await _closed_loop(spec, session, result)
+    result.elapsed = time.perf_counter() - started
+    return result
+
+
+def run_load(spec: Spec) -> LoadResult:
+    """Run ``spec`` in this process and return what it did, with this process's CPU time."""
+    before = os.times()
+    result = uvloop.run(_run(spec)) if uvloop is not None else asyncio.run(_run(spec))
+    after = os.times()
+    result.cpu = (after.user - before.user) + (after.system - before.system)
+    return result
+
+
+async def hold_idle(
+    host: str, port: int, users: list[str], password: str, opened: list[Client]
+) -> int:
+    """Log ``users`` in (100 at a time) and keep the connections in ``opened``; return errors."""
+    errors = 0
+    gate = asyncio.Semaphore(100)
+
+    async def one(user: str) -> None:
+        nonlocal errors
+        async with gate:
+            try:
+                opened.append(await login(host, port, user, password))
+            except (CheckError, OSError) as exc:
+                errors += 1
+                if errors == 1:
+                    print(f"  idle login {user} failed: {exc!r}", flush=True)
+
+    await asyncio.gather(*(one(user) for user in users))
+    return errors

@@ -1,0 +1,128 @@
+"""Profile pobox under one benchmark workload with py-spy, and print where the time goes.
+
+    .venv/bin/python bench/profile_server.py session|login|bulk [--duration 15] [--out DIR]
+
+It starts pobox alone on core 0 with the benchmark's data, attaches ``py-spy record`` (flame
+graph ``profile-<workload>.svg`` and collapsed stacks ``profile-<workload>.txt``), runs the
+workload from the generator core for ``--duration`` seconds, then prints the functions with
+the most samples, by self time and by inclusive time (pobox's own frames and the rest).
+py-spy slows the target a little (it samples at 100 Hz by reading memory, no signals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run
+from loadgen import Spec
+
+PY_SPY = Path(sys.executable).parent / "py-spy"
+
+
+def _spec(workload: str, settings: run.Settings, groups: dict[str, list[str]]) -> Spec:
+    if workload == "session":
+        users = tuple(groups["session"])
+        return Spec("session", run.HOST, 0, users, run.PASSWORD, 16, 0, settings.session_messages)
+    if workload == "login":
+        return Spec("login", run.HOST, 0, tuple(groups["plain"]), run.PASSWORD, 16, 0)
+    if workload == "bulk":
+        return Spec("bulk", run.HOST, 0, tuple(groups["bulk"]), run.PASSWORD, 1, 0, 1)
+    raise SystemExit(f"cannot profile {workload!r}: session, login or bulk")
+
+
+def _function(frame: str) -> str:
+    """``name (path:line)`` -> ``name (file)``: aggregate a function's lines together."""
+    name, _, where = frame.partition(" (")
+    path = where.rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(path.split('/')[-2:])})"
+
+
+def top(collapsed: Path, limit: int = 25) -> str:
+    """Summarise py-spy's collapsed stacks: self and inclusive sample shares per function."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_function(frame) for frame in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    lines = [f"{total} samples", "", "self:"]
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in own.most_common(limit)]
+    lines += ["", "inclusive:"]
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in inclusive.most_common(limit)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workload", choices=["session", "login", "bulk"])
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--out", default=str(run.ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    settings = run.Settings.make(
+        argparse.Namespace(quick=False, rounds=1, duration=args.duration, generators=1)
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.sched_setaffinity(0, run._generator_cores())
+    with run.searchable_tmpdir() as root:
+        groups = run.build_world(root, settings, [args.workload])
+        with run.run_pobox(root) as server:
+            spec = replace(_spec(args.workload, settings, groups), port=server.port)
+            kind = "session" if spec.kind == "bulk" else spec.kind
+            run.warm(server, list(spec.users), spec.messages, kind)
+            stem = out / f"profile-{args.workload}"
+            recorders = [
+                subprocess.Popen(
+                    [
+                        str(PY_SPY),
+                        "record",
+                        "--pid",
+                        str(server.pid),
+                        "--duration",
+                        str(int(args.duration)),
+                        "--format",
+                        fmt,
+                        "-o",
+                        str(path),
+                        "--nonblocking",
+                        "--gil",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for fmt, path in (
+                    ("flamegraph", stem.with_suffix(".svg")),
+                    ("raw", stem.with_suffix(".txt")),
+                )
+            ]
+            time.sleep(1.0)
+            result = run.generate(replace(spec, duration=args.duration - 1.5), 1)
+            for recorder in recorders:
+                recorder.wait()
+    rate = result.ops / result.elapsed
+    print(
+        f"{args.workload}: {rate:,.1f} ops/s, {result.bytes / result.elapsed / 1e6:,.1f} MB/s "
+        f"under py-spy, errors={result.errors}"
+    )
+    print(top(stem.with_suffix(".txt")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
