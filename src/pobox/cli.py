@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,13 @@ async def run_server(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
-    logger.info("master: pobox %s started, listening on %s", __version__, addresses)
+    loop_name = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
+    logger.info(
+        "master: pobox %s started, listening on %s (event loop %s)",
+        __version__,
+        addresses,
+        loop_name,
+    )
     await stop.wait()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     await delivery.aclose()
@@ -118,13 +124,27 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when ``event_loop`` allows and it is installed, else asyncio."""
+    if config.event_loop != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415 - optional: only the server's loop uses it
+        except ImportError:
+            if config.event_loop == "uvloop":
+                raise ConfigError("event_loop: uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the POP3 server."""
     config = load_config(args.config, _overrides(args))
     setup_logging(config)
     for warning in config.warnings:
         logger.warning("config: %s", warning)
-    asyncio.run(run_server(config))
+    run_loop(config, run_server(config))
     return 0
 
 
@@ -241,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_server(config))
+        run_loop(config, run_server(config))
     return 0
 
 

@@ -60,6 +60,7 @@ class Config:
     log_level: str = "info"
     log_path: str = ""
     trace: bool = False
+    event_loop: str = "auto"
     auth_mechanisms: str = "PLAIN LOGIN"
     apop: bool = False
     oauth_jwt_key_file: str = ""
@@ -128,6 +129,10 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
     "log_level": (str, "debug, info, warning or error (info)."),
     "log_path": (str, "File to log to; empty for standard error (the systemd journal)."),
     "trace": (bool, "Log the C:/S: dialogue of every session, passwords masked (false)."),
+    "event_loop": (
+        str,
+        "auto (uvloop if installed, the default), uvloop, or asyncio (the standard loop).",
+    ),
     "auth_mechanisms": (
         str,
         "SASL mechanisms AUTH offers, space-separated (Dovecot auth_mechanisms): PLAIN LOGIN "
@@ -400,6 +405,8 @@ def _validate(config: Config) -> Config:
     for key in ("max_message_size", "quota_bytes", "quota_messages"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}: must not be negative")
+    if config.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"event_loop: {config.event_loop!r} is not auto, uvloop or asyncio")
     if config.max_bad_commands < 1:
         raise ConfigError("max_bad_commands: must be at least 1")
     _validate_security(config)

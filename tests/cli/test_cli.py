@@ -80,6 +80,7 @@ class TestDemo:
             code, err = await stop(proc)
         assert 0 == code, err
         assert b"Login: user=<demo>" in err
+        assert b"(event loop uvloop)" in err  # event_loop = "auto" picks uvloop when installed
         assert 2 == len(list((tmp_path / "demo" / "mail" / "demo" / "new").iterdir())) + len(
             list((tmp_path / "demo" / "mail" / "demo" / "cur").iterdir())
         )

@@ -79,6 +79,12 @@ class TestBuildConfig:
         config = build_config({"idle_timeout": 5})
         assert ("idle_timeout: 5 s is below the 600 s RFC 1939 requires",) == config.warnings
 
+    def test_event_loop_choice(self) -> None:
+        """event_loop takes auto, uvloop or asyncio, nothing else."""
+        assert "asyncio" == build_config({"event_loop": "asyncio"}).event_loop
+        with pytest.raises(ConfigError, match=r"^event_loop: "):
+            build_config({"event_loop": "trio"})
+
     def test_zero_timeout_refused(self) -> None:
         """A zero timeout would close every session at once: refused."""
         with pytest.raises(ConfigError, match=r"^login_timeout: "):

@@ -61,7 +61,10 @@ class MessageEncoder:
             chunk = chunk[:-1]
             self._pending_cr = True
         if b"\n" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if b"\r" in chunk:
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            else:  # the usual Maildir file: LF only, one pass instead of two
+                chunk = chunk.replace(b"\n", b"\r\n")
         return chunk
 
     def stuff(self, data: bytes) -> bytes:
