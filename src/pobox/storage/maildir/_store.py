@@ -5,7 +5,10 @@ Theory of operation
 
 *Finding the maildir.* The user's ``mail`` field (Dovecot's ``userdb_mail``) or else the
 store's location template gives the path (:mod:`._location`). A maildir that does not exist
-is created (``cur``, ``new``, ``tmp``, mode 0700) and opened empty.
+is created (``cur``, ``new``, ``tmp``, mode 0700) and opened empty. Opening tries the existing
+maildir first and creates directories only when that fails with ``ENOENT``: a login to an
+existing maildir makes no ``mkdir`` call (``tmp/`` alone, which reading never needs, is
+created again if missing when the store first sees the maildir).
 
 *Opening.* With ``lock=True`` the session first takes ``<maildir>/pobox.lock`` (see
 :class:`._fs.SessionLock`); a second session gets :class:`~pobox.storage.base.MaildropLocked`.
@@ -36,6 +39,19 @@ by that number, as in Dovecot. A message's key is its base name (the file name w
 ``:2,<flags>`` part), so a message whose flags change or that moves from ``new/`` to ``cur/``
 after the snapshot is found again by listing the directories once more.
 
+*The snapshot cache.* Parsing a large index at every login costs more than anything else
+in it, so the store keeps, per maildir, the reconciled index and the snapshot of its last open
+(in memory, for the most recently used maildirs). The index is parsed again only if its file
+changed: another ``(st_ino, st_mtime_ns, st_size)`` (pobox replaces the file, so it gets a
+new inode; a delivery appends to it, so it grows), and then only the appended lines if the
+file is the cached one, byte for byte (BLAKE2b), with lines added. The directories are listed
+again unless the ``mtime`` of ``new/`` and of ``cur/`` are those of the cached snapshot *and*
+were more than a second older than the start of that listing: any delivery, rename (``new/``
+to ``cur/``, a flag change) or unlink since then changed one of them, while a change made
+within the same tick of the filesystem clock as an earlier one would not show, so recent
+``mtime`` values are not trusted (Dovecot does the same for its ``cur/``). Everything is
+checked under the index lock.
+
 *Without an index* (``index=False``), nothing is written but the directories and the lock:
 each open computes sizes afresh (reading files that lack ``,W=``), orders messages by delivery
 time, and uses the SHA-256 of the base name as UIDL. These UIDLs are stable and never reused
@@ -49,10 +65,13 @@ May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,12 +128,64 @@ UIDVALIDITY_NAME = "pobox-uidvalidity"
 #: new/ to cur/ while we list is seen in at least one of them.
 _MESSAGE_DIRS = ("new", "cur")
 _ALL_DIRS = ("cur", "new", "tmp")
+#: How many maildirs the snapshot cache of a store remembers.
+_CACHE_CAPACITY = 256
+#: A directory mtime is trusted only if it was this much older than the cached listing.
+_MTIME_SLACK_NS = 1_000_000_000
 #: The user location templates are checked with when a store is built.
 _PROBE_USER = ("user@example.org", "/home/user")
 
 #: Where a message file was seen: (subdirectory, file name).
 _Location = tuple[str, str]
+#: What tells whether the index file changed: (st_ino, st_mtime_ns, st_size).
+_FileKey = tuple[int, int, int]
 _T = TypeVar("_T")
+
+
+@dataclass(slots=True, frozen=True)
+class _Cached:
+    """A maildir's reconciled index and snapshot, as the last open left them.
+
+    Nothing here is mutated once cached: users copy ``uidlist.entries`` and ``files``.
+    """
+
+    #: The index file the uidlist was read from or written to.
+    index_key: _FileKey
+    #: The BLAKE2b digest of that file's bytes (to recognize an append to it).
+    index_digest: bytes
+    #: The reconciled index; every entry has its size.
+    uidlist: UidList
+    #: ``st_mtime_ns`` of ``new/`` and ``cur/``, taken before the listing.
+    dir_mtimes: tuple[int, int]
+    #: ``time.time_ns()`` just before the directories were looked at.
+    scanned_ns: int
+    messages: tuple[MessageInfo, ...]
+    files: dict[str, _Location]
+
+
+class _SnapshotCache:
+    """The last :class:`_Cached` of each of the most recently opened maildirs (thread-safe)."""
+
+    def __init__(self, capacity: int = _CACHE_CAPACITY) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[Path, _Cached] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, root: Path) -> _Cached | None:
+        """Return what is cached for ``root``, if anything."""
+        with self._lock:
+            cached = self._entries.get(root)
+            if cached is not None:
+                self._entries.move_to_end(root)
+            return cached
+
+    def put(self, root: Path, cached: _Cached) -> None:
+        """Remember ``cached`` for ``root``, forgetting the least recently used if full."""
+        with self._lock:
+            self._entries[root] = cached
+            self._entries.move_to_end(root)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -150,6 +221,7 @@ class MaildirStore:
             msg = f"storage location: {exc}"
             raise ConfigError(msg) from exc
         self._index = index
+        self._cache = _SnapshotCache()
 
     def maildir_path(self, user: MailUser) -> Path:
         """Return the path of ``user``'s maildir.
@@ -177,12 +249,13 @@ class MaildirStore:
         """
         root = self.maildir_path(user)
         opened = await _owned_in_thread(
-            functools.partial(_open_maildrop, root, lock, self._index), _release_opened
+            functools.partial(_open_maildrop, root, lock, self._index, self._cache),
+            _release_opened,
         )
         return MaildirMaildrop(opened)
 
     async def aclose(self) -> None:
-        """Do nothing: the store keeps no resources between sessions."""
+        """Do nothing: the store keeps no resources between sessions (only memory)."""
 
 
 class MaildirMaildrop:
@@ -343,14 +416,26 @@ def _close_opened_message(opened: tuple[BinaryIO | None, bytes, Path]) -> None:
         handle.close()
 
 
-def _open_maildrop(root: Path, lock: bool, indexed: bool) -> _Opened:
-    """Create the maildir if needed, lock it, take the snapshot (in a worker thread)."""
+def _open_maildrop(root: Path, lock: bool, indexed: bool, cache: _SnapshotCache) -> _Opened:
+    """Lock the maildir, take the snapshot, creating the maildir if needed (in a worker thread)."""
+    try:
+        return _open_existing(root, lock, indexed, cache)
+    except StorageError as exc:
+        if not isinstance(exc.__cause__, FileNotFoundError):
+            raise
     _ensure_maildir(root)
+    return _open_existing(root, lock, indexed, cache)
+
+
+def _open_existing(root: Path, lock: bool, indexed: bool, cache: _SnapshotCache) -> _Opened:
+    """Lock the maildir and take the snapshot; ``ENOENT`` if a directory is missing."""
     session_lock = SessionLock(root / LOCK_NAME) if lock else None
     try:
         if indexed:
-            messages, files = _indexed_snapshot(root)
+            messages, files = _indexed_snapshot(root, cache)
         else:
+            if cache.get(root) is None:
+                _ensure_tmp(root)
             messages, files = _unindexed_snapshot(root)
     except BaseException:
         if session_lock is not None:
@@ -366,10 +451,38 @@ def _ensure_maildir(root: Path) -> None:
             os.makedirs(directory, mode=0o700, exist_ok=True)
 
 
-def _indexed_snapshot(root: Path) -> tuple[tuple[MessageInfo, ...], dict[str, _Location]]:
-    """Reconcile the index with the directories; return the snapshot and file locations."""
+def _ensure_tmp(root: Path) -> None:
+    """Create ``tmp/`` if missing (mode 0700), where deliveries write."""
+    path = root / "tmp"
+    with os_errors("create maildir directory", path), contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+
+
+def _indexed_snapshot(
+    root: Path, cache: _SnapshotCache
+) -> tuple[tuple[MessageInfo, ...], dict[str, _Location]]:
+    """Reconcile the index with the directories; return the snapshot and file locations.
+
+    Uses and updates the store's cache (see the module documentation).
+    """
     with held_lock(root / INDEX_LOCK_NAME):
-        uidlist, dirty = _load_index(root)
+        cached = cache.get(root)
+        index_key = _file_key(root / INDEX_NAME)
+        scanned_ns = time.time_ns()
+        dir_mtimes = _dir_mtimes(root)
+        if cached is not None and index_key == cached.index_key:
+            if dir_mtimes == cached.dir_mtimes and (
+                max(dir_mtimes) < cached.scanned_ns - _MTIME_SLACK_NS
+            ):
+                return cached.messages, dict(cached.files)
+            old = cached.uidlist
+            uidlist = UidList(old.uidvalidity, old.next_uid, dict(old.entries))
+            dirty = False
+            digest = cached.index_digest
+        else:
+            if cached is None:
+                _ensure_tmp(root)
+            uidlist, dirty, index_key, digest = _load_index(root, cached)
         files = _list_messages(root)
         missing = [base for base in uidlist.entries if base not in files]
         if missing:
@@ -393,13 +506,73 @@ def _indexed_snapshot(root: Path) -> tuple[tuple[MessageInfo, ...], dict[str, _L
                 dirty = True
         if dirty:
             text = format_pobox_uidlist(uidlist)
-            replace_file(root / INDEX_NAME, text.encode("utf-8", "surrogateescape"))
-    ordered = sorted(uidlist.entries.items(), key=lambda item: _listing_order(item[1]))
-    messages = tuple(
-        MessageInfo(key=base, size=_known(entry.size), uidl=uidlist.uidl(entry))
-        for base, entry in ordered
-    )
+            raw = text.encode("utf-8", "surrogateescape")
+            replace_file(root / INDEX_NAME, raw)
+            index_key = _file_key(root / INDEX_NAME)
+            digest = _digest(raw)
+        messages = _snapshot_messages(uidlist, cached)
+        if index_key is not None:
+            cache.put(
+                root,
+                _Cached(
+                    index_key=index_key,
+                    index_digest=digest,
+                    uidlist=uidlist,
+                    dir_mtimes=dir_mtimes,
+                    scanned_ns=scanned_ns,
+                    messages=messages,
+                    files=dict(files),
+                ),
+            )
     return messages, files
+
+
+def _file_key(path: Path) -> _FileKey | None:
+    """Return what identifies this version of a file, ``None`` if it does not exist."""
+    with os_errors("stat", path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _dir_mtimes(root: Path) -> tuple[int, int]:
+    """Return ``st_mtime_ns`` of ``new/`` and ``cur/`` (``ENOENT`` if one is missing)."""
+    new, cur = (root / directory for directory in _MESSAGE_DIRS)
+    with os_errors("stat", new):
+        new_mtime = os.stat(new).st_mtime_ns
+    with os_errors("stat", cur):
+        cur_mtime = os.stat(cur).st_mtime_ns
+    return new_mtime, cur_mtime
+
+
+def _snapshot_messages(uidlist: UidList, cached: _Cached | None) -> tuple[MessageInfo, ...]:
+    """Return the messages of ``uidlist`` in listing order.
+
+    The cached snapshot is reused when it can be: the messages whose index entries are the
+    cached ones (the very objects) keep their place, and messages added since, if they all have
+    UIDs above the cached ones and no POP3 order number, follow in UID order.
+    """
+    if cached is not None and cached.uidlist.uidvalidity == uidlist.uidvalidity:
+        old = cached.uidlist
+        entries = uidlist.entries
+        kept = [info for info in cached.messages if entries.get(info.key) is old.entries[info.key]]
+        added = [item for item in entries.items() if old.entries.get(item[0]) is not item[1]]
+        if all(entry.order is None and entry.uid >= old.next_uid for _, entry in added):
+            added.sort(key=lambda item: item[1].uid)
+            return (*kept, *_infos(uidlist, added))
+    return _infos(
+        uidlist, sorted(uidlist.entries.items(), key=lambda item: _listing_order(item[1]))
+    )
+
+
+def _infos(uidlist: UidList, items: Sequence[tuple[str, IndexEntry]]) -> tuple[MessageInfo, ...]:
+    """Return the :class:`MessageInfo` of index entries, in the order given."""
+    return tuple(
+        MessageInfo(key=base, size=_known(entry.size), uidl=uidlist.uidl(entry))
+        for base, entry in items
+    )
 
 
 def _listing_order(entry: IndexEntry) -> tuple[bool, int, int]:
@@ -413,27 +586,82 @@ def _known(size: int | None) -> int:
     return size
 
 
-def _load_index(root: Path) -> tuple[UidList, bool]:
-    """Return the index, and whether it must be written back.
+def _load_index(root: Path, cached: _Cached | None) -> tuple[UidList, bool, _FileKey | None, bytes]:
+    """Return the index, whether it must be written back, the key and digest of the file read.
+
+    When the file is the cached one with lines appended (by a delivery), only those are parsed.
 
     Falls back to importing ``dovecot-uidlist`` when pobox has no index yet, and to a fresh
     index (new UIDVALIDITY) when neither exists or pobox's own is unusable. A stale
     ``dovecot-uidlist`` is never imported over an unusable pobox index: pobox may have handed
     out UIDs above its ``N`` since.
     """
-    text = _read_text(root / INDEX_NAME)
-    if text is not None:
-        parsed = parse_pobox_uidlist(text)
+    read = _read_index(root / INDEX_NAME)
+    if read is not None:
+        raw, key = read
+        digest = _digest(raw)
+        if cached is not None:
+            appended = _with_appended(cached, raw, key)
+            if appended is not None:
+                return appended, False, key, digest
+        parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
         if parsed is None:
-            return _fresh_index(root), True
+            return _fresh_index(root), True, None, b""
         uidlist, clean = parsed
-        return uidlist, not clean
+        return uidlist, not clean, key, digest
     dovecot = _read_text(root / DOVECOT_UIDLIST_NAME)
     if dovecot is not None:
         imported = parse_dovecot_uidlist(dovecot)
         if imported is not None:
-            return imported, True
-    return _fresh_index(root), True
+            return imported, True, None, b""
+    return _fresh_index(root), True, None, b""
+
+
+def _with_appended(cached: _Cached, raw: bytes, key: _FileKey) -> UidList | None:
+    """Return the cached index plus the lines appended to its file since, if that is all.
+
+    Returns ``None`` (parse the whole file) unless the file is the cached one (same inode, same
+    bytes up to the cached size, which ended a line) with clean lines appended, each for a
+    message the index does not know, with a UID not handed out yet.
+    """
+    old_size = cached.index_key[2]
+    if (
+        key[0] != cached.index_key[0]
+        or len(raw) <= old_size
+        or raw[old_size - 1 : old_size] != b"\n"
+    ):
+        return None
+    if _digest(raw[:old_size]) != cached.index_digest:
+        return None
+    old = cached.uidlist
+    header = f"pobox-uidlist 1 V{old.uidvalidity} N{old.next_uid}\n"
+    parsed = parse_pobox_uidlist(header + raw[old_size:].decode("utf-8", "surrogateescape"))
+    if parsed is None or not parsed[1]:
+        return None
+    tail = parsed[0].entries
+    if any(entry.uid < old.next_uid or base in old.entries for base, entry in tail.items()):
+        return None
+    entries = dict(old.entries)
+    entries.update(tail)
+    return UidList(old.uidvalidity, parsed[0].next_uid, entries)
+
+
+def _digest(raw: bytes) -> bytes:
+    """Return the digest that recognizes a version of the index file."""
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _read_index(path: Path) -> tuple[bytes, _FileKey] | None:
+    """Return the index's bytes and the key of the file read, ``None`` if it does not exist."""
+    with os_errors("read", path):
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            return None
+        with handle:
+            st = os.fstat(handle.fileno())
+            data = handle.read()
+    return data, (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _fresh_index(root: Path) -> UidList:
