@@ -301,8 +301,11 @@ class Session:
 
     async def _read(self) -> bytes | None:
         """Read what the client sent; ``None`` on the inactivity timeout."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for wraps each read in a new Task,
+        # which was ~16% of a session's CPU in the benchmark profile.
         try:
-            return await asyncio.wait_for(self.reader.read(READ_SIZE), self._timeout())
+            async with asyncio.timeout(self._timeout()):
+                return await self.reader.read(READ_SIZE)
         except TimeoutError:
             return None
 
@@ -310,7 +313,8 @@ class Session:
         data = self.conn.data_to_send()
         if data:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), self._timeout())
+            async with asyncio.timeout(self._timeout()):
+                await self.writer.drain()
 
     # ----------------------------------------------------------------- events
 
