@@ -17,8 +17,9 @@ import contextlib
 import dataclasses
 import logging
 import socket
-from typing import Final
+from typing import Any, Final
 
+from pobox.config import Listen
 from pobox.errors import ConfigError
 from pobox.server._session import Session, SessionContext
 from pobox.tls import ServerTls
@@ -80,35 +81,31 @@ class Pop3Server:
             OSError: an address cannot be bound (in use, not permitted).
         """
         for listen in self.ctx.config.listen:
-            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-            server = await asyncio.start_server(
-                self._handle,
-                listen.host,
-                listen.port,
-                family=family,
-                reuse_address=True,
-                backlog=1024,
-            )
-            self._servers.append(server)
+            self._servers.append(await self._bind(listen))
         tls = self.ctx.tls
         for listen in self.ctx.config.ssl_listen:
             assert tls is not None  # config validation: ssl_listen needs ssl_cert
-            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-            server = await asyncio.start_server(
-                self._handle,
-                listen.host,
-                listen.port,
-                family=family,
-                reuse_address=True,
-                backlog=1024,
-                ssl=tls.context,
-                ssl_handshake_timeout=self.ctx.config.login_timeout,
+            server = await self._bind(
+                listen, ssl=tls.context, ssl_handshake_timeout=self.ctx.config.login_timeout
             )
             self._ssl_servers.append(server)
         for host, port in self.addresses:
             logger.info("master: Listening for POP3 on %s:%d", host, port)
         for host, port in self.ssl_addresses:
             logger.info("master: Listening for POP3S (implicit TLS) on %s:%d", host, port)
+
+    async def _bind(self, listen: Listen, **tls: Any) -> asyncio.Server:  # noqa: ANN401
+        """Listen on one address; ``tls`` holds ``ssl`` and its handshake timeout, if any."""
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        return await asyncio.start_server(
+            self._handle,
+            listen.host,
+            listen.port,
+            family=family,
+            reuse_address=True,
+            backlog=1024,
+            **tls,
+        )
 
     def reload_tls(self) -> bool:
         """Re-read the certificates (SIGHUP); open sessions keep theirs.
