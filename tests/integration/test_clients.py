@@ -11,13 +11,13 @@ import os
 import poplib
 import pwd
 import random
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from pobox.testing import RunningServer
+from tests.helpers import need
 from tests.helpers.dovecot import searchable_tmpdir
 
 MESSAGES = [
@@ -33,14 +33,6 @@ def lf(data: bytes) -> bytes:
     """A message as clients store it: LF line ends, ending in a line end."""
     data = data.replace(b"\r\n", b"\n")
     return data if data.endswith(b"\n") else data + b"\n"
-
-
-def need(tool: str) -> str:
-    """Return the path of ``tool``; fail (never skip) when it is missing."""
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} is not installed: run scripts/install-deps --test")
-    return path
 
 
 async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) -> bytes:

@@ -19,7 +19,7 @@ import jwt
 import pytest
 
 from pobox.testing import RunningServer, running_server
-from tests.integration.test_clients import need
+from tests.helpers import need
 from tests.integration.wire import Wire
 
 MECHS = "PLAIN LOGIN CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256"

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import trustme
 
 from pobox.testing import RunningServer
@@ -50,14 +48,6 @@ class Pki:
     def settings(self) -> dict[str, str]:
         """The ``ssl_cert``/``ssl_key`` config keys for this certificate."""
         return {"ssl_cert": str(self.cert_pem), "ssl_key": str(self.key_pem)}
-
-
-def need(tool: str) -> str:
-    """Return the path of ``tool``; fail (never skip) when it is missing."""
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} is not installed: run scripts/install-deps --test")
-    return path
 
 
 async def run(

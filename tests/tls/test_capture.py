@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from pobox.testing import RunningServer, running_server
+from tests.helpers import need
 from tests.integration.wire import Wire
 
-from .helpers import Pki, need
+from .helpers import Pki
 
 PASSWORD = b"Tr0ub4dor&3-pobox-capture"
 MARKER = b"XMARKER-end-of-capture"

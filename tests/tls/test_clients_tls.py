@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from pobox.testing import RunningServer, running_server
+from tests.helpers import need
 from tests.integration.wire import Wire
 
-from .helpers import Pki, der_of_pem, need, run, ssl_port
+from .helpers import Pki, der_of_pem, run, ssl_port
 
 MESSAGE = b"From: a@example.test\nSubject: over TLS\n\nsecret contents\n"
 
