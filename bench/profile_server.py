@@ -1,6 +1,7 @@
 """Profile pobox under one benchmark workload with py-spy, and print where the time goes.
 
-    .venv/bin/python bench/profile_server.py session|login|bulk [--duration 15] [--out DIR]
+    .venv/bin/python bench/profile_server.py session|login|bulk [--duration 15] [--clients 16]
+        [--out DIR]
 
 It starts pobox alone on core 0 with the benchmark's data, attaches ``py-spy record`` (flame
 graph ``profile-<workload>.svg`` and collapsed stacks ``profile-<workload>.txt``), runs the
@@ -28,12 +29,16 @@ from loadgen import Spec
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
 
-def _spec(workload: str, settings: run.Settings, groups: dict[str, list[str]]) -> Spec:
+def _spec(
+    workload: str, settings: run.Settings, groups: dict[str, list[str]], clients: int
+) -> Spec:
     if workload == "session":
         users = tuple(groups["session"])
-        return Spec("session", run.HOST, 0, users, run.PASSWORD, 16, 0, settings.session_messages)
+        return Spec(
+            "session", run.HOST, 0, users, run.PASSWORD, clients, 0, settings.session_messages
+        )
     if workload == "login":
-        return Spec("login", run.HOST, 0, tuple(groups["plain"]), run.PASSWORD, 16, 0)
+        return Spec("login", run.HOST, 0, tuple(groups["plain"]), run.PASSWORD, clients, 0)
     if workload == "bulk":
         return Spec("bulk", run.HOST, 0, tuple(groups["bulk"]), run.PASSWORD, 1, 0, 1)
     raise SystemExit(f"cannot profile {workload!r}: session, login or bulk")
@@ -73,6 +78,7 @@ def main() -> int:
     parser.add_argument("workload", choices=["session", "login", "bulk"])
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--out", default=str(run.ROOT / "bench" / "results"))
+    parser.add_argument("--clients", type=int, default=16, help="session/login clients (16)")
     args = parser.parse_args()
     settings = run.Settings.make(
         argparse.Namespace(quick=False, rounds=1, duration=args.duration, generators=1)
@@ -83,7 +89,7 @@ def main() -> int:
     with run.searchable_tmpdir() as root:
         groups = run.build_world(root, settings, [args.workload])
         with run.run_pobox(root) as server:
-            spec = replace(_spec(args.workload, settings, groups), port=server.port)
+            spec = replace(_spec(args.workload, settings, groups, args.clients), port=server.port)
             kind = "session" if spec.kind == "bulk" else spec.kind
             run.warm(server, list(spec.users), spec.messages, kind)
             stem = out / f"profile-{args.workload}"

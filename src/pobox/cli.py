@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import getpass
 import logging
 import os
@@ -35,6 +36,7 @@ from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
 from pobox.log import setup_logging
 from pobox.server import Pop3Server, SessionContext, drop_privileges
+from pobox.server._limits import raise_open_file_limit
 from pobox.server._throttle import LoginThrottle
 from pobox.storage.maildir import MaildirStore
 
@@ -55,7 +57,7 @@ def build_context(config: Config) -> SessionContext:
         authenticator=PasswdFileAuthenticator(
             config.passwd_file, default_scheme=config.default_pass_scheme
         ),
-        store=MaildirStore(config.mail_location),
+        store=MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max),
         throttle=LoginThrottle(
             delay=config.auth_failure_delay,
             delay_max=config.auth_failure_delay_max,
@@ -73,6 +75,7 @@ async def run_server(config: Config) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down cleanly."""
     if not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
+    raise_open_file_limit(config)  # while still root: the hard limit may rise too
     server = Pop3Server(build_context(config))
     await server.start()
     delivery = DeliveryServer(
@@ -106,6 +109,9 @@ async def run_server(config: Config) -> None:
         addresses,
         loop_name,
     )
+    # Everything allocated so far (modules, config, the passwd-file) lives as long as the
+    # process: keep it out of the cyclic garbage collector's full passes.
+    gc.freeze()
     await stop.wait()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     await delivery.aclose()

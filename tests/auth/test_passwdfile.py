@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -154,6 +157,30 @@ class TestAuthenticate:
             await db.authenticate("alice", b"secret"),
             await db.authenticate("alice", b"Secret"),
         )
+
+    async def test_costly_checks_run_one_per_cpu_at_a_time(self, users, monkeypatch):
+        """Concurrent SHA512-CRYPT checks run at most one per usable CPU at a time."""
+        running, most = [0], [0]
+        lock = threading.Lock()
+        real_verify = passwdfile.verify
+
+        def counting_verify(*args, **kwargs):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(0.02)  # long enough for the other logins to pile up
+                return real_verify(*args, **kwargs)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        monkeypatch.setattr(passwdfile, "verify", counting_verify)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        db = users(f"alice:{SHA512_CRYPT}\nbob:{{PLAIN}}pw\n")
+        results = await asyncio.gather(*(db.authenticate("alice", b"secret") for _ in range(6)))
+        assert [User(name="alice")] * 6 == results
+        assert 2 == most[0]
 
     async def test_unknown_user_spends_a_verification(self, users, monkeypatch):
         """An unknown user returns None after verifying against the file's commonest scheme."""

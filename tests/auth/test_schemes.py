@@ -10,7 +10,11 @@ import subprocess
 
 import argon2
 import bcrypt
+import nacl.exceptions
+import nacl.pwhash
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pobox.auth import schemes
 from pobox.auth.schemes import (
@@ -37,6 +41,10 @@ ARGON2ID = (
     "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$rw1oNoxEAdo68J8huXfoHA$RfaM74vwS5kjw0vjEO9COMrYrkd"
     "CDpxYCGaDcs7yKPE"
 )
+ARGON2I = (
+    "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$qfz6oIH2bmoRsYMj/rs49g$QrgwyNybM25WpoCzyxUtQJaTXFpgF"
+    "G5TlgWEwoOC9IE"
+)
 SCRAM_SHA_1 = (
     "{SCRAM-SHA-1}4096,24rGd1UW6O2LGKEdHrmHLg==,NBqNPvVzqNXdMvtyxIMsq50+9Xk=,"
     "nG14w6hlA7ZHi28E985vZbzN96U="
@@ -56,8 +64,7 @@ DOVEADM_SECRET = [
     "{CRYPT}$2y$05$9ECo4QnMKCVEXAPHdrDIReuD2L22vnHyJ9OmvgkmgkxDfqPj3nT2q",
     "{DES-CRYPT}L5cgLz8pwXVFE",
     "{CRYPT}L5cgLz8pwXVFE",
-    "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$qfz6oIH2bmoRsYMj/rs49g$QrgwyNybM25WpoCzyxUtQJaTXFpgF"
-    "G5TlgWEwoOC9IE",
+    ARGON2I,
     ARGON2ID,
     "{SSHA}6+6Th/f6wR1aQ/WNqqBLaJlRHzzrxlFW",
     "{SSHA256}E3QFC7YTfdwMRPNecJwbVbhFYFd7xuFAuSvUpUjYMeqvgAe4",
@@ -177,6 +184,22 @@ class TestVerify:
             "{BLF-CRYPT}$2y$99$/mwp77iVnXkLa3HixlYPTuD0ukvRa1ravvv5zHTTczRX8D8Ro6oki",
             "{BLF-CRYPT}$2y$05$short",
             "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$garbage",
+            "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$rw1oNoxEAdo68J8huXfoHA$RfaM74vwS5kjw0vjEO9COM",
+            "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$rw1oNoxEAdo68J8huXfoHA==$RfaM74vwS5kjw0vjEO9COMr"
+            "YrkdCDpxYCGaDcs7yKPE",
+            "{ARGON2ID}$argon2id$v=19$m=065536,t=3,p=1$rw1oNoxEAdo68J8huXfoHA$RfaM74vwS5kjw0vjEO9COMrY"
+            "rkdCDpxYCGaDcs7yKPE",
+            "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=0$rw1oNoxEAdo68J8huXfoHA$RfaM74vwS5kjw0vjEO9COMrYr"
+            "kdCDpxYCGaDcs7yKPE",
+            "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$rw1oNoxEAdo68J8huXfoHA$RfaM74vwS5kjw0vjEO9COMrYr"
+            "kdCDpxYCGaDcs7yKPE\n",
+            "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$qfz6oIH2bmoRsYMj/rs49g$QrgwyNybM25WpoCzyxUtQJaTXFp"
+            "gFG5TlgWEwoOC9I",
+            "{ARGON2I}$argon2i$v=19$m=1,t=4,p=1$qfz6oIH2bmoRsYMj/rs49g$QrgwyNybM25WpoCzyxUtQJaTXFpgFG5"
+            "TlgWEwoOC9IE",
+            "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$qfz6oIH2bmoRsYMj/rs49g$QrgwyNybM25WpoCzyxUtQJaTXFp"
+            "gFG5TlgWEwoOC9IE$",
+            "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$é$QrgwyNybM25WpoCzyxUtQJaTXFpgFG5TlgWEwoOC9IE",
             "{PBKDF2}$1$Z0V2Te63fWHVnx.f$0$290bc91443122772360fb5ab2969d179a6277406",
             "{PBKDF2}$1$Z0V2Te63fWHVnx.f$-5$290bc91443122772360fb5ab2969d179a6277406",
             "{PBKDF2}$2$Z0V2Te63fWHVnx.f$5000$290bc91443122772360fb5ab2969d179a6277406",
@@ -190,6 +213,121 @@ class TestVerify:
     def test_malformed_stored_password_is_no_match(self, stored):
         """A malformed or unknown stored password returns False and raises nothing."""
         assert False is verify(stored, b"secret")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record which library each argon2 verification reaches; both still do the real work."""
+    record = []
+    for name in ("_sodium_verify", "_cffi_verify"):
+        real = getattr(schemes, name)
+
+        def spy(*args, _real=real, _name=name):
+            record.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(schemes, name, spy)
+    return record
+
+
+class TestArgon2Verify:
+    """ARGON2ID/ARGON2I go through libsodium, as in Dovecot, and argon2-cffi only for the rest."""
+
+    @staticmethod
+    def made(version=19, hash_len=32, parallelism=1, kind=argon2.Type.ID):
+        """Return a cheap {ARGON2ID} or {ARGON2I} hash of "secret" made by argon2-cffi."""
+        encoded = argon2.low_level.hash_secret(
+            b"secret",
+            b"pobox salt 16 B.",
+            time_cost=1,
+            memory_cost=64,
+            parallelism=parallelism,
+            hash_len=hash_len,
+            type=kind,
+            version=version,
+        ).decode("ascii")
+        return ("{ARGON2ID}" if kind is argon2.Type.ID else "{ARGON2I}") + encoded
+
+    @pytest.mark.parametrize("stored", [ARGON2ID, ARGON2I])
+    def test_doveadm_hash_goes_to_libsodium(self, calls, stored):
+        """A doveadm ARGON2ID/ARGON2I hash is checked by libsodium alone, right or wrong."""
+        assert ((True, False), ["_sodium_verify", "_sodium_verify"]) == (
+            (verify(stored, b"secret"), verify(stored, b"Secret")),
+            calls,
+        )
+
+    @pytest.mark.parametrize("parallelism", [2, 4])
+    def test_parallel_lanes_go_to_libsodium(self, calls, parallelism):
+        """libsodium takes p>1 (it computes the lanes in turn), so argon2-cffi is not needed."""
+        stored = self.made(parallelism=parallelism)
+        assert ((True, False), ["_sodium_verify", "_sodium_verify"]) == (
+            (verify(stored, b"secret"), verify(stored, b"Secret")),
+            calls,
+        )
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"version": 16},
+            {"version": 16, "kind": argon2.Type.I},
+            {"hash_len": 12},
+            {"hash_len": 64},
+        ],
+        ids=["v16", "v16-argon2i", "short-hash", "over-127-chars"],
+    )
+    def test_hash_libsodium_refuses_goes_to_argon2_cffi(self, calls, options):
+        """v=16, under 16 bytes of hash, or over 127 characters: argon2-cffi checks it alone."""
+        stored = self.made(**options)
+        assert ((True, False), ["_cffi_verify", "_cffi_verify"]) == (
+            (verify(stored, b"secret"), verify(stored, b"Secret")),
+            calls,
+        )
+
+    @pytest.mark.parametrize(
+        "options", [{"version": 16}, {"hash_len": 12}], ids=["v16", "short-hash"]
+    )
+    def test_libsodium_does_refuse_the_fallback_hashes(self, options):
+        """The fallback is needed: libsodium says no to these hashes even for the password."""
+        encoded = self.made(**options).partition("}")[2].encode("ascii")
+        with pytest.raises(nacl.exceptions.InvalidkeyError):
+            nacl.pwhash.argon2id.verify(encoded, b"secret")
+
+    def test_malformed_hash_in_libsodium_form_is_no_match(self, calls):
+        """A hash of the right shape that libsodium cannot decode is no match, and no error."""
+        stored = ARGON2ID[:-1] + "F"  # sets a padding bit of the last base64 digit
+        assert (False, ["_sodium_verify"]) == (verify(stored, b"secret"), calls)
+
+    def test_malformed_hash_outside_libsodium_form_is_no_match(self, calls):
+        """A hash no library reads is no match, and no error, after argon2-cffi says so."""
+        stored = ARGON2ID.replace("p=1", "p=1,keyid=AAAA")
+        assert (False, ["_cffi_verify"]) == (verify(stored, b"secret"), calls)
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        password=st.binary(min_size=1, max_size=40).filter(lambda p: b"\0" not in p),
+        kind=st.sampled_from([argon2.Type.ID, argon2.Type.I]),
+        version=st.sampled_from([16, 19]),
+        time_cost=st.integers(1, 3),
+        parallelism=st.integers(1, 4),
+        salt=st.binary(min_size=8, max_size=48),
+        hash_len=st.integers(4, 80),
+    )
+    def test_every_argon2_cffi_hash_verifies(
+        self, password, kind, version, time_cost, parallelism, salt, hash_len
+    ):
+        """Whichever library checks it, an argon2-cffi hash takes its password and only it."""
+        encoded = argon2.low_level.hash_secret(
+            password,
+            salt,
+            time_cost=time_cost,
+            memory_cost=8 * parallelism,
+            parallelism=parallelism,
+            hash_len=hash_len,
+            type=kind,
+            version=version,
+        ).decode("ascii")
+        stored = ("{ARGON2ID}" if kind is argon2.Type.ID else "{ARGON2I}") + encoded
+        assert (True, False) == (verify(stored, password), verify(stored, password + b"x"))
 
 
 class TestHashPassword:
@@ -318,6 +456,34 @@ class TestIdentifyScheme:
     def test_identify(self, expected, stored, default):
         """The prefix names the scheme; without one, the default (or $1$) does."""
         assert expected == identify_scheme(stored, default_scheme=default)
+
+
+class TestIsCheap:
+    """is_cheap() tells single-digest schemes from iterated ones."""
+
+    @pytest.mark.parametrize(
+        ("expected", "stored", "default"),
+        [
+            (True, "{PLAIN}secret", "CRYPT"),
+            (True, "secret", "PLAIN"),
+            (True, "{CLEARTEXT}secret", "CRYPT"),
+            (True, "{SSHA256}AAAA", "CRYPT"),
+            (True, "{CRAM-MD5}00", "CRYPT"),
+            (True, "{MD5}5ebe2294ecd0e0f08eab7690d2a6ee69", "CRYPT"),
+            (False, "{MD5}$1$salt$hash", "CRYPT"),
+            (False, "$1$salt$hash", "PLAIN"),
+            (False, "{SHA512-CRYPT}$6$x$y", "PLAIN"),
+            (False, "$6$x$y", "CRYPT"),
+            (False, "{BLF-CRYPT}$2y$05$x", "PLAIN"),
+            (False, "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$x$y", "PLAIN"),
+            (False, "{PBKDF2}$1$x$5000$y", "PLAIN"),
+            (False, "{SCRAM-SHA-256}4096,x,y,z", "PLAIN"),
+            (False, "{NO-SUCH-SCHEME}x", "PLAIN"),
+        ],
+    )
+    def test_is_cheap(self, expected, stored, default):
+        """Digests are cheap; crypt(3), bcrypt, Argon2, PBKDF2, SCRAM and unknowns are not."""
+        assert expected == schemes.is_cheap(stored, default_scheme=default)
 
 
 class TestScramCredentials:
@@ -452,6 +618,21 @@ class TestAgainstDoveadm:
         assert (True, False) == (
             verify(stored, PASSWORD.encode(), username=USERNAME),
             verify(stored, PASSWORD.upper().encode(), username=USERNAME),
+        )
+
+    @pytest.mark.parametrize("scheme", ["ARGON2ID", "ARGON2I"])
+    def test_doveadm_argon2_hash_goes_to_libsodium(self, doveadm, calls, scheme):
+        """A fresh doveadm ARGON2ID/ARGON2I hash is checked by libsodium, as Dovecot checks it."""
+        made = subprocess.run(
+            [doveadm, "pw", "-s", scheme, "-p", PASSWORD],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        stored = made.stdout.strip()
+        assert ((True, False), ["_sodium_verify", "_sodium_verify"]) == (
+            (verify(stored, PASSWORD.encode()), verify(stored, PASSWORD.upper().encode())),
+            calls,
         )
 
     @pytest.mark.parametrize("scheme", DOVEADM_SCHEMES)

@@ -38,7 +38,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Dovecot", "DovecotError", "find_dovecot", "running_dovecot", "searchable_tmpdir"]
+__all__ = [
+    "Dovecot",
+    "DovecotError",
+    "dovecot_config",
+    "find_dovecot",
+    "running_dovecot",
+    "searchable_tmpdir",
+]
 
 _CANDIDATES = ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot")
 _HOST = "127.0.0.1"
@@ -246,6 +253,18 @@ def _passwd_file(users: Mapping[str, str], homes: Mapping[str, Path], account: _
                 raise ValueError(msg)
         lines.append(f"{name}:{{PLAIN}}{password}:{account.uid}:{account.gid}::{homes[name]}::\n")
     return "".join(lines)
+
+
+def dovecot_config(
+    confdir: Path, users_file: Path, log: Path, port: int, mail_location: str, extra: str = ""
+) -> str:
+    """Return the text of the ``dovecot.conf`` that :func:`running_dovecot` writes.
+
+    For a caller that starts Dovecot itself (the benchmark): ``base_dir`` is
+    ``confdir/run``, ``state_dir`` is ``confdir/state`` (create both), ``users_file`` is the
+    passwd-file for passdb and userdb, ``extra`` is appended last.
+    """
+    return _config(confdir, users_file, log, port, mail_location, _mail_account(), extra)
 
 
 def _config(

@@ -181,6 +181,36 @@ class TestTimeouts:
             assert b"+OK pobox ready.\r\n" == await w.line()
             assert b"" == await w.read_all(timeout=5)
 
+    async def test_activity_keeps_a_slow_login_alive(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Each command restarts login_timeout, and idle_timeout takes over after login."""
+        caplog.set_level(logging.INFO, logger="pobox")
+        async with running_server(tmp_path, login_timeout=0.4, idle_timeout=0.6) as srv:
+            w = await Wire.connect(srv.host, srv.port)
+            assert b"+OK pobox ready.\r\n" == await w.line()
+            for _ in range(5):  # 1.25 s in all, each wait shorter than login_timeout
+                await asyncio.sleep(0.25)
+                await w.send(b"CAPA\r\n")
+                assert (await w.multiline()).startswith(b"+OK Capability list follows\r\n")
+            assert b"+OK\r\n" == await w.command(b"USER alice")
+            assert b"+OK Logged in.\r\n" == await w.command(b"PASS secret")
+            assert b"" == await w.read_all(timeout=5)
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("Disconnected: Inactivity - no input for 0.6 secs" in line for line in lines)
+
+    async def test_client_that_stops_reading_is_dropped(self, tmp_path: Path) -> None:
+        """A client that stops reading in the middle of a RETR is cut off after idle_timeout."""
+        async with running_server(tmp_path, idle_timeout=0.5) as srv:
+            srv.deliver("alice", b"Subject: big\n\n" + (b"y" * 999 + b"\n") * 30_000)
+            w = await Wire.connect(srv.host, srv.port)
+            await w.login()
+            await w.send(b"RETR 1\r\n")
+            await asyncio.sleep(2)  # the client reads nothing: the server's writes back up
+            out = await w.read_all(timeout=10)
+            assert out.startswith(b"+OK ")
+            assert not out.endswith(b"\r\n.\r\n")
+
 
 class TestPipelining:
     """PIPELINING (RFC 2449 §6.6): many commands in one write, answered in order."""

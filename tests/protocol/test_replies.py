@@ -4,7 +4,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pobox.protocol import MessageEncoder
 from pobox.protocol._replies import TopFilter, err, ok
@@ -64,6 +68,42 @@ class TestMessageEncoder:
     def test_encode(self, chunks, expected):
         """LF becomes CRLF, dots are stuffed across chunks, the terminator is added."""
         assert expected == encode(*chunks)
+
+    @pytest.mark.parametrize(
+        ("chunks", "expected"),
+        [
+            ((b"." + b"a" * 2000 + b"\n.b\n",), b".." + b"a" * 2000 + b"\r\n..b\r\n.\r\n"),
+            ((b"a" * 2000 + b".a.\n",), b"a" * 2000 + b".a.\r\n.\r\n"),
+            (
+                (b"a" * 2000 + b"\n", b"." + b"a" * 2000),
+                b"a" * 2000 + b"\r\n.." + b"a" * 2000 + b"\r\n.\r\n",
+            ),
+            ((b"a" * 2000, b"." + b"a" * 2000), b"a" * 2000 + b"." + b"a" * 2000 + b"\r\n.\r\n"),
+            ((b"a" * 2000 + b"\n.\n",), b"a" * 2000 + b"\r\n..\r\n.\r\n"),
+        ],
+    )
+    def test_encode_sparse_dots(self, chunks, expected):
+        """Long LF chunks with few dots (the one-byte search) are stuffed the same way."""
+        assert expected == encode(*chunks)
+
+    @given(
+        st.lists(
+            st.lists(st.sampled_from([b".", b"a", b"\n", b"\r", b"a" * 600]), max_size=30).map(
+                b"".join
+            ),
+            max_size=5,
+        )
+    )
+    def test_encode_matches_the_rfc_rule(self, chunks):
+        """However the message is cut into chunks, the output is CRLF-normalized and stuffed."""
+        whole = b"".join(chunks)
+        normalized = whole.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if normalized and not normalized.endswith(b"\r\n"):
+            normalized += b"\r\n"
+        expected = re.sub(rb"(?m)^\.", b"..", normalized.replace(b"\r\n", b"\n")).replace(
+            b"\n", b"\r\n"
+        )
+        assert expected + b".\r\n" == encode(*chunks)
 
     def test_flush(self):
         """flush hands back a held CR once."""

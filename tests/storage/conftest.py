@@ -37,9 +37,17 @@ def _memory(tmp_path: Path) -> Backend:
     return Backend("memory", store, User, store.deliver)
 
 
-def _maildir(tmp_path: Path, name: str, *, fields: str, flags: str | None, index: bool) -> Backend:
+def _maildir(
+    tmp_path: Path,
+    name: str,
+    *,
+    fields: str,
+    flags: str | None,
+    index: bool,
+    inline_read_max: int = 128 * 1024,
+) -> Backend:
     """Return a Maildir backend with homes under ``tmp_path`` and mail in ``~/Maildir``."""
-    store = MaildirStore("maildir:~/Maildir", index=index)
+    store = MaildirStore("maildir:~/Maildir", index=index, inline_read_max=inline_read_max)
 
     def user(name: str) -> MailUser:
         """Return user ``name``, with a home of their own."""
@@ -64,6 +72,9 @@ _BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "maildir-no-index": lambda path: _maildir(
         path, "maildir-no-index", fields="", flags=None, index=False
     ),
+    "maildir-threaded-reads": lambda path: _maildir(
+        path, "maildir-threaded-reads", fields="SW", flags=None, index=True, inline_read_max=0
+    ),
 }
 
 
@@ -72,3 +83,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """Each storage backend in turn."""
     factory: Callable[[Path], Backend] = _BACKENDS[request.param]
     return factory(tmp_path)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MaildirStore:
+    """A Maildir store keeping each user's maildir in ``<tmp_path>/<local part>``."""
+    return MaildirStore(f"maildir:{tmp_path}/%n")
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Path:
+    """Alice's maildir in the ``store`` fixture."""
+    return tmp_path / "alice"

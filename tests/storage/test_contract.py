@@ -35,6 +35,12 @@ async def read_all(maildrop: Maildrop, key: str) -> bytes:
     return b"".join([chunk async for chunk in maildrop.read_message(key)])
 
 
+async def read_now_or_all(maildrop: Maildrop, key: str) -> bytes:
+    """Return message ``key`` as the session reads it: read_now, else read_message."""
+    data = maildrop.read_now(key)
+    return await read_all(maildrop, key) if data is None else data
+
+
 async def contents(maildrop: Maildrop) -> list[bytes]:
     """Return every message of the snapshot, in message-number order."""
     return [await read_all(maildrop, info.key) for info in maildrop.messages]
@@ -171,6 +177,46 @@ class TestReadMessage:
         await deleter.close()
         with pytest.raises(MessageGone):
             await read_all(reader, reader.messages[0].key)
+        await reader.close()
+
+
+class TestReadNow:
+    """``read_now`` returns a small message at once, or ``None`` for read_message."""
+
+    @pytest.mark.parametrize("case", sorted(MESSAGES))
+    async def test_same_bytes_as_read_message(self, backend: Backend, case: str) -> None:
+        """What read_now returns, when it returns anything, is what read_message yields."""
+        data, _ = MESSAGES[case]
+        backend.deliver("alice", data)
+        maildrop = await backend.store.open(backend.user("alice"))
+        now = maildrop.read_now(maildrop.messages[0].key)
+        assert now in (None, data)
+        assert data == await read_all(maildrop, maildrop.messages[0].key)
+        await maildrop.close()
+
+    async def test_large_message_is_left_to_read_message(self, backend: Backend) -> None:
+        """A message of several hundred KiB is never read in one piece by read_now."""
+        backend.deliver("alice", bytes(range(256)) * 2000 + b"\n")
+        maildrop = await backend.store.open(backend.user("alice"))
+        assert maildrop.read_now(maildrop.messages[0].key) is None
+        await maildrop.close()
+
+    async def test_unknown_key_is_gone(self, backend: Backend) -> None:
+        """A key that is not in the snapshot raises MessageGone, at once or from read_message."""
+        maildrop = await backend.store.open(backend.user("alice"))
+        with pytest.raises(MessageGone):
+            await read_now_or_all(maildrop, "no-such-key")
+        await maildrop.close()
+
+    async def test_message_deleted_by_another_session_is_gone(self, backend: Backend) -> None:
+        """A small message deleted after the snapshot raises MessageGone."""
+        backend.deliver("alice", b"doomed\n")
+        reader = await backend.store.open(backend.user("alice"), lock=False)
+        deleter = await backend.store.open(backend.user("alice"))
+        await deleter.delete([deleter.messages[0].key])
+        await deleter.close()
+        with pytest.raises(MessageGone):
+            await read_now_or_all(reader, reader.messages[0].key)
         await reader.close()
 
 

@@ -61,18 +61,6 @@ async def snapshot(store: MaildirStore, user: User = ALICE) -> list[tuple[str, i
         await maildrop.close()
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> MaildirStore:
-    """A store keeping each user's maildir in ``<tmp_path>/<local part>``."""
-    return MaildirStore(f"maildir:{tmp_path}/%n")
-
-
-@pytest.fixture
-def maildir(tmp_path: Path) -> Path:
-    """Alice's maildir in the ``store`` fixture."""
-    return tmp_path / "alice"
-
-
 class TestLocation:
     """``MaildirStore.maildir_path`` expands Dovecot-style mail locations."""
 
@@ -530,9 +518,10 @@ class TestReadAndDelete:
         assert expected == await read_all(maildrop, maildrop.messages[0].key)
         await maildrop.close()
 
-    async def test_cancelled_read_leaks_no_file(self, store: MaildirStore, maildir: Path) -> None:
+    async def test_cancelled_read_leaks_no_file(self, maildir: Path) -> None:
         """A read cancelled while its file is being opened closes the file all the same."""
         path = maildir / "new" / deliver(maildir, b"x\n")
+        store = MaildirStore(f"maildir:{maildir.parent}/%n", inline_read_max=0)
         maildrop = await store.open(ALICE)
         path.unlink()
         os.mkfifo(path)  # opening a FIFO blocks until a writer comes: the read is caught mid-open
@@ -553,6 +542,18 @@ class TestReadAndDelete:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ResourceWarning)
             gc.collect()
+        await maildrop.close()
+
+    async def test_fifo_read_inline_is_refused_without_blocking(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """A FIFO in place of a small message is refused at once, not read in the event loop."""
+        path = maildir / "new" / deliver(maildir, b"x\n")
+        maildrop = await store.open(ALICE)
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(StoragePermanentError, match="not a regular file"):
+            await asyncio.wait_for(anext(maildrop.read_message(maildrop.messages[0].key)), 5)
         await maildrop.close()
 
     async def test_message_renamed_after_snapshot_is_deleted(

@@ -6,31 +6,24 @@ so the store's cache is warm and trusted, then changes the maildir as another pr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import os
 import re
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from pobox.storage.base import MessageInfo
+from pobox.storage.base import MaildropLocked, MessageInfo
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._deliver import deliver_message
 from tests.helpers.maildir import User, deliver, set_flags
 
 ALICE = User("alice")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> MaildirStore:
-    """A store keeping each user's maildir in ``<tmp_path>/<local part>``."""
-    return MaildirStore(f"maildir:{tmp_path}/%n")
-
-
-@pytest.fixture
-def maildir(tmp_path: Path) -> Path:
-    """Alice's maildir in the ``store`` fixture."""
-    return tmp_path / "alice"
 
 
 def age(maildir: Path) -> int:
@@ -210,3 +203,77 @@ class TestSnapshotCache:
             handle.write(edited)
         uidls = {info.key: info.uidl for info in await messages(store)}
         assert {base: "00000001499602d2"} == uidls
+
+
+@contextlib.contextmanager
+def no_worker_threads() -> Iterator[None]:
+    """Give the running loop a shut-down default executor: every worker-thread hop fails."""
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1)
+    executor.shutdown()
+    loop.set_default_executor(executor)
+    try:
+        yield
+    finally:
+        loop.set_default_executor(ThreadPoolExecutor())
+
+
+class TestInlineOpen:
+    """A cached open runs in the event loop's thread; anything else goes to a worker thread."""
+
+    async def test_unchanged_maildrop_opens_without_a_thread(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """With no worker thread to be had, an unchanged cached maildrop still opens and reads."""
+        deliver(maildir, b"one\n")
+        before = await warm(store, maildir)
+        with no_worker_threads():
+            assert before == await messages(store)
+            assert b"one\n" == await read(store, before[0].key)
+
+    async def test_changed_maildrop_goes_to_a_thread(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """After a delivery the open needs a listing, which is never done inline."""
+        deliver(maildir, b"one\n")
+        await warm(store, maildir)
+        deliver(maildir, b"two\n")
+        with no_worker_threads(), pytest.raises(RuntimeError, match="shutdown"):
+            await messages(store)
+        assert 2 == len(await messages(store))  # and the failed open left no lock behind
+
+    async def test_busy_index_lock_does_not_block_the_event_loop(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """While another process holds the index lock, the open waits in a worker thread."""
+        deliver(maildir, b"one\n")
+        before = await warm(store, maildir)
+        index_lock = os.open(maildir / "pobox-uidlist.lock", os.O_RDWR)
+        try:
+            fcntl.flock(index_lock, fcntl.LOCK_EX)
+            opening = asyncio.ensure_future(messages(store))
+            await asyncio.sleep(0.2)  # returns only if the event loop is not blocked
+            assert not opening.done()
+        finally:
+            os.close(index_lock)
+        assert before == await asyncio.wait_for(opening, 10)
+
+    async def test_locked_maildrop_is_refused(self, store: MaildirStore, maildir: Path) -> None:
+        """A maildrop locked by a session is refused whether or not its snapshot is cached."""
+        deliver(maildir, b"one\n")
+        await warm(store, maildir)
+        holder = await store.open(ALICE)
+        try:
+            with pytest.raises(MaildropLocked):
+                await store.open(ALICE)
+        finally:
+            await holder.close()
+        assert 1 == len(await messages(store))
+
+    async def test_no_inline_open_when_inline_reads_are_off(self, maildir: Path) -> None:
+        """With inline_read_max = 0 (network storage) every open goes to a worker thread."""
+        store = MaildirStore(f"maildir:{maildir.parent}/%n", inline_read_max=0)
+        deliver(maildir, b"one\n")
+        await warm(store, maildir)
+        with no_worker_threads(), pytest.raises(RuntimeError, match="shutdown"):
+            await messages(store)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import grp
 import os
 import pwd
@@ -51,6 +52,7 @@ from pobox.auth.schemes import (
     dummy_verify,
     hash_password,
     identify_scheme,
+    is_cheap,
     verify,
 )
 from pobox.errors import PoboxError
@@ -238,6 +240,9 @@ class PasswdFileAuthenticator:
         self._snapshot: _Snapshot | None = None
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
+        #: Iterated hashes (Argon2 takes 64 MiB each) run at most one per usable CPU at a
+        #: time: more at once would only share the CPUs, thrash their caches and add memory.
+        self._costly = asyncio.Semaphore(len(os.sched_getaffinity(0)) or 1)
 
     async def authenticate(self, username: str, password: bytes) -> User | None:
         """Return the user if ``password`` is right, else ``None`` (also for unknown users).
@@ -250,17 +255,20 @@ class PasswdFileAuthenticator:
         if entry is not None and entry.any_password:
             return None if entry.refused else entry.user
         if entry is None or not entry.password:
-            await asyncio.to_thread(
-                dummy_verify, snapshot.dummy, default_scheme=self.default_scheme
-            )
+            async with self._costly:
+                await asyncio.to_thread(
+                    dummy_verify, snapshot.dummy, default_scheme=self.default_scheme
+                )
             return None
-        matched = await asyncio.to_thread(
-            verify,
-            entry.password,
-            password,
-            default_scheme=self.default_scheme,
-            username=username,
+        check = functools.partial(
+            verify, entry.password, password, default_scheme=self.default_scheme, username=username
         )
+        # A single digest costs less than the hop to a worker thread and back.
+        if is_cheap(entry.password, default_scheme=self.default_scheme):
+            matched = check()
+        else:
+            async with self._costly:
+                matched = await asyncio.to_thread(check)
         return entry.user if matched and not entry.refused else None
 
     async def lookup(self, username: str) -> User | None:

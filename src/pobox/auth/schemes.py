@@ -11,9 +11,9 @@ is all thread-safe: crypt(3) is libxcrypt's reentrant ``crypt_rn`` with a buffer
 (the stdlib ``crypt`` module is gone in Python 3.13), and ``ctypes`` releases the GIL while
 it runs.
 
-May import: the standard library, ``argon2`` (argon2-cffi), ``bcrypt``, :mod:`pobox.errors`,
-:mod:`pobox.auth.base`, and the stdlib-only protocol core (``md5_compress`` from
-:mod:`pobox.protocol._sasl`; the core never imports auth).
+May import: the standard library, ``argon2`` (argon2-cffi), ``nacl`` (PyNaCl, for libsodium),
+``bcrypt``, :mod:`pobox.errors`, :mod:`pobox.auth.base`, and the stdlib-only protocol core
+(``md5_compress`` from :mod:`pobox.protocol._sasl`; the core never imports auth).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import ctypes
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 import struct
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 import argon2
 import argon2.low_level
 import bcrypt
+import nacl.exceptions
+import nacl.pwhash
 
 from pobox.auth.base import AuthError
 from pobox.errors import PoboxError
@@ -160,14 +163,54 @@ _ARGON2: dict[str, tuple[argon2.Type, str, int, int]] = {
 }
 
 
-def _argon2_verify(scheme: str, data: str, password: bytes) -> bool:
-    kind, prefix, _, _ = _ARGON2[scheme]
-    if not data.startswith(prefix):
-        return False
+#: The argon2 encodings libsodium verifies, as Dovecot does: version 19 only (not 16, nor the
+#: version-less form), at least 16 bytes of hash (``ARGON2_MIN_OUTLEN``; 22 base64 digits), and
+#: at most 127 characters (PyNaCl's ``crypto_pwhash_STRBYTES`` less the NUL).  Any parallelism
+#: is fine: libsodium computes the lanes one after the other.  Within this form libsodium and
+#: argon2-cffi decode alike (both from the reference ``argon2-encoding.c``), so the choice
+#: between them depends on the stored hash alone, never on the password.
+_SODIUM_ARGON2 = re.compile(
+    rb"\$argon2(?:id|i)\$v=19\$m=[1-9][0-9]*,t=[1-9][0-9]*,p=[1-9][0-9]*"
+    rb"\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]{22,}"
+)
+_SODIUM_MAX_ENCODED = 127
+
+
+def _sodium_takes(encoded: bytes) -> bool:
+    """Return whether libsodium can verify ``encoded``, whatever the password."""
+    return len(encoded) <= _SODIUM_MAX_ENCODED and _SODIUM_ARGON2.fullmatch(encoded) is not None
+
+
+def _sodium_verify(encoded: bytes, password: bytes) -> bool:
+    """Verify with libsodium's ``crypto_pwhash_str_verify``, Dovecot's own check.
+
+    It is about 1.7 times as fast as argon2-cffi's reference code on an m=65536,t=3 hash, and
+    releases the GIL.  ``argon2i.verify`` is the same function: libsodium reads the type from
+    the prefix.  It says only "no" for a wrong password and for a hash it cannot read alike,
+    which is why :func:`_sodium_takes` decides beforehand and its answer is final.
+    """
     try:
-        return argon2.low_level.verify_secret(data.encode("ascii"), password, kind)
+        return nacl.pwhash.argon2id.verify(encoded, password)
+    except nacl.exceptions.InvalidkeyError:
+        return False
+
+
+def _cffi_verify(encoded: bytes, password: bytes, kind: argon2.Type) -> bool:
+    """Verify with argon2-cffi: the encodings libsodium refuses (``v=16``, short or long)."""
+    try:
+        return argon2.low_level.verify_secret(encoded, password, kind)
     except argon2.exceptions.VerificationError:
         return False
+
+
+def _argon2_verify(scheme: str, data: str, password: bytes) -> bool:
+    kind, prefix, _, _ = _ARGON2[scheme]
+    if not data.startswith(prefix):  # crypto_pwhash_str_verify would take either type
+        return False
+    encoded = data.encode("ascii")
+    if _sodium_takes(encoded):
+        return _sodium_verify(encoded, password)
+    return _cffi_verify(encoded, password, kind)
 
 
 # --- PBKDF2 and SCRAM ---------------------------------------------------------------------
@@ -426,6 +469,21 @@ def identify_scheme(stored: str, *, default_scheme: str = "CRYPT") -> str:
 
 
 # --- the public verbs -----------------------------------------------------------------------
+
+
+def is_cheap(stored: str, *, default_scheme: str = "CRYPT") -> bool:
+    """Return whether checking a password against ``stored`` costs only one digest.
+
+    Those (``PLAIN``, the ``SHA``/``MD5`` digests, ``CRAM-MD5``, ...) take microseconds,
+    less than handing the check to a worker thread; iterated schemes (crypt(3), bcrypt,
+    Argon2, PBKDF2, SCRAM) take milliseconds and belong in a worker thread.  A malformed
+    or unknown scheme is not cheap (the caller then takes the thread path, which fails it).
+    """
+    try:
+        name, _ = _parse_name(_split(stored, default_scheme)[0])
+    except ValueError:
+        return False
+    return name in _BINARY or (name == "MD5" and not stored.partition("}")[2].startswith("$1$"))
 
 
 def verify(

@@ -335,6 +335,11 @@ class ServerConnection:
         return data
 
     @property
+    def output_size(self) -> int:
+        """How many bytes :meth:`data_to_send` would return now."""
+        return self._out_len
+
+    @property
     def wants_message_data(self) -> bool:
         """Whether the message being retrieved still needs data (TOP may be done early)."""
         return self._retr is not None and not (self._retr.top is not None and self._retr.top.done)
@@ -752,10 +757,10 @@ class ServerConnection:
             self._reply(ok() if retr.top else ok(f"{retr.size} octets"))
         encoder = retr.encoder
         if isinstance(event, MessageData):
-            data = encoder.normalize(event.data)
-            if retr.top is not None:
-                data = retr.top.feed(data)
-            data = encoder.stuff(data)
+            if retr.top is None:
+                data = encoder.encode(event.data)
+            else:
+                data = encoder.stuff(retr.top.feed(encoder.normalize(event.data)))
         else:
             # A CR held back at the end of the last chunk is message text: TOP must cut it
             # too when it has already seen all the lines it keeps.

@@ -129,6 +129,17 @@ class Maildrop(Protocol):
             StorageTemporaryError: an I/O error that may pass.
         """
 
+    def read_now(self, key: str) -> bytes | None:
+        """Return the whole stored message if the backend can without waiting, else ``None``.
+
+        A fast path for small messages on local storage; ``None`` means "use
+        :meth:`read_message`", never "no such message".
+
+        Raises:
+            MessageGone: the message is no longer in the maildrop.
+            StorageTemporaryError: an I/O error that may pass.
+        """
+
     async def delete(self, keys: Sequence[str]) -> DeleteResult:
         """Remove messages for good; called only in the UPDATE state (RFC 1939 §6).
 

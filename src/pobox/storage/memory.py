@@ -117,13 +117,26 @@ class MemoryMaildrop:
         Raises:
             MessageGone: the message was deleted since the snapshot, or ``key`` is not in it.
         """
+        data = self._data(key)
+        for start in range(0, len(data), CHUNK_SIZE):
+            yield data[start : start + CHUNK_SIZE]
+
+    def read_now(self, key: str) -> bytes | None:
+        """Return message ``key`` if it fits in one chunk, else ``None``.
+
+        Raises:
+            MessageGone: the message was deleted since the snapshot, or ``key`` is not in it.
+        """
+        data = self._data(key)
+        return data if len(data) <= CHUNK_SIZE else None
+
+    def _data(self, key: str) -> bytes:
         self._check_open()
         data = self._drop.messages.get(key) if key in self._keys else None
         if data is None:
             msg = f"message {key!r} is no longer in the maildrop"
             raise MessageGone(msg)
-        for start in range(0, len(data), CHUNK_SIZE):
-            yield data[start : start + CHUNK_SIZE]
+        return data
 
     async def delete(self, keys: Sequence[str]) -> DeleteResult:
         """Remove messages of the snapshot; an already removed one counts as removed.

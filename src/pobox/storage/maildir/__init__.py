@@ -6,7 +6,8 @@ Files pobox keeps inside each maildir:
   size; format in :mod:`._index`.
 * ``pobox-uidlist.lock``: serializes updates of ``pobox-uidlist``.
 * ``pobox-uidvalidity``: the last UIDVALIDITY handed out, so a lost index never gets it again.
-* ``pobox.lock``: the session lock (``flock``), held from open to close.
+* ``dovecot-pop3-session.lock``: the session lock, held from open to close; Dovecot's
+  ``pop3_lock_session`` dotlock, so pobox and Dovecot exclude each other (see :mod:`._fs`).
 
 May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 """

@@ -13,8 +13,9 @@ Theory of operation (https://cr.yp.to/proto/maildir.html, and what Dovecot's LDA
    acknowledge it. The ``tmp/`` file is then unlinked.
 4. Best effort: if the maildir has a usable ``pobox-uidlist``, a line for the message is
    appended to it under ``pobox-uidlist.lock`` (the short index lock, never the session lock
-   ``pobox.lock``), so the next POP3 login finds it indexed and sized. A crash before this
-   step costs nothing but that work at the next login, which indexes files it does not know.
+   ``dovecot-pop3-session.lock``), so the next POP3 login finds it indexed and sized. A crash
+   before this step costs nothing but that work at the next login, which indexes files it does
+   not know.
 
 A process killed at any point leaves at most a file in ``tmp/``, which POP3 never lists, or a
 complete message in ``new/``: a file appears in ``new/`` only by ``link(2)`` of a complete,

@@ -7,10 +7,40 @@ when retrying cannot help without an administrator (``EACCES``, ``EPERM``, ``ENO
 ``EROFS``, ...) and a :class:`~pobox.storage.base.StorageTemporaryError` otherwise (``EIO``,
 ``ENOSPC``, ``EDQUOT``, ``EAGAIN``, ``EMFILE``, ...). The message names the operation and path.
 
-Locks are ``flock(2)`` locks on files inside the maildir. The kernel drops them when their
-descriptor is closed, including when the process dies, so a crashed session never blocks a
-maildrop; and two ``open()`` calls of one file conflict even within a process, so two sessions
-of one pobox process exclude each other.
+The index lock (:func:`held_lock`) is a ``flock(2)`` lock on a file inside the maildir: the
+kernel drops it when its descriptor is closed, including when the process dies, and two
+``open()`` calls of one file conflict even within a process. It is held only for moments.
+
+The session lock (:class:`SessionLock`), held for a whole POP3 session, holds no descriptor:
+one per session would, next to the socket, double what 10,000 idle sessions cost against
+``RLIMIT_NOFILE``. It is a dotlock, the one Dovecot's ``pop3_lock_session`` takes, so that
+pobox and a Dovecot serving the same maildir exclude each other (facts from Dovecot 2.3,
+``src/pop3/pop3-client.c`` and ``src/lib/file-dotlock.c``):
+
+* the file ``dovecot-pop3-session.lock`` in the maildir, created with
+  ``O_CREAT | O_EXCL`` and holding ``<pid>:<hostname>`` (no newline; ``gethostname()``);
+  whoever creates it holds the lock, until it unlinks it;
+* a content cut short (a reader racing the one ``write``) never names a wrong process: the
+  PID is trusted only with the ``:`` that ends it and the whole host name after it;
+* a lock is stale, and may be broken, when its host is this one and its PID is not alive
+  (``kill(pid, 0)`` fails with ``ESRCH``), or is our own PID but this process does not hold
+  that lock (a PID reused after a crash); otherwise when its ``mtime`` is older than
+  :data:`STALE_TIMEOUT` (Dovecot's 300 seconds): the lock of another host, or one whose
+  content cannot be read. A live PID of this host keeps its lock, as in Dovecot, unless the
+  file is older than :data:`LIVE_PID_STALE_TIMEOUT`: every holder touches it more often than
+  that (Dovecot every 300 seconds), so such a file names a PID reused after a crash;
+* a holder touches its lock (``utime``) to keep it fresh: one thread per process touches every
+  lock the process holds each :data:`REFRESH_INTERVAL` seconds;
+* a lock is released by unlinking it, only if the file is still ours (same device, inode
+  and content): a lock broken and taken by another session meanwhile is left alone.
+
+Breaking is serialized among pobox processes by the index lock: a stale-looking lock is
+checked again and unlinked under it, and only then created afresh. Creating needs no index
+lock: ``O_EXCL`` lets one creator win, and a lock can vanish under a breaker only if its
+holder releases it, which a holder that is dead (or, in this process, not holding it) does
+not do. Dovecot breaks stale locks without that lock, exactly as it races against itself.
+Within the process, a registry (by device and inode, under a mutex also held while a lock
+file is created and written) tells our live locks from those a dead process of our PID left.
 
 May import: the standard library and :mod:`pobox.storage.base`.
 """
@@ -21,6 +51,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
+import threading
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +66,14 @@ from pobox.storage.base import (
 )
 
 __all__ = [
+    "LIVE_PID_STALE_TIMEOUT",
+    "REFRESH_INTERVAL",
+    "STALE_TIMEOUT",
     "SessionLock",
     "fsync_directory",
     "held_lock",
     "os_errors",
+    "refresh_session_locks",
     "replace_file",
     "storage_error",
 ]
@@ -76,39 +113,326 @@ def os_errors(action: str, path: Path | str) -> Iterator[None]:
         raise storage_error(exc, action, path) from exc
 
 
-class SessionLock:
-    """The exclusive, non-blocking lock a session holds on its maildrop.
+#: Dovecot's ``POP3_SESSION_DOTLOCK_STALE_TIMEOUT_SECS``: a lock untouched this long is stale.
+STALE_TIMEOUT = 300
+#: A lock naming a live PID of this host is stale only after this long untouched (see above).
+LIVE_PID_STALE_TIMEOUT = 2 * STALE_TIMEOUT
+#: How often held locks are touched: a fifth of :data:`STALE_TIMEOUT`, so a late pass or two
+#: never lets a live lock look stale (Dovecot touches every :data:`STALE_TIMEOUT`, no margin).
+REFRESH_INTERVAL = 60
+#: Dovecot reads at most this much of a lock file.
+_CONTENT_MAX = 511
+#: Tries to take a lock that keeps changing under us before calling the maildrop locked.
+_ATTEMPTS = 3
+_NS = 1_000_000_000
+#: The largest PID there can be (Linux's ``PID_MAX_LIMIT``); larger numbers name no process.
+_PID_MAX = 4 * 1024 * 1024
 
-    Released by :meth:`release`, or when the object is garbage-collected, so a session that
-    forgets to close cannot keep a maildrop locked for the life of the process.
+#: What identifies one lock file: ``(st_dev, st_ino)``.
+_FileId = tuple[int, int]
+
+
+class _Held:
+    """A lock file this process created and holds."""
+
+    __slots__ = ("content", "file_id", "path")
+
+    def __init__(self, path: str, file_id: _FileId, content: bytes) -> None:
+        #: A string, not a :class:`~pathlib.Path`: 10,000 idle sessions hold 10,000 of these.
+        self.path = path
+        self.file_id = file_id
+        #: The same object for every lock of the process.
+        self.content = content
+
+
+def _hostname() -> bytes:
+    """Return the host name Dovecot writes: ``gethostname()``."""
+    return os.fsencode(socket.gethostname())
+
+
+class _Registry:
+    """The session locks this process holds, and the thread that keeps them fresh.
+
+    ``mutex`` is re-entrant: a lock collected without release is released by its finalizer,
+    which may run in any thread, inside any allocation, even one made under the mutex.
     """
 
-    def __init__(self, path: Path) -> None:
-        """Take the lock on ``path``, creating the file if needed.
+    def __init__(self) -> None:
+        self.mutex = threading.RLock()
+        self.held: dict[_FileId, _Held] = {}
+        self.refresher: threading.Thread | None = None
+        #: What this process writes into a lock it takes: ``<pid>:<hostname>``.
+        self.content = b"%d:%s" % (os.getpid(), _hostname())
+
+    def holds(self, file_id: _FileId) -> bool:
+        """Tell whether this process holds the lock file ``file_id``."""
+        with self.mutex:
+            return file_id in self.held
+
+    def add(self, held: _Held) -> None:
+        """Record a lock just taken; start the refresher if it is not running (mutex held)."""
+        self.held[held.file_id] = held
+        if self.refresher is None:
+            self.refresher = threading.Thread(
+                target=_refresh_forever, name="pobox-session-lock-refresh", daemon=True
+            )
+            self.refresher.start()
+
+    def discard(self, held: _Held) -> None:
+        """Forget a released lock (a newer lock that reused its inode stays recorded)."""
+        with self.mutex:
+            if self.held.get(held.file_id) is held:
+                del self.held[held.file_id]
+
+    def snapshot(self) -> list[_Held]:
+        """Return the locks held now."""
+        with self.mutex:
+            return list(self.held.values())
+
+
+_registry = _Registry()
+
+
+def _reset_in_child() -> None:
+    """Start a forked child with no locks: its parent's locks name the parent's PID."""
+    global _registry  # noqa: PLW0603 - one registry per process, replaced in a forked child
+    _registry = _Registry()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
+
+
+def _refresh_forever() -> None:
+    """Touch every held lock each :data:`REFRESH_INTERVAL` seconds (the refresher thread)."""
+    while True:
+        time.sleep(REFRESH_INTERVAL)
+        refresh_session_locks()
+
+
+def refresh_session_locks() -> int:
+    """Touch every session lock this process holds, so none looks stale; return how many.
+
+    A lock whose file is gone or is no longer ours (broken as stale by someone else) is
+    skipped: touching it would keep another session's lock fresh on its behalf. Its content
+    is compared, not just its inode, which a file created after ours was unlinked may reuse.
+    """
+    touched = 0
+    for held in _registry.snapshot():
+        with contextlib.suppress(OSError, StorageError):
+            found = _read_lock(held.path)
+            if found is not None and _is_ours(found, held):
+                os.utime(held.path, follow_symlinks=False)
+                touched += 1
+    return touched
+
+
+def _is_ours(found: _Found, held: _Held) -> bool:
+    """Tell whether the lock file ``found`` is the one we created as ``held``."""
+    return found.file_id == held.file_id and found.content == held.content
+
+
+class _Found:
+    """A lock file as read: its identity, ``mtime`` and (up to 511 bytes of) content."""
+
+    __slots__ = ("content", "file_id", "mtime_ns")
+
+    def __init__(self, file_id: _FileId, mtime_ns: int, content: bytes | None) -> None:
+        self.file_id = file_id
+        self.mtime_ns = mtime_ns
+        #: ``None`` when the file cannot be read (another user's lock).
+        self.content = content
+
+
+def _local_pid(content: bytes | None) -> int | None:
+    """Return the PID a lock names if it names a process of this host, else ``None``.
+
+    As Dovecot's ``read_local_pid``: one trailing newline is allowed; the host name is all that
+    follows the first ``:`` and must be ours; the PID must be a positive decimal number.
+    """
+    if not content:
+        return None
+    content = content.removesuffix(b"\n")
+    pid, colon, host = content.partition(b":")
+    if not colon or host != _hostname() or not pid.isdigit():
+        return None
+    number = int(pid)
+    return number if 0 < number <= _PID_MAX else None
+
+
+def _alive(pid: int) -> bool:
+    """Tell whether process ``pid`` exists (a process of another user exists too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(found: _Found, now_ns: int) -> bool:
+    """Tell whether the lock ``found`` may be broken (the rules are in the module doc)."""
+    age_ns = now_ns - found.mtime_ns
+    pid = _local_pid(found.content)
+    if pid is None:
+        return age_ns > STALE_TIMEOUT * _NS
+    if pid == os.getpid():
+        return not _registry.holds(found.file_id)
+    if not _alive(pid):
+        return True
+    return age_ns > LIVE_PID_STALE_TIMEOUT * _NS
+
+
+def _read_lock(path: Path | str) -> _Found | None:
+    """Return the lock file at ``path`` as it is now, ``None`` if there is none.
+
+    Raises:
+        StorageError: it cannot be looked at.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        # Another user's lock, unreadable to us: judged by its mtime alone, as Dovecot does.
+        with os_errors("stat lock file", path):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None
+        return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, None)
+    except OSError as exc:
+        raise storage_error(exc, "open lock file", path) from exc
+    try:
+        with os_errors("read lock file", path):
+            st = os.fstat(fd)
+            content = os.read(fd, _CONTENT_MAX)
+    finally:
+        os.close(fd)
+    return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, content)
+
+
+def _create_lock(path: Path) -> _Held | None:
+    """Create the lock file at ``path`` and record it as held; ``None`` if it exists.
+
+    The registry's mutex is held from the creation to the record, so no thread of this
+    process sees our PID in a lock file that is not yet recorded as ours.
+
+    Raises:
+        StorageError: the file cannot be created or written (``ENOENT``: no maildir).
+    """
+    content = _registry.content
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    with _registry.mutex:
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            return None
+        except OSError as exc:
+            raise storage_error(exc, "create lock file", path) from exc
+        try:
+            try:
+                written = os.write(fd, content)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if written != len(content):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise storage_error(exc, "write lock file", path) from exc
+        held = _Held(os.fspath(path), (st.st_dev, st.st_ino), content)
+        _registry.add(held)
+        return held
+
+
+class SessionLock:
+    """The exclusive, non-blocking lock a session holds on its maildrop: a Dovecot dotlock.
+
+    It holds no file descriptor (see the module documentation). Released by :meth:`release`,
+    or when the object is garbage-collected, so a session that forgets to close cannot keep a
+    maildrop locked for the life of the process.
+    """
+
+    def __init__(self, path: Path, guard: Path) -> None:
+        """Take the lock ``path``, breaking a stale one while holding the flock ``guard``.
+
+        Args:
+            path: the lock file (``dovecot-pop3-session.lock`` in the maildir).
+            guard: the lock file of :func:`held_lock` that serializes breaking stale locks
+                among pobox processes (the index lock).
 
         Raises:
             MaildropLocked: another session (in this process or another) holds the lock.
-            StorageError: the lock file cannot be created, opened or locked.
+            StorageError: the lock file cannot be created, read or removed.
         """
-        with os_errors("open lock file", path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            msg = f"maildrop {path.parent} is locked by another session"
-            raise MaildropLocked(msg) from None
-        except OSError as exc:
-            os.close(fd)
-            raise storage_error(exc, "lock", path) from exc
-        self._finalizer = weakref.finalize(self, _release, fd)
+        held = _take(path, guard)
+        self._finalizer = weakref.finalize(self, _release, held)
+
+    @classmethod
+    def take_if_free(cls, path: Path) -> SessionLock | None:
+        """Take the lock if no lock file exists; ``None`` if one does (locked, or stale).
+
+        A few system calls and no waiting, so it may run in the event loop's thread.
+
+        Raises:
+            StorageError: the lock file cannot be created (``ENOENT``: no maildir).
+        """
+        held = _create_lock(path)
+        if held is None:
+            return None
+        lock = cls.__new__(cls)
+        lock._finalizer = weakref.finalize(lock, _release, held)
+        return lock
 
     def release(self) -> None:
         """Release the lock; safe to call more than once."""
         self._finalizer()
 
 
-def _release(fd: int) -> None:
+def _take(path: Path, guard: Path) -> _Held:
+    """Create the lock file, or break a stale one and create it (see :class:`SessionLock`)."""
+    for _ in range(_ATTEMPTS):
+        held = _create_lock(path)
+        if held is not None:
+            return held
+        found = _read_lock(path)
+        if found is None:
+            continue  # released meanwhile
+        if not _is_stale(found, time.time_ns()):
+            break
+        with held_lock(guard):
+            again = _read_lock(path)
+            if again is not None:
+                if not _is_stale(again, time.time_ns()):
+                    break
+                with (
+                    os_errors("remove stale lock file", path),
+                    contextlib.suppress(FileNotFoundError),
+                ):
+                    os.unlink(path)
+            held = _create_lock(path)
+        if held is not None:
+            return held
+    msg = f"maildrop {path.parent} is locked by another session"
+    raise MaildropLocked(msg)
+
+
+def _release(held: _Held) -> None:
+    """Unlink a lock file if it is still ours, then forget it; never raises."""
+    try:
+        found = _read_lock(held.path)
+        if found is not None and _is_ours(found, held):
+            os.unlink(held.path)
+    except (OSError, StorageError):
+        pass  # already gone, or no longer ours
+    finally:
+        _registry.discard(held)
+
+
+def _unlock(fd: int) -> None:
     """Unlock and close a lock file descriptor."""
     # Closing the descriptor drops the flock; unlocking first makes it explicit.
     with contextlib.suppress(OSError):
@@ -129,7 +453,29 @@ def held_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        _release(fd)
+        _unlock(fd)
+
+
+@contextlib.contextmanager
+def held_lock_if_free(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` for the block if no one holds it; say whether.
+
+    The event loop's thread uses it where :func:`held_lock` could wait for another
+    process's index update.
+    """
+    with os_errors("open lock file", path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as exc:
+            raise storage_error(exc, "lock", path) from exc
+        yield True
+    finally:
+        _unlock(fd)
 
 
 def replace_file(path: Path, data: bytes) -> None:

@@ -10,11 +10,15 @@ maildir first and creates directories only when that fails with ``ENOENT``: a lo
 existing maildir makes no ``mkdir`` call (``tmp/`` alone, which reading never needs, is
 created again if missing when the store first sees the maildir).
 
-*Opening.* With ``lock=True`` the session first takes ``<maildir>/pobox.lock`` (see
-:class:`._fs.SessionLock`); a second session gets :class:`~pobox.storage.base.MaildropLocked`.
-Then, holding the short ``pobox-uidlist.lock`` that serializes index updates (sessions opened
-with ``lock=False`` update the index too), it reads the index (:mod:`._index`), lists ``new/``
-then ``cur/`` (never ``tmp/``, where MTAs write files not yet delivered), and reconciles:
+*Opening.* With ``lock=True`` the session first takes ``<maildir>/dovecot-pop3-session.lock``,
+the dotlock of Dovecot's ``pop3_lock_session``, so pobox and Dovecot exclude each other too (see
+:mod:`._fs`): created with ``O_EXCL``, naming ``<pid>:<hostname>``, kept fresh by one thread per
+process, and holding no file descriptor while the session lasts. A second session gets
+:class:`~pobox.storage.base.MaildropLocked`; a stale lock (its process dead, or untouched for five
+minutes) is broken under the index lock below. Then, holding the short ``pobox-uidlist.lock``
+that serializes index updates (sessions opened with ``lock=False`` update the index too), it
+reads the index (:mod:`._index`), lists ``new/`` then ``cur/`` (never ``tmp/``, where MTAs
+write files not yet delivered), and reconciles:
 
 * a file already in the index keeps its UID and cached size: nothing is read;
 * a new file gets the next UID (new files are numbered in delivery order, as Dovecot numbers
@@ -57,7 +61,12 @@ each open computes sizes afresh (reading files that lack ``,W=``), orders messag
 time, and uses the SHA-256 of the base name as UIDL. These UIDLs are stable and never reused
 (base names are unique) but differ from those of index mode and from Dovecot's.
 
-All blocking filesystem work runs in worker threads (``asyncio.to_thread``).
+Blocking filesystem work runs in worker threads (``asyncio.to_thread``), except two cheap
+cases when ``inline_read_max`` is not 0: reading a message of at most that many bytes, and an
+open that the snapshot cache answers (the session lock file is free, the index lock is free
+and nothing changed). On a local disk those cost a few system calls, less than the hop to a
+worker thread and back (most of a mail session's CPU in the benchmark), so they run in the
+event loop's own thread; anything else, or any doubt, goes to a worker thread.
 
 May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 """
@@ -69,6 +78,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -91,6 +101,7 @@ from pobox.storage.maildir._fs import (
     SessionLock,
     fsync_directory,
     held_lock,
+    held_lock_if_free,
     os_errors,
     replace_file,
     storage_error,
@@ -115,11 +126,13 @@ from pobox.storage.maildir._names import (
 __all__ = ["MaildirMaildrop", "MaildirStore"]
 
 #: Chunks :meth:`MaildirMaildrop.read_message` yields; a smaller message is read in one go.
-CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = 256 * 1024
+#: Messages up to this wire size are read in the event loop's thread (see the module doc).
+INLINE_READ_MAX = 128 * 1024
 #: Chunks read to compute the wire size of a message whose name lacks ``,W=``.
 _SIZE_CHUNK = 1024 * 1024
-#: The session lock, inside the maildir.
-LOCK_NAME = "pobox.lock"
+#: The session lock, inside the maildir: Dovecot's ``POP3_LOCK_FNAME`` (see :mod:`._fs`).
+LOCK_NAME = "dovecot-pop3-session.lock"
 #: The lock serializing updates of the index, inside the maildir.
 INDEX_LOCK_NAME = "pobox-uidlist.lock"
 #: The last UIDVALIDITY handed out, inside the maildir.
@@ -202,7 +215,13 @@ class _Opened:
 class MaildirStore:
     """Opens Maildir maildrops; satisfies :class:`pobox.storage.base.MaildropStore`."""
 
-    def __init__(self, location: str = "maildir:~/Maildir", *, index: bool = True) -> None:
+    def __init__(
+        self,
+        location: str = "maildir:~/Maildir",
+        *,
+        index: bool = True,
+        inline_read_max: int = INLINE_READ_MAX,
+    ) -> None:
         """Create a store serving the maildirs that ``location`` names.
 
         Args:
@@ -210,6 +229,8 @@ class MaildirStore:
                 ``mail`` field overrides it.
             index: keep UIDs and sizes in ``pobox-uidlist`` (the default); without it, see the
                 module documentation.
+            inline_read_max: messages of at most this many octets are read without a worker
+                thread (0: every read goes to a worker thread, for slow network storage).
 
         Raises:
             ConfigError: the location is malformed.
@@ -221,6 +242,7 @@ class MaildirStore:
             msg = f"storage location: {exc}"
             raise ConfigError(msg) from exc
         self._index = index
+        self._inline_read_max = inline_read_max
         self._cache = _SnapshotCache()
 
     def maildir_path(self, user: MailUser) -> Path:
@@ -248,11 +270,23 @@ class MaildirStore:
             StoragePermanentError: a failure that needs an administrator.
         """
         root = self.maildir_path(user)
-        opened = await _owned_in_thread(
-            functools.partial(_open_maildrop, root, lock, self._index, self._cache),
-            _release_opened,
-        )
-        return MaildirMaildrop(opened)
+        taken: SessionLock | None = None
+        if self._index and self._inline_read_max:
+            opened, taken = _open_cached(root, lock, self._cache)
+            if opened is not None:
+                return MaildirMaildrop(opened, self._inline_read_max)
+        try:
+            opened = await _owned_in_thread(
+                functools.partial(_open_maildrop, root, lock, self._index, self._cache, taken),
+                _release_opened,
+            )
+        except Exception:
+            # The thread failed (and released ``taken``) or never ran.  Not on cancellation:
+            # the thread may still be using the lock, and _owned_in_thread releases it then.
+            if taken is not None:
+                taken.release()
+            raise
+        return MaildirMaildrop(opened, self._inline_read_max)
 
     async def aclose(self) -> None:
         """Do nothing: the store keeps no resources between sessions (only memory)."""
@@ -261,13 +295,16 @@ class MaildirStore:
 class MaildirMaildrop:
     """One open Maildir maildrop; satisfies :class:`pobox.storage.base.Maildrop`."""
 
-    def __init__(self, opened: _Opened) -> None:
+    def __init__(self, opened: _Opened, inline_read_max: int = INLINE_READ_MAX) -> None:
         self._root = opened.root
         self._messages = opened.messages
         self._files = opened.files
         self._lock = opened.lock
         self._indexed = opened.indexed
         self._closed = False
+        self._inline_read_max = inline_read_max
+        #: Wire size by key, built at the first read.
+        self._sizes: dict[str, int] | None = None
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
@@ -280,14 +317,17 @@ class MaildirMaildrop:
         return self._root
 
     async def read_message(self, key: str) -> AsyncIterator[bytes]:
-        """Yield the stored bytes of message ``key`` in chunks of up to 64 KiB.
+        """Yield the stored bytes of message ``key`` in chunks of up to 256 KiB.
 
         Raises:
             MessageGone: the message was removed since the snapshot, or is not in it.
             StorageTemporaryError: an I/O error that may pass.
             StoragePermanentError: the file cannot be read (permissions).
         """
-        self._check_open()
+        data = self.read_now(key)
+        if data is not None:
+            yield data
+            return
         handle, chunk, path = await _owned_in_thread(
             functools.partial(self._open_message, key), _close_opened_message
         )
@@ -302,6 +342,25 @@ class MaildirMaildrop:
         finally:
             if handle is not None:
                 handle.close()
+
+    def read_now(self, key: str) -> bytes | None:
+        """Return message ``key`` read in this thread if it is at most ``inline_read_max``.
+
+        ``None`` for a larger message (or with ``inline_read_max`` 0): use
+        :meth:`read_message`, which reads in a worker thread.
+
+        Raises:
+            MessageGone: the message was removed since the snapshot, or is not in it.
+            StorageTemporaryError: an I/O error that may pass.
+            StoragePermanentError: the file cannot be read, or is not a regular file.
+        """
+        self._check_open()
+        if self._sizes is None:
+            self._sizes = {info.key: info.size for info in self._messages}
+        if self._sizes.get(key, self._inline_read_max + 1) > self._inline_read_max:
+            return None
+        data, _ = self._locate(key, _read_whole_or_none)
+        return data
 
     async def delete(self, keys: Sequence[str]) -> DeleteResult:
         """Unlink the files of messages of the snapshot (UPDATE state, RFC 1939 §6).
@@ -320,7 +379,7 @@ class MaildirMaildrop:
         """Release the session lock; safe to call more than once."""
         self._closed = True
         if self._lock is not None:
-            # flock(LOCK_UN) and close() of a lock file do not wait on the disk.
+            # Reading and unlinking a small lock file does not wait on the disk.
             self._lock.release()
             self._lock = None
 
@@ -330,6 +389,32 @@ class MaildirMaildrop:
             msg = "the maildrop is closed"
             raise RuntimeError(msg)
 
+    def _locate(self, key: str, attempt: Callable[[Path], _T | None]) -> tuple[_T, Path]:
+        """Apply ``attempt`` to the file of message ``key``, following a rename.
+
+        ``attempt`` returns ``None`` when the file does not exist.
+
+        Raises:
+            MessageGone: the message is not in the snapshot, or its file is gone.
+        """
+        location = self._files.get(key)
+        if location is None:
+            msg = f"message {key!r} is not in the maildrop snapshot of {self._root}"
+            raise MessageGone(msg)
+        path = self._root.joinpath(*location)
+        result = attempt(path)
+        if result is None:
+            # Renamed (flags changed, moved to cur/) by another program since the snapshot?
+            found = _find_message(self._root, key)
+            if found is not None:
+                self._files[key] = found
+                path = self._root.joinpath(*found)
+                result = attempt(path)
+            if result is None:
+                msg = f"message {key!r} was removed from {self._root}"
+                raise MessageGone(msg)
+        return result, path
+
     def _open_message(self, key: str) -> tuple[BinaryIO | None, bytes, Path]:
         """Open a message file and read its first chunk (in a worker thread).
 
@@ -337,22 +422,7 @@ class MaildirMaildrop:
             The open file (``None`` when the whole message fitted in the first chunk and the
             file is closed already), the first chunk, and the path.
         """
-        location = self._files.get(key)
-        if location is None:
-            msg = f"message {key!r} is not in the maildrop snapshot of {self._root}"
-            raise MessageGone(msg)
-        path = self._root.joinpath(*location)
-        handle = _open_or_none(path)
-        if handle is None:
-            # Renamed (flags changed, moved to cur/) by another program since the snapshot?
-            found = _find_message(self._root, key)
-            if found is not None:
-                self._files[key] = found
-                path = self._root.joinpath(*found)
-                handle = _open_or_none(path)
-            if handle is None:
-                msg = f"message {key!r} was removed from {self._root}"
-                raise MessageGone(msg)
+        handle, path = self._locate(key, _open_or_none)
         try:
             chunk = _read_chunk(handle, path)
         except BaseException:
@@ -416,20 +486,79 @@ def _close_opened_message(opened: tuple[BinaryIO | None, bytes, Path]) -> None:
         handle.close()
 
 
-def _open_maildrop(root: Path, lock: bool, indexed: bool, cache: _SnapshotCache) -> _Opened:
-    """Lock the maildir, take the snapshot, creating the maildir if needed (in a worker thread)."""
+def _open_cached(
+    root: Path, lock: bool, cache: _SnapshotCache
+) -> tuple[_Opened | None, SessionLock | None]:
+    """Open from the snapshot cache in the event loop's thread when that is cheap.
+
+    It is when the cache holds the maildir, the session lock file does not exist, the index
+    lock is free and nothing changed: a dozen system calls (create the lock file, flock the
+    index lock, stat the index and the two directories), no listing and no parsing.
+
+    Returns:
+        The opened maildrop, or ``None`` and the session lock if it was taken (the worker
+        thread then goes on with it).
+    """
+    cached = cache.get(root)
+    if cached is None:
+        return None, None
+    session_lock = None
     try:
-        return _open_existing(root, lock, indexed, cache)
+        if lock:
+            session_lock = SessionLock.take_if_free(root / LOCK_NAME)
+            if session_lock is None:
+                return None, None
+        with held_lock_if_free(root / INDEX_LOCK_NAME) as held:
+            cached = cache.get(root)
+            if held and cached is not None and _unchanged(cached, root):
+                opened = _Opened(root, cached.messages, dict(cached.files), session_lock, True)
+                return opened, None
+    except StorageError:
+        if session_lock is not None:
+            session_lock.release()
+        return None, None  # the worker thread's path reports it, or creates the maildir
+    return None, session_lock
+
+
+def _unchanged(cached: _Cached, root: Path) -> bool:
+    """Whether the cached snapshot of ``root`` is still right (see the module documentation)."""
+    if _file_key(root / INDEX_NAME) != cached.index_key:
+        return False
+    dir_mtimes = _dir_mtimes(root)
+    return dir_mtimes == cached.dir_mtimes and max(dir_mtimes) < cached.scanned_ns - _MTIME_SLACK_NS
+
+
+def _open_maildrop(
+    root: Path,
+    lock: bool,
+    indexed: bool,
+    cache: _SnapshotCache,
+    taken: SessionLock | None = None,
+) -> _Opened:
+    """Lock the maildir, take the snapshot, creating the maildir if needed (in a worker thread).
+
+    ``taken`` is the session lock when the caller has taken it already.
+    """
+    try:
+        return _open_existing(root, lock, indexed, cache, taken)
     except StorageError as exc:
         if not isinstance(exc.__cause__, FileNotFoundError):
             raise
     _ensure_maildir(root)
-    return _open_existing(root, lock, indexed, cache)
+    return _open_existing(root, lock, indexed, cache)  # the failed attempt released ``taken``
 
 
-def _open_existing(root: Path, lock: bool, indexed: bool, cache: _SnapshotCache) -> _Opened:
+def _open_existing(
+    root: Path,
+    lock: bool,
+    indexed: bool,
+    cache: _SnapshotCache,
+    taken: SessionLock | None = None,
+) -> _Opened:
     """Lock the maildir and take the snapshot; ``ENOENT`` if a directory is missing."""
-    session_lock = SessionLock(root / LOCK_NAME) if lock else None
+    session_lock = taken
+    if session_lock is None and lock:
+        session_lock = SessionLock(root / LOCK_NAME, root / INDEX_LOCK_NAME)
     try:
         if indexed:
             messages, files = _indexed_snapshot(root, cache)
@@ -774,6 +903,41 @@ def _open_or_none(path: Path) -> BinaryIO | None:
         return None
     except OSError as exc:
         raise storage_error(exc, "open message", path) from exc
+
+
+def _read_whole_or_none(path: Path) -> bytes | None:
+    """Read a whole message file in the event loop's thread; ``None`` if it does not exist.
+
+    Four system calls (open, fstat, read, close). The file is opened without blocking and
+    must be a regular file: a FIFO put in place of a message would otherwise block every
+    session of the process.
+
+    Raises:
+        StoragePermanentError: the file is not a regular file, or cannot be read.
+        StorageTemporaryError: an I/O error that may pass.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise storage_error(exc, "open message", path) from exc
+    try:
+        with os_errors("read message", path):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                msg = f"cannot read message {path}: not a regular file"
+                raise StoragePermanentError(msg)
+            # One more byte than the size: a short read is the end of the file.
+            data = os.read(fd, info.st_size + 1)
+            if len(data) > info.st_size:  # grew since fstat (Maildir files should not)
+                rest = [data]
+                while more := os.read(fd, CHUNK_SIZE):
+                    rest.append(more)
+                data = b"".join(rest)
+            return data
+    finally:
+        os.close(fd)
 
 
 def _read_chunk(handle: BinaryIO, path: Path) -> bytes:
