@@ -72,52 +72,49 @@ class MessageEncoder:
         return chunk
 
     def stuff(self, data: bytes) -> bytes:
-        """Byte-stuff already normalized data."""
+        """Byte-stuff data whose line ends are all LF or all CRLF (normalized, or LF-only).
+
+        A dot is doubled when it starts a line: after an LF, or first in the message.  A
+        two-byte search for "\n." (what bytes.replace does) runs at a fraction of memchr's
+        speed, so when dots are rare, as in base64 attachments, they are found with a one-byte
+        search and the byte before each is checked.
+        """
         if not data:
             return data
-        if b"\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and data[0] == 0x2E:  # "."
-            data = b"." + data
-        self._at_line_start = data.endswith(b"\r\n")
+        dots = data.count(b".")
+        if dots * _SPARSE_DOTS < len(data):
+            data = self._stuff_sparse(data)
+        else:
+            if b"\n." in data:
+                data = data.replace(b"\n.", b"\n..")
+            if self._at_line_start and data[0] == 0x2E:  # "."
+                data = b"." + data
+        self._at_line_start = data.endswith(b"\n")
         return data
 
-    def encode(self, chunk: bytes) -> bytes:
-        """Return the wire form of the next chunk."""
-        if self._pending_cr or not chunk or b"\r" in chunk:
-            return self.stuff(self.normalize(chunk))
-        # The usual Maildir file: LF only.  Stuff first, on the LF form, then turn LF into
-        # CRLF in one C-level pass.  A two-byte search for "\n." (what str.replace does) runs
-        # at a fraction of memchr's speed, so when dots are rare, as in base64 attachments,
-        # they are found with a one-byte search and the byte before each is checked.
-        dots = chunk.count(b".")
-        if dots:
-            if dots * _SPARSE_DOTS < len(chunk):
-                chunk = self._stuff_sparse_lf(chunk)
-            else:
-                if b"\n." in chunk:
-                    chunk = chunk.replace(b"\n.", b"\n..")
-                if self._at_line_start and chunk[0] == 0x2E:  # "."
-                    chunk = b"." + chunk
-        self._at_line_start = chunk.endswith(b"\n")
-        return chunk.replace(b"\n", b"\r\n")
-
-    def _stuff_sparse_lf(self, chunk: bytes) -> bytes:
-        """Byte-stuff an LF-only chunk with few dots: one slice per dot at a line start."""
+    def _stuff_sparse(self, data: bytes) -> bytes:
+        """Byte-stuff data with few dots: one slice per dot at a line start."""
         pieces: list[bytes] = []
         start = 0
-        find = chunk.find
+        find = data.find
         dot = find(b".")
         while dot >= 0:
-            if (chunk[dot - 1] == 0x0A) if dot else self._at_line_start:
-                pieces.append(chunk[start:dot])
+            if (data[dot - 1] == 0x0A) if dot else self._at_line_start:
+                pieces.append(data[start:dot])
                 start = dot  # the dot is sent twice: once ending this piece, once starting the next
                 pieces.append(b".")
             dot = find(b".", dot + 1)
         if not pieces:
-            return chunk
-        pieces.append(chunk[start:])
+            return data
+        pieces.append(data[start:])
         return b"".join(pieces)
+
+    def encode(self, chunk: bytes) -> bytes:
+        """Return the wire form of the next chunk."""
+        if self._pending_cr or b"\r" in chunk:
+            return self.stuff(self.normalize(chunk))
+        # The usual Maildir file, LF only: stuff first, then turn LF into CRLF in one pass.
+        return self.stuff(chunk).replace(b"\n", b"\r\n")
 
     def flush(self) -> bytes:
         """Return the CR held back at the end of the last chunk (normalized, not stuffed)."""
