@@ -441,33 +441,18 @@ def _unlock(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def held_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` for the block, waiting for it if needed.
+def held_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` for the block; yield whether it is held.
 
-    This guards the read-modify-write of the index, which is short, so waiting is fine.
-    """
-    with os_errors("open lock file", path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        with os_errors("lock", path):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        _unlock(fd)
-
-
-@contextlib.contextmanager
-def held_lock_if_free(path: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path`` for the block if no one holds it; say whether.
-
-    The event loop's thread uses it where :func:`held_lock` could wait for another
-    process's index update.
+    This guards the read-modify-write of the index, which is short, so waiting is fine; with
+    ``wait=False`` (the event loop's thread, which must not wait for another process's index
+    update) the block runs without the lock, told so, when someone else holds it.
     """
     with os_errors("open lock file", path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return

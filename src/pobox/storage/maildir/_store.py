@@ -101,7 +101,6 @@ from pobox.storage.maildir._fs import (
     SessionLock,
     fsync_directory,
     held_lock,
-    held_lock_if_free,
     os_errors,
     replace_file,
     storage_error,
@@ -508,9 +507,14 @@ def _open_cached(
             session_lock = SessionLock.take_if_free(root / LOCK_NAME)
             if session_lock is None:
                 return None, None
-        with held_lock_if_free(root / INDEX_LOCK_NAME) as held:
+        with held_lock(root / INDEX_LOCK_NAME, wait=False) as held:
             cached = cache.get(root)
-            if held and cached is not None and _unchanged(cached, root):
+            if (
+                held
+                and cached is not None
+                and _file_key(root / INDEX_NAME) == cached.index_key
+                and _listing_current(cached, _dir_mtimes(root))
+            ):
                 opened = _Opened(root, cached.messages, dict(cached.files), session_lock, True)
                 return opened, None
     except StorageError:
@@ -520,11 +524,11 @@ def _open_cached(
     return None, session_lock
 
 
-def _unchanged(cached: _Cached, root: Path) -> bool:
-    """Whether the cached snapshot of ``root`` is still right (see the module documentation)."""
-    if _file_key(root / INDEX_NAME) != cached.index_key:
-        return False
-    dir_mtimes = _dir_mtimes(root)
+def _listing_current(cached: _Cached, dir_mtimes: tuple[int, int]) -> bool:
+    """Whether the cached listing still holds: the directory mtimes it saw, and trusted ones.
+
+    See the module documentation; the caller has checked that the index file is unchanged.
+    """
     return dir_mtimes == cached.dir_mtimes and max(dir_mtimes) < cached.scanned_ns - _MTIME_SLACK_NS
 
 
@@ -600,9 +604,7 @@ def _indexed_snapshot(
         scanned_ns = time.time_ns()
         dir_mtimes = _dir_mtimes(root)
         if cached is not None and index_key == cached.index_key:
-            if dir_mtimes == cached.dir_mtimes and (
-                max(dir_mtimes) < cached.scanned_ns - _MTIME_SLACK_NS
-            ):
+            if _listing_current(cached, dir_mtimes):
                 return cached.messages, dict(cached.files)
             old = cached.uidlist
             uidlist = UidList(old.uidvalidity, old.next_uid, dict(old.entries))
