@@ -29,8 +29,9 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, TokenVerifier, User
@@ -99,6 +100,8 @@ class SessionContext:
     #: Checks OAuth bearer tokens for OAUTHBEARER / XOAUTH2 (none: tokens always fail).
     token_verifier: TokenVerifier | None = None
 
+
+_T = TypeVar("_T")
 
 _apop_counter = itertools.count()
 
@@ -361,27 +364,30 @@ class Session:
             return
         self._timer = self._loop.call_at((since or now) + timeout, self._check_deadline)
 
-    def _wait_ended(self, exc: asyncio.CancelledError) -> None:
-        """Turn the timer's cancellation of a network wait into :class:`TimeoutError`."""
-        if not self._expired or self._task is None:
-            raise exc
-        self._expired = False
-        self._task.uncancel()
-        raise TimeoutError from None
+    async def _on_network(self, waiting: Awaitable[_T]) -> _T:
+        """Await a read or a drain under the session's timeout.
+
+        Raises:
+            TimeoutError: the timer cancelled the wait (the cancellation is taken back).
+        """
+        self._network_wait()
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            if not self._expired or self._task is None:
+                raise
+            self._expired = False
+            self._task.uncancel()
+            raise TimeoutError from None
+        finally:
+            self._io_since = None
 
     async def _read(self) -> bytes | None:
         """Read what the client sent; ``None`` on the inactivity timeout."""
-        self._network_wait()
         try:
-            return await self.reader.read(READ_SIZE)
-        except asyncio.CancelledError as exc:
-            try:
-                self._wait_ended(exc)
-            except TimeoutError:
-                return None
-            raise
-        finally:
-            self._io_since = None
+            return await self._on_network(self.reader.read(READ_SIZE))
+        except TimeoutError:
+            return None
 
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -390,13 +396,7 @@ class Session:
         self.writer.write(data)
         # Drain only when the transport holds data back: most replies leave at once.
         if self._transport.get_write_buffer_size():
-            self._network_wait()
-            try:
-                await self.writer.drain()
-            except asyncio.CancelledError as exc:
-                self._wait_ended(exc)
-            finally:
-                self._io_since = None
+            await self._on_network(self.writer.drain())
 
     # ----------------------------------------------------------------- events
 
