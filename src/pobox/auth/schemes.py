@@ -480,10 +480,12 @@ def is_cheap(stored: str, *, default_scheme: str = "CRYPT") -> bool:
     or unknown scheme is not cheap (the caller then takes the thread path, which fails it).
     """
     try:
-        name, _ = _parse_name(_split(stored, default_scheme)[0])
+        scheme, data = _split(stored, default_scheme)
+        name, _ = _parse_name(scheme)
     except ValueError:
         return False
-    return name in _BINARY or (name == "MD5" and not stored.partition("}")[2].startswith("$1$"))
+    # MD5 is verify()'s MD5-CRYPT when the data looks like one, else PLAIN-MD5.
+    return name in _BINARY or (name == "MD5" and not data.startswith("$1$"))
 
 
 def verify(

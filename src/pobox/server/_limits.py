@@ -157,15 +157,14 @@ def _why_not(result: OpenFileLimit, nr_open: int) -> str:
 
 def _warn(config: Config, result: OpenFileLimit, nr_open: int) -> None:
     soft, hard = _shown(result.after)
-    per_session = PER_SESSION
     if config.max_open_files:
         source = f"max_open_files = {config.max_open_files} asks for"
     else:
         source = (
             f"max_connections = {config.max_connections} needs "
-            f"({per_session} per session + {RESERVE})"
+            f"({PER_SESSION} per session + {RESERVE})"
         )
-    sessions = max(0, (result.after[0] - RESERVE) // per_session)
+    sessions = max(0, (result.after[0] - RESERVE) // PER_SESSION)
     logger.warning(
         "master: open-file limit (ulimit -n) %s (hard %s) is below the %d that %s; %s. "
         "At worst, sessions beyond about %d may fail with 'Too many open files'. Fix: "
