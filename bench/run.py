@@ -285,18 +285,25 @@ def run_pobox(root: Path) -> Iterator[Server]:
         f'log_path = "{log}"\n'
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
     )
-    command = ["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "pobox"]
-    with (base / "pobox.out").open("ab") as sink:
+    command = [sys.executable, "-m", "pobox", "serve", "-c", str(config)]
+    with _started("pobox", command, base, port, base / "pobox.out") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _started(name: str, command: list[str], base: Path, port: int, log: Path) -> Iterator[Server]:
+    """Run ``command`` on the server core (output to ``base/<name>.out``) until its greeting."""
+    with (base / f"{name}.out").open("ab") as sink:
         process = subprocess.Popen(
-            [*command, "serve", "-c", str(config)],
+            ["taskset", "-c", str(SERVER_CORE), *command],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        _wait_greeting(process, port, "pobox", base / "pobox.out")
-        yield Server("pobox", port, process.pid)
+        _wait_greeting(process, port, "pobox" if name == "pobox" else "Dovecot", log)
+        yield Server(name, port, process.pid)
     finally:
         _stop(process)
 
@@ -342,19 +349,9 @@ def run_dovecot(root: Path) -> Iterator[Server]:
         (base / sub).mkdir(parents=True, exist_ok=True)
     config = base / "dovecot.conf"
     config.write_text(_dovecot_config(base, port))
-    with (base / "dovecot.out").open("ab") as sink:
-        process = subprocess.Popen(
-            ["taskset", "-c", str(SERVER_CORE), str(find_dovecot()), "-F", "-c", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        _wait_greeting(process, port, "Dovecot", base / "dovecot.log")
-        yield Server("dovecot", port, process.pid)
-    finally:
-        _stop(process)
+    command = [str(find_dovecot()), "-F", "-c", str(config)]
+    with _started("dovecot", command, base, port, base / "dovecot.log") as server:
+        yield server
 
 
 @contextlib.contextmanager
