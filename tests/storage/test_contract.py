@@ -8,6 +8,7 @@ the code under test.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -39,6 +40,10 @@ async def read_now_or_all(maildrop: Maildrop, key: str) -> bytes:
     """Return message ``key`` as the session reads it: read_now, else read_message."""
     data = maildrop.read_now(key)
     return await read_all(maildrop, key) if data is None else data
+
+
+#: How a test reads a whole message: read_all or read_now_or_all.
+Reader = Callable[[Maildrop, str], Awaitable[bytes]]
 
 
 async def contents(maildrop: Maildrop) -> list[bytes]:
@@ -161,14 +166,18 @@ class TestReadMessage:
         assert expected == [await read_all(maildrop, key) for _ in range(2)]
         await maildrop.close()
 
-    async def test_unknown_key_is_gone(self, backend: Backend) -> None:
-        """A key that is not in the snapshot raises MessageGone."""
+    @pytest.mark.parametrize("read", [read_all, read_now_or_all], ids=["message", "now"])
+    async def test_unknown_key_is_gone(self, backend: Backend, read: Reader) -> None:
+        """A key that is not in the snapshot raises MessageGone (read_now: or read_message)."""
         maildrop = await backend.store.open(backend.user("alice"))
         with pytest.raises(MessageGone):
-            await read_all(maildrop, "no-such-key")
+            await read(maildrop, "no-such-key")
         await maildrop.close()
 
-    async def test_message_deleted_by_another_session_is_gone(self, backend: Backend) -> None:
+    @pytest.mark.parametrize("read", [read_all, read_now_or_all], ids=["message", "now"])
+    async def test_message_deleted_by_another_session_is_gone(
+        self, backend: Backend, read: Reader
+    ) -> None:
         """A message deleted after the snapshot raises MessageGone when read."""
         backend.deliver("alice", b"doomed\n")
         reader = await backend.store.open(backend.user("alice"), lock=False)
@@ -176,7 +185,7 @@ class TestReadMessage:
         await deleter.delete([deleter.messages[0].key])
         await deleter.close()
         with pytest.raises(MessageGone):
-            await read_all(reader, reader.messages[0].key)
+            await read(reader, reader.messages[0].key)
         await reader.close()
 
 
@@ -200,24 +209,6 @@ class TestReadNow:
         maildrop = await backend.store.open(backend.user("alice"))
         assert maildrop.read_now(maildrop.messages[0].key) is None
         await maildrop.close()
-
-    async def test_unknown_key_is_gone(self, backend: Backend) -> None:
-        """A key that is not in the snapshot raises MessageGone, at once or from read_message."""
-        maildrop = await backend.store.open(backend.user("alice"))
-        with pytest.raises(MessageGone):
-            await read_now_or_all(maildrop, "no-such-key")
-        await maildrop.close()
-
-    async def test_message_deleted_by_another_session_is_gone(self, backend: Backend) -> None:
-        """A small message deleted after the snapshot raises MessageGone."""
-        backend.deliver("alice", b"doomed\n")
-        reader = await backend.store.open(backend.user("alice"), lock=False)
-        deleter = await backend.store.open(backend.user("alice"))
-        await deleter.delete([deleter.messages[0].key])
-        await deleter.close()
-        with pytest.raises(MessageGone):
-            await read_now_or_all(reader, reader.messages[0].key)
-        await reader.close()
 
 
 class TestUidl:
