@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pobox import __version__
+from pobox.auth.base import Authenticator
 from pobox.auth.oauth import JwtVerifier
 from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user, set_password
 from pobox.auth.schemes import SUPPORTED_SCHEMES
@@ -38,6 +39,7 @@ from pobox.log import setup_logging
 from pobox.server import Pop3Server, SessionContext, drop_privileges
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._throttle import LoginThrottle
+from pobox.storage.base import MaildropStore
 from pobox.storage.maildir import MaildirStore
 
 __all__ = ["main"]
@@ -50,14 +52,27 @@ EX_USAGE, EX_DATAERR, EX_CONFIG, EX_UNAVAILABLE, EX_OSERR = 64, 65, 78, 69, 71
 EX_TEMPFAIL = 75
 
 
-def build_context(config: Config) -> SessionContext:
-    """Build the server's backends from the configuration."""
+def build_authenticator(config: Config) -> Authenticator:
+    """Build the user database the configuration names."""
+    return PasswdFileAuthenticator(config.passwd_file, default_scheme=config.default_pass_scheme)
+
+
+def build_store(config: Config) -> MaildropStore:
+    """Build the mail store the configuration names."""
+    return MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+
+
+def build_context(
+    config: Config,
+    *,
+    authenticator: Authenticator | None = None,
+    store: MaildropStore | None = None,
+) -> SessionContext:
+    """Build the server's backends from the configuration (or use those given)."""
     return SessionContext(
         config=config,
-        authenticator=PasswdFileAuthenticator(
-            config.passwd_file, default_scheme=config.default_pass_scheme
-        ),
-        store=MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max),
+        authenticator=authenticator or build_authenticator(config),
+        store=store or build_store(config),
         throttle=LoginThrottle(
             delay=config.auth_failure_delay,
             delay_max=config.auth_failure_delay_max,
@@ -76,15 +91,11 @@ async def run_server(config: Config) -> None:
     if not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
-    server = Pop3Server(build_context(config))
+    authenticator = build_authenticator(config)
+    store = build_store(config)
+    server = Pop3Server(build_context(config, authenticator=authenticator, store=store))
     await server.start()
-    delivery = DeliveryServer(
-        config,
-        build_agent(
-            config,
-            PasswdFileAuthenticator(config.passwd_file, default_scheme=config.default_pass_scheme),
-        ),
-    )
+    delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
         await delivery.start()
         # Start the thread pool (and import its modules) first: the interpreter may live
@@ -164,8 +175,11 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
+        agent = build_agent(config, build_authenticator(config), build_store(config))
         status, message = asyncio.run(
-            deliver_stdin(config, args.user, args.sender, sys.stdin.buffer)
+            deliver_stdin(
+                agent, args.user, args.sender, sys.stdin.buffer, limit=config.max_message_size
+            )
         )
     except Exception as exc:  # an MDA must tempfail, never crash into a bounce
         status, message = EX_TEMPFAIL, f"internal error: {exc!r}"

@@ -67,6 +67,7 @@ class TestParsing:
             gid=1001,
             home="/home/alice",
             mail="maildir:~/Maildir",
+            quota_bytes=1024**3,
             extra={"quota_rule": "*:storage=1G", "flag": ""},
         ) == await db.lookup("alice")
 
@@ -209,9 +210,11 @@ class TestAuthenticate:
     async def test_nologin_refuses_the_right_password(self, users, flag):
         """nologin and noauthenticate refuse the login; lookup still finds the user."""
         db = users(f"alice:{{PLAIN}}pw:::::: {flag} reason=gone\n")
-        assert (None, "alice") == (
+        found = await db.lookup("alice")
+        assert (None, "alice", False) == (
             await db.authenticate("alice", b"pw"),
-            getattr(await db.lookup("alice"), "name", None),
+            getattr(found, "name", None),
+            getattr(found, "may_login", None),
         )
 
     async def test_nologin_no_is_off(self, users):

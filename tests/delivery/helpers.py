@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pobox.auth.passwdfile import PasswdFileAuthenticator
+from pobox.cli import build_store
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.testing import RunningServer, running_server
 
@@ -63,7 +64,9 @@ async def running_pobox(
                 lines.append(entry + "\n")
             passwd.write_text("".join(lines))
         config = pop3.config
-        agent = build_agent(config, PasswdFileAuthenticator(config.passwd_file))
+        agent = build_agent(
+            config, PasswdFileAuthenticator(config.passwd_file), build_store(config)
+        )
         delivery = DeliveryServer(config, agent)
         await delivery.start()
         try:

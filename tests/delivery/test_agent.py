@@ -10,10 +10,10 @@ from pobox.auth.base import User
 from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user
 from pobox.config import build_config
 from pobox.delivery import DeliveryAgent, Outcome, Recipient, parse_size
-from pobox.delivery._agent import trace_headers, user_quota
+from pobox.delivery._agent import trace_headers
 from pobox.errors import ConfigError
+from pobox.records import Quota, quota_from_fields
 from pobox.storage.maildir import MaildirStore
-from pobox.storage.maildir._deliver import Quota
 
 
 class TestParseSize:
@@ -32,25 +32,38 @@ class TestParseSize:
 
 
 class TestUserQuota:
-    """user_quota()."""
+    """User.quota() with the limits quota_from_fields() reads from userdb fields."""
+
+    @staticmethod
+    def user(**fields: str) -> User:
+        """Return alice with the quota limits ``fields`` set."""
+        quota_bytes, quota_messages, _ = quota_from_fields(fields)
+        return User("alice", quota_bytes=quota_bytes, quota_messages=quota_messages)
 
     def test_default(self) -> None:
         """A user without quota fields gets the configured default."""
-        assert Quota(5, 6) == user_quota(User("alice"), Quota(5, 6))
+        assert Quota(5, 6) == self.user().quota(Quota(5, 6))
 
     def test_dovecot_quota_rule(self) -> None:
         """Dovecot's quota_rule extra field sets both limits."""
-        user = User("alice", extra={"quota_rule": "*:storage=1M:messages=10"})
-        assert Quota(1024**2, 10) == user_quota(user, Quota())
+        user = self.user(quota_rule="*:storage=1M:messages=10")
+        assert Quota(1024**2, 10) == user.quota(Quota())
 
     def test_simple_fields_win(self) -> None:
         """quota_bytes and quota_messages override the rule."""
-        extra = {"quota_rule": "*:storage=1M", "quota_bytes": "2k", "quota_messages": "3"}
-        assert Quota(2048, 3) == user_quota(User("alice", extra=extra), Quota())
+        user = self.user(quota_rule="*:storage=1M", quota_bytes="2k", quota_messages="3")
+        assert Quota(2048, 3) == user.quota(Quota())
+
+    def test_one_limit_keeps_the_other_default(self) -> None:
+        """A user who sets only a message count keeps the default byte limit."""
+        assert Quota(7, 3) == self.user(quota_messages="3").quota(Quota(7, 9))
 
     def test_malformed_field_is_ignored(self) -> None:
-        """A malformed value leaves the default in place."""
-        assert Quota(7, 0) == user_quota(User("a", extra={"quota_bytes": "lots"}), Quota(7, 0))
+        """A malformed value leaves the default in place and is reported."""
+        assert Quota(7, 0) == self.user(quota_bytes="lots").quota(Quota(7, 0))
+        assert ["quota_bytes: 'lots' is not a size (digits with an optional b, k, M, G or T)"] == (
+            quota_from_fields({"quota_bytes": "lots"})[2]
+        )
 
 
 class TestTraceHeaders:

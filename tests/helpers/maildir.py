@@ -15,7 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["User", "deliver", "set_flags"]
+from pobox.storage.base import IncomingMessage
+from pobox.storage.spool import Spool
+
+__all__ = ["User", "deliver", "incoming", "set_flags"]
 
 _state = {"last": 0, "count": 0}
 
@@ -27,6 +30,8 @@ class User:
     name: str
     home: str | None = None
     mail: str | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 def deliver(maildir: Path, data: bytes, *, fields: str = "SW", flags: str | None = None) -> str:
@@ -75,3 +80,8 @@ def _unique_name() -> str:
     seconds, micros = divmod(now, 1_000_000)
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
     return f"{seconds}.M{micros}P{os.getpid()}Q{_state['count']}.{host}"
+
+
+def incoming(data: bytes, header: bytes = b"") -> IncomingMessage:
+    """Return ``data`` (as received: CRLF or LF lines) as a message to deliver."""
+    return IncomingMessage(header, Spool.from_bytes(data))

@@ -1,7 +1,7 @@
 """Fixtures of the storage tests: every backend behind one small harness.
 
 A :class:`Backend` couples a store with a way to deliver mail into it the way that backend
-receives mail in production: :meth:`MemoryStore.deliver` for memory, files written by an MTA
+receives mail in production: :meth:`MemoryStore.add` for memory, files written by an MTA
 for Maildir. The Maildir variants differ only in how the files look (size fields in the name
 or not, moved to ``cur/`` with flags or not) and whether the index is used; every one of them
 must pass the whole contract suite.
@@ -34,7 +34,7 @@ class Backend:
 def _memory(tmp_path: Path) -> Backend:
     """Return the memory backend (``tmp_path`` is unused)."""
     store = MemoryStore()
-    return Backend("memory", store, User, store.deliver)
+    return Backend("memory", store, User, store.add)
 
 
 def _maildir(

@@ -8,12 +8,23 @@ the code under test.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import pytest
 
-from pobox.storage.base import Maildrop, MaildropLocked, MessageGone
+from pobox.storage.base import (
+    IncomingMessage,
+    Maildrop,
+    MaildropLocked,
+    MessageGone,
+    Quota,
+    QuotaExceeded,
+    Usage,
+)
+from pobox.storage.spool import Spool
+from tests.helpers.maildir import incoming
 
 if TYPE_CHECKING:
     from tests.storage.conftest import Backend
@@ -412,3 +423,101 @@ class TestDelete:
         await maildrop.close()
         with pytest.raises(RuntimeError):
             await maildrop.delete([maildrop.messages[0].key])
+
+
+class TestDeliver:
+    """Delivery through the store: what LMTP, SMTP and ``pobox deliver`` rely on."""
+
+    async def test_header_and_body_are_stored_in_stored_form(self, backend: Backend) -> None:
+        """The recipient's header comes first; the body's CRLF line endings are stored as LF."""
+        message = incoming(b"Subject: a\r\n\r\nbody\r\n", header=b"Delivered-To: alice\n")
+        await backend.store.deliver(backend.user("alice"), message)
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = ([b"Delivered-To: alice\nSubject: a\n\nbody\n"], [41])
+        assert expected == (await contents(maildrop), [info.size for info in maildrop.messages])
+        await maildrop.close()
+
+    async def test_deliveries_come_in_order_after_existing_mail(self, backend: Backend) -> None:
+        """Mail delivered through the store follows mail already there, in delivery order."""
+        backend.deliver("alice", b"first\n")
+        for text in (b"second\n", b"third\n"):
+            await backend.store.deliver(backend.user("alice"), incoming(text))
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = [b"first\n", b"second\n", b"third\n"]
+        assert expected == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_one_body_for_many_recipients(self, backend: Backend) -> None:
+        """One spooled body delivered to several users reaches each with their own header."""
+        body = Spool.from_bytes(b"shared\r\n")
+        for name in ("alice", "bob"):
+            header = f"Delivered-To: {name}\n".encode()
+            await backend.store.deliver(backend.user(name), IncomingMessage(header, body))
+        got = []
+        for name in ("alice", "bob"):
+            maildrop = await backend.store.open(backend.user(name))
+            got += await contents(maildrop)
+            await maildrop.close()
+        assert [b"Delivered-To: alice\nshared\n", b"Delivered-To: bob\nshared\n"] == got
+
+    async def test_delivery_while_a_session_holds_the_lock(self, backend: Backend) -> None:
+        """Delivery never waits for a session, and the session's snapshot does not change."""
+        backend.deliver("alice", b"old\n")
+        session = await backend.store.open(backend.user("alice"))
+        await backend.store.deliver(backend.user("alice"), incoming(b"new\n"))
+        assert [b"old\n"] == await contents(session)
+        await session.close()
+        maildrop = await backend.store.open(backend.user("alice"))
+        assert [b"old\n", b"new\n"] == await contents(maildrop)
+        await maildrop.close()
+
+    async def test_concurrent_deliveries_are_all_kept(self, backend: Backend) -> None:
+        """Twenty deliveries at once are all stored, each with its own UIDL."""
+        await asyncio.gather(
+            *(
+                backend.store.deliver(backend.user("alice"), incoming(f"{n}\n".encode()))
+                for n in range(20)
+            )
+        )
+        maildrop = await backend.store.open(backend.user("alice"))
+        expected = sorted(f"{n}\n".encode() for n in range(20))
+        uidls = {info.uidl for info in maildrop.messages}
+        assert (expected, 20) == (sorted(await contents(maildrop)), len(uidls))
+        await maildrop.close()
+
+    async def test_usage_counts_stored_octets_and_messages(self, backend: Backend) -> None:
+        """usage() is the stored size (LF line endings) and the number of messages."""
+        assert Usage(octets=0, messages=0) == await backend.store.usage(backend.user("alice"))
+        await backend.store.deliver(backend.user("alice"), incoming(b"12345\r\n"))
+        await backend.store.deliver(backend.user("alice"), incoming(b"ab\n", header=b"H\n"))
+        assert Usage(octets=11, messages=2) == await backend.store.usage(backend.user("alice"))
+
+    async def test_usage_drops_after_delete(self, backend: Backend) -> None:
+        """Deleted messages no longer count."""
+        await backend.store.deliver(backend.user("alice"), incoming(b"12345\n"))
+        maildrop = await backend.store.open(backend.user("alice"))
+        await maildrop.delete([info.key for info in maildrop.messages])
+        await maildrop.close()
+        assert Usage(octets=0, messages=0) == await backend.store.usage(backend.user("alice"))
+
+    @pytest.mark.parametrize(
+        ("quota", "second"),
+        [(Quota(max_messages=1), b"y\n"), (Quota(max_bytes=10), b"123456\n")],
+        ids=["messages", "bytes"],
+    )
+    async def test_quota_refuses_and_stores_nothing(
+        self, backend: Backend, quota: Quota, second: bytes
+    ) -> None:
+        """A message that would go over the quota is refused and leaves the maildrop as it was."""
+        await backend.store.deliver(backend.user("alice"), incoming(b"1234\n"), quota=quota)
+        with pytest.raises(QuotaExceeded):
+            await backend.store.deliver(backend.user("alice"), incoming(second), quota=quota)
+        assert Usage(octets=5, messages=1) == await backend.store.usage(backend.user("alice"))
+
+    async def test_quota_counts_the_message_itself(self, backend: Backend) -> None:
+        """A message exactly filling the quota fits; one octet more does not."""
+        quota = Quota(max_bytes=5)
+        await backend.store.deliver(backend.user("alice"), incoming(b"1234\n"), quota=quota)
+        with pytest.raises(QuotaExceeded):
+            await backend.store.deliver(backend.user("bob"), incoming(b"12345\n"), quota=quota)
+        assert Usage(octets=0, messages=0) == await backend.store.usage(backend.user("bob"))

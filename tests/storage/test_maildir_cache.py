@@ -21,7 +21,7 @@ import pytest
 from pobox.storage.base import MaildropLocked, MessageInfo
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._deliver import deliver_message
-from tests.helpers.maildir import User, deliver, set_flags
+from tests.helpers.maildir import User, deliver, incoming, set_flags
 
 ALICE = User("alice")
 
@@ -87,7 +87,7 @@ class TestSnapshotCache:
         """A message delivered by deliver_message (index line appended) is listed next."""
         deliver(maildir, b"one\n")
         before = await warm(store, maildir)
-        name = deliver_message(maildir, b"Subject: two\r\n\r\nbody\r\n")
+        name = deliver_message(maildir, incoming(b"Subject: two\r\n\r\nbody\r\n"))
         after = await messages(store)
         assert [*[info.key for info in before], name] == [info.key for info in after]
         assert await messages(MaildirStore(f"maildir:{maildir.parent}/%n")) == after
@@ -100,7 +100,7 @@ class TestSnapshotCache:
         deliver(maildir, b"one\n")
         await warm(store, maildir)
         past = os.stat(maildir / "new").st_mtime_ns
-        name = deliver_message(maildir, b"two\n")
+        name = deliver_message(maildir, incoming(b"two\n"))
         os.utime(maildir / "new", ns=(past, past))
         assert name in [info.key for info in await messages(store)]
 

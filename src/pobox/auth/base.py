@@ -6,16 +6,16 @@ password wrong: callers cannot tell them apart, and a good backend spends the sa
 both (it verifies against a dummy hash for unknown users), so nobody can enumerate users by
 timing.  Hash verification is CPU work and runs off the event loop.
 
-May import: the standard library only.
+May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.records` (the
+:class:`User` record is defined there, shared with storage and delivery).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from pobox.errors import PoboxError
+from pobox.records import User
 
 __all__ = ["AuthError", "AuthTemporaryError", "Authenticator", "TokenVerifier", "User"]
 
@@ -30,26 +30,6 @@ class AuthTemporaryError(AuthError):
     """The user database is unavailable for now (RFC 3206 ``SYS/TEMP``)."""
 
     resp_code = "SYS/TEMP"
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """A user record, as Dovecot's passwd-file describes one.
-
-    Attributes:
-        name: the login name.
-        uid, gid: numeric owner for mail files, if set.
-        home: home directory, if set.
-        mail: per-user mail location (``userdb_mail=`` extra field), overriding the default.
-        extra: the remaining extra fields, ``key=value``.
-    """
-
-    name: str
-    uid: int | None = None
-    gid: int | None = None
-    home: str | None = None
-    mail: str | None = None
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 class Authenticator(Protocol):

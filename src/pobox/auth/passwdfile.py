@@ -22,8 +22,8 @@ One line per user, ``user:password:uid:gid:(gecos):home:(shell):extra_fields``:
 reads it again if it changed.  :func:`set_password` and :func:`add_user` rewrite the file
 atomically under a lock.
 
-May import: the standard library, :mod:`pobox.auth.base`, :mod:`pobox.auth.schemes` and
-:mod:`pobox.errors`.
+May import: the standard library, :mod:`pobox.auth.base`, :mod:`pobox.auth.schemes`,
+:mod:`pobox.errors` and :mod:`pobox.records`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import functools
 import grp
+import logging
 import os
 import pwd
 import tempfile
@@ -56,6 +57,7 @@ from pobox.auth.schemes import (
     verify,
 )
 from pobox.errors import PoboxError
+from pobox.records import quota_from_fields
 
 __all__ = [
     "PasswdFileAuthenticator",
@@ -65,6 +67,8 @@ __all__ = [
     "set_password",
     "validate_username",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Flag values that mean "off"; anything else, including no value at all, means "on".
 _FALSE = frozenset({"n", "no", "false", "0"})
@@ -151,19 +155,26 @@ def _parse_line(fields: list[str]) -> _Entry:
             mail = value
         else:
             extra[key] = value
+    quota_bytes, quota_messages, problems = quota_from_fields(extra)
+    for problem in problems:
+        logger.warning("passwd-file: user %s: bad quota field ignored: %s", fields[0], problem)
+    refused = bool(flags & {"nologin", "noauthenticate"})
     user = User(
         name=fields[0],
         uid=_resolve_id(fields[2], lambda name: pwd.getpwnam(name).pw_uid),
         gid=_resolve_id(fields[3], lambda name: grp.getgrnam(name).gr_gid),
         home=fields[5] or None,
         mail=mail,
+        quota_bytes=quota_bytes,
+        quota_messages=quota_messages,
+        may_login=not refused,
         extra=MappingProxyType(extra),
     )
     return _Entry(
         user=user,
         password=password,
         any_password="nopassword" in flags and not password,
-        refused=bool(flags & {"nologin", "noauthenticate"}),
+        refused=refused,
     )
 
 

@@ -2,8 +2,8 @@
 
 The only user of aiosmtpd. :mod:`.lmtp` (RFC 2033, per-recipient replies), :mod:`.smtp`
 (inbound SMTP for local users only), :mod:`.mda` (``pobox deliver``); all deliver through
-:class:`DeliveryAgent`, which writes with
-:func:`pobox.storage.maildir._deliver.deliver_message` (fsync before the acknowledgement).
+:class:`DeliveryAgent`, which stores through the storage interface
+(:meth:`pobox.storage.base.MaildropStore.deliver`: durable before the acknowledgement).
 
 May import: the standard library, aiosmtpd, :mod:`pobox.auth`, :mod:`pobox.config`,
 :mod:`pobox.errors` and :mod:`pobox.storage`.

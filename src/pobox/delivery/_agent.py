@@ -1,35 +1,37 @@
-"""The delivery agent: from an envelope recipient to a message stored in a maildir.
+"""The delivery agent: from an envelope recipient to a message stored in a maildrop.
 
 Shared by the LMTP and SMTP listeners and by ``pobox deliver``: it resolves a recipient
-address to a user of the passwd-file, works out the user's quota, adds the trace headers and
-stores the message (:func:`pobox.storage.maildir._deliver.deliver_message`, in a worker
-thread). Every outcome is a :class:`Outcome` carrying the SMTP reply (RFC 5321, with the
-RFC 3463 enhanced status code) and the sysexits code ``pobox deliver`` exits with.
+address to a user of the user database, works out the user's quota (the user record's own
+limits over the configured default), adds the trace headers and stores the message through
+the storage interface (:meth:`pobox.storage.base.MaildropStore.deliver`), so delivery works
+the same on every store. Every outcome is a :class:`Outcome` carrying the SMTP reply
+(RFC 5321, with the RFC 3463 enhanced status code) and the sysexits code ``pobox deliver``
+exits with.
 
 Delivery never takes the POP3 session lock, so it never waits for a POP3 session.
 
-May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage` and :mod:`pobox.config`.
+May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage`, :mod:`pobox.records`
+and :mod:`pobox.config`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 from pobox.auth.base import Authenticator, AuthError, User
 from pobox.config import Config
-from pobox.storage.base import StorageError, StoragePermanentError
-from pobox.storage.maildir import MaildirStore
-from pobox.storage.maildir._deliver import (
-    Quota,
+from pobox.records import Quota, parse_size
+from pobox.storage.base import (
+    IncomingMessage,
+    MaildropStore,
     QuotaExceeded,
-    deliver_message,
-    maildir_usage,
+    StorageError,
+    StoragePermanentError,
 )
+from pobox.storage.spool import Spool
 
 __all__ = [
     "DeliveryAgent",
@@ -38,15 +40,12 @@ __all__ = [
     "build_agent",
     "parse_size",
     "trace_headers",
-    "user_quota",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: sysexits.h codes (what dovecot-lda and Postfix's pipe(8) agree on).
 EX_OK, EX_DATAERR, EX_NOUSER, EX_CANTCREAT, EX_TEMPFAIL = 0, 65, 67, 73, 75
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 class Outcome(enum.Enum):
@@ -84,57 +83,13 @@ class Recipient:
     user: User
 
 
-def parse_size(text: str) -> int:
-    """Parse a size like Dovecot's: digits with an optional unit ``b``, ``k``, ``M``, ``G``, ``T``.
-
-    Raises:
-        ValueError: not a size.
-    """
-    text = text.strip()
-    digits = text.rstrip("bBkKmMgGtT")
-    unit = text[len(digits) :].lower()
-    if not digits.isascii() or not digits.isdigit() or unit not in _UNITS:
-        msg = f"{text!r} is not a size (digits with an optional b, k, M, G or T)"
-        raise ValueError(msg)
-    return int(digits) * _UNITS[unit]
-
-
-def user_quota(user: User, default: Quota) -> Quota:
-    """Return ``user``'s quota: passwd-file extra fields over the configured default.
-
-    Recognised extra fields (``userdb_`` prefix already removed by the passwd-file reader):
-    ``quota_bytes=<size>``, ``quota_messages=<n>``, and Dovecot's
-    ``quota_rule=*:storage=<size>:messages=<n>``. A malformed value is ignored (logged).
-    """
-    max_bytes, max_messages = default.max_bytes, default.max_messages
-    extra = user.extra
-    try:
-        rule = extra.get("quota_rule")
-        if rule is not None:
-            mailbox, _, limits = rule.partition(":")
-            if mailbox in ("*", "?"):
-                for item in limits.split(":"):
-                    key, _, value = item.partition("=")
-                    if key == "storage":
-                        max_bytes = parse_size(value)
-                    elif key == "messages":
-                        max_messages = int(value)
-        if "quota_bytes" in extra:
-            max_bytes = parse_size(extra["quota_bytes"])
-        if "quota_messages" in extra:
-            max_messages = int(extra["quota_messages"])
-    except ValueError as exc:
-        logger.warning("delivery: user %s: bad quota field ignored: %s", user.name, exc)
-    return Quota(max_bytes=max(0, max_bytes), max_messages=max(0, max_messages))
-
-
 class DeliveryAgent:
     """Resolves recipients and stores messages in their maildirs."""
 
     def __init__(
         self,
         authenticator: Authenticator,
-        store: MaildirStore,
+        store: MaildropStore,
         *,
         quota: Quota | None = None,
         local_domains: tuple[str, ...] = (),
@@ -143,8 +98,8 @@ class DeliveryAgent:
 
         Args:
             authenticator: where users are looked up (``lookup()``).
-            store: gives each user's maildir path.
-            quota: the default quota (none by default).
+            store: where messages are stored.
+            quota: the default quota, for users whose record sets none (none by default).
             local_domains: domains whose local part names a user (``alice@<domain>`` is the
                 user ``alice`` when no user ``alice@<domain>`` exists).
         """
@@ -183,34 +138,32 @@ class DeliveryAgent:
     async def over_quota(self, recipient: Recipient) -> Outcome | None:
         """Return :attr:`Outcome.OVER_QUOTA` if ``recipient`` has no room for one more octet.
 
-        Also :attr:`Outcome.TEMPORARY` if the maildir cannot be read; ``None`` if there is room.
+        Also :attr:`Outcome.TEMPORARY` if the maildrop cannot be read; ``None`` if there is room.
         """
-        quota = user_quota(recipient.user, self._quota)
+        quota = recipient.user.quota(self._quota)
         if quota.unlimited:
             return None
         try:
-            root = self._store.maildir_path(recipient.user)
-            octets, count = await asyncio.to_thread(maildir_usage, root)
+            usage = await self._store.usage(recipient.user)
         except StorageError as exc:
             logger.warning("delivery: %s: %s", recipient.user.name, exc)
             return Outcome.TEMPORARY
-        if (quota.max_messages and count >= quota.max_messages) or (
-            quota.max_bytes and octets >= quota.max_bytes
+        if (quota.max_messages and usage.messages >= quota.max_messages) or (
+            quota.max_bytes and usage.octets >= quota.max_bytes
         ):
             return Outcome.OVER_QUOTA
         return None
 
-    async def deliver(self, recipient: Recipient, sender: str, message: bytes) -> Outcome:
-        """Store ``message`` for ``recipient`` with trace headers; return how it went.
+    async def deliver(self, recipient: Recipient, sender: str, body: Spool) -> Outcome:
+        """Store ``body`` for ``recipient`` with trace headers; return how it went.
 
-        The message is on disk (fsynced, in ``new/``) when this returns
+        The message is durable (fsynced, committed) when this returns
         :attr:`Outcome.DELIVERED`.
         """
-        data = trace_headers(sender, recipient.address) + message
+        message = IncomingMessage(trace_headers(sender, recipient.address), body)
         try:
-            root = self._store.maildir_path(recipient.user)
-            quota = user_quota(recipient.user, self._quota)
-            name = await asyncio.to_thread(deliver_message, root, data, quota=quota)
+            quota = recipient.user.quota(self._quota)
+            key = await self._store.deliver(recipient.user, message, quota=quota)
         except QuotaExceeded as exc:
             logger.info("delivery: %s: %s", recipient.user.name, exc)
             return Outcome.OVER_QUOTA
@@ -223,8 +176,8 @@ class DeliveryAgent:
         logger.info(
             "delivery: %s: saved %s (%d octets) from <%s>",
             recipient.user.name,
-            Path(name).name,
-            len(data),
+            key,
+            message.size,
             sender,
         )
         return Outcome.DELIVERED
@@ -241,12 +194,14 @@ def trace_headers(sender: str, recipient: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def build_agent(config: Config, authenticator: Authenticator) -> DeliveryAgent:
-    """Build the delivery agent a configuration describes."""
+def build_agent(
+    config: Config, authenticator: Authenticator, store: MaildropStore
+) -> DeliveryAgent:
+    """Build the delivery agent a configuration describes, on the backends given."""
     local_domains = (*config.local_domains, config.hostname or socket.gethostname(), "localhost")
     return DeliveryAgent(
         authenticator,
-        MaildirStore(config.mail_location),
+        store,
         quota=Quota(max_bytes=config.quota_bytes, max_messages=config.quota_messages),
         local_domains=local_domains,
     )

@@ -18,6 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from pobox.delivery._agent import DeliveryAgent, Outcome
 from pobox.delivery._protocol import DeliveryProtocol
+from pobox.storage.spool import Spool
 
 __all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpProtocol"]
 
@@ -76,16 +77,16 @@ class LmtpHandler:
         envelope: Envelope,
     ) -> str:
         """Deliver to every recipient; return one reply line per recipient, CRLF-joined."""
-        content = envelope.original_content or b""
         sender = envelope.mail_from or ""
-        outcomes = await asyncio.gather(
-            *(self._deliver(address, sender, content) for address in envelope.rcpt_tos)
-        )
+        with Spool.from_bytes(envelope.original_content or b"") as body:
+            outcomes = await asyncio.gather(
+                *(self._deliver(address, sender, body) for address in envelope.rcpt_tos)
+            )
         return "\r\n".join(outcome.reply for outcome in outcomes)
 
-    async def _deliver(self, address: str, sender: str, content: bytes) -> Outcome:
+    async def _deliver(self, address: str, sender: str, body: Spool) -> Outcome:
         """Resolve ``address`` again (the user may be gone since RCPT) and deliver."""
         resolved = await self._agent.resolve(address, any_domain=True)
         if isinstance(resolved, Outcome):
             return resolved
-        return await self._agent.deliver(resolved, sender, content)
+        return await self._agent.deliver(resolved, sender, body)

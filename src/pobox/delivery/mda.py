@@ -15,44 +15,68 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-from pobox.auth.passwdfile import PasswdFileAuthenticator
-from pobox.config import Config
-from pobox.delivery._agent import EX_DATAERR, DeliveryAgent, Outcome, build_agent
+from pobox.delivery._agent import EX_DATAERR, DeliveryAgent, Outcome
+from pobox.storage.spool import Spool
 
 __all__ = ["deliver_stdin", "read_message"]
 
 #: Where the envelope sender is unknown: the null reverse-path (RFC 5321 §4.5.5).
 _NULL_SENDER = ""
+#: Octets read from standard input at a time.
+_READ_SIZE = 64 * 1024
 
 
-def read_message(stream: BinaryIO, limit: int) -> bytes | None:
-    """Read a whole message from ``stream``; ``None`` if it is over ``limit`` octets (0: none).
+def read_message(stream: BinaryIO, limit: int) -> Spool | None:
+    """Spool a whole message from ``stream``; ``None`` if it is over ``limit`` octets (0: none).
 
-    A leading mbox ``From `` line is dropped.
+    A leading mbox ``From `` line is dropped. Memory stays bounded: a large message goes to
+    the spool's temporary file as it is read.
     """
-    data = stream.read(limit + 1) if limit else stream.read()
-    if limit and len(data) > limit:
-        return None
-    if data.startswith(b"From "):
-        _, _, data = data.partition(b"\n")
-    return data
+    spool = Spool()
+    try:
+        total = 0
+        first = True
+        while True:
+            chunk = stream.read(_READ_SIZE)
+            if first and chunk.startswith(b"From "):
+                while b"\n" not in chunk:  # a From line longer than one read
+                    more = stream.read(_READ_SIZE)
+                    if not more:
+                        break
+                    chunk += more
+                _, _, chunk = chunk.partition(b"\n")
+            first = False
+            if not chunk:
+                break
+            total += len(chunk)
+            if limit and total > limit:
+                spool.close()
+                return None
+            spool.write(chunk)
+        spool.finish()
+    except BaseException:
+        spool.close()
+        raise
+    return spool
 
 
 async def deliver_stdin(
-    config: Config, user: str, sender: str | None, stream: BinaryIO
+    agent: DeliveryAgent, user: str, sender: str | None, stream: BinaryIO, *, limit: int = 0
 ) -> tuple[int, str]:
-    """Deliver the message on ``stream`` to ``user``; return the exit status and a message."""
-    message = read_message(stream, config.max_message_size)
-    if message is None:
-        return EX_DATAERR, f"message over max_message_size ({config.max_message_size} octets)"
-    if not message:
-        return EX_DATAERR, "empty message on standard input"
-    agent: DeliveryAgent = build_agent(
-        config,
-        PasswdFileAuthenticator(config.passwd_file, default_scheme=config.default_pass_scheme),
-    )
-    resolved = await agent.resolve(user, any_domain=True)
-    if isinstance(resolved, Outcome):
-        return resolved.exit_code, f"{user}: {resolved.reply}"
-    outcome = await agent.deliver(resolved, sender or _NULL_SENDER, message)
+    """Deliver the message on ``stream`` to ``user``; return the exit status and a message.
+
+    Args:
+        agent: the delivery agent, on the backends the configuration names.
+        limit: the largest message accepted, in octets (``max_message_size``; 0: none).
+    """
+    body = read_message(stream, limit)
+    if body is None:
+        return EX_DATAERR, f"message over max_message_size ({limit} octets)"
+    with body:
+        if not body.size:
+            return EX_DATAERR, "empty message on standard input"
+        resolved = await agent.resolve(user, any_domain=True)
+        if isinstance(resolved, Outcome):
+            return resolved.exit_code, f"{user}: {resolved.reply}"
+        outcome = await agent.deliver(resolved, sender or _NULL_SENDER, body)
     return outcome.exit_code, f"{user}: {outcome.reply}"

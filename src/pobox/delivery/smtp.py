@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from pobox.delivery._agent import DeliveryAgent, Outcome
 from pobox.delivery._protocol import DeliveryProtocol
 from pobox.delivery.lmtp import MAX_RECIPIENTS
+from pobox.storage.spool import Spool
 
 __all__ = ["SmtpHandler", "SmtpProtocol"]
 
@@ -61,15 +62,15 @@ class SmtpHandler:
         envelope: Envelope,
     ) -> str:
         """Deliver to every recipient; answer with one reply for all (see the module doc)."""
-        content = envelope.original_content or b""
         sender = envelope.mail_from or ""
         outcomes: list[Outcome] = []
-        for address in envelope.rcpt_tos:
-            resolved = await self._agent.resolve(address, any_domain=False)
-            if isinstance(resolved, Outcome):
-                outcomes.append(resolved)
-            else:
-                outcomes.append(await self._agent.deliver(resolved, sender, content))
+        with Spool.from_bytes(envelope.original_content or b"") as body:
+            for address in envelope.rcpt_tos:
+                resolved = await self._agent.resolve(address, any_domain=False)
+                if isinstance(resolved, Outcome):
+                    outcomes.append(resolved)
+                else:
+                    outcomes.append(await self._agent.deliver(resolved, sender, body))
         failures = [outcome for outcome in outcomes if outcome is not Outcome.DELIVERED]
         if not failures:
             return "250 2.0.0 Ok: delivered"

@@ -7,9 +7,18 @@ at open, so message numbers never shift inside a session, and mail delivered mea
 up at the next open.  Deletion happens only through :meth:`Maildrop.delete`, which the shell
 calls in the UPDATE state after QUIT (RFC 1939 §6); each message is removed atomically.
 
+Delivery goes through the store too (:meth:`MaildropStore.deliver`, :meth:`MaildropStore.usage`),
+so LMTP, SMTP and ``pobox deliver`` work the same on every backend: a message is durable (fsync,
+COMMIT) when ``deliver`` returns, and the quota is enforced by the store, in the same step.
+
+Everything that crosses this interface is plain data (strings, numbers, frozen records, and a
+:class:`~pobox.storage.spool.Spool` whose content can be handed over as a file descriptor), so
+a store can run on the other side of a process boundary.
+
 Every backend passes the same contract suite (``tests/storage/test_contract.py``).
 
-May import: the standard library only.
+May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records` and
+:mod:`pobox.storage.spool`.
 """
 
 from __future__ import annotations
@@ -19,18 +28,24 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pobox.errors import PoboxError
+from pobox.records import Quota
+from pobox.storage.spool import Spool
 
 __all__ = [
     "DeleteResult",
+    "IncomingMessage",
     "MailUser",
     "Maildrop",
     "MaildropLocked",
     "MaildropStore",
     "MessageGone",
     "MessageInfo",
+    "Quota",
+    "QuotaExceeded",
     "StorageError",
     "StoragePermanentError",
     "StorageTemporaryError",
+    "Usage",
 ]
 
 
@@ -56,6 +71,10 @@ class MaildropLocked(StorageError):
     """Another session holds the maildrop's exclusive lock (RFC 2449 ``IN-USE``)."""
 
     resp_code = "IN-USE"
+
+
+class QuotaExceeded(StoragePermanentError):
+    """The message would take the maildrop over its quota (RFC 3463 ``5.2.2``)."""
 
 
 class MessageGone(StorageError):
@@ -92,6 +111,39 @@ class DeleteResult:
     failed: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a maildrop holds, as the quota counts it.
+
+    Attributes:
+        octets: the stored size of all its messages.
+        messages: how many messages it holds.
+    """
+
+    octets: int
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A message to store for one recipient.
+
+    Attributes:
+        header: lines put on top of the body for this recipient (``Return-Path``,
+            ``Delivered-To``), each ending in LF.
+        body: the message as received, in stored form; one spool serves every recipient
+            of a transaction, so a store may keep one copy of it for all of them.
+    """
+
+    header: bytes
+    body: Spool
+
+    @property
+    def size(self) -> int:
+        """Octets of the stored message: header and body."""
+        return len(self.header) + self.body.size
+
+
 class MailUser(Protocol):
     """What a store needs to know about a user to find the maildrop.
 
@@ -109,6 +161,14 @@ class MailUser(Protocol):
     @property
     def mail(self) -> str | None:
         """A per-user mail location overriding the store's template (``userdb_mail``)."""
+
+    @property
+    def uid(self) -> int | None:
+        """The owner the user's mail is accessed and created with, if the database sets one."""
+
+    @property
+    def gid(self) -> int | None:
+        """The group the user's mail is accessed and created with, if the database sets one."""
 
 
 class Maildrop(Protocol):
@@ -160,6 +220,34 @@ class MaildropStore(Protocol):
 
         Raises:
             MaildropLocked: another session holds the lock.
+            StorageTemporaryError: a failure that may pass.
+            StoragePermanentError: a failure that needs an administrator.
+        """
+
+    async def deliver(
+        self, user: MailUser, message: IncomingMessage, *, quota: Quota | None = None
+    ) -> str:
+        """Store ``message`` in ``user``'s maildrop; return the backend's key of it.
+
+        The message is durable when this returns (fsynced, committed), and shows up at the
+        next :meth:`open`, after every message delivered before. It never waits for a POP3
+        session: delivery takes no session lock. The maildrop is created if it does not exist.
+
+        Args:
+            quota: limits the maildrop must stay within, this message included; checked
+                and enforced in the same step as the store, so concurrent deliveries cannot
+                together exceed it (as far as the backend can lock).
+
+        Raises:
+            QuotaExceeded: the message does not fit.
+            StorageTemporaryError: a failure that may pass (disk full, database down, ...).
+            StoragePermanentError: a failure that needs an administrator.
+        """
+
+    async def usage(self, user: MailUser) -> Usage:
+        """Return what ``user``'s maildrop holds (empty if it does not exist).
+
+        Raises:
             StorageTemporaryError: a failure that may pass.
             StoragePermanentError: a failure that needs an administrator.
         """

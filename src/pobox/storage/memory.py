@@ -4,7 +4,8 @@
 same contract suite as the Maildir backend (``tests/storage/test_contract.py``), so tests of the
 server can run against it and trust what they see. It lives and dies with the process.
 
-* :meth:`MemoryStore.deliver` adds a message, as an MTA would.
+* :meth:`MemoryStore.deliver` stores a message through the storage interface, as delivery
+  does on every backend; :meth:`MemoryStore.add` is the same for tests, from bytes.
 * Each maildrop has an exclusive lock, held from :meth:`MemoryStore.open` (``lock=True``)
   until :meth:`~MemoryMaildrop.close`.
 * UIDLs come from a per-maildrop counter that never goes back, so they are unique and never
@@ -13,7 +14,7 @@ server can run against it and trust what they see. It lives and dies with the pr
 
 Everything runs on the event loop: there is no I/O to move off it.
 
-May import: the standard library and :mod:`pobox.storage.base`.
+May import: the standard library and :mod:`pobox.storage`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from dataclasses import dataclass, field
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
     DeleteResult,
+    IncomingMessage,
     MaildropLocked,
     MailUser,
     MessageGone,
     MessageInfo,
+    Quota,
+    QuotaExceeded,
+    Usage,
 )
 
 __all__ = ["MemoryMaildrop", "MemoryStore"]
@@ -52,8 +57,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._drops: dict[str, _Drop] = {}
 
-    def deliver(self, username: str, data: bytes) -> str:
-        """Add a message to ``username``'s maildrop and return its key.
+    def add(self, username: str, data: bytes) -> str:
+        """Add a message, stored as it is, to ``username``'s maildrop and return its key.
 
         The message is invisible to sessions already open (they work on a snapshot) and
         shows up at the next :meth:`open`.
@@ -63,6 +68,36 @@ class MemoryStore:
         drop.next_uid += 1
         drop.messages[key] = bytes(data)
         return key
+
+    async def deliver(
+        self, user: MailUser, message: IncomingMessage, *, quota: Quota | None = None
+    ) -> str:
+        """Store ``message`` for ``user`` within ``quota``; return its key.
+
+        Raises:
+            QuotaExceeded: the message does not fit.
+        """
+        if quota is not None and not quota.unlimited:
+            usage = await self.usage(user)
+            if quota.max_messages and usage.messages + 1 > quota.max_messages:
+                msg = f"quota exceeded: {usage.messages} messages of at most {quota.max_messages}"
+                raise QuotaExceeded(msg)
+            if quota.max_bytes and usage.octets + message.size > quota.max_bytes:
+                msg = (
+                    f"quota exceeded: {usage.octets} + {message.size} octets over {quota.max_bytes}"
+                )
+                raise QuotaExceeded(msg)
+        return self.add(user.name, message.header + message.body.getvalue())
+
+    async def usage(self, user: MailUser) -> Usage:
+        """Return the stored octets and number of messages of ``user``'s maildrop."""
+        drop = self._drops.get(user.name)
+        if drop is None:
+            return Usage(octets=0, messages=0)
+        return Usage(
+            octets=sum(len(data) for data in drop.messages.values()),
+            messages=len(drop.messages),
+        )
 
     def stored(self, username: str) -> dict[str, bytes]:
         """Return a copy of the messages currently stored for ``username``, by key."""

@@ -37,16 +37,22 @@ import itertools
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.storage._wire import wire_size
-from pobox.storage.base import StoragePermanentError, StorageTemporaryError
+from pobox.storage.base import (
+    IncomingMessage,
+    Quota,
+    QuotaExceeded,
+    StoragePermanentError,
+    StorageTemporaryError,
+    Usage,
+)
 from pobox.storage.maildir._fs import fsync_directory, held_lock, os_errors
 from pobox.storage.maildir._index import INDEX_NAME, parse_pobox_uidlist
 from pobox.storage.maildir._names import base_name, is_acceptable_name, size_field
 
-__all__ = ["Quota", "QuotaExceeded", "deliver_message", "maildir_usage"]
+__all__ = ["deliver_message", "maildir_usage"]
 
 #: The index lock, as :mod:`._store` names it.
 _INDEX_LOCK_NAME = "pobox-uidlist.lock"
@@ -56,29 +62,7 @@ _NAME_ATTEMPTS = 10
 _deliveries = itertools.count(1)
 
 
-class QuotaExceeded(StoragePermanentError):
-    """The message would take the maildrop over its quota (RFC 3463 ``5.2.2``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Quota:
-    """A maildrop's limits; 0 means no limit.
-
-    Attributes:
-        max_bytes: octets of all stored messages, this one included.
-        max_messages: number of messages, this one included.
-    """
-
-    max_bytes: int = 0
-    max_messages: int = 0
-
-    @property
-    def unlimited(self) -> bool:
-        """Tell whether neither limit is set."""
-        return not self.max_bytes and not self.max_messages
-
-
-def maildir_usage(root: Path) -> tuple[int, int]:
+def maildir_usage(root: Path) -> Usage:
     """Return the octets and the number of the messages in ``new/`` and ``cur/``."""
     octets = count = 0
     for directory in ("new", "cur"):
@@ -99,15 +83,15 @@ def maildir_usage(root: Path) -> tuple[int, int]:
                         raise StorageTemporaryError(str(exc)) from exc
                 octets += size
                 count += 1
-    return octets, count
+    return Usage(octets=octets, messages=count)
 
 
-def deliver_message(root: Path, message: bytes, *, quota: Quota | None = None) -> str:
+def deliver_message(root: Path, message: IncomingMessage, *, quota: Quota | None = None) -> str:
     """Store ``message`` durably in the maildir ``root``; return its file name in ``new/``.
 
     Args:
         root: the maildir (created with ``cur``, ``new`` and ``tmp``, mode 0700, if missing).
-        message: the message, trace headers included; CRLF line endings are stored as LF.
+        message: the header for this recipient and the spooled body (LF line endings).
         quota: limits to enforce, counting this message.
 
     Raises:
@@ -115,17 +99,18 @@ def deliver_message(root: Path, message: bytes, *, quota: Quota | None = None) -
         StorageTemporaryError: a failure that may pass (disk full, I/O error, ...).
         StoragePermanentError: a failure that needs an administrator (permissions, ...).
     """
-    data = message.replace(b"\r\n", b"\n")
+    size = message.size
+    wire = wire_size(message.header) + message.body.wire_size
     for directory in (root, *(root / name for name in _ALL_DIRS)):
         with os_errors("create maildir directory", directory):
             os.makedirs(directory, mode=0o700, exist_ok=True)
     if quota is not None and not quota.unlimited:
-        _check_quota(root, len(data), quota)
-    suffix = f",S={len(data)},W={wire_size(data)}"
+        _check_quota(root, size, quota)
+    suffix = f",S={size},W={wire}"
     for _ in range(_NAME_ATTEMPTS):
         name = _unique_name() + suffix
         temporary = root / "tmp" / name
-        if _write_new_file(temporary, data):
+        if _write_new_file(temporary, message):
             break
     else:
         msg = f"cannot find a free file name in {root / 'tmp'}"
@@ -140,13 +125,14 @@ def deliver_message(root: Path, message: bytes, *, quota: Quota | None = None) -
         # A leftover in tmp/ is harmless: POP3 never lists tmp/.
         with contextlib.suppress(OSError):
             temporary.unlink()
-    _index_new_message(root, name, wire_size(data))
+    _index_new_message(root, name, wire)
     return name
 
 
 def _check_quota(root: Path, size: int, quota: Quota) -> None:
     """Raise :class:`QuotaExceeded` if a message of ``size`` octets does not fit."""
-    octets, count = maildir_usage(root)
+    usage = maildir_usage(root)
+    octets, count = usage.octets, usage.messages
     if quota.max_messages and count + 1 > quota.max_messages:
         msg = f"quota exceeded: {count} messages of at most {quota.max_messages} in {root}"
         raise QuotaExceeded(msg)
@@ -164,8 +150,8 @@ def _unique_name() -> str:
     return f"{seconds}.M{micro}P{os.getpid()}Q{next(_deliveries)}.{host}"
 
 
-def _write_new_file(path: Path, data: bytes) -> bool:
-    """Create ``path``, write ``data`` and fsync it; ``False`` if the name is taken."""
+def _write_new_file(path: Path, message: IncomingMessage) -> bool:
+    """Create ``path``, write ``message`` and fsync it; ``False`` if the name is taken."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
@@ -175,10 +161,9 @@ def _write_new_file(path: Path, data: bytes) -> bool:
             raise exc from None
     try:
         with os_errors("write", path):
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, message.header)
+            for chunk in message.body.chunks():
+                _write_all(fd, chunk)
             os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -186,6 +171,14 @@ def _write_new_file(path: Path, data: bytes) -> bool:
         raise
     os.close(fd)
     return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _index_new_message(root: Path, name: str, size: int) -> None:

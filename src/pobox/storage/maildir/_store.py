@@ -91,12 +91,16 @@ from pobox.errors import ConfigError
 from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import (
     DeleteResult,
+    IncomingMessage,
     MailUser,
     MessageGone,
     MessageInfo,
+    Quota,
     StorageError,
     StoragePermanentError,
+    Usage,
 )
+from pobox.storage.maildir._deliver import deliver_message, maildir_usage
 from pobox.storage.maildir._fs import (
     SessionLock,
     fsync_directory,
@@ -286,6 +290,29 @@ class MaildirStore:
                 taken.release()
             raise
         return MaildirMaildrop(opened, self._inline_read_max)
+
+    async def deliver(
+        self, user: MailUser, message: IncomingMessage, *, quota: Quota | None = None
+    ) -> str:
+        """Store ``message`` in ``user``'s maildir (see :mod:`._deliver`); return its name.
+
+        Raises:
+            QuotaExceeded: the message does not fit in ``quota``.
+            StorageTemporaryError: a failure that may pass (disk full, I/O error, ...).
+            StoragePermanentError: a failure that needs an administrator.
+        """
+        root = self.maildir_path(user)
+        return await asyncio.to_thread(deliver_message, root, message, quota=quota)
+
+    async def usage(self, user: MailUser) -> Usage:
+        """Return the octets and number of messages in ``user``'s maildir.
+
+        Raises:
+            StorageTemporaryError: a failure that may pass.
+            StoragePermanentError: a failure that needs an administrator.
+        """
+        root = self.maildir_path(user)
+        return await asyncio.to_thread(maildir_usage, root)
 
     async def aclose(self) -> None:
         """Do nothing: the store keeps no resources between sessions (only memory)."""
