@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import getpass
 import logging
@@ -21,9 +22,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pobox import __version__
 from pobox.auth.base import Authenticator
@@ -36,11 +37,20 @@ from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
 from pobox.log import setup_logging
-from pobox.server import Pop3Server, SessionContext, drop_privileges
+from pobox.server import Pop3Server, SessionContext
 from pobox.server._limits import raise_open_file_limit
+from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._throttle import LoginThrottle
-from pobox.storage.base import MaildropStore
+from pobox.storage.base import MaildropStore, StorageError
 from pobox.storage.maildir import MaildirStore
+from pobox.storage.privsep import (
+    Owner,
+    OwnerPolicy,
+    SameOwnerStore,
+    StorageHelper,
+    SwitchingStore,
+)
+from pobox.tls import ServerTls
 
 __all__ = ["main"]
 
@@ -52,14 +62,33 @@ EX_USAGE, EX_DATAERR, EX_CONFIG, EX_UNAVAILABLE, EX_OSERR = 64, 65, 78, 69, 71
 EX_TEMPFAIL = 75
 
 
-def build_authenticator(config: Config) -> Authenticator:
-    """Build the user database the configuration names."""
-    return PasswdFileAuthenticator(config.passwd_file, default_scheme=config.default_pass_scheme)
+def build_authenticator(
+    config: Config, *, opener: Callable[[], BinaryIO] | None = None
+) -> Authenticator:
+    """Build the user database the configuration names.
+
+    Args:
+        opener: opens the passwd-file for a process that may not open it by path.
+    """
+    return PasswdFileAuthenticator(
+        config.passwd_file, default_scheme=config.default_pass_scheme, opener=opener
+    )
 
 
-def build_store(config: Config) -> MaildropStore:
-    """Build the mail store the configuration names."""
-    return MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> MaildropStore:
+    """Build the mail store the configuration names, for mail accessed without a helper.
+
+    The store serves only users whose mail the process owns (:class:`SameOwnerStore`): the
+    uid/gid of ``plan`` (mode 1 or 2 of :mod:`pobox.server._privileges`), by default the
+    process's own, as in a server run in-process (a test); in a process that is root that is
+    uid 0, refused unless ``first_valid_uid`` and ``first_valid_gid`` are 0.
+    """
+    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    if plan is None:
+        me = Owner(os.geteuid(), os.getegid())
+        return SameOwnerStore(maildir, OwnerPolicy.from_config(config, fallback=me), me)
+    assert plan.identity is not None
+    return SameOwnerStore(maildir, plan.policy, plan.identity)
 
 
 def build_context(
@@ -67,12 +96,14 @@ def build_context(
     *,
     authenticator: Authenticator | None = None,
     store: MaildropStore | None = None,
+    tls: ServerTls | None = None,
 ) -> SessionContext:
     """Build the server's backends from the configuration (or use those given)."""
     return SessionContext(
         config=config,
         authenticator=authenticator or build_authenticator(config),
         store=store or build_store(config),
+        tls=tls,
         throttle=LoginThrottle(
             delay=config.auth_failure_delay,
             delay_max=config.auth_failure_delay_max,
@@ -86,29 +117,96 @@ def build_context(
     )
 
 
-async def run_server(config: Config) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down cleanly."""
+def _helper_opener(helper: StorageHelper) -> Callable[[], BinaryIO]:
+    """Open the passwd-file through the storage helper (the serving process is not root)."""
+
+    def opener() -> BinaryIO:
+        try:
+            return os.fdopen(helper.files.open("passwd_file"), "rb")
+        except StorageError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
+
+    return opener
+
+
+async def _start_helper(
+    config: Config, plan: PrivilegePlan, on_lost: Callable[[str], None]
+) -> tuple[StorageHelper, Authenticator, MaildropStore, ServerTls | None]:
+    """Start the storage helper (mode 3) and the backends that go through it."""
+    try:
+        helper = await StorageHelper.start(config, plan.policy, on_lost=on_lost)
+    except StorageError as exc:
+        raise PoboxError(str(exc)) from None
+    try:
+        authenticator = build_authenticator(config, opener=_helper_opener(helper))
+        tls = ServerTls(config, read_file=helper.files.read) if config.ssl_cert else None
+    except BaseException:
+        await helper.aclose()
+        raise
+    return helper, authenticator, helper.store, tls
+
+
+def _switch(config: Config, plan: PrivilegePlan) -> None:
+    """Become the serving user the plan names, and check what it must still read."""
+    if plan.serve_as is None:
+        return
+    switch_to(plan.serve_as, plan.serve_name)
+    if plan.access is MailAccess.MAIL_UID:
+        # No helper in this mode: the passwd-file is read again, by path, as mail_uid.
+        try:
+            Path(config.passwd_file).open("rb").close()
+        except OSError as exc:
+            msg = (
+                f"passwd_file: {config.passwd_file} is not readable by mail_uid "
+                f"{plan.serve_as.uid} ({exc.strerror}); make it readable by mail_gid"
+            )
+            raise ConfigError(msg) from None
+
+
+async def run_server(config: Config) -> int:
+    """Run the server until SIGTERM or SIGINT, then shut down cleanly; return the status.
+
+    The status is 0, or :data:`EX_UNAVAILABLE` when the storage helper went away (the
+    server stops rather than go on without it).
+    """
     if not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
+    plan = plan_privileges(config)
+    for warning in plan.warnings:
+        logger.warning("config: %s", warning)
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
-    authenticator = build_authenticator(config)
-    store = build_store(config)
-    server = Pop3Server(build_context(config, authenticator=authenticator, store=store))
-    await server.start()
+    stop = asyncio.Event()
+    lost: list[str] = []
+
+    def helper_lost(reason: str) -> None:
+        logger.error("master: the storage helper is gone (%s); stopping", reason)
+        lost.append(reason)
+        stop.set()
+
+    helper: StorageHelper | None = None
+    tls: ServerTls | None = None
+    if plan.access is MailAccess.HELPER:
+        helper, authenticator, store, tls = await _start_helper(config, plan, helper_lost)
+    else:
+        authenticator = build_authenticator(config)
+        store = build_store(config, plan=plan)
+    server = Pop3Server(build_context(config, authenticator=authenticator, store=store, tls=tls))
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
+        await server.start()
         await delivery.start()
         # Start the thread pool (and import its modules) first: the interpreter may live
         # where the unprivileged user cannot read (a pyenv under /root).
         await asyncio.to_thread(int)
-        if drop_privileges(config.user, config.group):
-            logger.info("master: running as user %s (uid %d)", config.user, os.getuid())
+        _switch(config, plan)
     except BaseException:
         await delivery.aclose()
         await server.aclose()
+        if helper is not None:
+            await helper.aclose()
         raise
+    _log_mode(plan, helper)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
@@ -127,6 +225,33 @@ async def run_server(config: Config) -> None:
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     await delivery.aclose()
     await server.aclose()
+    if helper is not None:
+        await helper.aclose()
+    return EX_UNAVAILABLE if lost else 0
+
+
+def _log_mode(plan: PrivilegePlan, helper: StorageHelper | None) -> None:
+    """Say at start whom the server runs as and how it reaches mail."""
+    uid, gid = os.getuid(), os.getgid()
+    if plan.access is MailAccess.HELPER:
+        assert helper is not None
+        logger.info(
+            "master: running as user %s (uid %d, gid %d); mail accessed through the storage "
+            "helper (pid %d) with each user's uid/gid",
+            plan.serve_name,
+            uid,
+            gid,
+            helper.pid,
+        )
+    elif plan.access is MailAccess.MAIL_UID:
+        logger.info(
+            "master: running as mail_uid %s (uid %d, gid %d); serving only its mail",
+            plan.serve_name,
+            uid,
+            gid,
+        )
+    else:
+        logger.info("master: not started as root; mail accessed as uid %d, gid %d", uid, gid)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,6 +264,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.trace:
         out["trace"] = True
     return out
+
+
+async def _discard(main: Coroutine[Any, Any, int]) -> None:
+    await main
 
 
 def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
@@ -161,8 +290,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config)
     for warning in config.warnings:
         logger.warning("config: %s", warning)
-    run_loop(config, run_server(config))
-    return 0
+    status: list[int] = []
+
+    async def serve() -> None:
+        status.append(await run_server(config))
+
+    run_loop(config, serve())
+    return status[0] if status else 0
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
@@ -175,7 +309,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
-        agent = build_agent(config, build_authenticator(config), build_store(config))
+        agent = build_agent(config, build_authenticator(config), build_deliver_store(config))
         status, message = asyncio.run(
             deliver_stdin(
                 agent, args.user, args.sender, sys.stdin.buffer, limit=config.max_message_size
@@ -186,6 +320,20 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     if status:
         print(f"pobox deliver: {message}", file=sys.stderr)
     return status
+
+
+def build_deliver_store(config: Config) -> MaildropStore:
+    """Build the store of ``pobox deliver``.
+
+    Started as root, the process becomes the owner of the recipient's mail (uid/gid from the
+    userdb, else ``mail_uid``/``mail_gid``; never root unless ``first_valid_uid`` is 0) before
+    it touches the maildir (:class:`SwitchingStore`); otherwise it delivers only to users whose
+    mail it owns.
+    """
+    if os.geteuid() != 0:
+        return build_store(config)
+    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
 
 
 # --------------------------------------------------------------------------- demo
@@ -281,7 +429,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        run_loop(config, run_server(config))
+        run_loop(config, _discard(run_server(config)))
     return 0
 
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import BinaryIO
 
 from pobox.auth.base import AuthTemporaryError, User
 from pobox.auth.schemes import (
@@ -207,10 +208,15 @@ def _pick_dummy(entries: Mapping[str, _Entry], default_scheme: str) -> str:
     return next(p for p in passwords if identify_scheme(p, default_scheme=default_scheme) == common)
 
 
-def _load(path: Path, previous: _Snapshot | None, default_scheme: str) -> _Snapshot:
+def _load(
+    path: Path,
+    previous: _Snapshot | None,
+    default_scheme: str,
+    opener: Callable[[], BinaryIO] | None = None,
+) -> _Snapshot:
     """Return the file's users, re-using ``previous`` if the file has not changed."""
     try:
-        with path.open("rb") as file:
+        with path.open("rb") if opener is None else opener() as file:
             st = os.fstat(file.fileno())
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if previous is not None and previous.identity == identity:
@@ -231,6 +237,8 @@ class PasswdFileAuthenticator:
         default_scheme: the scheme of passwords without a ``{SCHEME}`` prefix (Dovecot's
             ``default_pass_scheme``).
         check_interval: seconds between checks whether the file changed.
+        opener: opens the file for a process that may not open it by path (the server
+            after dropping root gets it from the storage helper); default: by path.
 
     Raises:
         UnknownScheme: ``default_scheme`` is not a supported scheme.
@@ -242,12 +250,14 @@ class PasswdFileAuthenticator:
         *,
         default_scheme: str = "CRYPT",
         check_interval: float = 1.0,
+        opener: Callable[[], BinaryIO] | None = None,
     ) -> None:
         if default_scheme.upper().split(".")[0] not in SUPPORTED_SCHEMES:
             raise UnknownScheme(default_scheme)
         self.path = Path(path)
         self.default_scheme = default_scheme
         self._check_interval = check_interval
+        self._opener = opener
         self._snapshot: _Snapshot | None = None
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
@@ -317,7 +327,7 @@ class PasswdFileAuthenticator:
             now = time.monotonic()
             if self._snapshot is None or now - self._checked_at >= self._check_interval:
                 self._snapshot = await asyncio.to_thread(
-                    _load, self.path, self._snapshot, self.default_scheme
+                    _load, self.path, self._snapshot, self.default_scheme, self._opener
                 )
                 self._checked_at = now
             return self._snapshot
