@@ -1,0 +1,127 @@
+"""A real ``pobox serve`` process for the owner's-rights tests, and what /proc says about it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Served", "children", "ids_of", "serve"]
+
+#: A deadline for start-up and for the events awaited (never a timed assertion).
+DEADLINE = 30.0
+
+
+@dataclass
+class Served:
+    """A running ``pobox serve``: its process, ports and log."""
+
+    proc: asyncio.subprocess.Process
+    ports: list[int] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def port(self) -> int:
+        """The first POP3 port."""
+        return self.ports[0]
+
+    async def wait_log(self, pattern: str) -> str:
+        """Wait for a log line matching ``pattern``; return it."""
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                for line in self.log:
+                    if re.search(pattern, line):
+                        return line
+                if self.reader is not None and self.reader.done():
+                    msg = f"pobox exited ({self.proc.returncode}) before {pattern!r}:\n" + "".join(
+                        self.log
+                    )
+                    raise AssertionError(msg)
+                self.changed.clear()
+                await self.changed.wait()
+
+    @property
+    def helper_pid(self) -> int:
+        """The storage helper's pid, as the start-up line names it."""
+        for line in self.log:
+            found = re.search(r"storage helper \(pid (\d+)\)", line)
+            if found:
+                return int(found[1])
+        msg = "no storage helper in the log:\n" + "".join(self.log)
+        raise AssertionError(msg)
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.log.append(line.decode(errors="replace"))
+            self.changed.set()
+        self.changed.set()
+
+    async def wait_exit(self) -> int:
+        """Wait for the process to end; return its status."""
+        async with asyncio.timeout(DEADLINE):
+            status = await self.proc.wait()
+            if self.reader is not None:
+                await self.reader
+        return status
+
+
+@contextlib.asynccontextmanager
+async def serve(folder: Path, settings: str, *, prelude: str = "") -> AsyncIterator[Served]:
+    """Run ``python -m pobox serve`` as root with ``settings`` (TOML lines) until the block ends.
+
+    Args:
+        prelude: Python run in the child before pobox starts (to drop root for mode 1).
+    """
+    config = folder / "pobox.toml"
+    config.write_text('listen = ["127.0.0.1:0"]\nauth_failure_delay = 0\n' + settings)
+    if prelude:
+        argv = ["-c", prelude + f"\nimport sys\nsys.exit(main(['serve', '-c', {str(config)!r}]))"]
+    else:
+        argv = ["-m", "pobox", "serve", "-c", str(config)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    served = Served(proc)
+    served.reader = asyncio.create_task(served._read())  # noqa: SLF001
+    try:
+        line = await served.wait_log(r"started, listening on")
+        served.ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
+        yield served
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await served.wait_exit()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def ids_of(pid: int) -> tuple[list[int], list[int]]:
+    """The real, effective, saved and filesystem uids and gids of ``pid``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)
+    gid = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)
+    assert uid is not None
+    assert gid is not None
+    return [int(x) for x in uid[1].split()], [int(x) for x in gid[1].split()]
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
