@@ -112,6 +112,8 @@ def storage_error(exc: OSError, action: str, path: object) -> StorageError:
     message = f"cannot {action} {path}: {reason} ({name})"
     if code == errno.ELOOP:
         return UnsafeFile(f"cannot {action} {path}: it is a symbolic link (ELOOP)")
+    if code == errno.ENXIO:
+        return UnsafeFile(f"cannot {action} {path}: not a regular file (ENXIO: a socket?)")
     if code in _PERMANENT_ERRNOS:
         return StoragePermanentError(message)
     return StorageTemporaryError(message)
@@ -414,6 +416,9 @@ class Dir:
             created = self.make_dir(name)
             with os_errors("open directory", path):
                 fd = _open_beneath(self.fd, name, flags)
+        except NotADirectoryError as exc:
+            msg = f"refusing {path}: not a directory (a link, or a file)"
+            raise UnsafeFile(msg) from exc
         except OSError as exc:
             raise storage_error(exc, "open directory", path) from exc
         try:
@@ -471,6 +476,9 @@ class Dir:
                 fd = self._walk_open(names, flags)
         except FileNotFoundError:
             return None
+        except NotADirectoryError as exc:
+            msg = f"refusing {path}: a directory on the way is not one (a link, or a file)"
+            raise UnsafeFile(msg) from exc
         except OSError as exc:
             raise storage_error(exc, "open", path) from exc
         try:
@@ -649,8 +657,9 @@ class Dir:
         """Hard-link ``name`` here as ``new_name`` in ``target``; ``False`` if that exists.
 
         ``link(2)`` never replaces a file, and a link at ``name`` is linked itself, not followed.
-        ``expect`` is what ``name`` must be (``fstat`` of the descriptor the caller wrote): if
-        the new name is anything else (``name`` was swapped meanwhile), it is removed again.
+        ``expect`` is what ``name`` must be (``fstat`` of the descriptor the caller wrote, and
+        still holds open, so that its inode number cannot be reused): if the new name is
+        anything else (``name`` was swapped meanwhile), it is removed again.
 
         Raises:
             UnsafeFile: ``name`` was replaced by something else under us.

@@ -211,8 +211,9 @@ def deliver_message(
         directory.sub("tmp") as tmp,
         directory.sub("new") as new,
     ):
-        name, written = _write_to_tmp(tmp, suffix, message)
+        name, fd = _write_to_tmp(tmp, suffix, message)
         try:
+            written = os.fstat(fd)
             with flocked(directory, INDEX_LOCK_NAME, timeout=lock_timeout):
                 if quota is not None and not quota.unlimited:
                     _check_quota(directory, size, quota)
@@ -222,6 +223,8 @@ def deliver_message(
                 new.fsync()
                 _index_new_message(directory, name, wire)
         finally:
+            # Held open until linked: its inode number cannot be reused by a swapped-in file.
+            os.close(fd)
             # The message is in new/ (or was not delivered): the tmp/ name is no longer needed.
             # A leftover in tmp/ is harmless: POP3 never lists tmp/.
             with contextlib.suppress(StorageError):
@@ -231,8 +234,8 @@ def deliver_message(
     return name
 
 
-def _write_to_tmp(tmp: Dir, suffix: str, message: IncomingMessage) -> tuple[str, os.stat_result]:
-    """Write ``message`` to a new file of ``tmp/`` and fsync it; return its name and ``fstat``."""
+def _write_to_tmp(tmp: Dir, suffix: str, message: IncomingMessage) -> tuple[str, int]:
+    """Write ``message`` to a new file of ``tmp/`` and fsync it; return its name and descriptor."""
     for _ in range(_NAME_ATTEMPTS):
         name = _unique_name() + suffix
         fd = tmp.create(name)
@@ -247,14 +250,12 @@ def _write_to_tmp(tmp: Dir, suffix: str, message: IncomingMessage) -> tuple[str,
             for chunk in message.body.chunks():
                 write_all(fd, chunk)
             os.fsync(fd)
-            written = os.fstat(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(StorageError):
             tmp.unlink(name)
         raise
-    os.close(fd)
-    return name, written
+    return name, fd
 
 
 def _check_quota(root: Dir, size: int, quota: Quota) -> None:
