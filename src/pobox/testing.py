@@ -22,7 +22,7 @@ from pobox.auth.passwdfile import add_user
 from pobox.cli import build_context
 from pobox.config import Config, Listen, build_config
 from pobox.server import Pop3Server
-from pobox.storage.base import IncomingMessage
+from pobox.storage.base import IncomingMessage, MaildropStore
 from pobox.storage.maildir import deliver_message
 from pobox.storage.spool import Spool
 
@@ -81,6 +81,7 @@ async def running_server(
     users: Mapping[str, str] | None = None,
     *,
     scheme: str = "PLAIN",
+    store: MaildropStore | None = None,
     **settings: Any,  # noqa: ANN401 - any config key
 ) -> AsyncIterator[RunningServer]:
     """Run a pobox server on ``127.0.0.1:0`` serving files under ``root``.
@@ -88,6 +89,7 @@ async def running_server(
     Args:
         users: login name → password (default ``{"alice": "secret"}``).
         scheme: password scheme of the passwd-file entries (PLAIN keeps tests fast).
+        store: the mail store (default: the one the configuration names).
         settings: config keys to override (``idle_timeout=1``, ``trace=True``, ...).
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ async def running_server(
     )
     config = build_config(settings, base=base)
     config = dataclasses.replace(config, warnings=())
-    server = Pop3Server(build_context(config))
+    server = Pop3Server(build_context(config, store=store))
     await server.start()
     try:
         yield RunningServer(root, config, server)
