@@ -20,7 +20,7 @@ May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 from __future__ import annotations
 
 from pobox.storage.maildir._access import LOCK_TIMEOUT, MaildirAccess, MaildirHandle
-from pobox.storage.maildir._deliver import deliver_message
+from pobox.storage.maildir._deliver import deliver_message, message_name, open_maildir
 from pobox.storage.maildir._store import MaildirGates, MaildirMaildrop, MaildirStore
 
 __all__ = [
@@ -31,4 +31,6 @@ __all__ = [
     "MaildirMaildrop",
     "MaildirStore",
     "deliver_message",
+    "message_name",
+    "open_maildir",
 ]

@@ -47,9 +47,10 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
-from pobox.storage._safefs import Dir, UnsafeFile, flocked, os_errors, write_all
+from pobox.storage._safefs import Dir, UnsafeFile, check_name, flocked, os_errors, write_all
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
     IncomingMessage,
@@ -71,6 +72,7 @@ __all__ = [
     "TmpCleaner",
     "deliver_message",
     "maildir_usage",
+    "message_name",
     "open_maildir",
 ]
 
@@ -180,6 +182,7 @@ def deliver_message(
     quota: Quota | None = None,
     lock_timeout: float = LOCK_TIMEOUT,
     size_fields: bool = True,
+    name: str | None = None,
     tmp_cleaner: TmpCleaner | None = None,
 ) -> str:
     """Store ``message`` durably in the maildir ``root``; return its file name in ``new/``.
@@ -193,6 +196,8 @@ def deliver_message(
         lock_timeout: how long to wait at most for the index lock.
         size_fields: put ``,S=`` and ``,W=`` in the name (always, but for tests that imitate
             an MTA that does not).
+        name: the name to give the message, from :func:`message_name` (for a caller that
+            records it before the delivery); default: a fresh one.
         tmp_cleaner: removes ``tmp/`` leftovers after the delivery, if due.
 
     Raises:
@@ -205,13 +210,13 @@ def deliver_message(
     owner = os.geteuid() if owner is None else owner
     size = message.size
     wire = wire_size(message.header) + message.body.wire_size
-    suffix = f",S={size},W={wire}" if size_fields else ""
     with (
         open_maildir(root, owner, create=True) as directory,
         directory.sub("tmp") as tmp,
         directory.sub("new") as new,
     ):
-        name, fd = _write_to_tmp(tmp, suffix, message)
+        names = iter([name]) if name is not None else _fresh_names(message, size_fields)
+        name, fd = _write_to_tmp(tmp, names, message)
         try:
             written = os.fstat(fd)
             with flocked(directory, INDEX_LOCK_NAME, timeout=lock_timeout):
@@ -234,11 +239,27 @@ def deliver_message(
     return name
 
 
-def _write_to_tmp(tmp: Dir, suffix: str, message: IncomingMessage) -> tuple[str, int]:
-    """Write ``message`` to a new file of ``tmp/`` and fsync it; return its name and descriptor."""
+def message_name(message: IncomingMessage, *, size_fields: bool = True) -> str:
+    """Return a fresh name for ``message``, as :func:`deliver_message` names it."""
+    return next(_fresh_names(message, size_fields))
+
+
+def _fresh_names(message: IncomingMessage, size_fields: bool) -> Iterator[str]:
+    """Yield fresh unique names for ``message``: a few, for when one is taken."""
+    suffix = ""
+    if size_fields:
+        suffix = f",S={message.size},W={wire_size(message.header) + message.body.wire_size}"
     for _ in range(_NAME_ATTEMPTS):
-        name = _unique_name() + suffix
-        fd = tmp.create(name)
+        yield _unique_name() + suffix
+
+
+def _write_to_tmp(tmp: Dir, names: Iterator[str], message: IncomingMessage) -> tuple[str, int]:
+    """Write ``message`` to a new file of ``tmp/`` and fsync it; return its name and descriptor.
+
+    The first of ``names`` that is free is used.
+    """
+    for name in names:
+        fd = tmp.create(check_name(name))
         if fd is not None:
             break
     else:
