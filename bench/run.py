@@ -138,6 +138,8 @@ def _message(rng: random.Random, number: int, size: int) -> bytes:
 
 
 def _write_maildir(maildir: Path, messages: list[bytes]) -> None:
+    # Benchmark data, the same files for both servers, as a foreign MTA leaves them: not
+    # pobox's Maildir writer (pobox.storage.maildir.deliver_message).
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     new = maildir / "new"

@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,8 +40,8 @@ from pobox.server import Pop3Server, SessionContext
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._throttle import LoginThrottle
-from pobox.storage.base import MaildropStore, StorageError
-from pobox.storage.maildir import MaildirStore
+from pobox.storage.base import IncomingMessage, MaildropStore, StorageError
+from pobox.storage.maildir import MaildirStore, deliver_message
 from pobox.storage.privsep import (
     Owner,
     OwnerPolicy,
@@ -50,6 +49,7 @@ from pobox.storage.privsep import (
     StorageHelper,
     SwitchingStore,
 )
+from pobox.storage.spool import Spool
 from pobox.tls import ServerTls
 
 __all__ = ["main"]
@@ -372,14 +372,9 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"  # the documented password of the local demo user
 
 
-def _deliver_demo(maildir: Path, number: int, data: bytes) -> None:
-    for sub in ("cur", "new", "tmp"):
-        (maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
-    name = f"{int(time.time())}.M{number}P{os.getpid()}.pobox-demo,S={len(data)},W={wire}"
-    tmp = maildir / "tmp" / name
-    tmp.write_bytes(data)
-    tmp.rename(maildir / "new" / name)
+def _deliver_demo(maildir: Path, data: bytes) -> None:
+    with Spool.from_bytes(data) as body:
+        deliver_message(maildir, IncomingMessage(b"", body))
 
 
 def make_demo(folder: Path, port: int, *, reset: bool = False) -> Path:
@@ -402,8 +397,8 @@ def make_demo(folder: Path, port: int, *, reset: bool = False) -> Path:
             if (maildir / sub).exists():
                 for f in (maildir / sub).iterdir():
                     f.unlink()
-        for n, msg in enumerate(_DEMO_MESSAGES, 1):
-            _deliver_demo(maildir, n, msg)
+        for msg in _DEMO_MESSAGES:
+            _deliver_demo(maildir, msg)
     config_path.write_text(
         "# pobox demo configuration: every key is explained in README.md\n"
         f'listen = ["127.0.0.1:{port}"]\n'
