@@ -50,14 +50,14 @@ class TestDeliverAsRoot:
         assert {(world.alice.uid, world.alice.gid)} == owners
 
     def test_kernel_refuses_what_the_user_cannot_write(self, world: World) -> None:
-        """A new/ alice cannot write (root's, 0755) stops the delivery: 75, nothing written."""
+        """alice's new/ made read-only (0555) stops the delivery: root could write there."""
         _write_passwd(world)
         new = world.maildir(world.alice) / "new"
-        os.chown(new, 0, 0)
+        new.chmod(0o555)
         done = _deliver(world, world.alice.name)
         assert 1 == len(_new(world.maildir(world.alice)))
         assert done.returncode in (73, 75)
-        assert b"Permission denied" in done.stderr or b"EACCES" in done.stderr
+        assert b"Permission denied" in done.stderr
 
     def test_root_user_refused(self, world: World) -> None:
         """A recipient with uid 0 is refused (73): mail is never written as root."""

@@ -6,8 +6,8 @@
 * :mod:`._fsid`: per-thread filesystem credentials (``setfsuid``/``setfsgid``);
 * :mod:`._wire` and :mod:`._protocol`: the frames and requests between the serving process
   and the storage helper;
-* :mod:`._helper`: the storage helper, a small root process that runs the synchronous mail
-  core (:mod:`._core`) with each owner's filesystem credentials;
+* :mod:`._helper`: the storage helper, a small root process that runs the synchronous Maildir
+  core (:class:`pobox.storage.maildir.MaildirAccess`) with each owner's filesystem credentials;
 * :mod:`._proxy`: the serving process's store that reaches mail through the helper.
 
 May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records`,

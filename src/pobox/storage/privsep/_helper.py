@@ -13,10 +13,12 @@ and then reaches mail only through it. The helper:
   still root) and never again;
 * reads each later request as if the serving process were hostile (:mod:`._protocol`), finds
   the owner of the user's mail itself (:class:`~._owner.OwnerPolicy`: never uid 0 or a uid
-  below ``first_valid_uid``, whatever the request says) and runs the operation in a worker
-  thread whose filesystem uid/gid are the owner's (:mod:`._fsid`), so the kernel refuses
-  whatever the owner could not do; message files go back as read-only descriptors, so the
-  serving process reads mail without the helper copying it;
+  below ``first_valid_uid``, whatever the request says) and runs the synchronous Maildir core
+  (:class:`~pobox.storage.maildir.MaildirAccess`, symlink-proof, which also requires every
+  file to be the owner's) in a worker thread whose filesystem uid/gid are the owner's
+  (:mod:`._fsid`), so the kernel refuses whatever the owner could not do; message files go
+  back as read-only descriptors, so the serving process reads mail without the helper copying
+  it;
 * on its second socket answers ``file`` requests only, handing over a read-only descriptor
   of a configuration file the settings name (the passwd-file, TLS certificates and keys) that
   the unprivileged serving process must read again later.
@@ -36,14 +38,14 @@ import socket
 import stat
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pobox.records import User
 from pobox.storage.base import IncomingMessage, StorageTemporaryError
-from pobox.storage.privsep._core import CoreMaildrop, MailCore, MaildirCore
+from pobox.storage.maildir import MaildirAccess, MaildirHandle
 from pobox.storage.privsep._fsid import CredentialsError, owner_rights
 from pobox.storage.privsep._owner import Owner, OwnerPolicy
 from pobox.storage.privsep._protocol import (
@@ -135,7 +137,7 @@ class _Session:
     """A maildrop the helper holds open for the serving process."""
 
     owner: Owner
-    maildrop: CoreMaildrop
+    maildrop: MaildirHandle
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
 
@@ -143,22 +145,16 @@ class _Session:
 class Helper:
     """Serves the requests of one serving process (see the module documentation)."""
 
-    def __init__(
-        self,
-        main: socket.socket,
-        files: socket.socket | None,
-        core_factory: Callable[[Settings], MailCore] = lambda s: MaildirCore(s.location),
-    ) -> None:
-        """Serve ``main`` (and ``files``, if given) with a core made by ``core_factory``."""
+    def __init__(self, main: socket.socket, files: socket.socket | None) -> None:
+        """Serve ``main`` (and ``files``, if given)."""
         self._main = main
         self._files = files
-        self._core_factory = core_factory
         self._send_lock = threading.Lock()
         self._sessions: dict[int, _Session] = {}
         self._sessions_lock = threading.Lock()
         self._next_handle = 1
         self._settings: Settings | None = None
-        self._core: MailCore | None = None
+        self._core: MaildirAccess | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -224,7 +220,7 @@ class Helper:
             msg = "the first request must be hello"
             raise InvalidRequest(msg, request_id)
         self._settings = Settings.from_wire(args["settings"])
-        self._core = self._core_factory(self._settings)
+        self._core = MaildirAccess(self._settings.location)
         self._reply(self._main, request_id, {"pid": os.getpid()})
 
     def _dispatch(self, pool: ThreadPoolExecutor, frame: dict[str, Any], fds: list[int]) -> None:
@@ -281,7 +277,7 @@ class Helper:
             user: User = args["user"]
             owner = policy.owner_of(user)
             with owner_rights(owner.uid, owner.gid):
-                maildrop = core.open(user, owner, lock=args["lock"])
+                maildrop = core.open(user, owner=owner.uid, lock=args["lock"])
             handle = self._add(_Session(owner, maildrop))
             return {"handle": handle, "messages": messages_to_wire(list(maildrop.messages))}, []
         if op in ("fetch", "delete"):
@@ -304,16 +300,15 @@ class Helper:
             user = args["user"]
             owner = policy.owner_of(user)
             body = Spool.adopt(fds.pop(), wire_size=args["wire_size"], digest=args["digest"])
+            message = IncomingMessage(args["header"], body)
             with body, owner_rights(owner.uid, owner.gid):
-                key = core.deliver(
-                    user, owner, IncomingMessage(args["header"], body), args["quota"]
-                )
+                key = core.deliver(user, message, owner=owner.uid, quota=args["quota"])
             return {"key": key}, []
         # usage: the only op left after parse_request and _dispatch
         user = args["user"]
         owner = policy.owner_of(user)
         with owner_rights(owner.uid, owner.gid):
-            usage = core.usage(user, owner)
+            usage = core.usage(user, owner=owner.uid)
         return {"octets": usage.octets, "messages": usage.messages}, []
 
     def _add(self, session: _Session) -> int:

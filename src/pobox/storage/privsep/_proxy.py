@@ -31,6 +31,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -54,6 +55,7 @@ from pobox.storage.base import (
     StorageTemporaryError,
     Usage,
 )
+from pobox.storage.maildir import LOCK_TIMEOUT, MaildirAccess, MaildirGates
 from pobox.storage.privsep._protocol import (
     delete_result_from_wire,
     error_from_wire,
@@ -314,17 +316,39 @@ def _receive_frame(sock: socket.socket) -> _Answer:
 
 
 class HelperStore:
-    """A :class:`~pobox.storage.base.MaildropStore` whose every file access is the helper's."""
+    """A :class:`~pobox.storage.base.MaildropStore` whose every file access is the helper's.
 
-    def __init__(self, channel: HelperChannel, *, inline_read_max: int = 128 * 1024) -> None:
+    As the Maildir store does, it lets one operation at a time work on a maildir (waiting at
+    most ``lock_timeout`` for its turn): a user who holds their own index lock ties up one of
+    the helper's worker threads at most, never all of them.
+    """
+
+    def __init__(
+        self,
+        channel: HelperChannel,
+        *,
+        location: str = "maildir:~/Maildir",
+        inline_read_max: int = 128 * 1024,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
         """Reach mail through ``channel``.
 
         Args:
+            location: the mail location (only to tell maildirs apart: the helper works the
+                paths out itself).
             inline_read_max: messages of at most this many octets are read in the event
                 loop's thread from the descriptor the helper hands back.
+            lock_timeout: the longest wait for a maildir's turn.
         """
         self.channel = channel
+        self._paths = MaildirAccess(location)
+        self._gates = MaildirGates()
         self._inline_read_max = inline_read_max
+        self._lock_timeout = lock_timeout
+
+    def _turn(self, user: MailUser) -> contextlib.AbstractAsyncContextManager[None]:
+        """Wait for the turn on ``user``'s maildir."""
+        return self._gates.turn(str(self._paths.maildir_path(user)), self._lock_timeout)
 
     async def open(self, user: MailUser, *, lock: bool = True) -> HelperMaildrop:
         """Open ``user``'s maildrop in the helper, which holds the session lock.
@@ -333,14 +357,21 @@ class HelperStore:
             MaildropLocked: another session holds the lock.
             StorageError: the helper refused the user (its owner) or failed.
         """
-        ok, fds = await self.channel.call("open", {"user": user_to_wire(user), "lock": lock})
+        async with self._turn(user):
+            ok, fds = await self.channel.call("open", {"user": user_to_wire(user), "lock": lock})
         close_fds(fds)
         handle = ok.get("handle")
         if type(handle) is not int:
             msg = "storage helper: malformed open answer"
             raise StorageTemporaryError(msg)
         return HelperMaildrop(
-            self.channel, handle, messages_from_wire(ok.get("messages")), self._inline_read_max
+            self.channel,
+            handle,
+            messages_from_wire(ok.get("messages")),
+            self._inline_read_max,
+            functools.partial(
+                self._gates.turn, str(self._paths.maildir_path(user)), self._lock_timeout
+            ),
         )
 
     async def deliver(
@@ -355,27 +386,27 @@ class HelperStore:
             StorageError: the helper refused the user or failed.
         """
         body = message.body
-        fd = body.export_fd() if body.in_memory else await asyncio.to_thread(body.export_fd)
-        try:
-            ok, fds = await self.channel.call(
-                "deliver",
-                {
-                    "user": user_to_wire(user),
-                    "header": message.header.decode("latin-1"),
-                    "quota": quota_to_wire(quota),
-                    "wire_size": body.wire_size,
-                    "digest": body.digest,
-                },
-                [fd],
-            )
-        finally:
-            os.close(fd)
+        fields = {
+            "user": user_to_wire(user),
+            "header": message.header.decode("latin-1"),
+            "quota": quota_to_wire(quota),
+            "wire_size": body.wire_size,
+            "digest": body.digest,
+        }
+        async with self._turn(user):
+            # A spool on disk is only duplicated; one in memory is copied to a memory file.
+            fd = body.export_fd() if body.in_memory else await asyncio.to_thread(body.export_fd)
+            try:
+                ok, fds = await self.channel.call("deliver", fields, [fd])
+            finally:
+                os.close(fd)
         close_fds(fds)
         return str(ok.get("key"))
 
     async def usage(self, user: MailUser) -> Usage:
         """Ask the helper what ``user``'s maildrop holds."""
-        ok, fds = await self.channel.call("usage", {"user": user_to_wire(user)})
+        async with self._turn(user):
+            ok, fds = await self.channel.call("usage", {"user": user_to_wire(user)})
         close_fds(fds)
         return usage_from_wire(ok)
 
@@ -392,9 +423,15 @@ class HelperMaildrop:
         handle: int,
         messages: tuple[MessageInfo, ...],
         inline_read_max: int,
+        turn: Callable[[], contextlib.AbstractAsyncContextManager[None]],
     ) -> None:
-        """Wrap the helper's maildrop ``handle``, whose snapshot is ``messages``."""
+        """Wrap the helper's maildrop ``handle``, whose snapshot is ``messages``.
+
+        Args:
+            turn: waits for the maildir's turn (for deletions).
+        """
         self._channel = channel
+        self._turn = turn
         self._handle = handle
         self._messages = messages
         self._inline_read_max = inline_read_max
@@ -441,7 +478,10 @@ class HelperMaildrop:
 
     async def delete(self, keys: Sequence[str]) -> DeleteResult:
         """Have the helper remove messages (UPDATE state, RFC 1939 §6)."""
-        ok, fds = await self._channel.call("delete", {"handle": self._handle, "keys": list(keys)})
+        async with self._turn():
+            ok, fds = await self._channel.call(
+                "delete", {"handle": self._handle, "keys": list(keys)}
+            )
         close_fds(fds)
         return delete_result_from_wire(ok)
 
@@ -551,7 +591,9 @@ class StorageHelper:
             raise StorageTemporaryError(msg) from exc
         channel = HelperChannel(main_ours, on_lost)
         files = HelperFiles(files_ours)
-        store = HelperStore(channel, inline_read_max=config.mail_inline_read_max)
+        store = HelperStore(
+            channel, location=config.mail_location, inline_read_max=config.mail_inline_read_max
+        )
         return cls(process, channel, files, store)
 
     async def aclose(self) -> None:
