@@ -2,8 +2,9 @@
 
 ``async with running_server(tmp_path, users={"alice": "secret"}) as srv:`` starts a real
 :class:`~pobox.server.Pop3Server` on ``127.0.0.1`` with an ephemeral port, a real
-passwd-file and real Maildirs under ``tmp_path``; ``srv.deliver("alice", b"...")`` delivers
-a message into a Maildir with pobox's own delivery.  Used by pobox's own tests, and by
+passwd-file and real Maildirs under ``tmp_path``, accessed with the process's own uid (so
+``first_valid_uid`` and ``first_valid_gid`` are 0 there: a test suite may run as root);
+``srv.deliver("alice", b"...")`` delivers a message into a Maildir with pobox's own delivery.  Used by pobox's own tests, and by
 developers who need a real POP3 endpoint in theirs.
 
 May import: anything in pobox.
@@ -102,6 +103,10 @@ async def running_server(
         mail_location=f"maildir:{root}/mail/%u",
         passwd_file=str(passwd),
         auth_failure_delay=0.0,
+        # The server runs in this process and accesses mail as it: as root in CI, which only
+        # an explicit first_valid_uid/gid of 0 allows (never do that in production).
+        first_valid_uid=0,
+        first_valid_gid=0,
     )
     config = build_config(settings, base=base)
     config = dataclasses.replace(config, warnings=())

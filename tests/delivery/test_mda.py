@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pobox.auth.passwdfile import add_user
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 MESSAGE = b"From: s@example.org\nSubject: hello\nMessage-ID: <mda-1@example.org>\n\nHello\n"
 
@@ -19,7 +20,15 @@ MESSAGE = b"From: s@example.org\nSubject: hello\nMessage-ID: <mda-1@example.org>
 def _setup(root: Path) -> list[str]:
     """Create a passwd-file with alice; return the ``pobox deliver`` options pointing at it."""
     add_user(root / "passwd", "alice", b"secret", scheme="PLAIN")
-    return ["--passwd-file", str(root / "passwd"), "--mail-location", f"maildir:{root}/mail/%u"]
+    (root / "pobox.toml").write_text(ROOT_MAIL_SETTINGS)  # run as root: root's files
+    return [
+        "-c",
+        str(root / "pobox.toml"),
+        "--passwd-file",
+        str(root / "passwd"),
+        "--mail-location",
+        f"maildir:{root}/mail/%u",
+    ]
 
 
 def _deliver(options: list[str], user: str, data: bytes) -> subprocess.CompletedProcess[bytes]:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pobox.auth.passwdfile import add_user
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 #: How long pobox may take to start (a deadline for the start-up, not a timed assertion).
 _START_DEADLINE = 30.0
@@ -26,7 +27,7 @@ class TestServeStartsLmtp:
             'listen = ["127.0.0.1:0"]\n'
             f'lmtp_listen = ["unix:{socket_path}"]\n'
             f'mail_location = "maildir:{tmp_path}/mail/%u"\n'
-            f'passwd_file = "{tmp_path / "passwd"}"\n'
+            f'passwd_file = "{tmp_path / "passwd"}"\n' + ROOT_MAIL_SETTINGS
         )
         process = subprocess.Popen(
             [sys.executable, "-m", "pobox", "serve", "-c", str(config)],

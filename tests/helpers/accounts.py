@@ -81,3 +81,13 @@ def searchable_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+#: TOML lines for a test whose subject is not privileges and that runs ``pobox serve`` or
+#: ``pobox deliver`` as root on files root owns: mail accessed as root, explicitly allowed
+#: (mode 2 with ``mail_uid`` root; never a production setting). Empty when not root.
+ROOT_MAIL_SETTINGS = (
+    'mail_uid = "0"\nmail_gid = "0"\nfirst_valid_uid = 0\nfirst_valid_gid = 0\n'
+    if os.geteuid() == 0
+    else ""
+)

@@ -18,7 +18,18 @@ def _deliver(world: World, user: str, *settings: str) -> subprocess.CompletedPro
     config = world.root / "pobox.toml"
     config.write_text(f'passwd_file = "{world.root / "passwd"}"\n' + "".join(settings))
     return subprocess.run(
-        [sys.executable, "-m", "pobox", "deliver", "-u", user, "-f", "s@example.org", "-c", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "pobox",
+            "deliver",
+            "-u",
+            user,
+            "-f",
+            "s@example.org",
+            "-c",
+            str(config),
+        ],
         input=MESSAGE,
         capture_output=True,
         check=False,

@@ -142,7 +142,11 @@ class TestHelperMode:
             await wire.line()
             await wire.command(b"USER pobox-ps-bob")
             before = await wire.command(b"PASS changed")
-            passwd.write_text(passwd.read_text().replace("pobox-ps-bob:{PLAIN}secret", "pobox-ps-bob:{PLAIN}changed"))
+            passwd.write_text(
+                passwd.read_text().replace(
+                    "pobox-ps-bob:{PLAIN}secret", "pobox-ps-bob:{PLAIN}changed"
+                )
+            )
             await asyncio.sleep(1.1)  # the passwd-file is checked at most once a second
             again = await Wire.connect("127.0.0.1", served.port)
             await again.line()
@@ -249,7 +253,9 @@ class TestMailUidMode:
         )
         async with serve(world.root, settings) as served:
             refused = await _lmtp(served, "virtual")
-        owners = {(p.stat().st_uid, p.stat().st_gid) for p in _new_files(world.maildir(world.alice))}
+        owners = {
+            (p.stat().st_uid, p.stat().st_gid) for p in _new_files(world.maildir(world.alice))
+        }
         assert {} == refused
         assert {(vmail.uid, vmail.gid)} == owners
 

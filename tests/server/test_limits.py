@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pobox.auth.passwdfile import add_user
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 from pobox.config import Config, load_config
 from pobox.errors import ConfigError
 from pobox.server._limits import descriptors_needed, plan_limit
@@ -125,7 +126,7 @@ async def serving(
     config.write_text(
         'listen = ["127.0.0.1:0"]\n'
         f'mail_location = "maildir:{tmp_path}/mail/%u"\n'
-        f'passwd_file = "{tmp_path}/passwd"\n' + extra
+        f'passwd_file = "{tmp_path}/passwd"\n' + ROOT_MAIL_SETTINGS + extra
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pobox", "serve", "-c", str(config),

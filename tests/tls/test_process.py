@@ -18,6 +18,7 @@ import pytest
 
 from pobox.auth.passwdfile import add_user
 from pobox.testing import deliver_to_maildir
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 from tests.helpers.dovecot import searchable_tmpdir
 from tests.integration.wire import Wire
 
@@ -58,6 +59,8 @@ async def pobox_process(folder: Path, pki: Pki, **extra: str) -> AsyncIterator[P
         "auth_failure_delay = 0",
         *(f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()),
     ]
+    if "mail_uid" not in extra:
+        lines.append(ROOT_MAIL_SETTINGS)  # started as root, on root's files
     (folder / "pobox.toml").write_text("\n".join(lines) + "\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pobox", "serve", "-c", str(folder / "pobox.toml"),
@@ -106,7 +109,7 @@ async def tls_wire(port: int, pki: Pki) -> Wire:
 
 
 class TestPrivilegeDrop:
-    """Started as root with user = "nobody", the server serves as nobody."""
+    """Started as root with mail_uid = "nobody", the server serves as nobody."""
 
     async def test_runs_as_nobody(self, shared_folder: Path):
         """All four uids and gids are nobody's, and a login over TLS still works."""
@@ -120,7 +123,7 @@ class TestPrivilegeDrop:
         for path in [mail, *mail.rglob("*")]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
 
-        async with pobox_process(shared_folder, pki, user="nobody") as srv:
+        async with pobox_process(shared_folder, pki, mail_uid="nobody") as srv:
             uids, gids = proc_ids(srv.proc.pid)
             wire = await tls_wire(srv.ssl_port, pki)
             await wire.login()
