@@ -4,8 +4,9 @@
 :class:`~pobox.server.Pop3Server` on ``127.0.0.1`` with an ephemeral port, a real
 passwd-file and real Maildirs under ``tmp_path``, accessed with the process's own uid (so
 ``first_valid_uid`` and ``first_valid_gid`` are 0 there: a test suite may run as root);
-``srv.deliver("alice", b"...")`` delivers a message into a Maildir with pobox's own delivery.  Used by pobox's own tests, and by
-developers who need a real POP3 endpoint in theirs.
+``srv.deliver("alice", b"...")`` delivers a message into a Maildir with pobox's own
+delivery.  Used by pobox's own tests, and by developers who need a real POP3 endpoint in
+theirs.
 
 May import: anything in pobox.
 """

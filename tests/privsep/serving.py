@@ -90,7 +90,7 @@ async def serve(folder: Path, settings: str, *, prelude: str = "") -> AsyncItera
         sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     served = Served(proc)
-    served.reader = asyncio.create_task(served._read())  # noqa: SLF001
+    served.reader = asyncio.create_task(served._read())
     try:
         line = await served.wait_log(r"started, listening on")
         served.ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]

@@ -14,7 +14,7 @@ from pobox.storage.privsep import Owner
 from tests.helpers.accounts import VMAIL, system_user
 
 
-def _plan(euid: int, egid: int = 1000, **values: Any):  # noqa: ANN202, ANN401
+def _plan(euid: int, egid: int = 1000, **values: Any):
     return plan_privileges(build_config(values), euid=euid, egid=egid)
 
 

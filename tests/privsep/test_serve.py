@@ -14,7 +14,6 @@ import re
 import signal
 import smtplib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -197,11 +196,11 @@ class TestHelperMode:
 
 
 @pytest.fixture
-def vmail_world(world: World) -> Iterator[tuple[World, Account]]:
-    """alice's maildir handed to the vmail user, and a passwd-file vmail can read."""
+def vmail_world(world: World) -> tuple[World, Account]:
+    """alice's maildir handed to the vmail user."""
     vmail = system_user(VMAIL)
     chown_tree(world.home(world.alice), vmail)
-    yield world, vmail
+    return world, vmail
 
 
 class TestMailUidMode:

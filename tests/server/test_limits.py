@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from pobox.auth.passwdfile import add_user
-from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 from pobox.config import Config, load_config
 from pobox.errors import ConfigError
 from pobox.server._limits import descriptors_needed, plan_limit
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 INFINITY = resource.RLIM_INFINITY
 #: prctl(2) option and capability(7) number: drop CAP_SYS_RESOURCE from the bounding set.
