@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pobox.storage.privsep._fsid import current_fs_ids, owner_rights
-from tests.helpers.accounts import ALICE, Account, require_root, searchable_dir, system_user
+from pobox.storage.privsep._fsid import become, current_fs_ids, owner_rights
+from tests.helpers.accounts import ALICE, BOB, Account, require_root, searchable_dir, system_user
 
 
 @pytest.fixture
@@ -42,6 +42,33 @@ def _in_thread(work: Callable[[], object], hold: Callable[[], object] | None = N
     thread.start()
     thread.join(30)
     return result[0]
+
+
+class TestBecome:
+    """become() switches a worker thread from owner to owner, never back to root."""
+
+    def test_switches_between_owners(self, alice: Account, folder: Path) -> None:
+        """After alice then bob, the thread is bob: alice's private file is refused to it."""
+        require_root()
+        bob = system_user(BOB)
+        private = folder / "alice-only"
+        private.write_bytes(b"alice\n")
+        os.chown(private, alice.uid, alice.gid)
+        private.chmod(0o600)
+
+        def work() -> object:
+            become(alice.uid, alice.gid)
+            as_alice = (current_fs_ids(), private.read_bytes())
+            become(bob.uid, bob.gid)
+            try:
+                private.read_bytes()
+            except PermissionError:
+                return as_alice, current_fs_ids(), "refused"
+            return as_alice, current_fs_ids(), "read"
+
+        result = _in_thread(work)
+        assert (((alice.uid, alice.gid), b"alice\n"), (bob.uid, bob.gid), "refused") == result
+        assert (0, 0) == current_fs_ids()
 
 
 class TestOwnerRights:

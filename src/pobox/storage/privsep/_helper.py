@@ -16,7 +16,8 @@ and then reaches mail only through it. The helper:
   below ``first_valid_uid``, whatever the request says) and runs the synchronous Maildir core
   (:class:`~pobox.storage.maildir.MaildirAccess`, symlink-proof, which also requires every
   file to be the owner's) in a worker thread whose filesystem uid/gid are the owner's
-  (:mod:`._fsid`), so the kernel refuses whatever the owner could not do; message files go
+  (:func:`._fsid.become`: a worker keeps the last owner's ids between requests, never
+  root's), so the kernel refuses whatever the owner could not do; message files go
   back as read-only descriptors, so the serving process reads mail without the helper copying
   it;
 * on its second socket answers ``file`` requests only, handing over a read-only descriptor
@@ -39,14 +40,13 @@ import stat
 import sys
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pobox.records import User
 from pobox.storage.base import IncomingMessage, StorageTemporaryError
 from pobox.storage.maildir import MaildirAccess, MaildirHandle
-from pobox.storage.privsep._fsid import CredentialsError, owner_rights
+from pobox.storage.privsep._fsid import CredentialsError, become
 from pobox.storage.privsep._owner import Owner, OwnerPolicy
 from pobox.storage.privsep._protocol import (
     InvalidRequest,
@@ -155,6 +155,10 @@ class Helper:
         self._next_handle = 1
         self._settings: Settings | None = None
         self._core: MaildirAccess | None = None
+        self._receive_turn = threading.Lock()
+        self._assembler = FrameAssembler(MAX_REQUEST)
+        #: The exit status, once the main socket has ended (or broke the protocol).
+        self._status: int | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -172,23 +176,44 @@ class Helper:
         assert self._settings is not None
         if self._files is not None:
             threading.Thread(target=self._serve_files, name="files", daemon=True).start()
-        pool = ThreadPoolExecutor(self._settings.workers, thread_name_prefix="mail")
-        status = 0
-        try:
-            while True:
-                received = self._receive(self._main, assembler)
-                if received is None:
-                    break
-                self._dispatch(pool, *received)
-        except WireError as exc:
-            _log(f"the serving process broke the protocol, closing: {exc}")
-            status = EX_PROTOCOL
-        except OSError as exc:
-            _log(f"the connection to the serving process failed: {exc}")
-            status = EX_PROTOCOL
-        pool.shutdown(wait=True)
+        self._assembler = assembler
+        workers = [
+            threading.Thread(target=self._serve_main, name=f"mail-{n}")
+            for n in range(self._settings.workers)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
         self._release_all()
-        return status
+        return self._status or 0
+
+    def _serve_main(self) -> None:
+        """Take turns at reading a request, then serve it in this thread.
+
+        Leader and followers: one thread at a time waits for the next frame, the others wait
+        for their turn to read; the thread that read a request serves it while the next one
+        reads. A request is never handed from one thread to another (one wake-up less per
+        request), and a request that waits on a user's maildir holds only its own thread.
+        """
+        while True:
+            with self._receive_turn:
+                if self._status is not None:
+                    return
+                try:
+                    received = self._receive(self._main, self._assembler)
+                except WireError as exc:
+                    _log(f"the serving process broke the protocol, closing: {exc}")
+                    self._status = EX_PROTOCOL
+                    return
+                except OSError as exc:
+                    _log(f"the connection to the serving process failed: {exc}")
+                    self._status = EX_PROTOCOL
+                    return
+                if received is None:
+                    self._status = 0
+                    return
+            self._dispatch(*received)
 
     @staticmethod
     def _receive(
@@ -223,7 +248,7 @@ class Helper:
         self._core = MaildirAccess(self._settings.location)
         self._reply(self._main, request_id, {"pid": os.getpid()})
 
-    def _dispatch(self, pool: ThreadPoolExecutor, frame: dict[str, Any], fds: list[int]) -> None:
+    def _dispatch(self, frame: dict[str, Any], fds: list[int]) -> None:
         try:
             request_id, op, args = parse_request(frame)
             if op in ("hello", "file"):
@@ -237,10 +262,10 @@ class Helper:
             self._refused(exc)
             self._reply_error(self._main, exc.request_id, exc)
             return
-        pool.submit(self._work, request_id, op, args, fds)
+        self._work(request_id, op, args, fds)
 
     def _work(self, request_id: int, op: str, args: dict[str, Any], fds: list[int]) -> None:
-        """Run one request in a worker thread and answer it."""
+        """Run one request in this worker thread and answer it."""
         out_fds: list[int] = []
         try:
             result, out_fds = self._operation(op, args, fds)
@@ -276,8 +301,12 @@ class Helper:
         if op == "open":
             user: User = args["user"]
             owner = policy.owner_of(user)
-            with owner_rights(owner.uid, owner.gid):
-                maildrop = core.open(user, owner=owner.uid, lock=args["lock"])
+            root, lock = str(core.maildir_path(user)), args["lock"]
+            become(owner.uid, owner.gid)
+            # The snapshot cache answers an unchanged maildir in a dozen system calls.
+            maildrop, taken = core.open_if_cached(root, owner=owner.uid, lock=lock)
+            if maildrop is None:
+                maildrop = core.open_path(root, owner=owner.uid, lock=lock, taken=taken)
             handle = self._add(_Session(owner, maildrop))
             return {"handle": handle, "messages": messages_to_wire(list(maildrop.messages))}, []
         if op in ("fetch", "delete"):
@@ -286,11 +315,11 @@ class Helper:
                 if session.closed:
                     msg = f"maildrop {args['handle']} is closed"
                     raise InvalidRequest(msg)
-                with owner_rights(session.owner.uid, session.owner.gid):
-                    if op == "fetch":
-                        fd, size = session.maildrop.open_message(args["key"])
-                        return {"size": size}, [fd]
-                    result = session.maildrop.delete(args["keys"])
+                become(session.owner.uid, session.owner.gid)
+                if op == "fetch":
+                    fd, size = session.maildrop.open_message(args["key"])
+                    return {"size": size}, [fd]
+                result = session.maildrop.delete(args["keys"])
             return {"removed": list(result.removed), "failed": list(result.failed)}, []
         if op == "close":
             session = self._pop(args["handle"])
@@ -301,14 +330,15 @@ class Helper:
             owner = policy.owner_of(user)
             body = Spool.adopt(fds.pop(), wire_size=args["wire_size"], digest=args["digest"])
             message = IncomingMessage(args["header"], body)
-            with body, owner_rights(owner.uid, owner.gid):
+            with body:
+                become(owner.uid, owner.gid)
                 key = core.deliver(user, message, owner=owner.uid, quota=args["quota"])
             return {"key": key}, []
         # usage: the only op left after parse_request and _dispatch
         user = args["user"]
         owner = policy.owner_of(user)
-        with owner_rights(owner.uid, owner.gid):
-            usage = core.usage(user, owner=owner.uid)
+        become(owner.uid, owner.gid)
+        usage = core.usage(user, owner=owner.uid)
         return {"octets": usage.octets, "messages": usage.messages}, []
 
     def _add(self, session: _Session) -> int:
@@ -338,8 +368,8 @@ class Helper:
             if session.closed:
                 return
             session.closed = True
-            with owner_rights(session.owner.uid, session.owner.gid):
-                session.maildrop.close()
+            become(session.owner.uid, session.owner.gid)
+            session.maildrop.close()
 
     def _release_all(self) -> None:
         """Close every maildrop still open: the serving process is gone."""
