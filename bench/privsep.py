@@ -23,13 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
+from tests.helpers.dovecot import searchable_tmpdir  # noqa: E402
+from tests.helpers.maildir import deliver  # noqa: E402
+
 from pobox.config import build_config  # noqa: E402
 from pobox.records import User  # noqa: E402
 from pobox.storage.base import Maildrop, MaildropStore  # noqa: E402
 from pobox.storage.maildir import MaildirStore  # noqa: E402
 from pobox.storage.privsep import OwnerPolicy, StorageHelper  # noqa: E402
-from tests.helpers.dovecot import searchable_tmpdir  # noqa: E402
-from tests.helpers.maildir import deliver  # noqa: E402
 
 
 def _cpu(pid: int | None) -> float:
