@@ -131,6 +131,34 @@ class TestKernelRefuses:
         assert [ALICE_MESSAGE] == read
         assert all(BOB_SECRET not in item for item in read)
 
+    def test_own_file_without_read_permission(self, helper: RawHelper, world: World) -> None:
+        """alice's own message made unreadable (mode 0000) is refused: root could read it."""
+        message = next((world.maildir(world.alice) / "new").iterdir())
+        message.chmod(0)
+        ok, _ = helper.ok("open", user=world.user(world.alice), lock=False)
+        [[key, _, _]] = ok["messages"]
+        answer, fds = helper.request("fetch", handle=ok["handle"], key=key)
+        assert [] == fds
+        assert "Permission denied" in answer["error"]["message"]
+
+    def test_new_without_write_permission(self, helper: RawHelper, world: World) -> None:
+        """alice's new/ made read-only (0555) stops a delivery: root could write there."""
+        (world.maildir(world.alice) / "new").chmod(0o555)
+        body = Spool.from_bytes(b"Subject: x\n\nx\n")
+        fd = body.export_fd()
+        answer, _ = helper.request(
+            "deliver",
+            [fd],
+            user=world.user(world.alice),
+            header="",
+            quota=None,
+            wire_size=body.wire_size,
+            digest=body.digest,
+        )
+        os.close(fd)
+        assert "Permission denied" in answer["error"]["message"]
+        assert 1 == len(os.listdir(world.maildir(world.alice) / "new"))
+
     def test_other_users_maildir_by_path(self, helper: RawHelper, world: World) -> None:
         """Asking for bob's maildir path with alice's uid gets nothing of bob's."""
         user = world.user(world.alice, mail=f"maildir:{world.maildir(world.bob)}")

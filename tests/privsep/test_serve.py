@@ -110,6 +110,17 @@ class TestHelperMode:
         assert ROOT_SECRET.strip() not in served_bytes
         assert b"BOB-SECRET" not in served_bytes
 
+    async def test_reads_with_the_users_rights(self, world: World) -> None:
+        """alice's own message with mode 0000 is refused: the helper reads as alice, not root."""
+        message = next((world.maildir(world.alice) / "new").iterdir())
+        message.chmod(0)
+        async with serve(world.root, f'passwd_file = "{_passwd(world)}"\n') as served:
+            stat, answers = await _retrieve_all(served.port)
+            logged = await served.wait_log(r"Cannot read message 1")
+        assert stat.startswith(b"+OK 1 ")
+        assert [b"-ERR [SYS/PERM] Cannot read the message, try later.\r\n"] == answers
+        assert "Permission denied" in logged
+
     async def test_root_user_refused(self, world: World) -> None:
         """A userdb entry with uid 0 gets -ERR [SYS/PERM], and the log says why."""
         line = f"toor:{{PLAIN}}secret:0:0::{world.home(world.alice)}::\n"
