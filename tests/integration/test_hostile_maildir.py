@@ -216,7 +216,7 @@ def swap_dir(sub):
     aside = os.path.join(stash, sub + ".real")
     os.rename(path, aside)
     try:
-        os.symlink(canary_dir, path)
+        os.symlink(rng.choice([canary_dir, os.path.join(canary_dir, "mallory-dir")]), path)
         time.sleep(rng.uniform(0, 0.05))
     finally:
         os.unlink(path)
@@ -238,12 +238,14 @@ def swap_message():
         elif kind == "fifo":
             os.mkfifo(path)
         elif kind == "hardlink":
+            # Another's file: refused by protected_hardlinks. (A hard link to one's own file
+            # outside puts that file in the maildir, which is the user's to do.)
             try:
-                os.link(rng.choice(canaries), path)  # refused by protected_hardlinks
+                os.link(rng.choice([c for c in canaries if "mallory" not in c]), path)
             except OSError:
-                os.link(aside, path)  # one's own file: allowed
+                os.link(aside, path)  # one's own message: allowed
         else:
-            os.symlink(os.path.join(canary_dir, "1700000000.M1P1.canary:2,S"), path)
+            os.symlink(os.path.join(canary_dir, "mallory-dir", "1700000000.M1P1.canary:2,S"), path)
         time.sleep(rng.uniform(0, 0.05))
     finally:
         try:
@@ -408,6 +410,16 @@ class TestStress:
             os.chown(theirs, *victim)
             theirs.chmod(0o644)
             (canary_dir / "1700000000.M1P1.canary:2,S").write_bytes(SECRET + b" in a dir\n")
+            # The attacker's own files outside the maildir: only "no links" keeps them out.
+            private = canary_dir / "mallory-private"
+            private.write_bytes(SECRET + b" mallory's, outside the maildir\n")
+            own_dir = canary_dir / "mallory-dir"
+            own_dir.mkdir()
+            (own_dir / "1700000000.M1P1.canary:2,S").write_bytes(SECRET + b" mallory's dir\n")
+            (own_dir / "1700000001.M1P1.canary").write_bytes(SECRET + b" mallory's dir\n")
+            for path in (private, own_dir, *own_dir.iterdir()):
+                os.chown(path, *mallory)
+            private.chmod(0o600)
             nowhere = base / "nowhere"
             nowhere.mkdir(mode=0o777)
             before = fingerprint(canary_dir)
@@ -453,7 +465,7 @@ class TestStress:
         nowhere: Path,
     ) -> tuple[Tally, str]:
         """Run the attacker, three POP3 clients and an LMTP client; return what they saw."""
-        canaries = ":".join(str(path) for path in sorted(canary_dir.iterdir()))
+        canaries = ":".join(str(path) for path in sorted(canary_dir.iterdir()) if not path.is_dir())
         attacker = popen_as(
             mallory,
             "import sys\n"

@@ -538,8 +538,7 @@ class TestTmpCleanup:
         paths["old"].write_bytes(b"half a message")
         paths["young"].write_bytes(b"being written")
         paths["link"].symlink_to(canary)
-        paths["dir"].mkdir()
-        os.utime(canary, (old, old))
+        paths["dir"].mkdir()  # the canary stays young: only the link's own age counts
         for name, path in paths.items():
             when = young if name == "young" else old
             os.utime(path, (when, when), follow_symlinks=False)

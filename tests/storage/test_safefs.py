@@ -362,7 +362,7 @@ class TestErrors:
     def test_eloop_is_an_unsafe_file(self) -> None:
         """``ELOOP`` (a link where none may be) is :class:`UnsafeFile`, a permanent error."""
         error = storage_error(OSError(errno.ELOOP, "Too many levels"), "open", "/m/cur/x")
-        assert (UnsafeFile, "cannot open /m/cur/x: it is a symbolic link (ELOOP)") == (
+        assert (UnsafeFile, "cannot open /m/cur/x: a symbolic link is on its way (ELOOP)") == (
             type(error),
             str(error),
         )

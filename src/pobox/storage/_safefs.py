@@ -111,7 +111,7 @@ def storage_error(exc: OSError, action: str, path: object) -> StorageError:
     reason = exc.strerror or str(exc)
     message = f"cannot {action} {path}: {reason} ({name})"
     if code == errno.ELOOP:
-        return UnsafeFile(f"cannot {action} {path}: it is a symbolic link (ELOOP)")
+        return UnsafeFile(f"cannot {action} {path}: a symbolic link is on its way (ELOOP)")
     if code == errno.ENXIO:
         return UnsafeFile(f"cannot {action} {path}: not a regular file (ENXIO: a socket?)")
     if code in _PERMANENT_ERRNOS:
