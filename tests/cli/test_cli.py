@@ -14,7 +14,8 @@ import pytest
 
 from pobox.auth.passwdfile import PasswdFileAuthenticator
 from pobox.cli import main
-from tests.helpers.accounts import ALICE, searchable_dir, system_user
+from tests.helpers.accounts import ALICE, system_user
+from tests.helpers.dovecot import searchable_tmpdir
 
 from ..integration.wire import Wire
 
@@ -111,7 +112,7 @@ class TestServe:
         Started as root (as in CI), carol's mail belongs to an unprivileged user
         (``user add --uid``), which the server accesses it as.
         """
-        with searchable_dir() as folder:
+        with searchable_tmpdir() as folder:
             passwd = folder / "passwd"
             owner: list[str] = []
             expected_uid = os.geteuid()

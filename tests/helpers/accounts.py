@@ -1,30 +1,24 @@
 """Unprivileged system users for the tests that check whose rights mail is accessed with.
 
 The suite runs as root in CI. :func:`system_user` creates a user with ``useradd`` the first
-time it is asked for (no home directory, no login shell, a group of its own) and finds it
-again afterwards, so running the tests twice, or two tests at once, is fine.
-:func:`searchable_dir` gives a temporary directory every user can reach (pytest's own
-``tmp_path`` is under a root-only directory).
+time it is asked for (:mod:`tests.helpers.users`: no home directory, no login shell, a group
+of its own) and finds it again afterwards, so running the tests twice, or two tests at once,
+is fine. (For a directory every user can reach, pytest's own ``tmp_path`` being under a
+root-only one, use :func:`tests.helpers.dovecot.searchable_tmpdir`.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pwd
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.helpers import users
 
-__all__ = ["Account", "chown_tree", "require_root", "searchable_dir", "system_user"]
+__all__ = ["ROOT_MAIL_SETTINGS", "Account", "chown_tree", "require_root", "system_user"]
 
 #: The users these tests create; the prefix keeps them apart from real accounts.
-ALICE, BOB, VMAIL, SERVER = "pobox-ps-alice", "pobox-ps-bob", "pobox-ps-vmail", "pobox-ps-srv"
+ALICE, BOB, VMAIL = "pobox-ps-alice", "pobox-ps-bob", "pobox-ps-vmail"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,30 +32,13 @@ class Account:
 
 def require_root() -> None:
     """Fail (never skip) a test that needs root."""
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (CI runs the suite as root)")
+    users.need_root()
 
 
 def system_user(name: str) -> Account:
     """Return the system user ``name``, creating it (and its group) if missing."""
-    require_root()
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        useradd = shutil.which("useradd")
-        if useradd is None:
-            pytest.fail("useradd is missing: install the passwd package")
-        result = subprocess.run(
-            [useradd, "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            pytest.fail(f"useradd {name} failed: {result.stderr.strip()}")
-    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+    uid, gid = users.system_user(name)
+    return Account(name, uid, gid)
 
 
 def chown_tree(path: Path, account: Account) -> None:
@@ -70,17 +47,6 @@ def chown_tree(path: Path, account: Account) -> None:
     for parent, directories, files in os.walk(path):
         for name in (*directories, *files):
             os.chown(os.path.join(parent, name), account.uid, account.gid, follow_symlinks=False)
-
-
-@contextlib.contextmanager
-def searchable_dir() -> Iterator[Path]:
-    """Yield a fresh directory (mode 0755, under the system temporary directory), then remove it."""
-    path = Path(tempfile.mkdtemp(prefix="pobox-privsep-"))
-    try:
-        path.chmod(0o755)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 #: TOML lines for a test whose subject is not privileges and that runs ``pobox serve`` or

@@ -27,9 +27,9 @@ from tests.helpers.accounts import (
     BOB,
     Account,
     chown_tree,
-    searchable_dir,
     system_user,
 )
+from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import deliver
 
 #: What every test maildrop of alice's holds, and bob's secret.
@@ -71,7 +71,7 @@ class World:
 def world() -> Iterator[World]:
     """alice and bob, each owning a maildir with one message (0700 homes), and a root file."""
     alice, bob = system_user(ALICE), system_user(BOB)
-    with searchable_dir() as root:
+    with searchable_tmpdir() as root:
         secret = root / "root-only"
         secret.write_bytes(ROOT_SECRET)
         secret.chmod(0o600)

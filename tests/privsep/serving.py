@@ -47,6 +47,13 @@ class Served:
                 self.changed.clear()
                 await self.changed.wait()
 
+    async def lmtp_address(self) -> tuple[str, int]:
+        """The LMTP listener's address, as its start-up line names it."""
+        line = await self.wait_log(r"lmtp listening on")
+        found = re.search(r"(\d+)\D*$", line.strip())
+        assert found is not None, line
+        return "127.0.0.1", int(found[1])
+
     @property
     def helper_pid(self) -> int:
         """The storage helper's pid, as the start-up line names it."""

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pobox.storage.privsep._fsid import become, current_fs_ids, owner_rights
-from tests.helpers.accounts import ALICE, BOB, Account, require_root, searchable_dir, system_user
+from tests.helpers.accounts import ALICE, BOB, Account, require_root, system_user
+from tests.helpers.dovecot import searchable_tmpdir
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def alice() -> Account:
 @pytest.fixture
 def folder() -> Iterator[Path]:
     """A directory every user can search."""
-    with searchable_dir() as path:
+    with searchable_tmpdir() as path:
         yield path
 
 

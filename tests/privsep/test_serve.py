@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import re
 import signal
 import smtplib
 import sys
@@ -58,10 +57,8 @@ async def _until(condition: object) -> None:
 
 async def _lmtp(served: Served, recipient: str) -> dict[str, tuple[int, bytes]]:
     """Send one message over the server's LMTP listener; return the refused recipients."""
-    line = await served.wait_log(r"lmtp listening on")
-    found = re.search(r"(\d+)\D*$", line.strip())
-    assert found is not None
-    return await asyncio.to_thread(_send_lmtp, int(found[1]), recipient)
+    _, port = await served.lmtp_address()
+    return await asyncio.to_thread(_send_lmtp, port, recipient)
 
 
 def _send_lmtp(port: int, recipient: str) -> dict[str, tuple[int, bytes]]:
