@@ -10,12 +10,22 @@ root-only one, use :func:`tests.helpers.dovecot.searchable_tmpdir`.)
 from __future__ import annotations
 
 import os
+import pwd
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers import users
 
-__all__ = ["ROOT_MAIL_SETTINGS", "Account", "chown_tree", "require_root", "system_user"]
+__all__ = [
+    "ROOT_MAIL_SETTINGS",
+    "Account",
+    "chown_tree",
+    "process_ids",
+    "require_root",
+    "system_user",
+    "unused_uid",
+]
 
 #: The users these tests create; the prefix keeps them apart from real accounts.
 ALICE, BOB, VMAIL = "pobox-ps-alice", "pobox-ps-bob", "pobox-ps-vmail"
@@ -39,6 +49,27 @@ def system_user(name: str) -> Account:
     """Return the system user ``name``, creating it (and its group) if missing."""
     uid, gid = users.system_user(name)
     return Account(name, uid, gid)
+
+
+def unused_uid() -> int:
+    """Return a uid no entry of the system's user database has."""
+    for uid in range(60_000, 65_000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    msg = "no unused uid between 60000 and 65000"
+    raise AssertionError(msg)
+
+
+def process_ids(pid: int) -> tuple[list[int], list[int]]:
+    """The real, effective, saved and filesystem uids and gids of ``pid``, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)
+    gid = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)
+    assert uid is not None
+    assert gid is not None
+    return [int(x) for x in uid[1].split()], [int(x) for x in gid[1].split()]
 
 
 def chown_tree(path: Path, account: Account) -> None:

@@ -392,6 +392,31 @@ def fingerprint(directory: Path) -> dict[str, tuple[int, int, int, bytes]]:
     return out
 
 
+def plant_canaries(base: Path, mallory: tuple[int, int], victim: tuple[int, int]) -> Path:
+    """Make ``base/canaries``: files outside the maildir no session may read, write or remove."""
+    canary_dir = base / "canaries"
+    canary_dir.mkdir(mode=0o755)
+    shadow = canary_dir / "shadow"
+    shadow.write_bytes(SECRET + b" root only\n")
+    shadow.chmod(0o600)
+    theirs = canary_dir / "victim-message"
+    theirs.write_bytes(SECRET + b" the victim's message\n")
+    os.chown(theirs, *victim)
+    theirs.chmod(0o644)
+    (canary_dir / "1700000000.M1P1.canary:2,S").write_bytes(SECRET + b" in a dir\n")
+    # The attacker's own files outside the maildir: only "no links" keeps them out.
+    private = canary_dir / "mallory-private"
+    private.write_bytes(SECRET + b" mallory's, outside the maildir\n")
+    own_dir = canary_dir / "mallory-dir"
+    own_dir.mkdir()
+    (own_dir / "1700000000.M1P1.canary:2,S").write_bytes(SECRET + b" mallory's dir\n")
+    (own_dir / "1700000001.M1P1.canary").write_bytes(SECRET + b" mallory's dir\n")
+    for path in (private, own_dir, *own_dir.iterdir()):
+        os.chown(path, *mallory)
+    private.chmod(0o600)
+    return canary_dir
+
+
 class TestStress:
     """A hostile user rearranges their maildir while sessions and deliveries run."""
 
@@ -400,26 +425,7 @@ class TestStress:
         mallory = system_user(MALLORY)
         victim = system_user(VICTIM)
         with searchable_tmpdir() as base:
-            canary_dir = base / "canaries"
-            canary_dir.mkdir(mode=0o755)
-            shadow = canary_dir / "shadow"
-            shadow.write_bytes(SECRET + b" root only\n")
-            shadow.chmod(0o600)
-            theirs = canary_dir / "victim-message"
-            theirs.write_bytes(SECRET + b" the victim's message\n")
-            os.chown(theirs, *victim)
-            theirs.chmod(0o644)
-            (canary_dir / "1700000000.M1P1.canary:2,S").write_bytes(SECRET + b" in a dir\n")
-            # The attacker's own files outside the maildir: only "no links" keeps them out.
-            private = canary_dir / "mallory-private"
-            private.write_bytes(SECRET + b" mallory's, outside the maildir\n")
-            own_dir = canary_dir / "mallory-dir"
-            own_dir.mkdir()
-            (own_dir / "1700000000.M1P1.canary:2,S").write_bytes(SECRET + b" mallory's dir\n")
-            (own_dir / "1700000001.M1P1.canary").write_bytes(SECRET + b" mallory's dir\n")
-            for path in (private, own_dir, *own_dir.iterdir()):
-                os.chown(path, *mallory)
-            private.chmod(0o600)
+            canary_dir = plant_canaries(base, mallory, victim)
             nowhere = base / "nowhere"
             nowhere.mkdir(mode=0o777)
             before = fingerprint(canary_dir)
@@ -464,27 +470,43 @@ class TestStress:
         canary_dir: Path,
         nowhere: Path,
     ) -> tuple[Tally, str]:
-        """Run the attacker, three POP3 clients and an LMTP client; return what they saw."""
-        canaries = ":".join(str(path) for path in sorted(canary_dir.iterdir()) if not path.is_dir())
-        attacker = popen_as(
-            mallory,
-            "import sys\n"
-            f"sys.argv = ['attacker', {str(srv.maildir('alice'))!r}, {str(canary_dir)!r}, "
-            f"{canaries!r}, {str(nowhere)!r}, {ATTACK_SECONDS!r}, {random.randrange(1 << 30)}]\n"
-            + ATTACKER,
-        )
-        tally = Tally()
-        stop = threading.Event()
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(4) as pool:
-            clients = [
-                loop.run_in_executor(pool, pop3_client, srv, "alice", stop, tally),
-                loop.run_in_executor(pool, pop3_client, srv, "alice", stop, tally),
-                loop.run_in_executor(pool, pop3_client, srv, "bob", stop, tally),
-                loop.run_in_executor(pool, lmtp_client, delivery.address("lmtp"), stop, tally),
-            ]
-            out, _ = await asyncio.to_thread(attacker.communicate, timeout=ATTACK_SECONDS + 30)
-            stop.set()
-            await asyncio.gather(*clients)
-        assert 0 == attacker.returncode, out
-        return tally, out
+        """Run the attack on alice's maildir with the server's listeners."""
+        lmtp = delivery.address("lmtp")
+        return await run_attack(srv, lmtp, mallory, srv.maildir("alice"), canary_dir, nowhere)
+
+
+async def run_attack(
+    server: RunningServer,
+    lmtp: tuple[str, int],
+    mallory: tuple[int, int],
+    maildir: Path,
+    canary_dir: Path,
+    nowhere: Path,
+) -> tuple[Tally, str]:
+    """Run the attacker on ``maildir``, three POP3 clients and an LMTP client; return what they saw.
+
+    ``server`` needs only ``host`` and ``port`` (any server, in this process or not).
+    """
+    canaries = ":".join(str(path) for path in sorted(canary_dir.iterdir()) if not path.is_dir())
+    attacker = popen_as(
+        mallory,
+        "import sys\n"
+        f"sys.argv = ['attacker', {str(maildir)!r}, {str(canary_dir)!r}, "
+        f"{canaries!r}, {str(nowhere)!r}, {ATTACK_SECONDS!r}, {random.randrange(1 << 30)}]\n"
+        + ATTACKER,
+    )
+    tally = Tally()
+    stop = threading.Event()
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(4) as pool:
+        clients = [
+            loop.run_in_executor(pool, pop3_client, server, "alice", stop, tally),
+            loop.run_in_executor(pool, pop3_client, server, "alice", stop, tally),
+            loop.run_in_executor(pool, pop3_client, server, "bob", stop, tally),
+            loop.run_in_executor(pool, lmtp_client, lmtp, stop, tally),
+        ]
+        out, _ = await asyncio.to_thread(attacker.communicate, timeout=ATTACK_SECONDS + 30)
+        stop.set()
+        await asyncio.gather(*clients)
+    assert 0 == attacker.returncode, out
+    return tally, out

@@ -17,8 +17,7 @@ import pytest
 from pobox.storage.privsep._wire import (
     FrameAssembler,
     close_fds,
-    decode,
-    receive_datagram,
+    receive_frame,
     send_frame,
     socket_pair,
 )
@@ -99,13 +98,9 @@ class RawHelper:
 
     def receive(self, sock: socket.socket | None = None) -> tuple[dict[str, Any], list[int]]:
         """Receive one frame (on the main socket by default)."""
-        assembler = FrameAssembler(1 << 30)
-        while True:
-            datagram = receive_datagram(sock or self.sock)
-            assert datagram is not None, "the helper closed the connection"
-            frame = assembler.feed(*datagram)
-            if frame is not None:
-                return decode(frame[0]), frame[1]
+        received = receive_frame(sock or self.sock, FrameAssembler(1 << 30))
+        assert received is not None, "the helper closed the connection"
+        return received
 
     def request(
         self, op: str, fds: Sequence[int] = (), **fields: Any

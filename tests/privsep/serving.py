@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Served", "children", "ids_of", "serve"]
+__all__ = ["Served", "children", "serve"]
 
 #: A deadline for start-up and for the events awaited (never a timed assertion).
 DEADLINE = 30.0
@@ -110,16 +110,6 @@ async def serve(folder: Path, settings: str, *, prelude: str = "") -> AsyncItera
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
-
-def ids_of(pid: int) -> tuple[list[int], list[int]]:
-    """The real, effective, saved and filesystem uids and gids of ``pid``."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    uid = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)
-    gid = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)
-    assert uid is not None
-    assert gid is not None
-    return [int(x) for x in uid[1].split()], [int(x) for x in gid[1].split()]
 
 
 def children(pid: int) -> list[int]:

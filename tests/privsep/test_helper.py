@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,27 @@ from tests.privsep.conftest import (
 )
 
 LOCK = "dovecot-pop3-session.lock"
+
+
+def _deliver(
+    helper: RawHelper, user: dict[str, Any], data: bytes, header: str = ""
+) -> dict[str, Any]:
+    """Send a deliver request with ``data`` as the body (a memory file); return the answer."""
+    body = Spool.from_bytes(data)
+    fd = body.export_fd()
+    try:
+        answer, _ = helper.request(
+            "deliver",
+            [fd],
+            user=user,
+            header=header,
+            quota=None,
+            wire_size=body.wire_size,
+            digest=body.digest,
+        )
+    finally:
+        os.close(fd)
+    return answer
 
 
 def _fetch_all(helper: RawHelper, handle: int, keys: list[str]) -> list[bytes | str]:
@@ -63,18 +85,7 @@ class TestOwnerChecks:
 
     def test_deliver_as_root_refused(self, helper: RawHelper, world: World) -> None:
         """A delivery for uid 0 is refused and writes nothing."""
-        body = Spool.from_bytes(b"Subject: x\n\nroot?\n")
-        fd = body.export_fd()
-        answer, _ = helper.request(
-            "deliver",
-            [fd],
-            user=world.user(world.alice, uid=0, gid=0),
-            header="",
-            quota=None,
-            wire_size=body.wire_size,
-            digest=body.digest,
-        )
-        os.close(fd)
+        answer = _deliver(helper, world.user(world.alice, uid=0, gid=0), b"Subject: x\n\nroot?\n")
         assert "refused" == answer["error"]["kind"]
         assert 1 == len(os.listdir(world.maildir(world.alice) / "new"))
 
@@ -102,9 +113,17 @@ class TestKernelRefuses:
         """Hard-link ``target`` into alice's new/ (root can; alice could not read it anyway)."""
         os.link(target, world.maildir(world.alice) / "new" / name)
 
-    def test_hard_link_to_root_only_file(self, helper: RawHelper, world: World) -> None:
-        """A hard link to a root-only file in alice's maildir never yields its bytes."""
-        self._plant(world, str(world.secret), "1700000000.M1P1.planted,S=17,W=18")
+    @pytest.mark.parametrize("target", ["root-only file", "bob's message"])
+    def test_hard_links_refused(self, helper: RawHelper, world: World, target: str) -> None:
+        """A hard link in alice's new/ to a root-only file or to bob's 0600 message never
+        yields its bytes: refused at open, or at its fetch; alice's own message is served."""
+        if target == "root-only file":
+            self._plant(world, str(world.secret), "1700000000.M1P1.planted,S=17,W=18")
+        else:
+            bob_new = world.maildir(world.bob) / "new"
+            bob_file = bob_new / next(iter(os.listdir(bob_new)))
+            bob_file.chmod(0o600)
+            self._plant(world, str(bob_file), "1700000000.M2P2.planted,S=33,W=36")
         answer, _ = helper.request("open", user=world.user(world.alice), lock=False)
         if "error" in answer:  # refused at listing time: fine, nothing was read
             assert answer["error"]["kind"] in ("permanent", "temporary")
@@ -114,22 +133,7 @@ class TestKernelRefuses:
         read = [item for item in fetched if isinstance(item, bytes)]
         assert [ALICE_MESSAGE] == read
         assert len(keys) - 1 == len(fetched) - len(read)
-
-    def test_hard_link_to_other_users_message(self, helper: RawHelper, world: World) -> None:
-        """A hard link to bob's message (mode 0600, bob's) is not served to alice."""
-        bob_new = world.maildir(world.bob) / "new"
-        bob_file = bob_new / next(iter(os.listdir(bob_new)))
-        bob_file.chmod(0o600)
-        self._plant(world, str(bob_file), "1700000000.M2P2.planted,S=33,W=36")
-        answer, _ = helper.request("open", user=world.user(world.alice), lock=False)
-        if "error" in answer:
-            assert answer["error"]["kind"] in ("permanent", "temporary")
-            return
-        keys = [key for key, _, _ in answer["ok"]["messages"]]
-        fetched = _fetch_all(helper, answer["ok"]["handle"], keys)
-        read = [item for item in fetched if isinstance(item, bytes)]
-        assert [ALICE_MESSAGE] == read
-        assert all(BOB_SECRET not in item for item in read)
+        assert all(BOB_SECRET not in item and ROOT_SECRET not in item for item in read)
 
     def test_own_file_without_read_permission(self, helper: RawHelper, world: World) -> None:
         """alice's own message made unreadable (mode 0000) is refused: root could read it."""
@@ -144,18 +148,7 @@ class TestKernelRefuses:
     def test_new_without_write_permission(self, helper: RawHelper, world: World) -> None:
         """alice's new/ made read-only (0555) stops a delivery: root could write there."""
         (world.maildir(world.alice) / "new").chmod(0o555)
-        body = Spool.from_bytes(b"Subject: x\n\nx\n")
-        fd = body.export_fd()
-        answer, _ = helper.request(
-            "deliver",
-            [fd],
-            user=world.user(world.alice),
-            header="",
-            quota=None,
-            wire_size=body.wire_size,
-            digest=body.digest,
-        )
-        os.close(fd)
+        answer = _deliver(helper, world.user(world.alice), b"Subject: x\n\nx\n")
         assert "Permission denied" in answer["error"]["message"]
         assert 1 == len(os.listdir(world.maildir(world.alice) / "new"))
 
@@ -197,19 +190,9 @@ class TestServing:
 
     def test_deliver_owned_by_user(self, helper: RawHelper, world: World) -> None:
         """A delivered file belongs to the user's uid and gid, mode 0600."""
-        body = Spool.from_bytes(b"Subject: new\r\n\r\ndelivered\r\n")
-        fd = body.export_fd()
-        ok, _ = helper.ok(
-            "deliver",
-            [fd],
-            user=world.user(world.alice),
-            header="Return-Path: <a@b>\n",
-            quota=None,
-            wire_size=body.wire_size,
-            digest=body.digest,
-        )
-        os.close(fd)
-        path = world.maildir(world.alice) / "new" / ok["key"]
+        data = b"Subject: new\r\n\r\ndelivered\r\n"
+        answer = _deliver(helper, world.user(world.alice), data, "Return-Path: <a@b>\n")
+        path = world.maildir(world.alice) / "new" / answer["ok"]["key"]
         info = path.stat()
         assert (world.alice.uid, world.alice.gid) == (info.st_uid, info.st_gid)
         assert 0o600 == stat.S_IMODE(info.st_mode)

@@ -14,6 +14,7 @@ from pobox.records import User
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.privsep import Owner, OwnerPolicy, OwnerRefused, SameOwnerStore
 from pobox.storage.privsep._owner import lookup_gid, lookup_uid
+from tests.helpers.accounts import unused_uid
 from tests.helpers.maildir import deliver
 
 
@@ -49,17 +50,9 @@ class TestOwnerOf:
 
     def test_no_gid_anywhere_refuses(self) -> None:
         """A uid without a primary group and no gid set is refused, naming mail_gid."""
-        unused = next(uid for uid in range(60_000, 65_000) if not _has_passwd(uid))
+        unused = unused_uid()
         with pytest.raises(OwnerRefused, match=r"has no gid: .*mail_gid is not set"):
             OwnerPolicy().owner_of(User("a", uid=unused))
-
-
-def _has_passwd(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
 
 
 class TestRanges:

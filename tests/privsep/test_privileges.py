@@ -11,7 +11,7 @@ from pobox.config import build_config
 from pobox.errors import ConfigError
 from pobox.server._privileges import MailAccess, plan_privileges
 from pobox.storage.privsep import Owner
-from tests.helpers.accounts import VMAIL, system_user
+from tests.helpers.accounts import VMAIL, system_user, unused_uid
 
 
 def _plan(euid: int, egid: int = 1000, **values: Any):
@@ -77,18 +77,10 @@ class TestRootWithMailUid:
 
     def test_mail_uid_without_group(self) -> None:
         """A numeric mail_uid without a passwd entry needs mail_gid."""
-        unused = next(uid for uid in range(60_000, 65_000) if not _exists(uid))
+        unused = unused_uid()
         with pytest.raises(ConfigError, match=r"^mail_gid: mail_uid \d+ has no primary group"):
             _plan(0, 0, mail_uid=unused)
         assert Owner(unused, 60_001) == _plan(0, 0, mail_uid=unused, mail_gid=60_001).identity
-
-
-def _exists(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
 
 
 class TestRootOtherwise:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.accounts import VMAIL, Account, chown_tree, system_user
+from tests.helpers.accounts import VMAIL, Account, chown_tree, process_ids, system_user
 from tests.integration.wire import Wire
 from tests.privsep.conftest import ALICE_MESSAGE, BOB_SECRET, ROOT_SECRET, World
-from tests.privsep.serving import DEADLINE, Served, children, ids_of, serve
+from tests.privsep.serving import DEADLINE, Served, children, serve
 
 LOCK = "dovecot-pop3-session.lock"
 
@@ -46,6 +46,14 @@ async def _retrieve_all(port: int, user: bytes = b"pobox-ps-alice") -> tuple[byt
     await wire.send(b"QUIT\r\n")
     await wire.read_all()
     return stat, answers
+
+
+async def _pass(port: int, user: bytes, password: bytes = b"secret") -> bytes:
+    """Connect, send USER and PASS; return the answer to PASS."""
+    wire = await Wire.connect("127.0.0.1", port)
+    await wire.line()
+    await wire.command(b"USER " + user)
+    return await wire.command(b"PASS " + password)
 
 
 async def _until(condition: object) -> None:
@@ -80,8 +88,8 @@ class TestHelperMode:
         """The serving process is nobody (all four ids); its child, the helper, is root."""
         nobody = pwd.getpwnam("nobody")
         async with serve(world.root, f'passwd_file = "{_passwd(world)}"\n') as served:
-            server_ids = ids_of(served.proc.pid)
-            helper_ids = ids_of(served.helper_pid)
+            server_ids = process_ids(served.proc.pid)
+            helper_ids = process_ids(served.helper_pid)
             kids = children(served.proc.pid)
         assert ([nobody.pw_uid] * 4, [nobody.pw_gid] * 4) == server_ids
         assert ([0] * 4, [0] * 4) == helper_ids
@@ -122,10 +130,7 @@ class TestHelperMode:
         """A userdb entry with uid 0 gets -ERR [SYS/PERM], and the log says why."""
         line = f"toor:{{PLAIN}}secret:0:0::{world.home(world.alice)}::\n"
         async with serve(world.root, f'passwd_file = "{_passwd(world, line)}"\n') as served:
-            wire = await Wire.connect("127.0.0.1", served.port)
-            await wire.line()
-            await wire.command(b"USER toor")
-            answer = await wire.command(b"PASS secret")
+            answer = await _pass(served.port, b"toor", b"secret")
             logged = await served.wait_log(r"Cannot open maildrop of user=<toor>")
         assert answer.startswith(b"-ERR [SYS/PERM] ")
         assert "uid 0 not permitted (below first_valid_uid 500)" in logged
@@ -145,20 +150,14 @@ class TestHelperMode:
         """The root-only passwd-file is read again after a change, though the server is nobody."""
         passwd = _passwd(world)
         async with serve(world.root, f'passwd_file = "{passwd}"\n') as served:
-            wire = await Wire.connect("127.0.0.1", served.port)
-            await wire.line()
-            await wire.command(b"USER pobox-ps-bob")
-            before = await wire.command(b"PASS changed")
+            before = await _pass(served.port, b"pobox-ps-bob", b"changed")
             passwd.write_text(
                 passwd.read_text().replace(
                     "pobox-ps-bob:{PLAIN}secret", "pobox-ps-bob:{PLAIN}changed"
                 )
             )
             await asyncio.sleep(1.1)  # the passwd-file is checked at most once a second
-            again = await Wire.connect("127.0.0.1", served.port)
-            await again.line()
-            await again.command(b"USER pobox-ps-bob")
-            after = await again.command(b"PASS changed")
+            after = await _pass(served.port, b"pobox-ps-bob", b"changed")
         assert before.startswith(b"-ERR")
         assert b"+OK Logged in.\r\n" == after
         assert 0o600 == passwd.stat().st_mode & 0o777
@@ -229,7 +228,7 @@ class TestMailUidMode:
         world, vmail = vmail_world
         settings = f'passwd_file = "{self._passwd(world, vmail)}"\nmail_uid = "{vmail.name}"\n'
         async with serve(world.root, settings) as served:
-            ids = ids_of(served.proc.pid)
+            ids = process_ids(served.proc.pid)
             kids = children(served.proc.pid)
             stat, answers = await _retrieve_all(served.port, b"virtual")
         assert ([vmail.uid] * 4, [vmail.gid] * 4) == ids
@@ -242,10 +241,7 @@ class TestMailUidMode:
         world, vmail = vmail_world
         settings = f'passwd_file = "{self._passwd(world, vmail)}"\nmail_uid = "{vmail.name}"\n'
         async with serve(world.root, settings) as served:
-            wire = await Wire.connect("127.0.0.1", served.port)
-            await wire.line()
-            await wire.command(b"USER pobox-ps-bob")
-            answer = await wire.command(b"PASS secret")
+            answer = await _pass(served.port, b"pobox-ps-bob", b"secret")
             logged = await served.wait_log(r"Cannot open maildrop of user=<pobox-ps-bob>")
         assert answer.startswith(b"-ERR [SYS/PERM] ")
         assert f"belongs to uid {world.bob.uid}" in logged
@@ -309,12 +305,9 @@ class TestSelfMode:
         )
         settings = f'passwd_file = "{passwd}"\nevent_loop = "asyncio"\n'
         async with serve(world.root, settings, prelude=prelude) as served:
-            ids = ids_of(served.proc.pid)
+            ids = process_ids(served.proc.pid)
             stat, _ = await _retrieve_all(served.port)
-            wire = await Wire.connect("127.0.0.1", served.port)
-            await wire.line()
-            await wire.command(b"USER pobox-ps-bob")
-            refused = await wire.command(b"PASS secret")
+            refused = await _pass(served.port, b"pobox-ps-bob", b"secret")
             logged = await served.wait_log(r"Cannot open maildrop of user=<pobox-ps-bob>")
         assert [world.alice.uid] * 4 == ids[0]
         assert stat.startswith(b"+OK 1 ")

@@ -17,6 +17,7 @@ from pobox.storage.privsep._wire import (
     decode,
     encode,
     receive_datagram,
+    receive_frame,
     send_frame,
     socket_pair,
     split,
@@ -36,13 +37,9 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 def _receive(sock: socket.socket, limit: int = 1 << 30) -> tuple[dict[str, object], list[int]]:
     """Receive one whole frame."""
-    assembler = FrameAssembler(limit)
-    while True:
-        datagram = receive_datagram(sock)
-        assert datagram is not None
-        frame = assembler.feed(*datagram)
-        if frame is not None:
-            return decode(frame[0]), frame[1]
+    received = receive_frame(sock, FrameAssembler(limit))
+    assert received is not None
+    return received
 
 
 def _open_fds() -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from pobox.auth.passwdfile import add_user
 from pobox.testing import deliver_to_maildir
-from tests.helpers.accounts import ROOT_MAIL_SETTINGS
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS, process_ids
 from tests.helpers.dovecot import searchable_tmpdir
 from tests.integration.wire import Wire
 
@@ -90,16 +90,6 @@ def shared_folder() -> Iterator[Path]:
         yield folder
 
 
-def proc_ids(pid: int) -> tuple[list[int], list[int]]:
-    """The real, effective, saved and fs uids and gids of ``pid`` from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    uid = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)
-    gid = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)
-    assert uid is not None
-    assert gid is not None
-    return [int(x) for x in uid[1].split()], [int(x) for x in gid[1].split()]
-
-
 async def tls_wire(port: int, pki: Pki) -> Wire:
     """An implicit-TLS connection verified against the test CA."""
     reader, writer = await asyncio.open_connection(
@@ -124,7 +114,7 @@ class TestPrivilegeDrop:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
 
         async with pobox_process(shared_folder, pki, mail_uid="nobody") as srv:
-            uids, gids = proc_ids(srv.proc.pid)
+            uids, gids = process_ids(srv.proc.pid)
             wire = await tls_wire(srv.ssl_port, pki)
             await wire.login()
             stat = await wire.command(b"STAT")

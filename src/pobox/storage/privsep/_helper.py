@@ -59,8 +59,7 @@ from pobox.storage.privsep._wire import (
     FrameAssembler,
     WireError,
     close_fds,
-    decode,
-    receive_datagram,
+    receive_frame,
     send_frame,
 )
 from pobox.storage.spool import Spool
@@ -166,7 +165,7 @@ class Helper:
         """Serve until the main socket ends; return the exit status."""
         assembler = FrameAssembler(MAX_REQUEST)
         try:
-            first = self._receive(self._main, assembler)
+            first = receive_frame(self._main, assembler)
             if first is None:
                 return 0
             self._hello(*first)
@@ -201,7 +200,7 @@ class Helper:
                 if self._status is not None:
                     return
                 try:
-                    received = self._receive(self._main, self._assembler)
+                    received = receive_frame(self._main, self._assembler)
                 except WireError as exc:
                     _log(f"the serving process broke the protocol, closing: {exc}")
                     self._status = EX_PROTOCOL
@@ -214,29 +213,6 @@ class Helper:
                     self._status = 0
                     return
             self._dispatch(*received)
-
-    @staticmethod
-    def _receive(
-        sock: socket.socket, assembler: FrameAssembler
-    ) -> tuple[dict[str, Any], list[int]] | None:
-        """Return the next frame and its descriptors; ``None`` at end of file.
-
-        Raises:
-            WireError: the framing was broken.
-        """
-        while True:
-            datagram = receive_datagram(sock)
-            if datagram is None:
-                assembler.reset()
-                return None
-            frame = assembler.feed(*datagram)
-            if frame is not None:
-                payload, fds = frame
-                try:
-                    return decode(payload), fds
-                except WireError:
-                    close_fds(fds)
-                    raise
 
     def _hello(self, frame: dict[str, Any], fds: list[int]) -> None:
         close_fds(fds)
@@ -392,7 +368,7 @@ class Helper:
         assert self._files is not None
         assembler = FrameAssembler(MAX_REQUEST)
         try:
-            while (received := self._receive(self._files, assembler)) is not None:
+            while (received := receive_frame(self._files, assembler)) is not None:
                 frame, fds = received
                 close_fds(fds)
                 try:

@@ -72,6 +72,7 @@ from pobox.storage.privsep._wire import (
     decode,
     encode,
     receive_datagram,
+    receive_frame,
     send_frame,
     socket_pair,
     split,
@@ -298,21 +299,11 @@ def _receive_frame(sock: socket.socket) -> _Answer:
     Raises:
         WireError: broken framing, or the end of file.
     """
-    assembler = FrameAssembler(MAX_RESPONSE)
-    while True:
-        datagram = receive_datagram(sock)
-        if datagram is None:
-            assembler.reset()
-            msg = "the helper closed the connection"
-            raise WireError(msg)
-        frame = assembler.feed(*datagram)
-        if frame is not None:
-            payload, fds = frame
-            try:
-                return decode(payload), fds
-            except WireError:
-                close_fds(fds)
-                raise
+    received = receive_frame(sock, FrameAssembler(MAX_RESPONSE))
+    if received is None:
+        msg = "the helper closed the connection"
+        raise WireError(msg)
+    return received
 
 
 class HelperStore:

@@ -37,6 +37,7 @@ __all__ = [
     "decode",
     "encode",
     "receive_datagram",
+    "receive_frame",
     "send_frame",
     "socket_pair",
     "split",
@@ -172,6 +173,31 @@ class FrameAssembler:
         """Drop a partial frame, closing its descriptors."""
         close_fds(self._fds)
         self._parts, self._size, self._fds = [], 0, []
+
+
+def receive_frame(
+    sock: socket.socket, assembler: FrameAssembler
+) -> tuple[dict[str, Any], list[int]] | None:
+    """Receive the next whole frame on a blocking socket: the object and its descriptors.
+
+    Returns ``None`` at end of file (a partial frame is dropped).
+
+    Raises:
+        WireError: the framing was broken (the descriptors received are closed).
+    """
+    while True:
+        datagram = receive_datagram(sock)
+        if datagram is None:
+            assembler.reset()
+            return None
+        frame = assembler.feed(*datagram)
+        if frame is not None:
+            payload, fds = frame
+            try:
+                return decode(payload), fds
+            except WireError:
+                close_fds(fds)
+                raise
 
 
 def send_frame(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
