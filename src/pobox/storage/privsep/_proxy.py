@@ -444,6 +444,7 @@ class HelperMaildrop:
             MessageGone: the message is no longer in the maildrop.
             StorageError: the helper or a read failed.
         """
+        self._check_open()
         ok, fds = await self._channel.call("fetch", {"handle": self._handle, "key": key})
         size = ok.get("size")
         if len(fds) != 1 or type(size) is not int or size < 0:
@@ -468,13 +469,24 @@ class HelperMaildrop:
             handle.close()
 
     async def delete(self, keys: Sequence[str]) -> DeleteResult:
-        """Have the helper remove messages (UPDATE state, RFC 1939 §6)."""
+        """Have the helper remove messages (UPDATE state, RFC 1939 §6).
+
+        Raises:
+            RuntimeError: the maildrop is closed (its lock may be another session's now).
+        """
+        self._check_open()
         async with self._turn():
             ok, fds = await self._channel.call(
                 "delete", {"handle": self._handle, "keys": list(keys)}
             )
         close_fds(fds)
         return delete_result_from_wire(ok)
+
+    def _check_open(self) -> None:
+        """Refuse to work on a closed maildrop, as the Maildir store does."""
+        if self._closed:
+            msg = "the maildrop is closed"
+            raise RuntimeError(msg)
 
     async def close(self) -> None:
         """Release the maildrop (and its session lock) in the helper; safe to call again."""
