@@ -34,7 +34,7 @@ from pobox.config import KEYS, Config, load_config
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
-from pobox.log import setup_logging
+from pobox.log import reopen_logs, setup_logging
 from pobox.server import Pop3Server, SessionContext, drop_privileges
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._throttle import LoginThrottle
@@ -71,6 +71,21 @@ def build_context(config: Config) -> SessionContext:
     )
 
 
+def _reopen_logs() -> None:
+    """Reopen the log file (SIGUSR1, SIGHUP); on failure keep the old one and say so."""
+    try:
+        if reopen_logs():
+            logger.info("master: log file reopened")
+    except OSError as exc:
+        logger.error("master: cannot reopen the log file, still writing the old one: %s", exc)
+
+
+def _on_sighup(server: Pop3Server) -> None:
+    """Reopen the log, then reload the TLS certificates (so that line is in the new log)."""
+    _reopen_logs()
+    server.reload_tls()
+
+
 async def run_server(config: Config) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down cleanly."""
     if not Path(config.passwd_file).is_file():
@@ -100,7 +115,10 @@ async def run_server(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    # SIGHUP: let go of a rotated log and re-read the certificates; SIGUSR1: the log only
+    # (what logrotate's postrotate sends, see contrib/logrotate/pobox).
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs)
     addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
     loop_name = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     logger.info(
