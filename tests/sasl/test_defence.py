@@ -102,6 +102,8 @@ async def write_log(tmp_path: Path, log_format: str) -> Path:
     log = tmp_path / "pobox.log"
     root = logging.getLogger("pobox")
     saved = (root.handlers[:], root.level, root.propagate)
+    foreign = logging.getLogger()  # setup_logging sends other libraries' warnings there too
+    saved_foreign = (foreign.handlers[:], foreign.level)
     try:
         async with running_server(
             tmp_path / "srv", log_path=str(log), log_format=log_format
@@ -123,6 +125,7 @@ async def write_log(tmp_path: Path, log_format: str) -> Path:
         for handler in root.handlers:
             handler.close()
         root.handlers[:], root.level, root.propagate = saved
+        foreign.handlers[:], foreign.level = saved_foreign
     return log
 
 
