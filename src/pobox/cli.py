@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from pobox import __version__
+from pobox.auth.base import HashWorkers
 from pobox.auth.oauth import JwtVerifier
 from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user, set_password
 from pobox.auth.schemes import SUPPORTED_SCHEMES
+from pobox.auth.secretfile import load_secret
 from pobox.client.cli import add_fetch_parser
 from pobox.config import KEYS, Config, load_config
 from pobox.delivery import DeliveryServer, build_agent
@@ -38,6 +40,7 @@ from pobox.log import reopen_logs, setup_logging
 from pobox.server import Pop3Server, SessionContext, drop_privileges
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._throttle import LoginThrottle
+from pobox.state import MemoryFailureCounters
 from pobox.storage.maildir import MaildirStore
 
 __all__ = ["main"]
@@ -49,25 +52,39 @@ EX_USAGE, EX_DATAERR, EX_CONFIG, EX_UNAVAILABLE, EX_OSERR = 64, 65, 78, 69, 71
 #: sysexits.h EX_TEMPFAIL: the MTA keeps the message and tries again.
 EX_TEMPFAIL = 75
 
+#: The default scram_secret_file, made next to the passwd-file.
+SCRAM_SECRET_NAME = "pobox-scram.secret"
+
+
+def scram_secret(config: Config) -> bytes:
+    """Return the key SCRAM salts are derived from, if SCRAM is offered (made if missing)."""
+    if not any(m.startswith("SCRAM-") for m in config.auth_mechanisms.upper().split()):
+        return b""
+    path = config.scram_secret_file or str(Path(config.passwd_file).parent / SCRAM_SECRET_NAME)
+    return load_secret(path)
+
 
 def build_context(config: Config) -> SessionContext:
     """Build the server's backends from the configuration."""
+    workers = HashWorkers()
     return SessionContext(
         config=config,
         authenticator=PasswdFileAuthenticator(
-            config.passwd_file, default_scheme=config.default_pass_scheme
+            config.passwd_file, default_scheme=config.default_pass_scheme, workers=workers
         ),
         store=MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max),
         throttle=LoginThrottle(
+            MemoryFailureCounters(config.auth_failure_window),
             delay=config.auth_failure_delay,
             delay_max=config.auth_failure_delay_max,
             per_ip=config.auth_failures_per_ip,
             per_user=config.auth_failures_per_user,
-            window=config.auth_failure_window,
         ),
         token_verifier=JwtVerifier(config.oauth_jwt_key_file)
         if config.oauth_jwt_key_file
         else None,
+        workers=workers,
+        scram_secret=scram_secret(config),
     )
 
 

@@ -24,7 +24,6 @@ from pobox.auth.schemes import (
     ScramCredentials,
     UnknownScheme,
     cram_md5_context,
-    dummy_verify,
     hash_password,
     identify_scheme,
     scram_credentials,
@@ -562,25 +561,13 @@ class TestCramMd5Context:
         assert None is cram_md5_context(stored)
 
 
-class TestDummyVerify:
-    """dummy_verify() spends a verification's time for unknown users."""
+class TestDummyHash:
+    """DUMMY_HASH, what unknown users are checked against when a file has no password."""
 
     def test_dummy_hash_has_default_parameters(self):
         """DUMMY_HASH is a well-formed argon2id hash that costs what a default hash costs."""
         expected = argon2.extract_parameters(hash_password(b"x").removeprefix("{ARGON2ID}"))
         assert expected == argon2.extract_parameters(DUMMY_HASH.removeprefix("{ARGON2ID}"))
-
-    def test_verifies_against_the_given_hash(self, monkeypatch):
-        """It runs verify() on the stored password it is given, with a usable password."""
-        calls = []
-
-        def fake_verify(stored, password, *, default_scheme="CRYPT", username=None):
-            calls.append((stored, default_scheme, bool(password) and b"\0" not in password))
-            return False
-
-        monkeypatch.setattr(schemes, "verify", fake_verify)
-        dummy_verify(SHA512_CRYPT, default_scheme="PLAIN")
-        assert [(SHA512_CRYPT, "PLAIN", True)] == calls
 
 
 # --- against the real Dovecot ---------------------------------------------------------------
