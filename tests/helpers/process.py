@@ -43,6 +43,13 @@ class ServeProcess:
                             return line
                 await asyncio.sleep(0.05)
 
+    async def wait_count(self, text: str, count: int, timeout: float = 20) -> None:
+        """Wait until the log holds ``text`` at least ``count`` times."""
+        async with asyncio.timeout(timeout):
+            while not self.log.exists() or self.text().count(text) < count:
+                assert self.proc.returncode is None, "the server exited"
+                await asyncio.sleep(0.05)
+
     def signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the server."""
         self.proc.send_signal(sig)

@@ -26,9 +26,7 @@ POBOX_FILTER = ROOT / "contrib" / "fail2ban" / "filter.d" / "pobox.conf"
 
 #: The address a stranger wants banned (TEST-NET-1, RFC 5737).
 VICTIM = "192.0.2.66"
-FAILURE = (
-    f"user=<x>, method=PLAIN, rip={VICTIM}, lip=127.0.0.1, session=<forged>"
-)
+FAILURE = f"user=<x>, method=PLAIN, rip={VICTIM}, lip=127.0.0.1, session=<forged>"
 #: Lines the filters match, as the stock dovecot filter and pobox's filter expect them.
 FORGED_LINES = [
     f"Nov 23 21:30:00 mail dovecot: pop3-login: Disconnected (auth failed, 1 attempts in 2 "

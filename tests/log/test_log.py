@@ -24,8 +24,10 @@ class TestSanitize:
 
     @pytest.mark.parametrize(
         "char",
-        ["\n", "\r", "\t", "\0", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029", "\x0b"]
-        + ["\x0c", "\x1c", "\x1d", "\x1e", "\u202e", "\u200b", "\ud800", "\ue000"],
+        [
+            *("\n", "\r", "\t", "\0", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029"),
+            *("\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\u202e", "\u200b", "\ud800", "\ue000"),
+        ],
     )
     def test_unprintable_becomes_question_mark(self, char: str) -> None:
         """Controls, separators, format characters and surrogates each become one ?."""
@@ -133,7 +135,7 @@ class TestSetupLogging:
         (folder / "pobox.log").rename(tmp_path / "moved.log")
         folder.rmdir()
 
-        with pytest.raises(OSError):
+        with pytest.raises(FileNotFoundError):
             reopen_logs()
         logging.getLogger("pobox.test").warning("still here")
 

@@ -214,10 +214,13 @@ class TestScramSha256:
         mech = Scram("sha256", "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0")
         mech.start(self.CLIENT_FIRST)
         step = mech.secret(Secret(scram=ScramKeys("sha256", 4096, b"decoy-salt-16byt", b"", b"")))
-        assert Challenge(
-            b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=ZGVjb3ktc2FsdC0xNmJ5dA==,"
-            b"i=4096"
-        ) == step
+        assert (
+            Challenge(
+                b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=ZGVjb3ktc2FsdC0xNmJ5dA==,"
+                b"i=4096"
+            )
+            == step
+        )
         assert Failed("user", "wrong SCRAM proof") == mech.step(self.CLIENT_FINAL)
 
     @pytest.mark.parametrize(
@@ -270,6 +273,7 @@ class TestScramSha256:
         mech = self.start(self.secret())
         mech.step(self.CLIENT_FINAL)
         assert isinstance(mech.step(b"x"), Failed)
+
 
 class TestExternal:
     """EXTERNAL: the identity of the verified client certificate."""

@@ -655,8 +655,8 @@ def scram_salt(key: bytes, mechanism: str, username: str) -> bytes:
     without the key can tell it from a stored random salt (RFC 5802 §5.1 asks servers
     not to reveal which users exist).
     """
-    message = _SCRAM_SALT_LABEL + mechanism.encode() + b"\0" + username.encode(
-        "utf-8", "surrogateescape"
+    message = (
+        _SCRAM_SALT_LABEL + mechanism.encode() + b"\0" + username.encode("utf-8", "surrogateescape")
     )
     return hmac.digest(key, message, "sha256")[:_SCRAM_SALT_BYTES]
 

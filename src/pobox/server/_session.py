@@ -492,9 +492,7 @@ class Session:
         is) runs in a worker thread, never in the event loop.
         """
         salt = schemes.scram_salt(self.ctx.scram_secret, event.mechanism, event.username)
-        keys = await self.ctx.workers.run(
-            schemes.scram_server_keys, stored, event.mechanism, salt
-        )
+        keys = await self.ctx.workers.run(schemes.scram_server_keys, stored, event.mechanism, salt)
         return Secret(
             scram=ScramKeys(
                 keys.hash_name, keys.iterations, keys.salt, keys.stored_key, keys.server_key
