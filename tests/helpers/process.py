@@ -66,6 +66,23 @@ def _toml(value: object) -> str:
 
 
 @asynccontextmanager
+async def serve_config(config: Path, **popen: object) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run ``python -m pobox serve -c config`` (``popen``: ``stderr=PIPE``...); SIGTERM at exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pobox", "serve", "-c", str(config),
+        stdin=asyncio.subprocess.DEVNULL,
+        **popen,  # type: ignore[arg-type]
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                await proc.wait()
+
+
+@asynccontextmanager
 async def pobox_serve(
     folder: Path,
     users: Mapping[str, str] | None = None,
@@ -87,17 +104,8 @@ async def pobox_serve(
     }
     config = folder / "pobox.toml"
     config.write_text("".join(f"{key} = {_toml(value)}\n" for key, value in values.items()))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pobox", "serve", "-c", str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+    async with serve_config(config) as proc:
         started = ServeProcess(proc, log)
         line = await started.wait_log(r"started, listening on")
         started.port = int(re.findall(r"127\.0\.0\.1:(\d+)", line)[0])
         yield started
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(20):
-                await proc.wait()

@@ -213,15 +213,22 @@ class TestLoginExchange:
         assert [AuthenticateUser("tim", b"secret", "LOGIN"), PAUSED] == events
 
 
+def scram_as_tim(mechanism: str) -> ServerConnection:
+    """A connection in a SCRAM exchange as tim, the server-first sent (decoy keys)."""
+    conn = fresh()
+    run(conn, f"AUTH {mechanism} ".encode() + base64.b64encode(b"n,,n=tim,r=abc") + b"\r\n")
+    hash_name = "sha256" if mechanism == "SCRAM-SHA-256" else "sha1"
+    conn.send(SecretFound(Secret(scram=ScramKeys(hash_name, 4096, b"s" * 16, b"", b""))))
+    run(conn)
+    return conn
+
+
 class TestAbortAfterAUser:
     """An exchange broken off once the client named a user is a failed login (RFC 5034 §4 "*")."""
 
     def test_scram_abort_after_client_first(self):
         """'*' after SCRAM's server-first asks the shell to fail the login as tim."""
-        conn = fresh()
-        run(conn, b"AUTH SCRAM-SHA-256 " + base64.b64encode(b"n,,n=tim,r=abc") + b"\r\n")
-        conn.send(SecretFound(Secret(scram=ScramKeys("sha256", 4096, b"s" * 16, b"", b""))))
-        run(conn)
+        conn = scram_as_tim("SCRAM-SHA-256")
         events, out = run(conn, b"*\r\n")
 
         assert ([LoginFailed("tim", "SCRAM-SHA-256", "Authentication aborted by client."),
@@ -242,11 +249,7 @@ class TestAbortAfterAUser:
 
     def test_garbage_after_user_name(self):
         """Malformed base64 after SCRAM's client-first fails the login too, not a bad command."""
-        conn = fresh()
-        run(conn, b"AUTH SCRAM-SHA-1 " + base64.b64encode(b"n,,n=tim,r=abc") + b"\r\n")
-        conn.send(SecretFound(Secret(scram=ScramKeys("sha1", 4096, b"s" * 16, b"", b""))))
-        run(conn)
-        events, _ = run(conn, b"!!\r\n")
+        events, _ = run(scram_as_tim("SCRAM-SHA-1"), b"!!\r\n")
 
         assert [
             LoginFailed("tim", "SCRAM-SHA-1", "Invalid base64 data in continued response."),

@@ -204,23 +204,13 @@ class TestFailuresCount:
         assert [b"-ERR [AUTH] Authentication failed.\r\n"] * 2 == replies
         assert refused.startswith(b"-ERR [LOGIN-DELAY] ")
 
-    async def test_failure_delay(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_failure_delay(self, tmp_path: Path, failure_waits: list[float]) -> None:
         """An aborted exchange waits the failure delay before its answer."""
-        from pobox.server import _session  # noqa: PLC0415 - the module whose sleep is watched
-
-        waits: list[float] = []
-        real_sleep = _session._sleep
-
-        async def recording_sleep(seconds: float) -> None:
-            waits.append(seconds)
-            await real_sleep(seconds)
-
-        monkeypatch.setattr(_session, "_sleep", recording_sleep)
         async with running_server(tmp_path, auth_mechanisms=MECHS, auth_failure_delay=1.0) as srv:
             await abort_scram(srv.port)
 
-        assert 1 == len(waits)
-        assert 0 < waits[0] <= 1.0
+        assert 1 == len(failure_waits)
+        assert 0 < failure_waits[0] <= 1.0
 
     @pytest.mark.external
     async def test_fail2ban_counts_them(self, tmp_path: Path) -> None:
