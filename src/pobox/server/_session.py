@@ -347,13 +347,15 @@ class Session:
         cfg = self.ctx.config
         if self.conn.state is State.TRANSACTION:
             return since + cfg.idle_timeout
+        if self.maildrop is not None:  # after QUIT: the last reply's drain
+            return since + cfg.login_timeout
         return min(since + cfg.login_timeout, self._login_by)
 
     def _timeout_reason(self) -> str:
         cfg = self.ctx.config
         if self.conn.state is State.TRANSACTION:
             return f"Inactivity - no input for {cfg.idle_timeout:g} secs"
-        if self._loop.time() >= self._login_by:
+        if self.maildrop is None and self._loop.time() >= self._login_by:
             return f"Login time limit - not logged in after {cfg.login_deadline:g} secs"
         return f"Inactivity - no input for {cfg.login_timeout:g} secs"
 
