@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, AnyStr, Final, Protocol, cast
 
@@ -70,10 +71,6 @@ SESSION_WINDOW: Final = 2
 #: aiosmtpd's own idle timer (a year): it would cut a long DATA, and the deadlines of
 #: :class:`DeliveryProtocol` always come first.
 _LIBRARY_TIMEOUT: Final = 365 * 24 * 3600.0
-
-#: The deadline timer is moved at most this often in DATA (seconds): once a line would cost
-#: a timer per line.
-_REARM_EVERY: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +123,7 @@ class DeliveryProtocol(SMTP):
         super().__init__(handler, timeout=_LIBRARY_TIMEOUT, **kwargs)
         self.limits = limits
         self._deadline: asyncio.TimerHandle | None = None
+        self._due: Callable[[], float] | None = None
         #: When the current connection must have reached DATA.
         self._window_ends = 0.0
 
@@ -141,20 +139,32 @@ class DeliveryProtocol(SMTP):
         self._disarm()
         super().connection_lost(error)
 
-    def _arm(self, when: float) -> None:
-        """Close the connection with ``421 4.4.2`` at loop time ``when`` (replacing any)."""
+    def _arm(self, when: float, due: Callable[[], float] | None = None) -> None:
+        """Close the connection with ``421 4.4.2`` at loop time ``when`` (replacing any).
+
+        Args:
+            due: the deadline as it stands when the timer fires, if it moves (DATA): the
+                timer is then set again for it instead.
+        """
         if self._deadline is not None:
             self._deadline.cancel()
+        self._due = due
         self._deadline = self.loop.call_at(when, self._expired)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self._due = None
 
     def _expired(self) -> None:
         """Say ``421 4.4.2`` and close; abort if the client does not even read that."""
         self._deadline = None
+        if self._due is not None:
+            when = self._due()
+            if when > self.loop.time():
+                self._deadline = self.loop.call_at(when, self._expired)
+                return
         transport = cast("asyncio.Transport | None", self.transport)
         if transport is None or transport.is_closing():
             return
@@ -213,8 +223,15 @@ class DeliveryProtocol(SMTP):
         decoder = DataDecoder(max_size=max_size, max_line=self.line_length_limit)
         reader = self._reader
         loop = self.loop
-        started = armed = loop.time()
-        self._arm(started + limits.timeout)
+        started = last = loop.time()
+
+        def due() -> float:
+            """The DATA deadline: a line per timeout, and the minimum rate overall."""
+            counted = min(decoder.received, max_size) if max_size else decoder.received
+            allowed = started + limits.timeout + counted / limits.min_data_rate
+            return min(last + limits.timeout, allowed)
+
+        self._arm(started + limits.timeout, due)
         failure: OSError | None = None
         while True:
             try:
@@ -223,6 +240,7 @@ class DeliveryProtocol(SMTP):
                 line = await reader.read(exc.consumed)
             except asyncio.IncompleteReadError:  # the client is gone (aiosmtpd cancels first)
                 raise asyncio.CancelledError from None
+            last = loop.time()
             if decoder.feed(line):
                 break
             batch = decoder.take()
@@ -231,12 +249,7 @@ class DeliveryProtocol(SMTP):
                     body.write(batch)
                 except OSError as exc:  # disk full: read on, answer 451 at the end
                     failure = exc
-            now = loop.time()
-            if now - armed >= _REARM_EVERY:
-                armed = now
-                counted = min(decoder.received, max_size) if max_size else decoder.received
-                allowed = started + limits.timeout + counted / limits.min_data_rate
-                self._arm(min(now + limits.timeout, allowed))
+        self._disarm()
         if decoder.error is not None:
             logger.info(
                 "%s: message refused, %s rip=%s",
