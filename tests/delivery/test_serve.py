@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import poplib
 import re
-import signal
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
