@@ -222,7 +222,12 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         agent = build_agent(config, build_authenticator(config), build_store(config))
         status, message = asyncio.run(
             deliver_stdin(
-                agent, args.user, args.sender, sys.stdin.buffer, limit=config.max_message_size
+                agent,
+                args.user,
+                args.sender,
+                sys.stdin.buffer,
+                limit=config.max_message_size,
+                spool_dir=config.mail_temp_dir or None,
             )
         )
     except Exception as exc:  # an MDA must tempfail, never crash into a bounce

@@ -94,6 +94,13 @@ class Config:
     quota_messages: int = 0
     hostname: str = ""
     local_domains: tuple[str, ...] = ()
+    lmtp_max_connections: int = 100
+    lmtp_max_connections_per_ip: int = 50
+    smtp_max_connections: int = 100
+    smtp_max_connections_per_ip: int = 20
+    delivery_timeout: float = 300.0
+    delivery_min_data_rate: int = 2048
+    mail_temp_dir: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -269,6 +276,38 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "Domains whose addresses are local users for SMTP (user@domain is user); the "
         "hostname and localhost always are.",
     ),
+    "lmtp_max_connections": (
+        int,
+        "Open LMTP connections in all, Unix socket ones included; more get 421 4.3.2 and "
+        "are closed (100).",
+    ),
+    "lmtp_max_connections_per_ip": (
+        int,
+        "Open LMTP connections from one address; more get 421 4.7.0 and are closed (50).",
+    ),
+    "smtp_max_connections": (
+        int,
+        "Open SMTP connections in all; more get 421 4.3.2 and are closed (100).",
+    ),
+    "smtp_max_connections_per_ip": (
+        int,
+        "Open SMTP connections from one address; more get 421 4.7.0 and are closed (20).",
+    ),
+    "delivery_timeout": (
+        float,
+        "LMTP/SMTP: seconds to wait for a command or for the next line of DATA (RFC 5321 "
+        "§4.5.3.2.7: 300). A client that sends no message for twice as long is closed.",
+    ),
+    "delivery_min_data_rate": (
+        int,
+        "LMTP/SMTP: octets per second a client must keep up in DATA, over delivery_timeout "
+        "of grace (like Postfix's smtpd_min_data_rate); slower clients get 421 4.4.2 (2048).",
+    ),
+    "mail_temp_dir": (
+        str,
+        "Directory where LMTP, SMTP and pobox deliver spool messages over 256 KiB while they "
+        "arrive, in nameless files (Dovecot mail_temp_dir). Empty: the system's (TMPDIR, /tmp).",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -400,7 +439,14 @@ def _validate_security(config: Config) -> None:
             f"disable_plaintext_auth: {config.disable_plaintext_auth!r} is not one of "
             f"{list(PLAINTEXT_POLICIES)}"
         )
-    for key in ("max_connections", "max_connections_per_ip"):
+    for key in (
+        "max_connections",
+        "max_connections_per_ip",
+        "lmtp_max_connections",
+        "lmtp_max_connections_per_ip",
+        "smtp_max_connections",
+        "smtp_max_connections_per_ip",
+    ):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}: must be at least 1")
     if config.group and not config.user:
@@ -413,7 +459,13 @@ def _validate(config: Config) -> Config:
         raise ConfigError(f"mail_location: {config.mail_location!r} must start with 'maildir:'")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
-    for key in ("login_timeout", "login_deadline", "idle_timeout", "auth_failure_delay"):
+    for key in (
+        "login_timeout",
+        "login_deadline",
+        "idle_timeout",
+        "auth_failure_delay",
+        "delivery_timeout",
+    ):
         if getattr(config, key) < 0 or (key != "auth_failure_delay" and not getattr(config, key)):
             raise ConfigError(f"{key}: must be a positive number of seconds")
     # The names of pobox.protocol.ALL_MECHANISMS (config may not import the protocol core).
@@ -438,6 +490,12 @@ def _validate(config: Config) -> Config:
         raise ConfigError("max_open_files: must not be negative")
     if config.max_bad_commands < 1:
         raise ConfigError("max_bad_commands: must be at least 1")
+    if config.delivery_min_data_rate < 1:
+        raise ConfigError("delivery_min_data_rate: must be at least 1 octet per second")
+    if config.mail_temp_dir and not (
+        Path(config.mail_temp_dir).is_absolute() and Path(config.mail_temp_dir).is_dir()
+    ):
+        raise ConfigError(f"mail_temp_dir: {config.mail_temp_dir} is not an absolute directory")
     _validate_security(config)
     if "\r" in config.login_greeting or "\n" in config.login_greeting:
         raise ConfigError("login_greeting: must be a single line")
