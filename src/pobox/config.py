@@ -55,6 +55,7 @@ class Config:
     pop3_lock_session: bool = True
     mail_inline_read_max: int = 128 * 1024
     login_timeout: float = 60.0
+    login_deadline: float = 180.0
     idle_timeout: float = 600.0
     auth_failure_delay: float = 2.0
     max_bad_commands: int = 10
@@ -65,6 +66,7 @@ class Config:
     auth_mechanisms: str = "PLAIN LOGIN"
     apop: bool = False
     oauth_jwt_key_file: str = ""
+    scram_secret_file: str = ""
     auth_failure_delay_max: float = 15.0
     auth_failures_per_ip: int = 10
     auth_failures_per_user: int = 10
@@ -98,6 +100,13 @@ class Config:
     quota_messages: int = 0
     hostname: str = ""
     local_domains: tuple[str, ...] = ()
+    lmtp_max_connections: int = 100
+    lmtp_max_connections_per_ip: int = 50
+    smtp_max_connections: int = 100
+    smtp_max_connections_per_ip: int = 20
+    delivery_timeout: float = 300.0
+    delivery_min_data_rate: int = 2048
+    mail_temp_dir: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -129,6 +138,12 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "worker thread (faster on local disks); 0 for slow network storage. Default 131072.",
     ),
     "login_timeout": (float, "Seconds of silence before login after which we hang up (60)."),
+    "login_deadline": (
+        float,
+        "Seconds from connecting within which a client must have logged in, however busy it "
+        "keeps the connection (CAPA, failed attempts): then it is closed. Dovecot's fixed "
+        "login timeout is the same 180 (the default).",
+    ),
     "idle_timeout": (
         float,
         "Autologout: seconds of silence after login before the session is closed without "
@@ -162,19 +177,26 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "File with the HS256 key that signs OAuth bearer tokens (JWT) for OAUTHBEARER and "
         "XOAUTH2; the token's sub or email must be the user, exp is checked. Empty: none.",
     ),
+    "scram_secret_file": (
+        str,
+        "File with the secret key SCRAM salts are derived from (names without stored SCRAM "
+        "keys, unknown names too, each get a stable salt); made, mode 0600, when missing and "
+        "SCRAM is offered. Same file on every node. Default: pobox-scram.secret next to "
+        "passwd_file.",
+    ),
     "auth_failure_delay_max": (
         float,
         "Cap of the failed-login delay, which doubles with each failure from an address (15).",
     ),
     "auth_failures_per_ip": (
         int,
-        "Failed logins from one address within auth_failure_window after which its logins "
-        "are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
+        "Failed logins from one address within auth_failure_window after which logins from "
+        "that address are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
     ),
     "auth_failures_per_user": (
         int,
-        "Failed logins for one user within auth_failure_window after which logins as that "
-        "user are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
+        "Failed logins for one user name, from anywhere, within auth_failure_window after "
+        "which its failures wait auth_failure_delay_max; never refuses a right password (10).",
     ),
     "auth_failure_window": (float, "Seconds the failed-login counters remember (600)."),
     "max_auth_failures": (
@@ -282,6 +304,38 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         list,
         "Domains whose addresses are local users for SMTP (user@domain is user); the "
         "hostname and localhost always are.",
+    ),
+    "lmtp_max_connections": (
+        int,
+        "Open LMTP connections in all, Unix socket ones included; more get 421 4.3.2 and "
+        "are closed (100).",
+    ),
+    "lmtp_max_connections_per_ip": (
+        int,
+        "Open LMTP connections from one address; more get 421 4.7.0 and are closed (50).",
+    ),
+    "smtp_max_connections": (
+        int,
+        "Open SMTP connections in all; more get 421 4.3.2 and are closed (100).",
+    ),
+    "smtp_max_connections_per_ip": (
+        int,
+        "Open SMTP connections from one address; more get 421 4.7.0 and are closed (20).",
+    ),
+    "delivery_timeout": (
+        float,
+        "LMTP/SMTP: seconds to wait for a command or for the next line of DATA (RFC 5321 "
+        "§4.5.3.2.7: 300). A client that sends no message for twice as long is closed.",
+    ),
+    "delivery_min_data_rate": (
+        int,
+        "LMTP/SMTP: octets per second a client must keep up in DATA, over delivery_timeout "
+        "of grace (like Postfix's smtpd_min_data_rate); slower clients get 421 4.4.2 (2048).",
+    ),
+    "mail_temp_dir": (
+        str,
+        "Directory where LMTP, SMTP and pobox deliver spool messages over 256 KiB while they "
+        "arrive, in nameless files (Dovecot mail_temp_dir). Empty: the system's (TMPDIR, /tmp).",
     ),
 }
 
@@ -425,7 +479,14 @@ def _validate_security(config: Config) -> None:
             f"disable_plaintext_auth: {config.disable_plaintext_auth!r} is not one of "
             f"{list(PLAINTEXT_POLICIES)}"
         )
-    for key in ("max_connections", "max_connections_per_ip"):
+    for key in (
+        "max_connections",
+        "max_connections_per_ip",
+        "lmtp_max_connections",
+        "lmtp_max_connections_per_ip",
+        "smtp_max_connections",
+        "smtp_max_connections_per_ip",
+    ):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}: must be at least 1")
     if config.group and not config.user:
@@ -446,7 +507,13 @@ def _validate(config: Config) -> Config:
         raise ConfigError(f"mail_location: {config.mail_location!r} must start with 'maildir:'")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
-    for key in ("login_timeout", "idle_timeout", "auth_failure_delay"):
+    for key in (
+        "login_timeout",
+        "login_deadline",
+        "idle_timeout",
+        "auth_failure_delay",
+        "delivery_timeout",
+    ):
         if getattr(config, key) < 0 or (key != "auth_failure_delay" and not getattr(config, key)):
             raise ConfigError(f"{key}: must be a positive number of seconds")
     # The names of pobox.protocol.ALL_MECHANISMS (config may not import the protocol core).
@@ -471,6 +538,12 @@ def _validate(config: Config) -> Config:
         raise ConfigError("max_open_files: must not be negative")
     if config.max_bad_commands < 1:
         raise ConfigError("max_bad_commands: must be at least 1")
+    if config.delivery_min_data_rate < 1:
+        raise ConfigError("delivery_min_data_rate: must be at least 1 octet per second")
+    if config.mail_temp_dir and not (
+        Path(config.mail_temp_dir).is_absolute() and Path(config.mail_temp_dir).is_dir()
+    ):
+        raise ConfigError(f"mail_temp_dir: {config.mail_temp_dir} is not an absolute directory")
     _validate_security(config)
     if "\r" in config.login_greeting or "\n" in config.login_greeting:
         raise ConfigError("login_greeting: must be a single line")

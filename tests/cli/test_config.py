@@ -90,11 +90,65 @@ class TestBuildConfig:
         with pytest.raises(ConfigError, match=r"^login_timeout: "):
             build_config({"login_timeout": 0})
 
+    def test_login_deadline(self) -> None:
+        """login_deadline defaults to Dovecot's 180 s and must be positive."""
+        assert 180.0 == build_config({}).login_deadline
+        assert 30.0 == build_config({"login_deadline": 30}).login_deadline
+        with pytest.raises(ConfigError, match=r"^login_deadline: "):
+            build_config({"login_deadline": 0})
+
     def test_override_base(self) -> None:
         """Values replace those of the base config only where given."""
         base = Config(passwd_file="/x/passwd")
         config = build_config({"trace": True}, base=base)
         assert ("/x/passwd", True) == (config.passwd_file, config.trace)
+
+
+class TestDeliveryKeys:
+    """The delivery listeners' caps, deadlines and spool directory."""
+
+    def test_defaults(self) -> None:
+        """Caps per protocol, RFC 5321's five minutes, and the system's temporary directory."""
+        config = build_config({})
+        assert (100, 50, 100, 20, 300.0, 2048, "") == (
+            config.lmtp_max_connections,
+            config.lmtp_max_connections_per_ip,
+            config.smtp_max_connections,
+            config.smtp_max_connections_per_ip,
+            config.delivery_timeout,
+            config.delivery_min_data_rate,
+            config.mail_temp_dir,
+        )
+
+    @pytest.mark.parametrize(
+        "key",
+        [
+            "lmtp_max_connections",
+            "lmtp_max_connections_per_ip",
+            "smtp_max_connections",
+            "smtp_max_connections_per_ip",
+            "delivery_min_data_rate",
+        ],
+    )
+    def test_zero_refused(self, key: str) -> None:
+        """A cap or a rate of zero is an error naming the key."""
+        with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
+            build_config({key: 0})
+
+    def test_zero_delivery_timeout_refused(self) -> None:
+        """A zero delivery_timeout would close every delivery connection at once."""
+        with pytest.raises(ConfigError, match=r"^delivery_timeout: "):
+            build_config({"delivery_timeout": 0})
+
+    @pytest.mark.parametrize("value", ["spool", "/nonexistent/pobox-spool"])
+    def test_mail_temp_dir_must_be_an_absolute_directory(self, value: str) -> None:
+        """A relative path or a missing directory is found at start-up, not at a delivery."""
+        with pytest.raises(ConfigError, match=r"^mail_temp_dir: .* is not an absolute directory"):
+            build_config({"mail_temp_dir": value})
+
+    def test_mail_temp_dir_accepted(self, tmp_path: Path) -> None:
+        """An existing absolute directory is taken as it is."""
+        assert str(tmp_path) == build_config({"mail_temp_dir": str(tmp_path)}).mail_temp_dir
 
 
 class TestLoadConfig:

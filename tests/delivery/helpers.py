@@ -1,7 +1,10 @@
-"""Helpers for the delivery tests: a running pobox with its delivery listeners, a POP3 reader."""
+"""Helpers for the delivery tests: a running pobox with its delivery listeners, a POP3 reader,
+a raw SMTP/LMTP client, and a look at the spool files a process holds open."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import poplib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -13,8 +16,11 @@ from pobox.auth.passwdfile import PasswdFileAuthenticator
 from pobox.cli import build_store
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.testing import RunningServer, running_server
+from tests.integration.wire import Wire
 
 PASSWORD = "secret"
+#: Seconds a raw client waits for a reply (a deadline for the test, not a timed assertion).
+REPLY_DEADLINE = 30.0
 
 
 @dataclass
@@ -91,3 +97,59 @@ def retrieve_all(host: str, port: int, user: str, *, delete: bool = False) -> li
     finally:
         client.quit()
     return messages
+
+
+async def connect(address: tuple[str, int] | Path, *, source: str | None = None) -> Wire:
+    """Open a raw connection to a TCP address (from ``source``) or a Unix socket path."""
+    if isinstance(address, Path):
+        reader, writer = await asyncio.open_unix_connection(address)
+    else:
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.open_connection(*address, local_addr=local)
+    return Wire(reader, writer)
+
+
+async def reply(wire: Wire, timeout: float = REPLY_DEADLINE) -> bytes:
+    """Read one SMTP reply, every line of it (RFC 5321 §4.2.1: ``NNN-`` goes on)."""
+    out = b""
+    while True:
+        line = await wire.line(timeout)
+        out += line
+        if len(line) < 4 or line[3:4] != b"-":
+            return out
+
+
+async def start_data(wire: Wire, rcpt: bytes = b"alice", *, lmtp: bool = False) -> None:
+    """Read the greeting and go as far as ``354`` after DATA, asserting every reply."""
+    assert (await reply(wire)).startswith(b"220 ")
+    await wire.send((b"LHLO" if lmtp else b"EHLO") + b" client.test\r\n")
+    assert (await reply(wire)).startswith(b"250")
+    for command in (b"MAIL FROM:<s@example.org>", b"RCPT TO:<" + rcpt + b">", b"DATA"):
+        await wire.send(command + b"\r\n")
+        answer = await reply(wire)
+        assert answer[:1] in (b"2", b"3"), (command, answer)
+
+
+def open_files_in(directory: Path, pid: int | str = "self") -> list[int]:
+    """Return the sizes of the files under ``directory`` that process ``pid`` holds open.
+
+    Spool files have no name (``O_TMPFILE``) but their descriptor still says where they are:
+    ``/proc/PID/fd/N`` links to ``DIRECTORY/#INODE (deleted)``.
+    """
+    prefix = f"{directory}/"
+    sizes = []
+    fds = Path(f"/proc/{pid}/fd")
+    for entry in fds.iterdir():
+        try:
+            target = os.readlink(entry)
+            if target.startswith(prefix):
+                sizes.append(os.stat(entry).st_size)
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return sizes
+
+
+def maildir_files(root: Path, user: str = "alice") -> list[Path]:
+    """Return every file in ``user``'s maildir: ``new``, ``cur`` and ``tmp``."""
+    maildir = root / "mail" / user
+    return [path for sub in ("new", "cur", "tmp") for path in (maildir / sub).glob("*")]

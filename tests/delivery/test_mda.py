@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import time
 from pathlib import Path
 
 from pobox.auth.passwdfile import add_user
+from pobox.delivery.mda import read_message
+from tests.delivery.helpers import open_files_in
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 MESSAGE = b"From: s@example.org\nSubject: hello\nMessage-ID: <mda-1@example.org>\n\nHello\n"
@@ -20,7 +24,9 @@ MESSAGE = b"From: s@example.org\nSubject: hello\nMessage-ID: <mda-1@example.org>
 def _setup(root: Path) -> list[str]:
     """Create a passwd-file with alice; return the ``pobox deliver`` options pointing at it."""
     add_user(root / "passwd", "alice", b"secret", scheme="PLAIN")
-    (root / "pobox.toml").write_text(ROOT_MAIL_SETTINGS)  # run as root: root's files
+    config = root / "pobox.toml"  # run as root on root's files: say so, next to what is there
+    text = config.read_text() if config.exists() else ""
+    config.write_text(text + ROOT_MAIL_SETTINGS)
     return [
         "-c",
         str(root / "pobox.toml"),
@@ -104,6 +110,40 @@ class TestExitCodes:
         assert [b"Return-Path: <s@example.org>\nDelivered-To: alice\n" + MESSAGE] == [
             path.read_bytes() for path in files
         ]
+
+
+class TestSpoolDirectory:
+    """A large message is spooled in ``mail_temp_dir`` while it is read."""
+
+    def test_read_message_spools_in_the_directory(self, tmp_path: Path) -> None:
+        """read_message() puts a message over 256 KiB in a nameless file in spool_dir."""
+        data = b"Subject: big\n\n" + b"b" * 70 * 8192 + b"\n"
+        with read_message(io.BytesIO(data), 0, spool_dir=str(tmp_path)) as spool:
+            held = open_files_in(tmp_path)
+            on_disk = not spool.in_memory
+        assert ([len(data)], True) == (held, on_disk)
+        assert ([], []) == (open_files_in(tmp_path), list(tmp_path.iterdir()))
+
+    def test_pobox_deliver_uses_mail_temp_dir(self, tmp_path: Path) -> None:
+        """``pobox deliver`` opens its spool file in the configured mail_temp_dir."""
+        strace = shutil.which("strace")
+        assert strace is not None, "strace is not installed (Debian: apt install strace)"
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        config = tmp_path / "pobox.toml"
+        config.write_text(f'mail_temp_dir = "{spool}"\n')
+        trace = tmp_path / "strace.log"
+        command = [strace, "-f", "-o", str(trace), "-e", "trace=open,openat"]
+        command += [sys.executable, "-m", "pobox", "deliver", "-u", "alice", "-c", str(config)]
+        data = b"Subject: big\n\n" + (b"s" * 70 + b"\n") * 8192
+        result = subprocess.run(
+            [*command, *_setup(tmp_path)], input=data, capture_output=True, check=False, timeout=60
+        )
+        opened = [line for line in trace.read_text().splitlines() if f'"{spool}' in line]
+        assert (0, b"") == (result.returncode, result.stderr)
+        assert opened, "no file was opened in mail_temp_dir"
+        assert [] == list(spool.iterdir())
+        assert 1 == len(_files(tmp_path / "mail" / "alice"))
 
 
 #: Deliveries in the crash test. The issue suggests 200; with the ~0.4 s start-up of

@@ -1,4 +1,5 @@
-"""The open-file limit ``pobox serve`` raises at start-up (:mod:`pobox.server._limits`)."""
+"""Process limits (:mod:`pobox.server._limits`): connection caps, and the open-file limit
+``pobox serve`` raises at start-up."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from pobox.auth.passwdfile import add_user
 from pobox.config import Config, load_config
 from pobox.errors import ConfigError
-from pobox.server._limits import descriptors_needed, plan_limit
+from pobox.server._limits import ConnectionLimits, descriptors_needed, plan_limit
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 INFINITY = resource.RLIM_INFINITY
@@ -45,6 +46,48 @@ class TestDescriptorsNeeded:
     def test_explicit(self) -> None:
         """max_open_files, when set, is the need."""
         assert 500 == descriptors_needed(Config(max_open_files=500))
+
+    def test_delivery_listeners_add_their_caps(self) -> None:
+        """Each delivery protocol that listens adds 3 per connection of its cap."""
+        lmtp = Config(lmtp_listen=("unix:/run/pobox/lmtp",), lmtp_max_connections=10)
+        both = Config(lmtp_listen=("127.0.0.1:24",), smtp_listen=("127.0.0.1:25",))
+        assert (2094, 2664) == (descriptors_needed(lmtp), descriptors_needed(both))
+
+    def test_caps_without_a_listener_cost_nothing(self) -> None:
+        """A cap of a protocol that does not listen needs no descriptors."""
+        assert 2064 == descriptors_needed(Config(smtp_max_connections=5000))
+
+
+class TestConnectionLimits:
+    """Connection caps in all and per address."""
+
+    def test_per_address_cap(self) -> None:
+        """An address at its cap is refused; others are not."""
+        limits = ConnectionLimits(total=10, per_address=2)
+        answers = [limits.admit("192.0.2.1") for _ in range(3)] + [limits.admit("192.0.2.2")]
+        assert [None, None, "from 192.0.2.1", None] == answers
+        assert 3 == limits.open
+
+    def test_total_cap(self) -> None:
+        """Beyond the total every address is refused, Unix socket clients (None) included."""
+        limits = ConnectionLimits(total=2, per_address=5)
+        answers = [limits.admit(None), limits.admit("192.0.2.1"), limits.admit("192.0.2.2")]
+        assert [None, None, "in all", "in all"] == [*answers, limits.admit(None)]
+
+    def test_release_frees_the_slot(self) -> None:
+        """A released connection's slot serves the next one, in all and for its address."""
+        limits = ConnectionLimits(total=1, per_address=1)
+        limits.admit("192.0.2.1")
+        limits.release("192.0.2.1")
+        assert (None, 1) == (limits.admit("192.0.2.1"), limits.open)
+
+    def test_refused_connections_are_not_counted(self) -> None:
+        """A refusal takes no slot: releasing the admitted ones brings the count to zero."""
+        limits = ConnectionLimits(total=5, per_address=1)
+        limits.admit("192.0.2.1")
+        limits.admit("192.0.2.1")
+        limits.release("192.0.2.1")
+        assert (0, None) == (limits.open, limits.admit("192.0.2.1"))
 
 
 class TestConfigKey:

@@ -4,9 +4,12 @@ The only user of aiosmtpd. :mod:`.lmtp` (RFC 2033, per-recipient replies), :mod:
 (inbound SMTP for local users only), :mod:`.mda` (``pobox deliver``); all deliver through
 :class:`DeliveryAgent`, which stores through the storage interface
 (:meth:`pobox.storage.base.MaildropStore.deliver`: durable before the acknowledgement).
+The listeners share :mod:`._protocol` (DATA streamed into a spool through the sans-IO
+:mod:`._data` decoder, deadlines) and :mod:`._listener` (connection caps).
 
 May import: the standard library, aiosmtpd, :mod:`pobox.auth`, :mod:`pobox.config`,
-:mod:`pobox.errors` and :mod:`pobox.storage`.
+:mod:`pobox.errors`, :mod:`pobox.storage` and :mod:`pobox.server._limits` (the connection
+caps POP3 uses too).
 """
 
 from __future__ import annotations

@@ -5,7 +5,16 @@
 again. A ``unix:/path`` address is a Unix socket; a stale socket file left by a crashed
 server is replaced, any other file at that path is an error.
 
-May import: the standard library, aiosmtpd, :mod:`pobox.config` and :mod:`pobox.delivery`.
+Each protocol has its own connection caps, so an SMTP flood from the network never takes
+the MTA's LMTP slots (and neither touches POP3's): ``smtp_max_connections`` and
+``lmtp_max_connections`` in all, Unix socket connections included, and
+``*_max_connections_per_ip`` from one address. A connection over a cap gets ``421 4.3.2``
+(in all: the system is not accepting network messages) or ``421 4.7.0`` (from one address)
+and is closed before aiosmtpd sees it: a small :class:`asyncio.Protocol` counts it at the
+door and hands the transport's events on to the protocol serving it.
+
+May import: the standard library, aiosmtpd, :mod:`pobox.config`, :mod:`pobox.delivery` and
+:mod:`pobox.server._limits` (the connection caps POP3 uses too).
 """
 
 from __future__ import annotations
@@ -16,25 +25,101 @@ import logging
 import socket
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, cast
 
 from pobox.config import Config, parse_listen
 from pobox.delivery._agent import DeliveryAgent
-from pobox.delivery._protocol import DeliveryProtocol
+from pobox.delivery._protocol import DeliveryLimits, DeliveryProtocol
 from pobox.delivery.lmtp import LmtpHandler, LmtpProtocol
 from pobox.delivery.smtp import SmtpHandler, SmtpProtocol
 from pobox.errors import ConfigError
+from pobox.server._limits import IN_ALL, ConnectionLimits
 
 __all__ = ["DeliveryServer"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds of silence after which a delivery connection is closed (RFC 5321 §4.5.3.2.7 asks
-#: for 5 minutes while waiting for a command).
-_TIMEOUT = 300.0
 _UNIX_PREFIX = "unix:"
 #: Seconds :meth:`DeliveryServer.aclose` waits for the listeners to close.
 _CLOSE_GRACE = 5.0
+#: Connections the kernel may queue before pobox accepts them (as the POP3 listener).
+_BACKLOG: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Door:
+    """What the connections of one protocol share: its caps and its protocol factory."""
+
+    name: str
+    hostname: str
+    limits: ConnectionLimits
+    factory: Callable[[], DeliveryProtocol]
+
+    def refuse(self, transport: asyncio.Transport, which: str, address: str | None) -> None:
+        """Answer a connection over a cap with ``421`` and close it."""
+        rip = address or "local"
+        logger.warning("%s: Too many connections %s, refusing rip=%s", self.name, which, rip)
+        if which == IN_ALL:
+            reply = f"421 4.3.2 {self.hostname} Error: too many connections, try again later"
+        else:
+            reply = f"421 4.7.0 {self.hostname} Error: too many connections from {rip}"
+        transport.write(reply.encode() + b"\r\n")
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
+
+class _Gate(asyncio.Protocol):
+    """One connection at the door: counted against the caps, then served or refused."""
+
+    def __init__(self, door: _Door) -> None:
+        self._door = door
+        self._inner: DeliveryProtocol | None = None
+        self._address: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admit the connection and start its protocol, or refuse it."""
+        peer = transport.get_extra_info("peername")
+        # A TCP peer is (host, port, ...); a Unix socket's is a path, often empty.
+        self._address = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        which = self._door.limits.admit(self._address)
+        if which is not None:
+            self._door.refuse(cast("asyncio.Transport", transport), which, self._address)
+            return
+        self._inner = self._door.factory()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Pass the bytes on (a refused connection's are dropped)."""
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        """Pass the end of the client's stream on."""
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        """Pass flow control on."""
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        """Pass flow control on."""
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """End the protocol and give the slot back."""
+        if self._inner is None:
+            return
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._inner = None
+            self._door.limits.release(self._address)
 
 
 class DeliveryServer:
@@ -77,53 +162,68 @@ class DeliveryServer:
         hostname = config.hostname or socket.gethostname()
         lmtp = LmtpHandler(self._agent)
         smtp = SmtpHandler(self._agent)
+        limits = DeliveryLimits.from_config(config)
         loop = asyncio.get_running_loop()
 
         def lmtp_factory() -> DeliveryProtocol:
             return LmtpProtocol(
                 lmtp,
+                limits=limits,
                 data_size_limit=size,
                 hostname=hostname,
                 ident="pobox LMTP",
-                timeout=_TIMEOUT,
                 loop=loop,
             )
 
         def smtp_factory() -> DeliveryProtocol:
             return SmtpProtocol(
                 smtp,
+                limits=limits,
                 data_size_limit=size,
                 hostname=hostname,
                 ident="pobox ESMTP",
-                timeout=_TIMEOUT,
                 loop=loop,
             )
 
+        lmtp_door = _Door(
+            "lmtp",
+            hostname,
+            ConnectionLimits(config.lmtp_max_connections, config.lmtp_max_connections_per_ip),
+            lmtp_factory,
+        )
+        smtp_door = _Door(
+            "smtp",
+            hostname,
+            ConnectionLimits(config.smtp_max_connections, config.smtp_max_connections_per_ip),
+            smtp_factory,
+        )
         try:
             for text in config.lmtp_listen:
-                await self._listen("lmtp", text, lmtp_factory)
+                await self._listen(lmtp_door, text)
             for text in config.smtp_listen:
-                await self._listen("smtp", text, smtp_factory)
+                await self._listen(smtp_door, text)
         except BaseException:
             await self.aclose()
             raise
         for protocol, address in self.addresses:
             logger.info("delivery: %s listening on %s", protocol, address)
 
-    async def _listen(
-        self, protocol: str, text: str, factory: Callable[[], DeliveryProtocol]
-    ) -> None:
+    async def _listen(self, door: _Door, text: str) -> None:
         """Start one server on ``text`` (``HOST:PORT`` or ``unix:/path``)."""
         loop = asyncio.get_running_loop()
+
+        def gate() -> asyncio.Protocol:
+            return _Gate(door)
+
         if text.startswith(_UNIX_PREFIX):
             path = Path(text[len(_UNIX_PREFIX) :])
             _remove_stale_socket(path)
-            server = await loop.create_unix_server(factory, path)
+            server = await loop.create_unix_server(gate, path, backlog=_BACKLOG)
             self._unix_paths.append(path)
         else:
-            listen = parse_listen(text, key=f"{protocol}_listen")
-            server = await loop.create_server(factory, listen.host, listen.port)
-        self._servers.append((protocol, server))
+            listen = parse_listen(text, key=f"{door.name}_listen")
+            server = await loop.create_server(gate, listen.host, listen.port, backlog=_BACKLOG)
+        self._servers.append((door.name, server))
 
     async def aclose(self) -> None:
         """Stop listening; connections still open finish on their own."""

@@ -3,9 +3,10 @@
 Per recipient: ``RCPT`` is refused with ``550 5.1.1`` for an unknown user (or ``451 4.3.0``
 when the user database is unavailable); after ``DATA`` each accepted recipient gets its own
 reply, in ``RCPT`` order (RFC 2033 §4.2): ``250`` once the message is fsynced in its maildir,
-``552 5.2.2`` over quota, ``451 4.3.0`` on a temporary failure. aiosmtpd's ``handle_DATA``
-hook returns one status; :class:`LmtpHandler` returns the replies joined by CRLF, which
-aiosmtpd writes as they are, one line per recipient.
+``552 5.2.2`` over quota, ``451 4.3.0`` on a temporary failure. The ``handle_DATA`` hook
+(called by :class:`~pobox.delivery._protocol.DeliveryProtocol` with the spooled message)
+returns one status; :class:`LmtpHandler` returns the replies joined by CRLF, which are
+written as they are, one line per recipient.
 
 May import: the standard library, aiosmtpd and :mod:`pobox.delivery`.
 """
@@ -31,6 +32,7 @@ class LmtpProtocol(DeliveryProtocol):
     """aiosmtpd's SMTP speaking LMTP: ``LHLO`` instead of ``HELO``/``EHLO``, no greeting name."""
 
     per_recipient_data_replies = True
+    name = "lmtp"
 
     @syntax("LHLO hostname")
     async def smtp_LHLO(self, arg: str) -> None:
@@ -75,13 +77,13 @@ class LmtpHandler:
         server: SMTP,
         session: Session,
         envelope: Envelope,
+        body: Spool,
     ) -> str:
-        """Deliver to every recipient; return one reply line per recipient, CRLF-joined."""
+        """Deliver ``body`` to every recipient; return one reply per recipient, CRLF-joined."""
         sender = envelope.mail_from or ""
-        with Spool.from_bytes(envelope.original_content or b"") as body:
-            outcomes = await asyncio.gather(
-                *(self._deliver(address, sender, body) for address in envelope.rcpt_tos)
-            )
+        outcomes = await asyncio.gather(
+            *(self._deliver(address, sender, body) for address in envelope.rcpt_tos)
+        )
         return "\r\n".join(outcome.reply for outcome in outcomes)
 
     async def _deliver(self, address: str, sender: str, body: Spool) -> Outcome:

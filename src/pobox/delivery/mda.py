@@ -26,13 +26,13 @@ _NULL_SENDER = ""
 _READ_SIZE = 64 * 1024
 
 
-def read_message(stream: BinaryIO, limit: int) -> Spool | None:
+def read_message(stream: BinaryIO, limit: int, *, spool_dir: str | None = None) -> Spool | None:
     """Spool a whole message from ``stream``; ``None`` if it is over ``limit`` octets (0: none).
 
     A leading mbox ``From `` line is dropped. Memory stays bounded: a large message goes to
-    the spool's temporary file as it is read.
+    the spool's temporary file in ``spool_dir`` (``mail_temp_dir``) as it is read.
     """
-    spool = Spool()
+    spool = Spool(directory=spool_dir)
     try:
         total = 0
         first = True
@@ -61,15 +61,23 @@ def read_message(stream: BinaryIO, limit: int) -> Spool | None:
 
 
 async def deliver_stdin(
-    agent: DeliveryAgent, user: str, sender: str | None, stream: BinaryIO, *, limit: int = 0
+    agent: DeliveryAgent,
+    user: str,
+    sender: str | None,
+    stream: BinaryIO,
+    *,
+    limit: int = 0,
+    spool_dir: str | None = None,
 ) -> tuple[int, str]:
     """Deliver the message on ``stream`` to ``user``; return the exit status and a message.
 
     Args:
         agent: the delivery agent, on the backends the configuration names.
         limit: the largest message accepted, in octets (``max_message_size``; 0: none).
+        spool_dir: where a large message is spooled (``mail_temp_dir``; ``None``: the
+            system's temporary directory).
     """
-    body = read_message(stream, limit)
+    body = read_message(stream, limit, spool_dir=spool_dir)
     if body is None:
         return EX_DATAERR, f"message over max_message_size ({limit} octets)"
     with body:

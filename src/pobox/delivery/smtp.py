@@ -60,17 +60,17 @@ class SmtpHandler:
         server: SMTP,
         session: Session,
         envelope: Envelope,
+        body: Spool,
     ) -> str:
-        """Deliver to every recipient; answer with one reply for all (see the module doc)."""
+        """Deliver ``body`` to every recipient; answer with one reply for all (module doc)."""
         sender = envelope.mail_from or ""
         outcomes: list[Outcome] = []
-        with Spool.from_bytes(envelope.original_content or b"") as body:
-            for address in envelope.rcpt_tos:
-                resolved = await self._agent.resolve(address, any_domain=False)
-                if isinstance(resolved, Outcome):
-                    outcomes.append(resolved)
-                else:
-                    outcomes.append(await self._agent.deliver(resolved, sender, body))
+        for address in envelope.rcpt_tos:
+            resolved = await self._agent.resolve(address, any_domain=False)
+            if isinstance(resolved, Outcome):
+                outcomes.append(resolved)
+            else:
+                outcomes.append(await self._agent.deliver(resolved, sender, body))
         failures = [outcome for outcome in outcomes if outcome is not Outcome.DELIVERED]
         if not failures:
             return "250 2.0.0 Ok: delivered"

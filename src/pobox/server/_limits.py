@@ -1,4 +1,9 @@
-"""The open-file limit: raise ``RLIMIT_NOFILE`` at start-up to what the configuration needs.
+"""Process limits: connection caps, and the open-file limit raised at start-up to fit them.
+
+:class:`ConnectionLimits` counts open connections in all and per client address against two
+caps; the POP3 listener and the LMTP/SMTP listeners (:mod:`pobox.delivery`) each keep one.
+
+The open-file limit: raise ``RLIMIT_NOFILE`` at start-up to what the configuration needs.
 
 One pobox process holds every session, so its descriptor limit caps how many sessions it can
 hold: a session keeps its socket open, and a second descriptor while RETR or TOP streams a
@@ -8,7 +13,8 @@ with ``Too many open files`` (EMFILE) failures instead of ``-ERR [SYS/TEMP]``.
 
 So ``pobox serve`` does at start-up what Dovecot's processes do (``restrict_fd_limit()`` with
 ``client_limit`` times the worst case per connection, plus 16 and the listeners): it computes
-the need from ``max_connections`` (or takes ``max_open_files``), raises the soft limit towards
+the need from ``max_connections`` and the delivery listeners' caps (or takes
+``max_open_files``), raises the soft limit towards
 it, and, while still root (before the privilege drop), the hard limit too, up to the kernel's
 ceiling ``/proc/sys/fs/nr_open``. If that is still not enough it logs one warning with the
 numbers and the fix (``LimitNOFILE=`` in the systemd unit), like Dovecot's master
@@ -23,13 +29,21 @@ import logging
 import os
 import resource
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pobox.config import Config
 
-__all__ = ["OpenFileLimit", "descriptors_needed", "plan_limit", "raise_open_file_limit"]
+__all__ = [
+    "IN_ALL",
+    "ConnectionLimits",
+    "OpenFileLimit",
+    "descriptors_needed",
+    "plan_limit",
+    "raise_open_file_limit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +56,13 @@ RESERVE: Final = 64
 #: Per session: the client socket, and a message file while RETR/TOP streams it.
 PER_SESSION: Final = 2
 
+#: What :meth:`ConnectionLimits.admit` says when the total cap is reached.
+IN_ALL: Final = "in all"
+
+#: Per LMTP/SMTP connection: the client socket, the spool file of a large message, and the
+#: message file being written into a maildir.
+PER_DELIVERY: Final = 3
+
 #: Where Linux keeps the ceiling of any process's descriptor limit.
 NR_OPEN_PATH: Final = Path("/proc/sys/fs/nr_open")
 
@@ -50,11 +71,62 @@ def descriptors_needed(config: Config) -> int:
     """Return the open-file limit ``config`` needs: ``max_open_files``, or computed.
 
     The computed figure is :data:`RESERVE` plus ``max_connections`` times the descriptors of
-    one session (:data:`PER_SESSION`).
+    one session (:data:`PER_SESSION`), plus, for each delivery protocol that listens, its
+    ``*_max_connections`` times :data:`PER_DELIVERY`.
     """
     if config.max_open_files:
         return config.max_open_files
-    return RESERVE + config.max_connections * PER_SESSION
+    delivery = 0
+    if config.lmtp_listen:
+        delivery += config.lmtp_max_connections
+    if config.smtp_listen:
+        delivery += config.smtp_max_connections
+    return RESERVE + config.max_connections * PER_SESSION + delivery * PER_DELIVERY
+
+
+class ConnectionLimits:
+    """Open connections, in all and per client address, held under two caps.
+
+    A listener calls :meth:`admit` for each new connection and, if it was admitted,
+    :meth:`release` when it closes. Connections without an address (Unix sockets) count
+    toward the total only.
+    """
+
+    def __init__(self, total: int, per_address: int) -> None:
+        """Cap connections at ``total`` in all and ``per_address`` from one address."""
+        self.total = total
+        self.per_address = per_address
+        self._open = 0
+        self._by_address: Counter[str] = Counter()
+
+    @property
+    def open(self) -> int:
+        """How many connections are open now."""
+        return self._open
+
+    def admit(self, address: str | None) -> str | None:
+        """Count a new connection from ``address`` if the caps allow it.
+
+        Returns:
+            ``None`` when it is admitted (and counted); else why not: ``"in all"`` or
+            ``"from ADDRESS"``.
+        """
+        if self._open >= self.total:
+            return IN_ALL
+        if address is not None and self._by_address[address] >= self.per_address:
+            return f"from {address}"
+        self._open += 1
+        if address is not None:
+            self._by_address[address] += 1
+        return None
+
+    def release(self, address: str | None) -> None:
+        """Forget an admitted connection from ``address`` that has closed."""
+        self._open -= 1
+        if address is not None:
+            self._by_address[address] -= 1
+            if not self._by_address[address]:
+                del self._by_address[address]
 
 
 def _finite(value: int) -> int:
@@ -159,6 +231,11 @@ def _warn(config: Config, result: OpenFileLimit, nr_open: int) -> None:
     soft, hard = _shown(result.after)
     if config.max_open_files:
         source = f"max_open_files = {config.max_open_files} asks for"
+    elif config.lmtp_listen or config.smtp_listen:
+        source = (
+            f"max_connections = {config.max_connections} and the LMTP/SMTP connection caps "
+            f"need ({PER_SESSION} per session, {PER_DELIVERY} per delivery + {RESERVE})"
+        )
     else:
         source = (
             f"max_connections = {config.max_connections} needs "

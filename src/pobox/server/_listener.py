@@ -12,7 +12,6 @@ May import: the standard library, :mod:`pobox.server._session`, :mod:`pobox.conf
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -21,6 +20,7 @@ from typing import Any, Final
 
 from pobox.config import Listen
 from pobox.errors import ConfigError
+from pobox.server._limits import ConnectionLimits
 from pobox.server._session import Session, SessionContext
 from pobox.tls import ServerTls
 
@@ -45,8 +45,9 @@ class Pop3Server:
         self.ctx = ctx
         self._servers: list[asyncio.Server] = []
         self._ssl_servers: list[asyncio.Server] = []
-        self._per_ip: collections.Counter[str] = collections.Counter()
-        self._open = 0
+        self._limits = ConnectionLimits(
+            ctx.config.max_connections, ctx.config.max_connections_per_ip
+        )
         self._sessions: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
 
@@ -128,14 +129,11 @@ class Pop3Server:
         assert task is not None
         peer = writer.get_extra_info("peername") or ("unknown", 0)
         ip = str(peer[0])
-        cfg = self.ctx.config
-        if self._open >= cfg.max_connections or self._per_ip[ip] >= cfg.max_connections_per_ip:
-            which = "in all" if self._open >= cfg.max_connections else f"from {ip}"
+        which = self._limits.admit(ip)
+        if which is not None:
             logger.warning("master: Too many connections %s, refusing rip=%s", which, ip)
             await self._refuse(writer)
             return
-        self._open += 1
-        self._per_ip[ip] += 1
         self._sessions.add(task)
         try:
             await Session(self.ctx, reader, writer).run()
@@ -143,10 +141,7 @@ class Pop3Server:
             pass  # shutdown: the session has closed itself; this task ends here
         finally:
             self._sessions.discard(task)
-            self._open -= 1
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
+            self._limits.release(ip)
 
     @staticmethod
     async def _refuse(writer: asyncio.StreamWriter) -> None:
