@@ -19,6 +19,7 @@ from tests.helpers import users
 
 __all__ = [
     "ROOT_MAIL_SETTINGS",
+    "ROOT_MAIL_VALUES",
     "Account",
     "chown_tree",
     "process_ids",
@@ -80,11 +81,16 @@ def chown_tree(path: Path, account: Account) -> None:
             os.chown(os.path.join(parent, name), account.uid, account.gid, follow_symlinks=False)
 
 
-#: TOML lines for a test whose subject is not privileges and that runs ``pobox serve`` or
+#: Settings for a test whose subject is not privileges and that runs ``pobox serve`` or
 #: ``pobox deliver`` as root on files root owns: mail accessed as root, explicitly allowed
 #: (mode 2 with ``mail_uid`` root; never a production setting). Empty when not root.
-ROOT_MAIL_SETTINGS = (
-    'mail_uid = "0"\nmail_gid = "0"\nfirst_valid_uid = 0\nfirst_valid_gid = 0\n'
+ROOT_MAIL_VALUES: dict[str, object] = (
+    {"mail_uid": "0", "mail_gid": "0", "first_valid_uid": 0, "first_valid_gid": 0}
     if os.geteuid() == 0
-    else ""
+    else {}
+)
+#: The same as TOML lines.
+ROOT_MAIL_SETTINGS = "".join(
+    f'{key} = "{value}"\n' if isinstance(value, str) else f"{key} = {value}\n"
+    for key, value in ROOT_MAIL_VALUES.items()
 )
