@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import getpass
 import logging
@@ -144,18 +145,23 @@ def build_context(
     )
 
 
-def _reopen_logs() -> None:
-    """Reopen the log file (SIGUSR1, SIGHUP); on failure keep the old one and say so."""
+def _reopen_logs(helper: StorageHelper | None = None) -> None:
+    """Reopen the log file (SIGUSR1, SIGHUP); on failure keep the old one and say so.
+
+    In mode 3 the storage helper opens it (the serving process may not create files where
+    the log is).
+    """
+    opener = None if helper is None else functools.partial(helper.files.open, "log_path")
     try:
-        if reopen_logs():
+        if reopen_logs(opener):
             logger.info("master: log file reopened")
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         logger.error("master: cannot reopen the log file, still writing the old one: %s", exc)
 
 
-def _on_sighup(server: Pop3Server) -> None:
+def _on_sighup(server: Pop3Server, helper: StorageHelper | None = None) -> None:
     """Reopen the log, then reload the TLS certificates (so that line is in the new log)."""
-    _reopen_logs()
+    _reopen_logs(helper)
     server.reload_tls()
 
 
@@ -229,16 +235,12 @@ async def run_server(config: Config) -> int:
     tls: ServerTls | None = None
     workers = HashWorkers()
     if plan.access is MailAccess.HELPER:
-        helper, authenticator, store, tls = await _start_helper(
-            config, plan, helper_lost, workers
-        )
+        helper, authenticator, store, tls = await _start_helper(config, plan, helper_lost, workers)
     else:
         authenticator = build_authenticator(config, workers)
         store = build_store(config, plan=plan)
     server = Pop3Server(
-        build_context(
-            config, authenticator=authenticator, store=store, tls=tls, workers=workers
-        )
+        build_context(config, authenticator=authenticator, store=store, tls=tls, workers=workers)
     )
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
@@ -260,8 +262,8 @@ async def run_server(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     # SIGHUP: let go of a rotated log and re-read the certificates; SIGUSR1: the log only
     # (what logrotate's postrotate sends, see contrib/logrotate/pobox).
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server)
-    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, helper)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, helper)
     addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
     loop_name = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     logger.info(

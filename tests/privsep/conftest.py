@@ -139,6 +139,7 @@ def settings(**changes: Any) -> dict[str, Any]:
         "first_valid_gid": 1,
         "last_valid_gid": 0,
         "files": {},
+        "appends": {},
         "workers": 4,
     }
     values.update(changes)

@@ -71,6 +71,20 @@ class Served:
             self.changed.set()
         self.changed.set()
 
+    async def _tail(self, path: Path) -> None:
+        """Follow the log file ``path`` (across a rotation: by name) while the process runs."""
+        seen = 0
+        while self.proc.returncode is None:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            if len(text) < seen:  # a new file after a rotation
+                seen = 0
+            if len(text) > seen:
+                self.log.extend(text[seen:].splitlines(keepends=True))
+                seen = len(text)
+                self.changed.set()
+            await asyncio.sleep(0.05)
+        self.changed.set()
+
     async def wait_exit(self) -> int:
         """Wait for the process to end; return its status."""
         async with asyncio.timeout(DEADLINE):
@@ -81,11 +95,14 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(folder: Path, settings: str, *, prelude: str = "") -> AsyncIterator[Served]:
+async def serve(
+    folder: Path, settings: str, *, prelude: str = "", log: Path | None = None
+) -> AsyncIterator[Served]:
     """Run ``python -m pobox serve`` as root with ``settings`` (TOML lines) until the block ends.
 
     Args:
         prelude: Python run in the child before pobox starts (to drop root for mode 1).
+        log: the ``log_path`` the settings name, followed instead of standard error.
     """
     config = folder / "pobox.toml"
     config.write_text('listen = ["127.0.0.1:0"]\nauth_failure_delay = 0\n' + settings)
@@ -93,11 +110,12 @@ async def serve(folder: Path, settings: str, *, prelude: str = "") -> AsyncItera
         argv = ["-c", prelude + f"\nimport sys\nsys.exit(main(['serve', '-c', {str(config)!r}]))"]
     else:
         argv = ["-m", "pobox", "serve", "-c", str(config)]
+    stderr = asyncio.subprocess.PIPE if log is None else asyncio.subprocess.DEVNULL
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stderr=stderr
     )
     served = Served(proc)
-    served.reader = asyncio.create_task(served._read())
+    served.reader = asyncio.create_task(served._read() if log is None else served._tail(log))
     try:
         line = await served.wait_log(r"started, listening on")
         served.ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]

@@ -184,6 +184,22 @@ class TestHelperMode:
         assert 69 == status
         assert any("the storage helper is gone" in line for line in served.log)
 
+    async def test_log_reopened_through_helper(self, world: World) -> None:
+        """After a rotation, SIGUSR1 gets a new log file in a directory only root may write."""
+        logs = world.root / "logs"
+        logs.mkdir(mode=0o755)
+        log = logs / "pobox.log"
+        settings = f'passwd_file = "{_passwd(world)}"\nlog_path = "{log}"\n'
+        async with serve(world.root, settings, log=log) as served:
+            log.rename(logs / "pobox.log.1")
+            served.proc.send_signal(signal.SIGUSR1)
+            await _until(lambda: log.exists() and "log file reopened" in log.read_text())
+            await _pass(served.port, b"pobox-ps-alice")
+            await _until(lambda: "Login: user=<pobox-ps-alice>" in log.read_text())
+            info = log.stat()
+        assert (0, 0o640) == (info.st_uid, info.st_mode & 0o777)
+        assert "Login: user=" not in (logs / "pobox.log.1").read_text()
+
     async def test_tls_reload_with_root_only_key(self, world: World) -> None:
         """SIGHUP reloads a root-only TLS key through the helper."""
         from tests.tls.helpers import Pki  # noqa: PLC0415

@@ -22,7 +22,8 @@ and then reaches mail only through it. The helper:
   it;
 * on its second socket answers ``file`` requests only, handing over a read-only descriptor
   of a configuration file the settings name (the passwd-file, TLS certificates and keys) that
-  the unprivileged serving process must read again later.
+  the unprivileged serving process must read again later, or one open for appending of the
+  log file (reopened after a rotation).
 
 A thread whose credentials cannot be restored ends the process (exit status 70): the
 serving process sees the end of file, logs it and exits, and never goes on without it.
@@ -88,6 +89,7 @@ class Settings:
     location: str
     policy: OwnerPolicy
     files: dict[str, str]
+    appends: dict[str, str]
     workers: int
 
     @classmethod
@@ -106,6 +108,7 @@ class Settings:
             "first_valid_gid": int,
             "last_valid_gid": int,
             "files": dict,
+            "appends": dict,
             "workers": int,
         }
         if set(value) != set(expected):
@@ -115,10 +118,11 @@ class Settings:
             if not isinstance(value[key], kind) or isinstance(value[key], bool):
                 msg = f"settings.{key}: wrong type"
                 raise InvalidRequest(msg)
-        files = value["files"]
-        if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in files.items()):
-            msg = "settings.files: expected an object of paths"
-            raise InvalidRequest(msg)
+        for key in ("files", "appends"):
+            paths = value[key]
+            if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in paths.items()):
+                msg = f"settings.{key}: expected an object of paths"
+                raise InvalidRequest(msg)
         policy = OwnerPolicy(
             mail_uid=value["mail_uid"],
             mail_gid=value["mail_gid"],
@@ -128,7 +132,8 @@ class Settings:
             last_valid_gid=value["last_valid_gid"],
             fallback=None,  # the helper is root: a user without an owner is refused
         )
-        return cls(value["location"], policy, dict(files), max(1, min(value["workers"], 256)))
+        workers = max(1, min(value["workers"], 256))
+        return cls(value["location"], policy, dict(value["files"]), dict(value["appends"]), workers)
 
 
 @dataclass(slots=True)
@@ -392,13 +397,19 @@ class Helper:
         self._files.close()
 
     def _open_file(self, key: str) -> int:
-        """Open the configuration file the settings name ``key`` (as root), read-only."""
+        """Open the file the settings name ``key`` (as root): read-only, or for appending."""
         assert self._settings is not None
+        flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         path = self._settings.files.get(key)
-        if path is None:
-            raise InvalidRequest(f"file: {key!r} names no configuration file")
+        if path is not None:
+            flags |= os.O_RDONLY
+        else:
+            path = self._settings.appends.get(key)
+            if path is None:
+                raise InvalidRequest(f"file: {key!r} names no configuration file")
+            flags |= os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+            fd = os.open(path, flags, 0o640)
         except OSError as exc:
             msg = f"cannot open {key} {path}: {exc.strerror}"
             raise StorageTemporaryError(msg) from None

@@ -20,7 +20,8 @@ header, quota,                                                          form), a
 wire_size, digest)
 ``usage`` (user)        ``{"octets": N, "messages": N}``                -
 ``file`` (key)          ``{}``                                          a configuration file named
-                                                                        by ``key``, read-only
+                                                                        by ``key``, read-only (the
+                                                                        log: open for appending)
 ======================  ==============================================  ==========================
 
 A ``user`` is ``{"name", "uid", "gid", "home", "mail"}`` (uid/gid/home/mail may be null).

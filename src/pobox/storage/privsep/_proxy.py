@@ -554,6 +554,7 @@ class StorageHelper:
             "first_valid_gid": policy.first_valid_gid,
             "last_valid_gid": policy.last_valid_gid,
             "files": config_files(config),
+            "appends": {"log_path": config.log_path} if config.log_path else {},
             "workers": min(32, (os.cpu_count() or 1) + 4),
         }
         main_ours, main_theirs = socket_pair()
