@@ -168,10 +168,14 @@ def start_helper(hello: dict[str, Any] | None = None) -> RawHelper:
     files_ours.settimeout(30)
     helper = RawHelper(process, ours, files_ours)
     if hello is not None:
-        helper.send({"id": 1, "op": "hello", "settings": hello})
-        answer, fds = helper.receive()
-        close_fds(fds)
-        assert {"id": 1, "ok": {"pid": process.pid}} == answer
+        try:
+            helper.send({"id": 1, "op": "hello", "settings": hello})
+            answer, fds = helper.receive()
+            close_fds(fds)
+            assert {"id": 1, "ok": {"pid": process.pid}} == answer
+        except BaseException:
+            helper.stop()
+            raise
     return helper
 
 
