@@ -26,6 +26,7 @@ May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records` and
 
 from __future__ import annotations
 
+import functools
 import grp
 import pwd
 from dataclasses import dataclass
@@ -88,8 +89,12 @@ def lookup_gid(value: str, key: str) -> int:
         raise ConfigError(f"{key}: no such group {value!r}") from None
 
 
+@functools.lru_cache(maxsize=1024)
 def _primary_gid(uid: int) -> int | None:
-    """Return the primary group of ``uid`` in the system's user database, if it has one."""
+    """Return the primary group of ``uid`` in the system's user database, if it has one.
+
+    Remembered: a login must not read ``/etc/passwd`` (a change needs a restart, as Dovecot's
+    userdb cache would)."""
     try:
         return pwd.getpwuid(uid).pw_gid
     except KeyError:
@@ -125,6 +130,8 @@ class OwnerPolicy:
         """
         mail_uid = lookup_uid(config.mail_uid, "mail_uid") if config.mail_uid else None
         mail_gid = lookup_gid(config.mail_gid, "mail_gid") if config.mail_gid else None
+        if mail_gid is None and mail_uid is not None:
+            mail_gid = _primary_gid(mail_uid)  # found once, not at each login
         return cls(
             mail_uid=mail_uid,
             mail_gid=mail_gid,
