@@ -70,6 +70,7 @@ __all__ = [
     "UnsafeFile",
     "check_name",
     "flocked",
+    "open_by_real_path",
     "openat2_available",
     "os_errors",
     "read_chunks",
@@ -179,20 +180,14 @@ class _Openat2:
                     self._probed = True
         return self.enabled and self._syscall is not None
 
-    def open(self, dir_fd: int, path: bytes, flags: int, mode: int) -> int:
+    def open(self, dir_fd: int, path: bytes, flags: int, mode: int, resolve: int = _RESOLVE) -> int:
         """Open ``path`` beneath ``dir_fd`` following no link; raise :class:`OSError`."""
         syscall = self._syscall
         assert syscall is not None
         # openat2 refuses a mode without O_CREAT or O_TMPFILE (which includes O_DIRECTORY).
         creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
-        how = _OpenHow(flags, mode if creates else 0, _RESOLVE)
-        fd = syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_long(dir_fd),
-            ctypes.c_char_p(path),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        how = _OpenHow(flags, mode if creates else 0, resolve)
+        fd = syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), _OPEN_HOW_SIZE)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), os.fsdecode(path))
@@ -207,19 +202,22 @@ def _probe_openat2() -> Callable[..., int] | None:
     except (OSError, AttributeError):
         return None
     syscall.restype = ctypes.c_long
+    # Declared, so that calls convert plain ints without building ctypes objects each time
+    # (glibc's syscall() reads its arguments as longs from the registers either way).
+    syscall.argtypes = (
+        ctypes.c_long,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    )
     try:
         base = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         how = _OpenHow(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE)
-        fd = syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_long(base),
-            ctypes.c_char_p(b"."),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        fd = syscall(_SYS_OPENAT2, base, b".", ctypes.byref(how), _OPEN_HOW_SIZE)
         if fd < 0:
             return None  # ENOSYS (old kernel), EPERM (seccomp), E2BIG, ...
         os.close(int(fd))
@@ -228,6 +226,7 @@ def _probe_openat2() -> Callable[..., int] | None:
         os.close(base)
 
 
+_OPEN_HOW_SIZE = ctypes.sizeof(_OpenHow)
 _openat2 = _Openat2()
 
 
@@ -249,6 +248,49 @@ def _open_beneath(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
 
 
 # --------------------------------------------------------------------------- files
+
+#: For :func:`open_by_real_path`: no link anywhere on the path.
+_RESOLVE_NO_LINKS = _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+#: ``AT_FDCWD``: an absolute path ignores it.
+_AT_FDCWD = -100
+
+
+def open_by_real_path(real_root: str, owner: int, *names: str) -> OpenFile | None:
+    """Open ``names`` below a maildir known by its real path in one ``openat2(2)``, if possible.
+
+    The fast way to a message for a caller that opened the maildir the careful way once
+    (:meth:`Dir.real_path`): one system call with ``RESOLVE_NO_SYMLINKS`` on the whole path,
+    which has no link in it by construction. A link anywhere on the path (the user's, or an
+    admin's new one above the maildir), a missing file or a kernel without ``openat2`` give
+    ``None``: take the careful way (:meth:`Dir.open_root`, :meth:`Dir.open_file`), which
+    tells those cases apart. What is opened must be a regular file of ``owner``, as always.
+
+    Raises:
+        UnsafeFile: it is not a regular file of ``owner``.
+    """
+    if not _openat2.available():
+        return None
+    for name in names:
+        check_name(name)
+    path = "/".join((real_root, *names))
+    try:
+        fd = _openat2.open(
+            _AT_FDCWD,
+            os.fsencode(path),
+            os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0,
+            _RESOLVE_NO_LINKS,
+        )
+    except OSError:
+        return None
+    try:
+        with os_errors("stat", path):
+            st = os.fstat(fd)
+        _check(st, stat.S_IFREG, owner, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenFile(fd, st, path)
 
 
 def read_upto(fd: int, size: int) -> bytes:
@@ -431,6 +473,20 @@ class Dir:
             os.close(fd)
             raise
         return Dir(fd, path, self.owner, self.gid)
+
+    def real_path(self) -> str | None:
+        """Return the path the kernel has for this directory now, ``None`` if it has none.
+
+        Read from ``/proc/self/fd`` (one system call); it has no link in it. ``None`` without
+        ``/proc``, or when the directory was removed.
+        """
+        try:
+            path = os.readlink(f"/proc/self/fd/{self.fd}")
+        except OSError:
+            return None
+        if not path.startswith("/") or path.endswith(" (deleted)"):
+            return None
+        return path
 
     def make_dir(self, name: str, mode: int = 0o700) -> bool:
         """Create the subdirectory ``name``; ``False`` if something of that name exists.
