@@ -272,11 +272,10 @@ def open_by_real_path(real_root: str, owner: int, *names: str) -> OpenFile | Non
         return None
     for name in names:
         check_name(name)
-    path = "/".join((real_root, *names))
     try:
         fd = _openat2.open(
             _AT_FDCWD,
-            os.fsencode(path),
+            os.fsencode("/".join((real_root, *names))),
             os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
             0,
             _RESOLVE_NO_LINKS,
@@ -284,13 +283,11 @@ def open_by_real_path(real_root: str, owner: int, *names: str) -> OpenFile | Non
     except OSError:
         return None
     try:
-        with os_errors("stat", path):
-            st = os.fstat(fd)
-        _check(st, stat.S_IFREG, owner, path)
+        st = _checked(fd, stat.S_IFREG, owner, real_root, names)
     except BaseException:
         os.close(fd)
         raise
-    return OpenFile(fd, st, path)
+    return OpenFile(fd, st, real_root, names)
 
 
 def read_upto(fd: int, size: int) -> bytes:
@@ -335,15 +332,19 @@ class OpenFile:
     descriptor on with :meth:`detach`. Close it (or use it as a context manager).
     """
 
-    __slots__ = ("fd", "path", "size", "stat")
+    __slots__ = ("_where", "fd", "size", "stat")
 
-    def __init__(self, fd: int, st: os.stat_result, path: str) -> None:
+    def __init__(self, fd: int, st: os.stat_result, base: str, names: tuple[str, ...]) -> None:
         self.fd = fd
         self.stat = st
         #: ``st_size`` at open: reads stop there.
         self.size = st.st_size
-        #: For error messages only.
-        self.path = path
+        self._where = (base, names)
+
+    @property
+    def path(self) -> str:
+        """The file's path, for messages."""
+        return _joined(*self._where)
 
     def read(self) -> bytes:
         """Return the whole file, up to :attr:`size` octets.
@@ -388,6 +389,11 @@ class OpenFile:
         self.close()
 
 
+def _joined(base: str, names: tuple[str, ...]) -> str:
+    """Return ``base/names...`` (paths are built only for messages, and only when needed)."""
+    return "/".join((base, *names))
+
+
 def _check(st: os.stat_result, kind: int, owner: int, path: str) -> None:
     """Raise :class:`UnsafeFile` unless ``st`` is of type ``kind`` and belongs to ``owner``."""
     if stat.S_IFMT(st.st_mode) != kind:
@@ -397,6 +403,22 @@ def _check(st: os.stat_result, kind: int, owner: int, path: str) -> None:
     if st.st_uid != owner:
         msg = f"refusing {path}: owned by uid {st.st_uid}, not by the mail's owner uid {owner}"
         raise UnsafeFile(msg)
+
+
+def _checked(fd: int, kind: int, owner: int, base: str, names: tuple[str, ...]) -> os.stat_result:
+    """Return ``fstat`` of ``fd`` if it is a ``kind`` of ``owner``, else raise.
+
+    Raises:
+        UnsafeFile: it is not.
+        StorageError: ``fstat`` failed.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise storage_error(exc, "stat", _joined(base, names)) from exc
+    if stat.S_IFMT(st.st_mode) != kind or st.st_uid != owner:
+        _check(st, kind, owner, _joined(base, names))
+    return st
 
 
 class Dir:
@@ -428,12 +450,12 @@ class Dir:
             UnsafeFile: it is not a directory of ``owner``.
         """
         text = os.fspath(path)
-        with os_errors("open maildir", text):
-            fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            with os_errors("stat maildir", text):
-                st = os.fstat(fd)
-            _check(st, stat.S_IFDIR, owner, text)
+            fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise storage_error(exc, "open maildir", text) from exc
+        try:
+            st = _checked(fd, stat.S_IFDIR, owner, text, ())
         except BaseException:
             os.close(fd)
             raise
@@ -446,29 +468,29 @@ class Dir:
             StorageError: it cannot be opened (``ENOENT`` as the cause when missing).
             UnsafeFile: it is a link, or not a directory of the owner.
         """
-        path = self._join(name)
+        check_name(name)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
         created = False
         try:
             fd = _open_beneath(self.fd, name, flags)
         except FileNotFoundError:
             if not create:
-                with os_errors("open directory", path):
+                with os_errors("open directory", self._join(name)):
                     raise
             created = self.make_dir(name)
-            with os_errors("open directory", path):
+            with os_errors("open directory", self._join(name)):
                 fd = _open_beneath(self.fd, name, flags)
         except NotADirectoryError as exc:
-            msg = f"refusing {path}: not a directory (a link, or a file)"
+            msg = f"refusing {self._join(name)}: not a directory (a link, or a file)"
             raise UnsafeFile(msg) from exc
         except OSError as exc:
-            raise storage_error(exc, "open directory", path) from exc
+            raise storage_error(exc, "open directory", self._join(name)) from exc
+        path = self._join(name)
         try:
-            with os_errors("stat directory", path):
-                st = os.fstat(fd)
             if created:
-                st = self._give(fd, st, path)
-            _check(st, stat.S_IFDIR, self.owner, path)
+                with os_errors("stat directory", path):
+                    self._give(fd, os.fstat(fd), path)
+            _checked(fd, stat.S_IFDIR, self.owner, self.path, (name,))
         except BaseException:
             os.close(fd)
             raise
@@ -496,7 +518,7 @@ class Dir:
         Raises:
             StorageError: it cannot be created.
         """
-        path = self._join(name)
+        path = self._join(check_name(name))
         try:
             os.mkdir(name, mode, dir_fd=self.fd)
         except FileExistsError:
@@ -519,7 +541,6 @@ class Dir:
         """
         for name in names:
             check_name(name)
-        path = self._join(*names)
         flags = os.O_RDONLY | os.O_NONBLOCK
         try:
             if len(names) == 1:
@@ -533,18 +554,16 @@ class Dir:
         except FileNotFoundError:
             return None
         except NotADirectoryError as exc:
-            msg = f"refusing {path}: a directory on the way is not one (a link, or a file)"
+            msg = f"refusing {self._join(*names)}: a directory on the way is not one (a link?)"
             raise UnsafeFile(msg) from exc
         except OSError as exc:
-            raise storage_error(exc, "open", path) from exc
+            raise storage_error(exc, "open", self._join(*names)) from exc
         try:
-            with os_errors("stat", path):
-                st = os.fstat(fd)
-            _check(st, stat.S_IFREG, self.owner, path)
+            st = _checked(fd, stat.S_IFREG, self.owner, self.path, names)
         except BaseException:
             os.close(fd)
             raise
-        return OpenFile(fd, st, path)
+        return OpenFile(fd, st, self.path, names)
 
     def _walk_open(self, names: tuple[str, ...], flags: int) -> int:
         """Open ``names`` one component at a time with ``O_NOFOLLOW`` (no ``openat2``)."""
@@ -582,13 +601,16 @@ class Dir:
         Raises:
             StorageError: it cannot be created.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             fd = _open_beneath(self.fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
             return None
         except OSError as exc:
-            raise storage_error(exc, "create", path) from exc
+            raise storage_error(exc, "create", self._join(name)) from exc
+        if os.geteuid() == self.owner:
+            return fd  # what we create is ours, so the owner's: nothing to give
+        path = self._join(name)
         try:
             with os_errors("stat", path):
                 self._give(fd, os.fstat(fd), path)
@@ -609,7 +631,7 @@ class Dir:
             UnsafeFile: it is a link, or not a regular file of the owner.
             StorageError: it cannot be opened.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         flags = os.O_RDWR | os.O_NONBLOCK | (os.O_APPEND if append else 0)
         for _ in range(3):
             try:
@@ -622,15 +644,14 @@ class Dir:
                     return created
                 continue  # created by someone else meanwhile: open theirs
             except OSError as exc:
-                raise storage_error(exc, "open", path) from exc
+                raise storage_error(exc, "open", self._join(name)) from exc
             try:
-                with os_errors("stat", path):
-                    st = os.fstat(fd)
-                _check(st, stat.S_IFREG, self.owner, path)
+                _checked(fd, stat.S_IFREG, self.owner, self.path, (name,))
             except BaseException:
                 os.close(fd)
                 raise
             return fd
+        path = self._join(name)
         msg = f"cannot open {path}: it keeps changing"
         raise StorageTemporaryError(msg)
 
@@ -675,13 +696,13 @@ class Dir:
         Raises:
             StorageError: it cannot be examined.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise storage_error(exc, "stat", path) from exc
+            raise storage_error(exc, "stat", self._join(name)) from exc
 
     def unlink(self, name: str) -> bool:
         """Remove the name ``name`` (a link itself, never its target); ``False`` if missing.
@@ -689,13 +710,13 @@ class Dir:
         Raises:
             StorageError: it cannot be removed (a directory, no permission, ...).
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             os.unlink(name, dir_fd=self.fd)
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise storage_error(exc, "unlink", path) from exc
+            raise storage_error(exc, "unlink", self._join(name)) from exc
         return True
 
     def rename(self, name: str, target: Dir, new_name: str) -> None:
@@ -704,10 +725,12 @@ class Dir:
         Raises:
             StorageError: the rename failed (``ENOENT`` as the cause if ``name`` is missing).
         """
-        path = self._join(check_name(name))
+        check_name(name)
         check_name(new_name)
-        with os_errors("rename", path):
+        try:
             os.rename(name, new_name, src_dir_fd=self.fd, dst_dir_fd=target.fd)
+        except OSError as exc:
+            raise storage_error(exc, "rename", self._join(name)) from exc
 
     def link(self, name: str, target: Dir, new_name: str, *, expect: os.stat_result) -> bool:
         """Hard-link ``name`` here as ``new_name`` in ``target``; ``False`` if that exists.

@@ -237,6 +237,7 @@ class MaildirHandle:
         *,
         indexed: bool,
         lock_timeout: float,
+        real: str | None = None,
     ) -> None:
         #: The maildir's path.
         self.root = root
@@ -249,7 +250,7 @@ class MaildirHandle:
         self._indexed = indexed
         self._lock_timeout = lock_timeout
         #: The maildir's path as the kernel had it at the last careful open (no links in it).
-        self._real: str | None = None
+        self._real = real
         self._closed = False
 
     def open_message(self, key: str) -> tuple[int, int]:
@@ -261,8 +262,8 @@ class MaildirHandle:
         file of the owner. The size is ``st_size`` at open (never a size from the file name):
         read at most that many octets. The caller owns the descriptor and closes it.
 
-        After the first call, which opens the maildir root the careful way and notes its real
-        path, a message is opened with one ``openat2(2)`` on that path allowing no link at all
+        A message is opened with one ``openat2(2)`` on the maildir's real path (noted when it
+        was last opened the careful way, at open or by this method) allowing no link at all
         (:func:`~pobox.storage._safefs.open_by_real_path`); any doubt takes the careful way.
 
         Raises:
@@ -501,6 +502,7 @@ class MaildirAccess:
                             session_lock,
                             indexed=True,
                             lock_timeout=self.lock_timeout,
+                            real=directory.real_path(),
                         )
                         return handle, None
         except StorageError:
@@ -527,6 +529,7 @@ class MaildirAccess:
                     messages, files = _indexed_snapshot(directory, self.cache, self.lock_timeout)
                 else:
                     messages, files = _unindexed_snapshot(directory)
+                real = directory.real_path()
         except BaseException:
             if session_lock is not None:
                 session_lock.release()
@@ -539,6 +542,7 @@ class MaildirAccess:
             session_lock,
             indexed=self.index,
             lock_timeout=self.lock_timeout,
+            real=real,
         )
 
 
