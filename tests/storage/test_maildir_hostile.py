@@ -179,6 +179,60 @@ class TestLinkedMessages:
         await maildrop.close()
 
 
+class TestSwapsAfterAFirstRead:
+    """After a first read, messages are opened by the maildir's real path: still no links."""
+
+    async def open_and_read(self, store: MaildirStore, maildir: Path) -> tuple[Maildrop, str]:
+        """Open alice's two messages and read the first (the careful way, noting the path)."""
+        first = deliver(maildir, b"Subject: one\n\n")
+        second = deliver(maildir, b"Subject: two\n\n")
+        maildrop = await store.open(ALICE)
+        assert b"Subject: one\n\n" == maildrop.read_now(first)
+        return maildrop, second
+
+    async def test_message_swapped_for_a_link(
+        self, store: MaildirStore, maildir: Path, canary: Path
+    ) -> None:
+        """A message replaced by a link to a root-only file after a first read is refused."""
+        maildrop, second = await self.open_and_read(store, maildir)
+        (maildir / "new" / second).unlink()
+        (maildir / "new" / second).symlink_to(canary)
+        with pytest.raises(StoragePermanentError, match="symbolic link"):
+            maildrop.read_now(second)
+        await maildrop.close()
+
+    async def test_directory_swapped_for_a_link(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    ) -> None:
+        """``new/`` replaced by a link to a directory with the same names: refused."""
+        maildrop, second = await self.open_and_read(store, maildir)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / second).write_bytes(SECRET)
+        (maildir / "new").rename(maildir / "new.real")
+        (maildir / "new").symlink_to(elsewhere)
+        with pytest.raises(StoragePermanentError):
+            maildrop.read_now(second)
+        await maildrop.close()
+
+    async def test_maildir_swapped_for_a_link_to_another_users(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    ) -> None:
+        """The maildir renamed away and replaced by a link to another user's: refused."""
+        victim = system_user(VICTIM)
+        maildrop, second = await self.open_and_read(store, maildir)
+        theirs = tmp_path / "victim"
+        (theirs / "new").mkdir(parents=True)
+        (theirs / "new" / second).write_bytes(SECRET)
+        for path in [theirs, *theirs.rglob("*")]:
+            os.chown(path, *victim)
+        maildir.rename(tmp_path / "alice.old")
+        maildir.symlink_to(theirs)
+        with pytest.raises(StoragePermanentError, match="owned by uid"):
+            maildrop.read_now(second)
+        await maildrop.close()
+
+
 class TestSwappedDirectories:
     """``cur/``, ``new/`` or the maildir itself replaced by links."""
 

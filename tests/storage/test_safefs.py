@@ -24,6 +24,7 @@ from pobox.storage._safefs import (
     UnsafeFile,
     check_name,
     flocked,
+    open_by_real_path,
     openat2_available,
     read_chunks,
     read_upto,
@@ -202,6 +203,55 @@ class TestOpenFile:
         (tree / "index").write_bytes(b"x" * 100)
         with pytest.raises(StoragePermanentError, match="more than 99"):
             root.read_file("index", 99)
+
+
+class TestByRealPath:
+    """The one-call open by the maildir's real path refuses links, or defers to the careful way."""
+
+    def test_real_path_has_no_links(self, tree: Path, tmp_path: Path) -> None:
+        """A root opened through a link reports the path of the directory itself."""
+        (tmp_path / "link").symlink_to(tree)
+        with Dir.open_root(tmp_path / "link", ME) as directory:
+            assert str(tree.resolve()) == directory.real_path()
+
+    def test_opens_a_regular_file(self, root: Dir, resolver: str) -> None:
+        """A message below the real path opens in one call (only with ``openat2``)."""
+        real = root.real_path()
+        assert real is not None
+        handle = open_by_real_path(real, ME, "cur", "msg")
+        if resolver == "openat":
+            assert handle is None  # no openat2: always the careful way
+            return
+        assert handle is not None
+        with handle:
+            assert b"message\n" == handle.read()
+
+    @pytest.mark.parametrize("where", ["file", "directory", "root"])
+    def test_a_link_anywhere_defers(self, root: Dir, tree: Path, where: str) -> None:
+        """A link as the file, as ``cur/`` or as the root itself: ``None``, nothing opened."""
+        real = root.real_path()
+        assert real is not None
+        if where == "file":
+            (tree / "cur" / "msg").unlink()
+            (tree / "cur" / "msg").symlink_to(tree.parent / "outside" / "secret")
+        elif where == "directory":
+            (tree / "cur").rename(tree / "cur.real")
+            (tree / "cur").symlink_to(tree / "cur.real")
+        else:
+            tree.rename(tree.parent / "moved")
+            tree.symlink_to(tree.parent / "moved")
+        assert open_by_real_path(real, ME, "cur", "msg") is None
+
+    def test_foreign_file_is_refused(self, root: Dir, tree: Path, resolver: str) -> None:
+        """What is found must still be a regular file of the owner."""
+        real = root.real_path()
+        assert real is not None
+        os.mkfifo(tree / "cur" / "fifo")
+        if resolver == "openat":
+            assert open_by_real_path(real, ME, "cur", "fifo") is None
+            return
+        with pytest.raises(UnsafeFile, match="not a regular file"):
+            open_by_real_path(real, ME, "cur", "fifo")
 
 
 class TestSub:

@@ -70,6 +70,7 @@ __all__ = [
     "UnsafeFile",
     "check_name",
     "flocked",
+    "open_by_real_path",
     "openat2_available",
     "os_errors",
     "read_chunks",
@@ -179,20 +180,14 @@ class _Openat2:
                     self._probed = True
         return self.enabled and self._syscall is not None
 
-    def open(self, dir_fd: int, path: bytes, flags: int, mode: int) -> int:
+    def open(self, dir_fd: int, path: bytes, flags: int, mode: int, resolve: int = _RESOLVE) -> int:
         """Open ``path`` beneath ``dir_fd`` following no link; raise :class:`OSError`."""
         syscall = self._syscall
         assert syscall is not None
         # openat2 refuses a mode without O_CREAT or O_TMPFILE (which includes O_DIRECTORY).
         creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
-        how = _OpenHow(flags, mode if creates else 0, _RESOLVE)
-        fd = syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_long(dir_fd),
-            ctypes.c_char_p(path),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        how = _OpenHow(flags, mode if creates else 0, resolve)
+        fd = syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), _OPEN_HOW_SIZE)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), os.fsdecode(path))
@@ -207,19 +202,22 @@ def _probe_openat2() -> Callable[..., int] | None:
     except (OSError, AttributeError):
         return None
     syscall.restype = ctypes.c_long
+    # Declared, so that calls convert plain ints without building ctypes objects each time
+    # (glibc's syscall() reads its arguments as longs from the registers either way).
+    syscall.argtypes = (
+        ctypes.c_long,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    )
     try:
         base = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         how = _OpenHow(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE)
-        fd = syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_long(base),
-            ctypes.c_char_p(b"."),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        fd = syscall(_SYS_OPENAT2, base, b".", ctypes.byref(how), _OPEN_HOW_SIZE)
         if fd < 0:
             return None  # ENOSYS (old kernel), EPERM (seccomp), E2BIG, ...
         os.close(int(fd))
@@ -228,6 +226,7 @@ def _probe_openat2() -> Callable[..., int] | None:
         os.close(base)
 
 
+_OPEN_HOW_SIZE = ctypes.sizeof(_OpenHow)
 _openat2 = _Openat2()
 
 
@@ -249,6 +248,46 @@ def _open_beneath(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
 
 
 # --------------------------------------------------------------------------- files
+
+#: For :func:`open_by_real_path`: no link anywhere on the path.
+_RESOLVE_NO_LINKS = _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+#: ``AT_FDCWD``: an absolute path ignores it.
+_AT_FDCWD = -100
+
+
+def open_by_real_path(real_root: str, owner: int, *names: str) -> OpenFile | None:
+    """Open ``names`` below a maildir known by its real path in one ``openat2(2)``, if possible.
+
+    The fast way to a message for a caller that opened the maildir the careful way once
+    (:meth:`Dir.real_path`): one system call with ``RESOLVE_NO_SYMLINKS`` on the whole path,
+    which has no link in it by construction. A link anywhere on the path (the user's, or an
+    admin's new one above the maildir), a missing file or a kernel without ``openat2`` give
+    ``None``: take the careful way (:meth:`Dir.open_root`, :meth:`Dir.open_file`), which
+    tells those cases apart. What is opened must be a regular file of ``owner``, as always.
+
+    Raises:
+        UnsafeFile: it is not a regular file of ``owner``.
+    """
+    if not _openat2.available():
+        return None
+    for name in names:
+        check_name(name)
+    try:
+        fd = _openat2.open(
+            _AT_FDCWD,
+            os.fsencode("/".join((real_root, *names))),
+            os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0,
+            _RESOLVE_NO_LINKS,
+        )
+    except OSError:
+        return None
+    try:
+        st = _checked(fd, stat.S_IFREG, owner, real_root, names)
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenFile(fd, st, real_root, names)
 
 
 def read_upto(fd: int, size: int) -> bytes:
@@ -293,15 +332,19 @@ class OpenFile:
     descriptor on with :meth:`detach`. Close it (or use it as a context manager).
     """
 
-    __slots__ = ("fd", "path", "size", "stat")
+    __slots__ = ("_where", "fd", "size", "stat")
 
-    def __init__(self, fd: int, st: os.stat_result, path: str) -> None:
+    def __init__(self, fd: int, st: os.stat_result, base: str, names: tuple[str, ...]) -> None:
         self.fd = fd
         self.stat = st
         #: ``st_size`` at open: reads stop there.
         self.size = st.st_size
-        #: For error messages only.
-        self.path = path
+        self._where = (base, names)
+
+    @property
+    def path(self) -> str:
+        """The file's path, for messages."""
+        return _joined(*self._where)
 
     def read(self) -> bytes:
         """Return the whole file, up to :attr:`size` octets.
@@ -346,6 +389,11 @@ class OpenFile:
         self.close()
 
 
+def _joined(base: str, names: tuple[str, ...]) -> str:
+    """Return ``base/names...`` (paths are built only for messages, and only when needed)."""
+    return "/".join((base, *names))
+
+
 def _check(st: os.stat_result, kind: int, owner: int, path: str) -> None:
     """Raise :class:`UnsafeFile` unless ``st`` is of type ``kind`` and belongs to ``owner``."""
     if stat.S_IFMT(st.st_mode) != kind:
@@ -355,6 +403,22 @@ def _check(st: os.stat_result, kind: int, owner: int, path: str) -> None:
     if st.st_uid != owner:
         msg = f"refusing {path}: owned by uid {st.st_uid}, not by the mail's owner uid {owner}"
         raise UnsafeFile(msg)
+
+
+def _checked(fd: int, kind: int, owner: int, base: str, names: tuple[str, ...]) -> os.stat_result:
+    """Return ``fstat`` of ``fd`` if it is a ``kind`` of ``owner``, else raise.
+
+    Raises:
+        UnsafeFile: it is not.
+        StorageError: ``fstat`` failed.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise storage_error(exc, "stat", _joined(base, names)) from exc
+    if stat.S_IFMT(st.st_mode) != kind or st.st_uid != owner:
+        _check(st, kind, owner, _joined(base, names))
+    return st
 
 
 class Dir:
@@ -386,12 +450,12 @@ class Dir:
             UnsafeFile: it is not a directory of ``owner``.
         """
         text = os.fspath(path)
-        with os_errors("open maildir", text):
-            fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            with os_errors("stat maildir", text):
-                st = os.fstat(fd)
-            _check(st, stat.S_IFDIR, owner, text)
+            fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise storage_error(exc, "open maildir", text) from exc
+        try:
+            st = _checked(fd, stat.S_IFDIR, owner, text, ())
         except BaseException:
             os.close(fd)
             raise
@@ -404,33 +468,47 @@ class Dir:
             StorageError: it cannot be opened (``ENOENT`` as the cause when missing).
             UnsafeFile: it is a link, or not a directory of the owner.
         """
-        path = self._join(name)
+        check_name(name)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
         created = False
         try:
             fd = _open_beneath(self.fd, name, flags)
         except FileNotFoundError:
             if not create:
-                with os_errors("open directory", path):
+                with os_errors("open directory", self._join(name)):
                     raise
             created = self.make_dir(name)
-            with os_errors("open directory", path):
+            with os_errors("open directory", self._join(name)):
                 fd = _open_beneath(self.fd, name, flags)
         except NotADirectoryError as exc:
-            msg = f"refusing {path}: not a directory (a link, or a file)"
+            msg = f"refusing {self._join(name)}: not a directory (a link, or a file)"
             raise UnsafeFile(msg) from exc
         except OSError as exc:
-            raise storage_error(exc, "open directory", path) from exc
+            raise storage_error(exc, "open directory", self._join(name)) from exc
+        path = self._join(name)
         try:
-            with os_errors("stat directory", path):
-                st = os.fstat(fd)
             if created:
-                st = self._give(fd, st, path)
-            _check(st, stat.S_IFDIR, self.owner, path)
+                with os_errors("stat directory", path):
+                    self._give(fd, os.fstat(fd), path)
+            _checked(fd, stat.S_IFDIR, self.owner, self.path, (name,))
         except BaseException:
             os.close(fd)
             raise
         return Dir(fd, path, self.owner, self.gid)
+
+    def real_path(self) -> str | None:
+        """Return the path the kernel has for this directory now, ``None`` if it has none.
+
+        Read from ``/proc/self/fd`` (one system call); it has no link in it. ``None`` without
+        ``/proc``, or when the directory was removed.
+        """
+        try:
+            path = os.readlink(f"/proc/self/fd/{self.fd}")
+        except OSError:
+            return None
+        if not path.startswith("/") or path.endswith(" (deleted)"):
+            return None
+        return path
 
     def make_dir(self, name: str, mode: int = 0o700) -> bool:
         """Create the subdirectory ``name``; ``False`` if something of that name exists.
@@ -440,7 +518,7 @@ class Dir:
         Raises:
             StorageError: it cannot be created.
         """
-        path = self._join(name)
+        path = self._join(check_name(name))
         try:
             os.mkdir(name, mode, dir_fd=self.fd)
         except FileExistsError:
@@ -463,7 +541,6 @@ class Dir:
         """
         for name in names:
             check_name(name)
-        path = self._join(*names)
         flags = os.O_RDONLY | os.O_NONBLOCK
         try:
             if len(names) == 1:
@@ -477,18 +554,16 @@ class Dir:
         except FileNotFoundError:
             return None
         except NotADirectoryError as exc:
-            msg = f"refusing {path}: a directory on the way is not one (a link, or a file)"
+            msg = f"refusing {self._join(*names)}: a directory on the way is not one (a link?)"
             raise UnsafeFile(msg) from exc
         except OSError as exc:
-            raise storage_error(exc, "open", path) from exc
+            raise storage_error(exc, "open", self._join(*names)) from exc
         try:
-            with os_errors("stat", path):
-                st = os.fstat(fd)
-            _check(st, stat.S_IFREG, self.owner, path)
+            st = _checked(fd, stat.S_IFREG, self.owner, self.path, names)
         except BaseException:
             os.close(fd)
             raise
-        return OpenFile(fd, st, path)
+        return OpenFile(fd, st, self.path, names)
 
     def _walk_open(self, names: tuple[str, ...], flags: int) -> int:
         """Open ``names`` one component at a time with ``O_NOFOLLOW`` (no ``openat2``)."""
@@ -526,13 +601,16 @@ class Dir:
         Raises:
             StorageError: it cannot be created.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             fd = _open_beneath(self.fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
             return None
         except OSError as exc:
-            raise storage_error(exc, "create", path) from exc
+            raise storage_error(exc, "create", self._join(name)) from exc
+        if os.geteuid() == self.owner:
+            return fd  # what we create is ours, so the owner's: nothing to give
+        path = self._join(name)
         try:
             with os_errors("stat", path):
                 self._give(fd, os.fstat(fd), path)
@@ -553,7 +631,7 @@ class Dir:
             UnsafeFile: it is a link, or not a regular file of the owner.
             StorageError: it cannot be opened.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         flags = os.O_RDWR | os.O_NONBLOCK | (os.O_APPEND if append else 0)
         for _ in range(3):
             try:
@@ -566,15 +644,14 @@ class Dir:
                     return created
                 continue  # created by someone else meanwhile: open theirs
             except OSError as exc:
-                raise storage_error(exc, "open", path) from exc
+                raise storage_error(exc, "open", self._join(name)) from exc
             try:
-                with os_errors("stat", path):
-                    st = os.fstat(fd)
-                _check(st, stat.S_IFREG, self.owner, path)
+                _checked(fd, stat.S_IFREG, self.owner, self.path, (name,))
             except BaseException:
                 os.close(fd)
                 raise
             return fd
+        path = self._join(name)
         msg = f"cannot open {path}: it keeps changing"
         raise StorageTemporaryError(msg)
 
@@ -619,13 +696,13 @@ class Dir:
         Raises:
             StorageError: it cannot be examined.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise storage_error(exc, "stat", path) from exc
+            raise storage_error(exc, "stat", self._join(name)) from exc
 
     def unlink(self, name: str) -> bool:
         """Remove the name ``name`` (a link itself, never its target); ``False`` if missing.
@@ -633,13 +710,13 @@ class Dir:
         Raises:
             StorageError: it cannot be removed (a directory, no permission, ...).
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             os.unlink(name, dir_fd=self.fd)
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise storage_error(exc, "unlink", path) from exc
+            raise storage_error(exc, "unlink", self._join(name)) from exc
         return True
 
     def rename(self, name: str, target: Dir, new_name: str) -> None:
@@ -648,10 +725,12 @@ class Dir:
         Raises:
             StorageError: the rename failed (``ENOENT`` as the cause if ``name`` is missing).
         """
-        path = self._join(check_name(name))
+        check_name(name)
         check_name(new_name)
-        with os_errors("rename", path):
+        try:
             os.rename(name, new_name, src_dir_fd=self.fd, dst_dir_fd=target.fd)
+        except OSError as exc:
+            raise storage_error(exc, "rename", self._join(name)) from exc
 
     def link(self, name: str, target: Dir, new_name: str, *, expect: os.stat_result) -> bool:
         """Hard-link ``name`` here as ``new_name`` in ``target``; ``False`` if that exists.

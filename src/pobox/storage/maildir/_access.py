@@ -98,7 +98,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.errors import ConfigError
-from pobox.storage._safefs import Dir, UnsafeFile, flocked
+from pobox.storage._safefs import Dir, UnsafeFile, flocked, open_by_real_path
 from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import (
     DeleteResult,
@@ -221,6 +221,7 @@ class MaildirHandle:
         "_indexed",
         "_lock",
         "_lock_timeout",
+        "_real",
         "messages",
         "owner",
         "root",
@@ -236,6 +237,7 @@ class MaildirHandle:
         *,
         indexed: bool,
         lock_timeout: float,
+        real: str | None = None,
     ) -> None:
         #: The maildir's path.
         self.root = root
@@ -247,6 +249,8 @@ class MaildirHandle:
         self._lock = lock
         self._indexed = indexed
         self._lock_timeout = lock_timeout
+        #: The maildir's path as the kernel had it at the last careful open (no links in it).
+        self._real = real
         self._closed = False
 
     def open_message(self, key: str) -> tuple[int, int]:
@@ -257,6 +261,10 @@ class MaildirHandle:
         any link, without blocking (a FIFO is refused, not waited on), and must be a regular
         file of the owner. The size is ``st_size`` at open (never a size from the file name):
         read at most that many octets. The caller owns the descriptor and closes it.
+
+        A message is opened with one ``openat2(2)`` on the maildir's real path (noted when it
+        was last opened the careful way, at open or by this method) allowing no link at all
+        (:func:`~pobox.storage._safefs.open_by_real_path`); any doubt takes the careful way.
 
         Raises:
             MessageGone: the message is not in the snapshot, or its file is gone.
@@ -269,7 +277,13 @@ class MaildirHandle:
         if location is None:
             msg = f"message {key!r} is not in the maildrop snapshot of {self.root}"
             raise MessageGone(msg)
+        real = self._real
+        if real is not None:
+            fast = open_by_real_path(real, self.owner, *location)
+            if fast is not None:
+                return fast.detach(), fast.size
         with Dir.open_root(self.root, self.owner) as root:
+            self._real = root.real_path()
             handle = root.open_file(*location)
             if handle is None:
                 found = _find_message(root, key)
@@ -488,6 +502,7 @@ class MaildirAccess:
                             session_lock,
                             indexed=True,
                             lock_timeout=self.lock_timeout,
+                            real=directory.real_path(),
                         )
                         return handle, None
         except StorageError:
@@ -514,6 +529,7 @@ class MaildirAccess:
                     messages, files = _indexed_snapshot(directory, self.cache, self.lock_timeout)
                 else:
                     messages, files = _unindexed_snapshot(directory)
+                real = directory.real_path()
         except BaseException:
             if session_lock is not None:
                 session_lock.release()
@@ -526,6 +542,7 @@ class MaildirAccess:
             session_lock,
             indexed=self.index,
             lock_timeout=self.lock_timeout,
+            real=real,
         )
 
 

@@ -49,7 +49,7 @@ import threading
 import time
 import weakref
 
-from pobox.storage._safefs import Dir, UnsafeFile, flocked, os_errors, storage_error
+from pobox.storage._safefs import Dir, UnsafeFile, flocked, storage_error
 from pobox.storage.base import MaildropLocked, StorageError
 
 __all__ = [
@@ -263,8 +263,10 @@ def _read_lock(root: Dir, name: str) -> _Found | None:
         return None
     with handle:
         st = handle.stat
-        with os_errors("read lock file", handle.path):
+        try:
             content = os.read(handle.fd, _CONTENT_MAX)
+        except OSError as exc:
+            raise storage_error(exc, "read lock file", handle.path) from exc
     return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, content)
 
 

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pobox.storage._safefs import CHUNK_SIZE, os_errors, read_upto
+from pobox.storage._safefs import CHUNK_SIZE, read_upto, storage_error
 from pobox.storage.base import (
     DeleteResult,
     IncomingMessage,
@@ -349,8 +349,10 @@ def _read(fd: int, size: int, key: str) -> bytes:
     Raises:
         StorageError: the read failed.
     """
-    with os_errors("read message", key):
+    try:
         return read_upto(fd, size)
+    except OSError as exc:
+        raise storage_error(exc, "read message", key) from exc
 
 
 def _close_opened(opened: tuple[int, int, bytes]) -> None:
