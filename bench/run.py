@@ -138,6 +138,8 @@ def _message(rng: random.Random, number: int, size: int) -> bytes:
 
 
 def _write_maildir(maildir: Path, messages: list[bytes]) -> None:
+    # Benchmark data, the same files for both servers, as a foreign MTA leaves them: not
+    # pobox's Maildir writer (pobox.storage.maildir.deliver_message).
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     new = maildir / "new"
@@ -179,7 +181,11 @@ class World:
                 lines.append(f"{user}:{stored}:{account.uid}:{account.gid}::{home}::\n")
             self.passwd(server).write_text("".join(lines))
         if os.geteuid() == 0:
-            _chown_tree(self.root / "dovecot" / "home", account.uid, account.gid)
+            # Both servers access the mail as the one unprivileged mail account, as a
+            # production server run as root does (pobox: mode 2, mail_uid; Dovecot: its
+            # mail processes run as the userdb uid).
+            for server in SERVERS:
+                _chown_tree(self.root / server / "home", account.uid, account.gid)
 
 
 def _doveadm_hash(scheme: str) -> str:
@@ -267,6 +273,20 @@ class Server:
 
 #: Limits raised like Dovecot's below (only those this pobox knows, as the tree moves).
 _POBOX_LIMITS = {"max_connections": 20_000, "max_connections_per_ip": 20_000}
+#: How pobox started as root reaches the mail (``--pobox-access``): ``mail_uid`` (mode 2, the
+#: whole server runs as the mail account) or ``helper`` (mode 3, the storage helper opens
+#: every file with the owner's uid, for users who each own their mail).
+POBOX_ACCESS = {"value": "mail_uid"}
+
+
+def _pobox_access() -> str:
+    """The TOML lines that pick pobox's mode when the benchmark runs as root."""
+    if os.geteuid() != 0 or "mail_uid" not in KEYS:
+        return ""
+    account = _mail_account()
+    if POBOX_ACCESS["value"] == "helper":
+        return ""  # each passwd line names the uid: the helper accesses the mail with it
+    return f'mail_uid = "{account.uid}"\nmail_gid = "{account.gid}"\n'
 
 
 @contextlib.contextmanager
@@ -284,6 +304,7 @@ def run_pobox(root: Path) -> Iterator[Server]:
         'log_level = "info"\n'
         f'log_path = "{log}"\n'
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
+        + _pobox_access()
     )
     command = [sys.executable, "-m", "pobox", "serve", "-c", str(config)]
     with _started("pobox", command, base, port, base / "pobox.out") as server:
@@ -945,7 +966,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     parser.add_argument("--keep", action="store_true", help="print and keep the data folder")
+    parser.add_argument(
+        "--pobox-access",
+        choices=("mail_uid", "helper"),
+        default="mail_uid",
+        help="as root: pobox runs as the mail uid (mail_uid, the default) or through the "
+        "storage helper (helper)",
+    )
     args = parser.parse_args(argv)
+    POBOX_ACCESS["value"] = args.pobox_access
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = set(workloads) - set(ALL_WORKLOADS)
     if unknown:

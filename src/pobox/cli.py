@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import functools
 import gc
 import getpass
 import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pobox import __version__
 from pobox.auth.base import Authenticator, HashWorkers
@@ -37,12 +38,22 @@ from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
 from pobox.log import reopen_logs, setup_logging
-from pobox.server import Pop3Server, SessionContext, drop_privileges
+from pobox.server import Pop3Server, SessionContext
 from pobox.server._limits import raise_open_file_limit
+from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._throttle import LoginThrottle
 from pobox.state import MemoryFailureCounters
-from pobox.storage.base import MaildropStore
-from pobox.storage.maildir import MaildirStore
+from pobox.storage.base import IncomingMessage, MaildropStore, StorageError
+from pobox.storage.maildir import MaildirStore, deliver_message
+from pobox.storage.privsep import (
+    Owner,
+    OwnerPolicy,
+    SameOwnerStore,
+    StorageHelper,
+    SwitchingStore,
+)
+from pobox.storage.spool import Spool
+from pobox.tls import ServerTls
 
 __all__ = ["main"]
 
@@ -65,16 +76,39 @@ def scram_secret(config: Config) -> bytes:
     return load_secret(path)
 
 
-def build_authenticator(config: Config, workers: HashWorkers | None = None) -> Authenticator:
-    """Build the user database the configuration names (hash checks in ``workers``)."""
+def build_authenticator(
+    config: Config,
+    workers: HashWorkers | None = None,
+    *,
+    opener: Callable[[], BinaryIO] | None = None,
+) -> Authenticator:
+    """Build the user database the configuration names (hash checks in ``workers``).
+
+    Args:
+        opener: opens the passwd-file for a process that may not open it by path.
+    """
     return PasswdFileAuthenticator(
-        config.passwd_file, default_scheme=config.default_pass_scheme, workers=workers
+        config.passwd_file,
+        default_scheme=config.default_pass_scheme,
+        workers=workers,
+        opener=opener,
     )
 
 
-def build_store(config: Config) -> MaildropStore:
-    """Build the mail store the configuration names."""
-    return MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> MaildropStore:
+    """Build the mail store the configuration names, for mail accessed without a helper.
+
+    The store serves only users whose mail the process owns (:class:`SameOwnerStore`): the
+    uid/gid of ``plan`` (mode 1 or 2 of :mod:`pobox.server._privileges`), by default the
+    process's own, as in a server run in-process (a test); in a process that is root that is
+    uid 0, refused unless ``first_valid_uid`` and ``first_valid_gid`` are 0.
+    """
+    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    if plan is None:
+        me = Owner(os.geteuid(), os.getegid())
+        return SameOwnerStore(maildir, OwnerPolicy.from_config(config, fallback=me), me)
+    assert plan.identity is not None
+    return SameOwnerStore(maildir, plan.policy, plan.identity)
 
 
 def build_context(
@@ -82,6 +116,7 @@ def build_context(
     *,
     authenticator: Authenticator | None = None,
     store: MaildropStore | None = None,
+    tls: ServerTls | None = None,
     workers: HashWorkers | None = None,
 ) -> SessionContext:
     """Build the server's backends from the configuration (or use those given).
@@ -94,6 +129,7 @@ def build_context(
         config=config,
         authenticator=authenticator or build_authenticator(config, workers),
         store=store or build_store(config),
+        tls=tls,
         throttle=LoginThrottle(
             MemoryFailureCounters(config.auth_failure_window),
             delay=config.auth_failure_delay,
@@ -109,53 +145,125 @@ def build_context(
     )
 
 
-def _reopen_logs() -> None:
-    """Reopen the log file (SIGUSR1, SIGHUP); on failure keep the old one and say so."""
+def _reopen_logs(helper: StorageHelper | None = None) -> None:
+    """Reopen the log file (SIGUSR1, SIGHUP); on failure keep the old one and say so.
+
+    In mode 3 the storage helper opens it (the serving process may not create files where
+    the log is).
+    """
+    opener = None if helper is None else functools.partial(helper.files.open, "log_path")
     try:
-        if reopen_logs():
+        if reopen_logs(opener):
             logger.info("master: log file reopened")
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         logger.error("master: cannot reopen the log file, still writing the old one: %s", exc)
 
 
-def _on_sighup(server: Pop3Server) -> None:
+def _on_sighup(server: Pop3Server, helper: StorageHelper | None = None) -> None:
     """Reopen the log, then reload the TLS certificates (so that line is in the new log)."""
-    _reopen_logs()
+    _reopen_logs(helper)
     server.reload_tls()
 
 
-async def run_server(config: Config) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down cleanly."""
+def _helper_opener(helper: StorageHelper) -> Callable[[], BinaryIO]:
+    """Open the passwd-file through the storage helper (the serving process is not root)."""
+
+    def opener() -> BinaryIO:
+        try:
+            return os.fdopen(helper.files.open("passwd_file"), "rb")
+        except StorageError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
+
+    return opener
+
+
+async def _start_helper(
+    config: Config, plan: PrivilegePlan, on_lost: Callable[[str], None], workers: HashWorkers
+) -> tuple[StorageHelper, Authenticator, MaildropStore, ServerTls | None]:
+    """Start the storage helper (mode 3) and the backends that go through it."""
+    try:
+        helper = await StorageHelper.start(config, plan.policy, on_lost=on_lost)
+    except StorageError as exc:
+        raise PoboxError(str(exc)) from None
+    try:
+        authenticator = build_authenticator(config, workers, opener=_helper_opener(helper))
+        tls = ServerTls(config, read_file=helper.files.read) if config.ssl_cert else None
+    except BaseException:
+        await helper.aclose()
+        raise
+    return helper, authenticator, helper.store, tls
+
+
+def _switch(config: Config, plan: PrivilegePlan) -> None:
+    """Become the serving user the plan names, and check what it must still read."""
+    if plan.serve_as is None:
+        return
+    switch_to(plan.serve_as, plan.serve_name)
+    if plan.access is MailAccess.MAIL_UID:
+        # No helper in this mode: the passwd-file is read again, by path, as mail_uid.
+        try:
+            Path(config.passwd_file).open("rb").close()
+        except OSError as exc:
+            msg = (
+                f"passwd_file: {config.passwd_file} is not readable by mail_uid "
+                f"{plan.serve_as.uid} ({exc.strerror}); make it readable by mail_gid"
+            )
+            raise ConfigError(msg) from None
+
+
+async def run_server(config: Config) -> int:
+    """Run the server until SIGTERM or SIGINT, then shut down cleanly; return the status.
+
+    The status is 0, or :data:`EX_UNAVAILABLE` when the storage helper went away (the
+    server stops rather than go on without it).
+    """
     if not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
+    plan = plan_privileges(config)
+    for warning in plan.warnings:
+        logger.warning("config: %s", warning)
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
+    stop = asyncio.Event()
+    lost: list[str] = []
+
+    def helper_lost(reason: str) -> None:
+        logger.error("master: the storage helper is gone (%s); stopping", reason)
+        lost.append(reason)
+        stop.set()
+
+    helper: StorageHelper | None = None
+    tls: ServerTls | None = None
     workers = HashWorkers()
-    authenticator = build_authenticator(config, workers)
-    store = build_store(config)
+    if plan.access is MailAccess.HELPER:
+        helper, authenticator, store, tls = await _start_helper(config, plan, helper_lost, workers)
+    else:
+        authenticator = build_authenticator(config, workers)
+        store = build_store(config, plan=plan)
     server = Pop3Server(
-        build_context(config, authenticator=authenticator, store=store, workers=workers)
+        build_context(config, authenticator=authenticator, store=store, tls=tls, workers=workers)
     )
-    await server.start()
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
+        await server.start()
         await delivery.start()
         # Start the thread pool (and import its modules) first: the interpreter may live
         # where the unprivileged user cannot read (a pyenv under /root).
         await asyncio.to_thread(int)
-        if drop_privileges(config.user, config.group):
-            logger.info("master: running as user %s (uid %d)", config.user, os.getuid())
+        _switch(config, plan)
     except BaseException:
         await delivery.aclose()
         await server.aclose()
+        if helper is not None:
+            await helper.aclose()
         raise
+    _log_mode(plan, helper)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # SIGHUP: let go of a rotated log and re-read the certificates; SIGUSR1: the log only
     # (what logrotate's postrotate sends, see contrib/logrotate/pobox).
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server)
-    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, helper)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, helper)
     addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
     loop_name = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     logger.info(
@@ -171,6 +279,33 @@ async def run_server(config: Config) -> None:
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     await delivery.aclose()
     await server.aclose()
+    if helper is not None:
+        await helper.aclose()
+    return EX_UNAVAILABLE if lost else 0
+
+
+def _log_mode(plan: PrivilegePlan, helper: StorageHelper | None) -> None:
+    """Say at start whom the server runs as and how it reaches mail."""
+    uid, gid = os.getuid(), os.getgid()
+    if plan.access is MailAccess.HELPER:
+        assert helper is not None
+        logger.info(
+            "master: running as user %s (uid %d, gid %d); mail accessed through the storage "
+            "helper (pid %d) with each user's uid/gid",
+            plan.serve_name,
+            uid,
+            gid,
+            helper.pid,
+        )
+    elif plan.access is MailAccess.MAIL_UID:
+        logger.info(
+            "master: running as mail_uid %s (uid %d, gid %d); serving only its mail",
+            plan.serve_name,
+            uid,
+            gid,
+        )
+    else:
+        logger.info("master: not started as root; mail accessed as uid %d, gid %d", uid, gid)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,6 +318,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.trace:
         out["trace"] = True
     return out
+
+
+async def _discard(main: Coroutine[Any, Any, int]) -> None:
+    await main
 
 
 def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
@@ -205,8 +344,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config)
     for warning in config.warnings:
         logger.warning("config: %s", warning)
-    run_loop(config, run_server(config))
-    return 0
+    status: list[int] = []
+
+    async def serve() -> None:
+        status.append(await run_server(config))
+
+    run_loop(config, serve())
+    return status[0] if status else 0
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
@@ -219,7 +363,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
-        agent = build_agent(config, build_authenticator(config), build_store(config))
+        agent = build_agent(config, build_authenticator(config), build_deliver_store(config))
         status, message = asyncio.run(
             deliver_stdin(
                 agent,
@@ -235,6 +379,20 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     if status:
         print(f"pobox deliver: {message}", file=sys.stderr)
     return status
+
+
+def build_deliver_store(config: Config) -> MaildropStore:
+    """Build the store of ``pobox deliver``.
+
+    Started as root, the process becomes the owner of the recipient's mail (uid/gid from the
+    userdb, else ``mail_uid``/``mail_gid``; never root unless ``first_valid_uid`` is 0) before
+    it touches the maildir (:class:`SwitchingStore`); otherwise it delivers only to users whose
+    mail it owns.
+    """
+    if os.geteuid() != 0:
+        return build_store(config)
+    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
 
 
 # --------------------------------------------------------------------------- demo
@@ -273,14 +431,18 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"  # the documented password of the local demo user
 
 
-def _deliver_demo(maildir: Path, number: int, data: bytes) -> None:
-    for sub in ("cur", "new", "tmp"):
-        (maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
-    name = f"{int(time.time())}.M{number}P{os.getpid()}.pobox-demo,S={len(data)},W={wire}"
-    tmp = maildir / "tmp" / name
-    tmp.write_bytes(data)
-    tmp.rename(maildir / "new" / name)
+def _deliver_demo(maildir: Path, data: bytes) -> None:
+    with Spool.from_bytes(data) as body:
+        deliver_message(maildir, IncomingMessage(b"", body))
+
+
+#: The demo run by root: its mail is root's, which only these settings allow (see README,
+#: "Security model"); a server for real users never accesses mail as root.
+_DEMO_AS_ROOT = (
+    "# Started as root: the demo's mail belongs to root, which pobox refuses unless told.\n"
+    "# Never in production: there, mail belongs to its users (or one mail_uid).\n"
+    'mail_uid = "0"\nmail_gid = "0"\nfirst_valid_uid = 0\nfirst_valid_gid = 0\n'
+)
 
 
 def make_demo(folder: Path, port: int, *, reset: bool = False) -> Path:
@@ -303,14 +465,14 @@ def make_demo(folder: Path, port: int, *, reset: bool = False) -> Path:
             if (maildir / sub).exists():
                 for f in (maildir / sub).iterdir():
                     f.unlink()
-        for n, msg in enumerate(_DEMO_MESSAGES, 1):
-            _deliver_demo(maildir, n, msg)
+        for msg in _DEMO_MESSAGES:
+            _deliver_demo(maildir, msg)
     config_path.write_text(
         "# pobox demo configuration: every key is explained in README.md\n"
         f'listen = ["127.0.0.1:{port}"]\n'
         f'mail_location = "maildir:{folder}/mail/%u"\n'
         f'passwd_file = "{passwd}"\n'
-        'login_greeting = "pobox ready."\n'
+        'login_greeting = "pobox ready."\n' + (_DEMO_AS_ROOT if os.geteuid() == 0 else "")
     )
     return config_path
 
@@ -330,7 +492,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        run_loop(config, run_server(config))
+        run_loop(config, _discard(run_server(config)))
     return 0
 
 
@@ -363,6 +525,8 @@ def cmd_user(args: argparse.Namespace) -> int:
             scheme=args.scheme,
             home=args.home,
             mail=args.mail,
+            uid=args.uid,
+            gid=args.gid,
         )
         print(f"added user {args.name} to {path}")
     else:
@@ -439,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "add":
             p.add_argument("--home", help="home directory (%%h, ~ in mail_location)")
             p.add_argument("--mail", help="per-user mail location (userdb_mail)")
+            p.add_argument("--uid", help="owner of the user's mail: a user name or number")
+            p.add_argument("--gid", help="group of the user's mail: a group name or number")
         p.set_defaults(func=cmd_user)
     add_fetch_parser(sub)
     return parser

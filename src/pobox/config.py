@@ -87,6 +87,12 @@ class Config:
     max_open_files: int = 0
     user: str = ""
     group: str = ""
+    mail_uid: str = ""
+    mail_gid: str = ""
+    first_valid_uid: int = 500
+    last_valid_uid: int = 0
+    first_valid_gid: int = 1
+    last_valid_gid: int = 0
     lmtp_listen: tuple[str, ...] = ()
     smtp_listen: tuple[str, ...] = ()
     max_message_size: int = 50 * 1024 * 1024
@@ -248,10 +254,33 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
     ),
     "user": (
         str,
-        "Unprivileged user to switch to after binding the ports and loading the keys when "
-        "started as root (like Dovecot's default_internal_user). Empty: no switch.",
+        "Unprivileged user the serving process switches to after binding the ports and "
+        "loading the keys when started as root (like Dovecot's default_internal_user). "
+        "Empty: mail_uid's user when mail_uid is set, else nobody (see Security model).",
     ),
     "group": (str, "Group to switch to with user (default: the user's primary group)."),
+    "mail_uid": (
+        str,
+        "User (name or number) that owns the mail of users whose userdb sets no uid "
+        "(Dovecot mail_uid; one vmail uid for virtual users). Started as root with mail_uid "
+        "set and user empty or the same, the whole server runs as it. Empty: none.",
+    ),
+    "mail_gid": (
+        str,
+        "Group (name or number) of the mail of users whose userdb sets no gid (Dovecot "
+        "mail_gid). Empty: the primary group of mail_uid (or of the userdb uid).",
+    ),
+    "first_valid_uid": (
+        int,
+        "Lowest uid mail is accessed with (Dovecot first_valid_uid, 500): users owned by "
+        "lower uids (root, system accounts) are refused. 0 allows root.",
+    ),
+    "last_valid_uid": (int, "Highest uid mail is accessed with; 0: no limit (default)."),
+    "first_valid_gid": (
+        int,
+        "Lowest gid mail is accessed with (Dovecot first_valid_gid, 1): gid 0 is refused.",
+    ),
+    "last_valid_gid": (int, "Highest gid mail is accessed with; 0: no limit (default)."),
     "lmtp_listen": (
         list,
         'LMTP (RFC 2033) delivery listeners: "HOST:PORT" and/or "unix:/path" (default none).',
@@ -353,7 +382,8 @@ def build_config(values: dict[str, Any], *, base: Config | None = None) -> Confi
         if key not in KEYS:
             raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(KEYS))})")
         want, _ = KEYS[key]
-        value = _check_type(key, raw, want)
+        number = key in ("mail_uid", "mail_gid") and type(raw) is int
+        value = _check_type(key, str(raw) if number else raw, want)  # a number is a uid/gid
         if key == "listen":
             if not value or not all(isinstance(v, str) for v in value):
                 raise ConfigError('listen: expected a list of "HOST:PORT" strings')
@@ -372,6 +402,8 @@ def build_config(values: dict[str, Any], *, base: Config | None = None) -> Confi
             changes[key] = tuple(_network(v, f"{key}[{i}]") for i, v in enumerate(value))
         elif key == "ssl_sni":
             changes[key] = tuple(_sni_entry(name, entry) for name, entry in value.items())
+        elif key in ("mail_uid", "mail_gid"):
+            changes[key] = _account(key, value)
         else:
             changes[key] = value
     config = dataclasses.replace(base or Config(), **changes)
@@ -386,6 +418,14 @@ def _delivery_listen(value: object, key: str) -> str:
             raise ConfigError(f"{key}: {value!r}: the socket path must be absolute")
         return value
     parse_listen(value, key=key)
+    return value
+
+
+def _account(key: str, value: str) -> str:
+    """Check a user or group given by name or number (looked up when the server starts)."""
+    value = value.strip()
+    if value.startswith("-") or any(c.isspace() or c in ":/" for c in value):
+        raise ConfigError(f"{key}: {value!r} is not a user/group name or a number")
     return value
 
 
@@ -451,6 +491,14 @@ def _validate_security(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1")
     if config.group and not config.user:
         raise ConfigError("group: needs user")
+    for kind in ("uid", "gid"):
+        first, last = getattr(config, f"first_valid_{kind}"), getattr(config, f"last_valid_{kind}")
+        if first < 0 or last < 0:
+            raise ConfigError(f"first_valid_{kind}, last_valid_{kind}: must not be negative")
+        if last and last < first:
+            raise ConfigError(
+                f"last_valid_{kind}: {last} is below first_valid_{kind} {first} (0: no limit)"
+            )
 
 
 def _validate(config: Config) -> Config:

@@ -33,8 +33,10 @@ May import: the standard library and :mod:`pobox.config`.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any, Final
 
 from pobox.config import Config
@@ -91,11 +93,20 @@ class SanitizingFormatter(logging.Formatter):
 class _ReopenableFileHandler(logging.FileHandler):
     """A file handler that opens its path afresh on :meth:`reopen` (after a log rotation)."""
 
-    def reopen(self) -> None:
-        """Close the current file and open ``baseFilename`` again (created if it is gone)."""
+    def reopen(self, opener: Callable[[], int] | None = None) -> None:
+        """Close the current file and open ``baseFilename`` again (created if it is gone).
+
+        Args:
+            opener: gives a descriptor of the file open for appending, for a process that may
+                not open it by path (default: open the path).
+        """
         self.acquire()
         try:
-            old, self.stream = self.stream, self._open()
+            if opener is None:
+                stream = self._open()
+            else:
+                stream = os.fdopen(opener(), "a", encoding=self.encoding, errors=self.errors)
+            old, self.stream = self.stream, stream
             if old is not None:
                 old.close()
         finally:
@@ -141,8 +152,12 @@ def setup_logging(config: Config) -> logging.Handler:
     return handler
 
 
-def reopen_logs() -> bool:
+def reopen_logs(opener: Callable[[], int] | None = None) -> bool:
     """Reopen the log file (``SIGHUP``/``SIGUSR1``), so that a rotated log is let go.
+
+    Args:
+        opener: gives a descriptor of the log file open for appending, for a server that may
+            not open it by path any more (the storage helper opens it).
 
     Returns:
         whether there was a log file to reopen (standard error is left as it is).
@@ -153,7 +168,7 @@ def reopen_logs() -> bool:
     reopened = False
     for handler in _installed:
         if isinstance(handler, _ReopenableFileHandler):
-            handler.reopen()
+            handler.reopen(opener)
             reopened = True
     return reopened
 

@@ -2,9 +2,11 @@
 
 ``async with running_server(tmp_path, users={"alice": "secret"}) as srv:`` starts a real
 :class:`~pobox.server.Pop3Server` on ``127.0.0.1`` with an ephemeral port, a real
-passwd-file and real Maildirs under ``tmp_path``; ``srv.deliver("alice", b"...")`` drops a
-message into a Maildir the way an MTA does.  Used by pobox's own tests, and by developers who
-need a real POP3 endpoint in theirs.
+passwd-file and real Maildirs under ``tmp_path``, accessed with the process's own uid (so
+``first_valid_uid`` and ``first_valid_gid`` are 0 there: a test suite may run as root);
+``srv.deliver("alice", b"...")`` delivers a message into a Maildir with pobox's own
+delivery.  Used by pobox's own tests, and by developers who need a real POP3 endpoint in
+theirs.
 
 May import: anything in pobox.
 """
@@ -12,10 +14,6 @@ May import: anything in pobox.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import os
-import socket
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,29 +24,30 @@ from pobox.auth.passwdfile import add_user
 from pobox.cli import build_context
 from pobox.config import Config, Listen, build_config
 from pobox.server import Pop3Server
+from pobox.storage.base import IncomingMessage, MaildropStore
+from pobox.storage.maildir import deliver_message
+from pobox.storage.spool import Spool
 
 __all__ = ["RunningServer", "deliver_to_maildir", "running_server"]
 
-_counter = itertools.count(1)
 
+def deliver_to_maildir(
+    maildir: Path, data: bytes, *, sizes: bool = True, owner: int | None = None
+) -> Path:
+    """Deliver ``data`` into ``maildir/new`` with pobox's own delivery; return the file's path.
 
-def deliver_to_maildir(maildir: Path, data: bytes, *, sizes: bool = True) -> Path:
-    """Write one message into ``maildir/new`` as an MTA would (tmp, then rename).
+    The message is stored as delivery stores it (LF line endings), through
+    :func:`~pobox.storage.maildir.deliver_message`, the one Maildir writer.
 
     Args:
-        sizes: put Dovecot's ``,S=`` and ``,W=`` sizes in the file name.
+        sizes: put Dovecot's ``,S=`` and ``,W=`` sizes in the file name (``False`` imitates an
+            MTA that does not, so that the server computes the sizes by reading the file).
+        owner: the uid the maildir belongs to (default: this process's); as root, the new
+            file is given to it.
     """
-    for sub in ("cur", "new", "tmp"):
-        (maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    name = f"{time.time_ns() // 1000}.M{next(_counter)}P{os.getpid()}.{socket.gethostname()}"
-    if sizes:
-        wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
-        name += f",S={len(data)},W={wire}"
-    tmp = maildir / "tmp" / name
-    tmp.write_bytes(data)
-    final = maildir / "new" / name
-    tmp.rename(final)
-    return final
+    with Spool.from_bytes(data) as body:
+        name = deliver_message(maildir, IncomingMessage(b"", body), owner=owner, size_fields=sizes)
+    return maildir / "new" / name
 
 
 @dataclass
@@ -84,6 +83,7 @@ async def running_server(
     users: Mapping[str, str] | None = None,
     *,
     scheme: str = "PLAIN",
+    store: MaildropStore | None = None,
     **settings: Any,  # noqa: ANN401 - any config key
 ) -> AsyncIterator[RunningServer]:
     """Run a pobox server on ``127.0.0.1:0`` serving files under ``root``.
@@ -91,6 +91,7 @@ async def running_server(
     Args:
         users: login name → password (default ``{"alice": "secret"}``).
         scheme: password scheme of the passwd-file entries (PLAIN keeps tests fast).
+        store: the mail store (default: the one the configuration names).
         settings: config keys to override (``idle_timeout=1``, ``trace=True``, ...).
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -103,10 +104,14 @@ async def running_server(
         mail_location=f"maildir:{root}/mail/%u",
         passwd_file=str(passwd),
         auth_failure_delay=0.0,
+        # The server runs in this process and accesses mail as it: as root in CI, which only
+        # an explicit first_valid_uid/gid of 0 allows (never do that in production).
+        first_valid_uid=0,
+        first_valid_gid=0,
     )
     config = build_config(settings, base=base)
     config = dataclasses.replace(config, warnings=())
-    server = Pop3Server(build_context(config))
+    server = Pop3Server(build_context(config, store=store))
     await server.start()
     try:
         yield RunningServer(root, config, server)

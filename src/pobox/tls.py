@@ -15,9 +15,11 @@ May import: the standard library, :mod:`pobox.config`, :mod:`pobox.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from pobox.config import Config
@@ -25,6 +27,7 @@ from pobox.errors import ConfigError
 
 __all__ = [
     "CIPHERS_TLS12",
+    "FileReader",
     "ServerTls",
     "is_trusted_address",
     "make_server_context",
@@ -42,6 +45,39 @@ CIPHERS_TLS12: Final = (
 
 _VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
+#: Reads a configuration file by its key (``ssl_key``, ``ssl_sni.NAME.cert``, ...) for a
+#: process that may not open it by path: the server after dropping root, through the storage
+#: helper. Raises any exception on failure.
+FileReader = Callable[[str], bytes]
+
+
+@contextlib.contextmanager
+def _loadable(read_file: FileReader | None, key: str, path: str) -> Iterator[str]:
+    """Yield a path OpenSSL can load ``key``'s file from.
+
+    Without ``read_file``, the path itself; with it, the file's content in an anonymous
+    memory file of this process, named by ``/proc/self/fd``: OpenSSL loads certificates and
+    keys from paths only.
+
+    Raises:
+        ConfigError: ``read_file`` failed, naming the key and the path.
+    """
+    if read_file is None:
+        yield path
+        return
+    try:
+        data = read_file(key)
+    except Exception as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc}") from None
+    fd = os.memfd_create("pobox-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
 
 def make_server_context(
     cert: str,
@@ -50,6 +86,7 @@ def make_server_context(
     min_protocol: str = "TLSv1.2",
     key_name: str = "ssl",
     client_ca: str = "",
+    read_file: FileReader | None = None,
 ) -> ssl.SSLContext:
     """Build a server-side context for the certificate chain ``cert`` and its ``key``.
 
@@ -60,6 +97,8 @@ def make_server_context(
         key_name: the config key prefix named in errors (``ssl`` or ``ssl_sni.NAME``).
         client_ca: PEM CA file; if set, clients *may* present a certificate signed by it
             (verified; a bad one fails the handshake), whose identity SASL EXTERNAL uses.
+        read_file: reads the files by key instead of opening the paths (see
+            :data:`FileReader`).
 
     Raises:
         ConfigError: a file cannot be read, is not PEM, or the key does not match.
@@ -77,15 +116,40 @@ def make_server_context(
         | ssl.OP_NO_RENEGOTIATION
     )
     ctx.set_ciphers(CIPHERS_TLS12)
+    with contextlib.ExitStack() as stack:
+        paths = (
+            stack.enter_context(_loadable(read_file, cert_key, cert)),
+            stack.enter_context(_loadable(read_file, key_key, key)),
+            stack.enter_context(_loadable(read_file, "ssl_client_ca", client_ca))
+            if client_ca
+            else "",
+        )
+        _load_into(ctx, paths, shown=(cert, key, client_ca), keys=(cert_key, key_key))
+    return ctx
+
+
+def _load_into(
+    ctx: ssl.SSLContext,
+    paths: tuple[str, str, str],
+    *,
+    shown: tuple[str, str, str],
+    keys: tuple[str, str],
+) -> None:
+    """Load the certificate chain, key and client CA from ``paths``.
+
+    Errors name the keys and the configured paths (``shown``), never ``/proc/self/fd``.
+    """
+    cert, key, client_ca = shown
+    cert_key, key_key = keys
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        probe.load_verify_locations(cafile=cert)
+        probe.load_verify_locations(cafile=paths[0])
     except ssl.SSLError:  # before OSError, of which it is a subclass
         raise ConfigError(f"{cert_key}: {cert} holds no PEM certificate") from None
     except OSError as exc:
         raise ConfigError(f"{cert_key}: cannot read {cert}: {exc.strerror}") from None
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(paths[0], paths[1])
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise ConfigError(f"{key_key}: {key} does not match the certificate {cert}") from None
@@ -94,13 +158,12 @@ def make_server_context(
         raise ConfigError(f"{key_key}: cannot read {key}: {exc.strerror}") from None
     if client_ca:
         try:
-            ctx.load_verify_locations(cafile=client_ca)
+            ctx.load_verify_locations(cafile=paths[2])
         except ssl.SSLError:
             raise ConfigError(f"ssl_client_ca: {client_ca} holds no PEM certificate") from None
         except OSError as exc:
             raise ConfigError(f"ssl_client_ca: cannot read {client_ca}: {exc.strerror}") from None
         ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
 
 
 class ServerTls:
@@ -110,8 +173,9 @@ class ServerTls:
         ConfigError: from :func:`make_server_context`, naming the key.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, read_file: FileReader | None = None) -> None:
         self._config = config
+        self._read_file = read_file
         self._default, self._by_name = self._load()
         # The front context never changes; its callback picks the current certificates.
         # It carries the default certificate too, so it works for any client.
@@ -120,6 +184,7 @@ class ServerTls:
             config.ssl_key,
             min_protocol=config.ssl_min_protocol,
             client_ca=config.ssl_client_ca,
+            read_file=read_file,
         )
         self.context.sni_callback = self._select
         self.reloads = 0
@@ -131,6 +196,7 @@ class ServerTls:
             cfg.ssl_key,
             min_protocol=cfg.ssl_min_protocol,
             client_ca=cfg.ssl_client_ca,
+            read_file=self._read_file,
         )
         by_name = {
             name: make_server_context(
@@ -139,6 +205,7 @@ class ServerTls:
                 min_protocol=cfg.ssl_min_protocol,
                 key_name=f"ssl_sni.{name}",
                 client_ca=cfg.ssl_client_ca,
+                read_file=self._read_file,
             )
             for name, cert, key in cfg.ssl_sni
         }

@@ -14,6 +14,8 @@ import pytest
 
 from pobox.auth.passwdfile import PasswdFileAuthenticator
 from pobox.cli import main
+from tests.helpers.accounts import ALICE, system_user
+from tests.helpers.dovecot import searchable_tmpdir
 
 from ..integration.wire import Wire
 
@@ -104,27 +106,41 @@ class TestDemo:
 class TestServe:
     """``pobox serve`` with flags only, no config file."""
 
-    async def test_flags_only(self, tmp_path: Path) -> None:
-        """--listen, --mail-location and --passwd-file are enough to serve."""
-        passwd = tmp_path / "passwd"
-        assert 0 == main(["user", "add", "carol", "-f", str(passwd), "--scheme", "PLAIN",
-                          "--password-file", str(self._pw(tmp_path, "pw"))])  # fmt: skip
-        port = free_port()
-        proc = await start(
-            "serve", "--listen", f"127.0.0.1:{port}",
-            "--mail-location", f"maildir:{tmp_path}/mail/%u", "--passwd-file", str(passwd),
-            cwd=tmp_path,
-        )  # fmt: skip
-        try:
-            await wait_for_port(port, proc)
-            w = await Wire.connect("127.0.0.1", port)
-            await w.login(b"carol", b"pw")
-            assert b"+OK 0 0\r\n" == await w.command(b"STAT")
-            await w.command(b"QUIT")
-        finally:
-            code, _ = await stop(proc)
-        assert 0 == code
-        assert (tmp_path / "mail" / "carol" / "new").is_dir()
+    async def test_flags_only(self) -> None:
+        """--listen, --mail-location and --passwd-file are enough to serve.
+
+        Started as root (as in CI), carol's mail belongs to an unprivileged user
+        (``user add --uid``), which the server accesses it as.
+        """
+        with searchable_tmpdir() as folder:
+            passwd = folder / "passwd"
+            owner: list[str] = []
+            expected_uid = os.geteuid()
+            if os.geteuid() == 0:
+                alice = system_user(ALICE)
+                owner, expected_uid = ["--uid", alice.name], alice.uid
+                (folder / "mail").mkdir()
+                os.chown(folder / "mail", alice.uid, alice.gid)  # where carol's maildir is made
+            assert 0 == main(["user", "add", "carol", "-f", str(passwd), "--scheme", "PLAIN",
+                              "--password-file", str(self._pw(folder, "pw")), *owner])  # fmt: skip
+            port = free_port()
+            proc = await start(
+                "serve", "--listen", f"127.0.0.1:{port}",
+                "--mail-location", f"maildir:{folder}/mail/%u", "--passwd-file", str(passwd),
+                cwd=folder,
+            )  # fmt: skip
+            try:
+                await wait_for_port(port, proc)
+                w = await Wire.connect("127.0.0.1", port)
+                await w.login(b"carol", b"pw")
+                assert b"+OK 0 0\r\n" == await w.command(b"STAT")
+                await w.command(b"QUIT")
+            finally:
+                code, _ = await stop(proc)
+            maildir = folder / "mail" / "carol"
+            assert 0 == code
+            assert (maildir / "new").is_dir()
+            assert expected_uid == maildir.stat().st_uid
 
     def test_config_error_names_key(self, tmp_path: Path) -> None:
         """A bad config file stops the start with exit 78 and the key's name."""

@@ -36,10 +36,8 @@ class Peer:
 
     def deliver(self, data: bytes) -> Path:
         """Deliver ``data`` to alice's maildrop on the server."""
-        path = deliver_to_maildir(self.maildrop, data)
-        if self.owner is not None:
-            os.chown(path, *self.owner)
-        return path
+        owner = self.owner[0] if self.owner is not None else None
+        return deliver_to_maildir(self.maildrop, data, owner=owner)
 
     def remaining(self) -> int:
         """Count the messages still in alice's maildrop on the server."""

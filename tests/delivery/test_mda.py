@@ -16,6 +16,7 @@ from pathlib import Path
 from pobox.auth.passwdfile import add_user
 from pobox.delivery.mda import read_message
 from tests.delivery.helpers import open_files_in
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 MESSAGE = b"From: s@example.org\nSubject: hello\nMessage-ID: <mda-1@example.org>\n\nHello\n"
 
@@ -23,7 +24,17 @@ MESSAGE = b"From: s@example.org\nSubject: hello\nMessage-ID: <mda-1@example.org>
 def _setup(root: Path) -> list[str]:
     """Create a passwd-file with alice; return the ``pobox deliver`` options pointing at it."""
     add_user(root / "passwd", "alice", b"secret", scheme="PLAIN")
-    return ["--passwd-file", str(root / "passwd"), "--mail-location", f"maildir:{root}/mail/%u"]
+    config = root / "pobox.toml"  # run as root on root's files: say so, next to what is there
+    text = config.read_text() if config.exists() else ""
+    config.write_text(text + ROOT_MAIL_SETTINGS)
+    return [
+        "-c",
+        str(root / "pobox.toml"),
+        "--passwd-file",
+        str(root / "passwd"),
+        "--mail-location",
+        f"maildir:{root}/mail/%u",
+    ]
 
 
 def _deliver(options: list[str], user: str, data: bytes) -> subprocess.CompletedProcess[bytes]:

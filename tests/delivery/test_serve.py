@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pobox.auth.passwdfile import add_user
 from pobox.testing import deliver_to_maildir
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 #: How long pobox may take to start (a deadline for the start-up, not a timed assertion).
 _START_DEADLINE = 30.0
@@ -73,7 +74,7 @@ def _pobox_serve(root: Path, *, wrapper: tuple[str, ...] = ()) -> Iterator[_Serv
         f'mail_location = "maildir:{root}/mail/%u"\n'
         f'passwd_file = "{root / "passwd"}"\n'
         f'log_path = "{log}"\n'
-        "auth_failure_delay = 0\n"
+        "auth_failure_delay = 0\n" + ROOT_MAIL_SETTINGS
     )
     command = [*wrapper, sys.executable, "-m", "pobox", "serve", "-c", str(config)]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -164,7 +165,7 @@ class TestServeStartsLmtp:
             'listen = ["127.0.0.1:0"]\n'
             f'lmtp_listen = ["unix:{socket_path}"]\n'
             f'mail_location = "maildir:{tmp_path}/mail/%u"\n'
-            f'passwd_file = "{tmp_path / "passwd"}"\n'
+            f'passwd_file = "{tmp_path / "passwd"}"\n' + ROOT_MAIL_SETTINGS
         )
         process = subprocess.Popen(
             [sys.executable, "-m", "pobox", "serve", "-c", str(config)],

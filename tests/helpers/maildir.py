@@ -1,4 +1,9 @@
-"""Put mail into a Maildir the way an MTA or a mail client would, for tests.
+"""Put mail into a Maildir the way a *foreign* MTA or mail client would, for tests.
+
+This is a test fixture, deliberately not pobox's Maildir writer
+(:func:`pobox.storage.maildir.deliver_message` is the only one): it imitates the files other
+programs leave (names with or without size fields, CRLF kept as written, messages moved to
+``cur/`` with flags), which the store must read as they are.
 
 :func:`deliver` writes the message into ``tmp/`` under a unique name
 (``<secs>.M<usec>P<pid>Q<n>.<host>`` plus size fields), then renames it into ``new/``, which

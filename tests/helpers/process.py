@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.auth.passwdfile import add_user
+from tests.helpers.accounts import ROOT_MAIL_VALUES
 
 
 @dataclass
@@ -100,6 +101,7 @@ async def pobox_serve(
         "passwd_file": str(folder / "passwd"),
         "auth_failure_delay": 0,
         "log_path": str(log),
+        **({} if "mail_uid" in settings else ROOT_MAIL_VALUES),  # as root, on root's files
         **settings,
     }
     config = folder / "pobox.toml"

@@ -20,6 +20,7 @@ from pobox.auth.passwdfile import add_user
 from pobox.config import Config, load_config
 from pobox.errors import ConfigError
 from pobox.server._limits import ConnectionLimits, descriptors_needed, plan_limit
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 INFINITY = resource.RLIM_INFINITY
 #: prctl(2) option and capability(7) number: drop CAP_SYS_RESOURCE from the bounding set.
@@ -168,7 +169,7 @@ async def serving(
     config.write_text(
         'listen = ["127.0.0.1:0"]\n'
         f'mail_location = "maildir:{tmp_path}/mail/%u"\n'
-        f'passwd_file = "{tmp_path}/passwd"\n' + extra
+        f'passwd_file = "{tmp_path}/passwd"\n' + ROOT_MAIL_SETTINGS + extra
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pobox", "serve", "-c", str(config),

@@ -4,20 +4,27 @@ A :class:`Backend` couples a store with a way to deliver mail into it the way th
 receives mail in production: :meth:`MemoryStore.add` for memory, files written by an MTA
 for Maildir. The Maildir variants differ only in how the files look (size fields in the name
 or not, moved to ``cur/`` with flags or not) and whether the index is used; every one of them
-must pass the whole contract suite.
+must pass the whole contract suite, and so must the Maildir store reached through the storage
+helper (``maildir-helper``: mode 3 of ``pobox serve``, run as root with a real other user).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pobox.config import build_config
 from pobox.storage.base import MaildropStore, MailUser
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.memory import MemoryStore
+from pobox.storage.privsep import OwnerPolicy, StorageHelper
+from tests.helpers.accounts import ALICE, chown_tree, system_user
+from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import User, deliver
 
 
@@ -78,11 +85,48 @@ _BACKENDS: dict[str, Callable[[Path], Backend]] = {
 }
 
 
-@pytest.fixture(params=sorted(_BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Each storage backend in turn."""
+@contextlib.asynccontextmanager
+async def _maildir_through_helper() -> AsyncIterator[Backend]:
+    """Return the Maildir backend reached through the storage helper, as ``pobox serve`` as
+    root in mode 3 reaches it: every user's mail owned by an unprivileged system user."""
+    owner = system_user(ALICE)
+    with searchable_tmpdir() as folder:
+        config = build_config(
+            {"mail_location": "maildir:~/Maildir", "passwd_file": str(folder / "passwd")}
+        )
+        helper = await StorageHelper.start(
+            config, OwnerPolicy.from_config(config, fallback=None), on_lost=print
+        )
+
+        def user(name: str) -> MailUser:
+            """Return user ``name``, with a home of their own, owned by ``owner``."""
+            home = folder / "home" / name
+            if not home.exists():
+                home.mkdir(parents=True)
+                os.chown(home, owner.uid, owner.gid)
+            return User(name, home=str(home), uid=owner.uid, gid=owner.gid)
+
+        def deliver_to(name: str, data: bytes) -> None:
+            """Deliver as an MTA running as the owner would."""
+            maildir = Path(user(name).home or "") / "Maildir"
+            deliver(maildir, data, fields="SW", flags=None)
+            chown_tree(maildir, owner)
+
+        try:
+            yield Backend("maildir-helper", helper.store, user, deliver_to)
+        finally:
+            await helper.aclose()
+
+
+@pytest.fixture(params=[*sorted(_BACKENDS), "maildir-helper"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each storage backend in turn (the last through the storage helper, as root)."""
+    if request.param == "maildir-helper":
+        async with _maildir_through_helper() as through_helper:
+            yield through_helper
+        return
     factory: Callable[[Path], Backend] = _BACKENDS[request.param]
-    return factory(tmp_path)
+    yield factory(tmp_path)
 
 
 @pytest.fixture

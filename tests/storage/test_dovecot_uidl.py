@@ -111,8 +111,13 @@ def migrated() -> Iterator[Session]:
 
 
 async def listing(maildir: Path) -> tuple[list[str], list[int]]:
-    """Return pobox's UIDLs and sizes for ``maildir``, by message number."""
-    maildrop = await MaildirStore(f"maildir:{maildir}").open(ALICE)
+    """Return pobox's UIDLs and sizes for ``maildir``, by message number.
+
+    The maildir belongs to the user Dovecot ran as (``nobody`` when the tests run as root):
+    pobox reads it as that owner's.
+    """
+    store = MaildirStore(f"maildir:{maildir}", owner=maildir.stat().st_uid)
+    maildrop = await store.open(ALICE)
     try:
         return [info.uidl for info in maildrop.messages], [info.size for info in maildrop.messages]
     finally:

@@ -17,14 +17,15 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pobox.errors import ConfigError
+from pobox.storage._safefs import storage_error
 from pobox.storage.base import (
     Maildrop,
     MaildropLocked,
@@ -32,7 +33,8 @@ from pobox.storage.base import (
     StorageTemporaryError,
 )
 from pobox.storage.maildir import MaildirStore
-from pobox.storage.maildir._fs import storage_error
+from pobox.storage.maildir import _store as store_module
+from pobox.storage.maildir._store import CHUNK_SIZE
 from tests.helpers.maildir import User, deliver, set_flags
 
 ALICE = User("alice")
@@ -212,9 +214,18 @@ class TestIndex:
     async def test_size_from_w_field_without_reading(
         self, store: MaildirStore, maildir: Path
     ) -> None:
-        """A ``,W=`` size in the name is trusted: the file is not read to size it."""
-        put(maildir, "new", "1700000001.M1P1.h,S=3,W=1234", b"ab\n")
-        expected = [1234]
+        """A ``,W=`` size the file's size allows is trusted: the file is not read to size it."""
+        put(maildir, "new", "1700000001.M1P1.h,S=3,W=5", b"ab\n")
+        expected = [5]
+        assert expected == [size for _, size, _ in await snapshot(store)]
+
+    @pytest.mark.parametrize("claimed", [2, 7, 1234])
+    async def test_impossible_w_field_is_not_trusted(
+        self, store: MaildirStore, maildir: Path, claimed: int
+    ) -> None:
+        """A ``,W=`` below the file's size or above twice it is a lie: the file is read."""
+        put(maildir, "new", f"1700000001.M1P1.h,S=3,W={claimed}", b"ab\n")
+        expected = [4]
         assert expected == [size for _, size, _ in await snapshot(store)]
 
     async def test_s_field_is_not_a_wire_size(self, store: MaildirStore, maildir: Path) -> None:
@@ -518,30 +529,35 @@ class TestReadAndDelete:
         assert expected == await read_all(maildrop, maildrop.messages[0].key)
         await maildrop.close()
 
-    async def test_cancelled_read_leaks_no_file(self, maildir: Path) -> None:
+    async def test_cancelled_read_leaks_no_file(
+        self, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """A read cancelled while its file is being opened closes the file all the same."""
-        path = maildir / "new" / deliver(maildir, b"x\n")
+        deliver(maildir, b"x" * (CHUNK_SIZE + 1))
         store = MaildirStore(f"maildir:{maildir.parent}/%n", inline_read_max=0)
         maildrop = await store.open(ALICE)
-        path.unlink()
-        os.mkfifo(path)  # opening a FIFO blocks until a writer comes: the read is caught mid-open
+        entered, go_on = threading.Event(), threading.Event()
+        real = store_module._open_and_read
+
+        def held(*args: object) -> tuple[int, int, bytes]:
+            """Open and read as usual, once the test has cancelled the read."""
+            entered.set()
+            go_on.wait()
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store_module, "_open_and_read", held)
+        before = len(os.listdir("/proc/self/fd"))
         first_chunk = asyncio.ensure_future(anext(maildrop.read_message(maildrop.messages[0].key)))
-        await asyncio.sleep(0.1)
+        await asyncio.to_thread(entered.wait)
         first_chunk.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first_chunk
-        # Fill the pipe: the reader gets a whole chunk and keeps the file open for more.
-        writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        try:
-            with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                while True:
-                    os.write(writer, b"x" * 4096)
-        finally:
-            os.close(writer)
-        await asyncio.sleep(0.1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", ResourceWarning)
-            gc.collect()
+        go_on.set()
+        for _ in range(100):  # the worker thread finishes, then its file is closed
+            await asyncio.sleep(0.01)
+            if len(os.listdir("/proc/self/fd")) == before:
+                break
+        assert before == len(os.listdir("/proc/self/fd"))
         await maildrop.close()
 
     async def test_fifo_read_inline_is_refused_without_blocking(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pobox.storage._safefs import Dir
 from pobox.storage.base import MaildropLocked
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._fs import SessionLock, refresh_session_locks
@@ -182,7 +183,8 @@ class TestExclusion:
             """Wait for the others, then try to take the lock."""
             barrier.wait()
             try:
-                won.append(SessionLock(maildir / LOCK, maildir / "pobox-uidlist.lock"))
+                with Dir.open_root(maildir, os.geteuid()) as root:
+                    won.append(SessionLock(root, LOCK, "pobox-uidlist.lock", timeout=10))
             except MaildropLocked as exc:
                 refused.append(exc)
 
@@ -415,7 +417,8 @@ class TestDovecot:
             with running_dovecot(
                 tmp, {"alice": "secret"}, extra_config="pop3_lock_session = yes\n"
             ) as dovecot:
-                store = MaildirStore("maildir:~/Maildir")
+                # The maildir now belongs to the user Dovecot's mail processes run as.
+                store = MaildirStore("maildir:~/Maildir", owner=home.stat().st_uid)
                 user = User("alice", home=str(home))
                 client = poplib.POP3(dovecot.host, dovecot.port, timeout=30)
                 client.user("alice")
@@ -433,7 +436,7 @@ class TestDovecot:
             with running_dovecot(
                 tmp, {"alice": "secret"}, extra_config="pop3_lock_session = yes\n"
             ) as dovecot:
-                store = MaildirStore("maildir:~/Maildir")
+                store = MaildirStore("maildir:~/Maildir", owner=home.stat().st_uid)
                 maildrop = await store.open(User("alice", home=str(home)))
                 try:
                     client = poplib.POP3(dovecot.host, dovecot.port, timeout=30)

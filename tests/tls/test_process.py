@@ -18,6 +18,7 @@ import pytest
 
 from pobox.auth.passwdfile import add_user
 from pobox.testing import deliver_to_maildir
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS, process_ids
 from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.process import serve_config
 from tests.integration.wire import Wire
@@ -59,6 +60,8 @@ async def pobox_process(folder: Path, pki: Pki, **extra: str) -> AsyncIterator[P
         "auth_failure_delay = 0",
         *(f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()),
     ]
+    if "mail_uid" not in extra:
+        lines.append(ROOT_MAIL_SETTINGS)  # started as root, on root's files
     (folder / "pobox.toml").write_text("\n".join(lines) + "\n")
     async with serve_config(folder / "pobox.toml", stderr=asyncio.subprocess.PIPE) as proc:
         started = Process(proc, 0, 0)
@@ -78,16 +81,6 @@ def shared_folder() -> Iterator[Path]:
         yield folder
 
 
-def proc_ids(pid: int) -> tuple[list[int], list[int]]:
-    """The real, effective, saved and fs uids and gids of ``pid`` from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    uid = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)
-    gid = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)
-    assert uid is not None
-    assert gid is not None
-    return [int(x) for x in uid[1].split()], [int(x) for x in gid[1].split()]
-
-
 async def tls_wire(port: int, pki: Pki) -> Wire:
     """An implicit-TLS connection verified against the test CA."""
     reader, writer = await asyncio.open_connection(
@@ -97,7 +90,7 @@ async def tls_wire(port: int, pki: Pki) -> Wire:
 
 
 class TestPrivilegeDrop:
-    """Started as root with user = "nobody", the server serves as nobody."""
+    """Started as root with mail_uid = "nobody", the server serves as nobody."""
 
     async def test_runs_as_nobody(self, shared_folder: Path):
         """All four uids and gids are nobody's, and a login over TLS still works."""
@@ -111,8 +104,8 @@ class TestPrivilegeDrop:
         for path in [mail, *mail.rglob("*")]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
 
-        async with pobox_process(shared_folder, pki, user="nobody") as srv:
-            uids, gids = proc_ids(srv.proc.pid)
+        async with pobox_process(shared_folder, pki, mail_uid="nobody") as srv:
+            uids, gids = process_ids(srv.proc.pid)
             wire = await tls_wire(srv.ssl_port, pki)
             await wire.login()
             stat = await wire.command(b"STAT")

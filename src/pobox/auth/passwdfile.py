@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import BinaryIO
 
 from pobox.auth.base import AuthTemporaryError, HashWorkers, User
 from pobox.auth.schemes import (
@@ -210,10 +211,15 @@ def _pick_dummy(entries: Mapping[str, _Entry], default_scheme: str) -> str:
     return next(p for p in passwords if identify_scheme(p, default_scheme=default_scheme) == common)
 
 
-def _load(path: Path, previous: _Snapshot | None, default_scheme: str) -> _Snapshot:
+def _load(
+    path: Path,
+    previous: _Snapshot | None,
+    default_scheme: str,
+    opener: Callable[[], BinaryIO] | None = None,
+) -> _Snapshot:
     """Return the file's users, re-using ``previous`` if the file has not changed."""
     try:
-        with path.open("rb") as file:
+        with path.open("rb") if opener is None else opener() as file:
             st = os.fstat(file.fileno())
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if previous is not None and previous.identity == identity:
@@ -236,6 +242,8 @@ class PasswdFileAuthenticator:
         check_interval: seconds between checks whether the file changed.
         workers: where costly hashes are checked (shared with the SASL shell); a new
             :class:`~pobox.auth.base.HashWorkers` when not given.
+        opener: opens the file for a process that may not open it by path (the server
+            after dropping root gets it from the storage helper); default: by path.
 
     Raises:
         UnknownScheme: ``default_scheme`` is not a supported scheme.
@@ -248,12 +256,14 @@ class PasswdFileAuthenticator:
         default_scheme: str = "CRYPT",
         check_interval: float = 1.0,
         workers: HashWorkers | None = None,
+        opener: Callable[[], BinaryIO] | None = None,
     ) -> None:
         if default_scheme.upper().split(".")[0] not in SUPPORTED_SCHEMES:
             raise UnknownScheme(default_scheme)
         self.path = Path(path)
         self.default_scheme = default_scheme
         self._check_interval = check_interval
+        self._opener = opener
         self._snapshot: _Snapshot | None = None
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
@@ -324,7 +334,7 @@ class PasswdFileAuthenticator:
             now = time.monotonic()
             if self._snapshot is None or now - self._checked_at >= self._check_interval:
                 self._snapshot = await asyncio.to_thread(
-                    _load, self.path, self._snapshot, self.default_scheme
+                    _load, self.path, self._snapshot, self.default_scheme, self._opener
                 )
                 self._checked_at = now
             return self._snapshot

@@ -5,7 +5,9 @@ it with LF line ends (the local convention) and calls :meth:`Delivery.commit`, w
 only once the message is on disk for good (file and directory fsynced, or the MDA said yes);
 only then may the server copy be deleted.  :meth:`Delivery.abort` throws a partial copy away.
 
-- :class:`MaildirSink` streams straight into ``tmp/`` and renames into ``new/``: a 50 MB
+- :class:`MaildirSink` spools (in memory while small, else to a nameless file in the
+  Maildir's ``tmp/``), then delivers with :func:`pobox.storage.maildir.deliver_message`, the
+  one Maildir writer (``tmp/``, fsync, link into ``new/``, no link ever followed): a 50 MB
   message never sits in memory, and a crash leaves at most a stray file in ``tmp/``.
 - :class:`MboxSink` spools to a temporary file, then appends under an ``fcntl`` lock with a
   ``From_`` line (the envelope sender from ``Return-Path``) and mboxrd quoting (``>From``,
@@ -16,18 +18,15 @@ only then may the server copy be deleted.  :meth:`Delivery.abort` throws a parti
 - :class:`MdaSink` spools, then runs the command (no shell) with the message on its
   standard input; exit 0 is delivered, 75 (EX_TEMPFAIL) a temporary failure.
 
-May import: the standard library, pobox.errors and pobox.client._state.
+May import: the standard library, pobox.errors, pobox.storage and pobox.client._state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import itertools
 import os
 import re
 import shlex
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,9 @@ from typing import IO, Protocol
 
 from pobox.client._state import fsync_dir
 from pobox.errors import PoboxError
+from pobox.storage.base import IncomingMessage, StorageError
+from pobox.storage.maildir import deliver_message, message_name, open_maildir
+from pobox.storage.spool import Spool
 
 __all__ = [
     "Delivery",
@@ -53,8 +55,6 @@ MDA_TIMEOUT = 300.0
 _EX_TEMPFAIL = 75
 _COPY_CHUNK = 1 << 16
 _FROM_LINE = re.compile(rb"^>*From ")
-
-_counter = itertools.count(1)
 
 
 class DeliveryError(PoboxError):
@@ -98,60 +98,43 @@ class Sink(Protocol):
         """Whether the message :meth:`Delivery.prepare` called ``name`` is in place."""
 
 
-def _unique() -> str:
-    now = time.time()
-    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
-    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(_counter)}.{host}"
-
-
 class _MaildirDelivery:
     def __init__(self, root: Path) -> None:
         self._root = root
-        self._name = _unique()
-        self._tmp = root / "tmp" / self._name
-        self._file: IO[bytes] | None = self._tmp.open("xb")
+        self._spool = Spool(directory=str(root / "tmp"))
+        self._message = IncomingMessage(b"", self._spool)
         self._final: str | None = None
-        self.size = 0
+
+    @property
+    def size(self) -> int:
+        return self._spool.size
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self.size += len(data)
+        self._spool.write(data)
 
     def prepare(self) -> str:
-        assert self._file is not None
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            self._spool.finish()
         except OSError as exc:
             self.abort()
             msg = f"cannot store into {self._root}: {exc}"
             raise DeliveryError(msg) from exc
-        self._final = f"{self._name},S={self.size}"
+        self._final = message_name(self._message)
         return self._final
 
     def commit(self) -> None:
         if self._final is None:
             self.prepare()
-        assert self._final is not None
         try:
-            final = self._root / "new" / self._final
-            os.link(self._tmp, final)  # never replaces an existing file, unlike rename
-            fsync_dir(final.parent)
-            self._tmp.unlink()
-        except OSError as exc:
-            self.abort()
+            deliver_message(self._root, self._message, name=self._final)
+        except StorageError as exc:
             msg = f"cannot store into {self._root}: {exc}"
             raise DeliveryError(msg) from exc
+        finally:
+            self._spool.close()
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        with contextlib.suppress(FileNotFoundError):
-            self._tmp.unlink()
+        self._spool.close()
 
 
 class MaildirSink:
@@ -178,12 +161,11 @@ class MaildirSink:
             return False
 
     def begin(self) -> Delivery:
-        """Start storing one message in ``tmp/``."""
+        """Start storing one message (spooled beside the Maildir, in its ``tmp/``)."""
         try:
-            for sub in ("cur", "new", "tmp"):
-                (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            open_maildir(self.path, os.geteuid(), create=True).close()
             return _MaildirDelivery(self.path)
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             msg = f"cannot use Maildir {self.path}: {exc}"
             raise DeliveryError(msg) from exc
 

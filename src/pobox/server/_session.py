@@ -611,6 +611,13 @@ class Session:
             self.delete_failures = failed
             if failed:
                 self.log.error("%d of %d messages could not be deleted", failed, len(keys))
+        # UPDATE ends the session: the lock goes before the client hears +OK, so a client
+        # that logs in again at once finds the maildrop free (through the storage helper,
+        # releasing it is a round trip). _finish closes it again, which does nothing.
+        try:
+            await self.maildrop.close()
+        except Exception:
+            self.log.exception("Closing the maildrop failed")
         self.conn.send(DeletionsCommitted(failed=failed))
 
     # ----------------------------------------------------------------- the end

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 
@@ -59,6 +60,8 @@ class Spool:
         self._held_cr = False
         self._finished = False
         self._closed = False
+        #: Sizes and digest told by :meth:`adopt` instead of computed here.
+        self._told: tuple[int, str] | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes, **kwargs: int | str | None) -> Spool:
@@ -134,13 +137,13 @@ class Spool:
     @property
     def wire_size(self) -> int:
         """Octets on the POP3 wire (every bare LF as CRLF; RFC 1939 §5)."""
-        return self._wire.size
+        return self._wire.size if self._told is None else self._told[0]
 
     @property
     def digest(self) -> str:
         """The SHA-256 of the stored form, in hexadecimal."""
         self._check_finished()
-        return self._hash.hexdigest()
+        return self._hash.hexdigest() if self._told is None else self._told[1]
 
     @property
     def in_memory(self) -> bool:
@@ -181,6 +184,52 @@ class Spool:
     def getvalue(self) -> bytes:
         """Return the whole stored form (for small messages and tests)."""
         return self.read_at(0, self._size)
+
+    def export_fd(self) -> int:
+        """Return a new descriptor of a file holding the stored form, for another process.
+
+        A spool on disk gives a duplicate of its temporary file's descriptor; one in memory
+        is copied into an anonymous memory file (``memfd_create``). The caller closes it.
+
+        Raises:
+            OSError: no memory file could be made.
+        """
+        self._check_finished()
+        if self._fd is not None:
+            return os.dup(self._fd)
+        fd = os.memfd_create("pobox-spool", os.MFD_CLOEXEC)
+        try:
+            _write_all(fd, self._buffer)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @classmethod
+    def adopt(cls, fd: int, *, wire_size: int, digest: str) -> Spool:
+        """Return a finished spool reading the stored form from ``fd``, which it takes over.
+
+        The other side of :meth:`export_fd`: the size is the file's (``fstat``); the wire
+        size and digest are taken as told, since only their sender could check them without
+        reading the whole message again.
+
+        Raises:
+            ValueError: ``fd`` is not a regular file (it is closed then).
+        """
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                msg = "a spool is a regular file"
+                raise ValueError(msg)
+        except BaseException:
+            os.close(fd)
+            raise
+        spool = cls()
+        spool._fd = fd
+        spool._size = info.st_size
+        spool._told = (wire_size, digest)
+        spool._finished = True
+        return spool
 
     def close(self) -> None:
         """Free the memory or the temporary file; safe to call more than once."""

@@ -1,31 +1,38 @@
-"""Maildir delivery: writing one new message so that it is never lost, doubled or half-seen.
+"""Maildir delivery: the one code that writes a message into a maildir, so it is never lost,
+doubled or half-seen; and what a maildir holds, and the clean-up of its ``tmp/``.
 
 Theory of operation (https://cr.yp.to/proto/maildir.html, and what Dovecot's LDA does):
 
 1. A unique name is made: ``<secs>.M<usec>P<pid>Q<count>.<host>,S=<size>,W=<wire size>``.
    ``Q<count>`` numbers the deliveries of this process, so one process never repeats a name
    even within a microsecond; ``,S=`` and ``,W=`` (:mod:`._names`) let the POP3 side size the
-   message without reading it.
-2. The message is written to ``tmp/<name>`` (``O_EXCL``: an existing file is never reused)
-   and fsynced.
-3. It is hard-linked to ``new/<name>`` (``link(2)`` fails rather than overwrite) and
-   ``new/`` is fsynced: only now is the message durable, and only now may the caller
-   acknowledge it. The ``tmp/`` file is then unlinked.
-4. Best effort: if the maildir has a usable ``pobox-uidlist``, a line for the message is
-   appended to it under ``pobox-uidlist.lock`` (the short index lock, never the session lock
-   ``dovecot-pop3-session.lock``), so the next POP3 login finds it indexed and sized. A crash
-   before this step costs nothing but that work at the next login, which indexes files it does
-   not know.
+   message without reading it (it checks them against the file's real size first).
+2. The message is written to ``tmp/<name>`` (``O_EXCL | O_NOFOLLOW``, relative to the ``tmp/``
+   descriptor: an existing file or link is never reused) and fsynced.
+3. Under ``pobox-uidlist.lock`` (the short index lock, never the session lock
+   ``dovecot-pop3-session.lock``; waited for at most ``lock_timeout`` seconds, else
+   :class:`~pobox.storage.base.StorageTemporaryError` and nothing is delivered): the quota is
+   checked, so that concurrent pobox deliveries cannot together exceed it; the file is
+   hard-linked to ``new/<name>`` (``link(2)`` fails rather than overwrite, and the new name must
+   be the very file written: one swapped in ``tmp/`` meanwhile is taken out again) and ``new/``
+   is fsynced: only now is the message durable, and only now may the caller acknowledge it;
+   and, best effort, if the maildir has a usable ``pobox-uidlist``, a line for the message is
+   appended to it, so the next POP3 login finds it indexed and sized. A crash before that
+   costs nothing but that work at the next login, which indexes files it does not know.
+4. The ``tmp/`` file is unlinked.
 
 A process killed at any point leaves at most a file in ``tmp/``, which POP3 never lists, or a
 complete message in ``new/``: a file appears in ``new/`` only by ``link(2)`` of a complete,
-synced file.
+synced file. Files left in ``tmp/`` are removed after 36 hours (:class:`TmpCleaner`).
 
 Stored messages end their lines with LF, as Dovecot stores them: CRLF from the SMTP wire is
 converted (the POP3 side sends CRLF again).
 
-Quota is counted from the files in ``new/`` and ``cur/``: the ``,S=`` field of their names,
-else ``stat(2)``.
+Quota is counted from the regular files in ``new/`` and ``cur/``: the ``,S=`` field of their
+names (as Dovecot's Maildir quota does), else ``lstat(2)``.
+
+Every file operation goes through :mod:`pobox.storage._safefs`: relative to directory
+descriptors, never following a link, on files and directories of the owner only.
 
 May import: the standard library, :mod:`pobox.storage` and the modules of this package.
 """
@@ -36,108 +43,251 @@ import contextlib
 import itertools
 import os
 import socket
+import stat
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
+from pobox.storage._safefs import Dir, UnsafeFile, check_name, flocked, os_errors, write_all
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
     IncomingMessage,
     Quota,
     QuotaExceeded,
-    StoragePermanentError,
+    StorageError,
     StorageTemporaryError,
     Usage,
 )
-from pobox.storage.maildir._fs import fsync_directory, held_lock, os_errors
-from pobox.storage.maildir._index import INDEX_NAME, parse_pobox_uidlist
+from pobox.storage.maildir._index import INDEX_MAX, INDEX_NAME, parse_pobox_uidlist
 from pobox.storage.maildir._names import base_name, is_acceptable_name, size_field
 
-__all__ = ["deliver_message", "maildir_usage"]
+__all__ = [
+    "ALL_DIRS",
+    "INDEX_LOCK_NAME",
+    "LOCK_TIMEOUT",
+    "MESSAGE_DIRS",
+    "TMP_MAX_AGE",
+    "TmpCleaner",
+    "deliver_message",
+    "maildir_usage",
+    "message_name",
+    "open_maildir",
+]
 
-#: The index lock, as :mod:`._store` names it.
-_INDEX_LOCK_NAME = "pobox-uidlist.lock"
-_ALL_DIRS = ("cur", "new", "tmp")
+#: The lock serializing updates of the index and deliveries, inside the maildir.
+INDEX_LOCK_NAME = "pobox-uidlist.lock"
+#: How long an operation waits at most for the index lock, which others hold only for
+#: moments but the user may hold forever. Dovecot waits 10 seconds for its POP3 session lock.
+LOCK_TIMEOUT = 10.0
+#: Where delivered messages live, in listing order: new/ first, so that a message moving from
+#: new/ to cur/ while we list is seen in at least one of them.
+MESSAGE_DIRS = ("new", "cur")
+ALL_DIRS = ("cur", "new", "tmp")
+#: Files in ``tmp/`` untouched this long are left over from a crash: Dovecot's 36 hours.
+TMP_MAX_AGE = 36 * 3600
+#: ``tmp/`` of one maildir is looked at no more often than this (per process).
+TMP_CLEAN_INTERVAL = 3600
+#: How many maildirs :class:`TmpCleaner` remembers.
+_CLEANER_CAPACITY = 4096
 #: Attempts at a fresh unique name when one is taken (a clock going backwards, a reused PID).
 _NAME_ATTEMPTS = 10
 _deliveries = itertools.count(1)
 
 
-def maildir_usage(root: Path) -> Usage:
-    """Return the octets and the number of the messages in ``new/`` and ``cur/``."""
+def open_maildir(root: str | Path, owner: int, *, create: bool = False) -> Dir:
+    """Open the maildir root ``root`` of ``owner``; with ``create``, make it and its subdirs.
+
+    Creating makes the path (``mkdir -p``, mode 0700) and ``cur``, ``new`` and ``tmp``, each
+    only if missing. The root must then be a directory of ``owner``.
+
+    Raises:
+        StorageError: it cannot be opened or created (``ENOENT`` as cause when missing).
+        UnsafeFile: it (or a subdirectory) is not a directory of ``owner``.
+    """
+    path = os.fspath(root)
+    try:
+        directory = Dir.open_root(path, owner)
+    except StorageError as exc:
+        if not create or not isinstance(exc.__cause__, FileNotFoundError):
+            raise
+        with os_errors("create maildir directory", path):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        directory = Dir.open_root(path, owner)
+    if create:
+        try:
+            for name in ALL_DIRS:
+                directory.sub(name, create=True).close()
+        except BaseException:
+            directory.close()
+            raise
+    return directory
+
+
+def maildir_usage(root: str | Path, *, owner: int | None = None) -> Usage:
+    """Return the octets and the number of the messages in ``new/`` and ``cur/``.
+
+    Args:
+        owner: the uid the maildir must have (default: this process's euid).
+
+    Raises:
+        UnsafeFile: the root, ``new/`` or ``cur/`` is a link or not a directory of ``owner``.
+        StorageError: they cannot be listed.
+    """
+    try:
+        directory = Dir.open_root(root, os.geteuid() if owner is None else owner)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return Usage(octets=0, messages=0)  # a maildir not created yet is empty
+        raise
+    with directory:
+        return _usage(directory)
+
+
+def _usage(root: Dir) -> Usage:
+    """Return what ``new/`` and ``cur/`` of the open maildir hold."""
     octets = count = 0
-    for directory in ("new", "cur"):
-        path = root / directory
-        if not path.is_dir():
-            continue  # a maildir not created yet is empty
-        with os_errors("list", path), os.scandir(path) as entries:
-            for entry in entries:
+    for name in MESSAGE_DIRS:
+        try:
+            subdir = root.sub(name)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                continue
+            raise
+        with subdir:
+            for entry in subdir.scandir():
                 if not is_acceptable_name(entry.name):
                     continue
-                size = size_field(base_name(entry.name), "S")
-                if size is None:
-                    try:
-                        size = entry.stat().st_size
-                    except FileNotFoundError:
-                        continue  # removed while we list
-                    except OSError as exc:
-                        raise StorageTemporaryError(str(exc)) from exc
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    size = size_field(base_name(entry.name), "S")
+                    if size is None:
+                        size = entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # removed while we list
+                except OSError as exc:
+                    raise StorageTemporaryError(str(exc)) from exc
                 octets += size
                 count += 1
     return Usage(octets=octets, messages=count)
 
 
-def deliver_message(root: Path, message: IncomingMessage, *, quota: Quota | None = None) -> str:
+def deliver_message(
+    root: str | Path,
+    message: IncomingMessage,
+    *,
+    owner: int | None = None,
+    quota: Quota | None = None,
+    lock_timeout: float = LOCK_TIMEOUT,
+    size_fields: bool = True,
+    name: str | None = None,
+    tmp_cleaner: TmpCleaner | None = None,
+) -> str:
     """Store ``message`` durably in the maildir ``root``; return its file name in ``new/``.
 
     Args:
         root: the maildir (created with ``cur``, ``new`` and ``tmp``, mode 0700, if missing).
         message: the header for this recipient and the spooled body (LF line endings).
+        owner: the uid the maildir and its files must have (default: this process's euid);
+            the new file gets it.
         quota: limits to enforce, counting this message.
+        lock_timeout: how long to wait at most for the index lock.
+        size_fields: put ``,S=`` and ``,W=`` in the name (always, but for tests that imitate
+            an MTA that does not).
+        name: the name to give the message, from :func:`message_name` (for a caller that
+            records it before the delivery); default: a fresh one.
+        tmp_cleaner: removes ``tmp/`` leftovers after the delivery, if due.
 
     Raises:
         QuotaExceeded: the message does not fit in the quota.
-        StorageTemporaryError: a failure that may pass (disk full, I/O error, ...).
-        StoragePermanentError: a failure that needs an administrator (permissions, ...).
+        StorageTemporaryError: a failure that may pass (disk full, I/O error, the index lock
+            busy for ``lock_timeout`` seconds, ...).
+        StoragePermanentError: a failure that needs an administrator (permissions, a
+            directory of the maildir replaced by a link, ...).
     """
+    owner = os.geteuid() if owner is None else owner
     size = message.size
     wire = wire_size(message.header) + message.body.wire_size
-    for directory in (root, *(root / name for name in _ALL_DIRS)):
-        with os_errors("create maildir directory", directory):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-    if quota is not None and not quota.unlimited:
-        _check_quota(root, size, quota)
-    suffix = f",S={size},W={wire}"
-    for _ in range(_NAME_ATTEMPTS):
-        name = _unique_name() + suffix
-        temporary = root / "tmp" / name
-        if _write_new_file(temporary, message):
-            break
-    else:
-        msg = f"cannot find a free file name in {root / 'tmp'}"
-        raise StorageTemporaryError(msg)
-    final = root / "new" / name
-    try:
-        with os_errors("link", final):
-            os.link(temporary, final)
-        fsync_directory(root / "new")
-    finally:
-        # The message is in new/ (or was not delivered): the tmp/ name is no longer needed.
-        # A leftover in tmp/ is harmless: POP3 never lists tmp/.
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-    _index_new_message(root, name, wire)
+    with (
+        open_maildir(root, owner, create=True) as directory,
+        directory.sub("tmp") as tmp,
+        directory.sub("new") as new,
+    ):
+        names = iter([name]) if name is not None else _fresh_names(message, size_fields)
+        name, fd = _write_to_tmp(tmp, names, message)
+        try:
+            written = os.fstat(fd)
+            with flocked(directory, INDEX_LOCK_NAME, timeout=lock_timeout):
+                if quota is not None and not quota.unlimited:
+                    _check_quota(directory, size, quota)
+                if not tmp.link(name, new, name, expect=written):
+                    msg = f"cannot deliver to {new.path}: {name} exists already"
+                    raise StorageTemporaryError(msg)
+                new.fsync()
+                _index_new_message(directory, name, wire)
+        finally:
+            # Held open until linked: its inode number cannot be reused by a swapped-in file.
+            os.close(fd)
+            # The message is in new/ (or was not delivered): the tmp/ name is no longer needed.
+            # A leftover in tmp/ is harmless: POP3 never lists tmp/.
+            with contextlib.suppress(StorageError):
+                tmp.unlink(name)
+        if tmp_cleaner is not None:
+            tmp_cleaner.maybe_clean(directory)
     return name
 
 
-def _check_quota(root: Path, size: int, quota: Quota) -> None:
+def message_name(message: IncomingMessage, *, size_fields: bool = True) -> str:
+    """Return a fresh name for ``message``, as :func:`deliver_message` names it."""
+    return next(_fresh_names(message, size_fields))
+
+
+def _fresh_names(message: IncomingMessage, size_fields: bool) -> Iterator[str]:
+    """Yield fresh unique names for ``message``: a few, for when one is taken."""
+    suffix = ""
+    if size_fields:
+        suffix = f",S={message.size},W={wire_size(message.header) + message.body.wire_size}"
+    for _ in range(_NAME_ATTEMPTS):
+        yield _unique_name() + suffix
+
+
+def _write_to_tmp(tmp: Dir, names: Iterator[str], message: IncomingMessage) -> tuple[str, int]:
+    """Write ``message`` to a new file of ``tmp/`` and fsync it; return its name and descriptor.
+
+    The first of ``names`` that is free is used.
+    """
+    for name in names:
+        fd = tmp.create(check_name(name))
+        if fd is not None:
+            break
+    else:
+        msg = f"cannot find a free file name in {tmp.path}"
+        raise StorageTemporaryError(msg)
+    try:
+        with os_errors("write", f"{tmp.path}/{name}"):
+            write_all(fd, message.header)
+            for chunk in message.body.chunks():
+                write_all(fd, chunk)
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(StorageError):
+            tmp.unlink(name)
+        raise
+    return name, fd
+
+
+def _check_quota(root: Dir, size: int, quota: Quota) -> None:
     """Raise :class:`QuotaExceeded` if a message of ``size`` octets does not fit."""
-    usage = maildir_usage(root)
+    usage = _usage(root)
     octets, count = usage.octets, usage.messages
     if quota.max_messages and count + 1 > quota.max_messages:
-        msg = f"quota exceeded: {count} messages of at most {quota.max_messages} in {root}"
+        msg = f"quota exceeded: {count} messages of at most {quota.max_messages} in {root.path}"
         raise QuotaExceeded(msg)
     if quota.max_bytes and octets + size > quota.max_bytes:
-        msg = f"quota exceeded: {octets} + {size} octets over {quota.max_bytes} in {root}"
+        msg = f"quota exceeded: {octets} + {size} octets over {quota.max_bytes} in {root.path}"
         raise QuotaExceeded(msg)
 
 
@@ -150,62 +300,83 @@ def _unique_name() -> str:
     return f"{seconds}.M{micro}P{os.getpid()}Q{next(_deliveries)}.{host}"
 
 
-def _write_new_file(path: Path, message: IncomingMessage) -> bool:
-    """Create ``path``, write ``message`` and fsync it; ``False`` if the name is taken."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        with os_errors("create", path):
-            raise exc from None
-    try:
-        with os_errors("write", path):
-            _write_all(fd, message.header)
-            for chunk in message.body.chunks():
-                _write_all(fd, chunk)
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return True
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd``."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _index_new_message(root: Path, name: str, size: int) -> None:
+def _index_new_message(root: Dir, name: str, size: int) -> None:
     """Append the new message to ``pobox-uidlist`` if there is a usable one (best effort).
 
-    The line gets the next UID, as a login would give it: ``parse_pobox_uidlist`` raises the
-    next UID above every UID listed, and every rewrite of the index writes that raised value,
-    so a UID is never handed out twice. A message the index already knows (a login that
-    listed ``new/`` between our link and this lock) is left alone.
+    Runs under the index lock. The line gets the next UID, as a login would give it:
+    ``parse_pobox_uidlist`` raises the next UID above every UID listed, and every rewrite of
+    the index writes that raised value, so a UID is never handed out twice. A message the
+    index already knows (a login that listed ``new/`` between our link and this lock) is left
+    alone. An index that is a link, a FIFO or someone else's file is left alone too.
     """
-    path = root / INDEX_NAME
-    try:
-        with held_lock(root / _INDEX_LOCK_NAME):
+    with contextlib.suppress(StorageError):
+        raw = root.read_file(INDEX_NAME, INDEX_MAX)
+        if raw is None:
+            return  # the first login builds the index (or imports Dovecot's)
+        parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
+        if parsed is None:
+            return
+        uidlist, _ = parsed
+        if name in uidlist.entries:
+            return
+        line = f"{uidlist.next_uid} W{size} :{name}\n".encode("utf-8", "surrogateescape")
+        if raw and not raw.endswith(b"\n"):
+            line = b"\n" + line  # never glue our line to a torn one
+        fd = root.open_writable(INDEX_NAME, append=True)
+        if fd is None:
+            return
+        try:
+            with os_errors("append to", f"{root.path}/{INDEX_NAME}"):
+                write_all(fd, line)
+        finally:
+            os.close(fd)
+
+
+class TmpCleaner:
+    """Removes files left in ``tmp/`` for over :data:`TMP_MAX_AGE`, at most hourly per maildir.
+
+    A file of ``tmp/`` is a delivery in progress, or the leftover of one that crashed; after
+    36 hours untouched (``lstat`` mtime) it is the latter, and Dovecot removes it too. Entries are
+    unlinked relative to the ``tmp/`` descriptor: a link is removed itself, never followed;
+    directories are left alone. Best effort: errors are ignored.
+    """
+
+    def __init__(self, capacity: int = _CLEANER_CAPACITY) -> None:
+        self._lock = threading.Lock()
+        self._last: OrderedDict[str, float] = OrderedDict()
+        self._capacity = capacity
+
+    def maybe_clean(self, root: Dir) -> int:
+        """Clean ``tmp/`` of ``root`` if it was not cleaned in the last hour; return removals."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(root.path)
+            if last is not None and now - last < TMP_CLEAN_INTERVAL:
+                return 0
+            self._last[root.path] = now
+            self._last.move_to_end(root.path)
+            while len(self._last) > self._capacity:
+                self._last.popitem(last=False)
+        return clean_tmp(root)
+
+
+def clean_tmp(root: Dir, max_age: float = TMP_MAX_AGE) -> int:
+    """Remove every non-directory of ``root``'s ``tmp/`` untouched for ``max_age`` seconds.
+
+    Returns:
+        How many entries were removed.
+    """
+    removed = 0
+    cutoff = time.time() - max_age
+    with contextlib.suppress(StorageError), root.sub("tmp") as tmp:
+        for entry in tmp.scandir():
             try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
-                return  # the first login builds the index (or imports Dovecot's)
-            parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
-            if parsed is None:
-                return
-            uidlist, _ = parsed
-            if name in uidlist.entries:
-                return
-            line = f"{uidlist.next_uid} W{size} :{name}\n".encode("utf-8", "surrogateescape")
-            if raw and not raw.endswith(b"\n"):
-                line = b"\n" + line  # never glue our line to a torn one
-            with path.open("ab") as handle:
-                handle.write(line)
-    except (OSError, StorageTemporaryError, StoragePermanentError):
-        return
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) or st.st_mtime >= cutoff:
+                continue
+            with contextlib.suppress(StorageError, UnsafeFile):
+                if tmp.unlink(entry.name):
+                    removed += 1
+    return removed

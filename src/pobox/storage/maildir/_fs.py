@@ -1,15 +1,8 @@
-"""Filesystem primitives of the Maildir backend: error mapping, locks, atomic replace.
+"""The session lock of the Maildir backend: Dovecot's POP3 dotlock, on :mod:`.._safefs`.
 
-Everything here blocks and is called from worker threads (``asyncio.to_thread``).
-
-Error mapping: an :class:`OSError` becomes a :class:`~pobox.storage.base.StoragePermanentError`
-when retrying cannot help without an administrator (``EACCES``, ``EPERM``, ``ENOTDIR``,
-``EROFS``, ...) and a :class:`~pobox.storage.base.StorageTemporaryError` otherwise (``EIO``,
-``ENOSPC``, ``EDQUOT``, ``EAGAIN``, ``EMFILE``, ...). The message names the operation and path.
-
-The index lock (:func:`held_lock`) is a ``flock(2)`` lock on a file inside the maildir: the
-kernel drops it when its descriptor is closed, including when the process dies, and two
-``open()`` calls of one file conflict even within a process. It is held only for moments.
+Every file operation goes through :class:`~pobox.storage._safefs.Dir` (relative to the maildir's
+descriptor, no link followed, regular files of the owner only); a lock file that is a link, a
+FIFO or someone else's file is judged by its ``lstat`` alone, as an unreadable one is.
 
 The session lock (:class:`SessionLock`), held for a whole POP3 session, holds no descriptor:
 one per session would, next to the socket, double what 10,000 idle sessions cost against
@@ -34,7 +27,8 @@ pobox and a Dovecot serving the same maildir exclude each other (facts from Dove
 * a lock is released by unlinking it, only if the file is still ours (same device, inode
   and content): a lock broken and taken by another session meanwhile is left alone.
 
-Breaking is serialized among pobox processes by the index lock: a stale-looking lock is
+Breaking is serialized among pobox processes by the index lock (``flock``, waited for at most
+``lock_timeout`` seconds): a stale-looking lock is
 checked again and unlinked under it, and only then created afresh. Creating needs no index
 lock: ``O_EXCL`` lets one creator win, and a lock can vanish under a breaker only if its
 holder releases it, which a holder that is dead (or, in this process, not holding it) does
@@ -42,76 +36,29 @@ not do. Dovecot breaks stale locks without that lock, exactly as it races agains
 Within the process, a registry (by device and inode, under a mutex also held while a lock
 file is created and written) tells our live locks from those a dead process of our PID left.
 
-May import: the standard library and :mod:`pobox.storage.base`.
+May import: the standard library, :mod:`pobox.storage.base` and :mod:`pobox.storage._safefs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from pathlib import Path
 
-from pobox.storage.base import (
-    MaildropLocked,
-    StorageError,
-    StoragePermanentError,
-    StorageTemporaryError,
-)
+from pobox.storage._safefs import Dir, UnsafeFile, flocked, storage_error
+from pobox.storage.base import MaildropLocked, StorageError
 
 __all__ = [
     "LIVE_PID_STALE_TIMEOUT",
     "REFRESH_INTERVAL",
     "STALE_TIMEOUT",
     "SessionLock",
-    "fsync_directory",
-    "held_lock",
-    "os_errors",
     "refresh_session_locks",
-    "replace_file",
-    "storage_error",
 ]
-
-_PERMANENT_ERRNOS = frozenset(
-    {
-        errno.EACCES,
-        errno.EPERM,
-        errno.ENOTDIR,
-        errno.EISDIR,
-        errno.EROFS,
-        errno.ELOOP,
-        errno.ENAMETOOLONG,
-        errno.EEXIST,
-        errno.EINVAL,
-    }
-)
-
-
-def storage_error(exc: OSError, action: str, path: Path | str) -> StorageError:
-    """Return the storage error that ``exc``, raised while doing ``action`` on ``path``, maps to."""
-    code = exc.errno
-    name = errno.errorcode.get(code, "unknown error") if code is not None else "unknown error"
-    reason = exc.strerror or str(exc)
-    message = f"cannot {action} {path}: {reason} ({name})"
-    if code in _PERMANENT_ERRNOS:
-        return StoragePermanentError(message)
-    return StorageTemporaryError(message)
-
-
-@contextlib.contextmanager
-def os_errors(action: str, path: Path | str) -> Iterator[None]:
-    """Turn an :class:`OSError` raised inside the block into a storage error."""
-    try:
-        yield
-    except OSError as exc:
-        raise storage_error(exc, action, path) from exc
-
 
 #: Dovecot's ``POP3_SESSION_DOTLOCK_STALE_TIMEOUT_SECS``: a lock untouched this long is stale.
 STALE_TIMEOUT = 300
@@ -135,14 +82,22 @@ _FileId = tuple[int, int]
 class _Held:
     """A lock file this process created and holds."""
 
-    __slots__ = ("content", "file_id", "path")
+    __slots__ = ("content", "file_id", "name", "owner", "root")
 
-    def __init__(self, path: str, file_id: _FileId, content: bytes) -> None:
-        #: A string, not a :class:`~pathlib.Path`: 10,000 idle sessions hold 10,000 of these.
-        self.path = path
+    def __init__(self, root: Dir, name: str, file_id: _FileId, content: bytes) -> None:
+        #: The maildir's path (a string: 10,000 idle sessions hold 10,000 of these) and owner;
+        #: the lock is found again through them, never through a descriptor kept open.
+        self.root = root.path
+        self.owner = root.owner
+        self.name = name
         self.file_id = file_id
         #: The same object for every lock of the process.
         self.content = content
+
+    @property
+    def path(self) -> str:
+        """The lock file's path, for messages."""
+        return f"{self.root}/{self.name}"
 
 
 def _hostname() -> bytes:
@@ -218,10 +173,13 @@ def refresh_session_locks() -> int:
     """
     touched = 0
     for held in _registry.snapshot():
-        with contextlib.suppress(OSError, StorageError):
-            found = _read_lock(held.path)
+        with (
+            contextlib.suppress(OSError, StorageError),
+            Dir.open_root(held.root, held.owner) as root,
+        ):
+            found = _read_lock(root, held.name)
             if found is not None and _is_ours(found, held):
-                os.utime(held.path, follow_symlinks=False)
+                os.utime(held.name, dir_fd=root.fd, follow_symlinks=False)
                 touched += 1
     return touched
 
@@ -283,54 +241,49 @@ def _is_stale(found: _Found, now_ns: int) -> bool:
     return age_ns > LIVE_PID_STALE_TIMEOUT * _NS
 
 
-def _read_lock(path: Path | str) -> _Found | None:
-    """Return the lock file at ``path`` as it is now, ``None`` if there is none.
+def _read_lock(root: Dir, name: str) -> _Found | None:
+    """Return the lock file ``name`` as it is now, ``None`` if there is none.
+
+    A lock file that cannot be read (another user's), or is not a regular file of the owner
+    (a link, a FIFO: never followed or opened for reading), is judged by its ``lstat`` alone.
 
     Raises:
         StorageError: it cannot be looked at.
     """
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    except PermissionError:
-        # Another user's lock, unreadable to us: judged by its mtime alone, as Dovecot does.
-        with os_errors("stat lock file", path):
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return None
+        handle = root.open_file(name)
+    except StorageError as exc:
+        if not isinstance(exc, UnsafeFile) and not isinstance(exc.__cause__, PermissionError):
+            raise
+        st = root.stat(name)
+        if st is None:
+            return None
         return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, None)
-    except OSError as exc:
-        raise storage_error(exc, "open lock file", path) from exc
-    try:
-        with os_errors("read lock file", path):
-            st = os.fstat(fd)
-            content = os.read(fd, _CONTENT_MAX)
-    finally:
-        os.close(fd)
+    if handle is None:
+        return None
+    with handle:
+        st = handle.stat
+        try:
+            content = os.read(handle.fd, _CONTENT_MAX)
+        except OSError as exc:
+            raise storage_error(exc, "read lock file", handle.path) from exc
     return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, content)
 
 
-def _create_lock(path: Path) -> _Held | None:
-    """Create the lock file at ``path`` and record it as held; ``None`` if it exists.
+def _create_lock(root: Dir, name: str) -> _Held | None:
+    """Create the lock file ``name`` and record it as held; ``None`` if it exists.
 
     The registry's mutex is held from the creation to the record, so no thread of this
     process sees our PID in a lock file that is not yet recorded as ours.
 
     Raises:
-        StorageError: the file cannot be created or written (``ENOENT``: no maildir).
+        StorageError: the file cannot be created or written.
     """
     content = _registry.content
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     with _registry.mutex:
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
+        fd = root.create(name)
+        if fd is None:
             return None
-        except OSError as exc:
-            raise storage_error(exc, "create lock file", path) from exc
         try:
             try:
                 written = os.write(fd, content)
@@ -340,10 +293,10 @@ def _create_lock(path: Path) -> _Held | None:
             if written != len(content):
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise storage_error(exc, "write lock file", path) from exc
-        held = _Held(os.fspath(path), (st.st_dev, st.st_ino), content)
+            with contextlib.suppress(StorageError):
+                root.unlink(name)
+            raise storage_error(exc, "write lock file", f"{root.path}/{name}") from exc
+        held = _Held(root, name, (st.st_dev, st.st_ino), content)
         _registry.add(held)
         return held
 
@@ -356,31 +309,34 @@ class SessionLock:
     maildrop locked for the life of the process.
     """
 
-    def __init__(self, path: Path, guard: Path) -> None:
-        """Take the lock ``path``, breaking a stale one while holding the flock ``guard``.
+    def __init__(self, root: Dir, name: str, guard: str, *, timeout: float) -> None:
+        """Take the lock ``name`` in ``root``, breaking a stale one while holding ``guard``.
 
         Args:
-            path: the lock file (``dovecot-pop3-session.lock`` in the maildir).
-            guard: the lock file of :func:`held_lock` that serializes breaking stale locks
-                among pobox processes (the index lock).
+            root: the maildir (its descriptor is used only during this call).
+            name: the lock file (``dovecot-pop3-session.lock``).
+            guard: the ``flock`` file that serializes breaking stale locks among pobox
+                processes (the index lock).
+            timeout: how long to wait for ``guard`` at most.
 
         Raises:
             MaildropLocked: another session (in this process or another) holds the lock.
+            StorageTemporaryError: ``guard`` stayed busy for ``timeout`` seconds.
             StorageError: the lock file cannot be created, read or removed.
         """
-        held = _take(path, guard)
+        held = _take(root, name, guard, timeout)
         self._finalizer = weakref.finalize(self, _release, held)
 
     @classmethod
-    def take_if_free(cls, path: Path) -> SessionLock | None:
+    def take_if_free(cls, root: Dir, name: str) -> SessionLock | None:
         """Take the lock if no lock file exists; ``None`` if one does (locked, or stale).
 
         A few system calls and no waiting, so it may run in the event loop's thread.
 
         Raises:
-            StorageError: the lock file cannot be created (``ENOENT``: no maildir).
+            StorageError: the lock file cannot be created.
         """
-        held = _create_lock(path)
+        held = _create_lock(root, name)
         if held is None:
             return None
         lock = cls.__new__(cls)
@@ -392,104 +348,38 @@ class SessionLock:
         self._finalizer()
 
 
-def _take(path: Path, guard: Path) -> _Held:
+def _take(root: Dir, name: str, guard: str, timeout: float) -> _Held:
     """Create the lock file, or break a stale one and create it (see :class:`SessionLock`)."""
     for _ in range(_ATTEMPTS):
-        held = _create_lock(path)
+        held = _create_lock(root, name)
         if held is not None:
             return held
-        found = _read_lock(path)
+        found = _read_lock(root, name)
         if found is None:
             continue  # released meanwhile
         if not _is_stale(found, time.time_ns()):
             break
-        with held_lock(guard):
-            again = _read_lock(path)
+        with flocked(root, guard, timeout=timeout):
+            again = _read_lock(root, name)
             if again is not None:
                 if not _is_stale(again, time.time_ns()):
                     break
-                with (
-                    os_errors("remove stale lock file", path),
-                    contextlib.suppress(FileNotFoundError),
-                ):
-                    os.unlink(path)
-            held = _create_lock(path)
+                root.unlink(name)
+            held = _create_lock(root, name)
         if held is not None:
             return held
-    msg = f"maildrop {path.parent} is locked by another session"
+    msg = f"maildrop {root.path} is locked by another session"
     raise MaildropLocked(msg)
 
 
 def _release(held: _Held) -> None:
     """Unlink a lock file if it is still ours, then forget it; never raises."""
     try:
-        found = _read_lock(held.path)
-        if found is not None and _is_ours(found, held):
-            os.unlink(held.path)
+        with Dir.open_root(held.root, held.owner) as root:
+            found = _read_lock(root, held.name)
+            if found is not None and _is_ours(found, held):
+                root.unlink(held.name)
     except (OSError, StorageError):
         pass  # already gone, or no longer ours
     finally:
         _registry.discard(held)
-
-
-def _unlock(fd: int) -> None:
-    """Unlock and close a lock file descriptor."""
-    # Closing the descriptor drops the flock; unlocking first makes it explicit.
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-
-@contextlib.contextmanager
-def held_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path`` for the block; yield whether it is held.
-
-    This guards the read-modify-write of the index, which is short, so waiting is fine; with
-    ``wait=False`` (the event loop's thread, which must not wait for another process's index
-    update) the block runs without the lock, told so, when someone else holds it.
-    """
-    with os_errors("open lock file", path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        except OSError as exc:
-            raise storage_error(exc, "lock", path) from exc
-        yield True
-    finally:
-        _unlock(fd)
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
-
-    Writes a temporary file next to it, fsyncs it, renames it over ``path`` and fsyncs the
-    directory: a crash leaves either the old or the new file, never a mix.
-    """
-    temporary = path.with_name(f"{path.name}.tmp")
-    with os_errors("write", temporary):
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    with os_errors("rename", temporary):
-        os.replace(temporary, path)
-    fsync_directory(path.parent)
-
-
-def fsync_directory(path: Path) -> None:
-    """Flush a directory's entries (creations, renames, unlinks) to disk."""
-    with os_errors("sync directory", path):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 from pobox.storage.maildir._names import base_name, size_field
 
 __all__ = [
+    "DOVECOT_UIDLIST_NAME",
+    "INDEX_MAX",
+    "INDEX_NAME",
     "IndexEntry",
     "UidList",
     "format_pobox_uidlist",
@@ -51,6 +54,9 @@ __all__ = [
 INDEX_NAME = "pobox-uidlist"
 #: File name of Dovecot's UID list, inside the maildir.
 DOVECOT_UIDLIST_NAME = "dovecot-uidlist"
+#: The largest index (of either kind) read: about two million messages. A larger file is
+#: refused rather than read into memory (the maildir's user can make it any size).
+INDEX_MAX = 128 * 1024 * 1024
 _MAGIC = "pobox-uidlist"
 _VERSION = "1"
 #: ``<uid> W<size> :<base name>``, how almost every line of ``pobox-uidlist`` looks.
