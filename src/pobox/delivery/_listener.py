@@ -5,7 +5,12 @@
 again. A ``unix:/path`` address is a Unix socket; a stale socket file left by a crashed
 server is replaced, any other file at that path is an error.
 
-May import: the standard library, aiosmtpd, :mod:`pobox.config` and :mod:`pobox.delivery`.
+LMTP connections pass a :class:`~pobox.server._proxy.ProxyGate` first: from
+``haproxy_trusted_networks`` it reads the PROXY header and gives aiosmtpd a transport showing
+the real client, from elsewhere it refuses a header (aiosmtpd is not changed).
+
+May import: the standard library, aiosmtpd, :mod:`pobox.config`, :mod:`pobox.delivery` and
+:mod:`pobox.server._proxy`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pobox.delivery._protocol import DeliveryProtocol
 from pobox.delivery.lmtp import LmtpHandler, LmtpProtocol
 from pobox.delivery.smtp import SmtpHandler, SmtpProtocol
 from pobox.errors import ConfigError
+from pobox.server._proxy import ProxyGate, ProxyPolicy
 
 __all__ = ["DeliveryServer"]
 
@@ -99,9 +105,14 @@ class DeliveryServer:
                 loop=loop,
             )
 
+        policy = ProxyPolicy.from_config(config)
+
+        def lmtp_gate() -> asyncio.BaseProtocol:
+            return ProxyGate(policy, lmtp_factory, log=logger, service="lmtp")
+
         try:
             for text in config.lmtp_listen:
-                await self._listen("lmtp", text, lmtp_factory)
+                await self._listen("lmtp", text, lmtp_gate)
             for text in config.smtp_listen:
                 await self._listen("smtp", text, smtp_factory)
         except BaseException:
@@ -111,7 +122,7 @@ class DeliveryServer:
             logger.info("delivery: %s listening on %s", protocol, address)
 
     async def _listen(
-        self, protocol: str, text: str, factory: Callable[[], DeliveryProtocol]
+        self, protocol: str, text: str, factory: Callable[[], asyncio.BaseProtocol]
     ) -> None:
         """Start one server on ``text`` (``HOST:PORT`` or ``unix:/path``)."""
         loop = asyncio.get_running_loop()
