@@ -248,15 +248,17 @@ class ProxyHeaderParser:
             return 1
         buf = self._buf
         have = len(buf)
-        if have < MIN_HEADER:
-            return MIN_HEADER - have
+        if not have:
+            return MIN_HEADER
         if buf[0] == V2_SIGNATURE[0]:
             if have < V2_PREAMBLE:
                 return V2_PREAMBLE - have
             return max(V2_PREAMBLE + int.from_bytes(buf[14:16], "big") - have, 1)
         protocol = bytes(buf[6:].partition(b" ")[0])
-        shortest = _V1_MIN_LINE.get(protocol, 0) - have
-        return max(shortest, 1 if buf.endswith(b"\r") else 2)
+        shortest = max(_V1_MIN_LINE.get(protocol, MIN_HEADER), MIN_HEADER) - have
+        if shortest > 0:
+            return shortest
+        return 1 if buf.endswith(b"\r") else 2
 
     def feed(self, data: bytes) -> ProxyHeader | NeedData:
         """Add bytes read from the connection.
