@@ -236,7 +236,7 @@ class Pop3Server:
             logger.info(
                 "pop3-login: Disconnected (no auth attempts in 0 secs): TLS handshaking failed: "
                 "%s, rip=%s, lip=%s",
-                exc or type(exc).__name__,
+                str(exc) or type(exc).__name__,
                 rip,
                 lip,
             )
