@@ -479,6 +479,10 @@ class TestForgedHeader:
 
         assert b"" == client.rest()
         client.close()
-        failed = stack.wait_for("TLS handshaking failed: ")
-        assert 1 == len([line for line in failed if line.endswith("rip=127.0.0.38, lip=127.0.0.1")])
+        failed = stack.wait_for("rip=127.0.0.38, lip=127.0.0.1")
+        assert 1 == len(failed)
+        assert (
+            "pop3-login: Disconnected (no auth attempts in 0 secs): TLS handshaking failed"
+            in failed[0]
+        )
         assert [] == stack.lines("198.51.100.7")
