@@ -267,7 +267,7 @@ class Pop3Server:
         assert task is not None
         peer = writer.get_extra_info("peername") or ("unknown", 0)
         ip = str(peer[0])
-        if origin is None and self._proxy.trusts(ip):
+        if self._proxy.networks and origin is None and self._proxy.trusts(ip):
             origin = await receive_origin(
                 self._proxy,
                 reader.read,

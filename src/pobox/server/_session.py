@@ -228,7 +228,13 @@ class Session:
             apop_timestamp=apop_timestamp() if cfg.apop else None,
             hostname=_hostname(),
         )
-        self.conn.external_identity = self._tls_identity()
+        # SASL EXTERNAL: when HAProxy did the TLS, only the certificate name it vouches for
+        # counts (a certificate on pobox's own TLS hop would be HAProxy's); else pobox's own.
+        self.conn.external_identity = (
+            client_identity(writer.get_extra_info("peercert"))
+            if origin is None or not origin.secure
+            else origin.tls_identity
+        )
         if origin is not None:
             log = self.log.debug if origin.header.command == "LOCAL" else self.log.info
             log("haproxy: Client connected: %s, session=<%s>", origin.describe(), self.id)
@@ -319,16 +325,6 @@ class Session:
         self.writer.write(b"-ERR PROXY protocol header refused.\r\n")
         self.conn.close("proxy-refused")
         return "PROXY header refused"
-
-    def _tls_identity(self) -> str | None:
-        """Return the TLS client identity for SASL EXTERNAL.
-
-        When HAProxy did the TLS (its header says so), only the certificate name it vouches
-        for counts; otherwise the certificate pobox's own TLS verified.
-        """
-        if self.origin is not None and self.origin.secure:
-            return self.origin.tls_identity
-        return client_identity(self.writer.get_extra_info("peercert"))
 
     def _plaintext_allowed(self) -> bool:
         cfg = self.ctx.config
