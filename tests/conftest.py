@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.integration.wire import Wire
+
+# Property tests check outcomes, never speed: no per-example deadline, which a loaded machine
+# (CI's two cores, busy with servers started by other tests) would turn into false failures.
+settings.register_profile("pobox", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("pobox")
 
 
 @pytest.fixture(autouse=True)

@@ -107,6 +107,8 @@ class Config:
     delivery_timeout: float = 300.0
     delivery_min_data_rate: int = 2048
     mail_temp_dir: str = ""
+    haproxy_trusted_networks: tuple[str, ...] = ()
+    haproxy_timeout: float = 3.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -337,6 +339,17 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "Directory where LMTP, SMTP and pobox deliver spool messages over 256 KiB while they "
         "arrive, in nameless files (Dovecot mail_temp_dir). Empty: the system's (TMPDIR, /tmp).",
     ),
+    "haproxy_trusted_networks": (
+        list,
+        'CIDR networks of HAProxy (Dovecot\'s key), e.g. ["10.0.0.5/32"]: connections from '
+        "them must start with a PROXY protocol v1/v2 header (POP3, POP3S, LMTP) naming the "
+        "real client; from elsewhere a header is refused. Empty (default): never accepted.",
+    ),
+    "haproxy_timeout": (
+        float,
+        "Seconds a connection from haproxy_trusted_networks has to send its PROXY header "
+        "before it is closed (3, Dovecot's default).",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -398,7 +411,7 @@ def build_config(values: dict[str, Any], *, base: Config | None = None) -> Confi
             if not all(isinstance(v, str) and v for v in value):
                 raise ConfigError("local_domains: expected a list of domain names")
             changes[key] = tuple(v.lower().rstrip(".") for v in value)
-        elif key == "login_trusted_networks":
+        elif key in ("login_trusted_networks", "haproxy_trusted_networks"):
             changes[key] = tuple(_network(v, f"{key}[{i}]") for i, v in enumerate(value))
         elif key == "ssl_sni":
             changes[key] = tuple(_sni_entry(name, entry) for name, entry in value.items())
@@ -513,6 +526,7 @@ def _validate(config: Config) -> Config:
         "idle_timeout",
         "auth_failure_delay",
         "delivery_timeout",
+        "haproxy_timeout",
     ):
         if getattr(config, key) < 0 or (key != "auth_failure_delay" and not getattr(config, key)):
             raise ConfigError(f"{key}: must be a positive number of seconds")

@@ -13,8 +13,13 @@ the MTA's LMTP slots (and neither touches POP3's): ``smtp_max_connections`` and
 and is closed before aiosmtpd sees it: a small :class:`asyncio.Protocol` counts it at the
 door and hands the transport's events on to the protocol serving it.
 
-May import: the standard library, aiosmtpd, :mod:`pobox.config`, :mod:`pobox.delivery` and
-:mod:`pobox.server._limits` (the connection caps POP3 uses too).
+LMTP connections pass a :class:`~pobox.server._proxy.ProxyGate` first: from
+``haproxy_trusted_networks`` it reads the PROXY header and gives the door (and aiosmtpd) a
+transport showing the real client, so the per-address caps count the real client; from
+elsewhere it refuses a header (aiosmtpd is not changed).
+
+May import: the standard library, aiosmtpd, :mod:`pobox.config`, :mod:`pobox.delivery`,
+:mod:`pobox.server._limits` (the connection caps POP3 uses too) and :mod:`pobox.server._proxy`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pobox.delivery.lmtp import LmtpHandler, LmtpProtocol
 from pobox.delivery.smtp import SmtpHandler, SmtpProtocol
 from pobox.errors import ConfigError
 from pobox.server._limits import IN_ALL, ConnectionLimits
+from pobox.server._proxy import ProxyGate, ProxyPolicy
 
 __all__ = ["DeliveryServer"]
 
@@ -197,9 +203,10 @@ class DeliveryServer:
             ConnectionLimits(config.smtp_max_connections, config.smtp_max_connections_per_ip),
             smtp_factory,
         )
+        policy = ProxyPolicy.from_config(config)
         try:
             for text in config.lmtp_listen:
-                await self._listen(lmtp_door, text)
+                await self._listen(lmtp_door, text, policy)
             for text in config.smtp_listen:
                 await self._listen(smtp_door, text)
         except BaseException:
@@ -208,11 +215,16 @@ class DeliveryServer:
         for protocol, address in self.addresses:
             logger.info("delivery: %s listening on %s", protocol, address)
 
-    async def _listen(self, door: _Door, text: str) -> None:
-        """Start one server on ``text`` (``HOST:PORT`` or ``unix:/path``)."""
+    async def _listen(self, door: _Door, text: str, policy: ProxyPolicy | None = None) -> None:
+        """Start one server on ``text`` (``HOST:PORT`` or ``unix:/path``).
+
+        With a ``policy`` (LMTP), each connection passes a PROXY-protocol gate first.
+        """
         loop = asyncio.get_running_loop()
 
-        def gate() -> asyncio.Protocol:
+        def gate() -> asyncio.BaseProtocol:
+            if policy is not None:
+                return ProxyGate(policy, lambda: _Gate(door), log=logger, service=door.name)
             return _Gate(door)
 
         if text.startswith(_UNIX_PREFIX):

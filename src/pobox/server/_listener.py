@@ -5,8 +5,16 @@ Plain listeners (``listen``) offer STLS when ``ssl_cert`` is set; ``ssl_listen``
 speak TLS from the first byte (RFC 8314).  Connections over ``max_connections`` in all or
 ``max_connections_per_ip`` from one address get ``-ERR [SYS/TEMP]`` and are closed at once.
 
-May import: the standard library, :mod:`pobox.server._session`, :mod:`pobox.config`,
-:mod:`pobox.tls`.
+Behind HAProxy (``haproxy_trusted_networks``, :mod:`pobox.server._proxy`) a trusted peer's
+PROXY header is read first, and the caps count the real client's address.  On a plain
+listener it is read from the connection's StreamReader (bytes after it stay there for the
+session).  On an implicit-TLS listener it comes before the ClientHello, so pobox accepts those
+connections itself (:class:`_TlsListener`): the header is read from the raw socket, never a
+byte past it, and only then does TLS start, with ``loop.connect_accepted_socket(ssl=...)``
+under the same handshake timeout (``login_timeout``) as before.  A failed handshake is logged.
+
+May import: the standard library, :mod:`pobox.server._session`, :mod:`pobox.server._proxy`,
+:mod:`pobox.config`, :mod:`pobox.tls`.
 """
 
 from __future__ import annotations
@@ -14,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import socket
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from pobox.config import Listen
 from pobox.errors import ConfigError
 from pobox.server._limits import ConnectionLimits
+from pobox.server._proxy import Origin, ProxyPolicy, receive_origin
 from pobox.server._session import Session, SessionContext
 from pobox.tls import ServerTls
 
@@ -30,6 +41,86 @@ logger = logging.getLogger("pobox.server")
 
 #: The answer to a connection over a limit (RFC 3206 §4: SYS/TEMP, "try again later").
 TOO_MANY: Final = b"-ERR [SYS/TEMP] Too many connections, try later.\r\n"
+
+#: Connections the kernel may queue before pobox accepts them.
+BACKLOG: Final = 1024
+
+#: Seconds to wait after accept() fails for want of descriptors or memory, as asyncio does.
+ACCEPT_RETRY_DELAY: Final = 1.0
+
+
+class _TlsListener:
+    """The accept loop of one implicit-TLS address (``ssl_listen``).
+
+    ``start_server(ssl=...)`` would start TLS on the first byte; pobox must first see whether
+    the peer is a trusted HAProxy whose PROXY header comes before the ClientHello, so it
+    accepts the connections itself and hands each socket to ``serve``.
+    """
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        serve: Callable[[socket.socket, Any], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.sockets = sockets
+        self._serve = serve
+        self._connections: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        self._accepting = [loop.create_task(self._accept(sock)) for sock in sockets]
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM
+                logger.error("master: accept() failed, retrying in 1 s: %s", exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            task = loop.create_task(self._serve(conn, address))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def close(self) -> None:
+        """Stop accepting and drop connections whose TLS has not started."""
+        for task in self._accepting + list(self._connections):
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` has taken effect."""
+        await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
+
+
+def _listening_sockets(listen: Listen) -> list[socket.socket]:
+    """Bind and listen on every address ``listen`` names, as ``asyncio.start_server`` does.
+
+    Raises:
+        OSError: an address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    infos = socket.getaddrinfo(
+        listen.host, listen.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for af, kind, proto, _, address in infos:
+            sock = socket.socket(af, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class Pop3Server:
@@ -44,7 +135,8 @@ class Pop3Server:
             ctx = dataclasses.replace(ctx, tls=ServerTls(ctx.config))
         self.ctx = ctx
         self._servers: list[asyncio.Server] = []
-        self._ssl_servers: list[asyncio.Server] = []
+        self._ssl_servers: list[_TlsListener] = []
+        self._proxy = ProxyPolicy.from_config(ctx.config)
         self._limits = ConnectionLimits(
             ctx.config.max_connections, ctx.config.max_connections_per_ip
         )
@@ -62,7 +154,7 @@ class Pop3Server:
         return self._bound(self._ssl_servers)
 
     @staticmethod
-    def _bound(servers: list[asyncio.Server]) -> list[tuple[str, int]]:
+    def _bound(servers: list[asyncio.Server] | list[_TlsListener]) -> list[tuple[str, int]]:
         out = []
         for server in servers:
             for sock in server.sockets:
@@ -83,20 +175,16 @@ class Pop3Server:
         """
         for listen in self.ctx.config.listen:
             self._servers.append(await self._bind(listen))
-        tls = self.ctx.tls
         for listen in self.ctx.config.ssl_listen:
-            assert tls is not None  # config validation: ssl_listen needs ssl_cert
-            server = await self._bind(
-                listen, ssl=tls.context, ssl_handshake_timeout=self.ctx.config.login_timeout
-            )
-            self._ssl_servers.append(server)
+            assert self.ctx.tls is not None  # config validation: ssl_listen needs ssl_cert
+            self._ssl_servers.append(_TlsListener(_listening_sockets(listen), self._serve_tls))
         for host, port in self.addresses:
             logger.info("master: Listening for POP3 on %s:%d", host, port)
         for host, port in self.ssl_addresses:
             logger.info("master: Listening for POP3S (implicit TLS) on %s:%d", host, port)
 
-    async def _bind(self, listen: Listen, **tls: Any) -> asyncio.Server:  # noqa: ANN401
-        """Listen on one address; ``tls`` holds ``ssl`` and its handshake timeout, if any."""
+    async def _bind(self, listen: Listen) -> asyncio.Server:
+        """Listen on one plain address."""
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         return await asyncio.start_server(
             self._handle,
@@ -104,9 +192,55 @@ class Pop3Server:
             listen.port,
             family=family,
             reuse_address=True,
-            backlog=1024,
-            **tls,
+            backlog=BACKLOG,
         )
+
+    async def _serve_tls(self, sock: socket.socket, address: Any) -> None:  # noqa: ANN401
+        """Start an implicit-TLS connection: its PROXY header if it owes one, then TLS."""
+        loop = asyncio.get_running_loop()
+        tls = self.ctx.tls
+        assert tls is not None
+        origin: Origin | None = None
+        try:
+            sock.setblocking(False)
+            rip, lip = str(address[0]), str(sock.getsockname()[0])
+            if self._proxy.trusts(rip):
+                origin = await receive_origin(
+                    self._proxy,
+                    functools.partial(loop.sock_recv, sock),
+                    address,
+                    sock.getsockname(),
+                    log=logger,
+                    service="pop3-login",
+                )
+                if origin is None:
+                    sock.close()
+                    return
+                rip, lip = origin.rip, origin.lip
+        except OSError:  # the client is gone already
+            sock.close()
+            return
+        except BaseException:  # the server is shutting down
+            sock.close()
+            raise
+        handle = functools.partial(self._handle, origin=origin)
+
+        def protocol() -> asyncio.StreamReaderProtocol:
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), handle)
+
+        try:
+            # From here the transport owns the socket, and closes it if the handshake fails.
+            await loop.connect_accepted_socket(
+                protocol, sock, ssl=tls.context, ssl_handshake_timeout=self.ctx.config.login_timeout
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            logger.info(
+                "pop3-login: Disconnected (no auth attempts in 0 secs): TLS handshaking failed: "
+                "%s, rip=%s, lip=%s",
+                str(exc) or type(exc).__name__,
+                rip,
+                lip,
+            )
 
     def reload_tls(self) -> bool:
         """Re-read the certificates (SIGHUP); open sessions keep theirs.
@@ -124,11 +258,30 @@ class Pop3Server:
         logger.info("master: TLS certificates reloaded")
         return True
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        origin: Origin | None = None,
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername") or ("unknown", 0)
         ip = str(peer[0])
+        if self._proxy.networks and origin is None and self._proxy.trusts(ip):
+            origin = await receive_origin(
+                self._proxy,
+                reader.read,
+                peer,
+                writer.get_extra_info("sockname"),
+                log=logger,
+                service="pop3-login",
+            )
+            if origin is None:
+                writer.close()
+                return
+        if origin is not None:
+            ip = origin.rip  # the caps count the real client, never HAProxy
         which = self._limits.admit(ip)
         if which is not None:
             logger.warning("master: Too many connections %s, refusing rip=%s", which, ip)
@@ -136,7 +289,7 @@ class Pop3Server:
             return
         self._sessions.add(task)
         try:
-            await Session(self.ctx, reader, writer).run()
+            await Session(self.ctx, reader, writer, origin).run()
         except asyncio.CancelledError:
             pass  # shutdown: the session has closed itself; this task ends here
         finally:

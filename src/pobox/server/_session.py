@@ -69,6 +69,8 @@ from pobox.protocol import (
     Trace,
     VerifyToken,
 )
+from pobox.proxy import starts_like_header
+from pobox.server._proxy import Origin, log_header_refused
 from pobox.server._throttle import LoginThrottle
 from pobox.storage.base import (
     Maildrop,
@@ -199,6 +201,7 @@ class Session:
         ctx: SessionContext,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        origin: Origin | None = None,
     ) -> None:
         self.ctx = ctx
         self.reader = reader
@@ -208,6 +211,10 @@ class Session:
         peer = writer.get_extra_info("peername") or ("unknown", 0)
         sock = writer.get_extra_info("sockname") or ("unknown", 0)
         self.rip, self.lip = str(peer[0]), str(sock[0])
+        #: Who HAProxy relays the connection for (a PROXY header from a trusted network).
+        self.origin = origin
+        if origin is not None:
+            self.rip, self.lip = origin.rip, origin.lip
         self.maildrop: Maildrop | None = None
         self.auth_failures = 0
         self.last_user: str | None = None
@@ -215,7 +222,9 @@ class Session:
         self.delete_failures = 0
         self.started = time.monotonic()
         cfg = ctx.config
-        self.secure = writer.get_extra_info("ssl_object") is not None
+        self.secure = writer.get_extra_info("ssl_object") is not None or (
+            origin is not None and origin.secure
+        )
         self.conn = ServerConnection(
             user_enabled=self._plaintext_allowed(),
             tls_available=ctx.tls is not None,
@@ -231,7 +240,16 @@ class Session:
             apop_timestamp=apop_timestamp() if cfg.apop else None,
             hostname=_hostname(),
         )
-        self.conn.external_identity = client_identity(writer.get_extra_info("peercert"))
+        # SASL EXTERNAL: when HAProxy did the TLS, only the certificate name it vouches for
+        # counts (a certificate on pobox's own TLS hop would be HAProxy's); else pobox's own.
+        self.conn.external_identity = (
+            client_identity(writer.get_extra_info("peercert"))
+            if origin is None or not origin.secure
+            else origin.tls_identity
+        )
+        if origin is not None:
+            log = self.log.debug if origin.header.command == "LOCAL" else self.log.info
+            log("haproxy: Client connected: %s, session=<%s>", origin.describe(), self.id)
         self._loop = asyncio.get_running_loop()
         #: Loop time by which the client must have logged in (``login_deadline``).
         self._login_by = self._loop.time() + cfg.login_deadline
@@ -270,6 +288,7 @@ class Session:
 
     async def _serve(self) -> str:
         conn = self.conn
+        first = True
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -279,6 +298,10 @@ class Session:
                     reason = self._timeout_reason()
                     conn.close("timeout")
                     return reason
+                if first:
+                    first = False
+                    if starts_like_header(data):
+                        return self._refuse_proxy_header()
                 conn.receive_data(data)
             elif event is FLUSH:
                 await self._flush()
@@ -305,6 +328,17 @@ class Session:
                 }.get(event.reason, event.reason)
             else:  # PAUSED: every event above is answered before looping
                 raise LocalProtocolError(f"core paused on {event!r}")
+
+    def _refuse_proxy_header(self) -> str:
+        """Close a connection whose client starts with a PROXY header, which it may not send.
+
+        A trusted HAProxy's header has been read before the session began; one here comes
+        from a client (or from behind HAProxy) and is never believed.
+        """
+        log_header_refused(logger, self.log.prefix.rstrip(":"), self.rip, self.lip)
+        self.writer.write(b"-ERR PROXY protocol header refused.\r\n")
+        self.conn.close("proxy-refused")
+        return "PROXY header refused"
 
     def _plaintext_allowed(self) -> bool:
         cfg = self.ctx.config
