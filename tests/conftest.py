@@ -6,7 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.helpers.postgres import pg_cluster, pg_dsn
 from tests.integration.wire import Wire
+
+# The throwaway PostgreSQL cluster and its per-test database, for every test directory.
+__all__ = ["pg_cluster", "pg_dsn"]
 
 
 @pytest.fixture(autouse=True)

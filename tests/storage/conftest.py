@@ -2,15 +2,17 @@
 
 A :class:`Backend` couples a store with a way to deliver mail into it the way that backend
 receives mail in production: :meth:`MemoryStore.add` for memory, files written by an MTA
-for Maildir. The Maildir variants differ only in how the files look (size fields in the name
-or not, moved to ``cur/`` with flags or not) and whether the index is used; every one of them
-must pass the whole contract suite.
+for Maildir, and for PostgreSQL another store (another "node", on a thread and connections
+of its own) appending rows to the test database of the throwaway cluster. The Maildir
+variants differ only in how the files look (size fields in the name or not, moved to
+``cur/`` with flags or not) and whether the index is used; every one of them must pass the
+whole contract suite.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,9 @@ import pytest
 from pobox.storage.base import MaildropStore, MailUser
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.memory import MemoryStore
+from pobox.storage.postgres import PostgresStore
 from tests.helpers.maildir import User, deliver
+from tests.helpers.postgres import StoreThread
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Backend:
     store: MaildropStore
     user: Callable[[str], MailUser]
     deliver: Callable[[str, bytes], object]
+    closers: list[Callable[[], object]] = field(default_factory=list)
 
 
 def _memory(tmp_path: Path) -> Backend:
@@ -78,11 +83,25 @@ _BACKENDS: dict[str, Callable[[Path], Backend]] = {
 }
 
 
-@pytest.fixture(params=sorted(_BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+def _postgresql(dsn: str) -> Backend:
+    """Return the PostgreSQL backend on the emptied test database ``dsn``."""
+    store = PostgresStore(dsn, pool_min=1, pool_max=4, timeout=10)
+    mta = StoreThread(dsn)
+    return Backend("postgresql", store, User, mta.append, closers=[mta.close])
+
+
+@pytest.fixture(params=[*sorted(_BACKENDS), "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """Each storage backend in turn."""
-    factory: Callable[[Path], Backend] = _BACKENDS[request.param]
-    return factory(tmp_path)
+    if request.param == "postgresql":
+        made = _postgresql(request.getfixturevalue("pg_dsn"))
+    else:
+        factory: Callable[[Path], Backend] = _BACKENDS[request.param]
+        made = factory(tmp_path)
+    yield made
+    await made.store.aclose()
+    for close in made.closers:
+        close()
 
 
 @pytest.fixture

@@ -401,6 +401,9 @@ class MaildirMaildrop:
         self._check_open()
         return await asyncio.to_thread(self._delete, tuple(keys))
 
+    def on_lock_lost(self, callback: Callable[[], object]) -> None:
+        """Do nothing: a lock file held by this process is lost only with the process."""
+
     async def close(self) -> None:
         """Release the session lock; safe to call more than once."""
         self._closed = True
