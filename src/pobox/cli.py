@@ -2,7 +2,8 @@
 
 Subcommands: ``serve`` (run the server), ``demo`` (a ready-made local folder with a user
 and mail, then ``serve`` on it), ``user add`` / ``user passwd`` (passwd-file entries),
-``deliver`` (an MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes).
+``deliver`` (an MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes),
+``db upgrade`` / ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
 are set.
 
@@ -23,7 +24,7 @@ import sys
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pobox import __version__
 from pobox.auth.base import Authenticator
@@ -42,6 +43,9 @@ from pobox.server._throttle import LoginThrottle
 from pobox.storage.base import MaildropStore
 from pobox.storage.maildir import MaildirStore
 
+if TYPE_CHECKING:
+    from pobox.storage.postgres import PostgresStore
+
 __all__ = ["main"]
 
 logger = logging.getLogger("pobox.cli")
@@ -59,7 +63,36 @@ def build_authenticator(config: Config) -> Authenticator:
 
 def build_store(config: Config) -> MaildropStore:
     """Build the mail store the configuration names."""
+    if config.mail_location == "postgresql":
+        return _postgres_store(config)
     return MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+
+
+def _postgres_store(config: Config) -> PostgresStore:
+    """Build the PostgreSQL store (psycopg is imported only when it is used)."""
+    from pobox.storage.postgres import PostgresStore  # noqa: PLC0415
+
+    return PostgresStore(
+        config.postgresql_dsn,
+        schema=config.postgresql_schema,
+        pool_min=config.postgresql_pool_min,
+        pool_max=config.postgresql_pool_max,
+        lock_connections=config.postgresql_lock_connections,
+        timeout=config.postgresql_timeout,
+        lock_check_interval=config.postgresql_lock_check_interval,
+    )
+
+
+async def check_store(store: MaildropStore) -> None:
+    """Refuse to serve on a database schema this pobox does not know.
+
+    Raises:
+        PoboxError: the schema is missing, older or newer (saying what to run), or the
+            database cannot be reached.
+    """
+    check = getattr(store, "check_schema", None)
+    if check is not None:
+        await check()
 
 
 def build_context(
@@ -93,6 +126,11 @@ async def run_server(config: Config) -> None:
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
     authenticator = build_authenticator(config)
     store = build_store(config)
+    try:
+        await check_store(store)
+    except BaseException:
+        await store.aclose()
+        raise
     server = Pop3Server(build_context(config, authenticator=authenticator, store=store))
     await server.start()
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
@@ -126,7 +164,7 @@ async def run_server(config: Config) -> None:
     await stop.wait()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     await delivery.aclose()
-    await server.aclose()
+    await server.aclose()  # the store too
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,17 +213,54 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
-        agent = build_agent(config, build_authenticator(config), build_store(config))
-        status, message = asyncio.run(
-            deliver_stdin(
-                agent, args.user, args.sender, sys.stdin.buffer, limit=config.max_message_size
-            )
-        )
+        status, message = asyncio.run(_deliver_stdin(config, args.user, args.sender))
     except Exception as exc:  # an MDA must tempfail, never crash into a bounce
         status, message = EX_TEMPFAIL, f"internal error: {exc!r}"
     if status:
         print(f"pobox deliver: {message}", file=sys.stderr)
     return status
+
+
+async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple[int, str]:
+    store = build_store(config)
+    try:
+        agent = build_agent(config, build_authenticator(config), store)
+        return await deliver_stdin(
+            agent, user, sender, sys.stdin.buffer, limit=config.max_message_size
+        )
+    finally:
+        await store.aclose()
+
+
+# --------------------------------------------------------------------------- database
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Create or migrate the PostgreSQL schema, report it, or sweep unused bodies."""
+    from pobox.storage.postgres import _admin  # noqa: PLC0415 - psycopg only when used
+
+    config = load_config(args.config)
+    if config.mail_location != "postgresql":
+        raise ConfigError('mail_location: "pobox db" needs mail_location = "postgresql"')
+    dsn, schema, timeout = (
+        config.postgresql_dsn,
+        config.postgresql_schema,
+        config.postgresql_timeout,
+    )
+    current = True
+    try:
+        if args.db_command == "upgrade":
+            lines = asyncio.run(_admin.db_upgrade(dsn, schema, timeout=timeout))
+        elif args.db_command == "status":
+            current, lines = asyncio.run(_admin.db_status(dsn, schema, timeout=timeout))
+        else:
+            lines = asyncio.run(_admin.db_gc(_postgres_store(config)))
+    except _admin.DatabaseError as exc:
+        print(f"pobox db {args.db_command}: database error: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    for line in lines:
+        print(line)
+    return 0 if current else EX_UNAVAILABLE
 
 
 # --------------------------------------------------------------------------- demo
@@ -391,6 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--home", help="home directory (%%h, ~ in mail_location)")
             p.add_argument("--mail", help="per-user mail location (userdb_mail)")
         p.set_defaults(func=cmd_user)
+    db = sub.add_parser(
+        "db",
+        help="the PostgreSQL schema: upgrade, status, gc",
+        description='For mail_location = "postgresql". upgrade: create or migrate the schema '
+        "(idempotent, safe on every deploy and from several nodes at once); status: what is "
+        "applied and pending (exit 69 if the schema is not the one this pobox needs); gc: drop "
+        "message bodies no message uses.",
+    )
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, help_text in (
+        ("upgrade", "create or migrate the schema"),
+        ("status", "show the schema version and the migrations applied or pending"),
+        ("gc", "drop unused message bodies"),
+    ):
+        p = db_sub.add_parser(name, help=help_text)
+        p.add_argument("--config", "-c", required=True, help="TOML configuration file")
+        p.set_defaults(func=cmd_db)
     add_fetch_parser(sub)
     return parser
 

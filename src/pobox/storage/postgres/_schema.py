@@ -13,7 +13,7 @@ identifier with :mod:`psycopg.sql`, never by string formatting.
 :func:`check` is what ``pobox serve`` runs at start: a schema older or newer than this pobox
 knows is an error whose message says what to run.
 
-May import: the standard library and psycopg.
+May import: the standard library, psycopg and :mod:`pobox.errors`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from datetime import datetime
 
 import psycopg
 from psycopg import sql
+
+from pobox.errors import PoboxError
 
 __all__ = [
     "MIGRATION_LOCK",
@@ -50,7 +52,7 @@ MIGRATION_LOCK_TIMEOUT = "10s"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-class SchemaError(Exception):
+class SchemaError(PoboxError):
     """The database schema is missing, older or newer than this pobox, or was altered."""
 
 
