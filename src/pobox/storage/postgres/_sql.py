@@ -47,7 +47,7 @@ _TEXT: dict[str, LiteralString] = {
     "pin_body": "SELECT FROM {body} WHERE digest = %(digest)s FOR KEY SHARE",
     "insert_body": "INSERT INTO {body} (digest, size, chunks)"
     " VALUES (%(digest)s, %(size)s, %(chunks)s) ON CONFLICT (digest) DO NOTHING RETURNING 1",
-    "copy_chunks": "COPY {body_chunk} (digest, seq, data) FROM STDIN",
+    "copy_chunks": "COPY {body_chunk} (digest, seq, data) FROM STDIN (FORMAT BINARY)",
     # Create the maildrop or take the next UID, counting the message in: the row lock this
     # takes serialises deliveries to one maildrop until COMMIT, which is what keeps the
     # quota exact and the UIDs in delivery order.

@@ -349,7 +349,7 @@ class PostgresStore:
         try:
 
             async def work(conn: Conn) -> list[tuple[object, ...]]:
-                cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox})
+                cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox}, binary=True)
                 return await cur.fetchall()
 
             rows = await self._run("opening the maildrop", work)
@@ -416,16 +416,22 @@ class PostgresStore:
             if header_of is not None:
                 async with conn.pipeline():
                     head = await conn.execute(
-                        self._sql.header, {"mailbox": header_of[0], "uid": header_of[1]}
+                        self._sql.header,
+                        {"mailbox": header_of[0], "uid": header_of[1]},
+                        binary=True,
                     )
                     body = await conn.execute(
-                        self._sql.chunks, {"digest": digest, "seq": seq, "limit": PAGE_CHUNKS}
+                        self._sql.chunks,
+                        {"digest": digest, "seq": seq, "limit": PAGE_CHUNKS},
+                        binary=True,
                     )
                 row = await head.fetchone()
                 header = None if row is None else _bytes(row[0])
             else:
                 body = await conn.execute(
-                    self._sql.chunks, {"digest": digest, "seq": seq, "limit": PAGE_CHUNKS}
+                    self._sql.chunks,
+                    {"digest": digest, "seq": seq, "limit": PAGE_CHUNKS},
+                    binary=True,
                 )
             rows = await body.fetchall()
             if not rows:
@@ -618,6 +624,7 @@ class PostgresStore:
             )
             if await cur.fetchone() is not None:  # new: store its chunks
                 async with conn.cursor().copy(self._sql.copy_chunks) as copy:
+                    copy.set_types(["bytea", "int4", "bytea"])
                     for seq, chunk in enumerate(body.chunks(CHUNK_SIZE)):
                         await copy.write_row((digest, seq, chunk))
                 return
