@@ -31,20 +31,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncpg  # noqa: E402
-import psycopg  # noqa: E402
-from psycopg_pool import AsyncConnectionPool  # noqa: E402
-
-from tests.helpers.postgres import migrate, running_postgres  # noqa: E402
+import asyncpg
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from tests.helpers.postgres import migrate, running_postgres
 
 MAILBOX = "bigbox"
 MESSAGES = 10_000
 BIG = 20 * 1024 * 1024
 CHUNK = 256 * 1024
 
-SNAPSHOT = (
-    "SELECT uid, wire_size, uidl, digest FROM pobox.message WHERE mailbox = {0} ORDER BY uid"
-)
+SNAPSHOT = "SELECT uid, wire_size, uidl, digest FROM pobox.message WHERE mailbox = {0} ORDER BY uid"
 PAGE = (
     "SELECT b.chunks, c.seq, c.data FROM pobox.body AS b LEFT JOIN pobox.body_chunk AS c"
     " ON c.digest = b.digest AND c.seq >= {1} AND c.seq < {1} + 2"
@@ -74,8 +71,7 @@ DELETE = (
     "DELETE FROM pobox.message WHERE mailbox = {0} AND uid = ANY({1}) RETURNING uid, size, digest"
 )
 UNCOUNT = (
-    "UPDATE pobox.mailbox SET messages = messages - {1}, octets = octets - {2}"
-    " WHERE mailbox = {0}"
+    "UPDATE pobox.mailbox SET messages = messages - {1}, octets = octets - {2} WHERE mailbox = {0}"
 )
 
 
@@ -183,7 +179,8 @@ class Psycopg(Driver):
             async with self.pool.connection() as conn:
                 cur = await conn.execute(ps(PAGE), args(digest, seq), binary=True)
                 rows = await cur.fetchall()
-            for chunks, number, data in rows:
+            chunks = rows[0][0]
+            for _, number, data in rows:
                 total += len(data)
                 seq = number + 1
             if seq >= chunks:
@@ -192,23 +189,27 @@ class Psycopg(Driver):
     async def deliver(self, n: int) -> None:
         data = f"Subject: {n} {time.time_ns()}\n\nbody\n".encode() * 20
         digest = hashlib.sha256(data).digest()
-        async with self.pool.connection() as conn:
-            async with conn.transaction():
-                cur = await conn.execute(ps(INSERT_BODY), args(digest, len(data)))
-                if await cur.fetchone():
-                    await conn.execute(ps(INSERT_CHUNK), args(digest, data))
-                cur = await conn.execute(ps(COUNT), args("deliveries", len(data)))
-                uid, messages, _ = await cur.fetchone()  # type: ignore[misc]
-                assert messages < 10**9  # the quota check
-                await conn.execute(
-                    ps(INSERT_MESSAGE),
-                    args("deliveries", uid, f"{uid:08X}00000001", len(data), digest, b"H: x\n"),
-                )
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(ps(INSERT_BODY), args(digest, len(data)))
+            if await cur.fetchone():
+                await conn.execute(ps(INSERT_CHUNK), args(digest, data))
+            cur = await conn.execute(ps(COUNT), args("deliveries", len(data)))
+            uid, messages, _ = await cur.fetchone()  # type: ignore[misc]
+            assert messages < 10**9  # the quota check
+            await conn.execute(
+                ps(INSERT_MESSAGE),
+                args("deliveries", uid, f"{uid:08X}00000001", len(data), digest, b"H: x\n"),
+            )
 
     async def update(self, uids: list[int]) -> None:
         conn = self.lock_conn
         async with conn.transaction():
-            cur = await conn.execute(ps(FENCE), args(42,))
+            cur = await conn.execute(
+                ps(FENCE),
+                args(
+                    42,
+                ),
+            )
             await cur.fetchone()
             cur = await conn.execute(ps(DELETE), args("deliveries", uids))
             rows = await cur.fetchall()
@@ -249,7 +250,8 @@ class Asyncpg(Driver):
         while True:
             async with self.pool.acquire() as conn:
                 rows = await conn.fetch(pg(PAGE), digest, seq)
-            for chunks, number, data in rows:
+            chunks = rows[0][0]
+            for _, number, data in rows:
                 total += len(data)
                 seq = number + 1
             if seq >= chunks:
@@ -258,25 +260,22 @@ class Asyncpg(Driver):
     async def deliver(self, n: int) -> None:
         data = f"Subject: {n} {time.time_ns()}\n\nbody\n".encode() * 20
         digest = hashlib.sha256(data).digest()
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                if await conn.fetchval(pg(INSERT_BODY), digest, len(data)):
-                    await conn.execute(pg(INSERT_CHUNK), digest, data)
-                uid, messages, _ = await conn.fetchrow(pg(COUNT), "deliveries", len(data))
-                assert messages < 10**9
-                await conn.execute(
-                    pg(INSERT_MESSAGE),
-                    "deliveries", uid, f"{uid:08X}00000001", len(data), digest, b"H: x\n",
-                )  # fmt: skip
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(pg(INSERT_BODY), digest, len(data)):
+                await conn.execute(pg(INSERT_CHUNK), digest, data)
+            uid, messages, _ = await conn.fetchrow(pg(COUNT), "deliveries", len(data))
+            assert messages < 10**9
+            await conn.execute(
+                pg(INSERT_MESSAGE),
+                "deliveries", uid, f"{uid:08X}00000001", len(data), digest, b"H: x\n",
+            )  # fmt: skip
 
     async def update(self, uids: list[int]) -> None:
         conn = self.lock_conn
         async with conn.transaction():
             await conn.fetchval(pg(FENCE), 42)
             rows = await conn.fetch(pg(DELETE), "deliveries", uids)
-            await conn.execute(
-                pg(UNCOUNT), "deliveries", len(rows), sum(r["size"] for r in rows)
-            )
+            await conn.execute(pg(UNCOUNT), "deliveries", len(rows), sum(r["size"] for r in rows))
 
     async def lock(self, key: int) -> None:
         conn = self.lock_conn
@@ -290,9 +289,9 @@ async def measure(driver: Driver, digest: bytes, quick: bool) -> dict[str, float
     await driver.start()
     out: dict[str, float] = {}
     try:
-        assert MESSAGES == await driver.open()
+        assert await driver.open() == MESSAGES
         out["open 10k (ms)"] = 1000 * await timed(driver.open, runs)
-        assert BIG == await driver.stream(digest)
+        assert await driver.stream(digest) == BIG
         out["stream 20 MB (ms)"] = 1000 * await timed(lambda: driver.stream(digest), runs)
         tracemalloc.start()
         await driver.stream(digest)

@@ -33,6 +33,7 @@ from pobox.cli import build_context, build_store
 from pobox.config import Config, Listen, build_config
 from pobox.records import User
 from pobox.server import Pop3Server
+from pobox.storage.base import MaildropStore
 
 __all__ = ["RunningServer", "deliver_to_maildir", "running_server"]
 
@@ -139,6 +140,7 @@ async def running_server(
     users: Mapping[str, str] | None = None,
     *,
     scheme: str = "PLAIN",
+    store: MaildropStore | None = None,
     **settings: Any,  # noqa: ANN401 - any config key
 ) -> AsyncIterator[RunningServer]:
     """Run a pobox server on ``127.0.0.1:0`` serving files under ``root``.
@@ -146,6 +148,7 @@ async def running_server(
     Args:
         users: login name → password (default ``{"alice": "secret"}``).
         scheme: password scheme of the passwd-file entries (PLAIN keeps tests fast).
+        store: the store to serve (default: the one the configuration names).
         settings: config keys to override (``idle_timeout=1``, ``trace=True``, ...).
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,7 @@ async def running_server(
     )
     config = build_config(settings, base=base)
     config = dataclasses.replace(config, warnings=())
-    server = Pop3Server(build_context(config))
+    server = Pop3Server(build_context(config, store=store))
     await server.start()
     try:
         yield RunningServer(root, config, server)

@@ -51,6 +51,7 @@ __all__ = [
     "pg_cluster",
     "pg_dsn",
     "running_postgres",
+    "stored_messages",
 ]
 
 #: The system user the server runs as when the tests run as root.
@@ -466,3 +467,15 @@ class StoreThread:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop.close()
+
+
+def stored_messages(dsn: str, mailbox: str) -> list[bytes]:
+    """Return the messages of ``mailbox`` in UID order, read with plain SQL (header + body)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT m.header || coalesce((SELECT string_agg(c.data, ''::bytea ORDER BY c.seq)"
+            " FROM pobox.body_chunk AS c WHERE c.digest = m.digest), ''::bytea)"
+            " FROM pobox.message AS m WHERE m.mailbox = %s ORDER BY m.uid",
+            (mailbox,),
+        ).fetchall()
+    return [bytes(row[0]) for row in rows]
