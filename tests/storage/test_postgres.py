@@ -224,13 +224,13 @@ class TestDelivery:
 
         async def one(node: PostgresStore, n: int) -> bool:
             try:
-                await node.deliver(User("alice"), incoming(f"{n}\n".encode()), quota=quota)
+                await node.deliver(User("alice"), incoming(f"{n:02d}\n".encode()), quota=quota)
             except QuotaExceeded:
                 return False
             return True
 
         stored = await asyncio.gather(*(one((store, other)[n % 2], n) for n in range(40)))
-        assert (7, Usage(octets=14, messages=7)) == (
+        assert (7, Usage(octets=21, messages=7)) == (
             sum(stored),
             await store.usage(User("alice")),
         )

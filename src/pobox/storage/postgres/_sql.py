@@ -22,9 +22,16 @@ _TEXT: dict[str, LiteralString] = {
     # The snapshot: one scan of message's primary key, which includes these columns.
     "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message}"
     " WHERE mailbox = %(mailbox)s ORDER BY uid",
-    "header": "SELECT header FROM {message} WHERE mailbox = %(mailbox)s AND uid = %(uid)s",
+    # The first page of a message: its header lines (NULL: the message is gone), and as
+    # "chunks" below. One statement, one round trip: most messages are one chunk. The
+    # subquery is uncorrelated, so a distributed database plans it on its own shard.
+    "first_page": "SELECT (SELECT header FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND uid = %(uid)s), b.chunks, c.seq, c.data FROM {body} AS b"
+    " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest"
+    " AND c.seq >= 0 AND c.seq < %(limit)s"
+    " WHERE b.digest = %(digest)s ORDER BY c.seq",
     # A page of a body's chunks, with the number it has: no row at all means no body.
-    "chunks": "SELECT b.chunks, c.seq, c.data FROM {body} AS b"
+    "chunks": "SELECT NULL, b.chunks, c.seq, c.data FROM {body} AS b"
     " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest"
     " AND c.seq >= %(seq)s AND c.seq < %(seq)s + %(limit)s"
     " WHERE b.digest = %(digest)s ORDER BY c.seq",
@@ -83,7 +90,7 @@ class Statements:
     """Every statement of the store, composed for one schema."""
 
     snapshot: sql.Composed
-    header: sql.Composed
+    first_page: sql.Composed
     chunks: sql.Composed
     fence: sql.Composed
     delete: sql.Composed

@@ -411,33 +411,22 @@ class PostgresStore:
             ``(seq, data)`` of up to :data:`PAGE_CHUNKS` chunks.
         """
 
+        if header_of is None:
+            statement = self._sql.chunks
+            values: dict[str, object] = {"digest": digest, "seq": seq, "limit": PAGE_CHUNKS}
+        else:
+            statement = self._sql.first_page
+            values = {"digest": digest, "limit": PAGE_CHUNKS}
+            values.update(mailbox=header_of[0], uid=header_of[1])
+
         async def work(conn: Conn) -> tuple[bytes | None, int | None, list[tuple[int, bytes]]]:
-            header: bytes | None = None
-            if header_of is not None:
-                async with conn.pipeline():
-                    head = await conn.execute(
-                        self._sql.header,
-                        {"mailbox": header_of[0], "uid": header_of[1]},
-                        binary=True,
-                    )
-                    body = await conn.execute(
-                        self._sql.chunks,
-                        {"digest": digest, "seq": seq, "limit": PAGE_CHUNKS},
-                        binary=True,
-                    )
-                row = await head.fetchone()
-                header = None if row is None else _bytes(row[0])
-            else:
-                body = await conn.execute(
-                    self._sql.chunks,
-                    {"digest": digest, "seq": seq, "limit": PAGE_CHUNKS},
-                    binary=True,
-                )
-            rows = await body.fetchall()
+            cur = await conn.execute(statement, values, binary=True)
+            rows = await cur.fetchall()
             if not rows:
-                return header, None, []
-            chunks = _int(rows[0][0])
-            page = [(_int(s), _bytes(d)) for _, s, d in rows if s is not None]
+                return None, None, []
+            header = None if rows[0][0] is None else _bytes(rows[0][0])
+            chunks = _int(rows[0][1])
+            page = [(_int(s), _bytes(d)) for _, _, s, d in rows if s is not None]
             return header, chunks, page
 
         return await self._run("reading a message", work)
