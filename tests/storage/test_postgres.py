@@ -200,6 +200,45 @@ class TestSessions:
             peak < 4 * 1024 * 1024,
         )
 
+    async def test_cached_listing_follows_another_nodes_deletions(
+        self, store: PostgresStore, other: PostgresStore
+    ) -> None:
+        """A listing node A read before is not reused after node B deleted a message."""
+        for n in range(3):
+            await store.deliver(User("alice"), incoming(b"m%d\n" % n))
+        assert 3 == len(await read(store, "alice"))
+        maildrop = await other.open(User("alice"))
+        await maildrop.delete([maildrop.messages[0].key])
+        await maildrop.close()
+        assert [b"m1\n", b"m2\n"] == await read(store, "alice")
+
+    async def test_cached_listing_of_a_maildrop_made_anew(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """A maildrop deleted and made again, with the same counts, is listed anew."""
+        await store.deliver(User("alice"), incoming(b"old\n"))
+        assert [b"old\n"] == await read(store, "alice")
+        query(pg_dsn, "DELETE FROM pobox.message; DELETE FROM pobox.mailbox")
+        await asyncio.sleep(0.01)
+        await store.deliver(User("alice"), incoming(b"new\n"))
+        assert [b"new\n"] == await read(store, "alice")
+
+    async def test_small_messages_are_read_ahead(self, store: PostgresStore) -> None:
+        """Reading message 1 of a locked session fetches the small ones after it too: they
+        are then at hand without waiting (read_now); a large one is left to stream."""
+        for n in range(4):
+            await store.deliver(User("alice"), incoming(b"small %d\n" % n))
+        await store.deliver(User("alice"), incoming(b"z" * 300_000))
+        maildrop = await store.open(User("alice"))
+        keys = [info.key for info in maildrop.messages]
+        first = b"".join([chunk async for chunk in maildrop.read_message(keys[0])])
+        at_hand = [maildrop.read_now(key) for key in keys[1:]]
+        await maildrop.close()
+        assert [b"small 0\n", b"small 1\n", b"small 2\n", b"small 3\n", None] == [
+            first,
+            *at_hand,
+        ]
+
     async def test_body_vanishing_mid_read_is_gone(self, store: PostgresStore, pg_dsn: str) -> None:
         """A body removed between two pages raises MessageGone, never a short message."""
         await store.deliver(User("alice"), incoming(b"y" * 2_000_000))
