@@ -121,6 +121,23 @@ class TestBodies:
         expected = [body.getvalue()] * 30
         assert expected == await read(store, "bob")
 
+    async def test_body_pinned_by_a_delivery_in_progress_is_not_collected(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """While a delivery's transaction has found the body (not yet committed its message),
+        the collector leaves that body alone, though no committed message uses it."""
+        body = Spool.from_bytes(b"Subject: same\n\nthe same body\n")
+        await store.deliver(User("alice"), IncomingMessage(b"", body))
+        query(pg_dsn, "DELETE FROM pobox.message")  # the body is unused now...
+        digest = bytes.fromhex(body.digest)
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute("BEGIN")
+            await store._put_body(conn, digest, body)  # noqa: SLF001 - ...but about to be used
+            dropped = await store._collect([digest])  # noqa: SLF001
+            await conn.execute("ROLLBACK")
+        again = await store._collect([digest])  # noqa: SLF001
+        assert (0, 1) == (dropped, again)
+
     async def test_collect_garbage_sweeps_orphans(self, store: PostgresStore, pg_dsn: str) -> None:
         """A body no message uses (a node died before collecting it) is swept by age."""
         await store.deliver(User("alice"), incoming(b"orphan to be\n"))
