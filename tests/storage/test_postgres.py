@@ -132,10 +132,10 @@ class TestBodies:
         digest = bytes.fromhex(body.digest)
         async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
             await conn.execute("BEGIN")
-            await store._put_body(conn, digest, body)  # noqa: SLF001 - ...but about to be used
-            dropped = await store._collect([digest])  # noqa: SLF001
+            await store._put_body(conn, digest, body)
+            dropped = await store._collect([digest])
             await conn.execute("ROLLBACK")
-        again = await store._collect([digest])  # noqa: SLF001
+        again = await store._collect([digest])
         assert (0, 1) == (dropped, again)
 
     async def test_collect_garbage_sweeps_orphans(self, store: PostgresStore, pg_dsn: str) -> None:
