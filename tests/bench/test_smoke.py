@@ -68,3 +68,33 @@ class TestQuickRun:
             check=True,
         )
         assert b"\x89PNG\r\n\x1a\n" == (tmp_path / "results.png").read_bytes()[:8]
+
+    def test_postgresql_store_beside_maildir(self, tmp_path: Path) -> None:
+        """``--stores maildir,postgresql`` adds pobox-pg, measured on the same sessions."""
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "run.py"),
+                "--quick",
+                "--stores",
+                "maildir,postgresql",
+                "--workloads",
+                "session",
+                "--duration",
+                "0.3",
+                "--out",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+        table = (tmp_path / "results.md").read_text()
+        _, heading, pg_table = table.partition("pobox on the PostgreSQL store (pobox-pg)")
+        pg_rows = [line for line in pg_table.splitlines() if line.startswith("| session")]
+        assert (True, 2) == (bool(heading), len(pg_rows))  # 1 and 4 clients
+        for row in pg_rows:
+            cells = [cell.strip() for cell in row.strip("|").split("|")]
+            assert ("0", False) == (cells[-1], "n/a" in cells[3]), row
