@@ -18,6 +18,11 @@ What it does, per workload:
    CPU time of the server's own processes, for work per server CPU-second (a figure that other
    load on a shared machine does not skew the way it skews wall-clock throughput).
 
+``--stores maildir,postgresql`` adds a third server, ``pobox-pg``: the same pobox on the
+PostgreSQL store (issue 11), on a throwaway cluster (tests/helpers/postgres.py) pinned to the
+server core too, so pobox-pg and its database share the one core Dovecot gets; its CPU time
+counts the database's processes. Its data is the same mail, stored through the store.
+
 Results: ``bench/results/results.md`` (a table, with the machine) and ``results.png``.
 ``--generators 2`` splits the clients over two generator processes; ``--check-generator``
 runs ``session`` (16 clients) and ``login`` (PLAIN) once more with two generator processes
@@ -33,6 +38,7 @@ import datetime
 import multiprocessing
 import os
 import platform
+import pwd
 import random
 import resource
 import shutil
@@ -65,7 +71,10 @@ HOST = "127.0.0.1"
 PASSWORD = "pw"
 SERVER_CORE = 0
 ALL_WORKLOADS = ("session", "login", "empty", "bulk", "bigbox", "idle")
-SERVERS = ("pobox", "dovecot")
+#: The servers of this run, in the order they are measured (``--stores`` adds pobox-pg).
+SERVERS: list[str] = ["pobox", "dovecot"]
+#: The DSN of the throwaway PostgreSQL cluster when pobox-pg runs.
+PG: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- settings
@@ -174,6 +183,11 @@ class World:
     def write(self) -> None:
         account = _mail_account()
         for server in SERVERS:
+            if server == "pobox-pg":
+                (self.root / server).mkdir(parents=True, exist_ok=True)
+                lines = [f"{user}:{stored}::::::\n" for user, stored in self.users.items()]
+                self.passwd(server).write_text("".join(lines))
+                continue
             lines = []
             for user, stored in self.users.items():
                 home = self.home(server, user)
@@ -185,7 +199,8 @@ class World:
             # production server run as root does (pobox: mode 2, mail_uid; Dovecot: its
             # mail processes run as the userdb uid).
             for server in SERVERS:
-                _chown_tree(self.root / server / "home", account.uid, account.gid)
+                if server != "pobox-pg":  # mail in the database: no home, no files
+                    _chown_tree(self.root / server / "home", account.uid, account.gid)
 
 
 def _doveadm_hash(scheme: str) -> str:
@@ -224,7 +239,34 @@ def build_world(root: Path, settings: Settings, workloads: list[str]) -> dict[st
     if "idle" in workloads:
         groups["idle"] = world.add("i", max(settings.idle_levels), plain, [])
     world.write()
+    if "pobox-pg" in SERVERS:
+        _load_postgresql(world)
     return groups
+
+
+def _load_postgresql(world: World) -> None:
+    """Store every user's mail in the PostgreSQL store, through the store (not timed)."""
+    from pobox.records import User  # noqa: PLC0415
+    from pobox.storage.postgres import PostgresStore  # noqa: PLC0415
+
+    async def load() -> None:
+        # Loading is not measured: the loader's commits need not wait for the disk.
+        store = PostgresStore(
+            PG["dsn"] + " options='-c synchronous_commit=off'", pool_min=8, pool_max=8
+        )
+        queue = [(user, data) for user, messages in world.mail.items() for data in messages]
+        try:
+
+            async def worker() -> None:
+                while queue:
+                    user, data = queue.pop(0)
+                    await store.append(User(name=user), data)
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+        finally:
+            await store.aclose()
+
+    asyncio.run(load())
 
 
 # --------------------------------------------------------------------------- servers
@@ -269,6 +311,12 @@ class Server:
     name: str
     port: int
     pid: int
+    #: Other processes whose CPU time is the server's (pobox-pg: the PostgreSQL postmaster).
+    helpers: tuple[int, ...] = ()
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the server's processes (and its helpers') so far."""
+        return sum(server_cpu_seconds(pid) for pid in (self.pid, *self.helpers))
 
 
 #: Limits raised like Dovecot's below (only those this pobox knows, as the tree moves).
@@ -279,35 +327,40 @@ _POBOX_LIMITS = {"max_connections": 20_000, "max_connections_per_ip": 20_000}
 POBOX_ACCESS = {"value": "mail_uid"}
 
 
-def _pobox_access() -> str:
+def _pobox_access(name: str = "pobox") -> str:
     """The TOML lines that pick pobox's mode when the benchmark runs as root."""
     if os.geteuid() != 0 or "mail_uid" not in KEYS:
         return ""
     account = _mail_account()
+    if name == "pobox-pg":  # no mail files: the server runs as the mail account all the same
+        return f'user = "{pwd.getpwuid(account.uid).pw_name}"\n'
     if POBOX_ACCESS["value"] == "helper":
         return ""  # each passwd line names the uid: the helper accesses the mail with it
     return f'mail_uid = "{account.uid}"\nmail_gid = "{account.gid}"\n'
 
 
 @contextlib.contextmanager
-def run_pobox(root: Path) -> Iterator[Server]:
-    """Start ``python -m pobox serve`` on core 0."""
+def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
+    """Start ``python -m pobox serve`` on core 0 (``pobox-pg``: on the PostgreSQL store)."""
     port = _free_port()
-    base = root / "pobox"
+    base = root / name
     config = base / "pobox.toml"
     log = base / "pobox.log"
+    store = (
+        f'mail_location = "postgresql"\npostgresql_dsn = "{PG["dsn"]}"\n'
+        if name == "pobox-pg"
+        else 'mail_location = "maildir:~/Maildir"\n'
+    )
     config.write_text(
-        f'listen = ["{HOST}:{port}"]\n'
-        'mail_location = "maildir:~/Maildir"\n'
-        f'passwd_file = "{base / "passwd"}"\n'
+        f'listen = ["{HOST}:{port}"]\n' + store + f'passwd_file = "{base / "passwd"}"\n'
         "pop3_lock_session = true\n"
         'log_level = "info"\n'
         f'log_path = "{log}"\n'
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
-        + _pobox_access()
+        + _pobox_access(name)
     )
     command = [sys.executable, "-m", "pobox", "serve", "-c", str(config)]
-    with _started("pobox", command, base, port, base / "pobox.out") as server:
+    with _started(name, command, base, port, base / "pobox.out") as server:
         yield server
 
 
@@ -323,8 +376,9 @@ def _started(name: str, command: list[str], base: Path, port: int, log: Path) ->
             start_new_session=True,
         )
     try:
-        _wait_greeting(process, port, "pobox" if name == "pobox" else "Dovecot", log)
-        yield Server(name, port, process.pid)
+        _wait_greeting(process, port, "Dovecot" if name == "dovecot" else name, log)
+        extra = (int(PG["pid"]),) if name == "pobox-pg" else ()
+        yield Server(name, port, process.pid, extra)
     finally:
         _stop(process)
 
@@ -377,8 +431,12 @@ def run_dovecot(root: Path) -> Iterator[Server]:
 
 @contextlib.contextmanager
 def run_server(name: str, root: Path) -> Iterator[Server]:
-    with (run_pobox if name == "pobox" else run_dovecot)(root) as server:
-        yield server
+    if name == "dovecot":
+        with run_dovecot(root) as server:
+            yield server
+    else:
+        with run_pobox(root, name) as server:
+            yield server
 
 
 # --------------------------------------------------------------------------- measuring
@@ -516,10 +574,10 @@ class Row:
         values = [r.value for r in self.rounds[server]]
         return statistics.median(values) if values else float("nan")
 
-    def ratio(self) -> float:
-        """pobox ÷ Dovecot (for time and memory: the measured value's ratio)."""
+    def ratio(self, server: str = "pobox") -> float:
+        """``server`` ÷ Dovecot (for time and memory: the measured value's ratio)."""
         dovecot = self.median("dovecot")
-        return self.median("pobox") / dovecot if dovecot else float("nan")
+        return self.median(server) / dovecot if dovecot else float("nan")
 
     def errors(self, server: str) -> int:
         return sum(r.result.errors for r in self.rounds[server])
@@ -533,10 +591,10 @@ class Row:
         values = [r.per_cpu for r in self.rounds[server] if r.per_cpu == r.per_cpu]
         return statistics.median(values) if values else float("nan")
 
-    def per_cpu_ratio(self) -> float:
-        """pobox ÷ Dovecot work per server CPU-second: robust to other load on the core."""
+    def per_cpu_ratio(self, server: str = "pobox") -> float:
+        """``server`` ÷ Dovecot work per server CPU-second: robust to other load on the core."""
         dovecot = self.per_cpu("dovecot")
-        return self.per_cpu("pobox") / dovecot if dovecot else float("nan")
+        return self.per_cpu(server) / dovecot if dovecot else float("nan")
 
     def busy(self, server: str, which: str) -> float:
         values = [getattr(r, which) for r in self.rounds[server]]
@@ -553,11 +611,11 @@ def measure(
 ) -> None:
     """Run one round of ``spec`` against ``server`` and record it in ``rows[key]``."""
     spec = replace(spec, port=server.port)
-    cpu_before = server_cpu_seconds(server.pid)
+    cpu_before = server.cpu_seconds()
     before = _cpu_jiffies()
     result = generate(spec, settings.generators)
     after = _cpu_jiffies()
-    used = server_cpu_seconds(server.pid) - cpu_before
+    used = server.cpu_seconds() - cpu_before
     gen_core = _generator_cores()[0]
     work = result.bytes / 1e6 if spec.kind == "bulk" else result.ops
     measured = Round(
@@ -614,14 +672,15 @@ def _interleaved(
     plan: list[tuple[str, Spec, object]],
     warmups: list[tuple[list[str], int, str]],
 ) -> None:
-    """Start both servers, warm them, then run ``plan`` in rounds: pobox, Dovecot, ..."""
-    with run_server("pobox", root) as pobox, run_server("dovecot", root) as dovecot:
-        for server in (pobox, dovecot):
+    """Start the servers, warm them, then run ``plan`` in rounds: pobox, Dovecot, ..."""
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(run_server(name, root)) for name in SERVERS]
+        for server in servers:
             for users, messages, kind in warmups:
                 warm(server, users, messages, kind)
         for _ in range(settings.rounds):
             for key, spec, value_of in plan:
-                for server in (pobox, dovecot):
+                for server in servers:
                     measure(rows, key, server, spec, settings, value_of)
 
 
@@ -678,11 +737,12 @@ def wl_bigbox(root, settings, groups, rows) -> None:
     n = settings.bigbox_messages
     rows["bigbox-first"] = Row("bigbox", f"first login ({n:,} msgs)", "ms", False)
     rows["bigbox-second"] = Row("bigbox", f"next logins ({n:,} msgs)", "ms", False)
-    with run_server("pobox", root) as pobox, run_server("dovecot", root) as dovecot:
-        for server in (pobox, dovecot):
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(run_server(name, root)) for name in SERVERS]
+        for server in servers:
             warm(server, groups["plain"], 0, "empty")
         for user in groups["bigbox"]:
-            for server in (pobox, dovecot):
+            for server in servers:
                 spec = Spec("bigbox", HOST, 0, (user,), PASSWORD, 1, 600.0, n, ops_limit=1)
                 measure(rows, "bigbox-first", server, spec, settings, median_ms)
                 spec = replace(spec, duration=settings.duration, ops_limit=0)
@@ -738,6 +798,8 @@ def wl_idle(root, settings, groups, rows) -> None:
     for level in settings.idle_levels:
         rows[f"idle-{level}"] = Row("idle", f"{level:,} connections", "KB RSS/conn", False)
     for name in SERVERS:
+        if name == "pobox-pg":
+            continue  # idle connections hold no database state: the Maildir figure holds
         with run_server(name, root) as server:
             warm(server, groups["plain"][:4], 0, "empty")
             runner = loadgen.uvloop.run if loadgen.uvloop else asyncio.run
@@ -882,6 +944,30 @@ def write_markdown(
             f"{row.busy('dovecot', 'server_busy'):.0%} | {row.gen_cpu('pobox'):.0%}/"
             f"{row.gen_cpu('dovecot'):.0%} |"
         )
+    if "pobox-pg" in SERVERS:
+        lines += [
+            "",
+            "pobox on the PostgreSQL store (pobox-pg), with its database on the same server "
+            "core; ratios over Dovecot and over pobox on Maildir (↑: higher is better for "
+            "throughput; for ms lower is better). Per CPU-s counts the database's processes.",
+            "",
+            "| workload | variant | unit | pobox-pg | pobox (Maildir) | Dovecot | pg ÷ Dovecot "
+            "| pg ÷ Maildir | per server CPU-s (pg) | ratio per CPU-s (pg/D) | errors (pg) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows.values():
+            if not row.rounds.get("pobox-pg"):
+                continue
+            maildir = row.median("pobox")
+            over_maildir = row.median("pobox-pg") / maildir if maildir else float("nan")
+            better = "↑" if row.higher_is_better else "↓"
+            lines.append(
+                f"| {row.workload} | {row.variant} | {row.unit} {better} "
+                f"| {_fmt(row.median('pobox-pg'))} | {_fmt(maildir)} "
+                f"| {_fmt(row.median('dovecot'))} | {row.ratio('pobox-pg'):.2f}x "
+                f"| {over_maildir:.2f}x | {_fmt(row.per_cpu('pobox-pg'))} "
+                f"| {row.per_cpu_ratio('pobox-pg'):.2f}x | {row.errors('pobox-pg')} |"
+            )
     notes = [f"- {row.workload} {row.variant}: {row.note}" for row in rows.values() if row.note]
     if notes:
         lines += [
@@ -962,6 +1048,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--generators", type=int, default=1, help="generator processes (1)")
     parser.add_argument(
+        "--stores",
+        default="maildir",
+        help="pobox stores to measure, comma-separated: maildir (always), postgresql",
+    )
+    parser.add_argument(
         "--check-generator", action="store_true", help="rerun two workloads with 2 generators"
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
@@ -982,6 +1073,33 @@ def main(argv: list[str] | None = None) -> int:
     if os.cpu_count() and os.cpu_count() < 2:
         print("warning: one CPU: server and generator share it", file=sys.stderr)
     settings = Settings.make(args)
+    stores = {store.strip() for store in args.stores.split(",") if store.strip()}
+    if stores - {"maildir", "postgresql"}:
+        parser.error(f"unknown stores: {sorted(stores - {'maildir', 'postgresql'})}")
+    with contextlib.ExitStack() as stack:
+        if "postgresql" in stores:
+            _start_postgresql(stack)
+        return _run(args, settings, workloads)
+
+
+def _start_postgresql(stack: contextlib.ExitStack) -> None:
+    """Start a throwaway PostgreSQL on the server core, with pobox's schema; add pobox-pg."""
+    from tests.helpers.postgres import migrate, running_postgres  # noqa: PLC0415
+
+    cluster = stack.enter_context(running_postgres({"max_connections": "200"}))
+    for pid in _descendants(cluster.pid):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, {SERVER_CORE})
+    cluster.psql('CREATE DATABASE "bench"')
+    PG["dsn"] = cluster.dsn("bench")
+    PG["pid"] = str(cluster.pid)
+    migrate(PG["dsn"])
+    SERVERS.insert(1, "pobox-pg")
+    print(f"bench: PostgreSQL {cluster.bindir.parent.name} on core {SERVER_CORE}", flush=True)
+
+
+def _run(args: argparse.Namespace, settings: Settings, workloads: list[str]) -> int:
+    """Run the workloads against every server; write the table and the plot."""
     os.sched_setaffinity(0, _generator_cores())
     _raise_fd_limit()
     out = Path(args.out)

@@ -2,7 +2,8 @@
 
 Subcommands: ``serve`` (run the server), ``demo`` (a ready-made local folder with a user
 and mail, then ``serve`` on it), ``user add`` / ``user passwd`` (passwd-file entries),
-``deliver`` (an MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes).
+``deliver`` (an MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes),
+``db upgrade`` / ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
 are set.
 
@@ -24,7 +25,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pobox import __version__
 from pobox.auth.base import Authenticator, HashWorkers
@@ -54,6 +55,9 @@ from pobox.storage.privsep import (
 )
 from pobox.storage.spool import Spool
 from pobox.tls import ServerTls
+
+if TYPE_CHECKING:
+    from pobox.storage.postgres import PostgresStore
 
 __all__ = ["main"]
 
@@ -98,17 +102,48 @@ def build_authenticator(
 def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> MaildropStore:
     """Build the mail store the configuration names, for mail accessed without a helper.
 
+    Mail in PostgreSQL is no file of anyone's: the PostgreSQL store, whoever runs it.
+
     The store serves only users whose mail the process owns (:class:`SameOwnerStore`): the
     uid/gid of ``plan`` (mode 1 or 2 of :mod:`pobox.server._privileges`), by default the
     process's own, as in a server run in-process (a test); in a process that is root that is
     uid 0, refused unless ``first_valid_uid`` and ``first_valid_gid`` are 0.
     """
+    if config.mail_location == "postgresql":
+        return _postgres_store(config)
     maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
     if plan is None:
         me = Owner(os.geteuid(), os.getegid())
         return SameOwnerStore(maildir, OwnerPolicy.from_config(config, fallback=me), me)
     assert plan.identity is not None
     return SameOwnerStore(maildir, plan.policy, plan.identity)
+
+
+def _postgres_store(config: Config) -> PostgresStore:
+    """Build the PostgreSQL store (psycopg is imported only when it is used)."""
+    from pobox.storage.postgres import PostgresStore  # noqa: PLC0415
+
+    return PostgresStore(
+        config.postgresql_dsn,
+        schema=config.postgresql_schema,
+        pool_min=config.postgresql_pool_min,
+        pool_max=config.postgresql_pool_max,
+        lock_connections=config.postgresql_lock_connections,
+        timeout=config.postgresql_timeout,
+        lock_check_interval=config.postgresql_lock_check_interval,
+    )
+
+
+async def check_store(store: MaildropStore) -> None:
+    """Refuse to serve on a database schema this pobox does not know.
+
+    Raises:
+        PoboxError: the schema is missing, older or newer (saying what to run), or the
+            database cannot be reached.
+    """
+    check = getattr(store, "check_schema", None)
+    if check is not None:
+        await check()
 
 
 def build_context(
@@ -199,14 +234,16 @@ def _switch(config: Config, plan: PrivilegePlan) -> None:
     if plan.serve_as is None:
         return
     switch_to(plan.serve_as, plan.serve_name)
-    if plan.access is MailAccess.MAIL_UID:
-        # No helper in this mode: the passwd-file is read again, by path, as mail_uid.
+    if plan.access in (MailAccess.MAIL_UID, MailAccess.DATABASE):
+        # No helper in these modes: the passwd-file is read again, by path, as this user.
         try:
             Path(config.passwd_file).open("rb").close()
         except OSError as exc:
+            who = "mail_uid" if plan.access is MailAccess.MAIL_UID else "user"
             msg = (
-                f"passwd_file: {config.passwd_file} is not readable by mail_uid "
-                f"{plan.serve_as.uid} ({exc.strerror}); make it readable by mail_gid"
+                f"passwd_file: {config.passwd_file} is not readable by {who} "
+                f"{plan.serve_name} (uid {plan.serve_as.uid}: {exc.strerror}); make it "
+                "readable by that user's group"
             )
             raise ConfigError(msg) from None
 
@@ -239,6 +276,11 @@ async def run_server(config: Config) -> int:
     else:
         authenticator = build_authenticator(config, workers)
         store = build_store(config, plan=plan)
+        try:
+            await check_store(store)
+        except BaseException:
+            await store.aclose()
+            raise
     server = Pop3Server(
         build_context(config, authenticator=authenticator, store=store, tls=tls, workers=workers)
     )
@@ -304,6 +346,8 @@ def _log_mode(plan: PrivilegePlan, helper: StorageHelper | None) -> None:
             uid,
             gid,
         )
+    elif plan.access is MailAccess.DATABASE:
+        logger.info("master: running as uid %d, gid %d; mail in PostgreSQL", uid, gid)
     else:
         logger.info("master: not started as root; mail accessed as uid %d, gid %d", uid, gid)
 
@@ -363,17 +407,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
-        agent = build_agent(config, build_authenticator(config), build_deliver_store(config))
-        status, message = asyncio.run(
-            deliver_stdin(
-                agent,
-                args.user,
-                args.sender,
-                sys.stdin.buffer,
-                limit=config.max_message_size,
-                spool_dir=config.mail_temp_dir or None,
-            )
-        )
+        status, message = asyncio.run(_deliver_stdin(config, args.user, args.sender))
     except Exception as exc:  # an MDA must tempfail, never crash into a bounce
         status, message = EX_TEMPFAIL, f"internal error: {exc!r}"
     if status:
@@ -389,10 +423,58 @@ def build_deliver_store(config: Config) -> MaildropStore:
     it touches the maildir (:class:`SwitchingStore`); otherwise it delivers only to users whose
     mail it owns.
     """
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or config.mail_location == "postgresql":
         return build_store(config)
     maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
     return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
+
+
+async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple[int, str]:
+    """Deliver standard input to ``user`` with the store ``pobox deliver`` uses."""
+    store = build_deliver_store(config)
+    try:
+        agent = build_agent(config, build_authenticator(config), store)
+        return await deliver_stdin(
+            agent,
+            user,
+            sender,
+            sys.stdin.buffer,
+            limit=config.max_message_size,
+            spool_dir=config.mail_temp_dir or None,
+        )
+    finally:
+        await store.aclose()
+
+
+# --------------------------------------------------------------------------- database
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Create or migrate the PostgreSQL schema, report it, or sweep unused bodies."""
+    from pobox.storage.postgres import _admin  # noqa: PLC0415 - psycopg only when used
+
+    config = load_config(args.config)
+    if config.mail_location != "postgresql":
+        raise ConfigError('mail_location: "pobox db" needs mail_location = "postgresql"')
+    dsn, schema, timeout = (
+        config.postgresql_dsn,
+        config.postgresql_schema,
+        config.postgresql_timeout,
+    )
+    current = True
+    try:
+        if args.db_command == "upgrade":
+            lines = asyncio.run(_admin.db_upgrade(dsn, schema, timeout=timeout))
+        elif args.db_command == "status":
+            current, lines = asyncio.run(_admin.db_status(dsn, schema, timeout=timeout))
+        else:
+            lines = asyncio.run(_admin.db_gc(_postgres_store(config)))
+    except _admin.DatabaseError as exc:
+        print(f"pobox db {args.db_command}: database error: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    for line in lines:
+        print(line)
+    return 0 if current else EX_UNAVAILABLE
 
 
 # --------------------------------------------------------------------------- demo
@@ -606,6 +688,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--uid", help="owner of the user's mail: a user name or number")
             p.add_argument("--gid", help="group of the user's mail: a group name or number")
         p.set_defaults(func=cmd_user)
+    db = sub.add_parser(
+        "db",
+        help="the PostgreSQL schema: upgrade, status, gc",
+        description='For mail_location = "postgresql". upgrade: create or migrate the schema '
+        "(idempotent, safe on every deploy and from several nodes at once); status: what is "
+        "applied and pending (exit 69 if the schema is not the one this pobox needs); gc: drop "
+        "message bodies no message uses.",
+    )
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, help_text in (
+        ("upgrade", "create or migrate the schema"),
+        ("status", "show the schema version and the migrations applied or pending"),
+        ("gc", "drop unused message bodies"),
+    ):
+        p = db_sub.add_parser(name, help=help_text)
+        p.add_argument("--config", "-c", required=True, help="TOML configuration file")
+        p.set_defaults(func=cmd_db)
     add_fetch_parser(sub)
     return parser
 

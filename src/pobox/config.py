@@ -109,6 +109,13 @@ class Config:
     mail_temp_dir: str = ""
     haproxy_trusted_networks: tuple[str, ...] = ()
     haproxy_timeout: float = 3.0
+    postgresql_dsn: str = ""
+    postgresql_schema: str = "pobox"
+    postgresql_pool_min: int = 2
+    postgresql_pool_max: int = 20
+    postgresql_lock_connections: int = 4
+    postgresql_timeout: float = 10.0
+    postgresql_lock_check_interval: float = 10.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -121,7 +128,8 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
     "mail_location": (
         str,
         "Where maildrops are, like Dovecot's mail_location: maildir:PATH with ~ (home), "
-        "%u (user), %n (local part), %d (domain), %h (home). Default maildir:~/Maildir.",
+        "%u (user), %n (local part), %d (domain), %h (home); or postgresql (the database of "
+        "postgresql_dsn). Default maildir:~/Maildir.",
     ),
     "passwd_file": (str, "Dovecot-format passwd-file with the users. Re-read when it changes."),
     "default_pass_scheme": (
@@ -350,6 +358,34 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "Seconds a connection from haproxy_trusted_networks has to send its PROXY header "
         "before it is closed (3, Dovecot's default).",
     ),
+    "postgresql_dsn": (
+        str,
+        'libpq connection string or URI of the database for mail_location = "postgresql", '
+        'e.g. "host=db1 dbname=pobox user=pobox" or "postgresql://pobox@db1/pobox"; what it '
+        "leaves out comes from the PG* environment variables, ~/.pgpass and pg_service.conf.",
+    ),
+    "postgresql_schema": (str, "Schema of pobox's tables in that database (pobox)."),
+    "postgresql_pool_min": (int, "Pooled connections kept open for reads and deliveries (2)."),
+    "postgresql_pool_max": (
+        int,
+        "Most pooled connections; more concurrent queries wait for one, up to "
+        "postgresql_timeout (20).",
+    ),
+    "postgresql_lock_connections": (
+        int,
+        "Connections that hold the maildrop locks (advisory locks, many per connection) and run "
+        "the UPDATEs of the sessions they lock (4).",
+    ),
+    "postgresql_timeout": (
+        float,
+        "Seconds any statement, connection attempt or wait for a pooled connection may take; "
+        "past it the client gets -ERR [SYS/TEMP] or 451 4.3.0 (10).",
+    ),
+    "postgresql_lock_check_interval": (
+        float,
+        "Seconds between checks of a lock connection holding locks; a connection found dead "
+        "ends its sessions without UPDATE. 0: only when the server closes it (10).",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -514,10 +550,33 @@ def _validate_security(config: Config) -> None:
             )
 
 
+#: PostgreSQL's longest identifier (NAMEDATALEN - 1).
+_PG_IDENTIFIER_MAX = 63
+
+
+def _validate_postgresql(config: Config) -> None:
+    if not 0 < len(config.postgresql_schema.encode()) <= _PG_IDENTIFIER_MAX or (
+        "\x00" in config.postgresql_schema
+    ):
+        raise ConfigError("postgresql_schema: must be 1 to 63 octets, no NUL")
+    for key in ("postgresql_pool_min", "postgresql_lock_connections"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if config.postgresql_pool_max < config.postgresql_pool_min:
+        raise ConfigError("postgresql_pool_max: must be at least postgresql_pool_min")
+    if config.postgresql_timeout <= 0:
+        raise ConfigError("postgresql_timeout: must be a positive number of seconds")
+    if config.postgresql_lock_check_interval < 0:
+        raise ConfigError("postgresql_lock_check_interval: must not be negative")
+
+
 def _validate(config: Config) -> Config:
     warnings: list[str] = []
-    if not config.mail_location.startswith("maildir:"):
-        raise ConfigError(f"mail_location: {config.mail_location!r} must start with 'maildir:'")
+    if not config.mail_location.startswith("maildir:") and config.mail_location != "postgresql":
+        raise ConfigError(
+            f"mail_location: {config.mail_location!r} must start with 'maildir:' or be 'postgresql'"
+        )
+    _validate_postgresql(config)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
     for key in (

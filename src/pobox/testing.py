@@ -8,11 +8,17 @@ passwd-file and real Maildirs under ``tmp_path``, accessed with the process's ow
 delivery.  Used by pobox's own tests, and by developers who need a real POP3 endpoint in
 theirs.
 
+With ``mail_location="postgresql", postgresql_dsn=...`` the server keeps mail in that
+database instead; ``srv.deliver`` then stores the message through a store of its own (its
+own connections, as another node would) and ``srv.count`` asks the database.
+
 May import: anything in pobox.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -21,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pobox.auth.passwdfile import add_user
-from pobox.cli import build_context
+from pobox.cli import build_context, build_store
 from pobox.config import Config, Listen, build_config
+from pobox.records import User
 from pobox.server import Pop3Server
 from pobox.storage.base import IncomingMessage, MaildropStore
 from pobox.storage.maildir import deliver_message
@@ -72,9 +79,57 @@ class RunningServer:
         """The Maildir of ``user``."""
         return self.root / "mail" / user
 
-    def deliver(self, user: str, data: bytes, *, sizes: bool = True) -> Path:
-        """Deliver ``data`` to ``user``'s Maildir."""
+    @property
+    def in_database(self) -> bool:
+        """Whether mail is kept in PostgreSQL (else in Maildirs)."""
+        return self.config.mail_location == "postgresql"
+
+    def deliver(self, user: str, data: bytes, *, sizes: bool = True) -> Path | None:
+        """Deliver ``data`` to ``user``; return the message file's path (``None`` in PostgreSQL).
+
+        Args:
+            sizes: Maildir only: put the sizes in the file name (else pobox reads the file).
+        """
+        if self.in_database:
+            self._on_other_node(_append, user, data)
+            return None
         return deliver_to_maildir(self.maildir(user), data, sizes=sizes)
+
+    def count(self, user: str) -> int:
+        """Return how many messages ``user``'s maildrop holds."""
+        if self.in_database:
+            found = self._on_other_node(_count, user, b"")
+            assert isinstance(found, int)
+            return found
+        folder = self.maildir(user)
+        return sum(1 for sub in ("new", "cur") for _ in (folder / sub).iterdir())
+
+    def _on_other_node(self, work: Any, user: str, data: bytes) -> object:  # noqa: ANN401
+        """Run ``work(store, user, data)`` with a store of its own, on a thread of its own.
+
+        Tests call this from inside their event loop, which must not block on the server's
+        own connections: this store has its own, as a delivery node would.
+        """
+
+        async def run() -> object:
+            store = build_store(self.config)
+            try:
+                return await work(store, User(name=user), data)
+            finally:
+                await store.aclose()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result(60)
+
+
+async def _append(store: Any, user: User, data: bytes) -> str:  # noqa: ANN401
+    key: str = await store.append(user, data)
+    return key
+
+
+async def _count(store: Any, user: User, _data: bytes) -> int:  # noqa: ANN401
+    usage = await store.usage(user)
+    return int(usage.messages)
 
 
 @asynccontextmanager
@@ -91,7 +146,7 @@ async def running_server(
     Args:
         users: login name → password (default ``{"alice": "secret"}``).
         scheme: password scheme of the passwd-file entries (PLAIN keeps tests fast).
-        store: the mail store (default: the one the configuration names).
+        store: the store to serve (default: the one the configuration names).
         settings: config keys to override (``idle_timeout=1``, ``trace=True``, ...).
     """
     root.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pobox.auth.passwdfile import add_user
 from pobox.delivery.mda import read_message
 from tests.delivery.helpers import open_files_in
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
+from tests.helpers.postgres import stored_messages
 
 MESSAGE = b"From: s@example.org\nSubject: hello\nMessage-ID: <mda-1@example.org>\n\nHello\n"
 
@@ -162,12 +165,33 @@ def _crash_message(number: int) -> bytes:
     return b"Subject: crash %d\nMessage-ID: <crash-%d@example.org>\n\n" % (number, number) + body
 
 
-class TestCrashSafety:
-    """SIGKILL at random points during many deliveries."""
+def _setup_postgresql(root: Path, dsn: str) -> list[str]:
+    """Create a passwd-file with alice and a config for the PostgreSQL store; return options."""
+    add_user(root / "passwd", "alice", b"secret", scheme="PLAIN")
+    config = root / "pobox.toml"
+    config.write_text(
+        f'passwd_file = "{root / "passwd"}"\nmail_location = "postgresql"\n'
+        f'postgresql_dsn = "{dsn}"\npostgresql_pool_min = 1\n'
+    )
+    return ["--config", str(config)]
 
-    def test_killed_deliveries_leave_nothing_partial(self, tmp_path: Path) -> None:
-        """Every delivery that exited 0 is stored once; no file in new/ or cur/ is partial."""
-        options = _setup(tmp_path)
+
+@pytest.fixture(params=["maildir", "postgresql"])
+def store_options(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, list[str]]:
+    """Each store in turn: its name and the ``pobox deliver`` options that select it."""
+    if request.param == "postgresql":
+        return request.param, _setup_postgresql(tmp_path, request.getfixturevalue("pg_dsn"))
+    return request.param, _setup(tmp_path)
+
+
+class TestCrashSafety:
+    """SIGKILL at random points during many deliveries, on each store."""
+
+    def test_killed_deliveries_leave_nothing_partial(
+        self, tmp_path: Path, store_options: tuple[str, list[str]], request: pytest.FixtureRequest
+    ) -> None:
+        """Every delivery that exited 0 is stored once; no stored message is partial."""
+        store, options = store_options
         command = [sys.executable, "-m", "pobox", "deliver", "-u", "alice", *options]
         rng = random.Random(4)
         # Most of a run is Python starting up; kills are aimed at its end, where the message
@@ -206,16 +230,21 @@ class TestCrashSafety:
                     continue
                 still.append((number, process, kill_at, started))
             running = still
-        maildir = tmp_path / "mail" / "alice"
         stored: list[int] = []
-        for path in _files(maildir):
-            data = path.read_bytes()
+        if store == "postgresql":
+            found = stored_messages(request.getfixturevalue("pg_dsn"), "alice")
+        else:
+            found = []
+            for path in _files(tmp_path / "mail" / "alice"):
+                data = path.read_bytes()
+                assert f",S={len(data)}," in path.name
+                found.append(data)
+        for data in found:
             match = _MESSAGE_ID.search(data)
-            assert match is not None, path.name
+            assert match is not None, data[:200]
             number = int(match.group(1))
             expected = b"Return-Path: <>\nDelivered-To: alice\n" + _crash_message(number)
-            assert (expected, f",S={len(expected)}") == (data, f",S={len(data)}")
-            assert f",S={len(data)}," in path.name
+            assert (expected, len(expected)) == (data, len(data))
             stored.append(number)
         assert len(stored) == len(set(stored))
         assert acknowledged <= set(stored)

@@ -1,7 +1,8 @@
 """Real POP3 clients against a real pobox on loopback: poplib, curl, fetchmail, getmail6.
 
 Each downloads a maildrop and the result is compared byte for byte with what was delivered
-(clients store messages with LF line ends, so both sides are compared in that form).
+(clients store messages with LF line ends, so both sides are compared in that form). Every
+test runs on each store: Maildir, and PostgreSQL on the throwaway cluster.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60
 
 
 def remaining(srv: RunningServer, user: str = "alice") -> int:
-    """Messages left in the user's Maildir."""
-    md = srv.maildir(user)
-    return sum(1 for sub in ("new", "cur") for _ in (md / sub).iterdir())
+    """Messages left in the user's maildrop."""
+    return srv.count(user)
+
+
+@pytest.fixture
+def srv(any_srv: RunningServer) -> RunningServer:
+    """Every client test runs against each store: Maildir and PostgreSQL."""
+    return any_srv
 
 
 class TestPoplib:

@@ -108,3 +108,44 @@ class TestRootOtherwise:
         """The serving process may not stay root when mail has several owners."""
         with pytest.raises(ConfigError, match=r"^user: the serving process must not stay root"):
             _plan(0, 0, user="root")
+
+
+class TestMailInPostgresql:
+    """mail_location = "postgresql": no mail files, so no owners and no helper."""
+
+    @staticmethod
+    def _pg(euid: int, egid: int = 0, **values: Any):
+        return _plan(euid, egid, mail_location="postgresql", **values)
+
+    def test_not_root_stays(self) -> None:
+        """A process that is not root serves as itself, with no switch."""
+        plan = self._pg(1000, 1000)
+        assert (MailAccess.DATABASE, None) == (plan.access, plan.serve_as)
+
+    def test_root_becomes_nobody_with_a_warning(self) -> None:
+        """Root with nothing set becomes nobody, never a storage helper, and says so."""
+        nobody = pwd.getpwnam("nobody")
+        plan = self._pg(0)
+        assert (MailAccess.DATABASE, Owner(nobody.pw_uid, nobody.pw_gid)) == (
+            plan.access,
+            plan.serve_as,
+        )
+        assert ["user: not set"] == [w[: len("user: not set")] for w in plan.warnings]
+
+    def test_root_becomes_user(self) -> None:
+        """user names the serving account; mail_uid does not make it a helper setup."""
+        system_user(VMAIL)
+        vmail = pwd.getpwnam(VMAIL)
+        plan = self._pg(0, user=VMAIL, mail_uid="nobody")
+        assert (MailAccess.DATABASE, Owner(vmail.pw_uid, vmail.pw_gid), ()) == (
+            plan.access,
+            plan.serve_as,
+            plan.warnings,
+        )
+
+    def test_root_only_when_explicitly_allowed(self) -> None:
+        """user = root is refused; mail_uid root with first_valid_uid 0 keeps root."""
+        with pytest.raises(ConfigError, match=r"^user: the serving process must not stay root"):
+            self._pg(0, user="root")
+        allowed = self._pg(0, mail_uid="root", first_valid_uid=0, first_valid_gid=0)
+        assert (MailAccess.DATABASE, None) == (allowed.access, allowed.serve_as)

@@ -6,6 +6,8 @@ for Maildir. The Maildir variants differ only in how the files look (size fields
 or not, moved to ``cur/`` with flags or not) and whether the index is used; every one of them
 must pass the whole contract suite, and so must the Maildir store reached through the storage
 helper (``maildir-helper``: mode 3 of ``pobox serve``, run as root with a real other user).
+For PostgreSQL, another store (another "node", on a thread and connections of its own)
+appends rows to the test database of the throwaway cluster.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,12 @@ from pobox.config import build_config
 from pobox.storage.base import MaildropStore, MailUser
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.memory import MemoryStore
+from pobox.storage.postgres import PostgresStore
 from pobox.storage.privsep import OwnerPolicy, StorageHelper
 from tests.helpers.accounts import ALICE, chown_tree, system_user
 from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import User, deliver
+from tests.helpers.postgres import StoreThread
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Backend:
     store: MaildropStore
     user: Callable[[str], MailUser]
     deliver: Callable[[str, bytes], object]
+    closers: list[Callable[[], object]] = field(default_factory=list)
 
 
 def _memory(tmp_path: Path) -> Backend:
@@ -118,15 +123,29 @@ async def _maildir_through_helper() -> AsyncIterator[Backend]:
             await helper.aclose()
 
 
-@pytest.fixture(params=[*sorted(_BACKENDS), "maildir-helper"])
+def _postgresql(dsn: str) -> Backend:
+    """Return the PostgreSQL backend on the emptied test database ``dsn``."""
+    store = PostgresStore(dsn, pool_min=1, pool_max=4, timeout=10)
+    mta = StoreThread(dsn)
+    return Backend("postgresql", store, User, mta.append, closers=[mta.close])
+
+
+@pytest.fixture(params=[*sorted(_BACKENDS), "maildir-helper", "postgresql"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    """Each storage backend in turn (the last through the storage helper, as root)."""
+    """Each storage backend in turn (``maildir-helper`` through the storage helper, as root)."""
     if request.param == "maildir-helper":
         async with _maildir_through_helper() as through_helper:
             yield through_helper
         return
-    factory: Callable[[Path], Backend] = _BACKENDS[request.param]
-    yield factory(tmp_path)
+    if request.param == "postgresql":
+        made = _postgresql(request.getfixturevalue("pg_dsn"))
+    else:
+        factory: Callable[[Path], Backend] = _BACKENDS[request.param]
+        made = factory(tmp_path)
+    yield made
+    await made.store.aclose()
+    for close in made.closers:
+        close()
 
 
 @pytest.fixture

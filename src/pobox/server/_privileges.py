@@ -1,4 +1,4 @@
-"""Who the server runs as, and whose rights mail is accessed with: the three modes.
+"""Who the server runs as, and whose rights mail is accessed with: the modes.
 
 ``pobox serve`` decides at start (:func:`plan_privileges`), before it binds anything:
 
@@ -16,6 +16,11 @@
    becomes ``user`` (``nobody`` when unset, with a warning) and reaches mail, the passwd-file
    and the TLS files only through the helper, which accesses each user's mail with that user's
    uid/gid and never as root or a uid below ``first_valid_uid``.
+
+Mail in PostgreSQL (``mail_location = "postgresql"``, :attr:`MailAccess.DATABASE`) is no
+file of anyone's, so there are no owners: started as root, the process becomes ``user``
+after binding, else ``mail_uid`` (as in mode 2), else ``nobody`` (with a warning), without a
+helper; not started as root, it stays who it is.
 
 The order of a switch is the classic one (supplementary groups, group, user, then a check
 that root cannot be regained: :func:`pobox.storage.privsep.switch_process`).
@@ -58,6 +63,8 @@ class MailAccess(enum.Enum):
     MAIL_UID = "mail_uid"
     #: Mode 3: through the storage helper, with each owner's credentials.
     HELPER = "helper"
+    #: Mail in PostgreSQL: no files, no owners; the process never stays root.
+    DATABASE = "database"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,8 @@ def plan_privileges(
     """
     euid = os.geteuid() if euid is None else euid
     egid = os.getegid() if egid is None else egid
+    if config.mail_location == "postgresql":
+        return _database_plan(config, euid, egid)
     if euid != 0:
         me = Owner(euid, egid)
         policy = OwnerPolicy.from_config(config, fallback=me)
@@ -168,6 +177,44 @@ def plan_privileges(
         )
         raise ConfigError(msg)
     return PrivilegePlan(MailAccess.HELPER, policy, None, serve_as, name, warnings)
+
+
+def _database_plan(config: Config, euid: int, egid: int) -> PrivilegePlan:
+    """Plan for mail in PostgreSQL: no files, so no owners; the serving identity only.
+
+    Started as root the process becomes ``user``, else ``mail_uid`` (as in mode 2; root only
+    with an explicit ``first_valid_uid = 0``), else ``nobody`` with a warning.
+
+    Raises:
+        ConfigError: ``user`` names root, or needs the server to start as root.
+    """
+    me = Owner(euid, egid)
+    if euid != 0:
+        policy = OwnerPolicy.from_config(config, fallback=me)
+        if config.user and _account(config.user, config.group)[0] != me:
+            msg = f"user: switching to {config.user!r} needs the server to start as root"
+            raise ConfigError(msg)
+        return PrivilegePlan(MailAccess.DATABASE, policy, me, None)
+    policy = OwnerPolicy.from_config(config, fallback=None)
+    warnings: tuple[str, ...] = ()
+    if config.user:
+        serve_as, name = _account(config.user, config.group)
+    elif policy.mail_uid is not None:
+        serve_as = _mail_identity(config, policy)
+        _check_range(policy, serve_as, "mail_uid")
+        name = _name_of(serve_as.uid)
+        if serve_as.uid == 0:  # explicitly allowed by first_valid_uid = 0: stay as we are
+            return PrivilegePlan(MailAccess.DATABASE, policy, serve_as, None, name)
+    else:
+        serve_as, name = _account(DEFAULT_SERVING_USER, config.group)
+        warnings = (
+            f"user: not set; the serving process runs as {name} (uid {serve_as.uid}). "
+            'A user of its own is better, e.g. user = "pobox".',
+        )
+    if serve_as.uid == 0:
+        msg = "user: the serving process must not stay root (mail is in PostgreSQL)"
+        raise ConfigError(msg)
+    return PrivilegePlan(MailAccess.DATABASE, policy, serve_as, serve_as, name, warnings)
 
 
 def _check_range(policy: OwnerPolicy, owner: Owner, key: str) -> None:

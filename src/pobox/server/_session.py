@@ -257,6 +257,8 @@ class Session:
         #: When the current wait for the network began (None: not waiting on the network).
         self._io_since: float | None = None
         self._expired = False
+        #: The store lost the maildrop lock (another node may serve the maildrop now).
+        self._lock_gone = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -293,7 +295,9 @@ class Session:
             event = conn.next_event()
             if event is NEED_DATA:
                 await self._flush()
-                data = await self._read()
+                data = None if self._lock_gone else await self._read()
+                if self._lock_gone:
+                    return self._end_lock_lost()
                 if data is None:
                     reason = self._timeout_reason()
                     conn.close("timeout")
@@ -318,6 +322,10 @@ class Session:
             elif isinstance(event, StartTLS):
                 await self._start_tls(event)
             elif isinstance(event, ConnectionClosed):
+                # Release the lock before the last reply goes out (RFC 1939 §6: UPDATE,
+                # release, then the reply): a client that logs in again as soon as it has
+                # the +OK, here or on another node, must find the maildrop free.
+                await self._release()
                 await self._flush()
                 return {
                     "quit": "Logged out",
@@ -411,6 +419,24 @@ class Session:
             if timer is not None:
                 timer.cancel()
             self._timer = self._loop.call_at(deadline, self._check_deadline)
+
+    def _lock_lost(self) -> None:
+        """The store lost the maildrop lock: end the session, without UPDATE, at once.
+
+        A session waiting for the client is woken (as the timer does); one busy with a
+        command ends when the command is answered, and QUIT then deletes nothing.
+        """
+        self._lock_gone = True
+        if self._io_since is not None and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    def _end_lock_lost(self) -> str:
+        """Tell the client the session ends without UPDATE; return the reason to log."""
+        self.log.error("Maildrop lock lost, ending the session without UPDATE")
+        self.conn.close("lock-lost")
+        self.writer.write(b"-ERR [SYS/TEMP] Mailbox lock lost, no changes made; log in again.\r\n")
+        return "Maildrop lock lost"
 
     def _check_deadline(self) -> None:
         since = self._io_since
@@ -588,6 +614,7 @@ class Session:
             self.id,
         )
         self.log.user = user.name
+        self.maildrop.on_lock_lost(self._lock_lost)
         self.conn.send(LoginAccepted(self.maildrop.messages))
 
     async def _retrieve(self, event: RetrieveMessage) -> None:
@@ -634,7 +661,10 @@ class Session:
     async def _commit(self, event: CommitDeletions) -> None:
         assert self.maildrop is not None
         failed = 0
-        if event.numbers:
+        if event.numbers and self._lock_gone:
+            self.log.error("Maildrop lock lost, %d deletions not made", len(event.numbers))
+            failed = self.delete_failures = len(event.numbers)
+        elif event.numbers:
             keys = [self.maildrop.messages[n - 1].key for n in event.numbers]
             try:
                 result = await self.maildrop.delete(keys)
@@ -656,12 +686,19 @@ class Session:
 
     # ----------------------------------------------------------------- the end
 
-    async def _finish(self, reason: str) -> None:
+    async def _release(self) -> None:
+        """Close the maildrop (releasing its lock); safe to call more than once."""
         if self.maildrop is not None:
             try:
                 await self.maildrop.close()
             except Exception:
                 self.log.exception("Closing the maildrop failed")
+            except asyncio.CancelledError:  # shutdown while a store released its lock
+                self.writer.close()
+                raise
+
+    async def _finish(self, reason: str) -> None:
+        await self._release()
         with contextlib.suppress(Exception):
             await self._flush()
         # close() sends what is still buffered before closing; wait (a while) only then.

@@ -23,7 +23,7 @@ May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records` and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -204,6 +204,15 @@ class Maildrop(Protocol):
         """Remove messages for good; called only in the UPDATE state (RFC 1939 §6).
 
         Each removal is atomic: a message is either fully present or fully gone.
+        """
+
+    def on_lock_lost(self, callback: Callable[[], object]) -> None:
+        """Have ``callback`` called, once, on the event loop, if the session lock is lost.
+
+        A lock held in a database (PostgreSQL's advisory locks) dies with the connection
+        that holds it; the session must then end without UPDATE (``-ERR [SYS/TEMP]``), since
+        another node may already serve the maildrop, and :meth:`delete` refuses to run. A
+        lock that cannot be lost (a file lock held by this process) never calls it.
         """
 
     async def close(self) -> None:

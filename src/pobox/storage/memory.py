@@ -7,7 +7,8 @@ server can run against it and trust what they see. It lives and dies with the pr
 * :meth:`MemoryStore.deliver` stores a message through the storage interface, as delivery
   does on every backend; :meth:`MemoryStore.add` is the same for tests, from bytes.
 * Each maildrop has an exclusive lock, held from :meth:`MemoryStore.open` (``lock=True``)
-  until :meth:`~MemoryMaildrop.close`.
+  until :meth:`~MemoryMaildrop.close`, or until :meth:`MemoryStore.break_lock` takes it away
+  as a lost database connection would (the session is told, and its UPDATE refused).
 * UIDLs come from a per-maildrop counter that never goes back, so they are unique and never
   reused, even after deletion; two identical messages get different UIDLs.
 * Sizes are wire sizes (:func:`pobox.storage._wire.wire_size`).
@@ -19,7 +20,8 @@ May import: the standard library and :mod:`pobox.storage`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from pobox.storage._wire import wire_size
@@ -32,6 +34,7 @@ from pobox.storage.base import (
     MessageInfo,
     Quota,
     QuotaExceeded,
+    StorageTemporaryError,
     Usage,
 )
 
@@ -109,6 +112,20 @@ class MemoryStore:
         drop = self._drops.get(username)
         return drop is not None and drop.holder is not None
 
+    def break_lock(self, username: str) -> bool:
+        """Take ``username``'s lock from the session holding it, as a lost lock connection would.
+
+        The session is told (:meth:`MemoryMaildrop.on_lock_lost`) and its :meth:`delete`
+        refused; the maildrop can be locked again at once. Returns whether a lock was held.
+        """
+        drop = self._drops.get(username)
+        holder = None if drop is None else drop.holder
+        if drop is None or holder is None:
+            return False
+        drop.holder = None
+        holder.lose_lock()
+        return True
+
     async def open(self, user: MailUser, *, lock: bool = True) -> MemoryMaildrop:
         """Open ``user.name``'s maildrop (empty if nothing was delivered yet).
 
@@ -140,6 +157,8 @@ class MemoryMaildrop:
         self._messages = messages
         self._keys = frozenset(info.key for info in messages)
         self._closed = False
+        self._lost = False
+        self._callbacks: list[Callable[[], object]] = []
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
@@ -180,6 +199,9 @@ class MemoryMaildrop:
         never deletes mail it has not seen.
         """
         self._check_open()
+        if self._lost:
+            msg = "the maildrop lock was lost: nothing deleted"
+            raise StorageTemporaryError(msg)
         removed: list[str] = []
         failed: list[str] = []
         for key in keys:
@@ -189,6 +211,21 @@ class MemoryMaildrop:
             else:
                 failed.append(key)
         return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+    def on_lock_lost(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` soon if :meth:`MemoryStore.break_lock` takes this session's lock."""
+        if self._lost:
+            asyncio.get_running_loop().call_soon(callback)
+        else:
+            self._callbacks.append(callback)
+
+    def lose_lock(self) -> None:
+        """The lock was taken away: refuse UPDATE and tell whoever asked, on the event loop."""
+        self._lost = True
+        callbacks, self._callbacks = self._callbacks, []
+        loop = asyncio.get_running_loop()
+        for callback in callbacks:
+            loop.call_soon(callback)
 
     async def close(self) -> None:
         """Release the lock if this session holds it; safe to call more than once."""

@@ -311,6 +311,9 @@ class MaildirMaildrop:
         async with self._gates.turn(self._handle.root, self._lock_timeout):
             return await asyncio.to_thread(self._handle.delete, tuple(keys))
 
+    def on_lock_lost(self, callback: Callable[[], object]) -> None:
+        """Do nothing: a lock file held by this process is lost only with the process."""
+
     async def close(self) -> None:
         """Release the session lock; safe to call more than once."""
         self._closed = True

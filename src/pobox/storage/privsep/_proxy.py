@@ -488,6 +488,10 @@ class HelperMaildrop:
             msg = "the maildrop is closed"
             raise RuntimeError(msg)
 
+    def on_lock_lost(self, callback: Callable[[], object]) -> None:
+        """Do nothing: the helper holds the lock file until this session closes it, and if
+        the helper dies the whole server stops (a lock file is never lost under a session)."""
+
     async def close(self) -> None:
         """Release the maildrop (and its session lock) in the helper; safe to call again."""
         if self._closed:

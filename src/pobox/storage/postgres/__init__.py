@@ -1,0 +1,39 @@
+"""The PostgreSQL store: maildrops, delivery and cross-node locks in a PostgreSQL database.
+
+Selected with ``mail_location = "postgresql"``; see :mod:`._store` for the design and
+README.md ("PostgreSQL") for setup, the locks, and scaling out. The schema is made and
+migrated by ``pobox db upgrade`` (:mod:`._schema`).
+
+May import: the standard library, psycopg, psycopg_pool and :mod:`pobox.storage`.
+"""
+
+from __future__ import annotations
+
+from pobox.storage.postgres._locks import LockConnection, lock_key
+from pobox.storage.postgres._schema import (
+    Migration,
+    SchemaError,
+    SchemaStatus,
+    check,
+    latest_version,
+    migrations,
+    status,
+    upgrade,
+)
+from pobox.storage.postgres._store import PostgresMaildrop, PostgresStore, uidl_for
+
+__all__ = [
+    "LockConnection",
+    "Migration",
+    "PostgresMaildrop",
+    "PostgresStore",
+    "SchemaError",
+    "SchemaStatus",
+    "check",
+    "latest_version",
+    "lock_key",
+    "migrations",
+    "status",
+    "uidl_for",
+    "upgrade",
+]

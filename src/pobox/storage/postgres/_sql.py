@@ -1,0 +1,140 @@
+"""The statements the PostgreSQL store runs, composed once per store for its schema.
+
+Table names are composed with :mod:`psycopg.sql` (:class:`~psycopg.sql.Identifier`), values
+are always bound parameters (``%(name)s``), never formatted into the text. Every statement
+that a POP3 session or a delivery runs touches one mailbox (``WHERE mailbox = ...``) or one
+body (``WHERE digest = ...``): on a distributed database each one goes to a single shard.
+
+May import: the standard library and psycopg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import LiteralString
+
+from psycopg import sql
+
+__all__ = ["Statements"]
+
+_TEXT: dict[str, LiteralString] = {
+    # --- a POP3 session -------------------------------------------------------------------
+    # What tells whether a cached listing is still right: any delivery raises next_uid, any
+    # deletion lowers messages, and a maildrop made anew has another creation time.
+    "counters": "SELECT next_uid, messages,"
+    " (extract(epoch FROM created) * 1000000)::bigint"
+    " FROM {mailbox} WHERE mailbox = %(mailbox)s",
+    # The snapshot: one scan of message's primary key, which includes these columns.
+    "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message}"
+    " WHERE mailbox = %(mailbox)s ORDER BY uid",
+    # The first page of a message: its header lines (NULL: the message is gone), and as
+    # "chunks" below. One statement, one round trip: most messages are one chunk. The
+    # subquery is uncorrelated, so a distributed database plans it on its own shard.
+    "first_page": "SELECT (SELECT header FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND uid = %(uid)s), b.chunks, c.seq, c.data FROM {body} AS b"
+    " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest"
+    " AND c.seq >= 0 AND c.seq < %(limit)s"
+    " WHERE b.digest = %(digest)s ORDER BY c.seq",
+    # Read-ahead of small messages (a locked session lists them all, then reads them in
+    # turn): the header lines of several messages, and the single chunk of their bodies.
+    "heads": "SELECT uid, header FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)",
+    "small_bodies": "SELECT b.digest, c.data FROM {body} AS b"
+    " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest AND c.seq = 0"
+    " WHERE b.digest = ANY(%(digests)s) AND b.chunks <= 1",
+    # A page of a body's chunks, with the number it has: no row at all means no body.
+    "chunks": "SELECT NULL, b.chunks, c.seq, c.data FROM {body} AS b"
+    " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest"
+    " AND c.seq >= %(seq)s AND c.seq < %(seq)s + %(limit)s"
+    " WHERE b.digest = %(digest)s ORDER BY c.seq",
+    # UPDATE (RFC 1939 §6), on the connection that holds the maildrop lock: is it still ours?
+    "fence": "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks"
+    " WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND granted"
+    " AND objsubid = 1 AND classid = %(classid)s::bigint::oid"
+    " AND objid = %(objid)s::bigint::oid"
+    " AND database = (SELECT oid FROM pg_catalog.pg_database"
+    " WHERE datname = pg_catalog.current_database()))",
+    "delete": "DELETE FROM {message} WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)"
+    " RETURNING uid, size, digest",
+    "uncount": "UPDATE {mailbox} SET messages = messages - %(messages)s,"
+    " octets = octets - %(octets)s WHERE mailbox = %(mailbox)s",
+    "try_lock": "SELECT pg_catalog.pg_try_advisory_lock(%(key)s)",
+    "unlock": "SELECT pg_catalog.pg_advisory_unlock(%(key)s)",
+    # --- delivery -------------------------------------------------------------------------
+    # Pin a body that exists: a KEY SHARE row lock lasts until COMMIT, and the garbage
+    # collector's FOR UPDATE waits for (or skips) it, so a body never goes while in use.
+    "pin_body": "SELECT FROM {body} WHERE digest = %(digest)s FOR KEY SHARE",
+    "insert_body": "INSERT INTO {body} (digest, size, chunks)"
+    " VALUES (%(digest)s, %(size)s, %(chunks)s) ON CONFLICT (digest) DO NOTHING RETURNING 1",
+    "copy_chunks": "COPY {body_chunk} (digest, seq, data) FROM STDIN (FORMAT BINARY)",
+    # Create the maildrop or take the next UID, counting the message in: the row lock this
+    # takes serialises deliveries to one maildrop until COMMIT, which is what keeps the
+    # quota exact and the UIDs in delivery order.
+    "count": "INSERT INTO {mailbox} AS mb (mailbox, uidvalidity, next_uid, messages, octets)"
+    " VALUES (%(mailbox)s, %(uidvalidity)s, 2, 1, %(size)s)"
+    " ON CONFLICT (mailbox) DO UPDATE SET next_uid = mb.next_uid + 1,"
+    " messages = mb.messages + 1, octets = mb.octets + EXCLUDED.octets"
+    " RETURNING next_uid - 1, uidvalidity, messages, octets,"
+    " pg_catalog.pg_current_xact_id()::text",
+    "insert_message": "INSERT INTO {message}"
+    " (mailbox, uid, uidl, wire_size, size, digest, header)"
+    " VALUES (%(mailbox)s, %(uid)s, %(uidl)s, %(wire_size)s, %(size)s, %(digest)s,"
+    " %(header)s)",
+    "xact_status": "SELECT pg_catalog.pg_xact_status(%(xid)s::xid8)",
+    "usage": "SELECT octets, messages FROM {mailbox} WHERE mailbox = %(mailbox)s",
+    # --- garbage collection of bodies ---------------------------------------------------
+    # Lock the candidates that no delivery has pinned, then (a new statement: a new
+    # snapshot, taken with the locks held) drop those no message uses.
+    "lock_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)s)"
+    " FOR UPDATE SKIP LOCKED",
+    "unused_bodies": "SELECT b.digest FROM {body} AS b WHERE b.digest = ANY(%(digests)s)"
+    " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest)",
+    "drop_chunks": "DELETE FROM {body_chunk} WHERE digest = ANY(%(digests)s)",
+    "drop_bodies": "DELETE FROM {body} WHERE digest = ANY(%(digests)s)",
+    "orphans": "SELECT b.digest FROM {body} AS b"
+    " WHERE b.created < now() - %(age)s::interval"
+    " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest) LIMIT %(limit)s",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """Every statement of the store, composed for one schema."""
+
+    counters: sql.Composed
+    snapshot: sql.Composed
+    first_page: sql.Composed
+    heads: sql.Composed
+    small_bodies: sql.Composed
+    chunks: sql.Composed
+    fence: sql.Composed
+    delete: sql.Composed
+    uncount: sql.Composed
+    try_lock: sql.Composed
+    unlock: sql.Composed
+    pin_body: sql.Composed
+    insert_body: sql.Composed
+    copy_chunks: sql.Composed
+    count: sql.Composed
+    insert_message: sql.Composed
+    xact_status: sql.Composed
+    usage: sql.Composed
+    lock_bodies: sql.Composed
+    unused_bodies: sql.Composed
+    drop_chunks: sql.Composed
+    drop_bodies: sql.Composed
+    orphans: sql.Composed
+
+    @classmethod
+    def for_schema(cls, schema: str) -> Statements:
+        """Compose every statement with the tables of ``schema``."""
+        tables = {
+            name: sql.Identifier(schema, name)
+            for name in ("mailbox", "message", "body", "body_chunk")
+        }
+        composed = {}
+        for field in fields(cls):
+            text = _TEXT[field.name]
+            used = {name: ident for name, ident in tables.items() if "{" + name + "}" in text}
+            composed[field.name] = sql.SQL(text).format(**used)
+        return cls(**composed)

@@ -1,0 +1,412 @@
+"""The PostgreSQL store beyond the contract: bodies stored once, streaming, locks across nodes.
+
+Every test runs on the throwaway cluster's test database, emptied for it (``pg_dsn``). Two
+:class:`PostgresStore` instances on one database stand for two pobox nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tracemalloc
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from pobox.storage.base import (
+    IncomingMessage,
+    MaildropLocked,
+    MessageGone,
+    Quota,
+    QuotaExceeded,
+    StorageTemporaryError,
+    Usage,
+)
+from pobox.storage.postgres import PostgresStore, lock_key
+from pobox.storage.spool import Spool
+from tests.helpers.maildir import User, incoming
+from tests.helpers.postgres import Postgres
+
+
+@pytest.fixture
+async def store(pg_dsn: str) -> AsyncIterator[PostgresStore]:
+    """A store ("node A") on the emptied test database."""
+    made = PostgresStore(pg_dsn, pool_min=1, pool_max=8, lock_connections=2, timeout=10)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+async def other(pg_dsn: str) -> AsyncIterator[PostgresStore]:
+    """A second store on the same database ("node B")."""
+    made = PostgresStore(pg_dsn, pool_min=1, pool_max=8, lock_connections=2, timeout=10)
+    yield made
+    await made.aclose()
+
+
+def query(dsn: str, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """Run ``sql`` on a connection of its own; return the rows (none for a command)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql, params or None)
+        return cur.fetchall() if cur.description else []
+
+
+async def read(store: PostgresStore, name: str) -> list[bytes]:
+    """Return every message of ``name``'s maildrop, without locking it."""
+    maildrop = await store.open(User(name), lock=False)
+    try:
+        return [
+            b"".join([chunk async for chunk in maildrop.read_message(info.key)])
+            for info in maildrop.messages
+        ]
+    finally:
+        await maildrop.close()
+
+
+async def empty(store: PostgresStore, name: str) -> None:
+    """Delete every message of ``name``'s maildrop in one UPDATE."""
+    maildrop = await store.open(User(name))
+    await maildrop.delete([info.key for info in maildrop.messages])
+    await maildrop.close()
+
+
+class TestBodies:
+    """A body is stored once for all its recipients and dropped when none is left."""
+
+    async def test_one_transaction_to_500_users_stores_the_body_once(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """500 concurrent deliveries of one spool: one body row, 500 messages with own headers."""
+        body = Spool.from_bytes(b"Subject: all\r\n\r\n" + b"x" * 300_000 + b"\r\n")
+        names = [f"user{n}" for n in range(500)]
+        await asyncio.gather(
+            *(
+                store.deliver(User(name), IncomingMessage(f"To: {name}\n".encode(), body))
+                for name in names
+            )
+        )
+        counts = query(
+            pg_dsn,
+            "SELECT (SELECT count(*) FROM pobox.body), (SELECT count(*) FROM pobox.body_chunk),"
+            " (SELECT count(*) FROM pobox.message)",
+        )
+        assert [(1, 2, 500)] == counts
+        assert [b"To: user77\n" + body.getvalue()] == await read(store, "user77")
+
+    async def test_body_dropped_with_its_last_message(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """A body stays while one message uses it and goes with the last one."""
+        body = Spool.from_bytes(b"shared\n")
+        for name in ("alice", "bob"):
+            await store.deliver(User(name), IncomingMessage(b"", body))
+        await empty(store, "alice")
+        left = query(pg_dsn, "SELECT count(*) FROM pobox.body")
+        await empty(store, "bob")
+        gone = query(pg_dsn, "SELECT count(*) FROM pobox.body")
+        assert ([(1,)], [(0,)]) == (left, gone)
+
+    async def test_reuse_racing_collection_never_loses_a_body(
+        self, store: PostgresStore, other: PostgresStore
+    ) -> None:
+        """Deliveries of a body while UPDATEs elsewhere free it: every message stays readable."""
+        body = Spool.from_bytes(b"Subject: same\n\nthe same body\n")
+        for _ in range(30):
+            await store.deliver(User("alice"), IncomingMessage(b"", body))
+            await asyncio.gather(
+                empty(store, "alice"),
+                other.deliver(User("bob"), IncomingMessage(b"", body)),
+            )
+        expected = [body.getvalue()] * 30
+        assert expected == await read(store, "bob")
+
+    async def test_body_pinned_by_a_delivery_in_progress_is_not_collected(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """While a delivery's transaction has found the body (not yet committed its message),
+        the collector leaves that body alone, though no committed message uses it."""
+        body = Spool.from_bytes(b"Subject: same\n\nthe same body\n")
+        await store.deliver(User("alice"), IncomingMessage(b"", body))
+        query(pg_dsn, "DELETE FROM pobox.message")  # the body is unused now...
+        digest = bytes.fromhex(body.digest)
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute("BEGIN")
+            await store._put_body(conn, digest, body)
+            dropped = await store._collect([digest])
+            await conn.execute("ROLLBACK")
+        again = await store._collect([digest])
+        assert (0, 1) == (dropped, again)
+
+    async def test_collect_garbage_sweeps_orphans(self, store: PostgresStore, pg_dsn: str) -> None:
+        """A body no message uses (a node died before collecting it) is swept by age."""
+        await store.deliver(User("alice"), incoming(b"orphan to be\n"))
+        query(pg_dsn, "DELETE FROM pobox.message")  # as if the collection never ran
+        young = await store.collect_garbage(age="1 hour")
+        old = await store.collect_garbage(age="0 seconds")
+        left = query(pg_dsn, "SELECT count(*) FROM pobox.body_chunk")
+        assert (0, 1, [(0,)]) == (young, old, left)
+
+
+class TestSessions:
+    """What a POP3 session reads: sizes and UIDLs fixed at delivery, bodies streamed."""
+
+    async def test_sizes_and_uidls_come_from_the_rows(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """LIST sizes and UIDLs are read as stored at delivery, never recomputed."""
+        await store.deliver(User("alice"), incoming(b"hello\n"))
+        query(pg_dsn, "UPDATE pobox.message SET wire_size = 12345, uidl = 'kept-from-elsewhere'")
+        maildrop = await store.open(User("alice"))
+        got = [(info.size, info.uidl) for info in maildrop.messages]
+        await maildrop.close()
+        assert [(12345, "kept-from-elsewhere")] == got
+
+    async def test_uidl_is_dovecots_default_format(self, store: PostgresStore, pg_dsn: str) -> None:
+        """UIDLs are %08X of the UID then %08X of the maildrop's UIDVALIDITY (Dovecot's)."""
+        await store.deliver(User("alice"), incoming(b"one\n"))
+        await store.deliver(User("alice"), incoming(b"two\n"))
+        [(validity,)] = query(pg_dsn, "SELECT uidvalidity FROM pobox.mailbox")
+        maildrop = await store.open(User("alice"))
+        uidls = [info.uidl for info in maildrop.messages]
+        await maildrop.close()
+        assert [f"00000001{validity:08X}", f"00000002{validity:08X}"] == uidls
+
+    async def test_listing_is_one_index_scan(self, store: PostgresStore, pg_dsn: str) -> None:
+        """The snapshot query of a 2,000-message maildrop scans the primary key only, no sort."""
+        await store.deliver(User("alice"), incoming(b"x\n"))
+        query(
+            pg_dsn,
+            "INSERT INTO pobox.message (mailbox, uid, uidl, wire_size, size, digest, header)"
+            " SELECT 'user' || (n % 50), n, 'u' || n, 3, 2, m.digest, ''"
+            " FROM generate_series(2, 100000) AS n, (SELECT digest FROM pobox.message) AS m",
+        )
+        query(pg_dsn, "VACUUM ANALYZE pobox.message")  # what autovacuum does to such a table
+        plan = query(
+            pg_dsn,
+            "EXPLAIN (COSTS OFF) SELECT uid, wire_size, uidl, digest FROM pobox.message"
+            " WHERE mailbox = 'user7' ORDER BY uid",
+        )
+        expected = [
+            ("Index Only Scan using message_pkey on message",),
+            ("  Index Cond: (mailbox = 'user7'::text)",),
+        ]
+        assert expected == plan
+
+    async def test_large_message_streams_in_bounded_memory(self, store: PostgresStore) -> None:
+        """A 20 MB message is read back intact, a chunk at a time, never whole in memory."""
+        data = hashlib.sha256(b"seed").digest() * (20 * 1024 * 1024 // 32)
+        body = Spool.from_bytes(data)
+        await store.deliver(User("alice"), IncomingMessage(b"X: y\n", body))
+        body.close()
+        del body
+        maildrop = await store.open(User("alice"))
+        digest = hashlib.sha256()
+        largest = 0
+        tracemalloc.start()
+        async for chunk in maildrop.read_message(maildrop.messages[0].key):
+            digest.update(chunk)
+            largest = max(largest, len(chunk))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        await maildrop.close()
+        expected = hashlib.sha256(b"X: y\n" + data).hexdigest()
+        assert (expected, True, True) == (
+            digest.hexdigest(),
+            largest <= 256 * 1024,
+            peak < 4 * 1024 * 1024,
+        )
+
+    async def test_cached_listing_follows_another_nodes_deletions(
+        self, store: PostgresStore, other: PostgresStore
+    ) -> None:
+        """A listing node A read before is not reused after node B deleted a message."""
+        for n in range(3):
+            await store.deliver(User("alice"), incoming(b"m%d\n" % n))
+        assert 3 == len(await read(store, "alice"))
+        maildrop = await other.open(User("alice"))
+        await maildrop.delete([maildrop.messages[0].key])
+        await maildrop.close()
+        assert [b"m1\n", b"m2\n"] == await read(store, "alice")
+
+    async def test_cached_listing_of_a_maildrop_made_anew(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """A maildrop deleted and made again, with the same counts, is listed anew."""
+        await store.deliver(User("alice"), incoming(b"old\n"))
+        assert [b"old\n"] == await read(store, "alice")
+        query(pg_dsn, "DELETE FROM pobox.message; DELETE FROM pobox.mailbox")
+        await asyncio.sleep(0.01)
+        await store.deliver(User("alice"), incoming(b"new\n"))
+        assert [b"new\n"] == await read(store, "alice")
+
+    async def test_small_messages_are_read_ahead(self, store: PostgresStore) -> None:
+        """Reading message 1 of a locked session fetches the small ones after it too: they
+        are then at hand without waiting (read_now); a large one is left to stream."""
+        for n in range(4):
+            await store.deliver(User("alice"), incoming(b"small %d\n" % n))
+        await store.deliver(User("alice"), incoming(b"z" * 300_000))
+        maildrop = await store.open(User("alice"))
+        keys = [info.key for info in maildrop.messages]
+        first = b"".join([chunk async for chunk in maildrop.read_message(keys[0])])
+        at_hand = [maildrop.read_now(key) for key in keys[1:]]
+        await maildrop.close()
+        assert [b"small 0\n", b"small 1\n", b"small 2\n", b"small 3\n", None] == [
+            first,
+            *at_hand,
+        ]
+
+    async def test_body_vanishing_mid_read_is_gone(self, store: PostgresStore, pg_dsn: str) -> None:
+        """A body removed between two pages raises MessageGone, never a short message."""
+        await store.deliver(User("alice"), incoming(b"y" * 2_000_000))
+        maildrop = await store.open(User("alice"), lock=False)
+        chunks = maildrop.read_message(maildrop.messages[0].key)
+        await anext(chunks)
+        query(pg_dsn, "DELETE FROM pobox.body_chunk WHERE seq >= 2")
+        with pytest.raises(MessageGone):
+            async for _ in chunks:
+                pass
+        await maildrop.close()
+
+
+class TestDelivery:
+    """Delivery is one transaction with the quota; acknowledged only after COMMIT."""
+
+    async def test_quota_holds_against_concurrent_deliveries_from_two_nodes(
+        self, store: PostgresStore, other: PostgresStore
+    ) -> None:
+        """40 deliveries at once from two nodes, quota 7 messages: exactly 7 are stored."""
+        quota = Quota(max_messages=7)
+
+        async def one(node: PostgresStore, n: int) -> bool:
+            try:
+                await node.deliver(User("alice"), incoming(f"{n:02d}\n".encode()), quota=quota)
+            except QuotaExceeded:
+                return False
+            return True
+
+        stored = await asyncio.gather(*(one((store, other)[n % 2], n) for n in range(40)))
+        assert (7, Usage(octets=21, messages=7)) == (
+            sum(stored),
+            await store.usage(User("alice")),
+        )
+
+    async def test_refused_delivery_leaves_no_body(self, store: PostgresStore, pg_dsn: str) -> None:
+        """A message over quota is rolled back whole: no body, no counters changed."""
+        with pytest.raises(QuotaExceeded):
+            await store.deliver(User("alice"), incoming(b"12345\n"), quota=Quota(max_bytes=3))
+        assert [(0, 0)] == query(
+            pg_dsn, "SELECT (SELECT count(*) FROM pobox.body), (SELECT count(*) FROM pobox.mailbox)"
+        )
+
+    async def test_schema_and_names_are_quoted_identifiers(self, pg_cluster: Postgres) -> None:
+        """A schema name with a quote and a space works: identifiers are composed, not pasted."""
+        name = pg_cluster.create_database()
+        dsn = pg_cluster.dsn(name)
+        try:
+            from tests.helpers.postgres import migrate  # noqa: PLC0415
+
+            migrate(dsn, schema='we"ird schema')
+            odd = PostgresStore(dsn, schema='we"ird schema', pool_min=1)
+            try:
+                await odd.deliver(User("o'brien; DROP TABLE x"), incoming(b"fine\n"))
+                assert [b"fine\n"] == await read(odd, "o'brien; DROP TABLE x")
+            finally:
+                await odd.aclose()
+        finally:
+            pg_cluster.drop_database(name)
+
+
+class TestLocksAcrossNodes:
+    """The maildrop lock is an advisory lock: one holder in the whole cluster, never stale."""
+
+    async def test_second_node_gets_in_use(
+        self, store: PostgresStore, other: PostgresStore
+    ) -> None:
+        """A maildrop locked by node A is refused by node B until A closes it."""
+        held = await store.open(User("alice"))
+        with pytest.raises(MaildropLocked):
+            await other.open(User("alice"))
+        await held.close()
+        again = await other.open(User("alice"))
+        await again.close()
+
+    async def test_many_sessions_share_few_connections(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """300 locked sessions on one node use its 2 lock connections, not 300 backends."""
+        sessions = [await store.open(User(f"user{n}")) for n in range(300)]
+        [(backends,)] = query(
+            pg_dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pobox'",
+        )
+        [(locks,)] = query(pg_dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        for session in sessions:
+            await session.close()
+        assert (True, 300) == (backends <= 2 + 8, locks)
+
+    async def test_terminated_lock_connection_ends_sessions_and_frees_locks(
+        self, store: PostgresStore, other: PostgresStore, pg_dsn: str
+    ) -> None:
+        """pg_terminate_backend on A's lock connection: A is told, B can lock at once."""
+        maildrop = await store.open(User("alice"))
+        told = asyncio.Event()
+        maildrop.on_lock_lost(told.set)
+        pid = maildrop.lock_connection.backend_pid  # type: ignore[union-attr]
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", pid)
+        await asyncio.wait_for(told.wait(), 5)
+        taken = await other.open(User("alice"))
+        await taken.close()
+        await maildrop.close()
+
+    async def test_update_after_lost_connection_deletes_nothing(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """An UPDATE whose lock connection died refuses, even before the loss was noticed."""
+        await store.deliver(User("alice"), incoming(b"keep me\n"))
+        maildrop = await store.open(User("alice"))
+        connection = maildrop.lock_connection
+        assert connection is not None
+        connection._unwatch()
+        query(pg_dsn, "SELECT pg_terminate_backend(%s)", connection.backend_pid)
+        await asyncio.sleep(0.2)
+        with pytest.raises(StorageTemporaryError):
+            await maildrop.delete([maildrop.messages[0].key])
+        await maildrop.close()
+        assert [b"keep me\n"] == await read(store, "alice")
+
+    async def test_fencing_check_refuses_an_update_without_the_lock(
+        self, store: PostgresStore
+    ) -> None:
+        """The UPDATE checks pg_locks in its transaction: a lock gone from a live connection
+        (released behind the session's back) is not enough to delete."""
+        await store.deliver(User("alice"), incoming(b"keep me\n"))
+        maildrop = await store.open(User("alice"))
+        assert maildrop.lock_connection is not None
+        async with maildrop.lock_connection.using() as conn:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key("alice"),))
+        with pytest.raises(StorageTemporaryError):
+            await maildrop.delete([maildrop.messages[0].key])
+        await maildrop.close()
+        assert [b"keep me\n"] == await read(store, "alice")
+
+
+class TestFaults:
+    """The database down or restarting: temporary errors, nothing lost, recovery by itself."""
+
+    async def test_down_then_back(self, pg_cluster: Postgres, pg_dsn: str) -> None:
+        """With the server stopped, open and deliver fail temporarily; after it returns, both
+        work again on the same store without a restart."""
+        node = PostgresStore(pg_dsn, pool_min=2, timeout=2, lock_connections=1)
+        try:
+            await node.deliver(User("alice"), incoming(b"before\n"))
+            pg_cluster.stop()
+            with pytest.raises(StorageTemporaryError):
+                await node.open(User("alice"))
+            with pytest.raises(StorageTemporaryError):
+                await node.deliver(User("alice"), incoming(b"lost?\n"))
+            pg_cluster.restart()
+            await node.deliver(User("alice"), incoming(b"after\n"))
+            assert [b"before\n", b"after\n"] == await read(node, "alice")
+        finally:
+            await node.aclose()
