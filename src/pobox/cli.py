@@ -27,19 +27,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pobox import __version__
-from pobox.auth.base import Authenticator
+from pobox.auth.base import Authenticator, HashWorkers
 from pobox.auth.oauth import JwtVerifier
 from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user, set_password
 from pobox.auth.schemes import SUPPORTED_SCHEMES
+from pobox.auth.secretfile import load_secret
 from pobox.client.cli import add_fetch_parser
 from pobox.config import KEYS, Config, load_config
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
-from pobox.log import setup_logging
+from pobox.log import reopen_logs, setup_logging
 from pobox.server import Pop3Server, SessionContext, drop_privileges
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._throttle import LoginThrottle
+from pobox.state import MemoryFailureCounters
 from pobox.storage.base import MaildropStore
 from pobox.storage.maildir import MaildirStore
 
@@ -55,10 +57,23 @@ EX_USAGE, EX_DATAERR, EX_CONFIG, EX_UNAVAILABLE, EX_OSERR = 64, 65, 78, 69, 71
 #: sysexits.h EX_TEMPFAIL: the MTA keeps the message and tries again.
 EX_TEMPFAIL = 75
 
+#: The default scram_secret_file, made next to the passwd-file.
+SCRAM_SECRET_NAME = "pobox-scram.secret"
 
-def build_authenticator(config: Config) -> Authenticator:
-    """Build the user database the configuration names."""
-    return PasswdFileAuthenticator(config.passwd_file, default_scheme=config.default_pass_scheme)
+
+def scram_secret(config: Config) -> bytes:
+    """Return the key SCRAM salts are derived from, if SCRAM is offered (made if missing)."""
+    if not any(m.startswith("SCRAM-") for m in config.auth_mechanisms.upper().split()):
+        return b""
+    path = config.scram_secret_file or str(Path(config.passwd_file).parent / SCRAM_SECRET_NAME)
+    return load_secret(path)
+
+
+def build_authenticator(config: Config, workers: HashWorkers | None = None) -> Authenticator:
+    """Build the user database the configuration names (hash checks in ``workers``)."""
+    return PasswdFileAuthenticator(
+        config.passwd_file, default_scheme=config.default_pass_scheme, workers=workers
+    )
 
 
 def build_store(config: Config) -> MaildropStore:
@@ -100,23 +115,46 @@ def build_context(
     *,
     authenticator: Authenticator | None = None,
     store: MaildropStore | None = None,
+    workers: HashWorkers | None = None,
 ) -> SessionContext:
-    """Build the server's backends from the configuration (or use those given)."""
+    """Build the server's backends from the configuration (or use those given).
+
+    ``workers`` must be the ones ``authenticator`` checks hashes in, so that one limit
+    holds for password checks and SCRAM key derivation together.
+    """
+    workers = workers or HashWorkers()
     return SessionContext(
         config=config,
-        authenticator=authenticator or build_authenticator(config),
+        authenticator=authenticator or build_authenticator(config, workers),
         store=store or build_store(config),
         throttle=LoginThrottle(
+            MemoryFailureCounters(config.auth_failure_window),
             delay=config.auth_failure_delay,
             delay_max=config.auth_failure_delay_max,
             per_ip=config.auth_failures_per_ip,
             per_user=config.auth_failures_per_user,
-            window=config.auth_failure_window,
         ),
         token_verifier=JwtVerifier(config.oauth_jwt_key_file)
         if config.oauth_jwt_key_file
         else None,
+        workers=workers,
+        scram_secret=scram_secret(config),
     )
+
+
+def _reopen_logs() -> None:
+    """Reopen the log file (SIGUSR1, SIGHUP); on failure keep the old one and say so."""
+    try:
+        if reopen_logs():
+            logger.info("master: log file reopened")
+    except OSError as exc:
+        logger.error("master: cannot reopen the log file, still writing the old one: %s", exc)
+
+
+def _on_sighup(server: Pop3Server) -> None:
+    """Reopen the log, then reload the TLS certificates (so that line is in the new log)."""
+    _reopen_logs()
+    server.reload_tls()
 
 
 async def run_server(config: Config) -> None:
@@ -124,14 +162,21 @@ async def run_server(config: Config) -> None:
     if not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
-    authenticator = build_authenticator(config)
+    workers = HashWorkers()
+    authenticator = build_authenticator(config, workers)
     store = build_store(config)
+<<<<<<< HEAD
     try:
         await check_store(store)
     except BaseException:
         await store.aclose()
         raise
     server = Pop3Server(build_context(config, authenticator=authenticator, store=store))
+=======
+    server = Pop3Server(
+        build_context(config, authenticator=authenticator, store=store, workers=workers)
+    )
+>>>>>>> main
     await server.start()
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
@@ -149,7 +194,10 @@ async def run_server(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    # SIGHUP: let go of a rotated log and re-read the certificates; SIGUSR1: the log only
+    # (what logrotate's postrotate sends, see contrib/logrotate/pobox).
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs)
     addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
     loop_name = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     logger.info(

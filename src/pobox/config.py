@@ -55,6 +55,7 @@ class Config:
     pop3_lock_session: bool = True
     mail_inline_read_max: int = 128 * 1024
     login_timeout: float = 60.0
+    login_deadline: float = 180.0
     idle_timeout: float = 600.0
     auth_failure_delay: float = 2.0
     max_bad_commands: int = 10
@@ -65,6 +66,7 @@ class Config:
     auth_mechanisms: str = "PLAIN LOGIN"
     apop: bool = False
     oauth_jwt_key_file: str = ""
+    scram_secret_file: str = ""
     auth_failure_delay_max: float = 15.0
     auth_failures_per_ip: int = 10
     auth_failures_per_user: int = 10
@@ -131,6 +133,12 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "worker thread (faster on local disks); 0 for slow network storage. Default 131072.",
     ),
     "login_timeout": (float, "Seconds of silence before login after which we hang up (60)."),
+    "login_deadline": (
+        float,
+        "Seconds from connecting within which a client must have logged in, however busy it "
+        "keeps the connection (CAPA, failed attempts): then it is closed. Dovecot's fixed "
+        "login timeout is the same 180 (the default).",
+    ),
     "idle_timeout": (
         float,
         "Autologout: seconds of silence after login before the session is closed without "
@@ -164,19 +172,26 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "File with the HS256 key that signs OAuth bearer tokens (JWT) for OAUTHBEARER and "
         "XOAUTH2; the token's sub or email must be the user, exp is checked. Empty: none.",
     ),
+    "scram_secret_file": (
+        str,
+        "File with the secret key SCRAM salts are derived from (names without stored SCRAM "
+        "keys, unknown names too, each get a stable salt); made, mode 0600, when missing and "
+        "SCRAM is offered. Same file on every node. Default: pobox-scram.secret next to "
+        "passwd_file.",
+    ),
     "auth_failure_delay_max": (
         float,
         "Cap of the failed-login delay, which doubles with each failure from an address (15).",
     ),
     "auth_failures_per_ip": (
         int,
-        "Failed logins from one address within auth_failure_window after which its logins "
-        "are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
+        "Failed logins from one address within auth_failure_window after which logins from "
+        "that address are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
     ),
     "auth_failures_per_user": (
         int,
-        "Failed logins for one user within auth_failure_window after which logins as that "
-        "user are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
+        "Failed logins for one user name, from anywhere, within auth_failure_window after "
+        "which its failures wait auth_failure_delay_max; never refuses a right password (10).",
     ),
     "auth_failure_window": (float, "Seconds the failed-login counters remember (600)."),
     "max_auth_failures": (
@@ -457,7 +472,7 @@ def _validate(config: Config) -> Config:
     _validate_postgresql(config)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
-    for key in ("login_timeout", "idle_timeout", "auth_failure_delay"):
+    for key in ("login_timeout", "login_deadline", "idle_timeout", "auth_failure_delay"):
         if getattr(config, key) < 0 or (key != "auth_failure_delay" and not getattr(config, key)):
             raise ConfigError(f"{key}: must be a positive number of seconds")
     # The names of pobox.protocol.ALL_MECHANISMS (config may not import the protocol core).

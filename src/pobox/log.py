@@ -1,8 +1,31 @@
-"""Logging set-up and the session-scoped log prefix, with secrets kept out of the log.
+"""Logging set-up, the session-scoped log prefix, and the one place log text is sanitised.
 
 Log lines follow Dovecot's shapes so admins' tools keep working: ``pop3-login: ...`` before
 login and ``pop3(USER)<SESSION>: ...`` after, ``Login: user=<...>, method=..., rip=..., lip=...,
 session=<...>`` and ``Disconnected: Logged out top=N/B, retr=N/B, del=N/M, size=S``.
+
+Theory of operation: one record, one physical line
+--------------------------------------------------
+A stranger controls every byte of a user name (USER, AUTH PLAIN/LOGIN, SCRAM ``n=``, ...), of
+a traced command, of anything an exception message may quote.  fail2ban (and journald, and a
+terminal) cut the log into lines, and fail2ban happily matches a line without a date or with
+junk in front of ``pop3-login:``: a user name holding ``\\n`` and a well-shaped failure line
+would get any address banned.  So every handler pobox installs formats with
+:class:`SanitizingFormatter`, which guarantees that a record is written as exactly one line:
+
+- the message, *after* ``%``-formatting, has every character that is not printable
+  (``str.isprintable``: C0 controls with CR, LF, TAB and ESC, DEL, the C1 controls with NEL,
+  the Unicode line and paragraph separators, bidirectional and other format characters,
+  surrogates) replaced by ``?``, as Dovecot's ``str_sanitize()`` does; the cost is one
+  ``isprintable()`` call for the usual all-printable line;
+- exception and stack text, whose line breaks are legitimate, is folded onto the same line:
+  each of its lines sanitised, joined with ``" | "``.  No part of it can begin a line.
+
+It is done in the formatter, not at each call site, so no call site can forget it and text
+from libraries (asyncio's, aiosmtpd's warnings, via the root logger) gets it too.
+
+The log file is reopened by :func:`reopen_logs`, which ``pobox serve`` calls on ``SIGHUP`` and
+``SIGUSR1`` (logrotate's ``postrotate``; see ``contrib/logrotate/pobox``).
 
 May import: the standard library and :mod:`pobox.config`.
 """
@@ -12,38 +35,135 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, Final
 
 from pobox.config import Config
 
-__all__ = ["SessionLog", "setup_logging"]
+__all__ = ["SanitizingFormatter", "SessionLog", "reopen_logs", "sanitize", "setup_logging"]
 
-_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_FORMAT: Final = "%(asctime)s %(levelname)s %(message)s"
+
+#: What each unprintable character becomes (Dovecot's ``str_sanitize()`` writes ``?`` too).
+REPLACEMENT: Final = "?"
+
+#: How the lines of a traceback are joined on the record's one line.
+FOLD: Final = " | "
+
+#: Level of the records from other libraries (asyncio, aiosmtpd) that reach pobox's log.
+_FOREIGN_LEVEL: Final = logging.WARNING
 
 
-def setup_logging(config: Config) -> None:
-    """Send pobox's log to ``config.log_path`` or standard error at ``config.log_level``."""
+def sanitize(text: str) -> str:
+    """Return ``text`` with every unprintable character replaced by ``?``.
+
+    "Unprintable" is what :meth:`str.isprintable` says: control characters (C0 with CR, LF,
+    TAB, ESC; DEL; C1 with NEL), the line and paragraph separators U+2028/U+2029, other
+    separators than the ASCII space, format characters (bidirectional overrides, zero-width
+    joiners), surrogates, private-use and unassigned code points.  Nothing in the result
+    can end a line or drive a terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else REPLACEMENT for c in text)
+
+
+def fold(text: str) -> str:
+    """Return multi-line ``text`` (a traceback) as one sanitised line, lines joined by `` | ``."""
+    return FOLD.join(sanitize(line) for line in text.splitlines() if line.strip())
+
+
+class SanitizingFormatter(logging.Formatter):
+    """A :class:`logging.Formatter` whose every record comes out as one sanitised line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format ``record``: the message sanitised, exception and stack text folded in."""
+        record.message = sanitize(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info:
+            line += FOLD + fold(self.formatException(record.exc_info))
+        if record.stack_info:
+            line += FOLD + fold(self.formatStack(record.stack_info))
+        return line
+
+
+class _ReopenableFileHandler(logging.FileHandler):
+    """A file handler that opens its path afresh on :meth:`reopen` (after a log rotation)."""
+
+    def reopen(self) -> None:
+        """Close the current file and open ``baseFilename`` again (created if it is gone)."""
+        self.acquire()
+        try:
+            old, self.stream = self.stream, self._open()
+            if old is not None:
+                old.close()
+        finally:
+            self.release()
+
+
+#: The handler :func:`setup_logging` installed last (what :func:`reopen_logs` reopens).
+_installed: list[logging.Handler] = []
+
+
+def setup_logging(config: Config) -> logging.Handler:
+    """Send the log to ``config.log_path`` or standard error, through :class:`SanitizingFormatter`.
+
+    pobox's own records go at ``config.log_level``; other libraries' warnings and errors (the
+    root logger) go to the same place, sanitised the same way.
+
+    Returns:
+        The handler installed, for callers that must remove it again (tests).
+    """
     handler: logging.Handler
     if config.log_path:
-        handler = logging.FileHandler(config.log_path)
+        handler = _ReopenableFileHandler(config.log_path)
     else:
         handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "dovecot":
         # What syslog would have written for Dovecot, so fail2ban's stock dovecot filter
         # (and other tools reading Dovecot's log) match pobox's lines unchanged.
         fmt = f"%(asctime)s {socket.gethostname()} dovecot: %(message)s"
-        handler.setFormatter(logging.Formatter(fmt, "%b %d %H:%M:%S"))
+        handler.setFormatter(SanitizingFormatter(fmt, "%b %d %H:%M:%S"))
     else:
-        handler.setFormatter(logging.Formatter(_FORMAT))
-    root = logging.getLogger("pobox")
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level.upper())
-    root.propagate = False
+        handler.setFormatter(SanitizingFormatter(_FORMAT))
+    pobox = logging.getLogger("pobox")
+    pobox.handlers[:] = [handler]
+    pobox.setLevel(config.log_level.upper())
+    pobox.propagate = False
+    root = logging.getLogger()
+    for old in _installed:
+        if old in root.handlers:
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_FOREIGN_LEVEL)
+    _installed[:] = [handler]
+    return handler
+
+
+def reopen_logs() -> bool:
+    """Reopen the log file (``SIGHUP``/``SIGUSR1``), so that a rotated log is let go.
+
+    Returns:
+        whether there was a log file to reopen (standard error is left as it is).
+
+    Raises:
+        OSError: the file cannot be opened again (the old one stays in use).
+    """
+    reopened = False
+    for handler in _installed:
+        if isinstance(handler, _ReopenableFileHandler):
+            handler.reopen()
+            reopened = True
+    return reopened
 
 
 class SessionLog(logging.LoggerAdapter[logging.Logger]):
-    """A logger that puts the Dovecot-style session prefix in front of each message."""
+    """A logger that puts the Dovecot-style session prefix in front of each message.
+
+    Client-supplied text goes in as ``%s`` arguments like any other; the handler's
+    :class:`SanitizingFormatter` makes the whole line safe, prefix included.
+    """
 
     def __init__(self, logger: logging.Logger, session: str) -> None:
         super().__init__(logger, {})
@@ -57,6 +177,11 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
             return "pop3-login:"
         return f"pop3({self.user})<{self.session}>:"
 
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:  # noqa: ANN401
-        """Prefix the message."""
-        return f"{self.prefix} {msg}", kwargs
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:  # noqa: ANN401
+        """Log ``msg % args`` behind the prefix.
+
+        The prefix goes in as an argument, never into the format string: a user name with a
+        ``%`` in it (``user%domain``) must not break the line or lose it.
+        """
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, "%s " + str(msg), self.prefix, *args, **kwargs)

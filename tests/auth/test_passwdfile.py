@@ -45,6 +45,20 @@ def users(tmp_path):
     return make
 
 
+@pytest.fixture
+def checks(monkeypatch):
+    """Record each password check: (stored hash, password given, ran in the event loop)."""
+    calls = []
+    real_verify = passwdfile.verify
+
+    def recording_verify(stored, password, **kwargs):
+        calls.append((stored, password, threading.current_thread() is threading.main_thread()))
+        return real_verify(stored, password, **kwargs)
+
+    monkeypatch.setattr(passwdfile, "verify", recording_verify)
+    return calls
+
+
 def rewrite(path, text):
     """Replace the file's content and push its mtime forward, as a later edit would."""
     before = path.stat().st_mtime_ns
@@ -183,28 +197,11 @@ class TestAuthenticate:
         assert [User(name="alice")] * 6 == results
         assert 2 == most[0]
 
-    async def test_unknown_user_spends_a_verification(self, users, monkeypatch):
-        """An unknown user returns None after verifying against the file's commonest scheme."""
-        calls = []
-        monkeypatch.setattr(passwdfile, "dummy_verify", lambda like, **kw: calls.append((like, kw)))
-        db = users(f"p:{{PLAIN}}x\na:{SHA512_CRYPT}\nb:{SHA512_CRYPT.replace('Zf$', 'Zg$')}\n")
-        assert (None, [(SHA512_CRYPT, {"default_scheme": "CRYPT"})]) == (
-            await db.authenticate("mallory", b"secret"),
-            calls,
-        )
-
-    async def test_empty_file_uses_dummy_hash(self, users, monkeypatch):
-        """Without any password in the file, the built-in dummy hash is used."""
-        calls = []
-        monkeypatch.setattr(passwdfile, "dummy_verify", lambda like, **kw: calls.append(like))
-        await users("# nobody\n").authenticate("mallory", b"x")
-        assert [DUMMY_HASH] == calls
-
-    async def test_empty_password_is_refused(self, users, monkeypatch):
-        """An empty password field, without nopassword, lets nobody in."""
-        calls = []
-        monkeypatch.setattr(passwdfile, "dummy_verify", lambda like, **kw: calls.append(like))
-        assert (None, 1) == (await users("alice::1\n").authenticate("alice", b""), len(calls))
+    async def test_empty_password_is_refused(self, users, checks):
+        """An empty password field, without nopassword, lets nobody in (checked as unknown)."""
+        db = users("alice::1\n")
+        assert None is await db.authenticate("alice", b"")
+        assert [(DUMMY_HASH, b"", False)] == checks
 
     @pytest.mark.parametrize("flag", ["nologin", "nologin=y", "noauthenticate", "nologin=yes"])
     async def test_nologin_refuses_the_right_password(self, users, flag):
@@ -527,3 +524,44 @@ class TestAddUser:
         with pytest.raises(PasswdFileError, match="cannot be"):
             add_user(tmp_path / "users", "bob", b"pw", "PLAIN", **kwargs)
         assert [] == os.listdir(tmp_path)
+
+
+#: Another SHA512-CRYPT entry of the same cost (5000 rounds): the file's commonest scheme.
+SHA512_CRYPT_2 = SHA512_CRYPT.replace("Zf$", "Zg$")
+
+
+class TestSamePath:
+    """Known and unknown users cost the same: one check of the client's password, one path."""
+
+    async def test_unknown_user_checks_the_clients_password(self, users, checks):
+        """An unknown user's password is checked, in a worker, against the commonest scheme."""
+        db = users(f"p:{{PLAIN}}x\na:{SHA512_CRYPT}\nb:{SHA512_CRYPT_2}\n")
+        assert None is await db.authenticate("mallory", b"a rather long guess" * 4)
+        assert [(SHA512_CRYPT, b"a rather long guess" * 4, False)] == checks
+
+    async def test_known_and_unknown_alike(self, users, checks):
+        """A wrong password for a known user and any for an unknown one: the same check."""
+        db = users(f"a:{SHA512_CRYPT}\nb:{SHA512_CRYPT_2}\n")
+        assert [None, None] == [
+            await db.authenticate("b", b"guess"),
+            await db.authenticate("mallory", b"guess"),
+        ]
+        assert [(SHA512_CRYPT_2, b"guess", False), (SHA512_CRYPT, b"guess", False)] == checks
+
+    async def test_cheap_scheme_in_the_loop_for_both(self, users, checks):
+        """With single-digest passwords both are checked in the event loop, no thread hop."""
+        db = users("a:{PLAIN}one\nb:{PLAIN}two\n")
+        await db.authenticate("a", b"guess")
+        await db.authenticate("mallory", b"guess")
+        assert [("{PLAIN}one", b"guess", True), ("{PLAIN}one", b"guess", True)] == checks
+
+    async def test_refused_user_checked_too(self, users, checks):
+        """A nologin user's own hash is checked like anyone's, and the login still refused."""
+        db = users(f"a:{SHA512_CRYPT}:::::: nologin\n")
+        assert None is await db.authenticate("a", b"secret")
+        assert [(SHA512_CRYPT, b"secret", False)] == checks
+
+    async def test_empty_file_uses_dummy_hash(self, users, checks):
+        """Without any password in the file, the built-in ARGON2ID dummy is checked."""
+        await users("# nobody\n").authenticate("mallory", b"x")
+        assert [(DUMMY_HASH, b"x", False)] == checks

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import shutil
 import subprocess
 
@@ -24,10 +26,11 @@ from pobox.auth.schemes import (
     ScramCredentials,
     UnknownScheme,
     cram_md5_context,
-    dummy_verify,
     hash_password,
     identify_scheme,
     scram_credentials,
+    scram_salt,
+    scram_server_keys,
     verify,
 )
 
@@ -562,25 +565,74 @@ class TestCramMd5Context:
         assert None is cram_md5_context(stored)
 
 
-class TestDummyVerify:
-    """dummy_verify() spends a verification's time for unknown users."""
+class TestScramServerKeys:
+    """scram_salt() and scram_server_keys(): what the SASL shell hands the SCRAM core."""
+
+    def test_salt_stable_per_key_and_name(self):
+        """16 bytes, the same for the same key, mechanism and name, different otherwise."""
+        salt = scram_salt(b"k" * 32, "SCRAM-SHA-256", "alice")
+        assert 16 == len(salt)
+        assert salt == scram_salt(b"k" * 32, "SCRAM-SHA-256", "alice")
+        others = {
+            scram_salt(b"j" * 32, "SCRAM-SHA-256", "alice"),
+            scram_salt(b"k" * 32, "SCRAM-SHA-1", "alice"),
+            scram_salt(b"k" * 32, "SCRAM-SHA-256", "bob"),
+        }
+        assert salt not in others
+        assert 3 == len(others)
+
+    @pytest.mark.parametrize("stored", ["{PLAIN}secret", "{PLAIN.B64}c2VjcmV0"])
+    def test_plain_password_derived(self, stored):
+        """A {PLAIN} password gives the keys of RFC 5802 §3 with the given salt, 4096 rounds."""
+        creds = scram_server_keys(stored, "SCRAM-SHA-256", b"s" * 16)
+        salted = hashlib.pbkdf2_hmac("sha256", b"secret", b"s" * 16, 4096)
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        assert (
+            ScramCredentials(
+                "sha256",
+                4096,
+                b"s" * 16,
+                hashlib.sha256(client_key).digest(),
+                hmac.digest(salted, b"Server Key", "sha256"),
+            )
+            == creds
+        )
+
+    def test_stored_keys_used(self):
+        """Stored SCRAM keys of the mechanism's hash are used as they are."""
+        assert scram_credentials(SCRAM_SHA_1) == scram_server_keys(
+            SCRAM_SHA_1, "SCRAM-SHA-1", b"s" * 16
+        )
+
+    @pytest.mark.parametrize("stored", [None, SHA512_CRYPT, SCRAM_SHA_1, "{PLAIN.HEX}zz"])
+    def test_decoys(self, stored):
+        """Unknown users, one-way hashes, the other hash: decoys with the salt, empty keys."""
+        assert ScramCredentials("sha256", 4096, b"s" * 16, b"", b"") == scram_server_keys(
+            stored, "SCRAM-SHA-256", b"s" * 16
+        )
+
+    @pytest.mark.parametrize("stored", [None, "{PLAIN}secret", SCRAM_SHA_256, SHA512_CRYPT])
+    def test_one_pbkdf2_whoever(self, stored, monkeypatch):
+        """Every case costs exactly one PBKDF2 of 4096 rounds."""
+        rounds = []
+        real = hashlib.pbkdf2_hmac
+
+        def counting(hash_name, password, salt, iterations):
+            rounds.append(iterations)
+            return real(hash_name, password, salt, iterations)
+
+        monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting)
+        scram_server_keys(stored, "SCRAM-SHA-256", b"s" * 16)
+        assert [4096] == rounds
+
+
+class TestDummyHash:
+    """DUMMY_HASH, what unknown users are checked against when a file has no password."""
 
     def test_dummy_hash_has_default_parameters(self):
         """DUMMY_HASH is a well-formed argon2id hash that costs what a default hash costs."""
         expected = argon2.extract_parameters(hash_password(b"x").removeprefix("{ARGON2ID}"))
         assert expected == argon2.extract_parameters(DUMMY_HASH.removeprefix("{ARGON2ID}"))
-
-    def test_verifies_against_the_given_hash(self, monkeypatch):
-        """It runs verify() on the stored password it is given, with a usable password."""
-        calls = []
-
-        def fake_verify(stored, password, *, default_scheme="CRYPT", username=None):
-            calls.append((stored, default_scheme, bool(password) and b"\0" not in password))
-            return False
-
-        monkeypatch.setattr(schemes, "verify", fake_verify)
-        dummy_verify(SHA512_CRYPT, default_scheme="PLAIN")
-        assert [(SHA512_CRYPT, "PLAIN", True)] == calls
 
 
 # --- against the real Dovecot ---------------------------------------------------------------

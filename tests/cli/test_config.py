@@ -90,6 +90,13 @@ class TestBuildConfig:
         with pytest.raises(ConfigError, match=r"^login_timeout: "):
             build_config({"login_timeout": 0})
 
+    def test_login_deadline(self) -> None:
+        """login_deadline defaults to Dovecot's 180 s and must be positive."""
+        assert 180.0 == build_config({}).login_deadline
+        assert 30.0 == build_config({"login_deadline": 30}).login_deadline
+        with pytest.raises(ConfigError, match=r"^login_deadline: "):
+            build_config({"login_deadline": 0})
+
     def test_override_base(self) -> None:
         """Values replace those of the base config only where given."""
         base = Config(passwd_file="/x/passwd")

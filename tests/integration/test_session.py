@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -198,6 +199,41 @@ class TestTimeouts:
             assert b"" == await w.read_all(timeout=5)
         lines = [r.getMessage() for r in caplog.records]
         assert any("Disconnected: Inactivity - no input for 0.6 secs" in line for line in lines)
+
+    async def test_login_deadline_ends_a_busy_unauthenticated_client(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A CAPA every 0.2 s does not keep a connection open past login_deadline."""
+        caplog.set_level(logging.INFO, logger="pobox")
+        async with running_server(tmp_path, login_deadline=1.0) as srv:
+            w = await Wire.connect(srv.host, srv.port)
+            await w.line()
+            capas = 0
+            with contextlib.suppress(ConnectionError):
+                while capas < 50:  # 10 s of activity, far beyond the deadline
+                    await asyncio.sleep(0.2)
+                    await w.send(b"CAPA\r\n")
+                    if not (await w.multiline()).startswith(b"+OK"):
+                        break
+                    capas += 1
+            await asyncio.sleep(0.1)
+        lines = [r.getMessage() for r in caplog.records]
+
+        assert capas < 50
+        assert any(
+            "Disconnected (no auth attempts in 1 secs): Login time limit - not logged in after "
+            "1 secs, rip=127.0.0.1" in line
+            for line in lines
+        ), lines
+
+    async def test_login_deadline_ends_at_login(self, tmp_path: Path) -> None:
+        """Once logged in, the deadline no longer applies: idle_timeout does."""
+        async with running_server(tmp_path, login_deadline=0.6) as srv:
+            w = await Wire.connect(srv.host, srv.port)
+            await w.login()
+            for _ in range(6):  # 1.2 s in all
+                await asyncio.sleep(0.2)
+                assert b"+OK\r\n" == await w.command(b"NOOP")
 
     async def test_client_that_stops_reading_is_dropped(self, tmp_path: Path) -> None:
         """A client that stops reading in the middle of a RETR is cut off after idle_timeout."""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,12 +25,17 @@ print(json.dumps({"before": sorted(before), "after": sorted(sys.modules)}))
 
 @pytest.fixture(scope="module")
 def modules() -> dict[str, list[str]]:
-    """The modules loaded before and after ``import pobox.protocol`` in a fresh interpreter."""
+    """The modules loaded before and after ``import pobox.protocol`` in a fresh interpreter.
+
+    Without coverage measurement, which would load I/O modules of its own in the probe.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
     result = subprocess.run(
         [sys.executable, "-I", "-c", _PROBE, json.dumps(sys.path)],
         capture_output=True,
         check=True,
         text=True,
+        env=env,
     )
     return json.loads(result.stdout)
 

@@ -213,6 +213,69 @@ class TestLoginExchange:
         assert [AuthenticateUser("tim", b"secret", "LOGIN"), PAUSED] == events
 
 
+def scram_as_tim(mechanism: str) -> ServerConnection:
+    """A connection in a SCRAM exchange as tim, the server-first sent (decoy keys)."""
+    conn = fresh()
+    run(conn, f"AUTH {mechanism} ".encode() + base64.b64encode(b"n,,n=tim,r=abc") + b"\r\n")
+    hash_name = "sha256" if mechanism == "SCRAM-SHA-256" else "sha1"
+    conn.send(SecretFound(Secret(scram=ScramKeys(hash_name, 4096, b"s" * 16, b"", b""))))
+    run(conn)
+    return conn
+
+
+class TestAbortAfterAUser:
+    """An exchange broken off once the client named a user is a failed login (RFC 5034 §4 "*")."""
+
+    def test_scram_abort_after_client_first(self):
+        """'*' after SCRAM's server-first asks the shell to fail the login as tim."""
+        conn = scram_as_tim("SCRAM-SHA-256")
+        events, out = run(conn, b"*\r\n")
+
+        assert ([LoginFailed("tim", "SCRAM-SHA-256", "Authentication aborted by client."),
+                 PAUSED], b"") == (events, out)  # fmt: skip
+        conn.send(LoginRejected())
+        assert (b"-ERR [AUTH] Authentication failed.\r\n", State.AUTHORIZATION) == (
+            run(conn)[1],
+            conn.state,
+        )
+
+    def test_login_abort_after_user_name(self):
+        """'*' instead of LOGIN's password fails the login of the user named."""
+        conn = fresh()
+        run(conn, b"AUTH LOGIN " + base64.b64encode(b"tim") + b"\r\n")
+        events, _ = run(conn, b"*\r\n")
+
+        assert [LoginFailed("tim", "LOGIN", "Authentication aborted by client."), PAUSED] == events
+
+    def test_garbage_after_user_name(self):
+        """Malformed base64 after SCRAM's client-first fails the login too, not a bad command."""
+        events, _ = run(scram_as_tim("SCRAM-SHA-1"), b"!!\r\n")
+
+        assert [
+            LoginFailed("tim", "SCRAM-SHA-1", "Invalid base64 data in continued response."),
+            PAUSED,
+        ] == events
+
+    def test_abort_before_any_user_is_free(self):
+        """'*' before a user is named ends the exchange with -ERR and no event."""
+        conn = fresh()
+        run(conn, b"AUTH SCRAM-SHA-256\r\n")
+        events, out = run(conn, b"*\r\n")
+
+        assert ([NEED_DATA], b"-ERR Authentication aborted by client.\r\n") == (events, out)
+
+    def test_oauthbearer_rejection_not_counted_twice(self):
+        """After a rejected token, '*' to the error challenge ends it with no second failure."""
+        conn = fresh()
+        message = b"n,a=tim,\x01auth=Bearer tok\x01\x01"
+        run(conn, b"AUTH OAUTHBEARER " + base64.b64encode(message) + b"\r\n")
+        conn.send(LoginRejected())
+        run(conn)
+        events, out = run(conn, b"*\r\n")
+
+        assert ([NEED_DATA], b"-ERR [AUTH] Authentication failed.\r\n") == (events, out)
+
+
 class TestCramMD5Exchange:
     """AUTH CRAM-MD5 through the connection, with the RFC 2195 numbers."""
 

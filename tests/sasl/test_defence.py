@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pobox.auth.base import Authenticator, User
 from pobox.log import setup_logging
 from pobox.testing import RunningServer, running_server
 from tests.integration.wire import Wire
@@ -84,6 +86,86 @@ class TestThrottle:
         assert b"-ERR [AUTH] Authentication failed.\r\n" == reply
 
 
+async def from_address(srv: RunningServer, ip: str) -> Wire:
+    """Connect from the loopback address ``ip`` (any of 127.0.0.0/8) and read the greeting."""
+    reader, writer = await asyncio.open_connection(srv.host, srv.port, local_addr=(ip, 0))
+    w = Wire(reader, writer)
+    await w.line()
+    return w
+
+
+async def login_from(srv: RunningServer, ip: str, password: bytes) -> bytes:
+    """Try alice's login with ``password`` from ``ip``; return the PASS reply."""
+    w = await from_address(srv, ip)
+    await w.command(b"USER alice")
+    reply = await w.command(b"PASS " + password)
+    await w.close()
+    return reply
+
+
+class TestNoLockout:
+    """Failures refuse the failing address, never a user logging in from elsewhere."""
+
+    async def test_stranger_cannot_lock_a_user_out(self, tmp_path: Path) -> None:
+        """20 wrong passwords for alice from five addresses; alice gets in from a clean one."""
+        async with running_server(
+            tmp_path, auth_failures_per_ip=4, auth_failures_per_user=3
+        ) as srv:
+            stranger = [
+                await login_from(srv, f"127.0.0.{i}", b"guess") for i in range(2, 7) for _ in "1234"
+            ]
+            from_stranger = await login_from(srv, "127.0.0.2", b"secret")
+            from_alice = await login_from(srv, "127.0.0.1", b"secret")
+
+        assert [b"-ERR [AUTH] Authentication failed.\r\n"] * 20 == stranger
+        assert b"-ERR [LOGIN-DELAY] Too many failed logins, try again later.\r\n" == from_stranger
+        assert b"+OK Logged in.\r\n" == from_alice
+
+
+class SlowAuthenticator:
+    """The server's authenticator, with each password check taking ``seconds`` longer."""
+
+    def __init__(self, inner: Authenticator, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    async def authenticate(self, username: str, password: bytes) -> User | None:
+        """Wait, then check."""
+        await asyncio.sleep(self.seconds)
+        return await self.inner.authenticate(username, password)
+
+    async def lookup(self, username: str) -> User | None:
+        """Look the user up."""
+        return await self.inner.lookup(username)
+
+    async def credentials(self, username: str) -> str | None:
+        """Return the stored password."""
+        return await self.inner.credentials(username)
+
+
+class TestFailureTiming:
+    """A failure is answered the failure delay after it arrived, however long the check took."""
+
+    async def test_check_time_absorbed(self, tmp_path: Path, failure_waits: list[float]) -> None:
+        """A 0.4 s check leaves at most 0.6 s of a 1 s delay to wait, and 1 s passes in all."""
+        async with running_server(tmp_path, auth_failure_delay=1.0) as srv:
+            ctx = srv.server.ctx
+            srv.server.ctx = dataclasses.replace(
+                ctx, authenticator=SlowAuthenticator(ctx.authenticator, 0.4)
+            )
+            w = await Wire.connect(srv.host, srv.port)
+            await w.line()
+            await w.command(b"USER alice")
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            reply = await w.command(b"PASS wrong")
+            answered = loop.time() - sent
+
+        assert b"-ERR [AUTH] Authentication failed.\r\n" == reply
+        assert [] == [w for w in failure_waits if w > 0.6]
+        assert answered >= 0.99  # the delay itself is kept (a lower bound, not a speed)
+
+
 def fail2ban_regex(log: Path, filter_path: Path) -> tuple[int, int]:
     """Run fail2ban-regex; return (lines, matched)."""
     tool = shutil.which("fail2ban-regex")
@@ -102,6 +184,8 @@ async def write_log(tmp_path: Path, log_format: str) -> Path:
     log = tmp_path / "pobox.log"
     root = logging.getLogger("pobox")
     saved = (root.handlers[:], root.level, root.propagate)
+    foreign = logging.getLogger()  # setup_logging sends other libraries' warnings there too
+    saved_foreign = (foreign.handlers[:], foreign.level)
     try:
         async with running_server(
             tmp_path / "srv", log_path=str(log), log_format=log_format
@@ -123,6 +207,7 @@ async def write_log(tmp_path: Path, log_format: str) -> Path:
         for handler in root.handlers:
             handler.close()
         root.handlers[:], root.level, root.propagate = saved
+        foreign.handlers[:], foreign.level = saved_foreign
     return log
 
 

@@ -1,102 +1,93 @@
-"""The failed-login throttle, with an injected clock (no sleeping, no timed assertions)."""
+"""The failed-login policy over real memory counters, with an injected clock (no sleeping)."""
 
 from __future__ import annotations
 
 from pobox.server._throttle import LoginThrottle
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from pobox.state import MemoryFailureCounters
+from tests.state.test_contract import Clock
 
 
 def throttle(clock: Clock, **kwargs: float) -> LoginThrottle:
-    """A throttle with small limits."""
-    settings: dict[str, float] = {
-        "delay": 1.0,
-        "delay_max": 5.0,
-        "per_ip": 3,
-        "per_user": 4,
-        "window": 60.0,
-    }
+    """A throttle with small limits: 3 failures per address, 4 per user, 60 s window."""
+    settings: dict[str, float] = {"delay": 1.0, "delay_max": 5.0, "per_ip": 3, "per_user": 4}
     settings.update(kwargs)
     return LoginThrottle(
+        MemoryFailureCounters(60.0, clock=clock),
         delay=settings["delay"],
         delay_max=settings["delay_max"],
         per_ip=int(settings["per_ip"]),
         per_user=int(settings["per_user"]),
-        window=settings["window"],
-        max_entries=int(kwargs.get("max_entries", 100)),
-        clock=clock,
     )
 
 
-class TestLoginThrottle:
-    """LoginThrottle."""
+async def refused(t: LoginThrottle, ip: str) -> bool:
+    """Whether a login from ``ip`` is refused now."""
+    return t.refuses(await t.failures(ip))
 
-    def test_delay_doubles_up_to_the_cap(self):
+
+class TestDelay:
+    """How long a failure waits."""
+
+    async def test_delay_doubles_up_to_the_cap(self) -> None:
         """Each failure from an address doubles the delay, up to delay_max."""
-        t = throttle(Clock(), per_ip=100)
+        t = throttle(Clock(), per_ip=100, per_user=100)
+        assert [1.0, 2.0, 4.0, 5.0, 5.0] == [await t.failed("10.0.0.1", "tim") for _ in range(5)]
 
-        assert [1.0, 2.0, 4.0, 5.0, 5.0] == [t.failed("10.0.0.1", "tim") for _ in range(5)]
-
-    def test_other_address_not_delayed_more(self):
+    async def test_other_address_starts_low(self) -> None:
         """The delay grows per address: another address starts at the base delay."""
         t = throttle(Clock())
-        t.failed("10.0.0.1", "tim")
-        t.failed("10.0.0.1", "tim")
+        await t.failed("10.0.0.1", "tim")
+        await t.failed("10.0.0.1", "tim")
+        assert 1.0 == await t.failed("10.0.0.2", "bob")
 
-        assert 1.0 == t.failed("10.0.0.2", "bob")
+    async def test_user_under_attack_waits_the_cap(self) -> None:
+        """Once a user name has per_user failures, its failures wait delay_max, from anywhere."""
+        t = throttle(Clock())
+        for i in range(3):
+            assert 1.0 == await t.failed(f"10.0.0.{i}", "tim")
+        assert 5.0 == await t.failed("10.0.0.9", "tim")
+        assert 1.0 == await t.failed("10.0.0.8", "bob")
 
-    def test_blocked_by_address(self):
-        """After per_ip failures the address is blocked, whoever it claims to be."""
+    async def test_no_delay_configured(self) -> None:
+        """With delay 0 nothing waits, not even a user under attack."""
+        t = throttle(Clock(), delay=0.0)
+        assert [0.0] * 6 == [await t.failed("10.0.0.1", "tim") for _ in range(6)]
+
+
+class TestRefusal:
+    """Who is refused: the failing address, never a user as such."""
+
+    async def test_failing_address_refused(self) -> None:
+        """After per_ip failures the address is refused, whoever it claims to be."""
         t = throttle(Clock())
         for _ in range(3):
-            assert not t.blocked("10.0.0.1", "tim")
-            t.failed("10.0.0.1", "tim")
+            assert not await refused(t, "10.0.0.1")
+            await t.failed("10.0.0.1", "tim")
+        assert await refused(t, "10.0.0.1")
+        assert not await refused(t, "10.0.0.2")
 
-        assert t.blocked("10.0.0.1", "someone-else")
-        assert not t.blocked("10.0.0.2", "someone-else")
-
-    def test_blocked_by_user(self):
-        """After per_user failures from many addresses the user is blocked."""
+    async def test_user_never_locked_out(self) -> None:
+        """However many strangers fail as tim, tim's clean address is not refused."""
         t = throttle(Clock())
-        for i in range(4):
-            t.failed(f"10.0.0.{i}", "tim")
+        for i in range(100):
+            await t.failed(f"10.0.{i}.1", "tim")
+        assert not await refused(t, "192.0.2.7")
 
-        assert t.blocked("10.9.9.9", "tim")
-        assert not t.blocked("10.9.9.9", "bob")
-
-    def test_window_passes(self):
-        """Once the window has passed since the first failure the block lifts."""
+    async def test_window_passes(self) -> None:
+        """Once the window has passed since the first failure the refusal lifts."""
         clock = Clock()
         t = throttle(clock)
         for _ in range(3):
-            t.failed("10.0.0.1", "tim")
+            await t.failed("10.0.0.1", "tim")
         clock.now += 60
+        assert not await refused(t, "10.0.0.1")
+        assert 1.0 == await t.failed("10.0.0.1", "tim")
 
-        assert not t.blocked("10.0.0.1", "tim")
-        assert 1.0 == t.failed("10.0.0.1", "tim")
-
-    def test_success_forgets(self):
-        """A successful login clears the address's and the user's failures."""
-        t = throttle(Clock())
-        t.failed("10.0.0.1", "tim")
-        t.failed("10.0.0.1", "tim")
-        t.succeeded("10.0.0.1", "tim")
-
-        assert 1.0 == t.failed("10.0.0.1", "tim")
-
-    def test_bounded(self):
-        """At most max_entries addresses are remembered; the oldest go first."""
-        t = throttle(Clock(), per_ip=1, max_entries=2)
-        t.failed("10.0.0.1", None)
-        t.failed("10.0.0.2", None)
-        t.failed("10.0.0.3", None)
-
-        assert [False, True, True] == [t.blocked(f"10.0.0.{i}", None) for i in (1, 2, 3)]
+    async def test_success_forgets_the_address(self) -> None:
+        """A login forgets its address's failures, not the user name's."""
+        t = throttle(Clock(), per_user=3)
+        await t.failed("10.0.0.1", "tim")
+        await t.failed("10.0.0.2", "tim")
+        await t.succeeded("10.0.0.1", await t.failures("10.0.0.1"))
+        assert 0 == await t.failures("10.0.0.1")
+        assert 5.0 == await t.failed("10.0.0.3", "tim")

@@ -19,6 +19,7 @@ import pytest
 from pobox.auth.passwdfile import add_user
 from pobox.testing import deliver_to_maildir
 from tests.helpers.dovecot import searchable_tmpdir
+from tests.helpers.process import serve_config
 from tests.integration.wire import Wire
 
 from .helpers import Pki, der_of_pem
@@ -59,22 +60,12 @@ async def pobox_process(folder: Path, pki: Pki, **extra: str) -> AsyncIterator[P
         *(f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()),
     ]
     (folder / "pobox.toml").write_text("\n".join(lines) + "\n")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pobox", "serve", "-c", str(folder / "pobox.toml"),
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
+    async with serve_config(folder / "pobox.toml", stderr=asyncio.subprocess.PIPE) as proc:
         started = Process(proc, 0, 0)
         line = await started.wait_log(r"started, listening on")
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
         started.port, started.ssl_port = ports
         yield started
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(20):
-                await proc.wait()
 
 
 @pytest.fixture

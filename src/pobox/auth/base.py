@@ -4,7 +4,8 @@ An :class:`Authenticator` answers "is this the password of this user?" with the 
 record or ``None``.  ``None`` means *bad credentials* whether the user is unknown or the
 password wrong: callers cannot tell them apart, and a good backend spends the same work on
 both (it verifies against a dummy hash for unknown users), so nobody can enumerate users by
-timing.  Hash verification is CPU work and runs off the event loop.
+timing.  Hash verification is CPU work and runs off the event loop, in
+:class:`HashWorkers`, which the authenticator and the SASL shell share.
 
 May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.records` (the
 :class:`User` record is defined there, shared with storage and delivery).
@@ -12,12 +13,24 @@ May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.records` (
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from pobox.errors import PoboxError
 from pobox.records import User
 
-__all__ = ["AuthError", "AuthTemporaryError", "Authenticator", "TokenVerifier", "User"]
+__all__ = [
+    "AuthError",
+    "AuthTemporaryError",
+    "Authenticator",
+    "HashWorkers",
+    "TokenVerifier",
+    "User",
+]
+
+_T = TypeVar("_T")
 
 
 class AuthError(PoboxError):
@@ -62,3 +75,22 @@ class TokenVerifier(Protocol):
 
     async def verify_token(self, username: str, token: str) -> bool:
         """Return whether ``token`` is valid now and was issued for ``username``."""
+
+
+class HashWorkers:
+    """Run costly hash work (crypt, bcrypt, Argon2, PBKDF2) in worker threads, a few at once.
+
+    At most ``limit`` (default: one per usable CPU) run at a time: Argon2 takes 64 MiB a
+    check, and more checks at once than CPUs would only share them, thrash their caches and
+    add memory.  Password checks and SCRAM key derivation go through the same workers, so
+    the limit holds for all of them together.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit or len(os.sched_getaffinity(0)) or 1
+        self._slots = asyncio.Semaphore(self.limit)
+
+    async def run(self, func: Callable[..., _T], /, *args: object, **kwargs: object) -> _T:
+        """Return ``func(*args, **kwargs)``, computed in a worker thread when a slot is free."""
+        async with self._slots:
+            return await asyncio.to_thread(func, *args, **kwargs)

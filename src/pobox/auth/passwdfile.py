@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import grp
 import logging
 import os
@@ -45,12 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from pobox.auth.base import AuthTemporaryError, User
+from pobox.auth.base import AuthTemporaryError, HashWorkers, User
 from pobox.auth.schemes import (
     DUMMY_HASH,
     SUPPORTED_SCHEMES,
     UnknownScheme,
-    dummy_verify,
     hash_password,
     identify_scheme,
     is_cheap,
@@ -198,7 +196,12 @@ def _parse(text: str) -> dict[str, _Entry]:
 
 
 def _pick_dummy(entries: Mapping[str, _Entry], default_scheme: str) -> str:
-    """Return the first password of the most common scheme: unknown users cost the same."""
+    """Return the first password of the most common scheme: unknown users cost the same.
+
+    A real entry, not a hash made up here: it has the scheme *and* the cost parameters
+    (rounds, memory) the file's users have.  Users of a rarer scheme cost what their own
+    scheme costs; the session's failure delay, measured from the attempt, hides that.
+    """
     passwords = [entry.password for entry in entries.values() if entry.password]
     if not passwords:
         return DUMMY_HASH
@@ -231,6 +234,8 @@ class PasswdFileAuthenticator:
         default_scheme: the scheme of passwords without a ``{SCHEME}`` prefix (Dovecot's
             ``default_pass_scheme``).
         check_interval: seconds between checks whether the file changed.
+        workers: where costly hashes are checked (shared with the SASL shell); a new
+            :class:`~pobox.auth.base.HashWorkers` when not given.
 
     Raises:
         UnknownScheme: ``default_scheme`` is not a supported scheme.
@@ -242,6 +247,7 @@ class PasswdFileAuthenticator:
         *,
         default_scheme: str = "CRYPT",
         check_interval: float = 1.0,
+        workers: HashWorkers | None = None,
     ) -> None:
         if default_scheme.upper().split(".")[0] not in SUPPORTED_SCHEMES:
             raise UnknownScheme(default_scheme)
@@ -251,12 +257,16 @@ class PasswdFileAuthenticator:
         self._snapshot: _Snapshot | None = None
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
-        #: Iterated hashes (Argon2 takes 64 MiB each) run at most one per usable CPU at a
-        #: time: more at once would only share the CPUs, thrash their caches and add memory.
-        self._costly = asyncio.Semaphore(len(os.sched_getaffinity(0)) or 1)
+        self.workers = workers or HashWorkers()
 
     async def authenticate(self, username: str, password: bytes) -> User | None:
         """Return the user if ``password`` is right, else ``None`` (also for unknown users).
+
+        Known and unknown users take one path: the client's password is checked against a
+        stored hash, the user's own or, for an unknown user (or one without a password),
+        the file's dummy, a real entry of its commonest scheme and cost (so the check costs
+        what a real one costs, the password's length included); a single digest in the
+        event loop, anything iterated in :attr:`workers`, decided by that stored hash alone.
 
         Raises:
             AuthTemporaryError: the file cannot be read.
@@ -265,22 +275,19 @@ class PasswdFileAuthenticator:
         entry = snapshot.entries.get(username)
         if entry is not None and entry.any_password:
             return None if entry.refused else entry.user
-        if entry is None or not entry.password:
-            async with self._costly:
-                await asyncio.to_thread(
-                    dummy_verify, snapshot.dummy, default_scheme=self.default_scheme
-                )
-            return None
-        check = functools.partial(
-            verify, entry.password, password, default_scheme=self.default_scheme, username=username
-        )
+        real = entry is not None and bool(entry.password)
+        stored = entry.password if entry is not None and real else snapshot.dummy
+        scheme = self.default_scheme
         # A single digest costs less than the hop to a worker thread and back.
-        if is_cheap(entry.password, default_scheme=self.default_scheme):
-            matched = check()
+        if is_cheap(stored, default_scheme=scheme):
+            matched = verify(stored, password, default_scheme=scheme, username=username)
         else:
-            async with self._costly:
-                matched = await asyncio.to_thread(check)
-        return entry.user if matched and not entry.refused else None
+            matched = await self.workers.run(
+                verify, stored, password, default_scheme=scheme, username=username
+            )
+        if entry is None or not real or entry.refused:
+            return None
+        return entry.user if matched else None
 
     async def lookup(self, username: str) -> User | None:
         """Return the user record without checking a password (for delivery).

@@ -42,15 +42,17 @@ from pobox.protocol._sasl import md5_compress
 
 __all__ = [
     "DUMMY_HASH",
+    "SCRAM_ITERATIONS",
     "SUPPORTED_SCHEMES",
     "SchemeError",
     "ScramCredentials",
     "UnknownScheme",
     "cram_md5_context",
-    "dummy_verify",
     "hash_password",
     "identify_scheme",
     "scram_credentials",
+    "scram_salt",
+    "scram_server_keys",
     "verify",
 ]
 
@@ -637,6 +639,73 @@ def scram_credentials(stored: str, *, default_scheme: str = "CRYPT") -> ScramCre
         return None
 
 
+#: Iterations of the SCRAM keys pobox derives itself (from a ``{PLAIN}`` password) and of the
+#: decoys it shows for unknown users: RFC 7677 §4's minimum, and what Dovecot uses.
+SCRAM_ITERATIONS = _SCRAM_DEFAULT_ITERATIONS
+_SCRAM_SALT_LABEL = b"pobox SCRAM salt\0"
+#: What the PBKDF2 of a decoy is computed over: the cost is the point, not the result.
+_DECOY_PASSWORD = b"pobox: not a password"
+
+
+def scram_salt(key: bytes, mechanism: str, username: str) -> bytes:
+    """Return the salt a SCRAM exchange shows for ``username`` when none is stored.
+
+    HMAC-SHA-256 of the name under the server's secret ``key``, cut to 16 bytes: the same
+    at every request and every restart, for known and unknown names alike, and nobody
+    without the key can tell it from a stored random salt (RFC 5802 §5.1 asks servers
+    not to reveal which users exist).
+    """
+    message = (
+        _SCRAM_SALT_LABEL + mechanism.encode() + b"\0" + username.encode("utf-8", "surrogateescape")
+    )
+    return hmac.digest(key, message, "sha256")[:_SCRAM_SALT_BYTES]
+
+
+def _plaintext(stored: str, default_scheme: str) -> bytes | None:
+    """Return the password of a ``{PLAIN}`` entry (any encoding suffix), else ``None``."""
+    scheme, data = _split(stored, default_scheme)
+    try:
+        name, suffix = _parse_name(scheme)
+        return _decode(_BINARY["PLAIN"], data, suffix) if name == "PLAIN" else None
+    except ValueError:
+        return None
+
+
+def scram_server_keys(
+    stored: str | None, mechanism: str, salt: bytes, *, default_scheme: str = "CRYPT"
+) -> ScramCredentials:
+    """Return the keys to run a SCRAM exchange with, for a user whose stored password is ``stored``.
+
+    - a ``{PLAIN}`` password: keys derived from it with ``salt`` and :data:`SCRAM_ITERATIONS`;
+    - stored ``{SCRAM-*}`` keys of ``mechanism``'s hash: those, with their own salt;
+    - anything else (``None`` for an unknown user, a one-way hash, the other SCRAM hash):
+      decoy keys with ``salt`` and :data:`SCRAM_ITERATIONS`, whose empty StoredKey no
+      proof matches, so the exchange fails only at the proof, like a wrong password.
+
+    Exactly one PBKDF2 of :data:`SCRAM_ITERATIONS` runs in every case (over a dummy when
+    nothing needs deriving), so the work, and the time to the server-first message, is the
+    same for every name.  CPU-bound: run it in a worker thread.
+
+    Raises:
+        KeyError: ``mechanism`` is not SCRAM-SHA-1 or SCRAM-SHA-256.
+    """
+    hash_name = _SCRAM_HASHES[mechanism]
+    plain = None if stored is None else _plaintext(stored, default_scheme)
+    creds = None
+    if stored is not None and plain is None:
+        creds = scram_credentials(stored, default_scheme=default_scheme)
+        if creds is not None and creds.hash_name != hash_name:
+            creds = None
+    stored_key, server_key = _scram_keys(
+        hash_name, _DECOY_PASSWORD if plain is None else plain, salt, SCRAM_ITERATIONS
+    )
+    if creds is not None:
+        return creds
+    if plain is None:
+        stored_key = server_key = b""
+    return ScramCredentials(hash_name, SCRAM_ITERATIONS, salt, stored_key, server_key)
+
+
 def cram_md5_context(stored: str, *, default_scheme: str = "CRYPT") -> bytes | None:
     """Return the 32-byte HMAC-MD5 context of a ``{CRAM-MD5}`` stored password.
 
@@ -655,19 +724,9 @@ def cram_md5_context(stored: str, *, default_scheme: str = "CRYPT") -> bytes | N
 
 
 #: An ARGON2ID hash, with :func:`hash_password`'s default parameters, of a random password
-#: nobody knows: what :func:`dummy_verify` spends time on by default.
+#: nobody knows: what a user database with no password of its own checks unknown users
+#: against, so that they cost what a real user costs.
 DUMMY_HASH = (
     "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1"
     "$4LfCz1k5lswhtLbKi+3jzw$ZNiBEMVlXirfOXcd/BC0CLun6hNo5Hb4N5AB/qPiXAU"
 )
-_DUMMY_PASSWORD = b"pobox: not the password"
-
-
-def dummy_verify(like: str = DUMMY_HASH, *, default_scheme: str = "CRYPT") -> None:
-    """Spend the time of a verification against ``like``, for a user who does not exist.
-
-    Answering "unknown user" faster than "wrong password" tells an attacker which users
-    exist.  Pass a stored password of the same scheme and cost as the real users' (a
-    backend can take one of its own entries) for the closest match.
-    """
-    verify(like, _DUMMY_PASSWORD, default_scheme=default_scheme)

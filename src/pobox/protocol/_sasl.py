@@ -9,13 +9,15 @@ to :meth:`Mechanism.step`, already base64-decoded.  Each call returns one :data:
 - :class:`Challenge`: send these bytes (base64-encoded, after ``+ ``) and wait for a response;
 - :class:`CheckPassword`: the client sent a plaintext password; the shell verifies it;
 - :class:`NeedSecret`: the mechanism needs what is stored for the user; the shell answers
-  with :meth:`Mechanism.secret` (a :class:`Secret`, or ``None`` for an unknown user);
+  with :meth:`Mechanism.secret` (a :class:`Secret`, or ``None`` for an unknown user; for
+  SCRAM, always keys: decoys for an unknown user, see :meth:`Scram.secret`);
 - :class:`CheckToken`: an OAuth 2.0 bearer token for the shell's token verifier;
 - :class:`Verified`: the mechanism itself proved the client's identity;
 - :class:`Failed`: authentication failed (the reason is for the log, never for the client).
 
 Nothing here does I/O or reads a clock; randomness (the server nonces) comes from the caller,
-so RFC test vectors can be replayed byte for byte.
+so RFC test vectors can be replayed byte for byte.  Nothing costly runs here either: SCRAM's
+PBKDF2 is the shell's, in a worker thread; the core only checks proofs (a few HMACs).
 
 May import: the standard library only.
 """
@@ -224,6 +226,13 @@ class Mechanism:
     name: str = ""
     #: Whether the client sends its password in the clear (refused where plaintext is).
     plaintext: ClassVar[bool] = False
+    #: The user the client has named so far in this exchange, if any.
+    _user: str | None = None
+
+    @property
+    def authcid(self) -> str | None:
+        """The user the client has named so far (an exchange aborted after it is a failure)."""
+        return self._user
 
     def start(self, initial: bytes | None) -> Step:
         """Begin with the client's initial response (``None`` if it sent none)."""
@@ -338,11 +347,6 @@ def _scram_name(text: str) -> str | None:
     return "".join(out)
 
 
-#: PBKDF2 iterations for SCRAM keys derived on the fly from a plaintext password
-#: (RFC 7677 §4: at least 4096).
-SCRAM_ITERATIONS: Final = 4096
-
-
 class Scram(Mechanism):
     """SCRAM-SHA-1 / SCRAM-SHA-256 (RFC 5802, RFC 7677), without channel binding.
 
@@ -407,21 +411,19 @@ class Scram(Mechanism):
         return NeedSecret(user)
 
     def secret(self, secret: Secret | None) -> Step:
+        """Take the keys to run the exchange with: the user's, or decoys.
+
+        The shell answers for *every* name, known or not, with keys of this mechanism's
+        hash: the user's stored or derived keys, or decoys with an empty StoredKey (an
+        unknown user, a password SCRAM cannot use) that no proof matches.  Their salt and
+        iteration count are what the client is shown, so the shell makes them look the same
+        for all names (RFC 5802 §5.1 suggests it); this core reads no secrets and no clock.
+        """
         assert self._user is not None
-        keys: ScramKeys | None = None
-        if secret is not None and secret.scram is not None:
-            if secret.scram.hash_name == self.hash_name:
-                keys = secret.scram
-        elif secret is not None and secret.password is not None:
-            salt = hashlib.new(self.hash_name, b"pobox-scram:" + self._nonce).digest()[:16]
-            keys = _derive_keys(self.hash_name, secret.password, salt, SCRAM_ITERATIONS)
-        if keys is None:
-            # Carry on with keys nobody knows, so the exchange does not reveal whether the
-            # user exists or has usable credentials (RFC 5802 §5.1 suggests it).
-            salt = hashlib.new(self.hash_name, b"pobox-unknown:" + self._user.encode()).digest()
-            keys = ScramKeys(self.hash_name, SCRAM_ITERATIONS, salt[:16], b"", b"")
-        else:
-            self._real = True
+        keys = secret.scram if secret is not None else None
+        if keys is None or keys.hash_name != self.hash_name:
+            return Failed(self._user, "no SCRAM keys for the user")
+        self._real = bool(keys.stored_key)
         self._keys = keys
         salt64 = base64.b64encode(keys.salt)
         self._server_first = b"r=%s,s=%s,i=%d" % (self._nonce, salt64, keys.iterations)
@@ -456,14 +458,6 @@ class Scram(Mechanism):
         server_signature = hmac.digest(keys.server_key, auth_message, self.hash_name)
         self._server_final = b"v=" + base64.b64encode(server_signature)
         return Challenge(self._server_final)
-
-
-def _derive_keys(hash_name: str, password: bytes, salt: bytes, iterations: int) -> ScramKeys:
-    salted = hashlib.pbkdf2_hmac(hash_name, password, salt, iterations)
-    client_key = hmac.digest(salted, b"Client Key", hash_name)
-    server_key = hmac.digest(salted, b"Server Key", hash_name)
-    stored_key = hashlib.new(hash_name, client_key).digest()
-    return ScramKeys(hash_name, iterations, salt, stored_key, server_key)
 
 
 class External(Mechanism):
@@ -561,19 +555,20 @@ class Apop(Mechanism):
 
     def __init__(self, timestamp: bytes, user: str, digest: bytes) -> None:
         self.timestamp = timestamp
-        self._user = user
+        self._user = self._apop_user = user
         self._digest = digest.lower()
 
     def start(self, initial: bytes | None) -> Step:
-        return NeedSecret(self._user)
+        return NeedSecret(self._apop_user)
 
     def secret(self, secret: Secret | None) -> Step:
+        user = self._apop_user
         if secret is None or secret.password is None:
-            return Failed(self._user, "no plaintext password for APOP")
+            return Failed(user, "no plaintext password for APOP")
         expected = hashlib.md5(self.timestamp + secret.password).hexdigest().encode()  # noqa: S324
         if hmac.compare_digest(expected, self._digest):
-            return Verified(self._user)
-        return Failed(self._user, "wrong APOP digest")
+            return Verified(user)
+        return Failed(user, "wrong APOP digest")
 
 
 #: Every mechanism this module implements, in the order CAPA lists them.

@@ -72,6 +72,7 @@ from pobox.protocol._sasl import (
     Challenge,
     CheckPassword,
     CheckToken,
+    Failed,
     Mechanism,
     NeedSecret,
     Step,
@@ -544,13 +545,13 @@ class ServerConnection:
             self._sasl_abort("Authentication response too long.", bad=True)
             return
         assert isinstance(line, bytes)
+        rejection = self._sasl_rejection
+        if rejection is not None:  # the failure was counted when the shell rejected it
+            self._sasl_rejection = None
+            self._sasl_end(rejection.text, rejection.resp_code)
+            return
         if line == b"*":
             self._sasl_abort("Authentication aborted by client.")
-            return
-        rejection = self._sasl_rejection
-        if rejection is not None:
-            self._sasl_rejection = None
-            self._sasl_abort(rejection.text, rejection.resp_code)
             return
         response = b64decode_strict(line)
         if response is None:
@@ -558,7 +559,21 @@ class ServerConnection:
             return
         self._sasl_step(mechanism.step(response))
 
-    def _sasl_abort(self, text: str, resp_code: str | None = None, *, bad: bool = False) -> None:
+    def _sasl_abort(self, text: str, *, bad: bool = False) -> None:
+        """End an exchange the client broke off (``*``) or spoilt (a malformed response).
+
+        Once the client has named a user, that is a failed login like a wrong password: the
+        shell counts it, logs it and delays the answer.  Otherwise aborting after SCRAM's
+        first step would be a free way to learn salts and make the server derive keys.
+        """
+        assert self._sasl is not None
+        user = self._sasl.authcid
+        if user is not None:
+            self._sasl_step(Failed(user, text))
+        else:
+            self._sasl_end(text, bad=bad)
+
+    def _sasl_end(self, text: str, resp_code: str | None = None, *, bad: bool = False) -> None:
         self._sasl = None
         self._transition(Trigger.SASL_ABORT)
         if bad:  # garbage counts towards max_bad_commands, like a bad command line

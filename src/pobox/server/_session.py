@@ -5,9 +5,14 @@ with I/O: passwords via the :class:`~pobox.auth.base.Authenticator`, maildrops v
 :class:`~pobox.storage.base.MaildropStore`.  Exceptions from those are translated here into
 ``-ERR`` replies with RFC 3206 codes; nothing a client sends can make a traceback reach it.
 
-Every network wait has a timeout: before login ``login_timeout``; after it the RFC 1939
+Every network wait has a timeout: before login ``login_timeout``, and ``login_deadline``
+from the connection's start however busy the client keeps it; after login the RFC 1939
 autologout ``idle_timeout``, on whose expiry the connection is closed without a reply and
 without UPDATE (RFC 1939 §3), which also releases the maildrop lock.
+
+Failed logins (:meth:`Session._failed`) are answered ``auth_failure_delay`` (or what the
+throttle says) after the attempt *arrived*, not after its check ended: how long the check
+took, a costly or a cheap hash, a known or an unknown user, does not show in the timing.
 
 STLS (RFC 2595) goes through the public :meth:`asyncio.StreamWriter.start_tls` only, so it
 works on any event loop (uvloop included); see :meth:`Session._start_tls` for how no
@@ -30,11 +35,11 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from pobox.auth import schemes
-from pobox.auth.base import Authenticator, AuthError, TokenVerifier, User
+from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
 from pobox.config import Config
 from pobox.log import SessionLog
 from pobox.protocol import (
@@ -99,11 +104,18 @@ class SessionContext:
     throttle: LoginThrottle | None = None
     #: Checks OAuth bearer tokens for OAUTHBEARER / XOAUTH2 (none: tokens always fail).
     token_verifier: TokenVerifier | None = None
+    #: Where SCRAM keys are derived (the authenticator's own workers, so one limit holds).
+    workers: HashWorkers = field(default_factory=HashWorkers)
+    #: The key SCRAM salts are derived from (``scram_secret_file``); empty without SCRAM.
+    scram_secret: bytes = b""
 
 
 _T = TypeVar("_T")
 
 _apop_counter = itertools.count()
+
+#: The failure delay's sleep (a name of this module, so a test can see what it is asked).
+_sleep = asyncio.sleep
 
 
 @functools.cache
@@ -221,6 +233,8 @@ class Session:
         )
         self.conn.external_identity = client_identity(writer.get_extra_info("peercert"))
         self._loop = asyncio.get_running_loop()
+        #: Loop time by which the client must have logged in (``login_deadline``).
+        self._login_by = self._loop.time() + cfg.login_deadline
         self._transport = writer.transport
         #: When the current wait for the network began (None: not waiting on the network).
         self._io_since: float | None = None
@@ -332,24 +346,36 @@ class Session:
         self.conn.send(TlsStarted(user_enabled=self._plaintext_allowed()))
         self.conn.external_identity = client_identity(self.writer.get_extra_info("peercert"))
 
-    def _timeout(self) -> float:
+    def _expiry(self, since: float) -> float:
+        """Return when a wait on the network that began at ``since`` times out (loop time)."""
         cfg = self.ctx.config
-        return cfg.idle_timeout if self.conn.state is State.TRANSACTION else cfg.login_timeout
+        if self.conn.state is State.TRANSACTION:
+            return since + cfg.idle_timeout
+        if self.maildrop is not None:  # after QUIT: the last reply's drain
+            return since + cfg.login_timeout
+        return min(since + cfg.login_timeout, self._login_by)
 
     def _timeout_reason(self) -> str:
-        return f"Inactivity - no input for {self._timeout():g} secs"
+        cfg = self.ctx.config
+        if self.conn.state is State.TRANSACTION:
+            return f"Inactivity - no input for {cfg.idle_timeout:g} secs"
+        if self.maildrop is None and self._loop.time() >= self._login_by:
+            return f"Login time limit - not logged in after {cfg.login_deadline:g} secs"
+        return f"Inactivity - no input for {cfg.login_timeout:g} secs"
 
     # One timer per session enforces the timeouts, instead of a timeout context around each
     # read and drain: those cost a timer handle and a current_task() lookup per command, a
     # tenth of a mail session's CPU in the benchmark profile.  Here a wait on the network
     # only stamps its start; the timer, when it fires, checks whether the wait under way has
-    # lasted the timeout and otherwise sets itself again for the moment it would.
+    # reached its expiry and otherwise sets itself again for the moment it would.  Work that
+    # is not a wait on the network (a password check, a failure delay) is never cut short:
+    # the deadline before login takes effect at the next wait.
 
     def _network_wait(self) -> None:
         """Note that a wait on the network begins now, and make sure the timer covers it."""
         now = self._loop.time()
         self._io_since = now
-        deadline = now + self._timeout()
+        deadline = self._expiry(now)
         timer = self._timer
         if timer is None or timer.when() > deadline:
             if timer is not None:
@@ -377,14 +403,13 @@ class Session:
     def _check_deadline(self) -> None:
         since = self._io_since
         now = self._loop.time()
-        timeout = self._timeout()
-        if since is not None and now - since >= timeout:
+        if since is not None and now >= self._expiry(since):
             self._timer = None
             self._expired = True
             if self._task is not None:
                 self._task.cancel()
             return
-        self._timer = self._loop.call_at((since or now) + timeout, self._check_deadline)
+        self._timer = self._loop.call_at(self._expiry(since or now), self._check_deadline)
 
     async def _on_network(self, waiting: Awaitable[_T]) -> _T:
         """Await a read or a drain under the session's timeout.
@@ -426,19 +451,25 @@ class Session:
         self, event: AuthenticateUser | FetchSecret | VerifyToken | OpenMaildrop | LoginFailed
     ) -> None:
         """Answer a login step: check, fetch, or open the maildrop (USER/PASS, APOP, AUTH)."""
+        arrived = self._loop.time()
         throttle = self.ctx.throttle
-        if throttle is not None and throttle.blocked(self.rip, event.username):
-            self.log.info(
-                "Login refused, too many failures: user=<%s>, method=%s, rip=%s, lip=%s, "
-                "session=<%s>",
-                event.username or "",
-                event.mechanism,
-                self.rip,
-                self.lip,
-                self.id,
-            )
-            self.conn.send(LoginRejected("Too many failed logins, try again later.", "LOGIN-DELAY"))
-            return
+        failures = 0
+        if throttle is not None:
+            failures = await throttle.failures(self.rip)
+            if throttle.refuses(failures):
+                self.log.info(
+                    "Login refused, too many failures: user=<%s>, method=%s, rip=%s, lip=%s, "
+                    "session=<%s>",
+                    event.username or "",
+                    event.mechanism,
+                    self.rip,
+                    self.lip,
+                    self.id,
+                )
+                self.conn.send(
+                    LoginRejected("Too many failed logins, try again later.", "LOGIN-DELAY")
+                )
+                return
         try:
             user = await self._verify(event)
         except AuthError as exc:
@@ -448,9 +479,9 @@ class Session:
         if user is _ANSWERED:
             return
         if not isinstance(user, User):
-            await self._failed(event.username, event.mechanism)
+            await self._failed(event.username, event.mechanism, arrived)
             return
-        await self._open(user, event.mechanism)
+        await self._open(user, event.mechanism, failures)
 
     async def _verify(
         self, event: AuthenticateUser | FetchSecret | VerifyToken | OpenMaildrop | LoginFailed
@@ -461,7 +492,11 @@ class Session:
             return await auth.authenticate(event.username, event.password)
         if isinstance(event, FetchSecret):
             stored = await auth.credentials(event.username)
-            self.conn.send(SecretFound(None if stored is None else secret_from_stored(stored)))
+            if event.mechanism.startswith("SCRAM-"):
+                secret: Secret | None = await self._scram_secret(event, stored)
+            else:
+                secret = None if stored is None else secret_from_stored(stored)
+            self.conn.send(SecretFound(secret))
             return _ANSWERED
         if isinstance(event, VerifyToken):
             verifier = self.ctx.token_verifier
@@ -473,7 +508,23 @@ class Session:
         self.log.debug("SASL %s failed: %s", event.mechanism, event.reason)
         return None
 
-    async def _failed(self, username: str | None, method: str) -> None:
+    async def _scram_secret(self, event: FetchSecret, stored: str | None) -> Secret:
+        """Return the SCRAM keys for ``event``'s user: real ones, or decoys for anyone else.
+
+        The salt of names without stored keys comes from ``scram_secret``: stable, and the
+        same kind for unknown names as for known ones.  The PBKDF2 (one, whoever the name
+        is) runs in a worker thread, never in the event loop.
+        """
+        salt = schemes.scram_salt(self.ctx.scram_secret, event.mechanism, event.username)
+        keys = await self.ctx.workers.run(schemes.scram_server_keys, stored, event.mechanism, salt)
+        return Secret(
+            scram=ScramKeys(
+                keys.hash_name, keys.iterations, keys.salt, keys.stored_key, keys.server_key
+            )
+        )
+
+    async def _failed(self, username: str | None, method: str, arrived: float) -> None:
+        """Count, log and answer a failed login, ``delay`` seconds after it ``arrived``."""
         cfg = self.ctx.config
         self.auth_failures += 1
         self.last_user = username
@@ -488,15 +539,19 @@ class Session:
         )
         throttle = self.ctx.throttle
         delay = (
-            throttle.failed(self.rip, username) if throttle is not None else cfg.auth_failure_delay
+            await throttle.failed(self.rip, username)
+            if throttle is not None
+            else cfg.auth_failure_delay
         )
-        await asyncio.sleep(delay)
+        wait = delay - (self._loop.time() - arrived)
+        if wait > 0:
+            await _sleep(wait)
         self.conn.send(LoginRejected())
         if self.auth_failures >= cfg.max_auth_failures:
             # Dovecot too closes after a few failures: a brute-forcer must reconnect.
             self.conn.close("too-many-auth-failures")
 
-    async def _open(self, user: User, method: str) -> None:
+    async def _open(self, user: User, method: str, failures: int) -> None:
         cfg = self.ctx.config
         try:
             self.maildrop = await self.ctx.store.open(user, lock=cfg.pop3_lock_session)
@@ -511,7 +566,7 @@ class Session:
             self.conn.send(LoginRejected("Cannot open the mailbox, try later.", exc.resp_code))
             return
         if self.ctx.throttle is not None:
-            self.ctx.throttle.succeeded(self.rip, user.name)
+            await self.ctx.throttle.succeeded(self.rip, failures)
         self.log.info(
             "Login: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>",
             user.name,

@@ -1,107 +1,100 @@
-"""Brute-force defence: remember failed logins per source address and per user, in memory.
+"""Brute-force defence: slow down, then refuse, the *address* that keeps failing.
 
-A failed login waits ``auth_failure_delay`` seconds, doubled for each earlier failure from
-the same address still remembered, up to ``auth_failure_delay_max`` (Dovecot's
-``auth_failure_delay`` grows the same way with its penalty table).  More than
-``auth_failures_per_ip`` failures from one address, or ``auth_failures_per_user`` for one user,
-within ``auth_failure_window`` seconds block further logins from that address / as that user
-until the window has passed since the first of them: the client gets ``-ERR [LOGIN-DELAY]``.
+The policy, and why no stranger can lock a user out with it
+------------------------------------------------------------
+- A failed login waits ``auth_failure_delay`` seconds, doubled for each earlier failure from
+  the same address still remembered, up to ``auth_failure_delay_max``.  Dovecot's auth
+  penalty grows per address the same way.
+- Once an address has ``auth_failures_per_ip`` failures within ``auth_failure_window``,
+  every login *from that address* gets ``-ERR [LOGIN-DELAY]`` until the window has passed
+  since its first failure, right password or not (Dovecot refuses nothing, it only delays;
+  pobox refuses, which also spares the hashing work a brute-forcer would cost).
+- Failures are counted per user name too, from every address, but that count only ever
+  adds delay: once a name has ``auth_failures_per_user`` failures within the window, each
+  further failure *for that name* waits ``auth_failure_delay_max``.  It never refuses a
+  login: the right password from an address that is not failing gets in, however many
+  strangers are guessing the same user's password elsewhere.
+- A successful login forgets the failures of its address (as Dovecot resets its penalty);
+  the user name's count stays, so a user logging in does not reset a stranger's delay.
 
-State is two LRU-bounded dicts of ``key → (first failure time, count)``: every operation is
-O(1) and memory stays bounded whatever an attacker does (the oldest entries are forgotten
-first, which only ever makes the defence more lenient, never blocks anyone wrongly).
+The counters live behind :class:`~pobox.state.base.FailureCounters` (in memory now; in
+PostgreSQL, shared by every node, later); this module is only the policy that reads them.
 
-May import: the standard library only.
+May import: the standard library and :mod:`pobox.state`.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Final
+
+from pobox.state.base import FailureCounters
 
 __all__ = ["LoginThrottle"]
 
-#: Addresses and users remembered each; 100k entries is a few tens of MB at most.
-MAX_ENTRIES: Final = 100_000
+#: The doubling stops here (2**32 times the base delay is far beyond any cap).
+_MAX_DOUBLINGS: Final = 32
 
 
-class _Counter:
-    """Failures per key within a window, LRU-bounded."""
+def address_key(ip: str) -> str:
+    """The counter key of a source address."""
+    return "ip:" + ip
 
-    def __init__(self, window: float, limit: int, max_entries: int) -> None:
-        self.window = window
-        self.limit = limit
-        self.max_entries = max_entries
-        self._data: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
-    def count(self, key: str, now: float) -> int:
-        entry = self._data.get(key)
-        if entry is None:
-            return 0
-        if now - entry[0] >= self.window:
-            del self._data[key]
-            return 0
-        return entry[1]
-
-    def add(self, key: str, now: float) -> int:
-        count = self.count(key, now) + 1
-        first = self._data[key][0] if count > 1 else now
-        self._data[key] = (first, count)
-        self._data.move_to_end(key)
-        if len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-        return count
-
-    def clear(self, key: str) -> None:
-        self._data.pop(key, None)
+def user_key(user: str) -> str:
+    """The counter key of a user name (as the client gave it)."""
+    return "user:" + user
 
 
 class LoginThrottle:
-    """Failed-login bookkeeping shared by all sessions of a server.
+    """The failed-login policy shared by all sessions of a server.
 
     Args:
+        counters: where failures are counted; its window is ``auth_failure_window``.
         delay: the delay after a first failure, in seconds.
         delay_max: the cap of the growing delay.
-        per_ip, per_user: failures within ``window`` after which logins are refused.
-        window: seconds a failure is remembered.
-        clock: a monotonic clock (injectable for tests).
+        per_ip: failures from one address after which its logins are refused.
+        per_user: failures for one user name after which its failures wait ``delay_max``.
     """
 
     def __init__(
         self,
+        counters: FailureCounters,
         *,
         delay: float,
         delay_max: float,
         per_ip: int,
         per_user: int,
-        window: float,
-        max_entries: int = MAX_ENTRIES,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.counters = counters
         self.delay = delay
         self.delay_max = max(delay, delay_max)
-        self._ips = _Counter(window, per_ip, max_entries)
-        self._users = _Counter(window, per_user, max_entries)
-        self._clock = clock
+        self.per_ip = per_ip
+        self.per_user = per_user
 
-    def blocked(self, ip: str, user: str | None) -> bool:
-        """Return whether logins from ``ip`` (as ``user``, if known) are refused for now."""
-        now = self._clock()
-        if self._ips.count(ip, now) >= self._ips.limit:
-            return True
-        return user is not None and self._users.count(user, now) >= self._users.limit
+    async def failures(self, ip: str) -> int:
+        """Return the failures remembered for ``ip``: what :meth:`refuses` and
+        :meth:`succeeded` take."""
+        return (await self.counters.counts([address_key(ip)]))[0]
 
-    def failed(self, ip: str, user: str | None) -> float:
+    def refuses(self, failures: int) -> bool:
+        """Return whether an address with ``failures`` may not log in for now."""
+        return failures >= self.per_ip
+
+    async def failed(self, ip: str, user: str | None) -> float:
         """Record a failed login; return the seconds to wait before answering it."""
-        now = self._clock()
-        count = self._ips.add(ip, now)
-        if user is not None:
-            self._users.add(user, now)
-        return float(min(self.delay * (1 << min(count - 1, 32)), self.delay_max))
+        if user is None:
+            (from_ip,) = await self.counters.add([address_key(ip)])
+            for_user = 0
+        else:
+            from_ip, for_user = await self.counters.add([address_key(ip), user_key(user)])
+        doublings = from_ip - 1 if for_user < self.per_user else _MAX_DOUBLINGS
+        return float(min(self.delay * (1 << min(doublings, _MAX_DOUBLINGS)), self.delay_max))
 
-    def succeeded(self, ip: str, user: str) -> None:
-        """Forget the failures of an address and user that just logged in."""
-        self._ips.clear(ip)
-        self._users.clear(user)
+    async def succeeded(self, ip: str, failures: int) -> None:
+        """Forget the failures of an address that just logged in.
+
+        ``failures`` is what :meth:`failures` said before the login: with none there is
+        nothing to forget and no round trip to make.
+        """
+        if failures:
+            await self.counters.clear([address_key(ip)])
