@@ -165,18 +165,14 @@ async def run_server(config: Config) -> None:
     workers = HashWorkers()
     authenticator = build_authenticator(config, workers)
     store = build_store(config)
-<<<<<<< HEAD
     try:
         await check_store(store)
     except BaseException:
         await store.aclose()
         raise
-    server = Pop3Server(build_context(config, authenticator=authenticator, store=store))
-=======
     server = Pop3Server(
         build_context(config, authenticator=authenticator, store=store, workers=workers)
     )
->>>>>>> main
     await server.start()
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
