@@ -39,7 +39,7 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -62,6 +62,8 @@ __all__ = [
     "PasswdFileError",
     "UserExists",
     "add_user",
+    "delete_user",
+    "list_users",
     "set_password",
     "validate_username",
 ]
@@ -402,12 +404,13 @@ def _rewrite(
     path: str | os.PathLike[str],
     username: str,
     *,
-    change: Callable[[str], str] | None,
+    change: Callable[[str], str | None] | None,
     add: str | None,
 ) -> bool:
     """Replace the user's line by ``change(line)``, or append ``add`` if the user has none.
 
-    Nothing is written when the needed one of ``change`` and ``add`` is ``None``.
+    Nothing is written when the needed one of ``change`` and ``add`` is ``None``; a
+    ``change`` that returns ``None`` removes the line.
 
     Returns:
         Whether the user had a line.
@@ -429,7 +432,11 @@ def _rewrite(
             if _is_entry(bare) and bare.split(":", 1)[0] == username:
                 if change is None:
                     return True
-                lines[index] = change(bare) + line[len(bare) :]
+                changed = change(bare)
+                if changed is None:
+                    del lines[index]
+                else:
+                    lines[index] = changed + line[len(bare) :]
                 found = True
                 break
         else:
@@ -494,8 +501,9 @@ def add_user(
     mail: str | None = None,
     uid: int | str | None = None,
     gid: int | str | None = None,
+    extra: Sequence[str] = (),
 ) -> None:
-    """Add a user line ``user:password:uid:gid::home::userdb_mail=mail``.
+    """Add a user line ``user:password:uid:gid::home::userdb_mail=mail extra...``.
 
     Args:
         path: the passwd-file; created with mode 0600 if missing.
@@ -505,6 +513,8 @@ def add_user(
         home: the home directory.
         mail: the mail location, written as ``userdb_mail=``.
         uid, gid: the owner of the user's mail, as numbers or names.
+        extra: more extra fields, ``key=value`` or a bare flag (``quota_bytes=100M``,
+            ``nologin``).
 
     Raises:
         UserExists: the user is already in the file (which is left as it is).
@@ -518,6 +528,8 @@ def add_user(
     ids = ["" if value is None else str(value) for value in (uid, gid)]
     for value in ids:
         _check_field(value, "uid/gid", ": \t\n\r")
+    extras = [] if mail is None else ["userdb_mail=" + _check_field(mail, "mail", " \t\n\r")]
+    extras += [_check_field(item, "extra field", " \t\n\r") for item in extra if item]
     fields = [
         username,
         _check_field(hash_password(password, scheme, username=username), "password", ":\n\r"),
@@ -525,7 +537,7 @@ def add_user(
         "",
         _check_field(home or "", "home", ":\n\r"),
         "",
-        "" if mail is None else "userdb_mail=" + _check_field(mail, "mail", " \t\n\r"),
+        " ".join(extras),
     ]
     while not fields[-1]:
         fields.pop()
@@ -533,3 +545,23 @@ def add_user(
     if _rewrite(path, username, change=None, add=":".join(fields)):
         msg = f"user {username!r} already exists in {path}"
         raise UserExists(msg)
+
+
+def delete_user(path: str | os.PathLike[str], username: str) -> bool:
+    """Remove the user's line (the first one, the one that counts); keep every other line.
+
+    The file is rewritten atomically and keeps its mode and owner.
+
+    Returns:
+        Whether the user had a line.
+    """
+    return _rewrite(path, username, change=lambda _line: None, add=None)
+
+
+def list_users(path: str | os.PathLike[str]) -> list[str]:
+    """Return the users of a passwd-file, sorted by code point.
+
+    Raises:
+        AuthTemporaryError: the file cannot be read.
+    """
+    return sorted(_load(Path(path), None, "CRYPT").entries)

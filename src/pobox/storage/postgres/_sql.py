@@ -70,6 +70,16 @@ _TEXT: dict[str, LiteralString] = {
     " %(header)s)",
     "xact_status": "SELECT pg_catalog.pg_xact_status(%(xid)s::xid8)",
     "usage": "SELECT octets, messages FROM {mailbox} WHERE mailbox = %(mailbox)s",
+    # --- import (pobox import): messages with their UIDL and size kept --------------------
+    # Create the maildrop or lock its row (serialising imports and deliveries to it).
+    "lock_mailbox": "INSERT INTO {mailbox} AS mb (mailbox, uidvalidity)"
+    " VALUES (%(mailbox)s, %(uidvalidity)s)"
+    " ON CONFLICT (mailbox) DO UPDATE SET next_uid = mb.next_uid RETURNING next_uid",
+    "known_uidls": "SELECT uidl FROM {message} WHERE mailbox = %(mailbox)s"
+    " AND uidl = ANY(%(uidls)s)",
+    "take_in": "UPDATE {mailbox} SET next_uid = %(next_uid)s,"
+    " messages = messages + %(messages)s, octets = octets + %(octets)s"
+    " WHERE mailbox = %(mailbox)s",
     # --- garbage collection of bodies ---------------------------------------------------
     # Lock the candidates that no delivery has pinned, then (a new statement: a new
     # snapshot, taken with the locks held) drop those no message uses.
@@ -104,6 +114,9 @@ class Statements:
     insert_message: sql.Composed
     xact_status: sql.Composed
     usage: sql.Composed
+    lock_mailbox: sql.Composed
+    known_uidls: sql.Composed
+    take_in: sql.Composed
     lock_bodies: sql.Composed
     unused_bodies: sql.Composed
     drop_chunks: sql.Composed

@@ -48,6 +48,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
     DeleteResult,
+    ImportedMessage,
     IncomingMessage,
     MaildropLocked,
     MailUser,
@@ -59,6 +60,7 @@ from pobox.storage.base import (
     StoragePermanentError,
     StorageTemporaryError,
     Usage,
+    is_unique_id,
 )
 from pobox.storage.postgres import _schema
 from pobox.storage.postgres._locks import Conn, LockConnection, LockLost, lock_key, split_key
@@ -574,6 +576,84 @@ class PostgresStore:
             await self._resolve(str(state["xid"]), failure)
             uid = _int(state["uid"])
         return str(uid)
+
+    async def import_messages(self, user: MailUser, messages: Sequence[ImportedMessage]) -> int:
+        """Store ``messages`` in ``user``'s maildrop in one transaction, keeping UIDL and size.
+
+        For ``pobox import``: a message whose UIDL the maildrop already has is skipped, so an
+        import run again after an interruption stores nothing twice. The stored bytes are the
+        message as given; the wire size is the one given (what the old server reported). No
+        quota, no trace headers. Returns after COMMIT.
+
+        Returns:
+            How many messages were stored (the others were there already).
+
+        Raises:
+            StoragePermanentError: a UIDL is not an RFC 1939 unique-id.
+            StorageTemporaryError: the database failed (nothing of this batch stored).
+        """
+        mailbox = self._mailbox(user)
+        for message in messages:
+            if not is_unique_id(message.uidl):
+                msg = f"import: {message.uidl!r} is not an RFC 1939 unique-id"
+                raise StoragePermanentError(msg)
+        bodies = [_BytesBody(message.data) for message in messages]
+
+        async def work(conn: Conn) -> int:
+            try:
+                await conn.execute("BEGIN")
+                cur = await conn.execute(
+                    self._sql.lock_mailbox,
+                    {"mailbox": mailbox, "uidvalidity": int(time.time())},
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                uid = first = _int(row[0])
+                cur = await conn.execute(
+                    self._sql.known_uidls,
+                    {"mailbox": mailbox, "uidls": [message.uidl for message in messages]},
+                )
+                seen = {str(row[0]) for row in await cur.fetchall()}
+                octets = 0
+                for message, body in zip(messages, bodies, strict=True):
+                    if message.uidl in seen:
+                        continue
+                    seen.add(message.uidl)
+                    digest = bytes.fromhex(body.digest)
+                    await self._put_body(conn, digest, body)
+                    await conn.execute(
+                        self._sql.insert_message,
+                        {
+                            "mailbox": mailbox,
+                            "uid": uid,
+                            "uidl": message.uidl,
+                            "wire_size": message.size,
+                            "size": body.size,
+                            "digest": digest,
+                            "header": b"",
+                        },
+                    )
+                    uid += 1
+                    octets += body.size
+                if uid > first:
+                    await conn.execute(
+                        self._sql.take_in,
+                        {
+                            "mailbox": mailbox,
+                            "next_uid": uid,
+                            "messages": uid - first,
+                            "octets": octets,
+                        },
+                    )
+                await conn.execute("COMMIT")
+            except BaseException:
+                if not conn.closed and not conn.broken:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("ROLLBACK")
+                raise
+            return uid - first
+
+        return await self._run("importing", work, retry=False)
 
     async def _resolve(self, xid: str, failure: StorageError) -> None:
         """Find out whether the transaction ``xid``, whose COMMIT went unanswered, committed.
