@@ -7,7 +7,7 @@
 
 CREATE TABLE {schema}.users (
     username       text        NOT NULL,
-    -- {SCHEME}data as in a passwd-file (pobox.auth.schemes); empty: nobody can log in
+    -- The password as "SCHEME in braces, then data", as in a passwd-file (pobox.auth.schemes); empty: nobody can log in
     -- (the user still receives mail).
     password       text        NOT NULL DEFAULT '',
     -- Owner of the user's mail on a Maildir store (NULL: the configured default).
