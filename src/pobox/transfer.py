@@ -450,7 +450,14 @@ class _MaildirWriter:
         return fd
 
     def exported(self) -> dict[str, str]:
-        """Return export id → file name of the messages a previous run wrote."""
+        """Return export id → file name of the messages a previous run wrote.
+
+        What an interrupted run left half-written in ``tmp/`` is removed.
+        """
+        for name in os.listdir(self._dirs["tmp"]):
+            if _EXPORTED.search(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=self._dirs["tmp"])
         found: dict[str, str] = {}
         for sub in ("new", "cur"):
             for name in os.listdir(self._dirs[sub]):
