@@ -36,7 +36,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -45,6 +45,7 @@ from pobox.errors import PoboxError
 from pobox.records import User
 from pobox.storage.base import (
     ImportedMessage,
+    Maildrop,
     MaildropImporter,
     MaildropStore,
     MailUser,
@@ -83,6 +84,8 @@ BATCH_MESSAGES = 200
 BATCH_OCTETS = 16 * 1024 * 1024
 #: What marks a file written by ``pobox export``, and the UIDL digest after it.
 _EXPORTED = re.compile(r"\.pobox-export-([0-9a-f]{32})(?:,|$)")
+#: Message files an export writes (and syncs) at the same time.
+WRITERS = 8
 #: Mode of the directories and files written (a maildir is private to its user).
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
@@ -556,20 +559,33 @@ async def export_maildir(
             report.present = len(messages) - len(todo)
             progress.start(len(todo))
             stamp, pid = int(time.time()), os.getpid()
-            for number, info in enumerate(todo, 1):
+            # Files are written (and synced) a few at a time: the file system commits their
+            # syncs together, which is what makes an export fast.
+            slots = asyncio.Semaphore(WRITERS)
+
+            async def write(name: str, data: bytes, ident: str) -> None:
                 try:
-                    data = b"".join([chunk async for chunk in maildrop.read_message(info.key)])
-                except MessageGone:
-                    report.gone += 1
-                    progress.advance(1)
-                    continue
-                ident = _export_id(info.uidl)
-                base = f"{stamp}.M{number}P{pid}.pobox-export-{ident},S={len(data)},W={info.size}"
-                await asyncio.to_thread(writer.write_message, base + ":2,", data)
-                done[ident] = base + ":2,"
+                    await asyncio.to_thread(writer.write_message, name, data)
+                finally:
+                    slots.release()
+                done[ident] = name
                 report.copied += 1
                 report.octets += len(data)
                 progress.advance(1)
+
+            try:
+                await _write_all(
+                    maildrop,
+                    todo,
+                    write=write,
+                    slots=slots,
+                    report=report,
+                    progress=progress,
+                    stamp=stamp,
+                    pid=pid,
+                )
+            except ExceptionGroup as group:  # the first failure of a writer, as it is
+                raise group.exceptions[0] from None
             await asyncio.to_thread(_write_uidlists, writer, messages, done)
         finally:
             writer.close()
@@ -577,6 +593,32 @@ async def export_maildir(
         await maildrop.close()
     report.seconds = time.monotonic() - began
     return report
+
+
+async def _write_all(
+    maildrop: Maildrop,
+    todo: Sequence[MessageInfo],
+    *,
+    write: Callable[[str, bytes, str], Coroutine[object, object, None]],
+    slots: asyncio.Semaphore,
+    report: TransferReport,
+    progress: Progress,
+    stamp: int,
+    pid: int,
+) -> None:
+    """Read each message of ``todo`` and have ``write`` store it, a few writes at a time."""
+    async with asyncio.TaskGroup() as group:
+        for number, info in enumerate(todo, 1):
+            try:
+                data = b"".join([chunk async for chunk in maildrop.read_message(info.key)])
+            except MessageGone:
+                report.gone += 1
+                progress.advance(1)
+                continue
+            ident = _export_id(info.uidl)
+            base = f"{stamp}.M{number}P{pid}.pobox-export-{ident},S={len(data)},W={info.size}"
+            await slots.acquire()
+            group.create_task(write(base + ":2,", data, ident))
 
 
 def _write_uidlists(

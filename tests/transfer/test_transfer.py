@@ -239,7 +239,7 @@ class TestCommands:
             f'postgresql_dsn = "{dsn}"',
             f'passwd_file = "{tmp_path / "passwd"}"',
         ]
-        lines += [f'{key} = "{value}"' for key, value in more.items()]
+        lines += [f"{key} = {value}" for key, value in more.items()]
         path.write_text("\n".join(lines) + "\n")
         (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
         return path
@@ -277,7 +277,9 @@ class TestCommands:
 
     def test_database_down(self, tmp_path: Path) -> None:
         """The database unreachable: exit 75, try again."""
-        config = self.config(tmp_path, "host=127.0.0.1 port=1 dbname=x user=x")
+        config = self.config(
+            tmp_path, "host=127.0.0.1 port=1 dbname=x user=x", postgresql_timeout="1"
+        )
         (tmp_path / "source").mkdir()
         assert (75, 75) == (
             main(["import", "--from", f"maildir:{tmp_path}/source", "--user", "alice",

@@ -77,6 +77,14 @@ _TEXT: dict[str, LiteralString] = {
     " ON CONFLICT (mailbox) DO UPDATE SET next_uid = mb.next_uid RETURNING next_uid",
     "known_uidls": "SELECT uidl FROM {message} WHERE mailbox = %(mailbox)s"
     " AND uidl = ANY(%(uidls)s)",
+    # A batch's bodies at once: those new here get their chunks by one COPY; the others
+    # are pinned (as pin_body does) until COMMIT.
+    "insert_bodies": "INSERT INTO {body} (digest, size, chunks)"
+    " SELECT * FROM unnest(%(digests)s::bytea[], %(sizes)s::bigint[], %(chunks)s::integer[])"
+    " ON CONFLICT (digest) DO NOTHING RETURNING digest",
+    "pin_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)s) FOR KEY SHARE",
+    "copy_messages": "COPY {message} (mailbox, uid, uidl, wire_size, size, digest, header)"
+    " FROM STDIN (FORMAT BINARY)",
     "take_in": "UPDATE {mailbox} SET next_uid = %(next_uid)s,"
     " messages = messages + %(messages)s, octets = octets + %(octets)s"
     " WHERE mailbox = %(mailbox)s",
@@ -116,6 +124,9 @@ class Statements:
     usage: sql.Composed
     lock_mailbox: sql.Composed
     known_uidls: sql.Composed
+    insert_bodies: sql.Composed
+    pin_bodies: sql.Composed
+    copy_messages: sql.Composed
     take_in: sql.Composed
     lock_bodies: sql.Composed
     unused_bodies: sql.Composed

@@ -608,50 +608,51 @@ class PostgresStore:
                 )
                 row = await cur.fetchone()
                 assert row is not None
-                uid = first = _int(row[0])
+                first = _int(row[0])
                 cur = await conn.execute(
                     self._sql.known_uidls,
                     {"mailbox": mailbox, "uidls": [message.uidl for message in messages]},
                 )
                 seen = {str(row[0]) for row in await cur.fetchall()}
-                octets = 0
+                rows = []
                 for message, body in zip(messages, bodies, strict=True):
-                    if message.uidl in seen:
-                        continue
-                    seen.add(message.uidl)
-                    digest = bytes.fromhex(body.digest)
-                    await self._put_body(conn, digest, body)
-                    await conn.execute(
-                        self._sql.insert_message,
-                        {
-                            "mailbox": mailbox,
-                            "uid": uid,
-                            "uidl": message.uidl,
-                            "wire_size": message.size,
-                            "size": body.size,
-                            "digest": digest,
-                            "header": b"",
-                        },
-                    )
-                    uid += 1
-                    octets += body.size
-                if uid > first:
-                    await conn.execute(
-                        self._sql.take_in,
-                        {
-                            "mailbox": mailbox,
-                            "next_uid": uid,
-                            "messages": uid - first,
-                            "octets": octets,
-                        },
-                    )
+                    if message.uidl not in seen:
+                        seen.add(message.uidl)
+                        rows.append((message, body))
+                if not rows:
+                    await conn.execute("ROLLBACK")
+                    return 0
+                await self._put_bodies(conn, {body.digest: body for _, body in rows})
+                async with conn.cursor().copy(self._sql.copy_messages) as copy:
+                    copy.set_types(["text", "int8", "text", "int8", "int8", "bytea", "bytea"])
+                    for uid, (message, body) in enumerate(rows, first):
+                        await copy.write_row(
+                            (
+                                mailbox,
+                                uid,
+                                message.uidl,
+                                message.size,
+                                body.size,
+                                bytes.fromhex(body.digest),
+                                b"",
+                            )
+                        )
+                await conn.execute(
+                    self._sql.take_in,
+                    {
+                        "mailbox": mailbox,
+                        "next_uid": first + len(rows),
+                        "messages": len(rows),
+                        "octets": sum(body.size for _, body in rows),
+                    },
+                )
                 await conn.execute("COMMIT")
             except BaseException:
                 if not conn.closed and not conn.broken:
                     with contextlib.suppress(psycopg.Error):
                         await conn.execute("ROLLBACK")
                 raise
-            return uid - first
+            return len(rows)
 
         return await self._run("importing", work, retry=False)
 
@@ -701,6 +702,38 @@ class PostgresStore:
             if await cur.fetchone() is not None:  # there, and pinned until COMMIT
                 return
             # Collected between the two statements: store it again.
+
+    async def _put_bodies(self, conn: Conn, bodies: dict[str, _BytesBody]) -> None:
+        """Make every body of ``bodies`` (by hex digest) exist and stay until COMMIT.
+
+        As :meth:`_put_body` does for one body, with one statement per step for all of them.
+        """
+        todo = dict(bodies)
+        while todo:
+            digests = [bytes.fromhex(digest) for digest in todo]
+            cur = await conn.execute(
+                self._sql.insert_bodies,
+                {
+                    "digests": digests,
+                    "sizes": [body.size for body in todo.values()],
+                    "chunks": [-(-body.size // CHUNK_SIZE) for body in todo.values()],
+                },
+            )
+            new = {_bytes(row[0]).hex() for row in await cur.fetchall()}
+            if new:
+                async with conn.cursor().copy(self._sql.copy_chunks) as copy:
+                    copy.set_types(["bytea", "int4", "bytea"])
+                    for digest in new:
+                        raw = bytes.fromhex(digest)
+                        for seq, chunk in enumerate(todo[digest].chunks(CHUNK_SIZE)):
+                            await copy.write_row((raw, seq, chunk))
+            rest = [bytes.fromhex(digest) for digest in todo if digest not in new]
+            pinned: set[str] = set()
+            if rest:
+                cur = await conn.execute(self._sql.pin_bodies, {"digests": rest})
+                pinned = {_bytes(row[0]).hex() for row in await cur.fetchall()}
+            # Collected between the two statements: store those again.
+            todo = {d: b for d, b in todo.items() if d not in new and d not in pinned}
 
     async def usage(self, user: MailUser) -> Usage:
         """Return what ``user``'s maildrop holds (kept by every delivery and UPDATE)."""
