@@ -250,8 +250,7 @@ async def run_server(config: Config) -> None:
             logger.info("master: running as user %s (uid %d)", config.user, os.getuid())
     except BaseException:
         await delivery.aclose()
-        await server.aclose()
-        await close_authenticator(authenticator)
+        await server.aclose()  # the store and the userdb too
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -275,8 +274,7 @@ async def run_server(config: Config) -> None:
     await stop.wait()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     await delivery.aclose()
-    await server.aclose()  # the store too
-    await close_authenticator(authenticator)
+    await server.aclose()  # the store and the userdb too
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
