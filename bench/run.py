@@ -260,6 +260,7 @@ def _load_postgresql(world: World) -> None:
 
     asyncio.run(load())
 
+
 # --------------------------------------------------------------------------- servers
 
 
@@ -327,9 +328,7 @@ def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
         else 'mail_location = "maildir:~/Maildir"\n'
     )
     config.write_text(
-        f'listen = ["{HOST}:{port}"]\n'
-        + store
-        + f'passwd_file = "{base / "passwd"}"\n'
+        f'listen = ["{HOST}:{port}"]\n' + store + f'passwd_file = "{base / "passwd"}"\n'
         "pop3_lock_session = true\n"
         'log_level = "info"\n'
         f'log_path = "{log}"\n'

@@ -268,5 +268,3 @@ class TestDatabaseDown:
             )
         )
         assert 75 == run(["user", "add", "a", "-c", str(config)], b"pw\n", monkeypatch)
-
-

@@ -127,7 +127,9 @@ class TestInterruptedExport:
             store = PostgresStore(pg_dsn)
             try:
                 batch = [
-                    ImportedMessage(f"uidl-{n}", 20 + len(str(n)), f"Subject: {n}\n\nx{n}\n".encode())
+                    ImportedMessage(
+                        f"uidl-{n}", 20 + len(str(n)), f"Subject: {n}\n\nx{n}\n".encode()
+                    )
                     for n in range(EXPORTED)
                 ]
                 await store.import_messages(User("alice"), batch)

@@ -208,9 +208,7 @@ class TestRefusals:
         source = tmp_path / "source"
         fill(source)
         with pytest.raises(TransferError, match="postgresql"):
-            await import_messages(
-                MaildirSource(source, "a"), store, User("a"), known=frozenset()
-            )
+            await import_messages(MaildirSource(source, "a"), store, User("a"), known=frozenset())
 
     async def test_missing_source(self, pg: PostgresStore, tmp_path: Path) -> None:
         """A source that is not a directory is an error, not an empty import."""
@@ -253,7 +251,8 @@ class TestCommands:
         migrated(source)
         codes = (
             main(["import", "--from", f"maildir:{source}", "--user", "alice", "-c", str(config)]),
-            main(["export", "--user", "alice", "--to", f"maildir:{tmp_path}/out", "-c", str(config)]),
+            main(["export", "--user", "alice", "--to", f"maildir:{tmp_path}/out",
+                  "-c", str(config)]),
         )  # fmt: skip
         out, err = capsys.readouterr()
         truth = asyncio.run(maildir_served(source))
@@ -287,5 +286,3 @@ class TestCommands:
             main(["export", "--user", "alice", "--to", f"maildir:{tmp_path}/o", "-c",
                   str(config)]),
         )  # fmt: skip
-
-
