@@ -121,6 +121,23 @@ class TestBodies:
         expected = [body.getvalue()] * 30
         assert expected == await read(store, "bob")
 
+    async def test_body_pinned_by_a_delivery_in_progress_is_not_collected(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """While a delivery's transaction has found the body (not yet committed its message),
+        the collector leaves that body alone, though no committed message uses it."""
+        body = Spool.from_bytes(b"Subject: same\n\nthe same body\n")
+        await store.deliver(User("alice"), IncomingMessage(b"", body))
+        query(pg_dsn, "DELETE FROM pobox.message")  # the body is unused now...
+        digest = bytes.fromhex(body.digest)
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute("BEGIN")
+            await store._put_body(conn, digest, body)
+            dropped = await store._collect([digest])
+            await conn.execute("ROLLBACK")
+        again = await store._collect([digest])
+        assert (0, 1) == (dropped, again)
+
     async def test_collect_garbage_sweeps_orphans(self, store: PostgresStore, pg_dsn: str) -> None:
         """A body no message uses (a node died before collecting it) is swept by age."""
         await store.deliver(User("alice"), incoming(b"orphan to be\n"))
@@ -199,6 +216,45 @@ class TestSessions:
             largest <= 256 * 1024,
             peak < 4 * 1024 * 1024,
         )
+
+    async def test_cached_listing_follows_another_nodes_deletions(
+        self, store: PostgresStore, other: PostgresStore
+    ) -> None:
+        """A listing node A read before is not reused after node B deleted a message."""
+        for n in range(3):
+            await store.deliver(User("alice"), incoming(b"m%d\n" % n))
+        assert 3 == len(await read(store, "alice"))
+        maildrop = await other.open(User("alice"))
+        await maildrop.delete([maildrop.messages[0].key])
+        await maildrop.close()
+        assert [b"m1\n", b"m2\n"] == await read(store, "alice")
+
+    async def test_cached_listing_of_a_maildrop_made_anew(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """A maildrop deleted and made again, with the same counts, is listed anew."""
+        await store.deliver(User("alice"), incoming(b"old\n"))
+        assert [b"old\n"] == await read(store, "alice")
+        query(pg_dsn, "DELETE FROM pobox.message; DELETE FROM pobox.mailbox")
+        await asyncio.sleep(0.01)
+        await store.deliver(User("alice"), incoming(b"new\n"))
+        assert [b"new\n"] == await read(store, "alice")
+
+    async def test_small_messages_are_read_ahead(self, store: PostgresStore) -> None:
+        """Reading message 1 of a locked session fetches the small ones after it too: they
+        are then at hand without waiting (read_now); a large one is left to stream."""
+        for n in range(4):
+            await store.deliver(User("alice"), incoming(b"small %d\n" % n))
+        await store.deliver(User("alice"), incoming(b"z" * 300_000))
+        maildrop = await store.open(User("alice"))
+        keys = [info.key for info in maildrop.messages]
+        first = b"".join([chunk async for chunk in maildrop.read_message(keys[0])])
+        at_hand = [maildrop.read_now(key) for key in keys[1:]]
+        await maildrop.close()
+        assert [b"small 0\n", b"small 1\n", b"small 2\n", b"small 3\n", None] == [
+            first,
+            *at_hand,
+        ]
 
     async def test_body_vanishing_mid_read_is_gone(self, store: PostgresStore, pg_dsn: str) -> None:
         """A body removed between two pages raises MessageGone, never a short message."""

@@ -299,6 +299,10 @@ class Session:
             elif isinstance(event, StartTLS):
                 await self._start_tls(event)
             elif isinstance(event, ConnectionClosed):
+                # Release the lock before the last reply goes out (RFC 1939 §6: UPDATE,
+                # release, then the reply): a client that logs in again as soon as it has
+                # the +OK, here or on another node, must find the maildrop free.
+                await self._release()
                 await self._flush()
                 return {
                     "quit": "Logged out",
@@ -641,7 +645,8 @@ class Session:
 
     # ----------------------------------------------------------------- the end
 
-    async def _finish(self, reason: str) -> None:
+    async def _release(self) -> None:
+        """Close the maildrop (releasing its lock); safe to call more than once."""
         if self.maildrop is not None:
             try:
                 await self.maildrop.close()
@@ -650,6 +655,9 @@ class Session:
             except asyncio.CancelledError:  # shutdown while a store released its lock
                 self.writer.close()
                 raise
+
+    async def _finish(self, reason: str) -> None:
+        await self._release()
         with contextlib.suppress(Exception):
             await self._flush()
         # close() sends what is still buffered before closing; wait (a while) only then.

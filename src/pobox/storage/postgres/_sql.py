@@ -19,6 +19,11 @@ __all__ = ["Statements"]
 
 _TEXT: dict[str, LiteralString] = {
     # --- a POP3 session -------------------------------------------------------------------
+    # What tells whether a cached listing is still right: any delivery raises next_uid, any
+    # deletion lowers messages, and a maildrop made anew has another creation time.
+    "counters": "SELECT next_uid, messages,"
+    " (extract(epoch FROM created) * 1000000)::bigint"
+    " FROM {mailbox} WHERE mailbox = %(mailbox)s",
     # The snapshot: one scan of message's primary key, which includes these columns.
     "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message}"
     " WHERE mailbox = %(mailbox)s ORDER BY uid",
@@ -30,6 +35,13 @@ _TEXT: dict[str, LiteralString] = {
     " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest"
     " AND c.seq >= 0 AND c.seq < %(limit)s"
     " WHERE b.digest = %(digest)s ORDER BY c.seq",
+    # Read-ahead of small messages (a locked session lists them all, then reads them in
+    # turn): the header lines of several messages, and the single chunk of their bodies.
+    "heads": "SELECT uid, header FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)",
+    "small_bodies": "SELECT b.digest, c.data FROM {body} AS b"
+    " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest AND c.seq = 0"
+    " WHERE b.digest = ANY(%(digests)s) AND b.chunks <= 1",
     # A page of a body's chunks, with the number it has: no row at all means no body.
     "chunks": "SELECT NULL, b.chunks, c.seq, c.data FROM {body} AS b"
     " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest"
@@ -107,8 +119,11 @@ _TEXT: dict[str, LiteralString] = {
 class Statements:
     """Every statement of the store, composed for one schema."""
 
+    counters: sql.Composed
     snapshot: sql.Composed
     first_page: sql.Composed
+    heads: sql.Composed
+    small_bodies: sql.Composed
     chunks: sql.Composed
     fence: sql.Composed
     delete: sql.Composed

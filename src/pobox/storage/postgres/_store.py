@@ -37,7 +37,9 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import psycopg
@@ -77,6 +79,14 @@ _T = TypeVar("_T")
 CHUNK_SIZE = 256 * 1024
 #: Chunks fetched per query while streaming a body.
 PAGE_CHUNKS = 2
+#: Read-ahead: when a locked session reads a small message, the small messages after it are
+#: fetched in the same round trip, up to this many octets and messages, each at most one
+#: chunk; POP3 clients read a maildrop in order, and nobody else can delete meanwhile.
+READ_AHEAD_OCTETS = 256 * 1024
+READ_AHEAD_MESSAGES = 64
+#: Messages of the listings a node keeps between sessions (a login whose maildrop did not
+#: change since the last one reads two numbers instead of the listing).
+SNAPSHOT_CACHE_MESSAGES = 200_000
 #: Seconds to keep asking whether a COMMIT whose answer was lost went through.
 COMMIT_RESOLVE_TIME = 30.0
 #: Bodies no message uses are collected by :meth:`PostgresStore.collect_garbage` once older
@@ -190,6 +200,44 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A maildrop's listing, as a session uses it; immutable, so sessions may share it.
+
+    Attributes:
+        counters: the maildrop's ``(next_uid, messages, created)`` when it was read: any
+            delivery raises the first, any deletion lowers the second, a maildrop deleted
+            and made again has another third, so equal counters later mean an equal listing.
+        messages: the listing in UID order.
+        rows: key → (UID, body digest).
+        index: key → position in ``messages``.
+    """
+
+    counters: tuple[int, int, int]
+    messages: tuple[MessageInfo, ...]
+    rows: dict[str, tuple[int, bytes]]
+    index: dict[str, int]
+
+    @classmethod
+    def from_rows(
+        cls, counters: tuple[int, int, int], rows: Sequence[tuple[object, ...]]
+    ) -> Snapshot:
+        """Build a snapshot from the rows of the ``snapshot`` statement."""
+        messages: list[MessageInfo] = []
+        by_key: dict[str, tuple[int, bytes]] = {}
+        index: dict[str, int] = {}
+        for uid, size, uidl, digest in rows:
+            key = str(uid)
+            index[key] = len(messages)
+            messages.append(MessageInfo(key=key, size=_int(size), uidl=str(uidl)))
+            by_key[key] = (_int(uid), _bytes(digest))
+        return cls(counters, tuple(messages), by_key, index)
+
+
+#: An empty maildrop's snapshot (also one that does not exist yet).
+_EMPTY = Snapshot((0, 0, 0), (), {}, {})
+
+
 class PostgresStore:
     """Maildrops in PostgreSQL; satisfies :class:`pobox.storage.base.MaildropStore`."""
 
@@ -251,6 +299,8 @@ class PostgresStore:
             for number in range(max(1, lock_connections))
         ]
         self._held: dict[int, PostgresMaildrop] = {}
+        self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
+        self._cached_messages = 0
         self._opened = False
         self._closed = False
 
@@ -349,17 +399,41 @@ class PostgresStore:
         if lock:
             await self._lock(maildrop)
         try:
-
-            async def work(conn: Conn) -> list[tuple[object, ...]]:
-                cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox}, binary=True)
-                return await cur.fetchall()
-
-            rows = await self._run("opening the maildrop", work)
+            snapshot = await self._run("opening the maildrop", lambda c: self._snapshot(c, mailbox))
         except BaseException:
             await maildrop.close()
             raise
-        maildrop.set_snapshot(rows)
+        maildrop.snapshot = snapshot
         return maildrop
+
+    async def _snapshot(self, conn: Conn, mailbox: str) -> Snapshot:
+        """Return the listing of ``mailbox``: the cached one if its counters did not move."""
+        cur = await conn.execute(self._sql.counters, {"mailbox": mailbox}, binary=True)
+        row = await cur.fetchone()
+        if row is None:
+            return _EMPTY
+        counters = (_int(row[0]), _int(row[1]), _int(row[2]))
+        cached = self._snapshots.get(mailbox)
+        if cached is not None and cached.counters == counters:
+            self._snapshots.move_to_end(mailbox)
+            return cached
+        cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox}, binary=True)
+        snapshot = Snapshot.from_rows(counters, await cur.fetchall())
+        self._remember(mailbox, snapshot)
+        return snapshot
+
+    def _remember(self, mailbox: str, snapshot: Snapshot) -> None:
+        """Keep ``snapshot``, forgetting the least recently used ones beyond the bound."""
+        old = self._snapshots.pop(mailbox, None)
+        if old is not None:
+            self._cached_messages -= len(old.messages)
+        if len(snapshot.messages) > SNAPSHOT_CACHE_MESSAGES // 2:
+            return
+        self._snapshots[mailbox] = snapshot
+        self._cached_messages += len(snapshot.messages)
+        while self._cached_messages > SNAPSHOT_CACHE_MESSAGES:
+            _, dropped = self._snapshots.popitem(last=False)
+            self._cached_messages -= len(dropped.messages)
 
     async def _lock(self, maildrop: PostgresMaildrop) -> None:
         key = maildrop.key
@@ -433,6 +507,35 @@ class PostgresStore:
 
         return await self._run("reading a message", work)
 
+    async def read_small(self, mailbox: str, wanted: list[tuple[int, bytes]]) -> dict[int, bytes]:
+        """Return whole messages ``(uid, digest)`` of ``mailbox`` whose body is one chunk.
+
+        Messages that are gone or larger are left out.
+        """
+
+        async def work(conn: Conn) -> dict[int, bytes]:
+            uids = [uid for uid, _ in wanted]
+            digests = list({digest for _, digest in wanted})
+            async with conn.pipeline():
+                heads = await conn.execute(
+                    self._sql.heads, {"mailbox": mailbox, "uids": uids}, binary=True
+                )
+                bodies = await conn.execute(
+                    self._sql.small_bodies, {"digests": digests}, binary=True
+                )
+            header = {_int(uid): _bytes(head) for uid, head in await heads.fetchall()}
+            body = {
+                _bytes(digest): b"" if data is None else _bytes(data)
+                for digest, data in await bodies.fetchall()
+            }
+            return {
+                uid: header[uid] + body[digest]
+                for uid, digest in wanted
+                if uid in header and digest in body
+            }
+
+        return await self._run("reading messages", work)
+
     async def update(self, maildrop: PostgresMaildrop, uids: list[int]) -> list[bytes]:
         """Delete ``uids`` from ``maildrop`` in one transaction; return the freed digests.
 
@@ -499,14 +602,23 @@ class PostgresStore:
         wire = _message_wire_size(message.header, body, body.wire_size)
         return await self._store(user, message.header, body, wire, quota=quota)
 
-    async def append(self, user: MailUser, data: bytes, *, uidl: str | None = None) -> str:
+    async def append(
+        self,
+        user: MailUser,
+        data: bytes,
+        *,
+        uidl: str | None = None,
+        size_on_wire: int | None = None,
+    ) -> str:
         """Store ``data`` exactly as given (line endings untouched); return its key.
 
-        For tests and imports: no quota, no trace headers. ``uidl`` keeps a UIDL given by
-        another server (unique in the maildrop, RFC 1939 §7 characters); by default one is
-        made as for a delivery.
+        For tests and imports: no quota, no trace headers. ``uidl`` and ``size_on_wire``
+        keep what another server reported for the message (the UIDL must be unique in the
+        maildrop and made of RFC 1939 §7 characters); by default they are made as for a
+        delivery.
         """
-        return await self._store(user, b"", _BytesBody(data), wire_size(data), uidl=uidl)
+        wire = wire_size(data) if size_on_wire is None else size_on_wire
+        return await self._store(user, b"", _BytesBody(data), wire, uidl=uidl)
 
     async def _store(
         self,
@@ -836,30 +948,23 @@ class PostgresMaildrop:
         #: The lock connection carrying this session's lock (``None``: not locked).
         self.lock_connection: LockConnection | None = None
         self.lost = False
-        self._messages: tuple[MessageInfo, ...] = ()
-        self._rows: dict[str, tuple[int, bytes]] = {}
+        #: The listing taken at open.
+        self.snapshot = _EMPTY
+        #: Small messages read ahead.
+        self._ahead: dict[str, bytes] = {}
         self._callbacks: list[Callable[[], object]] = []
         self._closed = False
-
-    def set_snapshot(self, rows: Sequence[tuple[object, ...]]) -> None:
-        """Take the snapshot from the rows of the ``snapshot`` statement."""
-        messages = []
-        for uid, size, uidl, digest in rows:
-            key = str(uid)
-            messages.append(MessageInfo(key=key, size=_int(size), uidl=str(uidl)))
-            self._rows[key] = (_int(uid), _bytes(digest))
-        self._messages = tuple(messages)
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
         """The snapshot taken at open, in delivery (UID) order."""
-        return self._messages
+        return self.snapshot.messages
 
     def _row(self, key: str) -> tuple[int, bytes]:
         if self._closed:
             msg = "the maildrop is closed"
             raise RuntimeError(msg)
-        row = self._rows.get(key)
+        row = self.snapshot.rows.get(key)
         if row is None:
             msg = f"message {key!r} is not in the maildrop"
             raise MessageGone(msg)
@@ -873,6 +978,13 @@ class PostgresMaildrop:
             StorageTemporaryError: the database failed.
         """
         uid, digest = self._row(key)
+        ahead = self._ahead.pop(key, None)
+        if ahead is None and self._reads_ahead(key):
+            await self._read_ahead(key)
+            ahead = self._ahead.pop(key, None)
+        if ahead is not None:
+            yield ahead
+            return
         header, chunks, page = await self._store.read_page(digest, 0, header_of=(self.mailbox, uid))
         if header is None or chunks is None:
             msg = f"message {key!r} is no longer in the maildrop"
@@ -894,14 +1006,38 @@ class PostgresMaildrop:
                 msg = f"message {key!r} was removed while being read"
                 raise MessageGone(msg)
 
+    def _reads_ahead(self, key: str) -> bool:
+        """Tell whether reading ``key`` should fetch it and the small messages after it."""
+        return (
+            self.lock_connection is not None
+            and not self.lost
+            and self.snapshot.messages[self.snapshot.index[key]].size <= CHUNK_SIZE
+        )
+
+    async def _read_ahead(self, key: str) -> None:
+        """Fetch ``key`` and the small messages after it, within the read-ahead budget."""
+        self._ahead.clear()
+        wanted: list[tuple[int, bytes]] = []
+        octets = 0
+        snapshot = self.snapshot
+        for info in snapshot.messages[snapshot.index[key] :]:
+            if info.size > CHUNK_SIZE or len(wanted) >= READ_AHEAD_MESSAGES:
+                break
+            if wanted and octets + info.size > READ_AHEAD_OCTETS:
+                break
+            octets += info.size
+            wanted.append(snapshot.rows[info.key])
+        found = await self._store.read_small(self.mailbox, wanted)
+        self._ahead = {str(uid): data for uid, data in found.items()}
+
     def read_now(self, key: str) -> bytes | None:
-        """Return ``None``: reading needs the database (use :meth:`read_message`).
+        """Return the message if it was read ahead, else ``None`` (use :meth:`read_message`).
 
         Raises:
             MessageGone: ``key`` is not in the snapshot.
         """
         self._row(key)
-        return None
+        return self._ahead.pop(key, None)
 
     async def delete(self, keys: Sequence[str]) -> DeleteResult:
         """Remove the messages of ``keys`` in one transaction (RFC 1939 §6, UPDATE).
@@ -914,10 +1050,11 @@ class PostgresMaildrop:
         if self._closed:
             msg = "the maildrop is closed"
             raise RuntimeError(msg)
-        removed = [key for key in keys if key in self._rows]
-        failed = tuple(key for key in keys if key not in self._rows)
+        rows = self.snapshot.rows
+        removed = [key for key in keys if key in rows]
+        failed = tuple(key for key in keys if key not in rows)
         if removed:
-            digests = await self._store.update(self, [self._rows[key][0] for key in removed])
+            digests = await self._store.update(self, [rows[key][0] for key in removed])
             await self._store.collect(digests)
         return DeleteResult(removed=tuple(removed), failed=failed)
 
@@ -946,4 +1083,5 @@ class PostgresMaildrop:
             return
         self._closed = True
         self._callbacks = []
+        self._ahead.clear()
         await self._store.release(self)
