@@ -12,13 +12,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import psycopg
 import pytest
 
-from pobox.auth import passwdfile
-from pobox.auth import postgres as pgauth
+from pobox.auth import _check
 from pobox.auth.base import Authenticator, User
 from pobox.auth.passwdfile import PasswdFileAuthenticator
 from pobox.auth.postgres import CustomQueries, PostgresAuthenticator
@@ -83,11 +81,10 @@ def _passwd_line(spec: Spec) -> str:
 
 @dataclass
 class Backend:
-    """A user database under test: how to fill it, and the module whose ``verify`` it calls."""
+    """A user database under test and how to fill it."""
 
     name: str
     make: Callable[[list[Spec]], Authenticator]
-    module: ModuleType
 
 
 @pytest.fixture(params=["passwd-file", "postgresql", "postgresql-custom"])
@@ -101,7 +98,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             path.write_text("".join(_passwd_line(spec) + "\n" for spec in specs))
             return PasswdFileAuthenticator(path, check_interval=0)
 
-        yield Backend("passwd-file", make_file, passwdfile)
+        yield Backend("passwd-file", make_file)
         return
     dsn: str = request.getfixturevalue("pg_dsn")
     custom = request.param == "postgresql-custom"
@@ -148,22 +145,22 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         made.append(db)
         return db
 
-    yield Backend(request.param, make_pg, pgauth)
+    yield Backend(request.param, make_pg)
     for db in made:
         await db.aclose()
 
 
 @pytest.fixture
-def checks(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes, bool]]:
+def checks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes, bool]]:
     """Record each password check: (stored hash, password given, ran in the event loop)."""
     calls: list[tuple[str, bytes, bool]] = []
-    real_verify = backend.module.verify
+    real_verify = _check.verify
 
     def recording_verify(stored: str, password: bytes, **kwargs: object) -> bool:
         calls.append((stored, password, threading.current_thread() is threading.main_thread()))
         return bool(real_verify(stored, password, **kwargs))
 
-    monkeypatch.setattr(backend.module, "verify", recording_verify)
+    monkeypatch.setattr(_check, "verify", recording_verify)
     return calls
 
 

@@ -22,8 +22,8 @@ One line per user, ``user:password:uid:gid:(gecos):home:(shell):extra_fields``:
 reads it again if it changed.  :func:`set_password` and :func:`add_user` rewrite the file
 atomically under a lock.
 
-May import: the standard library, :mod:`pobox.auth.base`, :mod:`pobox.auth.schemes`,
-:mod:`pobox.errors` and :mod:`pobox.records`.
+May import: the standard library, :mod:`pobox.auth.base`, :mod:`pobox.auth._check`,
+:mod:`pobox.auth.schemes`, :mod:`pobox.errors` and :mod:`pobox.records`.
 """
 
 from __future__ import annotations
@@ -38,22 +38,14 @@ import pwd
 import tempfile
 import time
 import unicodedata
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from pobox.auth._check import check_password, commonest, with_scheme
 from pobox.auth.base import AuthTemporaryError, HashWorkers, User
-from pobox.auth.schemes import (
-    DUMMY_HASH,
-    SUPPORTED_SCHEMES,
-    UnknownScheme,
-    hash_password,
-    identify_scheme,
-    is_cheap,
-    verify,
-)
+from pobox.auth.schemes import SUPPORTED_SCHEMES, UnknownScheme, hash_password
 from pobox.errors import PoboxError
 from pobox.records import quota_from_fields
 
@@ -198,18 +190,8 @@ def _parse(text: str) -> dict[str, _Entry]:
 
 
 def _pick_dummy(entries: Mapping[str, _Entry], default_scheme: str) -> str:
-    """Return the first password of the most common scheme: unknown users cost the same.
-
-    A real entry, not a hash made up here: it has the scheme *and* the cost parameters
-    (rounds, memory) the file's users have.  Users of a rarer scheme cost what their own
-    scheme costs; the session's failure delay, measured from the attempt, hides that.
-    """
-    passwords = [entry.password for entry in entries.values() if entry.password]
-    if not passwords:
-        return DUMMY_HASH
-    counts = Counter(identify_scheme(p, default_scheme=default_scheme) for p in passwords)
-    common = counts.most_common(1)[0][0]
-    return next(p for p in passwords if identify_scheme(p, default_scheme=default_scheme) == common)
+    """Return the dummy for unknown users: a password of the file's commonest scheme."""
+    return commonest((entry.password for entry in entries.values()), default_scheme)
 
 
 def _load(path: Path, previous: _Snapshot | None, default_scheme: str) -> _Snapshot:
@@ -279,14 +261,9 @@ class PasswdFileAuthenticator:
             return None if entry.refused else entry.user
         real = entry is not None and bool(entry.password)
         stored = entry.password if entry is not None and real else snapshot.dummy
-        scheme = self.default_scheme
-        # A single digest costs less than the hop to a worker thread and back.
-        if is_cheap(stored, default_scheme=scheme):
-            matched = verify(stored, password, default_scheme=scheme, username=username)
-        else:
-            matched = await self.workers.run(
-                verify, stored, password, default_scheme=scheme, username=username
-            )
+        matched = await check_password(
+            self.workers, stored, password, default_scheme=self.default_scheme, username=username
+        )
         if entry is None or not real or entry.refused:
             return None
         return entry.user if matched else None
@@ -314,12 +291,7 @@ class PasswdFileAuthenticator:
         entry = (await self._current()).entries.get(username)
         if entry is None or entry.refused or entry.any_password or not entry.password:
             return None
-        stored = entry.password
-        if not stored.startswith("{"):
-            stored = (
-                "{" + identify_scheme(stored, default_scheme=self.default_scheme) + "}" + stored
-            )
-        return stored
+        return with_scheme(entry.password, self.default_scheme)
 
     async def _current(self) -> _Snapshot:
         async with self._lock:

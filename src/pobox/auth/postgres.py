@@ -30,8 +30,10 @@ Dovecot's ``password_query``/``user_query``/``iterate_query``):
   ``451 4.3.0``).
 
 May import: the standard library, psycopg, psycopg_pool, :mod:`pobox.auth.base`,
+:mod:`pobox.auth._check`,
 :mod:`pobox.auth.schemes`, :mod:`pobox.auth.passwdfile` (username rules), :mod:`pobox.errors`,
-:mod:`pobox.records` and :mod:`pobox.storage.postgres` (its schema check).
+:mod:`pobox.records` and :mod:`pobox.storage.postgres` (connection settings, the schema
+check).
 """
 
 from __future__ import annotations
@@ -41,10 +43,9 @@ import contextlib
 import grp
 import logging
 import math
-import os
 import pwd
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -53,22 +54,21 @@ from typing import TypeVar
 import psycopg
 import psycopg.errors
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from pobox.auth._check import check_password, commonest, with_scheme
 from pobox.auth.base import AuthTemporaryError, HashWorkers, User
 from pobox.auth.passwdfile import UserExists, validate_username
 from pobox.auth.schemes import (
     DUMMY_HASH,
     SUPPORTED_SCHEMES,
     UnknownScheme,
-    identify_scheme,
-    is_cheap,
-    verify,
 )
 from pobox.errors import PoboxError
 from pobox.records import quota_from_fields
+from pobox.storage.postgres import connection_params, error_text, is_broken, set_timeouts
 
 __all__ = [
     "CACHE_SIZE",
@@ -97,15 +97,6 @@ LISTEN_RETRY = 2.0
 MAX_USERNAME = 255
 #: Flag values that mean "off" (as in a passwd-file); NULL and false are off too.
 _FALSE = frozenset({"", "n", "no", "false", "0"})
-_DEFAULT_PARAMS = {"application_name": "pobox-userdb"}
-_ENV_FOR = {"application_name": "PGAPPNAME", "connect_timeout": "PGCONNECT_TIMEOUT"}
-#: Keepalives of the listening connection, so a dead server is noticed without traffic.
-_KEEPALIVES = {
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "6",
-}
 
 
 class UserdbReadOnly(PoboxError):
@@ -227,15 +218,7 @@ def _map_error(exc: BaseException, what: str) -> AuthTemporaryError:
         return AuthTemporaryError(f"userdb {what}: no database connection: {exc}")
     if isinstance(exc, TimeoutError):
         return AuthTemporaryError(f"userdb {what}: the database did not answer in time")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return AuthTemporaryError(f"userdb {what}: {text}")
-
-
-def _retryable(exc: BaseException) -> bool:
-    """Tell whether ``exc`` is a connection that broke (not a statement that failed)."""
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable
-    )
+    return AuthTemporaryError(f"userdb {what}: {error_text(exc)}")
 
 
 class _Cache:
@@ -339,16 +322,7 @@ class PostgresAuthenticator:
             self._user_sql = (queries.user or queries.password).encode()
             self._iterate_sql = queries.iterate.encode() if queries.iterate else None
         self._table = table
-        given = conninfo_to_dict(dsn) if dsn else {}
-        self._params = {
-            key: value
-            for key, value in {
-                **_DEFAULT_PARAMS,
-                "connect_timeout": str(max(1, math.ceil(timeout))),
-            }.items()
-            if key not in given and not os.environ.get(_ENV_FOR.get(key, ""), "")
-        }
-        self._listen_params = {k: v for k, v in _KEEPALIVES.items() if k not in given}
+        self._params, self._listen_params = connection_params(dsn, timeout, "pobox-userdb")
         self._pool = AsyncConnectionPool(
             dsn,
             kwargs={**self._params, "autocommit": True},
@@ -373,13 +347,7 @@ class PostgresAuthenticator:
 
     async def _configure(self, conn: Conn) -> None:
         """Put every statement of a new connection under the timeout."""
-        millis = f"{int(self._timeout * 1000)}ms"
-        await conn.execute(
-            "SELECT set_config('statement_timeout', %s, false),"
-            " set_config('lock_timeout', %s, false),"
-            " set_config('idle_in_transaction_session_timeout', %s, false)",
-            (millis, millis, millis),
-        )
+        await set_timeouts(conn, self._timeout)
 
     async def _ensure_open(self) -> None:
         if self._closed:
@@ -406,7 +374,7 @@ class PostgresAuthenticator:
                     async with self._pool.connection() as conn:
                         return await work(conn)
             except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
-                if retry and attempt == 1 and _retryable(exc):
+                if retry and attempt == 1 and is_broken(exc):
                     logger.info("userdb %s: %s; trying again on a new connection", what, exc)
                     continue
                 raise _map_error(exc, what) from exc
@@ -501,14 +469,8 @@ class PostgresAuthenticator:
         except AuthTemporaryError as exc:
             logger.info("userdb: cannot sample passwords for the dummy hash: %s", exc)
             return self._dummy
-        passwords = [p for p in passwords if p]
-        if passwords:
-            scheme = self.default_scheme
-            counts = Counter(identify_scheme(p, default_scheme=scheme) for p in passwords)
-            common = counts.most_common(1)[0][0]
-            self._dummy = next(
-                p for p in passwords if identify_scheme(p, default_scheme=scheme) == common
-            )
+        if any(passwords):
+            self._dummy = commonest(passwords, self.default_scheme)
         return self._dummy
 
     async def _sample(self) -> list[str]:
@@ -546,13 +508,9 @@ class PostgresAuthenticator:
             return None if row.refused else row.user
         real = row is not None and bool(row.password)
         stored = row.password if row is not None and real else await self._dummy_hash()
-        scheme = self.default_scheme
-        if is_cheap(stored, default_scheme=scheme):
-            matched = verify(stored, password, default_scheme=scheme, username=username)
-        else:
-            matched = await self.workers.run(
-                verify, stored, password, default_scheme=scheme, username=username
-            )
+        matched = await check_password(
+            self.workers, stored, password, default_scheme=self.default_scheme, username=username
+        )
         if row is None or not real or row.refused:
             return None
         return row.user if matched else None
@@ -582,12 +540,7 @@ class PostgresAuthenticator:
         row = await self._row(username)
         if row is None or row.refused or row.any_password or not row.password:
             return None
-        stored = row.password
-        if not stored.startswith("{"):
-            stored = (
-                "{" + identify_scheme(stored, default_scheme=self.default_scheme) + "}" + stored
-            )
-        return stored
+        return with_scheme(row.password, self.default_scheme)
 
     async def names(self) -> list[str]:
         """Return every username, sorted by code point (one per line for ``pobox user list``).

@@ -34,8 +34,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -44,7 +42,7 @@ from typing import Protocol, TypeVar
 
 import psycopg
 import psycopg.errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pobox.storage._wire import wire_size
@@ -65,6 +63,12 @@ from pobox.storage.base import (
     is_unique_id,
 )
 from pobox.storage.postgres import _schema
+from pobox.storage.postgres._connect import (
+    connection_params,
+    error_text,
+    is_broken,
+    set_timeouts,
+)
 from pobox.storage.postgres._locks import Conn, LockConnection, LockLost, lock_key, split_key
 from pobox.storage.postgres._sql import Statements
 
@@ -93,17 +97,6 @@ COMMIT_RESOLVE_TIME = 30.0
 #: than this (younger ones may belong to a delivery still in progress on another node).
 ORPHAN_AGE = "1 hour"
 
-#: libpq settings added to every connection unless the DSN (or the environment) sets them.
-_DEFAULT_PARAMS = {"application_name": "pobox"}
-#: TCP keepalives of the lock connections, so a dead server host is noticed in ~40 s even when
-#: no packet says so (``keepalives_idle`` + ``keepalives_interval`` times ``keepalives_count``).
-_LOCK_KEEPALIVES = {
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "6",
-}
-_ENV_FOR = {"application_name": "PGAPPNAME", "connect_timeout": "PGCONNECT_TIMEOUT"}
 
 
 class Body(Protocol):
@@ -189,15 +182,10 @@ def _map_error(exc: BaseException, what: str) -> StorageError:
         return StorageTemporaryError(f"{what}: no database connection: {exc}")
     if isinstance(exc, TimeoutError):
         return StorageTemporaryError(f"{what}: the database did not answer in time")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StorageTemporaryError(f"{what}: {text}")
+    return StorageTemporaryError(f"{what}: {error_text(exc)}")
 
 
-def _retryable(exc: BaseException) -> bool:
-    """Tell whether ``exc`` is a connection that broke (not a statement that failed)."""
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable
-    )
+_retryable = is_broken
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,17 +255,8 @@ class PostgresStore:
         self._schema = schema
         self._sql = Statements.for_schema(schema)
         self._timeout = timeout
-        given = conninfo_to_dict(dsn) if dsn else {}
-        params = {
-            key: value
-            for key, value in {
-                **_DEFAULT_PARAMS,
-                "connect_timeout": str(max(1, math.ceil(timeout))),
-            }.items()
-            if key not in given and not os.environ.get(_ENV_FOR.get(key, ""), "")
-        }
+        params, self._lock_params = connection_params(dsn, timeout, "pobox")
         self._params: dict[str, str] = params
-        self._lock_params = {k: v for k, v in _LOCK_KEEPALIVES.items() if k not in given}
         self._pool = AsyncConnectionPool(
             dsn,
             kwargs={**params, "autocommit": True},
@@ -313,13 +292,7 @@ class PostgresStore:
 
     async def _configure(self, conn: Conn) -> None:
         """Put every statement of a new connection under the timeouts."""
-        millis = f"{int(self._timeout * 1000)}ms"
-        await conn.execute(
-            "SELECT set_config('statement_timeout', %s, false),"
-            " set_config('lock_timeout', %s, false),"
-            " set_config('idle_in_transaction_session_timeout', %s, false)",
-            (millis, millis, millis),
-        )
+        await set_timeouts(conn, self._timeout)
 
     async def _connect_lock(self) -> Conn:
         """Open a lock connection: autocommit, keepalives, the same timeouts."""
