@@ -98,7 +98,6 @@ COMMIT_RESOLVE_TIME = 30.0
 ORPHAN_AGE = "1 hour"
 
 
-
 class Body(Protocol):
     """A message body to store: a :class:`~pobox.storage.spool.Spool` or raw bytes."""
 
