@@ -108,7 +108,8 @@ def _pam_password(password: str) -> str:
     return "{CRYPT}" + data
 
 
-def _resolve_id(text: str, by_name: Callable[[str], int]) -> int | None:
+def resolve_id(text: str, by_name: Callable[[str], int]) -> int | None:
+    """Return a uid or gid given as digits or a name (``None``: empty or unknown name)."""
     if not text:
         return None
     if text.isascii() and text.isdigit():
@@ -153,8 +154,8 @@ def _parse_line(fields: list[str]) -> _Entry:
     refused = bool(flags & {"nologin", "noauthenticate"})
     user = User(
         name=fields[0],
-        uid=_resolve_id(fields[2], lambda name: pwd.getpwnam(name).pw_uid),
-        gid=_resolve_id(fields[3], lambda name: grp.getgrnam(name).gr_gid),
+        uid=resolve_id(fields[2], lambda name: pwd.getpwnam(name).pw_uid),
+        gid=resolve_id(fields[3], lambda name: grp.getgrnam(name).gr_gid),
         home=fields[5] or None,
         mail=mail,
         quota_bytes=quota_bytes,

@@ -60,7 +60,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pobox.auth._check import check_password, commonest, with_scheme
 from pobox.auth.base import AuthTemporaryError, HashWorkers, User
-from pobox.auth.passwdfile import UserExists, validate_username
+from pobox.auth.passwdfile import UserExists, resolve_id, validate_username
 from pobox.auth.schemes import (
     DUMMY_HASH,
     SUPPORTED_SCHEMES,
@@ -68,7 +68,13 @@ from pobox.auth.schemes import (
 )
 from pobox.errors import PoboxError
 from pobox.records import quota_from_fields
-from pobox.storage.postgres import connection_params, error_text, is_broken, set_timeouts
+from pobox.storage.postgres import (
+    DriverError,
+    connection_params,
+    error_text,
+    run_pooled,
+    set_timeouts,
+)
 
 __all__ = [
     "CACHE_SIZE",
@@ -135,15 +141,7 @@ def _id(value: object, by_name: Callable[[str], int]) -> int | None:
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
-    text = str(value).strip()
-    if not text:
-        return None
-    if text.isascii() and text.isdigit():
-        return int(text)
-    try:
-        return by_name(text)
-    except KeyError:
-        return None
+    return resolve_id(str(value).strip(), by_name)
 
 
 def _text(value: object) -> str | None:
@@ -368,17 +366,12 @@ class PostgresAuthenticator:
             AuthTemporaryError: the database failed or did not answer in time.
         """
         await self._ensure_open()
-        for attempt in (1, 2):
-            try:
-                async with asyncio.timeout(self._timeout):
-                    async with self._pool.connection() as conn:
-                        return await work(conn)
-            except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
-                if retry and attempt == 1 and is_broken(exc):
-                    logger.info("userdb %s: %s; trying again on a new connection", what, exc)
-                    continue
-                raise _map_error(exc, what) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await run_pooled(
+                self._pool, work, timeout=self._timeout, what=f"userdb {what}", retry=retry
+            )
+        except DriverError as exc:
+            raise _map_error(exc, what) from exc
 
     async def _follow_changes(self) -> None:
         """Listen for changed users and forget them; forget everything when not listening."""

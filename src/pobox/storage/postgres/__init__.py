@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pobox.storage.postgres._connect import (
     KEEPALIVES,
+    DriverError,
     connection_params,
     error_text,
     is_broken,
+    run_pooled,
     set_timeouts,
 )
 from pobox.storage.postgres._locks import LockConnection, lock_key
@@ -31,6 +33,7 @@ from pobox.storage.postgres._store import PostgresMaildrop, PostgresStore, uidl_
 
 __all__ = [
     "KEEPALIVES",
+    "DriverError",
     "LockConnection",
     "Migration",
     "PostgresMaildrop",
@@ -44,6 +47,7 @@ __all__ = [
     "latest_version",
     "lock_key",
     "migrations",
+    "run_pooled",
     "set_timeouts",
     "status",
     "uidl_for",

@@ -3,19 +3,39 @@
 Shared by the store (:mod:`._store`) and the user database (:mod:`pobox.auth.postgres`), which
 connect to the same database with the same ``postgresql_*`` settings.
 
-May import: the standard library and psycopg.
+May import: the standard library, psycopg and psycopg_pool.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-__all__ = ["KEEPALIVES", "connection_params", "error_text", "is_broken", "set_timeouts"]
+__all__ = [
+    "KEEPALIVES",
+    "DriverError",
+    "connection_params",
+    "error_text",
+    "is_broken",
+    "run_pooled",
+    "set_timeouts",
+]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Conn = psycopg.AsyncConnection[tuple[object, ...]]
+#: What a pooled run raises when the database fails: map it to the caller's own error.
+DriverError = (psycopg.Error, PoolTimeout, TimeoutError)
 
 #: TCP keepalives of long-lived connections (locks, LISTEN), so a dead server host is noticed
 #: in ~40 s even when no packet says so (``keepalives_idle`` + ``keepalives_interval`` times
@@ -74,3 +94,32 @@ def error_text(exc: BaseException) -> str:
     """Return the first line of a driver error's message (its class name if it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def run_pooled(
+    pool: AsyncConnectionPool[Conn],
+    work: Callable[[Conn], Awaitable[_T]],
+    *,
+    timeout: float,
+    what: str,
+    retry: bool = True,
+) -> _T:
+    """Run ``work`` on a connection of ``pool``, all of it within ``timeout`` seconds.
+
+    A connection that turns out broken (the server restarted since it was pooled) is dropped
+    by the pool and, if ``retry``, the work is done once more on a fresh one.
+
+    Raises:
+        psycopg.Error, PoolTimeout, TimeoutError: (:data:`DriverError`) it failed.
+    """
+    for attempt in (1, 2):
+        try:
+            async with asyncio.timeout(timeout):
+                async with pool.connection() as conn:
+                    return await work(conn)
+        except DriverError as exc:
+            if retry and attempt == 1 and is_broken(exc):
+                logger.info("%s: %s; trying again on a new connection", what, exc)
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover

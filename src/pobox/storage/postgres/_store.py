@@ -64,9 +64,11 @@ from pobox.storage.base import (
 )
 from pobox.storage.postgres import _schema
 from pobox.storage.postgres._connect import (
+    DriverError,
     connection_params,
     error_text,
     is_broken,
+    run_pooled,
     set_timeouts,
 )
 from pobox.storage.postgres._locks import Conn, LockConnection, LockLost, lock_key, split_key
@@ -321,19 +323,10 @@ class PostgresStore:
         dropped and, if ``retry``, the work is done once more on a fresh one.
         """
         await self._ensure_open()
-        for attempt in (1, 2):
-            try:
-                async with asyncio.timeout(self._timeout):
-                    async with self._pool.connection() as conn:
-                        return await work(conn)
-            except StorageError:
-                raise
-            except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
-                if retry and attempt == 1 and _retryable(exc):
-                    logger.info("%s: %s; trying again on a new connection", what, exc)
-                    continue
-                raise _map_error(exc, what) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await run_pooled(self._pool, work, timeout=self._timeout, what=what, retry=retry)
+        except DriverError as exc:
+            raise _map_error(exc, what) from exc
 
     async def check_schema(self) -> int:
         """Return the schema version, checking it is the one this pobox expects.
