@@ -50,7 +50,12 @@ from pobox.server import Pop3Server, SessionContext, drop_privileges
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._throttle import LoginThrottle
 from pobox.state import MemoryFailureCounters
-from pobox.storage.base import MaildropImporter, MaildropStore, StorageError
+from pobox.storage.base import (
+    MaildropImporter,
+    MaildropLocked,
+    MaildropStore,
+    StorageTemporaryError,
+)
 from pobox.storage.maildir import MaildirStore
 from pobox.transfer import (
     ForkedMaildirSource,
@@ -752,7 +757,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             source = ForkedMaildirSource(path, user.name, owner)
             source.start(known)
         report = asyncio.run(_import_run(config, user, source, known))
-    except (StorageError, AuthTemporaryError) as exc:
+    except (StorageTemporaryError, MaildropLocked, AuthTemporaryError) as exc:
         print(f"pobox import: {exc} (run it again: nothing is imported twice)", file=sys.stderr)
         return EX_TEMPFAIL
     print(report.summary(f"imported into {user.name}:"))
@@ -777,7 +782,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     target = _maildir_argument(args.target, "--to")
     try:
         report = asyncio.run(_export_run(config, args.user, target))
-    except (StorageError, AuthTemporaryError) as exc:
+    except (StorageTemporaryError, MaildropLocked, AuthTemporaryError) as exc:
         print(f"pobox export: {exc} (run it again: what was written is kept)", file=sys.stderr)
         return EX_TEMPFAIL
     print(report.summary(f"exported {args.user} to {target}:"))

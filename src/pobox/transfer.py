@@ -186,8 +186,10 @@ class MaildirSource:
         self._user = User(name=name)
         self._path = path
 
-    async def read(self, known: frozenset[str]) -> AsyncIterator[ImportedMessage | int | str]:
-        """Yield the number of messages whose UIDL is not in ``known``, then those messages.
+    async def read(
+        self, known: frozenset[str]
+    ) -> AsyncIterator[ImportedMessage | tuple[int, int] | str]:
+        """Yield ``(messages, messages whose UIDL is not in known)``, then the latter.
 
         A message that vanished while being read is yielded as its UIDL (a ``str``).
 
@@ -200,7 +202,7 @@ class MaildirSource:
         maildrop = await self._store.open(self._user, lock=True)
         try:
             todo = [info for info in maildrop.messages if info.uidl not in known]
-            yield len(todo)
+            yield len(maildrop.messages), len(todo)
             for info in todo:
                 try:
                     data = b"".join([chunk async for chunk in maildrop.read_message(info.key)])
@@ -235,7 +237,7 @@ class ForkedMaildirSource:
     does, first thing). The child switches to ``owner`` (groups, gid, uid), reads the Maildir
     with :class:`MaildirSource`, and writes records to a pipe:
 
-    - ``N <count>\\n``: messages to come;
+    - ``N <count> <new>\\n``: messages in the Maildir, and those to come;
     - ``M <uidl> <size> <length>\\n`` and ``<length>`` octets: a message;
     - ``G <uidl>\\n``: a message that vanished; ``E <text>\\n``: an error; ``D\\n``: done.
     """
@@ -271,8 +273,8 @@ class ForkedMaildirSource:
 
     async def _pump(self, out: BinaryIO, known: frozenset[str]) -> None:  # pragma: no cover
         async for item in MaildirSource(self._path, self._name).read(known):
-            if isinstance(item, int):
-                out.write(b"N %d\n" % item)
+            if isinstance(item, tuple):
+                out.write(b"N %d %d\n" % item)
             elif isinstance(item, str):
                 out.write(b"G " + item.encode() + b"\n")
             else:
@@ -280,7 +282,9 @@ class ForkedMaildirSource:
                 out.write(item.data)
         out.write(b"D\n")
 
-    async def read(self, known: frozenset[str]) -> AsyncIterator[ImportedMessage | int | str]:
+    async def read(
+        self, known: frozenset[str]
+    ) -> AsyncIterator[ImportedMessage | tuple[int, int] | str]:
         """Yield what the child read (as :meth:`MaildirSource.read` does).
 
         Raises:
@@ -296,7 +300,8 @@ class ForkedMaildirSource:
                 line = await asyncio.to_thread(pipe.readline)
                 kind, _, rest = line.rstrip(b"\n").partition(b" ")
                 if kind == b"N":
-                    yield int(rest)
+                    total, new = rest.split(b" ")
+                    yield int(total), int(new)
                 elif kind == b"G":
                     yield rest.decode()
                 elif kind == b"M":
@@ -335,7 +340,9 @@ def _one_line(text: str) -> bytes:
 
 
 class _Source(Protocol):
-    def read(self, known: frozenset[str]) -> AsyncIterator[ImportedMessage | int | str]: ...
+    def read(
+        self, known: frozenset[str]
+    ) -> AsyncIterator[ImportedMessage | tuple[int, int] | str]: ...
 
 
 async def known_uidls(store: MaildropStore, user: MailUser) -> frozenset[str]:
@@ -377,7 +384,7 @@ async def import_messages(
         )
         raise TransferError(msg)
     progress = progress or _NoProgress()
-    report = TransferReport(present=len(known))
+    report = TransferReport()
     began = time.monotonic()
     batch: list[ImportedMessage] = []
 
@@ -392,9 +399,10 @@ async def import_messages(
         batch.clear()
 
     async for item in source.read(known):
-        if isinstance(item, int):
-            report.total = item + len(known)
-            progress.start(item)
+        if isinstance(item, tuple):
+            report.total, new = item
+            report.present = report.total - new
+            progress.start(new)
         elif isinstance(item, str):
             report.gone += 1
             progress.advance(1)

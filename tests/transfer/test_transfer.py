@@ -127,6 +127,17 @@ class TestRoundTrip:
             len(await served(pg, User("alice"))),
         )
 
+    async def test_figures_count_the_source(self, pg: PostgresStore, tmp_path: Path) -> None:
+        """Mail already in the maildrop from elsewhere is not counted as the source's."""
+        await pg.append(User("alice"), b"Subject: delivered before\n\nx\n")
+        source = tmp_path / "source"
+        fill(source)
+        user = User("alice")
+        report = await import_messages(
+            MaildirSource(source, "alice"), pg, user, known=await known_uidls(pg, user)
+        )
+        assert (14, 14, 0) == (report.total, report.copied, report.present)
+
     async def test_counters_kept(self, pg: PostgresStore, pg_dsn: str, tmp_path: Path) -> None:
         """The maildrop's counters (usage, next UID) account for imported mail."""
         source = tmp_path / "source"

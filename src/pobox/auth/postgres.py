@@ -500,7 +500,8 @@ class PostgresAuthenticator:
         if row is not None and row.any_password:
             return None if row.refused else row.user
         real = row is not None and bool(row.password)
-        stored = row.password if row is not None and real else await self._dummy_hash()
+        dummy = await self._dummy_hash()  # for everyone: known and unknown take one path
+        stored = row.password if row is not None and real else dummy
         matched = await check_password(
             self.workers, stored, password, default_scheme=self.default_scheme, username=username
         )
