@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from pobox.cli import main
-from pobox.storage.base import MaildropStore, MailUser
+from pobox.storage.base import ImportedMessage, MaildropStore, MailUser, StoragePermanentError
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.postgres import PostgresStore
 from pobox.transfer import (
@@ -208,6 +208,32 @@ class TestRoundTrip:
         with pytest.raises(TransferError):
             await export_maildir(pg, User("alice"), tmp_path / "out")
         assert [] == os.listdir(elsewhere)
+
+
+class TestStoreImport:
+    """PostgresStore.import_messages is idempotent by UIDL on its own."""
+
+    async def test_same_batch_twice(self, pg: PostgresStore) -> None:
+        """A batch given again stores nothing; a UIDL twice in one batch is stored once."""
+        batch = [
+            ImportedMessage("u1", 9, b"Subject: 1\n\nx\n"),
+            ImportedMessage("u2", 9, b"Subject: 2\n\nx\n"),
+            ImportedMessage("u1", 9, b"Subject: 1 again\n\nx\n"),
+        ]
+        first = await pg.import_messages(User("a"), batch)
+        second = await pg.import_messages(User("a"), batch)
+        assert (2, 0, [("u1", 9, b"Subject: 1\n\nx\n"), ("u2", 9, b"Subject: 2\n\nx\n")]) == (
+            first,
+            second,
+            await served(pg, User("a")),
+        )
+
+    @pytest.mark.parametrize("uidl", ["", "has space", "x" * 71, "caf\xe9"])
+    async def test_bad_uidl(self, pg: PostgresStore, uidl: str) -> None:
+        """A UIDL that is not an RFC 1939 unique-id is refused before anything is stored."""
+        with pytest.raises(StoragePermanentError):
+            await pg.import_messages(User("a"), [ImportedMessage(uidl, 1, b"x")])
+        assert [] == await served(pg, User("a"))
 
 
 class TestRefusals:
