@@ -1,9 +1,11 @@
 """The ``pobox`` command: the composition root, the only place that picks backends.
 
 Subcommands: ``serve`` (run the server), ``demo`` (a ready-made local folder with a user
-and mail, then ``serve`` on it), ``user add`` / ``user passwd`` (passwd-file entries),
-``deliver`` (an MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes),
-``db upgrade`` / ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
+and mail, then ``serve`` on it), ``user add`` / ``passwd`` / ``list`` / ``del`` (users of the
+passwd-file or of the PostgreSQL userdb, whichever the configuration names), ``deliver`` (an
+MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes), ``import`` /
+``export`` (a Maildir into and out of the configured store, UIDLs kept), ``db upgrade`` /
+``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
 are set.
 
