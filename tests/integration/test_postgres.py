@@ -75,9 +75,7 @@ class TestTwoNodes:
         first = await Wire.connect(a.host, a.port)
         await first.login()
         second = await Wire.connect(b.host, b.port)
-        await second.line()
-        await second.command(b"USER alice")
-        refused = await second.command(b"PASS secret")
+        refused = await second.attempt()
         assert b"+OK" == (await first.command(b"QUIT"))[:3]
         third = await Wire.connect(b.host, b.port)
         await third.login()
@@ -115,9 +113,7 @@ class TestDatabaseDown:
             pg_cluster.stop()
             try:
                 wire = await Wire.connect(pop3.host, pop3.port)
-                await wire.line()
-                await wire.command(b"USER alice")
-                login = await wire.command(b"PASS secret")
+                login = await wire.attempt()
                 refused = await asyncio.to_thread(_lmtp, host, port, 1)
             finally:
                 pg_cluster.restart()
@@ -176,15 +172,11 @@ class TestKilledNode:
             killed = time.monotonic()
             async with running_server(tmp_path / "b", USERS, **settings(pg_dsn)) as other:
                 wire = await Wire.connect(other.host, other.port)
-                await wire.line()
-                await wire.command(b"USER alice")
-                reply = await wire.command(b"PASS secret")
+                reply = await wire.attempt()
                 while reply.startswith(b"-ERR [IN-USE]") and time.monotonic() - killed < 5:
                     await asyncio.sleep(0.01)  # the backend sees its client gone: milliseconds
                     wire = await Wire.connect(other.host, other.port)
-                    await wire.line()
-                    await wire.command(b"USER alice")
-                    reply = await wire.command(b"PASS secret")
+                    reply = await wire.attempt()
             with contextlib.suppress(OSError):
                 client.close()
             assert b"+OK Logged in.\r\n" == reply

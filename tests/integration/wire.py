@@ -62,6 +62,12 @@ class Wire:
         assert b"+OK\r\n" == await self.command(b"USER " + user)
         assert b"+OK Logged in.\r\n" == await self.command(b"PASS " + password)
 
+    async def attempt(self, user: bytes = b"alice", password: bytes = b"secret") -> bytes:
+        """Read the greeting, send USER and PASS; return the reply to PASS, whatever it is."""
+        await self.line()
+        await self.command(b"USER " + user)
+        return await self.command(b"PASS " + password)
+
     async def read_all(self, timeout: float = 5) -> bytes:
         """Read until the server closes the connection."""
         return await asyncio.wait_for(self.reader.read(), timeout)

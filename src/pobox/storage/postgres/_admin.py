@@ -28,7 +28,11 @@ async def _connect(dsn: str, timeout: float) -> psycopg.AsyncConnection[tuple[ob
     extra = {"application_name": "pobox db"} if "application_name" not in given else {}
     if "connect_timeout" not in given:
         extra["connect_timeout"] = str(max(1, math.ceil(timeout)))
-    return await psycopg.AsyncConnection.connect(make_conninfo(dsn, **extra), autocommit=True)
+    conn = await psycopg.AsyncConnection.connect(make_conninfo(dsn, **extra), autocommit=True)
+    await conn.execute(
+        "SELECT set_config('statement_timeout', %s, false)", (f"{int(timeout * 1000)}ms",)
+    )
+    return conn
 
 
 async def db_upgrade(dsn: str, schema: str, *, timeout: float = 10.0) -> list[str]:

@@ -188,6 +188,8 @@ async def upgrade(
         SchemaError: the database has migrations this pobox does not know.
         psycopg.Error: a migration failed (it was rolled back; those before it stay).
     """
+    # Another node may be migrating: wait for it as long as a migration may take.
+    await conn.execute("SELECT set_config('statement_timeout', %s, false)", (MIGRATION_TIMEOUT,))
     await conn.execute("SELECT pg_advisory_lock(%s, %s)", MIGRATION_LOCK)
     try:
         async with conn.transaction():
