@@ -1,9 +1,11 @@
 """The ``pobox`` command: the composition root, the only place that picks backends.
 
 Subcommands: ``serve`` (run the server), ``demo`` (a ready-made local folder with a user
-and mail, then ``serve`` on it), ``user add`` / ``user passwd`` (passwd-file entries),
-``deliver`` (an MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes),
-``db upgrade`` / ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
+and mail, then ``serve`` on it), ``user add`` / ``passwd`` / ``list`` / ``del`` (users of the
+passwd-file or of the PostgreSQL userdb, whichever the configuration names), ``deliver`` (an
+MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes), ``import`` /
+``export`` (a Maildir into and out of the configured store, UIDLs kept), ``db upgrade`` /
+``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
 are set.
 
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import fnmatch
 import functools
 import gc
 import getpass
@@ -28,10 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pobox import __version__
-from pobox.auth.base import Authenticator, HashWorkers
+from pobox.auth.base import Authenticator, AuthTemporaryError, HashWorkers
 from pobox.auth.oauth import JwtVerifier
-from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user, set_password
-from pobox.auth.schemes import SUPPORTED_SCHEMES
+from pobox.auth.passwdfile import (
+    PasswdFileAuthenticator,
+    add_user,
+    delete_user,
+    list_users,
+    set_password,
+)
+from pobox.auth.schemes import SUPPORTED_SCHEMES, hash_password
 from pobox.auth.secretfile import load_secret
 from pobox.client.cli import add_fetch_parser
 from pobox.config import KEYS, Config, load_config
@@ -39,12 +48,20 @@ from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
 from pobox.log import reopen_logs, setup_logging
+from pobox.records import User, parse_size
 from pobox.server import Pop3Server, SessionContext
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._throttle import LoginThrottle
 from pobox.state import MemoryFailureCounters
-from pobox.storage.base import IncomingMessage, MaildropStore, StorageError
+from pobox.storage.base import (
+    IncomingMessage,
+    MaildropImporter,
+    MaildropLocked,
+    MaildropStore,
+    StorageError,
+    StorageTemporaryError,
+)
 from pobox.storage.maildir import MaildirStore, deliver_message
 from pobox.storage.privsep import (
     Owner,
@@ -55,8 +72,20 @@ from pobox.storage.privsep import (
 )
 from pobox.storage.spool import Spool
 from pobox.tls import ServerTls
+from pobox.transfer import (
+    ForkedMaildirSource,
+    MaildirSource,
+    TransferError,
+    TransferReport,
+    export_maildir,
+    import_messages,
+    known_uidls,
+    maildir_owner,
+    purge_maildrop,
+)
 
 if TYPE_CHECKING:
+    from pobox.auth.postgres import PostgresAuthenticator
     from pobox.storage.postgres import PostgresStore
 
 __all__ = ["main"]
@@ -85,17 +114,51 @@ def build_authenticator(
     workers: HashWorkers | None = None,
     *,
     opener: Callable[[], BinaryIO] | None = None,
+    listen: bool = True,
 ) -> Authenticator:
     """Build the user database the configuration names (hash checks in ``workers``).
 
     Args:
         opener: opens the passwd-file for a process that may not open it by path.
+        listen: a PostgreSQL userdb follows changes of its users table (a server does; a
+            one-shot command need not).
     """
+    if config.userdb == "postgresql":
+        return postgres_userdb(config, workers, listen=listen)
     return PasswdFileAuthenticator(
         config.passwd_file,
         default_scheme=config.default_pass_scheme,
         workers=workers,
         opener=opener,
+    )
+
+
+def postgres_userdb(
+    config: Config, workers: HashWorkers | None = None, *, listen: bool = True
+) -> PostgresAuthenticator:
+    """Build the PostgreSQL user database (psycopg is imported only when it is used)."""
+    from pobox.auth.postgres import CustomQueries, PostgresAuthenticator  # noqa: PLC0415
+
+    queries = (
+        CustomQueries(
+            config.postgresql_password_query,
+            config.postgresql_user_query,
+            config.postgresql_iterate_query,
+        )
+        if config.postgresql_password_query
+        else None
+    )
+    return PostgresAuthenticator(
+        config.postgresql_dsn,
+        schema=config.postgresql_schema,
+        queries=queries,
+        default_scheme=config.default_pass_scheme,
+        cache_ttl=config.postgresql_user_cache_ttl,
+        pool_min=1,
+        pool_max=config.postgresql_pool_max,
+        timeout=config.postgresql_timeout,
+        workers=workers,
+        listen=listen,
     )
 
 
@@ -134,8 +197,8 @@ def _postgres_store(config: Config) -> PostgresStore:
     )
 
 
-async def check_store(store: MaildropStore) -> None:
-    """Refuse to serve on a database schema this pobox does not know.
+async def check_store(store: MaildropStore | Authenticator) -> None:
+    """Refuse to serve on a database schema this pobox does not know (store or userdb).
 
     Raises:
         PoboxError: the schema is missing, older or newer (saying what to run), or the
@@ -144,6 +207,13 @@ async def check_store(store: MaildropStore) -> None:
     check = getattr(store, "check_schema", None)
     if check is not None:
         await check()
+
+
+async def close_authenticator(authenticator: Authenticator) -> None:
+    """Release what a user database holds (a PostgreSQL pool); nothing for a passwd-file."""
+    close = getattr(authenticator, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def build_context(
@@ -234,7 +304,7 @@ def _switch(config: Config, plan: PrivilegePlan) -> None:
     if plan.serve_as is None:
         return
     switch_to(plan.serve_as, plan.serve_name)
-    if plan.access in (MailAccess.MAIL_UID, MailAccess.DATABASE):
+    if config.userdb == "passwd-file" and plan.access in (MailAccess.MAIL_UID, MailAccess.DATABASE):
         # No helper in these modes: the passwd-file is read again, by path, as this user.
         try:
             Path(config.passwd_file).open("rb").close()
@@ -254,7 +324,7 @@ async def run_server(config: Config) -> int:
     The status is 0, or :data:`EX_UNAVAILABLE` when the storage helper went away (the
     server stops rather than go on without it).
     """
-    if not Path(config.passwd_file).is_file():
+    if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
     plan = plan_privileges(config)
     for warning in plan.warnings:
@@ -273,14 +343,20 @@ async def run_server(config: Config) -> int:
     workers = HashWorkers()
     if plan.access is MailAccess.HELPER:
         helper, authenticator, store, tls = await _start_helper(config, plan, helper_lost, workers)
+        stores: list[MaildropStore | Authenticator] = [authenticator]
     else:
         authenticator = build_authenticator(config, workers)
         store = build_store(config, plan=plan)
-        try:
-            await check_store(store)
-        except BaseException:
-            await store.aclose()
-            raise
+        stores = [store, authenticator]
+    try:
+        for checked in stores:
+            await check_store(checked)
+    except BaseException:
+        await store.aclose()
+        await close_authenticator(authenticator)
+        if helper is not None:
+            await helper.aclose()
+        raise
     server = Pop3Server(
         build_context(config, authenticator=authenticator, store=store, tls=tls, workers=workers)
     )
@@ -294,7 +370,7 @@ async def run_server(config: Config) -> int:
         _switch(config, plan)
     except BaseException:
         await delivery.aclose()
-        await server.aclose()
+        await server.aclose()  # the store and the userdb too
         if helper is not None:
             await helper.aclose()
         raise
@@ -320,7 +396,7 @@ async def run_server(config: Config) -> int:
     await stop.wait()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     await delivery.aclose()
-    await server.aclose()
+    await server.aclose()  # the store and the userdb too
     if helper is not None:
         await helper.aclose()
     return EX_UNAVAILABLE if lost else 0
@@ -432,8 +508,9 @@ def build_deliver_store(config: Config) -> MaildropStore:
 async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple[int, str]:
     """Deliver standard input to ``user`` with the store ``pobox deliver`` uses."""
     store = build_deliver_store(config)
+    authenticator = build_authenticator(config, listen=False)
     try:
-        agent = build_agent(config, build_authenticator(config), store)
+        agent = build_agent(config, authenticator, store)
         return await deliver_stdin(
             agent,
             user,
@@ -444,6 +521,7 @@ async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple
         )
     finally:
         await store.aclose()
+        await close_authenticator(authenticator)
 
 
 # --------------------------------------------------------------------------- database
@@ -454,8 +532,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     from pobox.storage.postgres import _admin  # noqa: PLC0415 - psycopg only when used
 
     config = load_config(args.config)
-    if config.mail_location != "postgresql":
-        raise ConfigError('mail_location: "pobox db" needs mail_location = "postgresql"')
+    if config.mail_location != "postgresql" and config.userdb != "postgresql":
+        raise ConfigError(
+            'mail_location, userdb: "pobox db" needs mail_location = "postgresql" or '
+            'userdb = "postgresql"'
+        )
     dsn, schema, timeout = (
         config.postgresql_dsn,
         config.postgresql_schema,
@@ -594,11 +675,23 @@ def _read_password(args: argparse.Namespace) -> bytes:
 
 
 def cmd_user(args: argparse.Namespace) -> int:
-    """Add a user or change a password in a passwd-file."""
-    password = _read_password(args)
-    if not password:
-        raise PoboxError("empty password refused")
-    path = Path(args.passwd_file)
+    """Add, re-password, list or remove users of the passwd-file or PostgreSQL userdb.
+
+    ``-f PASSWD_FILE`` edits that passwd-file; ``-c CONFIG`` edits whichever userdb the
+    configuration names (``userdb``).
+    """
+    config = load_config(args.config) if args.config else None
+    password = b""
+    if args.user_command in ("add", "passwd"):
+        password = _read_password(args)
+        if not password:
+            raise PoboxError("empty password refused")
+    if config is not None and config.userdb == "postgresql":
+        return asyncio.run(_user_postgres(args, config, password))
+    path = Path(args.passwd_file or (config.passwd_file if config else ""))
+    if args.user_command == "list":
+        _print_names(list_users(path), args.pattern)
+        return 0
     if args.user_command == "add":
         add_user(
             path,
@@ -609,13 +702,269 @@ def cmd_user(args: argparse.Namespace) -> int:
             mail=args.mail,
             uid=args.uid,
             gid=args.gid,
+            extra=_extra_fields(args),
         )
         print(f"added user {args.name} to {path}")
-    else:
+        return 0
+    if args.user_command == "passwd":
         if not set_password(path, args.name, password, scheme=args.scheme, create=False):
             print(f"pobox: no user {args.name} in {path}", file=sys.stderr)
             return EX_DATAERR
         print(f"changed the password of {args.name} in {path}")
+        return 0
+    return asyncio.run(_user_delete(args, config, path=path))
+
+
+def _extra_fields(args: argparse.Namespace) -> list[str]:
+    """The passwd-file extra fields of ``user add``'s quota and nologin options."""
+    out = []
+    if args.quota_bytes is not None:
+        out.append(f"quota_bytes={args.quota_bytes}")
+    if args.quota_messages is not None:
+        out.append(f"quota_messages={args.quota_messages}")
+    if args.nologin:
+        out.append("nologin")
+    return out
+
+
+def _print_names(names: list[str], pattern: str | None) -> None:
+    """Print the names (already sorted), those matching the shell ``pattern`` if given."""
+    for name in names:
+        if pattern is None or fnmatch.fnmatchcase(name, pattern):
+            print(name)
+
+
+async def _user_postgres(args: argparse.Namespace, config: Config, password: bytes) -> int:
+    """Run ``pobox user`` on the PostgreSQL userdb."""
+    userdb = postgres_userdb(config, listen=False)
+    where = f"the PostgreSQL userdb (schema {config.postgresql_schema})"
+    try:
+        if args.user_command == "list":
+            _print_names(await userdb.names(), args.pattern)
+            return 0
+        if args.user_command == "del":
+            return await _user_delete(args, config, userdb=userdb)
+        stored = await asyncio.to_thread(hash_password, password, args.scheme, username=args.name)
+        if args.user_command == "add":
+            await userdb.add_user(
+                args.name,
+                stored,
+                uid=_numeric_id(args.uid, "--uid"),
+                gid=_numeric_id(args.gid, "--gid"),
+                home=args.home,
+                mail=args.mail,
+                quota_bytes=None if args.quota_bytes is None else parse_size(args.quota_bytes),
+                quota_messages=None
+                if args.quota_messages is None
+                else _numeric_id(args.quota_messages, "--quota-messages"),
+                nologin=args.nologin,
+            )
+            print(f"added user {args.name} to {where}")
+            return 0
+        if not await userdb.set_password(args.name, stored):
+            print(f"pobox: no user {args.name} in {where}", file=sys.stderr)
+            return EX_DATAERR
+        print(f"changed the password of {args.name} in {where}")
+        return 0
+    except AuthTemporaryError as exc:
+        print(f"pobox user {args.user_command}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    finally:
+        await userdb.aclose()
+
+
+def _numeric_id(value: str | None, option: str) -> int | None:
+    """Return a number given on the command line (a PostgreSQL userdb stores numbers)."""
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit():
+        raise PoboxError(f"{option}: {value!r} is not a non-negative number")
+    return int(value)
+
+
+async def _user_delete(
+    args: argparse.Namespace,
+    config: Config | None,
+    *,
+    path: Path | None = None,
+    userdb: PostgresAuthenticator | None = None,
+) -> int:
+    """Remove a user; with ``--purge`` also every message of theirs in the configured store.
+
+    The mail is removed first (under the maildrop lock, as an UPDATE would), then the user,
+    then once more whatever was delivered in between: no mail is left for a user that no
+    longer exists, and no user is left without the mail they had if the purge fails.
+    """
+    name = args.name
+    store: MaildropStore | None = None
+    user = None
+    if args.purge:
+        if config is None:
+            raise PoboxError("--purge needs -c CONFIG (to know where the mail is)")
+        authenticator = userdb or build_authenticator(config, listen=False)
+        user = await authenticator.lookup(name)
+        if user is None:
+            print(f"pobox: no user {name}", file=sys.stderr)
+            return EX_DATAERR
+        store = build_store(config)
+    try:
+        removed = 0
+        if store is not None and user is not None:
+            removed += await purge_maildrop(store, user)
+        found = await userdb.delete_user(name) if userdb else delete_user(path or "", name)
+        if not found:
+            print(f"pobox: no user {name}", file=sys.stderr)
+            return EX_DATAERR
+        if store is not None and user is not None:
+            removed += await purge_maildrop(store, user)
+            print(f"removed user {name} and their {removed} messages")
+        else:
+            print(f"removed user {name} (their mail is left where it is; --purge removes it)")
+        return 0
+    finally:
+        if store is not None:
+            await store.aclose()
+
+
+# --------------------------------------------------------------------------- import/export
+
+
+class _TransferBar:
+    """A rich progress bar on standard error while messages are copied."""
+
+    def __init__(self, what: str) -> None:
+        from rich.console import Console  # noqa: PLC0415 - only on a terminal
+        from rich.progress import (  # noqa: PLC0415
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._what = what
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task: Any = None
+
+    def start(self, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(self._what, total=total)
+
+    def advance(self, messages: int) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, messages)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _transfer_bar(what: str) -> _TransferBar | None:
+    """A progress bar if standard error is a terminal, else none."""
+    return _TransferBar(what) if sys.stderr.isatty() else None
+
+
+def _maildir_argument(text: str, option: str) -> Path:
+    kind, colon, path = text.partition(":")
+    if kind != "maildir" or not colon or not path:
+        raise PoboxError(f"{option}: expected maildir:PATH, got {text!r}")
+    return Path(path)
+
+
+async def _transfer_user(config: Config, name: str) -> User:
+    """The user record of ``name`` from the userdb, or a bare record if it has none."""
+    authenticator = build_authenticator(config, listen=False)
+    try:
+        user = await authenticator.lookup(name)
+    finally:
+        await close_authenticator(authenticator)
+    if user is None:
+        print(f"pobox: note: {name} is not in the userdb; using the name alone", file=sys.stderr)
+        return User(name=name)
+    return user
+
+
+async def _import_prepare(config: Config, name: str) -> tuple[User, frozenset[str]]:
+    store = build_store(config)
+    try:
+        if not isinstance(store, MaildropImporter):
+            raise TransferError(
+                "pobox import needs a store that keeps the UIDLs it is given "
+                '(mail_location = "postgresql"); a Maildir is moved by copying it with its '
+                "dovecot-uidlist or pobox-uidlist"
+            )
+        user = await _transfer_user(config, name)
+        return user, await known_uidls(store, user)
+    finally:
+        await store.aclose()
+
+
+async def _import_run(
+    config: Config,
+    user: User,
+    source: MaildirSource | ForkedMaildirSource,
+    known: frozenset[str],
+) -> TransferReport:
+    store = build_store(config)
+    bar = _transfer_bar(f"import {user.name}")
+    try:
+        return await import_messages(source, store, user, known=known, progress=bar)
+    finally:
+        if bar is not None:
+            bar.stop()
+        await store.aclose()
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a Maildir into the configured store, keeping its UIDLs and sizes."""
+    config = load_config(args.config)
+    path = _maildir_argument(args.source, "--from")
+    try:
+        # The store is asked first, and the reader forked before any thread or loop runs.
+        user, known = asyncio.run(_import_prepare(config, args.user))
+        owner = maildir_owner(path)
+        source: MaildirSource | ForkedMaildirSource
+        if owner is None:
+            source = MaildirSource(path, user.name)
+        else:
+            source = ForkedMaildirSource(path, user.name, owner)
+            source.start(known)
+        report = asyncio.run(_import_run(config, user, source, known))
+    except (StorageTemporaryError, MaildropLocked, AuthTemporaryError) as exc:
+        print(f"pobox import: {exc} (run it again: nothing is imported twice)", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(report.summary(f"imported into {user.name}:"))
+    return 0
+
+
+async def _export_run(config: Config, name: str, target: Path) -> TransferReport:
+    store = build_store(config)
+    bar = _transfer_bar(f"export {name}")
+    try:
+        user = await _transfer_user(config, name)
+        return await export_maildir(store, user, target, progress=bar)
+    finally:
+        if bar is not None:
+            bar.stop()
+        await store.aclose()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a user's maildrop to a Maildir that pobox and Dovecot serve with the same UIDLs."""
+    config = load_config(args.config)
+    target = _maildir_argument(args.target, "--to")
+    try:
+        report = asyncio.run(_export_run(config, args.user, target))
+    except (StorageTemporaryError, MaildropLocked, AuthTemporaryError) as exc:
+        print(f"pobox export: {exc} (run it again: what was written is kept)", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(report.summary(f"exported {args.user} to {target}:"))
     return 0
 
 
@@ -667,27 +1016,76 @@ def build_parser() -> argparse.ArgumentParser:
     deliver.add_argument("--passwd-file", help="Dovecot-format passwd-file")
     deliver.set_defaults(func=cmd_deliver)
 
-    user = sub.add_parser("user", help="manage passwd-file users")
+    user = sub.add_parser(
+        "user",
+        help="manage users (passwd-file or PostgreSQL)",
+        description="-c CONFIG works on the userdb the configuration names (passwd-file or "
+        "postgresql); -f PASSWD_FILE on that passwd-file.",
+    )
     user_sub = user.add_subparsers(dest="user_command", required=True)
-    for name, help_text in (("add", "add a user"), ("passwd", "change a user's password")):
+    for name, help_text in (
+        ("add", "add a user"),
+        ("passwd", "change a user's password"),
+        ("list", "print the users, one per line, sorted"),
+        ("del", "remove a user (their mail stays unless --purge)"),
+    ):
         p = user_sub.add_parser(name, help=help_text)
-        p.add_argument("name")
-        p.add_argument("--passwd-file", "-f", required=True)
-        p.add_argument(
-            "--scheme",
-            default="ARGON2ID",
-            type=str.upper,
-            choices=sorted(SUPPORTED_SCHEMES),
-            help="password scheme (ARGON2ID)",
-        )
-        p.add_argument("--password-file", help="read the password from this file")
-        p.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+        if name == "list":
+            p.add_argument("pattern", nargs="?", help="only names matching this shell pattern")
+        else:
+            p.add_argument("name")
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--config", "-c", help="TOML configuration file (its userdb)")
+        where.add_argument("--passwd-file", "-f", help="a Dovecot-format passwd-file")
+        if name in ("add", "passwd"):
+            p.add_argument(
+                "--scheme",
+                default="ARGON2ID",
+                type=str.upper,
+                choices=sorted(SUPPORTED_SCHEMES),
+                help="password scheme (ARGON2ID)",
+            )
+            p.add_argument("--password-file", help="read the password from this file")
+            p.add_argument("--password-stdin", action="store_true", help="read it from stdin")
         if name == "add":
             p.add_argument("--home", help="home directory (%%h, ~ in mail_location)")
             p.add_argument("--mail", help="per-user mail location (userdb_mail)")
             p.add_argument("--uid", help="owner of the user's mail: a user name or number")
             p.add_argument("--gid", help="group of the user's mail: a group name or number")
+            p.add_argument("--quota-bytes", help="the user's quota, e.g. 100M (0: none)")
+            p.add_argument("--quota-messages", help="the user's most messages (0: none)")
+            p.add_argument("--nologin", action="store_true", help="receives mail, may not log in")
+        if name == "del":
+            p.add_argument(
+                "--purge",
+                action="store_true",
+                help="also remove every message of the user from the configured store (needs -c)",
+            )
         p.set_defaults(func=cmd_user)
+    imp = sub.add_parser(
+        "import",
+        help="import a Maildir into the configured store, keeping UIDLs and sizes",
+        description="Copy the messages of a Maildir into USER's maildrop in the configured "
+        'store (mail_location = "postgresql"), each with the UIDL and size that pobox - or '
+        "Dovecot, whose dovecot-uidlist pobox reads - answered for that Maildir, so POP3 "
+        "clients that leave mail on the server do not download it again. Safe to interrupt "
+        "and run again: messages already there (same UIDL) are skipped. Exit 75: try again.",
+    )
+    imp.add_argument("--from", dest="source", required=True, metavar="maildir:PATH")
+    imp.add_argument("--user", "-u", required=True, help="the user whose maildrop gets the mail")
+    imp.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    imp.set_defaults(func=cmd_import)
+    exp = sub.add_parser(
+        "export",
+        help="write a user's maildrop to a Maildir, UIDLs kept for pobox and Dovecot",
+        description="Write every message of USER's maildrop in the configured store to a "
+        "Maildir, with a dovecot-uidlist that makes Dovecot and pobox answer UIDL and LIST "
+        "exactly as this store does. Safe to interrupt and run again. Exit 75: try again.",
+    )
+    exp.add_argument("--user", "-u", required=True, help="the user whose mail is written")
+    exp.add_argument("--to", dest="target", required=True, metavar="maildir:PATH")
+    exp.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    exp.set_defaults(func=cmd_export)
     db = sub.add_parser(
         "db",
         help="the PostgreSQL schema: upgrade, status, gc",

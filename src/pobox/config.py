@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,11 @@ class Config:
     postgresql_lock_connections: int = 4
     postgresql_timeout: float = 10.0
     postgresql_lock_check_interval: float = 10.0
+    userdb: str = "passwd-file"
+    postgresql_user_cache_ttl: float = 30.0
+    postgresql_password_query: str = ""
+    postgresql_user_query: str = ""
+    postgresql_iterate_query: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -386,6 +392,34 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "Seconds between checks of a lock connection holding locks; a connection found dead "
         "ends its sessions without UPDATE. 0: only when the server closes it (10).",
     ),
+    "userdb": (
+        str,
+        "Where users and passwords are: passwd-file (passwd_file, the default) or postgresql "
+        "(the users table of postgresql_dsn, or the postgresql_*_query queries).",
+    ),
+    "postgresql_user_cache_ttl": (
+        float,
+        "Seconds a node keeps a user it read from PostgreSQL (found or not); changes to the "
+        "users table reach every node at once (NOTIFY), custom tables only after this. 0: no "
+        "cache (30).",
+    ),
+    "postgresql_password_query": (
+        str,
+        "Your own query for a login, like Dovecot's password_query: returns a password column "
+        "({SCHEME}data) and optionally user columns (uid, gid, home, mail, quota_rule, "
+        "quota_bytes, quota_messages, nologin). Parameters %(user)s, %(username)s (part "
+        "before @), %(domain)s are always bound, never pasted in. Empty: pobox's users table.",
+    ),
+    "postgresql_user_query": (
+        str,
+        "Your own query for a user record (delivery), like Dovecot's user_query: the user "
+        "columns above, same parameters. Empty: the password query's user columns.",
+    ),
+    "postgresql_iterate_query": (
+        str,
+        "Your own query listing every user (pobox user list), like Dovecot's iterate_query: "
+        "a username (or user) column. Empty with custom queries: no listing.",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -554,7 +588,46 @@ def _validate_security(config: Config) -> None:
 _PG_IDENTIFIER_MAX = 63
 
 
+#: The named parameters a custom user query may use (Dovecot's %u, %n, %d).
+QUERY_PARAMETERS: Final = ("user", "username", "domain")
+#: ``%(name)s`` placeholders and ``%%``; any other ``%`` in a custom query is an error.
+_PLACEHOLDER = re.compile(r"%(?:\((?P<name>[^)]*)\)s|%)")
+
+
+def _validate_query(key: str, text: str) -> None:
+    """Refuse a custom query with a placeholder other than ``%(user)s`` and its kin."""
+    rest = _PLACEHOLDER.sub("", text)
+    for match in _PLACEHOLDER.finditer(text):
+        name = match.group("name")
+        if name is not None and name not in QUERY_PARAMETERS:
+            raise ConfigError(
+                f"{key}: unknown parameter %({name})s; use %(user)s, %(username)s or %(domain)s"
+            )
+    if "%" in rest:
+        raise ConfigError(
+            f"{key}: a % that is not %(user)s, %(username)s, %(domain)s or %%: values are bound "
+            "as parameters, so write %(user)s without quotes where Dovecot has '%u'"
+        )
+
+
+def _validate_userdb(config: Config) -> None:
+    if config.userdb not in ("passwd-file", "postgresql"):
+        raise ConfigError(f"userdb: {config.userdb!r} is not passwd-file or postgresql")
+    if config.postgresql_user_cache_ttl < 0:
+        raise ConfigError("postgresql_user_cache_ttl: must not be negative")
+    queries = ("postgresql_password_query", "postgresql_user_query", "postgresql_iterate_query")
+    for key in queries:
+        if getattr(config, key):
+            _validate_query(key, getattr(config, key))
+    if any(getattr(config, key) for key in queries) and not config.postgresql_password_query:
+        raise ConfigError(
+            "postgresql_password_query: needed when postgresql_user_query or "
+            "postgresql_iterate_query is set"
+        )
+
+
 def _validate_postgresql(config: Config) -> None:
+    _validate_userdb(config)
     if not 0 < len(config.postgresql_schema.encode()) <= _PG_IDENTIFIER_MAX or (
         "\x00" in config.postgresql_schema
     ):

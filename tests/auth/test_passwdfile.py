@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pobox.auth import passwdfile
+from pobox.auth import _check
 from pobox.auth.base import AuthTemporaryError, User
 from pobox.auth.passwdfile import (
     PasswdFileAuthenticator,
@@ -49,13 +49,13 @@ def users(tmp_path):
 def checks(monkeypatch):
     """Record each password check: (stored hash, password given, ran in the event loop)."""
     calls = []
-    real_verify = passwdfile.verify
+    real_verify = _check.verify
 
     def recording_verify(stored, password, **kwargs):
         calls.append((stored, password, threading.current_thread() is threading.main_thread()))
         return real_verify(stored, password, **kwargs)
 
-    monkeypatch.setattr(passwdfile, "verify", recording_verify)
+    monkeypatch.setattr(_check, "verify", recording_verify)
     return calls
 
 
@@ -177,7 +177,7 @@ class TestAuthenticate:
         """Concurrent SHA512-CRYPT checks run at most one per usable CPU at a time."""
         running, most = [0], [0]
         lock = threading.Lock()
-        real_verify = passwdfile.verify
+        real_verify = _check.verify
 
         def counting_verify(*args, **kwargs):
             with lock:
@@ -190,7 +190,7 @@ class TestAuthenticate:
                 with lock:
                     running[0] -= 1
 
-        monkeypatch.setattr(passwdfile, "verify", counting_verify)
+        monkeypatch.setattr(_check, "verify", counting_verify)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
         db = users(f"alice:{SHA512_CRYPT}\nbob:{{PLAIN}}pw\n")
         results = await asyncio.gather(*(db.authenticate("alice", b"secret") for _ in range(6)))
@@ -524,44 +524,3 @@ class TestAddUser:
         with pytest.raises(PasswdFileError, match="cannot be"):
             add_user(tmp_path / "users", "bob", b"pw", "PLAIN", **kwargs)
         assert [] == os.listdir(tmp_path)
-
-
-#: Another SHA512-CRYPT entry of the same cost (5000 rounds): the file's commonest scheme.
-SHA512_CRYPT_2 = SHA512_CRYPT.replace("Zf$", "Zg$")
-
-
-class TestSamePath:
-    """Known and unknown users cost the same: one check of the client's password, one path."""
-
-    async def test_unknown_user_checks_the_clients_password(self, users, checks):
-        """An unknown user's password is checked, in a worker, against the commonest scheme."""
-        db = users(f"p:{{PLAIN}}x\na:{SHA512_CRYPT}\nb:{SHA512_CRYPT_2}\n")
-        assert None is await db.authenticate("mallory", b"a rather long guess" * 4)
-        assert [(SHA512_CRYPT, b"a rather long guess" * 4, False)] == checks
-
-    async def test_known_and_unknown_alike(self, users, checks):
-        """A wrong password for a known user and any for an unknown one: the same check."""
-        db = users(f"a:{SHA512_CRYPT}\nb:{SHA512_CRYPT_2}\n")
-        assert [None, None] == [
-            await db.authenticate("b", b"guess"),
-            await db.authenticate("mallory", b"guess"),
-        ]
-        assert [(SHA512_CRYPT_2, b"guess", False), (SHA512_CRYPT, b"guess", False)] == checks
-
-    async def test_cheap_scheme_in_the_loop_for_both(self, users, checks):
-        """With single-digest passwords both are checked in the event loop, no thread hop."""
-        db = users("a:{PLAIN}one\nb:{PLAIN}two\n")
-        await db.authenticate("a", b"guess")
-        await db.authenticate("mallory", b"guess")
-        assert [("{PLAIN}one", b"guess", True), ("{PLAIN}one", b"guess", True)] == checks
-
-    async def test_refused_user_checked_too(self, users, checks):
-        """A nologin user's own hash is checked like anyone's, and the login still refused."""
-        db = users(f"a:{SHA512_CRYPT}:::::: nologin\n")
-        assert None is await db.authenticate("a", b"secret")
-        assert [(SHA512_CRYPT, b"secret", False)] == checks
-
-    async def test_empty_file_uses_dummy_hash(self, users, checks):
-        """Without any password in the file, the built-in ARGON2ID dummy is checked."""
-        await users("# nobody\n").authenticate("mallory", b"x")
-        assert [(DUMMY_HASH, b"x", False)] == checks

@@ -173,3 +173,47 @@ class TestLoadConfig:
         """A missing file names the file."""
         with pytest.raises(ConfigError, match=r"cannot read the config file"):
             load_config(tmp_path / "nope.toml")
+
+
+class TestUserdbKeys:
+    """userdb and the PostgreSQL user keys are checked at start-up, naming the key."""
+
+    def test_default_is_passwd_file(self) -> None:
+        """Without userdb the passwd-file is the user database."""
+        assert "passwd-file" == build_config({}).userdb
+
+    @pytest.mark.parametrize(
+        ("values", "key"),
+        [
+            ({"userdb": "ldap"}, "userdb"),
+            ({"postgresql_user_cache_ttl": -1}, "postgresql_user_cache_ttl"),
+            (
+                {"postgresql_password_query": "SELECT pw FROM u WHERE name = '%u'"},
+                "postgresql_password_query",
+            ),
+            (
+                {"postgresql_password_query": "SELECT pw FROM u WHERE n = %(login)s"},
+                "postgresql_password_query",
+            ),
+            ({"postgresql_user_query": "SELECT 1"}, "postgresql_password_query"),
+            (
+                {
+                    "postgresql_password_query": "SELECT 1",
+                    "postgresql_iterate_query": "SELECT name FROM u WHERE d = %s",
+                },
+                "postgresql_iterate_query",
+            ),
+        ],
+    )
+    def test_refused(self, values: dict[str, object], key: str) -> None:
+        """Bad values, Dovecot's pasted-in '%u' and stray % are refused, naming the key."""
+        with pytest.raises(ConfigError, match=key):
+            build_config(values)
+
+    def test_bound_parameters_and_percent_accepted(self) -> None:
+        """%(user)s, %(username)s, %(domain)s and %% are accepted."""
+        query = (
+            "SELECT pw AS password FROM u WHERE l = %(username)s AND d = %(domain)s"
+            " AND f = %(user)s AND n LIKE 'x%%'"
+        )
+        assert query == build_config({"postgresql_password_query": query}).postgresql_password_query

@@ -22,8 +22,8 @@ One line per user, ``user:password:uid:gid:(gecos):home:(shell):extra_fields``:
 reads it again if it changed.  :func:`set_password` and :func:`add_user` rewrite the file
 atomically under a lock.
 
-May import: the standard library, :mod:`pobox.auth.base`, :mod:`pobox.auth.schemes`,
-:mod:`pobox.errors` and :mod:`pobox.records`.
+May import: the standard library, :mod:`pobox.auth.base`, :mod:`pobox.auth._check`,
+:mod:`pobox.auth.schemes`, :mod:`pobox.errors` and :mod:`pobox.records`.
 """
 
 from __future__ import annotations
@@ -38,23 +38,15 @@ import pwd
 import tempfile
 import time
 import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
+from pobox.auth._check import check_password, commonest, with_scheme
 from pobox.auth.base import AuthTemporaryError, HashWorkers, User
-from pobox.auth.schemes import (
-    DUMMY_HASH,
-    SUPPORTED_SCHEMES,
-    UnknownScheme,
-    hash_password,
-    identify_scheme,
-    is_cheap,
-    verify,
-)
+from pobox.auth.schemes import SUPPORTED_SCHEMES, UnknownScheme, hash_password
 from pobox.errors import PoboxError
 from pobox.records import quota_from_fields
 
@@ -63,6 +55,8 @@ __all__ = [
     "PasswdFileError",
     "UserExists",
     "add_user",
+    "delete_user",
+    "list_users",
     "set_password",
     "validate_username",
 ]
@@ -115,7 +109,8 @@ def _pam_password(password: str) -> str:
     return "{CRYPT}" + data
 
 
-def _resolve_id(text: str, by_name: Callable[[str], int]) -> int | None:
+def resolve_id(text: str, by_name: Callable[[str], int]) -> int | None:
+    """Return a uid or gid given as digits or a name (``None``: empty or unknown name)."""
     if not text:
         return None
     if text.isascii() and text.isdigit():
@@ -160,8 +155,8 @@ def _parse_line(fields: list[str]) -> _Entry:
     refused = bool(flags & {"nologin", "noauthenticate"})
     user = User(
         name=fields[0],
-        uid=_resolve_id(fields[2], lambda name: pwd.getpwnam(name).pw_uid),
-        gid=_resolve_id(fields[3], lambda name: grp.getgrnam(name).gr_gid),
+        uid=resolve_id(fields[2], lambda name: pwd.getpwnam(name).pw_uid),
+        gid=resolve_id(fields[3], lambda name: grp.getgrnam(name).gr_gid),
         home=fields[5] or None,
         mail=mail,
         quota_bytes=quota_bytes,
@@ -197,18 +192,8 @@ def _parse(text: str) -> dict[str, _Entry]:
 
 
 def _pick_dummy(entries: Mapping[str, _Entry], default_scheme: str) -> str:
-    """Return the first password of the most common scheme: unknown users cost the same.
-
-    A real entry, not a hash made up here: it has the scheme *and* the cost parameters
-    (rounds, memory) the file's users have.  Users of a rarer scheme cost what their own
-    scheme costs; the session's failure delay, measured from the attempt, hides that.
-    """
-    passwords = [entry.password for entry in entries.values() if entry.password]
-    if not passwords:
-        return DUMMY_HASH
-    counts = Counter(identify_scheme(p, default_scheme=default_scheme) for p in passwords)
-    common = counts.most_common(1)[0][0]
-    return next(p for p in passwords if identify_scheme(p, default_scheme=default_scheme) == common)
+    """Return the dummy for unknown users: a password of the file's commonest scheme."""
+    return commonest((entry.password for entry in entries.values()), default_scheme)
 
 
 def _load(
@@ -287,14 +272,9 @@ class PasswdFileAuthenticator:
             return None if entry.refused else entry.user
         real = entry is not None and bool(entry.password)
         stored = entry.password if entry is not None and real else snapshot.dummy
-        scheme = self.default_scheme
-        # A single digest costs less than the hop to a worker thread and back.
-        if is_cheap(stored, default_scheme=scheme):
-            matched = verify(stored, password, default_scheme=scheme, username=username)
-        else:
-            matched = await self.workers.run(
-                verify, stored, password, default_scheme=scheme, username=username
-            )
+        matched = await check_password(
+            self.workers, stored, password, default_scheme=self.default_scheme, username=username
+        )
         if entry is None or not real or entry.refused:
             return None
         return entry.user if matched else None
@@ -322,12 +302,7 @@ class PasswdFileAuthenticator:
         entry = (await self._current()).entries.get(username)
         if entry is None or entry.refused or entry.any_password or not entry.password:
             return None
-        stored = entry.password
-        if not stored.startswith("{"):
-            stored = (
-                "{" + identify_scheme(stored, default_scheme=self.default_scheme) + "}" + stored
-            )
-        return stored
+        return with_scheme(entry.password, self.default_scheme)
 
     async def _current(self) -> _Snapshot:
         async with self._lock:
@@ -412,12 +387,13 @@ def _rewrite(
     path: str | os.PathLike[str],
     username: str,
     *,
-    change: Callable[[str], str] | None,
+    change: Callable[[str], str | None] | None,
     add: str | None,
 ) -> bool:
     """Replace the user's line by ``change(line)``, or append ``add`` if the user has none.
 
-    Nothing is written when the needed one of ``change`` and ``add`` is ``None``.
+    Nothing is written when the needed one of ``change`` and ``add`` is ``None``; a
+    ``change`` that returns ``None`` removes the line.
 
     Returns:
         Whether the user had a line.
@@ -439,7 +415,11 @@ def _rewrite(
             if _is_entry(bare) and bare.split(":", 1)[0] == username:
                 if change is None:
                     return True
-                lines[index] = change(bare) + line[len(bare) :]
+                changed = change(bare)
+                if changed is None:
+                    del lines[index]
+                else:
+                    lines[index] = changed + line[len(bare) :]
                 found = True
                 break
         else:
@@ -504,8 +484,9 @@ def add_user(
     mail: str | None = None,
     uid: int | str | None = None,
     gid: int | str | None = None,
+    extra: Sequence[str] = (),
 ) -> None:
-    """Add a user line ``user:password:uid:gid::home::userdb_mail=mail``.
+    """Add a user line ``user:password:uid:gid::home::userdb_mail=mail extra...``.
 
     Args:
         path: the passwd-file; created with mode 0600 if missing.
@@ -515,6 +496,8 @@ def add_user(
         home: the home directory.
         mail: the mail location, written as ``userdb_mail=``.
         uid, gid: the owner of the user's mail, as numbers or names.
+        extra: more extra fields, ``key=value`` or a bare flag (``quota_bytes=100M``,
+            ``nologin``).
 
     Raises:
         UserExists: the user is already in the file (which is left as it is).
@@ -528,6 +511,8 @@ def add_user(
     ids = ["" if value is None else str(value) for value in (uid, gid)]
     for value in ids:
         _check_field(value, "uid/gid", ": \t\n\r")
+    extras = [] if mail is None else ["userdb_mail=" + _check_field(mail, "mail", " \t\n\r")]
+    extras += [_check_field(item, "extra field", " \t\n\r") for item in extra if item]
     fields = [
         username,
         _check_field(hash_password(password, scheme, username=username), "password", ":\n\r"),
@@ -535,7 +520,7 @@ def add_user(
         "",
         _check_field(home or "", "home", ":\n\r"),
         "",
-        "" if mail is None else "userdb_mail=" + _check_field(mail, "mail", " \t\n\r"),
+        " ".join(extras),
     ]
     while not fields[-1]:
         fields.pop()
@@ -543,3 +528,23 @@ def add_user(
     if _rewrite(path, username, change=None, add=":".join(fields)):
         msg = f"user {username!r} already exists in {path}"
         raise UserExists(msg)
+
+
+def delete_user(path: str | os.PathLike[str], username: str) -> bool:
+    """Remove the user's line (the first one, the one that counts); keep every other line.
+
+    The file is rewritten atomically and keeps its mode and owner.
+
+    Returns:
+        Whether the user had a line.
+    """
+    return _rewrite(path, username, change=lambda _line: None, add=None)
+
+
+def list_users(path: str | os.PathLike[str]) -> list[str]:
+    """Return the users of a passwd-file, sorted by code point.
+
+    Raises:
+        AuthTemporaryError: the file cannot be read.
+    """
+    return sorted(_load(Path(path), None, "CRYPT").entries)

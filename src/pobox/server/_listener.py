@@ -310,7 +310,7 @@ class Pop3Server:
         await self._closed.wait()
 
     async def aclose(self) -> None:
-        """Stop listening, close every session without UPDATE, release storage."""
+        """Stop listening, close every session without UPDATE, release storage and userdb."""
         for server in self._servers + self._ssl_servers:
             server.close()
         for task in list(self._sessions):
@@ -322,6 +322,9 @@ class Pop3Server:
         self._servers.clear()
         self._ssl_servers.clear()
         await self.ctx.store.aclose()
+        close = getattr(self.ctx.authenticator, "aclose", None)  # a database's pool
+        if close is not None:
+            await close()
         self._closed.set()
 
     async def __aenter__(self) -> Pop3Server:

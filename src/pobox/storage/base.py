@@ -17,6 +17,10 @@ a store can run on the other side of a process boundary.
 
 Every backend passes the same contract suite (``tests/storage/test_contract.py``).
 
+``pobox import`` needs one more thing, which only stores that can keep another server's UIDLs
+offer (PostgreSQL): :class:`MaildropImporter`, a separate protocol so that
+:class:`MaildropStore` stays as it is.
+
 May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records` and
 :mod:`pobox.storage.spool`.
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pobox.errors import PoboxError
 from pobox.records import Quota
@@ -33,9 +37,11 @@ from pobox.storage.spool import Spool
 
 __all__ = [
     "DeleteResult",
+    "ImportedMessage",
     "IncomingMessage",
     "MailUser",
     "Maildrop",
+    "MaildropImporter",
     "MaildropLocked",
     "MaildropStore",
     "MessageGone",
@@ -46,7 +52,11 @@ __all__ = [
     "StoragePermanentError",
     "StorageTemporaryError",
     "Usage",
+    "is_unique_id",
 ]
+
+#: RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
+MAX_UNIQUE_ID = 70
 
 
 class StorageError(PoboxError):
@@ -263,3 +273,43 @@ class MaildropStore(Protocol):
 
     async def aclose(self) -> None:
         """Release store-wide resources (connection pools); safe to call more than once."""
+
+
+def is_unique_id(uidl: str) -> bool:
+    """Tell whether ``uidl`` is a valid RFC 1939 §7 unique-id (1-70 octets, 0x21-0x7E)."""
+    return 0 < len(uidl) <= MAX_UNIQUE_ID and all("\x21" <= char <= "\x7e" for char in uidl)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedMessage:
+    """A message moved in from another server, with what that server told its clients.
+
+    Attributes:
+        uidl: the unique-id the old server answered UIDL with (kept, so clients that leave
+            mail on the server do not fetch it all again).
+        size: the size the old server answered LIST with (kept as the wire size).
+        data: the stored message, as it was in the old store.
+    """
+
+    uidl: str
+    size: int
+    data: bytes
+
+
+@runtime_checkable
+class MaildropImporter(Protocol):
+    """A store that takes messages with their UIDL and size kept (``pobox import``)."""
+
+    async def import_messages(self, user: MailUser, messages: Sequence[ImportedMessage]) -> int:
+        """Store ``messages`` in ``user``'s maildrop, after its messages, in the given order.
+
+        Idempotent by UIDL: a message whose UIDL the maildrop already has is skipped. Either
+        every new message of the call is stored (durably, when it returns) or none is.
+
+        Returns:
+            How many were stored.
+
+        Raises:
+            StoragePermanentError: a UIDL is not a valid unique-id.
+            StorageTemporaryError: a failure that may pass (nothing of the call stored).
+        """

@@ -9,6 +9,15 @@ May import: the standard library, psycopg, psycopg_pool and :mod:`pobox.storage`
 
 from __future__ import annotations
 
+from pobox.storage.postgres._connect import (
+    KEEPALIVES,
+    DriverError,
+    connection_params,
+    error_text,
+    is_broken,
+    run_pooled,
+    set_timeouts,
+)
 from pobox.storage.postgres._locks import LockConnection, lock_key
 from pobox.storage.postgres._schema import (
     Migration,
@@ -23,6 +32,8 @@ from pobox.storage.postgres._schema import (
 from pobox.storage.postgres._store import PostgresMaildrop, PostgresStore, uidl_for
 
 __all__ = [
+    "KEEPALIVES",
+    "DriverError",
     "LockConnection",
     "Migration",
     "PostgresMaildrop",
@@ -30,9 +41,14 @@ __all__ = [
     "SchemaError",
     "SchemaStatus",
     "check",
+    "connection_params",
+    "error_text",
+    "is_broken",
     "latest_version",
     "lock_key",
     "migrations",
+    "run_pooled",
+    "set_timeouts",
     "status",
     "uidl_for",
     "upgrade",

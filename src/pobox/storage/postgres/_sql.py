@@ -82,6 +82,24 @@ _TEXT: dict[str, LiteralString] = {
     " %(header)s)",
     "xact_status": "SELECT pg_catalog.pg_xact_status(%(xid)s::xid8)",
     "usage": "SELECT octets, messages FROM {mailbox} WHERE mailbox = %(mailbox)s",
+    # --- import (pobox import): messages with their UIDL and size kept --------------------
+    # Create the maildrop or lock its row (serialising imports and deliveries to it).
+    "lock_mailbox": "INSERT INTO {mailbox} AS mb (mailbox, uidvalidity)"
+    " VALUES (%(mailbox)s, %(uidvalidity)s)"
+    " ON CONFLICT (mailbox) DO UPDATE SET next_uid = mb.next_uid RETURNING next_uid",
+    "known_uidls": "SELECT uidl FROM {message} WHERE mailbox = %(mailbox)s"
+    " AND uidl = ANY(%(uidls)s)",
+    # A batch's bodies at once: those new here get their chunks by one COPY; the others
+    # are pinned (as pin_body does) until COMMIT.
+    "insert_bodies": "INSERT INTO {body} (digest, size, chunks)"
+    " SELECT * FROM unnest(%(digests)s::bytea[], %(sizes)s::bigint[], %(chunks)s::integer[])"
+    " ON CONFLICT (digest) DO NOTHING RETURNING digest",
+    "pin_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)s) FOR KEY SHARE",
+    "copy_messages": "COPY {message} (mailbox, uid, uidl, wire_size, size, digest, header)"
+    " FROM STDIN (FORMAT BINARY)",
+    "take_in": "UPDATE {mailbox} SET next_uid = %(next_uid)s,"
+    " messages = messages + %(messages)s, octets = octets + %(octets)s"
+    " WHERE mailbox = %(mailbox)s",
     # --- garbage collection of bodies ---------------------------------------------------
     # Lock the candidates that no delivery has pinned, then (a new statement: a new
     # snapshot, taken with the locks held) drop those no message uses.
@@ -119,6 +137,12 @@ class Statements:
     insert_message: sql.Composed
     xact_status: sql.Composed
     usage: sql.Composed
+    lock_mailbox: sql.Composed
+    known_uidls: sql.Composed
+    insert_bodies: sql.Composed
+    pin_bodies: sql.Composed
+    copy_messages: sql.Composed
+    take_in: sql.Composed
     lock_bodies: sql.Composed
     unused_bodies: sql.Composed
     drop_chunks: sql.Composed

@@ -34,8 +34,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -44,12 +42,13 @@ from typing import Protocol, TypeVar
 
 import psycopg
 import psycopg.errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
     DeleteResult,
+    ImportedMessage,
     IncomingMessage,
     MaildropLocked,
     MailUser,
@@ -61,8 +60,17 @@ from pobox.storage.base import (
     StoragePermanentError,
     StorageTemporaryError,
     Usage,
+    is_unique_id,
 )
 from pobox.storage.postgres import _schema
+from pobox.storage.postgres._connect import (
+    DriverError,
+    connection_params,
+    error_text,
+    is_broken,
+    run_pooled,
+    set_timeouts,
+)
 from pobox.storage.postgres._locks import Conn, LockConnection, LockLost, lock_key, split_key
 from pobox.storage.postgres._sql import Statements
 
@@ -90,18 +98,6 @@ COMMIT_RESOLVE_TIME = 30.0
 #: Bodies no message uses are collected by :meth:`PostgresStore.collect_garbage` once older
 #: than this (younger ones may belong to a delivery still in progress on another node).
 ORPHAN_AGE = "1 hour"
-
-#: libpq settings added to every connection unless the DSN (or the environment) sets them.
-_DEFAULT_PARAMS = {"application_name": "pobox"}
-#: TCP keepalives of the lock connections, so a dead server host is noticed in ~40 s even when
-#: no packet says so (``keepalives_idle`` + ``keepalives_interval`` times ``keepalives_count``).
-_LOCK_KEEPALIVES = {
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "6",
-}
-_ENV_FOR = {"application_name": "PGAPPNAME", "connect_timeout": "PGCONNECT_TIMEOUT"}
 
 
 class Body(Protocol):
@@ -187,15 +183,10 @@ def _map_error(exc: BaseException, what: str) -> StorageError:
         return StorageTemporaryError(f"{what}: no database connection: {exc}")
     if isinstance(exc, TimeoutError):
         return StorageTemporaryError(f"{what}: the database did not answer in time")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StorageTemporaryError(f"{what}: {text}")
+    return StorageTemporaryError(f"{what}: {error_text(exc)}")
 
 
-def _retryable(exc: BaseException) -> bool:
-    """Tell whether ``exc`` is a connection that broke (not a statement that failed)."""
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable
-    )
+_retryable = is_broken
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,17 +256,8 @@ class PostgresStore:
         self._schema = schema
         self._sql = Statements.for_schema(schema)
         self._timeout = timeout
-        given = conninfo_to_dict(dsn) if dsn else {}
-        params = {
-            key: value
-            for key, value in {
-                **_DEFAULT_PARAMS,
-                "connect_timeout": str(max(1, math.ceil(timeout))),
-            }.items()
-            if key not in given and not os.environ.get(_ENV_FOR.get(key, ""), "")
-        }
+        params, self._lock_params = connection_params(dsn, timeout, "pobox")
         self._params: dict[str, str] = params
-        self._lock_params = {k: v for k, v in _LOCK_KEEPALIVES.items() if k not in given}
         self._pool = AsyncConnectionPool(
             dsn,
             kwargs={**params, "autocommit": True},
@@ -311,13 +293,7 @@ class PostgresStore:
 
     async def _configure(self, conn: Conn) -> None:
         """Put every statement of a new connection under the timeouts."""
-        millis = f"{int(self._timeout * 1000)}ms"
-        await conn.execute(
-            "SELECT set_config('statement_timeout', %s, false),"
-            " set_config('lock_timeout', %s, false),"
-            " set_config('idle_in_transaction_session_timeout', %s, false)",
-            (millis, millis, millis),
-        )
+        await set_timeouts(conn, self._timeout)
 
     async def _connect_lock(self) -> Conn:
         """Open a lock connection: autocommit, keepalives, the same timeouts."""
@@ -347,19 +323,10 @@ class PostgresStore:
         dropped and, if ``retry``, the work is done once more on a fresh one.
         """
         await self._ensure_open()
-        for attempt in (1, 2):
-            try:
-                async with asyncio.timeout(self._timeout):
-                    async with self._pool.connection() as conn:
-                        return await work(conn)
-            except StorageError:
-                raise
-            except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
-                if retry and attempt == 1 and _retryable(exc):
-                    logger.info("%s: %s; trying again on a new connection", what, exc)
-                    continue
-                raise _map_error(exc, what) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await run_pooled(self._pool, work, timeout=self._timeout, what=what, retry=retry)
+        except DriverError as exc:
+            raise _map_error(exc, what) from exc
 
     async def check_schema(self) -> int:
         """Return the schema version, checking it is the one this pobox expects.
@@ -687,6 +654,85 @@ class PostgresStore:
             uid = _int(state["uid"])
         return str(uid)
 
+    async def import_messages(self, user: MailUser, messages: Sequence[ImportedMessage]) -> int:
+        """Store ``messages`` in ``user``'s maildrop in one transaction, keeping UIDL and size.
+
+        For ``pobox import``: a message whose UIDL the maildrop already has is skipped, so an
+        import run again after an interruption stores nothing twice. The stored bytes are the
+        message as given; the wire size is the one given (what the old server reported). No
+        quota, no trace headers. Returns after COMMIT.
+
+        Returns:
+            How many messages were stored (the others were there already).
+
+        Raises:
+            StoragePermanentError: a UIDL is not an RFC 1939 unique-id.
+            StorageTemporaryError: the database failed (nothing of this batch stored).
+        """
+        mailbox = self._mailbox(user)
+        for message in messages:
+            if not is_unique_id(message.uidl):
+                msg = f"import: {message.uidl!r} is not an RFC 1939 unique-id"
+                raise StoragePermanentError(msg)
+        bodies = [_BytesBody(message.data) for message in messages]
+
+        async def work(conn: Conn) -> int:
+            try:
+                await conn.execute("BEGIN")
+                cur = await conn.execute(
+                    self._sql.lock_mailbox,
+                    {"mailbox": mailbox, "uidvalidity": int(time.time())},
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                first = _int(row[0])
+                cur = await conn.execute(
+                    self._sql.known_uidls,
+                    {"mailbox": mailbox, "uidls": [message.uidl for message in messages]},
+                )
+                seen = {str(row[0]) for row in await cur.fetchall()}
+                rows = []
+                for message, body in zip(messages, bodies, strict=True):
+                    if message.uidl not in seen:
+                        seen.add(message.uidl)
+                        rows.append((message, body))
+                if not rows:
+                    await conn.execute("ROLLBACK")
+                    return 0
+                await self._put_bodies(conn, {body.digest: body for _, body in rows})
+                async with conn.cursor().copy(self._sql.copy_messages) as copy:
+                    copy.set_types(["text", "int8", "text", "int8", "int8", "bytea", "bytea"])
+                    for uid, (message, body) in enumerate(rows, first):
+                        await copy.write_row(
+                            (
+                                mailbox,
+                                uid,
+                                message.uidl,
+                                message.size,
+                                body.size,
+                                bytes.fromhex(body.digest),
+                                b"",
+                            )
+                        )
+                await conn.execute(
+                    self._sql.take_in,
+                    {
+                        "mailbox": mailbox,
+                        "next_uid": first + len(rows),
+                        "messages": len(rows),
+                        "octets": sum(body.size for _, body in rows),
+                    },
+                )
+                await conn.execute("COMMIT")
+            except BaseException:
+                if not conn.closed and not conn.broken:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("ROLLBACK")
+                raise
+            return len(rows)
+
+        return await self._run("importing", work, retry=False)
+
     async def _resolve(self, xid: str, failure: StorageError) -> None:
         """Find out whether the transaction ``xid``, whose COMMIT went unanswered, committed.
 
@@ -733,6 +779,38 @@ class PostgresStore:
             if await cur.fetchone() is not None:  # there, and pinned until COMMIT
                 return
             # Collected between the two statements: store it again.
+
+    async def _put_bodies(self, conn: Conn, bodies: dict[str, _BytesBody]) -> None:
+        """Make every body of ``bodies`` (by hex digest) exist and stay until COMMIT.
+
+        As :meth:`_put_body` does for one body, with one statement per step for all of them.
+        """
+        todo = dict(bodies)
+        while todo:
+            digests = [bytes.fromhex(digest) for digest in todo]
+            cur = await conn.execute(
+                self._sql.insert_bodies,
+                {
+                    "digests": digests,
+                    "sizes": [body.size for body in todo.values()],
+                    "chunks": [-(-body.size // CHUNK_SIZE) for body in todo.values()],
+                },
+            )
+            new = {_bytes(row[0]).hex() for row in await cur.fetchall()}
+            if new:
+                async with conn.cursor().copy(self._sql.copy_chunks) as copy:
+                    copy.set_types(["bytea", "int4", "bytea"])
+                    for digest in new:
+                        raw = bytes.fromhex(digest)
+                        for seq, chunk in enumerate(todo[digest].chunks(CHUNK_SIZE)):
+                            await copy.write_row((raw, seq, chunk))
+            rest = [bytes.fromhex(digest) for digest in todo if digest not in new]
+            pinned: set[str] = set()
+            if rest:
+                cur = await conn.execute(self._sql.pin_bodies, {"digests": rest})
+                pinned = {_bytes(row[0]).hex() for row in await cur.fetchall()}
+            # Collected between the two statements: store those again.
+            todo = {d: b for d, b in todo.items() if d not in new and d not in pinned}
 
     async def usage(self, user: MailUser) -> Usage:
         """Return what ``user``'s maildrop holds (kept by every delivery and UPDATE)."""
