@@ -542,7 +542,7 @@ class TestHeldIndexLock:
     ) -> None:
         """A delivery gives up with a temporary error after ``lock_timeout``; nothing is stored."""
         store = MaildirStore(f"maildir:{maildir.parent}/%n", lock_timeout=0.5)
-        with pytest.raises(StorageTemporaryError, match="locked by another process"):
+        with pytest.raises(StorageTemporaryError, match="index lock is held by another process"):
             await asyncio.wait_for(store.deliver(ALICE, incoming(b"Subject: two\n\n")), 10)
         assert (1, []) == (len(os.listdir(maildir / "new")), os.listdir(maildir / "tmp"))
 

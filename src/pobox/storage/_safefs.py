@@ -29,7 +29,9 @@ use nothing else to touch files):
   descriptor; renames, links and unlinks are relative to descriptors and never follow a link;
   directories are fsynced through their descriptors.
 * No lock waits without a bound: :func:`flocked` retries ``LOCK_NB`` until a deadline, then
-  raises :class:`~pobox.storage.base.StorageTemporaryError`.
+  raises :class:`LockBusy` (a :class:`~pobox.storage.base.StorageTemporaryError`); with a
+  deadline of 0 it tries once, for callers that wait elsewhere (the asyncio store waits in
+  the event loop, so no thread ever sleeps on a lock).
 
 Files pobox creates belong to the owner: a process that is root (euid 0) acting for another
 owner gives each file or directory it has just created (``O_EXCL``, ``mkdirat``) to the owner
@@ -66,10 +68,12 @@ from pobox.storage.base import StorageError, StoragePermanentError, StorageTempo
 __all__ = [
     "CHUNK_SIZE",
     "Dir",
+    "LockBusy",
     "OpenFile",
     "UnsafeFile",
     "check_name",
     "flocked",
+    "flocked_if_free",
     "open_by_real_path",
     "openat2_available",
     "os_errors",
@@ -843,22 +847,42 @@ _RETRY_FIRST = 0.002
 _RETRY_MAX = 0.05
 
 
+class LockBusy(StorageTemporaryError):
+    """A ``flock`` stayed busy for as long as the caller would wait (maybe not at all).
+
+    A caller that must not block (an event loop) tries once (``timeout=0``) in a worker thread
+    and, on this, waits in its own way before trying again.
+    """
+
+
+def _lock_fd(directory: Dir, name: str) -> int:
+    """Open (creating if missing) the lock file ``name``: a regular file of the owner."""
+    fd = directory.open_writable(name, create=True)
+    assert fd is not None
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    """Drop the ``flock`` and close its descriptor."""
+    # Closing the descriptor drops the flock; unlocking first makes it explicit.
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 @contextlib.contextmanager
-def flocked(directory: Dir, name: str, *, timeout: float) -> Iterator[bool]:
-    """Hold an exclusive ``flock(2)`` on the file ``name`` of ``directory``; yield ``True``.
+def flocked(directory: Dir, name: str, *, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``flock(2)`` on the file ``name`` of ``directory`` for the block.
 
     The lock file is created if missing (mode 0600) and must be a regular file of the owner.
-    A busy lock is retried (``LOCK_NB``) until ``timeout`` seconds have passed; with
-    ``timeout`` 0 the block runs at once without the lock, told so (``False``).
+    A busy lock is retried (``LOCK_NB``) until ``timeout`` seconds have passed (0: tried once).
 
     Raises:
-        StorageTemporaryError: still busy after ``timeout`` seconds.
+        LockBusy: still busy after ``timeout`` seconds.
         UnsafeFile: the lock file is a link or not a regular file of the owner.
         StorageError: it cannot be opened or locked.
     """
-    fd = directory.open_writable(name, create=True)
-    assert fd is not None
-    path = f"{directory.path}/{name}"
+    fd = _lock_fd(directory, name)
     try:
         deadline = time.monotonic() + timeout
         pause = _RETRY_FIRST
@@ -867,20 +891,39 @@ def flocked(directory: Dir, name: str, *, timeout: float) -> Iterator[bool]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if timeout <= 0:
-                    yield False
-                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    path = f"{directory.path}/{name}"
                     msg = f"{path} is locked by another process for more than {timeout:g} s"
-                    raise StorageTemporaryError(msg) from None
+                    raise LockBusy(msg) from None
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, _RETRY_MAX)
             except OSError as exc:
-                raise storage_error(exc, "lock", path) from exc
+                raise storage_error(exc, "lock", f"{directory.path}/{name}") from exc
+        yield
+    finally:
+        _unlock(fd)
+
+
+@contextlib.contextmanager
+def flocked_if_free(directory: Dir, name: str) -> Iterator[bool]:
+    """Hold the ``flock`` of :func:`flocked` if it is free; yield whether it is held.
+
+    Never waits: when someone else holds it, the block runs at once, told so (``False``).
+
+    Raises:
+        UnsafeFile: the lock file is a link or not a regular file of the owner.
+        StorageError: it cannot be opened or locked.
+    """
+    fd = _lock_fd(directory, name)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as exc:
+            raise storage_error(exc, "lock", f"{directory.path}/{name}") from exc
         yield True
     finally:
-        # Closing the descriptor drops the flock; unlocking first makes it explicit.
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _unlock(fd)

@@ -11,15 +11,21 @@ Theory of operation (https://cr.yp.to/proto/maildir.html, and what Dovecot's LDA
    descriptor: an existing file or link is never reused) and fsynced.
 3. Under ``pobox-uidlist.lock`` (the short index lock, never the session lock
    ``dovecot-pop3-session.lock``; waited for at most ``lock_timeout`` seconds, else
-   :class:`~pobox.storage.base.StorageTemporaryError` and nothing is delivered): the quota is
-   checked, so that concurrent pobox deliveries cannot together exceed it; the file is
-   hard-linked to ``new/<name>`` (``link(2)`` fails rather than overwrite, and the new name must
-   be the very file written: one swapped in ``tmp/`` meanwhile is taken out again) and ``new/``
-   is fsynced: only now is the message durable, and only now may the caller acknowledge it;
-   and, best effort, if the maildir has a usable ``pobox-uidlist``, a line for the message is
-   appended to it, so the next POP3 login finds it indexed and sized. A crash before that
-   costs nothing but that work at the next login, which indexes files it does not know.
-4. The ``tmp/`` file is unlinked.
+   :class:`~pobox.storage._safefs.LockBusy` and nothing is delivered): the quota is checked,
+   so that concurrent pobox deliveries cannot together exceed it; the file is hard-linked to
+   ``new/<name>`` (``link(2)`` fails rather than overwrite, and the new name must be the very
+   file written: one swapped in ``tmp/`` meanwhile is taken out again); and, best effort, if
+   the maildir has a usable ``pobox-uidlist``, a line for the message is appended to it, so
+   the next POP3 login finds it indexed and sized. A crash before that costs nothing but that
+   work at the next login, which indexes files it does not know (and one after it but before
+   the next step, a UID: the next login drops a line whose file is gone).
+4. ``new/`` is fsynced (outside the lock, so concurrent deliveries share the disk's flushes):
+   only now is the message durable, and only now may the caller acknowledge it. The ``tmp/``
+   file is unlinked.
+
+:class:`PendingDelivery` runs these steps one by one, for a caller that waits for the lock in
+its own way (the asyncio store tries it once in a worker thread, and sleeps in the event
+loop between tries, so that no thread ever waits for a user's lock).
 
 A process killed at any point leaves at most a file in ``tmp/``, which POP3 never lists, or a
 complete message in ``new/``: a file appears in ``new/`` only by ``link(2)`` of a complete,
@@ -50,7 +56,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from pobox.storage._safefs import Dir, UnsafeFile, check_name, flocked, os_errors, write_all
+from pobox.storage._safefs import (
+    Dir,
+    LockBusy,
+    UnsafeFile,
+    check_name,
+    flocked,
+    os_errors,
+    write_all,
+)
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
     IncomingMessage,
@@ -69,6 +83,8 @@ __all__ = [
     "LOCK_TIMEOUT",
     "MESSAGE_DIRS",
     "TMP_MAX_AGE",
+    "LockBusy",
+    "PendingDelivery",
     "TmpCleaner",
     "deliver_message",
     "maildir_usage",
@@ -207,36 +223,115 @@ def deliver_message(
         StoragePermanentError: a failure that needs an administrator (permissions, a
             directory of the maildir replaced by a link, ...).
     """
-    owner = os.geteuid() if owner is None else owner
-    size = message.size
-    wire = wire_size(message.header) + message.body.wire_size
-    with (
-        open_maildir(root, owner, create=True) as directory,
-        directory.sub("tmp") as tmp,
-        directory.sub("new") as new,
-    ):
-        names = iter([name]) if name is not None else _fresh_names(message, size_fields)
-        name, fd = _write_to_tmp(tmp, names, message)
-        try:
-            written = os.fstat(fd)
-            with flocked(directory, INDEX_LOCK_NAME, timeout=lock_timeout):
-                if quota is not None and not quota.unlimited:
-                    _check_quota(directory, size, quota)
-                if not tmp.link(name, new, name, expect=written):
-                    msg = f"cannot deliver to {new.path}: {name} exists already"
-                    raise StorageTemporaryError(msg)
-                new.fsync()
-                _index_new_message(directory, name, wire)
-        finally:
-            # Held open until linked: its inode number cannot be reused by a swapped-in file.
-            os.close(fd)
-            # The message is in new/ (or was not delivered): the tmp/ name is no longer needed.
-            # A leftover in tmp/ is harmless: POP3 never lists tmp/.
-            with contextlib.suppress(StorageError):
-                tmp.unlink(name)
-        if tmp_cleaner is not None:
-            tmp_cleaner.maybe_clean(directory)
-    return name
+    pending = PendingDelivery(
+        root, message, owner=owner, size_fields=size_fields, name=name, tmp_cleaner=tmp_cleaner
+    )
+    with pending:
+        pending.commit(quota=quota, lock_timeout=lock_timeout)
+        return pending.finish()
+
+
+class PendingDelivery:
+    """One delivery in three steps, for callers that must not block on the index lock.
+
+    1. Creating it writes the message to ``tmp/`` and fsyncs it (no lock; the work the
+       message's size sets).
+    2. :meth:`commit`, under the index lock (waited for at most ``lock_timeout``: 0 tries
+       once, raising :class:`~pobox.storage._safefs.LockBusy`; try again later), checks the
+       quota, links the file into ``new/`` and appends the index line. A commit that failed
+       may be tried again.
+    3. :meth:`finish` fsyncs ``new/`` (the message is durable only then) and removes the
+       ``tmp/`` name.
+
+    :func:`deliver_message` does all three. Close it (or use it as a context manager): an
+    unfinished delivery leaves nothing behind but what was committed.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        message: IncomingMessage,
+        *,
+        owner: int | None = None,
+        size_fields: bool = True,
+        name: str | None = None,
+        tmp_cleaner: TmpCleaner | None = None,
+    ) -> None:
+        """Write ``message`` into ``tmp/`` of the maildir ``root`` (see :func:`deliver_message`).
+
+        Raises:
+            StorageTemporaryError: a failure that may pass (disk full, I/O error, ...).
+            StoragePermanentError: a failure that needs an administrator.
+        """
+        self._size = message.size
+        self._wire = wire_size(message.header) + message.body.wire_size
+        self._tmp_cleaner = tmp_cleaner
+        self._committed = False
+        self._fd = -1
+        with contextlib.ExitStack() as stack:
+            owner = os.geteuid() if owner is None else owner
+            self._root = stack.enter_context(open_maildir(root, owner, create=True))
+            self._tmp = stack.enter_context(self._root.sub("tmp"))
+            self._new = stack.enter_context(self._root.sub("new"))
+            names = iter([name]) if name is not None else _fresh_names(message, size_fields)
+            self.name, self._fd = _write_to_tmp(self._tmp, names, message)
+            #: Held open until linked: its inode number cannot be reused by a swapped-in file.
+            self._written = os.fstat(self._fd)
+            self._stack = stack.pop_all()
+
+    def commit(self, *, quota: Quota | None = None, lock_timeout: float = LOCK_TIMEOUT) -> None:
+        """Check the quota and link the message into ``new/``, under the index lock.
+
+        Raises:
+            LockBusy: the index lock stayed busy for ``lock_timeout`` seconds.
+            QuotaExceeded: the message does not fit in ``quota``.
+            StorageTemporaryError: a failure that may pass.
+            StoragePermanentError: a failure that needs an administrator (the ``tmp/`` file
+                replaced meanwhile, ...).
+        """
+        if self._committed:
+            return
+        with flocked(self._root, INDEX_LOCK_NAME, timeout=lock_timeout):
+            if quota is not None and not quota.unlimited:
+                _check_quota(self._root, self._size, quota)
+            if not self._tmp.link(self.name, self._new, self.name, expect=self._written):
+                msg = f"cannot deliver to {self._new.path}: {self.name} exists already"
+                raise StorageTemporaryError(msg)
+            self._committed = True
+            _index_new_message(self._root, self.name, self._wire)
+
+    def finish(self) -> str:
+        """Make the committed message durable (fsync ``new/``); return its name in ``new/``.
+
+        Raises:
+            StorageTemporaryError: ``new/`` could not be synced.
+        """
+        assert self._committed
+        self._new.fsync()
+        if self._tmp_cleaner is not None:
+            self._tmp_cleaner.maybe_clean(self._root)
+        self.close()
+        return self.name
+
+    def close(self) -> None:
+        """Remove the ``tmp/`` name and close everything; safe to call more than once."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        # The message is in new/ (or was not delivered): the tmp/ name is no longer needed.
+        # A leftover in tmp/ is harmless: POP3 never lists tmp/.
+        with contextlib.suppress(StorageError):
+            self._tmp.unlink(self.name)
+        self._stack.close()
+
+    def __enter__(self) -> PendingDelivery:
+        """Return this delivery; it is closed at the end of the block."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the delivery."""
+        self.close()
 
 
 def message_name(message: IncomingMessage, *, size_fields: bool = True) -> str:

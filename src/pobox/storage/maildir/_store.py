@@ -14,11 +14,16 @@ loop's own thread; anything else, or any doubt, goes to a worker thread. A messa
 turns out larger than its snapshot said (a name lying about its size, a file changed since)
 is read in a worker thread too, in chunks, never whole.
 
-One user cannot tie up the worker threads: a maildir gets at most one worker thread at a time
-for an operation that may wait for its index lock (open, delete, delivery, usage); others for
-the same maildir wait in the event loop, for at most ``lock_timeout`` seconds, then fail with
-:class:`~pobox.storage.base.StorageTemporaryError`. Sessions and deliveries of other users are
-not held up by a user who holds their own index lock forever.
+No worker thread ever waits for a lock: the index lock is tried once in the thread
+(``lock_timeout=0`` of the core), and while another process holds it the store waits in the
+event loop (a few milliseconds, doubling up to 50) and tries again, for at most
+``lock_timeout`` seconds, then fails with :class:`~pobox.storage.base.StorageTemporaryError`.
+And one user cannot tie up the worker threads with work on their maildir: each maildir gets at
+most one worker thread at a time for work that reads what its user controls (an open's
+listing, a delete, a delivery's commit, usage); others for the same maildir wait their turn in
+the event loop, as long. A delivery writes its ``tmp/`` file and syncs ``new/`` outside its
+turn, so deliveries to one user still overlap on the disk. Sessions and deliveries of other
+users are not held up by a user who holds their own index lock forever.
 
 May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 """
@@ -29,21 +34,23 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pobox.storage._safefs import CHUNK_SIZE, read_upto, storage_error
+from pobox.storage._safefs import CHUNK_SIZE, LockBusy, read_upto, storage_error
 from pobox.storage.base import (
     DeleteResult,
     IncomingMessage,
     MailUser,
     MessageInfo,
     Quota,
+    StorageError,
     StorageTemporaryError,
     Usage,
 )
 from pobox.storage.maildir._access import LOCK_TIMEOUT, MaildirAccess, MaildirHandle
+from pobox.storage.maildir._deliver import PendingDelivery
 from pobox.storage.maildir._fs import SessionLock
 
 __all__ = ["CHUNK_SIZE", "INLINE_READ_MAX", "MaildirGates", "MaildirMaildrop", "MaildirStore"]
@@ -161,12 +168,17 @@ class MaildirStore:
             handle, taken = access.open_if_cached(root, owner=owner, lock=lock)
             if handle is not None:
                 return MaildirMaildrop(handle, self._inline_read_max, self._gates, access)
+        first = [taken]
+
+        def attempt() -> MaildirHandle:
+            """Open once, not waiting for the index lock (``taken`` goes to the first try)."""
+            given, first[0] = first[0], None
+            return access.open_path(root, owner=owner, lock=lock, taken=given, lock_timeout=0)
+
         try:
-            async with self._gates.turn(root, access.lock_timeout):
-                handle = await _owned_in_thread(
-                    functools.partial(access.open_path, root, owner=owner, lock=lock, taken=taken),
-                    MaildirHandle.close,
-                )
+            handle = await _retrying(
+                self._gates, root, access.lock_timeout, attempt, MaildirHandle.close
+            )
         except Exception:
             # The thread failed (and released ``taken``) or never ran.  Not on cancellation:
             # the thread may still be using the lock, and _owned_in_thread releases it then.
@@ -188,10 +200,18 @@ class MaildirStore:
         """
         access = self._access
         root = str(access.maildir_path(user))
-        async with self._gates.turn(root, access.lock_timeout):
-            return await asyncio.to_thread(
-                access.deliver, user, message, owner=self.owner(), quota=quota
-            )
+        owner = self.owner()
+        pending = await _owned_in_thread(
+            functools.partial(access.pending_delivery, user, message, owner=owner),
+            PendingDelivery.close,
+        )
+        steps = _Steps(pending)
+        try:
+            commit = functools.partial(pending.commit, quota=quota, lock_timeout=0)
+            await _retrying(self._gates, root, access.lock_timeout, commit, runner=steps.run)
+            return await steps.run(pending.finish)
+        finally:
+            steps.close()
 
     async def usage(self, user: MailUser) -> Usage:
         """Return the octets and number of messages in ``user``'s maildir.
@@ -202,8 +222,10 @@ class MaildirStore:
         """
         access = self._access
         root = str(access.maildir_path(user))
-        async with self._gates.turn(root, access.lock_timeout):
-            return await asyncio.to_thread(access.usage, user, owner=self.owner())
+        owner = self.owner()
+        return await _retrying(
+            self._gates, root, access.lock_timeout, lambda: access.usage(user, owner=owner)
+        )
 
     async def aclose(self) -> None:
         """Do nothing: the store keeps no resources between sessions (only memory)."""
@@ -308,8 +330,19 @@ class MaildirMaildrop:
             StorageTemporaryError: the directories could not be synced.
         """
         self._check_open()
-        async with self._gates.turn(self._handle.root, self._lock_timeout):
-            return await asyncio.to_thread(self._handle.delete, tuple(keys))
+        handle = self._handle
+        result = await _retrying(
+            self._gates,
+            handle.root,
+            self._lock_timeout,
+            functools.partial(handle.unlink_messages, tuple(keys)),
+        )
+        if result.removed:
+            # Best effort: the next open drops index entries whose files are gone.
+            with contextlib.suppress(StorageError):
+                forget = functools.partial(handle.forget, result.removed, lock_timeout=0)
+                await _retrying(self._gates, handle.root, self._lock_timeout, forget)
+        return result
 
     async def close(self) -> None:
         """Release the session lock; safe to call more than once."""
@@ -359,6 +392,83 @@ def _close_opened(opened: tuple[int, int, bytes]) -> None:
     """Close a message file opened for nobody."""
     if opened[0] >= 0:
         os.close(opened[0])
+
+
+#: The first pause before trying a busy index lock again; it doubles up to the second.
+_RETRY_FIRST = 0.002
+_RETRY_MAX = 0.05
+
+
+async def _retrying(
+    gates: MaildirGates,
+    key: str,
+    timeout: float,
+    attempt: Callable[[], _T],
+    release: Callable[[_T], None] | None = None,
+    *,
+    runner: Callable[[Callable[[], _T]], Awaitable[_T]] | None = None,
+) -> _T:
+    """Run ``attempt`` in a worker thread, in the maildir's turn, until the index lock lets it.
+
+    ``attempt`` tries the index lock once (:class:`LockBusy` if another process holds it);
+    between tries the event loop waits, never a thread. What ``attempt`` returns is released
+    by ``release`` if the caller is cancelled meanwhile; ``runner`` runs it in a thread
+    (default: :func:`_owned_in_thread`).
+
+    Raises:
+        StorageTemporaryError: the lock stayed busy, or the maildir's turn did not come, for
+            ``timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = _RETRY_FIRST
+    while True:
+        left = deadline - loop.time()
+        async with gates.turn(key, max(left, 0.0)):
+            try:
+                if runner is not None:
+                    return await runner(attempt)
+                return await _owned_in_thread(attempt, release or _release_nothing)
+            except LockBusy:
+                pass
+        left = deadline - loop.time()
+        if left <= 0:
+            msg = f"maildir {key}: its index lock is held by another process for over {timeout:g} s"
+            raise StorageTemporaryError(msg)
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, _RETRY_MAX)
+
+
+def _release_nothing(_: object) -> None:
+    """Release nothing: the result holds no resource."""
+
+
+class _Steps:
+    """Runs the steps of a :class:`PendingDelivery` in worker threads, one at a time.
+
+    If the caller is cancelled while a step runs, the delivery is closed once that step is
+    done (closing it under a running step would close descriptors the step uses).
+    """
+
+    def __init__(self, pending: PendingDelivery) -> None:
+        self._pending = pending
+        self._running: asyncio.Future[object] | None = None
+
+    async def run(self, step: Callable[[], _T]) -> _T:
+        """Run ``step`` in a worker thread and return its result."""
+        future = asyncio.ensure_future(asyncio.to_thread(step))
+        self._running = future  # type: ignore[assignment]
+        result = await asyncio.shield(future)
+        self._running = None
+        return result
+
+    def close(self) -> None:
+        """Close the delivery now, or when the step still running is done."""
+        running = self._running
+        if running is not None and not running.done():
+            running.add_done_callback(lambda _: self._pending.close())
+        else:
+            self._pending.close()
 
 
 async def _owned_in_thread(work: Callable[[], _T], release: Callable[[_T], None]) -> _T:
