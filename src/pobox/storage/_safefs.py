@@ -62,6 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Self
 
 from pobox.storage.base import StorageError, StoragePermanentError, StorageTemporaryError
 
@@ -329,17 +330,45 @@ def read_chunks(fd: int, size: int, chunk: int = CHUNK_SIZE) -> Iterator[bytes]:
         yield data
 
 
-class OpenFile:
+class _Descriptor:
+    """Something holding one file descriptor: closed by :meth:`close` or a ``with`` block."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        """Close the descriptor; safe to call more than once."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        """Return this; it is closed at the end of the block."""
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the descriptor."""
+        self.close()
+
+
+class OpenFile(_Descriptor):
     """A regular file of the owner, open for reading, and its size when it was opened.
 
     Read it with :meth:`read` or :meth:`chunks`, which never go past :attr:`size`; hand the
     descriptor on with :meth:`detach`. Close it (or use it as a context manager).
     """
 
-    __slots__ = ("_where", "fd", "size", "stat")
+    __slots__ = ("_where", "size", "stat")
 
     def __init__(self, fd: int, st: os.stat_result, base: str, names: tuple[str, ...]) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.stat = st
         #: ``st_size`` at open: reads stop there.
         self.size = st.st_size
@@ -372,25 +401,6 @@ class OpenFile:
         """Return the descriptor, which the caller now owns (and must close)."""
         fd, self.fd = self.fd, -1
         return fd
-
-    def close(self) -> None:
-        """Close the file; safe to call more than once."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> OpenFile:
-        """Return the file; it is closed at the end of the block."""
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the file."""
-        self.close()
 
 
 def _joined(base: str, names: tuple[str, ...]) -> str:
@@ -425,17 +435,17 @@ def _checked(fd: int, kind: int, owner: int, base: str, names: tuple[str, ...]) 
     return st
 
 
-class Dir:
+class Dir(_Descriptor):
     """An open directory of a maildir, owned by the owner: the handle every operation starts from.
 
     Get the root with :meth:`open_root`, subdirectories with :meth:`sub`. Close it (or use it as
     a context manager); it holds one descriptor.
     """
 
-    __slots__ = ("fd", "gid", "owner", "path")
+    __slots__ = ("gid", "owner", "path")
 
     def __init__(self, fd: int, path: str, owner: int, gid: int) -> None:
-        self.fd = fd
+        super().__init__(fd)
         #: For error messages and logs only; never opened again.
         self.path = path
         #: The uid every file and directory used here must have.
@@ -807,25 +817,6 @@ class Dir:
     def _join(self, *names: str) -> str:
         """Return the path of ``names`` below this directory, for messages."""
         return "/".join((self.path, *names))
-
-    def close(self) -> None:
-        """Close the descriptor; safe to call more than once."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> Dir:
-        """Return the directory; it is closed at the end of the block."""
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the directory."""
-        self.close()
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
