@@ -484,14 +484,13 @@ class Dir(_Descriptor):
         """
         check_name(name)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
-        created = False
         try:
             fd = _open_beneath(self.fd, name, flags)
         except FileNotFoundError:
             if not create:
                 with os_errors("open directory", self._join(name)):
                     raise
-            created = self.make_dir(name)
+            self.make_dir(name)
             with os_errors("open directory", self._join(name)):
                 fd = _open_beneath(self.fd, name, flags)
         except NotADirectoryError as exc:
@@ -501,9 +500,6 @@ class Dir(_Descriptor):
             raise storage_error(exc, "open directory", self._join(name)) from exc
         path = self._join(name)
         try:
-            if created:
-                with os_errors("stat directory", path):
-                    self._give(fd, os.fstat(fd), path)
             _checked(fd, stat.S_IFDIR, self.owner, self.path, (name,))
         except BaseException:
             os.close(fd)
@@ -527,18 +523,28 @@ class Dir(_Descriptor):
     def make_dir(self, name: str, mode: int = 0o700) -> bool:
         """Create the subdirectory ``name``; ``False`` if something of that name exists.
 
-        The caller opens it with :meth:`sub` (which checks what it is).
+        What is made is given to the owner (see :meth:`_give`). The caller opens it with
+        :meth:`sub`, which checks what it is.
 
         Raises:
             StorageError: it cannot be created.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             os.mkdir(name, mode, dir_fd=self.fd)
         except FileExistsError:
             return False
         except OSError as exc:
-            raise storage_error(exc, "create directory", path) from exc
+            raise storage_error(exc, "create directory", self._join(name)) from exc
+        if os.geteuid() != self.owner:
+            path = self._join(name)
+            with os_errors("give to its owner", path):
+                fd = _open_beneath(self.fd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
+            try:
+                with os_errors("stat directory", path):
+                    self._give(fd, os.fstat(fd), path)
+            finally:
+                os.close(fd)
         return True
 
     # --- files -------------------------------------------------------------------------

@@ -122,23 +122,29 @@ def open_maildir(root: str | Path, owner: int, *, create: bool = False) -> Dir:
         StorageError: it cannot be opened or created (``ENOENT`` as cause when missing).
         UnsafeFile: it (or a subdirectory) is not a directory of ``owner``.
     """
+    if not create:
+        return Dir.open_root(root, owner)
+    directory = _open_or_make_root(root, owner)
+    try:
+        for name in ALL_DIRS:
+            directory.sub(name, create=True).close()
+    except BaseException:
+        directory.close()
+        raise
+    return directory
+
+
+def _open_or_make_root(root: str | Path, owner: int) -> Dir:
+    """Open the maildir root, making it (``mkdir -p``, mode 0700) first if it is missing."""
     path = os.fspath(root)
     try:
-        directory = Dir.open_root(path, owner)
+        return Dir.open_root(path, owner)
     except StorageError as exc:
-        if not create or not isinstance(exc.__cause__, FileNotFoundError):
+        if not isinstance(exc.__cause__, FileNotFoundError):
             raise
-        with os_errors("create maildir directory", path):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        directory = Dir.open_root(path, owner)
-    if create:
-        try:
-            for name in ALL_DIRS:
-                directory.sub(name, create=True).close()
-        except BaseException:
-            directory.close()
-            raise
-    return directory
+    with os_errors("create maildir directory", path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    return Dir.open_root(path, owner)
 
 
 def maildir_usage(root: str | Path, *, owner: int | None = None) -> Usage:
@@ -270,9 +276,10 @@ class PendingDelivery:
         self._fd = -1
         with contextlib.ExitStack() as stack:
             owner = os.geteuid() if owner is None else owner
-            self._root = stack.enter_context(open_maildir(root, owner, create=True))
-            self._tmp = stack.enter_context(self._root.sub("tmp"))
-            self._new = stack.enter_context(self._root.sub("new"))
+            self._root = stack.enter_context(_open_or_make_root(root, owner))
+            self._tmp = stack.enter_context(self._root.sub("tmp", create=True))
+            self._new = stack.enter_context(self._root.sub("new", create=True))
+            self._root.make_dir("cur")  # for the POP3 side; one mkdir, whatever is there
             names = iter([name]) if name is not None else _fresh_names(message, size_fields)
             self.name, self._fd = _write_to_tmp(self._tmp, names, message)
             #: Held open until linked: its inode number cannot be reused by a swapped-in file.
@@ -408,13 +415,19 @@ def _index_new_message(root: Dir, name: str, size: int) -> None:
         raw = root.read_file(INDEX_NAME, INDEX_MAX)
         if raw is None:
             return  # the first login builds the index (or imports Dovecot's)
-        parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
-        if parsed is None:
+        encoded = name.encode("utf-8", "surrogateescape")
+        next_uid = _next_uid(raw)
+        if next_uid is None:  # not the plain shape pobox writes: parse it all
+            parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
+            if parsed is None:
+                return
+            uidlist, _ = parsed
+            if name in uidlist.entries:
+                return
+            next_uid = uidlist.next_uid
+        elif b":" + encoded + b"\n" in raw:
             return
-        uidlist, _ = parsed
-        if name in uidlist.entries:
-            return
-        line = f"{uidlist.next_uid} W{size} :{name}\n".encode("utf-8", "surrogateescape")
+        line = b"%d W%d :%s\n" % (next_uid, size, encoded)
         if raw and not raw.endswith(b"\n"):
             line = b"\n" + line  # never glue our line to a torn one
         fd = root.open_writable(INDEX_NAME, append=True)
@@ -425,6 +438,32 @@ def _index_new_message(root: Dir, name: str, size: int) -> None:
                 write_all(fd, line)
         finally:
             os.close(fd)
+
+
+def _next_uid(raw: bytes) -> int | None:
+    """Return the next UID of an index as pobox writes it, without parsing every line.
+
+    pobox writes the lines in UID order and deliveries append increasing UIDs, so the next
+    UID is the header's ``N`` or one above the last line's UID, whichever is higher. ``None``
+    when the header or the last line is not of that plain shape (then parse it all).
+    """
+    header, _, rest = raw.partition(b"\n")
+    fields = header.split()
+    if len(fields) < 3 or fields[:2] != [b"pobox-uidlist", b"1"]:
+        return None
+    found: dict[bytes, bytes] = {}
+    for field in fields[2:]:
+        found.setdefault(field[:1], field[1:])
+    validity, next_uid = found.get(b"V", b""), found.get(b"N", b"")
+    if not (validity.isdigit() and next_uid.isdigit() and int(validity) and int(next_uid)):
+        return None
+    last = rest.rstrip(b"\n").rpartition(b"\n")[2]
+    if not last:
+        return int(next_uid)
+    uid = last.partition(b" ")[0]
+    if not uid.isdigit():
+        return None
+    return max(int(next_uid), int(uid) + 1)
 
 
 class TmpCleaner:

@@ -19,11 +19,12 @@ No worker thread ever waits for a lock: the index lock is tried once in the thre
 event loop (a few milliseconds, doubling up to 50) and tries again, for at most
 ``lock_timeout`` seconds, then fails with :class:`~pobox.storage.base.StorageTemporaryError`.
 And one user cannot tie up the worker threads with work on their maildir: each maildir gets at
-most one worker thread at a time for work that reads what its user controls (an open's
-listing, a delete, a delivery's commit, usage); others for the same maildir wait their turn in
-the event loop, as long. A delivery writes its ``tmp/`` file and syncs ``new/`` outside its
-turn, so deliveries to one user still overlap on the disk. Sessions and deliveries of other
-users are not held up by a user who holds their own index lock forever.
+most one worker thread at a time for an open, a delete or a usage count (work that reads what
+its user controls); others for the same maildir wait their turn in the event loop, as long.
+A delivery writes its ``tmp/`` file and syncs ``new/`` outside any turn, so deliveries to one
+user overlap on the disk; only its commit (quota check, link, index line) takes the turn, and
+only when its first try found the lock busy. Sessions and
+deliveries of other users are not held up by a user who holds their own index lock forever.
 
 May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 """
@@ -201,15 +202,31 @@ class MaildirStore:
         access = self._access
         root = str(access.maildir_path(user))
         owner = self.owner()
-        pending = await _owned_in_thread(
-            functools.partial(access.pending_delivery, user, message, owner=owner),
-            PendingDelivery.close,
-        )
-        steps = _Steps(pending)
+        pending: list[PendingDelivery] = []
+
+        def first() -> str | None:
+            """Write the message, then commit and finish it if the lock is free."""
+            pending.append(access.pending_delivery(user, message, owner=owner))
+            return commit_and_finish()
+
+        def commit_and_finish() -> str | None:
+            """Commit the written message if the lock is free, and finish it; else ``None``."""
+            try:
+                pending[0].commit(quota=quota, lock_timeout=0)
+            except LockBusy:
+                return None
+            return pending[0].finish()
+
+        steps = _Steps(lambda: pending[0].close() if pending else None)
         try:
-            commit = functools.partial(pending.commit, quota=quota, lock_timeout=0)
-            await _retrying(self._gates, root, access.lock_timeout, commit, runner=steps.run)
-            return await steps.run(pending.finish)
+            name = await steps.run(first)
+            if name is None:
+                # Busy: from now on in the maildir's turn, so that this process's deliveries
+                # take the lock one after the other instead of colliding and sleeping.
+                name = await _retrying(
+                    self._gates, root, access.lock_timeout, commit_and_finish, runner=steps.run
+                )
+            return name
         finally:
             steps.close()
 
@@ -340,7 +357,7 @@ class MaildirMaildrop:
         if result.removed:
             # Best effort: the next open drops index entries whose files are gone.
             with contextlib.suppress(StorageError):
-                forget = functools.partial(handle.forget, result.removed, lock_timeout=0)
+                forget = functools.partial(_forget, handle, result.removed)
                 await _retrying(self._gates, handle.root, self._lock_timeout, forget)
         return result
 
@@ -403,17 +420,17 @@ async def _retrying(
     gates: MaildirGates,
     key: str,
     timeout: float,
-    attempt: Callable[[], _T],
+    attempt: Callable[[], _T | None],
     release: Callable[[_T], None] | None = None,
     *,
-    runner: Callable[[Callable[[], _T]], Awaitable[_T]] | None = None,
+    runner: Callable[[Callable[[], _T | None]], Awaitable[_T | None]] | None = None,
 ) -> _T:
     """Run ``attempt`` in a worker thread, in the maildir's turn, until the index lock lets it.
 
-    ``attempt`` tries the index lock once (:class:`LockBusy` if another process holds it);
-    between tries the event loop waits, never a thread. What ``attempt`` returns is released
-    by ``release`` if the caller is cancelled meanwhile; ``runner`` runs it in a thread
-    (default: :func:`_owned_in_thread`).
+    ``attempt`` tries the index lock once: it raises :class:`LockBusy` (or returns ``None``)
+    if another process holds it; between tries the event loop waits, never a thread. What
+    ``attempt`` returns is released by ``release`` if the caller is cancelled meanwhile;
+    ``runner`` runs it in a thread (default: :func:`_owned_in_thread`).
 
     Raises:
         StorageTemporaryError: the lock stayed busy, or the maildir's turn did not come, for
@@ -427,31 +444,49 @@ async def _retrying(
         async with gates.turn(key, max(left, 0.0)):
             try:
                 if runner is not None:
-                    return await runner(attempt)
-                return await _owned_in_thread(attempt, release or _release_nothing)
+                    result = await runner(attempt)
+                else:
+                    result = await _owned_in_thread(
+                        attempt, functools.partial(_release_if_any, release)
+                    )
             except LockBusy:
-                pass
+                result = None
+            if result is not None:
+                return result
         left = deadline - loop.time()
         if left <= 0:
-            msg = f"maildir {key}: its index lock is held by another process for over {timeout:g} s"
-            raise StorageTemporaryError(msg)
+            raise _busy(key, timeout)
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, _RETRY_MAX)
 
 
-def _release_nothing(_: object) -> None:
-    """Release nothing: the result holds no resource."""
+def _busy(key: str, timeout: float) -> StorageTemporaryError:
+    """Return the error for a maildir whose index lock stayed busy for ``timeout`` seconds."""
+    msg = f"maildir {key}: its index lock is held by another process for over {timeout:g} s"
+    return StorageTemporaryError(msg)
+
+
+def _forget(handle: MaildirHandle, keys: tuple[str, ...]) -> bool:
+    """Drop ``keys`` from the index if its lock is free (:class:`LockBusy` if not); ``True``."""
+    handle.forget(keys, lock_timeout=0)
+    return True
+
+
+def _release_if_any(release: Callable[[_T], None] | None, result: _T | None) -> None:
+    """Release ``result`` with ``release``, if there are both."""
+    if release is not None and result is not None:
+        release(result)
 
 
 class _Steps:
-    """Runs the steps of a :class:`PendingDelivery` in worker threads, one at a time.
+    """Runs the steps of a delivery in worker threads, one at a time, and closes it at the end.
 
-    If the caller is cancelled while a step runs, the delivery is closed once that step is
-    done (closing it under a running step would close descriptors the step uses).
+    If the caller is cancelled while a step runs, ``close`` runs once that step is done
+    (closing under a running step would close descriptors the step uses).
     """
 
-    def __init__(self, pending: PendingDelivery) -> None:
-        self._pending = pending
+    def __init__(self, close: Callable[[], object]) -> None:
+        self._close = close
         self._running: asyncio.Future[object] | None = None
 
     async def run(self, step: Callable[[], _T]) -> _T:
@@ -463,12 +498,12 @@ class _Steps:
         return result
 
     def close(self) -> None:
-        """Close the delivery now, or when the step still running is done."""
+        """Close now, or when the step still running is done."""
         running = self._running
         if running is not None and not running.done():
-            running.add_done_callback(lambda _: self._pending.close())
+            running.add_done_callback(lambda _: self._close())
         else:
-            self._pending.close()
+            self._close()
 
 
 async def _owned_in_thread(work: Callable[[], _T], release: Callable[[_T], None]) -> _T:
