@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from pobox.storage.base import (
     StorageError,
     StoragePermanentError,
     StorageTemporaryError,
+    Usage,
 )
 from pobox.storage.maildir import MaildirStore
 from tests.helpers.maildir import User, deliver, incoming, index_lock_held, swap_for_link
@@ -549,6 +551,37 @@ class TestHeldIndexLock:
         results = await asyncio.gather(*waiting, return_exceptions=True)
         assert (20, 1) == (pending_meanwhile, len(maildrop.messages))
         assert all(isinstance(result, StorageTemporaryError) for result in results)
+
+
+class TestOneThreadPerMaildir:
+    """Work on one maildir (what its user controls the size of) takes one worker thread."""
+
+    async def test_usage_counts_of_one_maildir_run_one_at_a_time(
+        self, store: MaildirStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Eight usage counts of alice's maildir run one after the other; bob's runs meanwhile."""
+        running: dict[str, int] = {"alice": 0, "bob": 0}
+        most: dict[str, int] = {"alice": 0, "bob": 0}
+        lock = threading.Lock()
+        real = store.access.usage
+
+        def slow_usage(user: User, *, owner: int) -> Usage:
+            """Count, as slowly as a huge maildir would, noting how many run at once."""
+            with lock:
+                running[user.name] += 1
+                most[user.name] = max(most[user.name], running[user.name])
+            time.sleep(0.05)
+            with lock:
+                running[user.name] -= 1
+            return real(user, owner=owner)
+
+        monkeypatch.setattr(store.access, "usage", slow_usage)
+        alices = [asyncio.ensure_future(store.usage(ALICE)) for _ in range(8)]
+        await asyncio.sleep(0.01)
+        await store.usage(User("bob"))
+        alice_pending = sum(not task.done() for task in alices)
+        await asyncio.gather(*alices)
+        assert ({"alice": 1, "bob": 1}, True) == (most, alice_pending > 0)
 
 
 class TestTmpCleanup:
