@@ -14,16 +14,19 @@ Names increase with every call, so their order is the delivery order.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.storage.base import IncomingMessage
 from pobox.storage.spool import Spool
 
-__all__ = ["User", "deliver", "incoming", "set_flags"]
+__all__ = ["User", "deliver", "incoming", "index_lock_held", "set_flags", "swap_for_link"]
 
 _state = {"last": 0, "count": 0}
 
@@ -90,3 +93,24 @@ def _unique_name() -> str:
 def incoming(data: bytes, header: bytes = b"") -> IncomingMessage:
     """Return ``data`` (as received: CRLF or LF lines) as a message to deliver."""
     return IncomingMessage(header, Spool.from_bytes(data))
+
+
+@contextlib.contextmanager
+def index_lock_held(maildir: Path) -> Iterator[None]:
+    """Hold a ``flock`` on the maildir's ``pobox-uidlist.lock`` for the block, as its user may.
+
+    The lock is taken on a descriptor of its own, so it excludes pobox as another process's
+    would (``flock`` locks belong to open file descriptions).
+    """
+    fd = os.open(maildir / "pobox-uidlist.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def swap_for_link(directory: Path, target: Path) -> None:
+    """Move ``directory`` aside (``<name>.real``) and put a link to ``target`` in its place."""
+    directory.rename(directory.with_name(f"{directory.name}.real"))
+    directory.symlink_to(target)

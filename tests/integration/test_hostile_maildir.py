@@ -16,10 +16,7 @@ import os
 import poplib
 import random
 import smtplib
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ from pobox.storage.maildir import MaildirStore
 from pobox.testing import RunningServer, deliver_to_maildir, running_server
 from tests.delivery.helpers import running_pobox
 from tests.helpers.dovecot import searchable_tmpdir
+from tests.helpers.maildir import index_lock_held, swap_for_link
 from tests.helpers.users import MALLORY, VICTIM, popen_as, system_user
 
 SECRET = b"canary-secret-never-on-the-wire"
@@ -109,8 +107,7 @@ class TestSessions:
             elsewhere = tmp_path / "elsewhere"
             elsewhere.mkdir()
             (elsewhere / f"{path.name}:2,S").write_bytes(SECRET)
-            (maildir / "cur").rename(maildir / "cur.real")
-            (maildir / "cur").symlink_to(elsewhere)
+            swap_for_link(maildir / "cur", elsewhere)
             await asyncio.to_thread(client.dele, 1)
             try:
                 with pytest.raises(poplib.error_proto) as refused:
@@ -119,31 +116,6 @@ class TestSessions:
                 client.close()  # poplib closes only after +OK to QUIT
         assert refused.value.args[0].startswith(b"-ERR [SYS/TEMP] Logging out, but 1 message")
         assert SECRET == (elsewhere / f"{path.name}:2,S").read_bytes()
-
-
-@contextlib.contextmanager
-def holding_index_lock(maildir: Path) -> Iterator[None]:
-    """Hold a ``flock`` on the maildir's index lock in another process for the block."""
-    code = (
-        "import fcntl, sys\n"
-        f"f = open({str(maildir / 'pobox-uidlist.lock')!r}, 'a')\n"
-        "fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "print('held', flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
-        assert process.stdout is not None
-        assert b"held\n" == process.stdout.readline()
-        yield
-    finally:
-        process.kill()
-        process.wait()
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                stream.close()
 
 
 def lmtp_deliver(address: tuple[str, int], user: str, timeout: float) -> int:
@@ -169,7 +141,7 @@ class TestHeldIndexLock:
             pobox.pop3.deliver("alice", b"Subject: first\r\n\r\n")
             loop = asyncio.get_running_loop()
             with (
-                holding_index_lock(pobox.pop3.maildir("alice")),
+                index_lock_held(pobox.pop3.maildir("alice")),
                 ThreadPoolExecutor(12) as pool,
             ):
                 waiting = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import gc
 import os
 import re
@@ -35,7 +34,7 @@ from pobox.storage.base import (
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir import _store as store_module
 from pobox.storage.maildir._store import CHUNK_SIZE
-from tests.helpers.maildir import User, deliver, set_flags
+from tests.helpers.maildir import User, deliver, index_lock_held, set_flags
 
 ALICE = User("alice")
 
@@ -491,19 +490,13 @@ class TestLock:
     ) -> None:
         """An open cancelled half-way (a login timeout) leaves the maildrop unlocked."""
         await (await store.open(ALICE)).close()
-        # Hold the index lock: the next open takes the session lock, then waits for this one.
-        index_lock = os.open(maildir / "pobox-uidlist.lock", os.O_RDWR)
-        try:
-            fcntl.flock(index_lock, fcntl.LOCK_EX)
+        # Hold the index lock: the next open takes the session lock, then finds this one busy.
+        with index_lock_held(maildir):
             opening = asyncio.ensure_future(store.open(ALICE))
             await asyncio.sleep(0.1)
             opening.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await opening
-            with pytest.raises(MaildropLocked):
-                await store.open(ALICE)
-        finally:
-            os.close(index_lock)
         for _ in range(100):
             try:
                 maildrop = await store.open(ALICE)
@@ -513,6 +506,20 @@ class TestLock:
                 await maildrop.close()
                 return
         pytest.fail("the maildrop stayed locked")
+
+    async def test_open_waiting_for_the_index_lock_holds_no_session_lock(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """While the index lock is busy, a waiting open holds no session lock (and no thread)."""
+        await (await store.open(ALICE)).close()
+        with index_lock_held(maildir):
+            opening = asyncio.ensure_future(store.open(ALICE))
+            lock_seen = []
+            for _ in range(20):  # 0.2 s of the open's waiting, looked at every 10 ms
+                await asyncio.sleep(0.01)
+                lock_seen.append((maildir / "dovecot-pop3-session.lock").exists())
+        await (await opening).close()
+        assert lock_seen.count(False) > lock_seen.count(True)
 
 
 class TestReadAndDelete:

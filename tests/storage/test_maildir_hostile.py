@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +22,14 @@ import pytest
 
 from pobox.storage.base import (
     Maildrop,
-    MessageGone,
+    MaildropLocked,
     StorageError,
     StoragePermanentError,
     StorageTemporaryError,
+    Usage,
 )
 from pobox.storage.maildir import MaildirStore
-from tests.helpers.maildir import User, deliver, incoming, set_flags
+from tests.helpers.maildir import User, deliver, incoming, index_lock_held, swap_for_link
 from tests.helpers.users import VICTIM, system_user
 
 ALICE = User("alice")
@@ -59,6 +59,14 @@ def untouched(path: Path, before: os.stat_result) -> bool:
         before.st_mtime_ns,
     )
     return same and path.read_bytes() == SECRET
+
+
+def decoy(tmp_path: Path, name: str) -> Path:
+    """Return a directory outside the maildir holding a canary file called ``name``."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / name).write_bytes(SECRET)
+    return elsewhere
 
 
 async def everything(maildrop: Maildrop) -> bytes:
@@ -206,11 +214,8 @@ class TestSwapsAfterAFirstRead:
     ) -> None:
         """``new/`` replaced by a link to a directory with the same names: refused."""
         maildrop, second = await self.open_and_read(store, maildir)
-        elsewhere = tmp_path / "elsewhere"
-        elsewhere.mkdir()
-        (elsewhere / second).write_bytes(SECRET)
-        (maildir / "new").rename(maildir / "new.real")
-        (maildir / "new").symlink_to(elsewhere)
+        elsewhere = decoy(tmp_path, second)
+        swap_for_link(maildir / "new", elsewhere)
         with pytest.raises(StoragePermanentError):
             maildrop.read_now(second)
         await maildrop.close()
@@ -244,11 +249,8 @@ class TestSwappedDirectories:
         base = deliver(maildir, b"Subject: one\n\n", flags="S" if directory == "cur" else None)
         name = f"{base}:2,S" if directory == "cur" else base
         maildrop = await store.open(ALICE)
-        elsewhere = tmp_path / "elsewhere"
-        elsewhere.mkdir()
-        (elsewhere / name).write_bytes(SECRET)
-        (maildir / directory).rename(maildir / f"{directory}.real")
-        (maildir / directory).symlink_to(elsewhere)
+        elsewhere = decoy(tmp_path, name)
+        swap_for_link(maildir / directory, elsewhere)
         result = await maildrop.delete([base])
         await maildrop.close()
         assert ((), (base,), SECRET) == (
@@ -263,11 +265,8 @@ class TestSwappedDirectories:
         """A message read after ``cur/`` became a link to another directory is refused."""
         base = deliver(maildir, b"Subject: one\n\n", flags="S")
         maildrop = await store.open(ALICE)
-        elsewhere = tmp_path / "elsewhere"
-        elsewhere.mkdir()
-        (elsewhere / f"{base}:2,S").write_bytes(SECRET)
-        (maildir / "cur").rename(maildir / "cur.real")
-        (maildir / "cur").symlink_to(elsewhere)
+        elsewhere = decoy(tmp_path, f"{base}:2,S")
+        swap_for_link(maildir / "cur", elsewhere)
         with pytest.raises(StoragePermanentError):
             maildrop.read_now(base)
         await maildrop.close()
@@ -277,11 +276,8 @@ class TestSwappedDirectories:
     ) -> None:
         """An open with ``cur/`` a link to another directory refuses it, listing nothing there."""
         deliver(maildir, b"Subject: one\n\n")
-        elsewhere = tmp_path / "elsewhere"
-        elsewhere.mkdir()
-        (elsewhere / "1700000000.M1P1.h:2,S").write_bytes(SECRET)
-        (maildir / "cur").rename(maildir / "cur.real")
-        (maildir / "cur").symlink_to(elsewhere)
+        elsewhere = decoy(tmp_path, "1700000000.M1P1.h:2,S")
+        swap_for_link(maildir / "cur", elsewhere)
         with pytest.raises(StoragePermanentError):
             await store.open(ALICE)
 
@@ -323,14 +319,28 @@ class TestOwnFiles:
         await maildrop.close()
         assert (True, 1) == (untouched(canary, before), len(maildrop.messages))
 
-    async def test_linked_index_lock_creates_nothing(
-        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    @pytest.mark.parametrize(
+        ("name", "refusal"),
+        [
+            # The index lock must be a regular file: the open fails until the user fixes it.
+            ("pobox-uidlist.lock", StoragePermanentError),
+            # A session lock that is a link is a lock held (by its age), never a file to make.
+            ("dovecot-pop3-session.lock", MaildropLocked),
+        ],
+    )
+    async def test_linked_lock_creates_nothing(
+        self,
+        store: MaildirStore,
+        maildir: Path,
+        tmp_path: Path,
+        name: str,
+        refusal: type[StorageError],
     ) -> None:
-        """The index lock as a link to a missing file: that file is not created; open fails."""
+        """A lock file as a link to a missing file: that file is not created; open fails."""
         deliver(maildir, b"Subject: one\n\n")
         target = tmp_path / "created-by-pobox"
-        (maildir / "pobox-uidlist.lock").symlink_to(target)
-        with pytest.raises(StoragePermanentError, match="symbolic link"):
+        (maildir / name).symlink_to(target)
+        with pytest.raises(refusal):
             await store.open(ALICE)
         assert not target.exists()
 
@@ -348,17 +358,6 @@ class TestOwnFiles:
             len(os.listdir(maildir / "new")),
             os.listdir(maildir / "tmp"),
         )
-
-    async def test_linked_session_lock_creates_nothing(
-        self, store: MaildirStore, maildir: Path, tmp_path: Path
-    ) -> None:
-        """A link as the session lock is a lock held (by its age), never a file to create."""
-        deliver(maildir, b"Subject: one\n\n")
-        target = tmp_path / "created-by-pobox"
-        (maildir / "dovecot-pop3-session.lock").symlink_to(target)
-        with pytest.raises(StorageError):
-            await store.open(ALICE)
-        assert not target.exists()
 
     async def test_old_linked_session_lock_is_removed_not_followed(
         self, store: MaildirStore, maildir: Path, canary: Path
@@ -515,48 +514,28 @@ class TestHeldIndexLock:
     """The user holds ``pobox-uidlist.lock`` forever: their own operations fail, after a bound."""
 
     @pytest.fixture
-    def holder(self, maildir: Path) -> Iterator[subprocess.Popen[bytes]]:
-        """A process holding a ``flock`` on alice's index lock until it is killed."""
+    def holder(self, maildir: Path) -> Iterator[None]:
+        """Alice's index lock held (as she may hold it) for the whole test."""
         deliver(maildir, b"Subject: one\n\n")
-        code = (
-            "import fcntl, sys\n"
-            f"f = open({str(maildir / 'pobox-uidlist.lock')!r}, 'a')\n"
-            "fcntl.flock(f, fcntl.LOCK_EX)\n"
-            "print('held', flush=True)\n"
-            "sys.stdin.read()\n"
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        assert process.stdout is not None
-        assert b"held\n" == process.stdout.readline()
-        yield process
-        process.kill()
-        process.wait()
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                stream.close()
+        with index_lock_held(maildir):
+            yield
 
     async def test_delivery_fails_temporarily_and_leaves_nothing(
-        self, maildir: Path, holder: subprocess.Popen[bytes]
+        self, maildir: Path, holder: None
     ) -> None:
         """A delivery gives up with a temporary error after ``lock_timeout``; nothing is stored."""
         store = MaildirStore(f"maildir:{maildir.parent}/%n", lock_timeout=0.5)
-        with pytest.raises(StorageTemporaryError, match="locked by another process"):
+        with pytest.raises(StorageTemporaryError, match="index lock is held by another process"):
             await asyncio.wait_for(store.deliver(ALICE, incoming(b"Subject: two\n\n")), 10)
         assert (1, []) == (len(os.listdir(maildir / "new")), os.listdir(maildir / "tmp"))
 
-    async def test_open_fails_temporarily(
-        self, maildir: Path, holder: subprocess.Popen[bytes]
-    ) -> None:
+    async def test_open_fails_temporarily(self, maildir: Path, holder: None) -> None:
         """A login that must update the index gives up with a temporary error."""
         store = MaildirStore(f"maildir:{maildir.parent}/%n", lock_timeout=0.5)
         with pytest.raises(StorageTemporaryError):
             await asyncio.wait_for(store.open(ALICE), 10)
 
-    async def test_other_users_are_not_held_up(
-        self, maildir: Path, holder: subprocess.Popen[bytes]
-    ) -> None:
+    async def test_other_users_are_not_held_up(self, maildir: Path, holder: None) -> None:
         """With many deliveries to alice waiting, bob's delivery and login go through first."""
         store = MaildirStore(f"maildir:{maildir.parent}/%n", lock_timeout=3)
         bob = User("bob")
@@ -572,6 +551,37 @@ class TestHeldIndexLock:
         results = await asyncio.gather(*waiting, return_exceptions=True)
         assert (20, 1) == (pending_meanwhile, len(maildrop.messages))
         assert all(isinstance(result, StorageTemporaryError) for result in results)
+
+
+class TestOneThreadPerMaildir:
+    """Work on one maildir (what its user controls the size of) takes one worker thread."""
+
+    async def test_usage_counts_of_one_maildir_run_one_at_a_time(
+        self, store: MaildirStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Eight usage counts of alice's maildir run one after the other; bob's runs meanwhile."""
+        running: dict[str, int] = {"alice": 0, "bob": 0}
+        most: dict[str, int] = {"alice": 0, "bob": 0}
+        lock = threading.Lock()
+        real = store.access.usage
+
+        def slow_usage(user: User, *, owner: int) -> Usage:
+            """Count, as slowly as a huge maildir would, noting how many run at once."""
+            with lock:
+                running[user.name] += 1
+                most[user.name] = max(most[user.name], running[user.name])
+            time.sleep(0.05)
+            with lock:
+                running[user.name] -= 1
+            return real(user, owner=owner)
+
+        monkeypatch.setattr(store.access, "usage", slow_usage)
+        alices = [asyncio.ensure_future(store.usage(ALICE)) for _ in range(8)]
+        await asyncio.sleep(0.01)
+        await store.usage(User("bob"))
+        alice_pending = sum(not task.done() for task in alices)
+        await asyncio.gather(*alices)
+        assert ({"alice": 1, "bob": 1}, True) == (most, alice_pending > 0)
 
 
 class TestTmpCleanup:
@@ -617,28 +627,3 @@ class TestTmpCleanup:
         left = {name: os.path.lexists(path) for name, path in paths.items()}
         expected = {"old": False, "young": True, "link": False, "dir": True}
         assert (expected, SECRET) == (left, canary.read_bytes())
-
-
-class TestRenamedMessages:
-    """Renames under a session still work through the directory descriptors."""
-
-    async def test_renamed_message_is_found_and_deleted(
-        self, store: MaildirStore, maildir: Path
-    ) -> None:
-        """A message moved to ``cur/`` after the snapshot is read and deleted under its new name."""
-        base = deliver(maildir, b"Subject: one\n\n")
-        maildrop = await store.open(ALICE)
-        renamed = set_flags(maildir, base, "S")
-        data = maildrop.read_now(base)
-        result = await maildrop.delete([base])
-        await maildrop.close()
-        assert (b"Subject: one\n\n", (base,), False) == (data, result.removed, renamed.exists())
-
-    async def test_gone_message_is_gone(self, store: MaildirStore, maildir: Path) -> None:
-        """A message removed by another program is reported gone, not found elsewhere."""
-        base = deliver(maildir, b"Subject: one\n\n")
-        maildrop = await store.open(ALICE)
-        (maildir / "new" / base).unlink()
-        with pytest.raises(MessageGone):
-            maildrop.read_now(base)
-        await maildrop.close()

@@ -21,16 +21,18 @@ import pytest
 from pobox.storage import _safefs
 from pobox.storage._safefs import (
     Dir,
+    LockBusy,
     UnsafeFile,
     check_name,
     flocked,
+    flocked_if_free,
     open_by_real_path,
     openat2_available,
     read_chunks,
     read_upto,
     storage_error,
 )
-from pobox.storage.base import StorageError, StoragePermanentError, StorageTemporaryError
+from pobox.storage.base import StorageError, StoragePermanentError
 
 SECRET = b"outside the maildir\n"
 ME = os.geteuid()
@@ -350,24 +352,37 @@ class TestLinkAndUnlink:
 class TestFlocked:
     """The ``flock`` helper never waits without a bound."""
 
-    def test_free_lock_is_held(self, root: Dir) -> None:
-        """A free lock is taken."""
-        with flocked(root, "lock", timeout=1) as held:
-            assert held
+    def test_free_lock_is_held(self, root: Dir, tree: Path) -> None:
+        """A free lock is taken: another descriptor cannot take it meanwhile."""
+        with flocked(root, "lock", timeout=1), (tree / "lock").open("a") as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def test_busy_lock_times_out(self, root: Dir, tree: Path) -> None:
-        """A lock held elsewhere raises a temporary error after the timeout."""
+        """A lock held elsewhere raises :class:`LockBusy` after the timeout."""
         with (tree / "lock").open("a") as other:
             fcntl.flock(other, fcntl.LOCK_EX)
-            with pytest.raises(StorageTemporaryError, match="locked by another process"):
+            with pytest.raises(LockBusy, match=r"locked by another process for more than 0\.2 s"):
                 in_thread(_enter, root, 0.2)
 
-    def test_busy_lock_without_waiting(self, root: Dir, tree: Path) -> None:
-        """With timeout 0 the block runs at once, told the lock is not held."""
+    def test_timeout_zero_tries_once(self, root: Dir, tree: Path) -> None:
+        """With timeout 0 a busy lock raises at once (for callers that wait elsewhere)."""
         with (tree / "lock").open("a") as other:
             fcntl.flock(other, fcntl.LOCK_EX)
-            with flocked(root, "lock", timeout=0) as held:
+            with pytest.raises(LockBusy):
+                in_thread(_enter, root, 0)
+
+    def test_busy_lock_without_waiting(self, root: Dir, tree: Path) -> None:
+        """``flocked_if_free`` runs the block at once, told the lock is not held."""
+        with (tree / "lock").open("a") as other:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            with flocked_if_free(root, "lock") as held:
                 assert not held
+
+    def test_free_lock_if_free(self, root: Dir) -> None:
+        """``flocked_if_free`` holds a free lock and says so."""
+        with flocked_if_free(root, "lock") as held:
+            assert held
 
     def test_linked_lock_file_is_refused_and_creates_nothing(self, root: Dir, tree: Path) -> None:
         """A lock file that is a link to a missing file: refused, nothing created there."""

@@ -29,7 +29,9 @@ use nothing else to touch files):
   descriptor; renames, links and unlinks are relative to descriptors and never follow a link;
   directories are fsynced through their descriptors.
 * No lock waits without a bound: :func:`flocked` retries ``LOCK_NB`` until a deadline, then
-  raises :class:`~pobox.storage.base.StorageTemporaryError`.
+  raises :class:`LockBusy` (a :class:`~pobox.storage.base.StorageTemporaryError`); with a
+  deadline of 0 it tries once, for callers that wait elsewhere (the asyncio store waits in
+  the event loop, so no thread ever sleeps on a lock).
 
 Files pobox creates belong to the owner: a process that is root (euid 0) acting for another
 owner gives each file or directory it has just created (``O_EXCL``, ``mkdirat``) to the owner
@@ -60,16 +62,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Self
 
 from pobox.storage.base import StorageError, StoragePermanentError, StorageTemporaryError
 
 __all__ = [
     "CHUNK_SIZE",
     "Dir",
+    "LockBusy",
     "OpenFile",
     "UnsafeFile",
     "check_name",
     "flocked",
+    "flocked_if_free",
     "open_by_real_path",
     "openat2_available",
     "os_errors",
@@ -325,17 +330,45 @@ def read_chunks(fd: int, size: int, chunk: int = CHUNK_SIZE) -> Iterator[bytes]:
         yield data
 
 
-class OpenFile:
+class _Descriptor:
+    """Something holding one file descriptor: closed by :meth:`close` or a ``with`` block."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        """Close the descriptor; safe to call more than once."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        """Return this; it is closed at the end of the block."""
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the descriptor."""
+        self.close()
+
+
+class OpenFile(_Descriptor):
     """A regular file of the owner, open for reading, and its size when it was opened.
 
     Read it with :meth:`read` or :meth:`chunks`, which never go past :attr:`size`; hand the
     descriptor on with :meth:`detach`. Close it (or use it as a context manager).
     """
 
-    __slots__ = ("_where", "fd", "size", "stat")
+    __slots__ = ("_where", "size", "stat")
 
     def __init__(self, fd: int, st: os.stat_result, base: str, names: tuple[str, ...]) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.stat = st
         #: ``st_size`` at open: reads stop there.
         self.size = st.st_size
@@ -368,25 +401,6 @@ class OpenFile:
         """Return the descriptor, which the caller now owns (and must close)."""
         fd, self.fd = self.fd, -1
         return fd
-
-    def close(self) -> None:
-        """Close the file; safe to call more than once."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> OpenFile:
-        """Return the file; it is closed at the end of the block."""
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the file."""
-        self.close()
 
 
 def _joined(base: str, names: tuple[str, ...]) -> str:
@@ -421,17 +435,17 @@ def _checked(fd: int, kind: int, owner: int, base: str, names: tuple[str, ...]) 
     return st
 
 
-class Dir:
+class Dir(_Descriptor):
     """An open directory of a maildir, owned by the owner: the handle every operation starts from.
 
     Get the root with :meth:`open_root`, subdirectories with :meth:`sub`. Close it (or use it as
     a context manager); it holds one descriptor.
     """
 
-    __slots__ = ("fd", "gid", "owner", "path")
+    __slots__ = ("gid", "owner", "path")
 
     def __init__(self, fd: int, path: str, owner: int, gid: int) -> None:
-        self.fd = fd
+        super().__init__(fd)
         #: For error messages and logs only; never opened again.
         self.path = path
         #: The uid every file and directory used here must have.
@@ -470,14 +484,13 @@ class Dir:
         """
         check_name(name)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
-        created = False
         try:
             fd = _open_beneath(self.fd, name, flags)
         except FileNotFoundError:
             if not create:
                 with os_errors("open directory", self._join(name)):
                     raise
-            created = self.make_dir(name)
+            self.make_dir(name)
             with os_errors("open directory", self._join(name)):
                 fd = _open_beneath(self.fd, name, flags)
         except NotADirectoryError as exc:
@@ -487,9 +500,6 @@ class Dir:
             raise storage_error(exc, "open directory", self._join(name)) from exc
         path = self._join(name)
         try:
-            if created:
-                with os_errors("stat directory", path):
-                    self._give(fd, os.fstat(fd), path)
             _checked(fd, stat.S_IFDIR, self.owner, self.path, (name,))
         except BaseException:
             os.close(fd)
@@ -513,18 +523,28 @@ class Dir:
     def make_dir(self, name: str, mode: int = 0o700) -> bool:
         """Create the subdirectory ``name``; ``False`` if something of that name exists.
 
-        The caller opens it with :meth:`sub` (which checks what it is).
+        What is made is given to the owner (see :meth:`_give`). The caller opens it with
+        :meth:`sub`, which checks what it is.
 
         Raises:
             StorageError: it cannot be created.
         """
-        path = self._join(check_name(name))
+        check_name(name)
         try:
             os.mkdir(name, mode, dir_fd=self.fd)
         except FileExistsError:
             return False
         except OSError as exc:
-            raise storage_error(exc, "create directory", path) from exc
+            raise storage_error(exc, "create directory", self._join(name)) from exc
+        if os.geteuid() != self.owner:
+            path = self._join(name)
+            with os_errors("give to its owner", path):
+                fd = _open_beneath(self.fd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
+            try:
+                with os_errors("stat directory", path):
+                    self._give(fd, os.fstat(fd), path)
+            finally:
+                os.close(fd)
         return True
 
     # --- files -------------------------------------------------------------------------
@@ -804,25 +824,6 @@ class Dir:
         """Return the path of ``names`` below this directory, for messages."""
         return "/".join((self.path, *names))
 
-    def close(self) -> None:
-        """Close the descriptor; safe to call more than once."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> Dir:
-        """Return the directory; it is closed at the end of the block."""
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the directory."""
-        self.close()
-
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write all of ``data`` to ``fd``.
@@ -843,22 +844,42 @@ _RETRY_FIRST = 0.002
 _RETRY_MAX = 0.05
 
 
+class LockBusy(StorageTemporaryError):
+    """A ``flock`` stayed busy for as long as the caller would wait (maybe not at all).
+
+    A caller that must not block (an event loop) tries once (``timeout=0``) in a worker thread
+    and, on this, waits in its own way before trying again.
+    """
+
+
+def _lock_fd(directory: Dir, name: str) -> int:
+    """Open (creating if missing) the lock file ``name``: a regular file of the owner."""
+    fd = directory.open_writable(name, create=True)
+    assert fd is not None
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    """Drop the ``flock`` and close its descriptor."""
+    # Closing the descriptor drops the flock; unlocking first makes it explicit.
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 @contextlib.contextmanager
-def flocked(directory: Dir, name: str, *, timeout: float) -> Iterator[bool]:
-    """Hold an exclusive ``flock(2)`` on the file ``name`` of ``directory``; yield ``True``.
+def flocked(directory: Dir, name: str, *, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``flock(2)`` on the file ``name`` of ``directory`` for the block.
 
     The lock file is created if missing (mode 0600) and must be a regular file of the owner.
-    A busy lock is retried (``LOCK_NB``) until ``timeout`` seconds have passed; with
-    ``timeout`` 0 the block runs at once without the lock, told so (``False``).
+    A busy lock is retried (``LOCK_NB``) until ``timeout`` seconds have passed (0: tried once).
 
     Raises:
-        StorageTemporaryError: still busy after ``timeout`` seconds.
+        LockBusy: still busy after ``timeout`` seconds.
         UnsafeFile: the lock file is a link or not a regular file of the owner.
         StorageError: it cannot be opened or locked.
     """
-    fd = directory.open_writable(name, create=True)
-    assert fd is not None
-    path = f"{directory.path}/{name}"
+    fd = _lock_fd(directory, name)
     try:
         deadline = time.monotonic() + timeout
         pause = _RETRY_FIRST
@@ -867,20 +888,39 @@ def flocked(directory: Dir, name: str, *, timeout: float) -> Iterator[bool]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if timeout <= 0:
-                    yield False
-                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    path = f"{directory.path}/{name}"
                     msg = f"{path} is locked by another process for more than {timeout:g} s"
-                    raise StorageTemporaryError(msg) from None
+                    raise LockBusy(msg) from None
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, _RETRY_MAX)
             except OSError as exc:
-                raise storage_error(exc, "lock", path) from exc
+                raise storage_error(exc, "lock", f"{directory.path}/{name}") from exc
+        yield
+    finally:
+        _unlock(fd)
+
+
+@contextlib.contextmanager
+def flocked_if_free(directory: Dir, name: str) -> Iterator[bool]:
+    """Hold the ``flock`` of :func:`flocked` if it is free; yield whether it is held.
+
+    Never waits: when someone else holds it, the block runs at once, told so (``False``).
+
+    Raises:
+        UnsafeFile: the lock file is a link or not a regular file of the owner.
+        StorageError: it cannot be opened or locked.
+    """
+    fd = _lock_fd(directory, name)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as exc:
+            raise storage_error(exc, "lock", f"{directory.path}/{name}") from exc
         yield True
     finally:
-        # Closing the descriptor drops the flock; unlocking first makes it explicit.
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _unlock(fd)

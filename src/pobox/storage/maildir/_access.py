@@ -86,6 +86,7 @@ May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -98,7 +99,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.errors import ConfigError
-from pobox.storage._safefs import Dir, UnsafeFile, flocked, open_by_real_path
+from pobox.storage._safefs import Dir, UnsafeFile, flocked, flocked_if_free, open_by_real_path
 from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import (
     DeleteResult,
@@ -115,6 +116,7 @@ from pobox.storage.maildir._deliver import (
     INDEX_LOCK_NAME,
     LOCK_TIMEOUT,
     MESSAGE_DIRS,
+    PendingDelivery,
     TmpCleaner,
     deliver_message,
     maildir_usage,
@@ -298,11 +300,25 @@ class MaildirHandle:
     def delete(self, keys: Sequence[str]) -> DeleteResult:
         """Unlink the files of messages of the snapshot (UPDATE state, RFC 1939 §6).
 
+        :meth:`unlink_messages`, then :meth:`forget` of those removed (waiting for the index
+        lock at most ``lock_timeout``; best effort).
+
+        Raises:
+            StorageTemporaryError: the directories could not be synced.
+        """
+        result = self.unlink_messages(keys)
+        if result.removed:
+            with contextlib.suppress(StorageError):
+                self.forget(result.removed, lock_timeout=self._lock_timeout)
+        return result
+
+    def unlink_messages(self, keys: Sequence[str]) -> DeleteResult:
+        """Unlink the files of messages of the snapshot, and fsync their directories.
+
         A file already gone counts as removed; one that cannot be unlinked (``EACCES``, a
         directory, ``new/`` or ``cur/`` replaced by a link) and a key that is not in the
         snapshot are reported in ``failed``. Only names inside the maildir's own ``new/`` and
-        ``cur/`` are ever unlinked. The directories are fsynced, then the index forgets the
-        removed messages (their UIDs are not reused).
+        ``cur/`` are ever unlinked.
 
         Raises:
             StorageTemporaryError: the directories could not be synced.
@@ -323,9 +339,21 @@ class MaildirHandle:
                 else:
                     failed.append(key)
             subdirs.fsync_touched()
-            if self._indexed and removed:
-                _forget(root, removed, self._lock_timeout)
         return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+    def forget(self, keys: Sequence[str], *, lock_timeout: float) -> None:
+        """Drop removed messages from the index (their UIDs are not reused).
+
+        Best effort: if this fails, the next open drops the entries of files that are gone.
+
+        Raises:
+            LockBusy: the index lock stayed busy for ``lock_timeout`` seconds (try again).
+            StorageError: the index could not be updated (nothing to do but go on).
+        """
+        if not self._indexed or not keys:
+            return
+        with Dir.open_root(self.root, self.owner) as root:
+            _forget(root, list(keys), lock_timeout)
 
     def close(self) -> None:
         """Release the session lock; safe to call more than once."""
@@ -435,6 +463,18 @@ class MaildirAccess:
             tmp_cleaner=self._tmp_cleaner,
         )
 
+    def pending_delivery(
+        self, user: MailUser, message: IncomingMessage, *, owner: int
+    ) -> PendingDelivery:
+        """Write ``message`` to ``user``'s ``tmp/``; commit and finish it step by step.
+
+        For callers that wait for the index lock in their own way (see
+        :class:`~pobox.storage.maildir._deliver.PendingDelivery`); :meth:`deliver` does it all.
+        """
+        return PendingDelivery(
+            str(self.maildir_path(user)), message, owner=owner, tmp_cleaner=self._tmp_cleaner
+        )
+
     def usage(self, user: MailUser, *, owner: int) -> Usage:
         """Return the octets and number of messages in ``user``'s maildir.
 
@@ -447,20 +487,31 @@ class MaildirAccess:
     # --- for the async store -----------------------------------------------------------
 
     def open_path(
-        self, root: str, *, owner: int, lock: bool, taken: SessionLock | None = None
+        self,
+        root: str,
+        *,
+        owner: int,
+        lock: bool,
+        taken: SessionLock | None = None,
+        lock_timeout: float | None = None,
     ) -> MaildirHandle:
         """Open the maildir at ``root`` (:meth:`open` with the path worked out).
 
-        ``taken`` is the session lock when the caller has taken it already (it is released if
-        the open fails).
+        Args:
+            taken: the session lock when the caller has taken it already (it is released if
+                the open fails).
+            lock_timeout: how long to wait for the index lock (default: the core's); 0 tries
+                once and raises :class:`~pobox.storage._safefs.LockBusy` if it is busy, for a
+                caller that waits elsewhere and tries again.
         """
+        timeout = self.lock_timeout if lock_timeout is None else lock_timeout
         try:
-            return self._open_existing(root, owner, lock, taken)
+            return self._open_existing(root, owner, lock, timeout, taken)
         except StorageError as exc:
             if not isinstance(exc.__cause__, FileNotFoundError):
                 raise
         open_maildir(root, owner, create=True).close()
-        return self._open_existing(root, owner, lock)  # the failed attempt released ``taken``
+        return self._open_existing(root, owner, lock, timeout)  # ``taken`` was released
 
     def open_if_cached(
         self, root: str, *, owner: int, lock: bool
@@ -486,7 +537,7 @@ class MaildirAccess:
                     session_lock = SessionLock.take_if_free(directory, LOCK_NAME)
                     if session_lock is None:
                         return None, None
-                with flocked(directory, INDEX_LOCK_NAME, timeout=0) as held:
+                with flocked_if_free(directory, INDEX_LOCK_NAME) as held:
                     cached = self.cache.get(root)
                     if (
                         held
@@ -512,7 +563,12 @@ class MaildirAccess:
         return None, session_lock
 
     def _open_existing(
-        self, root: str, owner: int, lock: bool, taken: SessionLock | None = None
+        self,
+        root: str,
+        owner: int,
+        lock: bool,
+        lock_timeout: float,
+        taken: SessionLock | None = None,
     ) -> MaildirHandle:
         """Lock the maildir and take the snapshot; ``ENOENT`` if a directory is missing."""
         session_lock = taken
@@ -520,13 +576,13 @@ class MaildirAccess:
             with Dir.open_root(root, owner) as directory:
                 if session_lock is None and lock:
                     session_lock = SessionLock(
-                        directory, LOCK_NAME, INDEX_LOCK_NAME, timeout=self.lock_timeout
+                        directory, LOCK_NAME, INDEX_LOCK_NAME, timeout=lock_timeout
                     )
                 if not self.index or self.cache.get(root) is None:
                     directory.make_dir("tmp")  # where deliveries write; whatever is there
                     self._tmp_cleaner.maybe_clean(directory)
                 if self.index:
-                    messages, files = _indexed_snapshot(directory, self.cache, self.lock_timeout)
+                    messages, files = _indexed_snapshot(directory, self.cache, lock_timeout)
                 else:
                     messages, files = _unindexed_snapshot(directory)
                 real = directory.real_path()
@@ -955,23 +1011,20 @@ def _unlink_message(subdirs: _Subdirs, key: str, location: Location) -> bool:
 
 
 def _forget(root: Dir, bases: list[str], lock_timeout: float) -> None:
-    """Drop removed messages from the index.
+    """Drop removed messages from the index, under the index lock.
 
-    Best effort: if this fails, the next open drops the entries of files that are gone, so a
-    failure here must not hide the result of the deletion from the session.
+    Callers treat this as best effort: if it fails, the next open drops the entries of files
+    that are gone, so a failure here must not hide the result of the deletion.
     """
-    try:
-        with flocked(root, INDEX_LOCK_NAME, timeout=lock_timeout):
-            read = _read_index(root)
-            if read is None:
-                return
-            parsed = parse_pobox_uidlist(read[0].decode("utf-8", "surrogateescape"))
-            if parsed is None:
-                return  # no usable index: the next open builds one
-            uidlist, _ = parsed
-            dropped = [base for base in bases if uidlist.entries.pop(base, None) is not None]
-            if dropped:
-                text = format_pobox_uidlist(uidlist)
-                root.replace(INDEX_NAME, text.encode("utf-8", "surrogateescape"))
-    except StorageError:
-        return
+    with flocked(root, INDEX_LOCK_NAME, timeout=lock_timeout):
+        read = _read_index(root)
+        if read is None:
+            return
+        parsed = parse_pobox_uidlist(read[0].decode("utf-8", "surrogateescape"))
+        if parsed is None:
+            return  # no usable index: the next open builds one
+        uidlist, _ = parsed
+        dropped = [base for base in bases if uidlist.entries.pop(base, None) is not None]
+        if dropped:
+            text = format_pobox_uidlist(uidlist)
+            root.replace(INDEX_NAME, text.encode("utf-8", "surrogateescape"))

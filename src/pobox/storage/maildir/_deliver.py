@@ -11,15 +11,21 @@ Theory of operation (https://cr.yp.to/proto/maildir.html, and what Dovecot's LDA
    descriptor: an existing file or link is never reused) and fsynced.
 3. Under ``pobox-uidlist.lock`` (the short index lock, never the session lock
    ``dovecot-pop3-session.lock``; waited for at most ``lock_timeout`` seconds, else
-   :class:`~pobox.storage.base.StorageTemporaryError` and nothing is delivered): the quota is
-   checked, so that concurrent pobox deliveries cannot together exceed it; the file is
-   hard-linked to ``new/<name>`` (``link(2)`` fails rather than overwrite, and the new name must
-   be the very file written: one swapped in ``tmp/`` meanwhile is taken out again) and ``new/``
-   is fsynced: only now is the message durable, and only now may the caller acknowledge it;
-   and, best effort, if the maildir has a usable ``pobox-uidlist``, a line for the message is
-   appended to it, so the next POP3 login finds it indexed and sized. A crash before that
-   costs nothing but that work at the next login, which indexes files it does not know.
-4. The ``tmp/`` file is unlinked.
+   :class:`~pobox.storage._safefs.LockBusy` and nothing is delivered): the quota is checked,
+   so that concurrent pobox deliveries cannot together exceed it; the file is hard-linked to
+   ``new/<name>`` (``link(2)`` fails rather than overwrite, and the new name must be the very
+   file written: one swapped in ``tmp/`` meanwhile is taken out again); and, best effort, if
+   the maildir has a usable ``pobox-uidlist``, a line for the message is appended to it, so
+   the next POP3 login finds it indexed and sized. A crash before that costs nothing but that
+   work at the next login, which indexes files it does not know (and one after it but before
+   the next step, a UID: the next login drops a line whose file is gone).
+4. ``new/`` is fsynced (outside the lock, so concurrent deliveries share the disk's flushes):
+   only now is the message durable, and only now may the caller acknowledge it. The ``tmp/``
+   file is unlinked.
+
+:class:`PendingDelivery` runs these steps one by one, for a caller that waits for the lock in
+its own way (the asyncio store tries it once in a worker thread, and sleeps in the event
+loop between tries, so that no thread ever waits for a user's lock).
 
 A process killed at any point leaves at most a file in ``tmp/``, which POP3 never lists, or a
 complete message in ``new/``: a file appears in ``new/`` only by ``link(2)`` of a complete,
@@ -50,7 +56,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from pobox.storage._safefs import Dir, UnsafeFile, check_name, flocked, os_errors, write_all
+from pobox.storage._safefs import (
+    Dir,
+    LockBusy,
+    UnsafeFile,
+    check_name,
+    flocked,
+    os_errors,
+    write_all,
+)
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
     IncomingMessage,
@@ -69,6 +83,8 @@ __all__ = [
     "LOCK_TIMEOUT",
     "MESSAGE_DIRS",
     "TMP_MAX_AGE",
+    "LockBusy",
+    "PendingDelivery",
     "TmpCleaner",
     "deliver_message",
     "maildir_usage",
@@ -106,23 +122,29 @@ def open_maildir(root: str | Path, owner: int, *, create: bool = False) -> Dir:
         StorageError: it cannot be opened or created (``ENOENT`` as cause when missing).
         UnsafeFile: it (or a subdirectory) is not a directory of ``owner``.
     """
+    if not create:
+        return Dir.open_root(root, owner)
+    directory = _open_or_make_root(root, owner)
+    try:
+        for name in ALL_DIRS:
+            directory.sub(name, create=True).close()
+    except BaseException:
+        directory.close()
+        raise
+    return directory
+
+
+def _open_or_make_root(root: str | Path, owner: int) -> Dir:
+    """Open the maildir root, making it (``mkdir -p``, mode 0700) first if it is missing."""
     path = os.fspath(root)
     try:
-        directory = Dir.open_root(path, owner)
+        return Dir.open_root(path, owner)
     except StorageError as exc:
-        if not create or not isinstance(exc.__cause__, FileNotFoundError):
+        if not isinstance(exc.__cause__, FileNotFoundError):
             raise
-        with os_errors("create maildir directory", path):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        directory = Dir.open_root(path, owner)
-    if create:
-        try:
-            for name in ALL_DIRS:
-                directory.sub(name, create=True).close()
-        except BaseException:
-            directory.close()
-            raise
-    return directory
+    with os_errors("create maildir directory", path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    return Dir.open_root(path, owner)
 
 
 def maildir_usage(root: str | Path, *, owner: int | None = None) -> Usage:
@@ -207,36 +229,116 @@ def deliver_message(
         StoragePermanentError: a failure that needs an administrator (permissions, a
             directory of the maildir replaced by a link, ...).
     """
-    owner = os.geteuid() if owner is None else owner
-    size = message.size
-    wire = wire_size(message.header) + message.body.wire_size
-    with (
-        open_maildir(root, owner, create=True) as directory,
-        directory.sub("tmp") as tmp,
-        directory.sub("new") as new,
-    ):
-        names = iter([name]) if name is not None else _fresh_names(message, size_fields)
-        name, fd = _write_to_tmp(tmp, names, message)
-        try:
-            written = os.fstat(fd)
-            with flocked(directory, INDEX_LOCK_NAME, timeout=lock_timeout):
-                if quota is not None and not quota.unlimited:
-                    _check_quota(directory, size, quota)
-                if not tmp.link(name, new, name, expect=written):
-                    msg = f"cannot deliver to {new.path}: {name} exists already"
-                    raise StorageTemporaryError(msg)
-                new.fsync()
-                _index_new_message(directory, name, wire)
-        finally:
-            # Held open until linked: its inode number cannot be reused by a swapped-in file.
-            os.close(fd)
-            # The message is in new/ (or was not delivered): the tmp/ name is no longer needed.
-            # A leftover in tmp/ is harmless: POP3 never lists tmp/.
-            with contextlib.suppress(StorageError):
-                tmp.unlink(name)
-        if tmp_cleaner is not None:
-            tmp_cleaner.maybe_clean(directory)
-    return name
+    pending = PendingDelivery(
+        root, message, owner=owner, size_fields=size_fields, name=name, tmp_cleaner=tmp_cleaner
+    )
+    with pending:
+        pending.commit(quota=quota, lock_timeout=lock_timeout)
+        return pending.finish()
+
+
+class PendingDelivery:
+    """One delivery in three steps, for callers that must not block on the index lock.
+
+    1. Creating it writes the message to ``tmp/`` and fsyncs it (no lock; the work the
+       message's size sets).
+    2. :meth:`commit`, under the index lock (waited for at most ``lock_timeout``: 0 tries
+       once, raising :class:`~pobox.storage._safefs.LockBusy`; try again later), checks the
+       quota, links the file into ``new/`` and appends the index line. A commit that failed
+       may be tried again.
+    3. :meth:`finish` fsyncs ``new/`` (the message is durable only then) and removes the
+       ``tmp/`` name.
+
+    :func:`deliver_message` does all three. Close it (or use it as a context manager): an
+    unfinished delivery leaves nothing behind but what was committed.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        message: IncomingMessage,
+        *,
+        owner: int | None = None,
+        size_fields: bool = True,
+        name: str | None = None,
+        tmp_cleaner: TmpCleaner | None = None,
+    ) -> None:
+        """Write ``message`` into ``tmp/`` of the maildir ``root`` (see :func:`deliver_message`).
+
+        Raises:
+            StorageTemporaryError: a failure that may pass (disk full, I/O error, ...).
+            StoragePermanentError: a failure that needs an administrator.
+        """
+        self._size = message.size
+        self._wire = wire_size(message.header) + message.body.wire_size
+        self._tmp_cleaner = tmp_cleaner
+        self._committed = False
+        self._fd = -1
+        with contextlib.ExitStack() as stack:
+            owner = os.geteuid() if owner is None else owner
+            self._root = stack.enter_context(_open_or_make_root(root, owner))
+            self._tmp = stack.enter_context(self._root.sub("tmp", create=True))
+            self._new = stack.enter_context(self._root.sub("new", create=True))
+            self._root.make_dir("cur")  # for the POP3 side; one mkdir, whatever is there
+            names = iter([name]) if name is not None else _fresh_names(message, size_fields)
+            self.name, self._fd = _write_to_tmp(self._tmp, names, message)
+            #: Held open until linked: its inode number cannot be reused by a swapped-in file.
+            self._written = os.fstat(self._fd)
+            self._stack = stack.pop_all()
+
+    def commit(self, *, quota: Quota | None = None, lock_timeout: float = LOCK_TIMEOUT) -> None:
+        """Check the quota and link the message into ``new/``, under the index lock.
+
+        Raises:
+            LockBusy: the index lock stayed busy for ``lock_timeout`` seconds.
+            QuotaExceeded: the message does not fit in ``quota``.
+            StorageTemporaryError: a failure that may pass.
+            StoragePermanentError: a failure that needs an administrator (the ``tmp/`` file
+                replaced meanwhile, ...).
+        """
+        if self._committed:
+            return
+        with flocked(self._root, INDEX_LOCK_NAME, timeout=lock_timeout):
+            if quota is not None and not quota.unlimited:
+                _check_quota(self._root, self._size, quota)
+            if not self._tmp.link(self.name, self._new, self.name, expect=self._written):
+                msg = f"cannot deliver to {self._new.path}: {self.name} exists already"
+                raise StorageTemporaryError(msg)
+            self._committed = True
+            _index_new_message(self._root, self.name, self._wire)
+
+    def finish(self) -> str:
+        """Make the committed message durable (fsync ``new/``); return its name in ``new/``.
+
+        Raises:
+            StorageTemporaryError: ``new/`` could not be synced.
+        """
+        assert self._committed
+        self._new.fsync()
+        if self._tmp_cleaner is not None:
+            self._tmp_cleaner.maybe_clean(self._root)
+        self.close()
+        return self.name
+
+    def close(self) -> None:
+        """Remove the ``tmp/`` name and close everything; safe to call more than once."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        # The message is in new/ (or was not delivered): the tmp/ name is no longer needed.
+        # A leftover in tmp/ is harmless: POP3 never lists tmp/.
+        with contextlib.suppress(StorageError):
+            self._tmp.unlink(self.name)
+        self._stack.close()
+
+    def __enter__(self) -> PendingDelivery:
+        """Return this delivery; it is closed at the end of the block."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the delivery."""
+        self.close()
 
 
 def message_name(message: IncomingMessage, *, size_fields: bool = True) -> str:
@@ -313,13 +415,19 @@ def _index_new_message(root: Dir, name: str, size: int) -> None:
         raw = root.read_file(INDEX_NAME, INDEX_MAX)
         if raw is None:
             return  # the first login builds the index (or imports Dovecot's)
-        parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
-        if parsed is None:
+        encoded = name.encode("utf-8", "surrogateescape")
+        next_uid = _next_uid(raw)
+        if next_uid is None:  # not the plain shape pobox writes: parse it all
+            parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
+            if parsed is None:
+                return
+            uidlist, _ = parsed
+            if name in uidlist.entries:
+                return
+            next_uid = uidlist.next_uid
+        elif b":" + encoded + b"\n" in raw:
             return
-        uidlist, _ = parsed
-        if name in uidlist.entries:
-            return
-        line = f"{uidlist.next_uid} W{size} :{name}\n".encode("utf-8", "surrogateescape")
+        line = b"%d W%d :%s\n" % (next_uid, size, encoded)
         if raw and not raw.endswith(b"\n"):
             line = b"\n" + line  # never glue our line to a torn one
         fd = root.open_writable(INDEX_NAME, append=True)
@@ -330,6 +438,32 @@ def _index_new_message(root: Dir, name: str, size: int) -> None:
                 write_all(fd, line)
         finally:
             os.close(fd)
+
+
+def _next_uid(raw: bytes) -> int | None:
+    """Return the next UID of an index as pobox writes it, without parsing every line.
+
+    pobox writes the lines in UID order and deliveries append increasing UIDs, so the next
+    UID is the header's ``N`` or one above the last line's UID, whichever is higher. ``None``
+    when the header or the last line is not of that plain shape (then parse it all).
+    """
+    header, _, rest = raw.partition(b"\n")
+    fields = header.split()
+    if len(fields) < 3 or fields[:2] != [b"pobox-uidlist", b"1"]:
+        return None
+    found: dict[bytes, bytes] = {}
+    for field in fields[2:]:
+        found.setdefault(field[:1], field[1:])
+    validity, next_uid = found.get(b"V", b""), found.get(b"N", b"")
+    if not (validity.isdigit() and next_uid.isdigit() and int(validity) and int(next_uid)):
+        return None
+    last = rest.rstrip(b"\n").rpartition(b"\n")[2]
+    if not last:
+        return int(next_uid)
+    uid = last.partition(b" ")[0]
+    if not uid.isdigit():
+        return None
+    return max(int(next_uid), int(uid) + 1)
 
 
 class TmpCleaner:

@@ -14,11 +14,17 @@ loop's own thread; anything else, or any doubt, goes to a worker thread. A messa
 turns out larger than its snapshot said (a name lying about its size, a file changed since)
 is read in a worker thread too, in chunks, never whole.
 
-One user cannot tie up the worker threads: a maildir gets at most one worker thread at a time
-for an operation that may wait for its index lock (open, delete, delivery, usage); others for
-the same maildir wait in the event loop, for at most ``lock_timeout`` seconds, then fail with
-:class:`~pobox.storage.base.StorageTemporaryError`. Sessions and deliveries of other users are
-not held up by a user who holds their own index lock forever.
+No worker thread ever waits for a lock: the index lock is tried once in the thread
+(``lock_timeout=0`` of the core), and while another process holds it the store waits in the
+event loop (a few milliseconds, doubling up to 50) and tries again, for at most
+``lock_timeout`` seconds, then fails with :class:`~pobox.storage.base.StorageTemporaryError`.
+And one user cannot tie up the worker threads with work on their maildir: each maildir gets at
+most one worker thread at a time for an open, a delete or a usage count (work that reads what
+its user controls); others for the same maildir wait their turn in the event loop, as long.
+A delivery writes its ``tmp/`` file and syncs ``new/`` outside any turn, so deliveries to one
+user overlap on the disk; only its commit (quota check, link, index line) takes the turn, and
+only when its first try found the lock busy. Sessions and
+deliveries of other users are not held up by a user who holds their own index lock forever.
 
 May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 """
@@ -29,21 +35,23 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pobox.storage._safefs import CHUNK_SIZE, read_upto, storage_error
+from pobox.storage._safefs import CHUNK_SIZE, LockBusy, read_upto, storage_error
 from pobox.storage.base import (
     DeleteResult,
     IncomingMessage,
     MailUser,
     MessageInfo,
     Quota,
+    StorageError,
     StorageTemporaryError,
     Usage,
 )
 from pobox.storage.maildir._access import LOCK_TIMEOUT, MaildirAccess, MaildirHandle
+from pobox.storage.maildir._deliver import PendingDelivery
 from pobox.storage.maildir._fs import SessionLock
 
 __all__ = ["CHUNK_SIZE", "INLINE_READ_MAX", "MaildirGates", "MaildirMaildrop", "MaildirStore"]
@@ -161,12 +169,17 @@ class MaildirStore:
             handle, taken = access.open_if_cached(root, owner=owner, lock=lock)
             if handle is not None:
                 return MaildirMaildrop(handle, self._inline_read_max, self._gates, access)
+        first = [taken]
+
+        def attempt() -> MaildirHandle:
+            """Open once, not waiting for the index lock (``taken`` goes to the first try)."""
+            given, first[0] = first[0], None
+            return access.open_path(root, owner=owner, lock=lock, taken=given, lock_timeout=0)
+
         try:
-            async with self._gates.turn(root, access.lock_timeout):
-                handle = await _owned_in_thread(
-                    functools.partial(access.open_path, root, owner=owner, lock=lock, taken=taken),
-                    MaildirHandle.close,
-                )
+            handle = await _retrying(
+                self._gates, root, access.lock_timeout, attempt, MaildirHandle.close
+            )
         except Exception:
             # The thread failed (and released ``taken``) or never ran.  Not on cancellation:
             # the thread may still be using the lock, and _owned_in_thread releases it then.
@@ -188,10 +201,34 @@ class MaildirStore:
         """
         access = self._access
         root = str(access.maildir_path(user))
-        async with self._gates.turn(root, access.lock_timeout):
-            return await asyncio.to_thread(
-                access.deliver, user, message, owner=self.owner(), quota=quota
-            )
+        owner = self.owner()
+        pending: list[PendingDelivery] = []
+
+        def first() -> str | None:
+            """Write the message, then commit and finish it if the lock is free."""
+            pending.append(access.pending_delivery(user, message, owner=owner))
+            return commit_and_finish()
+
+        def commit_and_finish() -> str | None:
+            """Commit the written message if the lock is free, and finish it; else ``None``."""
+            try:
+                pending[0].commit(quota=quota, lock_timeout=0)
+            except LockBusy:
+                return None
+            return pending[0].finish()
+
+        steps = _Steps(lambda: pending[0].close() if pending else None)
+        try:
+            name = await steps.run(first)
+            if name is None:
+                # Busy: from now on in the maildir's turn, so that this process's deliveries
+                # take the lock one after the other instead of colliding and sleeping.
+                name = await _retrying(
+                    self._gates, root, access.lock_timeout, commit_and_finish, runner=steps.run
+                )
+            return name
+        finally:
+            steps.close()
 
     async def usage(self, user: MailUser) -> Usage:
         """Return the octets and number of messages in ``user``'s maildir.
@@ -202,8 +239,10 @@ class MaildirStore:
         """
         access = self._access
         root = str(access.maildir_path(user))
-        async with self._gates.turn(root, access.lock_timeout):
-            return await asyncio.to_thread(access.usage, user, owner=self.owner())
+        owner = self.owner()
+        return await _retrying(
+            self._gates, root, access.lock_timeout, lambda: access.usage(user, owner=owner)
+        )
 
     async def aclose(self) -> None:
         """Do nothing: the store keeps no resources between sessions (only memory)."""
@@ -308,8 +347,19 @@ class MaildirMaildrop:
             StorageTemporaryError: the directories could not be synced.
         """
         self._check_open()
-        async with self._gates.turn(self._handle.root, self._lock_timeout):
-            return await asyncio.to_thread(self._handle.delete, tuple(keys))
+        handle = self._handle
+        result = await _retrying(
+            self._gates,
+            handle.root,
+            self._lock_timeout,
+            functools.partial(handle.unlink_messages, tuple(keys)),
+        )
+        if result.removed:
+            # Best effort: the next open drops index entries whose files are gone.
+            with contextlib.suppress(StorageError):
+                forget = functools.partial(_forget, handle, result.removed)
+                await _retrying(self._gates, handle.root, self._lock_timeout, forget)
+        return result
 
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
         """Do nothing: a lock file held by this process is lost only with the process."""
@@ -362,6 +412,101 @@ def _close_opened(opened: tuple[int, int, bytes]) -> None:
     """Close a message file opened for nobody."""
     if opened[0] >= 0:
         os.close(opened[0])
+
+
+#: The first pause before trying a busy index lock again; it doubles up to the second.
+_RETRY_FIRST = 0.002
+_RETRY_MAX = 0.05
+
+
+async def _retrying(
+    gates: MaildirGates,
+    key: str,
+    timeout: float,
+    attempt: Callable[[], _T | None],
+    release: Callable[[_T], None] | None = None,
+    *,
+    runner: Callable[[Callable[[], _T | None]], Awaitable[_T | None]] | None = None,
+) -> _T:
+    """Run ``attempt`` in a worker thread, in the maildir's turn, until the index lock lets it.
+
+    ``attempt`` tries the index lock once: it raises :class:`LockBusy` (or returns ``None``)
+    if another process holds it; between tries the event loop waits, never a thread. What
+    ``attempt`` returns is released by ``release`` if the caller is cancelled meanwhile;
+    ``runner`` runs it in a thread (default: :func:`_owned_in_thread`).
+
+    Raises:
+        StorageTemporaryError: the lock stayed busy, or the maildir's turn did not come, for
+            ``timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = _RETRY_FIRST
+    while True:
+        left = deadline - loop.time()
+        async with gates.turn(key, max(left, 0.0)):
+            try:
+                if runner is not None:
+                    result = await runner(attempt)
+                else:
+                    result = await _owned_in_thread(
+                        attempt, functools.partial(_release_if_any, release)
+                    )
+            except LockBusy:
+                result = None
+            if result is not None:
+                return result
+        left = deadline - loop.time()
+        if left <= 0:
+            raise _busy(key, timeout)
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, _RETRY_MAX)
+
+
+def _busy(key: str, timeout: float) -> StorageTemporaryError:
+    """Return the error for a maildir whose index lock stayed busy for ``timeout`` seconds."""
+    msg = f"maildir {key}: its index lock is held by another process for over {timeout:g} s"
+    return StorageTemporaryError(msg)
+
+
+def _forget(handle: MaildirHandle, keys: tuple[str, ...]) -> bool:
+    """Drop ``keys`` from the index if its lock is free (:class:`LockBusy` if not); ``True``."""
+    handle.forget(keys, lock_timeout=0)
+    return True
+
+
+def _release_if_any(release: Callable[[_T], None] | None, result: _T | None) -> None:
+    """Release ``result`` with ``release``, if there are both."""
+    if release is not None and result is not None:
+        release(result)
+
+
+class _Steps:
+    """Runs the steps of a delivery in worker threads, one at a time, and closes it at the end.
+
+    If the caller is cancelled while a step runs, ``close`` runs once that step is done
+    (closing under a running step would close descriptors the step uses).
+    """
+
+    def __init__(self, close: Callable[[], object]) -> None:
+        self._close = close
+        self._running: asyncio.Future[object] | None = None
+
+    async def run(self, step: Callable[[], _T]) -> _T:
+        """Run ``step`` in a worker thread and return its result."""
+        future = asyncio.ensure_future(asyncio.to_thread(step))
+        self._running = future  # type: ignore[assignment]
+        result = await asyncio.shield(future)
+        self._running = None
+        return result
+
+    def close(self) -> None:
+        """Close now, or when the step still running is done."""
+        running = self._running
+        if running is not None and not running.done():
+            running.add_done_callback(lambda _: self._close())
+        else:
+            self._close()
 
 
 async def _owned_in_thread(work: Callable[[], _T], release: Callable[[_T], None]) -> _T:
