@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pobox.config import Config, Listen, build_config, load_config, parse_listen
+from pobox.config import KEYS, Config, Listen, build_config, load_config, parse_listen
 from pobox.errors import ConfigError
 
 
@@ -217,3 +217,12 @@ class TestUserdbKeys:
             " AND f = %(user)s AND n LIKE 'x%%'"
         )
         assert query == build_config({"postgresql_password_query": query}).postgresql_password_query
+
+
+class TestDocumented:
+    """Every configuration key is in README.md, where admins look for it."""
+
+    def test_every_key_is_in_the_readme(self) -> None:
+        """Each key of config.KEYS appears as `key` in README.md."""
+        readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+        assert [] == [key for key in KEYS if f"`{key}`" not in readme]
