@@ -1539,3 +1539,14 @@ class TestReplyTextIsOneLine:
         conn.next_event()
         conn.send(LoginRejected("bad\r\n+OK injected", "AUTH"))
         assert b"+OK\r\n-ERR [AUTH] bad  +OK injected\r\n" == conn.data_to_send()
+
+
+class TestOutputSize:
+    """output_size tells the shell how much data_to_send() holds, without taking it."""
+
+    def test_output_size_is_the_pending_octets(self):
+        """After STAT, output_size counts its reply's octets; taking them makes it 0."""
+        conn = logged_in([Msg(5, "a")])
+        conn.receive_data(b"STAT\r\n")
+        conn.next_event()
+        assert (9, b"+OK 1 5\r\n", 0) == (conn.output_size, conn.data_to_send(), conn.output_size)

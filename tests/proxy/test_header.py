@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from pobox.proxy import (
@@ -236,6 +238,15 @@ class TestTlvs:
         tlvs = build.ssl_tlv(7, 0, version="TLSv1.3", cn="alice", cipher="TLS_AES_256_GCM_SHA384")
 
         assert SslInfo(7, 0, "TLSv1.3", "alice", "TLS_AES_256_GCM_SHA384") == self.header(tlvs).ssl
+
+    def test_unknown_ssl_sub_tlv_is_skipped(self):
+        """A sub-TLV pobox does not use (0x25, the key algorithm) is passed over."""
+        body = struct.pack("!BI", 1, 0) + build.tlv(0x25, b"RSA2048") + build.tlv(0x22, b"bob")
+        assert SslInfo(1, 0, None, "bob", None) == self.header(build.tlv(0x20, body)).ssl
+
+    def test_need_data_names_itself(self):
+        """The NEED_DATA sentinel shows its name in a repr (test output, logs)."""
+        assert "NEED_DATA" == repr(NEED_DATA)
 
     @pytest.mark.parametrize(
         ("client", "verify", "expected"),

@@ -413,12 +413,12 @@ class ServerConnection:
             self._bad_command(parsed.reason)
             return
         if parsed.verb not in ALLOWED[self.state]:
+            # Lines reach here in AUTHORIZATION and TRANSACTION only, and every verb is
+            # allowed in one of the two: a refused verb belongs to the other state.
             if self.state is State.TRANSACTION:
                 self._bad_command("Already logged in.")
-            elif parsed.verb in ALLOWED[State.TRANSACTION]:
-                self._bad_command("Not logged in.")
             else:
-                self._bad_command("Command not available.")
+                self._bad_command("Not logged in.")
             return
         if parsed.verb in _NO_ARGS and parsed.args:
             self._bad_command("Too many arguments.")
