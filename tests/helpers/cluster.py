@@ -108,6 +108,14 @@ class Node:
         """The log lines containing ``text``."""
         return [line for line in self.text().splitlines() if text in line]
 
+    def wait_for(self, text: str, timeout: float = 15) -> list[str]:
+        """Wait until a log line contains ``text``; return the lines that do."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.lines(text)):
+            assert time.monotonic() < deadline, f"{self.name} did not log {text!r}"
+            time.sleep(0.02)
+        return found
+
     def start(self) -> None:
         """Start the process (it appends to the log); :meth:`wait_started` waits for it."""
         self._started_before = len(self.lines("started, listening on"))
@@ -202,7 +210,10 @@ class Cluster:
         """Wait until HAProxy reports the states in ``want`` (node name to status prefix)."""
         deadline = time.monotonic() + timeout
         while True:
-            states = self.server_states()
+            try:
+                states = self.server_states()
+            except OSError as exc:  # the stats socket comes a moment after the frontends
+                states = {name: repr(exc) for name in want}
             if all(states[name].startswith(status) for name, status in want.items()):
                 return
             assert time.monotonic() < deadline, f"HAProxy says {states}, want {dict(want)}"
