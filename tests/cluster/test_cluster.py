@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +26,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.helpers.cluster import Cluster, ClusterError, connect, running_cluster
-from tests.helpers.haproxy import HAProxyError
+from tests.helpers.cluster import (
+    CONTRIB_CONFIG,
+    Cluster,
+    ClusterError,
+    connect,
+    running_cluster,
+)
+from tests.helpers.haproxy import HAProxyError, find_haproxy
 from tests.helpers.postgres import PostgresError
 
 USERS = dict.fromkeys(("alice", "bob", "carol", "dave", "erin"), "secret")
@@ -465,3 +472,24 @@ class TestNodeDies:
             attempts.append(answer)
             time.sleep(0.1)
         return b"", attempts
+
+
+class TestDocumentedConfig:
+    """The HAProxy configuration admins copy is the one these tests run."""
+
+    def test_guide_shows_the_contrib_file(self):
+        """docs/deployment.md holds contrib/haproxy/pobox.cfg verbatim, in a code block."""
+        guide = (CONTRIB_CONFIG.parents[2] / "docs" / "deployment.md").read_text()
+
+        assert "```haproxy\n" + CONTRIB_CONFIG.read_text() + "```\n" in guide
+
+    def test_haproxy_accepts_it_as_shipped(self):
+        """``haproxy -c`` finds the file valid as it is, 10.0.0.x addresses and all."""
+        done = subprocess.run(
+            [str(find_haproxy()), "-c", "-f", str(CONTRIB_CONFIG)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+        assert 0 == done.returncode, done.stdout + done.stderr
