@@ -32,4 +32,4 @@ class TestQuickRun:
         for row in rows:
             cells = [cell.strip() for cell in row.strip("|").split("|")]
             figures = [float(cell.replace(",", "")) for cell in cells[2:7]]
-            assert (9, "0", True) == (len(cells), cells[8], all(f > 0 for f in figures)), row
+            assert (10, "0", True) == (len(cells), cells[9], all(f > 0 for f in figures)), row
