@@ -323,6 +323,25 @@ class TestRealAddress:
         assert ", real_rip=127.0.0.1, " in node.lines("PROXY v2: rip=127.0.0.38,")[0]
 
 
+class TestHeaderThenEnd:
+    """HAProxy passes on a client that left at once: its header, then the end of the stream."""
+
+    @pytest.mark.parametrize("service", ["pop3", "lmtp"])
+    def test_connection_closed(self, cluster: Cluster, service):
+        """The node closes the connection (nothing but a greeting first), keeping no slot."""
+        sock = connect(cluster.nodes[0].ports[service], "127.0.0.1")
+        sock.sendall(proxy_v2("127.0.0.71", "127.0.0.1"))
+        sock.shutdown(socket.SHUT_WR)
+        file = sock.makefile("rb")
+        answer = file.read()  # the socket's timeout (15 s) guards a connection left open
+        file.close()
+        sock.close()
+
+        assert [] == [
+            line for line in answer.splitlines() if not line.startswith((b"220 ", b"+OK"))
+        ]
+
+
 class TestForgedHeader:
     """A PROXY header from an address not in haproxy_trusted_networks is never believed."""
 
