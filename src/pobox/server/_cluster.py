@@ -258,6 +258,7 @@ class Cluster:
         max_userip: ``mail_max_userip_connections`` (0: no limit).
         upkeep: work to do every :data:`UPKEEP_EVERY` heartbeats (the store's expiry and
             bounds); its :class:`StateUnavailable` is ignored.
+        on_close: what releases the store's resources (a connection pool), at :meth:`aclose`.
     """
 
     def __init__(
@@ -268,12 +269,14 @@ class Cluster:
         max_user: int,
         max_userip: int,
         upkeep: Callable[[], Awaitable[None]] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self.heartbeat = heartbeat
         self.max_user = max_user
         self.max_userip = max_userip
         self._upkeep = upkeep
+        self._on_close = on_close
         #: Session id → the callable that ends that session (its kick).
         self.live: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -346,9 +349,12 @@ class Cluster:
                 logger.exception("master: heartbeat failed")
 
     async def aclose(self) -> None:
-        """Stop beating (the sessions have ended and unregistered themselves)."""
+        """Stop beating and release the store (the sessions have unregistered themselves)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._on_close is not None:
+            close, self._on_close = self._on_close, None
+            await close()
