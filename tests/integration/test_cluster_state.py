@@ -210,6 +210,13 @@ class TestStoreUnreachable:
                 assert (await wire.attempt(password=b"wrong")).startswith(b"-ERR [AUTH]")
                 await wire.close()
             throttled = await (await Wire.connect(node.host, node.port)).attempt()
+            cluster = cluster_of(node)
+            beats = cluster.beats
+
+            async def beaten() -> bool:  # each heartbeat asks the store again, and fails
+                return cluster.beats >= beats + 3
+
+            await eventually(beaten, "three more heartbeats")
         assert over_limit.startswith(b"-ERR [IN-USE] Maximum number of connections")
         assert throttled.startswith(b"-ERR [LOGIN-DELAY]")
         begun = [r for r in caplog.records if "shared state unavailable" in r.getMessage()]

@@ -291,6 +291,9 @@ class TestClusterRegistry:
         clock.now += 1
         await node_b.heartbeat([])
         assert (0, 0) == await node_b.count("alice", "192.0.2.1")
+        admitted = await node_b.register(entry("s2", node="b"), max_user=1, max_userip=1)
+        assert (True, 0) == (admitted.admitted, admitted.user_sessions)
+        await node_b.unregister("s2")
         assert [] == await node_b.sessions()
         assert 0 == await node_b.kick(user="alice")
         assert isinstance(node_b, PostgresSessionRegistry)

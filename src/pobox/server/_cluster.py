@@ -280,7 +280,8 @@ class Cluster:
         #: Session id → the callable that ends that session (its kick).
         self.live: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._beats = 0
+        #: Heartbeats made so far.
+        self.beats = 0
 
     @property
     def node(self) -> str:
@@ -319,7 +320,7 @@ class Cluster:
 
     async def beat(self) -> None:
         """Renew the lease and end the sessions kicked; every so often, the upkeep."""
-        self._beats += 1
+        self.beats += 1
         try:
             kicked = await self.registry.heartbeat(list(self.live))
         except StateUnavailable as exc:
@@ -329,7 +330,7 @@ class Cluster:
             kick = self.live.get(session_id)
             if kick is not None:
                 kick()
-        if self._upkeep is not None and self._beats % UPKEEP_EVERY == 1:
+        if self._upkeep is not None and self.beats % UPKEEP_EVERY == 1:
             try:
                 await self._upkeep()
             except StateUnavailable as exc:
