@@ -221,3 +221,36 @@ class TestStoreUnreachable:
         assert throttled.startswith(b"-ERR [LOGIN-DELAY]")
         begun = [r for r in caplog.records if "shared state unavailable" in r.getMessage()]
         assert 1 == len(begun)
+
+    async def test_slow_store_falls_back_then_recovers(
+        self, tmp_path: Path, pg_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """While the state tables are locked (a store too slow to answer), logins are served
+        from each node's memory; once they are free the shared state is used again."""
+        caplog.set_level(logging.INFO, logger="pobox.cluster")
+        async with two_nodes(
+            tmp_path, pg_dsn, shared_state_timeout=0.3, auth_failures_per_ip=1
+        ) as (a, b):
+            blocker = await psycopg.AsyncConnection.connect(pg_dsn)
+            try:
+                await blocker.execute(
+                    "LOCK pobox.failure_counter, pobox.cluster_node, pobox.cluster_session"
+                )
+                wire = await Wire.connect(a.host, a.port)
+                assert (await wire.attempt(password=b"wrong")).startswith(b"-ERR [AUTH]")
+                await wire.close()
+                # The failure was counted on node a only: node b lets the address in.
+                await (await Wire.connect(b.host, b.port)).login()
+            finally:
+                await blocker.rollback()
+                await blocker.close()
+
+            async def both_recovered() -> bool:
+                return sum("available again" in r.getMessage() for r in caplog.records) >= 2
+
+            await eventually(both_recovered, "both nodes using the shared state again")
+            wire = await Wire.connect(b.host, b.port)
+            assert (await wire.attempt(password=b"wrong")).startswith(b"-ERR [AUTH]")
+            await wire.close()
+            refused = await (await Wire.connect(a.host, a.port)).attempt()
+        assert refused.startswith(b"-ERR [LOGIN-DELAY]")

@@ -18,8 +18,13 @@ STLS (RFC 2595) goes through the public :meth:`asyncio.StreamWriter.start_tls` o
 works on any event loop (uvloop included); see :meth:`Session._start_tls` for how no
 plaintext byte pipelined behind STLS can reach the core after the handshake.
 
+A logged-in session is registered in the session registry (:mod:`pobox.server._cluster`)
+within ``mail_max_userip_connections`` and ``mail_max_user_connections`` (over them:
+``-ERR [IN-USE]``), unregistered at its end, and ended by :meth:`Session.kick` when someone
+asks the registry to.
+
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
-:mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`.
+:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`.
 """
 
 from __future__ import annotations

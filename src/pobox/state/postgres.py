@@ -92,12 +92,16 @@ _TEXT: dict[str, LiteralString] = {
     " SELECT key, count FROM up",
     "clear": "DELETE FROM {failure_counter} WHERE key = ANY(%(keys)s::text[])",
     # Expired rows (a batch), then beyond the cap the live rows idle longest: disjoint sets.
+    # Counting to the cap walks every live row, so it is done only when the planner's
+    # estimate of the rows (-1: never estimated) comes near the cap.
     "trim_counters": "WITH old AS (DELETE FROM {failure_counter} WHERE key IN"
     " (SELECT key FROM {failure_counter} WHERE first_at <= %(expired)s ORDER BY first_at"
     " LIMIT %(batch)s FOR UPDATE SKIP LOCKED) RETURNING 1),"
     " over AS (DELETE FROM {failure_counter} WHERE key IN (SELECT key FROM {failure_counter}"
-    " WHERE first_at > %(expired)s ORDER BY last_at DESC OFFSET %(cap)s"
-    " FOR UPDATE SKIP LOCKED) RETURNING 1)"
+    " WHERE first_at > %(expired)s"
+    " AND (SELECT reltuples FROM pg_catalog.pg_class WHERE oid = {failure_counter_name}::regclass)"
+    " NOT BETWEEN 0 AND %(cap)s * 0.8"
+    " ORDER BY last_at DESC OFFSET %(cap)s FOR UPDATE SKIP LOCKED) RETURNING 1)"
     " SELECT (SELECT count(*) FROM old), (SELECT count(*) FROM over)",
     # --- the session registry ---------------------------------------------------------------
     # A session is live if its node is this one or one whose lease runs.
@@ -135,7 +139,7 @@ _TEXT: dict[str, LiteralString] = {
     " VALUES (%(node)s, %(now)s, %(now)s)"
     " ON CONFLICT (name) DO UPDATE SET last_seen = EXCLUDED.last_seen RETURNING 1),"
     " stale AS (DELETE FROM {cluster_session} WHERE node = %(node)s"
-    " AND id <> ALL(%(live)s::text[]) RETURNING 1)"
+    " AND id NOT IN (SELECT unnest(%(live)s::text[])) RETURNING 1)"
     " SELECT id FROM {cluster_session} WHERE node = %(node)s AND kicked"
     " AND id = ANY(%(live)s::text[])",
     # Sessions of nodes whose lease ran out (or that have no row), then long-gone nodes.
@@ -151,7 +155,10 @@ _TABLES: Final = ("failure_counter", "cluster_node", "cluster_session")
 
 
 def _compose(schema: str) -> dict[str, sql.Composed]:
-    tables = {name: sql.Identifier(schema, name) for name in _TABLES}
+    tables: dict[str, sql.Composable] = {name: sql.Identifier(schema, name) for name in _TABLES}
+    # The qualified name as a text literal, for ::regclass ("schema"."table", quotes doubled).
+    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (schema, "failure_counter"))
+    tables["failure_counter_name"] = sql.Literal(quoted)
     out = {}
     for name, text in _TEXT.items():
         used = {t: ident for t, ident in tables.items() if "{" + t + "}" in text}
