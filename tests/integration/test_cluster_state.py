@@ -19,10 +19,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pobox.cli import main
 from pobox.server._cluster import Cluster
 from pobox.state import SessionEntry
 from pobox.state.postgres import PostgresSessionRegistry, PostgresState
 from pobox.testing import RunningServer, running_server
+from tests.helpers.postgres import Postgres
 from tests.integration.wire import Wire
 
 USERS = {"alice": "secret"}
@@ -254,3 +256,30 @@ class TestStoreUnreachable:
             await wire.close()
             refused = await (await Wire.connect(a.host, a.port)).attempt()
         assert refused.startswith(b"-ERR [LOGIN-DELAY]")
+
+
+class TestSchema:
+    """``pobox db upgrade`` makes the state tables, also for a node with mail in Maildirs."""
+
+    def test_upgrade_for_shared_state_only(
+        self, tmp_path: Path, pg_cluster: Postgres, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """shared_state = postgresql with a Maildir store: db upgrade creates the tables."""
+        name = pg_cluster.create_database()
+        try:
+            config = tmp_path / "pobox.toml"
+            config.write_text(
+                f'mail_location = "maildir:{tmp_path}/%u"\nshared_state = "postgresql"\n'
+                f'postgresql_dsn = "{pg_cluster.dsn(name)}"\n'
+            )
+            status = main(["db", "upgrade", "-c", str(config)])
+            with psycopg.connect(pg_cluster.dsn(name), autocommit=True) as conn:
+                tables = conn.execute(
+                    "SELECT relname, relpersistence FROM pg_class WHERE relname IN"
+                    " ('failure_counter', 'cluster_node', 'cluster_session') ORDER BY relname"
+                ).fetchall()
+        finally:
+            pg_cluster.drop_database(name)
+        assert 0 == status
+        assert "applied 0200_cluster_state\n" in capsys.readouterr().out
+        assert [("cluster_node", "u"), ("cluster_session", "u"), ("failure_counter", "u")] == tables
