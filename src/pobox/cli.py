@@ -282,6 +282,7 @@ def build_shared_state(config: Config) -> tuple[FailureCounters, Cluster]:
         FallbackRegistry(shared_registry, local_registry, health),
         upkeep=upkeep,
         on_close=state.aclose,
+        store="postgresql",
     )
 
 

@@ -259,6 +259,7 @@ class Cluster:
         upkeep: work to do every :data:`UPKEEP_EVERY` heartbeats (the store's expiry and
             bounds); its :class:`StateUnavailable` is ignored.
         on_close: what releases the store's resources (a connection pool), at :meth:`aclose`.
+        store: where the shared state is, for the log (``memory``, ``postgresql``).
     """
 
     def __init__(
@@ -270,6 +271,7 @@ class Cluster:
         max_userip: int,
         upkeep: Callable[[], Awaitable[None]] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        store: str = "memory",
     ) -> None:
         self.registry = registry
         self.heartbeat = heartbeat
@@ -277,6 +279,7 @@ class Cluster:
         self.max_userip = max_userip
         self._upkeep = upkeep
         self._on_close = on_close
+        self.store = store
         #: Session id → the callable that ends that session (its kick).
         self.live: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -338,6 +341,15 @@ class Cluster:
 
     async def start(self) -> None:
         """Register the node (the first heartbeat), then beat in the background."""
+        logger.info(
+            "master: node %s, shared state in %s, heartbeat every %gs, "
+            "mail_max_userip_connections=%d, mail_max_user_connections=%d",
+            self.node,
+            self.store,
+            self.heartbeat,
+            self.max_userip,
+            self.max_user,
+        )
         await self.beat()
         self._task = asyncio.create_task(self._run())
 

@@ -337,8 +337,10 @@ class Session:
             elif isinstance(event, ConnectionClosed):
                 # Release the lock before the last reply goes out (RFC 1939 §6: UPDATE,
                 # release, then the reply): a client that logs in again as soon as it has
-                # the +OK, here or on another node, must find the maildrop free.
+                # the +OK, here or on another node, must find the maildrop free, and its
+                # session no longer counted toward the connection limits.
                 await self._release()
+                await self._unregister()
                 await self._flush()
                 return {
                     "quit": "Logged out",
@@ -773,11 +775,16 @@ class Session:
                 self.writer.close()
                 raise
 
+    async def _unregister(self) -> None:
+        """Take the session out of the registry; safe to call more than once."""
+        if self.ctx.cluster is not None:
+            try:
+                await self.ctx.cluster.release(self.id)
+            except Exception:
+                self.log.exception("Unregistering the session failed")
+
     async def _finish(self, reason: str) -> None:
         await self._release()
-        if self.ctx.cluster is not None:
-            with contextlib.suppress(Exception):
-                await self.ctx.cluster.release(self.id)
         with contextlib.suppress(Exception):
             await self._flush()
         # close() sends what is still buffered before closing; wait (a while) only then.
@@ -787,6 +794,7 @@ class Session:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await self.writer.wait_closed()
+        await self._unregister()  # after the close: the socket goes whatever happens here
         s = self.conn.stats
         if self.log.user is not None:
             self.log.info(
