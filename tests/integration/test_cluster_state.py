@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -21,10 +21,9 @@ import pytest
 
 from pobox.cli import main
 from pobox.server._cluster import Cluster
-from pobox.state import SessionEntry
-from pobox.state.postgres import PostgresSessionRegistry, PostgresState
 from pobox.testing import RunningServer, running_server
 from tests.helpers.postgres import Postgres
+from tests.helpers.process import pobox_serve
 from tests.integration.wire import Wire
 
 USERS = {"alice": "secret"}
@@ -138,19 +137,20 @@ class TestAcrossNodes:
             await (await Wire.connect(a.host, a.port)).login()
         assert b"-ERR [SYS/TEMP] Session ended by the administrator, no changes made.\r\n" == ended
 
-    async def test_dead_node_sessions_expire(self, tmp_path: Path, pg_dsn: str) -> None:
-        """A node that stops beating (it died holding alice's session): after its lease alice
-        gets in again, and its entries are purged."""
+    async def test_killed_node_sessions_expire(self, tmp_path: Path, pg_dsn: str) -> None:
+        """A `pobox serve` node is SIGKILLed holding alice's session: after its lease alice
+        gets in again on node a, and the dead node's entries are purged."""
         async with two_nodes(tmp_path, pg_dsn, mail_max_userip_connections=1) as (a, _):
-            ghost = PostgresState(pg_dsn, timeout=3)
-            try:
-                registry = PostgresSessionRegistry(ghost, "ghost", lease=3 * HEARTBEAT)
-                await registry.heartbeat([])
-                entry = SessionEntry("g1", "alice", "ghost", "127.0.0.1", time.time(), False, "X")
-                assert (await registry.register(entry, max_user=0, max_userip=0)).admitted
-            finally:
-                await ghost.aclose()  # the node dies: no more heartbeats
-            refused = await (await Wire.connect(a.host, a.port)).attempt()
+            async with pobox_serve(
+                tmp_path / "c", USERS, **settings(pg_dsn, "c", mail_max_userip_connections=1)
+            ) as node_c:
+                wire = await Wire.connect("127.0.0.1", node_c.port)
+                await wire.login()
+                listed = [e.node for e in await cluster_of(a).registry.sessions()]
+                refused = await (await Wire.connect(a.host, a.port)).attempt()
+                node_c.signal(signal.SIGKILL)
+                await node_c.proc.wait()
+                await wire.close()
 
             async def alice_gets_in() -> bool:
                 wire = await Wire.connect(a.host, a.port)
@@ -160,6 +160,7 @@ class TestAcrossNodes:
 
             await eventually(alice_gets_in, "the dead node's session stopped counting")
             await eventually(lambda: _purged(pg_dsn), "the dead node's session purged")
+        assert ["c"] == listed
         assert refused.startswith(b"-ERR [IN-USE] Maximum number of connections")
 
 
@@ -169,7 +170,7 @@ async def _no_sessions(cluster: Cluster) -> bool:
 
 async def _purged(dsn: str) -> bool:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute("SELECT count(*) FROM pobox.cluster_session WHERE node = 'ghost'")
+        cur = await conn.execute("SELECT count(*) FROM pobox.cluster_session WHERE node = 'c'")
         row = await cur.fetchone()
     return row is not None and row[0] == 0
 
