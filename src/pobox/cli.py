@@ -604,7 +604,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     from pobox.storage.postgres import _admin  # noqa: PLC0415 - psycopg only when used
 
     config = load_config(args.config)
-    if shared_state_backend(config) != "postgresql":
+    if (
+        config.mail_location != "postgresql"
+        and config.userdb != "postgresql"
+        and shared_state_backend(config) != "postgresql"
+    ):
         raise ConfigError(
             'mail_location, userdb, shared_state: "pobox db" needs mail_location = '
             '"postgresql", userdb = "postgresql" or shared_state = "postgresql"'
