@@ -660,8 +660,8 @@ class Session:
         try:
             self.maildrop = await self._open_maildrop(user)
         finally:
-            if self.maildrop is None and self.ctx.cluster is not None:
-                await self.ctx.cluster.release(self.id)
+            if self.maildrop is None:  # not logged in after all: not counted either
+                await self._unregister()
         if self.maildrop is None:
             return
         if self.ctx.throttle is not None:
