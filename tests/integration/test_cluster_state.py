@@ -123,6 +123,17 @@ class TestAcrossNodes:
             await eventually(lambda: _no_sessions(cluster_of(a)), "unregistered at QUIT")
         assert ("alice", "b", "127.0.0.1", False) == (found.user, found.node, found.rip, found.tls)
 
+    async def test_login_refused_by_the_lock_is_not_counted(
+        self, tmp_path: Path, pg_dsn: str
+    ) -> None:
+        """A login that passes the limits but finds the maildrop locked leaves no entry."""
+        async with two_nodes(tmp_path, pg_dsn) as (a, b):
+            await (await Wire.connect(a.host, a.port)).login()
+            locked = await (await Wire.connect(b.host, b.port)).attempt()
+            listed = [e.node for e in await cluster_of(b).registry.sessions()]
+        assert locked.startswith(b"-ERR [IN-USE] Mailbox is locked")
+        assert ["a"] == listed
+
     async def test_kick_on_a_ends_the_session_on_b(self, tmp_path: Path, pg_dsn: str) -> None:
         """A kick asked on node a ends alice's session on node b without UPDATE."""
         async with two_nodes(tmp_path, pg_dsn) as (a, b):
