@@ -283,6 +283,7 @@ def build_shared_state(config: Config) -> tuple[FailureCounters, Cluster]:
         upkeep=upkeep,
         on_close=state.aclose,
         store="postgresql",
+        check=state.check_schema,
     )
 
 
@@ -434,6 +435,8 @@ async def run_server(config: Config) -> int:
     )
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
+        if server.ctx.cluster is not None:
+            await server.ctx.cluster.check_schema()
         await server.start()
         await delivery.start()
         # Start the thread pool (and import its modules) first: the interpreter may live

@@ -19,11 +19,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pobox.auth.passwdfile import add_user
 from pobox.cli import main
 from pobox.server._cluster import Cluster
 from pobox.testing import RunningServer, running_server
 from tests.helpers.postgres import Postgres
-from tests.helpers.process import pobox_serve
+from tests.helpers.process import pobox_serve, serve_config
 from tests.integration.wire import Wire
 
 USERS = {"alice": "secret"}
@@ -295,3 +296,27 @@ class TestSchema:
         assert 0 == status
         assert "applied 0200_cluster_state\n" in capsys.readouterr().out
         assert [("cluster_node", "u"), ("cluster_session", "u"), ("failure_counter", "u")] == tables
+
+    async def test_serve_refuses_state_tables_missing(
+        self, tmp_path: Path, pg_cluster: Postgres
+    ) -> None:
+        """A node with shared_state = postgresql on a database without the tables does not
+        start, and says what to run."""
+        name = pg_cluster.create_database()
+        try:
+            add_user(tmp_path / "passwd", "alice", b"secret", scheme="PLAIN")
+            config = tmp_path / "pobox.toml"
+            config.write_text(
+                f'listen = ["127.0.0.1:0"]\npasswd_file = "{tmp_path / "passwd"}"\n'
+                f'mail_location = "maildir:{tmp_path}/%u"\nshared_state = "postgresql"\n'
+                f'postgresql_dsn = "{pg_cluster.dsn(name)}"\n'
+            )
+            async with serve_config(config, stderr=asyncio.subprocess.PIPE) as proc:
+                assert proc.stderr is not None
+                async with asyncio.timeout(30):
+                    error = await proc.stderr.read()
+                    status = await proc.wait()
+        finally:
+            pg_cluster.drop_database(name)
+        assert 0 != status
+        assert b"run `pobox db upgrade -c CONFIG`" in error

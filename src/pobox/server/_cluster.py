@@ -260,6 +260,7 @@ class Cluster:
             bounds); its :class:`StateUnavailable` is ignored.
         on_close: what releases the store's resources (a connection pool), at :meth:`aclose`.
         store: where the shared state is, for the log (``memory``, ``postgresql``).
+        check: checks the store's schema (raising :class:`~pobox.errors.PoboxError`).
     """
 
     def __init__(
@@ -272,6 +273,7 @@ class Cluster:
         upkeep: Callable[[], Awaitable[None]] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
         store: str = "memory",
+        check: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self.heartbeat = heartbeat
@@ -280,6 +282,7 @@ class Cluster:
         self._upkeep = upkeep
         self._on_close = on_close
         self.store = store
+        self._check = check
         #: Session id → the callable that ends that session (its kick).
         self.live: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -338,6 +341,23 @@ class Cluster:
                 await self._upkeep()
             except StateUnavailable as exc:
                 logger.debug("master: shared state upkeep failed: %s", exc)
+
+    async def check_schema(self) -> None:
+        """Refuse a store whose schema this pobox does not know; serve on if it is down.
+
+        Raises:
+            pobox.errors.PoboxError: the schema is missing, older or newer (saying what to run).
+        """
+        if self._check is None:
+            return
+        try:
+            await self._check()
+        except StateUnavailable as exc:
+            logger.warning(
+                "master: cannot check the shared state's schema now (%s); this node uses its "
+                "memory until the store answers",
+                exc,
+            )
 
     async def start(self) -> None:
         """Register the node (the first heartbeat), then beat in the background."""
