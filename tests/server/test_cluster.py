@@ -158,6 +158,24 @@ class TestCluster:
         assert ["s1"] == [e.id for e in await registry.sessions()]
 
 
+class TakenRegistry(MemorySessionRegistry):
+    """A registry whose store says another live process renews this node's lease."""
+
+    name_taken = True
+
+
+class TestNameTaken:
+    """A node_name used by two live processes is logged, once."""
+
+    async def test_logged_once(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Every beat sees the clash; the error is logged at the first only."""
+        cluster = Cluster(TakenRegistry("a"), heartbeat=5, max_user=0, max_userip=0)
+        for _ in range(3):
+            await cluster.beat()
+        errors = [r for r in caplog.records if "renews the lease of node a" in r.getMessage()]
+        assert 1 == len(errors)
+
+
 class TestConfig:
     """The shared-state keys: validated, and auto resolved from the store and userdb."""
 

@@ -308,6 +308,32 @@ class TestClusterRegistry:
         assert not (await reg.register(entry("s2"), max_user=1, max_userip=0)).admitted
 
 
+class TestNodeNames:
+    """A node notices another live process using its name, and not a restart of itself."""
+
+    async def test_two_live_processes_one_name(self, cluster: Registries) -> None:
+        """Two registries of one node name beating in turn both see the name taken."""
+        clock = Clock()
+        first, second = cluster("a", clock), cluster("a", clock)
+        assert isinstance(first, PostgresSessionRegistry)
+        assert isinstance(second, PostgresSessionRegistry)
+        await first.heartbeat([])
+        await second.heartbeat([])
+        await first.heartbeat([])
+        await second.heartbeat([])
+        assert (True, True) == (first.name_taken, second.name_taken)
+
+    async def test_restart_is_no_clash(self, cluster: Registries) -> None:
+        """A new process of a node (the old one gone) is not a clash."""
+        clock = Clock()
+        old, new = cluster("a", clock), cluster("a", clock)
+        assert isinstance(new, PostgresSessionRegistry)
+        await old.heartbeat([])
+        await new.heartbeat([])
+        await new.heartbeat([])
+        assert not new.name_taken
+
+
 class TestPostgresBounds:
     """The PostgreSQL counters stay bounded: upkeep drops expired rows, then the idlest."""
 

@@ -231,6 +231,11 @@ class FallbackRegistry:
         _, found = await self._try(lambda: self.shared.kick(user=user, session_id=session_id))
         return mine + (found or 0)
 
+    @property
+    def name_taken(self) -> bool:
+        """Whether the store saw another live process renew this node's lease."""
+        return bool(getattr(self.shared, "name_taken", False))
+
     async def heartbeat(self, live: Sequence[str]) -> list[str]:
         """Renew the lease (asking the store even in an episode: it ends one); return kicks.
 
@@ -288,6 +293,7 @@ class Cluster:
         self._task: asyncio.Task[None] | None = None
         #: Heartbeats made so far.
         self.beats = 0
+        self._name_taken = False
 
     @property
     def node(self) -> str:
@@ -336,6 +342,14 @@ class Cluster:
             kick = self.live.get(session_id)
             if kick is not None:
                 kick()
+        taken = bool(getattr(self.registry, "name_taken", False))
+        if taken and not self._name_taken:
+            logger.error(
+                "master: another live pobox renews the lease of node %s: give each node its "
+                "own node_name (each would forget the other's sessions)",
+                self.node,
+            )
+        self._name_taken = taken
         if self._upkeep is not None and self.beats % UPKEEP_EVERY == 1:
             try:
                 await self._upkeep()

@@ -35,6 +35,7 @@ May import: the standard library, psycopg, psycopg_pool, :mod:`pobox.state.base`
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, LiteralString, TypeVar
@@ -135,13 +136,19 @@ _TEXT: dict[str, LiteralString] = {
     " WHERE n.name = s.node AND n.last_seen > %(dead)s)) RETURNING s.id",
     # Renew the lease, forget this node's sessions it no longer has, and say which of the
     # others were kicked.
-    "heartbeat": "WITH me AS (INSERT INTO {cluster_node} (name, started, last_seen)"
-    " VALUES (%(node)s, %(now)s, %(now)s)"
-    " ON CONFLICT (name) DO UPDATE SET last_seen = EXCLUDED.last_seen RETURNING 1),"
+    # The last row says which process renewed the lease before (the statement's snapshot
+    # predates the upsert): another one than this, after this one's first beat, means that
+    # a second live process has this node's name.
+    "heartbeat": "WITH me AS (INSERT INTO {cluster_node} (name, instance, started, last_seen)"
+    " VALUES (%(node)s, %(instance)s, %(now)s, %(now)s)"
+    " ON CONFLICT (name) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
+    " instance = EXCLUDED.instance RETURNING 1),"
     " stale AS (DELETE FROM {cluster_session} WHERE node = %(node)s"
     " AND id NOT IN (SELECT unnest(%(live)s::text[])) RETURNING 1)"
-    " SELECT id FROM {cluster_session} WHERE node = %(node)s AND kicked"
-    " AND id = ANY(%(live)s::text[])",
+    " SELECT id, false FROM {cluster_session} WHERE node = %(node)s AND kicked"
+    " AND id = ANY(%(live)s::text[])"
+    " UNION ALL SELECT instance, true FROM {cluster_node}"
+    " WHERE name = %(node)s AND instance <> %(instance)s",
     # Sessions of nodes whose lease ran out (or that have no row), then long-gone nodes.
     "purge": "WITH dead AS (DELETE FROM {cluster_session} AS s WHERE s.node <> %(node)s"
     " AND NOT EXISTS (SELECT FROM {cluster_node} AS n WHERE n.name = s.node"
@@ -334,6 +341,12 @@ class PostgresSessionRegistry:
         self.state = state
         self._node = node
         self.lease = lease
+        #: This process's token in ``cluster_node.instance``.
+        self.instance = secrets.token_hex(8)
+        #: Whether another live process renews this node's lease too (a node_name clash),
+        #: as the last heartbeat found.
+        self.name_taken = False
+        self._beats = 0
 
     @property
     def node(self) -> str:
@@ -410,9 +423,17 @@ class PostgresSessionRegistry:
         rows = await self.state.fetch(
             "heartbeat",
             "heartbeat",
-            {"node": self._node, "now": self.state.clock(), "live": list(live)},
+            {
+                "node": self._node,
+                "instance": self.instance,
+                "now": self.state.clock(),
+                "live": list(live),
+            },
         )
-        return sorted(str(row[0]) for row in rows)
+        self._beats += 1
+        # Before the first beat the row may be an earlier run's (a restart): not a clash.
+        self.name_taken = self._beats > 1 and any(other for _, other in rows)
+        return sorted(str(value) for value, other in rows if not other)
 
     async def purge(self) -> tuple[int, int]:
         """Delete the sessions of nodes whose lease ran out, and nodes gone for a day.

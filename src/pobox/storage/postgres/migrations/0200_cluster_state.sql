@@ -23,9 +23,12 @@ CREATE UNLOGGED TABLE {schema}.failure_counter (
 CREATE INDEX failure_counter_first_at ON {schema}.failure_counter (first_at);
 CREATE INDEX failure_counter_last_at ON {schema}.failure_counter (last_at);
 
--- Every pobox node (node_name) and the last time it renewed its lease.
+-- Every pobox node (node_name) and the last time it renewed its lease. instance: a random
+-- token of the process that renewed it last (two live processes with one name alternate it,
+-- which is how a node notices that its name is taken).
 CREATE UNLOGGED TABLE {schema}.cluster_node (
     name      text             NOT NULL,
+    instance  text             NOT NULL,
     started   double precision NOT NULL,
     last_seen double precision NOT NULL,
     PRIMARY KEY (name)
