@@ -173,6 +173,8 @@ class Pop3Server:
         Raises:
             OSError: an address cannot be bound (in use, not permitted).
         """
+        if self.ctx.cluster is not None:  # the node's lease first: its sessions must count
+            await self.ctx.cluster.start()
         for listen in self.ctx.config.listen:
             self._servers.append(await self._bind(listen))
         for listen in self.ctx.config.ssl_listen:
@@ -321,6 +323,8 @@ class Pop3Server:
             await server.wait_closed()
         self._servers.clear()
         self._ssl_servers.clear()
+        if self.ctx.cluster is not None:  # the sessions have unregistered themselves
+            await self.ctx.cluster.aclose()
         await self.ctx.store.aclose()
         close = getattr(self.ctx.authenticator, "aclose", None)  # a database's pool
         if close is not None:
