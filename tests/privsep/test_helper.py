@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,6 +214,73 @@ class TestServing:
         assert ROOT_SECRET == read_fd(fds[0])
         assert ("invalid", []) == (refused["error"]["kind"], none)
         assert "invalid" == on_main["error"]["kind"]
+
+
+class TestLogFile:
+    """The log is reopened for appending in its own directory only, never through a link."""
+
+    @staticmethod
+    def _append(running: RawHelper, data: bytes) -> str | None:
+        """Ask for the log file on the file socket; append ``data``; the error kind if refused."""
+        send_frame(running.files, {"id": 7, "op": "file", "key": "log_path"})
+        answer, fds = running.receive(running.files)
+        if "error" in answer:
+            return str(answer["error"]["kind"])
+        try:
+            os.write(fds[0], data)
+        finally:
+            os.close(fds[0])
+        return None
+
+    def _start(self, world: World) -> tuple[RawHelper, Path]:
+        logs = world.root / "log"
+        logs.mkdir()
+        os.chown(logs, world.alice.uid, world.alice.gid)  # the serving user's directory
+        log = logs / "pobox.log"
+        return start_helper(settings(appends={"log_path": str(log)})), log
+
+    def test_reopened_and_created(self, world: World) -> None:
+        """The log is appended to, and created (mode 0640) after a rotation moved it away."""
+        running, log = self._start(world)
+        try:
+            first = self._append(running, b"one\n")
+            log.rename(log.with_suffix(".1"))
+            second = self._append(running, b"two\n")
+        finally:
+            running.stop()
+        assert (None, None) == (first, second)
+        assert b"two\n" == log.read_bytes()
+        assert 0o640 == stat.S_IMODE(log.stat().st_mode)
+
+    @pytest.mark.parametrize("trap", ["symlink", "dangling", "hardlink"])
+    def test_planted_link_refused(self, world: World, trap: str) -> None:
+        """A link in place of the log reaches neither the root-only file nor a new one."""
+        running, log = self._start(world)
+        target = world.root / "created-by-root" if trap == "dangling" else world.secret
+        if trap == "hardlink":
+            os.link(world.secret, log)
+        else:
+            log.symlink_to(target)
+        try:
+            refused = self._append(running, b"root2::0:0::/root:/bin/sh\n")
+        finally:
+            running.stop()
+        assert refused is not None
+        assert ROOT_SECRET == world.secret.read_bytes()
+        assert not (world.root / "created-by-root").exists()
+
+    def test_directory_swapped_for_a_link(self, world: World) -> None:
+        """The log's directory swapped for a link to a root-only one: nothing is made there."""
+        running, log = self._start(world)
+        elsewhere = world.root / "root-only-dir"
+        elsewhere.mkdir(mode=0o700)
+        try:
+            log.parent.rename(world.root / "log.old")
+            log.parent.symlink_to(elsewhere)
+            self._append(running, b"line\n")
+        finally:
+            running.stop()
+        assert [] == list(elsewhere.iterdir())
 
 
 class TestEndings:

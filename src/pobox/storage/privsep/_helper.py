@@ -23,7 +23,10 @@ and then reaches mail only through it. The helper:
 * on its second socket answers ``file`` requests only, handing over a read-only descriptor
   of a configuration file the settings name (the passwd-file, TLS certificates and keys) that
   the unprivileged serving process must read again later, or one open for appending of the
-  log file (reopened after a rotation).
+  log file (reopened after a rotation). The log file is opened relative to its directory as
+  the hello found it (a descriptor kept from then), without following a link and only if it
+  is a regular file with no other name: a serving process that can write to the log's
+  directory cannot make root append to, or create, any other file.
 
 A thread whose credentials cannot be restored ends the process (exit status 70): the
 serving process sees the end of file, logs it and exits, and never goes on without it.
@@ -161,6 +164,10 @@ class Helper:
         self._core: MaildirAccess | None = None
         self._receive_turn = threading.Lock()
         self._assembler = FrameAssembler(MAX_REQUEST)
+        #: The directory of each file opened for appending, as the hello found it (while the
+        #: serving process was root), and the file's name in it; ``None`` if it could not
+        #: be opened then.
+        self._log_dirs: dict[str, tuple[int, str] | None] = {}
         #: The exit status, once the main socket has ended (or broke the protocol).
         self._status: int | None = None
 
@@ -227,6 +234,8 @@ class Helper:
             raise InvalidRequest(msg, request_id)
         self._settings = Settings.from_wire(args["settings"])
         self._core = MaildirAccess(self._settings.location)
+        for key, path in self._settings.appends.items():
+            self._log_dirs[key] = _open_parent(path)
         self._reply(self._main, request_id, {"pid": os.getpid()})
 
     def _dispatch(self, frame: dict[str, Any], fds: list[int]) -> None:
@@ -401,21 +410,47 @@ class Helper:
         assert self._settings is not None
         flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         path = self._settings.files.get(key)
-        if path is not None:
-            flags |= os.O_RDONLY
-        else:
-            path = self._settings.appends.get(key)
-            if path is None:
-                raise InvalidRequest(f"file: {key!r} names no configuration file")
-            flags |= os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        if path is None:
+            return self._open_append(key)
         try:
-            fd = os.open(path, flags, 0o640)
+            fd = os.open(path, flags | os.O_RDONLY)
         except OSError as exc:
             msg = f"cannot open {key} {path}: {exc.strerror}"
             raise StorageTemporaryError(msg) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise InvalidRequest(f"file: {key} ({path}) is not a regular file")
+        return fd
+
+    def _open_append(self, key: str) -> int:
+        """Open the file ``key`` for appending in the directory the hello found, never a link.
+
+        The serving process may be able to write to the log's directory (logrotate's
+        ``create`` for it, a directory of its own): a link or a hard link planted there in
+        place of the log, or the directory swapped for a link, must not get root to append to
+        or create another file. So: relative to the directory's descriptor kept from the
+        hello, ``O_NOFOLLOW``, and only a regular file with one name.
+        """
+        assert self._settings is not None
+        path = self._settings.appends.get(key)
+        if path is None:
+            raise InvalidRequest(f"file: {key!r} names no configuration file")
+        where = self._log_dirs.get(key)
+        if where is None:
+            msg = f"cannot open {key} {path}: its directory could not be opened at start"
+            raise StorageTemporaryError(msg)
+        dir_fd, name = where
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(name, flags | os.O_CLOEXEC | os.O_NOCTTY, 0o640, dir_fd=dir_fd)
+        except OSError as exc:
+            msg = f"cannot open {key} {path}: {exc.strerror}"
+            raise StorageTemporaryError(msg) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            msg = f"file: {key} ({path}) is not a regular file with one name"
+            raise InvalidRequest(msg)
         return fd
 
     # ------------------------------------------------------------------ answers
@@ -429,6 +464,19 @@ class Helper:
     def _reply_error(self, sock: socket.socket, request_id: int, exc: BaseException) -> None:
         with self._send_lock:
             send_frame(sock, {"id": request_id, "error": error_to_wire(exc)})
+
+
+def _open_parent(path: str) -> tuple[int, str] | None:
+    """Open the directory of ``path`` (links followed: the admin's); ``None`` if it fails."""
+    directory, name = os.path.split(path)
+    if not name:
+        return None
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        _log(f"cannot open the directory of {path}: {exc.strerror}")
+        return None
+    return fd, name
 
 
 def main(argv: list[str] | None = None) -> int:
