@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from pobox.storage._safefs import Dir
+from pobox.storage.maildir import _fs
+from pobox.storage.maildir._fs import SessionLock, refresh_session_locks
+from pobox.storage.privsep._fsid import become, owner_rights, thread_ids
 from pobox.storage.privsep._wire import send_frame
 from pobox.storage.spool import Spool
 from tests.privsep.conftest import (
@@ -281,6 +286,41 @@ class TestLogFile:
         finally:
             running.stop()
         assert [] == list(elsewhere.iterdir())
+
+
+class TestSessionLockRights:
+    """The helper's session locks are touched and released with their owner's ids, not root's."""
+
+    def test_refresher_touches_with_the_owners_rights(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A lock in a maildir its owner can no longer reach (home 0000) is left untouched."""
+        monkeypatch.setattr(_fs, "_thread_rights", None)  # this process's setting, restored
+        _fs.use_thread_rights(thread_ids, lambda ids: owner_rights(*cast("tuple[int, int]", ids)))
+        alice, maildir = world.alice, world.maildir(world.alice)
+        taken: list[SessionLock | None] = []
+
+        def take() -> None:  # a worker thread of the helper: the owner's ids, then the lock
+            become(alice.uid, alice.gid)
+            with Dir.open_root(maildir, alice.uid) as root:
+                taken.append(SessionLock.take_if_free(root, LOCK))
+
+        worker = threading.Thread(target=take)
+        worker.start()
+        worker.join()
+        lock = maildir / LOCK
+        old = int(time.time()) - 1000
+        os.utime(lock, (old, old))
+        world.home(alice).chmod(0)  # root would still get through; alice cannot
+        try:
+            refresh_session_locks()
+            mtime = lock.stat().st_mtime
+        finally:
+            world.home(alice).chmod(0o700)
+        held = taken[0]
+        assert held is not None
+        held.release()  # with alice's ids, from this (root) thread: it can now
+        assert (old, False) == (mtime, lock.exists())
 
 
 class TestEndings:

@@ -37,6 +37,7 @@ of this package.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -45,12 +46,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from pobox.records import User
 from pobox.storage.base import IncomingMessage, StorageTemporaryError
 from pobox.storage.maildir import MaildirAccess, MaildirHandle
-from pobox.storage.privsep._fsid import CredentialsError, become
+from pobox.storage.maildir._fs import use_thread_rights
+from pobox.storage.privsep._fsid import CredentialsError, become, owner_rights, thread_ids
 from pobox.storage.privsep._owner import Owner, OwnerPolicy
 from pobox.storage.privsep._protocol import (
     InvalidRequest,
@@ -466,6 +468,12 @@ class Helper:
             send_frame(sock, {"id": request_id, "error": error_to_wire(exc)})
 
 
+def _owner_rights(rights: object) -> contextlib.AbstractContextManager[None]:
+    """Run a block with the filesystem ids :func:`thread_ids` returned."""
+    uid, gid = cast("tuple[int, int]", rights)
+    return owner_rights(uid, gid)
+
+
 def _open_parent(path: str) -> tuple[int, str] | None:
     """Open the directory of ``path`` (links followed: the admin's); ``None`` if it fails."""
     directory, name = os.path.split(path)
@@ -486,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if os.geteuid() == 0:
         os.setgroups([])  # the owners' rights only: no supplementary group adds to them
+    # Session locks are refreshed (a thread of their own) and released with the owner's ids.
+    use_thread_rights(thread_ids, _owner_rights)
     main_sock = socket.socket(fileno=int(args[0]))
     files_sock = socket.socket(fileno=int(args[1])) if len(args) > 1 else None
     return Helper(main_sock, files_sock).run()
