@@ -21,8 +21,10 @@ Addresses are counted as :func:`address_group` says: an IPv4 address on its own 
 IPv4-mapped IPv6 address as the IPv4 address it maps), an IPv6 address by its /64. One
 subscriber (one home router, one cloud instance) is routinely given a whole /64, so
 counting per /128 would let one attacker fail from 2**64 "addresses", each under the
-limit. Dovecot's auth penalty groups IPv6 addresses by network the same way. The
-connection caps (:mod:`._limits`) count by the same groups.
+limit. Dovecot's auth penalty groups IPv6 addresses too, by /48
+(``PENALTY_IPV6_MASK_BITS``); pobox takes /64 because it also *refuses* a failing group,
+which at /48 would refuse a whole site for one host's failures. The connection caps
+(:mod:`._limits`) count by the same groups.
 
 The counters live behind :class:`~pobox.state.base.FailureCounters` (in memory now; in
 PostgreSQL, shared by every node, later); this module is only the policy that reads them.
