@@ -221,6 +221,51 @@ class TestServing:
         assert "invalid" == on_main["error"]["kind"]
 
 
+class TestConfigFileLinks:
+    """A configuration file is read through a link only where only root can place one."""
+
+    @staticmethod
+    def _read(world: World, folder: Path) -> bytes | str:
+        """Start a helper reading ``folder/passwd``; return its content or the error kind."""
+        running = start_helper(settings(files={"passwd_file": str(folder / "passwd")}))
+        try:
+            send_frame(running.files, {"id": 5, "op": "file", "key": "passwd_file"})
+            answer, fds = running.receive(running.files)
+        finally:
+            running.stop()
+        return read_fd(fds[0]) if "ok" in answer else str(answer["error"]["kind"])
+
+    @staticmethod
+    def _folder(world: World, owner: int) -> Path:
+        folder = world.root / "etc-pobox"
+        folder.mkdir(mode=0o755)
+        os.chown(folder, owner, owner)
+        return folder
+
+    @pytest.mark.parametrize("trap", ["symlink", "hardlink"])
+    def test_link_in_a_directory_of_the_serving_user(self, world: World, trap: str) -> None:
+        """In a directory another user can write to, a link to a root-only file is refused."""
+        folder = self._folder(world, world.alice.uid)
+        if trap == "symlink":
+            (folder / "passwd").symlink_to(world.secret)
+        else:
+            os.link(world.secret, folder / "passwd")
+        refused = self._read(world, folder)
+        assert refused in ("invalid", "temporary")  # not a regular file, or ELOOP
+
+    def test_plain_file_in_a_directory_of_the_serving_user(self, world: World) -> None:
+        """A plain file there is read as before."""
+        folder = self._folder(world, world.alice.uid)
+        (folder / "passwd").write_bytes(b"alice:{PLAIN}x\n")
+        assert b"alice:{PLAIN}x\n" == self._read(world, folder)
+
+    def test_link_in_roots_directory_is_followed(self, world: World) -> None:
+        """In a directory only root can change, a link is the admin's and is followed."""
+        folder = self._folder(world, 0)
+        (folder / "passwd").symlink_to(world.secret)
+        assert ROOT_SECRET == self._read(world, folder)
+
+
 class TestLogFile:
     """The log is reopened for appending in its own directory only, never through a link."""
 
