@@ -43,17 +43,24 @@ from pobox.auth.passwdfile import (
 from pobox.auth.schemes import SUPPORTED_SCHEMES, hash_password
 from pobox.auth.secretfile import load_secret
 from pobox.client.cli import add_fetch_parser
-from pobox.config import KEYS, Config, load_config
+from pobox.config import KEYS, Config, load_config, shared_state_backend
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
 from pobox.log import reopen_logs, setup_logging
 from pobox.records import User, parse_size
 from pobox.server import Pop3Server, SessionContext
+from pobox.server._cluster import (
+    LEASE_BEATS,
+    Cluster,
+    FallbackFailureCounters,
+    FallbackRegistry,
+    StoreHealth,
+)
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._throttle import LoginThrottle
-from pobox.state import MemoryFailureCounters
+from pobox.state import FailureCounters, MemoryFailureCounters, MemorySessionRegistry
 from pobox.storage.base import (
     IncomingMessage,
     MaildropImporter,
@@ -216,6 +223,70 @@ async def close_authenticator(authenticator: Authenticator) -> None:
         await close()
 
 
+def node_name(config: Config) -> str:
+    """This node's name in the session registry: ``node_name``, else the host name."""
+    import socket  # noqa: PLC0415 - only here
+
+    return config.node_name or socket.gethostname()
+
+
+def build_shared_state(config: Config) -> tuple[FailureCounters, Cluster]:
+    """Build the failed-login counters and the node's place in the session registry.
+
+    In memory for one node; in PostgreSQL (``shared_state``) for a cluster, each call falling
+    back to this node's memory while the database is slow or down.
+    """
+    node = node_name(config)
+    local_counters = MemoryFailureCounters(config.auth_failure_window)
+    local_registry = MemorySessionRegistry(node)
+    cluster = functools.partial(
+        Cluster,
+        heartbeat=config.shared_state_heartbeat,
+        max_user=config.mail_max_user_connections,
+        max_userip=config.mail_max_userip_connections,
+    )
+    if shared_state_backend(config) == "memory":
+        return local_counters, cluster(local_registry)
+    from pobox.state.postgres import (  # noqa: PLC0415 - psycopg only when used
+        PostgresFailureCounters,
+        PostgresSessionRegistry,
+        PostgresState,
+    )
+
+    state = PostgresState(
+        config.postgresql_dsn,
+        schema=config.postgresql_schema,
+        timeout=config.shared_state_timeout,
+        pool_max=min(config.postgresql_pool_max, 8),
+    )
+    health = StoreHealth()
+    shared_counters = PostgresFailureCounters(state, config.auth_failure_window)
+    shared_registry = PostgresSessionRegistry(
+        state, node, lease=LEASE_BEATS * config.shared_state_heartbeat
+    )
+
+    async def upkeep() -> None:
+        expired, surplus = await shared_counters.upkeep()
+        dead, gone = await shared_registry.purge()
+        if surplus or dead or gone:
+            logger.info(
+                "master: shared state upkeep: %d expired and %d surplus failure counters, "
+                "%d sessions of dead nodes and %d nodes deleted",
+                expired,
+                surplus,
+                dead,
+                gone,
+            )
+
+    return FallbackFailureCounters(shared_counters, local_counters, health), cluster(
+        FallbackRegistry(shared_registry, local_registry, health),
+        upkeep=upkeep,
+        on_close=state.aclose,
+        store="postgresql",
+        check=state.check_schema,
+    )
+
+
 def build_context(
     config: Config,
     *,
@@ -230,13 +301,14 @@ def build_context(
     holds for password checks and SCRAM key derivation together.
     """
     workers = workers or HashWorkers()
+    counters, cluster = build_shared_state(config)
     return SessionContext(
         config=config,
         authenticator=authenticator or build_authenticator(config, workers),
         store=store or build_store(config),
         tls=tls,
         throttle=LoginThrottle(
-            MemoryFailureCounters(config.auth_failure_window),
+            counters,
             delay=config.auth_failure_delay,
             delay_max=config.auth_failure_delay_max,
             per_ip=config.auth_failures_per_ip,
@@ -247,6 +319,7 @@ def build_context(
         else None,
         workers=workers,
         scram_secret=scram_secret(config),
+        cluster=cluster,
     )
 
 
@@ -362,6 +435,8 @@ async def run_server(config: Config) -> int:
     )
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     try:  # the ports are bound and the TLS key read: root is no longer needed
+        if server.ctx.cluster is not None:
+            await server.ctx.cluster.check_schema()
         await server.start()
         await delivery.start()
         # Start the thread pool (and import its modules) first: the interpreter may live
@@ -532,10 +607,14 @@ def cmd_db(args: argparse.Namespace) -> int:
     from pobox.storage.postgres import _admin  # noqa: PLC0415 - psycopg only when used
 
     config = load_config(args.config)
-    if config.mail_location != "postgresql" and config.userdb != "postgresql":
+    if (
+        config.mail_location != "postgresql"
+        and config.userdb != "postgresql"
+        and shared_state_backend(config) != "postgresql"
+    ):
         raise ConfigError(
-            'mail_location, userdb: "pobox db" needs mail_location = "postgresql" or '
-            'userdb = "postgresql"'
+            'mail_location, userdb, shared_state: "pobox db" needs mail_location = '
+            '"postgresql", userdb = "postgresql" or shared_state = "postgresql"'
         )
     dsn, schema, timeout = (
         config.postgresql_dsn,

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from pobox.errors import ConfigError
 
-__all__ = ["KEYS", "Config", "Listen", "load_config", "parse_listen"]
+__all__ = ["KEYS", "Config", "Listen", "load_config", "parse_listen", "shared_state_backend"]
 
 #: ``disable_plaintext_auth`` values, as Dovecot names them, plus ``loopback`` (the default).
 PLAINTEXT_POLICIES: Final = ("loopback", "yes", "no")
@@ -122,6 +122,12 @@ class Config:
     postgresql_password_query: str = ""
     postgresql_user_query: str = ""
     postgresql_iterate_query: str = ""
+    shared_state: str = "auto"
+    node_name: str = ""
+    shared_state_timeout: float = 0.5
+    shared_state_heartbeat: float = 5.0
+    mail_max_userip_connections: int = 10
+    mail_max_user_connections: int = 0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -420,6 +426,38 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "Your own query listing every user (pobox user list), like Dovecot's iterate_query: "
         "a username (or user) column. Empty with custom queries: no listing.",
     ),
+    "shared_state": (
+        str,
+        "Where the state every node must share is kept (failed-login counters, the session "
+        "registry and its connection limits): memory (this node only) or postgresql "
+        "(postgresql_dsn, for several nodes). auto: postgresql when mail_location or userdb "
+        "is postgresql, else memory.",
+    ),
+    "node_name": (
+        str,
+        "This node's name in the session registry and the logs; unique in the cluster "
+        "(default: the host name).",
+    ),
+    "shared_state_timeout": (
+        float,
+        "Seconds a call to the shared state may take; past it (or if the database is down) "
+        "that login uses this node's memory instead, logged once per episode (0.5).",
+    ),
+    "shared_state_heartbeat": (
+        float,
+        "Seconds between a node's heartbeats (renewing its lease, seeing kicks). A node not "
+        "heard from for 3 heartbeats is dead: its sessions no longer count (5).",
+    ),
+    "mail_max_userip_connections": (
+        int,
+        "Logged-in sessions one user may have from one client address, on all nodes "
+        "together; beyond it -ERR [IN-USE] (Dovecot's key). 0: no limit (10).",
+    ),
+    "mail_max_user_connections": (
+        int,
+        "Logged-in sessions one user may have from any address, on all nodes together; "
+        "beyond it -ERR [IN-USE] (Dovecot's key). 0: no limit (0).",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -643,6 +681,30 @@ def _validate_postgresql(config: Config) -> None:
         raise ConfigError("postgresql_lock_check_interval: must not be negative")
 
 
+def _validate_shared_state(config: Config) -> None:
+    if config.shared_state not in ("auto", "memory", "postgresql"):
+        raise ConfigError(
+            f"shared_state: {config.shared_state!r} is not auto, memory or postgresql"
+        )
+    for key in ("shared_state_timeout", "shared_state_heartbeat"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be a positive number of seconds")
+    for key in ("mail_max_userip_connections", "mail_max_user_connections"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key}: must not be negative (0: no limit)")
+    if len(config.node_name) > 255 or any(ord(c) < 33 or ord(c) == 127 for c in config.node_name):
+        raise ConfigError("node_name: at most 255 characters, no spaces or control characters")
+
+
+def shared_state_backend(config: Config) -> str:
+    """Return where shared state is kept: ``memory`` or ``postgresql`` (``auto`` resolved)."""
+    if config.shared_state != "auto":
+        return config.shared_state
+    if config.mail_location == "postgresql" or config.userdb == "postgresql":
+        return "postgresql"
+    return "memory"
+
+
 def _validate(config: Config) -> Config:
     warnings: list[str] = []
     if not config.mail_location.startswith("maildir:") and config.mail_location != "postgresql":
@@ -650,6 +712,7 @@ def _validate(config: Config) -> Config:
             f"mail_location: {config.mail_location!r} must start with 'maildir:' or be 'postgresql'"
         )
     _validate_postgresql(config)
+    _validate_shared_state(config)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
     for key in (

@@ -55,6 +55,7 @@ from pobox.storage.base import (
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._index import (
     DOVECOT_UIDLIST_NAME,
+    INDEX_MAX,
     INDEX_NAME,
     IndexEntry,
     UidList,
@@ -500,16 +501,32 @@ class _MaildirWriter:
         os.rename(name, name, src_dir_fd=self._dirs["tmp"], dst_dir_fd=self._dirs["cur"])
 
     def read_index(self, name: str) -> str | None:
-        """Return the text of an index file in the Maildir, if there is one."""
+        """Return the text of an index file in the Maildir, if there is one.
+
+        The target may be a user's Maildir, and this process root: a FIFO must not hang it,
+        a huge file not fill its memory, and a hard link to a file of root's or of another
+        user's must not be read (its entries would be written back, the user's).
+        """
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._root)
+            fd = os.open(name, flags, dir_fd=self._root)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                msg = f"{name} in the target is not a regular file"
+            st = os.fstat(file.fileno())
+            owner = None if self._owner is None else self._owner[0]
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_nlink != 1
+                or (owner is not None and st.st_uid != owner)
+                or st.st_size > INDEX_MAX
+            ):
+                msg = (
+                    f"{name} in the target is not a regular file of its owner with one name "
+                    f"and at most {INDEX_MAX} octets"
+                )
                 raise TransferError(msg)
-            return file.read().decode("utf-8", "surrogateescape")
+            return file.read(INDEX_MAX).decode("utf-8", "surrogateescape")
 
     def replace(self, name: str, text: str) -> None:
         """Replace an index file atomically (temporary file, fsync, rename, fsync dir)."""

@@ -242,6 +242,28 @@ class TestAuthenticate:
         assert None is await users("alice:{PLAIN}pw\n").authenticate("alice", b"pw\0x")
 
 
+class TestHashThreads:
+    """Password checks have threads of their own, apart from the maildir work's."""
+
+    async def test_login_while_the_default_executor_is_busy(self, users):
+        """With every default worker thread held (listings, fsyncs), a check still answers."""
+        db = users(f"alice:{SHA512_CRYPT}:1000:1000\n")
+        assert await db.authenticate("alice", b"secret") is not None  # the file is read
+        loop = asyncio.get_running_loop()
+        busy = ThreadPoolExecutor(1)
+        loop.set_default_executor(busy)
+        release = threading.Event()
+        held = asyncio.ensure_future(asyncio.to_thread(release.wait))
+        try:
+            # Generous: only a check queued behind the held thread takes that long.
+            answer = await asyncio.wait_for(db.authenticate("alice", b"secret"), 60)
+            still_held = not held.done()
+        finally:
+            release.set()
+            await held
+        assert (User(name="alice", uid=1000, gid=1000), True) == (answer, still_held)
+
+
 class TestReload:
     """The file is read again when it changes, and only then."""
 

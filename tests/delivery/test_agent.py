@@ -5,15 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from pobox.auth.base import User
 from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user
 from pobox.config import build_config
 from pobox.delivery import DeliveryAgent, Outcome, Recipient, parse_size
 from pobox.delivery._agent import trace_headers
+from pobox.delivery.lmtp import LmtpHandler
 from pobox.errors import ConfigError
 from pobox.records import Quota, quota_from_fields
+from pobox.storage.base import IncomingMessage, MailUser
 from pobox.storage.maildir import MaildirStore
+from pobox.storage.memory import MemoryStore
+from pobox.storage.spool import Spool
 
 
 class TestParseSize:
@@ -143,3 +148,38 @@ class TestDeliveryConfig:
         """Quotas cannot be negative."""
         with pytest.raises(ConfigError, match="quota_bytes"):
             build_config({"quota_bytes": -1})
+
+
+class _FailingForBob(MemoryStore):
+    """The memory store with a bug that shows for one user: a non-storage exception."""
+
+    async def deliver(
+        self, user: MailUser, message: IncomingMessage, *, quota: Quota | None = None
+    ) -> str:
+        """Raise for bob; store for the others."""
+        if user.name == "bob":
+            msg = "a bug in the store"
+            raise RuntimeError(msg)
+        return await super().deliver(user, message, quota=quota)
+
+
+class TestUnexpectedFailure:
+    """An unforeseen failure for one recipient is that recipient's 451, nothing more."""
+
+    async def test_lmtp_replies_once_per_recipient(self, tmp_path: Path) -> None:
+        """LMTP DATA to alice, bob (whose store raises), carol: 250, 451, 250; two stored."""
+        for name in ("alice", "bob", "carol"):
+            add_user(tmp_path / "passwd", name, b"x", scheme="PLAIN")
+        store = _FailingForBob()
+        handler = LmtpHandler(DeliveryAgent(PasswdFileAuthenticator(tmp_path / "passwd"), store))
+        envelope = Envelope()
+        envelope.mail_from = "s@example.org"
+        envelope.rcpt_tos = ["alice", "bob", "carol"]
+        with Spool.from_bytes(b"Subject: hi\n\nhello\n") as body:
+            reply = await handler.handle_DATA(SMTP(handler), Session(None), envelope, body)
+        assert [
+            "250 2.0.0 Ok: delivered",
+            "451 4.3.0 Temporary failure, try again later",
+            "250 2.0.0 Ok: delivered",
+        ] == reply.split("\r\n")
+        assert (1, 0, 1) == tuple(len(store.stored(n)) for n in ("alice", "bob", "carol"))

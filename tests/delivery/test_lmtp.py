@@ -81,6 +81,27 @@ class TestLmtpOverTcp:
         ] == data
         assert (1, 0) == (len(alice), len(bob))
 
+    async def test_storage_failure_of_one_recipient_is_its_own_451(self, tmp_path: Path) -> None:
+        """bob's maildir with tmp/ swapped for a link: bob gets 451, the others 250, once each."""
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        async with running_pobox(tmp_path / "srv", ("alice", "bob", "carol")) as pobox:
+            bob = tmp_path / "srv" / "mail" / "bob"
+            for sub in ("cur", "new"):
+                (bob / sub).mkdir(parents=True, exist_ok=True)
+            (bob / "tmp").symlink_to(elsewhere)
+            host, port = pobox.lmtp
+            _, data = await asyncio.to_thread(
+                _send_lmtp, host, port, ["alice@x.test", "bob@x.test", "carol@x.test"]
+            )
+            carol = await asyncio.to_thread(retrieve_all, pobox.pop3.host, pobox.pop3.port, "carol")
+        assert [
+            (250, b"2.0.0 Ok: delivered"),
+            (451, b"4.3.0 Mailbox unavailable, try again later"),
+            (250, b"2.0.0 Ok: delivered"),
+        ] == data
+        assert (1, []) == (len(carol), list(elsewhere.iterdir()))
+
     async def test_helo_is_refused(self, tmp_path: Path) -> None:
         """LMTP has LHLO, not HELO (RFC 2033 §4.1)."""
         async with running_pobox(tmp_path) as pobox:

@@ -385,7 +385,16 @@ def running_postgres(settings: dict[str, str] | None = None) -> Iterator[Postgre
 #: The database of a test session that holds pobox's schema; tests get it emptied.
 TEST_DATABASE = "pobox"
 #: Tables emptied before each test (everything but the record of migrations).
-_TABLES = ("mailbox", "message", "body", "body_chunk", "users")
+_TABLES = (
+    "mailbox",
+    "message",
+    "body",
+    "body_chunk",
+    "users",
+    "failure_counter",
+    "cluster_node",
+    "cluster_session",
+)
 
 
 def migrate(dsn: str, schema: str = "pobox") -> None:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
+from pobox.storage._safefs import Dir
+from pobox.storage.maildir import _fs
+from pobox.storage.maildir._fs import SessionLock, refresh_session_locks
+from pobox.storage.privsep._fsid import become, owner_rights, thread_ids
 from pobox.storage.privsep._wire import send_frame
 from pobox.storage.spool import Spool
 from tests.privsep.conftest import (
@@ -213,6 +219,153 @@ class TestServing:
         assert ROOT_SECRET == read_fd(fds[0])
         assert ("invalid", []) == (refused["error"]["kind"], none)
         assert "invalid" == on_main["error"]["kind"]
+
+
+class TestConfigFileLinks:
+    """A configuration file is read through a link only where only root can place one."""
+
+    @staticmethod
+    def _read(world: World, folder: Path) -> bytes | str:
+        """Start a helper reading ``folder/passwd``; return its content or the error kind."""
+        running = start_helper(settings(files={"passwd_file": str(folder / "passwd")}))
+        try:
+            send_frame(running.files, {"id": 5, "op": "file", "key": "passwd_file"})
+            answer, fds = running.receive(running.files)
+        finally:
+            running.stop()
+        return read_fd(fds[0]) if "ok" in answer else str(answer["error"]["kind"])
+
+    @staticmethod
+    def _folder(world: World, owner: int) -> Path:
+        folder = world.root / "etc-pobox"
+        folder.mkdir(mode=0o755)
+        os.chown(folder, owner, owner)
+        return folder
+
+    @pytest.mark.parametrize("trap", ["symlink", "hardlink"])
+    def test_link_in_a_directory_of_the_serving_user(self, world: World, trap: str) -> None:
+        """In a directory another user can write to, a link to a root-only file is refused."""
+        folder = self._folder(world, world.alice.uid)
+        if trap == "symlink":
+            (folder / "passwd").symlink_to(world.secret)
+        else:
+            os.link(world.secret, folder / "passwd")
+        refused = self._read(world, folder)
+        assert refused in ("invalid", "temporary")  # not a regular file, or ELOOP
+
+    def test_plain_file_in_a_directory_of_the_serving_user(self, world: World) -> None:
+        """A plain file there is read as before."""
+        folder = self._folder(world, world.alice.uid)
+        (folder / "passwd").write_bytes(b"alice:{PLAIN}x\n")
+        assert b"alice:{PLAIN}x\n" == self._read(world, folder)
+
+    def test_link_in_roots_directory_is_followed(self, world: World) -> None:
+        """In a directory only root can change, a link is the admin's and is followed."""
+        folder = self._folder(world, 0)
+        (folder / "passwd").symlink_to(world.secret)
+        assert ROOT_SECRET == self._read(world, folder)
+
+
+class TestLogFile:
+    """The log is reopened for appending in its own directory only, never through a link."""
+
+    @staticmethod
+    def _append(running: RawHelper, data: bytes) -> str | None:
+        """Ask for the log file on the file socket; append ``data``; the error kind if refused."""
+        send_frame(running.files, {"id": 7, "op": "file", "key": "log_path"})
+        answer, fds = running.receive(running.files)
+        if "error" in answer:
+            return str(answer["error"]["kind"])
+        try:
+            os.write(fds[0], data)
+        finally:
+            os.close(fds[0])
+        return None
+
+    def _start(self, world: World) -> tuple[RawHelper, Path]:
+        logs = world.root / "log"
+        logs.mkdir()
+        os.chown(logs, world.alice.uid, world.alice.gid)  # the serving user's directory
+        log = logs / "pobox.log"
+        return start_helper(settings(appends={"log_path": str(log)})), log
+
+    def test_reopened_and_created(self, world: World) -> None:
+        """The log is appended to, and created (mode 0640) after a rotation moved it away."""
+        running, log = self._start(world)
+        try:
+            first = self._append(running, b"one\n")
+            log.rename(log.with_suffix(".1"))
+            second = self._append(running, b"two\n")
+        finally:
+            running.stop()
+        assert (None, None) == (first, second)
+        assert b"two\n" == log.read_bytes()
+        assert 0o640 == stat.S_IMODE(log.stat().st_mode)
+
+    @pytest.mark.parametrize("trap", ["symlink", "dangling", "hardlink"])
+    def test_planted_link_refused(self, world: World, trap: str) -> None:
+        """A link in place of the log reaches neither the root-only file nor a new one."""
+        running, log = self._start(world)
+        target = world.root / "created-by-root" if trap == "dangling" else world.secret
+        if trap == "hardlink":
+            os.link(world.secret, log)
+        else:
+            log.symlink_to(target)
+        try:
+            refused = self._append(running, b"root2::0:0::/root:/bin/sh\n")
+        finally:
+            running.stop()
+        assert refused is not None
+        assert ROOT_SECRET == world.secret.read_bytes()
+        assert not (world.root / "created-by-root").exists()
+
+    def test_directory_swapped_for_a_link(self, world: World) -> None:
+        """The log's directory swapped for a link to a root-only one: nothing is made there."""
+        running, log = self._start(world)
+        elsewhere = world.root / "root-only-dir"
+        elsewhere.mkdir(mode=0o700)
+        try:
+            log.parent.rename(world.root / "log.old")
+            log.parent.symlink_to(elsewhere)
+            self._append(running, b"line\n")
+        finally:
+            running.stop()
+        assert [] == list(elsewhere.iterdir())
+
+
+class TestSessionLockRights:
+    """The helper's session locks are touched and released with their owner's ids, not root's."""
+
+    def test_refresher_touches_with_the_owners_rights(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A lock in a maildir its owner can no longer reach (home 0000) is left untouched."""
+        monkeypatch.setattr(_fs, "_thread_rights", None)  # this process's setting, restored
+        _fs.use_thread_rights(thread_ids, lambda ids: owner_rights(*cast("tuple[int, int]", ids)))
+        alice, maildir = world.alice, world.maildir(world.alice)
+        taken: list[SessionLock | None] = []
+
+        def take() -> None:  # a worker thread of the helper: the owner's ids, then the lock
+            become(alice.uid, alice.gid)
+            with Dir.open_root(maildir, alice.uid) as root:
+                taken.append(SessionLock.take_if_free(root, LOCK))
+
+        worker = threading.Thread(target=take)
+        worker.start()
+        worker.join()
+        lock = maildir / LOCK
+        old = int(time.time()) - 1000
+        os.utime(lock, (old, old))
+        world.home(alice).chmod(0)  # root would still get through; alice cannot
+        try:
+            refresh_session_locks()
+            mtime = lock.stat().st_mtime
+        finally:
+            world.home(alice).chmod(0o700)
+        held = taken[0]
+        assert held is not None
+        held.release()  # with alice's ids, from this (root) thread: it can now
+        assert (old, False) == (mtime, lock.exists())
 
 
 class TestEndings:

@@ -91,3 +91,33 @@ class TestRefusal:
         await t.succeeded("10.0.0.1", await t.failures("10.0.0.1"))
         assert 0 == await t.failures("10.0.0.1")
         assert 5.0 == await t.failed("10.0.0.3", "tim")
+
+
+class TestAddressGroups:
+    """Failures are counted per IPv6 /64: one attacker's network is one address."""
+
+    async def test_slash_64_refused_as_one(self) -> None:
+        """Failures from many addresses of one /64 refuse the whole /64, not another one."""
+        t = throttle(Clock(), per_user=100)
+        for n in range(1, 4):
+            await t.failed(f"2001:db8:0:1::{n:x}", None)
+        assert (True, False) == (
+            await refused(t, "2001:db8:0:1:abcd::9"),
+            await refused(t, "2001:db8:0:2::1"),
+        )
+
+    async def test_delay_grows_across_the_slash_64(self) -> None:
+        """The delay doubles for each failure from the /64, whichever address it came from."""
+        t = throttle(Clock(), per_ip=100, per_user=100)
+        delays = [await t.failed(f"2001:db8::{n:x}", None) for n in range(1, 4)]
+        assert [1.0, 2.0, 4.0] == delays
+
+    async def test_ipv4_mapped_is_the_ipv4_address(self) -> None:
+        """An IPv4-mapped address counts with its IPv4 address, and apart from other ones."""
+        t = throttle(Clock(), per_user=100)
+        for _ in range(3):
+            await t.failed("::ffff:192.0.2.7", None)
+        assert (True, False) == (
+            await refused(t, "192.0.2.7"),
+            await refused(t, "::ffff:192.0.2.8"),
+        )

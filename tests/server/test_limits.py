@@ -90,6 +90,36 @@ class TestConnectionLimits:
         assert (0, None) == (limits.open, limits.admit("192.0.2.1"))
 
 
+class TestAddressGroups:
+    """An IPv6 client is capped per /64, as one subscriber's network; IPv4 per address."""
+
+    def test_one_slash_64_shares_one_cap(self) -> None:
+        """Addresses of one /64 share the per-address cap; another /64 has its own."""
+        limits = ConnectionLimits(total=100, per_address=2)
+        answers = [limits.admit(f"2001:db8:1:2::{n:x}") for n in range(1, 4)]
+        answers.append(limits.admit("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+        answers.append(limits.admit("2001:db8:1:3::1"))
+        assert [None, None, "from 2001:db8:1:2::/64", "from 2001:db8:1:2::/64", None] == answers
+
+    def test_release_by_any_address_of_the_group(self) -> None:
+        """Each address releases its own slot in its /64's count."""
+        limits = ConnectionLimits(total=100, per_address=2)
+        limits.admit("2001:db8::1")
+        limits.admit("2001:db8::2")
+        limits.release("2001:db8::1")
+        assert (None, 2) == (limits.admit("2001:db8::3"), limits.open)
+
+    def test_ipv4_mapped_counts_as_ipv4(self) -> None:
+        """An IPv4-mapped address (dual-stack socket) is its IPv4 address, not one /64 of all."""
+        limits = ConnectionLimits(total=100, per_address=1)
+        answers = [
+            limits.admit("::ffff:192.0.2.1"),
+            limits.admit("192.0.2.1"),
+            limits.admit("::ffff:192.0.2.2"),
+        ]
+        assert [None, "from 192.0.2.1", None] == answers
+
+
 class TestConfigKey:
     """``max_open_files`` in the configuration."""
 

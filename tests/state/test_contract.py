@@ -1,23 +1,33 @@
-"""The contract every FailureCounters backend keeps (memory now; PostgreSQL in issue 12).
+"""The contract every shared-state backend keeps: memory (one node) and PostgreSQL (a cluster).
 
-Each test runs against every backend; a backend is a factory taking the window and a clock
-the test moves by hand (no sleeping, no timed assertions).
+Each test runs against every backend; a backend is a factory taking the window (or the node
+name and lease) and a clock the test moves by hand (no sleeping, no timed assertions).  The
+PostgreSQL backend takes its times from that clock too, bound into its SQL, so the very same
+tests run on a real throwaway PostgreSQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import pytest
 
-from pobox.state import FailureCounters, MemoryFailureCounters
+from pobox.state import (
+    FailureCounters,
+    MemoryFailureCounters,
+    MemorySessionRegistry,
+    SessionEntry,
+    SessionRegistry,
+)
+from pobox.state.postgres import PostgresFailureCounters, PostgresSessionRegistry, PostgresState
 
 
 class Clock:
     """A clock the test moves by hand."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = 1_000_000.0
 
     def __call__(self) -> float:
         return self.now
@@ -25,15 +35,58 @@ class Clock:
 
 Factory = Callable[[float, Clock], FailureCounters]
 
-BACKENDS: dict[str, Factory] = {
-    "memory": lambda window, clock: MemoryFailureCounters(window, clock=clock),
-}
+
+class Registries(Protocol):
+    """Makes a registry for a node (several share one store, as the nodes of a cluster)."""
+
+    def __call__(self, node: str, clock: Clock, *, lease: float = 30.0) -> SessionRegistry: ...
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def make(request: pytest.FixtureRequest) -> Factory:
+BACKENDS = ("memory", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
     """Each backend's factory in turn."""
-    return BACKENDS[request.param]
+    if request.param == "memory":
+        yield lambda window, clock: MemoryFailureCounters(window, clock=clock)
+        return
+    dsn = request.getfixturevalue("pg_dsn")
+    states: list[PostgresState] = []
+
+    def factory(window: float, clock: Clock) -> FailureCounters:
+        state = PostgresState(dsn, timeout=5, clock=clock)
+        states.append(state)
+        return PostgresFailureCounters(state, window)
+
+    yield factory
+    for state in states:
+        await state.aclose()
+
+
+@pytest.fixture(params=BACKENDS)
+async def registries(request: pytest.FixtureRequest) -> AsyncIterator[Registries]:
+    """Each registry backend in turn; the PostgreSQL registries of one test share a database."""
+    if request.param == "memory":
+        shared: dict[str, MemorySessionRegistry] = {}
+
+        def memory(node: str, clock: Clock, *, lease: float = 30.0) -> SessionRegistry:
+            del clock, lease  # one node: no leases
+            return shared.setdefault(node, MemorySessionRegistry(node))
+
+        yield memory
+        return
+    dsn = request.getfixturevalue("pg_dsn")
+    states: list[PostgresState] = []
+
+    def postgres(node: str, clock: Clock, *, lease: float = 30.0) -> SessionRegistry:
+        state = PostgresState(dsn, timeout=5, clock=clock)
+        states.append(state)
+        return PostgresSessionRegistry(state, node, lease=lease)
+
+    yield postgres
+    for state in states:
+        await state.aclose()
 
 
 class TestFailureCountersContract:
@@ -50,6 +103,13 @@ class TestFailureCountersContract:
         assert [1, 1] == await counters.add(["ip:a", "user:b"])
         assert [2] == await counters.add(["ip:a"])
         assert [2, 1, 0] == await counters.counts(["ip:a", "user:b", "ip:c"])
+
+    async def test_counts_in_the_order_asked(self, make: Factory) -> None:
+        """Counts come back in the order of the keys given, not sorted."""
+        counters = make(60, Clock())
+        await counters.add(["user:z"])
+        assert [2, 1] == await counters.add(["user:z", "ip:a"])
+        assert [2, 1] == await counters.counts(["user:z", "ip:a"])
 
     async def test_window_runs_from_the_first_failure(self, make: Factory) -> None:
         """A count is forgotten window seconds after its first failure, later ones or not."""
@@ -69,6 +129,16 @@ class TestFailureCountersContract:
         await counters.add(["ip:a", "user:b"])
         await counters.clear(["ip:a", "ip:never-seen"])
         assert [0, 1] == await counters.counts(["ip:a", "user:b"])
+
+    async def test_shared_by_every_instance(self, make: Factory) -> None:
+        """Two counters over one store (two nodes) see each other's failures."""
+        clock = Clock()
+        node_a, node_b = make(60, clock), make(60, clock)
+        await node_a.add(["ip:a"])
+        if isinstance(node_a, MemoryFailureCounters):
+            assert [0] == await node_b.counts(["ip:a"])  # memory: each node its own
+        else:
+            assert [2] == await node_b.add(["ip:a"])
 
 
 class TestMemoryBounds:
@@ -90,3 +160,214 @@ class TestMemoryBounds:
         clock.now += 61
         await counters.add(["ip:new"])
         assert 1 == len(counters)
+
+
+def entry(sid: str, user: str = "alice", rip: str = "192.0.2.1", node: str = "a") -> SessionEntry:
+    """A session entry with the defaults the tests do not care about."""
+    return SessionEntry(sid, user, node, rip, 1_000_000.0, tls=True, mechanism="PLAIN")
+
+
+class TestSessionRegistryContract:
+    """What the connection limits and the ops tooling may rely on, whichever backend."""
+
+    async def test_register_list_unregister(self, registries: Registries) -> None:
+        """A registered session is listed with every field, and gone once unregistered."""
+        reg = registries("a", Clock())
+        admission = await reg.register(entry("s1"), max_user=0, max_userip=0)
+        assert (True, 0, 0) == (
+            admission.admitted,
+            admission.user_sessions,
+            admission.userip_sessions,
+        )
+        assert [entry("s1")] == await reg.sessions()
+        assert [entry("s1")] == await reg.sessions("alice")
+        assert [] == await reg.sessions("bob")
+        await reg.unregister("s1")
+        await reg.unregister("never-registered")
+        assert [] == await reg.sessions()
+
+    async def test_counts_per_user_and_address(self, registries: Registries) -> None:
+        """count() gives the user's sessions, and those from one address."""
+        reg = registries("a", Clock())
+        for sid, user, rip in (
+            ("s1", "alice", "192.0.2.1"),
+            ("s2", "alice", "192.0.2.1"),
+            ("s3", "alice", "192.0.2.2"),
+            ("s4", "bob", "192.0.2.1"),
+        ):
+            await reg.register(entry(sid, user, rip), max_user=0, max_userip=0)
+        assert (3, 2) == await reg.count("alice", "192.0.2.1")
+        assert (1, 1) == await reg.count("bob", "192.0.2.1")
+        assert (0, 0) == await reg.count("carol", "192.0.2.1")
+
+    async def test_userip_limit_refuses_and_registers_nothing(self, registries: Registries) -> None:
+        """At max_userip from one address the next login is refused; another address gets in."""
+        reg = registries("a", Clock())
+        for sid in ("s1", "s2"):
+            assert (await reg.register(entry(sid), max_user=0, max_userip=2)).admitted
+        refused = await reg.register(entry("s3"), max_user=0, max_userip=2)
+        assert (False, 2, 2) == (
+            refused.admitted,
+            refused.user_sessions,
+            refused.userip_sessions,
+        )
+        assert (2, 2) == await reg.count("alice", "192.0.2.1")
+        elsewhere = await reg.register(entry("s4", rip="192.0.2.9"), max_user=0, max_userip=2)
+        assert elsewhere.admitted
+
+    async def test_user_limit_counts_every_address(self, registries: Registries) -> None:
+        """max_user counts the user's sessions from anywhere."""
+        reg = registries("a", Clock())
+        await reg.register(entry("s1", rip="192.0.2.1"), max_user=2, max_userip=0)
+        await reg.register(entry("s2", rip="192.0.2.2"), max_user=2, max_userip=0)
+        assert not (
+            await reg.register(entry("s3", rip="192.0.2.3"), max_user=2, max_userip=0)
+        ).admitted
+        assert (await reg.register(entry("s4", "bob"), max_user=2, max_userip=0)).admitted
+
+    async def test_kick_reaches_the_owning_node(self, registries: Registries) -> None:
+        """A kick by user or id, asked on any node, shows in the owner's next heartbeat."""
+        clock = Clock()
+        node_a = registries("a", clock)
+        await node_a.register(entry("s1"), max_user=0, max_userip=0)
+        await node_a.register(entry("s2"), max_user=0, max_userip=0)
+        await node_a.register(entry("s3", "bob"), max_user=0, max_userip=0)
+        asker = registries("a" if isinstance(node_a, MemorySessionRegistry) else "b", clock)
+        assert [] == await node_a.heartbeat(["s1", "s2", "s3"])
+        assert 1 == await asker.kick(session_id="s3")
+        assert 0 == await asker.kick(session_id="nope")
+        assert 0 == await asker.kick()
+        assert ["s3"] == await node_a.heartbeat(["s1", "s2", "s3"])
+        assert 2 == await asker.kick(user="alice")
+        assert ["s1", "s2", "s3"] == await node_a.heartbeat(["s1", "s2", "s3"])
+
+    async def test_heartbeat_forgets_sessions_the_node_lost(self, registries: Registries) -> None:
+        """A session the node no longer has (a lost unregister, an earlier run) is forgotten."""
+        reg = registries("a", Clock())
+        await reg.register(entry("s1"), max_user=0, max_userip=0)
+        await reg.register(entry("s2"), max_user=0, max_userip=0)
+        await reg.heartbeat(["s2"])
+        assert ["s2"] == [e.id for e in await reg.sessions()]
+
+
+@pytest.fixture
+async def cluster(pg_dsn: str) -> AsyncIterator[Registries]:
+    """PostgreSQL registries, one per node, all on one database."""
+    states: list[PostgresState] = []
+
+    def postgres(node: str, clock: Clock, *, lease: float = 30.0) -> SessionRegistry:
+        state = PostgresState(pg_dsn, timeout=5, clock=clock)
+        states.append(state)
+        return PostgresSessionRegistry(state, node, lease=lease)
+
+    yield postgres
+    for state in states:
+        await state.aclose()
+
+
+class TestClusterRegistry:
+    """What only a registry shared by several nodes does: leases, limits across nodes."""
+
+    async def test_limits_count_every_node(self, cluster: Registries) -> None:
+        """Sessions on node a count toward a login on node b."""
+        clock = Clock()
+        node_a, node_b = cluster("a", clock), cluster("b", clock)
+        await node_a.heartbeat([])
+        await node_a.register(entry("s1"), max_user=0, max_userip=1)
+        refused = await node_b.register(entry("s2", node="b"), max_user=0, max_userip=1)
+        assert (False, 1) == (refused.admitted, refused.userip_sessions)
+        assert ["a"] == [e.node for e in await node_b.sessions()]
+
+    async def test_dead_node_sessions_expire(self, cluster: Registries) -> None:
+        """A node that stops beating: its sessions stop counting after the lease, then go."""
+        clock = Clock()
+        node_a, node_b = cluster("a", clock, lease=15), cluster("b", clock, lease=15)
+        await node_a.heartbeat([])
+        await node_b.heartbeat([])
+        await node_a.register(entry("s1"), max_user=0, max_userip=0)
+        clock.now += 14
+        await node_b.heartbeat([])
+        assert (1, 1) == await node_b.count("alice", "192.0.2.1")
+        clock.now += 1
+        await node_b.heartbeat([])
+        assert (0, 0) == await node_b.count("alice", "192.0.2.1")
+        admitted = await node_b.register(entry("s2", node="b"), max_user=1, max_userip=1)
+        assert (True, 0) == (admitted.admitted, admitted.user_sessions)
+        await node_b.unregister("s2")
+        assert [] == await node_b.sessions()
+        assert 0 == await node_b.kick(user="alice")
+        assert isinstance(node_b, PostgresSessionRegistry)
+        assert (1, 0) == await node_b.purge()
+        await node_a.heartbeat(["s1"])  # back: its (purged) session does not come back
+        assert [] == await node_a.sessions()
+
+    async def test_own_sessions_count_without_a_lease(self, cluster: Registries) -> None:
+        """A node's own sessions count for it even before its first heartbeat."""
+        reg = cluster("a", Clock())
+        await reg.register(entry("s1"), max_user=1, max_userip=0)
+        assert not (await reg.register(entry("s2"), max_user=1, max_userip=0)).admitted
+
+
+class TestNodeNames:
+    """A node notices another live process using its name, and not a restart of itself."""
+
+    async def test_two_live_processes_one_name(self, cluster: Registries) -> None:
+        """Two registries of one node name beating in turn both see the name taken."""
+        clock = Clock()
+        first, second = cluster("a", clock), cluster("a", clock)
+        assert isinstance(first, PostgresSessionRegistry)
+        assert isinstance(second, PostgresSessionRegistry)
+        await first.heartbeat([])
+        await second.heartbeat([])
+        await first.heartbeat([])
+        await second.heartbeat([])
+        assert (True, True) == (first.name_taken, second.name_taken)
+
+    async def test_restart_is_no_clash(self, cluster: Registries) -> None:
+        """A new process of a node (the old one gone) is not a clash."""
+        clock = Clock()
+        old, new = cluster("a", clock), cluster("a", clock)
+        assert isinstance(new, PostgresSessionRegistry)
+        await old.heartbeat([])
+        await new.heartbeat([])
+        await new.heartbeat([])
+        assert not new.name_taken
+
+
+class TestPostgresBounds:
+    """The PostgreSQL counters stay bounded: upkeep drops expired rows, then the idlest."""
+
+    async def test_upkeep_drops_expired_then_idlest(self, pg_dsn: str) -> None:
+        """Beyond max_entries the keys idle longest go; expired ones go first of all."""
+        clock = Clock()
+        state = PostgresState(pg_dsn, timeout=5, clock=clock)
+        try:
+            counters = PostgresFailureCounters(state, 60, max_entries=2)
+            await counters.add(["ip:old"])
+            clock.now += 30
+            for key in ("ip:1", "ip:2", "ip:1", "ip:3"):
+                clock.now += 1
+                await counters.add([key])
+            clock.now += 26  # ip:old expired (61 s), the others live
+            assert (1, 1) == await counters.upkeep()
+            assert [2, 0, 1] == await counters.counts(["ip:1", "ip:2", "ip:3"])
+            rows = await state.fetch("test", "counts", {"keys": ["ip:old"], "expired": 0.0})
+            assert [] == rows
+        finally:
+            await state.aclose()
+
+    async def test_add_sweeps_a_few_expired_rows(self, pg_dsn: str) -> None:
+        """Expired rows nobody asks about again are deleted by later adds."""
+        clock = Clock()
+        state = PostgresState(pg_dsn, timeout=5, clock=clock)
+        try:
+            counters = PostgresFailureCounters(state, 60)
+            await counters.add([f"user:{i}" for i in range(3)])
+            clock.now += 61
+            await counters.add(["ip:new"])
+            rows = await state.fetch(
+                "test", "counts", {"keys": [f"user:{i}" for i in range(3)], "expired": 0.0}
+            )
+            assert [] == rows
+        finally:
+            await state.aclose()

@@ -396,6 +396,24 @@ class TestOwnFiles:
             await asyncio.wait_for(store.open(ALICE), 10)
 
 
+class TestHugeIndex:
+    """An index of made-up lines is refused before it is parsed, whatever its octet size."""
+
+    @pytest.mark.parametrize(
+        ("name", "header"),
+        [("pobox-uidlist", "pobox-uidlist 1 V1 N1"), ("dovecot-uidlist", "3 V1 N1")],
+    )
+    async def test_too_many_lines_refused(
+        self, store: MaildirStore, maildir: Path, name: str, header: str
+    ) -> None:
+        """A header and a million short lines (15 MB, 300 MB once parsed) fail the open."""
+        deliver(maildir, b"Subject: one\n\n")
+        lines = (f"{uid} W1 :{uid:x}\n" for uid in range(1, 1_000_001))
+        (maildir / name).write_text(header + "\n" + "".join(lines))
+        with pytest.raises(StoragePermanentError, match="1000001 lines, more than 1000000"):
+            await store.open(ALICE)
+
+
 class TestFifos:
     """A FIFO in place of a message never blocks anything."""
 

@@ -411,3 +411,56 @@ class TestFetchmail:
         )  # fmt: skip
 
         assert [MESSAGE] == [p.read_bytes() for p in out.iterdir()]
+
+
+class TestHandshakeCounted:
+    """Implicit-TLS connections count against the caps from accept, not after the handshake."""
+
+    async def test_silent_connections_fill_the_per_address_cap(self, tmp_path: Path, pki: Pki):
+        """Two silent connections fill a cap of 2: a third is closed, another address served."""
+        async with running_server(
+            tmp_path / "srv",
+            {"alice": "secret"},
+            ssl_listen=["127.0.0.1:0"],
+            max_connections_per_ip=2,
+            login_timeout=600.0,
+            **pki.settings,
+        ) as srv:
+            port = ssl_port(srv)
+            silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            third_reader, third_writer = await asyncio.open_connection("127.0.0.1", port)
+            # A guard only: unfixed, the third waits out login_timeout (600 s) in its handshake.
+            closed = await asyncio.wait_for(third_reader.read(), 60)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1",
+                port,
+                ssl=pki.client_context(),
+                server_hostname="localhost",
+                local_addr=("127.0.0.2", 0),
+            )
+            other = Wire(reader, writer)
+            greeting = await other.line()
+            await other.close()
+            for _, silent_writer in silent:
+                silent_writer.close()
+            third_writer.close()
+            freed = await _tls_greeting_once_freed(port, pki)
+        assert (b"", True, True) == (closed, greeting.startswith(b"+OK"), freed)
+
+
+async def _tls_greeting_once_freed(port: int, pki: Pki) -> bool:
+    """Connect from 127.0.0.1 over TLS until the closed connections' slots are free again."""
+    for _ in range(100):
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=pki.client_context(), server_hostname="localhost"
+            )
+            line = await asyncio.wait_for(reader.readline(), 30)
+        except (OSError, asyncio.IncompleteReadError):
+            line = b""
+        else:
+            writer.close()
+        if line.startswith(b"+OK"):
+            return True
+        await asyncio.sleep(0.1)
+    return False

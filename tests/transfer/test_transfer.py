@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -208,6 +209,37 @@ class TestRoundTrip:
         with pytest.raises(TransferError):
             await export_maildir(pg, User("alice"), tmp_path / "out")
         assert [] == os.listdir(elsewhere)
+
+
+class TestHostileTarget:
+    """Export (run as root) into a Maildir its user controls reads nothing of anyone else's."""
+
+    async def test_hard_linked_index_not_read(self, pg: PostgresStore, tmp_path: Path) -> None:
+        """dovecot-uidlist hard-linked to a root-only file: refused, its entries not copied."""
+        secret = tmp_path / "secret-uidlist"
+        secret.write_text("3 V1 N9\n5 Psecret-uidl :1.M1P1.secret\n")
+        secret.chmod(0o600)
+        (tmp_path / "out").mkdir()
+        os.link(secret, tmp_path / "out" / "dovecot-uidlist")
+        await pg.append(User("alice"), b"Subject: a\n\nb\n")
+        with pytest.raises(TransferError, match="one name"):
+            await export_maildir(pg, User("alice"), tmp_path / "out")
+        # Nothing written: the name is still the link, not a new file holding its entries.
+        assert os.path.samefile(secret, tmp_path / "out" / "dovecot-uidlist")
+
+    async def test_fifo_index_does_not_hang(self, pg: PostgresStore, tmp_path: Path) -> None:
+        """dovecot-uidlist as a FIFO: the export fails at once instead of waiting for a writer."""
+        (tmp_path / "out").mkdir()
+        fifo = tmp_path / "out" / "dovecot-uidlist"
+        os.mkfifo(fifo)
+        await pg.append(User("alice"), b"Subject: a\n\nb\n")
+        try:
+            with pytest.raises(TransferError, match="not a regular file"):
+                # A guard only: unfixed, the export waits for a writer that never comes.
+                await asyncio.wait_for(export_maildir(pg, User("alice"), tmp_path / "out"), 60)
+        finally:
+            with contextlib.suppress(OSError):  # free a reader stuck in open()
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
 class TestStoreImport:

@@ -14,6 +14,9 @@ May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.records` (
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
+import functools
 import os
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -84,13 +87,22 @@ class HashWorkers:
     check, and more checks at once than CPUs would only share them, thrash their caches and
     add memory.  Password checks and SCRAM key derivation go through the same workers, so
     the limit holds for all of them together.
+
+    The threads are their own, not the event loop's default executor: that one runs the
+    maildir work (listings, large reads, deliveries' writes and fsyncs), whose amount users
+    and senders control, and a login must not wait behind it.
     """
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit or len(os.sched_getaffinity(0)) or 1
         self._slots = asyncio.Semaphore(self.limit)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self.limit, thread_name_prefix="pobox-hash"
+        )
 
     async def run(self, func: Callable[..., _T], /, *args: object, **kwargs: object) -> _T:
         """Return ``func(*args, **kwargs)``, computed in a worker thread when a slot is free."""
         async with self._slots:
-            return await asyncio.to_thread(func, *args, **kwargs)
+            loop = asyncio.get_running_loop()
+            call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+            return await loop.run_in_executor(self._pool, call)

@@ -308,7 +308,8 @@ class PasswdFileAuthenticator:
         async with self._lock:
             now = time.monotonic()
             if self._snapshot is None or now - self._checked_at >= self._check_interval:
-                self._snapshot = await asyncio.to_thread(
+                # In the auth threads: the default executor's may all be busy with maildirs.
+                self._snapshot = await self.workers.run(
                     _load, self.path, self._snapshot, self.default_scheme, self._opener
                 )
                 self._checked_at = now

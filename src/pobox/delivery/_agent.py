@@ -173,6 +173,12 @@ class DeliveryAgent:
         except StorageError as exc:
             logger.warning("delivery: %s: %s", recipient.user.name, exc)
             return Outcome.TEMPORARY
+        except Exception:
+            # A bug or an unforeseen failure for this recipient: its own 451 (not stored, so
+            # the MTA retries it), never an exception that ends the whole LMTP transaction
+            # without the other recipients' replies.
+            logger.exception("delivery: %s: unexpected failure", recipient.user.name)
+            return Outcome.TEMPORARY
         logger.info(
             "delivery: %s: saved %s (%d octets) from <%s>",
             recipient.user.name,

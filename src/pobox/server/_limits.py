@@ -2,6 +2,8 @@
 
 :class:`ConnectionLimits` counts open connections in all and per client address against two
 caps; the POP3 listener and the LMTP/SMTP listeners (:mod:`pobox.delivery`) each keep one.
+Addresses are grouped as the login throttle groups them (an IPv6 address counts for its /64,
+:func:`~._throttle.address_group`), so one attacker's /64 does not get a cap per address.
 
 The open-file limit: raise ``RLIMIT_NOFILE`` at start-up to what the configuration needs.
 
@@ -20,7 +22,7 @@ ceiling ``/proc/sys/fs/nr_open``. If that is still not enough it logs one warnin
 numbers and the fix (``LimitNOFILE=`` in the systemd unit), like Dovecot's master
 ("fd limit (ulimit -n) is lower than required under max. load").
 
-May import: the standard library and :mod:`pobox.config`.
+May import: the standard library, :mod:`pobox.config` and :mod:`._throttle`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from pobox.config import Config
+from pobox.server._throttle import address_group
 
 __all__ = [
     "IN_ALL",
@@ -109,24 +112,26 @@ class ConnectionLimits:
 
         Returns:
             ``None`` when it is admitted (and counted); else why not: ``"in all"`` or
-            ``"from ADDRESS"``.
+            ``"from ADDRESS"`` (``"from NETWORK/64"`` for IPv6).
         """
         if self._open >= self.total:
             return IN_ALL
-        if address is not None and self._by_address[address] >= self.per_address:
-            return f"from {address}"
+        group = None if address is None else address_group(address)
+        if group is not None and self._by_address[group] >= self.per_address:
+            return f"from {group}"
         self._open += 1
-        if address is not None:
-            self._by_address[address] += 1
+        if group is not None:
+            self._by_address[group] += 1
         return None
 
     def release(self, address: str | None) -> None:
         """Forget an admitted connection from ``address`` that has closed."""
         self._open -= 1
         if address is not None:
-            self._by_address[address] -= 1
-            if not self._by_address[address]:
-                del self._by_address[address]
+            group = address_group(address)
+            self._by_address[group] -= 1
+            if not self._by_address[group]:
+                del self._by_address[group]
 
 
 def _finite(value: int) -> int:

@@ -173,6 +173,8 @@ class Pop3Server:
         Raises:
             OSError: an address cannot be bound (in use, not permitted).
         """
+        if self.ctx.cluster is not None:  # the node's lease first: its sessions must count
+            await self.ctx.cluster.start()
         for listen in self.ctx.config.listen:
             self._servers.append(await self._bind(listen))
         for listen in self.ctx.config.ssl_listen:
@@ -223,7 +225,14 @@ class Pop3Server:
         except BaseException:  # the server is shutting down
             sock.close()
             raise
-        handle = functools.partial(self._handle, origin=origin)
+        # Counted before the handshake, which may take login_timeout: connections that never
+        # finish it must not escape the caps (and hold descriptors the caps are sized for).
+        which = self._limits.admit(rip)
+        if which is not None:
+            logger.warning("master: Too many connections %s, refusing rip=%s", which, rip)
+            sock.close()  # no TLS yet, so no POP3 reply: as Dovecot, close at once
+            return
+        handle = functools.partial(self._handle, origin=origin, admitted=True)
 
         def protocol() -> asyncio.StreamReaderProtocol:
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(), handle)
@@ -233,7 +242,10 @@ class Pop3Server:
             await loop.connect_accepted_socket(
                 protocol, sock, ssl=tls.context, ssl_handshake_timeout=self.ctx.config.login_timeout
             )
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        except BaseException as exc:
+            self._limits.release(rip)  # the session (which releases it) never started
+            if not isinstance(exc, OSError | TimeoutError):  # ssl.SSLError is an OSError
+                raise
             logger.info(
                 "pop3-login: Disconnected (no auth attempts in 0 secs): TLS handshaking failed: "
                 "%s, rip=%s, lip=%s",
@@ -263,7 +275,10 @@ class Pop3Server:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         origin: Origin | None = None,
+        *,
+        admitted: bool = False,
     ) -> None:
+        """Serve one connection; ``admitted``: already counted against the caps (POP3S)."""
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername") or ("unknown", 0)
@@ -282,7 +297,7 @@ class Pop3Server:
                 return
         if origin is not None:
             ip = origin.rip  # the caps count the real client, never HAProxy
-        which = self._limits.admit(ip)
+        which = None if admitted else self._limits.admit(ip)
         if which is not None:
             logger.warning("master: Too many connections %s, refusing rip=%s", which, ip)
             await self._refuse(writer)
@@ -321,6 +336,8 @@ class Pop3Server:
             await server.wait_closed()
         self._servers.clear()
         self._ssl_servers.clear()
+        if self.ctx.cluster is not None:  # the sessions have unregistered themselves
+            await self.ctx.cluster.aclose()
         await self.ctx.store.aclose()
         close = getattr(self.ctx.authenticator, "aclose", None)  # a database's pool
         if close is not None:

@@ -18,8 +18,13 @@ STLS (RFC 2595) goes through the public :meth:`asyncio.StreamWriter.start_tls` o
 works on any event loop (uvloop included); see :meth:`Session._start_tls` for how no
 plaintext byte pipelined behind STLS can reach the core after the handshake.
 
+A logged-in session is registered in the session registry (:mod:`pobox.server._cluster`)
+within ``mail_max_userip_connections`` and ``mail_max_user_connections`` (over them:
+``-ERR [IN-USE]``), unregistered at its end, and ended by :meth:`Session.kick` when someone
+asks the registry to.
+
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
-:mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`.
+:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`.
 """
 
 from __future__ import annotations
@@ -70,8 +75,10 @@ from pobox.protocol import (
     VerifyToken,
 )
 from pobox.proxy import starts_like_header
+from pobox.server._cluster import Cluster
 from pobox.server._proxy import Origin, log_header_refused
 from pobox.server._throttle import LoginThrottle
+from pobox.state.base import SessionEntry
 from pobox.storage.base import (
     Maildrop,
     MaildropLocked,
@@ -110,6 +117,8 @@ class SessionContext:
     workers: HashWorkers = field(default_factory=HashWorkers)
     #: The key SCRAM salts are derived from (``scram_secret_file``); empty without SCRAM.
     scram_secret: bytes = b""
+    #: This node's sessions in the (cluster's) registry: limits, kicks (none: neither).
+    cluster: Cluster | None = None
 
 
 _T = TypeVar("_T")
@@ -259,6 +268,8 @@ class Session:
         self._expired = False
         #: The store lost the maildrop lock (another node may serve the maildrop now).
         self._lock_gone = False
+        #: Someone asked (through the session registry) for this session to end.
+        self._kicked = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -295,7 +306,9 @@ class Session:
             event = conn.next_event()
             if event is NEED_DATA:
                 await self._flush()
-                data = None if self._lock_gone else await self._read()
+                data = None if self._lock_gone or self._kicked else await self._read()
+                if self._kicked:
+                    return self._end_kicked()
                 if self._lock_gone:
                     return self._end_lock_lost()
                 if data is None:
@@ -324,8 +337,10 @@ class Session:
             elif isinstance(event, ConnectionClosed):
                 # Release the lock before the last reply goes out (RFC 1939 §6: UPDATE,
                 # release, then the reply): a client that logs in again as soon as it has
-                # the +OK, here or on another node, must find the maildrop free.
+                # the +OK, here or on another node, must find the maildrop free, and its
+                # session no longer counted toward the connection limits.
                 await self._release()
+                await self._unregister()
                 await self._flush()
                 return {
                     "quit": "Logged out",
@@ -430,6 +445,30 @@ class Session:
         if self._io_since is not None and self._task is not None:
             self._expired = True
             self._task.cancel()
+
+    def kick(self) -> None:
+        """End the session, without UPDATE, at once: an administrator asked for it.
+
+        As when the maildrop lock is lost: a session waiting for the client is woken; one
+        busy with a command ends once it is answered, and a QUIT then deletes nothing.
+        """
+        self._kicked = True
+        if self._io_since is not None and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    def _end_kicked(self) -> str:
+        """Tell the client the session ends without UPDATE; return the reason to log.
+
+        ``[SYS/TEMP]`` (RFC 3206): whatever the client sends next reads this as its answer,
+        and takes it as a temporary failure to retry later, not as a wrong password.
+        """
+        self.log.info("Kicked by the administrator, ending the session without UPDATE")
+        self.conn.close("kicked")
+        self.writer.write(
+            b"-ERR [SYS/TEMP] Session ended by the administrator, no changes made.\r\n"
+        )
+        return "Kicked by the administrator"
 
     def _end_lock_lost(self) -> str:
         """Tell the client the session ends without UPDATE; return the reason to log."""
@@ -589,19 +628,41 @@ class Session:
             # Dovecot too closes after a few failures: a brute-forcer must reconnect.
             self.conn.close("too-many-auth-failures")
 
+    async def _admit(self, user: User, method: str) -> bool:
+        """Register the session in the registry within the per-user limits; say if admitted."""
+        cluster = self.ctx.cluster
+        if cluster is None:
+            return True
+        entry = SessionEntry(
+            self.id, user.name, cluster.node, self.rip, time.time(), self.secure, method
+        )
+        admission, refusal = await cluster.admit(entry, self.kick)
+        if refusal is None:
+            return True
+        self.log.info(
+            "Login refused, %s: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>, "
+            "sessions=%d, from this address=%d",
+            refusal,
+            user.name,
+            method,
+            self.rip,
+            self.lip,
+            self.id,
+            admission.user_sessions,
+            admission.userip_sessions,
+        )
+        self.conn.send(LoginRejected(refusal + ".", "IN-USE"))
+        return False
+
     async def _open(self, user: User, method: str, failures: int) -> None:
-        cfg = self.ctx.config
-        try:
-            self.maildrop = await self.ctx.store.open(user, lock=cfg.pop3_lock_session)
-        except MaildropLocked:
-            self.log.info("Login refused, maildrop locked: user=<%s>, rip=%s", user.name, self.rip)
-            self.conn.send(
-                LoginRejected("Mailbox is locked by another POP3 session, try later.", "IN-USE")
-            )
+        if not await self._admit(user, method):
             return
-        except StorageError as exc:
-            self.log.error("Cannot open maildrop of user=<%s>: %s", user.name, exc)
-            self.conn.send(LoginRejected("Cannot open the mailbox, try later.", exc.resp_code))
+        try:
+            self.maildrop = await self._open_maildrop(user)
+        finally:
+            if self.maildrop is None:  # not logged in after all: not counted either
+                await self._unregister()
+        if self.maildrop is None:
             return
         if self.ctx.throttle is not None:
             await self.ctx.throttle.succeeded(self.rip, failures)
@@ -616,6 +677,22 @@ class Session:
         self.log.user = user.name
         self.maildrop.on_lock_lost(self._lock_lost)
         self.conn.send(LoginAccepted(self.maildrop.messages))
+
+    async def _open_maildrop(self, user: User) -> Maildrop | None:
+        """Open and lock the user's maildrop; ``None`` (answered) if it cannot be."""
+        cfg = self.ctx.config
+        try:
+            return await self.ctx.store.open(user, lock=cfg.pop3_lock_session)
+        except MaildropLocked:
+            self.log.info("Login refused, maildrop locked: user=<%s>, rip=%s", user.name, self.rip)
+            self.conn.send(
+                LoginRejected("Mailbox is locked by another POP3 session, try later.", "IN-USE")
+            )
+            return None
+        except StorageError as exc:
+            self.log.error("Cannot open maildrop of user=<%s>: %s", user.name, exc)
+            self.conn.send(LoginRejected("Cannot open the mailbox, try later.", exc.resp_code))
+            return None
 
     async def _retrieve(self, event: RetrieveMessage) -> None:
         assert self.maildrop is not None
@@ -661,8 +738,9 @@ class Session:
     async def _commit(self, event: CommitDeletions) -> None:
         assert self.maildrop is not None
         failed = 0
-        if event.numbers and self._lock_gone:
-            self.log.error("Maildrop lock lost, %d deletions not made", len(event.numbers))
+        if event.numbers and (self._lock_gone or self._kicked):
+            why = "Kicked" if self._kicked else "Maildrop lock lost"
+            self.log.error("%s, %d deletions not made", why, len(event.numbers))
             failed = self.delete_failures = len(event.numbers)
         elif event.numbers:
             keys = [self.maildrop.messages[n - 1].key for n in event.numbers]
@@ -697,6 +775,14 @@ class Session:
                 self.writer.close()
                 raise
 
+    async def _unregister(self) -> None:
+        """Take the session out of the registry; safe to call more than once."""
+        if self.ctx.cluster is not None:
+            try:
+                await self.ctx.cluster.release(self.id)
+            except Exception:
+                self.log.exception("Unregistering the session failed")
+
     async def _finish(self, reason: str) -> None:
         await self._release()
         with contextlib.suppress(Exception):
@@ -708,6 +794,7 @@ class Session:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await self.writer.wait_closed()
+        await self._unregister()  # after the close: the socket goes whatever happens here
         s = self.conn.stats
         if self.log.user is not None:
             self.log.info(

@@ -17,6 +17,15 @@ The policy, and why no stranger can lock a user out with it
 - A successful login forgets the failures of its address (as Dovecot resets its penalty);
   the user name's count stays, so a user logging in does not reset a stranger's delay.
 
+Addresses are counted as :func:`address_group` says: an IPv4 address on its own (an
+IPv4-mapped IPv6 address as the IPv4 address it maps), an IPv6 address by its /64. One
+subscriber (one home router, one cloud instance) is routinely given a whole /64, so
+counting per /128 would let one attacker fail from 2**64 "addresses", each under the
+limit. Dovecot's auth penalty groups IPv6 addresses too, by /48
+(``PENALTY_IPV6_MASK_BITS``); pobox takes /64 because it also *refuses* a failing group,
+which at /48 would refuse a whole site for one host's failures. The connection caps
+(:mod:`._limits`) count by the same groups.
+
 The counters live behind :class:`~pobox.state.base.FailureCounters` (in memory now; in
 PostgreSQL, shared by every node, later); this module is only the policy that reads them.
 
@@ -25,19 +34,42 @@ May import: the standard library and :mod:`pobox.state`.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Final
 
 from pobox.state.base import FailureCounters
 
-__all__ = ["LoginThrottle"]
+__all__ = ["IPV6_GROUP_PREFIX", "LoginThrottle", "address_group"]
+
+#: IPv6 addresses count per network of this prefix: a /64 is what one subscriber gets
+#: (RFC 6177 recommends /48 to /64 per site; SLAAC needs a /64).
+IPV6_GROUP_PREFIX: Final = 64
+_IPV6_GROUP_MASK: Final = ((1 << IPV6_GROUP_PREFIX) - 1) << (128 - IPV6_GROUP_PREFIX)
 
 #: The doubling stops here (2**32 times the base delay is far beyond any cap).
 _MAX_DOUBLINGS: Final = 32
 
 
+def address_group(ip: str) -> str:
+    """Return what ``ip`` is counted as: itself (IPv4), its /64 (IPv6), the IPv4 it maps.
+
+    Anything that is not an IP address (a test's made-up peer) is its own group.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    network = ipaddress.IPv6Address(int(address) & _IPV6_GROUP_MASK)
+    return f"{network}/{IPV6_GROUP_PREFIX}"
+
+
 def address_key(ip: str) -> str:
-    """The counter key of a source address."""
-    return "ip:" + ip
+    """The counter key of a source address (its :func:`address_group`)."""
+    return "ip:" + address_group(ip)
 
 
 def user_key(user: str) -> str:

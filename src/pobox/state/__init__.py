@@ -1,13 +1,28 @@
 """State that every session of a server shares, and later every node of a cluster.
 
 The interfaces are in :mod:`pobox.state.base`; :mod:`pobox.state.memory` is the in-process
-backend (one node).  A PostgreSQL backend for several nodes (issue 12) implements the same
-interfaces and passes the same contract suite (``tests/state/test_contract.py``).
+backend (one node); :mod:`pobox.state.postgres` the one every node of a cluster shares
+(imported only when used: it needs psycopg).  Both pass one contract suite
+(``tests/state/test_contract.py``).
 """
 
 from __future__ import annotations
 
-from pobox.state.base import FailureCounters
-from pobox.state.memory import MemoryFailureCounters
+from pobox.state.base import (
+    Admission,
+    FailureCounters,
+    SessionEntry,
+    SessionRegistry,
+    StateUnavailable,
+)
+from pobox.state.memory import MemoryFailureCounters, MemorySessionRegistry
 
-__all__ = ["FailureCounters", "MemoryFailureCounters"]
+__all__ = [
+    "Admission",
+    "FailureCounters",
+    "MemoryFailureCounters",
+    "MemorySessionRegistry",
+    "SessionEntry",
+    "SessionRegistry",
+    "StateUnavailable",
+]

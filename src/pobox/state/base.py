@@ -1,4 +1,5 @@
-"""The interfaces of shared state: what the policies (the login throttle) read and write.
+"""The interfaces of shared state: what the policies (the login throttle, the per-user
+connection limits) read and write, on one node or on every node of a cluster.
 
 :class:`FailureCounters` counts failed logins per key (``ip:203.0.113.7``, ``user:alice``).  A
 count starts with a key's first failure and is forgotten ``window`` seconds later, by the
@@ -6,19 +7,42 @@ backend itself: nobody has to sweep.  A backend keeps its memory (or table) boun
 the keys an attacker makes up: when it must forget early, it forgets the keys idle longest,
 which only ever makes the policy more lenient, never refuses anyone wrongly.
 
-Every method takes several keys at once, so that a backend over the network (PostgreSQL)
-answers a login's questions in one round trip.  The methods are ``async`` for that backend;
-the memory one never suspends.
+:class:`SessionRegistry` knows who is logged in where: one :class:`SessionEntry` per POP3
+session after login, on every node.  It counts a user's sessions for the connection limits
+(and admits a session in the same step), lists them for the ops tooling, and carries kick
+requests to the node that owns a session, which sees them at its next
+:meth:`~SessionRegistry.heartbeat`.  Each node renews a lease with that heartbeat; the
+sessions of a node whose lease ran out (it died) are ignored at once and purged later, so
+nothing has to clean up after a crash.
 
-May import: the standard library only.
+Every method answers in one round trip for a backend over the network (PostgreSQL): the
+methods take several keys at once, and the registry admits and counts in one call.  The
+methods are ``async`` for that backend; the memory ones never suspend.  A backend that cannot
+answer raises :class:`StateUnavailable`; the shell then falls back to per-node state
+(:mod:`pobox.state.fallback`).
+
+May import: the standard library and :mod:`pobox.errors`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["FailureCounters"]
+from pobox.errors import PoboxError
+
+__all__ = [
+    "Admission",
+    "FailureCounters",
+    "SessionEntry",
+    "SessionRegistry",
+    "StateUnavailable",
+]
+
+
+class StateUnavailable(PoboxError):
+    """The shared state store did not answer (down, slow, or refusing)."""
 
 
 class FailureCounters(Protocol):
@@ -32,3 +56,86 @@ class FailureCounters(Protocol):
 
     async def clear(self, keys: Sequence[str]) -> None:
         """Forget the failures of ``keys``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEntry:
+    """One logged-in POP3 session, as the registry lists it.
+
+    Attributes:
+        id: the session id of the logs (``session=<...>``), unique in the cluster.
+        user: the user name logged in.
+        node: the ``node_name`` of the node serving it.
+        rip: the real client address (from the PROXY header behind HAProxy).
+        since: when the login succeeded, in seconds since the epoch.
+        tls: whether the session is encrypted (STLS, implicit TLS, or TLS at HAProxy).
+        mechanism: how the user logged in (``PLAIN``, ``USER``, ``APOP``, ``SCRAM-SHA-256``...).
+    """
+
+    id: str
+    user: str
+    node: str
+    rip: str
+    since: float
+    tls: bool
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What :meth:`SessionRegistry.register` decided.
+
+    Attributes:
+        admitted: whether the session was registered (within both limits).
+        user_sessions: the user's other live sessions, on every node, before this one.
+        userip_sessions: those of them from the same client address.
+    """
+
+    admitted: bool
+    user_sessions: int
+    userip_sessions: int
+
+
+class SessionRegistry(Protocol):
+    """Who is logged in where, across the nodes of a cluster (or on this one node).
+
+    A registry object belongs to one node (:attr:`node`): it registers that node's sessions
+    and renews that node's lease.  Listing and kicking reach every node.
+    """
+
+    @property
+    def node(self) -> str:
+        """The name of the node this registry object registers for."""
+
+    async def register(self, entry: SessionEntry, *, max_user: int, max_userip: int) -> Admission:
+        """Register ``entry`` if the user's live sessions leave room; say what was found.
+
+        ``max_user`` limits the user's sessions from anywhere, ``max_userip`` those from
+        ``entry.rip`` (0: no limit); the new session counts toward both.  Concurrent
+        registrations on several nodes may both get in (lenient, never refusing wrongly).
+        """
+
+    async def unregister(self, session_id: str) -> None:
+        """Forget a session that ended (nothing if it is not registered)."""
+
+    async def sessions(self, user: str | None = None) -> list[SessionEntry]:
+        """Return the live sessions of every node (of ``user`` only, if given), oldest first."""
+
+    async def count(self, user: str, rip: str) -> tuple[int, int]:
+        """Return the live sessions of ``user``, and of ``user`` from ``rip``, on every node."""
+
+    async def kick(self, *, user: str | None = None, session_id: str | None = None) -> int:
+        """Ask the owning nodes to end the sessions of ``user`` or the one ``session_id``.
+
+        Returns:
+            how many live sessions were asked to end.
+        """
+
+    async def heartbeat(self, live: Sequence[str]) -> list[str]:
+        """Renew this node's lease; return the ids of its sessions that were asked to end.
+
+        ``live`` is the ids of this node's sessions still registered as far as the node
+        knows: the registry forgets any other session of this node (one whose unregister
+        got lost, or one of an earlier run of a node of the same name).  The sessions of
+        nodes whose lease ran out are purged.
+        """

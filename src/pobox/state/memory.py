@@ -1,10 +1,12 @@
-"""Failure counters in this process's memory: one node's shared state.
+"""Failure counters and the session registry in this process's memory: one node's state.
 
 An :class:`~collections.OrderedDict` of ``key → (first failure, count)`` in the order of the
 last update.  Each operation is O(1) amortised: a read drops its key once the window has
 passed, and each :meth:`MemoryFailureCounters.add` drops the expired entries it finds at the
 old end, and the oldest entries beyond ``max_entries``, so the dict neither grows without
 bound nor keeps dead entries for long.
+
+The session registry (:class:`MemorySessionRegistry`) is a dict of this node's sessions.
 
 May import: the standard library and :mod:`pobox.state.base`.
 """
@@ -16,7 +18,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Final
 
-__all__ = ["MAX_ENTRIES", "MemoryFailureCounters"]
+from pobox.state.base import Admission, SessionEntry
+
+__all__ = ["MAX_ENTRIES", "MemoryFailureCounters", "MemorySessionRegistry"]
 
 #: Keys remembered at most; an entry is about 200 bytes, so 200,000 keys are some 40 MB.
 MAX_ENTRIES: Final = 200_000
@@ -90,3 +94,88 @@ class MemoryFailureCounters:
         """Forget the failures of ``keys``."""
         for key in keys:
             self._data.pop(key, None)
+
+
+class MemorySessionRegistry:
+    """A :class:`~pobox.state.base.SessionRegistry` in memory: the sessions of one node.
+
+    Bounded by the node's own connection caps (``max_connections``): an entry exists only
+    between a login and the end of its session.  Counting a user's sessions walks that
+    user's entries only (an index by user name).
+
+    Args:
+        node: this node's name.
+    """
+
+    def __init__(self, node: str) -> None:
+        self._node = node
+        self._entries: dict[str, SessionEntry] = {}
+        self._by_user: dict[str, set[str]] = {}
+        self._kicked: set[str] = set()
+
+    @property
+    def node(self) -> str:
+        """The name of this node."""
+        return self._node
+
+    def __len__(self) -> int:
+        """How many sessions are registered now."""
+        return len(self._entries)
+
+    def _count(self, user: str, rip: str) -> tuple[int, int]:
+        ids = self._by_user.get(user, ())
+        return len(ids), sum(1 for i in ids if self._entries[i].rip == rip)
+
+    async def register(self, entry: SessionEntry, *, max_user: int, max_userip: int) -> Admission:
+        """Register ``entry`` if the user's sessions leave room; say what was found."""
+        per_user, per_userip = self._count(entry.user, entry.rip)
+        admitted = (not max_user or per_user < max_user) and (
+            not max_userip or per_userip < max_userip
+        )
+        if admitted:
+            self._forget(entry.id)
+            self._entries[entry.id] = entry
+            self._by_user.setdefault(entry.user, set()).add(entry.id)
+        return Admission(admitted, per_user, per_userip)
+
+    def _forget(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id, None)
+        self._kicked.discard(session_id)
+        if entry is not None:
+            ids = self._by_user[entry.user]
+            ids.discard(session_id)
+            if not ids:
+                del self._by_user[entry.user]
+
+    async def unregister(self, session_id: str) -> None:
+        """Forget a session that ended."""
+        self._forget(session_id)
+
+    async def sessions(self, user: str | None = None) -> list[SessionEntry]:
+        """Return the sessions (of ``user`` only, if given), oldest first."""
+        ids = self._entries if user is None else self._by_user.get(user, ())
+        return sorted((self._entries[i] for i in ids), key=lambda e: (e.since, e.id))
+
+    async def count(self, user: str, rip: str) -> tuple[int, int]:
+        """Return the sessions of ``user``, and of ``user`` from ``rip``."""
+        return self._count(user, rip)
+
+    async def kick(self, *, user: str | None = None, session_id: str | None = None) -> int:
+        """Mark the sessions of ``user``, or the one ``session_id``, to be ended."""
+        if session_id is not None:
+            ids: set[str] = {session_id} if session_id in self._entries else set()
+            if user is not None:
+                ids = {i for i in ids if self._entries[i].user == user}
+        elif user is not None:
+            ids = set(self._by_user.get(user, ()))
+        else:
+            ids = set()
+        self._kicked |= ids
+        return len(ids)
+
+    async def heartbeat(self, live: Sequence[str]) -> list[str]:
+        """Forget sessions not in ``live``; return those asked to end."""
+        keep = set(live)
+        for gone in [i for i in self._entries if i not in keep]:
+            self._forget(gone)
+        return sorted(self._kicked)

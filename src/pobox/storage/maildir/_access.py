@@ -126,6 +126,7 @@ from pobox.storage.maildir._fs import SessionLock
 from pobox.storage.maildir._index import (
     DOVECOT_UIDLIST_NAME,
     INDEX_MAX,
+    INDEX_MAX_LINES,
     INDEX_NAME,
     IndexEntry,
     UidList,
@@ -812,6 +813,7 @@ def _load_index(root: Dir, cached: _Cached | None) -> tuple[UidList, bool, _File
         return uidlist, not clean, key, digest
     dovecot = root.read_file(DOVECOT_UIDLIST_NAME, INDEX_MAX)
     if dovecot is not None:
+        _check_lines(dovecot, f"{root.path}/{DOVECOT_UIDLIST_NAME}")
         imported = parse_dovecot_uidlist(dovecot.decode("utf-8", "surrogateescape"))
         if imported is not None:
             return imported, True, None, b""
@@ -857,7 +859,8 @@ def _read_index(root: Dir) -> tuple[bytes, _FileKey] | None:
 
     Raises:
         UnsafeFile: it is a link or not a regular file of the owner.
-        StoragePermanentError: it is larger than :data:`INDEX_MAX`.
+        StoragePermanentError: it is larger than :data:`INDEX_MAX`, or has more lines than
+            :data:`INDEX_MAX_LINES`.
     """
     handle = root.open_file(INDEX_NAME)
     if handle is None:
@@ -868,7 +871,20 @@ def _read_index(root: Dir) -> tuple[bytes, _FileKey] | None:
             msg = f"refusing {handle.path}: {handle.size} octets, more than {INDEX_MAX}"
             raise StoragePermanentError(msg)
         data = handle.read()
+    _check_lines(data, handle.path)
     return data, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _check_lines(raw: bytes, path: object) -> None:
+    """Refuse an index with more lines than :data:`INDEX_MAX_LINES` before parsing it.
+
+    Raises:
+        StoragePermanentError: it has more.
+    """
+    lines = raw.count(b"\n")
+    if lines > INDEX_MAX_LINES:
+        msg = f"refusing {path}: {lines} lines, more than {INDEX_MAX_LINES}"
+        raise StoragePermanentError(msg)
 
 
 def _fresh_index(root: Dir) -> UidList:

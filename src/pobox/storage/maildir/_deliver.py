@@ -74,7 +74,12 @@ from pobox.storage.base import (
     StorageTemporaryError,
     Usage,
 )
-from pobox.storage.maildir._index import INDEX_MAX, INDEX_NAME, parse_pobox_uidlist
+from pobox.storage.maildir._index import (
+    INDEX_MAX,
+    INDEX_MAX_LINES,
+    INDEX_NAME,
+    parse_pobox_uidlist,
+)
 from pobox.storage.maildir._names import base_name, is_acceptable_name, size_field
 
 __all__ = [
@@ -418,6 +423,8 @@ def _index_new_message(root: Dir, name: str, size: int) -> None:
         encoded = name.encode("utf-8", "surrogateescape")
         next_uid = _next_uid(raw)
         if next_uid is None:  # not the plain shape pobox writes: parse it all
+            if raw.count(b"\n") > INDEX_MAX_LINES:
+                return  # refused at the next login: never parsed
             parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape"))
             if parsed is None:
                 return

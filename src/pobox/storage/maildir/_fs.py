@@ -27,6 +27,12 @@ pobox and a Dovecot serving the same maildir exclude each other (facts from Dove
 * a lock is released by unlinking it, only if the file is still ours (same device, inode
   and content): a lock broken and taken by another session meanwhile is left alone.
 
+A root process whose worker threads take on each owner's filesystem ids (the storage helper)
+calls :func:`use_thread_rights` at start: each lock then remembers the rights of the thread
+that took it, and the refresher thread, or a finalizer in whatever thread, touches and
+releases it with those rights only, never with root's (a lock taken with root's rights is
+then never touched by the refresher).
+
 Breaking is serialized among pobox processes by the index lock (``flock``, waited for at most
 ``lock_timeout`` seconds): a stale-looking lock is
 checked again and unlinked under it, and only then created afresh. Creating needs no index
@@ -48,6 +54,8 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 from pobox.storage._safefs import Dir, UnsafeFile, flocked, storage_error
 from pobox.storage.base import MaildropLocked, StorageError
@@ -58,6 +66,7 @@ __all__ = [
     "STALE_TIMEOUT",
     "SessionLock",
     "refresh_session_locks",
+    "use_thread_rights",
 ]
 
 #: Dovecot's ``POP3_SESSION_DOTLOCK_STALE_TIMEOUT_SECS``: a lock untouched this long is stale.
@@ -79,10 +88,49 @@ _PID_MAX = 4 * 1024 * 1024
 _FileId = tuple[int, int]
 
 
+#: The rights a thread works with (see :func:`use_thread_rights`); opaque here.
+Rights = object
+#: ``(capture, enter)``: the rights of the calling thread, and a context manager running a
+#: block with given rights; ``None`` when every thread has the process's own.
+_thread_rights: tuple[Callable[[], Rights], Callable[[Rights], AbstractContextManager[None]]] | None
+_thread_rights = None
+
+
+def use_thread_rights(
+    capture: Callable[[], Rights], enter: Callable[[Rights], AbstractContextManager[None]]
+) -> None:
+    """Touch and release each lock with the rights of the thread that took it.
+
+    For a process whose threads have rights of their own (per-thread ``setfsuid``): ``capture``
+    returns the calling thread's rights (``None``: the process's own, which are then never
+    used for a lock taken so), ``enter(rights)`` runs a block with them in any thread.
+    """
+    global _thread_rights  # noqa: PLW0603 - one setting per process, made once at start
+    _thread_rights = (capture, enter)
+
+
+@contextlib.contextmanager
+def _rights_of(held: _Held) -> Iterator[None]:
+    """Run the block with the rights ``held`` was taken with.
+
+    Raises:
+        PermissionError: it was taken with the process's own rights in a process whose
+            threads have their own: the lock is left as it is.
+    """
+    if _thread_rights is None:
+        yield
+        return
+    if held.rights is None:
+        msg = f"{held.path} was taken with the process's own rights: left alone"
+        raise PermissionError(errno.EPERM, msg)
+    with _thread_rights[1](held.rights):
+        yield
+
+
 class _Held:
     """A lock file this process created and holds."""
 
-    __slots__ = ("content", "file_id", "name", "owner", "root")
+    __slots__ = ("content", "file_id", "name", "owner", "rights", "root")
 
     def __init__(self, root: Dir, name: str, file_id: _FileId, content: bytes) -> None:
         #: The maildir's path (a string: 10,000 idle sessions hold 10,000 of these) and owner;
@@ -93,6 +141,8 @@ class _Held:
         self.file_id = file_id
         #: The same object for every lock of the process.
         self.content = content
+        #: The rights of the thread that took it (:func:`use_thread_rights`), or ``None``.
+        self.rights = None if _thread_rights is None else _thread_rights[0]()
 
     @property
     def path(self) -> str:
@@ -175,6 +225,7 @@ def refresh_session_locks() -> int:
     for held in _registry.snapshot():
         with (
             contextlib.suppress(OSError, StorageError),
+            _rights_of(held),
             Dir.open_root(held.root, held.owner) as root,
         ):
             found = _read_lock(root, held.name)
@@ -375,7 +426,7 @@ def _take(root: Dir, name: str, guard: str, timeout: float) -> _Held:
 def _release(held: _Held) -> None:
     """Unlink a lock file if it is still ours, then forget it; never raises."""
     try:
-        with Dir.open_root(held.root, held.owner) as root:
+        with _rights_of(held), Dir.open_root(held.root, held.owner) as root:
             found = _read_lock(root, held.name)
             if found is not None and _is_ours(found, held):
                 root.unlink(held.name)

@@ -41,6 +41,7 @@ from pobox.storage.maildir._names import base_name, size_field
 __all__ = [
     "DOVECOT_UIDLIST_NAME",
     "INDEX_MAX",
+    "INDEX_MAX_LINES",
     "INDEX_NAME",
     "IndexEntry",
     "UidList",
@@ -57,6 +58,11 @@ DOVECOT_UIDLIST_NAME = "dovecot-uidlist"
 #: The largest index (of either kind) read: about two million messages. A larger file is
 #: refused rather than read into memory (the maildir's user can make it any size).
 INDEX_MAX = 128 * 1024 * 1024
+#: The most lines an index (of either kind) may have: a million messages. Each parsed line
+#: costs about 300 octets of memory, so a user's index of short made-up lines (7 million of
+#: them fit in :data:`INDEX_MAX`) would take over 2 GB of the process that serves everyone;
+#: capped, an open costs at most what a real million-message maildir costs.
+INDEX_MAX_LINES = 1_000_000
 _MAGIC = "pobox-uidlist"
 _VERSION = "1"
 #: ``<uid> W<size> :<base name>``, how almost every line of ``pobox-uidlist`` looks.

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["CredentialsError", "become", "current_fs_ids", "owner_rights"]
+__all__ = ["CredentialsError", "become", "current_fs_ids", "owner_rights", "thread_ids"]
 
 
 class CredentialsError(OSError):
@@ -82,6 +82,12 @@ def become(uid: int, gid: int) -> None:
     _set(_setfsgid, gid, "fsgid")
     _set(_setfsuid, uid, "fsuid")
     _threads.ids = (uid, gid)
+
+
+def thread_ids() -> tuple[int, int] | None:
+    """Return the ids :func:`become` gave the calling thread, ``None`` if it gave none."""
+    ids: tuple[int, int] | None = getattr(_threads, "ids", None)
+    return ids
 
 
 def current_fs_ids() -> tuple[int, int]:

@@ -23,7 +23,11 @@ and then reaches mail only through it. The helper:
 * on its second socket answers ``file`` requests only, handing over a read-only descriptor
   of a configuration file the settings name (the passwd-file, TLS certificates and keys) that
   the unprivileged serving process must read again later, or one open for appending of the
-  log file (reopened after a rotation).
+  log file (reopened after a rotation). Each is opened relative to its directory as the
+  hello found it (a descriptor kept from then); the log without following a link and only if
+  it is a regular file with no other name, a read-only file likewise unless only root can
+  change its directory: a serving process that can write to one of those directories cannot
+  make root read, append to or create any other file.
 
 A thread whose credentials cannot be restored ends the process (exit status 70): the
 serving process sees the end of file, logs it and exits, and never goes on without it.
@@ -34,6 +38,7 @@ of this package.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -42,12 +47,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from pobox.records import User
 from pobox.storage.base import IncomingMessage, StorageTemporaryError
 from pobox.storage.maildir import MaildirAccess, MaildirHandle
-from pobox.storage.privsep._fsid import CredentialsError, become
+from pobox.storage.maildir._fs import use_thread_rights
+from pobox.storage.privsep._fsid import CredentialsError, become, owner_rights, thread_ids
 from pobox.storage.privsep._owner import Owner, OwnerPolicy
 from pobox.storage.privsep._protocol import (
     InvalidRequest,
@@ -161,6 +167,10 @@ class Helper:
         self._core: MaildirAccess | None = None
         self._receive_turn = threading.Lock()
         self._assembler = FrameAssembler(MAX_REQUEST)
+        #: The directory of each file the settings name, as the hello found it (while the
+        #: serving process was root), and the file's name in it; ``None`` if it could not
+        #: be opened then.
+        self._dirs: dict[str, tuple[int, str] | None] = {}
         #: The exit status, once the main socket has ended (or broke the protocol).
         self._status: int | None = None
 
@@ -227,6 +237,8 @@ class Helper:
             raise InvalidRequest(msg, request_id)
         self._settings = Settings.from_wire(args["settings"])
         self._core = MaildirAccess(self._settings.location)
+        for key, path in (*self._settings.files.items(), *self._settings.appends.items()):
+            self._dirs[key] = _open_parent(path)
         self._reply(self._main, request_id, {"pid": os.getpid()})
 
     def _dispatch(self, frame: dict[str, Any], fds: list[int]) -> None:
@@ -397,25 +409,74 @@ class Helper:
         self._files.close()
 
     def _open_file(self, key: str) -> int:
-        """Open the file the settings name ``key`` (as root): read-only, or for appending."""
+        """Open the file the settings name ``key`` (as root): read-only, or for appending.
+
+        Both relative to the file's directory as the hello found it, so a directory swapped
+        for a link since leads nowhere. A read-only file may be a link (Let's Encrypt's
+        ``live/`` files are) only in a directory that only root can change; elsewhere (a
+        directory the serving process could write to) a link or a file with another name
+        (a hard link to ``/etc/shadow``) is refused.
+        """
         assert self._settings is not None
-        flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         path = self._settings.files.get(key)
-        if path is not None:
-            flags |= os.O_RDONLY
-        else:
-            path = self._settings.appends.get(key)
-            if path is None:
-                raise InvalidRequest(f"file: {key!r} names no configuration file")
-            flags |= os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        if path is None:
+            return self._open_append(key)
+        dir_fd, name = self._directory(key, path)
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        trusted = _root_only(dir_fd)
+        if not trusted:
+            flags |= os.O_NOFOLLOW
         try:
-            fd = os.open(path, flags, 0o640)
+            fd = os.open(name, flags, dir_fd=dir_fd)
         except OSError as exc:
             msg = f"cannot open {key} {path}: {exc.strerror}"
             raise StorageTemporaryError(msg) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (not trusted and st.st_nlink != 1):
             os.close(fd)
-            raise InvalidRequest(f"file: {key} ({path}) is not a regular file")
+            msg = f"file: {key} ({path}) is not a regular file"
+            if not trusted:
+                msg += " with one name (its directory is not root's alone)"
+            raise InvalidRequest(msg)
+        return fd
+
+    def _directory(self, key: str, path: str) -> tuple[int, str]:
+        """Return the directory descriptor and name the hello found for ``key``.
+
+        Raises:
+            StorageTemporaryError: the directory could not be opened then.
+        """
+        where = self._dirs.get(key)
+        if where is None:
+            msg = f"cannot open {key} {path}: its directory could not be opened at start"
+            raise StorageTemporaryError(msg)
+        return where
+
+    def _open_append(self, key: str) -> int:
+        """Open the file ``key`` for appending in the directory the hello found, never a link.
+
+        The serving process may be able to write to the log's directory (logrotate's
+        ``create`` for it, a directory of its own): a link or a hard link planted there in
+        place of the log, or the directory swapped for a link, must not get root to append to
+        or create another file. So: relative to the directory's descriptor kept from the
+        hello, ``O_NOFOLLOW``, and only a regular file with one name.
+        """
+        assert self._settings is not None
+        path = self._settings.appends.get(key)
+        if path is None:
+            raise InvalidRequest(f"file: {key!r} names no configuration file")
+        dir_fd, name = self._directory(key, path)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(name, flags | os.O_CLOEXEC | os.O_NOCTTY, 0o640, dir_fd=dir_fd)
+        except OSError as exc:
+            msg = f"cannot open {key} {path}: {exc.strerror}"
+            raise StorageTemporaryError(msg) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            msg = f"file: {key} ({path}) is not a regular file with one name"
+            raise InvalidRequest(msg)
         return fd
 
     # ------------------------------------------------------------------ answers
@@ -431,6 +492,32 @@ class Helper:
             send_frame(sock, {"id": request_id, "error": error_to_wire(exc)})
 
 
+def _owner_rights(rights: object) -> contextlib.AbstractContextManager[None]:
+    """Run a block with the filesystem ids :func:`thread_ids` returned."""
+    uid, gid = cast("tuple[int, int]", rights)
+    return owner_rights(uid, gid)
+
+
+def _root_only(dir_fd: int) -> bool:
+    """Tell whether only root can change the directory ``dir_fd`` (root's, not group- or
+    world-writable)."""
+    st = os.fstat(dir_fd)
+    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _open_parent(path: str) -> tuple[int, str] | None:
+    """Open the directory of ``path`` (links followed: the admin's); ``None`` if it fails."""
+    directory, name = os.path.split(path)
+    if not name:
+        return None
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        _log(f"cannot open the directory of {path}: {exc.strerror}")
+        return None
+    return fd, name
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the helper on the socket descriptors named on the command line."""
     args = sys.argv[1:] if argv is None else argv
@@ -438,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if os.geteuid() == 0:
         os.setgroups([])  # the owners' rights only: no supplementary group adds to them
+    # Session locks are refreshed (a thread of their own) and released with the owner's ids.
+    use_thread_rights(thread_ids, _owner_rights)
     main_sock = socket.socket(fileno=int(args[0]))
     files_sock = socket.socket(fileno=int(args[1])) if len(args) > 1 else None
     return Helper(main_sock, files_sock).run()

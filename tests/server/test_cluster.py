@@ -1,0 +1,212 @@
+"""The node's side of shared state: the fallback to memory, the heartbeat, kicks, limits.
+
+A store that is down is a real backend of the interfaces whose every call raises
+:class:`~pobox.state.base.StateUnavailable` (as the PostgreSQL one does when it cannot
+answer); clocks are moved by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import pytest
+
+from pobox.cli import build_shared_state
+from pobox.config import Config, build_config, shared_state_backend
+from pobox.errors import ConfigError
+from pobox.server._cluster import (
+    Cluster,
+    FallbackFailureCounters,
+    FallbackRegistry,
+    StoreHealth,
+)
+from pobox.state import (
+    Admission,
+    MemoryFailureCounters,
+    MemorySessionRegistry,
+    SessionEntry,
+    StateUnavailable,
+)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class DownCounters:
+    """Failure counters whose store is down (or up again, when ``down`` is cleared)."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.calls = 0
+        self.up = MemoryFailureCounters(60)
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise StateUnavailable("shared state counts: connection refused")
+
+    async def counts(self, keys: Sequence[str]) -> list[int]:
+        self._check()
+        return await self.up.counts(keys)
+
+    async def add(self, keys: Sequence[str]) -> list[int]:
+        self._check()
+        return await self.up.add(keys)
+
+    async def clear(self, keys: Sequence[str]) -> None:
+        self._check()
+        await self.up.clear(keys)
+
+
+class DownRegistry(MemorySessionRegistry):
+    """A registry whose store is down: every call fails."""
+
+    async def register(self, entry: SessionEntry, *, max_user: int, max_userip: int) -> Admission:
+        raise StateUnavailable("down")
+
+    async def heartbeat(self, live: Sequence[str]) -> list[str]:
+        raise StateUnavailable("down")
+
+
+def entry(sid: str, rip: str = "192.0.2.1") -> SessionEntry:
+    """A session of alice."""
+    return SessionEntry(sid, "alice", "a", rip, 0.0, tls=False, mechanism="PLAIN")
+
+
+class TestFallback:
+    """A store that fails: memory answers, the store is left alone a while, one log line."""
+
+    async def test_memory_answers_and_store_rests(self, caplog: pytest.LogCaptureFixture) -> None:
+        """While down, calls are answered from memory; the store is asked again after
+        retry_after, and its recovery ends the episode; one line each."""
+        caplog.set_level(logging.INFO, logger="pobox.cluster")
+        clock = Clock()
+        shared = DownCounters()
+        counters = FallbackFailureCounters(
+            shared, MemoryFailureCounters(60), StoreHealth(5.0, clock)
+        )
+        assert [1] == await counters.add(["ip:a"])
+        assert [2] == await counters.add(["ip:a"])
+        assert [2] == await counters.counts(["ip:a"])
+        assert 1 == shared.calls  # asked once, then left alone
+        clock.now += 5
+        assert [3] == await counters.add(["ip:a"])
+        assert 2 == shared.calls
+        shared.down = False
+        clock.now += 5
+        assert [1] == await counters.add(["ip:a"])  # the store's own count
+        messages = [r.getMessage() for r in caplog.records]
+        assert 1 == sum("shared state unavailable" in m for m in messages)
+        assert 1 == sum("available again (4 calls answered from memory" in m for m in messages)
+
+    async def test_registry_falls_back_and_unregisters_in_memory(self) -> None:
+        """A session registered in memory during an outage is unregistered there."""
+        local = MemorySessionRegistry("a")
+        registry = FallbackRegistry(DownRegistry("a"), local, StoreHealth(5.0, Clock()))
+        assert (await registry.register(entry("s1"), max_user=0, max_userip=1)).admitted
+        assert not (await registry.register(entry("s2"), max_user=0, max_userip=1)).admitted
+        assert ["s1"] == [e.id for e in await local.sessions()]
+        await registry.unregister("s1")
+        assert [] == await local.sessions()
+
+    async def test_kicks_of_memory_sessions_survive_a_failed_heartbeat(self) -> None:
+        """A kick of a session registered in memory is returned even while the store fails."""
+        registry = FallbackRegistry(
+            DownRegistry("a"), MemorySessionRegistry("a"), StoreHealth(5.0, Clock())
+        )
+        await registry.register(entry("s1"), max_user=0, max_userip=0)
+        assert 1 == await registry.kick(user="alice")
+        assert ["s1"] == await registry.heartbeat(["s1"])
+
+
+class TestCluster:
+    """Admission texts, kicks delivered by the heartbeat, release."""
+
+    async def test_refusal_names_the_limit(self) -> None:
+        """Over mail_max_userip_connections the text names it; over the user limit, that."""
+        cluster = Cluster(MemorySessionRegistry("a"), heartbeat=5, max_user=2, max_userip=1)
+        assert (await cluster.admit(entry("s1"), lambda: None))[1] is None
+        by_ip = (await cluster.admit(entry("s2"), lambda: None))[1]
+        assert (await cluster.admit(entry("s3", rip="192.0.2.2"), lambda: None))[1] is None
+        by_user = (await cluster.admit(entry("s4", rip="192.0.2.3"), lambda: None))[1]
+        assert (
+            "Maximum number of connections from user+IP exceeded (mail_max_userip_connections=1)"
+        ) == by_ip
+        assert (
+            "Maximum number of connections from user exceeded (mail_max_user_connections=2)"
+        ) == by_user
+
+    async def test_beat_delivers_kicks_and_release_unregisters(self) -> None:
+        """A kicked session's callback runs at the next beat; a released one is forgotten."""
+        registry = MemorySessionRegistry("a")
+        cluster = Cluster(registry, heartbeat=5, max_user=0, max_userip=0)
+        kicked: list[str] = []
+        await cluster.admit(entry("s1"), lambda: kicked.append("s1"))
+        await cluster.admit(entry("s2"), lambda: kicked.append("s2"))
+        await registry.kick(session_id="s2")
+        await cluster.beat()
+        assert ["s2"] == kicked
+        await cluster.release("s2")
+        assert ["s1"] == [e.id for e in await registry.sessions()]
+
+
+class TakenRegistry(MemorySessionRegistry):
+    """A registry whose store says another live process renews this node's lease."""
+
+    name_taken = True
+
+
+class TestNameTaken:
+    """A node_name used by two live processes is logged, once."""
+
+    async def test_logged_once(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Every beat sees the clash; the error is logged at the first only."""
+        cluster = Cluster(TakenRegistry("a"), heartbeat=5, max_user=0, max_userip=0)
+        for _ in range(3):
+            await cluster.beat()
+        errors = [r for r in caplog.records if "renews the lease of node a" in r.getMessage()]
+        assert 1 == len(errors)
+
+
+class TestConfig:
+    """The shared-state keys: validated, and auto resolved from the store and userdb."""
+
+    def test_auto(self) -> None:
+        """auto is postgresql with mail or users in PostgreSQL, else memory."""
+        assert "memory" == shared_state_backend(Config())
+        assert "postgresql" == shared_state_backend(Config(mail_location="postgresql"))
+        assert "postgresql" == shared_state_backend(Config(userdb="postgresql"))
+        assert "memory" == shared_state_backend(
+            Config(mail_location="postgresql", shared_state="memory")
+        )
+
+    @pytest.mark.parametrize(
+        ("values", "key"),
+        [
+            ({"shared_state": "redis"}, "shared_state"),
+            ({"shared_state_timeout": 0}, "shared_state_timeout"),
+            ({"shared_state_heartbeat": -1}, "shared_state_heartbeat"),
+            ({"mail_max_userip_connections": -1}, "mail_max_userip_connections"),
+            ({"mail_max_user_connections": -2}, "mail_max_user_connections"),
+            ({"node_name": "a b"}, "node_name"),
+        ],
+    )
+    def test_bad_values_name_the_key(self, values: dict[str, object], key: str) -> None:
+        """A bad value is refused at start-up with the key's name."""
+        with pytest.raises(ConfigError, match=f"^{key}:"):
+            build_config(values)
+
+    async def test_memory_backends_for_one_node(self) -> None:
+        """shared_state = memory: memory counters and a memory registry named node_name."""
+        counters, cluster = build_shared_state(Config(node_name="n1"))
+        assert isinstance(counters, MemoryFailureCounters)
+        assert isinstance(cluster.registry, MemorySessionRegistry)
+        assert "n1" == cluster.node
