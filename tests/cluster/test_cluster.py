@@ -38,13 +38,21 @@ from tests.helpers.postgres import PostgresError
 
 USERS = dict.fromkeys(("alice", "bob", "carol", "dave", "erin"), "secret")
 LOCKED = b"-ERR [IN-USE] Mailbox is locked by another POP3 session, try later.\r\n"
+DELAYED = b"-ERR [LOGIN-DELAY] Too many failed logins, try again later.\r\n"
+#: Failed logins from one address after which every node slows it down.
+AUTH_FAILURES = 3
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """PostgreSQL, three nodes and HAProxy for the module; all stopped by PID at the end."""
     try:
-        with running_cluster(tmp_path_factory.mktemp("cluster"), 3, USERS) as running:
+        with running_cluster(
+            tmp_path_factory.mktemp("cluster"),
+            3,
+            USERS,
+            settings={"auth_failures_per_ip": AUTH_FAILURES},
+        ) as running:
             yield running
     except (ClusterError, HAProxyError, PostgresError) as exc:
         pytest.fail(str(exc))
@@ -321,6 +329,38 @@ class TestRealAddress:
 
         node = cluster.wait_logged("lmtp: haproxy: Client connected: PROXY v2: rip=127.0.0.38,")
         assert ", real_rip=127.0.0.1, " in node.lines("PROXY v2: rip=127.0.0.38,")[0]
+
+
+class TestThrottleAcrossNodes:
+    """Failed logins are counted for the cluster (shared state in PostgreSQL), not per node."""
+
+    def test_failures_on_one_node_slow_the_address_on_the_others(self, cluster: Cluster):
+        """Three failures straight to node 1: the right password from that address gets
+        [LOGIN-DELAY] on nodes 2 and 3 and through HAProxy; another address logs in.
+        """
+        first = cluster.nodes[0]
+        failed = []
+        for _ in range(AUTH_FAILURES):
+            client = Pop3(first.ports["pop3"], "127.0.0.81")
+            failed.append(client.login("erin", "wrong")[:11])
+            client.close()
+        delayed = []
+        for node in cluster.nodes[1:]:
+            client = Pop3(node.ports["pop3"], "127.0.0.81")
+            delayed.append(client.login("erin"))
+            client.close()
+        proxied = Pop3(cluster.front["pop3"], "127.0.0.81")
+        delayed.append(proxied.login("erin"))
+        proxied.close()
+        other = Pop3(cluster.front["pop3"], "127.0.0.82")
+        allowed = other.login("erin")
+        other.close()
+
+        assert ([b"-ERR [AUTH]"] * AUTH_FAILURES, [DELAYED] * 3, b"+OK Logged in.\r\n") == (
+            failed,
+            delayed,
+            allowed,
+        )
 
 
 class TestHeaderThenEnd:

@@ -322,6 +322,8 @@ def _node_settings(node: Node, dsn: str, pki: Pki, extra: Mapping[str, object]) 
         "auth_failure_delay": 0,
         "log_path": str(node.log),
         "log_level": "debug",
+        # Each node's own name in the shared session registry (shared_state is postgresql).
+        "node_name": node.name,
         **extra,
     }
 
