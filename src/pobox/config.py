@@ -122,6 +122,8 @@ class Config:
     postgresql_password_query: str = ""
     postgresql_user_query: str = ""
     postgresql_iterate_query: str = ""
+    health_listen: str = ""
+    drain_timeout: float = 30.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -420,6 +422,18 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "Your own query listing every user (pobox user list), like Dovecot's iterate_query: "
         "a username (or user) column. Empty with custom queries: no listing.",
     ),
+    "health_listen": (
+        str,
+        'HTTP health check for a load balancer, "HOST:PORT" (default "": off). GET /health '
+        "answers 200 while the node reaches its stores and is not draining, else 503 with the "
+        "reason. Bind it to loopback or a private network: anyone who reaches it may ask.",
+    ),
+    "drain_timeout": (
+        float,
+        "Seconds SIGTERM lets open sessions finish (QUIT and UPDATE as usual) after the node "
+        "stops accepting connections; then the rest are closed without UPDATE and the node "
+        "exits. A second SIGTERM or SIGINT stops at once. 0: close at once (30).",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -643,6 +657,13 @@ def _validate_postgresql(config: Config) -> None:
         raise ConfigError("postgresql_lock_check_interval: must not be negative")
 
 
+def _validate_health(config: Config) -> None:
+    if config.health_listen:
+        parse_listen(config.health_listen, key="health_listen")
+    if config.drain_timeout < 0:
+        raise ConfigError("drain_timeout: must not be negative")
+
+
 def _validate(config: Config) -> Config:
     warnings: list[str] = []
     if not config.mail_location.startswith("maildir:") and config.mail_location != "postgresql":
@@ -650,6 +671,7 @@ def _validate(config: Config) -> Config:
             f"mail_location: {config.mail_location!r} must start with 'maildir:' or be 'postgresql'"
         )
     _validate_postgresql(config)
+    _validate_health(config)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
     for key in (

@@ -259,6 +259,8 @@ class Session:
         self._expired = False
         #: The store lost the maildrop lock (another node may serve the maildrop now).
         self._lock_gone = False
+        #: The server is draining and its deadline passed: end at the next wait, no UPDATE.
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -295,9 +297,11 @@ class Session:
             event = conn.next_event()
             if event is NEED_DATA:
                 await self._flush()
-                data = None if self._lock_gone else await self._read()
+                data = None if self._lock_gone or self._stopping else await self._read()
                 if self._lock_gone:
                     return self._end_lock_lost()
+                if self._stopping:
+                    return self._end_stopped()
                 if data is None:
                     reason = self._timeout_reason()
                     conn.close("timeout")
@@ -430,6 +434,28 @@ class Session:
         if self._io_since is not None and self._task is not None:
             self._expired = True
             self._task.cancel()
+
+    def stop(self) -> None:
+        """End the session without UPDATE at its next wait for the client (drain deadline).
+
+        A session waiting for the client ends at once with a ``-ERR [SYS/TEMP]`` line; one
+        busy with a command (an UPDATE under way included) ends when it is answered; one
+        stuck writing to a slow client is closed.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._io_since is not None and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    def _end_stopped(self) -> str:
+        """Tell the client the server is going away and nothing was changed."""
+        self.conn.close("shutdown")
+        self.writer.write(
+            b"-ERR [SYS/TEMP] Server shutting down, no changes made; log in again.\r\n"
+        )
+        return "Server shutting down"
 
     def _end_lock_lost(self) -> str:
         """Tell the client the session ends without UPDATE; return the reason to log."""

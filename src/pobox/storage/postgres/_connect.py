@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 __all__ = [
     "KEEPALIVES",
+    "SERVER_KEEPALIVES",
     "DriverError",
     "connection_params",
     "error_text",
@@ -45,6 +46,18 @@ KEEPALIVES = {
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "6",
+}
+#: TCP keepalives the *server* uses on pobox's connections (session settings, any user may
+#: set them; ignored over a Unix socket).  A node cut off from PostgreSQL sends nothing, so
+#: its backends wait on an idle socket; with the system default (2 h idle) their advisory
+#: locks would outlive the partition by hours.  With these the server probes after 5 s of
+#: silence and ends the backend after 3 unanswered probes 2 s apart: the locks of a node
+#: that vanished are free about 11 s after its last packet.  ``tcp_user_timeout`` (the
+#: statement timeout) ends a backend whose own data stays unacknowledged that long.
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
 }
 #: The environment variable that sets each default, which then wins over ours.
 _ENV_FOR = {"application_name": "PGAPPNAME", "connect_timeout": "PGCONNECT_TIMEOUT"}
@@ -73,13 +86,30 @@ def connection_params(
 
 
 async def set_timeouts(conn: psycopg.AsyncConnection[tuple[object, ...]], timeout: float) -> None:
-    """Put every statement of ``conn`` under ``timeout``: statement, lock wait, idle in xact."""
+    """Put every statement of ``conn`` under ``timeout``: statement, lock wait, idle in xact.
+
+    Also make the server notice soon when this client vanishes (:data:`SERVER_KEEPALIVES`,
+    ``tcp_user_timeout`` of ``timeout``), so a partitioned node's locks are freed.
+    """
     millis = f"{int(timeout * 1000)}ms"
+    keep = SERVER_KEEPALIVES
     await conn.execute(
         "SELECT set_config('statement_timeout', %s, false),"
         " set_config('lock_timeout', %s, false),"
-        " set_config('idle_in_transaction_session_timeout', %s, false)",
-        (millis, millis, millis),
+        " set_config('idle_in_transaction_session_timeout', %s, false),"
+        " set_config('tcp_keepalives_idle', %s, false),"
+        " set_config('tcp_keepalives_interval', %s, false),"
+        " set_config('tcp_keepalives_count', %s, false),"
+        " set_config('tcp_user_timeout', %s, false)",
+        (
+            millis,
+            millis,
+            millis,
+            keep["tcp_keepalives_idle"],
+            keep["tcp_keepalives_interval"],
+            keep["tcp_keepalives_count"],
+            millis,
+        ),
     )
 
 
