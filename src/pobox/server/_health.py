@@ -8,6 +8,8 @@ reach its stores and is not draining, else ``503`` with a one-line reason:
   pool of the mail store and of the userdb; a Maildir needs none) answered within
   :data:`CHECK_TIMEOUT`.  The result is kept for :data:`CHECK_TTL` seconds and concurrent
   requests share one check in flight, so a check storm costs the database one query a second.
+  A check that takes longer is answered 503 at :data:`CHECK_TIMEOUT` and left to finish
+  under the store's own timeout (``postgresql_timeout``).
 - *draining*: after ``SIGTERM`` (:meth:`HealthServer.drain`), at once, for good.
 
 Strangers may reach the port, so it is bounded like the POP3 listener: at most
@@ -109,7 +111,8 @@ class HealthServer:
         self._draining = False
         self._result: str | None = None
         self._checked_at = -CHECK_TTL
-        self._check: asyncio.Task[str | None] | None = None
+        self._check: asyncio.Task[None] | None = None
+        self._probing = ""
         self._was_ok = True
 
     @property
@@ -142,7 +145,13 @@ class HealthServer:
         self._draining = True
 
     async def status(self) -> str | None:
-        """Return why the node is unhealthy, or ``None`` if it is healthy."""
+        """Return why the node is unhealthy, or ``None`` if it is healthy.
+
+        A check still running after :data:`CHECK_TIMEOUT` counts as failed, but is not
+        cancelled (cancelling a database query waits for the server, which may be the one
+        that cannot be reached): it goes on, bounded by the store's own timeout, and later
+        requests wait for it rather than start another.
+        """
         if self._draining:
             return "draining"
         loop = asyncio.get_running_loop()
@@ -150,22 +159,23 @@ class HealthServer:
             return self._result
         if self._check is None:
             self._check = loop.create_task(self._run_probes())
-        check = self._check
-        return await asyncio.shield(check)
+        done, _ = await asyncio.wait({self._check}, timeout=CHECK_TIMEOUT)
+        if done:
+            return self._result
+        return f"{self._probing} did not answer within {CHECK_TIMEOUT:g} s"
 
-    async def _run_probes(self) -> str | None:
+    async def _run_probes(self) -> None:
         loop = asyncio.get_running_loop()
         result: str | None = None
         try:
-            async with asyncio.timeout(CHECK_TIMEOUT):
-                for name, probe in self._probes:
-                    what = name
+            for name, probe in self._probes:
+                self._probing = name
+                try:
                     await probe()
-        except TimeoutError:
-            result = f"{what} did not answer within {CHECK_TIMEOUT:g} s"
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            result = f"{what} unreachable: {first}"
+                except Exception as exc:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    result = f"{name} unreachable: {first}"
+                    break
         finally:
             self._check = None
         self._result, self._checked_at = result, loop.time()
@@ -174,7 +184,6 @@ class HealthServer:
         elif result is None and not self._was_ok:
             logger.info("master: health check passing again")
         self._was_ok = result is None
-        return result
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:

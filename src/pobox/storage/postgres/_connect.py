@@ -9,9 +9,11 @@ May import: the standard library, psycopg and psycopg_pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,9 +23,11 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 __all__ = [
+    "HANG_UP_GRACE",
     "KEEPALIVES",
     "SERVER_KEEPALIVES",
     "DriverError",
+    "HangUp",
     "connection_params",
     "error_text",
     "is_broken",
@@ -113,6 +117,43 @@ async def set_timeouts(conn: psycopg.AsyncConnection[tuple[object, ...]], timeou
     )
 
 
+#: Seconds past the timeout after which a use is cancelled if hanging up did not end it.
+HANG_UP_GRACE = 1.0
+
+
+def hang_up(conn: Conn) -> None:
+    """Shut ``conn``'s socket down, both ways, without closing its descriptor.
+
+    A query that is *cancelled* (``asyncio.timeout``) is not given up by psycopg at once: it
+    first asks the server to cancel it, over a new connection, and waits for that up to 5 s,
+    then up to 5 s more for the query to end - 10 s lost when the server cannot be reached
+    (a network partition).  After a shutdown the wait ends at once with an
+    ``OperationalError``, and the connection is broken (the pool drops it).  The descriptor
+    stays psycopg's, so no other socket can take its number while psycopg still watches it.
+    """
+    with contextlib.suppress(OSError, ValueError, psycopg.Error):
+        fd = os.dup(conn.fileno())
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class HangUp:
+    """Hang ``conn`` up (:func:`hang_up`) ``delay`` seconds from now, unless cancelled first."""
+
+    def __init__(self, conn: Conn, delay: float) -> None:
+        self.fired = False
+        self._conn = conn
+        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        hang_up(self._conn)
+
+    def cancel(self) -> None:
+        """Do not hang up (the use ended in time)."""
+        self._handle.cancel()
+
+
 def is_broken(exc: BaseException) -> bool:
     """Tell whether ``exc`` is a connection that broke (not a statement that failed)."""
     return isinstance(exc, psycopg.OperationalError) and not isinstance(
@@ -137,17 +178,29 @@ async def run_pooled(
     """Run ``work`` on a connection of ``pool``, all of it within ``timeout`` seconds.
 
     A connection that turns out broken (the server restarted since it was pooled) is dropped
-    by the pool and, if ``retry``, the work is done once more on a fresh one.
+    by the pool and, if ``retry``, the work is done once more on a fresh one.  A connection
+    that does not answer in time is hung up (:func:`hang_up`), so the failure comes at the
+    timeout, not 10 s later.
 
     Raises:
         psycopg.Error, PoolTimeout, TimeoutError: (:data:`DriverError`) it failed.
     """
+    loop = asyncio.get_running_loop()
     for attempt in (1, 2):
+        deadline = loop.time() + timeout
+        hang: HangUp | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline + HANG_UP_GRACE):
                 async with pool.connection() as conn:
-                    return await work(conn)
+                    hang = HangUp(conn, max(0.0, deadline - loop.time()))
+                    try:
+                        return await work(conn)
+                    finally:
+                        hang.cancel()
         except DriverError as exc:
+            if hang is not None and hang.fired:
+                msg = f"no answer within {timeout:g} s"
+                raise TimeoutError(msg) from exc
             if retry and attempt == 1 and is_broken(exc):
                 logger.info("%s: %s; trying again on a new connection", what, exc)
                 continue
