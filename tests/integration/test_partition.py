@@ -104,7 +104,8 @@ def partitionable_network() -> Iterator[Network]:
         _ip("netns", "add", node)
         _ip("link", "add", host_db, "type", "veth", "peer", "name", "r-db", "netns", router)
         _ip("link", "add", host_client, "type", "veth", "peer", "name", "a-cl", "netns", node)
-        _ip("-n", router, "link", "add", "r-a", "type", "veth", "peer", "name", "a-r", "netns", node)
+        _ip("-n", router, "link", "add", "r-a", "type", "veth", "peer", "name", "a-r",
+            "netns", node)  # fmt: skip
         _ip("addr", "add", f"10.{n}.7.1/30", "dev", host_db)
         _ip("addr", "add", f"10.{n}.8.1/30", "dev", host_client)
         _ip("link", "set", host_db, "up")
@@ -239,7 +240,8 @@ class TestPartition:
         heals A serves again by itself."""
         pg, network = setup.pg, setup.network
         dsn = pg.dsn(TEST_DATABASE)
-        pg.psql("TRUNCATE pobox.mailbox, pobox.message, pobox.body, pobox.body_chunk", TEST_DATABASE)
+        tables = "pobox.mailbox, pobox.message, pobox.body, pobox.body_chunk"
+        pg.psql(f"TRUNCATE {tables}", TEST_DATABASE)
         b_settings = {"mail_location": "postgresql", "postgresql_dsn": dsn, "postgresql_timeout": 3}
         async with (
             running_server(tmp_path / "b", USERS, **b_settings) as b,
@@ -281,7 +283,8 @@ class TestPartition:
             await again.command(b"QUIT")
             log = a.text()
 
-        print(  # noqa: T201 - the figures the README quotes, with pytest -s
+        # The figures the README quotes (seen with pytest -s).
+        print(
             f"\npartition: lock loss detected after {alice_ended - cut:.1f} s, lock free on "
             f"node B after {alice_free - cut:.1f} s, node A serving {back - healed:.1f} s "
             "after the heal"
