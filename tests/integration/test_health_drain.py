@@ -109,6 +109,29 @@ class TestDrain:
         assert (0, 1) == (status, count(tmp_path, "alice"))
         assert "SIGTERM again: stopping at once" in node.text()
 
+    async def test_idle_lmtp_connection_gets_421(self, tmp_path: Path) -> None:
+        """An LMTP connection still open at the deadline gets 421 4.3.2; the drain waited."""
+        async with pobox_serve(
+            tmp_path, USERS, drain_timeout=1, lmtp_listen=["127.0.0.1:0"]
+        ) as node:
+            line = await node.wait_log(r"delivery: lmtp listening on")
+            port = int(re.findall(r"(\d+)\)$", line)[0])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            greeting = await asyncio.wait_for(reader.readline(), 10)
+            writer.write(b"LHLO mta.example\r\n")
+            await writer.drain()
+            while not (await asyncio.wait_for(reader.readline(), 10)).startswith(b"250 "):
+                pass
+            node.signal(signal.SIGTERM)
+            closing = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            await writer.wait_closed()
+            status = await asyncio.wait_for(node.proc.wait(), 30)
+        assert greeting.startswith(b"220 ")
+        assert closing.startswith(b"421 4.3.2 ")
+        assert 0 == status
+        assert "0 POP3 sessions and 1 deliveries open" in node.text()
+
     async def test_idle_node_exits_at_once(self, node: ServeProcess) -> None:
         """With no session open the drain ends without waiting for its deadline."""
         node.signal(signal.SIGTERM)
