@@ -445,9 +445,10 @@ async def drain(
     """Drain the node (SIGTERM): refuse new work, let open work finish, end the rest.
 
     The health check answers 503 and the listeners close at once; POP3 sessions may go on
-    (QUIT and UPDATE as usual) and deliveries finish, for ``drain_timeout`` seconds or until
-    ``now`` is set (a second signal); then sessions end without UPDATE with ``-ERR
-    [SYS/TEMP]`` and delivery connections get ``421 4.3.2``.
+    (QUIT and UPDATE as usual) and messages being delivered finish, for ``drain_timeout``
+    seconds or until ``now`` is set (a second signal); then sessions end without UPDATE with
+    ``-ERR [SYS/TEMP]``. Delivery connections still open at the end (idle ones an MTA keeps,
+    or one still delivering at the deadline) get ``421 4.3.2``.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -457,13 +458,13 @@ async def drain(
     delivery.stop_accepting()
 
     def open_work() -> int:
-        return server.session_count + delivery.connection_count
+        return server.session_count + delivery.busy_count
 
     logger.info(
-        "master: draining: no new connections; %d POP3 sessions and %d deliveries open, "
-        "waiting up to %g s for them",
+        "master: draining: no new connections; %d POP3 sessions and %d deliveries in "
+        "progress, waiting up to %g s for them",
         server.session_count,
-        delivery.connection_count,
+        delivery.busy_count,
         config.drain_timeout,
     )
     deadline = started + config.drain_timeout
@@ -475,9 +476,10 @@ async def drain(
         if loop.time() >= next_log and open_work():
             next_log += DRAIN_LOG_EVERY
             logger.info(
-                "master: draining: %d POP3 sessions and %d deliveries still open, %.0f s left",
+                "master: draining: %d POP3 sessions and %d deliveries still in progress, "
+                "%.0f s left",
                 server.session_count,
-                delivery.connection_count,
+                delivery.busy_count,
                 max(0.0, deadline - loop.time()),
             )
     left = server.session_count
@@ -486,7 +488,7 @@ async def drain(
             "master: drain %s: closing %d POP3 sessions without UPDATE and %d deliveries with 421",
             "cut short" if now.is_set() else "deadline reached",
             left,
-            delivery.connection_count,
+            delivery.busy_count,
         )
         server.stop_sessions()
         delivery.stop_connections()
@@ -498,6 +500,10 @@ async def drain(
             await server.wait_sessions(STOP_GRACE)
         for task in (waiting, interrupt):
             task.cancel()
+    idle = delivery.connection_count
+    if idle:  # an MTA's cached connections: tell it to go elsewhere
+        logger.info("master: closing %d idle delivery connections with 421", idle)
+        delivery.stop_connections()
     logger.info(
         "master: drained in %.1f s (%d sessions ended by the deadline)",
         loop.time() - started,

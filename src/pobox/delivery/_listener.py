@@ -103,6 +103,12 @@ class _Gate(asyncio.Protocol):
         self._door.gates.add(self)
         self._inner.connection_made(transport)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a message is on its way (between MAIL and the reply to its DATA)."""
+        envelope = getattr(self._inner, "envelope", None)
+        return envelope is not None and envelope.mail_from is not None
+
     def shut_down(self) -> None:
         """Say ``421 4.3.2`` and close (drain deadline): the MTA delivers again later.
 
@@ -266,13 +272,22 @@ class DeliveryServer:
         """How many LMTP and SMTP connections are being served."""
         return sum(len(door.gates) for door in self._doors)
 
+    @property
+    def busy_count(self) -> int:
+        """How many of them are delivering a message now (a drain waits for these)."""
+        return sum(gate.busy for door in self._doors for gate in door.gates)
+
     def stop_accepting(self) -> None:
         """Close the listening sockets (SIGTERM); open connections go on."""
         for _, server in self._servers:
             server.close()
 
     def stop_connections(self) -> None:
-        """Close every open connection with ``421 4.3.2`` (the drain deadline)."""
+        """Close every open connection with ``421 4.3.2`` (the end of a drain).
+
+        An MTA keeps idle connections open for its next message; a connection delivering
+        one at the drain deadline gets it too (the MTA sends the message again).
+        """
         for door in self._doors:
             for gate in list(door.gates):
                 gate.shut_down()
