@@ -7,7 +7,7 @@ MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes), ``i
 ``export`` (a Maildir into and out of the configured store, UIDLs kept), ``db upgrade`` /
 ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
-are set.
+are set, and the HTTP health check on ``health_listen``; ``SIGTERM`` drains it (:func:`drain`).
 
 May import: anything in pobox.
 """

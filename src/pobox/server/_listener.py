@@ -1,6 +1,11 @@
 """The listening side: bind the configured addresses, run a :class:`Session` per connection,
 and shut down cleanly (sessions closed without UPDATE, maildrop locks released).
 
+A drain (``SIGTERM``, driven by :func:`pobox.cli.drain`) uses three steps of its own:
+:meth:`Pop3Server.stop_accepting` closes the listeners, :meth:`Pop3Server.wait_sessions`
+waits for the sessions to end by themselves, and :meth:`Pop3Server.stop_sessions` ends the
+rest at their next wait for the client, without UPDATE.
+
 Plain listeners (``listen``) offer STLS when ``ssl_cert`` is set; ``ssl_listen`` addresses
 speak TLS from the first byte (RFC 8314).  Connections over ``max_connections`` in all or
 ``max_connections_per_ip`` from one address get ``-ERR [SYS/TEMP]`` and are closed at once.

@@ -10,6 +10,10 @@ from the connection's start however busy the client keeps it; after login the RF
 autologout ``idle_timeout``, on whose expiry the connection is closed without a reply and
 without UPDATE (RFC 1939 §3), which also releases the maildrop lock.
 
+:meth:`Session.stop` (the end of a drain) and a lost maildrop lock end the session the same
+way at its next wait for the client, with a ``-ERR [SYS/TEMP]`` line and without UPDATE; a
+command under way is answered first.
+
 Failed logins (:meth:`Session._failed`) are answered ``auth_failure_delay`` (or what the
 throttle says) after the attempt *arrived*, not after its check ended: how long the check
 took, a costly or a cheap hash, a known or an unknown user, does not show in the timing.
