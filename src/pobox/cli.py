@@ -7,7 +7,7 @@ MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes), ``i
 ``export`` (a Maildir into and out of the configured store, UIDLs kept), ``db upgrade`` /
 ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
-are set.
+are set, and the HTTP health check on ``health_listen``; ``SIGTERM`` drains it (:func:`drain`).
 
 May import: anything in pobox.
 """
@@ -43,7 +43,7 @@ from pobox.auth.passwdfile import (
 from pobox.auth.schemes import SUPPORTED_SCHEMES, hash_password
 from pobox.auth.secretfile import load_secret
 from pobox.client.cli import add_fetch_parser
-from pobox.config import KEYS, Config, load_config, shared_state_backend
+from pobox.config import KEYS, Config, load_config, parse_listen, shared_state_backend
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
@@ -57,6 +57,7 @@ from pobox.server._cluster import (
     FallbackRegistry,
     StoreHealth,
 )
+from pobox.server._health import HealthServer, probes_of
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._throttle import LoginThrottle
@@ -434,16 +435,25 @@ async def run_server(config: Config) -> int:
         build_context(config, authenticator=authenticator, store=store, tls=tls, workers=workers)
     )
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
+    health = (
+        HealthServer(parse_listen(config.health_listen, key="health_listen"), probes_of(stores))
+        if config.health_listen
+        else None
+    )
     try:  # the ports are bound and the TLS key read: root is no longer needed
         if server.ctx.cluster is not None:
             await server.ctx.cluster.check_schema()
         await server.start()
         await delivery.start()
+        if health is not None:
+            await health.start()
         # Start the thread pool (and import its modules) first: the interpreter may live
         # where the unprivileged user cannot read (a pyenv under /root).
         await asyncio.to_thread(int)
         _switch(config, plan)
     except BaseException:
+        if health is not None:
+            await health.aclose()
         await delivery.aclose()
         await server.aclose()  # the store and the userdb too
         if helper is not None:
@@ -451,8 +461,17 @@ async def run_server(config: Config) -> int:
         raise
     _log_mode(plan, helper)
     loop = asyncio.get_running_loop()
+    now = asyncio.Event()
+
+    def stop_signal(name: str) -> None:
+        if not stop.is_set():
+            stop.set()
+        elif not now.is_set():
+            logger.warning("master: %s again: stopping at once, without UPDATE", name)
+            now.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_signal, sig.name)
     # SIGHUP: let go of a rotated log and re-read the certificates; SIGUSR1: the log only
     # (what logrotate's postrotate sends, see contrib/logrotate/pobox).
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, helper)
@@ -469,12 +488,102 @@ async def run_server(config: Config) -> int:
     # process: keep it out of the cyclic garbage collector's full passes.
     gc.freeze()
     await stop.wait()
+    if not lost:
+        await drain(config, server, delivery, health, now)
     logger.info("master: shutting down (%d sessions open)", server.session_count)
+    if health is not None:
+        await health.aclose()
     await delivery.aclose()
     await server.aclose()  # the store and the userdb too
     if helper is not None:
         await helper.aclose()
+    logger.info("master: stopped")
     return EX_UNAVAILABLE if lost else 0
+
+
+#: Seconds between the drain's log lines about sessions still open.
+DRAIN_LOG_EVERY = 10.0
+#: Seconds sessions get, after the drain deadline, to finish the command under way (an
+#: UPDATE runs to its end: ``postgresql_timeout`` bounds it); then they are cancelled.
+DRAIN_GRACE = 10.0
+#: The same after a second SIGTERM/SIGINT: only long enough to say goodbye.
+STOP_GRACE = 0.5
+
+
+async def drain(
+    config: Config,
+    server: Pop3Server,
+    delivery: DeliveryServer,
+    health: HealthServer | None,
+    now: asyncio.Event,
+) -> None:
+    """Drain the node (SIGTERM): refuse new work, let open work finish, end the rest.
+
+    The health check answers 503 and the listeners close at once; POP3 sessions may go on
+    (QUIT and UPDATE as usual) and messages being delivered finish, for ``drain_timeout``
+    seconds or until ``now`` is set (a second signal); then sessions end without UPDATE with
+    ``-ERR [SYS/TEMP]``. Delivery connections still open at the end (idle ones an MTA keeps,
+    or one still delivering at the deadline) get ``421 4.3.2``.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    if health is not None:
+        health.drain()
+    server.stop_accepting()
+    delivery.stop_accepting()
+
+    def open_work() -> int:
+        return server.session_count + delivery.busy_count
+
+    logger.info(
+        "master: draining: no new connections; %d POP3 sessions and %d deliveries in "
+        "progress, waiting up to %g s for them",
+        server.session_count,
+        delivery.busy_count,
+        config.drain_timeout,
+    )
+    deadline = started + config.drain_timeout
+    next_log = started + DRAIN_LOG_EVERY
+    while open_work() and not now.is_set() and loop.time() < deadline:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(0.1, max(0.0, deadline - loop.time()))):
+                await now.wait()
+        if loop.time() >= next_log and open_work():
+            next_log += DRAIN_LOG_EVERY
+            logger.info(
+                "master: draining: %d POP3 sessions and %d deliveries still in progress, "
+                "%.0f s left",
+                server.session_count,
+                delivery.busy_count,
+                max(0.0, deadline - loop.time()),
+            )
+    left = server.session_count
+    if open_work():
+        logger.warning(
+            "master: drain %s: closing %d POP3 sessions without UPDATE and %d deliveries with 421",
+            "cut short" if now.is_set() else "deadline reached",
+            left,
+            delivery.busy_count,
+        )
+        server.stop_sessions()
+        delivery.stop_connections()
+        grace = STOP_GRACE if now.is_set() else DRAIN_GRACE
+        waiting = loop.create_task(server.wait_sessions(grace))
+        interrupt = loop.create_task(now.wait())
+        await asyncio.wait({waiting, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            await server.wait_sessions(STOP_GRACE)
+        for task in (waiting, interrupt):
+            task.cancel()
+    idle = delivery.connection_count
+    if idle:  # an MTA's cached connections: tell it to go elsewhere
+        logger.info("master: closing %d idle delivery connections with 421", idle)
+        delivery.stop_connections()
+    logger.info(
+        "master: drained in %.1f s (%d sessions ended by the deadline)",
+        loop.time() - started,
+        left,
+    )
 
 
 def _log_mode(plan: PrivilegePlan, helper: StorageHelper | None) -> None:

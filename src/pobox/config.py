@@ -128,6 +128,8 @@ class Config:
     shared_state_heartbeat: float = 5.0
     mail_max_userip_connections: int = 10
     mail_max_user_connections: int = 0
+    health_listen: str = ""
+    drain_timeout: float = 30.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -458,6 +460,18 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "Logged-in sessions one user may have from any address, on all nodes together; "
         "beyond it -ERR [IN-USE] (Dovecot's key). 0: no limit (0).",
     ),
+    "health_listen": (
+        str,
+        'HTTP health check for a load balancer, "HOST:PORT" (default "": off). GET /health '
+        "answers 200 while the node reaches its stores and is not draining, else 503 with the "
+        "reason. Bind it to loopback or a private network: anyone who reaches it may ask.",
+    ),
+    "drain_timeout": (
+        float,
+        "Seconds SIGTERM lets open sessions finish (QUIT and UPDATE as usual) after the node "
+        "stops accepting connections; then the rest are closed without UPDATE and the node "
+        "exits. A second SIGTERM or SIGINT stops at once. 0: close at once (30).",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -705,6 +719,13 @@ def shared_state_backend(config: Config) -> str:
     return "memory"
 
 
+def _validate_health(config: Config) -> None:
+    if config.health_listen:
+        parse_listen(config.health_listen, key="health_listen")
+    if config.drain_timeout < 0:
+        raise ConfigError("drain_timeout: must not be negative")
+
+
 def _validate(config: Config) -> Config:
     warnings: list[str] = []
     if not config.mail_location.startswith("maildir:") and config.mail_location != "postgresql":
@@ -713,6 +734,7 @@ def _validate(config: Config) -> Config:
         )
     _validate_postgresql(config)
     _validate_shared_state(config)
+    _validate_health(config)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
     for key in (

@@ -219,6 +219,35 @@ class TestUserdbKeys:
         assert query == build_config({"postgresql_password_query": query}).postgresql_password_query
 
 
+class TestHealthKeys:
+    """health_listen and drain_timeout: off and 30 s by default, checked at start-up."""
+
+    def test_defaults(self) -> None:
+        """No health endpoint, a 30 s drain."""
+        config = build_config({})
+        assert ("", 30.0) == (config.health_listen, config.drain_timeout)
+
+    def test_accepted(self) -> None:
+        """An address and a drain of 0 (close at once) are accepted."""
+        config = build_config({"health_listen": "127.0.0.1:8080", "drain_timeout": 0})
+        assert ("127.0.0.1:8080", 0.0) == (config.health_listen, config.drain_timeout)
+
+    @pytest.mark.parametrize(
+        ("values", "key"),
+        [
+            ({"health_listen": "127.0.0.1"}, "health_listen"),
+            ({"health_listen": "[::1]8080"}, "health_listen"),
+            ({"health_listen": 8080}, "health_listen"),
+            ({"drain_timeout": -1}, "drain_timeout"),
+            ({"drain_timeout": "30"}, "drain_timeout"),
+        ],
+    )
+    def test_refused(self, values: dict[str, object], key: str) -> None:
+        """A malformed address or a negative drain is refused, naming the key."""
+        with pytest.raises(ConfigError, match=rf"^{key}: "):
+            build_config(values)
+
+
 class TestDocumented:
     """Every configuration key is in README.md, where admins look for it."""
 

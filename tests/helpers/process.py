@@ -2,7 +2,8 @@
 
 ``async with pobox_serve(folder, users={"alice": "secret"}, trace=True) as proc:`` writes a
 passwd-file and a config under ``folder``, starts the server on an ephemeral loopback port and
-waits for its "started" line in ``proc.log``.  On leaving, the process gets SIGTERM.
+waits for its "started" line in ``proc.log``.  On leaving, the process gets SIGTERM (twice if
+it is still draining sessions the test left open, :func:`stop_process`).
 """
 
 from __future__ import annotations
@@ -77,10 +78,30 @@ async def serve_config(config: Path, **popen: object) -> AsyncIterator[asyncio.s
     try:
         yield proc
     finally:
+        await stop_process(proc)
+
+
+#: Seconds a test lets a server drain its sessions before the second SIGTERM.
+DRAIN_WAIT = 2.0
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM ``proc``; if it still drains sessions a test left open, SIGTERM it again.
+
+    ``pobox serve`` drains on the first SIGTERM (``drain_timeout``, 30 s by default) and
+    stops at once on the second.
+    """
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(DRAIN_WAIT):
+            await proc.wait()
+    except TimeoutError:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(20):
-                await proc.wait()
+    async with asyncio.timeout(20):
+        await proc.wait()
 
 
 @asynccontextmanager

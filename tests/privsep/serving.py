@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.process import DRAIN_WAIT
+
 __all__ = ["Served", "children", "serve"]
 
 #: A deadline for start-up and for the events awaited (never a timed assertion).
@@ -123,6 +125,11 @@ async def serve(
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):  # a session left open: drained
+                async with asyncio.timeout(DRAIN_WAIT):
+                    await proc.wait()
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)  # the second one: stop at once
         with contextlib.suppress(TimeoutError):
             await served.wait_exit()
         if proc.returncode is None:

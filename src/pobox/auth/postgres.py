@@ -393,6 +393,21 @@ class PostgresAuthenticator:
                 self._cache.forget()
             await asyncio.sleep(LISTEN_RETRY)
 
+    #: How the health check (:mod:`pobox.server._health`) names this store.
+    health_name = "userdb (PostgreSQL)"
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1`` on a pooled connection (the health check).
+
+        Raises:
+            AuthTemporaryError: the database failed or did not answer in time.
+        """
+
+        async def work(conn: Conn) -> None:
+            await conn.execute("SELECT 1")
+
+        await self._run("health check", work)
+
     async def check_schema(self) -> None:
         """Check that pobox's users table is there (nothing to check for custom queries).
 

@@ -30,7 +30,7 @@ import logging
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, cast
 
@@ -62,6 +62,8 @@ class _Door:
     hostname: str
     limits: ConnectionLimits
     factory: Callable[[], DeliveryProtocol]
+    #: The connections being served (for :meth:`DeliveryServer.stop_connections`).
+    gates: set[_Gate] = field(default_factory=set, compare=False)
 
     def refuse(self, transport: asyncio.Transport, which: str, address: str | None) -> None:
         """Answer a connection over a cap with ``421`` and close it."""
@@ -85,6 +87,7 @@ class _Gate(asyncio.Protocol):
         self._door = door
         self._inner: DeliveryProtocol | None = None
         self._address: str | None = None
+        self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admit the connection and start its protocol, or refuse it."""
@@ -96,7 +99,30 @@ class _Gate(asyncio.Protocol):
             self._door.refuse(cast("asyncio.Transport", transport), which, self._address)
             return
         self._inner = self._door.factory()
+        self._transport = cast("asyncio.Transport", transport)
+        self._door.gates.add(self)
         self._inner.connection_made(transport)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a message is on its way (between MAIL and the reply to its DATA)."""
+        envelope = getattr(self._inner, "envelope", None)
+        return envelope is not None and envelope.mail_from is not None
+
+    def shut_down(self) -> None:
+        """Say ``421 4.3.2`` and close (drain deadline): the MTA delivers again later.
+
+        A message whose ``250`` was not sent may be delivered twice, never lost.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        hostname = self._door.hostname
+        transport.write(f"421 4.3.2 {hostname} Service shutting down, try again later\r\n".encode())
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Pass the bytes on (a refused connection's are dropped)."""
@@ -125,6 +151,8 @@ class _Gate(asyncio.Protocol):
             self._inner.connection_lost(exc)
         finally:
             self._inner = None
+            self._transport = None
+            self._door.gates.discard(self)
             self._door.limits.release(self._address)
 
 
@@ -137,6 +165,7 @@ class DeliveryServer:
         self._agent = agent
         self._servers: list[tuple[str, asyncio.Server]] = []
         self._unix_paths: list[Path] = []
+        self._doors: list[_Door] = []
 
     @property
     def addresses(self) -> list[tuple[str, str | tuple[str, int]]]:
@@ -204,6 +233,7 @@ class DeliveryServer:
             smtp_factory,
         )
         policy = ProxyPolicy.from_config(config)
+        self._doors = [lmtp_door, smtp_door]
         try:
             for text in config.lmtp_listen:
                 await self._listen(lmtp_door, text, policy)
@@ -236,6 +266,31 @@ class DeliveryServer:
             listen = parse_listen(text, key=f"{door.name}_listen")
             server = await loop.create_server(gate, listen.host, listen.port, backlog=_BACKLOG)
         self._servers.append((door.name, server))
+
+    @property
+    def connection_count(self) -> int:
+        """How many LMTP and SMTP connections are being served."""
+        return sum(len(door.gates) for door in self._doors)
+
+    @property
+    def busy_count(self) -> int:
+        """How many of them are delivering a message now (a drain waits for these)."""
+        return sum(gate.busy for door in self._doors for gate in door.gates)
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets (SIGTERM); open connections go on."""
+        for _, server in self._servers:
+            server.close()
+
+    def stop_connections(self) -> None:
+        """Close every open connection with ``421 4.3.2`` (the end of a drain).
+
+        An MTA keeps idle connections open for its next message; a connection delivering
+        one at the drain deadline gets it too (the MTA sends the message again).
+        """
+        for door in self._doors:
+            for gate in list(door.gates):
+                gate.shut_down()
 
     async def aclose(self) -> None:
         """Stop listening; connections still open finish on their own."""

@@ -1,6 +1,11 @@
 """The listening side: bind the configured addresses, run a :class:`Session` per connection,
 and shut down cleanly (sessions closed without UPDATE, maildrop locks released).
 
+A drain (``SIGTERM``, driven by :func:`pobox.cli.drain`) uses three steps of its own:
+:meth:`Pop3Server.stop_accepting` closes the listeners, :meth:`Pop3Server.wait_sessions`
+waits for the sessions to end by themselves, and :meth:`Pop3Server.stop_sessions` ends the
+rest at their next wait for the client, without UPDATE.
+
 Plain listeners (``listen``) offer STLS when ``ssl_cert`` is set; ``ssl_listen`` addresses
 speak TLS from the first byte (RFC 8314).  Connections over ``max_connections`` in all or
 ``max_connections_per_ip`` from one address get ``-ERR [SYS/TEMP]`` and are closed at once.
@@ -41,6 +46,9 @@ logger = logging.getLogger("pobox.server")
 
 #: The answer to a connection over a limit (RFC 3206 §4: SYS/TEMP, "try again later").
 TOO_MANY: Final = b"-ERR [SYS/TEMP] Too many connections, try later.\r\n"
+
+#: The answer to a connection that got in just as the server began to drain.
+DRAINING: Final = b"-ERR [SYS/TEMP] Server shutting down, try another server or later.\r\n"
 
 #: Connections the kernel may queue before pobox accepts them.
 BACKLOG: Final = 1024
@@ -141,6 +149,10 @@ class Pop3Server:
             ctx.config.max_connections, ctx.config.max_connections_per_ip
         )
         self._sessions: set[asyncio.Task[None]] = set()
+        #: The session each task serves, once it has one (for :meth:`stop_sessions`).
+        self._serving: dict[asyncio.Task[None], Session] = {}
+        self._emptied = asyncio.Event()
+        self._draining = False
         self._closed = asyncio.Event()
 
     @property
@@ -297,28 +309,69 @@ class Pop3Server:
                 return
         if origin is not None:
             ip = origin.rip  # the caps count the real client, never HAProxy
+        if self._draining:  # accepted just before the listeners closed
+            if admitted:
+                self._limits.release(ip)
+            await self._refuse(writer, DRAINING)
+            return
         which = None if admitted else self._limits.admit(ip)
         if which is not None:
             logger.warning("master: Too many connections %s, refusing rip=%s", which, ip)
             await self._refuse(writer)
             return
         self._sessions.add(task)
+        self._emptied.clear()
         try:
-            await Session(self.ctx, reader, writer, origin).run()
+            session = Session(self.ctx, reader, writer, origin)
+            self._serving[task] = session
+            await session.run()
         except asyncio.CancelledError:
             pass  # shutdown: the session has closed itself; this task ends here
         finally:
             self._sessions.discard(task)
+            self._serving.pop(task, None)
+            if not self._sessions:
+                self._emptied.set()
             self._limits.release(ip)
 
     @staticmethod
-    async def _refuse(writer: asyncio.StreamWriter) -> None:
+    async def _refuse(writer: asyncio.StreamWriter, line: bytes = TOO_MANY) -> None:
         with contextlib.suppress(Exception):
-            writer.write(TOO_MANY)
+            writer.write(line)
             await asyncio.wait_for(writer.drain(), 5)
         writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.wait_closed(), 5)
+
+    # ----------------------------------------------------------------- draining
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets (SIGTERM): new connections are refused by the kernel.
+
+        Sessions already open go on; a connection accepted in the same moment is answered
+        ``-ERR [SYS/TEMP]`` and closed.
+        """
+        self._draining = True
+        for server in self._servers + self._ssl_servers:
+            server.close()
+
+    async def wait_sessions(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every session to end; return whether they did."""
+        if not self._sessions:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._emptied.wait()
+        return not self._sessions
+
+    def stop_sessions(self) -> None:
+        """End every session at its next wait for the client, without UPDATE.
+
+        See :meth:`pobox.server.Session.stop`; a session busy with a command (an UPDATE
+        under way) finishes it first.  :meth:`aclose` then cancels whatever is left.
+        """
+        for session in list(self._serving.values()):
+            session.stop()
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`aclose` is called."""

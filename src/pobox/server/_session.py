@@ -10,6 +10,10 @@ from the connection's start however busy the client keeps it; after login the RF
 autologout ``idle_timeout``, on whose expiry the connection is closed without a reply and
 without UPDATE (RFC 1939 §3), which also releases the maildrop lock.
 
+:meth:`Session.stop` (the end of a drain) and a lost maildrop lock end the session the same
+way at its next wait for the client, with a ``-ERR [SYS/TEMP]`` line and without UPDATE; a
+command under way is answered first.
+
 Failed logins (:meth:`Session._failed`) are answered ``auth_failure_delay`` (or what the
 throttle says) after the attempt *arrived*, not after its check ended: how long the check
 took, a costly or a cheap hash, a known or an unknown user, does not show in the timing.
@@ -270,6 +274,8 @@ class Session:
         self._lock_gone = False
         #: Someone asked (through the session registry) for this session to end.
         self._kicked = False
+        #: The server is draining and its deadline passed: end at the next wait, no UPDATE.
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -306,11 +312,17 @@ class Session:
             event = conn.next_event()
             if event is NEED_DATA:
                 await self._flush()
-                data = None if self._lock_gone or self._kicked else await self._read()
+                data = (
+                    None
+                    if self._lock_gone or self._kicked or self._stopping
+                    else await self._read()
+                )
                 if self._kicked:
                     return self._end_kicked()
                 if self._lock_gone:
                     return self._end_lock_lost()
+                if self._stopping:
+                    return self._end_stopped()
                 if data is None:
                     reason = self._timeout_reason()
                     conn.close("timeout")
@@ -457,6 +469,20 @@ class Session:
             self._expired = True
             self._task.cancel()
 
+    def stop(self) -> None:
+        """End the session without UPDATE at its next wait for the client (drain deadline).
+
+        A session waiting for the client ends at once with a ``-ERR [SYS/TEMP]`` line; one
+        busy with a command (an UPDATE under way included) ends when it is answered; one
+        stuck writing to a slow client is closed.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._io_since is not None and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
     def _end_kicked(self) -> str:
         """Tell the client the session ends without UPDATE; return the reason to log.
 
@@ -469,6 +495,14 @@ class Session:
             b"-ERR [SYS/TEMP] Session ended by the administrator, no changes made.\r\n"
         )
         return "Kicked by the administrator"
+
+    def _end_stopped(self) -> str:
+        """Tell the client the server is going away and nothing was changed."""
+        self.conn.close("shutdown")
+        self.writer.write(
+            b"-ERR [SYS/TEMP] Server shutting down, no changes made; log in again.\r\n"
+        )
+        return "Server shutting down"
 
     def _end_lock_lost(self) -> str:
         """Tell the client the session ends without UPDATE; return the reason to log."""

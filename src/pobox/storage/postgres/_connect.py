@@ -9,9 +9,11 @@ May import: the standard library, psycopg and psycopg_pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,8 +23,11 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 __all__ = [
+    "HANG_UP_GRACE",
     "KEEPALIVES",
+    "SERVER_KEEPALIVES",
     "DriverError",
+    "HangUp",
     "connection_params",
     "error_text",
     "is_broken",
@@ -45,6 +50,18 @@ KEEPALIVES = {
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "6",
+}
+#: TCP keepalives the *server* uses on pobox's connections (session settings, any user may
+#: set them; ignored over a Unix socket).  A node cut off from PostgreSQL sends nothing, so
+#: its backends wait on an idle socket; with the system default (2 h idle) their advisory
+#: locks would outlive the partition by hours.  With these the server probes after 5 s of
+#: silence and ends the backend after 3 unanswered probes 2 s apart: the locks of a node
+#: that vanished are free about 11 s after its last packet.  ``tcp_user_timeout`` (the
+#: statement timeout) ends a backend whose own data stays unacknowledged that long.
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
 }
 #: The environment variable that sets each default, which then wins over ours.
 _ENV_FOR = {"application_name": "PGAPPNAME", "connect_timeout": "PGCONNECT_TIMEOUT"}
@@ -73,14 +90,68 @@ def connection_params(
 
 
 async def set_timeouts(conn: psycopg.AsyncConnection[tuple[object, ...]], timeout: float) -> None:
-    """Put every statement of ``conn`` under ``timeout``: statement, lock wait, idle in xact."""
+    """Put every statement of ``conn`` under ``timeout``: statement, lock wait, idle in xact.
+
+    Also make the server notice soon when this client vanishes (:data:`SERVER_KEEPALIVES`,
+    ``tcp_user_timeout`` of ``timeout``), so a partitioned node's locks are freed.
+    """
     millis = f"{int(timeout * 1000)}ms"
+    keep = SERVER_KEEPALIVES
     await conn.execute(
         "SELECT set_config('statement_timeout', %s, false),"
         " set_config('lock_timeout', %s, false),"
-        " set_config('idle_in_transaction_session_timeout', %s, false)",
-        (millis, millis, millis),
+        " set_config('idle_in_transaction_session_timeout', %s, false),"
+        " set_config('tcp_keepalives_idle', %s, false),"
+        " set_config('tcp_keepalives_interval', %s, false),"
+        " set_config('tcp_keepalives_count', %s, false),"
+        " set_config('tcp_user_timeout', %s, false)",
+        (
+            millis,
+            millis,
+            millis,
+            keep["tcp_keepalives_idle"],
+            keep["tcp_keepalives_interval"],
+            keep["tcp_keepalives_count"],
+            millis,
+        ),
     )
+
+
+#: Seconds past the timeout after which a use is cancelled if hanging up did not end it.
+HANG_UP_GRACE = 1.0
+
+
+def hang_up(conn: Conn) -> None:
+    """Shut ``conn``'s socket down, both ways, without closing its descriptor.
+
+    A query that is *cancelled* (``asyncio.timeout``) is not given up by psycopg at once: it
+    first asks the server to cancel it, over a new connection, and waits for that up to 5 s,
+    then up to 5 s more for the query to end - 10 s lost when the server cannot be reached
+    (a network partition).  After a shutdown the wait ends at once with an
+    ``OperationalError``, and the connection is broken (the pool drops it).  The descriptor
+    stays psycopg's, so no other socket can take its number while psycopg still watches it.
+    """
+    with contextlib.suppress(OSError, ValueError, psycopg.Error):
+        fd = os.dup(conn.fileno())
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class HangUp:
+    """Hang ``conn`` up (:func:`hang_up`) ``delay`` seconds from now, unless cancelled first."""
+
+    def __init__(self, conn: Conn, delay: float) -> None:
+        self.fired = False
+        self._conn = conn
+        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        hang_up(self._conn)
+
+    def cancel(self) -> None:
+        """Do not hang up (the use ended in time)."""
+        self._handle.cancel()
 
 
 def is_broken(exc: BaseException) -> bool:
@@ -107,17 +178,29 @@ async def run_pooled(
     """Run ``work`` on a connection of ``pool``, all of it within ``timeout`` seconds.
 
     A connection that turns out broken (the server restarted since it was pooled) is dropped
-    by the pool and, if ``retry``, the work is done once more on a fresh one.
+    by the pool and, if ``retry``, the work is done once more on a fresh one.  A connection
+    that does not answer in time is hung up (:func:`hang_up`), so the failure comes at the
+    timeout, not 10 s later.
 
     Raises:
         psycopg.Error, PoolTimeout, TimeoutError: (:data:`DriverError`) it failed.
     """
+    loop = asyncio.get_running_loop()
     for attempt in (1, 2):
+        deadline = loop.time() + timeout
+        hang: HangUp | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline + HANG_UP_GRACE):
                 async with pool.connection() as conn:
-                    return await work(conn)
+                    hang = HangUp(conn, max(0.0, deadline - loop.time()))
+                    try:
+                        return await work(conn)
+                    finally:
+                        hang.cancel()
         except DriverError as exc:
+            if hang is not None and hang.fired:
+                msg = f"no answer within {timeout:g} s"
+                raise TimeoutError(msg) from exc
             if retry and attempt == 1 and is_broken(exc):
                 logger.info("%s: %s; trying again on a new connection", what, exc)
                 continue

@@ -19,7 +19,7 @@ ends those sessions without UPDATE. The UPDATE itself runs *on the lock connecti
 transaction that first checks ``pg_locks`` for the lock (the fencing check): a connection that
 is gone cannot commit, and a lock that is gone cannot be used.
 
-May import: the standard library and psycopg.
+May import: the standard library, psycopg, :mod:`._connect`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import psycopg
+
+from pobox.storage.postgres._connect import HANG_UP_GRACE, HangUp
 
 __all__ = ["Holder", "LockConnection", "LockLost", "lock_key", "split_key"]
 
@@ -122,17 +124,31 @@ class LockConnection:
         """
         async with self._mutex:
             self._unwatch()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._timeout
+            hang: HangUp | None = None
             try:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout_at(deadline + HANG_UP_GRACE):
                     conn = await self._connection()
+                    # At the timeout the socket is shut down: psycopg fails at once instead
+                    # of first asking an unreachable server to cancel the query (10 s).
+                    hang = HangUp(conn, max(0.0, deadline - loop.time()))
                     yield conn
             except (psycopg.OperationalError, TimeoutError) as exc:
                 conn_gone = self._conn is None or self._conn.broken or self._conn.closed
-                if conn_gone or isinstance(exc, TimeoutError):
-                    self._lose(f"{type(exc).__name__}: {exc}")
-                    raise LockLost(str(exc) or type(exc).__name__) from exc
+                timed_out = isinstance(exc, TimeoutError) or (hang is not None and hang.fired)
+                if conn_gone or timed_out:
+                    reason = (
+                        f"no answer within {self._timeout:g} s"
+                        if timed_out
+                        else f"{type(exc).__name__}: {exc}"
+                    )
+                    self._lose(reason)
+                    raise LockLost(reason) from exc
                 raise
             finally:
+                if hang is not None:
+                    hang.cancel()
                 self._watch()
 
     async def _connection(self) -> Conn:

@@ -328,6 +328,21 @@ class PostgresStore:
         except DriverError as exc:
             raise _map_error(exc, what) from exc
 
+    #: How the health check (:mod:`pobox.server._health`) names this store.
+    health_name = "mail store (PostgreSQL)"
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1`` on a pooled connection (the health check).
+
+        Raises:
+            StorageTemporaryError: the database failed or did not answer in time.
+        """
+
+        async def work(conn: Conn) -> None:
+            await conn.execute("SELECT 1")
+
+        await self._run("health check", work)
+
     async def check_schema(self) -> int:
         """Return the schema version, checking it is the one this pobox expects.
 
