@@ -3,7 +3,7 @@
 One cluster for the module (:func:`tests.helpers.cluster.running_cluster`): a throwaway
 PostgreSQL, ``pobox db upgrade`` and ``pobox user add``, three ``pobox serve`` processes with
 logs of their own, and HAProxy running ``contrib/haproxy/pobox.cfg`` (``send-proxy-v2``,
-``balance leastconn``, the nodes checked with a POP3 ``tcp-check`` every 500 ms).  Clients
+``balance leastconn``, the nodes checked with ``GET /health`` every 500 ms).  Clients
 connect from their own loopback addresses (127.0.0.11, .12, ...), so each node's log shows
 whose address it used and which node served whom.  The test that kills a node starts it
 again, so the order of the tests does not matter.

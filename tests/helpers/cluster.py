@@ -249,7 +249,9 @@ def haproxy_sections(
     Replaced, and nothing else: the ``global`` section (:func:`running_haproxy` writes its
     own, with a stats socket in the test's directory); each ``bind`` address by a loopback
     frontend port (by the port it had: 110, 995, 24); each ``server pobox<N> ADDRESS:PORT``
-    by node N's port for that service, and the servers of nodes the cluster does not have
+    by node N's port for that service (the checked ones with ``port`` and node N's
+    ``health_listen`` port: in production each node answers on port 8110 of its own
+    address, here they share one), and the servers of nodes the cluster does not have
     dropped; the check interval by ``check``.
 
     Raises:
@@ -275,8 +277,10 @@ def haproxy_sections(
         seen_servers.append(name)
         if name not in by_name:
             return ""
-        port = by_name[name].ports[service_of[match["port"]]]
-        return f"{match['lead']}{name} 127.0.0.1:{port}{match['rest']}\n"
+        node = by_name[name]
+        service = service_of[match["port"]]
+        check = f" port {node.ports['health']}" if service == "pop3" else ""
+        return f"{match['lead']}{name} 127.0.0.1:{node.ports[service]}{match['rest']}{check}\n"
 
     text = re.sub(
         r"^(?P<lead>\s*bind\s+)\S*:(?P<port>110|995|24)\b", bind, text, flags=re.MULTILINE
@@ -287,7 +291,7 @@ def haproxy_sections(
         text,
         flags=re.MULTILINE,
     )
-    text, checks = re.subn(r"inter 1s fall 2 rise 2", check, text)
+    text, checks = re.subn(r"check port 8110 inter 1s fall 2 rise 2", f"check {check}", text)
     if sorted(seen_fronts) != sorted(_FRONT_PORTS.values()) or checks != 1:
         msg = f"{CONTRIB_CONFIG}: binds {seen_fronts}, check intervals {checks}"
         raise ClusterError(msg)
@@ -310,6 +314,7 @@ def _node_settings(node: Node, dsn: str, pki: Pki, extra: Mapping[str, object]) 
         "listen": [f"127.0.0.1:{node.ports['pop3']}"],
         "ssl_listen": [f"127.0.0.1:{node.ports['pop3s']}"],
         "lmtp_listen": [f"127.0.0.1:{node.ports['lmtp']}"],
+        "health_listen": f"127.0.0.1:{node.ports['health']}",
         **pki.settings,
         "userdb": "postgresql",
         "mail_location": "postgresql",
@@ -353,7 +358,7 @@ def running_cluster(
             Node(
                 f"pobox{number}",
                 root / f"pobox{number}",
-                {service: free_port() for service in ("pop3", "pop3s", "lmtp")},
+                {service: free_port() for service in ("pop3", "pop3s", "lmtp", "health")},
                 {},
             )
             for number in range(1, nodes + 1)
