@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -36,7 +37,7 @@ from tests.helpers.cluster import (
 from tests.helpers.haproxy import HAProxyError, find_haproxy
 from tests.helpers.postgres import PostgresError
 
-USERS = dict.fromkeys(("alice", "bob", "carol", "dave", "erin"), "secret")
+USERS = dict.fromkeys(("alice", "bob", "carol", "dave", "erin", "frank"), "secret")
 LOCKED = b"-ERR [IN-USE] Mailbox is locked by another POP3 session, try later.\r\n"
 DELAYED = b"-ERR [LOGIN-DELAY] Too many failed logins, try again later.\r\n"
 #: Failed logins from one address after which every node slows it down.
@@ -536,6 +537,44 @@ class TestNodeDies:
             attempts.append(answer)
             time.sleep(0.1)
         return b"", attempts
+
+
+class TestNodeDrains:
+    """SIGTERM: HAProxy's health check sees the drain, the node's open session finishes."""
+
+    def test_sigterm(self, cluster: Cluster):
+        """frank's session on the draining node ends with QUIT and its UPDATE; HAProxy marks
+        the node down and sends new logins elsewhere; the node exits 0.
+        """
+        for number in range(2):
+            message = b"Subject: drain %d\r\n\r\nx\r\n" % number
+            assert lmtp_deliver(cluster.front["lmtp"], "127.0.0.91", "frank", message)
+        session = Pop3(cluster.front["pop3"], "127.0.0.92")
+        assert b"+OK Logged in.\r\n" == session.login("frank")
+        holder = cluster.wait_logged("Login: user=<frank>, method=PLAIN, rip=127.0.0.92,")
+        assert b"+OK" == session.command(b"DELE 1")[:3]
+
+        holder.signal(signal.SIGTERM)
+        cluster.wait_states({holder.name: "DOWN"})
+        other = Pop3(cluster.front["pop3"], "127.0.0.93")
+        elsewhere = other.login("dave")
+        other.close()
+        served = cluster.wait_logged("Login: user=<dave>, method=PLAIN, rip=127.0.0.93,")
+        quit_reply = session.command(b"QUIT")
+        session.close()
+        status = holder.wait_exited()
+        left = fetch_all(cluster, "frank", "127.0.0.94")
+        holder.start()
+        holder.wait_started()
+        cluster.wait_states({node.name: "UP" for node in cluster.nodes})
+
+        assert (b"+OK Logged in.\r\n", True, b"+OK", 0, [b"drain 1"]) == (
+            elsewhere,
+            served is not holder,
+            quit_reply[:3],
+            status,
+            [re.findall(rb"Subject: (drain \d)", body)[0] for body in left.values()],
+        )
 
 
 class TestDocumentedConfig:

@@ -151,6 +151,19 @@ class Node:
             process.send_signal(signal.SIGKILL)
             process.wait()
 
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the running process (SIGTERM: it drains, then exits)."""
+        if self.process is None:
+            msg = f"{self.name} is not running"
+            raise ClusterError(msg)
+        self.process.send_signal(sig)
+
+    def wait_exited(self, timeout: float = 60) -> int:
+        """Wait until the process has exited; return its status."""
+        process, self.process = self.process, None
+        assert process is not None, f"{self.name} is not running"
+        return process.wait(timeout)
+
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the process; SIGKILL it if it lingers."""
         process, self.process = self.process, None
