@@ -7,7 +7,12 @@ load runs, so a fast wrong answer cannot win:
 - STAT's count equals the number of messages the benchmark delivered;
 - LIST has that many lines and its sizes add up to STAT's total;
 - UIDL has that many distinct lines;
-- each RETR returns exactly the LIST size once the dot-stuffing is undone.
+- each RETR returns exactly the LIST size once the dot-stuffing is undone;
+- and when the spec carries the delivered messages (``Spec.expected``, each normalised to CRLF
+  line ends: what RFC 1939 puts on the wire before dot-stuffing), each RETR's content, once
+  un-stuffed, is byte for byte one of them: the message stored under that number, or (when a
+  server numbers the maildrop in another order) another one, and one session's RETRs together
+  return every message exactly once.
 
 :func:`run_load` runs one workload for a fixed time in the calling process (the caller pins it
 to a core) and returns a :class:`LoadResult`.  uvloop is used when it is installed.
@@ -145,6 +150,39 @@ class Spec:
     messages: int = 0  # the maildrop's expected message count
     retr: bool = True
     ops_limit: int = 0  # stop after this many sessions (0: run for ``duration``)
+    #: The delivered messages in delivery order, with CRLF line ends (empty: sizes only).
+    expected: tuple[bytes, ...] = ()
+
+
+def unstuff(body: bytes) -> bytes:
+    """Undo RFC 1939 §3 dot-stuffing of a multi-line body (without its ``.`` line)."""
+    if body.startswith(b".."):
+        body = body[1:]
+    return body.replace(b"\r\n..", b"\r\n.")
+
+
+class ContentCheck:
+    """Check RETR contents against the delivered messages (see the module docstring)."""
+
+    def __init__(self, expected: tuple[bytes, ...]) -> None:
+        self.expected = expected
+        self.index = {message: number for number, message in enumerate(expected)}
+        self.seen: set[int] = set()
+
+    def check(self, number: int, body: bytes) -> None:
+        """Check the un-stuffed ``body`` RETR ``number`` (1-based) returned."""
+        got = unstuff(body)
+        position = number - 1
+        if position >= len(self.expected) or got != self.expected[position]:
+            found = self.index.get(got)
+            if found is None:
+                msg = f"RETR {number}: content differs from every delivered message"
+                raise CheckError(msg)
+            position = found
+        if position in self.seen:
+            msg = f"RETR {number}: the same message as an earlier RETR"
+            raise CheckError(msg)
+        self.seen.add(position)
 
 
 @dataclass
@@ -208,10 +246,14 @@ async def session(spec: Spec, user: str) -> int:
             raise CheckError("UIDL: duplicate unique-ids")
         received = 0
         if spec.retr:
+            content = ContentCheck(spec.expected) if spec.expected else None
             for number, size in enumerate(sizes, 1):
-                got, _, _ = await client.multi(b"RETR %d\r\n" % number)
+                got, _, body = await client.multi(b"RETR %d\r\n" % number, keep=bool(content))
                 if got != size:
                     raise CheckError(f"RETR {number}: {got} bytes, LIST said {size}")
+                if content is not None:
+                    assert body is not None
+                    content.check(number, body)
                 received += got
         await quit_(client)
         return received
@@ -268,13 +310,19 @@ async def _bulk(spec: Spec, result: LoadResult) -> None:
     _, _, body = await client.multi(b"LIST\r\n", keep=True)
     assert body is not None
     size = int(_parse_listing(body, spec.messages, "LIST")[0].split()[1])
+    expected = spec.expected[0] if spec.expected else None
     deadline = time.perf_counter() + spec.duration
     while time.perf_counter() < deadline:
         started = time.perf_counter()
-        got, _, _ = await client.multi(b"RETR 1\r\n")
+        got, _, body = await client.multi(b"RETR 1\r\n", keep=expected is not None)
+        wrong = ""
         if got != size:
+            wrong = f"RETR 1: {got} bytes, LIST said {size}"
+        elif expected is not None and (body is None or unstuff(body) != expected):
+            wrong = "RETR 1: content differs from the delivered message"
+        if wrong:
             result.errors += 1
-            result.first_error = result.first_error or f"RETR 1: {got} bytes, LIST said {size}"
+            result.first_error = result.first_error or wrong
         else:
             result.ops += 1
             result.bytes += got
