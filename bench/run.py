@@ -1104,6 +1104,11 @@ def _git_head() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def _x(value: float) -> str:
+    """A ratio as ``1.23x``, or ``n/a``."""
+    return f"{value:.2f}x" if value == value else "n/a"
+
+
 def _fmt(value: float) -> str:
     if value != value:  # NaN
         return "n/a"
@@ -1176,7 +1181,7 @@ def write_markdown(
             f"| {row.workload} | {row.variant} | {row.unit} {better} | "
             + " | ".join(_fmt(row.median(name)) for name in servers)
             + " | "
-            + " | ".join(f"{row.ratio(a, b):.2f}x" for _, a, b in columns)
+            + " | ".join(_x(row.ratio(a, b)) for _, a, b in columns)
             + " | "
             + "/".join(str(row.errors(name)) for name in servers)
             + " |"
@@ -1200,7 +1205,7 @@ def write_markdown(
             f"| {row.workload} | {row.variant} | "
             + " | ".join(_fmt(row.per_cpu(name)) for name in servers)
             + " | "
-            + " | ".join(f"{row.per_cpu_ratio(a, b):.2f}x" for _, a, b in columns)
+            + " | ".join(_x(row.per_cpu_ratio(a, b)) for _, a, b in columns)
             + " | "
             + "/".join(f"{row.busy(name, 'server_busy'):.0%}" for name in servers)
             + " | "
@@ -1227,9 +1232,9 @@ def write_markdown(
             lines.append(
                 f"| {row.workload} | {row.variant} | {row.unit} {better} "
                 f"| {_fmt(row.median('pobox-pg'))} | {_fmt(maildir)} "
-                f"| {_fmt(row.median(base))} | {row.ratio('pobox-pg'):.2f}x "
-                f"| {over_maildir:.2f}x | {_fmt(row.per_cpu('pobox-pg'))} "
-                f"| {row.per_cpu_ratio('pobox-pg'):.2f}x | {row.errors('pobox-pg')} |"
+                f"| {_fmt(row.median(base))} | {_x(row.ratio('pobox-pg'))} "
+                f"| {_x(over_maildir)} | {_fmt(row.per_cpu('pobox-pg'))} "
+                f"| {_x(row.per_cpu_ratio('pobox-pg'))} | {row.errors('pobox-pg')} |"
             )
     notes = [f"- {row.workload} {row.variant}: {row.note}" for row in rows.values() if row.note]
     if notes:
