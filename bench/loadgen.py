@@ -21,6 +21,7 @@ to a core) and returns a :class:`LoadResult`.  uvloop is used when it is install
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -86,10 +87,15 @@ class Client(asyncio.Protocol):
             raise CheckError(f"{command!r}: {reply!r}")
         return reply
 
-    async def multi(self, command: bytes, *, keep: bool = False) -> tuple[int, int, bytes | None]:
+    async def multi(
+        self, command: bytes, *, keep: bool = False, expect: bytes | None = None
+    ) -> tuple[int, int, bytes | None]:
         """Send ``command``; return (body length unstuffed, line count, the body if ``keep``).
 
-        LIST and UIDL keep their bodies to check them; RETR only counts bytes.
+        LIST and UIDL keep their bodies to check them. A RETR checked for content passes
+        ``expect``, the expected body dot-stuffed as on the wire: when the body is exactly
+        that (one comparison in the receive buffer, no copy) the body returned is ``None``,
+        else the body, for the caller to un-stuff and compare.
         """
         await self.ok(command)
         start = 0
@@ -102,7 +108,8 @@ class Client(asyncio.Protocol):
                 size = end + 2
                 stuffed = self.buf.count(b"\r\n..", 0, size) + self.buf.startswith(b"..")
                 lines = self.buf.count(b"\r\n", 0, size)
-                body = bytes(self.buf[:size]) if keep else None
+                matched = expect is not None and len(expect) == size and self.buf.startswith(expect)
+                body = bytes(self.buf[:size]) if keep and not matched else None
                 del self.buf[: size + 3]
                 return size - stuffed, lines, body
             start = max(0, len(self.buf) - 4)
@@ -161,19 +168,41 @@ def unstuff(body: bytes) -> bytes:
     return body.replace(b"\r\n..", b"\r\n.")
 
 
+def stuff(message: bytes) -> bytes:
+    """Dot-stuff a CRLF message as RFC 1939 §3 sends it (without the ``.`` line)."""
+    if message.startswith(b"."):
+        message = b"." + message
+    return message.replace(b"\r\n.", b"\r\n..")
+
+
+@functools.cache
+def wire_forms(expected: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The messages dot-stuffed, once per process: the fast path of the content check.
+
+    ``stuff`` is one-to-one, so a body that equals ``stuff(message)`` un-stuffs to
+    ``message``: comparing on the wire is comparing after un-stuffing, without a copy.
+    """
+    return tuple(stuff(message) for message in expected)
+
+
 class ContentCheck:
     """Check RETR contents against the delivered messages (see the module docstring)."""
 
     def __init__(self, expected: tuple[bytes, ...]) -> None:
         self.expected = expected
+        self.wire = wire_forms(expected)
         self.index = {message: number for number, message in enumerate(expected)}
         self.seen: set[int] = set()
 
-    def check(self, number: int, body: bytes) -> None:
-        """Check the un-stuffed ``body`` RETR ``number`` (1-based) returned."""
-        got = unstuff(body)
+    def expect(self, number: int) -> bytes | None:
+        """The wire form RETR ``number`` should return when the server numbers as delivered."""
+        return self.wire[number - 1] if number <= len(self.wire) else None
+
+    def check(self, number: int, body: bytes | None) -> None:
+        """Check what RETR ``number`` (1-based) returned: ``None`` if it was :meth:`expect`."""
         position = number - 1
-        if position >= len(self.expected) or got != self.expected[position]:
+        got = None if body is None else unstuff(body)
+        if got is not None and (position >= len(self.expected) or got != self.expected[position]):
             found = self.index.get(got)
             if found is None:
                 msg = f"RETR {number}: content differs from every delivered message"
@@ -248,11 +277,13 @@ async def session(spec: Spec, user: str) -> int:
         if spec.retr:
             content = ContentCheck(spec.expected) if spec.expected else None
             for number, size in enumerate(sizes, 1):
-                got, _, body = await client.multi(b"RETR %d\r\n" % number, keep=bool(content))
+                expect = content.expect(number) if content is not None else None
+                got, _, body = await client.multi(
+                    b"RETR %d\r\n" % number, keep=content is not None, expect=expect
+                )
                 if got != size:
                     raise CheckError(f"RETR {number}: {got} bytes, LIST said {size}")
                 if content is not None:
-                    assert body is not None
                     content.check(number, body)
                 received += got
         await quit_(client)
@@ -311,14 +342,15 @@ async def _bulk(spec: Spec, result: LoadResult) -> None:
     assert body is not None
     size = int(_parse_listing(body, spec.messages, "LIST")[0].split()[1])
     expected = spec.expected[0] if spec.expected else None
+    wire = wire_forms(spec.expected)[0] if spec.expected else None
     deadline = time.perf_counter() + spec.duration
     while time.perf_counter() < deadline:
         started = time.perf_counter()
-        got, _, body = await client.multi(b"RETR 1\r\n", keep=expected is not None)
+        got, _, body = await client.multi(b"RETR 1\r\n", keep=wire is not None, expect=wire)
         wrong = ""
         if got != size:
             wrong = f"RETR 1: {got} bytes, LIST said {size}"
-        elif expected is not None and (body is None or unstuff(body) != expected):
+        elif body is not None and unstuff(body) != expected:
             wrong = "RETR 1: content differs from the delivered message"
         if wrong:
             result.errors += 1

@@ -43,7 +43,7 @@ What it does, per workload:
    CPU time of the server's own processes, for work per server CPU-second (a figure that other
    load on a shared machine does not skew the way it skews wall-clock throughput).
 
-``--stores maildir,postgresql`` adds a third server, ``pobox-pg``: the same pobox on the
+``--stores maildir,postgresql`` adds a server, ``pobox-pg``: the same pobox on the
 PostgreSQL store (issue 11), on a throwaway cluster (tests/helpers/postgres.py) pinned to the
 server core too, so pobox-pg and its database share the one core Dovecot gets; its CPU time
 counts the database's processes. Its data is the same mail, stored through the store.
@@ -459,7 +459,7 @@ def _pobox_access(name: str = "pobox") -> str:
 
 @contextlib.contextmanager
 def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
-    """Start ``python -m pobox serve`` on core 0 (``pobox-pg``: on the PostgreSQL store)."""
+    """Start ``python -m pobox serve`` on the server cores (``pobox-pg``: on PostgreSQL)."""
     port = _free_port()
     base = root / name
     config = base / "pobox.toml"
