@@ -19,8 +19,9 @@ What it does:
 
    for two workloads: ``session`` (login, STAT, LIST, UIDL, RETR of every message, QUIT) and
    ``login`` (USER, PASS, QUIT). Every answer is checked while the load runs
-   (:mod:`loadgen`: STAT counts, LIST sizes against RETR bytes, distinct UIDLs); one wrong
-   answer makes the run fail.
+   (:mod:`loadgen`: STAT counts, LIST sizes against RETR bytes, distinct UIDLs, each RETR's
+   content against the stored messages), and so is which nodes served each round's logins
+   (their logs); one wrong answer makes the run fail.
 4. reports medians and two ratios: HAProxy's cost (``haproxy, 1 node`` ÷ ``direct``) and the
    scaling (``haproxy, 2 nodes`` ÷ ``haproxy, 1 node``), and HAProxy's own CPU time per
    operation (from /proc).
@@ -212,6 +213,8 @@ class Bench:
             duration=duration,
             messages=self.settings.messages,
             source=SOURCE,
+            # Every RETR's content checked against what was stored (the loader's order).
+            expected=tuple(_message(number) for number in range(self.settings.messages)),
         )
 
     def server_cpu(self) -> float:

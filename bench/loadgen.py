@@ -7,7 +7,12 @@ load runs, so a fast wrong answer cannot win:
 - STAT's count equals the number of messages the benchmark delivered;
 - LIST has that many lines and its sizes add up to STAT's total;
 - UIDL has that many distinct lines;
-- each RETR returns exactly the LIST size once the dot-stuffing is undone.
+- each RETR returns exactly the LIST size once the dot-stuffing is undone;
+- and when the spec carries the delivered messages (``Spec.expected``, each normalised to CRLF
+  line ends: what RFC 1939 puts on the wire before dot-stuffing), each RETR's content, once
+  un-stuffed, is byte for byte one of them: the message stored under that number, or (when a
+  server numbers the maildrop in another order) another one, and one session's RETRs together
+  return every message exactly once.
 
 :func:`run_load` runs one workload for a fixed time in the calling process (the caller pins it
 to a core) and returns a :class:`LoadResult`.  uvloop is used when it is installed.
@@ -16,6 +21,7 @@ to a core) and returns a :class:`LoadResult`.  uvloop is used when it is install
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -81,10 +87,15 @@ class Client(asyncio.Protocol):
             raise CheckError(f"{command!r}: {reply!r}")
         return reply
 
-    async def multi(self, command: bytes, *, keep: bool = False) -> tuple[int, int, bytes | None]:
+    async def multi(
+        self, command: bytes, *, keep: bool = False, expect: bytes | None = None
+    ) -> tuple[int, int, bytes | None]:
         """Send ``command``; return (body length unstuffed, line count, the body if ``keep``).
 
-        LIST and UIDL keep their bodies to check them; RETR only counts bytes.
+        LIST and UIDL keep their bodies to check them. A RETR checked for content passes
+        ``expect``, the expected body dot-stuffed as on the wire: when the body is exactly
+        that (one comparison in the receive buffer, no copy) the body returned is ``None``,
+        else the body, for the caller to un-stuff and compare.
         """
         await self.ok(command)
         start = 0
@@ -97,7 +108,8 @@ class Client(asyncio.Protocol):
                 size = end + 2
                 stuffed = self.buf.count(b"\r\n..", 0, size) + self.buf.startswith(b"..")
                 lines = self.buf.count(b"\r\n", 0, size)
-                body = bytes(self.buf[:size]) if keep else None
+                matched = expect is not None and len(expect) == size and self.buf.startswith(expect)
+                body = bytes(self.buf[:size]) if keep and not matched else None
                 del self.buf[: size + 3]
                 return size - stuffed, lines, body
             start = max(0, len(self.buf) - 4)
@@ -147,6 +159,61 @@ class Spec:
     retr: bool = True
     ops_limit: int = 0  # stop after this many sessions (0: run for ``duration``)
     source: str = ""  # the clients' address (bench/cluster.py: one HAProxy does not trust)
+    #: The delivered messages in delivery order, with CRLF line ends (empty: sizes only).
+    expected: tuple[bytes, ...] = ()
+
+
+def unstuff(body: bytes) -> bytes:
+    """Undo RFC 1939 §3 dot-stuffing of a multi-line body (without its ``.`` line)."""
+    if body.startswith(b".."):
+        body = body[1:]
+    return body.replace(b"\r\n..", b"\r\n.")
+
+
+def stuff(message: bytes) -> bytes:
+    """Dot-stuff a CRLF message as RFC 1939 §3 sends it (without the ``.`` line)."""
+    if message.startswith(b"."):
+        message = b"." + message
+    return message.replace(b"\r\n.", b"\r\n..")
+
+
+@functools.cache
+def wire_forms(expected: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The messages dot-stuffed, once per process: the fast path of the content check.
+
+    ``stuff`` is one-to-one, so a body that equals ``stuff(message)`` un-stuffs to
+    ``message``: comparing on the wire is comparing after un-stuffing, without a copy.
+    """
+    return tuple(stuff(message) for message in expected)
+
+
+class ContentCheck:
+    """Check RETR contents against the delivered messages (see the module docstring)."""
+
+    def __init__(self, expected: tuple[bytes, ...]) -> None:
+        self.expected = expected
+        self.wire = wire_forms(expected)
+        self.index = {message: number for number, message in enumerate(expected)}
+        self.seen: set[int] = set()
+
+    def expect(self, number: int) -> bytes | None:
+        """The wire form RETR ``number`` should return when the server numbers as delivered."""
+        return self.wire[number - 1] if number <= len(self.wire) else None
+
+    def check(self, number: int, body: bytes | None) -> None:
+        """Check what RETR ``number`` (1-based) returned: ``None`` if it was :meth:`expect`."""
+        position = number - 1
+        got = None if body is None else unstuff(body)
+        if got is not None and (position >= len(self.expected) or got != self.expected[position]):
+            found = self.index.get(got)
+            if found is None:
+                msg = f"RETR {number}: content differs from every delivered message"
+                raise CheckError(msg)
+            position = found
+        if position in self.seen:
+            msg = f"RETR {number}: the same message as an earlier RETR"
+            raise CheckError(msg)
+        self.seen.add(position)
 
 
 @dataclass
@@ -210,10 +277,16 @@ async def session(spec: Spec, user: str) -> int:
             raise CheckError("UIDL: duplicate unique-ids")
         received = 0
         if spec.retr:
+            content = ContentCheck(spec.expected) if spec.expected else None
             for number, size in enumerate(sizes, 1):
-                got, _, _ = await client.multi(b"RETR %d\r\n" % number)
+                expect = content.expect(number) if content is not None else None
+                got, _, body = await client.multi(
+                    b"RETR %d\r\n" % number, keep=content is not None, expect=expect
+                )
                 if got != size:
                     raise CheckError(f"RETR {number}: {got} bytes, LIST said {size}")
+                if content is not None:
+                    content.check(number, body)
                 received += got
         await quit_(client)
         return received
@@ -270,13 +343,20 @@ async def _bulk(spec: Spec, result: LoadResult) -> None:
     _, _, body = await client.multi(b"LIST\r\n", keep=True)
     assert body is not None
     size = int(_parse_listing(body, spec.messages, "LIST")[0].split()[1])
+    expected = spec.expected[0] if spec.expected else None
+    wire = wire_forms(spec.expected)[0] if spec.expected else None
     deadline = time.perf_counter() + spec.duration
     while time.perf_counter() < deadline:
         started = time.perf_counter()
-        got, _, _ = await client.multi(b"RETR 1\r\n")
+        got, _, body = await client.multi(b"RETR 1\r\n", keep=wire is not None, expect=wire)
+        wrong = ""
         if got != size:
+            wrong = f"RETR 1: {got} bytes, LIST said {size}"
+        elif body is not None and unstuff(body) != expected:
+            wrong = "RETR 1: content differs from the delivered message"
+        if wrong:
             result.errors += 1
-            result.first_error = result.first_error or f"RETR 1: {got} bytes, LIST said {size}"
+            result.first_error = result.first_error or wrong
         else:
             result.ops += 1
             result.bytes += got

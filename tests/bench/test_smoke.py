@@ -1,8 +1,10 @@
-"""Smoke test of the benchmark: ``bench/run.py --quick`` runs and reports both servers.
+"""Smoke test of the benchmark: ``bench/run.py --quick`` and ``bench/soak.py --quick`` run.
 
 Nothing here is timed: the figures of a seconds-long run on a shared machine mean nothing.
-It checks that the benchmark starts both servers, loads them with answers it checked, and
-writes the table and the plot.
+It checks that the benchmark starts every server it is asked for (pobox with and without its
+lock, Dovecot tuned with and without its lock, Dovecot with a process per client), loads them
+with answers it checked (RETR contents included) on mail stored with CRLF and with LF, and
+writes the tables and the plot; and that the soak holds its idle sessions and reports memory.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: The default servers, in the order of the table's columns.
+DEFAULT = ["pobox", "pobox-nolock", "dovecot-tuned", "dovecot-tuned-lock"]
 
-def bench(out: Path, *options: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``bench/run.py --quick`` with ``options``, results into ``out``."""
+
+def bench(
+    out: Path, *options: str, script: str = "run.py", timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run ``bench/<script> --quick`` with ``options``, results into ``out``."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", *options, "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), "--quick", *options, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -27,34 +34,76 @@ def bench(out: Path, *options: str, timeout: float = 120) -> subprocess.Complete
     )
 
 
+def table_rows(table: str, *workloads: str) -> list[list[str]]:
+    """Return the cells of the first table's rows for ``workloads``."""
+    first = table.split("\n\n| workload |", 2)[1]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in first.splitlines()
+        if line.startswith(tuple(f"| {w} " for w in workloads))
+    ]
+
+
 @pytest.mark.external
 class TestQuickRun:
-    """``bench/run.py --quick --workloads session,login``."""
+    """``bench/run.py --quick``."""
 
-    def test_reports_both_servers(self, tmp_path: Path) -> None:
-        """A quick run exits 0 and writes a table with a row per workload for both servers."""
+    def test_reports_every_default_server(self, tmp_path: Path) -> None:
+        """Session on CRLF- and LF-stored mail and login: a figure for all four servers."""
         done = bench(tmp_path, "--workloads", "session,login", "--duration", "0.3")
         assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
         table = (tmp_path / "results.md").read_text()
-        assert "| workload | variant | unit | pobox | Dovecot | ratio |" in table
-        rows = [line for line in table.splitlines() if line.startswith(("| session", "| login"))]
-        assert 5 == len(rows)  # session at 1 and 4 clients; login PLAIN, SHA512-CRYPT, ARGON2ID
+        heading = (
+            "| workload | variant | unit | pobox | pobox-nolock | dovecot-tuned | "
+            "dovecot-tuned-lock | pobox ÷ dovecot-tuned | pobox-nolock ÷ dovecot-tuned "
+            "(locks off) | pobox ÷ dovecot-tuned-lock (locks on) |"
+        )
+        assert heading in table
+        rows = table_rows(table, "session", "login")
+        variants = [row[1] for row in rows]
+        assert [
+            "1 clients, CRLF-stored",
+            "4 clients, CRLF-stored",
+            "1 clients, LF-stored",
+            "4 clients, LF-stored",
+            "PLAIN (16 cl.)",
+            "SHA512-CRYPT (16 cl.)",
+            "ARGON2ID (4 cl.)",
+        ] == variants
         for row in rows:
-            cells = [cell.strip() for cell in row.strip("|").split("|")]
-            assert "0/0" == cells[8], row  # no wrong answers from either server
-            assert "n/a" not in cells[3:5], row  # a figure for pobox and for Dovecot
+            assert "0/0/0/0" == row[-1], row  # no wrong answer from any server
+            assert "n/a" not in row[3:7], row  # a figure for every server
+            assert all(cell.endswith("x") for cell in row[7:10]), row
 
-    def test_writes_the_plot(self, tmp_path: Path) -> None:
-        """A quick login-only run writes a PNG plot."""
-        done = bench(tmp_path, "--workloads", "empty", "--duration", "0.2")
+    def test_bulk_against_the_per_client_dovecot(self, tmp_path: Path) -> None:
+        """``--dovecot-perclient`` adds the old Dovecot row; bulk on both line ends; a plot."""
+        done = bench(
+            tmp_path,
+            *("--servers", "pobox,dovecot-tuned", "--dovecot-perclient", "--workloads", "bulk"),
+            "--duration",
+            "0.3",
+        )
         assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+        table = (tmp_path / "results.md").read_text()
+        assert "| pobox | dovecot-tuned | dovecot-perclient | pobox ÷ dovecot-tuned |" in table
+        rows = table_rows(table, "bulk")
+        assert ["RETR 1 MiB, CRLF-stored", "RETR 1 MiB, LF-stored"] == [row[1] for row in rows]
+        for row in rows:
+            assert "0/0/0" == row[-1], row
+            assert "n/a" not in row[3:6], row
         assert b"\x89PNG\r\n\x1a\n" == (tmp_path / "results.png").read_bytes()[:8]
+
+    def test_refuses_an_unknown_server(self, tmp_path: Path) -> None:
+        """An unknown name in ``--servers`` is a usage error, before anything starts."""
+        done = bench(tmp_path, "--servers", "pobox,dovecot")
+        assert (2, True) == (done.returncode, "--servers" in done.stderr)
 
     def test_postgresql_store_beside_maildir(self, tmp_path: Path) -> None:
         """``--stores maildir,postgresql`` adds pobox-pg, measured on the same sessions."""
         done = bench(
             tmp_path,
             *("--stores", "maildir,postgresql", "--workloads", "session", "--duration", "0.3"),
+            *("--servers", "pobox,dovecot-tuned", "--line-ends", "lf"),
             timeout=240,
         )
         assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
@@ -65,3 +114,24 @@ class TestQuickRun:
         for row in pg_rows:
             cells = [cell.strip() for cell in row.strip("|").split("|")]
             assert ("0", False) == (cells[-1], "n/a" in cells[3]), row
+
+
+@pytest.mark.external
+class TestQuickSoak:
+    """``bench/soak.py --quick``."""
+
+    def test_holds_idle_sessions_under_load(self, tmp_path: Path) -> None:
+        """pobox and tuned Dovecot keep every idle session while busy clients run, no error."""
+        done = bench(tmp_path, script="soak.py")
+        assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+        table = (tmp_path / "soak.md").read_text()
+        rows = [
+            [cell.strip() for cell in line.strip("|").split("|")]
+            for line in table.splitlines()
+            if line.startswith(("| pobox ", "| dovecot-tuned "))
+        ]
+        assert ["pobox", "dovecot-tuned"] == [row[0] for row in rows]
+        for row in rows:
+            assert ["50 / 50", "0"] == row[1:3], row  # idle: all held, no error
+            assert ("0", True) == (row[4], int(row[3].replace(",", "")) > 0), row  # busy
+            assert ("RSS" if row[0] == "pobox" else "PSS") == row[5]
