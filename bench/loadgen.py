@@ -120,19 +120,20 @@ class Client(asyncio.Protocol):
             self.transport.abort() if self.closed else self.transport.close()
 
 
-async def connect(host: str, port: int) -> Client:
-    """Open a connection and read the greeting."""
+async def connect(host: str, port: int, source: str = "") -> Client:
+    """Open a connection (from the address ``source``, if given) and read the greeting."""
     loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(Client, host, port)
+    local = (source, 0) if source else None
+    _, client = await loop.create_connection(Client, host, port, local_addr=local)
     greeting = await client.line()
     if not greeting.startswith(b"+OK"):
         raise CheckError(f"greeting {greeting!r}")
     return client
 
 
-async def login(host: str, port: int, user: str, password: str) -> Client:
+async def login(host: str, port: int, user: str, password: str, source: str = "") -> Client:
     """Connect and log in with USER/PASS."""
-    client = await connect(host, port)
+    client = await connect(host, port, source)
     await client.ok(b"USER " + user.encode() + b"\r\n")
     await client.ok(b"PASS " + password.encode() + b"\r\n")
     return client
@@ -157,6 +158,7 @@ class Spec:
     messages: int = 0  # the maildrop's expected message count
     retr: bool = True
     ops_limit: int = 0  # stop after this many sessions (0: run for ``duration``)
+    source: str = ""  # the clients' address (bench/cluster.py: one HAProxy does not trust)
     #: The delivered messages in delivery order, with CRLF line ends (empty: sizes only).
     expected: tuple[bytes, ...] = ()
 
@@ -245,7 +247,7 @@ def _parse_listing(body: bytes, count: int, command: str) -> list[bytes]:
 
 async def session(spec: Spec, user: str) -> int:
     """Login, STAT, LIST, UIDL, RETR each message, QUIT; return the message bytes received."""
-    client = await login(spec.host, spec.port, user, spec.password)
+    client = await login(spec.host, spec.port, user, spec.password, spec.source)
     try:
         stat = (await client.ok(b"STAT\r\n")).split()
         count, total = int(stat[1]), int(stat[2])
@@ -294,7 +296,7 @@ async def session(spec: Spec, user: str) -> int:
 
 async def login_only(spec: Spec, user: str) -> int:
     """Connect, USER/PASS, QUIT."""
-    client = await login(spec.host, spec.port, user, spec.password)
+    client = await login(spec.host, spec.port, user, spec.password, spec.source)
     try:
         await quit_(client)
     finally:
@@ -337,7 +339,7 @@ async def _closed_loop(
 
 async def _bulk(spec: Spec, result: LoadResult) -> None:
     """One session, RETR 1 again and again; bytes are the unstuffed message bytes."""
-    client = await login(spec.host, spec.port, spec.users[0], spec.password)
+    client = await login(spec.host, spec.port, spec.users[0], spec.password, spec.source)
     _, _, body = await client.multi(b"LIST\r\n", keep=True)
     assert body is not None
     size = int(_parse_listing(body, spec.messages, "LIST")[0].split()[1])

@@ -134,6 +134,19 @@ class DeliveryProtocol(SMTP):
         self._window_ends = self.loop.time() + SESSION_WINDOW * self.limits.timeout
         super().connection_made(transport)
 
+    def eof_received(self) -> bool | None:
+        """End the session at the client's end of stream, and close the connection.
+
+        aiosmtpd cancels its session task here and leaves closing the transport to that
+        task.  A task cancelled before it first ran never does: the end of stream came in
+        the same read as a PROXY header (HAProxy passing on a client that left at once, a
+        probe), before the greeting, and the connection would keep its slot (and hold up a
+        drain) until aiosmtpd's own timeout.  No reply can follow aiosmtpd's cancel, so
+        closing at once loses nothing.
+        """
+        super().eof_received()
+        return False
+
     def connection_lost(self, error: Exception | None) -> None:
         """Stop the deadline timer, then let aiosmtpd end the session."""
         self._disarm()
