@@ -13,11 +13,16 @@ reach its stores and is not draining, else ``503`` with a one-line reason:
 - *draining*: after ``SIGTERM`` (:meth:`HealthServer.drain`), at once, for good.
 
 Strangers may reach the port, so it is bounded like the POP3 listener: at most
-:data:`MAX_CONNECTIONS` open at once (more are closed unanswered), :data:`READ_DEADLINE`
-seconds to send the request, at most :data:`MAX_REQUEST` octets of request line and headers
-(more: ``431``), one request per connection, nothing read but the request line and headers.
-Anything else gets ``400``/``404``/``405``; no answer ever echoes what the client sent.
-Bind it to loopback or a private network all the same.
+:data:`MAX_CONNECTIONS` open at once, :data:`READ_DEADLINE` seconds to send the request, at
+most :data:`MAX_REQUEST` octets of request line and headers (more: ``431``), one request per
+connection, nothing read but the request line and headers.  When the connections are all
+taken, a new one evicts the one that has waited longest for its request (and is refused
+only if every one has sent its request): idle connections held open by a stranger cannot
+crowd out the load balancer's check, which sends its request at once, and so cannot take
+the node out of rotation.  Anything else gets ``400``/``404``/``405``; no answer ever
+echoes what the client sent.  A ``503`` names the store that failed, never the driver's
+message (which names database hosts and users; it goes to the log).  Bind it to loopback
+or a private network all the same.
 
 May import: the standard library, :mod:`pobox.config`.
 """
@@ -41,7 +46,8 @@ logger = logging.getLogger("pobox.health")
 Probe = Callable[[], Awaitable[object]]
 
 #: Open connections to the health port at once; HAProxy needs one per check, a few nodes'
-#: worth of load balancers a handful.  More are closed without an answer.
+#: worth of load balancers a handful.  Past it a new connection evicts the one waiting
+#: longest for its request, or is closed without an answer if none is waiting.
 MAX_CONNECTIONS: Final = 32
 #: Seconds a client has to send the request line and headers (HAProxy sends them at once).
 READ_DEADLINE: Final = 2.0
@@ -108,6 +114,8 @@ class HealthServer:
         self._probes = list(probes)
         self._server: asyncio.Server | None = None
         self._open = 0
+        #: Connections still waiting for their request, oldest first (evicted first).
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._draining = False
         self._result: str | None = None
         self._checked_at = -CHECK_TTL
@@ -167,6 +175,7 @@ class HealthServer:
     async def _run_probes(self) -> None:
         loop = asyncio.get_running_loop()
         result: str | None = None
+        detail = ""
         try:
             for name, probe in self._probes:
                 self._probing = name
@@ -174,28 +183,34 @@ class HealthServer:
                     await probe()
                 except Exception as exc:
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    result = f"{name} unreachable: {first}"
+                    result, detail = f"{name} unreachable", first
                     break
         finally:
             self._check = None
         self._result, self._checked_at = result, loop.time()
         if result is not None and self._was_ok:
-            logger.warning("master: health check failing: %s", result)
+            logger.warning("master: health check failing: %s: %s", result, detail)
         elif result is None and not self._was_ok:
             logger.info("master: health check passing again")
         self._was_ok = result is None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:
-            writer.transport.abort()  # no answer, no lingering: a reset
-            return
+            if not self._waiting:
+                writer.transport.abort()  # no answer, no lingering: a reset
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.transport.abort()
         self._open += 1
+        self._waiting[writer] = None
         try:
             await self._answer(reader, writer)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
             self._open -= 1
+            self._waiting.pop(writer, None)
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()
             else:
@@ -209,9 +224,11 @@ class HealthServer:
             writer.write(_response(431, "request too large"))
             return
         except asyncio.IncompleteReadError as exc:
-            if exc.partial:
+            if exc.partial and not writer.transport.is_closing():  # not evicted
                 writer.write(_response(400, "bad request"))
             return
+        finally:
+            self._waiting.pop(writer, None)
         status, text, head = parse_request(data)
         if status == 200:
             reason = await self.status()
