@@ -7,6 +7,7 @@ answer); clocks are moved by hand.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -155,6 +156,36 @@ class TestCluster:
         await cluster.beat()
         assert ["s2"] == kicked
         await cluster.release("s2")
+        assert ["s1"] == [e.id for e in await registry.sessions()]
+
+
+class SlowAnswerRegistry(MemorySessionRegistry):
+    """A registry whose register is done at once but answered only when ``answer`` is set
+    (a round trip's reply still on the wire)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.answer = asyncio.Event()
+
+    async def register(self, entry: SessionEntry, *, max_user: int, max_userip: int) -> Admission:
+        admission = await super().register(entry, max_user=max_user, max_userip=max_userip)
+        await self.answer.wait()
+        return admission
+
+
+class TestHeartbeatRace:
+    """A heartbeat that overtakes a registration's answer does not forget that session."""
+
+    async def test_session_registered_during_a_beat_stays(self) -> None:
+        """The row inserted while its answer is on the way survives the beat: limits, kicks."""
+        registry = SlowAnswerRegistry("a")
+        cluster = Cluster(registry, heartbeat=5, max_user=0, max_userip=0)
+        admitting = asyncio.create_task(cluster.admit(entry("s1"), lambda: None))
+        while not len(registry):
+            await asyncio.sleep(0)
+        await cluster.beat()
+        registry.answer.set()
+        await admitting
         assert ["s1"] == [e.id for e in await registry.sessions()]
 
 

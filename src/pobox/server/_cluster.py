@@ -290,6 +290,9 @@ class Cluster:
         self._check = check
         #: Session id → the callable that ends that session (its kick).
         self.live: dict[str, Callable[[], None]] = {}
+        #: Sessions whose registration is under way: the heartbeat names them live too, or
+        #: one that overtook a registration's answer would forget the row just inserted.
+        self._admitting: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         #: Heartbeats made so far.
         self.beats = 0
@@ -308,9 +311,13 @@ class Cluster:
         Returns:
             the admission, and the text of the refusal if it was not admitted.
         """
-        admission = await self.registry.register(
-            entry, max_user=self.max_user, max_userip=self.max_userip
-        )
+        self._admitting.add(entry.id)
+        try:
+            admission = await self.registry.register(
+                entry, max_user=self.max_user, max_userip=self.max_userip
+            )
+        finally:
+            self._admitting.discard(entry.id)
         if not admission.admitted:
             if self.max_userip and admission.userip_sessions >= self.max_userip:
                 return admission, (
@@ -334,7 +341,7 @@ class Cluster:
         """Renew the lease and end the sessions kicked; every so often, the upkeep."""
         self.beats += 1
         try:
-            kicked = await self.registry.heartbeat(list(self.live))
+            kicked = await self.registry.heartbeat([*self.live, *self._admitting])
         except StateUnavailable as exc:
             logger.debug("master: heartbeat failed: %s", exc)
             kicked = []
