@@ -207,6 +207,38 @@ class TestNameTaken:
         assert 1 == len(errors)
 
 
+class SkewedRegistry(MemorySessionRegistry):
+    """A registry whose store's clock differs from this node's by ``clock_skew`` seconds."""
+
+    clock_skew: float | None = 30.0
+
+
+class TestClockSkew:
+    """A node clock away from the database's is logged once, and its return once."""
+
+    async def test_logged_once_then_back(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Three beats 30 s off give one error; back within a second, one warning."""
+        registry = SkewedRegistry("a")
+        cluster = Cluster(registry, heartbeat=5, max_user=0, max_userip=0)
+        for _ in range(3):
+            await cluster.beat()
+        registry.clock_skew = -0.2
+        await cluster.beat()
+        await cluster.beat()
+        messages = [r.getMessage() for r in caplog.records]
+        assert (1, 1) == (
+            sum("clock is 30.0 s behind the shared state database's" in m for m in messages),
+            sum("agrees with the database's again" in m for m in messages),
+        )
+
+    async def test_fallback_passes_the_skew_on(self) -> None:
+        """The fallback registry shows the shared store's measure."""
+        registry = FallbackRegistry(
+            SkewedRegistry("a"), MemorySessionRegistry("a"), StoreHealth(5.0, Clock())
+        )
+        assert 30.0 == registry.clock_skew
+
+
 class TestConfig:
     """The shared-state keys: validated, and auto resolved from the store and userdb."""
 
