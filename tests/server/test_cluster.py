@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import warnings
 from collections.abc import Sequence
 
 import pytest
@@ -22,6 +24,7 @@ from pobox.server._cluster import (
     FallbackRegistry,
     StoreHealth,
 )
+from pobox.server._session import session_id
 from pobox.state import (
     Admission,
     MemoryFailureCounters,
@@ -273,3 +276,23 @@ class TestConfig:
         assert isinstance(counters, MemoryFailureCounters)
         assert isinstance(cluster.registry, MemorySessionRegistry)
         assert "n1" == cluster.node
+
+
+class TestSessionIds:
+    """Session ids, the registry's keys, are unique across forked processes too."""
+
+    def test_forked_child_draws_its_own(self) -> None:
+        """A child forked with random bytes pooled does not hand out the parent's next id."""
+        session_id()  # the pool is filled
+        read, write = os.pipe()
+        with warnings.catch_warnings():  # 3.12+ warns of fork with threads; the child execs nothing
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: report its next id, and leave at once
+            os.write(write, session_id().encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as pipe:
+            child = pipe.read().decode()
+        assert session_id() != child
