@@ -12,12 +12,14 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from pobox.cli import build_shared_state
 from pobox.config import Config, build_config, shared_state_backend
 from pobox.errors import ConfigError
+from pobox.records import User
 from pobox.server._cluster import (
     Cluster,
     FallbackFailureCounters,
@@ -32,6 +34,10 @@ from pobox.state import (
     SessionEntry,
     StateUnavailable,
 )
+from pobox.storage.base import DeleteResult, MailUser
+from pobox.storage.memory import MemoryMaildrop, MemoryStore
+from pobox.testing import running_server
+from tests.integration.wire import Wire
 
 
 class Clock:
@@ -296,3 +302,49 @@ class TestSessionIds:
         with os.fdopen(read, "rb") as pipe:
             child = pipe.read().decode()
         assert session_id() != child
+
+
+class GatedStore(MemoryStore):
+    """The real memory store, whose UPDATEs wait at ``gate`` once they have begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleting = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def open(self, user: MailUser, *, lock: bool = True) -> MemoryMaildrop:
+        drop = await super().open(user, lock=lock)
+        delete = drop.delete
+
+        async def gated(keys: Sequence[str]) -> DeleteResult:
+            self.deleting.set()
+            await self.gate.wait()
+            return await delete(keys)
+
+        drop.delete = gated  # type: ignore[method-assign]
+        return drop
+
+
+class TestKickDuringUpdate:
+    """A kick that arrives while a session's UPDATE is under way lets it finish whole."""
+
+    async def test_update_finishes_and_is_acknowledged(self, tmp_path: Path) -> None:
+        """QUIT's UPDATE, kicked midway, still deletes what was marked and answers +OK."""
+        store = GatedStore()
+        for n in range(3):
+            store.add("alice", b"Subject: %d\r\n\r\nbody\r\n" % n)
+        async with running_server(tmp_path, store=store) as node:
+            cluster = node.server.ctx.cluster
+            assert cluster is not None
+            wire = await Wire.connect(node.host, node.port)
+            await wire.login()
+            await wire.command(b"DELE 1")
+            await wire.command(b"DELE 2")
+            await wire.send(b"QUIT\r\n")
+            await asyncio.wait_for(store.deleting.wait(), 10)
+            kicked = await cluster.registry.kick(user="alice")
+            await cluster.beat()
+            store.gate.set()
+            answer = await wire.read_all()
+            left = (await store.open(User("alice"), lock=False)).messages
+        assert (1, b"+OK", 1) == (kicked, answer[:3], len(left))
