@@ -49,6 +49,11 @@ async def ask(server: HealthServer, request: bytes) -> bytes:
             await writer.wait_closed()
 
 
+def waiting(health: HealthServer) -> int:
+    """How many connections wait for their request."""
+    return sum(len(held) for held in health._waiting.values())
+
+
 async def until(condition: Callable[[], bool]) -> None:
     """Wait (10 s at most) until ``condition()`` holds: the server has taken the connections."""
     async with asyncio.timeout(10):
@@ -204,7 +209,7 @@ class TestStrangers:
         host, port = health.addresses[0]
         idle = [await asyncio.open_connection(host, port) for _ in range(MAX_CONNECTIONS)]
         try:
-            await until(lambda: len(health._waiting) == MAX_CONNECTIONS)
+            await until(lambda: waiting(health) == MAX_CONNECTIONS)
             answer = await ask(health, GET)
             try:
                 first = await asyncio.wait_for(idle[0][0].read(), 10)
@@ -216,3 +221,23 @@ class TestStrangers:
                 with contextlib.suppress(ConnectionResetError):
                     await writer.wait_closed()
         assert (b"HTTP/1.0 200 OK", b"") == (answer.split(b"\r\n")[0], first)
+
+    async def test_a_flood_evicts_its_own(self, health: HealthServer) -> None:
+        """A check still to send its request survives a flood from another address."""
+        host, port = health.addresses[0]
+        check = await asyncio.open_connection(host, port)
+        await until(lambda: health._open == 1)
+        flood = [
+            await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+            for _ in range(2 * MAX_CONNECTIONS)
+        ]
+        try:
+            await until(lambda: health._open == MAX_CONNECTIONS)
+            check[1].write(GET)
+            answer = await asyncio.wait_for(check[0].read(), 10)
+        finally:
+            for _, writer in [check, *flood]:
+                writer.close()
+                with contextlib.suppress(ConnectionResetError):
+                    await writer.wait_closed()
+        assert b"HTTP/1.0 200 OK" == answer.split(b"\r\n")[0]

@@ -16,10 +16,12 @@ Strangers may reach the port, so it is bounded like the POP3 listener: at most
 :data:`MAX_CONNECTIONS` open at once, :data:`READ_DEADLINE` seconds to send the request, at
 most :data:`MAX_REQUEST` octets of request line and headers (more: ``431``), one request per
 connection, nothing read but the request line and headers.  When the connections are all
-taken, a new one evicts the one that has waited longest for its request (and is refused
-only if every one has sent its request): idle connections held open by a stranger cannot
-crowd out the load balancer's check, which sends its request at once, and so cannot take
-the node out of rotation.  Anything else gets ``400``/``404``/``405``; no answer ever
+taken, a new one evicts the one that has waited longest for its request among those of the
+client address with the most such connections (and is refused only if every one has sent
+its request): idle connections held open by a stranger, even opened faster than the load
+balancer's check sends its request, evict each other, not the check, unless the stranger
+has more addresses than the endpoint has connections; so they cannot take the node out of
+rotation.  Anything else gets ``400``/``404``/``405``; no answer ever
 echoes what the client sent.  A ``503`` names the store that failed, never the driver's
 message (which names database hosts and users; it goes to the log).  Bind it to loopback
 or a private network all the same.
@@ -46,8 +48,8 @@ logger = logging.getLogger("pobox.health")
 Probe = Callable[[], Awaitable[object]]
 
 #: Open connections to the health port at once; HAProxy needs one per check, a few nodes'
-#: worth of load balancers a handful.  Past it a new connection evicts the one waiting
-#: longest for its request, or is closed without an answer if none is waiting.
+#: worth of load balancers a handful.  Past it a new connection evicts one still waiting for
+#: its request (of the address with the most), or is closed unanswered if none is waiting.
 MAX_CONNECTIONS: Final = 32
 #: Seconds a client has to send the request line and headers (HAProxy sends them at once).
 READ_DEADLINE: Final = 2.0
@@ -114,8 +116,8 @@ class HealthServer:
         self._probes = list(probes)
         self._server: asyncio.Server | None = None
         self._open = 0
-        #: Connections still waiting for their request, oldest first (evicted first).
-        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        #: Connections still waiting for their request, per client address, oldest first.
+        self._waiting: dict[str, dict[asyncio.StreamWriter, None]] = {}
         self._draining = False
         self._result: str | None = None
         self._checked_at = -CHECK_TTL
@@ -199,24 +201,37 @@ class HealthServer:
             if not self._waiting:
                 writer.transport.abort()  # no answer, no lingering: a reset
                 return
-            oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
-            oldest.transport.abort()
+            # The oldest of the address holding the most: a load balancer has one or two.
+            crowd = max(self._waiting, key=lambda host: len(self._waiting[host]))
+            self._forget(crowd, next(iter(self._waiting[crowd]))).transport.abort()
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else ""
         self._open += 1
-        self._waiting[writer] = None
+        self._waiting.setdefault(host, {})[writer] = None
         try:
-            await self._answer(reader, writer)
+            await self._answer(reader, writer, host)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
             self._open -= 1
-            self._waiting.pop(writer, None)
+            self._forget(host, writer)
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()
             else:
                 writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _forget(self, host: str, writer: asyncio.StreamWriter) -> asyncio.StreamWriter:
+        """Take ``writer`` off the connections waiting for their request; return it."""
+        waiting = self._waiting.get(host)
+        if waiting is not None:
+            waiting.pop(writer, None)
+            if not waiting:
+                del self._waiting[host]
+        return writer
+
+    async def _answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str
+    ) -> None:
         try:
             async with asyncio.timeout(READ_DEADLINE):
                 data = await reader.readuntil(b"\r\n\r\n")
@@ -228,7 +243,7 @@ class HealthServer:
                 writer.write(_response(400, "bad request"))
             return
         finally:
-            self._waiting.pop(writer, None)
+            self._forget(host, writer)
         status, text, head = parse_request(data)
         if status == 200:
             reason = await self.status()
