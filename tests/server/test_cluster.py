@@ -326,10 +326,11 @@ class GatedStore(MemoryStore):
 
 
 class TestKickDuringUpdate:
-    """A kick that arrives while a session's UPDATE is under way lets it finish whole."""
+    """A kick, or the drain's deadline, while a session's UPDATE is under way lets it finish."""
 
-    async def test_update_finishes_and_is_acknowledged(self, tmp_path: Path) -> None:
-        """QUIT's UPDATE, kicked midway, still deletes what was marked and answers +OK."""
+    @pytest.mark.parametrize("how", ["kick", "drain deadline"])
+    async def test_update_finishes_and_is_acknowledged(self, tmp_path: Path, how: str) -> None:
+        """QUIT's UPDATE, interrupted midway, still deletes what was marked and answers +OK."""
         store = GatedStore()
         for n in range(3):
             store.add("alice", b"Subject: %d\r\n\r\nbody\r\n" % n)
@@ -342,8 +343,12 @@ class TestKickDuringUpdate:
             await wire.command(b"DELE 2")
             await wire.send(b"QUIT\r\n")
             await asyncio.wait_for(store.deleting.wait(), 10)
-            kicked = await cluster.registry.kick(user="alice")
-            await cluster.beat()
+            if how == "kick":
+                kicked = await cluster.registry.kick(user="alice")
+                await cluster.beat()
+            else:
+                kicked = 1
+                node.server.stop_sessions()
             store.gate.set()
             answer = await wire.read_all()
             left = (await store.open(User("alice"), lock=False)).messages
