@@ -116,6 +116,37 @@ class TestStatus:
         assert capsys.readouterr().err.startswith("pobox db status: database error: ")
 
 
+class TestMalformedDsn:
+    """A malformed postgresql_dsn is a configuration error that never shows the DSN's text."""
+
+    @pytest.mark.parametrize(
+        "dsn", ["host=db user=pobox password=my secret", "postgresql://pobox:secr%et@db/pobox"]
+    )
+    def test_db_status(self, tmp_path: Path, capsys: pytest.CaptureFixture[str], dsn: str) -> None:
+        """libpq's message quotes the password around the fault; pobox says what key is wrong."""
+        path = tmp_path / "pobox.toml"
+        path.write_text(f'mail_location = "postgresql"\npostgresql_dsn = "{dsn}"\n')
+        status = main(["db", "status", "-c", str(path)])
+        err = capsys.readouterr().err
+        assert (78, True, False) == (status, "postgresql_dsn: not a valid" in err, "secr" in err)
+
+    def test_serve(self, tmp_path: Path) -> None:
+        """pobox serve refuses it the same way, nothing of the password in its output."""
+        path = tmp_path / "pobox.toml"
+        path.write_text(
+            'mail_location = "postgresql"\nuserdb = "postgresql"\n'
+            'postgresql_dsn = "host=db user=pobox password=my secret"\n'
+            f'listen = ["127.0.0.1:0"]\nlog_path = "{tmp_path}/pobox.log"\n'
+        )
+        done = serve(path)
+        output = done.stdout + done.stderr + (tmp_path / "pobox.log").read_text(errors="replace")
+        assert (78, True, False) == (
+            done.returncode,
+            "postgresql_dsn: not a valid" in output,
+            "secret" in output,
+        )
+
+
 def serve(config: Path) -> subprocess.CompletedProcess[str]:
     """Run ``pobox serve -c config`` (a process of its own: it sets up logging)."""
     return subprocess.run(

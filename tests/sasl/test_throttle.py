@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
+import pytest
+
 from pobox.server._throttle import LoginThrottle
 from pobox.state import MemoryFailureCounters
+from pobox.state.postgres import PostgresFailureCounters, PostgresState
 from tests.state.test_contract import Clock
 
 
@@ -121,3 +127,65 @@ class TestAddressGroups:
             await refused(t, "192.0.2.7"),
             await refused(t, "::ffff:192.0.2.8"),
         )
+
+
+class KeyRecorder(MemoryFailureCounters):
+    """Real memory counters that also remember every key they were handed."""
+
+    def __init__(self, window: float, clock: Clock) -> None:
+        super().__init__(window, clock=clock)
+        self.keys: set[str] = set()
+
+    async def add(self, keys: Sequence[str]) -> list[int]:
+        self.keys.update(keys)
+        return await super().add(keys)
+
+
+#: What a stranger can name: 6 KiB of random text through AUTH PLAIN/LOGIN (8 KiB of base64),
+#: NUL and controls through AUTH LOGIN.
+_RANDOM = random.Random(7)
+HOSTILE_NAMES = [
+    "".join(chr(_RANDOM.randrange(0x4E00, 0x9FFF)) for _ in range(2000)),
+    "tim\x00root",
+    "a\r\nb\x1b[2J",
+    "user#" + "0" * 32,
+]
+
+
+class TestUserKeys:
+    """A user name a stranger makes up costs the counters a small, printable key."""
+
+    @pytest.mark.parametrize("name", HOSTILE_NAMES)
+    async def test_keys_are_small_and_printable(self, name: str) -> None:
+        """Whatever the name, each key is at most 72 octets of printable text without NUL."""
+        counters = KeyRecorder(60.0, Clock())
+        t = LoginThrottle(counters, delay=1.0, delay_max=5.0, per_ip=3, per_user=4)
+        await t.failed("10.0.0.1", name)
+        assert [] == [k for k in counters.keys if len(k.encode()) > 72 or not k.isprintable()]
+
+    @pytest.mark.parametrize("name", HOSTILE_NAMES)
+    async def test_long_name_still_counts_as_one(self, name: str) -> None:
+        """A long or odd name's failures still add up under one key (the user delay)."""
+        t = throttle(Clock())
+        delays = [await t.failed(f"10.0.0.{i}", name) for i in range(4)]
+        assert [1.0, 1.0, 1.0, 5.0] == delays
+        assert 1.0 == await t.failed("10.0.0.9", name[:-1] + "?")
+
+    async def test_short_names_stay_readable(self) -> None:
+        """An ordinary name is counted under ``user:`` and the name itself."""
+        counters = KeyRecorder(60.0, Clock())
+        t = LoginThrottle(counters, delay=1.0, delay_max=5.0, per_ip=3, per_user=4)
+        await t.failed("10.0.0.1", "alice@example.org")
+        assert {"ip:10.0.0.1", "user:alice@example.org"} == counters.keys
+
+    @pytest.mark.parametrize("name", HOSTILE_NAMES)
+    async def test_postgres_takes_any_name(self, pg_dsn: str, name: str) -> None:
+        """Shared counters in PostgreSQL count any name (no index-row or NUL error)."""
+        state = PostgresState(pg_dsn, timeout=5, clock=Clock())
+        try:
+            counters = PostgresFailureCounters(state, 60.0)
+            t = LoginThrottle(counters, delay=1.0, delay_max=5.0, per_ip=9, per_user=3)
+            delays = [await t.failed(f"10.0.0.{i}", name) for i in range(3)]
+        finally:
+            await state.aclose()
+        assert [1.0, 1.0, 5.0] == delays

@@ -7,20 +7,26 @@ answer); clocks are moved by hand.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from pobox.cli import build_shared_state
 from pobox.config import Config, build_config, shared_state_backend
 from pobox.errors import ConfigError
+from pobox.records import User
 from pobox.server._cluster import (
     Cluster,
     FallbackFailureCounters,
     FallbackRegistry,
     StoreHealth,
 )
+from pobox.server._session import session_id
 from pobox.state import (
     Admission,
     MemoryFailureCounters,
@@ -28,6 +34,10 @@ from pobox.state import (
     SessionEntry,
     StateUnavailable,
 )
+from pobox.storage.base import DeleteResult, MailUser
+from pobox.storage.memory import MemoryMaildrop, MemoryStore
+from pobox.testing import running_server
+from tests.integration.wire import Wire
 
 
 class Clock:
@@ -158,6 +168,36 @@ class TestCluster:
         assert ["s1"] == [e.id for e in await registry.sessions()]
 
 
+class SlowAnswerRegistry(MemorySessionRegistry):
+    """A registry whose register is done at once but answered only when ``answer`` is set
+    (a round trip's reply still on the wire)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.answer = asyncio.Event()
+
+    async def register(self, entry: SessionEntry, *, max_user: int, max_userip: int) -> Admission:
+        admission = await super().register(entry, max_user=max_user, max_userip=max_userip)
+        await self.answer.wait()
+        return admission
+
+
+class TestHeartbeatRace:
+    """A heartbeat that overtakes a registration's answer does not forget that session."""
+
+    async def test_session_registered_during_a_beat_stays(self) -> None:
+        """The row inserted while its answer is on the way survives the beat: limits, kicks."""
+        registry = SlowAnswerRegistry("a")
+        cluster = Cluster(registry, heartbeat=5, max_user=0, max_userip=0)
+        admitting = asyncio.create_task(cluster.admit(entry("s1"), lambda: None))
+        while not len(registry):
+            await asyncio.sleep(0)
+        await cluster.beat()
+        registry.answer.set()
+        await admitting
+        assert ["s1"] == [e.id for e in await registry.sessions()]
+
+
 class TakenRegistry(MemorySessionRegistry):
     """A registry whose store says another live process renews this node's lease."""
 
@@ -174,6 +214,38 @@ class TestNameTaken:
             await cluster.beat()
         errors = [r for r in caplog.records if "renews the lease of node a" in r.getMessage()]
         assert 1 == len(errors)
+
+
+class SkewedRegistry(MemorySessionRegistry):
+    """A registry whose store's clock differs from this node's by ``clock_skew`` seconds."""
+
+    clock_skew: float | None = 30.0
+
+
+class TestClockSkew:
+    """A node clock away from the database's is logged once, and its return once."""
+
+    async def test_logged_once_then_back(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Three beats 30 s off give one error; back within a second, one warning."""
+        registry = SkewedRegistry("a")
+        cluster = Cluster(registry, heartbeat=5, max_user=0, max_userip=0)
+        for _ in range(3):
+            await cluster.beat()
+        registry.clock_skew = -0.2
+        await cluster.beat()
+        await cluster.beat()
+        messages = [r.getMessage() for r in caplog.records]
+        assert (1, 1) == (
+            sum("clock is 30.0 s behind the shared state database's" in m for m in messages),
+            sum("agrees with the database's again" in m for m in messages),
+        )
+
+    async def test_fallback_passes_the_skew_on(self) -> None:
+        """The fallback registry shows the shared store's measure."""
+        registry = FallbackRegistry(
+            SkewedRegistry("a"), MemorySessionRegistry("a"), StoreHealth(5.0, Clock())
+        )
+        assert 30.0 == registry.clock_skew
 
 
 class TestConfig:
@@ -210,3 +282,74 @@ class TestConfig:
         assert isinstance(counters, MemoryFailureCounters)
         assert isinstance(cluster.registry, MemorySessionRegistry)
         assert "n1" == cluster.node
+
+
+class TestSessionIds:
+    """Session ids, the registry's keys, are unique across forked processes too."""
+
+    def test_forked_child_draws_its_own(self) -> None:
+        """A child forked with random bytes pooled does not hand out the parent's next id."""
+        session_id()  # the pool is filled
+        read, write = os.pipe()
+        with warnings.catch_warnings():  # 3.12+ warns of fork with threads; the child execs nothing
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: report its next id, and leave at once
+            os.write(write, session_id().encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as pipe:
+            child = pipe.read().decode()
+        assert session_id() != child
+
+
+class GatedStore(MemoryStore):
+    """The real memory store, whose UPDATEs wait at ``gate`` once they have begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleting = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def open(self, user: MailUser, *, lock: bool = True) -> MemoryMaildrop:
+        drop = await super().open(user, lock=lock)
+        delete = drop.delete
+
+        async def gated(keys: Sequence[str]) -> DeleteResult:
+            self.deleting.set()
+            await self.gate.wait()
+            return await delete(keys)
+
+        drop.delete = gated  # type: ignore[method-assign]
+        return drop
+
+
+class TestKickDuringUpdate:
+    """A kick, or the drain's deadline, while a session's UPDATE is under way lets it finish."""
+
+    @pytest.mark.parametrize("how", ["kick", "drain deadline"])
+    async def test_update_finishes_and_is_acknowledged(self, tmp_path: Path, how: str) -> None:
+        """QUIT's UPDATE, interrupted midway, still deletes what was marked and answers +OK."""
+        store = GatedStore()
+        for n in range(3):
+            store.add("alice", b"Subject: %d\r\n\r\nbody\r\n" % n)
+        async with running_server(tmp_path, store=store) as node:
+            cluster = node.server.ctx.cluster
+            assert cluster is not None
+            wire = await Wire.connect(node.host, node.port)
+            await wire.login()
+            await wire.command(b"DELE 1")
+            await wire.command(b"DELE 2")
+            await wire.send(b"QUIT\r\n")
+            await asyncio.wait_for(store.deleting.wait(), 10)
+            if how == "kick":
+                kicked = await cluster.registry.kick(user="alice")
+                await cluster.beat()
+            else:
+                kicked = 1
+                node.server.stop_sessions()
+            store.gate.set()
+            answer = await wire.read_all()
+            left = (await store.open(User("alice"), lock=False)).messages
+        assert (1, b"+OK", 1) == (kicked, answer[:3], len(left))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -49,6 +49,18 @@ async def ask(server: HealthServer, request: bytes) -> bytes:
             await writer.wait_closed()
 
 
+def waiting(health: HealthServer) -> int:
+    """How many connections wait for their request."""
+    return sum(len(held) for held in health._waiting.values())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (10 s at most) until ``condition()`` holds: the server has taken the connections."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 async def switch() -> Switch:
     return Switch()
@@ -87,12 +99,15 @@ class TestAnswers:
         answer = await ask(health, b"HEAD /health HTTP/1.0\r\n\r\n")
         assert (b"HTTP/1.0 200 OK", b"") == (answer.split(b"\r\n")[0], answer.split(b"\r\n\r\n")[1])
 
-    async def test_store_down(self, health: HealthServer, switch: Switch) -> None:
-        """A store that fails gives 503 with its name and the first line of the reason."""
+    async def test_store_down(
+        self, health: HealthServer, switch: Switch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A store that fails gives 503 with its name; why (the driver's words) only in the log."""
         switch.up = False
         answer = await ask(health, GET)
         assert answer.startswith(b"HTTP/1.0 503 Service Unavailable\r\n")
-        assert answer.endswith(b"\r\n\r\nmail store unreachable: connection refused\n")
+        assert answer.endswith(b"\r\n\r\nmail store unreachable\n")
+        assert "health check failing: mail store unreachable: connection refused" in caplog.text
 
     async def test_store_back(self, health: HealthServer, switch: Switch) -> None:
         """Once the store answers again, so does the check (after the cached result ages)."""
@@ -169,14 +184,60 @@ class TestStrangers:
         assert b"" == answer
 
     async def test_connection_cap(self, health: HealthServer) -> None:
-        """Past the cap, a connection is closed at once without an answer; others still get one."""
+        """Past the cap, with every connection's request in, a new one is closed unanswered."""
+
+        async def hang() -> None:
+            await asyncio.sleep(3600)
+
+        health._probes = [("userdb", hang)]  # every request waits for the check (1.5 s)
+        host, port = health.addresses[0]
+        busy = [await asyncio.open_connection(host, port) for _ in range(MAX_CONNECTIONS)]
+        try:
+            for _, writer in busy:
+                writer.write(GET)
+            await until(lambda: health._open == MAX_CONNECTIONS and not health._waiting)
+            over = await ask(health, GET)
+        finally:
+            for _, writer in busy:
+                writer.close()
+                with contextlib.suppress(ConnectionResetError):
+                    await writer.wait_closed()
+        assert b"" == over
+
+    async def test_idle_connections_cannot_crowd_out_the_check(self, health: HealthServer) -> None:
+        """A stranger holding every connection idle does not stop the check: the oldest goes."""
         host, port = health.addresses[0]
         idle = [await asyncio.open_connection(host, port) for _ in range(MAX_CONNECTIONS)]
         try:
-            await asyncio.sleep(0.2)  # let the server take them all
-            over = await ask(health, GET)
+            await until(lambda: waiting(health) == MAX_CONNECTIONS)
+            answer = await ask(health, GET)
+            try:
+                first = await asyncio.wait_for(idle[0][0].read(), 10)
+            except ConnectionResetError:
+                first = b""
         finally:
             for _, writer in idle:
                 writer.close()
-                await writer.wait_closed()
-        assert b"" == over
+                with contextlib.suppress(ConnectionResetError):
+                    await writer.wait_closed()
+        assert (b"HTTP/1.0 200 OK", b"") == (answer.split(b"\r\n")[0], first)
+
+    async def test_a_flood_evicts_its_own(self, health: HealthServer) -> None:
+        """A check still to send its request survives a flood from another address."""
+        host, port = health.addresses[0]
+        check = await asyncio.open_connection(host, port)
+        await until(lambda: health._open == 1)
+        flood = [
+            await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+            for _ in range(2 * MAX_CONNECTIONS)
+        ]
+        try:
+            await until(lambda: health._open == MAX_CONNECTIONS)
+            check[1].write(GET)
+            answer = await asyncio.wait_for(check[0].read(), 10)
+        finally:
+            for _, writer in [check, *flood]:
+                writer.close()
+                with contextlib.suppress(ConnectionResetError):
+                    await writer.wait_closed()
+        assert b"HTTP/1.0 200 OK" == answer.split(b"\r\n")[0]

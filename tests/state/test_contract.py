@@ -8,6 +8,7 @@ tests run on a real throwaway PostgreSQL.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -332,6 +333,19 @@ class TestNodeNames:
         await new.heartbeat([])
         await new.heartbeat([])
         assert not new.name_taken
+
+
+class TestClockSkew:
+    """The PostgreSQL registry tells how far this node's clock is from the database's."""
+
+    async def test_skew_measured_at_each_heartbeat(self, cluster: Registries) -> None:
+        """A node clock 60 s ahead shows as about -60 s; none before the first beat."""
+        registry = cluster("a", lambda: time.time() + 60)  # type: ignore[arg-type]
+        assert isinstance(registry, PostgresSessionRegistry)
+        before = registry.clock_skew
+        await registry.heartbeat([])
+        skew = registry.clock_skew
+        assert (None, True) == (before, skew is not None and -70 < skew < -50)
 
 
 class TestPostgresBounds:

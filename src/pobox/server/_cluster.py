@@ -57,6 +57,9 @@ _T = TypeVar("_T")
 RETRY_AFTER: Final = 5.0
 #: Heartbeats a node's lease lasts: a node that missed this many is dead to the others.
 LEASE_BEATS: Final = 3
+#: Seconds of difference from the store's clock that are logged as an error (or the
+#: heartbeat, if longer): NTP keeps clocks within milliseconds.
+MAX_SKEW: Final = 2.0
 #: Heartbeats between two upkeeps of the shared store (expired rows, dead nodes).
 UPKEEP_EVERY: Final = 12
 
@@ -236,6 +239,12 @@ class FallbackRegistry:
         """Whether the store saw another live process renew this node's lease."""
         return bool(getattr(self.shared, "name_taken", False))
 
+    @property
+    def clock_skew(self) -> float | None:
+        """The store's clock minus this node's at the last heartbeat, if the store says."""
+        skew = getattr(self.shared, "clock_skew", None)
+        return skew if isinstance(skew, float) else None
+
     async def heartbeat(self, live: Sequence[str]) -> list[str]:
         """Renew the lease (asking the store even in an episode: it ends one); return kicks.
 
@@ -290,10 +299,14 @@ class Cluster:
         self._check = check
         #: Session id → the callable that ends that session (its kick).
         self.live: dict[str, Callable[[], None]] = {}
+        #: Sessions whose registration is under way: the heartbeat names them live too, or
+        #: one that overtook a registration's answer would forget the row just inserted.
+        self._admitting: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         #: Heartbeats made so far.
         self.beats = 0
         self._name_taken = False
+        self._skewed = False
 
     @property
     def node(self) -> str:
@@ -308,9 +321,13 @@ class Cluster:
         Returns:
             the admission, and the text of the refusal if it was not admitted.
         """
-        admission = await self.registry.register(
-            entry, max_user=self.max_user, max_userip=self.max_userip
-        )
+        self._admitting.add(entry.id)
+        try:
+            admission = await self.registry.register(
+                entry, max_user=self.max_user, max_userip=self.max_userip
+            )
+        finally:
+            self._admitting.discard(entry.id)
         if not admission.admitted:
             if self.max_userip and admission.userip_sessions >= self.max_userip:
                 return admission, (
@@ -334,7 +351,7 @@ class Cluster:
         """Renew the lease and end the sessions kicked; every so often, the upkeep."""
         self.beats += 1
         try:
-            kicked = await self.registry.heartbeat(list(self.live))
+            kicked = await self.registry.heartbeat([*self.live, *self._admitting])
         except StateUnavailable as exc:
             logger.debug("master: heartbeat failed: %s", exc)
             kicked = []
@@ -350,11 +367,33 @@ class Cluster:
                 self.node,
             )
         self._name_taken = taken
+        self._check_skew(getattr(self.registry, "clock_skew", None))
         if self._upkeep is not None and self.beats % UPKEEP_EVERY == 1:
             try:
                 await self._upkeep()
             except StateUnavailable as exc:
                 logger.debug("master: shared state upkeep failed: %s", exc)
+
+    def _check_skew(self, skew: object) -> None:
+        """Log (once, until it is fixed) a clock that differs from the store's.
+
+        Times in the store (leases, failure windows) come from each node's clock: a node
+        behind by more than a lease looks dead to the others (its sessions escape limits and
+        kicks, and are purged), one ahead keeps its failure counts alive longer.
+        """
+        if not isinstance(skew, float):
+            return
+        off = abs(skew) > max(MAX_SKEW, self.heartbeat)
+        if off and not self._skewed:
+            logger.error(
+                "master: this node's clock is %.1f s %s the shared state database's: run NTP "
+                "on every node (leases and failure windows use the nodes' clocks)",
+                abs(skew),
+                "behind" if skew > 0 else "ahead of",
+            )
+        elif self._skewed and not off:
+            logger.warning("master: this node's clock agrees with the database's again")
+        self._skewed = off
 
     async def check_schema(self) -> None:
         """Refuse a store whose schema this pobox does not know; serve on if it is down.

@@ -13,11 +13,18 @@ reach its stores and is not draining, else ``503`` with a one-line reason:
 - *draining*: after ``SIGTERM`` (:meth:`HealthServer.drain`), at once, for good.
 
 Strangers may reach the port, so it is bounded like the POP3 listener: at most
-:data:`MAX_CONNECTIONS` open at once (more are closed unanswered), :data:`READ_DEADLINE`
-seconds to send the request, at most :data:`MAX_REQUEST` octets of request line and headers
-(more: ``431``), one request per connection, nothing read but the request line and headers.
-Anything else gets ``400``/``404``/``405``; no answer ever echoes what the client sent.
-Bind it to loopback or a private network all the same.
+:data:`MAX_CONNECTIONS` open at once, :data:`READ_DEADLINE` seconds to send the request, at
+most :data:`MAX_REQUEST` octets of request line and headers (more: ``431``), one request per
+connection, nothing read but the request line and headers.  When the connections are all
+taken, a new one evicts the one that has waited longest for its request among those of the
+client address with the most such connections (and is refused only if every one has sent
+its request): idle connections held open by a stranger, even opened faster than the load
+balancer's check sends its request, evict each other, not the check, unless the stranger
+has more addresses than the endpoint has connections; so they cannot take the node out of
+rotation.  Anything else gets ``400``/``404``/``405``; no answer ever
+echoes what the client sent.  A ``503`` names the store that failed, never the driver's
+message (which names database hosts and users; it goes to the log).  Bind it to loopback
+or a private network all the same.
 
 May import: the standard library, :mod:`pobox.config`.
 """
@@ -41,7 +48,8 @@ logger = logging.getLogger("pobox.health")
 Probe = Callable[[], Awaitable[object]]
 
 #: Open connections to the health port at once; HAProxy needs one per check, a few nodes'
-#: worth of load balancers a handful.  More are closed without an answer.
+#: worth of load balancers a handful.  Past it a new connection evicts one still waiting for
+#: its request (of the address with the most), or is closed unanswered if none is waiting.
 MAX_CONNECTIONS: Final = 32
 #: Seconds a client has to send the request line and headers (HAProxy sends them at once).
 READ_DEADLINE: Final = 2.0
@@ -108,6 +116,8 @@ class HealthServer:
         self._probes = list(probes)
         self._server: asyncio.Server | None = None
         self._open = 0
+        #: Connections still waiting for their request, per client address, oldest first.
+        self._waiting: dict[str, dict[asyncio.StreamWriter, None]] = {}
         self._draining = False
         self._result: str | None = None
         self._checked_at = -CHECK_TTL
@@ -167,6 +177,7 @@ class HealthServer:
     async def _run_probes(self) -> None:
         loop = asyncio.get_running_loop()
         result: str | None = None
+        detail = ""
         try:
             for name, probe in self._probes:
                 self._probing = name
@@ -174,34 +185,53 @@ class HealthServer:
                     await probe()
                 except Exception as exc:
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    result = f"{name} unreachable: {first}"
+                    result, detail = f"{name} unreachable", first
                     break
         finally:
             self._check = None
         self._result, self._checked_at = result, loop.time()
         if result is not None and self._was_ok:
-            logger.warning("master: health check failing: %s", result)
+            logger.warning("master: health check failing: %s: %s", result, detail)
         elif result is None and not self._was_ok:
             logger.info("master: health check passing again")
         self._was_ok = result is None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:
-            writer.transport.abort()  # no answer, no lingering: a reset
-            return
+            if not self._waiting:
+                writer.transport.abort()  # no answer, no lingering: a reset
+                return
+            # The oldest of the address holding the most: a load balancer has one or two.
+            crowd = max(self._waiting, key=lambda host: len(self._waiting[host]))
+            self._forget(crowd, next(iter(self._waiting[crowd]))).transport.abort()
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else ""
         self._open += 1
+        self._waiting.setdefault(host, {})[writer] = None
         try:
-            await self._answer(reader, writer)
+            await self._answer(reader, writer, host)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
             self._open -= 1
+            self._forget(host, writer)
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()
             else:
                 writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _forget(self, host: str, writer: asyncio.StreamWriter) -> asyncio.StreamWriter:
+        """Take ``writer`` off the connections waiting for their request; return it."""
+        waiting = self._waiting.get(host)
+        if waiting is not None:
+            waiting.pop(writer, None)
+            if not waiting:
+                del self._waiting[host]
+        return writer
+
+    async def _answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str
+    ) -> None:
         try:
             async with asyncio.timeout(READ_DEADLINE):
                 data = await reader.readuntil(b"\r\n\r\n")
@@ -209,9 +239,11 @@ class HealthServer:
             writer.write(_response(431, "request too large"))
             return
         except asyncio.IncompleteReadError as exc:
-            if exc.partial:
+            if exc.partial and not writer.transport.is_closing():  # not evicted
                 writer.write(_response(400, "bad request"))
             return
+        finally:
+            self._forget(host, writer)
         status, text, head = parse_request(data)
         if status == 200:
             reason = await self.status()

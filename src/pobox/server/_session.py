@@ -144,8 +144,11 @@ def apop_timestamp() -> str:
     return f"<{os.getpid()}.{time.time_ns()}.{next(_apop_counter)}@{_hostname()}>"
 
 
-#: Random bytes for session ids, taken from the kernel a few kilobytes at a time.
+#: Random bytes for session ids, taken from the kernel a few kilobytes at a time.  A forked
+#: child (a worker) starts with none: it would hand out its parent's ids again, and an id
+#: is the key of the session's row in the cluster's registry.
 _id_pool = bytearray()
+os.register_at_fork(after_in_child=_id_pool.clear)
 
 
 def session_id() -> str:

@@ -26,14 +26,15 @@ limit. Dovecot's auth penalty groups IPv6 addresses too, by /48
 which at /48 would refuse a whole site for one host's failures. The connection caps
 (:mod:`._limits`) count by the same groups.
 
-The counters live behind :class:`~pobox.state.base.FailureCounters` (in memory now; in
-PostgreSQL, shared by every node, later); this module is only the policy that reads them.
+The counters live behind :class:`~pobox.state.base.FailureCounters` (in memory on one node, in
+PostgreSQL shared by every node); this module is only the policy that reads them.
 
 May import: the standard library and :mod:`pobox.state`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from typing import Final
 
@@ -45,6 +46,11 @@ __all__ = ["IPV6_GROUP_PREFIX", "LoginThrottle", "address_group"]
 #: (RFC 6177 recommends /48 to /64 per site; SLAAC needs a /64).
 IPV6_GROUP_PREFIX: Final = 64
 _IPV6_GROUP_MASK: Final = ((1 << IPV6_GROUP_PREFIX) - 1) << (128 - IPV6_GROUP_PREFIX)
+
+#: User names up to this many octets (and printable) are counter keys as they are; longer
+#: ones are hashed (:func:`user_key`).  Real names are far shorter; Dovecot's default
+#: ``auth_username_chars`` and common MTAs allow 64-octet local parts.
+MAX_PLAIN_KEY: Final = 64
 
 #: The doubling stops here (2**32 times the base delay is far beyond any cap).
 _MAX_DOUBLINGS: Final = 32
@@ -73,8 +79,21 @@ def address_key(ip: str) -> str:
 
 
 def user_key(user: str) -> str:
-    """The counter key of a user name (as the client gave it)."""
-    return "user:" + user
+    """The counter key of a user name (as the client gave it).
+
+    A short printable name is its own key (``user:alice``, readable in the shared table).
+    Any other name, which only a stranger sends (up to 6 KiB through AUTH PLAIN or LOGIN,
+    NUL and controls through LOGIN), is keyed by its hash (``user#`` and 32 hex digits):
+    a key in PostgreSQL can be neither longer than a btree index row (2704 octets) nor hold
+    NUL, and either error would make every login fall back to per-node state
+    (:class:`~pobox.state.base.StateUnavailable`) whenever a stranger likes; nor may such
+    names fill the memory counters at 6 KiB a key.
+    """
+    if len(user) <= MAX_PLAIN_KEY and user.isprintable() and len(user.encode()) <= MAX_PLAIN_KEY:
+        return "user:" + user
+    return (
+        "user#" + hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    )
 
 
 class LoginThrottle:

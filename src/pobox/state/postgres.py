@@ -136,9 +136,10 @@ _TEXT: dict[str, LiteralString] = {
     " WHERE n.name = s.node AND n.last_seen > %(dead)s)) RETURNING s.id",
     # Renew the lease, forget this node's sessions it no longer has, and say which of the
     # others were kicked.
-    # The last row says which process renewed the lease before (the statement's snapshot
+    # The second part says which process renewed the lease before (the statement's snapshot
     # predates the upsert): another one than this, after this one's first beat, means that
-    # a second live process has this node's name.
+    # a second live process has this node's name.  The last row is the database server's
+    # clock, which the node compares with its own (skew: leases and windows go wrong).
     "heartbeat": "WITH me AS (INSERT INTO {cluster_node} (name, instance, started, last_seen)"
     " VALUES (%(node)s, %(instance)s, %(now)s, %(now)s)"
     " ON CONFLICT (name) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
@@ -148,7 +149,8 @@ _TEXT: dict[str, LiteralString] = {
     " SELECT id, false FROM {cluster_session} WHERE node = %(node)s AND kicked"
     " AND id = ANY(%(live)s::text[])"
     " UNION ALL SELECT instance, true FROM {cluster_node}"
-    " WHERE name = %(node)s AND instance <> %(instance)s",
+    " WHERE name = %(node)s AND instance <> %(instance)s"
+    " UNION ALL SELECT extract(epoch FROM statement_timestamp())::text, NULL",
     # Sessions of nodes whose lease ran out (or that have no row), then long-gone nodes.
     "purge": "WITH dead AS (DELETE FROM {cluster_session} AS s WHERE s.node <> %(node)s"
     " AND NOT EXISTS (SELECT FROM {cluster_node} AS n WHERE n.name = s.node"
@@ -346,6 +348,10 @@ class PostgresSessionRegistry:
         #: Whether another live process renews this node's lease too (a node_name clash),
         #: as the last heartbeat found.
         self.name_taken = False
+        #: The database server's clock minus this node's, in seconds, at the last heartbeat
+        #: (``None`` before the first): the nodes take times from their own clocks, so
+        #: they must agree (NTP) to well within a heartbeat.
+        self.clock_skew: float | None = None
         self._beats = 0
 
     @property
@@ -420,20 +426,18 @@ class PostgresSessionRegistry:
 
     async def heartbeat(self, live: Sequence[str]) -> list[str]:
         """Renew this node's lease; return the ids of its sessions that were asked to end."""
+        now = self.state.clock()
         rows = await self.state.fetch(
             "heartbeat",
             "heartbeat",
-            {
-                "node": self._node,
-                "instance": self.instance,
-                "now": self.state.clock(),
-                "live": list(live),
-            },
+            {"node": self._node, "instance": self.instance, "now": now, "live": list(live)},
         )
         self._beats += 1
+        server = [float(str(value)) for value, other in rows if other is None]
+        self.clock_skew = server[0] - now if server else None
         # Before the first beat the row may be an earlier run's (a restart): not a clash.
         self.name_taken = self._beats > 1 and any(other for _, other in rows)
-        return sorted(str(value) for value, other in rows if not other)
+        return sorted(str(value) for value, other in rows if other is False)
 
     async def purge(self) -> tuple[int, int]:
         """Delete the sessions of nodes whose lease ran out, and nodes gone for a day.

@@ -15,6 +15,7 @@ from pobox.storage.postgres._connect import (
     connection_params,
     error_text,
     is_broken,
+    parse_dsn,
     run_pooled,
     set_timeouts,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "latest_version",
     "lock_key",
     "migrations",
+    "parse_dsn",
     "run_pooled",
     "set_timeouts",
     "status",

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from pobox.storage.base import StorageError
+from pobox.storage.postgres._connect import parse_dsn
 from pobox.storage.postgres._schema import latest_version, status, upgrade
 from pobox.storage.postgres._store import PostgresStore
 
@@ -24,7 +25,7 @@ DatabaseError = (psycopg.Error, StorageError)
 
 
 async def _connect(dsn: str, timeout: float) -> psycopg.AsyncConnection[tuple[object, ...]]:
-    given = conninfo_to_dict(dsn) if dsn else {}
+    given = parse_dsn(dsn)  # a malformed DSN: ConfigError, not libpq's quote of it
     extra = {"application_name": "pobox db"} if "application_name" not in given else {}
     if "connect_timeout" not in given:
         extra["connect_timeout"] = str(max(1, math.ceil(timeout)))

@@ -3,7 +3,7 @@
 Shared by the store (:mod:`._store`) and the user database (:mod:`pobox.auth.postgres`), which
 connect to the same database with the same ``postgresql_*`` settings.
 
-May import: the standard library, psycopg and psycopg_pool.
+May import: the standard library, psycopg, psycopg_pool and :mod:`pobox.errors`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from pobox.errors import ConfigError
+
 __all__ = [
     "HANG_UP_GRACE",
     "KEEPALIVES",
@@ -31,6 +33,7 @@ __all__ = [
     "connection_params",
     "error_text",
     "is_broken",
+    "parse_dsn",
     "run_pooled",
     "set_timeouts",
 ]
@@ -67,6 +70,26 @@ SERVER_KEEPALIVES = {
 _ENV_FOR = {"application_name": "PGAPPNAME", "connect_timeout": "PGCONNECT_TIMEOUT"}
 
 
+def parse_dsn(dsn: str) -> dict[str, str]:
+    """Return the settings ``dsn`` (a libpq connection string or URI) gives.
+
+    Raises:
+        ConfigError: it is malformed.  libpq's own message quotes the text around the fault
+            (``missing "=" after "secret"``), which may be the password, so it is not passed
+            on, not even as the error's cause.
+    """
+    if not dsn:
+        return {}
+    try:
+        return {key: str(value) for key, value in conninfo_to_dict(dsn).items()}
+    except psycopg.ProgrammingError:
+        msg = (
+            "postgresql_dsn: not a valid libpq connection string or URI (check the quoting "
+            "of values with spaces and the %-encoding of URIs; not shown: it may hold a password)"
+        )
+        raise ConfigError(msg) from None
+
+
 def connection_params(
     dsn: str, timeout: float, application_name: str
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -76,7 +99,7 @@ def connection_params(
     the DSN or the environment (``PGAPPNAME``, ``PGCONNECT_TIMEOUT``) sets them; keepalives
     unless the DSN sets them.
     """
-    given = conninfo_to_dict(dsn) if dsn else {}
+    given = parse_dsn(dsn)
     defaults = {
         "application_name": application_name,
         "connect_timeout": str(max(1, math.ceil(timeout))),
