@@ -286,7 +286,8 @@ class TestMailUidMode:
         path = self._passwd(world, vmail)
         path.chmod(0o600)
         (world.root / "pobox.toml").write_text(
-            f'listen = ["127.0.0.1:0"]\npasswd_file = "{path}"\nmail_uid = "{vmail.name}"\n'
+            f'listen = ["127.0.0.1:0"]\nworkers = 1\n'
+            f'passwd_file = "{path}"\nmail_uid = "{vmail.name}"\n'
         )
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
