@@ -435,7 +435,7 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
     if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
     plan = plan_privileges(config)
-    for warning in plan.warnings:
+    for warning in plan.warnings if worker is None else ():  # a master logged them once
         logger.warning("config: %s", warning)
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
     stop = asyncio.Event()

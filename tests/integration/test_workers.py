@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.process import ServeProcess, pobox_serve
+from pobox.auth.passwdfile import add_user
+from tests.helpers.process import ServeProcess, pobox_serve, serve_config
 from tests.integration.wire import Wire
 
 USERS = {"alice": "secret", "bob": "hunter2"}
@@ -210,3 +211,27 @@ class TestWorkers:
                 wire = await connect_to(proc, pid)
                 assert b"+OK Logged in.\r\n" == await login(wire, b"alice", b"secret")
                 assert b"+OK" == (await wire.command(b"QUIT"))[:3]
+
+
+class TestWorkerFailsAtStart:
+    """A worker that cannot serve at all is not started again and again."""
+
+    async def test_node_stops_with_the_worker_status(self, tmp_path: Path) -> None:
+        """A store a worker cannot reach stops the node with the worker's status (65)."""
+        config = tmp_path / "pobox.toml"
+        add_user(tmp_path / "passwd", "alice", b"secret", scheme="PLAIN")
+        config.write_text(
+            'listen = ["127.0.0.1:0"]\nworkers = 2\nmail_location = "postgresql"\n'
+            'postgresql_dsn = "host=127.0.0.1 port=1 dbname=none user=none"\n'
+            f'postgresql_timeout = 1\npasswd_file = "{tmp_path / "passwd"}"\n'
+            f'log_path = "{tmp_path / "pobox.log"}"\n'
+        )
+        async with serve_config(config, stderr=asyncio.subprocess.PIPE) as proc:
+            async with asyncio.timeout(60):
+                _, err = await proc.communicate()
+            assert 65 == proc.returncode
+        assert b"no database connection" in err
+        log = (tmp_path / "pobox.log").read_text()
+        assert re.search(r"master: worker \d \(pid \d+\) failed at start \(status 65\)", log)
+        assert "master: stopped" in log
+        assert "starting it again" not in log
