@@ -8,6 +8,8 @@ MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes), ``i
 ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
 are set, and the HTTP health check on ``health_listen``; ``SIGTERM`` drains it (:func:`drain`).
+With ``workers`` > 1 it is a master (:func:`run_master`) that binds the listeners and runs that
+many ``serve --worker`` processes (:mod:`pobox.server._workers`), each a :func:`run_server`.
 
 May import: anything in pobox.
 """

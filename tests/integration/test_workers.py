@@ -19,6 +19,7 @@ import pytest
 
 from pobox.auth.passwdfile import add_user
 from tests.helpers.process import ServeProcess, pobox_serve, serve_config
+from tests.integration.test_health_drain import get_health
 from tests.integration.wire import Wire
 
 USERS = {"alice": "secret", "bob": "hunter2"}
@@ -139,7 +140,9 @@ class TestWorkers:
 
     async def test_sigterm_drains_every_worker(self, tmp_path: Path) -> None:
         """SIGTERM closes the port; sessions on both workers still QUIT with UPDATE; exit 0."""
-        async with two_workers(tmp_path, drain_timeout=60) as proc:
+        async with two_workers(tmp_path, drain_timeout=60, health_listen="127.0.0.1:0") as proc:
+            health = int((await proc.wait_log(r"master: Health check on")).rsplit(":", 1)[1][:-7])
+            assert b"HTTP/1.0 200 OK" == (await get_health(health))[:15]
             maildir = tmp_path / "mail" / "alice"
             (maildir / "new").mkdir(parents=True, exist_ok=True)
             (maildir / "new" / "1.msg").write_bytes(b"Subject: one\r\n\r\nbody\r\n")
@@ -152,6 +155,7 @@ class TestWorkers:
             await proc.wait_count("draining: no new connections", 2)
             with pytest.raises(ConnectionRefusedError):
                 await Wire.connect("127.0.0.1", proc.port)
+            assert b"draining" in await get_health(health)
             assert b"+OK" == (await alice.command(b"DELE 1"))[:3]
             assert b"+OK" == (await alice.command(b"QUIT"))[:3]
             assert b"+OK" == (await bob.command(b"QUIT"))[:3]
