@@ -467,3 +467,45 @@ class TestRemoteWorkers:
             await RemoteFailureCounters(state).counts(["ip:a"])
         assert [True] == lost
         await state.aclose()
+
+    async def test_unknown_call_is_refused(self) -> None:
+        """A call the master does not know is answered with an error, and the link goes on."""
+        workers = Workers()
+        try:
+            state = workers.connect(60, Clock())
+            with pytest.raises(StateUnavailable, match=r"bad state call"):
+                await state.call("nope")
+            with pytest.raises(StateUnavailable, match=r"bad state call"):
+                await state.call("counts")  # no keys
+            assert [0] == await RemoteFailureCounters(state).counts(["ip:a"])
+        finally:
+            await workers.aclose()
+
+    async def test_silent_master_times_out(self) -> None:
+        """A master that does not answer makes the call fail as unavailable, not hang."""
+        master_end, worker_end = socket.socketpair()
+        state = RemoteState(worker_end, timeout=0.05)
+        try:
+            with pytest.raises(StateUnavailable, match=r"did not answer"):
+                await RemoteFailureCounters(state).add(["ip:a"])
+        finally:
+            await state.aclose()
+            master_end.close()
+
+    async def test_oversized_message_closes_the_link(self) -> None:
+        """A message longer than the limit ends that worker's connection (its sessions too)."""
+        workers = Workers()
+        try:
+            state = workers.connect(60, Clock())
+            registry = RemoteSessionRegistry(state, "a")
+            await registry.register(entry("s1"), max_user=0, max_userip=0)
+            lost: list[bool] = []
+            state.on_lost = lambda: lost.append(True)
+            assert state._writer is not None
+            state._writer.write(b"\xff\xff\xff\xff")
+            while not lost:
+                await asyncio.sleep(0.01)
+            other = RemoteSessionRegistry(workers.connect(60, Clock()), "a")
+            assert [] == await other.sessions()
+        finally:
+            await workers.aclose()
