@@ -434,6 +434,11 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
     if worker is not None:  # the master bound the listeners; state and health are its
         remote = RemoteState(worker.adopt(), timeout=max(1.0, config.shared_state_timeout))
         config = dataclasses.replace(config, health_listen="")
+        if shared_state_backend(config) == "postgresql":
+            # Each worker renews a lease of its own in the registry, and forgets at its
+            # heartbeat only its own lost sessions: to the cluster it is a node (NAME-wN).
+            name = f"{node_name(config)}-w{worker.index}"
+            config = dataclasses.replace(config, node_name=name)
     if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
     plan = plan_privileges(config)

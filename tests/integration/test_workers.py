@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pobox.auth.passwdfile import add_user
@@ -239,3 +240,43 @@ class TestWorkerFailsAtStart:
         assert re.search(r"master: worker \d \(pid \d+\) failed at start \(status 65\)", log)
         assert "master: stopped" in log
         assert "starting it again" not in log
+
+
+class TestWorkersOnPostgresState:
+    """With shared_state = postgresql each worker is a node of its own in the registry."""
+
+    async def test_heartbeats_keep_each_others_sessions(self, tmp_path: Path, pg_dsn: str) -> None:
+        """A session on one worker outlives the other worker's heartbeats, and still counts."""
+        async with two_workers(
+            tmp_path,
+            shared_state="postgresql",
+            postgresql_dsn=pg_dsn,
+            shared_state_heartbeat=0.2,
+            mail_max_user_connections=1,
+            pop3_lock_session=False,
+        ) as proc:
+            first, second = worker_pids(proc)
+            held = await connect_to(proc, first)
+            assert b"+OK Logged in.\r\n" == await login(held, b"alice", b"secret")
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+
+                def leases() -> dict[str, float]:
+                    rows = conn.execute("SELECT name, last_seen FROM pobox.cluster_node")
+                    return {str(name): float(seen) for name, seen in rows.fetchall()}
+
+                for _ in range(2):  # two heartbeats of each worker after the login
+                    before = leases()
+                    async with asyncio.timeout(20):
+                        while True:
+                            now = leases()
+                            renewed = [n for n in now if now[n] > before.get(n, now[n])]
+                            if len(renewed) >= 2:
+                                break
+                            await asyncio.sleep(0.05)
+                names = sorted(leases())
+                sessions = conn.execute("SELECT username FROM pobox.cluster_session").fetchall()
+            assert names[0].endswith("-w1")
+            assert names[1].endswith("-w2")
+            assert [("alice",)] == sessions
+            wire = await connect_to(proc, second)
+            assert b"-ERR [IN-USE]" == (await login(wire, b"alice", b"secret"))[:13]
