@@ -262,9 +262,9 @@ class DeliveryServer:
         if inherited is not None:  # a worker: the master bound it, and removes a socket file
             for sock in inherited:
                 if sock.family == socket.AF_UNIX:
-                    server = await loop.create_unix_server(gate, sock=sock)
+                    server = await loop.create_unix_server(gate, sock=sock, backlog=_BACKLOG)
                 else:
-                    server = await loop.create_server(gate, sock=sock)
+                    server = await loop.create_server(gate, sock=sock, backlog=_BACKLOG)
                 self._servers.append((door.name, server))
             return
         if text.startswith(_UNIX_PREFIX):

@@ -205,7 +205,11 @@ class Pop3Server:
         """Listen on one plain address (on the sockets a master bound, in a worker)."""
         inherited = _inherit.take(_inherit.key("pop3", f"{listen.host}:{listen.port}"))
         if inherited is not None:
-            return [await asyncio.start_server(self._handle, sock=sock) for sock in inherited]
+            # (the backlog again: asyncio listens on a given socket once more, with its own)
+            return [
+                await asyncio.start_server(self._handle, sock=sock, backlog=BACKLOG)
+                for sock in inherited
+            ]
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         return [
             await asyncio.start_server(
