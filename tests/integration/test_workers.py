@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import smtplib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -280,3 +281,34 @@ class TestWorkersOnPostgresState:
             assert [("alice",)] == sessions
             wire = await connect_to(proc, second)
             assert b"-ERR [IN-USE]" == (await login(wire, b"alice", b"secret"))[:13]
+
+
+def send_lmtp(where: str | tuple[str, int], recipient: str) -> dict[str, tuple[int, bytes]]:
+    """Deliver one message over LMTP (a socket path or a TCP address); return the refusals."""
+    client = smtplib.LMTP()
+    if isinstance(where, str):
+        client.connect(where)
+    else:
+        client.connect(*where)
+    try:
+        return client.sendmail("s@example.org", [recipient], b"Subject: w\r\n\r\nvia lmtp\r\n")
+    finally:
+        client.quit()
+
+
+class TestWorkersDeliver:
+    """The workers serve the delivery listeners the master bound too."""
+
+    async def test_lmtp_on_tcp_and_unix_socket(self, tmp_path: Path) -> None:
+        """LMTP over TCP and a Unix socket delivers; the socket file goes with the master."""
+        path = tmp_path / "lmtp.sock"
+        async with two_workers(tmp_path, lmtp_listen=["127.0.0.1:0", f"unix:{path}"]) as proc:
+            line = await proc.wait_log(r"lmtp listening on \('127\.0\.0\.1'")
+            port = int(re.findall(r"(\d+)\)$", line.strip())[0])
+            await proc.wait_count("lmtp listening on", 4)  # two listeners, two workers
+            assert {} == await asyncio.to_thread(send_lmtp, str(path), "alice")
+            assert {} == await asyncio.to_thread(send_lmtp, ("127.0.0.1", port), "bob")
+            assert path.exists()
+        assert 1 == len(list((tmp_path / "mail" / "alice" / "new").iterdir()))
+        assert 1 == len(list((tmp_path / "mail" / "bob" / "new").iterdir()))
+        assert not path.exists()
