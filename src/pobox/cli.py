@@ -8,6 +8,8 @@ MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes), ``i
 ``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
 are set, and the HTTP health check on ``health_listen``; ``SIGTERM`` drains it (:func:`drain`).
+With ``workers`` > 1 it is a master (:func:`run_master`) that binds the listeners and runs that
+many ``serve --worker`` processes (:mod:`pobox.server._workers`), each a :func:`run_server`.
 
 May import: anything in pobox.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fnmatch
 import functools
@@ -61,7 +64,25 @@ from pobox.server._health import HealthServer, probes_of
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._throttle import LoginThrottle
-from pobox.state import FailureCounters, MemoryFailureCounters, MemorySessionRegistry
+from pobox.server._workers import (
+    Supervisor,
+    WorkerLogNames,
+    WorkerSpec,
+    bind_listeners,
+    worker_count,
+)
+from pobox.state import (
+    FailureCounters,
+    MemoryFailureCounters,
+    MemorySessionRegistry,
+    StateUnavailable,
+)
+from pobox.state.remote import (
+    RemoteFailureCounters,
+    RemoteSessionRegistry,
+    RemoteState,
+    StateService,
+)
 from pobox.storage.base import (
     IncomingMessage,
     MaildropImporter,
@@ -231,11 +252,14 @@ def node_name(config: Config) -> str:
     return config.node_name or socket.gethostname()
 
 
-def build_shared_state(config: Config) -> tuple[FailureCounters, Cluster]:
+def build_shared_state(
+    config: Config, remote: RemoteState | None = None
+) -> tuple[FailureCounters, Cluster]:
     """Build the failed-login counters and the node's place in the session registry.
 
-    In memory for one node; in PostgreSQL (``shared_state``) for a cluster, each call falling
-    back to this node's memory while the database is slow or down.
+    In memory for one node (the master's, reached over ``remote``, in a worker); in
+    PostgreSQL (``shared_state``) for a cluster, each call falling back to this process's
+    memory while the database (or the master) is slow or down.
     """
     node = node_name(config)
     local_counters = MemoryFailureCounters(config.auth_failure_window)
@@ -247,7 +271,12 @@ def build_shared_state(config: Config) -> tuple[FailureCounters, Cluster]:
         max_userip=config.mail_max_userip_connections,
     )
     if shared_state_backend(config) == "memory":
-        return local_counters, cluster(local_registry)
+        if remote is None:
+            return local_counters, cluster(local_registry)
+        master = StoreHealth()
+        return FallbackFailureCounters(
+            RemoteFailureCounters(remote), local_counters, master
+        ), cluster(FallbackRegistry(RemoteSessionRegistry(remote, node), local_registry, master))
     from pobox.state.postgres import (  # noqa: PLC0415 - psycopg only when used
         PostgresFailureCounters,
         PostgresSessionRegistry,
@@ -295,14 +324,16 @@ def build_context(
     store: MaildropStore | None = None,
     tls: ServerTls | None = None,
     workers: HashWorkers | None = None,
+    remote: RemoteState | None = None,
 ) -> SessionContext:
     """Build the server's backends from the configuration (or use those given).
 
     ``workers`` must be the ones ``authenticator`` checks hashes in, so that one limit
-    holds for password checks and SCRAM key derivation together.
+    holds for password checks and SCRAM key derivation together.  ``remote``: the
+    connection to the master, in a worker process (``workers`` > 1 in the configuration).
     """
     workers = workers or HashWorkers()
-    counters, cluster = build_shared_state(config)
+    counters, cluster = build_shared_state(config, remote)
     return SessionContext(
         config=config,
         authenticator=authenticator or build_authenticator(config, workers),
@@ -392,25 +423,46 @@ def _switch(config: Config, plan: PrivilegePlan) -> None:
             raise ConfigError(msg) from None
 
 
-async def run_server(config: Config) -> int:
+async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
     """Run the server until SIGTERM or SIGINT, then shut down cleanly; return the status.
 
     The status is 0, or :data:`EX_UNAVAILABLE` when the storage helper went away (the
-    server stops rather than go on without it).
+    server stops rather than go on without it), or in a ``worker`` when the master did
+    (it stops at once, as on a second SIGTERM).
     """
+    remote: RemoteState | None = None
+    if worker is not None:  # the master bound the listeners; state and health are its
+        remote = RemoteState(worker.adopt(), timeout=max(1.0, config.shared_state_timeout))
+        config = dataclasses.replace(config, health_listen="")
+        if shared_state_backend(config) == "postgresql":
+            # Each worker renews a lease of its own in the registry, and forgets at its
+            # heartbeat only its own lost sessions: to the cluster it is a node (NAME-wN).
+            name = f"{node_name(config)}-w{worker.index}"
+            config = dataclasses.replace(config, node_name=name)
     if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
     plan = plan_privileges(config)
-    for warning in plan.warnings:
+    for warning in plan.warnings if worker is None else ():  # a master logged them once
         logger.warning("config: %s", warning)
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
     stop = asyncio.Event()
+    now = asyncio.Event()
     lost: list[str] = []
 
     def helper_lost(reason: str) -> None:
         logger.error("master: the storage helper is gone (%s); stopping", reason)
         lost.append(reason)
         stop.set()
+
+    def master_lost() -> None:
+        logger.error("master: the master process is gone; stopping at once, without UPDATE")
+        lost.append("master")
+        stop.set()
+        now.set()
+
+    if remote is not None:
+        remote.on_lost = master_lost
+        await remote.start()
 
     helper: StorageHelper | None = None
     tls: ServerTls | None = None
@@ -432,7 +484,14 @@ async def run_server(config: Config) -> int:
             await helper.aclose()
         raise
     server = Pop3Server(
-        build_context(config, authenticator=authenticator, store=store, tls=tls, workers=workers)
+        build_context(
+            config,
+            authenticator=authenticator,
+            store=store,
+            tls=tls,
+            workers=workers,
+            remote=remote,
+        )
     )
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     health = (
@@ -461,7 +520,6 @@ async def run_server(config: Config) -> int:
         raise
     _log_mode(plan, helper)
     loop = asyncio.get_running_loop()
-    now = asyncio.Event()
 
     def stop_signal(name: str) -> None:
         if not stop.is_set():
@@ -487,8 +545,11 @@ async def run_server(config: Config) -> int:
     # Everything allocated so far (modules, config, the passwd-file) lives as long as the
     # process: keep it out of the cyclic garbage collector's full passes.
     gc.freeze()
+    if remote is not None and worker is not None:
+        with contextlib.suppress(StateUnavailable):
+            await remote.call("ready", index=worker.index, pid=os.getpid())
     await stop.wait()
-    if not lost:
+    if not lost or now.is_set():
         await drain(config, server, delivery, health, now)
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     if health is not None:
@@ -497,8 +558,109 @@ async def run_server(config: Config) -> int:
     await server.aclose()  # the store and the userdb too
     if helper is not None:
         await helper.aclose()
+    if remote is not None:
+        await remote.aclose()
     logger.info("master: stopped")
     return EX_UNAVAILABLE if lost else 0
+
+
+async def run_master(config: Config, command: list[str], count: int) -> int:
+    """Run ``count`` workers on listeners bound here until SIGTERM or SIGINT; return the status.
+
+    The master (``workers`` > 1, :mod:`pobox.server._workers`) binds the listeners, holds the
+    node's memory state and the health check, passes signals on, and starts again a worker
+    that dies.  The status is 0, or that of a worker that failed before it first served.
+
+    Args:
+        command: a worker's command line (this ``pobox serve``, without ``--worker``).
+    """
+    if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
+        raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
+    plan = plan_privileges(config)  # its errors now, once, rather than in every worker
+    for warning in plan.warnings:
+        logger.warning("config: %s", warning)
+    listeners = bind_listeners(config)
+    service = StateService(config.auth_failure_window, node_name(config))
+    supervisor = Supervisor(command, listeners, count, service.attach)
+    service.on_ready = supervisor.ready
+
+    async def workers_serving() -> None:
+        if not supervisor.serving:
+            raise PoboxError("no worker process is serving")
+
+    # The health check's own view of the databases the workers use (a Maildir and a
+    # passwd-file need none).
+    probed: list[PostgresStore | PostgresAuthenticator] = []
+    if config.health_listen and config.mail_location == "postgresql":
+        probed.append(_postgres_store(config))
+    if config.health_listen and config.userdb == "postgresql":
+        probed.append(postgres_userdb(config, listen=False))
+    health = (
+        HealthServer(
+            parse_listen(config.health_listen, key="health_listen"),
+            [("workers", workers_serving), *probes_of(probed)],
+        )
+        if config.health_listen
+        else None
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def stop_signal(name: str) -> None:
+        if not stop.is_set():
+            stop.set()
+        else:
+            logger.warning("master: %s again: stopping every worker at once, without UPDATE", name)
+            supervisor.send(signal.SIGTERM)
+
+    def pass_on(sig: signal.Signals) -> None:
+        _reopen_logs()
+        supervisor.send(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_signal, sig.name)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        loop.add_signal_handler(sig, pass_on, sig)
+    status = 0
+    try:
+        if health is not None:
+            await health.start()
+        supervisor.start()
+        ready = loop.create_task(supervisor.wait_ready())
+        stopping = loop.create_task(stop.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if ready.done() and supervisor.failed is None:
+            ready_line = ", ".join(listeners.addresses())
+            logger.info(
+                "master: pobox %s started, listening on %s (event loop %s, %d workers: pids %s)",
+                __version__,
+                ready_line,
+                type(loop).__module__.split(".")[0],
+                count,
+                " ".join(str(pid) for pid in supervisor.pids),
+            )
+            await stop.wait()
+        ready.cancel()
+        status = supervisor.failed or 0
+        if health is not None:
+            health.drain()
+        listeners.close()  # the workers close theirs as they drain: the ports are then free
+        logger.info("master: stopping %d workers", len(supervisor.pids))
+        supervisor.stop(signal.SIGTERM)
+        await supervisor.wait_gone()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+        if health is not None:
+            await health.aclose()
+        for store in probed:
+            await store.aclose()
+        await service.aclose()
+        listeners.close()
+        listeners.remove_paths()
+    logger.info("master: stopped")
+    return status
 
 
 #: Seconds between the drain's log lines about sessions still open.
@@ -643,15 +805,25 @@ def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the POP3 server."""
+    """Run the POP3 server: one process, or a master and its workers (``workers``)."""
     config = load_config(args.config, _overrides(args))
-    setup_logging(config)
-    for warning in config.warnings:
-        logger.warning("config: %s", warning)
+    handler = setup_logging(config)
+    worker = WorkerSpec.decode(args.worker) if args.worker else None
+    if worker is not None:
+        handler.addFilter(WorkerLogNames(worker.index))
+    else:
+        for warning in config.warnings:
+            logger.warning("config: %s", warning)
+    count = 1 if worker is not None else worker_count(config)
     status: list[int] = []
 
     async def serve() -> None:
-        status.append(await run_server(config))
+        if count > 1:
+            argv = getattr(args, "argv", None) or sys.argv[1:]
+            command = [sys.executable, "-m", "pobox", *argv]
+            status.append(await run_master(config, command, count))
+        else:
+            status.append(await run_server(config, worker))
 
     run_loop(config, serve())
     return status[0] if status else 0
@@ -1181,6 +1353,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-path", help="log file (default: standard error)")
     serve.add_argument("--trace", action="store_true", help="log the C:/S: dialogue")
+    # Set by the master for each of its workers (pobox.server._workers), never by hand.
+    serve.add_argument("--worker", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="serve a demo mailbox for telnet, like the seeds")
@@ -1298,6 +1472,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pobox`` command; return its exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # a master's workers run it
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -130,6 +130,7 @@ class Config:
     mail_max_user_connections: int = 0
     health_listen: str = ""
     drain_timeout: float = 30.0
+    workers: int = 0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -472,6 +473,12 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "stops accepting connections; then the rest are closed without UPDATE and the node "
         "exits. A second SIGTERM or SIGINT stops at once. 0: close at once (30).",
     ),
+    "workers": (
+        int,
+        "Serving processes sharing the listening sockets (POP3, POP3S, LMTP, SMTP), started "
+        "and restarted by a master process that binds them; the throttle and the connection "
+        "limits count across them. 1: one process, no master. 0: one per CPU (0).",
+    ),
 }
 
 _LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
@@ -724,6 +731,8 @@ def _validate_health(config: Config) -> None:
         parse_listen(config.health_listen, key="health_listen")
     if config.drain_timeout < 0:
         raise ConfigError("drain_timeout: must not be negative")
+    if config.workers < 0:
+        raise ConfigError("workers: must not be negative (0: one per CPU)")
 
 
 def _validate(config: Config) -> Config:

@@ -36,7 +36,7 @@ def config(tmp_path: Path, fresh: str) -> Path:
     add_user(tmp_path / "passwd", "alice", b"secret", scheme="PLAIN")
     path = tmp_path / "pobox.toml"
     path.write_text(
-        f'listen = ["127.0.0.1:0"]\npasswd_file = "{tmp_path / "passwd"}"\n'
+        f'listen = ["127.0.0.1:0"]\nworkers = 1\npasswd_file = "{tmp_path / "passwd"}"\n'
         f'mail_location = "postgresql"\npostgresql_dsn = "{fresh}"\npostgresql_timeout = 5\n'
     )
     return path

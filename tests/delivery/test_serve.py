@@ -68,7 +68,7 @@ def _pobox_serve(root: Path, *, wrapper: tuple[str, ...] = ()) -> Iterator[_Serv
     log = root / "pobox.log"
     config = root / "pobox.toml"
     config.write_text(
-        'listen = ["127.0.0.1:0"]\n'
+        'listen = ["127.0.0.1:0"]\nworkers = 1\n'
         'smtp_listen = ["127.0.0.1:0"]\n'
         'hostname = "mx.pobox.test"\n'
         f'mail_location = "maildir:{root}/mail/%u"\n'
@@ -162,7 +162,7 @@ class TestServeStartsLmtp:
         socket_path = tmp_path / "lmtp.sock"
         config = tmp_path / "pobox.toml"
         config.write_text(
-            'listen = ["127.0.0.1:0"]\n'
+            'listen = ["127.0.0.1:0"]\nworkers = 1\n'
             f'lmtp_listen = ["unix:{socket_path}"]\n'
             f'mail_location = "maildir:{tmp_path}/mail/%u"\n'
             f'passwd_file = "{tmp_path / "passwd"}"\n' + ROOT_MAIL_SETTINGS

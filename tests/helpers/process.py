@@ -118,6 +118,7 @@ async def pobox_serve(
     log = Path(str(settings.get("log_path", folder / "pobox.log")))
     values: dict[str, object] = {
         "listen": ["127.0.0.1:0"],
+        "workers": 1,  # one process unless a test asks for more
         "mail_location": f"maildir:{folder}/mail/%u",
         "passwd_file": str(folder / "passwd"),
         "auth_failure_delay": 0,

@@ -307,7 +307,7 @@ class TestSchema:
             add_user(tmp_path / "passwd", "alice", b"secret", scheme="PLAIN")
             config = tmp_path / "pobox.toml"
             config.write_text(
-                f'listen = ["127.0.0.1:0"]\npasswd_file = "{tmp_path / "passwd"}"\n'
+                f'listen = ["127.0.0.1:0"]\nworkers = 1\npasswd_file = "{tmp_path / "passwd"}"\n'
                 f'mail_location = "maildir:{tmp_path}/%u"\nshared_state = "postgresql"\n'
                 f'postgresql_dsn = "{pg_cluster.dsn(name)}"\n'
             )

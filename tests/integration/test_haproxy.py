@@ -139,6 +139,7 @@ def start_pobox(stack: Stack) -> subprocess.Popen[bytes]:
         (root / "mail" / user).mkdir(parents=True)
     settings = [
         'listen = ["127.0.0.1:0"]',
+        "workers = 1",
         'ssl_listen = ["127.0.0.1:0"]',
         'lmtp_listen = ["127.0.0.1:0"]',
         f'mail_location = "maildir:{root}/mail/%u"',

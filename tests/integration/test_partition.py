@@ -161,6 +161,7 @@ async def node_in_namespace(folder: Path, setup: Setup) -> AsyncIterator[ServePr
     dsn = f"host={setup.network.db_ip} port={setup.pg.port} dbname={TEST_DATABASE} user=postgres"
     values: dict[str, object] = {
         "listen": [f"{setup.network.node_ip}:1110"],
+        "workers": 1,
         "health_listen": f"{setup.network.node_ip}:8080",
         "mail_location": "postgresql",
         "postgresql_dsn": dsn,

@@ -78,7 +78,7 @@ async def serving(tmp_path: Path, pg_dsn: str) -> AsyncIterator[tuple[ServeProce
     lmtp_port = free_port()
     config = tmp_path / "pobox.toml"
     config.write_text(
-        'listen = ["127.0.0.1:0"]\n'
+        'listen = ["127.0.0.1:0"]\nworkers = 1\n'
         f'lmtp_listen = ["127.0.0.1:{lmtp_port}"]\n'
         'userdb = "postgresql"\nmail_location = "postgresql"\n'
         f'postgresql_dsn = "{pg_dsn}"\npostgresql_timeout = 2\npostgresql_pool_min = 1\n'

@@ -156,7 +156,7 @@ class TestKilledNode:
             port = probe.getsockname()[1]
         config = tmp_path / "pobox.toml"
         config.write_text(
-            f'listen = ["127.0.0.1:{port}"]\npasswd_file = "{tmp_path / "passwd"}"\n'
+            f'listen = ["127.0.0.1:{port}"]\nworkers = 1\npasswd_file = "{tmp_path / "passwd"}"\n'
             f'mail_location = "postgresql"\npostgresql_dsn = "{pg_dsn}"\n' + ROOT_MAIL_SETTINGS
         )
         process = subprocess.Popen(

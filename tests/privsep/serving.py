@@ -107,7 +107,8 @@ async def serve(
         log: the ``log_path`` the settings name, followed instead of standard error.
     """
     config = folder / "pobox.toml"
-    config.write_text('listen = ["127.0.0.1:0"]\nauth_failure_delay = 0\n' + settings)
+    one = "" if "workers = " in settings else "workers = 1\n"  # one process unless asked
+    config.write_text('listen = ["127.0.0.1:0"]\nauth_failure_delay = 0\n' + one + settings)
     if prelude:
         argv = ["-c", prelude + f"\nimport sys\nsys.exit(main(['serve', '-c', {str(config)!r}]))"]
     else:

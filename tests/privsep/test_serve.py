@@ -176,6 +176,33 @@ class TestHelperMode:
         assert held
         assert not lock.exists()
 
+    async def test_workers_each_with_a_helper(self, world: World) -> None:
+        """workers = 2: a root master, two workers as nobody, each with its own root helper;
+        SIGKILL of the master ends them all and releases the maildrop lock."""
+        nobody = pwd.getpwnam("nobody")
+        lock = world.maildir(world.alice) / LOCK
+        settings = f'passwd_file = "{_passwd(world)}"\nworkers = 2\n'
+        async with serve(world.root, settings) as served:
+            await served.wait_log(r"master: pobox \S+ started")
+            workers = children(served.proc.pid)
+            helpers = [pid for worker in workers for pid in children(worker)]
+            ids = [process_ids(pid) for pid in workers + helpers]
+            stat, answers = await _retrieve_all(served.port)
+            wire = await Wire.connect("127.0.0.1", served.port)
+            await wire.login(b"pobox-ps-alice")
+            held = lock.exists()
+            served.proc.send_signal(signal.SIGKILL)
+            await served.wait_exit()
+            await _until(lambda: not any(Path(f"/proc/{p}").exists() for p in workers + helpers))
+        assert 2 == len(workers)
+        assert 2 == len(helpers)
+        assert [([nobody.pw_uid] * 4, [nobody.pw_gid] * 4)] * 2 == ids[:2]
+        assert [([0] * 4, [0] * 4)] * 2 == ids[2:]
+        assert stat.startswith(b"+OK 1 ")
+        assert ALICE_MESSAGE.replace(b"\n", b"\r\n") in answers[0]
+        assert held
+        assert not lock.exists()
+
     async def test_killing_helper_stops_server(self, world: World) -> None:
         """SIGKILL of the helper: the server logs it and exits with 69, never serves on."""
         async with serve(world.root, f'passwd_file = "{_passwd(world)}"\n') as served:
@@ -286,7 +313,8 @@ class TestMailUidMode:
         path = self._passwd(world, vmail)
         path.chmod(0o600)
         (world.root / "pobox.toml").write_text(
-            f'listen = ["127.0.0.1:0"]\npasswd_file = "{path}"\nmail_uid = "{vmail.name}"\n'
+            f'listen = ["127.0.0.1:0"]\nworkers = 1\n'
+            f'passwd_file = "{path}"\nmail_uid = "{vmail.name}"\n'
         )
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -197,7 +197,7 @@ async def serving(
     add_user(tmp_path / "passwd", "alice", b"secret", scheme="PLAIN")
     config = tmp_path / "pobox.toml"
     config.write_text(
-        'listen = ["127.0.0.1:0"]\n'
+        'listen = ["127.0.0.1:0"]\nworkers = 1\n'
         f'mail_location = "maildir:{tmp_path}/mail/%u"\n'
         f'passwd_file = "{tmp_path}/passwd"\n' + ROOT_MAIL_SETTINGS + extra
     )

@@ -8,6 +8,8 @@ tests run on a real throwaway PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -20,8 +22,15 @@ from pobox.state import (
     MemorySessionRegistry,
     SessionEntry,
     SessionRegistry,
+    StateUnavailable,
 )
 from pobox.state.postgres import PostgresFailureCounters, PostgresSessionRegistry, PostgresState
+from pobox.state.remote import (
+    RemoteFailureCounters,
+    RemoteSessionRegistry,
+    RemoteState,
+    StateService,
+)
 
 
 class Clock:
@@ -43,7 +52,32 @@ class Registries(Protocol):
     def __call__(self, node: str, clock: Clock, *, lease: float = 30.0) -> SessionRegistry: ...
 
 
-BACKENDS = ("memory", "postgresql")
+BACKENDS = ("memory", "remote", "postgresql")
+
+
+class Workers:
+    """The remote backend: one master's :class:`StateService`, a worker per connection."""
+
+    def __init__(self) -> None:
+        self.service: StateService | None = None
+        self.states: list[RemoteState] = []
+
+    def connect(self, window: float, clock: Clock) -> RemoteState:
+        """Return a new worker's connection to the service (made on the first call)."""
+        if self.service is None:
+            self.service = StateService(window, "a", clock=clock)
+        master_end, worker_end = socket.socketpair()
+        self.service.attach(master_end)
+        state = RemoteState(worker_end)
+        self.states.append(state)
+        return state
+
+    async def aclose(self) -> None:
+        """Close every connection, then the service."""
+        for state in self.states:
+            await state.aclose()
+        if self.service is not None:
+            await self.service.aclose()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -51,6 +85,11 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
     """Each backend's factory in turn."""
     if request.param == "memory":
         yield lambda window, clock: MemoryFailureCounters(window, clock=clock)
+        return
+    if request.param == "remote":
+        workers = Workers()
+        yield lambda window, clock: RemoteFailureCounters(workers.connect(window, clock))
+        await workers.aclose()
         return
     dsn = request.getfixturevalue("pg_dsn")
     states: list[PostgresState] = []
@@ -76,6 +115,16 @@ async def registries(request: pytest.FixtureRequest) -> AsyncIterator[Registries
             return shared.setdefault(node, MemorySessionRegistry(node))
 
         yield memory
+        return
+    if request.param == "remote":
+        workers = Workers()
+
+        def remote(node: str, clock: Clock, *, lease: float = 30.0) -> SessionRegistry:
+            del lease  # one node: no leases
+            return RemoteSessionRegistry(workers.connect(60, clock), node)
+
+        yield remote
+        await workers.aclose()
         return
     dsn = request.getfixturevalue("pg_dsn")
     states: list[PostgresState] = []
@@ -385,3 +434,92 @@ class TestPostgresBounds:
             assert [] == rows
         finally:
             await state.aclose()
+
+
+class TestRemoteWorkers:
+    """The master's state, shared by its workers: what one worker does stays its own."""
+
+    async def test_heartbeat_keeps_other_workers_sessions(self) -> None:
+        """A worker's heartbeat forgets only its own lost sessions, never another worker's."""
+        workers = Workers()
+        try:
+            one = RemoteSessionRegistry(workers.connect(60, Clock()), "a")
+            two = RemoteSessionRegistry(workers.connect(60, Clock()), "a")
+            await one.register(entry("s1"), max_user=0, max_userip=0)
+            await two.register(entry("s2"), max_user=0, max_userip=0)
+            assert [] == await one.heartbeat([])
+            assert ["s2"] == [e.id for e in await one.sessions()]
+            assert (1, 1) == await one.count("alice", "192.0.2.1")
+        finally:
+            await workers.aclose()
+
+    async def test_worker_gone_takes_its_sessions(self) -> None:
+        """The sessions of a worker whose connection ends no longer count."""
+        workers = Workers()
+        try:
+            one = workers.connect(60, Clock())
+            two = RemoteSessionRegistry(workers.connect(60, Clock()), "a")
+            await RemoteSessionRegistry(one, "a").register(entry("s1"), max_user=1, max_userip=0)
+            assert not (await two.register(entry("s2"), max_user=1, max_userip=0)).admitted
+            await one.aclose()
+            while (await two.count("alice", "192.0.2.1"))[0]:
+                await asyncio.sleep(0.01)
+            assert (await two.register(entry("s2"), max_user=1, max_userip=0)).admitted
+        finally:
+            await workers.aclose()
+
+    async def test_master_gone_is_seen(self) -> None:
+        """When the master's end closes, the worker is told once and calls fail cleanly."""
+        master_end, worker_end = socket.socketpair()
+        lost: list[bool] = []
+        state = RemoteState(worker_end, on_lost=lambda: lost.append(True))
+        await state.start()
+        master_end.close()
+        while not lost:
+            await asyncio.sleep(0.01)
+        with pytest.raises(StateUnavailable):
+            await RemoteFailureCounters(state).counts(["ip:a"])
+        assert [True] == lost
+        await state.aclose()
+
+    async def test_unknown_call_is_refused(self) -> None:
+        """A call the master does not know is answered with an error, and the link goes on."""
+        workers = Workers()
+        try:
+            state = workers.connect(60, Clock())
+            with pytest.raises(StateUnavailable, match=r"bad state call"):
+                await state.call("nope")
+            with pytest.raises(StateUnavailable, match=r"bad state call"):
+                await state.call("counts")  # no keys
+            assert [0] == await RemoteFailureCounters(state).counts(["ip:a"])
+        finally:
+            await workers.aclose()
+
+    async def test_silent_master_times_out(self) -> None:
+        """A master that does not answer makes the call fail as unavailable, not hang."""
+        master_end, worker_end = socket.socketpair()
+        state = RemoteState(worker_end, timeout=0.05)
+        try:
+            with pytest.raises(StateUnavailable, match=r"did not answer"):
+                await RemoteFailureCounters(state).add(["ip:a"])
+        finally:
+            await state.aclose()
+            master_end.close()
+
+    async def test_oversized_message_closes_the_link(self) -> None:
+        """A message longer than the limit ends that worker's connection (its sessions too)."""
+        workers = Workers()
+        try:
+            state = workers.connect(60, Clock())
+            registry = RemoteSessionRegistry(state, "a")
+            await registry.register(entry("s1"), max_user=0, max_userip=0)
+            lost: list[bool] = []
+            state.on_lost = lambda: lost.append(True)
+            assert state._writer is not None
+            state._writer.write(b"\xff\xff\xff\xff")
+            while not lost:
+                await asyncio.sleep(0.01)
+            other = RemoteSessionRegistry(workers.connect(60, Clock()), "a")
+            assert [] == await other.sessions()
+        finally:
+            await workers.aclose()

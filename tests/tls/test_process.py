@@ -52,6 +52,7 @@ async def pobox_process(folder: Path, pki: Pki, **extra: str) -> AsyncIterator[P
     """Run ``python -m pobox serve`` on ``folder`` (a passwd-file and Maildirs in it)."""
     lines = [
         'listen = ["127.0.0.1:0"]',
+        "workers = 1",
         'ssl_listen = ["127.0.0.1:0"]',
         f'mail_location = "maildir:{folder}/mail/%u"',
         f'passwd_file = "{folder}/passwd"',
@@ -118,7 +119,7 @@ class TestPrivilegeDrop:
         """A user that does not exist stops the start with a config error naming the key."""
         pki = Pki.create(shared_folder / "pki")
         (shared_folder / "pobox.toml").write_text(
-            f'listen = ["127.0.0.1:0"]\npasswd_file = "{shared_folder}/passwd"\n'
+            f'listen = ["127.0.0.1:0"]\nworkers = 1\npasswd_file = "{shared_folder}/passwd"\n'
             f'ssl_cert = "{pki.cert_pem}"\nssl_key = "{pki.key_pem}"\n'
             'user = "no-such-user-pobox"\n'
         )

@@ -40,6 +40,7 @@ from pobox.delivery._protocol import DeliveryLimits, DeliveryProtocol
 from pobox.delivery.lmtp import LmtpHandler, LmtpProtocol
 from pobox.delivery.smtp import SmtpHandler, SmtpProtocol
 from pobox.errors import ConfigError
+from pobox.server import _inherit
 from pobox.server._limits import IN_ALL, ConnectionLimits
 from pobox.server._proxy import ProxyGate, ProxyPolicy
 
@@ -257,6 +258,15 @@ class DeliveryServer:
                 return ProxyGate(policy, lambda: _Gate(door), log=logger, service=door.name)
             return _Gate(door)
 
+        inherited = _inherit.take(_inherit.key(door.name, text))
+        if inherited is not None:  # a worker: the master bound it, and removes a socket file
+            for sock in inherited:
+                if sock.family == socket.AF_UNIX:
+                    server = await loop.create_unix_server(gate, sock=sock, backlog=_BACKLOG)
+                else:
+                    server = await loop.create_server(gate, sock=sock, backlog=_BACKLOG)
+                self._servers.append((door.name, server))
+            return
         if text.startswith(_UNIX_PREFIX):
             path = Path(text[len(_UNIX_PREFIX) :])
             _remove_stale_socket(path)

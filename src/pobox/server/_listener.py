@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from pobox.config import Listen
 from pobox.errors import ConfigError
+from pobox.server import _inherit
 from pobox.server._limits import ConnectionLimits
 from pobox.server._proxy import Origin, ProxyPolicy, receive_origin
 from pobox.server._session import Session, SessionContext
@@ -188,26 +189,38 @@ class Pop3Server:
         if self.ctx.cluster is not None:  # the node's lease first: its sessions must count
             await self.ctx.cluster.start()
         for listen in self.ctx.config.listen:
-            self._servers.append(await self._bind(listen))
+            self._servers.extend(await self._bind(listen))
         for listen in self.ctx.config.ssl_listen:
             assert self.ctx.tls is not None  # config validation: ssl_listen needs ssl_cert
-            self._ssl_servers.append(_TlsListener(_listening_sockets(listen), self._serve_tls))
+            sockets = _inherit.take(_inherit.key("pop3s", f"{listen.host}:{listen.port}"))
+            self._ssl_servers.append(
+                _TlsListener(sockets or _listening_sockets(listen), self._serve_tls)
+            )
         for host, port in self.addresses:
             logger.info("master: Listening for POP3 on %s:%d", host, port)
         for host, port in self.ssl_addresses:
             logger.info("master: Listening for POP3S (implicit TLS) on %s:%d", host, port)
 
-    async def _bind(self, listen: Listen) -> asyncio.Server:
-        """Listen on one plain address."""
+    async def _bind(self, listen: Listen) -> list[asyncio.Server]:
+        """Listen on one plain address (on the sockets a master bound, in a worker)."""
+        inherited = _inherit.take(_inherit.key("pop3", f"{listen.host}:{listen.port}"))
+        if inherited is not None:
+            # (the backlog again: asyncio listens on a given socket once more, with its own)
+            return [
+                await asyncio.start_server(self._handle, sock=sock, backlog=BACKLOG)
+                for sock in inherited
+            ]
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        return await asyncio.start_server(
-            self._handle,
-            listen.host,
-            listen.port,
-            family=family,
-            reuse_address=True,
-            backlog=BACKLOG,
-        )
+        return [
+            await asyncio.start_server(
+                self._handle,
+                listen.host,
+                listen.port,
+                family=family,
+                reuse_address=True,
+                backlog=BACKLOG,
+            )
+        ]
 
     async def _serve_tls(self, sock: socket.socket, address: Any) -> None:  # noqa: ANN401
         """Start an implicit-TLS connection: its PROXY header if it owes one, then TLS."""

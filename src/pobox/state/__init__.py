@@ -2,7 +2,8 @@
 
 The interfaces are in :mod:`pobox.state.base`; :mod:`pobox.state.memory` is the in-process
 backend (one node); :mod:`pobox.state.postgres` the one every node of a cluster shares
-(imported only when used: it needs psycopg).  Both pass one contract suite
+(imported only when used: it needs psycopg); :mod:`pobox.state.remote` the master's memory
+reached by its worker processes (``workers``).  All pass one contract suite
 (``tests/state/test_contract.py``).
 """
 

@@ -1,0 +1,354 @@
+"""One node's memory state, held by the master and reached by its workers over a socket.
+
+With ``workers`` > 1 and ``shared_state = memory``, the failure counters and the session
+registry must be one for the whole node, or each worker would throttle and limit on its own
+(an attacker spreading guesses over the workers would get N times the allowance).  The master
+holds the memory backends (:class:`StateService`) and each worker reaches them over its own
+Unix socketpair, through :class:`RemoteFailureCounters` and :class:`RemoteSessionRegistry`:
+the same interfaces (:mod:`pobox.state.base`) and the same contract suite as the other
+backends.
+
+Theory of operation
+-------------------
+Each message is a 4-byte big-endian length and a JSON array: ``[id, op, args]`` from the
+worker, ``[id, result]`` or ``[id, null, error]`` back.  A worker's calls are answered in
+order, one connection per worker, so one slow worker never delays another's answers beyond
+the master's own loop.  The memory backends never suspend, so the master answers each call
+in one step.
+
+The session registry of one node forgets, at a heartbeat, the sessions the node no longer
+has.  With several workers each heartbeat lists only that worker's sessions, so the service
+keeps each worker's own set: a heartbeat replaces the set of its worker, and the registry is
+told the union of every worker's.  A worker that goes away takes its sessions with it.
+
+A worker whose master is gone sees the end of its connection (:attr:`RemoteState.on_lost`):
+it stops, so that its listeners and maildrop locks are freed with the master.
+
+May import: the standard library and :mod:`pobox.state`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from pobox.state.base import Admission, SessionEntry, StateUnavailable
+from pobox.state.memory import MemoryFailureCounters, MemorySessionRegistry
+
+__all__ = [
+    "RemoteFailureCounters",
+    "RemoteSessionRegistry",
+    "RemoteState",
+    "StateService",
+]
+
+logger = logging.getLogger("pobox.state.remote")
+
+#: The largest message either side accepts: a heartbeat lists a worker's sessions, at most
+#: ``max_connections`` ids of 22 characters; 16 MiB leaves room for 500,000.
+MAX_MESSAGE: Final = 16 * 1024 * 1024
+
+_LENGTH: Final = struct.Struct(">I")
+
+
+def _encode(message: list[Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    return _LENGTH.pack(len(data)) + data
+
+
+async def _read(reader: asyncio.StreamReader) -> list[Any] | None:
+    """Return the next message, or None at the end of the stream."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError:
+        return None
+    (size,) = _LENGTH.unpack(head)
+    if size > MAX_MESSAGE:
+        msg = f"state message of {size} bytes"
+        raise ValueError(msg)
+    try:
+        data = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        return None
+    message = json.loads(data)
+    if not isinstance(message, list):
+        msg = "state message is not a list"
+        raise TypeError(msg)
+    return message
+
+
+class StateService:
+    """The node's memory state, answering its workers (in the master).
+
+    Args:
+        window: ``auth_failure_window``, the life of a failure count.
+        node: this node's name.
+        clock: the failure counters' monotonic clock (injectable for tests).
+    """
+
+    def __init__(
+        self, window: float, node: str, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.counters = (
+            MemoryFailureCounters(window)
+            if clock is None
+            else MemoryFailureCounters(window, clock=clock)
+        )
+        self.registry = MemorySessionRegistry(node)
+        #: Called with ``(index, pid)`` when a worker says it serves (``ready``).
+        self.on_ready: Callable[[int, int], None] | None = None
+        self._live: dict[int, set[str]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next = 0
+
+    def attach(self, sock: socket.socket) -> asyncio.Task[None]:
+        """Serve one worker on ``sock`` (its end of a socketpair) until it closes."""
+        self._next += 1
+        task = asyncio.get_running_loop().create_task(self._serve(sock, self._next))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        """Stop serving every worker."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, sock: socket.socket, worker: int) -> None:
+        self._live[worker] = set()
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
+        try:
+            while True:
+                try:
+                    message = await _read(reader)
+                except (ValueError, TypeError) as exc:
+                    logger.error("master: worker state connection: %s; closing it", exc)
+                    return
+                if message is None:
+                    return
+                writer.write(_encode(await self._answer(worker, message)))
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            for session_id in self._live.pop(worker, ()):
+                await self.registry.unregister(session_id)
+            writer.close()
+
+    async def _answer(self, worker: int, message: list[Any]) -> list[Any]:
+        try:
+            call_id, op, args = message
+            return [call_id, await self._call(worker, str(op), dict(args))]
+        except (ValueError, TypeError, KeyError) as exc:
+            call_id = message[0] if message else None
+            return [call_id, None, f"bad state call: {exc!r}"]
+
+    async def _call(self, worker: int, op: str, args: dict[str, Any]) -> object:
+        live = self._live[worker]
+        if op == "counts":
+            return await self.counters.counts(list(args["keys"]))
+        if op == "add":
+            return await self.counters.add(list(args["keys"]))
+        if op == "clear":
+            await self.counters.clear(list(args["keys"]))
+            return None
+        if op == "register":
+            entry = SessionEntry(**args["entry"])
+            admission = await self.registry.register(
+                entry, max_user=int(args["max_user"]), max_userip=int(args["max_userip"])
+            )
+            if admission.admitted:
+                live.add(entry.id)
+            return [admission.admitted, admission.user_sessions, admission.userip_sessions]
+        if op == "unregister":
+            live.discard(args["id"])
+            await self.registry.unregister(str(args["id"]))
+            return None
+        if op == "sessions":
+            found = await self.registry.sessions(args["user"])
+            return [dataclasses.asdict(e) for e in found]
+        if op == "count":
+            return list(await self.registry.count(str(args["user"]), str(args["rip"])))
+        if op == "kick":
+            return await self.registry.kick(user=args["user"], session_id=args["id"])
+        if op == "ready":
+            if self.on_ready is not None:
+                self.on_ready(int(args["index"]), int(args["pid"]))
+            return None
+        if op == "heartbeat":
+            live.clear()
+            live.update(str(i) for i in args["live"])
+            every = set().union(*self._live.values())
+            kicked = await self.registry.heartbeat(sorted(every))
+            return [i for i in kicked if i in live]
+        msg = f"unknown operation {op}"
+        raise ValueError(msg)
+
+
+class RemoteState:
+    """A worker's connection to the :class:`StateService` of its master.
+
+    Args:
+        sock: the worker's end of the socketpair.
+        timeout: seconds a call may take before :class:`StateUnavailable`.
+        on_lost: called once when the master closes the connection (it is gone).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float = 5.0,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self._sock = sock
+        self.timeout = timeout
+        self.on_lost = on_lost
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next = 0
+        self._lost = False
+        self._opening = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Open the connection and begin watching it (done by the first call otherwise)."""
+        async with self._opening:
+            if self._writer is not None or self._lost:
+                return
+            reader, self._writer = await asyncio.open_unix_connection(
+                sock=self._sock, limit=MAX_MESSAGE
+            )
+            self._reading = asyncio.get_running_loop().create_task(self._read_answers(reader))
+
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (message := await _read(reader)) is not None:
+                future = self._pending.pop(message[0], None)
+                if future is None or future.done():
+                    continue
+                if len(message) > 2:
+                    future.set_exception(StateUnavailable(str(message[2])))
+                else:
+                    future.set_result(message[1])
+        except (ConnectionError, OSError, ValueError, TypeError) as exc:
+            logger.debug("master: state connection failed: %s", exc)
+        self._lose()
+
+    def _lose(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(StateUnavailable("the master is gone"))
+        self._pending.clear()
+        if self._writer is not None:
+            self._writer.close()
+        if self.on_lost is not None:
+            self.on_lost()
+
+    async def call(self, op: str, **args: object) -> Any:  # noqa: ANN401 - JSON
+        """Send one call and return its result.
+
+        Raises:
+            StateUnavailable: the master did not answer in time, or is gone.
+        """
+        if self._writer is None:
+            await self.start()
+        if self._lost or self._writer is None:
+            raise StateUnavailable("the master is gone")
+        self._next += 1
+        call_id = self._next
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            self._writer.write(_encode([call_id, op, args]))
+            async with asyncio.timeout(self.timeout):
+                return await future
+        except TimeoutError:
+            raise StateUnavailable(f"the master did not answer within {self.timeout:g} s") from None
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def aclose(self) -> None:
+        """Close the connection (without calling :attr:`on_lost`)."""
+        self.on_lost = None
+        self._lose()
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
+
+
+class RemoteFailureCounters:
+    """A :class:`~pobox.state.base.FailureCounters` held by the master."""
+
+    def __init__(self, state: RemoteState) -> None:
+        self._state = state
+
+    async def counts(self, keys: Sequence[str]) -> list[int]:
+        """Return the failures remembered for each of ``keys`` (0 when none), in order."""
+        return [int(n) for n in await self._state.call("counts", keys=list(keys))]
+
+    async def add(self, keys: Sequence[str]) -> list[int]:
+        """Count one failure for each of ``keys``; return each count, this failure included."""
+        return [int(n) for n in await self._state.call("add", keys=list(keys))]
+
+    async def clear(self, keys: Sequence[str]) -> None:
+        """Forget the failures of ``keys``."""
+        await self._state.call("clear", keys=list(keys))
+
+
+class RemoteSessionRegistry:
+    """A :class:`~pobox.state.base.SessionRegistry` held by the master, for one worker.
+
+    Args:
+        state: the connection to the master.
+        node: this node's name.
+    """
+
+    def __init__(self, state: RemoteState, node: str) -> None:
+        self._state = state
+        self._node = node
+
+    @property
+    def node(self) -> str:
+        """The name of this node."""
+        return self._node
+
+    async def register(self, entry: SessionEntry, *, max_user: int, max_userip: int) -> Admission:
+        """Register ``entry`` if the node's sessions leave room; say what was found."""
+        admitted, per_user, per_userip = await self._state.call(
+            "register", entry=dataclasses.asdict(entry), max_user=max_user, max_userip=max_userip
+        )
+        return Admission(bool(admitted), int(per_user), int(per_userip))
+
+    async def unregister(self, session_id: str) -> None:
+        """Forget a session that ended."""
+        await self._state.call("unregister", id=session_id)
+
+    async def sessions(self, user: str | None = None) -> list[SessionEntry]:
+        """Return the node's sessions (of ``user`` only, if given), oldest first."""
+        return [SessionEntry(**e) for e in await self._state.call("sessions", user=user)]
+
+    async def count(self, user: str, rip: str) -> tuple[int, int]:
+        """Return the node's sessions of ``user``, and of ``user`` from ``rip``."""
+        per_user, per_userip = await self._state.call("count", user=user, rip=rip)
+        return int(per_user), int(per_userip)
+
+    async def kick(self, *, user: str | None = None, session_id: str | None = None) -> int:
+        """Mark the sessions of ``user``, or the one ``session_id``, to be ended."""
+        return int(await self._state.call("kick", user=user, id=session_id))
+
+    async def heartbeat(self, live: Sequence[str]) -> list[str]:
+        """Forget this worker's sessions not in ``live``; return those asked to end."""
+        return [str(i) for i in await self._state.call("heartbeat", live=list(live))]
