@@ -19,7 +19,7 @@ Every method answers in one round trip for a backend over the network (PostgreSQ
 methods take several keys at once, and the registry admits and counts in one call.  The
 methods are ``async`` for that backend; the memory ones never suspend.  A backend that cannot
 answer raises :class:`StateUnavailable`; the shell then falls back to per-node state
-(:mod:`pobox.state.fallback`).
+(the fallback wrappers in :mod:`pobox.server._cluster`).
 
 May import: the standard library and :mod:`pobox.errors`.
 """

@@ -11,7 +11,7 @@ Design
   steps); each statement runs on a pooled autocommit connection, under
   ``shared_state_timeout`` on the client and as ``statement_timeout`` on the server.  A
   failure is :class:`~pobox.state.base.StateUnavailable`, which the shell answers with
-  per-node state (:mod:`pobox.state.fallback`).
+  per-node state (the fallback wrappers in :mod:`pobox.server._cluster`).
 - **The clock is pobox's.**  Times are seconds since the epoch from the ``clock`` given
   (``time.time`` by default), bound as parameters, never ``now()``: the contract suite moves a
   clock by hand over this backend as over the memory one.  Nodes' clocks must agree to well
