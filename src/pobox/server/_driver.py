@@ -6,8 +6,9 @@ small RETR is read without a worker thread): its replies are written in the same
 with no task, no StreamReader and no sleep/wake of the event loop per command.  Only an answer
 that must wait (a password check in a worker thread, a maildrop open, a registry query, a
 large message streamed, UPDATE, the STLS handshake, the end of a logged-in session) starts
-*one* task for that event, with reading paused until the core is answered; the task goes on
-answering the events after it and hands back to the callbacks when the core needs data again.
+*one* task for that event; the task goes on answering the events after it and hands back to
+the callbacks when the core needs data again.  Meanwhile reading is paused as soon as the
+client pipelines more (and at once behind STLS), so a waiting answer costs no system call.
 
 Flow control: when the transport says :meth:`~asyncio.BaseProtocol.pause_writing`, the driver
 stops producing (and reading) until ``resume_writing``; a streamed message awaits it.
@@ -184,6 +185,8 @@ class Pop3Protocol(asyncio.Protocol):
         session.conn.receive_data(data)
         if self._task is None:
             self._pump()
+        else:  # pipelined behind an answer that waits: keep it, but read no more for now
+            self._pause_reading()
 
     def eof_received(self) -> bool | None:
         """The client closed its side: the core hears it once it has answered what came."""
@@ -301,7 +304,11 @@ class Pop3Protocol(asyncio.Protocol):
             self._internal_error()
             event = self._advance_after_error()
         if event is not None:
-            self._pause_reading()
+            # Reading goes on while the answer waits (no pause/resume system calls for a
+            # client that waits for its reply), except behind STLS: no plaintext byte may be
+            # read after it.  What a client pipelines meanwhile pauses reading then.
+            if isinstance(event, StartTLS):
+                self._pause_reading()
             self._task = self._loop.create_task(self._serve(event))
             self._task.add_done_callback(self._served)
 
