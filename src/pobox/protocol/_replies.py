@@ -66,7 +66,10 @@ class MessageEncoder:
             self._pending_cr = True
         if b"\n" in chunk:
             if b"\r" in chunk:
-                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                # Mail stored with CRLF is usually wire-ready: two counts (no copies) say so,
+                # and only a chunk with a bare LF is rewritten (the rewrite leaves CRs alone).
+                if chunk.count(b"\n") != chunk.count(b"\r\n"):
+                    chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             else:  # the usual Maildir file: LF only, one pass instead of two
                 chunk = chunk.replace(b"\n", b"\r\n")
         return chunk

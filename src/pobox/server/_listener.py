@@ -1,4 +1,4 @@
-"""The listening side: bind the configured addresses, run a :class:`Session` per connection,
+"""The listening side: bind the configured addresses, serve each connection with a driver,
 and shut down cleanly (sessions closed without UPDATE, maildrop locks released).
 
 A drain (``SIGTERM``, driven by :func:`pobox.cli.drain`) uses three steps of its own:
@@ -10,16 +10,20 @@ Plain listeners (``listen``) offer STLS when ``ssl_cert`` is set; ``ssl_listen``
 speak TLS from the first byte (RFC 8314).  Connections over ``max_connections`` in all or
 ``max_connections_per_ip`` from one address get ``-ERR [SYS/TEMP]`` and are closed at once.
 
+Each connection is served by a :class:`~pobox.server._driver.Pop3Protocol` (callbacks, no
+task per connection or per command); the listener is its :class:`~pobox.server._driver.Door`:
+it admits the connection against the caps and the drain and forgets it at its end.
+
 Behind HAProxy (``haproxy_trusted_networks``, :mod:`pobox.server._proxy`) a trusted peer's
 PROXY header is read first, and the caps count the real client's address.  On a plain
-listener it is read from the connection's StreamReader (bytes after it stay there for the
-session).  On an implicit-TLS listener it comes before the ClientHello, so pobox accepts those
-connections itself (:class:`_TlsListener`): the header is read from the raw socket, never a
-byte past it, and only then does TLS start, with ``loop.connect_accepted_socket(ssl=...)``
-under the same handshake timeout (``login_timeout``) as before.  A failed handshake is logged.
+listener the driver reads it (bytes after it go to the session).  On an implicit-TLS
+listener it comes before the ClientHello, so pobox accepts those connections itself
+(:class:`_TlsListener`): the header is read from the raw socket, never a byte past it, and
+only then does TLS start, with ``loop.connect_accepted_socket(ssl=...)`` under the same
+handshake timeout (``login_timeout``) as before.  A failed handshake is logged.
 
-May import: the standard library, :mod:`pobox.server._session`, :mod:`pobox.server._proxy`,
-:mod:`pobox.config`, :mod:`pobox.tls`.
+May import: the standard library, :mod:`pobox.server._session`, :mod:`pobox.server._driver`,
+:mod:`pobox.server._proxy`, :mod:`pobox.config`, :mod:`pobox.tls`.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from typing import Any, Final
 from pobox.config import Listen
 from pobox.errors import ConfigError
 from pobox.server import _inherit
+from pobox.server._driver import Pop3Protocol
 from pobox.server._limits import ConnectionLimits
 from pobox.server._proxy import Origin, ProxyPolicy, receive_origin
-from pobox.server._session import Session, SessionContext
+from pobox.server._session import SessionContext
 from pobox.tls import ServerTls
 
 __all__ = ["Pop3Server"]
@@ -145,13 +150,15 @@ class Pop3Server:
         self.ctx = ctx
         self._servers: list[asyncio.Server] = []
         self._ssl_servers: list[_TlsListener] = []
-        self._proxy = ProxyPolicy.from_config(ctx.config)
+        #: Who may send a PROXY header (read by the drivers).
+        self.proxy = ProxyPolicy.from_config(ctx.config)
         self._limits = ConnectionLimits(
             ctx.config.max_connections, ctx.config.max_connections_per_ip
         )
-        self._sessions: set[asyncio.Task[None]] = set()
-        #: The session each task serves, once it has one (for :meth:`stop_sessions`).
-        self._serving: dict[asyncio.Task[None], Session] = {}
+        #: Every connection not yet forgotten (PROXY headers being read included).
+        self._connections: set[Pop3Protocol] = set()
+        #: The connections admitted, with a session.
+        self._sessions: set[Pop3Protocol] = set()
         self._emptied = asyncio.Event()
         self._draining = False
         self._closed = asyncio.Event()
@@ -201,19 +208,26 @@ class Pop3Server:
         for host, port in self.ssl_addresses:
             logger.info("master: Listening for POP3S (implicit TLS) on %s:%d", host, port)
 
+    def _protocol(self, origin: Origin | None = None, *, counted: bool = False) -> Pop3Protocol:
+        """Make the driver of a new connection (and remember it for :meth:`aclose`)."""
+        driver = Pop3Protocol(self, origin, counted=counted)
+        self._connections.add(driver)
+        return driver
+
     async def _bind(self, listen: Listen) -> list[asyncio.Server]:
         """Listen on one plain address (on the sockets a master bound, in a worker)."""
+        loop = asyncio.get_running_loop()
         inherited = _inherit.take(_inherit.key("pop3", f"{listen.host}:{listen.port}"))
         if inherited is not None:
             # (the backlog again: asyncio listens on a given socket once more, with its own)
             return [
-                await asyncio.start_server(self._handle, sock=sock, backlog=BACKLOG)
+                await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
                 for sock in inherited
             ]
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         return [
-            await asyncio.start_server(
-                self._handle,
+            await loop.create_server(
+                self._protocol,
                 listen.host,
                 listen.port,
                 family=family,
@@ -231,9 +245,9 @@ class Pop3Server:
         try:
             sock.setblocking(False)
             rip, lip = str(address[0]), str(sock.getsockname()[0])
-            if self._proxy.trusts(rip):
+            if self.proxy.trusts(rip):
                 origin = await receive_origin(
-                    self._proxy,
+                    self.proxy,
                     functools.partial(loop.sock_recv, sock),
                     address,
                     sock.getsockname(),
@@ -257,10 +271,11 @@ class Pop3Server:
             logger.warning("master: Too many connections %s, refusing rip=%s", which, rip)
             sock.close()  # no TLS yet, so no POP3 reply: as Dovecot, close at once
             return
-        handle = functools.partial(self._handle, origin=origin, admitted=True)
+        made: list[Pop3Protocol] = []
 
-        def protocol() -> asyncio.StreamReaderProtocol:
-            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), handle)
+        def protocol() -> Pop3Protocol:
+            made.append(self._protocol(origin, counted=True))
+            return made[-1]
 
         try:
             # From here the transport owns the socket, and closes it if the handshake fails.
@@ -268,6 +283,8 @@ class Pop3Server:
                 protocol, sock, ssl=tls.context, ssl_handshake_timeout=self.ctx.config.login_timeout
             )
         except BaseException as exc:
+            for driver in made:  # never connected: nothing else forgets it
+                self._connections.discard(driver)
             self._limits.release(rip)  # the session (which releases it) never started
             if not isinstance(exc, OSError | TimeoutError):  # ssl.SSLError is an OSError
                 raise
@@ -295,66 +312,38 @@ class Pop3Server:
         logger.info("master: TLS certificates reloaded")
         return True
 
-    async def _handle(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        origin: Origin | None = None,
-        *,
-        admitted: bool = False,
-    ) -> None:
-        """Serve one connection; ``admitted``: already counted against the caps (POP3S)."""
-        task = asyncio.current_task()
-        assert task is not None
-        peer = writer.get_extra_info("peername") or ("unknown", 0)
-        ip = str(peer[0])
-        if self._proxy.networks and origin is None and self._proxy.trusts(ip):
-            origin = await receive_origin(
-                self._proxy,
-                reader.read,
-                peer,
-                writer.get_extra_info("sockname"),
-                log=logger,
-                service="pop3-login",
-            )
-            if origin is None:
-                writer.close()
-                return
-        if origin is not None:
-            ip = origin.rip  # the caps count the real client, never HAProxy
+    # ----------------------------------------------------------------- the door
+
+    def admit(self, driver: Pop3Protocol, ip: str, *, counted: bool) -> bytes | None:
+        """Count a connection from ``ip`` against the caps; return the line refusing it, or None.
+
+        Args:
+            driver: the connection's driver.
+            ip: the client's address (the real client's behind HAProxy, never HAProxy's).
+            counted: whether it was counted already (POP3S: before its handshake).
+        """
         if self._draining:  # accepted just before the listeners closed
-            if admitted:
+            if counted:
                 self._limits.release(ip)
-            await self._refuse(writer, DRAINING)
-            return
-        which = None if admitted else self._limits.admit(ip)
-        if which is not None:
-            logger.warning("master: Too many connections %s, refusing rip=%s", which, ip)
-            await self._refuse(writer)
-            return
-        self._sessions.add(task)
+            return DRAINING
+        if not counted:
+            which = self._limits.admit(ip)
+            if which is not None:
+                logger.warning("master: Too many connections %s, refusing rip=%s", which, ip)
+                return TOO_MANY
+        self._sessions.add(driver)
         self._emptied.clear()
-        try:
-            session = Session(self.ctx, reader, writer, origin)
-            self._serving[task] = session
-            await session.run()
-        except asyncio.CancelledError:
-            pass  # shutdown: the session has closed itself; this task ends here
-        finally:
-            self._sessions.discard(task)
-            self._serving.pop(task, None)
+        return None
+
+    def closed(self, driver: Pop3Protocol, ip: str | None) -> None:
+        """Forget a connection; ``ip``: where it was counted against the caps, if it was."""
+        self._connections.discard(driver)
+        if driver in self._sessions:
+            self._sessions.discard(driver)
+            if ip is not None:
+                self._limits.release(ip)
             if not self._sessions:
                 self._emptied.set()
-            self._limits.release(ip)
-
-    @staticmethod
-    async def _refuse(writer: asyncio.StreamWriter, line: bytes = TOO_MANY) -> None:
-        with contextlib.suppress(Exception):
-            writer.write(line)
-            await asyncio.wait_for(writer.drain(), 5)
-        writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 5)
 
     # ----------------------------------------------------------------- draining
 
@@ -380,11 +369,11 @@ class Pop3Server:
     def stop_sessions(self) -> None:
         """End every session at its next wait for the client, without UPDATE.
 
-        See :meth:`pobox.server.Session.stop`; a session busy with a command (an UPDATE
+        See :meth:`pobox.server._driver.Pop3Protocol.stop`; a session busy with a command (an UPDATE
         under way) finishes it first.  :meth:`aclose` then cancels whatever is left.
         """
-        for session in list(self._serving.values()):
-            session.stop()
+        for driver in list(self._sessions):
+            driver.stop()
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`aclose` is called."""
@@ -394,10 +383,14 @@ class Pop3Server:
         """Stop listening, close every session without UPDATE, release storage and userdb."""
         for server in self._servers + self._ssl_servers:
             server.close()
-        for task in list(self._sessions):
-            task.cancel()
-        if self._sessions:
-            await asyncio.gather(*self._sessions, return_exceptions=True)
+        for server in self._ssl_servers:  # handshakes under way end here
+            server.close()
+            await server.wait_closed()
+        drivers = list(self._connections)
+        for driver in drivers:
+            driver.shutdown()
+        if drivers:
+            await asyncio.gather(*(driver.done for driver in drivers), return_exceptions=True)
         for server in self._servers + self._ssl_servers:
             await server.wait_closed()
         self._servers.clear()
