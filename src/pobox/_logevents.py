@@ -36,6 +36,7 @@ __all__ = [
     "auth_failed",
     "delivered",
     "delivery_failed",
+    "delivery_timeout",
     "disconnected",
     "kicked",
     "lock_lost",
@@ -44,6 +45,7 @@ __all__ = [
     "login_throttled",
     "maildrop_locked",
     "maildrop_open_failed",
+    "message_refused",
     "proxy_connected",
     "proxy_header_failed",
     "proxy_header_refused",
@@ -494,3 +496,30 @@ def delivery_failed(
                 FIELDS: {"service": "delivery", "user": user, "error": str(error)},
             },
         )
+
+
+def delivery_timeout(logger: logging.Logger, service: str, rip: str) -> None:
+    """``SERVICE: timeout, closing the connection rip=R`` (LMTP/SMTP, answered ``421``)."""
+    _emit(
+        logger,
+        INFO,
+        "delivery_timeout",
+        {"service": service, "rip": rip},
+        "%s: timeout, closing the connection rip=%s",
+        service,
+        rip,
+    )
+
+
+def message_refused(logger: logging.Logger, service: str, reply: str, rip: str) -> None:
+    """``SERVICE: message refused, REPLY rip=R`` (too long, bad line endings, ...)."""
+    _emit(
+        logger,
+        INFO,
+        "message_refused",
+        {"service": service, "reply": reply, "rip": rip},
+        "%s: message refused, %s rip=%s",
+        service,
+        reply,
+        rip,
+    )

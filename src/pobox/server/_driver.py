@@ -503,7 +503,9 @@ class Pop3Protocol(asyncio.Protocol):
         """
         transport = self._transport
         assert transport is not None
-        if self._lost:
+        # Closing already: after a failed STLS handshake start_tls has closed it (uvloop's
+        # write_eof() then raises, asyncio's does nothing).
+        if self._lost or transport.is_closing():
             return
         if linger and transport.can_write_eof():
             self._closer = self._loop.call_later(CLOSE_TIMEOUT, transport.abort)
