@@ -296,6 +296,26 @@ class TestTlsAtHaproxy:
             assert b"-ERR Already using TLS.\r\n" == await wire.command(b"STLS")
             assert b"+OK\r\n" == await wire.command(b"USER alice")
 
+    @pytest.mark.parametrize(
+        ("header", "element"),
+        [
+            (v2_ssl(build.CLIENT_SSL), "TLS (haproxy, TLSv1.3), "),
+            (build.v2_tcp(CLIENT, "192.0.2.1", 50123, 995, build.ssl_tlv(1)), "TLS (haproxy), "),
+            (v2_ssl(0), ""),
+        ],
+        ids=["version", "no-version", "no-tls"],
+    )
+    async def test_login_line_says_tls(self, server: Factory, caplog, header, element):
+        """The Login line says HAProxy's TLS and its version, and nothing without the flag."""
+        async with server() as srv:
+            wire = await connect(srv.host, srv.port, HAPROXY, header)
+            assert b"+OK Logged in.\r\n" == await login(wire)
+
+        assert [f"rip={CLIENT}, lip=192.0.2.1, {element}session=<"] == [
+            line[line.index("rip=") : line.index("session=<") + 9]
+            for line in logged(caplog, "Login: ")
+        ]
+
     async def test_not_secure_without_the_flag(self, server: Factory):
         """An SSL TLV without PP2_CLIENT_SSL is no TLS: STLS offered, plaintext refused."""
         async with server(disable_plaintext_auth="yes") as srv:

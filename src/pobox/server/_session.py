@@ -203,7 +203,7 @@ class Session:
             self.id,
             rip=info.rip,
             lip=info.lip,
-            tls_version=info.tls_version if info.secure else None,
+            tls_version=(info.tls_version or "") if info.secure else None,
             tls_by="haproxy" if info.secure and not info.tls else "",
         )
         self.rip, self.lip = info.rip, info.lip
@@ -341,7 +341,7 @@ class Session:
             return _may_log_in(await auth.lookup(event.username))
         if isinstance(event, OpenMaildrop):
             return _may_log_in(await auth.lookup(event.username))
-        self.log.debug("SASL %s failed: %s", event.mechanism, event.reason)
+        self.log.debug("SASL %s failed: %s", event.mechanism, event.reason, event="sasl_failed")
         return None
 
     async def _scram_secret(self, event: FetchSecret, stored: str | None) -> Secret:
@@ -491,12 +491,19 @@ class Session:
     def _unavailable(self, event: RetrieveMessage, key: str, exc: StorageError) -> None:
         """Log why a message cannot be read and tell the core."""
         if isinstance(exc, MessageGone):
-            self.log.warning("Message %d (%s) vanished from the maildrop", event.number, key)
+            self.log.warning(
+                "Message %d (%s) vanished from the maildrop",
+                event.number,
+                key,
+                event="message_gone",
+            )
             self.conn.send(
                 MessageUnavailable("Message was removed by another process.", "SYS/PERM")
             )
         else:
-            self.log.error("Cannot read message %d (%s): %s", event.number, key, exc)
+            self.log.error(
+                "Cannot read message %d (%s): %s", event.number, key, exc, event="read_failed"
+            )
             self.conn.send(MessageUnavailable("Cannot read the message, try later.", exc.resp_code))
 
     async def commit(self, event: CommitDeletions) -> None:
@@ -504,7 +511,12 @@ class Session:
         assert self.maildrop is not None
         failed = 0
         if event.numbers and self.ended_by is not None:
-            self.log.error("%s, %d deletions not made", self.ended_by, len(event.numbers))
+            self.log.error(
+                "%s, %d deletions not made",
+                self.ended_by,
+                len(event.numbers),
+                event="delete_failed",
+            )
             failed = self.delete_failures = len(event.numbers)
         elif event.numbers:
             keys = [self.maildrop.messages[n - 1].key for n in event.numbers]
@@ -512,11 +524,18 @@ class Session:
                 result = await self.maildrop.delete(keys)
                 failed = len(result.failed)
             except StorageError as exc:
-                self.log.error("Deleting %d messages failed: %s", len(keys), exc)
+                self.log.error(
+                    "Deleting %d messages failed: %s", len(keys), exc, event="delete_failed"
+                )
                 failed = len(keys)
             self.delete_failures = failed
             if failed:
-                self.log.error("%d of %d messages could not be deleted", failed, len(keys))
+                self.log.error(
+                    "%d of %d messages could not be deleted",
+                    failed,
+                    len(keys),
+                    event="delete_failed",
+                )
         # UPDATE ends the session: the lock goes before the client hears +OK, so a client
         # that logs in again at once finds the maildrop free (through the storage helper,
         # releasing it is a round trip).
@@ -544,7 +563,7 @@ class Session:
 
     def internal_error(self) -> None:
         """Log an unexpected exception (the caller's) and end the session."""
-        self.log.exception("Internal error, closing the session")
+        self.log.exception("Internal error, closing the session", event="internal_error")
         self.conn.close("internal-error")
 
     def proxy_header_refused(self) -> None:
