@@ -231,7 +231,8 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
     "log_format": (
         str,
         'pobox (default) or dovecot: prefix each log line with a syslog-style "Mon DD '
-        'HH:MM:SS host dovecot: pop3-login:" so the stock fail2ban dovecot filter reads it.',
+        'HH:MM:SS host dovecot: pop3-login:" so the stock fail2ban dovecot filter reads it; '
+        "json: one JSON object per line for log shippers (keys in README's Logs section).",
     ),
     "ssl_cert": (
         str,
@@ -767,8 +768,8 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"{key}: must be at least 1")
     if config.auth_failure_window <= 0 or config.auth_failure_delay_max < 0:
         raise ConfigError("auth_failure_window, auth_failure_delay_max: must be positive")
-    if config.log_format not in ("pobox", "dovecot"):
-        raise ConfigError(f"log_format: {config.log_format!r} is not pobox or dovecot")
+    if config.log_format not in ("pobox", "dovecot", "json"):
+        raise ConfigError(f"log_format: {config.log_format!r} is not pobox, dovecot or json")
     for key in ("max_message_size", "quota_bytes", "quota_messages", "mail_inline_read_max"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}: must not be negative")

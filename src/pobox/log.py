@@ -24,6 +24,13 @@ would get any address banned.  So every handler pobox installs formats with
 It is done in the formatter, not at each call site, so no call site can forget it and text
 from libraries (asyncio's, aiosmtpd's warnings, via the root logger) gets it too.
 
+``log_format = "json"``: :class:`JsonFormatter` writes each record as one JSON object on one
+line (``time``, ``level``, ``event``, the event's fields, ``message``: the text line).  The
+events (:mod:`pobox._logevents`) put their fields on the record; :class:`SessionLog` adds the
+session's (``service``, ``session``, ``user``, ``rip``, ``lip``, ``tls``, ``tls_version``).
+Strings are sanitised the same way as in the text formats, so both say the same, and
+:func:`json.dumps` (ASCII only) could not let a line break through even if they were not.
+
 The log file is reopened by :func:`reopen_logs`, which ``pobox serve`` calls on ``SIGHUP`` and
 ``SIGUSR1`` (logrotate's ``postrotate``; see ``contrib/logrotate/pobox``).
 
@@ -32,16 +39,27 @@ May import: the standard library and :mod:`pobox.config`.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from pobox.config import Config
 
-__all__ = ["SanitizingFormatter", "SessionLog", "reopen_logs", "sanitize", "setup_logging"]
+__all__ = [
+    "EVENT",
+    "FIELDS",
+    "JsonFormatter",
+    "SanitizingFormatter",
+    "SessionLog",
+    "reopen_logs",
+    "sanitize",
+    "setup_logging",
+]
 
 _FORMAT: Final = "%(asctime)s %(levelname)s %(message)s"
 
@@ -50,6 +68,10 @@ REPLACEMENT: Final = "?"
 
 #: How the lines of a traceback are joined on the record's one line.
 FOLD: Final = " | "
+
+#: The attributes of a log record that carry its event's name and fields (for JSON).
+EVENT: Final = "pobox_event"
+FIELDS: Final = "pobox_fields"
 
 #: Level of the records from other libraries (asyncio, aiosmtpd) that reach pobox's log.
 _FOREIGN_LEVEL: Final = logging.WARNING
@@ -88,6 +110,43 @@ class SanitizingFormatter(logging.Formatter):
         if record.stack_info:
             line += FOLD + fold(self.formatStack(record.stack_info))
         return line
+
+
+def _json_value(value: object) -> object:
+    """Return a field value for JSON: strings sanitised, numbers and booleans as they are."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return sanitize(value if isinstance(value, str) else str(value))
+
+
+class JsonFormatter(logging.Formatter):
+    """Format each record as one JSON object on one line, for log shippers.
+
+    Keys: ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``event`` (``message`` for a
+    record that is no event), ``logger``, the event's fields, ``message`` (the text line, as
+    the other formats write it after their prefix) and, if any, ``exception`` (folded).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format ``record`` as one line of JSON, every string in it sanitised."""
+        created = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        obj: dict[str, object] = {
+            "time": created.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "event": _json_value(getattr(record, EVENT, "message")),
+            "logger": record.name,
+        }
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, Mapping):
+            for key, value in fields.items():
+                obj.setdefault(sanitize(str(key)), _json_value(value))
+        obj["message"] = sanitize(record.getMessage())
+        if record.exc_info:
+            obj["exception"] = fold(self.formatException(record.exc_info))
+        if record.stack_info:
+            obj["stack"] = fold(self.formatStack(record.stack_info))
+        # ASCII only: U+2028/U+2029 and every other non-ASCII character leave as \uXXXX.
+        return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
 
 
 class _ReopenableFileHandler(logging.FileHandler):
@@ -136,6 +195,8 @@ def setup_logging(config: Config) -> logging.Handler:
         # (and other tools reading Dovecot's log) match pobox's lines unchanged.
         fmt = f"%(asctime)s {socket.gethostname()} dovecot: %(message)s"
         handler.setFormatter(SanitizingFormatter(fmt, "%b %d %H:%M:%S"))
+    elif config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(SanitizingFormatter(_FORMAT))
     pobox = logging.getLogger("pobox")
@@ -178,12 +239,39 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
 
     Client-supplied text goes in as ``%s`` arguments like any other; the handler's
     :class:`SanitizingFormatter` makes the whole line safe, prefix included.
+
+    Every line of the session names it: after login in the prefix, ``pop3(user)<session>:``
+    (Dovecot's shape); before login, where the prefix is ``pop3-login:``, with
+    ``, session=<...>`` at the end (last, after any client text), unless the event's text
+    has its ``session=<...>`` already.  In JSON the session's fields go on every record.
+
+    Args:
+        logger: where the records go.
+        session: the session id.
+        rip: the client's address; ``lip``: the one it connected to.
+        tls_version: the TLS version (``TLSv1.3``) when the connection is encrypted; ``""``
+            when it is but the version is unknown (HAProxy did TLS and did not say);
+            ``None`` for plaintext.
+        tls_by: who did the TLS: ``""`` pobox itself, ``"haproxy"`` a trusted HAProxy.
     """
 
-    def __init__(self, logger: logging.Logger, session: str) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        session: str,
+        *,
+        rip: str = "",
+        lip: str = "",
+        tls_version: str | None = None,
+        tls_by: str = "",
+    ) -> None:
         super().__init__(logger, {})
         self.session = session
         self.user: str | None = None
+        self.rip = rip
+        self.lip = lip
+        self.tls_version = tls_version
+        self.tls_by = tls_by
 
     @property
     def prefix(self) -> str:
@@ -192,11 +280,58 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
             return "pop3-login:"
         return f"pop3({self.user})<{self.session}>:"
 
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:  # noqa: ANN401
-        """Log ``msg % args`` behind the prefix.
+    @property
+    def tls(self) -> bool:
+        """Whether the client's connection is encrypted (by pobox or by HAProxy)."""
+        return self.tls_version is not None
+
+    def tls_started(self, version: str | None, by: str = "") -> None:
+        """Note that TLS is up now (STLS), with ``version`` (``None``: unknown)."""
+        self.tls_version = version or ""
+        self.tls_by = by
+
+    @property
+    def fields(self) -> dict[str, object]:
+        """The session's fields every JSON record of it carries."""
+        return {
+            "service": "pop3" if self.user is not None else "pop3-login",
+            "session": self.session,
+            "user": self.user,
+            "rip": self.rip,
+            "lip": self.lip,
+            "tls": self.tls,
+            "tls_version": self.tls_version or None,
+        }
+
+    def log(  # type: ignore[override]
+        self,
+        level: int,
+        msg: object,
+        *args: object,
+        event: str = "message",
+        fields: Mapping[str, object] | None = None,
+        names_session: bool = False,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        """Log ``msg % args`` behind the prefix, as ``event`` with ``fields`` for JSON.
 
         The prefix goes in as an argument, never into the format string: a user name with a
         ``%`` in it (``user%domain``) must not break the line or lose it.
+
+        Args:
+            level: the record's level.
+            msg: the ``%``-format of the text.
+            args: its arguments.
+            event: the event's name (JSON ``event``).
+            fields: the event's fields besides the session's.
+            names_session: whether ``msg`` has its own ``session=<%s>`` (no suffix then).
+            kwargs: what :meth:`logging.Logger.log` takes (``exc_info``, ...).
         """
-        if self.logger.isEnabledFor(level):
-            self.logger.log(level, "%s " + str(msg), self.prefix, *args, **kwargs)
+        if not self.logger.isEnabledFor(level):
+            return
+        text = "%s " + str(msg)
+        if self.user is None and not names_session:
+            text += ", session=<%s>"
+            args = (*args, self.session)
+        extra = {EVENT: event, FIELDS: {**self.fields, **(fields or {})}}
+        self.logger.log(level, text, self.prefix, *args, extra=extra, **kwargs)

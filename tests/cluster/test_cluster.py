@@ -265,7 +265,7 @@ class TestLock:
             second = Pop3(cluster.front["pop3"], source)
             proxied.append(second.login("alice"))
             second.close()
-            refused = f"Login refused, maildrop locked: user=<alice>, rip={source}"
+            refused = f"Login refused, maildrop locked: user=<alice>, method=PLAIN, rip={source}"
             refusers.append(cluster.wait_logged(refused))
             if refusers[-1] is not holder:
                 break

@@ -90,11 +90,11 @@ class TestSessionLog:
         assert ["pop3(a%sb%d)<SID>: Disconnected: Logged out"] == caplog.messages
 
     def test_prefix_before_login(self, caplog: pytest.LogCaptureFixture) -> None:
-        """Before login the prefix is pop3-login:, and a message without arguments is kept."""
+        """Before login the prefix is pop3-login:, the session id last; the message is kept."""
         log = SessionLog(logging.getLogger("pobox.test"), "SID")
         with caplog.at_level(logging.INFO, logger="pobox.test"):
             log.info("Closing the maildrop failed")
-        assert ["pop3-login: Closing the maildrop failed"] == caplog.messages
+        assert ["pop3-login: Closing the maildrop failed, session=<SID>"] == caplog.messages
 
 
 @pytest.fixture

@@ -296,6 +296,26 @@ class TestTlsAtHaproxy:
             assert b"-ERR Already using TLS.\r\n" == await wire.command(b"STLS")
             assert b"+OK\r\n" == await wire.command(b"USER alice")
 
+    @pytest.mark.parametrize(
+        ("header", "element"),
+        [
+            (v2_ssl(build.CLIENT_SSL), "TLS (haproxy, TLSv1.3), "),
+            (build.v2_tcp(CLIENT, "192.0.2.1", 50123, 995, build.ssl_tlv(1)), "TLS (haproxy), "),
+            (v2_ssl(0), ""),
+        ],
+        ids=["version", "no-version", "no-tls"],
+    )
+    async def test_login_line_says_tls(self, server: Factory, caplog, header, element):
+        """The Login line says HAProxy's TLS and its version, and nothing without the flag."""
+        async with server() as srv:
+            wire = await connect(srv.host, srv.port, HAPROXY, header)
+            assert b"+OK Logged in.\r\n" == await login(wire)
+
+        assert [f"rip={CLIENT}, lip=192.0.2.1, {element}session=<"] == [
+            line[line.index("rip=") : line.index("session=<") + 9]
+            for line in logged(caplog, "Login: ")
+        ]
+
     async def test_not_secure_without_the_flag(self, server: Factory):
         """An SSL TLV without PP2_CLIENT_SSL is no TLS: STLS offered, plaintext refused."""
         async with server(disable_plaintext_auth="yes") as srv:
@@ -374,7 +394,8 @@ class TestImplicitTls:
             wire = await tls_connect(srv.host, port, HAPROXY, header, pki.client_context())
 
             assert b"+OK Logged in.\r\n" == await login(wire)
-        assert 1 == len(logged(caplog, f"method=PLAIN, rip={CLIENT}, lip=192.0.2.1, session="))
+        logins = logged(caplog, f"method=PLAIN, rip={CLIENT}, lip=192.0.2.1, TLS (TLSv1.")
+        assert 1 == len(logins)
 
     async def test_stranger_without_header(self, server: Factory, pki: Pki, caplog):
         """A client not behind HAProxy speaks TLS at once, as always."""
@@ -383,7 +404,7 @@ class TestImplicitTls:
             wire = await tls_connect(srv.host, port, STRANGER, b"", pki.client_context())
 
             assert b"+OK Logged in.\r\n" == await login(wire)
-        assert 1 == len(logged(caplog, f"method=PLAIN, rip={STRANGER}, lip=127.0.0.1, session="))
+        assert 1 == len(logged(caplog, f"method=PLAIN, rip={STRANGER}, lip=127.0.0.1, TLS (TLSv1."))
 
     async def test_stranger_with_header(self, server: Factory, caplog):
         """A stranger's header before TLS fails the handshake: refused, logged, never believed."""
@@ -394,7 +415,7 @@ class TestImplicitTls:
             assert b"" == await wire.read_all()
             lines = await until_logged(caplog, "TLS handshaking failed")
 
-        assert 1 == len([line for line in lines if line.endswith(f"rip={STRANGER}, lip=127.0.0.1")])
+        assert 1 == len([ln for ln in lines if f"rip={STRANGER}, lip=127.0.0.1, session=<" in ln])
         assert [] == logged(caplog, CLIENT)
 
     async def test_times_out(self, server: Factory, caplog):
@@ -432,7 +453,10 @@ class TestStranger:
 
             assert b"-ERR PROXY protocol header refused.\r\n" == await wire.read_all()
         expected = f"PROXY header refused (rip={STRANGER}, lip=127.0.0.1)"
-        assert [f"pop3-login: haproxy: Client not trusted, {expected}"] == logged(caplog, "trusted")
+        lines = logged(caplog, "trusted")
+        assert [f"pop3-login: haproxy: Client not trusted, {expected}, session=<"] == [
+            line[: line.index("session=<") + 9] for line in lines
+        ]
         assert [] == logged(caplog, CLIENT)
 
     async def test_served_without_header(self, server: Factory, caplog):

@@ -10,8 +10,8 @@ exits with.
 
 Delivery never takes the POP3 session lock, so it never waits for a POP3 session.
 
-May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage`, :mod:`pobox.records`
-and :mod:`pobox.config`.
+May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage`, :mod:`pobox.records`,
+:mod:`pobox._logevents` and :mod:`pobox.config`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from pobox import _logevents as events
 from pobox.auth.base import Authenticator, AuthError, User
 from pobox.config import Config
 from pobox.records import Quota, parse_size
@@ -146,7 +147,7 @@ class DeliveryAgent:
         try:
             usage = await self._store.usage(recipient.user)
         except StorageError as exc:
-            logger.warning("delivery: %s: %s", recipient.user.name, exc)
+            events.delivery_failed(logger, logging.WARNING, recipient.user.name, exc)
             return Outcome.TEMPORARY
         if (quota.max_messages and usage.messages >= quota.max_messages) or (
             quota.max_bytes and usage.octets >= quota.max_bytes
@@ -165,27 +166,23 @@ class DeliveryAgent:
             quota = recipient.user.quota(self._quota)
             key = await self._store.deliver(recipient.user, message, quota=quota)
         except QuotaExceeded as exc:
-            logger.info("delivery: %s: %s", recipient.user.name, exc)
+            events.delivery_failed(logger, logging.INFO, recipient.user.name, exc)
             return Outcome.OVER_QUOTA
         except StoragePermanentError as exc:
-            logger.error("delivery: %s: %s", recipient.user.name, exc)
+            events.delivery_failed(logger, logging.ERROR, recipient.user.name, exc)
             return Outcome.PERMANENT_STORAGE
         except StorageError as exc:
-            logger.warning("delivery: %s: %s", recipient.user.name, exc)
+            events.delivery_failed(logger, logging.WARNING, recipient.user.name, exc)
             return Outcome.TEMPORARY
         except Exception:
             # A bug or an unforeseen failure for this recipient: its own 451 (not stored, so
             # the MTA retries it), never an exception that ends the whole LMTP transaction
             # without the other recipients' replies.
-            logger.exception("delivery: %s: unexpected failure", recipient.user.name)
+            events.delivery_failed(
+                logger, logging.ERROR, recipient.user.name, "unexpected failure", exc_info=True
+            )
             return Outcome.TEMPORARY
-        logger.info(
-            "delivery: %s: saved %s (%d octets) from <%s>",
-            recipient.user.name,
-            key,
-            message.size,
-            sender,
-        )
+        events.delivered(logger, recipient.user.name, key, message.size, sender)
         return Outcome.DELIVERED
 
 

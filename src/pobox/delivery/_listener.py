@@ -19,7 +19,8 @@ transport showing the real client, so the per-address caps count the real client
 elsewhere it refuses a header (aiosmtpd is not changed).
 
 May import: the standard library, aiosmtpd, :mod:`pobox.config`, :mod:`pobox.delivery`,
-:mod:`pobox.server._limits` (the connection caps POP3 uses too) and :mod:`pobox.server._proxy`.
+:mod:`pobox.server._limits` (the connection caps POP3 uses too), :mod:`pobox.server._proxy` and
+:mod:`pobox._logevents`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, cast
 
+from pobox import _logevents as events
 from pobox.config import Config, parse_listen
 from pobox.delivery._agent import DeliveryAgent
 from pobox.delivery._protocol import DeliveryLimits, DeliveryProtocol
@@ -69,7 +71,7 @@ class _Door:
     def refuse(self, transport: asyncio.Transport, which: str, address: str | None) -> None:
         """Answer a connection over a cap with ``421`` and close it."""
         rip = address or "local"
-        logger.warning("%s: Too many connections %s, refusing rip=%s", self.name, which, rip)
+        events.too_many_connections(logger, self.name, which, rip)
         if which == IN_ALL:
             reply = f"421 4.3.2 {self.hostname} Error: too many connections, try again later"
         else:

@@ -29,8 +29,8 @@ aiosmtpd answers a few situations with its own texts; pobox gives them RFC 3463 
 status codes by rewriting the reply in :meth:`DeliveryProtocol.push`, the method every
 reply goes through.
 
-May import: the standard library, aiosmtpd and :mod:`pobox.delivery`, :mod:`pobox.config`
-and :mod:`pobox.storage.spool`.
+May import: the standard library, aiosmtpd and :mod:`pobox.delivery`, :mod:`pobox.config`,
+:mod:`pobox._logevents` and :mod:`pobox.storage.spool`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from typing import Any, AnyStr, Final, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
+from pobox import _logevents as events
 from pobox.config import Config
 from pobox.delivery._agent import Outcome
 from pobox.delivery._data import DataDecoder
@@ -182,7 +183,7 @@ class DeliveryProtocol(SMTP):
         if transport is None or transport.is_closing():
             return
         peer = self.session.peer if self.session is not None else None
-        logger.info("%s: timeout, closing the connection rip=%s", self.name, _address(peer))
+        events.delivery_timeout(logger, self.name, _address(peer))
         transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
         if transport.get_write_buffer_size():
             transport.abort()
@@ -264,8 +265,8 @@ class DeliveryProtocol(SMTP):
                     failure = exc
         self._disarm()
         if decoder.error is not None:
-            logger.info(
-                "%s: message refused, %s rip=%s",
+            events.message_refused(
+                logger,
                 self.name,
                 decoder.error.reply,
                 _address(self.session.peer if self.session else None),

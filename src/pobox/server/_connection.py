@@ -56,6 +56,8 @@ class ConnectionInfo:
     external_identity: str | None
     #: What the PROXY header said, when a trusted HAProxy relays the connection.
     origin: Origin | None = None
+    #: The TLS version (``TLSv1.3``) of pobox's TLS, or the one HAProxy's header names.
+    tls_version: str | None = None
 
     @classmethod
     def of(cls, transport: Any, origin: Origin | None = None) -> ConnectionInfo:  # noqa: ANN401
@@ -68,7 +70,9 @@ class ConnectionInfo:
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         sock = transport.get_extra_info("sockname") or ("unknown", 0)
         rip, lip = str(peer[0]), str(sock[0])
-        tls = transport.get_extra_info("ssl_object") is not None
+        ssl_object = transport.get_extra_info("ssl_object")
+        tls = ssl_object is not None
+        version = ssl_object.version() if tls else None
         if origin is not None:
             rip, lip = origin.rip, origin.lip
         # SASL EXTERNAL: when HAProxy did the TLS, only the certificate name it vouches for
@@ -87,4 +91,9 @@ class ConnectionInfo:
             secure=tls or (origin is not None and origin.secure),
             external_identity=identity,
             origin=origin,
+            tls_version=(
+                origin.header.ssl.version
+                if origin is not None and origin.secure and origin.header.ssl is not None
+                else version
+            ),
         )

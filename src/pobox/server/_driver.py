@@ -34,7 +34,8 @@ never a byte past what the header parser asks for; the listener then admits the 
 (:class:`~pobox.server._connection.ConnectionInfo`) the session reads.
 
 May import: the standard library, :mod:`pobox.protocol`, :mod:`pobox.proxy`,
-:mod:`pobox.server._session`, :mod:`pobox.server._connection`, :mod:`pobox.server._proxy`.
+:mod:`pobox._logevents`, :mod:`pobox.server._session`, :mod:`pobox.server._connection`,
+:mod:`pobox.server._proxy`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import asyncio
 import logging
 from typing import Final, Protocol, cast
 
+from pobox import _logevents as events
 from pobox.protocol import (
     FLUSH,
     NEED_DATA,
@@ -348,7 +350,7 @@ class Pop3Protocol(asyncio.Protocol):
             if event is FLUSH:
                 self._write_out()
             elif isinstance(event, Trace):
-                session.log.info("%s: %s", event.direction, event.line)
+                events.trace(session.log, event.direction, event.line)
             elif isinstance(event, RetrieveMessage) and session.retrieve_now(event):
                 continue
             elif isinstance(event, ConnectionClosed) and not session.needs_release:
@@ -501,7 +503,9 @@ class Pop3Protocol(asyncio.Protocol):
         """
         transport = self._transport
         assert transport is not None
-        if self._lost:
+        # Closing already: after a failed STLS handshake start_tls has closed it (uvloop's
+        # write_eof() then raises, asyncio's does nothing).
+        if self._lost or transport.is_closing():
             return
         if linger and transport.can_write_eof():
             self._closer = self._loop.call_later(CLOSE_TIMEOUT, transport.abort)
@@ -562,7 +566,10 @@ class Pop3Protocol(asyncio.Protocol):
         self._transport = new
         self._tls = True
         self._reading = True  # the new transport reads (start_tls resumed the socket)
-        session.tls_started(new.get_extra_info("peercert"))
+        ssl_object = new.get_extra_info("ssl_object")
+        session.tls_started(
+            new.get_extra_info("peercert"), ssl_object.version() if ssl_object else None
+        )
         if held:  # what the client sent inside TLS as soon as the handshake ended
             session.conn.receive_data(bytes(held))
 

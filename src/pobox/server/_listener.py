@@ -20,10 +20,12 @@ listener the driver reads it (bytes after it go to the session).  On an implicit
 listener it comes before the ClientHello, so pobox accepts those connections itself
 (:class:`_TlsListener`): the header is read from the raw socket, never a byte past it, and
 only then does TLS start, with ``loop.connect_accepted_socket(ssl=...)`` under the same
-handshake timeout (``login_timeout``) as before.  A failed handshake is logged.
+handshake timeout (``login_timeout``) as before.  A failed handshake is logged once, with its
+reason and the client's address, as the session's only line (it gets a session id for it).
 
 May import: the standard library, :mod:`pobox.server._session`, :mod:`pobox.server._driver`,
-:mod:`pobox.server._proxy`, :mod:`pobox.config`, :mod:`pobox.tls`.
+:mod:`pobox.server._proxy`, :mod:`pobox.config`, :mod:`pobox.tls`, :mod:`pobox.log`,
+:mod:`pobox._logevents`.
 """
 
 from __future__ import annotations
@@ -37,18 +39,22 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from pobox import _logevents as events
 from pobox.config import Listen
 from pobox.errors import ConfigError
+from pobox.log import SessionLog
 from pobox.server import _inherit
 from pobox.server._driver import Pop3Protocol
 from pobox.server._limits import ConnectionLimits
 from pobox.server._proxy import Origin, ProxyPolicy, receive_origin
-from pobox.server._session import SessionContext
+from pobox.server._session import SessionContext, session_id
 from pobox.tls import ServerTls
 
 __all__ = ["Pop3Server"]
 
 logger = logging.getLogger("pobox.server")
+#: Where sessions log (a failed POP3S handshake is a session's line).
+session_logger = logging.getLogger("pobox.session")
 
 #: The answer to a connection over a limit (RFC 3206 §4: SYS/TEMP, "try again later").
 TOO_MANY: Final = b"-ERR [SYS/TEMP] Too many connections, try later.\r\n"
@@ -268,7 +274,7 @@ class Pop3Server:
         # finish it must not escape the caps (and hold descriptors the caps are sized for).
         which = self._limits.admit(rip)
         if which is not None:
-            logger.warning("master: Too many connections %s, refusing rip=%s", which, rip)
+            events.too_many_connections(logger, "master", which, rip)
             sock.close()  # no TLS yet, so no POP3 reply: as Dovecot, close at once
             return
         made: list[Pop3Protocol] = []
@@ -288,12 +294,8 @@ class Pop3Server:
             self._limits.release(rip)  # the session (which releases it) never started
             if not isinstance(exc, OSError | TimeoutError):  # ssl.SSLError is an OSError
                 raise
-            logger.info(
-                "pop3-login: Disconnected (no auth attempts in 0 secs): TLS handshaking failed: "
-                "%s, rip=%s, lip=%s",
-                str(exc) or type(exc).__name__,
-                rip,
-                lip,
+            events.tls_handshake_failed(
+                SessionLog(session_logger, session_id(), rip=rip, lip=lip), exc
             )
 
     def reload_tls(self) -> bool:
@@ -329,7 +331,7 @@ class Pop3Server:
         if not counted:
             which = self._limits.admit(ip)
             if which is not None:
-                logger.warning("master: Too many connections %s, refusing rip=%s", which, ip)
+                events.too_many_connections(logger, "master", which, ip)
                 return TOO_MANY
         self._sessions.add(driver)
         self._emptied.clear()

@@ -29,7 +29,8 @@ and :class:`ProxyGate`, a protocol placed in front of the LMTP listener's aiosmt
 They read at most :attr:`~pobox.proxy.ProxyHeaderParser.wanted` octets at a time, so no byte
 of a TLS ClientHello after the header is ever taken.
 
-May import: the standard library, :mod:`pobox.proxy` and :mod:`pobox.config`.
+May import: the standard library, :mod:`pobox.proxy`, :mod:`pobox._logevents` and
+:mod:`pobox.config`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from pobox import _logevents as events
 from pobox.config import Config
 from pobox.proxy import (
     NEED_DATA,
@@ -211,27 +213,14 @@ def log_header_failure(
 ) -> None:
     """Log why a trusted peer's header was not accepted, in Dovecot's words."""
     if isinstance(exc, HeaderNotReceived):
-        if exc.timed_out:
-            log.warning("%s: haproxy: Client timed out (rip=%s)", service, rip)
-        else:
-            log.info("%s: haproxy: Client disconnected (rip=%s)", service, rip)
-    elif exc.version is None:
-        log.warning("%s: haproxy: Client disconnected: %s (rip=%s)", service, exc.reason, rip)
+        events.proxy_header_failed(log, service, rip, reason=None, timed_out=exc.timed_out)
     else:
-        log.warning(
-            "%s: haproxy(v%d): Client disconnected: %s (rip=%s)",
-            service,
-            exc.version,
-            exc.reason,
-            rip,
-        )
+        events.proxy_header_failed(log, service, rip, reason=exc.reason, version=exc.version)
 
 
 def log_header_refused(log: logging.Logger, service: str, rip: str, lip: str) -> None:
     """Log a PROXY header from a peer not in ``haproxy_trusted_networks``."""
-    log.warning(
-        "%s: haproxy: Client not trusted, PROXY header refused (rip=%s, lip=%s)", service, rip, lip
-    )
+    events.proxy_header_refused(log, service, rip, lip)
 
 
 async def receive_origin(

@@ -18,8 +18,8 @@ within ``mail_max_userip_connections`` and ``mail_max_user_connections`` (over t
 the registry to.
 
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
-:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`,
-:mod:`pobox.server._connection`.
+:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.log`,
+:mod:`pobox._logevents`, :mod:`pobox.tls`, :mod:`pobox.server._connection`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from pobox import _logevents as events
 from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
 from pobox.config import Config
@@ -62,7 +63,6 @@ from pobox.protocol import (
 )
 from pobox.server._cluster import Cluster
 from pobox.server._connection import ConnectionInfo, client_identity
-from pobox.server._proxy import log_header_refused
 from pobox.server._throttle import LoginThrottle
 from pobox.state.base import SessionEntry
 from pobox.storage.base import (
@@ -198,12 +198,23 @@ class Session:
         self.ctx = ctx
         self.info = info
         self.id = session_id()
-        self.log = SessionLog(logger, self.id)
+        self.log = SessionLog(
+            logger,
+            self.id,
+            rip=info.rip,
+            lip=info.lip,
+            tls_version=(info.tls_version or "") if info.secure else None,
+            tls_by="haproxy" if info.secure and not info.tls else "",
+        )
         self.rip, self.lip = info.rip, info.lip
         self.maildrop: Maildrop | None = None
         #: The maildrop is closed (its lock released), or there never was one.
         self.released = True
         self.auth_failures = 0
+        #: Logins with the right credentials that were refused (locked, limits, throttle).
+        self.refused_logins = 0
+        #: Why the STLS handshake failed, for the session's last line.
+        self.tls_failure: str | None = None
         self.last_user: str | None = None
         self.last_method = "PLAIN"
         self.delete_failures = 0
@@ -232,8 +243,9 @@ class Session:
         self.conn.external_identity = info.external_identity
         origin = info.origin
         if origin is not None:
-            log = self.log.debug if origin.header.command == "LOCAL" else self.log.info
-            log("haproxy: Client connected: %s, session=<%s>", origin.describe(), self.id)
+            events.proxy_connected(
+                self.log, origin.describe(), health_check=origin.header.command == "LOCAL"
+            )
 
     def plaintext_allowed(self) -> bool:
         """Whether USER/PASS and plaintext SASL are allowed on this connection now."""
@@ -252,21 +264,27 @@ class Session:
 
     # ----------------------------------------------------------------- TLS
 
-    def tls_started(self, peercert: object) -> None:
-        """Tell the core TLS is up (RFC 2595 §4); ``peercert``: the client's certificate."""
+    def tls_started(self, peercert: object, version: str | None = None) -> None:
+        """Tell the core TLS is up (RFC 2595 §4).
+
+        Args:
+            peercert: the client's certificate.
+            version: the TLS version (``TLSv1.3``), for the log lines.
+        """
         self.secure = True
+        self.log.tls_started(version)
         self.conn.send(TlsStarted(user_enabled=self.plaintext_allowed()))
         self.conn.external_identity = client_identity(peercert)
 
     def tls_failed(self, exc: BaseException) -> None:
-        """Log a failed STLS handshake and end the session."""
-        self.log.info("TLS handshake failed: %s, rip=%s", exc, self.rip)
+        """End the session after a failed STLS handshake (its last line says why)."""
+        self.tls_failure = events.tls_failure_reason(exc)
         self.conn.close("tls-failed")
 
     def stls_discarded(self, discarded: int) -> None:
         """Log the plaintext bytes pipelined behind STLS that were thrown away."""
         if discarded:
-            self.log.warning("Discarded %d bytes pipelined after STLS", discarded)
+            events.stls_discarded(self.log, discarded)
 
     # ----------------------------------------------------------------- login
 
@@ -281,15 +299,8 @@ class Session:
         if throttle is not None:
             failures = await throttle.failures(self.rip)
             if throttle.refuses(failures):
-                self.log.info(
-                    "Login refused, too many failures: user=<%s>, method=%s, rip=%s, lip=%s, "
-                    "session=<%s>",
-                    event.username or "",
-                    event.mechanism,
-                    self.rip,
-                    self.lip,
-                    self.id,
-                )
+                self._refused(event.username, event.mechanism)
+                events.login_throttled(self.log, event.username, event.mechanism)
                 self.conn.send(
                     LoginRejected("Too many failed logins, try again later.", "LOGIN-DELAY")
                 )
@@ -297,7 +308,8 @@ class Session:
         try:
             user = await self._verify(event)
         except AuthError as exc:
-            self.log.error("Authentication backend failure for user=<%s>: %s", event.username, exc)
+            self._refused(event.username, event.mechanism)
+            events.auth_backend_failed(self.log, event.username, exc)
             self.conn.send(LoginRejected("Temporary authentication failure.", exc.resp_code))
             return
         if user is _ANSWERED:
@@ -329,7 +341,7 @@ class Session:
             return _may_log_in(await auth.lookup(event.username))
         if isinstance(event, OpenMaildrop):
             return _may_log_in(await auth.lookup(event.username))
-        self.log.debug("SASL %s failed: %s", event.mechanism, event.reason)
+        self.log.debug("SASL %s failed: %s", event.mechanism, event.reason, event="sasl_failed")
         return None
 
     async def _scram_secret(self, event: FetchSecret, stored: str | None) -> Secret:
@@ -353,14 +365,7 @@ class Session:
         self.auth_failures += 1
         self.last_user = username
         self.last_method = method
-        self.log.info(
-            "Authentication failed: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>",
-            username or "",
-            method,
-            self.rip,
-            self.lip,
-            self.id,
-        )
+        events.auth_failed(self.log, username, method)
         throttle = self.ctx.throttle
         delay = (
             await throttle.failed(self.rip, username)
@@ -386,17 +391,14 @@ class Session:
         admission, refusal = await cluster.admit(entry, self._kick)
         if refusal is None:
             return True
-        self.log.info(
-            "Login refused, %s: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>, "
-            "sessions=%d, from this address=%d",
+        self._refused(user.name, method)
+        events.login_over_limit(
+            self.log,
             refusal,
             user.name,
             method,
-            self.rip,
-            self.lip,
-            self.id,
-            admission.user_sessions,
-            admission.userip_sessions,
+            sessions=admission.user_sessions,
+            from_address=admission.userip_sessions,
         )
         self.conn.send(LoginRejected(refusal + ".", "IN-USE"))
         return False
@@ -405,7 +407,7 @@ class Session:
         if not await self._admit(user, method):
             return
         try:
-            self.maildrop = await self._open_maildrop(user)
+            self.maildrop = await self._open_maildrop(user, method)
         finally:
             if self.maildrop is None:  # not logged in after all: not counted either
                 await self.unregister()
@@ -414,31 +416,32 @@ class Session:
         self.released = False
         if self.ctx.throttle is not None:
             await self.ctx.throttle.succeeded(self.rip, failures)
-        self.log.info(
-            "Login: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>",
-            user.name,
-            method,
-            self.rip,
-            self.lip,
-            self.id,
-        )
+        events.login(self.log, user.name, method)
         self.log.user = user.name
         self.maildrop.on_lock_lost(self._lock_lost)
         self.conn.send(LoginAccepted(self.maildrop.messages))
 
-    async def _open_maildrop(self, user: User) -> Maildrop | None:
+    def _refused(self, user: str | None, method: str) -> None:
+        """Count a login refused for what it was (not a failure, not "no auth attempts")."""
+        self.refused_logins += 1
+        self.last_user = user
+        self.last_method = method
+
+    async def _open_maildrop(self, user: User, method: str) -> Maildrop | None:
         """Open and lock the user's maildrop; ``None`` (answered) if it cannot be."""
         cfg = self.ctx.config
         try:
             return await self.ctx.store.open(user, lock=cfg.pop3_lock_session)
         except MaildropLocked:
-            self.log.info("Login refused, maildrop locked: user=<%s>, rip=%s", user.name, self.rip)
+            self._refused(user.name, method)
+            events.maildrop_locked(self.log, user.name, method)
             self.conn.send(
                 LoginRejected("Mailbox is locked by another POP3 session, try later.", "IN-USE")
             )
             return None
         except StorageError as exc:
-            self.log.error("Cannot open maildrop of user=<%s>: %s", user.name, exc)
+            self._refused(user.name, method)
+            events.maildrop_open_failed(self.log, user.name, exc)
             self.conn.send(LoginRejected("Cannot open the mailbox, try later.", exc.resp_code))
             return None
 
@@ -488,12 +491,19 @@ class Session:
     def _unavailable(self, event: RetrieveMessage, key: str, exc: StorageError) -> None:
         """Log why a message cannot be read and tell the core."""
         if isinstance(exc, MessageGone):
-            self.log.warning("Message %d (%s) vanished from the maildrop", event.number, key)
+            self.log.warning(
+                "Message %d (%s) vanished from the maildrop",
+                event.number,
+                key,
+                event="message_gone",
+            )
             self.conn.send(
                 MessageUnavailable("Message was removed by another process.", "SYS/PERM")
             )
         else:
-            self.log.error("Cannot read message %d (%s): %s", event.number, key, exc)
+            self.log.error(
+                "Cannot read message %d (%s): %s", event.number, key, exc, event="read_failed"
+            )
             self.conn.send(MessageUnavailable("Cannot read the message, try later.", exc.resp_code))
 
     async def commit(self, event: CommitDeletions) -> None:
@@ -501,7 +511,12 @@ class Session:
         assert self.maildrop is not None
         failed = 0
         if event.numbers and self.ended_by is not None:
-            self.log.error("%s, %d deletions not made", self.ended_by, len(event.numbers))
+            self.log.error(
+                "%s, %d deletions not made",
+                self.ended_by,
+                len(event.numbers),
+                event="delete_failed",
+            )
             failed = self.delete_failures = len(event.numbers)
         elif event.numbers:
             keys = [self.maildrop.messages[n - 1].key for n in event.numbers]
@@ -509,11 +524,18 @@ class Session:
                 result = await self.maildrop.delete(keys)
                 failed = len(result.failed)
             except StorageError as exc:
-                self.log.error("Deleting %d messages failed: %s", len(keys), exc)
+                self.log.error(
+                    "Deleting %d messages failed: %s", len(keys), exc, event="delete_failed"
+                )
                 failed = len(keys)
             self.delete_failures = failed
             if failed:
-                self.log.error("%d of %d messages could not be deleted", failed, len(keys))
+                self.log.error(
+                    "%d of %d messages could not be deleted",
+                    failed,
+                    len(keys),
+                    event="delete_failed",
+                )
         # UPDATE ends the session: the lock goes before the client hears +OK, so a client
         # that logs in again at once finds the maildrop free (through the storage helper,
         # releasing it is a round trip).
@@ -541,7 +563,7 @@ class Session:
 
     def internal_error(self) -> None:
         """Log an unexpected exception (the caller's) and end the session."""
-        self.log.exception("Internal error, closing the session")
+        self.log.exception("Internal error, closing the session", event="internal_error")
         self.conn.close("internal-error")
 
     def proxy_header_refused(self) -> None:
@@ -550,50 +572,40 @@ class Session:
         A trusted HAProxy's header has been read before the session began; one here comes
         from a client (or from behind HAProxy) and is never believed.
         """
-        log_header_refused(logger, self.log.prefix.rstrip(":"), self.rip, self.lip)
+        events.proxy_header_refused(
+            logger, self.log.prefix.rstrip(":"), self.rip, self.lip, self.id
+        )
         self.conn.close("proxy-refused")
 
     def kicked(self) -> None:
         """Log that the registry ended the session."""
-        self.log.info("Kicked by the administrator, ending the session without UPDATE")
+        events.kicked(self.log)
 
     def lock_gone(self) -> None:
         """Log that the store lost the maildrop lock."""
-        self.log.error("Maildrop lock lost, ending the session without UPDATE")
+        events.lock_lost(self.log)
 
     def disconnected(self, reason: str) -> None:
         """Write the session's last log line (its formats are read by fail2ban filters)."""
         s = self.conn.stats
         if self.log.user is not None:
-            self.log.info(
-                "Disconnected: %s top=%d/%d, retr=%d/%d, del=%d/%d, size=%d",
+            quit_ = self.conn.close_reason == "quit"
+            events.disconnected(
+                self.log,
                 reason,
-                s.top_count,
-                s.top_bytes,
-                s.retr_count,
-                s.retr_bytes,
-                s.deleted_count - self.delete_failures if self.conn.close_reason == "quit" else 0,
-                s.messages_at_login,
-                s.size_at_login,
+                top=(s.top_count, s.top_bytes),
+                retr=(s.retr_count, s.retr_bytes),
+                deleted=s.deleted_count - self.delete_failures if quit_ else 0,
+                messages=s.messages_at_login,
+                size=s.size_at_login,
             )
-        elif self.auth_failures:
-            self.log.info(
-                "Disconnected (auth failed, %d attempts in %d secs): user=<%s>, method=%s, "
-                "rip=%s, lip=%s, session=<%s>",
-                self.auth_failures,
-                int(time.monotonic() - self.started),
-                self.last_user or "",
-                self.last_method,
-                self.rip,
-                self.lip,
-                self.id,
-            )
-        else:
-            self.log.info(
-                "Disconnected (no auth attempts in %d secs): %s, rip=%s, lip=%s, session=<%s>",
-                int(time.monotonic() - self.started),
-                reason,
-                self.rip,
-                self.lip,
-                self.id,
-            )
+            return
+        events.disconnected_before_login(
+            self.log,
+            secs=int(time.monotonic() - self.started),
+            reason=self.tls_failure or reason,
+            failures=self.auth_failures,
+            refusals=self.refused_logins,
+            user=self.last_user,
+            method=self.last_method,
+        )
