@@ -105,8 +105,17 @@ class StateService:
         #: Called with ``(index, pid)`` when a worker says it serves (``ready``).
         self.on_ready: Callable[[int, int], None] | None = None
         self._live: dict[int, set[str]] = {}
+        #: Each worker's sessions → octets of mail sent, as of its last heartbeat.
+        self._octets: dict[int, dict[str, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._next = 0
+
+    def octets(self) -> dict[str, int]:
+        """Return the octets of mail each worker's sessions had sent at its last heartbeat."""
+        out: dict[str, int] = {}
+        for sent in self._octets.values():
+            out.update(sent)
+        return out
 
     def attach(self, sock: socket.socket) -> asyncio.Task[None]:
         """Serve one worker on ``sock`` (its end of a socketpair) until it closes."""
@@ -139,6 +148,7 @@ class StateService:
         except (ConnectionError, OSError):
             return
         finally:
+            self._octets.pop(worker, None)
             for session_id in self._live.pop(worker, ()):
                 await self.registry.unregister(session_id)
             writer.close()
@@ -179,6 +189,9 @@ class StateService:
             return list(await self.registry.count(str(args["user"]), str(args["rip"])))
         if op == "kick":
             return await self.registry.kick(user=args["user"], session_id=args["id"])
+        if op == "octets":
+            self._octets[worker] = {str(k): int(v) for k, v in dict(args["sent"]).items()}
+            return None
         if op == "ready":
             if self.on_ready is not None:
                 self.on_ready(int(args["index"]), int(args["pid"]))
