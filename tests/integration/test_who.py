@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import json
+import os
+import pty
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -20,6 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from pobox.config import Config, load_config
+from pobox.errors import ConfigError
+from pobox.server._control import control_socket_path
 from pobox.who import format_sessions
 from tests.helpers.accounts import unused_uid
 from tests.helpers.maildir import deliver
@@ -194,6 +202,35 @@ class TestOneProcess:
             assert ["no", "PLAIN", "0"] == lines[2].split()[4:7]
             assert "2 sessions" == lines[-1]
 
+    async def test_table_on_a_terminal(self, tmp_path: Path, sockdir: Path) -> None:
+        """On a terminal, who draws a rich table, and a user name is never read as markup."""
+        users = {"[bold]eve": "pw", "alice": "secret"}
+        async with pobox_serve(tmp_path, users, control_socket=str(sockdir / "c")) as proc:
+            wire = await Wire.connect("127.0.0.1", proc.port)
+            assert (await wire.line()).startswith(b"+OK")
+            assert b"+OK Logged in.\r\n" == await login(wire, b"[bold]eve", b"pw")
+            leader, follower = pty.openpty()
+            try:
+                child = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pobox", "who", "-c", str(config_of(proc)),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=follower,
+                    env={**os.environ, "COLUMNS": "200", "TERM": "xterm"},
+                )  # fmt: skip
+                os.close(follower)
+                async with asyncio.timeout(60):
+                    assert 0 == await child.wait()
+                out = b""
+                with contextlib.suppress(OSError):  # EIO: the child closed the terminal
+                    while chunk := os.read(leader, 65536):
+                        out += chunk
+            finally:
+                os.close(leader)
+        text = out.decode()
+        assert "[bold]eve" in text
+        assert "MECHANISM" in text
+        assert "1 session" in text
+
     async def test_kick_by_user_ends_without_update(self, tmp_path: Path, sockdir: Path) -> None:
         """kick alice ends both her sessions without UPDATE; bob's goes on."""
         fill(tmp_path)
@@ -237,13 +274,30 @@ class TestOneProcess:
             assert b"+OK\r\n" == await bob.command(b"NOOP")
 
     async def test_socket_mode_and_removal(self, tmp_path: Path, sockdir: Path) -> None:
-        """The socket is mode 0600, and gone after the server stops."""
+        """A stale socket file is replaced; the socket is mode 0600, and gone at the end."""
         path = sockdir / "control"
-        async with pobox_serve(tmp_path, USERS, control_socket=str(path)):
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(path))  # what a server killed by SIGKILL leaves
+        stale.close()
+        async with pobox_serve(tmp_path, USERS, control_socket=str(path)) as proc:
             mode = path.lstat().st_mode
             assert stat.S_ISSOCK(mode)
             assert 0o600 == stat.S_IMODE(mode)
+            assert [] == await who(proc)
         assert not path.exists()
+
+    async def test_socket_taken(self, tmp_path: Path, sockdir: Path) -> None:
+        """A second server on a control_socket another one answers on exits 78 naming it."""
+        path = sockdir / "control"
+        async with pobox_serve(tmp_path / "a", USERS, control_socket=str(path)) as first:
+            config = config_of(first).read_text().replace(str(tmp_path / "a"), str(tmp_path / "b"))
+            (tmp_path / "b").mkdir()
+            (tmp_path / "b" / "pobox.toml").write_text(config)
+            shutil.copy(tmp_path / "a" / "passwd", tmp_path / "b" / "passwd")
+            status, _, err = await pobox("serve", "-c", str(tmp_path / "b" / "pobox.toml"))
+            assert 78 == status
+            assert f"control_socket: a server already answers on {path}" in err
+            assert [] == await who(first)
 
 
 class TestFormat:
@@ -256,6 +310,28 @@ class TestFormat:
         assert "eve\\x1b[2J\\x0d" == text.splitlines()[1].split()[0]
         assert "\x1b" not in text
         assert ["yes", "PLAIN", "-", "n", "abc"] == text.splitlines()[1].split()[4:]
+
+
+class TestConfig:
+    """The control_socket key."""
+
+    def test_relative_path_refused(self, tmp_path: Path) -> None:
+        """A relative path (resolved differently by the server and by who) is an error."""
+        config = tmp_path / "pobox.toml"
+        config.write_text(f'mail_location = "maildir:{tmp_path}/%u"\ncontrol_socket = "run/c"\n')
+        with pytest.raises(ConfigError, match=r"^control_socket: 'run/c' must be auto, off or"):
+            load_config(config)
+
+    def test_auto(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """auto: /run/pobox/control for root, XDG_RUNTIME_DIR for others, else none."""
+        config = Config()
+        monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+        assert Path("/run/pobox/control") == control_socket_path(config, euid=0)
+        assert Path("/run/user/1000/pobox/control") == control_socket_path(config, euid=1000)
+        monkeypatch.delenv("XDG_RUNTIME_DIR")
+        assert None is control_socket_path(config, euid=1000)
+        off = dataclasses.replace(config, control_socket="off")
+        assert None is control_socket_path(off, euid=0)
 
 
 class TestRefusals:
