@@ -373,7 +373,16 @@ def build_control(
             exc,
         )
         return None
-    control = SessionControl(registry, octets=octets, end_here=end_here, wait=kick_wait(config))
+    # A kick by user matches the name as logins register it: Dovecot's %Lu lowercases it
+    # (auth_username_format, when the configuration has that key).
+    lower = getattr(config, "auth_username_format", "") == "%Lu"
+    control = SessionControl(
+        registry,
+        octets=octets,
+        end_here=end_here,
+        wait=kick_wait(config),
+        normalise=str.lower if lower else str,
+    )
     allowed = frozenset() if owner is None else frozenset({owner.uid})
     return ControlServer(sock, path, control, allowed=allowed, node=node_name(config))
 

@@ -19,6 +19,8 @@ Kicks
 :meth:`~pobox.state.base.SessionRegistry.heartbeat`, which also returns the sessions of this
 node someone asked to end; each is ended by :meth:`pobox.server.Session.kick` at once: its
 wait for the client is cut short, it answers ``-ERR [SYS/TEMP]`` and closes without UPDATE.
+``pobox kick`` (:mod:`pobox.server._control`) marks sessions in the registry, and ends
+those of this process at once (:meth:`Cluster.kick_here`) rather than at the next beat.
 
 May import: the standard library, :mod:`pobox.state`.
 """

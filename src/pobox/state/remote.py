@@ -20,6 +20,8 @@ The session registry of one node forgets, at a heartbeat, the sessions the node 
 has.  With several workers each heartbeat lists only that worker's sessions, so the service
 keeps each worker's own set: a heartbeat replaces the set of its worker, and the registry is
 told the union of every worker's.  A worker that goes away takes its sessions with it.
+With each heartbeat a worker also reports the octets its sessions have sent (``octets``),
+which the master's control socket shows in ``pobox who``.
 
 A worker whose master is gone sees the end of its connection (:attr:`RemoteState.on_lost`):
 it stops, so that its listeners and maildrop locks are freed with the master.
