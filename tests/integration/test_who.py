@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import pty
+import pwd
 import re
 import shutil
 import socket
@@ -25,11 +26,13 @@ from pathlib import Path
 
 import pytest
 
+from pobox.auth.passwdfile import add_user
 from pobox.config import Config, load_config
 from pobox.errors import ConfigError
 from pobox.server._control import control_socket_path
 from pobox.who import format_sessions
 from tests.helpers.accounts import unused_uid
+from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import deliver
 from tests.helpers.process import ServeProcess, pobox_serve
 from tests.helpers.users import interpreter, need_root
@@ -134,6 +137,36 @@ async def still_there(port: int, user: str) -> bytes:
     """Log in again and return STAT: a kick must not have run UPDATE."""
     wire = await logged_in(port, user)
     return await wire.command(b"STAT")
+
+
+async def as_uid(path: Path, uid: int, gid: int) -> str:
+    """Ask ``who`` on the socket ``path`` from a process of ``uid``; return the answer line
+    (``EACCES`` if the socket cannot be opened)."""
+    client = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        f"    s.connect({str(path)!r})\n"
+        "except PermissionError:\n"
+        "    print('EACCES'); sys.exit(0)\n"
+        "try:\n"
+        '    s.sendall(b\'{"v": 1, "op": "who"}\\n\')\n'
+        "except BrokenPipeError:\n"
+        "    pass  # refused before its request was read\n"
+        "print(s.makefile('rb').readline().decode().strip())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        interpreter(), "-I", "-c", client,
+        stdout=asyncio.subprocess.PIPE,
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        cwd="/",
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    assert 0 == proc.returncode
+    return out.decode().strip()
 
 
 def by_user(sessions: list[dict[str, object]]) -> dict[object, dict[str, object]]:
@@ -360,42 +393,38 @@ class TestRefusals:
         path = sockdir / "control"
         sockdir.chmod(0o755)
         uid = unused_uid()
-        client = (
-            "import socket, sys\n"
-            "s = socket.socket(socket.AF_UNIX)\n"
-            "try:\n"
-            f"    s.connect({str(path)!r})\n"
-            "except PermissionError:\n"
-            "    print('EACCES'); sys.exit(0)\n"
-            "try:\n"
-            '    s.sendall(b\'{"v": 1, "op": "who"}\\n\')\n'
-            "except BrokenPipeError:\n"
-            "    pass  # refused before its request was read\n"
-            "print(s.makefile('rb').readline().decode().strip())\n"
-        )
-
-        async def as_other() -> str:
-            proc = await asyncio.create_subprocess_exec(
-                interpreter(), "-I", "-c", client,
-                stdout=asyncio.subprocess.PIPE,
-                user=uid,
-                group=uid,
-                extra_groups=[],
-                cwd="/",
-            )  # fmt: skip
-            async with asyncio.timeout(30):
-                out, _ = await proc.communicate()
-            assert 0 == proc.returncode
-            return out.decode().strip()
 
         async with pobox_serve(tmp_path, USERS, control_socket=str(path)) as proc:
             await logged_in(proc.port, "alice")
-            assert "EACCES" == await as_other()
+            assert "EACCES" == await as_uid(path, uid, uid)
             path.chmod(0o666)  # the file's mode is one layer; the peer's uid is the other
-            answer = json.loads(await as_other())
+            answer = json.loads(await as_uid(path, uid, uid))
             assert {"v": 1, "ok": False, "error": f"permission denied for uid {uid}"} == answer
             await proc.wait_log(rf"control socket: refused uid {uid} \(pid \d+\)")
             assert 1 == len(await who(proc))  # root still may
+
+    async def test_service_user_owns_and_may_ask(self, sockdir: Path) -> None:
+        """Started as root to serve as nobody: the socket is nobody's, and nobody is answered."""
+        need_root()
+        nobody = pwd.getpwnam("nobody")
+        path = sockdir / "control"
+        sockdir.chmod(0o755)
+        with searchable_tmpdir() as folder:
+            for name, password in USERS.items():
+                add_user(folder / "passwd", name, password.encode(), scheme="PLAIN")
+                (folder / "mail" / name).mkdir(parents=True)
+            (folder / "passwd").chmod(0o644)
+            for mail in [folder / "mail", *(folder / "mail").rglob("*")]:
+                os.chown(mail, nobody.pw_uid, nobody.pw_gid)
+            settings = {"mail_uid": "nobody", "control_socket": str(path)}
+            async with pobox_serve(folder, {}, **settings) as proc:
+                await logged_in(proc.port, "alice")
+                info = path.lstat()
+                assert (nobody.pw_uid, 0o600) == (info.st_uid, stat.S_IMODE(info.st_mode))
+                answer = json.loads(await as_uid(path, nobody.pw_uid, nobody.pw_gid))
+                assert True is answer["ok"]
+                assert ["alice"] == [s["user"] for s in answer["sessions"]]
+                assert ["alice"] == [s["user"] for s in await who(proc)]  # and root
 
     async def test_hostile_requests(self, tmp_path: Path, sockdir: Path) -> None:
         """Bad JSON, a wrong version, a long line, a silent client: an error each, server fine."""
@@ -513,3 +542,40 @@ class TestPostgresCluster:
             assert b"+OK\r\n" == await on_a.command(b"NOOP")
             assert ["bob"] == [s["user"] for s in await who(b)]
             assert b"+OK 1 %d\r\n" % len(MESSAGE) == await still_there(b.port, "alice")
+
+    async def test_workers_on_postgres(self, tmp_path: Path, sockdir: Path, pg_dsn: str) -> None:
+        """With workers on PostgreSQL state, the master lists and kicks through the database."""
+        fill(tmp_path)
+        async with pobox_serve(
+            tmp_path,
+            USERS,
+            workers=2,
+            apop=True,
+            node_name="mx",
+            shared_state="postgresql",
+            postgresql_dsn=pg_dsn,
+            shared_state_heartbeat=HEARTBEAT,
+            shared_state_timeout=3,
+            pop3_lock_session=False,
+            control_socket=str(sockdir / "control"),
+        ) as proc:
+            await proc.wait_log(r"master: pobox \S+ started, listening on 127\.0\.0\.1:")
+            first, second = worker_pids(proc)
+            alice = await connect_to(proc, first)
+            assert b"+OK Logged in.\r\n" == await login(alice, b"alice", b"secret")
+            assert (await alice.command(b"DELE 1")).startswith(b"+OK")
+            bob = await connect_to(proc, second)
+            assert b"+OK Logged in.\r\n" == await login(bob, b"bob", b"hunter2")
+            for _ in range(400):  # each worker reports its octets with its heartbeat
+                sessions = by_user(await who(proc))
+                if all(s["bytes"] is not None for s in sessions.values()):
+                    break
+                await asyncio.sleep(HEARTBEAT)
+            assert {"mx-w1", "mx-w2"} == {s["node"] for s in sessions.values()}  # one each
+            assert (0, 0) == (sessions["alice"]["bytes"], sessions["bob"]["bytes"])
+            status, out, _ = await pobox("kick", "alice", "-c", str(config_of(proc)))
+            assert (0, "1 session ended\n") == (status, out)
+            assert (await ended(alice)).startswith(b"-ERR [SYS/TEMP]")
+            assert b"+OK\r\n" == await bob.command(b"NOOP")
+            assert ["bob"] == [s["user"] for s in await who(proc)]
+            assert b"+OK 1 %d\r\n" % len(MESSAGE) == await still_there(proc.port, "alice")

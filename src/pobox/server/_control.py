@@ -137,8 +137,12 @@ def bind_control_socket(
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"control_socket: {path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)  # a live server with a full backlog: EAGAIN, not a wait
         try:
             probe.connect(str(path))
+        except BlockingIOError:
+            probe.close()
+            raise ConfigError(f"control_socket: a server already answers on {path}") from None
         except OSError:
             path.unlink(missing_ok=True)  # left by a server that is gone
         else:
