@@ -29,12 +29,13 @@ import pytest
 from pobox.auth.passwdfile import add_user
 from pobox.config import Config, load_config
 from pobox.errors import ConfigError
-from pobox.server._control import control_socket_path
+from pobox.server._control import bind_control_socket, control_socket_path
 from pobox.who import format_sessions
 from tests.helpers.accounts import unused_uid
 from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import deliver
-from tests.helpers.process import ServeProcess, pobox_serve
+from tests.helpers.process import ServeProcess
+from tests.helpers.process import pobox_serve as _pobox_serve
 from tests.helpers.users import interpreter, need_root
 from tests.integration.test_workers import connect_to, login, worker_pids
 from tests.integration.wire import Wire
@@ -44,6 +45,13 @@ USERS = {"alice": "secret", "bob": "hunter2"}
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
 #: Heartbeat of the test servers: kicks reach workers and other nodes within fractions of a second.
 HEARTBEAT = 0.2
+
+
+def pobox_serve(
+    folder: Path, users: dict[str, str], **settings: object
+) -> contextlib.AbstractAsyncContextManager[ServeProcess]:
+    """``pobox serve`` that stops at once at the end (a test's sessions need no drain)."""
+    return _pobox_serve(folder, users, **{"drain_timeout": 0, **settings})
 
 
 @pytest.fixture(autouse=True)
@@ -365,6 +373,34 @@ class TestConfig:
         assert None is control_socket_path(config, euid=1000)
         off = dataclasses.replace(config, control_socket="off")
         assert None is control_socket_path(off, euid=0)
+
+
+class TestSocketFile:
+    """bind_control_socket on its own."""
+
+    def test_group_mode_and_owner(self, sockdir: Path) -> None:
+        """With group, the socket is 0660, owned by the uid and gid given."""
+        need_root()
+        nobody = pwd.getpwnam("nobody")
+        path = sockdir / "sub" / "control"
+        sock = bind_control_socket(path, uid=nobody.pw_uid, gid=nobody.pw_gid, group=True)
+        try:
+            info = path.lstat()
+            assert (nobody.pw_uid, nobody.pw_gid) == (info.st_uid, info.st_gid)
+            assert 0o660 == stat.S_IMODE(info.st_mode)
+            assert 0o755 == stat.S_IMODE(path.parent.stat().st_mode)
+            with pytest.raises(ConfigError, match="a server already answers on"):
+                bind_control_socket(path, uid=None, gid=None, group=False)
+        finally:
+            sock.close()
+
+    def test_not_a_socket(self, sockdir: Path) -> None:
+        """A regular file at the path is left alone and named in the error."""
+        path = sockdir / "control"
+        path.write_text("precious")
+        with pytest.raises(ConfigError, match="exists and is not a socket"):
+            bind_control_socket(path, uid=None, gid=None, group=False)
+        assert "precious" == path.read_text()
 
 
 class TestRefusals:
