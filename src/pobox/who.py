@@ -60,6 +60,8 @@ def ask(config: Config, request: dict[str, object], *, timeout: float) -> dict[s
         ControlError: no server answers, or it refused or failed the request.
     """
     path = control_socket_path(config)
+    if path is None and config.control_socket == "off":
+        raise ControlError("no control socket: control_socket is off in this configuration", 78)
     if path is None:
         raise ControlError(
             "no control socket: control_socket is auto, this user is not root and "

@@ -418,6 +418,16 @@ class TestRefusals:
             assert str(path) in err
             assert "control_socket" in err
             assert "Traceback" not in err
+        config.write_text(f'mail_location = "maildir:{tmp_path}/%u"\ncontrol_socket = "off"\n')
+        status, _, err = await pobox("who", "-c", str(config))
+        assert (
+            78,
+            "pobox who: no control socket: control_socket is off in this configuration\n",
+        ) == (
+            status,
+            err,
+        )
+        config.write_text(f'mail_location = "maildir:{tmp_path}/%u"\ncontrol_socket = "{path}"\n')
         path.touch()  # a file where the socket should be: still "no server"
         status, _, err = await pobox("who", "-c", str(config))
         assert 69 == status
