@@ -313,6 +313,13 @@ class TestOneProcess:
             status, out, _ = await pobox("kick", "alice", "-c", str(config_of(proc)))
             assert (1, "0 sessions ended\n") == (status, out)
             assert b"+OK\r\n" == await bob.command(b"NOOP")
+            forged = "bob\n2026-01-01 00:00:00,000 INFO master: forged"
+            status, out, _ = await pobox("kick", forged, "-c", str(config_of(proc)))
+            assert (1, "0 sessions ended\n") == (status, out)
+            line = await proc.wait_log(r"control socket: kick bob.*forged")
+            assert line.endswith("by uid 0: 0 sessions asked to end, 0 ended")
+            assert not any("master: forged" in x[:40] for x in proc.text().splitlines())
+            assert b"+OK\r\n" == await bob.command(b"NOOP")
 
     async def test_socket_mode_and_removal(self, tmp_path: Path, sockdir: Path) -> None:
         """A stale socket file is replaced; the socket is mode 0600, and gone at the end."""
