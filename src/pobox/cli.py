@@ -563,6 +563,8 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
             remote=remote,
         )
     )
+    if remote is not None and server.ctx.cluster is not None:  # pobox kick, from the master
+        remote.on_kick = server.ctx.cluster.kick_here
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     health = (
         HealthServer(parse_listen(config.health_listen, key="health_listen"), probes_of(stores))
@@ -655,7 +657,8 @@ def _master_control(
         the control server (if any), and what closes the registry's pool (if any).
     """
     if shared_state_backend(config) == "memory":
-        return build_control(config, plan, service.registry, service.octets), None
+        control = build_control(config, plan, service.registry, service.octets, service.push_kicks)
+        return control, None
     from pobox.state.postgres import (  # noqa: PLC0415 - psycopg only when used
         PostgresSessionRegistry,
         PostgresState,
@@ -671,7 +674,7 @@ def _master_control(
     registry = PostgresSessionRegistry(
         state, node_name(config), lease=LEASE_BEATS * config.shared_state_heartbeat
     )
-    return build_control(config, plan, registry, service.octets), state.aclose
+    return build_control(config, plan, registry, service.octets, service.push_kicks), state.aclose
 
 
 async def run_master(config: Config, command: list[str], count: int) -> int:

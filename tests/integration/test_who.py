@@ -546,6 +546,30 @@ class TestWorkers:
             assert b"+OK Logged in.\r\n" == await login(wire, b"alice", b"secret")
             assert b"+OK 1 %d\r\n" % len(MESSAGE) == await wire.command(b"STAT")
 
+    @pytest.mark.parametrize("state", ["memory", "postgresql"])
+    async def test_kick_reaches_a_worker_at_once(
+        self, tmp_path: Path, sockdir: Path, state: str, request: pytest.FixtureRequest
+    ) -> None:
+        """The master tells the worker: the kick does not wait for a (minute-long) heartbeat."""
+        more = {"postgresql_dsn": request.getfixturevalue("pg_dsn")} if state != "memory" else {}
+        async with pobox_serve(
+            tmp_path,
+            USERS,
+            workers=2,
+            shared_state=state,
+            shared_state_heartbeat=60,
+            shared_state_timeout=3,
+            control_socket=str(sockdir / "control"),
+            **more,
+        ) as proc:
+            await proc.wait_log(r"master: pobox \S+ started, listening on 127\.0\.0\.1:")
+            alice = await logged_in(proc.port, "alice")
+            bob = await logged_in(proc.port, "bob")
+            status, out, _ = await pobox("kick", "alice", "-c", str(config_of(proc)))
+            assert (0, "1 session ended\n") == (status, out)
+            assert (await ended(alice)).startswith(b"-ERR [SYS/TEMP]")
+            assert b"+OK\r\n" == await bob.command(b"NOOP")
+
 
 class TestPostgresCluster:
     """Two nodes on one PostgreSQL: who and kick on one reach the other's sessions."""

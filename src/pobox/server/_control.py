@@ -24,8 +24,8 @@ another node (only each node counts its own; the shared registry carries no coun
 would cost a write per RETR).  With workers it is as of each worker's last heartbeat.
 ``kick`` matches ``target`` as a session id and as a user name; ``asked`` is how many
 sessions the registry marked to end, ``ended`` how many were gone within
-:func:`kick_wait` (a session of another node or of a worker ends at that node's or worker's
-next heartbeat; one of this process at once).
+:func:`kick_wait` (a session of another node ends at that node's next heartbeat; one of this
+process, or of a worker of this master, at once).
 
 Who may ask
 -----------
@@ -178,8 +178,8 @@ class SessionControl:
     Args:
         registry: the session registry (every node's sessions with PostgreSQL).
         octets: the octets sent by each session this node serves (this process or its workers).
-        end_here: ends at once those of the given sessions this process serves; returns how
-            many (workers see kicks at their heartbeat instead).
+        end_here: ends at once those of the given sessions this process (or a worker of
+            this master) serves; the others see the kick at their node's next heartbeat.
         wait: seconds a kick waits for the sessions it marked to be gone.
         normalise: turns a kick's target into the user name logins register (the
             userdb's form of it), for the match by user.
