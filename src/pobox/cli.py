@@ -60,6 +60,13 @@ from pobox.server._cluster import (
     FallbackRegistry,
     StoreHealth,
 )
+from pobox.server._control import (
+    ControlServer,
+    SessionControl,
+    bind_control_socket,
+    control_socket_path,
+    kick_wait,
+)
 from pobox.server._health import HealthServer, probes_of
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
@@ -75,6 +82,7 @@ from pobox.state import (
     FailureCounters,
     MemoryFailureCounters,
     MemorySessionRegistry,
+    SessionRegistry,
     StateUnavailable,
 )
 from pobox.state.remote import (
@@ -112,6 +120,7 @@ from pobox.transfer import (
     maildir_owner,
     purge_maildrop,
 )
+from pobox.who import add_control_parsers
 
 if TYPE_CHECKING:
     from pobox.auth.postgres import PostgresAuthenticator
@@ -252,6 +261,11 @@ def node_name(config: Config) -> str:
     return config.node_name or socket.gethostname()
 
 
+async def _report_octets(remote: RemoteState, sent: dict[str, int]) -> None:
+    """Tell the master what this worker's sessions have sent (with each heartbeat)."""
+    await remote.call("octets", sent=sent)
+
+
 def build_shared_state(
     config: Config, remote: RemoteState | None = None
 ) -> tuple[FailureCounters, Cluster]:
@@ -269,6 +283,8 @@ def build_shared_state(
         heartbeat=config.shared_state_heartbeat,
         max_user=config.mail_max_user_connections,
         max_userip=config.mail_max_userip_connections,
+        # A worker tells its master what its sessions sent, for the master's `pobox who`.
+        report=None if remote is None else functools.partial(_report_octets, remote),
     )
     if shared_state_backend(config) == "memory":
         if remote is None:
@@ -315,6 +331,60 @@ def build_shared_state(
         store="postgresql",
         check=state.check_schema,
     )
+
+
+def build_control(
+    config: Config,
+    plan: PrivilegePlan,
+    registry: SessionRegistry,
+    octets: Callable[[], dict[str, int]],
+    end_here: Callable[[set[str]], int] | None = None,
+) -> ControlServer | None:
+    """Bind the control socket of ``pobox who`` / ``kick`` (``control_socket``), if any.
+
+    Made while still root, owned by the service user (``user``), who may then ask too.  With
+    ``control_socket = auto`` a socket that cannot be made is logged and done without.
+
+    Raises:
+        ConfigError: the socket cannot be made, or another server answers on it.
+    """
+    path = control_socket_path(config)
+    if path is None:
+        logger.info(
+            "master: no control socket (control_socket is auto, not root and XDG_RUNTIME_DIR "
+            "unset): pobox who and pobox kick cannot reach this server"
+        )
+        return None
+    owner = plan.serve_as if os.geteuid() == 0 else None
+    try:
+        sock = bind_control_socket(
+            path,
+            uid=None if owner is None else owner.uid,
+            gid=None if owner is None else owner.gid,
+            group=bool(config.group),
+        )
+    except ConfigError as exc:
+        if config.control_socket != "auto":
+            raise
+        # The default place may be taken (a second server on the host) or not writable (a
+        # read-only /run): serve without it rather than not at all, and say what to set.
+        logger.warning(
+            "master: no control socket (%s): set control_socket to a path of this server's",
+            exc,
+        )
+        return None
+    # A kick by user matches the name as logins register it: Dovecot's %Lu lowercases it
+    # (auth_username_format, when the configuration has that key).
+    lower = getattr(config, "auth_username_format", "") == "%Lu"
+    control = SessionControl(
+        registry,
+        octets=octets,
+        end_here=end_here,
+        wait=kick_wait(config),
+        normalise=str.lower if lower else str,
+    )
+    allowed = frozenset() if owner is None else frozenset({owner.uid})
+    return ControlServer(sock, path, control, allowed=allowed, node=node_name(config))
 
 
 def build_context(
@@ -493,12 +563,15 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
             remote=remote,
         )
     )
+    if remote is not None and server.ctx.cluster is not None:  # pobox kick, from the master
+        remote.on_kick = server.ctx.cluster.kick_here
     delivery = DeliveryServer(config, build_agent(config, authenticator, store))
     health = (
         HealthServer(parse_listen(config.health_listen, key="health_listen"), probes_of(stores))
         if config.health_listen
         else None
     )
+    control: ControlServer | None = None
     try:  # the ports are bound and the TLS key read: root is no longer needed
         if server.ctx.cluster is not None:
             await server.ctx.cluster.check_schema()
@@ -506,11 +579,20 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
         await delivery.start()
         if health is not None:
             await health.start()
+        cluster = server.ctx.cluster
+        if worker is None and cluster is not None:  # a master answers for its workers
+            control = build_control(
+                config, plan, cluster.registry, cluster.octets, cluster.kick_here
+            )
+            if control is not None:
+                await control.start()
         # Start the thread pool (and import its modules) first: the interpreter may live
         # where the unprivileged user cannot read (a pyenv under /root).
         await asyncio.to_thread(int)
         _switch(config, plan)
     except BaseException:
+        if control is not None:
+            await control.aclose()
         if health is not None:
             await health.aclose()
         await delivery.aclose()
@@ -552,6 +634,8 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
     if not lost or now.is_set():
         await drain(config, server, delivery, health, now)
     logger.info("master: shutting down (%d sessions open)", server.session_count)
+    if control is not None:
+        await control.aclose()
     if health is not None:
         await health.aclose()
     await delivery.aclose()
@@ -562,6 +646,35 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
         await remote.aclose()
     logger.info("master: stopped")
     return EX_UNAVAILABLE if lost else 0
+
+
+def _master_control(
+    config: Config, plan: PrivilegePlan, service: StateService
+) -> tuple[ControlServer | None, Callable[[], Coroutine[Any, Any, None]] | None]:
+    """The master's control socket, over its memory registry or the cluster's PostgreSQL one.
+
+    Returns:
+        the control server (if any), and what closes the registry's pool (if any).
+    """
+    if shared_state_backend(config) == "memory":
+        control = build_control(config, plan, service.registry, service.octets, service.push_kicks)
+        return control, None
+    from pobox.state.postgres import (  # noqa: PLC0415 - psycopg only when used
+        PostgresSessionRegistry,
+        PostgresState,
+    )
+
+    # Only listing and kicking: the master has no sessions of its own, and no lease.
+    state = PostgresState(
+        config.postgresql_dsn,
+        schema=config.postgresql_schema,
+        timeout=max(config.shared_state_timeout, 2.0),
+        pool_max=1,
+    )
+    registry = PostgresSessionRegistry(
+        state, node_name(config), lease=LEASE_BEATS * config.shared_state_heartbeat
+    )
+    return build_control(config, plan, registry, service.octets, service.push_kicks), state.aclose
 
 
 async def run_master(config: Config, command: list[str], count: int) -> int:
@@ -583,6 +696,12 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
     service = StateService(config.auth_failure_window, node_name(config))
     supervisor = Supervisor(command, listeners, count, service.attach)
     service.on_ready = supervisor.ready
+    try:
+        control, close_registry = _master_control(config, plan, service)
+    except BaseException:
+        listeners.close()
+        listeners.remove_paths()
+        raise
 
     async def workers_serving() -> None:
         if not supervisor.serving:
@@ -623,6 +742,8 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
         loop.add_signal_handler(sig, pass_on, sig)
     status = 0
     try:
+        if control is not None:
+            await control.start()
         if health is not None:
             await health.start()
         supervisor.start()
@@ -656,6 +777,10 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
             await health.aclose()
         for store in probed:
             await store.aclose()
+        if control is not None:
+            await control.aclose()
+        if close_registry is not None:
+            await close_registry()
         await service.aclose()
         listeners.close()
         listeners.remove_paths()
@@ -1466,6 +1591,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", required=True, help="TOML configuration file")
         p.set_defaults(func=cmd_db)
     add_fetch_parser(sub)
+    add_control_parsers(sub)
     return parser
 
 

@@ -129,6 +129,7 @@ class Config:
     mail_max_userip_connections: int = 10
     mail_max_user_connections: int = 0
     health_listen: str = ""
+    control_socket: str = "auto"
     drain_timeout: float = 30.0
     workers: int = 0
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -468,6 +469,12 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "answers 200 while the node reaches its stores and is not draining, else 503 with the "
         "reason. Bind it to loopback or a private network: anyone who reaches it may ask.",
     ),
+    "control_socket": (
+        str,
+        "Unix socket of `pobox who` and `pobox kick` (mode 0600, 0660 with group; only root "
+        "and the server's own user are answered). auto: /run/pobox/control when started as "
+        "root, else $XDG_RUNTIME_DIR/pobox/control (none if that is unset); off: none.",
+    ),
     "drain_timeout": (
         float,
         "Seconds SIGTERM lets open sessions finish (QUIT and UPDATE as usual) after the node "
@@ -727,9 +734,21 @@ def shared_state_backend(config: Config) -> str:
     return "memory"
 
 
+#: sockaddr_un's sun_path holds 108 octets, the last a NUL (unix(7)).
+_SUN_PATH_MAX: Final = 107
+
+
 def _validate_health(config: Config) -> None:
     if config.health_listen:
         parse_listen(config.health_listen, key="health_listen")
+    control = config.control_socket
+    if control not in ("auto", "off") and (
+        not control.startswith("/") or len(control.encode()) > _SUN_PATH_MAX or "\x00" in control
+    ):
+        raise ConfigError(
+            f"control_socket: {control!r} must be auto, off or an absolute path of at most "
+            f"{_SUN_PATH_MAX} octets"
+        )
     if config.drain_timeout < 0:
         raise ConfigError("drain_timeout: must not be negative")
     if config.workers < 0:

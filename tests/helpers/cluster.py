@@ -342,6 +342,7 @@ def _node_settings(node: Node, dsn: str, pki: Pki, extra: Mapping[str, object]) 
         "log_level": "debug",
         # Each node's own name in the shared session registry (shared_state is postgresql).
         "node_name": node.name,
+        "control_socket": "off",  # three nodes on one host: not /run/pobox/control
         # One process per node: a test's SIGKILL of the node's PID is the node's death (with
         # workers, the master's death makes its workers end their sessions themselves).
         "workers": 1,

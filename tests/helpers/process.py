@@ -123,6 +123,7 @@ async def pobox_serve(
         "passwd_file": str(folder / "passwd"),
         "auth_failure_delay": 0,
         "log_path": str(log),
+        "control_socket": "off",  # not /run/pobox/control: a test that wants one names it
         **({} if "mail_uid" in settings else ROOT_MAIL_VALUES),  # as root, on root's files
         **settings,
     }

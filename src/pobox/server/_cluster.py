@@ -19,6 +19,8 @@ Kicks
 :meth:`~pobox.state.base.SessionRegistry.heartbeat`, which also returns the sessions of this
 node someone asked to end; each is ended by :meth:`pobox.server.Session.kick` at once: its
 wait for the client is cut short, it answers ``-ERR [SYS/TEMP]`` and closes without UPDATE.
+``pobox kick`` (:mod:`pobox.server._control`) marks sessions in the registry, and ends
+those of this process at once (:meth:`Cluster.kick_here`) rather than at the next beat.
 
 May import: the standard library, :mod:`pobox.state`.
 """
@@ -29,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, TypeVar
 
 from pobox.state.base import (
@@ -275,6 +277,9 @@ class Cluster:
         on_close: what releases the store's resources (a connection pool), at :meth:`aclose`.
         store: where the shared state is, for the log (``memory``, ``postgresql``).
         check: checks the store's schema (raising :class:`~pobox.errors.PoboxError`).
+        report: with each heartbeat, tells the master (``workers`` > 1) the octets each of
+            this process's sessions has sent, for ``pobox who``; its
+            :class:`StateUnavailable` is ignored.
     """
 
     def __init__(
@@ -288,6 +293,7 @@ class Cluster:
         on_close: Callable[[], Awaitable[None]] | None = None,
         store: str = "memory",
         check: Callable[[], Awaitable[None]] | None = None,
+        report: Callable[[dict[str, int]], Awaitable[object]] | None = None,
     ) -> None:
         self.registry = registry
         self.heartbeat = heartbeat
@@ -299,6 +305,9 @@ class Cluster:
         self._check = check
         #: Session id → the callable that ends that session (its kick).
         self.live: dict[str, Callable[[], None]] = {}
+        #: Session id → the octets of mail it has sent so far (RETR and TOP), for ``who``.
+        self.sent: dict[str, Callable[[], int]] = {}
+        self._report = report
         #: Sessions whose registration is under way: the heartbeat names them live too, or
         #: one that overtook a registration's answer would forget the row just inserted.
         self._admitting: set[str] = set()
@@ -314,9 +323,14 @@ class Cluster:
         return self.registry.node
 
     async def admit(
-        self, entry: SessionEntry, kick: Callable[[], None]
+        self,
+        entry: SessionEntry,
+        kick: Callable[[], None],
+        sent: Callable[[], int] | None = None,
     ) -> tuple[Admission, str | None]:
         """Register a session that just logged in, within the limits.
+
+        ``sent`` counts the octets of mail the session has sent (``pobox who``).
 
         Returns:
             the admission, and the text of the refusal if it was not admitted.
@@ -339,10 +353,27 @@ class Cluster:
                 f"(mail_max_user_connections={self.max_user})"
             )
         self.live[entry.id] = kick
+        if sent is not None:
+            self.sent[entry.id] = sent
         return admission, None
+
+    def octets(self) -> dict[str, int]:
+        """Return the octets of mail each live session of this process has sent."""
+        return {session_id: count() for session_id, count in self.sent.items()}
+
+    def kick_here(self, session_ids: Iterable[str]) -> int:
+        """End at once those of ``session_ids`` that this process serves; return how many."""
+        ended = 0
+        for session_id in session_ids:
+            kick = self.live.get(session_id)
+            if kick is not None:
+                kick()
+                ended += 1
+        return ended
 
     async def release(self, session_id: str) -> None:
         """Unregister a session that ended (a failure is left to the next heartbeat)."""
+        self.sent.pop(session_id, None)
         if self.live.pop(session_id, None) is not None:
             with contextlib.suppress(StateUnavailable):
                 await self.registry.unregister(session_id)
@@ -355,10 +386,12 @@ class Cluster:
         except StateUnavailable as exc:
             logger.debug("master: heartbeat failed: %s", exc)
             kicked = []
-        for session_id in kicked:
-            kick = self.live.get(session_id)
-            if kick is not None:
-                kick()
+        self.kick_here(kicked)
+        if self._report is not None:
+            try:
+                await self._report(self.octets())
+            except StateUnavailable as exc:
+                logger.debug("master: reporting the sessions' octets failed: %s", exc)
         taken = bool(getattr(self.registry, "name_taken", False))
         if taken and not self._name_taken:
             logger.error(

@@ -388,7 +388,7 @@ class Session:
         entry = SessionEntry(
             self.id, user.name, cluster.node, self.rip, time.time(), self.secure, method
         )
-        admission, refusal = await cluster.admit(entry, self._kick)
+        admission, refusal = await cluster.admit(entry, self._kick, self._octets_sent)
         if refusal is None:
             return True
         self._refused(user.name, method)
@@ -576,6 +576,11 @@ class Session:
             logger, self.log.prefix.rstrip(":"), self.rip, self.lip, self.id
         )
         self.conn.close("proxy-refused")
+
+    def _octets_sent(self) -> int:
+        """Return the octets of mail sent so far (RETR and TOP), for ``pobox who``."""
+        stats = self.conn.stats
+        return stats.retr_bytes + stats.top_bytes
 
     def kicked(self) -> None:
         """Log that the registry ended the session."""

@@ -20,6 +20,11 @@ The session registry of one node forgets, at a heartbeat, the sessions the node 
 has.  With several workers each heartbeat lists only that worker's sessions, so the service
 keeps each worker's own set: a heartbeat replaces the set of its worker, and the registry is
 told the union of every worker's.  A worker that goes away takes its sessions with it.
+With each heartbeat a worker also reports the octets its sessions have sent (``octets``),
+which the master's control socket shows in ``pobox who``.  The one message the master sends
+unasked is ``[0, ["kick", ids]]`` (:meth:`StateService.push_kicks`, id 0 is never a call's):
+``pobox kick`` ends a worker's sessions at once rather than at its next heartbeat, which
+still carries the kick if this message is lost.
 
 A worker whose master is gone sees the end of its connection (:attr:`RemoteState.on_lost`):
 it stops, so that its listeners and maildrop locks are freed with the master.
@@ -105,8 +110,36 @@ class StateService:
         #: Called with ``(index, pid)`` when a worker says it serves (``ready``).
         self.on_ready: Callable[[int, int], None] | None = None
         self._live: dict[int, set[str]] = {}
+        #: Each worker's sessions → octets of mail sent, as of its last heartbeat.
+        self._octets: dict[int, dict[str, int]] = {}
+        self._writers: dict[int, asyncio.StreamWriter] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._next = 0
+
+    def octets(self) -> dict[str, int]:
+        """Return the octets of mail each worker's sessions had sent at its last heartbeat."""
+        out: dict[str, int] = {}
+        for sent in self._octets.values():
+            out.update(sent)
+        return out
+
+    def push_kicks(self, session_ids: set[str]) -> int:
+        """Tell every worker to end now those of ``session_ids`` it serves; return how many
+        workers were told.
+
+        Every worker, not only those the memory registry knows to serve them: with
+        PostgreSQL shared state the workers register there.  The registry has the sessions
+        marked already: a worker that misses this sees them at its next heartbeat.
+        """
+        if not session_ids:
+            return 0
+        message = _encode([0, ["kick", sorted(session_ids)]])
+        told = 0
+        for writer in self._writers.values():
+            if not writer.is_closing():
+                writer.write(message)
+                told += 1
+        return told
 
     def attach(self, sock: socket.socket) -> asyncio.Task[None]:
         """Serve one worker on ``sock`` (its end of a socketpair) until it closes."""
@@ -125,6 +158,7 @@ class StateService:
     async def _serve(self, sock: socket.socket, worker: int) -> None:
         self._live[worker] = set()
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
+        self._writers[worker] = writer
         try:
             while True:
                 try:
@@ -139,6 +173,8 @@ class StateService:
         except (ConnectionError, OSError):
             return
         finally:
+            self._octets.pop(worker, None)
+            self._writers.pop(worker, None)
             for session_id in self._live.pop(worker, ()):
                 await self.registry.unregister(session_id)
             writer.close()
@@ -179,6 +215,9 @@ class StateService:
             return list(await self.registry.count(str(args["user"]), str(args["rip"])))
         if op == "kick":
             return await self.registry.kick(user=args["user"], session_id=args["id"])
+        if op == "octets":
+            self._octets[worker] = {str(k): int(v) for k, v in dict(args["sent"]).items()}
+            return None
         if op == "ready":
             if self.on_ready is not None:
                 self.on_ready(int(args["index"]), int(args["pid"]))
@@ -200,6 +239,7 @@ class RemoteState:
         sock: the worker's end of the socketpair.
         timeout: seconds a call may take before :class:`StateUnavailable`.
         on_lost: called once when the master closes the connection (it is gone).
+        on_kick: called with the session ids the master says to end now (``pobox kick``).
     """
 
     def __init__(
@@ -212,6 +252,7 @@ class RemoteState:
         self._sock = sock
         self.timeout = timeout
         self.on_lost = on_lost
+        self.on_kick: Callable[[list[str]], object] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -232,6 +273,9 @@ class RemoteState:
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         try:
             while (message := await _read(reader)) is not None:
+                if message[0] == 0:  # unasked: a kick from the master
+                    self._pushed(message[1])
+                    continue
                 future = self._pending.pop(message[0], None)
                 if future is None or future.done():
                     continue
@@ -242,6 +286,13 @@ class RemoteState:
         except (ConnectionError, OSError, ValueError, TypeError) as exc:
             logger.debug("master: state connection failed: %s", exc)
         self._lose()
+
+    def _pushed(self, body: object) -> None:
+        if not (isinstance(body, list) and len(body) == 2 and body[0] == "kick"):
+            logger.debug("master: unknown message from the master: %.100r", body)
+            return
+        if self.on_kick is not None and isinstance(body[1], list):
+            self.on_kick([str(i) for i in body[1]])
 
     def _lose(self) -> None:
         if self._lost:
