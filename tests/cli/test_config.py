@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from pobox.config import KEYS, Config, Listen, build_config, load_config, parse_listen
+from pobox.config import (
+    KEYS,
+    Config,
+    Listen,
+    build_config,
+    dump_config,
+    keys_help,
+    load_config,
+    markdown_table,
+    parse_listen,
+    readme_with_table,
+)
 from pobox.errors import ConfigError
 
 
@@ -44,9 +57,18 @@ class TestBuildConfig:
         assert config.pop3_lock_session is True
 
     def test_unknown_key_named(self) -> None:
-        """An unknown key is an error that names it."""
-        with pytest.raises(ConfigError, match=r"^idel_timeout: unknown setting"):
+        """An unknown key is an error that names it and the key it is a typo of."""
+        with pytest.raises(ConfigError) as raised:
             build_config({"idel_timeout": 5})
+        assert "unknown key 'idel_timeout' (did you mean 'idle_timeout'?)" == str(raised.value)
+
+    def test_unknown_key_without_a_near_one(self) -> None:
+        """A name like no key gets a pointer to the key list, not a dump of every key."""
+        with pytest.raises(ConfigError) as raised:
+            build_config({"frobnicate": 5})
+        assert "unknown key 'frobnicate' (see the keys in README.md or pobox serve --help)" == str(
+            raised.value
+        )
 
     def test_wrong_type_named(self) -> None:
         """A value of the wrong type is an error naming the key and the value."""
@@ -169,6 +191,22 @@ class TestLoadConfig:
         with pytest.raises(ConfigError, match=r"pobox.toml: not valid TOML"):
             load_config(path)
 
+    def test_bad_toml_line_and_column(self, tmp_path: Path) -> None:
+        """A syntax error says the file, the line and the column, as editors read them."""
+        path = tmp_path / "pobox.toml"
+        path.write_text('listen = ["127.0.0.1:110"]\nlog_level = debug\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:2:13: not valid TOML: Invalid value" == str(raised.value)
+
+    def test_error_names_the_line_of_the_key(self, tmp_path: Path) -> None:
+        """A bad value in a file is reported with the file and the line of its key."""
+        path = tmp_path / "pobox.toml"
+        path.write_text('# pobox\nlisten = ["127.0.0.1:110"]\n\nlistne = ["127.0.0.1:111"]\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:4: unknown key 'listne' (did you mean 'listen'?)" == str(raised.value)
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the file."""
         with pytest.raises(ConfigError, match=r"cannot read the config file"):
@@ -255,3 +293,118 @@ class TestDocumented:
         """Each key of config.KEYS appears as `key` in README.md."""
         readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
         assert [] == [key for key in KEYS if f"`{key}`" not in readme]
+
+    def test_readme_table_is_the_declaration(self) -> None:
+        """README's key table is what the declaration makes (scripts/update-config-table)."""
+        readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+        assert readme_with_table(readme) == readme
+
+    def test_table_has_a_row_per_key(self) -> None:
+        """The generated table has one row per key, in declaration order, with its default."""
+        rows = markdown_table().splitlines()[2:]
+        assert list(KEYS) == [row.split("`")[1] for row in rows]
+        assert rows[0].startswith('| `listen` | `["127.0.0.1:1110"]` | ')
+        assert "| `idle_timeout` | `600` | " in markdown_table()
+
+    def test_serve_help_lists_every_key(self) -> None:
+        """pobox serve --help shows each key with its default and its help, no Markdown."""
+        text = keys_help()
+        assert [] == [key for key in KEYS if f"\n  {key} = " not in "\n" + text]
+        assert "  login_greeting = pobox ready.\n      Text after +OK in the greeting." in text
+        assert "`" not in text
+
+
+class TestDeclaration:
+    """One declaration per key: Config's defaults, types and limits all come from it."""
+
+    def test_keys_are_the_config_fields(self) -> None:
+        """Every Config attribute but warnings is a key, with the field's default."""
+        fields = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "warnings"}
+        assert fields == {name: spec.default for name, spec in KEYS.items()}
+
+    def test_every_key_documented(self) -> None:
+        """Every key has a help text that ends a sentence."""
+        assert [] == [name for name, spec in KEYS.items() if not spec.doc.endswith((".", ")"))]
+
+    def test_defaults_are_valid(self) -> None:
+        """The defaults pass their own declaration's checks."""
+        for spec in KEYS.values():
+            spec.validate(spec.default)
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            (
+                {"log_level": "loud"},
+                "log_level: 'loud' is not one of debug, info, warning or error",
+            ),
+            ({"log_format": "xml"}, "log_format: 'xml' is not pobox or dovecot"),
+            ({"max_connections": 0}, "max_connections: must be at least 1"),
+            ({"quota_bytes": -1}, "quota_bytes: must not be negative"),
+            ({"workers": -1}, "workers: must not be negative (0: one per CPU)"),
+            ({"idle_timeout": 0}, "idle_timeout: must be a positive number of seconds"),
+            ({"listen": "127.0.0.1:110"}, "listen: expected list, got str '127.0.0.1:110'"),
+            ({"trace": 1}, "trace: expected bool, got int 1"),
+            ({"max_connections": True}, "max_connections: expected int, got bool True"),
+        ],
+    )
+    def test_limits_from_the_declaration(self, values: dict[str, object], message: str) -> None:
+        """Choices, ranges and types are checked as declared, naming the key."""
+        with pytest.raises(ConfigError) as raised:
+            build_config(values)
+        assert message == str(raised.value)
+
+    def test_base_values_are_checked_too(self) -> None:
+        """A value that came from the base config is checked like one from the file."""
+        with pytest.raises(ConfigError, match=r"^max_bad_commands: must be at least 1$"):
+            build_config({}, base=Config(max_bad_commands=0))
+
+
+class TestDump:
+    """config dump: TOML that reads back to the same configuration."""
+
+    def test_defaults_dump_nothing(self) -> None:
+        """The default configuration differs from the defaults in nothing."""
+        assert "" == dump_config(build_config({}))
+
+    def test_only_what_differs(self) -> None:
+        """Only keys that differ from their defaults are written."""
+        config = build_config({"idle_timeout": 900, "trace": True, "login_trusted_networks": []})
+        assert "idle_timeout = 900\ntrace = true\n" == dump_config(config)
+
+    def test_round_trip(self, tmp_path: Path) -> None:
+        """Lists, tables, odd strings and converted values come back as they were."""
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        cert.write_text("x")
+        key.write_text("x")
+        values = {
+            "listen": ["127.0.0.1:2110", "[::1]:2110", ":2111"],
+            "login_greeting": 'say "hi" \\ there\t\u00e9\u2603',
+            "mail_uid": 1000,
+            "login_trusted_networks": ["10.1.2.3/8"],
+            "local_domains": ["Example.ORG."],
+            "lmtp_listen": ["unix:/run/pobox/lmtp", "127.0.0.1:24"],
+            "ssl_cert": str(cert),
+            "ssl_key": str(key),
+            "ssl_sni": {"Mail.Example.org": {"cert": str(cert), "key": str(key)}},
+            "shared_state_timeout": 0.25,
+            "postgresql_password_query": "SELECT pw FROM u WHERE n = %(user)s AND x LIKE 'a%%'",
+        }
+        config = build_config(values)
+        for every in (False, True):
+            text = dump_config(config, every=every)
+            assert config == build_config(tomllib.loads(text))
+        assert '[ssl_sni."mail.example.org"]' in dump_config(config)
+
+    def test_every_key_with_all(self) -> None:
+        """--all writes every key, and it reads back to the defaults."""
+        text = dump_config(build_config({}), every=True)
+        assert list(KEYS) == [line.split(" = ")[0] for line in text.splitlines()]
+        assert Config() == build_config(tomllib.loads(text))
+
+    def test_control_characters_escaped(self) -> None:
+        """A string with control characters is written as a valid TOML string."""
+        config = build_config({"node_name": "a"}, base=Config(passwd_file="/x\x7f\x01\ny"))
+        text = dump_config(config)
+        assert "/x\x7f\x01\ny" == tomllib.loads(text)["passwd_file"]
+        assert "\x7f" not in text
