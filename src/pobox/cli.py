@@ -958,7 +958,7 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     what = "every setting" if args.all else "the settings that differ from the defaults"
     print(f"# pobox {__version__}: {what} of {args.config}")
-    print(dump_config(config, every=args.all), end="")
+    print(dump_config(config, every=args.all, secrets=args.secrets), end="")
     return 0
 
 
@@ -1556,6 +1556,12 @@ def build_parser() -> argparse.ArgumentParser:
     dump = config_sub.add_parser("dump", help="print the settings that differ from the defaults")
     dump.add_argument("--config", "-c", required=True, help="TOML configuration file")
     dump.add_argument("--all", action="store_true", help="print every key, defaults too")
+    dump.add_argument(
+        "--secrets",
+        "-P",
+        action="store_true",
+        help="print a postgresql_dsn that holds a password (hidden by default)",
+    )
     dump.set_defaults(func=cmd_config_dump)
     add_fetch_parser(sub)
     return parser

@@ -151,6 +151,7 @@ class Key:
         dump: turns the Python value back into a TOML value (the inverse of ``parse``).
         default_doc: how README shows the default, when the value does not say it well.
         flag: also a ``pobox serve --NAME`` option.
+        secret: may hold a password: ``config dump`` hides it unless asked.
     """
 
     name: str
@@ -166,6 +167,7 @@ class Key:
     dump: Callable[[Any], Any] | None = None
     default_doc: str = ""
     flag: bool = False
+    secret: bool = False
 
     def validate(self, value: Any) -> None:  # noqa: ANN401 - a value of any key
         """Check ``value`` against the choices, the range and the check of this key.
@@ -219,6 +221,7 @@ def key(
     dump: Callable[[Any], Any] | None = None,
     default_doc: str = "",
     flag: bool = False,
+    secret: bool = False,
 ) -> _T:
     """Declare a configuration key: a :class:`Config` field carrying its :class:`Key`.
 
@@ -231,7 +234,7 @@ def key(
         minimum = 0
     spec = Key(
         "", default, doc, toml, choices, minimum, positive, note, check, parse, dump,
-        default_doc, flag,
+        default_doc, flag, secret,
     )  # fmt: skip
     return field(default=default, metadata={"key": spec})
 
@@ -732,6 +735,7 @@ class Config:
         'dbname=pobox user=pobox"`, `"postgresql://pobox@db1/pobox"`). What it leaves out '
         "comes from `PGHOST`, `PGUSER`, ... , `~/.pgpass` and `pg_service.conf`.",
         default_doc="(libpq defaults)",
+        secret=True,
     )
     postgresql_schema: str = key(
         "pobox",
@@ -1092,16 +1096,26 @@ def _bare_or_quoted(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_string(name)
 
 
-def dump_config(config: Config, *, every: bool = False) -> str:
+#: A password in a libpq connection string: ``password=`` (conninfo or URI parameter) or
+#: ``scheme://user:password@``.
+_DSN_PASSWORD = re.compile(r"password\s*=|://[^@/?#]*:[^@/?#]*@", re.IGNORECASE)
+
+
+def dump_config(config: Config, *, every: bool = False, secrets: bool = False) -> str:
     """Return ``config`` as TOML: the keys that differ from the defaults, or ``every`` key.
 
-    Like ``doveconf -n``: reading the text back gives the same :class:`Config`.
+    Like ``doveconf -n``: reading the text back gives the same :class:`Config`, except that
+    a secret key holding a password (a ``postgresql_dsn`` with one) is written as a comment
+    unless ``secrets`` (``doveconf -P``).
     """
     lines: list[str] = []
     tables: list[str] = []
     for name, spec in KEYS.items():
         value = getattr(config, name)
         if not every and value == spec.default:
+            continue
+        if spec.secret and not secrets and _DSN_PASSWORD.search(str(value)):
+            lines.append(f"# {name} = (hidden: it holds a password; --secrets prints it)")
             continue
         toml = spec.to_toml(value)
         if isinstance(toml, dict):  # a table of tables (ssl_sni): after the plain keys

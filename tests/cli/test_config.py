@@ -402,6 +402,26 @@ class TestDump:
         assert list(KEYS) == [line.split(" = ")[0] for line in text.splitlines()]
         assert Config() == build_config(tomllib.loads(text))
 
+    @pytest.mark.parametrize(
+        "dsn",
+        [
+            "host=db1 dbname=pobox user=pobox password=s3cret",
+            "postgresql://pobox:s3cret@db1/pobox",
+            "postgresql://pobox@db1/pobox?PASSWORD = s3cret",
+        ],
+    )
+    def test_password_hidden(self, dsn: str) -> None:
+        """A postgresql_dsn with a password is a comment unless secrets are asked for."""
+        config = build_config({"postgresql_dsn": dsn})
+        hidden = "# postgresql_dsn = (hidden: it holds a password; --secrets prints it)\n"
+        assert hidden == dump_config(config)
+        assert config == build_config(tomllib.loads(dump_config(config, secrets=True)))
+
+    def test_dsn_without_password_shown(self) -> None:
+        """A DSN without a password (~/.pgpass holds it) is printed as it is."""
+        config = build_config({"postgresql_dsn": "postgresql://pobox@db1:5432/pobox"})
+        assert 'postgresql_dsn = "postgresql://pobox@db1:5432/pobox"\n' == dump_config(config)
+
     def test_control_characters_escaped(self) -> None:
         """A string with control characters is written as a valid TOML string."""
         config = build_config({"node_name": "a"}, base=Config(passwd_file="/x\x7f\x01\ny"))

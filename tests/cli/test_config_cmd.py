@@ -146,6 +146,14 @@ class TestConfigDump:
         assert every == ("drain_timeout = 30" in result.stdout)
         assert "10.0.0.0/8" == tomllib.loads(result.stdout)["login_trusted_networks"][0]
 
+    def test_secrets_on_request(self, setup: Path) -> None:
+        """A DSN's password is hidden, and printed with --secrets (-P, as doveconf)."""
+        path = write_config(setup, 'postgresql_dsn = "host=db password=s3cret"\n')
+        hidden = pobox("config", "dump", "-c", str(path))
+        shown = pobox("config", "dump", "-c", str(path), "-P")
+        assert "s3cret" not in hidden.stdout
+        assert 'postgresql_dsn = "host=db password=s3cret"\n' in shown.stdout
+
     def test_broken_file(self, setup: Path) -> None:
         """A file that does not load is refused as check refuses it."""
         path = write_config(setup, "listne = []\n")
