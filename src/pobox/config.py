@@ -993,14 +993,19 @@ def _validate(config: Config) -> Config:
 _TOML_POSITION = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
 
 
-def _toml_error(path: str | Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
+def _toml_error(path: str | Path, exc: tomllib.TOMLDecodeError, data: bytes) -> ConfigError:
     """``FILE:LINE:COLUMN: not valid TOML: WHAT`` (the form editors jump to)."""
     text = str(exc)
     match = _TOML_POSITION.match(text)
-    if match is None:  # "... (at end of document)"
-        return ConfigError(f"{path}: not valid TOML: {text}")
-    where = f"{path}:{match['line']}:{match['col']}"
-    return ConfigError(f"{where}: not valid TOML: {match['msg']}")
+    if match is not None:
+        where = f"{path}:{match['line']}:{match['col']}"
+        return ConfigError(f"{where}: not valid TOML: {match['msg']}")
+    what = text.removesuffix(" (at end of document)")
+    if what != text:  # an unclosed array or string: it ends on the last line
+        return ConfigError(
+            f"{path}:{len(data.splitlines()) or 1}: not valid TOML: {what} at the end"
+        )
+    return ConfigError(f"{path}: not valid TOML: {text}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -1010,12 +1015,16 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         ConfigError: it cannot be read, or is not TOML (with the line and column).
     """
     try:
-        with Path(path).open("rb") as f:
-            return tomllib.load(f)
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+    try:
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid TOML: not UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(path, exc) from exc
+        raise _toml_error(path, exc, data) from exc
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:

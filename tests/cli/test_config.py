@@ -185,10 +185,10 @@ class TestLoadConfig:
         assert "warning" == config.log_level
 
     def test_bad_toml(self, tmp_path: Path) -> None:
-        """A syntax error names the file."""
+        """A syntax error names the file and the line."""
         path = tmp_path / "pobox.toml"
         path.write_text("listen = [\n")
-        with pytest.raises(ConfigError, match=r"pobox.toml: not valid TOML"):
+        with pytest.raises(ConfigError, match=r"pobox.toml:1: not valid TOML"):
             load_config(path)
 
     def test_bad_toml_line_and_column(self, tmp_path: Path) -> None:
@@ -198,6 +198,22 @@ class TestLoadConfig:
         with pytest.raises(ConfigError) as raised:
             load_config(path)
         assert f"{path}:2:13: not valid TOML: Invalid value" == str(raised.value)
+
+    def test_bad_toml_at_the_end(self, tmp_path: Path) -> None:
+        """An array left open is reported on the last line of the file."""
+        path = tmp_path / "pobox.toml"
+        path.write_text('log_level = "debug"\nlisten = [\n  "127.0.0.1:110",\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:3: not valid TOML: Invalid value at the end" == str(raised.value)
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        """A file in another encoding is refused with the line of the first bad octet."""
+        path = tmp_path / "pobox.toml"
+        path.write_bytes(b'log_level = "debug"\nlogin_greeting = "caf\xe9"\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:2: not valid TOML: not UTF-8" == str(raised.value)
 
     def test_error_names_the_line_of_the_key(self, tmp_path: Path) -> None:
         """A bad value in a file is reported with the file and the line of its key."""

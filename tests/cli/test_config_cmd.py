@@ -21,6 +21,7 @@ from pobox.cli import _overrides, build_parser
 from pobox.config import load_config
 from pobox.errors import ListenError
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS, ROOT_MAIL_VALUES
+from tests.tls.helpers import Pki
 
 #: sysexits.h: what init systems and scripts see.
 EX_OSERR, EX_CONFIG = 71, 78
@@ -199,6 +200,21 @@ class TestBindErrors:
             f"change {name}\n"
         )
         assert "Traceback" not in result.stderr
+
+    def test_implicit_tls_port_in_use(self, setup: Path, busy_port: int) -> None:
+        """ssl_listen names itself too (with a real certificate, so only the bind fails)."""
+        pki = Pki.create(setup / "pki")
+        path = write_config(
+            setup,
+            f'ssl_cert = "{pki.cert_pem}"\nssl_key = "{pki.key_pem}"\n'
+            f'ssl_listen = ["127.0.0.1:{busy_port}"]\nworkers = 1\n',
+        )
+        result = pobox("serve", "-c", str(path))
+        assert EX_OSERR == result.returncode
+        assert result.stderr.endswith(
+            f"pobox: ssl_listen: another server listens on 127.0.0.1:{busy_port}: stop it or "
+            "change ssl_listen\n"
+        )
 
     def test_address_not_here(self, setup: Path) -> None:
         """An address this host does not have (TEST-NET-1): exit 78, change the key."""
