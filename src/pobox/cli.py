@@ -447,12 +447,45 @@ def preflight(config: Config, *, tls: bool = False) -> tuple[PrivilegePlan, list
     """
     if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
         raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
+    _check_log_path(config)
     plan = plan_privileges(config)
     if config.event_loop == "uvloop":
         _uvloop(config)
     if tls and config.ssl_cert:
         ServerTls(config)
     return plan, list(plan.warnings)
+
+
+def _log_path_error(path: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"log_path: cannot open {path}: {exc.strerror or exc}")
+
+
+def _check_log_path(config: Config) -> None:
+    """Check that the log file can be opened for appending, creating nothing.
+
+    Raises:
+        ConfigError: with the message :func:`start_logging` gives when it cannot.
+    """
+    if not config.log_path:
+        return
+    path = Path(config.log_path)
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        elif not path.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        elif not os.access(path.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise _log_path_error(config.log_path, exc) from None
+
+
+def start_logging(config: Config) -> logging.Handler:
+    """Set up logging (:func:`setup_logging`), naming ``log_path`` if it cannot be opened."""
+    try:
+        return setup_logging(config)
+    except OSError as exc:
+        raise _log_path_error(config.log_path, exc) from None
 
 
 async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
@@ -861,7 +894,7 @@ def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the POP3 server: one process, or a master and its workers (``workers``)."""
     config = load_config(args.config, _overrides(args))
-    handler = setup_logging(config)
+    handler = start_logging(config)
     worker = WorkerSpec.decode(args.worker) if args.worker else None
     if worker is not None:
         handler.addFilter(WorkerLogNames(worker.index))

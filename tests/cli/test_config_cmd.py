@@ -100,6 +100,9 @@ class TestConfigCheck:
              "does not exist"),
             ('ssl_cert = "{folder}/passwd"\nssl_key = "{folder}/passwd"\n',
              "ssl_cert: {folder}/passwd holds no PEM certificate"),
+            ('log_path = "{folder}/nowhere/pobox.log"\n', "log_path: cannot open "
+             "{folder}/nowhere/pobox.log: No such file or directory"),
+            ('log_path = "{folder}"\n', "log_path: cannot open {folder}: Is a directory"),
         ],
     )  # fmt: skip
     def test_same_error_as_serve(self, setup: Path, text: str, message: str) -> None:
