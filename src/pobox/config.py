@@ -33,6 +33,11 @@ from the value unless ``default_doc`` says it better.  Then run
 ``scripts/update-config-table`` (README's table) and add a CHANGELOG line. ``toml`` is
 needed only where the TOML type is not that of the default (a table, or a user given as a
 name or a number); ``parse``/``dump`` only where the TOML value is not the Python one.
+A key written the old way (a plain field, a ``KEYS`` entry, a README row) becomes one
+``key(...)`` field: the old ``KEYS`` text is its help, its ``_validate`` lines become
+``choices``/``minimum``/``positive``/``check``, and its README row goes (the script writes
+it). A new listener binds inside ``pobox.errors.binding("its_key", address)``, so that a
+port in use names the key.
 
 May import: the standard library and :mod:`pobox.errors`.
 """
