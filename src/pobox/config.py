@@ -26,10 +26,12 @@ and still leave all of that to write.
         "",
         'HTTP endpoint for Prometheus, `"HOST:PORT"`; empty: off.',
         check=_check_optional_listen,
+        section="Several nodes and processes",
     )
 
 The help text is Markdown (backticks become plain text in ``--help``); the default is shown
-from the value unless ``default_doc`` says it better.  Then run
+from the value unless ``default_doc`` says it better; ``section`` (required) is one of
+:data:`SECTIONS`, the heading it is listed under.  Then run
 ``scripts/update-config-table`` (README's table) and add a CHANGELOG line. ``toml`` is
 needed only where the TOML type is not that of the default (a table, or a user given as a
 name or a number); ``parse``/``dump`` only where the TOML value is not the Python one.
@@ -61,6 +63,7 @@ from pobox.errors import ConfigError
 
 __all__ = [
     "KEYS",
+    "SECTIONS",
     "Config",
     "Key",
     "Listen",
@@ -135,6 +138,18 @@ def parse_listen(text: str, *, key: str = "listen") -> Listen:
 
 # --------------------------------------------------------------------------- the declaration
 
+#: The headings keys are listed under, in README and ``pobox serve --help``, in this order.
+SECTIONS: Final = (
+    "POP3 service",
+    "Users and logins",
+    "TLS",
+    "Mail and its owners",
+    "Delivery: LMTP, SMTP, pobox deliver",
+    "Logging",
+    "PostgreSQL",
+    "Several nodes and processes",
+)
+
 _T = TypeVar("_T")
 
 
@@ -157,6 +172,7 @@ class Key:
         default_doc: how README shows the default, when the value does not say it well.
         flag: also a ``pobox serve --NAME`` option.
         secret: may hold a password: ``config dump`` hides it unless asked.
+        section: the heading it is listed under in README and ``--help`` (:data:`SECTIONS`).
     """
 
     name: str
@@ -173,6 +189,7 @@ class Key:
     default_doc: str = ""
     flag: bool = False
     secret: bool = False
+    section: str = ""
 
     def validate(self, value: Any) -> None:  # noqa: ANN401 - a value of any key
         """Check ``value`` against the choices, the range and the check of this key.
@@ -227,6 +244,7 @@ def key(
     default_doc: str = "",
     flag: bool = False,
     secret: bool = False,
+    section: str,
 ) -> _T:
     """Declare a configuration key: a :class:`Config` field carrying its :class:`Key`.
 
@@ -239,8 +257,11 @@ def key(
         minimum = 0
     spec = Key(
         "", default, doc, toml, choices, minimum, positive, note, check, parse, dump,
-        default_doc, flag, secret,
+        default_doc, flag, secret, section,
     )  # fmt: skip
+    if section not in SECTIONS:
+        msg = f"section {section!r} is not one of config.SECTIONS"
+        raise ValueError(msg)
     return field(default=default, metadata={"key": spec})
 
 
@@ -385,6 +406,7 @@ class Config:
         parse=_parse_listens,
         dump=_dump_listens,
         flag=True,
+        section="POP3 service",
     )
     mail_location: str = key(
         "maildir:~/Maildir",
@@ -393,36 +415,43 @@ class Config:
         "field overrides it.",
         check=_check_mail_location,
         flag=True,
+        section="Mail and its owners",
     )
     passwd_file: str = key(
         "/etc/pobox/passwd",
         "Dovecot-format passwd-file with the users. It is re-read when it changes.",
         flag=True,
+        section="Users and logins",
     )
     default_pass_scheme: str = key(
         "CRYPT",
         "Scheme of hashes without a `{SCHEME}` prefix (Dovecot `default_pass_scheme`).",
+        section="Users and logins",
     )
     login_greeting: str = key(
         "pobox ready.",
         "Text after `+OK` in the greeting.",
         check=_check_greeting,
+        section="POP3 service",
     )
     pop3_lock_session: bool = key(
         True,
         "Lock the maildrop for the whole session (RFC 1939 §8); a second login gets `-ERR "
         "[IN-USE]`.",
+        section="POP3 service",
     )
     mail_inline_read_max: int = key(
         128 * 1024,
         "Messages up to this many octets are read in the event loop instead of a worker "
         "thread (faster on local disks); `0` for slow network storage.",
         minimum=0,
+        section="POP3 service",
     )
     login_timeout: float = key(
         60.0,
         "Seconds of silence before login after which the connection is closed.",
         positive=True,
+        section="POP3 service",
     )
     login_deadline: float = key(
         180.0,
@@ -430,28 +459,33 @@ class Config:
         "it keeps the connection (a `CAPA` every few seconds); then it is closed. "
         "Dovecot's fixed pre-login limit is the same 3 minutes.",
         positive=True,
+        section="POP3 service",
     )
     idle_timeout: float = key(
         600.0,
         "Autologout after login: silence closes the session without UPDATE and frees "
         "the lock. RFC 1939 requires at least 600; lower values log a warning.",
         positive=True,
+        section="POP3 service",
     )
     auth_failure_delay: float = key(
         2.0,
         "Seconds before answering a failed login (Dovecot `auth_failure_delay`).",
         minimum=0,
+        section="Users and logins",
     )
     max_bad_commands: int = key(
         10,
         "Bad commands in a row before the session is closed.",
         minimum=1,
+        section="POP3 service",
     )
     log_level: str = key(
         "info",
         "`debug`, `info`, `warning` or `error`.",
         choices=("debug", "info", "warning", "error"),
         flag=True,
+        section="Logging",
     )
     log_path: str = key(
         "",
@@ -459,16 +493,19 @@ class Config:
         "and `SIGUSR1` (logrotate: `contrib/logrotate/pobox`).",
         default_doc="(stderr)",
         flag=True,
+        section="Logging",
     )
     trace: bool = key(
         False,
         "Log the `C:`/`S:` dialogue of every session, passwords masked.",
         flag=True,
+        section="Logging",
     )
     event_loop: str = key(
         "auto",
         "`auto` (uvloop if installed, the default), `uvloop`, or `asyncio` (the standard loop).",
         choices=("auto", "uvloop", "asyncio"),
+        section="POP3 service",
     )
     auth_mechanisms: str = key(
         "PLAIN LOGIN",
@@ -477,17 +514,20 @@ class Config:
         "`OAUTHBEARER` `XOAUTH2`. CRAM-MD5 and SCRAM need `{PLAIN}`, `{CRAM-MD5}` or "
         "`{SCRAM-*}` passwords.",
         check=_check_mechanisms,
+        section="Users and logins",
     )
     apop: bool = key(
         False,
         "Offer APOP (RFC 1939 §7): the greeting carries a `<timestamp>`; works for users "
         "with `{PLAIN}` passwords only.",
+        section="Users and logins",
     )
     oauth_jwt_key_file: str = key(
         "",
         "File with the HS256 key that signs OAuth bearer tokens (JWT) for `OAUTHBEARER` "
         "and `XOAUTH2`; the token's `sub` or `email` must be the user, `exp` is "
         "checked. Empty: no OAuth.",
+        section="Users and logins",
     )
     scram_secret_file: str = key(
         "",
@@ -495,11 +535,13 @@ class Config:
         "SCRAM keys, unknown names too, each get a stable salt); made, mode 0600, when "
         "missing and SCRAM is offered. The same file on every node.",
         default_doc="(`pobox-scram.secret` next to `passwd_file`)",
+        section="Users and logins",
     )
     auth_failure_delay_max: float = key(
         15.0,
         "Cap of the failed-login delay, which doubles with each failure from an address.",
         minimum=0,
+        section="Users and logins",
     )
     auth_failures_per_ip: int = key(
         10,
@@ -507,6 +549,7 @@ class Config:
         "from that address are refused with `-ERR [LOGIN-DELAY]` until the window "
         "passes.",
         minimum=1,
+        section="Users and logins",
     )
     auth_failures_per_user: int = key(
         10,
@@ -514,47 +557,56 @@ class Config:
         "after which its failures wait `auth_failure_delay_max`; never refuses a right "
         "password.",
         minimum=1,
+        section="Users and logins",
     )
     auth_failure_window: float = key(
         600.0,
         "Seconds the failed-login counters remember.",
         positive=True,
+        section="Users and logins",
     )
     max_auth_failures: int = key(
         3,
         "Failed logins in one connection after which it is closed (like Dovecot).",
         minimum=1,
+        section="Users and logins",
     )
     log_format: str = key(
         "pobox",
         "`pobox`, or `dovecot`: each line starts with a syslog-style `Mon DD HH:MM:SS "
         "host dovecot: pop3-login:` so the stock fail2ban `dovecot` filter reads it.",
         choices=("pobox", "dovecot"),
+        section="Logging",
     )
     ssl_cert: str = key(
         "",
         "PEM certificate chain for TLS (STLS and `ssl_listen`); empty: no TLS. Re-read "
         "on `SIGHUP` without dropping sessions.",
+        section="TLS",
     )
     ssl_key: str = key(
         "",
         "PEM private key of `ssl_cert`; must match it.",
+        section="TLS",
     )
     ssl_listen: tuple[Listen, ...] = key(
         (),
         "Addresses for implicit TLS (RFC 8314, port 995 in production), like `listen`.",
         parse=_parse_listens,
         dump=_dump_listens,
+        section="TLS",
     )
     ssl_min_protocol: str = key(
         "TLSv1.2",
         "Oldest TLS version accepted: `TLSv1.2` or `TLSv1.3`.",
         choices=TLS_PROTOCOLS,
+        section="TLS",
     )
     ssl_client_ca: str = key(
         "",
         "PEM CA file: TLS clients may present a certificate it signed; its emailAddress "
         "or CN is the identity for SASL `EXTERNAL` (add it to `auth_mechanisms`).",
+        section="TLS",
     )
     ssl_sni: tuple[tuple[str, str, str], ...] = key(
         (),
@@ -564,6 +616,7 @@ class Config:
         toml=(dict,),
         parse=_parse_sni,
         dump=_dump_sni,
+        section="TLS",
     )
     disable_plaintext_auth: str = key(
         "loopback",
@@ -571,21 +624,25 @@ class Config:
         "from loopback and `login_trusted_networks`), `yes` (always refuse), `no` "
         "(allow).",
         choices=PLAINTEXT_POLICIES,
+        section="Users and logins",
     )
     login_trusted_networks: tuple[str, ...] = key(
         (),
         'CIDR networks trusted like loopback by `disable_plaintext_auth`, e.g. `["10.0.0.0/8"]`.',
         parse=_parse_networks,
+        section="Users and logins",
     )
     max_connections: int = key(
         1000,
         "Open connections in all; more get `-ERR [SYS/TEMP]` and are closed.",
         minimum=1,
+        section="POP3 service",
     )
     max_connections_per_ip: int = key(
         50,
         "Open connections from one address; more get `-ERR [SYS/TEMP]` and are closed.",
         minimum=1,
+        section="POP3 service",
     )
     max_open_files: int = key(
         0,
@@ -593,17 +650,20 @@ class Config:
         "while root. `0`: computed, 2 per connection (socket, a message file being "
         "read) + 64.",
         minimum=0,
+        section="POP3 service",
     )
     user: str = key(
         "",
         "Unprivileged account the server becomes after binding the ports when started as "
         "root; `group` sets its group. See [Security model](#security-model).",
         default_doc="(`mail_uid`'s account, else `nobody`)",
+        section="Mail and its owners",
     )
     group: str = key(
         "",
         "Group to switch to with `user`.",
         default_doc="(the `user`'s primary group)",
+        section="Mail and its owners",
     )
     mail_uid: str = key(
         "",
@@ -612,6 +672,7 @@ class Config:
         "server runs as it (Dovecot `mail_uid`).",
         toml=(str, int),
         parse=_parse_account,
+        section="Mail and its owners",
     )
     mail_gid: str = key(
         "",
@@ -620,43 +681,51 @@ class Config:
         default_doc="(`mail_uid`'s group)",
         toml=(str, int),
         parse=_parse_account,
+        section="Mail and its owners",
     )
     first_valid_uid: int = key(
         500,
         "Lowest uid mail is accessed with: root and system accounts are refused (Dovecot "
         "`first_valid_uid`); `0` allows root, for tests only.",
         minimum=0,
+        section="Mail and its owners",
     )
     last_valid_uid: int = key(
         0,
         "Highest uid mail is accessed with; `0`: no limit.",
         minimum=0,
+        section="Mail and its owners",
     )
     first_valid_gid: int = key(
         1,
         "Lowest gid mail is accessed with: gid 0 is refused.",
         minimum=0,
+        section="Mail and its owners",
     )
     last_valid_gid: int = key(
         0,
         "Highest gid mail is accessed with; `0`: no limit.",
         minimum=0,
+        section="Mail and its owners",
     )
     lmtp_listen: tuple[str, ...] = key(
         (),
         'LMTP (RFC 2033) delivery listeners: `"HOST:PORT"` and/or `"unix:/path"`.',
         parse=_parse_delivery_listens,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     smtp_listen: tuple[str, ...] = key(
         (),
         'Inbound SMTP listeners for local users only (never a relay), `"HOST:PORT"`.',
         parse=_parse_delivery_listens,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     max_message_size: int = key(
         50 * 1024 * 1024,
         "Largest message delivered, in octets (LMTP, SMTP, `pobox deliver`); `0`: no "
         "limit. The default is 50 MiB.",
         minimum=0,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     quota_bytes: int = key(
         0,
@@ -664,56 +733,66 @@ class Config:
         "passwd-file extra field `quota_bytes=100M` or "
         "`userdb_quota_rule=*:storage=100M:messages=1000`.",
         minimum=0,
+        section="Mail and its owners",
     )
     quota_messages: int = key(
         0,
         "Default maximum number of messages per maildrop; `0`: none.",
         minimum=0,
+        section="Mail and its owners",
     )
     hostname: str = key(
         "",
         "Name in the LMTP/SMTP greeting; with `localhost` and `local_domains`, the "
         "domains whose addresses are local users for SMTP.",
         default_doc="(system host name)",
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     local_domains: tuple[str, ...] = key(
         (),
         "Domains whose addresses are local users for SMTP (`user@domain` is `user`); "
         "the `hostname` and `localhost` always are.",
         parse=_parse_domains,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     lmtp_max_connections: int = key(
         100,
         "Open LMTP connections in all, the MTA's Unix socket ones included; more get `421 4.3.2`.",
         minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     lmtp_max_connections_per_ip: int = key(
         50,
         "Open LMTP connections from one address; more get `421 4.7.0`.",
         minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     smtp_max_connections: int = key(
         100,
         "Open SMTP connections in all; more get `421 4.3.2`.",
         minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     smtp_max_connections_per_ip: int = key(
         20,
         "Open SMTP connections from one address (Postfix opens up to 20 to one "
         "destination); more get `421 4.7.0`.",
         minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     delivery_timeout: float = key(
         300.0,
         "LMTP/SMTP: seconds to wait for a command or the next DATA line (RFC 5321 "
         "§4.5.3.2.7); twice this without a message closes the connection.",
         positive=True,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     delivery_min_data_rate: int = key(
         2048,
         "LMTP/SMTP: octets per second a client must keep up in DATA after "
         "`delivery_timeout` of grace, like Postfix's `smtpd_min_data_rate`.",
         minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     mail_temp_dir: str = key(
         "",
@@ -722,17 +801,20 @@ class Config:
         "disk.",
         default_doc="(system)",
         check=_check_temp_dir,
+        section="Delivery: LMTP, SMTP, pobox deliver",
     )
     haproxy_trusted_networks: tuple[str, ...] = key(
         (),
         "CIDR networks of HAProxy: their connections must start with a PROXY header "
         "([Behind HAProxy](#behind-haproxy)); empty: never accepted.",
         parse=_parse_networks,
+        section="POP3 service",
     )
     haproxy_timeout: float = key(
         3.0,
         "Seconds such a connection has to send its header before it is closed.",
         positive=True,
+        section="POP3 service",
     )
     postgresql_dsn: str = key(
         "",
@@ -741,40 +823,47 @@ class Config:
         "comes from `PGHOST`, `PGUSER`, ... , `~/.pgpass` and `pg_service.conf`.",
         default_doc="(libpq defaults)",
         secret=True,
+        section="PostgreSQL",
     )
     postgresql_schema: str = key(
         "pobox",
         "Schema of pobox's tables.",
         check=_check_schema,
+        section="PostgreSQL",
     )
     postgresql_pool_min: int = key(
         2,
         "Pooled connections kept open for reads and deliveries.",
         minimum=1,
+        section="PostgreSQL",
     )
     postgresql_pool_max: int = key(
         20,
         "Most pooled connections; more concurrent queries wait for one, up to "
         "`postgresql_timeout`.",
         minimum=1,
+        section="PostgreSQL",
     )
     postgresql_lock_connections: int = key(
         4,
         "Connections that carry the maildrop locks (many per connection) and the UPDATEs "
         "of their sessions.",
         minimum=1,
+        section="PostgreSQL",
     )
     postgresql_timeout: float = key(
         10.0,
         "Seconds any statement, connection attempt or wait for a pooled connection may "
         "take; then `-ERR [SYS/TEMP]` / `451 4.3.0`.",
         positive=True,
+        section="PostgreSQL",
     )
     postgresql_lock_check_interval: float = key(
         10.0,
         "Seconds between probes of a lock connection that holds locks (0: only when the "
         "server closes it).",
         minimum=0,
+        section="PostgreSQL",
     )
     userdb: str = key(
         "passwd-file",
@@ -782,6 +871,7 @@ class Config:
         "(pobox's `users` table in `postgresql_dsn`, or your own tables through the three "
         "queries below).",
         choices=("passwd-file", "postgresql"),
+        section="Users and logins",
     )
     postgresql_user_cache_ttl: float = key(
         30.0,
@@ -789,6 +879,7 @@ class Config:
         "Changes to pobox's table reach every node at once (NOTIFY); changes to your own "
         "tables within this time. `0`: no cache.",
         minimum=0,
+        section="PostgreSQL",
     )
     postgresql_password_query: str = key(
         "",
@@ -797,6 +888,7 @@ class Config:
         "`%(username)s` (before `@`), `%(domain)s`, always bound.",
         default_doc="(pobox's table)",
         check=_check_query,
+        section="PostgreSQL",
     )
     postgresql_user_query: str = key(
         "",
@@ -804,12 +896,14 @@ class Config:
         "`gid`, `home`, `mail`, `quota_rule`/`quota_bytes`/`quota_messages`, `nologin`.",
         default_doc="(the password query)",
         check=_check_query,
+        section="PostgreSQL",
     )
     postgresql_iterate_query: str = key(
         "",
         "Your own query listing users for `pobox user list`, like Dovecot's "
         "`iterate_query`: a `username` (or `user`) column.",
         check=_check_query,
+        section="PostgreSQL",
     )
     shared_state: str = key(
         "auto",
@@ -818,6 +912,7 @@ class Config:
         "(`postgresql_dsn`). `auto`: `postgresql` when `mail_location` or `userdb` is "
         "`postgresql`. See [Shared state across nodes](#shared-state-across-nodes).",
         choices=("auto", "memory", "postgresql"),
+        section="Several nodes and processes",
     )
     node_name: str = key(
         "",
@@ -825,18 +920,21 @@ class Config:
         "(two live nodes with one name are logged as an error).",
         default_doc="(host name)",
         check=_check_node_name,
+        section="Several nodes and processes",
     )
     shared_state_timeout: float = key(
         0.5,
         "Seconds a call to the shared state may take; past it, or with the database down, "
         "the login uses this node's memory instead (logged once per episode).",
         positive=True,
+        section="Several nodes and processes",
     )
     shared_state_heartbeat: float = key(
         5.0,
         "Seconds between a node's heartbeats (its lease, and kicks); a node silent for 3 "
         "heartbeats is dead and its sessions stop counting.",
         positive=True,
+        section="Several nodes and processes",
     )
     mail_max_userip_connections: int = key(
         10,
@@ -844,6 +942,7 @@ class Config:
         "(Dovecot's key); more get `-ERR [IN-USE]`. `0`: no limit.",
         minimum=0,
         note="(0: no limit)",
+        section="Several nodes and processes",
     )
     mail_max_user_connections: int = key(
         0,
@@ -851,6 +950,7 @@ class Config:
         "key); more get `-ERR [IN-USE]`. `0`: no limit.",
         minimum=0,
         note="(0: no limit)",
+        section="Several nodes and processes",
     )
     health_listen: str = key(
         "",
@@ -859,6 +959,7 @@ class Config:
         "the reason ([Health checks and draining](#health-checks-and-draining)). Bind it "
         "to loopback or a private network.",
         check=_check_optional_listen,
+        section="Several nodes and processes",
     )
     drain_timeout: float = key(
         30.0,
@@ -866,6 +967,7 @@ class Config:
         "node stops accepting connections; then the rest are closed without UPDATE and "
         "the node exits 0. A second `SIGTERM`/`SIGINT` stops at once. `0`: close at once.",
         minimum=0,
+        section="Several nodes and processes",
     )
     workers: int = key(
         0,
@@ -876,6 +978,7 @@ class Config:
         "per CPU.",
         minimum=0,
         note="(0: one per CPU)",
+        section="Several nodes and processes",
     )
     #: Not a key: what :func:`build_config` found worth a warning (not an error).
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -1159,13 +1262,19 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def by_section() -> list[tuple[str, list[Key]]]:
+    """Return the keys under their headings, in :data:`SECTIONS` and declaration order."""
+    return [(title, [s for s in KEYS.values() if s.section == title]) for title in SECTIONS]
+
+
 def markdown_table() -> str:
-    """Return README.md's table of every key: name, default, meaning."""
-    rows = ["| Key | Default | Meaning |", "|---|---|---|"]
-    rows += [
-        f"| `{name}` | {default_text(spec)} | {_cell(spec.doc)} |" for name, spec in KEYS.items()
-    ]
-    return "\n".join(rows) + "\n"
+    """Return README.md's tables of every key, one per section: name, default, meaning."""
+    parts = []
+    for title, specs in by_section():
+        rows = [f"**{title}**", "", "| Key | Default | Meaning |", "|---|---|---|"]
+        rows += [f"| `{s.name}` | {default_text(s)} | {_cell(s.doc)} |" for s in specs]
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
 
 
 #: The lines that enclose the generated key table in README.md.
@@ -1190,15 +1299,17 @@ def readme_with_table(readme: str) -> str:
 def keys_help(width: int = 88) -> str:
     """Return the key list of ``pobox serve --help``: each key, its default, its meaning."""
     out = []
-    for name, spec in KEYS.items():
-        out.append(f"  {name} = {default_text(spec).replace('`', '')}")
-        out.extend(
-            textwrap.wrap(
-                spec.doc.replace("`", ""),
-                width,
-                initial_indent="      ",
-                subsequent_indent="      ",
-                break_on_hyphens=False,
+    for title, specs in by_section():
+        out.append(f"\n {title}:")
+        for spec in specs:
+            out.append(f"  {spec.name} = {default_text(spec).replace('`', '')}")
+            out.extend(
+                textwrap.wrap(
+                    spec.doc.replace("`", ""),
+                    width,
+                    initial_indent="      ",
+                    subsequent_indent="      ",
+                    break_on_hyphens=False,
+                )
             )
-        )
     return "\n".join(out)

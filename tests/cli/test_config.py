@@ -10,6 +10,7 @@ import pytest
 
 from pobox.config import (
     KEYS,
+    SECTIONS,
     Config,
     Listen,
     build_config,
@@ -316,11 +317,23 @@ class TestDocumented:
         assert readme_with_table(readme) == readme
 
     def test_table_has_a_row_per_key(self) -> None:
-        """The generated table has one row per key, in declaration order, with its default."""
-        rows = markdown_table().splitlines()[2:]
-        assert list(KEYS) == [row.split("`")[1] for row in rows]
+        """The generated tables have one row per key, under its section, with its default."""
+        rows = [row for row in markdown_table().splitlines() if row.startswith("| `")]
+        assert sorted(KEYS) == sorted(row.split("`")[1] for row in rows)
         assert rows[0].startswith('| `listen` | `["127.0.0.1:1110"]` | ')
         assert "| `idle_timeout` | `600` | " in markdown_table()
+        titles = [line[2:-2] for line in markdown_table().splitlines() if line.startswith("**")]
+        assert list(SECTIONS) == titles
+        tls = markdown_table().split("**TLS**")[1].split("**Mail and its owners**")[0]
+        names = [row.split("`")[1] for row in tls.splitlines() if row.startswith("| `")]
+        assert ["ssl_cert", "ssl_key", "ssl_listen", "ssl_min_protocol", "ssl_client_ca",
+                "ssl_sni"] == names  # fmt: skip
+
+    def test_every_section_has_keys(self) -> None:
+        """No heading is left empty."""
+        assert [] == [
+            title for title in SECTIONS if not any(s.section == title for s in KEYS.values())
+        ]
 
     def test_serve_help_lists_every_key(self) -> None:
         """pobox serve --help shows each key with its default and its help, no Markdown."""
