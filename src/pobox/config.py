@@ -322,7 +322,14 @@ def _dump_sni(value: tuple[tuple[str, str, str], ...]) -> dict[str, dict[str, st
 
 def _sni_entry(name: str, entry: object) -> tuple[str, str, str]:
     key = f"ssl_sni.{name}"
-    if not isinstance(entry, dict) or set(entry) != {"cert", "key"}:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{key}: expected a table with exactly cert and key")
+    for sub in entry:
+        if sub not in ("cert", "key"):
+            close = difflib.get_close_matches(sub, ("cert", "key"), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "only cert and key"
+            raise ConfigError(f"{key}: unknown key {sub!r} ({hint})")
+    if set(entry) != {"cert", "key"}:
         raise ConfigError(f"{key}: expected a table with exactly cert and key")
     if not all(isinstance(v, str) and v for v in entry.values()):
         raise ConfigError(f"{key}: cert and key must be file paths")

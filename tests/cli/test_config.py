@@ -383,6 +383,12 @@ class TestDeclaration:
             build_config(values)
         assert message == str(raised.value)
 
+    def test_sni_subkey_typo(self) -> None:
+        """A typo inside an [ssl_sni."name"] table is named with the key it is close to."""
+        with pytest.raises(ConfigError) as raised:
+            build_config({"ssl_sni": {"mail.test": {"certt": "/c", "key": "/k"}}})
+        assert "ssl_sni.mail.test: unknown key 'certt' (did you mean 'cert'?)" == str(raised.value)
+
     def test_base_values_are_checked_too(self) -> None:
         """A value that came from the base config is checked like one from the file."""
         with pytest.raises(ConfigError, match=r"^max_bad_commands: must be at least 1$"):
