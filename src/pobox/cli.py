@@ -5,7 +5,9 @@ and mail, then ``serve`` on it), ``user add`` / ``passwd`` / ``list`` / ``del`` 
 passwd-file or of the PostgreSQL userdb, whichever the configuration names), ``deliver`` (an
 MDA like dovecot-lda: one message on stdin into a maildrop, sysexits codes), ``import`` /
 ``export`` (a Maildir into and out of the configured store, UIDLs kept), ``db upgrade`` /
-``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep).
+``db status`` / ``db gc`` (the PostgreSQL schema and its upkeep), ``config check`` /
+``config dump`` (the start-up checks without starting; the settings that differ from the
+defaults, like ``doveconf -n``).
 ``serve`` also starts the LMTP/SMTP delivery listeners when ``lmtp_listen``/``smtp_listen``
 are set, and the HTTP health check on ``health_listen``; ``SIGTERM`` drains it (:func:`drain`).
 With ``workers`` > 1 it is a master (:func:`run_master`) that binds the listeners and runs that
@@ -46,10 +48,18 @@ from pobox.auth.passwdfile import (
 from pobox.auth.schemes import SUPPORTED_SCHEMES, hash_password
 from pobox.auth.secretfile import load_secret
 from pobox.client.cli import add_fetch_parser
-from pobox.config import KEYS, Config, load_config, parse_listen, shared_state_backend
+from pobox.config import (
+    KEYS,
+    Config,
+    dump_config,
+    keys_help,
+    load_config,
+    parse_listen,
+    shared_state_backend,
+)
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
-from pobox.errors import ConfigError, PoboxError
+from pobox.errors import ConfigError, ListenError, PoboxError
 from pobox.log import reopen_logs, setup_logging
 from pobox.records import User, parse_size
 from pobox.server import Pop3Server, SessionContext
@@ -493,6 +503,61 @@ def _switch(config: Config, plan: PrivilegePlan) -> None:
             raise ConfigError(msg) from None
 
 
+def preflight(config: Config, *, tls: bool = False) -> tuple[PrivilegePlan, list[str]]:
+    """Run the start-up checks that need no port, no database and no change to anything.
+
+    ``pobox serve`` runs them before it binds, ``pobox config check`` alone (with ``tls``:
+    the certificates loaded as the server loads them), so both say the same.
+
+    Returns:
+        the privilege plan, and the warnings of the privilege checks.
+
+    Raises:
+        ConfigError: a setting that cannot work (a missing passwd-file, an unknown user...).
+    """
+    if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
+        raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
+    _check_log_path(config)
+    plan = plan_privileges(config)
+    if config.event_loop == "uvloop":
+        _uvloop(config)
+    if tls and config.ssl_cert:
+        ServerTls(config)
+    return plan, list(plan.warnings)
+
+
+def _log_path_error(path: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"log_path: cannot open {path}: {exc.strerror or exc}")
+
+
+def _check_log_path(config: Config) -> None:
+    """Check that the log file can be opened for appending, creating nothing.
+
+    Raises:
+        ConfigError: with the message :func:`start_logging` gives when it cannot.
+    """
+    if not config.log_path:
+        return
+    path = Path(config.log_path)
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        elif not path.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        elif not os.access(path.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise _log_path_error(config.log_path, exc) from None
+
+
+def start_logging(config: Config) -> logging.Handler:
+    """Set up logging (:func:`setup_logging`), naming ``log_path`` if it cannot be opened."""
+    try:
+        return setup_logging(config)
+    except OSError as exc:
+        raise _log_path_error(config.log_path, exc) from None
+
+
 async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
     """Run the server until SIGTERM or SIGINT, then shut down cleanly; return the status.
 
@@ -509,10 +574,8 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
             # heartbeat only its own lost sessions: to the cluster it is a node (NAME-wN).
             name = f"{node_name(config)}-w{worker.index}"
             config = dataclasses.replace(config, node_name=name)
-    if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
-        raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
-    plan = plan_privileges(config)
-    for warning in plan.warnings if worker is None else ():  # a master logged them once
+    plan, warnings = preflight(config)
+    for warning in warnings if worker is None else ():  # a master logged them once
         logger.warning("config: %s", warning)
     raise_open_file_limit(config)  # while still root: the hard limit may rise too
     stop = asyncio.Event()
@@ -687,10 +750,8 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
     Args:
         command: a worker's command line (this ``pobox serve``, without ``--worker``).
     """
-    if config.userdb == "passwd-file" and not Path(config.passwd_file).is_file():
-        raise ConfigError(f"passwd_file: {config.passwd_file} does not exist")
-    plan = plan_privileges(config)  # its errors now, once, rather than in every worker
-    for warning in plan.warnings:
+    plan, warnings = preflight(config)  # its errors now, once, rather than in every worker
+    for warning in warnings:
         logger.warning("config: %s", warning)
     listeners = bind_listeners(config)
     service = StateService(config.auth_failure_window, node_name(config))
@@ -899,40 +960,66 @@ def _log_mode(plan: PrivilegePlan, helper: StorageHelper | None) -> None:
         logger.info("master: not started as root; mail accessed as uid %d, gid %d", uid, gid)
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if args.listen:
-        out["listen"] = args.listen
-    for key in ("mail_location", "passwd_file", "log_level", "log_path"):
-        if getattr(args, key, None):
-            out[key] = getattr(args, key)
-    if args.trace:
-        out["trace"] = True
-    return out
+def add_key_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Add a ``--NAME`` option for each of the configuration keys ``names``.
+
+    Its help is the first sentence of the key's, its choices the key's: see :func:`key`.
+    """
+    for name in names:
+        spec = KEYS[name]
+        first = spec.doc.replace("`", "").replace("%", "%%").split(". ")[0].rstrip(".")
+        option = "--" + name.replace("_", "-")
+        if spec.toml[0] is bool:
+            parser.add_argument(option, action="store_true", help=first)
+        elif spec.toml[0] is list:
+            parser.add_argument(option, action="append", help=f"{first} (repeat)")
+        else:
+            parser.add_argument(option, choices=spec.choices or None, help=first)
+
+
+#: The configuration keys that are also ``pobox serve`` options (``flag=True``).
+SERVE_FLAGS = tuple(name for name, spec in KEYS.items() if spec.flag)
+
+
+def _overrides(args: argparse.Namespace, names: Sequence[str] = SERVE_FLAGS) -> dict[str, Any]:
+    """The keys given as options (:func:`add_key_flags`), which beat the file."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None)}
 
 
 async def _discard(main: Coroutine[Any, Any, int]) -> None:
     await main
 
 
+def _uvloop(config: Config) -> Any:  # noqa: ANN401 - the uvloop module, if any
+    """Return the uvloop module if ``event_loop`` allows it and it is installed, else None.
+
+    Raises:
+        ConfigError: ``event_loop`` is ``uvloop`` and it is not installed.
+    """
+    if config.event_loop == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional: only the server's loop uses it
+    except ImportError:
+        if config.event_loop == "uvloop":
+            raise ConfigError("event_loop: uvloop is not installed") from None
+        return None
+    return uvloop
+
+
 def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop when ``event_loop`` allows and it is installed, else asyncio."""
-    if config.event_loop != "asyncio":
-        try:
-            import uvloop  # noqa: PLC0415 - optional: only the server's loop uses it
-        except ImportError:
-            if config.event_loop == "uvloop":
-                raise ConfigError("event_loop: uvloop is not installed") from None
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+    uvloop = _uvloop(config)
+    if uvloop is not None:
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the POP3 server: one process, or a master and its workers (``workers``)."""
     config = load_config(args.config, _overrides(args))
-    handler = setup_logging(config)
+    handler = start_logging(config)
     worker = WorkerSpec.decode(args.worker) if args.worker else None
     if worker is not None:
         handler.addFilter(WorkerLogNames(worker.index))
@@ -956,11 +1043,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_deliver(args: argparse.Namespace) -> int:
     """Deliver one message from standard input (an MDA, like dovecot-lda); sysexits status."""
-    overrides = {k: getattr(args, k) for k in ("mail_location", "passwd_file") if getattr(args, k)}
+    overrides = _overrides(args, _DELIVER_FLAGS)
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
-        # A broken setup must not bounce mail: the MTA keeps it and tries again.
+        # A broken setup must not bounce mail: the MTA keeps it and tries again, and logs
+        # this line for the admin. Not EX_CONFIG (78): Postfix maps it to 5.3.5, a bounce;
+        # dovecot-lda and doveconf exit 75 for the same reason.
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
@@ -970,6 +1059,10 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     if status:
         print(f"pobox deliver: {message}", file=sys.stderr)
     return status
+
+
+#: The configuration keys that are also ``pobox deliver`` options.
+_DELIVER_FLAGS = ("mail_location", "passwd_file")
 
 
 def build_deliver_store(config: Config) -> MaildropStore:
@@ -1003,6 +1096,28 @@ async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple
     finally:
         await store.aclose()
         await close_authenticator(authenticator)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Check a configuration file as ``pobox serve`` does before it binds; print ok."""
+    config = load_config(args.config)
+    _, warnings = preflight(config, tls=True)
+    for warning in (*config.warnings, *warnings):
+        print(f"pobox: warning: config: {warning}", file=sys.stderr)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_config_dump(args: argparse.Namespace) -> int:
+    """Print the effective settings that differ from the defaults (``--all``: every key)."""
+    config = load_config(args.config)
+    what = "every setting" if args.all else "the settings that differ from the defaults"
+    print(f"# pobox {__version__}: {what} of {args.config}")
+    print(dump_config(config, every=args.all, secrets=args.secrets), end="")
+    return 0
 
 
 # --------------------------------------------------------------------------- database
@@ -1462,22 +1577,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pobox {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    keys = "\n".join(f"  {k}: {doc}" for k, (_, doc) in KEYS.items())
+    keys = keys_help()
     serve = sub.add_parser(
         "serve",
         help="run the POP3 server",
-        description=f"Run the POP3 server.\n\nConfiguration keys (TOML):\n{keys}",
+        description="Run the POP3 server. Options beat the configuration file."
+        f"\n\nConfiguration keys (TOML), with their defaults:\n{keys}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--config", "-c", help="TOML configuration file")
-    serve.add_argument(
-        "--listen", action="append", metavar="HOST:PORT", help="address to listen on (repeat)"
-    )
-    serve.add_argument("--mail-location", help="e.g. 'maildir:/srv/mail/%%u'")
-    serve.add_argument("--passwd-file", help="Dovecot-format passwd-file")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-path", help="log file (default: standard error)")
-    serve.add_argument("--trace", action="store_true", help="log the C:/S: dialogue")
+    add_key_flags(serve, SERVE_FLAGS)
     # Set by the master for each of its workers (pobox.server._workers), never by hand.
     serve.add_argument("--worker", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
@@ -1494,13 +1603,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="deliver a message from stdin to a user (MDA, like dovecot-lda)",
         description="Read one message on standard input and store it in USER's maildrop. "
         "Exit status (sysexits.h): 0 delivered, 65 bad input, 67 unknown user, 73 over quota "
-        "or cannot create, 75 temporary failure.",
+        "or cannot create, 75 temporary failure (a configuration error too: the MTA keeps "
+        "the message).",
     )
     deliver.add_argument("--user", "-u", "-d", required=True, help="recipient user or address")
     deliver.add_argument("--sender", "-f", help="envelope sender (Return-Path)")
     deliver.add_argument("--config", "-c", help="TOML configuration file")
-    deliver.add_argument("--mail-location", help="e.g. 'maildir:/srv/mail/%%u'")
-    deliver.add_argument("--passwd-file", help="Dovecot-format passwd-file")
+    add_key_flags(deliver, _DELIVER_FLAGS)
     deliver.set_defaults(func=cmd_deliver)
 
     user = sub.add_parser(
@@ -1590,6 +1699,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = db_sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", required=True, help="TOML configuration file")
         p.set_defaults(func=cmd_db)
+    config = sub.add_parser(
+        "config",
+        help="check a configuration file, or print its settings",
+        description="check: run the checks pobox serve runs at start-up, without binding "
+        "anything; exit 0 (ok, and any warnings) or 78 with the same messages. dump: print "
+        "the settings that differ from the defaults as TOML that reads back to the same "
+        "configuration (like doveconf -n); --all: every key.",
+    )
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="check a configuration file as serve would")
+    check.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    check.set_defaults(func=cmd_config_check)
+    dump = config_sub.add_parser("dump", help="print the settings that differ from the defaults")
+    dump.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    dump.add_argument("--all", action="store_true", help="print every key, defaults too")
+    dump.add_argument(
+        "--secrets",
+        "-P",
+        action="store_true",
+        help="print a postgresql_dsn that holds a password (hidden by default)",
+    )
+    dump.set_defaults(func=cmd_config_dump)
     add_fetch_parser(sub)
     add_control_parsers(sub)
     return parser
@@ -1601,6 +1732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # a master's workers run it
     try:
         return int(args.func(args))
+    except ListenError as exc:  # a port in use (71), or one this host cannot have (78)
+        print(f"pobox: {exc}", file=sys.stderr)
+        return EX_OSERR if exc.in_use else EX_CONFIG
     except ConfigError as exc:
         print(f"pobox: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -1,8 +1,45 @@
-"""Configuration: frozen dataclasses read from TOML, with Dovecot-like names.
+"""Configuration: one declaration per key, read from TOML into a frozen :class:`Config`.
 
-Every key is documented in :data:`KEYS` (that table also drives ``docs`` in README.md and
-``pobox serve --help``); unknown keys and wrong types are errors that name the key path, found
-at start-up, never at the first login.
+Every setting is declared once, as a field of :class:`Config` made with :func:`key`: its
+name is the field's name, its Python type the annotation, and the call gives its default,
+its help text and its limits (``choices``, ``minimum``, ``positive``, a ``check`` for a rule of
+its own) and how TOML values are read into it (``parse``) and written back (``dump``). From
+that one declaration come :data:`KEYS`, the type checks and the per-key validation of
+:func:`build_config`, the ``pobox serve --help`` text and its flags (:func:`keys_help`,
+``flag=True``), the key table of README.md (:func:`markdown_table`; a test checks README
+against it, ``scripts/update-config-table`` rewrites it) and ``pobox config dump``
+(:func:`dump_config`).  Rules that tie several keys together (TLS needs both a certificate
+and a key, custom queries need the password query...) stay explicit functions, the
+``_validate_*`` below.
+
+Why a typed table of our own rather than msgspec or pydantic: the whole code base reads a
+frozen dataclass with these attribute names, our error messages name the key in the words
+an admin needs ("unknown key 'listne' (did you mean 'listen'?)"), TOML values need small
+conversions (``"HOST:PORT"`` into :class:`Listen`, CIDRs normalised), and the help text must
+reach README.md and ``--help``: a schema library would add a dependency and a second model
+and still leave all of that to write.
+
+**Adding a key.** Add one field to :class:`Config`, at the end of the group it belongs to::
+
+    #: (optional comment for readers of the code)
+    metrics_listen: str = key(
+        "",
+        'HTTP endpoint for Prometheus, `"HOST:PORT"`; empty: off.',
+        check=_check_optional_listen,
+        section="Several nodes and processes",
+    )
+
+The help text is Markdown (backticks become plain text in ``--help``); the default is shown
+from the value unless ``default_doc`` says it better; ``section`` (required) is one of
+:data:`SECTIONS`, the heading it is listed under.  Then run
+``scripts/update-config-table`` (README's table) and add a CHANGELOG line. ``toml`` is
+needed only where the TOML type is not that of the default (a table, or a user given as a
+name or a number); ``parse``/``dump`` only where the TOML value is not the Python one.
+A key written the old way (a plain field, a ``KEYS`` entry, a README row) becomes one
+``key(...)`` field: the old ``KEYS`` text is its help, its ``_validate`` lines become
+``choices``/``minimum``/``positive``/``check``, and its README row goes (the script writes
+it). A new listener binds inside ``pobox.errors.binding("its_key", address)``, so that a
+port in use names the key.
 
 May import: the standard library and :mod:`pobox.errors`.
 """
@@ -10,17 +47,36 @@ May import: the standard library and :mod:`pobox.errors`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import math
 import os
 import re
+import textwrap
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pobox.errors import ConfigError
 
-__all__ = ["KEYS", "Config", "Listen", "load_config", "parse_listen", "shared_state_backend"]
+__all__ = [
+    "KEYS",
+    "SECTIONS",
+    "Config",
+    "Key",
+    "Listen",
+    "build_config",
+    "dump_config",
+    "key",
+    "keys_help",
+    "load_config",
+    "markdown_table",
+    "parse_listen",
+    "readme_with_table",
+    "shared_state_backend",
+]
 
 #: ``disable_plaintext_auth`` values, as Dovecot names them, plus ``loopback`` (the default).
 PLAINTEXT_POLICIES: Final = ("loopback", "yes", "no")
@@ -30,6 +86,23 @@ TLS_PROTOCOLS: Final = ("TLSv1.2", "TLSv1.3")
 
 #: RFC 1939 §3: "the autologout timer MUST be of at least 10 minutes' duration".
 RFC_MIN_AUTOLOGOUT: Final = 600
+
+#: The names of pobox.protocol.ALL_MECHANISMS (config may not import the protocol core).
+SASL_MECHANISMS: Final = frozenset(
+    {"PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
+    | {"EXTERNAL", "OAUTHBEARER", "XOAUTH2"}
+)
+
+#: RFC 2449 §4: a status line is at most 512 octets; "+OK " and CRLF take 6 of them.
+_GREETING_MAX: Final = 506
+
+#: PostgreSQL's longest identifier (NAMEDATALEN - 1).
+_PG_IDENTIFIER_MAX = 63
+
+#: The named parameters a custom user query may use (Dovecot's %u, %n, %d).
+QUERY_PARAMETERS: Final = ("user", "username", "domain")
+#: ``%(name)s`` placeholders and ``%%``; any other ``%`` in a custom query is an error.
+_PLACEHOLDER = re.compile(r"%(?:\((?P<name>[^)]*)\)s|%)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,454 +115,6 @@ class Listen:
     def __str__(self) -> str:
         """Return ``host:port`` (IPv6 in brackets)."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The server's settings; see :data:`KEYS` for each one's meaning."""
-
-    listen: tuple[Listen, ...] = (Listen("127.0.0.1", 1110),)
-    mail_location: str = "maildir:~/Maildir"
-    passwd_file: str = "/etc/pobox/passwd"
-    default_pass_scheme: str = "CRYPT"
-    login_greeting: str = "pobox ready."
-    pop3_lock_session: bool = True
-    mail_inline_read_max: int = 128 * 1024
-    login_timeout: float = 60.0
-    login_deadline: float = 180.0
-    idle_timeout: float = 600.0
-    auth_failure_delay: float = 2.0
-    max_bad_commands: int = 10
-    log_level: str = "info"
-    log_path: str = ""
-    trace: bool = False
-    event_loop: str = "auto"
-    auth_mechanisms: str = "PLAIN LOGIN"
-    apop: bool = False
-    oauth_jwt_key_file: str = ""
-    scram_secret_file: str = ""
-    auth_failure_delay_max: float = 15.0
-    auth_failures_per_ip: int = 10
-    auth_failures_per_user: int = 10
-    auth_failure_window: float = 600.0
-    max_auth_failures: int = 3
-    log_format: str = "pobox"
-    ssl_cert: str = ""
-    ssl_key: str = ""
-    ssl_listen: tuple[Listen, ...] = ()
-    ssl_min_protocol: str = "TLSv1.2"
-    ssl_client_ca: str = ""
-    #: (server name, cert path, key path) for SNI, in the order of the config file.
-    ssl_sni: tuple[tuple[str, str, str], ...] = ()
-    disable_plaintext_auth: str = "loopback"
-    login_trusted_networks: tuple[str, ...] = ()
-    max_connections: int = 1000
-    max_connections_per_ip: int = 50
-    max_open_files: int = 0
-    user: str = ""
-    group: str = ""
-    mail_uid: str = ""
-    mail_gid: str = ""
-    first_valid_uid: int = 500
-    last_valid_uid: int = 0
-    first_valid_gid: int = 1
-    last_valid_gid: int = 0
-    lmtp_listen: tuple[str, ...] = ()
-    smtp_listen: tuple[str, ...] = ()
-    max_message_size: int = 50 * 1024 * 1024
-    quota_bytes: int = 0
-    quota_messages: int = 0
-    hostname: str = ""
-    local_domains: tuple[str, ...] = ()
-    lmtp_max_connections: int = 100
-    lmtp_max_connections_per_ip: int = 50
-    smtp_max_connections: int = 100
-    smtp_max_connections_per_ip: int = 20
-    delivery_timeout: float = 300.0
-    delivery_min_data_rate: int = 2048
-    mail_temp_dir: str = ""
-    haproxy_trusted_networks: tuple[str, ...] = ()
-    haproxy_timeout: float = 3.0
-    postgresql_dsn: str = ""
-    postgresql_schema: str = "pobox"
-    postgresql_pool_min: int = 2
-    postgresql_pool_max: int = 20
-    postgresql_lock_connections: int = 4
-    postgresql_timeout: float = 10.0
-    postgresql_lock_check_interval: float = 10.0
-    userdb: str = "passwd-file"
-    postgresql_user_cache_ttl: float = 30.0
-    postgresql_password_query: str = ""
-    postgresql_user_query: str = ""
-    postgresql_iterate_query: str = ""
-    shared_state: str = "auto"
-    node_name: str = ""
-    shared_state_timeout: float = 0.5
-    shared_state_heartbeat: float = 5.0
-    mail_max_userip_connections: int = 10
-    mail_max_user_connections: int = 0
-    health_listen: str = ""
-    control_socket: str = "auto"
-    drain_timeout: float = 30.0
-    workers: int = 0
-    warnings: tuple[str, ...] = field(default=(), compare=False)
-
-
-#: key → (type, description).  The single source of the documentation of every key.
-KEYS: Final[dict[str, tuple[type, str]]] = {
-    "listen": (
-        list,
-        'Addresses to listen on, "HOST:PORT" ("[::1]:110" for IPv6). Default 127.0.0.1:1110.',
-    ),
-    "mail_location": (
-        str,
-        "Where maildrops are, like Dovecot's mail_location: maildir:PATH with ~ (home), "
-        "%u (user), %n (local part), %d (domain), %h (home); or postgresql (the database of "
-        "postgresql_dsn). Default maildir:~/Maildir.",
-    ),
-    "passwd_file": (str, "Dovecot-format passwd-file with the users. Re-read when it changes."),
-    "default_pass_scheme": (
-        str,
-        "Scheme of passwd-file hashes without a {SCHEME} prefix (Dovecot default_pass_scheme).",
-    ),
-    "login_greeting": (str, "Text after +OK in the greeting (Dovecot login_greeting)."),
-    "pop3_lock_session": (
-        bool,
-        "Lock the maildrop for the whole session (RFC 1939 §8); a second login gets "
-        "-ERR [IN-USE]. Default true.",
-    ),
-    "mail_inline_read_max": (
-        int,
-        "Messages up to this many octets are read in the server's event loop instead of a "
-        "worker thread (faster on local disks); 0 for slow network storage. Default 131072.",
-    ),
-    "login_timeout": (float, "Seconds of silence before login after which we hang up (60)."),
-    "login_deadline": (
-        float,
-        "Seconds from connecting within which a client must have logged in, however busy it "
-        "keeps the connection (CAPA, failed attempts): then it is closed. Dovecot's fixed "
-        "login timeout is the same 180 (the default).",
-    ),
-    "idle_timeout": (
-        float,
-        "Autologout: seconds of silence after login before the session is closed without "
-        "UPDATE. RFC 1939 requires at least 600 (the default); lower values are for tests.",
-    ),
-    "auth_failure_delay": (
-        float,
-        "Seconds to wait before answering a failed login (Dovecot auth_failure_delay, 2).",
-    ),
-    "max_bad_commands": (int, "Consecutive bad commands before the session is closed (10)."),
-    "log_level": (str, "debug, info, warning or error (info)."),
-    "log_path": (str, "File to log to; empty for standard error (the systemd journal)."),
-    "trace": (bool, "Log the C:/S: dialogue of every session, passwords masked (false)."),
-    "event_loop": (
-        str,
-        "auto (uvloop if installed, the default), uvloop, or asyncio (the standard loop).",
-    ),
-    "auth_mechanisms": (
-        str,
-        "SASL mechanisms AUTH offers, space-separated (Dovecot auth_mechanisms): PLAIN LOGIN "
-        "CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256 EXTERNAL OAUTHBEARER XOAUTH2. CRAM-MD5 and "
-        "SCRAM need {PLAIN}, {CRAM-MD5} or {SCRAM-*} passwords. Default PLAIN LOGIN.",
-    ),
-    "apop": (
-        bool,
-        "Offer APOP (RFC 1939 §7): the greeting ends with a <timestamp>; works for users "
-        "with {PLAIN} passwords only (false).",
-    ),
-    "oauth_jwt_key_file": (
-        str,
-        "File with the HS256 key that signs OAuth bearer tokens (JWT) for OAUTHBEARER and "
-        "XOAUTH2; the token's sub or email must be the user, exp is checked. Empty: none.",
-    ),
-    "scram_secret_file": (
-        str,
-        "File with the secret key SCRAM salts are derived from (names without stored SCRAM "
-        "keys, unknown names too, each get a stable salt); made, mode 0600, when missing and "
-        "SCRAM is offered. Same file on every node. Default: pobox-scram.secret next to "
-        "passwd_file.",
-    ),
-    "auth_failure_delay_max": (
-        float,
-        "Cap of the failed-login delay, which doubles with each failure from an address (15).",
-    ),
-    "auth_failures_per_ip": (
-        int,
-        "Failed logins from one address within auth_failure_window after which logins from "
-        "that address are refused with -ERR [LOGIN-DELAY] until the window passes (10).",
-    ),
-    "auth_failures_per_user": (
-        int,
-        "Failed logins for one user name, from anywhere, within auth_failure_window after "
-        "which its failures wait auth_failure_delay_max; never refuses a right password (10).",
-    ),
-    "auth_failure_window": (float, "Seconds the failed-login counters remember (600)."),
-    "max_auth_failures": (
-        int,
-        "Failed logins in one connection after which it is closed (3, like Dovecot).",
-    ),
-    "log_format": (
-        str,
-        'pobox (default) or dovecot: prefix each log line with a syslog-style "Mon DD '
-        'HH:MM:SS host dovecot: pop3-login:" so the stock fail2ban dovecot filter reads it; '
-        "json: one JSON object per line for log shippers (keys in README's Logs section).",
-    ),
-    "ssl_cert": (
-        str,
-        "PEM certificate chain for TLS (STLS and ssl_listen). Empty: no TLS. Re-read on "
-        "SIGHUP without dropping sessions.",
-    ),
-    "ssl_key": (str, "PEM private key of ssl_cert; must match it."),
-    "ssl_listen": (
-        list,
-        "Addresses for implicit TLS (RFC 8314, port 995 in production), like listen "
-        "(default none).",
-    ),
-    "ssl_min_protocol": (str, "Oldest TLS version accepted: TLSv1.2 (default) or TLSv1.3."),
-    "ssl_client_ca": (
-        str,
-        "PEM CA file: TLS clients may present a certificate it signed; its emailAddress or CN "
-        "is the identity for SASL EXTERNAL (add EXTERNAL to auth_mechanisms). Empty: off.",
-    ),
-    "ssl_sni": (
-        dict,
-        'Per-server-name certificates (SNI): [ssl_sni."mail.example.org"] with cert and key. '
-        "Other names get ssl_cert.",
-    ),
-    "disable_plaintext_auth": (
-        str,
-        "Refuse USER/PASS and AUTH PLAIN/LOGIN without TLS: loopback (default: refuse "
-        "except from loopback and login_trusted_networks), yes (always refuse), no (allow).",
-    ),
-    "login_trusted_networks": (
-        list,
-        'CIDR networks trusted like loopback by disable_plaintext_auth, e.g. ["10.0.0.0/8"].',
-    ),
-    "max_connections": (
-        int,
-        "Open connections in all; more get -ERR [SYS/TEMP] and are closed (1000).",
-    ),
-    "max_connections_per_ip": (
-        int,
-        "Open connections from one address; more get -ERR [SYS/TEMP] and are closed (50).",
-    ),
-    "max_open_files": (
-        int,
-        "Open-file limit (RLIMIT_NOFILE) to raise to at start-up, hard limit too while root. "
-        "0 (default): computed, 2 per connection (socket, a message file being read) + 64.",
-    ),
-    "user": (
-        str,
-        "Unprivileged user the serving process switches to after binding the ports and "
-        "loading the keys when started as root (like Dovecot's default_internal_user). "
-        "Empty: mail_uid's user when mail_uid is set, else nobody (see Security model).",
-    ),
-    "group": (str, "Group to switch to with user (default: the user's primary group)."),
-    "mail_uid": (
-        str,
-        "User (name or number) that owns the mail of users whose userdb sets no uid "
-        "(Dovecot mail_uid; one vmail uid for virtual users). Started as root with mail_uid "
-        "set and user empty or the same, the whole server runs as it. Empty: none.",
-    ),
-    "mail_gid": (
-        str,
-        "Group (name or number) of the mail of users whose userdb sets no gid (Dovecot "
-        "mail_gid). Empty: the primary group of mail_uid (or of the userdb uid).",
-    ),
-    "first_valid_uid": (
-        int,
-        "Lowest uid mail is accessed with (Dovecot first_valid_uid, 500): users owned by "
-        "lower uids (root, system accounts) are refused. 0 allows root.",
-    ),
-    "last_valid_uid": (int, "Highest uid mail is accessed with; 0: no limit (default)."),
-    "first_valid_gid": (
-        int,
-        "Lowest gid mail is accessed with (Dovecot first_valid_gid, 1): gid 0 is refused.",
-    ),
-    "last_valid_gid": (int, "Highest gid mail is accessed with; 0: no limit (default)."),
-    "lmtp_listen": (
-        list,
-        'LMTP (RFC 2033) delivery listeners: "HOST:PORT" and/or "unix:/path" (default none).',
-    ),
-    "smtp_listen": (
-        list,
-        'Inbound SMTP listeners for local users only (never a relay), "HOST:PORT" (none).',
-    ),
-    "max_message_size": (
-        int,
-        "Largest message delivered, in octets (LMTP, SMTP, pobox deliver); 0: no limit. 50 MiB.",
-    ),
-    "quota_bytes": (
-        int,
-        "Default maildrop quota in octets, enforced at delivery; 0: none. Per user: passwd-file "
-        "extra field quota_bytes=100M or userdb_quota_rule=*:storage=100M:messages=1000.",
-    ),
-    "quota_messages": (int, "Default maximum number of messages per maildrop; 0: none."),
-    "hostname": (str, "Name in the LMTP/SMTP greeting (default: the system host name)."),
-    "local_domains": (
-        list,
-        "Domains whose addresses are local users for SMTP (user@domain is user); the "
-        "hostname and localhost always are.",
-    ),
-    "lmtp_max_connections": (
-        int,
-        "Open LMTP connections in all, Unix socket ones included; more get 421 4.3.2 and "
-        "are closed (100).",
-    ),
-    "lmtp_max_connections_per_ip": (
-        int,
-        "Open LMTP connections from one address; more get 421 4.7.0 and are closed (50).",
-    ),
-    "smtp_max_connections": (
-        int,
-        "Open SMTP connections in all; more get 421 4.3.2 and are closed (100).",
-    ),
-    "smtp_max_connections_per_ip": (
-        int,
-        "Open SMTP connections from one address; more get 421 4.7.0 and are closed (20).",
-    ),
-    "delivery_timeout": (
-        float,
-        "LMTP/SMTP: seconds to wait for a command or for the next line of DATA (RFC 5321 "
-        "§4.5.3.2.7: 300). A client that sends no message for twice as long is closed.",
-    ),
-    "delivery_min_data_rate": (
-        int,
-        "LMTP/SMTP: octets per second a client must keep up in DATA, over delivery_timeout "
-        "of grace (like Postfix's smtpd_min_data_rate); slower clients get 421 4.4.2 (2048).",
-    ),
-    "mail_temp_dir": (
-        str,
-        "Directory where LMTP, SMTP and pobox deliver spool messages over 256 KiB while they "
-        "arrive, in nameless files (Dovecot mail_temp_dir). Empty: the system's (TMPDIR, /tmp).",
-    ),
-    "haproxy_trusted_networks": (
-        list,
-        'CIDR networks of HAProxy (Dovecot\'s key), e.g. ["10.0.0.5/32"]: connections from '
-        "them must start with a PROXY protocol v1/v2 header (POP3, POP3S, LMTP) naming the "
-        "real client; from elsewhere a header is refused. Empty (default): never accepted.",
-    ),
-    "haproxy_timeout": (
-        float,
-        "Seconds a connection from haproxy_trusted_networks has to send its PROXY header "
-        "before it is closed (3, Dovecot's default).",
-    ),
-    "postgresql_dsn": (
-        str,
-        'libpq connection string or URI of the database for mail_location = "postgresql", '
-        'e.g. "host=db1 dbname=pobox user=pobox" or "postgresql://pobox@db1/pobox"; what it '
-        "leaves out comes from the PG* environment variables, ~/.pgpass and pg_service.conf.",
-    ),
-    "postgresql_schema": (str, "Schema of pobox's tables in that database (pobox)."),
-    "postgresql_pool_min": (int, "Pooled connections kept open for reads and deliveries (2)."),
-    "postgresql_pool_max": (
-        int,
-        "Most pooled connections; more concurrent queries wait for one, up to "
-        "postgresql_timeout (20).",
-    ),
-    "postgresql_lock_connections": (
-        int,
-        "Connections that hold the maildrop locks (advisory locks, many per connection) and run "
-        "the UPDATEs of the sessions they lock (4).",
-    ),
-    "postgresql_timeout": (
-        float,
-        "Seconds any statement, connection attempt or wait for a pooled connection may take; "
-        "past it the client gets -ERR [SYS/TEMP] or 451 4.3.0 (10).",
-    ),
-    "postgresql_lock_check_interval": (
-        float,
-        "Seconds between checks of a lock connection holding locks; a connection found dead "
-        "ends its sessions without UPDATE. 0: only when the server closes it (10).",
-    ),
-    "userdb": (
-        str,
-        "Where users and passwords are: passwd-file (passwd_file, the default) or postgresql "
-        "(the users table of postgresql_dsn, or the postgresql_*_query queries).",
-    ),
-    "postgresql_user_cache_ttl": (
-        float,
-        "Seconds a node keeps a user it read from PostgreSQL (found or not); changes to the "
-        "users table reach every node at once (NOTIFY), custom tables only after this. 0: no "
-        "cache (30).",
-    ),
-    "postgresql_password_query": (
-        str,
-        "Your own query for a login, like Dovecot's password_query: returns a password column "
-        "({SCHEME}data) and optionally user columns (uid, gid, home, mail, quota_rule, "
-        "quota_bytes, quota_messages, nologin). Parameters %(user)s, %(username)s (part "
-        "before @), %(domain)s are always bound, never pasted in. Empty: pobox's users table.",
-    ),
-    "postgresql_user_query": (
-        str,
-        "Your own query for a user record (delivery), like Dovecot's user_query: the user "
-        "columns above, same parameters. Empty: the password query's user columns.",
-    ),
-    "postgresql_iterate_query": (
-        str,
-        "Your own query listing every user (pobox user list), like Dovecot's iterate_query: "
-        "a username (or user) column. Empty with custom queries: no listing.",
-    ),
-    "shared_state": (
-        str,
-        "Where the state every node must share is kept (failed-login counters, the session "
-        "registry and its connection limits): memory (this node only) or postgresql "
-        "(postgresql_dsn, for several nodes). auto: postgresql when mail_location or userdb "
-        "is postgresql, else memory.",
-    ),
-    "node_name": (
-        str,
-        "This node's name in the session registry and the logs; unique in the cluster "
-        "(default: the host name).",
-    ),
-    "shared_state_timeout": (
-        float,
-        "Seconds a call to the shared state may take; past it (or if the database is down) "
-        "that login uses this node's memory instead, logged once per episode (0.5).",
-    ),
-    "shared_state_heartbeat": (
-        float,
-        "Seconds between a node's heartbeats (renewing its lease, seeing kicks). A node not "
-        "heard from for 3 heartbeats is dead: its sessions no longer count (5).",
-    ),
-    "mail_max_userip_connections": (
-        int,
-        "Logged-in sessions one user may have from one client address, on all nodes "
-        "together; beyond it -ERR [IN-USE] (Dovecot's key). 0: no limit (10).",
-    ),
-    "mail_max_user_connections": (
-        int,
-        "Logged-in sessions one user may have from any address, on all nodes together; "
-        "beyond it -ERR [IN-USE] (Dovecot's key). 0: no limit (0).",
-    ),
-    "health_listen": (
-        str,
-        'HTTP health check for a load balancer, "HOST:PORT" (default "": off). GET /health '
-        "answers 200 while the node reaches its stores and is not draining, else 503 with the "
-        "reason. Bind it to loopback or a private network: anyone who reaches it may ask.",
-    ),
-    "control_socket": (
-        str,
-        "Unix socket of `pobox who` and `pobox kick` (mode 0600, 0660 with group; only root "
-        "and the server's own user are answered). auto: /run/pobox/control when started as "
-        "root, else $XDG_RUNTIME_DIR/pobox/control (none if that is unset); off: none.",
-    ),
-    "drain_timeout": (
-        float,
-        "Seconds SIGTERM lets open sessions finish (QUIT and UPDATE as usual) after the node "
-        "stops accepting connections; then the rest are closed without UPDATE and the node "
-        "exits. A second SIGTERM or SIGINT stops at once. 0: close at once (30).",
-    ),
-    "workers": (
-        int,
-        "Serving processes sharing the listening sockets (POP3, POP3S, LMTP, SMTP), started "
-        "and restarted by a master process that binds them; the throttle and the connection "
-        "limits count across them. 1: one process, no master. 0: one per CPU (0).",
-    ),
-}
-
-_LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
 
 
 def parse_listen(text: str, *, key: str = "listen") -> Listen:
@@ -511,53 +136,150 @@ def parse_listen(text: str, *, key: str = "listen") -> Listen:
     return Listen(host or "0.0.0.0", int(port_text))  # noqa: S104 - an empty host means all
 
 
-def _check_type(key: str, value: Any, want: type) -> Any:  # noqa: ANN401 - TOML values
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if want is int and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if not isinstance(value, want):
-        raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
-    return value
+# --------------------------------------------------------------------------- the declaration
+
+#: The headings keys are listed under, in README and ``pobox serve --help``, in this order.
+SECTIONS: Final = (
+    "POP3 service",
+    "Users and logins",
+    "TLS",
+    "Mail and its owners",
+    "Delivery: LMTP, SMTP, pobox deliver",
+    "Logging",
+    "PostgreSQL",
+    "Several nodes and processes",
+)
+
+_T = TypeVar("_T")
 
 
-def build_config(values: dict[str, Any], *, base: Config | None = None) -> Config:
-    """Validate ``values`` (TOML-shaped) over ``base`` and return the config.
+@dataclass(frozen=True, slots=True)
+class Key:
+    """The declaration of one configuration key (see the module docstring).
 
-    Raises:
-        ConfigError: an unknown key, a wrong type or a bad value, naming the key.
+    Attributes:
+        name: the TOML key and the :class:`Config` attribute.
+        default: the value when the file does not set it.
+        doc: what it does, in Markdown (README's table; ``--help`` without backticks).
+        toml: the TOML type(s) accepted (the first one named in errors).
+        choices: the only values allowed, if any.
+        minimum: the smallest value allowed, if any.
+        positive: the value must be above ``minimum`` (0), not equal to it.
+        note: said after a range error, e.g. ``(0: no limit)``.
+        check: a rule of this key alone beyond choices and range; raises ConfigError.
+        parse: turns a TOML value (of a right type) into the Python one; raises ConfigError.
+        dump: turns the Python value back into a TOML value (the inverse of ``parse``).
+        default_doc: how README shows the default, when the value does not say it well.
+        flag: also a ``pobox serve --NAME`` option.
+        secret: may hold a password: ``config dump`` hides it unless asked.
+        section: the heading it is listed under in README and ``--help`` (:data:`SECTIONS`).
     """
-    changes: dict[str, Any] = {}
-    for key, raw in values.items():
-        if key not in KEYS:
-            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(KEYS))})")
-        want, _ = KEYS[key]
-        number = key in ("mail_uid", "mail_gid") and type(raw) is int
-        value = _check_type(key, str(raw) if number else raw, want)  # a number is a uid/gid
-        if key == "listen":
-            if not value or not all(isinstance(v, str) for v in value):
-                raise ConfigError('listen: expected a list of "HOST:PORT" strings')
-            changes[key] = tuple(parse_listen(v, key=f"listen[{i}]") for i, v in enumerate(value))
-        elif key == "ssl_listen":
-            if not all(isinstance(v, str) for v in value):
-                raise ConfigError('ssl_listen: expected a list of "HOST:PORT" strings')
-            changes[key] = tuple(parse_listen(v, key=f"{key}[{i}]") for i, v in enumerate(value))
-        elif key in ("lmtp_listen", "smtp_listen"):
-            changes[key] = tuple(_delivery_listen(v, f"{key}[{i}]") for i, v in enumerate(value))
-        elif key == "local_domains":
-            if not all(isinstance(v, str) and v for v in value):
-                raise ConfigError("local_domains: expected a list of domain names")
-            changes[key] = tuple(v.lower().rstrip(".") for v in value)
-        elif key in ("login_trusted_networks", "haproxy_trusted_networks"):
-            changes[key] = tuple(_network(v, f"{key}[{i}]") for i, v in enumerate(value))
-        elif key == "ssl_sni":
-            changes[key] = tuple(_sni_entry(name, entry) for name, entry in value.items())
-        elif key in ("mail_uid", "mail_gid"):
-            changes[key] = _account(key, value)
+
+    name: str
+    default: Any
+    doc: str
+    toml: tuple[type, ...]
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    positive: bool = False
+    note: str = ""
+    check: Callable[[str, Any], None] | None = None
+    parse: Callable[[str, Any], Any] | None = None
+    dump: Callable[[Any], Any] | None = None
+    default_doc: str = ""
+    flag: bool = False
+    secret: bool = False
+    section: str = ""
+
+    def validate(self, value: Any) -> None:  # noqa: ANN401 - a value of any key
+        """Check ``value`` against the choices, the range and the check of this key.
+
+        Raises:
+            ConfigError: naming the key and what is wrong.
+        """
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{self.name}: {value!r} is not {_alternatives(self.choices)}")
+        if self.minimum is not None:
+            low = value <= self.minimum if self.positive else value < self.minimum
+            if low:
+                raise ConfigError(f"{self.name}: {self._range_text()}")
+        if self.check is not None:
+            self.check(self.name, value)
+
+    def _range_text(self) -> str:
+        if self.positive:
+            unit = " number of seconds" if float in self.toml else ""
+            text = f"must be a positive{unit}"
+        elif self.minimum == 0:
+            text = "must not be negative"
         else:
-            changes[key] = value
-    config = dataclasses.replace(base or Config(), **changes)
-    return _validate(config)
+            text = f"must be at least {self.minimum:g}"
+        return f"{text} {self.note}" if self.note else text
+
+    def to_toml(self, value: Any) -> Any:  # noqa: ANN401 - a value of any key
+        """Return ``value`` as TOML writes it (``parse`` reads it back to the same value)."""
+        if self.dump is not None:
+            return self.dump(value)
+        return list(value) if isinstance(value, tuple) else value
+
+
+def _alternatives(choices: tuple[str, ...]) -> str:
+    """``a or b``, ``one of a, b or c``."""
+    words = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+    return words if len(choices) < 3 else f"one of {words}"
+
+
+def key(
+    default: _T,
+    doc: str,
+    *,
+    toml: tuple[type, ...] = (),
+    choices: tuple[str, ...] = (),
+    minimum: float | None = None,
+    positive: bool = False,
+    note: str = "",
+    check: Callable[[str, Any], None] | None = None,
+    parse: Callable[[str, Any], Any] | None = None,
+    dump: Callable[[Any], Any] | None = None,
+    default_doc: str = "",
+    flag: bool = False,
+    secret: bool = False,
+    section: str,
+) -> _T:
+    """Declare a configuration key: a :class:`Config` field carrying its :class:`Key`.
+
+    The TOML type is that of ``default`` (a tuple is a TOML array) unless ``toml`` says
+    otherwise. ``positive`` implies ``minimum`` 0.
+    """
+    if not toml:
+        toml = (list,) if isinstance(default, tuple) else (type(default),)
+    if positive and minimum is None:
+        minimum = 0
+    spec = Key(
+        "", default, doc, toml, choices, minimum, positive, note, check, parse, dump,
+        default_doc, flag, secret, section,
+    )  # fmt: skip
+    if section not in SECTIONS:
+        msg = f"section {section!r} is not one of config.SECTIONS"
+        raise ValueError(msg)
+    return field(default=default, metadata={"key": spec})
+
+
+# --------------------------------------------------------------------------- per-key rules
+
+
+def _parse_listens(name: str, value: list[Any]) -> tuple[Listen, ...]:
+    if not all(isinstance(v, str) for v in value) or (name == "listen" and not value):
+        raise ConfigError(f'{name}: expected a list of "HOST:PORT" strings')
+    return tuple(parse_listen(v, key=f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _dump_listens(value: tuple[Listen, ...]) -> list[str]:
+    return [str(listen) for listen in value]
+
+
+def _parse_delivery_listens(name: str, value: list[Any]) -> tuple[str, ...]:
+    return tuple(_delivery_listen(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
 def _delivery_listen(value: object, key: str) -> str:
@@ -571,12 +293,8 @@ def _delivery_listen(value: object, key: str) -> str:
     return value
 
 
-def _account(key: str, value: str) -> str:
-    """Check a user or group given by name or number (looked up when the server starts)."""
-    value = value.strip()
-    if value.startswith("-") or any(c.isspace() or c in ":/" for c in value):
-        raise ConfigError(f"{key}: {value!r} is not a user/group name or a number")
-    return value
+def _parse_networks(name: str, value: list[Any]) -> tuple[str, ...]:
+    return tuple(_network(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
 def _network(value: object, key: str) -> str:
@@ -588,13 +306,760 @@ def _network(value: object, key: str) -> str:
         raise ConfigError(f"{key}: {value!r} is not a network: {exc}") from None
 
 
+def _parse_domains(name: str, value: list[Any]) -> tuple[str, ...]:
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{name}: expected a list of domain names")
+    return tuple(v.lower().rstrip(".") for v in value)
+
+
+def _parse_sni(name: str, value: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    return tuple(_sni_entry(server, entry) for server, entry in value.items())
+
+
+def _dump_sni(value: tuple[tuple[str, str, str], ...]) -> dict[str, dict[str, str]]:
+    return {server: {"cert": cert, "key": key} for server, cert, key in value}
+
+
 def _sni_entry(name: str, entry: object) -> tuple[str, str, str]:
     key = f"ssl_sni.{name}"
-    if not isinstance(entry, dict) or set(entry) != {"cert", "key"}:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{key}: expected a table with exactly cert and key")
+    for sub in entry:
+        if sub not in ("cert", "key"):
+            close = difflib.get_close_matches(sub, ("cert", "key"), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "only cert and key"
+            raise ConfigError(f"{key}: unknown key {sub!r} ({hint})")
+    if set(entry) != {"cert", "key"}:
         raise ConfigError(f"{key}: expected a table with exactly cert and key")
     if not all(isinstance(v, str) and v for v in entry.values()):
         raise ConfigError(f"{key}: cert and key must be file paths")
     return name.lower().rstrip("."), entry["cert"], entry["key"]
+
+
+def _parse_account(name: str, value: str | int) -> str:
+    """Check a user or group given by name or number (looked up when the server starts)."""
+    text = str(value).strip()
+    if text.startswith("-") or any(c.isspace() or c in ":/" for c in text):
+        raise ConfigError(f"{name}: {text!r} is not a user/group name or a number")
+    return text
+
+
+def _check_mail_location(name: str, value: str) -> None:
+    if not value.startswith("maildir:") and value != "postgresql":
+        raise ConfigError(f"{name}: {value!r} must start with 'maildir:' or be 'postgresql'")
+
+
+def _check_greeting(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value:
+        raise ConfigError(f"{name}: must be a single line")
+    if len(value.encode()) > _GREETING_MAX:
+        raise ConfigError(f"{name}: at most {_GREETING_MAX} octets (RFC 2449 §4: 512 per line)")
+
+
+def _check_mechanisms(name: str, value: str) -> None:
+    unknown = set(value.upper().split()) - SASL_MECHANISMS
+    if unknown:
+        raise ConfigError(f"{name}: unknown {sorted(unknown)}; known {sorted(SASL_MECHANISMS)}")
+
+
+def _check_temp_dir(name: str, value: str) -> None:
+    if value and not (Path(value).is_absolute() and Path(value).is_dir()):
+        raise ConfigError(f"{name}: {value} is not an absolute directory")
+
+
+def _check_optional_listen(name: str, value: str) -> None:
+    if value:
+        parse_listen(value, key=name)
+
+
+#: sockaddr_un's sun_path holds 108 octets, the last a NUL (unix(7)).
+_SUN_PATH_MAX: Final = 107
+
+
+def _check_control_socket(name: str, value: str) -> None:
+    if value not in ("auto", "off") and (
+        not value.startswith("/") or len(value.encode()) > _SUN_PATH_MAX or "\x00" in value
+    ):
+        raise ConfigError(
+            f"{name}: {value!r} must be auto, off or an absolute path of at most "
+            f"{_SUN_PATH_MAX} octets"
+        )
+
+
+def _check_schema(name: str, value: str) -> None:
+    if not 0 < len(value.encode()) <= _PG_IDENTIFIER_MAX or "\x00" in value:
+        raise ConfigError(f"{name}: must be 1 to 63 octets, no NUL")
+
+
+def _check_node_name(name: str, value: str) -> None:
+    if len(value) > 255 or any(ord(c) < 33 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{name}: at most 255 characters, no spaces or control characters")
+
+
+def _check_query(name: str, text: str) -> None:
+    """Refuse a custom query with a placeholder other than ``%(user)s`` and its kin."""
+    if not text:
+        return
+    rest = _PLACEHOLDER.sub("", text)
+    for match in _PLACEHOLDER.finditer(text):
+        param = match.group("name")
+        if param is not None and param not in QUERY_PARAMETERS:
+            raise ConfigError(
+                f"{name}: unknown parameter %({param})s; use %(user)s, %(username)s or %(domain)s"
+            )
+    if "%" in rest:
+        raise ConfigError(
+            f"{name}: a % that is not %(user)s, %(username)s, %(domain)s or %%: values are bound "
+            "as parameters, so write %(user)s without quotes where Dovecot has '%u'"
+        )
+
+
+# --------------------------------------------------------------------------- the keys
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The server's settings: each field is a key, declared with :func:`key`."""
+
+    listen: tuple[Listen, ...] = key(
+        (Listen("127.0.0.1", 1110),),
+        'Addresses to listen on, `"HOST:PORT"` (`"[::1]:110"` for IPv6).',
+        parse=_parse_listens,
+        dump=_dump_listens,
+        flag=True,
+        section="POP3 service",
+    )
+    mail_location: str = key(
+        "maildir:~/Maildir",
+        "Where maildrops are, like Dovecot's: `maildir:PATH` with `~` (home), `%u` "
+        "(user), `%n` (local part), `%d` (domain), `%h` (home). A user's `userdb_mail=` "
+        "field overrides it.",
+        check=_check_mail_location,
+        flag=True,
+        section="Mail and its owners",
+    )
+    passwd_file: str = key(
+        "/etc/pobox/passwd",
+        "Dovecot-format passwd-file with the users. It is re-read when it changes.",
+        flag=True,
+        section="Users and logins",
+    )
+    default_pass_scheme: str = key(
+        "CRYPT",
+        "Scheme of hashes without a `{SCHEME}` prefix (Dovecot `default_pass_scheme`).",
+        section="Users and logins",
+    )
+    login_greeting: str = key(
+        "pobox ready.",
+        "Text after `+OK` in the greeting.",
+        check=_check_greeting,
+        section="POP3 service",
+    )
+    pop3_lock_session: bool = key(
+        True,
+        "Lock the maildrop for the whole session (RFC 1939 §8); a second login gets `-ERR "
+        "[IN-USE]`.",
+        section="POP3 service",
+    )
+    mail_inline_read_max: int = key(
+        128 * 1024,
+        "Messages up to this many octets are read in the event loop instead of a worker "
+        "thread (faster on local disks); `0` for slow network storage.",
+        minimum=0,
+        section="POP3 service",
+    )
+    login_timeout: float = key(
+        60.0,
+        "Seconds of silence before login after which the connection is closed.",
+        positive=True,
+        section="POP3 service",
+    )
+    login_deadline: float = key(
+        180.0,
+        "Seconds from connecting within which a client must have logged in, however busy "
+        "it keeps the connection (a `CAPA` every few seconds); then it is closed. "
+        "Dovecot's fixed pre-login limit is the same 3 minutes.",
+        positive=True,
+        section="POP3 service",
+    )
+    idle_timeout: float = key(
+        600.0,
+        "Autologout after login: silence closes the session without UPDATE and frees "
+        "the lock. RFC 1939 requires at least 600; lower values log a warning.",
+        positive=True,
+        section="POP3 service",
+    )
+    auth_failure_delay: float = key(
+        2.0,
+        "Seconds before answering a failed login (Dovecot `auth_failure_delay`).",
+        minimum=0,
+        section="Users and logins",
+    )
+    max_bad_commands: int = key(
+        10,
+        "Bad commands in a row before the session is closed.",
+        minimum=1,
+        section="POP3 service",
+    )
+    log_level: str = key(
+        "info",
+        "`debug`, `info`, `warning` or `error`.",
+        choices=("debug", "info", "warning", "error"),
+        flag=True,
+        section="Logging",
+    )
+    log_path: str = key(
+        "",
+        "Log file; empty means standard error (the systemd journal). Reopened on `SIGHUP` "
+        "and `SIGUSR1` (logrotate: `contrib/logrotate/pobox`).",
+        default_doc="(stderr)",
+        flag=True,
+        section="Logging",
+    )
+    trace: bool = key(
+        False,
+        "Log the `C:`/`S:` dialogue of every session, passwords masked.",
+        flag=True,
+        section="Logging",
+    )
+    event_loop: str = key(
+        "auto",
+        "`auto` (uvloop if installed, the default), `uvloop`, or `asyncio` (the standard loop).",
+        choices=("auto", "uvloop", "asyncio"),
+        section="POP3 service",
+    )
+    auth_mechanisms: str = key(
+        "PLAIN LOGIN",
+        "SASL mechanisms `AUTH` offers, space-separated (Dovecot `auth_mechanisms`): "
+        "`PLAIN` `LOGIN` `CRAM-MD5` `SCRAM-SHA-1` `SCRAM-SHA-256` `EXTERNAL` "
+        "`OAUTHBEARER` `XOAUTH2`. CRAM-MD5 and SCRAM need `{PLAIN}`, `{CRAM-MD5}` or "
+        "`{SCRAM-*}` passwords.",
+        check=_check_mechanisms,
+        section="Users and logins",
+    )
+    apop: bool = key(
+        False,
+        "Offer APOP (RFC 1939 §7): the greeting carries a `<timestamp>`; works for users "
+        "with `{PLAIN}` passwords only.",
+        section="Users and logins",
+    )
+    oauth_jwt_key_file: str = key(
+        "",
+        "File with the HS256 key that signs OAuth bearer tokens (JWT) for `OAUTHBEARER` "
+        "and `XOAUTH2`; the token's `sub` or `email` must be the user, `exp` is "
+        "checked. Empty: no OAuth.",
+        section="Users and logins",
+    )
+    scram_secret_file: str = key(
+        "",
+        "File with the secret key SCRAM salts are derived from (names without stored "
+        "SCRAM keys, unknown names too, each get a stable salt); made, mode 0600, when "
+        "missing and SCRAM is offered. The same file on every node.",
+        default_doc="(`pobox-scram.secret` next to `passwd_file`)",
+        section="Users and logins",
+    )
+    auth_failure_delay_max: float = key(
+        15.0,
+        "Cap of the failed-login delay, which doubles with each failure from an address.",
+        minimum=0,
+        section="Users and logins",
+    )
+    auth_failures_per_ip: int = key(
+        10,
+        "Failed logins from one address within `auth_failure_window` after which logins "
+        "from that address are refused with `-ERR [LOGIN-DELAY]` until the window "
+        "passes.",
+        minimum=1,
+        section="Users and logins",
+    )
+    auth_failures_per_user: int = key(
+        10,
+        "Failed logins for one user name, from anywhere, within `auth_failure_window` "
+        "after which its failures wait `auth_failure_delay_max`; never refuses a right "
+        "password.",
+        minimum=1,
+        section="Users and logins",
+    )
+    auth_failure_window: float = key(
+        600.0,
+        "Seconds the failed-login counters remember.",
+        positive=True,
+        section="Users and logins",
+    )
+    max_auth_failures: int = key(
+        3,
+        "Failed logins in one connection after which it is closed (like Dovecot).",
+        minimum=1,
+        section="Users and logins",
+    )
+    log_format: str = key(
+        "pobox",
+        "`pobox`, `dovecot` (each line starts with a syslog-style `Mon DD HH:MM:SS "
+        "host dovecot: pop3-login:` so the stock fail2ban `dovecot` filter reads it) or "
+        "`json` (one JSON object per line, see [Logs](#logs)).",
+        choices=("pobox", "dovecot", "json"),
+        section="Logging",
+    )
+    ssl_cert: str = key(
+        "",
+        "PEM certificate chain for TLS (STLS and `ssl_listen`); empty: no TLS. Re-read "
+        "on `SIGHUP` without dropping sessions.",
+        section="TLS",
+    )
+    ssl_key: str = key(
+        "",
+        "PEM private key of `ssl_cert`; must match it.",
+        section="TLS",
+    )
+    ssl_listen: tuple[Listen, ...] = key(
+        (),
+        "Addresses for implicit TLS (RFC 8314, port 995 in production), like `listen`.",
+        parse=_parse_listens,
+        dump=_dump_listens,
+        section="TLS",
+    )
+    ssl_min_protocol: str = key(
+        "TLSv1.2",
+        "Oldest TLS version accepted: `TLSv1.2` or `TLSv1.3`.",
+        choices=TLS_PROTOCOLS,
+        section="TLS",
+    )
+    ssl_client_ca: str = key(
+        "",
+        "PEM CA file: TLS clients may present a certificate it signed; its emailAddress "
+        "or CN is the identity for SASL `EXTERNAL` (add it to `auth_mechanisms`).",
+        section="TLS",
+    )
+    ssl_sni: tuple[tuple[str, str, str], ...] = key(
+        (),
+        'Per-server-name certificates: `[ssl_sni."mail.example.org"]` with `cert` and '
+        "`key`; other names get `ssl_cert`.",
+        default_doc="(none)",
+        toml=(dict,),
+        parse=_parse_sni,
+        dump=_dump_sni,
+        section="TLS",
+    )
+    disable_plaintext_auth: str = key(
+        "loopback",
+        "Refuse USER/PASS and AUTH PLAIN/LOGIN without TLS: `loopback` (refuse except "
+        "from loopback and `login_trusted_networks`), `yes` (always refuse), `no` "
+        "(allow).",
+        choices=PLAINTEXT_POLICIES,
+        section="Users and logins",
+    )
+    login_trusted_networks: tuple[str, ...] = key(
+        (),
+        'CIDR networks trusted like loopback by `disable_plaintext_auth`, e.g. `["10.0.0.0/8"]`.',
+        parse=_parse_networks,
+        section="Users and logins",
+    )
+    max_connections: int = key(
+        1000,
+        "Open connections in all; more get `-ERR [SYS/TEMP]` and are closed.",
+        minimum=1,
+        section="POP3 service",
+    )
+    max_connections_per_ip: int = key(
+        50,
+        "Open connections from one address; more get `-ERR [SYS/TEMP]` and are closed.",
+        minimum=1,
+        section="POP3 service",
+    )
+    max_open_files: int = key(
+        0,
+        "Open-file limit (`RLIMIT_NOFILE`) to raise to at start-up, the hard limit too "
+        "while root. `0`: computed, 2 per connection (socket, a message file being "
+        "read) + 64.",
+        minimum=0,
+        section="POP3 service",
+    )
+    user: str = key(
+        "",
+        "Unprivileged account the server becomes after binding the ports when started as "
+        "root; `group` sets its group. See [Security model](#security-model).",
+        default_doc="(`mail_uid`'s account, else `nobody`)",
+        section="Mail and its owners",
+    )
+    group: str = key(
+        "",
+        "Group to switch to with `user`.",
+        default_doc="(the `user`'s primary group)",
+        section="Mail and its owners",
+    )
+    mail_uid: str = key(
+        "",
+        "Owner (name or number) of the mail of users whose userdb line sets no uid: the "
+        "one vmail account of virtual users. Started as root with `user` unset, the whole "
+        "server runs as it (Dovecot `mail_uid`).",
+        toml=(str, int),
+        parse=_parse_account,
+        section="Mail and its owners",
+    )
+    mail_gid: str = key(
+        "",
+        "Group (name or number) of the mail of users whose userdb line sets no gid "
+        "(Dovecot `mail_gid`).",
+        default_doc="(`mail_uid`'s group)",
+        toml=(str, int),
+        parse=_parse_account,
+        section="Mail and its owners",
+    )
+    first_valid_uid: int = key(
+        500,
+        "Lowest uid mail is accessed with: root and system accounts are refused (Dovecot "
+        "`first_valid_uid`); `0` allows root, for tests only.",
+        minimum=0,
+        section="Mail and its owners",
+    )
+    last_valid_uid: int = key(
+        0,
+        "Highest uid mail is accessed with; `0`: no limit.",
+        minimum=0,
+        section="Mail and its owners",
+    )
+    first_valid_gid: int = key(
+        1,
+        "Lowest gid mail is accessed with: gid 0 is refused.",
+        minimum=0,
+        section="Mail and its owners",
+    )
+    last_valid_gid: int = key(
+        0,
+        "Highest gid mail is accessed with; `0`: no limit.",
+        minimum=0,
+        section="Mail and its owners",
+    )
+    lmtp_listen: tuple[str, ...] = key(
+        (),
+        'LMTP (RFC 2033) delivery listeners: `"HOST:PORT"` and/or `"unix:/path"`.',
+        parse=_parse_delivery_listens,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    smtp_listen: tuple[str, ...] = key(
+        (),
+        'Inbound SMTP listeners for local users only (never a relay), `"HOST:PORT"`.',
+        parse=_parse_delivery_listens,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    max_message_size: int = key(
+        50 * 1024 * 1024,
+        "Largest message delivered, in octets (LMTP, SMTP, `pobox deliver`); `0`: no "
+        "limit. The default is 50 MiB.",
+        minimum=0,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    quota_bytes: int = key(
+        0,
+        "Default maildrop quota in octets, enforced at delivery; `0`: none. Per user: "
+        "passwd-file extra field `quota_bytes=100M` or "
+        "`userdb_quota_rule=*:storage=100M:messages=1000`.",
+        minimum=0,
+        section="Mail and its owners",
+    )
+    quota_messages: int = key(
+        0,
+        "Default maximum number of messages per maildrop; `0`: none.",
+        minimum=0,
+        section="Mail and its owners",
+    )
+    hostname: str = key(
+        "",
+        "Name in the LMTP/SMTP greeting; with `localhost` and `local_domains`, the "
+        "domains whose addresses are local users for SMTP.",
+        default_doc="(system host name)",
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    local_domains: tuple[str, ...] = key(
+        (),
+        "Domains whose addresses are local users for SMTP (`user@domain` is `user`); "
+        "the `hostname` and `localhost` always are.",
+        parse=_parse_domains,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    lmtp_max_connections: int = key(
+        100,
+        "Open LMTP connections in all, the MTA's Unix socket ones included; more get `421 4.3.2`.",
+        minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    lmtp_max_connections_per_ip: int = key(
+        50,
+        "Open LMTP connections from one address; more get `421 4.7.0`.",
+        minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    smtp_max_connections: int = key(
+        100,
+        "Open SMTP connections in all; more get `421 4.3.2`.",
+        minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    smtp_max_connections_per_ip: int = key(
+        20,
+        "Open SMTP connections from one address (Postfix opens up to 20 to one "
+        "destination); more get `421 4.7.0`.",
+        minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    delivery_timeout: float = key(
+        300.0,
+        "LMTP/SMTP: seconds to wait for a command or the next DATA line (RFC 5321 "
+        "§4.5.3.2.7); twice this without a message closes the connection.",
+        positive=True,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    delivery_min_data_rate: int = key(
+        2048,
+        "LMTP/SMTP: octets per second a client must keep up in DATA after "
+        "`delivery_timeout` of grace, like Postfix's `smtpd_min_data_rate`.",
+        minimum=1,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    mail_temp_dir: str = key(
+        "",
+        "Where LMTP, SMTP and `pobox deliver` spool a message over 256 KiB while it "
+        "arrives (Dovecot `mail_temp_dir`); empty means `TMPDIR` or `/tmp`. Use a local "
+        "disk.",
+        default_doc="(system)",
+        check=_check_temp_dir,
+        section="Delivery: LMTP, SMTP, pobox deliver",
+    )
+    haproxy_trusted_networks: tuple[str, ...] = key(
+        (),
+        "CIDR networks of HAProxy: their connections must start with a PROXY header "
+        "([Behind HAProxy](#behind-haproxy)); empty: never accepted.",
+        parse=_parse_networks,
+        section="POP3 service",
+    )
+    haproxy_timeout: float = key(
+        3.0,
+        "Seconds such a connection has to send its header before it is closed.",
+        positive=True,
+        section="POP3 service",
+    )
+    postgresql_dsn: str = key(
+        "",
+        'For `mail_location = "postgresql"`: a libpq conninfo string or URI (`"host=db1 '
+        'dbname=pobox user=pobox"`, `"postgresql://pobox@db1/pobox"`). What it leaves out '
+        "comes from `PGHOST`, `PGUSER`, ... , `~/.pgpass` and `pg_service.conf`.",
+        default_doc="(libpq defaults)",
+        secret=True,
+        section="PostgreSQL",
+    )
+    postgresql_schema: str = key(
+        "pobox",
+        "Schema of pobox's tables.",
+        check=_check_schema,
+        section="PostgreSQL",
+    )
+    postgresql_pool_min: int = key(
+        2,
+        "Pooled connections kept open for reads and deliveries.",
+        minimum=1,
+        section="PostgreSQL",
+    )
+    postgresql_pool_max: int = key(
+        20,
+        "Most pooled connections; more concurrent queries wait for one, up to "
+        "`postgresql_timeout`.",
+        minimum=1,
+        section="PostgreSQL",
+    )
+    postgresql_lock_connections: int = key(
+        4,
+        "Connections that carry the maildrop locks (many per connection) and the UPDATEs "
+        "of their sessions.",
+        minimum=1,
+        section="PostgreSQL",
+    )
+    postgresql_timeout: float = key(
+        10.0,
+        "Seconds any statement, connection attempt or wait for a pooled connection may "
+        "take; then `-ERR [SYS/TEMP]` / `451 4.3.0`.",
+        positive=True,
+        section="PostgreSQL",
+    )
+    postgresql_lock_check_interval: float = key(
+        10.0,
+        "Seconds between probes of a lock connection that holds locks (0: only when the "
+        "server closes it).",
+        minimum=0,
+        section="PostgreSQL",
+    )
+    userdb: str = key(
+        "passwd-file",
+        "Where users and passwords are: `passwd-file` (`passwd_file`) or `postgresql` "
+        "(pobox's `users` table in `postgresql_dsn`, or your own tables through the three "
+        "queries below).",
+        choices=("passwd-file", "postgresql"),
+        section="Users and logins",
+    )
+    postgresql_user_cache_ttl: float = key(
+        30.0,
+        "Seconds a node keeps a user it read (found or not; at most 10,000 names). "
+        "Changes to pobox's table reach every node at once (NOTIFY); changes to your own "
+        "tables within this time. `0`: no cache.",
+        minimum=0,
+        section="PostgreSQL",
+    )
+    postgresql_password_query: str = key(
+        "",
+        "Your own query for a login, like Dovecot's `password_query`: a `password` column "
+        "(`{SCHEME}data`) and optionally the user columns. Parameters `%(user)s`, "
+        "`%(username)s` (before `@`), `%(domain)s`, always bound.",
+        default_doc="(pobox's table)",
+        check=_check_query,
+        section="PostgreSQL",
+    )
+    postgresql_user_query: str = key(
+        "",
+        "Your own query for a user record (delivery), like Dovecot's `user_query`: `uid`, "
+        "`gid`, `home`, `mail`, `quota_rule`/`quota_bytes`/`quota_messages`, `nologin`.",
+        default_doc="(the password query)",
+        check=_check_query,
+        section="PostgreSQL",
+    )
+    postgresql_iterate_query: str = key(
+        "",
+        "Your own query listing users for `pobox user list`, like Dovecot's "
+        "`iterate_query`: a `username` (or `user`) column.",
+        check=_check_query,
+        section="PostgreSQL",
+    )
+    shared_state: str = key(
+        "auto",
+        "Where the state all nodes share is kept (failed-login counters, the session "
+        "registry and its connection limits): `memory` (this node) or `postgresql` "
+        "(`postgresql_dsn`). `auto`: `postgresql` when `mail_location` or `userdb` is "
+        "`postgresql`. See [Shared state across nodes](#shared-state-across-nodes).",
+        choices=("auto", "memory", "postgresql"),
+        section="Several nodes and processes",
+    )
+    node_name: str = key(
+        "",
+        "This node's name in the session registry and the logs; unique in the cluster "
+        "(two live nodes with one name are logged as an error).",
+        default_doc="(host name)",
+        check=_check_node_name,
+        section="Several nodes and processes",
+    )
+    shared_state_timeout: float = key(
+        0.5,
+        "Seconds a call to the shared state may take; past it, or with the database down, "
+        "the login uses this node's memory instead (logged once per episode).",
+        positive=True,
+        section="Several nodes and processes",
+    )
+    shared_state_heartbeat: float = key(
+        5.0,
+        "Seconds between a node's heartbeats (its lease, and kicks); a node silent for 3 "
+        "heartbeats is dead and its sessions stop counting.",
+        positive=True,
+        section="Several nodes and processes",
+    )
+    mail_max_userip_connections: int = key(
+        10,
+        "Logged-in sessions of one user from one client address, all nodes together "
+        "(Dovecot's key); more get `-ERR [IN-USE]`. `0`: no limit.",
+        minimum=0,
+        note="(0: no limit)",
+        section="Several nodes and processes",
+    )
+    mail_max_user_connections: int = key(
+        0,
+        "Logged-in sessions of one user from anywhere, all nodes together (Dovecot's "
+        "key); more get `-ERR [IN-USE]`. `0`: no limit.",
+        minimum=0,
+        note="(0: no limit)",
+        section="Several nodes and processes",
+    )
+    health_listen: str = key(
+        "",
+        '`"HOST:PORT"` of an HTTP health check for a load balancer: `GET /health` answers '
+        "`200 ok` while the node reaches its stores and is not draining, else `503` and "
+        "the reason ([Health checks and draining](#health-checks-and-draining)). Bind it "
+        "to loopback or a private network.",
+        check=_check_optional_listen,
+        section="Several nodes and processes",
+    )
+    control_socket: str = key(
+        "auto",
+        "Unix socket of `pobox who` and `pobox kick` ([Live sessions](#live-sessions-pobox-"
+        "who-and-pobox-kick)). `auto`: `/run/pobox/control` when started as root, else "
+        "`$XDG_RUNTIME_DIR/pobox/control` (none if that is unset); `off`: none; or an "
+        "absolute path. Mode `0600` (`0660` with `group`), owned by `user`; only root and "
+        "the server's own user are answered.",
+        check=_check_control_socket,
+        section="Several nodes and processes",
+    )
+    drain_timeout: float = key(
+        30.0,
+        "Seconds `SIGTERM` lets open sessions finish (QUIT and UPDATE as usual) after the "
+        "node stops accepting connections; then the rest are closed without UPDATE and "
+        "the node exits 0. A second `SIGTERM`/`SIGINT` stops at once. `0`: close at once.",
+        minimum=0,
+        section="Several nodes and processes",
+    )
+    workers: int = key(
+        0,
+        "Serving processes sharing the listeners (POP3, POP3S, LMTP, SMTP), under a "
+        "master process that binds them and starts them again if they die; the throttle "
+        "and the connection limits count across them ([Several processes: "
+        "`workers`](#several-processes-workers)). `1`: one process, no master. `0`: one "
+        "per CPU.",
+        minimum=0,
+        note="(0: one per CPU)",
+        section="Several nodes and processes",
+    )
+    #: Not a key: what :func:`build_config` found worth a warning (not an error).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+#: Every key's declaration, in the order of :class:`Config` (README's and ``--help``'s).
+KEYS: Final[dict[str, Key]] = {
+    f.name: dataclasses.replace(f.metadata["key"], name=f.name)
+    for f in dataclasses.fields(Config)
+    if "key" in f.metadata
+}
+
+
+def _check_type(spec: Key, value: Any) -> Any:  # noqa: ANN401 - TOML values
+    if float in spec.toml and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, spec.toml) or (isinstance(value, bool) and bool not in spec.toml):
+        raise ConfigError(
+            f"{spec.name}: expected {spec.toml[0].__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def unknown_key_message(name: str) -> str:
+    """Say that ``name`` is no key, with the nearest one if it looks like a typo."""
+    close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.75)
+    hint = (
+        f"did you mean {close[0]!r}?"
+        if close
+        else "see the keys in README.md or pobox serve --help"
+    )
+    return f"unknown key {name!r} ({hint})"
+
+
+def build_config(values: Mapping[str, Any], *, base: Config | None = None) -> Config:
+    """Validate ``values`` (TOML-shaped) over ``base`` and return the config.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or a bad value, naming the key.
+    """
+    changes: dict[str, Any] = {}
+    for name, raw in values.items():
+        spec = KEYS.get(name)
+        if spec is None:
+            raise ConfigError(unknown_key_message(name))
+        value = _check_type(spec, raw)
+        changes[name] = spec.parse(name, value) if spec.parse is not None else value
+    config = dataclasses.replace(base or Config(), **changes)
+    return _validate(config)
 
 
 def _check_readable(key: str, path: str) -> None:
@@ -620,109 +1085,25 @@ def _validate_security(config: Config) -> None:
     for name, cert, key in config.ssl_sni:
         _check_readable(f"ssl_sni.{name}.cert", cert)
         _check_readable(f"ssl_sni.{name}.key", key)
-    if config.ssl_min_protocol not in TLS_PROTOCOLS:
-        raise ConfigError(
-            f"ssl_min_protocol: {config.ssl_min_protocol!r} is not one of {list(TLS_PROTOCOLS)}"
-        )
-    if config.disable_plaintext_auth not in PLAINTEXT_POLICIES:
-        raise ConfigError(
-            f"disable_plaintext_auth: {config.disable_plaintext_auth!r} is not one of "
-            f"{list(PLAINTEXT_POLICIES)}"
-        )
-    for key in (
-        "max_connections",
-        "max_connections_per_ip",
-        "lmtp_max_connections",
-        "lmtp_max_connections_per_ip",
-        "smtp_max_connections",
-        "smtp_max_connections_per_ip",
-    ):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key}: must be at least 1")
     if config.group and not config.user:
         raise ConfigError("group: needs user")
     for kind in ("uid", "gid"):
         first, last = getattr(config, f"first_valid_{kind}"), getattr(config, f"last_valid_{kind}")
-        if first < 0 or last < 0:
-            raise ConfigError(f"first_valid_{kind}, last_valid_{kind}: must not be negative")
         if last and last < first:
             raise ConfigError(
                 f"last_valid_{kind}: {last} is below first_valid_{kind} {first} (0: no limit)"
             )
 
 
-#: PostgreSQL's longest identifier (NAMEDATALEN - 1).
-_PG_IDENTIFIER_MAX = 63
-
-
-#: The named parameters a custom user query may use (Dovecot's %u, %n, %d).
-QUERY_PARAMETERS: Final = ("user", "username", "domain")
-#: ``%(name)s`` placeholders and ``%%``; any other ``%`` in a custom query is an error.
-_PLACEHOLDER = re.compile(r"%(?:\((?P<name>[^)]*)\)s|%)")
-
-
-def _validate_query(key: str, text: str) -> None:
-    """Refuse a custom query with a placeholder other than ``%(user)s`` and its kin."""
-    rest = _PLACEHOLDER.sub("", text)
-    for match in _PLACEHOLDER.finditer(text):
-        name = match.group("name")
-        if name is not None and name not in QUERY_PARAMETERS:
-            raise ConfigError(
-                f"{key}: unknown parameter %({name})s; use %(user)s, %(username)s or %(domain)s"
-            )
-    if "%" in rest:
-        raise ConfigError(
-            f"{key}: a % that is not %(user)s, %(username)s, %(domain)s or %%: values are bound "
-            "as parameters, so write %(user)s without quotes where Dovecot has '%u'"
-        )
-
-
-def _validate_userdb(config: Config) -> None:
-    if config.userdb not in ("passwd-file", "postgresql"):
-        raise ConfigError(f"userdb: {config.userdb!r} is not passwd-file or postgresql")
-    if config.postgresql_user_cache_ttl < 0:
-        raise ConfigError("postgresql_user_cache_ttl: must not be negative")
+def _validate_postgresql(config: Config) -> None:
     queries = ("postgresql_password_query", "postgresql_user_query", "postgresql_iterate_query")
-    for key in queries:
-        if getattr(config, key):
-            _validate_query(key, getattr(config, key))
     if any(getattr(config, key) for key in queries) and not config.postgresql_password_query:
         raise ConfigError(
             "postgresql_password_query: needed when postgresql_user_query or "
             "postgresql_iterate_query is set"
         )
-
-
-def _validate_postgresql(config: Config) -> None:
-    _validate_userdb(config)
-    if not 0 < len(config.postgresql_schema.encode()) <= _PG_IDENTIFIER_MAX or (
-        "\x00" in config.postgresql_schema
-    ):
-        raise ConfigError("postgresql_schema: must be 1 to 63 octets, no NUL")
-    for key in ("postgresql_pool_min", "postgresql_lock_connections"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key}: must be at least 1")
     if config.postgresql_pool_max < config.postgresql_pool_min:
         raise ConfigError("postgresql_pool_max: must be at least postgresql_pool_min")
-    if config.postgresql_timeout <= 0:
-        raise ConfigError("postgresql_timeout: must be a positive number of seconds")
-    if config.postgresql_lock_check_interval < 0:
-        raise ConfigError("postgresql_lock_check_interval: must not be negative")
-
-
-def _validate_shared_state(config: Config) -> None:
-    if config.shared_state not in ("auto", "memory", "postgresql"):
-        raise ConfigError(
-            f"shared_state: {config.shared_state!r} is not auto, memory or postgresql"
-        )
-    for key in ("shared_state_timeout", "shared_state_heartbeat"):
-        if getattr(config, key) <= 0:
-            raise ConfigError(f"{key}: must be a positive number of seconds")
-    for key in ("mail_max_userip_connections", "mail_max_user_connections"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"{key}: must not be negative (0: no limit)")
-    if len(config.node_name) > 255 or any(ord(c) < 33 or ord(c) == 127 for c in config.node_name):
-        raise ConfigError("node_name: at most 255 characters, no spaces or control characters")
 
 
 def shared_state_backend(config: Config) -> str:
@@ -734,86 +1115,56 @@ def shared_state_backend(config: Config) -> str:
     return "memory"
 
 
-#: sockaddr_un's sun_path holds 108 octets, the last a NUL (unix(7)).
-_SUN_PATH_MAX: Final = 107
-
-
-def _validate_health(config: Config) -> None:
-    if config.health_listen:
-        parse_listen(config.health_listen, key="health_listen")
-    control = config.control_socket
-    if control not in ("auto", "off") and (
-        not control.startswith("/") or len(control.encode()) > _SUN_PATH_MAX or "\x00" in control
-    ):
-        raise ConfigError(
-            f"control_socket: {control!r} must be auto, off or an absolute path of at most "
-            f"{_SUN_PATH_MAX} octets"
-        )
-    if config.drain_timeout < 0:
-        raise ConfigError("drain_timeout: must not be negative")
-    if config.workers < 0:
-        raise ConfigError("workers: must not be negative (0: one per CPU)")
-
-
 def _validate(config: Config) -> Config:
-    warnings: list[str] = []
-    if not config.mail_location.startswith("maildir:") and config.mail_location != "postgresql":
-        raise ConfigError(
-            f"mail_location: {config.mail_location!r} must start with 'maildir:' or be 'postgresql'"
-        )
+    """Check every key on its own (its declaration), then the rules that tie keys together."""
+    for name, spec in KEYS.items():
+        spec.validate(getattr(config, name))
     _validate_postgresql(config)
-    _validate_shared_state(config)
-    _validate_health(config)
-    if config.log_level not in _LOG_LEVELS:
-        raise ConfigError(f"log_level: {config.log_level!r} is not one of {sorted(_LOG_LEVELS)}")
-    for key in (
-        "login_timeout",
-        "login_deadline",
-        "idle_timeout",
-        "auth_failure_delay",
-        "delivery_timeout",
-        "haproxy_timeout",
-    ):
-        if getattr(config, key) < 0 or (key != "auth_failure_delay" and not getattr(config, key)):
-            raise ConfigError(f"{key}: must be a positive number of seconds")
-    # The names of pobox.protocol.ALL_MECHANISMS (config may not import the protocol core).
-    known = {"PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
-    known |= {"EXTERNAL", "OAUTHBEARER", "XOAUTH2"}
-    unknown = set(config.auth_mechanisms.upper().split()) - known
-    if unknown:
-        raise ConfigError(f"auth_mechanisms: unknown {sorted(unknown)}; known {sorted(known)}")
-    for key in ("auth_failures_per_ip", "auth_failures_per_user", "max_auth_failures"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key}: must be at least 1")
-    if config.auth_failure_window <= 0 or config.auth_failure_delay_max < 0:
-        raise ConfigError("auth_failure_window, auth_failure_delay_max: must be positive")
-    if config.log_format not in ("pobox", "dovecot", "json"):
-        raise ConfigError(f"log_format: {config.log_format!r} is not pobox, dovecot or json")
-    for key in ("max_message_size", "quota_bytes", "quota_messages", "mail_inline_read_max"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"{key}: must not be negative")
-    if config.event_loop not in ("auto", "uvloop", "asyncio"):
-        raise ConfigError(f"event_loop: {config.event_loop!r} is not auto, uvloop or asyncio")
-    if config.max_open_files < 0:
-        raise ConfigError("max_open_files: must not be negative")
-    if config.max_bad_commands < 1:
-        raise ConfigError("max_bad_commands: must be at least 1")
-    if config.delivery_min_data_rate < 1:
-        raise ConfigError("delivery_min_data_rate: must be at least 1 octet per second")
-    if config.mail_temp_dir and not (
-        Path(config.mail_temp_dir).is_absolute() and Path(config.mail_temp_dir).is_dir()
-    ):
-        raise ConfigError(f"mail_temp_dir: {config.mail_temp_dir} is not an absolute directory")
     _validate_security(config)
-    if "\r" in config.login_greeting or "\n" in config.login_greeting:
-        raise ConfigError("login_greeting: must be a single line")
-    if len(config.login_greeting.encode()) > 506:
-        raise ConfigError("login_greeting: at most 506 octets (RFC 2449 §4: 512 per line)")
+    warnings: list[str] = []
     if config.idle_timeout < RFC_MIN_AUTOLOGOUT:
         warnings.append(
             f"idle_timeout: {config.idle_timeout:g} s is below the 600 s RFC 1939 requires"
         )
     return dataclasses.replace(config, warnings=tuple(warnings))
+
+
+#: tomllib's position suffix (Python 3.11-3.13 have no lineno/colno attributes).
+_TOML_POSITION = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+
+
+def _toml_error(path: str | Path, exc: tomllib.TOMLDecodeError, data: bytes) -> ConfigError:
+    """``FILE:LINE:COLUMN: not valid TOML: WHAT`` (the form editors jump to)."""
+    text = str(exc)
+    match = _TOML_POSITION.match(text)
+    if match is not None:
+        where = f"{path}:{match['line']}:{match['col']}"
+        return ConfigError(f"{where}: not valid TOML: {match['msg']}")
+    what = text.removesuffix(" (at end of document)")
+    if what != text:  # an unclosed array or string: it ends on the last line
+        return ConfigError(
+            f"{path}:{len(data.splitlines()) or 1}: not valid TOML: {what} at the end"
+        )
+    return ConfigError(f"{path}: not valid TOML: {text}")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read the TOML file at ``path``.
+
+    Raises:
+        ConfigError: it cannot be read, or is not TOML (with the line and column).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+    try:
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid TOML: not UTF-8") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(path, exc, data) from exc
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -822,14 +1173,175 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     Raises:
         ConfigError: the file cannot be read or parsed, or a value is invalid.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with Path(path).open("rb") as f:
-                values = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    values.update(overrides or {})
-    return build_config(values)
+    values: dict[str, Any] = read_toml(path) if path is not None else {}
+    try:
+        return build_config({**values, **(overrides or {})})
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{_where(path, str(exc))}: {exc}") from None
+
+
+#: The key an error message is about: ``key: ...``, ``key[2]: ...``, ``unknown key 'key'``.
+_MESSAGE_KEY = re.compile(r"^(?:unknown key '(?P<unknown>[^']+)'|(?P<key>[a-z0-9_]+)[:\[.])")
+
+
+def _where(path: str | Path, message: str) -> str:
+    """``FILE:LINE`` of the key ``message`` is about, or ``FILE`` if it is not found there."""
+    match = _MESSAGE_KEY.match(message)
+    if match is None:
+        return str(path)
+    name = match["unknown"] or match["key"]
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return str(path)
+    pattern = re.compile(rf"^\s*(?:{re.escape(name)}|\[\s*{re.escape(name)}\b)\s*[=.\]]")
+    for number, line in enumerate(lines, 1):
+        if pattern.match(line):
+            return f"{path}:{number}"
+    return str(path)
+
+
+# --------------------------------------------------------------------------- the outputs
+
+
+def _toml_value(value: Any) -> str:  # noqa: ANN401 - any TOML value
+    """Write one TOML value (a string, a number, a boolean or an array of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if not math.isfinite(value):
+            return "inf" if value > 0 else "-inf"
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    msg = f"no TOML form for {value!r}"  # a dump function returned something else
+    raise TypeError(msg)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n"}
+    escapes |= {"\f": "\\f", "\r": "\\r"}
+    out = []
+    for c in text:
+        if c in escapes:
+            out.append(escapes[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _bare_or_quoted(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_string(name)
+
+
+#: A password in a libpq connection string: ``password=`` (conninfo or URI parameter) or
+#: ``scheme://user:password@``.
+_DSN_PASSWORD = re.compile(r"password\s*=|://[^@/?#]*:[^@/?#]*@", re.IGNORECASE)
+
+
+def dump_config(config: Config, *, every: bool = False, secrets: bool = False) -> str:
+    """Return ``config`` as TOML: the keys that differ from the defaults, or ``every`` key.
+
+    Like ``doveconf -n``: reading the text back gives the same :class:`Config`, except that
+    a secret key holding a password (a ``postgresql_dsn`` with one) is written as a comment
+    unless ``secrets`` (``doveconf -P``).
+    """
+    lines: list[str] = []
+    tables: list[str] = []
+    for name, spec in KEYS.items():
+        value = getattr(config, name)
+        if not every and value == spec.default:
+            continue
+        if spec.secret and not secrets and _DSN_PASSWORD.search(str(value)):
+            lines.append(f"# {name} = (hidden: it holds a password; --secrets prints it)")
+            continue
+        toml = spec.to_toml(value)
+        if isinstance(toml, dict):  # a table of tables (ssl_sni): after the plain keys
+            if not toml:
+                lines.append(f"{name} = {{}}")
+            for sub, entries in toml.items():
+                tables.append(f"\n[{name}.{_bare_or_quoted(sub)}]")
+                tables.extend(f"{k} = {_toml_value(v)}" for k, v in entries.items())
+        else:
+            lines.append(f"{name} = {_toml_value(toml)}")
+    return "".join(line + "\n" for line in lines + tables)
+
+
+def default_text(spec: Key) -> str:
+    """How README and ``--help`` show a key's default."""
+    if spec.default_doc:
+        return spec.default_doc
+    value = spec.to_toml(spec.default)
+    if isinstance(value, str):
+        return f"`{value}`" if value else "(none)"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{value:g}`"
+    return f"`{_toml_value(value)}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def by_section() -> list[tuple[str, list[Key]]]:
+    """Return the keys under their headings, in :data:`SECTIONS` and declaration order."""
+    return [(title, [s for s in KEYS.values() if s.section == title]) for title in SECTIONS]
+
+
+def markdown_table() -> str:
+    """Return README.md's tables of every key, one per section: name, default, meaning."""
+    parts = []
+    for title, specs in by_section():
+        rows = [f"**{title}**", "", "| Key | Default | Meaning |", "|---|---|---|"]
+        rows += [f"| `{s.name}` | {default_text(s)} | {_cell(s.doc)} |" for s in specs]
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+#: The lines that enclose the generated key table in README.md.
+README_BEGIN: Final = "<!-- config keys: generated by scripts/update-config-table -->"
+README_END: Final = "<!-- end of config keys -->"
+
+
+def readme_with_table(readme: str) -> str:
+    """Return README.md's text with the key table between the markers made anew.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    head, begin, rest = readme.partition(README_BEGIN + "\n")
+    _, end, tail = rest.partition(README_END)
+    if not begin or not end:
+        msg = f"README.md has no {README_BEGIN!r} ... {README_END!r}"
+        raise ValueError(msg)
+    return head + begin + markdown_table() + end + tail
+
+
+def keys_help(width: int = 88) -> str:
+    """Return the key list of ``pobox serve --help``: each key, its default, its meaning."""
+    out = []
+    for title, specs in by_section():
+        out.append(f"\n {title}:")
+        for spec in specs:
+            out.append(f"  {spec.name} = {default_text(spec).replace('`', '')}")
+            out.extend(
+                textwrap.wrap(
+                    spec.doc.replace("`", ""),
+                    width,
+                    initial_indent="      ",
+                    subsequent_indent="      ",
+                    break_on_hyphens=False,
+                )
+            )
+    return "\n".join(out)

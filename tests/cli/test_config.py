@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from pobox.config import KEYS, Config, Listen, build_config, load_config, parse_listen
+from pobox.config import (
+    KEYS,
+    SECTIONS,
+    Config,
+    Listen,
+    build_config,
+    dump_config,
+    keys_help,
+    load_config,
+    markdown_table,
+    parse_listen,
+    readme_with_table,
+)
 from pobox.errors import ConfigError
 
 
@@ -44,9 +58,18 @@ class TestBuildConfig:
         assert config.pop3_lock_session is True
 
     def test_unknown_key_named(self) -> None:
-        """An unknown key is an error that names it."""
-        with pytest.raises(ConfigError, match=r"^idel_timeout: unknown setting"):
+        """An unknown key is an error that names it and the key it is a typo of."""
+        with pytest.raises(ConfigError) as raised:
             build_config({"idel_timeout": 5})
+        assert "unknown key 'idel_timeout' (did you mean 'idle_timeout'?)" == str(raised.value)
+
+    def test_unknown_key_without_a_near_one(self) -> None:
+        """A name like no key gets a pointer to the key list, not a dump of every key."""
+        with pytest.raises(ConfigError) as raised:
+            build_config({"frobnicate": 5})
+        assert "unknown key 'frobnicate' (see the keys in README.md or pobox serve --help)" == str(
+            raised.value
+        )
 
     def test_wrong_type_named(self) -> None:
         """A value of the wrong type is an error naming the key and the value."""
@@ -163,11 +186,43 @@ class TestLoadConfig:
         assert "warning" == config.log_level
 
     def test_bad_toml(self, tmp_path: Path) -> None:
-        """A syntax error names the file."""
+        """A syntax error names the file and the line."""
         path = tmp_path / "pobox.toml"
         path.write_text("listen = [\n")
-        with pytest.raises(ConfigError, match=r"pobox.toml: not valid TOML"):
+        with pytest.raises(ConfigError, match=r"pobox.toml:1: not valid TOML"):
             load_config(path)
+
+    def test_bad_toml_line_and_column(self, tmp_path: Path) -> None:
+        """A syntax error says the file, the line and the column, as editors read them."""
+        path = tmp_path / "pobox.toml"
+        path.write_text('listen = ["127.0.0.1:110"]\nlog_level = debug\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:2:13: not valid TOML: Invalid value" == str(raised.value)
+
+    def test_bad_toml_at_the_end(self, tmp_path: Path) -> None:
+        """An array left open is reported on the last line of the file."""
+        path = tmp_path / "pobox.toml"
+        path.write_text('log_level = "debug"\nlisten = [\n  "127.0.0.1:110",\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:3: not valid TOML: Invalid value at the end" == str(raised.value)
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        """A file in another encoding is refused with the line of the first bad octet."""
+        path = tmp_path / "pobox.toml"
+        path.write_bytes(b'log_level = "debug"\nlogin_greeting = "caf\xe9"\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:2: not valid TOML: not UTF-8" == str(raised.value)
+
+    def test_error_names_the_line_of_the_key(self, tmp_path: Path) -> None:
+        """A bad value in a file is reported with the file and the line of its key."""
+        path = tmp_path / "pobox.toml"
+        path.write_text('# pobox\nlisten = ["127.0.0.1:110"]\n\nlistne = ["127.0.0.1:111"]\n')
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert f"{path}:4: unknown key 'listne' (did you mean 'listen'?)" == str(raised.value)
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file names the file."""
@@ -255,3 +310,156 @@ class TestDocumented:
         """Each key of config.KEYS appears as `key` in README.md."""
         readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
         assert [] == [key for key in KEYS if f"`{key}`" not in readme]
+
+    def test_readme_table_is_the_declaration(self) -> None:
+        """README's key table is what the declaration makes (scripts/update-config-table)."""
+        readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+        assert readme_with_table(readme) == readme
+
+    def test_table_has_a_row_per_key(self) -> None:
+        """The generated tables have one row per key, under its section, with its default."""
+        rows = [row for row in markdown_table().splitlines() if row.startswith("| `")]
+        assert sorted(KEYS) == sorted(row.split("`")[1] for row in rows)
+        assert rows[0].startswith('| `listen` | `["127.0.0.1:1110"]` | ')
+        assert "| `idle_timeout` | `600` | " in markdown_table()
+        titles = [line[2:-2] for line in markdown_table().splitlines() if line.startswith("**")]
+        assert list(SECTIONS) == titles
+        tls = markdown_table().split("**TLS**")[1].split("**Mail and its owners**")[0]
+        names = [row.split("`")[1] for row in tls.splitlines() if row.startswith("| `")]
+        assert ["ssl_cert", "ssl_key", "ssl_listen", "ssl_min_protocol", "ssl_client_ca",
+                "ssl_sni"] == names  # fmt: skip
+
+    def test_every_section_has_keys(self) -> None:
+        """No heading is left empty."""
+        assert [] == [
+            title for title in SECTIONS if not any(s.section == title for s in KEYS.values())
+        ]
+
+    def test_serve_help_lists_every_key(self) -> None:
+        """pobox serve --help shows each key with its default and its help, no Markdown."""
+        text = keys_help()
+        assert [] == [key for key in KEYS if f"\n  {key} = " not in "\n" + text]
+        assert "  login_greeting = pobox ready.\n      Text after +OK in the greeting." in text
+        assert "`" not in text
+
+
+class TestDeclaration:
+    """One declaration per key: Config's defaults, types and limits all come from it."""
+
+    def test_keys_are_the_config_fields(self) -> None:
+        """Every Config attribute but warnings is a key, with the field's default."""
+        fields = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "warnings"}
+        assert fields == {name: spec.default for name, spec in KEYS.items()}
+
+    def test_every_key_documented(self) -> None:
+        """Every key has a help text that ends a sentence."""
+        assert [] == [name for name, spec in KEYS.items() if not spec.doc.endswith((".", ")"))]
+
+    def test_defaults_are_valid(self) -> None:
+        """The defaults pass their own declaration's checks."""
+        for spec in KEYS.values():
+            spec.validate(spec.default)
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            (
+                {"log_level": "loud"},
+                "log_level: 'loud' is not one of debug, info, warning or error",
+            ),
+            ({"log_format": "xml"}, "log_format: 'xml' is not pobox or dovecot"),
+            ({"max_connections": 0}, "max_connections: must be at least 1"),
+            ({"quota_bytes": -1}, "quota_bytes: must not be negative"),
+            ({"workers": -1}, "workers: must not be negative (0: one per CPU)"),
+            ({"idle_timeout": 0}, "idle_timeout: must be a positive number of seconds"),
+            ({"listen": "127.0.0.1:110"}, "listen: expected list, got str '127.0.0.1:110'"),
+            ({"trace": 1}, "trace: expected bool, got int 1"),
+            ({"max_connections": True}, "max_connections: expected int, got bool True"),
+        ],
+    )
+    def test_limits_from_the_declaration(self, values: dict[str, object], message: str) -> None:
+        """Choices, ranges and types are checked as declared, naming the key."""
+        with pytest.raises(ConfigError) as raised:
+            build_config(values)
+        assert message == str(raised.value)
+
+    def test_sni_subkey_typo(self) -> None:
+        """A typo inside an [ssl_sni."name"] table is named with the key it is close to."""
+        with pytest.raises(ConfigError) as raised:
+            build_config({"ssl_sni": {"mail.test": {"certt": "/c", "key": "/k"}}})
+        assert "ssl_sni.mail.test: unknown key 'certt' (did you mean 'cert'?)" == str(raised.value)
+
+    def test_base_values_are_checked_too(self) -> None:
+        """A value that came from the base config is checked like one from the file."""
+        with pytest.raises(ConfigError, match=r"^max_bad_commands: must be at least 1$"):
+            build_config({}, base=Config(max_bad_commands=0))
+
+
+class TestDump:
+    """config dump: TOML that reads back to the same configuration."""
+
+    def test_defaults_dump_nothing(self) -> None:
+        """The default configuration differs from the defaults in nothing."""
+        assert "" == dump_config(build_config({}))
+
+    def test_only_what_differs(self) -> None:
+        """Only keys that differ from their defaults are written."""
+        config = build_config({"idle_timeout": 900, "trace": True, "login_trusted_networks": []})
+        assert "idle_timeout = 900\ntrace = true\n" == dump_config(config)
+
+    def test_round_trip(self, tmp_path: Path) -> None:
+        """Lists, tables, odd strings and converted values come back as they were."""
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        cert.write_text("x")
+        key.write_text("x")
+        values = {
+            "listen": ["127.0.0.1:2110", "[::1]:2110", ":2111"],
+            "login_greeting": 'say "hi" \\ there\t\u00e9\u2603',
+            "mail_uid": 1000,
+            "login_trusted_networks": ["10.1.2.3/8"],
+            "local_domains": ["Example.ORG."],
+            "lmtp_listen": ["unix:/run/pobox/lmtp", "127.0.0.1:24"],
+            "ssl_cert": str(cert),
+            "ssl_key": str(key),
+            "ssl_sni": {"Mail.Example.org": {"cert": str(cert), "key": str(key)}},
+            "shared_state_timeout": 0.25,
+            "postgresql_password_query": "SELECT pw FROM u WHERE n = %(user)s AND x LIKE 'a%%'",
+        }
+        config = build_config(values)
+        for every in (False, True):
+            text = dump_config(config, every=every)
+            assert config == build_config(tomllib.loads(text))
+        assert '[ssl_sni."mail.example.org"]' in dump_config(config)
+
+    def test_every_key_with_all(self) -> None:
+        """--all writes every key, and it reads back to the defaults."""
+        text = dump_config(build_config({}), every=True)
+        assert list(KEYS) == [line.split(" = ")[0] for line in text.splitlines()]
+        assert Config() == build_config(tomllib.loads(text))
+
+    @pytest.mark.parametrize(
+        "dsn",
+        [
+            "host=db1 dbname=pobox user=pobox password=s3cret",
+            "postgresql://pobox:s3cret@db1/pobox",
+            "postgresql://pobox@db1/pobox?PASSWORD = s3cret",
+        ],
+    )
+    def test_password_hidden(self, dsn: str) -> None:
+        """A postgresql_dsn with a password is a comment unless secrets are asked for."""
+        config = build_config({"postgresql_dsn": dsn})
+        hidden = "# postgresql_dsn = (hidden: it holds a password; --secrets prints it)\n"
+        assert hidden == dump_config(config)
+        assert config == build_config(tomllib.loads(dump_config(config, secrets=True)))
+
+    def test_dsn_without_password_shown(self) -> None:
+        """A DSN without a password (~/.pgpass holds it) is printed as it is."""
+        config = build_config({"postgresql_dsn": "postgresql://pobox@db1:5432/pobox"})
+        assert 'postgresql_dsn = "postgresql://pobox@db1:5432/pobox"\n' == dump_config(config)
+
+    def test_control_characters_escaped(self) -> None:
+        """A string with control characters is written as a valid TOML string."""
+        config = build_config({"node_name": "a"}, base=Config(passwd_file="/x\x7f\x01\ny"))
+        text = dump_config(config)
+        assert "/x\x7f\x01\ny" == tomllib.loads(text)["passwd_file"]
+        assert "\x7f" not in text

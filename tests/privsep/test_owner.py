@@ -116,7 +116,7 @@ class TestFromConfig:
         [
             ({"mail_uid": "-5"}, r"^mail_uid: '-5' is not a user/group name or a number"),
             ({"mail_gid": "a b"}, r"^mail_gid: 'a b' is not"),
-            ({"first_valid_uid": -1}, r"^first_valid_uid, last_valid_uid: must not be negative"),
+            ({"first_valid_uid": -1}, r"^first_valid_uid: must not be negative"),
             (
                 {"first_valid_uid": 1000, "last_valid_uid": 999},
                 r"^last_valid_uid: 999 is below first_valid_uid 1000",

@@ -71,7 +71,10 @@ class TestErrors:
             ({"ssl_cert": "/nonexistent/cert.pem"}, "ssl_cert, ssl_key: set both or neither"),
             ({"ssl_listen": ["127.0.0.1:995"]}, "ssl_listen: needs ssl_cert and ssl_key"),
             ({"ssl_listen": ["nope"]}, "ssl_listen[0]: 'nope' has no valid port"),
-            ({"ssl_min_protocol": "TLSv1.1"}, "ssl_min_protocol: 'TLSv1.1' is not one of"),
+            (
+                {"ssl_min_protocol": "TLSv1.1"},
+                "ssl_min_protocol: 'TLSv1.1' is not TLSv1.2 or TLSv1.3",
+            ),
             ({"disable_plaintext_auth": "maybe"}, "disable_plaintext_auth: 'maybe' is not"),
             ({"login_trusted_networks": ["10.0.0.0/33"]}, "login_trusted_networks[0]: "),
             ({"login_trusted_networks": [8]}, "login_trusted_networks[0]: expected a CIDR"),

@@ -41,7 +41,7 @@ from pobox.delivery._agent import DeliveryAgent
 from pobox.delivery._protocol import DeliveryLimits, DeliveryProtocol
 from pobox.delivery.lmtp import LmtpHandler, LmtpProtocol
 from pobox.delivery.smtp import SmtpHandler, SmtpProtocol
-from pobox.errors import ConfigError
+from pobox.errors import ConfigError, binding
 from pobox.server import _inherit
 from pobox.server._limits import IN_ALL, ConnectionLimits
 from pobox.server._proxy import ProxyGate, ProxyPolicy
@@ -193,7 +193,7 @@ class DeliveryServer:
 
         Raises:
             ConfigError: an address is malformed.
-            OSError: an address cannot be bound.
+            ListenError: an address cannot be bound, naming its key.
         """
         config = self._config
         size = config.max_message_size or None
@@ -253,13 +253,17 @@ class DeliveryServer:
 
         With a ``policy`` (LMTP), each connection passes a PROXY-protocol gate first.
         """
-        loop = asyncio.get_running_loop()
 
         def gate() -> asyncio.BaseProtocol:
             if policy is not None:
                 return ProxyGate(policy, lambda: _Gate(door), log=logger, service=door.name)
             return _Gate(door)
 
+        with binding(f"{door.name}_listen", text):
+            await self._bind(door, text, gate)
+
+    async def _bind(self, door: _Door, text: str, gate: Callable[[], asyncio.BaseProtocol]) -> None:
+        loop = asyncio.get_running_loop()
         inherited = _inherit.take(_inherit.key(door.name, text))
         if inherited is not None:  # a worker: the master bound it, and removes a socket file
             for sock in inherited:

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 from pobox.config import Listen
+from pobox.errors import binding
 
 __all__ = ["CHECK_TIMEOUT", "CHECK_TTL", "HealthServer", "Probe"]
 
@@ -136,17 +137,18 @@ class HealthServer:
         """Bind the address.
 
         Raises:
-            OSError: it cannot be bound.
+            ListenError: it cannot be bound (naming health_listen).
         """
         family = socket.AF_INET6 if ":" in self._listen.host else socket.AF_INET
-        self._server = await asyncio.start_server(
-            self._handle,
-            self._listen.host,
-            self._listen.port,
-            family=family,
-            reuse_address=True,
-            limit=MAX_REQUEST,
-        )
+        with binding("health_listen", str(self._listen)):
+            self._server = await asyncio.start_server(
+                self._handle,
+                self._listen.host,
+                self._listen.port,
+                family=family,
+                reuse_address=True,
+                limit=MAX_REQUEST,
+            )
         for host, port in self.addresses:
             logger.info("master: Health check on http://%s:%d/health", host, port)
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 
 from pobox import _logevents as events
 from pobox.config import Listen
-from pobox.errors import ConfigError
+from pobox.errors import ConfigError, binding
 from pobox.log import SessionLog
 from pobox.server import _inherit
 from pobox.server._driver import Pop3Protocol
@@ -197,18 +197,19 @@ class Pop3Server:
         """Bind every configured address.
 
         Raises:
-            OSError: an address cannot be bound (in use, not permitted).
+            ListenError: an address cannot be bound (in use, not permitted), naming its key.
         """
         if self.ctx.cluster is not None:  # the node's lease first: its sessions must count
             await self.ctx.cluster.start()
         for listen in self.ctx.config.listen:
-            self._servers.extend(await self._bind(listen))
+            with binding("listen", str(listen)):
+                self._servers.extend(await self._bind(listen))
         for listen in self.ctx.config.ssl_listen:
             assert self.ctx.tls is not None  # config validation: ssl_listen needs ssl_cert
             sockets = _inherit.take(_inherit.key("pop3s", f"{listen.host}:{listen.port}"))
-            self._ssl_servers.append(
-                _TlsListener(sockets or _listening_sockets(listen), self._serve_tls)
-            )
+            with binding("ssl_listen", str(listen)):
+                sockets = sockets or _listening_sockets(listen)
+            self._ssl_servers.append(_TlsListener(sockets, self._serve_tls))
         for host, port in self.addresses:
             logger.info("master: Listening for POP3 on %s:%d", host, port)
         for host, port in self.ssl_addresses:

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Final
 
 from pobox.config import Config, Listen, parse_listen
-from pobox.errors import ConfigError
+from pobox.errors import ConfigError, binding
 from pobox.server import _inherit
 from pobox.server._listener import BACKLOG, _listening_sockets
 
@@ -141,12 +141,21 @@ def _unix_listener(path: Path) -> socket.socket:
     return sock
 
 
+#: The configuration key of each kind of listener, for the errors of binding it.
+_KEY_OF_KIND: Final = {
+    "pop3": "listen",
+    "pop3s": "ssl_listen",
+    "lmtp": "lmtp_listen",
+    "smtp": "smtp_listen",
+}
+
+
 def bind_listeners(config: Config) -> Listeners:
     """Bind every listener of ``config`` once, for the workers to share.
 
     Raises:
         ConfigError: a delivery address is malformed, or a socket path is not a socket.
-        OSError: an address cannot be bound (in use, not permitted).
+        ListenError: an address cannot be bound (in use, not permitted), naming its key.
     """
     out = Listeners()
     wanted: list[tuple[str, str, Listen | Path]] = []
@@ -160,11 +169,12 @@ def bind_listeners(config: Config) -> Listeners:
                 wanted.append((kind, text, parse_listen(text, key=f"{kind}_listen")))
     try:
         for kind, text, where in wanted:
-            if isinstance(where, Path):
-                out.sockets[_inherit.key(kind, text)] = [_unix_listener(where)]
-                out.paths.append(where)
-            else:
-                out.sockets[_inherit.key(kind, text)] = _listening_sockets(where)
+            with binding(_KEY_OF_KIND[kind], text):
+                if isinstance(where, Path):
+                    out.sockets[_inherit.key(kind, text)] = [_unix_listener(where)]
+                    out.paths.append(where)
+                else:
+                    out.sockets[_inherit.key(kind, text)] = _listening_sockets(where)
     except BaseException:
         out.close()
         out.remove_paths()
