@@ -367,7 +367,7 @@ class TestDeclaration:
                 {"log_level": "loud"},
                 "log_level: 'loud' is not one of debug, info, warning or error",
             ),
-            ({"log_format": "xml"}, "log_format: 'xml' is not pobox or dovecot"),
+            ({"log_format": "xml"}, "log_format: 'xml' is not one of pobox, dovecot or json"),
             ({"max_connections": 0}, "max_connections: must be at least 1"),
             ({"quota_bytes": -1}, "quota_bytes: must not be negative"),
             ({"workers": -1}, "workers: must not be negative (0: one per CPU)"),

@@ -367,7 +367,9 @@ class TestConfig:
         """A relative path (resolved differently by the server and by who) is an error."""
         config = tmp_path / "pobox.toml"
         config.write_text(f'mail_location = "maildir:{tmp_path}/%u"\ncontrol_socket = "run/c"\n')
-        with pytest.raises(ConfigError, match=r"^control_socket: 'run/c' must be auto, off or"):
+        with pytest.raises(
+            ConfigError, match=r"pobox\.toml:2: control_socket: 'run/c' must be auto, off or"
+        ):
             load_config(config)
 
     def test_auto(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,7 +146,7 @@ class TestSettings:
         [
             ("auth_mechanisms", "PLAIN GSSAPI", "auth_mechanisms: unknown ['GSSAPI']"),
             ("max_auth_failures", 0, "max_auth_failures: must be at least 1"),
-            ("log_format", "syslog", "log_format: 'syslog' is not pobox, dovecot or json"),
+            ("log_format", "syslog", "log_format: 'syslog' is not one of pobox, dovecot or json"),
         ],
     )
     def test_invalid(self, key, value, message):
