@@ -4,7 +4,7 @@ Every key is documented in :data:`KEYS` (that table also drives ``docs`` in READ
 ``pobox serve --help``); unknown keys and wrong types are errors that name the key path, found
 at start-up, never at the first login.
 
-May import: the standard library and :mod:`pobox.errors`.
+May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.names`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pobox.errors import ConfigError
+from pobox.names import parse_format
 
 __all__ = ["KEYS", "Config", "Listen", "load_config", "parse_listen", "shared_state_backend"]
 
@@ -52,6 +53,7 @@ class Config:
     mail_location: str = "maildir:~/Maildir"
     passwd_file: str = "/etc/pobox/passwd"
     default_pass_scheme: str = "CRYPT"
+    auth_username_format: str = "%Lu"
     login_greeting: str = "pobox ready."
     pop3_lock_session: bool = True
     mail_inline_read_max: int = 128 * 1024
@@ -147,6 +149,12 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "postgresql_dsn). Default maildir:~/Maildir.",
     ),
     "passwd_file": (str, "Dovecot-format passwd-file with the users. Re-read when it changes."),
+    "auth_username_format": (
+        str,
+        "How a name given at login or delivery becomes the user database's (Dovecot "
+        "auth_username_format): %u the name, %n before @, %d after; L lowercases, U "
+        "uppercases (%Ln, %Ud); %u keeps the case as typed.",
+    ),
     "default_pass_scheme": (
         str,
         "Scheme of passwd-file hashes without a {SCHEME} prefix (Dovecot default_pass_scheme).",
@@ -767,6 +775,10 @@ def _validate(config: Config) -> Config:
             raise ConfigError(f"{key}: must be at least 1")
     if config.auth_failure_window <= 0 or config.auth_failure_delay_max < 0:
         raise ConfigError("auth_failure_window, auth_failure_delay_max: must be positive")
+    try:
+        parse_format(config.auth_username_format)
+    except ValueError as exc:
+        raise ConfigError(f"auth_username_format: {exc}") from None
     if config.log_format not in ("pobox", "dovecot"):
         raise ConfigError(f"log_format: {config.log_format!r} is not pobox or dovecot")
     for key in ("max_message_size", "quota_bytes", "quota_messages", "mail_inline_read_max"):

@@ -18,14 +18,15 @@ within ``mail_max_userip_connections`` and ``mail_max_user_connections`` (over t
 the registry to.
 
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
-:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`,
-:mod:`pobox.server._connection`.
+:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.names`, :mod:`pobox.log`,
+:mod:`pobox.tls`, :mod:`pobox.server._connection`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import itertools
 import logging
@@ -40,6 +41,7 @@ from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
 from pobox.config import Config
 from pobox.log import SessionLog
+from pobox.names import parse_format
 from pobox.protocol import (
     AuthenticateUser,
     CommitDeletions,
@@ -168,6 +170,10 @@ def _may_log_in(user: User | None) -> User | None:
     return user
 
 
+#: The parsed ``auth_username_format`` (checked when the configuration was read).
+_username_format = functools.lru_cache(maxsize=8)(parse_format)
+
+
 #: What :meth:`Session._verify` returns when it has already answered the core itself.
 _ANSWERED: Final = object()
 
@@ -276,6 +282,11 @@ class Session:
         """Answer a login step: check, fetch, or open the maildrop (USER/PASS, APOP, AUTH)."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
+        if event.username is not None:
+            # auth_username_format first: the throttle, the registry, the logs and the user
+            # database all see the one name (``Alice`` is ``alice`` with Dovecot's %Lu).
+            name_format = _username_format(self.ctx.config.auth_username_format)
+            event = dataclasses.replace(event, username=name_format(event.username))
         throttle = self.ctx.throttle
         failures = 0
         if throttle is not None:
