@@ -63,6 +63,7 @@ from pobox.server._cluster import (
 from pobox.server._health import HealthServer, probes_of
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
+from pobox.server._systemd import Notifier, adopt_listen_fds, listen_fds
 from pobox.server._throttle import LoginThrottle
 from pobox.server._workers import (
     Supervisor,
@@ -423,8 +424,13 @@ def _switch(config: Config, plan: PrivilegePlan) -> None:
             raise ConfigError(msg) from None
 
 
-async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
+async def run_server(
+    config: Config, worker: WorkerSpec | None = None, notifier: Notifier | None = None
+) -> int:
     """Run the server until SIGTERM or SIGINT, then shut down cleanly; return the status.
+
+    ``notifier`` tells systemd (``Type=notify``) when it is ready, reloading and stopping,
+    and pings its watchdog from the event loop.
 
     The status is 0, or :data:`EX_UNAVAILABLE` when the storage helper went away (the
     server stops rather than go on without it), or in a ``worker`` when the master did
@@ -532,15 +538,26 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
         loop.add_signal_handler(sig, stop_signal, sig.name)
     # SIGHUP: let go of a rotated log and re-read the certificates; SIGUSR1: the log only
     # (what logrotate's postrotate sends, see contrib/logrotate/pobox).
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, helper)
-    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, helper)
     addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
+    notify = notifier or Notifier(None)
+
+    def on_sighup() -> None:
+        notify.reloading()
+        _on_sighup(server, helper)
+        notify.ready(f"serving on {addresses}")
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, helper)
     loop_name = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     logger.info(
         "master: pobox %s started, listening on %s (event loop %s)",
         __version__,
         addresses,
         loop_name,
+    )
+    notify.ready(f"serving on {addresses}")
+    watchdog = loop.create_task(
+        notify.watchdog(lambda: f"serving on {addresses}, {server.session_count} sessions")
     )
     # Everything allocated so far (modules, config, the passwd-file) lives as long as the
     # process: keep it out of the cyclic garbage collector's full passes.
@@ -549,8 +566,10 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
         with contextlib.suppress(StateUnavailable):
             await remote.call("ready", index=worker.index, pid=os.getpid())
     await stop.wait()
+    notify.stopping(f"draining, {server.session_count} sessions open")
     if not lost or now.is_set():
         await drain(config, server, delivery, health, now)
+    watchdog.cancel()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     if health is not None:
         await health.aclose()
@@ -564,7 +583,9 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
     return EX_UNAVAILABLE if lost else 0
 
 
-async def run_master(config: Config, command: list[str], count: int) -> int:
+async def run_master(
+    config: Config, command: list[str], count: int, notifier: Notifier | None = None
+) -> int:
     """Run ``count`` workers on listeners bound here until SIGTERM or SIGINT; return the status.
 
     The master (``workers`` > 1, :mod:`pobox.server._workers`) binds the listeners, holds the
@@ -613,9 +634,15 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
             logger.warning("master: %s again: stopping every worker at once, without UPDATE", name)
             supervisor.send(signal.SIGTERM)
 
+    notify = notifier or Notifier(None)
+
     def pass_on(sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            notify.reloading()
         _reopen_logs()
         supervisor.send(sig)
+        if sig == signal.SIGHUP:
+            notify.ready(f"{count} workers serving")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_signal, sig.name)
@@ -640,7 +667,13 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
                 count,
                 " ".join(str(pid) for pid in supervisor.pids),
             )
+            notify.ready(f"serving on {ready_line}, {count} workers")
+            watchdog = loop.create_task(
+                notify.watchdog(lambda: f"serving on {ready_line}, {count} workers")
+            )
             await stop.wait()
+            watchdog.cancel()
+        notify.stopping("draining the workers")
         ready.cancel()
         status = supervisor.failed or 0
         if health is not None:
@@ -816,14 +849,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logger.warning("config: %s", warning)
     count = 1 if worker is not None else worker_count(config)
     status: list[int] = []
+    # systemd: the notify socket and the sockets it bound are the started process's only.
+    notifier = Notifier.from_environ() if worker is None else None
+    if worker is None:
+        passed = adopt_listen_fds(config, listen_fds())
+        if passed:
+            logger.info("master: socket activation: systemd passed %s", ", ".join(passed))
 
     async def serve() -> None:
         if count > 1:
             argv = getattr(args, "argv", None) or sys.argv[1:]
             command = [sys.executable, "-m", "pobox", *argv]
-            status.append(await run_master(config, command, count))
+            status.append(await run_master(config, command, count, notifier))
         else:
-            status.append(await run_server(config, worker))
+            status.append(await run_server(config, worker, notifier))
 
     run_loop(config, serve())
     return status[0] if status else 0

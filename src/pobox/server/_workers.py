@@ -160,7 +160,10 @@ def bind_listeners(config: Config) -> Listeners:
                 wanted.append((kind, text, parse_listen(text, key=f"{kind}_listen")))
     try:
         for kind, text, where in wanted:
-            if isinstance(where, Path):
+            passed = _inherit.take(_inherit.key(kind, text))
+            if passed is not None:  # systemd's socket activation: bound (and removed) by it
+                out.sockets[_inherit.key(kind, text)] = passed
+            elif isinstance(where, Path):
                 out.sockets[_inherit.key(kind, text)] = [_unix_listener(where)]
                 out.paths.append(where)
             else:
