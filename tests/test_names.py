@@ -75,6 +75,25 @@ class TestLogins:
             assert b"+OK Logged in.\r\n" == await wire.command(b"AUTH PLAIN " + token)
             await wire.close()
 
+    async def test_sasl_plain_authzid_in_another_case(self, tmp_path) -> None:
+        """AUTH PLAIN with authzid Alice and authcid alice: the same user, logged in."""
+        async with running_server(tmp_path, auth_mechanisms="PLAIN") as srv:
+            wire = await Wire.connect(srv.host, srv.port)
+            await wire.line()
+            token = base64.b64encode(b"Alice\0alice\0secret")
+            assert b"+OK Logged in.\r\n" == await wire.command(b"AUTH PLAIN " + token)
+            await wire.close()
+
+    async def test_sasl_plain_authzid_of_another_user(self, tmp_path) -> None:
+        """AUTH PLAIN with authzid bob and authcid alice fails: no proxy logins."""
+        async with running_server(tmp_path, auth_mechanisms="PLAIN") as srv:
+            wire = await Wire.connect(srv.host, srv.port)
+            await wire.line()
+            token = base64.b64encode(b"bob\0alice\0secret")
+            reply = await wire.command(b"AUTH PLAIN " + token)
+            assert reply.startswith(b"-ERR [AUTH]")
+            await wire.close()
+
     async def test_percent_u_keeps_case(self, tmp_path) -> None:
         """With %u, Alice is not alice: the login fails."""
         async with running_server(tmp_path, auth_username_format="%u") as srv:

@@ -234,6 +234,7 @@ class Session:
             ],
             apop_timestamp=apop_timestamp() if cfg.apop else None,
             hostname=_hostname(),
+            username_format=_username_format(cfg.auth_username_format),
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
