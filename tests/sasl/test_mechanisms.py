@@ -26,7 +26,6 @@ from pobox.protocol._sasl import (
     Secret,
     Verified,
     XOAuth2,
-    new_mechanism,
     b64decode_strict,
     hmac_md5_from_context,
     new_mechanism,
