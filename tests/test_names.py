@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -109,3 +111,30 @@ class TestLogins:
             await wire.attempt(b"ALICE", b"wrong")
             await wire.close()
         assert any("Authentication failed: user=<alice>" in r.getMessage() for r in caplog.records)
+
+
+class TestUserAdd:
+    """pobox user add warns about a name no login or delivery can reach."""
+
+    def test_mixed_case_name_warns(self, tmp_path) -> None:
+        """Adding Alice under %Lu says that logins look up alice."""
+        result = subprocess.run(
+            [sys.executable, "-m", "pobox", "user", "add", "Alice", "-f", str(tmp_path / "pw")],
+            input=b"secret\n",
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert 0 == result.returncode
+        assert b"look up 'alice'; add 'alice' instead" in result.stderr
+
+    def test_lowercase_name_is_quiet(self, tmp_path) -> None:
+        """Adding alice says nothing on standard error."""
+        result = subprocess.run(
+            [sys.executable, "-m", "pobox", "user", "add", "alice", "-f", str(tmp_path / "pw")],
+            input=b"secret\n",
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert (0, b"") == (result.returncode, result.stderr)

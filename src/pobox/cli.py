@@ -51,6 +51,7 @@ from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, PoboxError
 from pobox.log import reopen_logs, setup_logging
+from pobox.names import DEFAULT_FORMAT, parse_format
 from pobox.records import User, parse_size
 from pobox.server import Pop3Server, SessionContext
 from pobox.server._cluster import (
@@ -1085,6 +1086,8 @@ def cmd_user(args: argparse.Namespace) -> int:
         password = _read_password(args)
         if not password:
             raise PoboxError("empty password refused")
+    if args.user_command == "add":
+        _warn_unreachable(args.name, config)
     if config is not None and config.userdb == "postgresql":
         return asyncio.run(_user_postgres(args, config, password))
     path = Path(args.passwd_file or (config.passwd_file if config else ""))
@@ -1112,6 +1115,19 @@ def cmd_user(args: argparse.Namespace) -> int:
         print(f"changed the password of {args.name} in {path}")
         return 0
     return asyncio.run(_user_delete(args, config, path=path))
+
+
+def _warn_unreachable(name: str, config: Config | None) -> None:
+    """Warn when ``auth_username_format`` turns ``name`` into another: nobody reaches it."""
+    template = config.auth_username_format if config else DEFAULT_FORMAT
+    looked_up = parse_format(template)(name)
+    if looked_up != name:
+        print(
+            f"pobox: warning: with auth_username_format = {template!r}, logins and mail for "
+            f"{name!r} look up {looked_up!r}; add {looked_up!r} instead, or set "
+            "auth_username_format",
+            file=sys.stderr,
+        )
 
 
 def _extra_fields(args: argparse.Namespace) -> list[str]:
