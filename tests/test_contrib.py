@@ -1,4 +1,4 @@
-"""contrib/systemd: the units as shipped, checked by systemd's own tools.
+"""contrib/: the systemd units, the fail2ban jail and logrotate, checked by their own tools.
 
 ``systemd-analyze verify`` parses a unit as systemd would load it: unknown keys, bad values,
 a missing command.  It needs no running systemd (this suite's machines have none), only the
@@ -8,6 +8,10 @@ test, never skips it.  The one change made to a unit before checking it is its c
 this checkout's ``.venv/bin/pobox``, since ``verify`` checks that the command exists.
 ``systemd-analyze security --offline`` scores the sandboxing (0 is best, 10 worst).
 Starting the units under a real systemd is the manual check in README.md.
+The fail2ban jail goes through ``fail2ban-client --test`` in a copy of Debian's
+``/etc/fail2ban`` (the filter's matches are checked against a real server's log in
+``tests/sasl/test_defence.py``; logrotate runs against a real server in
+``tests/log/test_reopen.py``).
 """
 
 from __future__ import annotations
@@ -114,3 +118,56 @@ def test_systemd_analyze_is_the_real_one() -> None:
     result = _analyze("--version")
     assert result.stdout.startswith("systemd "), result.stdout
     assert shutil.which("systemd-analyze") is not None
+
+
+#: Debian's fail2ban configuration, the base the jail is installed into.
+FAIL2BAN_ETC = Path("/etc/fail2ban")
+
+
+def _fail2ban_test(tmp_path: Path, jail: str) -> subprocess.CompletedProcess[str]:
+    """Install contrib's filter and ``jail`` into a copy of /etc/fail2ban; run its test."""
+    need("fail2ban-client")
+    etc = tmp_path / "fail2ban"
+    shutil.copytree(FAIL2BAN_ETC, etc)
+    (etc / "jail.d" / "defaults-debian.conf").unlink(missing_ok=True)  # sshd: not ours
+    shutil.copy(ROOT / "contrib" / "fail2ban" / "filter.d" / "pobox.conf", etc / "filter.d")
+    log = tmp_path / "pobox.log"
+    log.touch()
+    (etc / "jail.d" / "pobox.conf").write_text(jail.replace(LOG_PATH, str(log)))
+    return subprocess.run(
+        [need("fail2ban-client"), "-c", str(etc), "--test"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+#: Where the units' LogsDirectory= puts the log, and so where logrotate and fail2ban look.
+LOG_PATH = "/var/log/pobox/pobox.log"
+
+
+class TestLogFiles:
+    """contrib/fail2ban's jail and contrib/logrotate agree with the units on the log."""
+
+    def test_one_log_path(self) -> None:
+        """The jail reads the file logrotate rotates, in the units' LogsDirectory."""
+        jail = (ROOT / "contrib" / "fail2ban" / "jail.d" / "pobox.conf").read_text()
+        rotate = (ROOT / "contrib" / "logrotate" / "pobox").read_text()
+        assert f"logpath  = {LOG_PATH}" in jail.splitlines()
+        assert f"{LOG_PATH} {{" in rotate.splitlines()
+        for unit in ("pobox.service", "pobox-vmail.service"):
+            assert "LogsDirectory=pobox" in (SYSTEMD / unit).read_text().splitlines()
+
+    def test_jail_passes_fail2ban_configuration_test(self, tmp_path: Path) -> None:
+        """fail2ban-client --test accepts the jail with its filter."""
+        jail = (ROOT / "contrib" / "fail2ban" / "jail.d" / "pobox.conf").read_text()
+        result = _fail2ban_test(tmp_path, jail)
+        assert 0 == result.returncode, result.stdout + result.stderr
+        assert "OK: configuration test is successful" in result.stdout + result.stderr
+
+    def test_fail2ban_test_can_fail(self, tmp_path: Path) -> None:
+        """A jail naming a filter that does not exist fails the same check."""
+        jail = (ROOT / "contrib" / "fail2ban" / "jail.d" / "pobox.conf").read_text()
+        result = _fail2ban_test(tmp_path, jail.replace("filter   = pobox", "filter   = pobx"))
+        assert 0 != result.returncode
