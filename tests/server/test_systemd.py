@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -253,6 +254,33 @@ class TestSocketActivation:
         """LISTEN_PID of another process (a child that inherited it): nothing is taken."""
         env = {"LISTEN_FDS": "1", "LISTEN_PID": "1"}
         assert ([], {}) == (listen_fds(env), env)
+
+    def test_descriptor_that_is_no_socket(self, tmp_path: Path) -> None:
+        """LISTEN_FDS counting a descriptor that is not a socket: ConfigError, no traceback."""
+        code = (
+            "import os, sys\n"
+            "from pobox.errors import ConfigError\n"
+            "from pobox.server._systemd import listen_fds\n"
+            "fd = os.open('/dev/null', os.O_RDONLY)\n"
+            "os.dup2(fd, 3)\n"
+            "env = {'LISTEN_FDS': '1', 'LISTEN_PID': str(os.getpid())}\n"
+            "try:\n"
+            "    listen_fds(env)\n"
+            "except ConfigError as exc:\n"
+            "    print(exc)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+        )
+        assert "descriptor 3 is no socket" in result.stdout, result.stderr
+
+    def test_datagram_socket_matches_no_listener(self) -> None:
+        """A UDP socket on a listener's address is not that (TCP) listener."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with pytest.raises(ConfigError, match="no listen"):
+            adopt_listen_fds(build_config({"listen": [f"127.0.0.1:{port}"]}), [sock])
 
     def test_unix_socket_matched_by_path(self, tmp_path: Path) -> None:
         """An LMTP Unix socket is matched to its lmtp_listen entry by path."""

@@ -152,6 +152,9 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.s
 
     ``$LISTEN_PID`` must be this process (a child that inherited the variables takes
     nothing).  The descriptors are made close-on-exec.
+
+    Raises:
+        ConfigError: a descriptor ``$LISTEN_FDS`` counts is not a socket.
     """
     env = os.environ if environ is None else environ
     values = {name: env.pop(name, "") for name in _LISTEN_VARIABLES}
@@ -161,10 +164,17 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.s
         count = int(values["LISTEN_FDS"])
     except ValueError:
         return []
-    sockets = []
+    sockets: list[socket.socket] = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            for done in sockets:
+                done.close()
+            msg = f"socket activation: LISTEN_FDS={count}, but descriptor {fd} is no socket ({exc})"
+            raise ConfigError(msg) from None
+        sockets.append(sock)
     return sockets
 
 
@@ -206,6 +216,8 @@ def _wanted(config: Config) -> list[tuple[str, str, str, int]]:
 
 def _listener_of(sock: socket.socket, wanted: list[tuple[str, str, str, int]]) -> str | None:
     """Return the key of the listener ``sock`` is bound as, or ``None``."""
+    if sock.type != socket.SOCK_STREAM:
+        return None
     for name, path, host, port in wanted:
         if path:
             if sock.family == socket.AF_UNIX and sock.getsockname() == path:
