@@ -61,6 +61,7 @@ from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, ListenError, PoboxError
 from pobox.log import reopen_logs, setup_logging
+from pobox.names import DEFAULT_FORMAT, parse_format
 from pobox.records import User, parse_size
 from pobox.server import Pop3Server, SessionContext
 from pobox.server._cluster import (
@@ -80,6 +81,7 @@ from pobox.server._control import (
 from pobox.server._health import HealthServer, probes_of
 from pobox.server._limits import raise_open_file_limit
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
+from pobox.server._systemd import Notifier, adopt_listen_fds, listen_fds
 from pobox.server._throttle import LoginThrottle
 from pobox.server._workers import (
     Supervisor,
@@ -558,8 +560,13 @@ def start_logging(config: Config) -> logging.Handler:
         raise _log_path_error(config.log_path, exc) from None
 
 
-async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
+async def run_server(
+    config: Config, worker: WorkerSpec | None = None, notifier: Notifier | None = None
+) -> int:
     """Run the server until SIGTERM or SIGINT, then shut down cleanly; return the status.
+
+    ``notifier`` tells systemd (``Type=notify``) when it is ready, reloading and stopping,
+    and pings its watchdog from the event loop.
 
     The status is 0, or :data:`EX_UNAVAILABLE` when the storage helper went away (the
     server stops rather than go on without it), or in a ``worker`` when the master did
@@ -677,15 +684,26 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
         loop.add_signal_handler(sig, stop_signal, sig.name)
     # SIGHUP: let go of a rotated log and re-read the certificates; SIGUSR1: the log only
     # (what logrotate's postrotate sends, see contrib/logrotate/pobox).
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, helper)
-    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, helper)
     addresses = ", ".join(f"{h}:{p}" for h, p in server.addresses + server.ssl_addresses)
+    notify = notifier or Notifier(None)
+
+    def on_sighup() -> None:
+        notify.reloading()
+        _on_sighup(server, helper)
+        notify.ready(f"serving on {addresses}")
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, helper)
     loop_name = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     logger.info(
         "master: pobox %s started, listening on %s (event loop %s)",
         __version__,
         addresses,
         loop_name,
+    )
+    notify.ready(f"serving on {addresses}")
+    watchdog = loop.create_task(
+        notify.watchdog(lambda: f"serving on {addresses}, {server.session_count} sessions")
     )
     # Everything allocated so far (modules, config, the passwd-file) lives as long as the
     # process: keep it out of the cyclic garbage collector's full passes.
@@ -694,8 +712,10 @@ async def run_server(config: Config, worker: WorkerSpec | None = None) -> int:
         with contextlib.suppress(StateUnavailable):
             await remote.call("ready", index=worker.index, pid=os.getpid())
     await stop.wait()
+    notify.stopping(f"draining, {server.session_count} sessions open")
     if not lost or now.is_set():
         await drain(config, server, delivery, health, now)
+    watchdog.cancel()
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     if control is not None:
         await control.aclose()
@@ -740,7 +760,9 @@ def _master_control(
     return build_control(config, plan, registry, service.octets, service.push_kicks), state.aclose
 
 
-async def run_master(config: Config, command: list[str], count: int) -> int:
+async def run_master(
+    config: Config, command: list[str], count: int, notifier: Notifier | None = None
+) -> int:
     """Run ``count`` workers on listeners bound here until SIGTERM or SIGINT; return the status.
 
     The master (``workers`` > 1, :mod:`pobox.server._workers`) binds the listeners, holds the
@@ -793,9 +815,15 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
             logger.warning("master: %s again: stopping every worker at once, without UPDATE", name)
             supervisor.send(signal.SIGTERM)
 
+    notify = notifier or Notifier(None)
+
     def pass_on(sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            notify.reloading()
         _reopen_logs()
         supervisor.send(sig)
+        if sig == signal.SIGHUP:
+            notify.ready(f"{count} workers serving")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_signal, sig.name)
@@ -822,7 +850,13 @@ async def run_master(config: Config, command: list[str], count: int) -> int:
                 count,
                 " ".join(str(pid) for pid in supervisor.pids),
             )
+            notify.ready(f"serving on {ready_line}, {count} workers")
+            watchdog = loop.create_task(
+                notify.watchdog(lambda: f"serving on {ready_line}, {count} workers")
+            )
             await stop.wait()
+            watchdog.cancel()
+        notify.stopping("draining the workers")
         ready.cancel()
         status = supervisor.failed or 0
         if health is not None:
@@ -1028,14 +1062,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logger.warning("config: %s", warning)
     count = 1 if worker is not None else worker_count(config)
     status: list[int] = []
+    # systemd: the notify socket and the sockets it bound are the started process's only.
+    notifier = Notifier.from_environ() if worker is None else None
+    if worker is None:
+        passed = adopt_listen_fds(config, listen_fds())
+        if passed:
+            logger.info("master: socket activation: systemd passed %s", ", ".join(passed))
 
     async def serve() -> None:
         if count > 1:
             argv = getattr(args, "argv", None) or sys.argv[1:]
             command = [sys.executable, "-m", "pobox", *argv]
-            status.append(await run_master(config, command, count))
+            status.append(await run_master(config, command, count, notifier))
         else:
-            status.append(await run_server(config, worker))
+            status.append(await run_server(config, worker, notifier))
 
     run_loop(config, serve())
     return status[0] if status else 0
@@ -1286,6 +1326,8 @@ def cmd_user(args: argparse.Namespace) -> int:
         password = _read_password(args)
         if not password:
             raise PoboxError("empty password refused")
+    if args.user_command == "add":
+        _warn_unreachable(args.name, config)
     if config is not None and config.userdb == "postgresql":
         return asyncio.run(_user_postgres(args, config, password))
     path = Path(args.passwd_file or (config.passwd_file if config else ""))
@@ -1313,6 +1355,19 @@ def cmd_user(args: argparse.Namespace) -> int:
         print(f"changed the password of {args.name} in {path}")
         return 0
     return asyncio.run(_user_delete(args, config, path=path))
+
+
+def _warn_unreachable(name: str, config: Config | None) -> None:
+    """Warn when ``auth_username_format`` turns ``name`` into another: nobody reaches it."""
+    template = config.auth_username_format if config else DEFAULT_FORMAT
+    looked_up = parse_format(template)(name)
+    if looked_up != name:
+        print(
+            f"pobox: warning: with auth_username_format = {template!r}, logins and mail for "
+            f"{name!r} look up {looked_up!r}; add {looked_up!r} instead, or set "
+            "auth_username_format",
+            file=sys.stderr,
+        )
 
 
 def _extra_fields(args: argparse.Namespace) -> list[str]:

@@ -41,7 +41,7 @@ A key written the old way (a plain field, a ``KEYS`` entry, a README row) become
 it). A new listener binds inside ``pobox.errors.binding("its_key", address)``, so that a
 port in use names the key.
 
-May import: the standard library and :mod:`pobox.errors`.
+May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.names`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from pobox.errors import ConfigError
+from pobox.names import parse_format
 
 __all__ = [
     "KEYS",
@@ -386,6 +387,13 @@ def _check_control_socket(name: str, value: str) -> None:
         )
 
 
+def _check_username_format(name: str, value: str) -> None:
+    try:
+        parse_format(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 def _check_schema(name: str, value: str) -> None:
     if not 0 < len(value.encode()) <= _PG_IDENTIFIER_MAX or "\x00" in value:
         raise ConfigError(f"{name}: must be 1 to 63 octets, no NUL")
@@ -442,6 +450,16 @@ class Config:
         "/etc/pobox/passwd",
         "Dovecot-format passwd-file with the users. It is re-read when it changes.",
         flag=True,
+        section="Users and logins",
+    )
+    auth_username_format: str = key(
+        "%Lu",
+        "How a name given at login (every mechanism) or delivery (LMTP/SMTP `RCPT`, "
+        "`pobox deliver -u`) becomes the name the user database is asked for, as Dovecot's "
+        "key: `%u` the name, `%n` the part before `@`, `%d` the part after; modifiers `L` "
+        "lowercase, `U` uppercase, `T` trim (`%Ln` drops the domain). `%Lu`: `Alice` logs "
+        "in as `alice`; `%u` keeps the case typed.",
+        check=_check_username_format,
         section="Users and logins",
     )
     default_pass_scheme: str = key(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import mailbox
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from pobox.auth.passwdfile import add_user
 from pobox.client import MaildirSink, MboxSink, MdaSink
 from pobox.client._sinks import DeliveryError, DeliveryTemporaryError
 
@@ -106,3 +108,19 @@ class TestMdaSink:
         """Any other non-zero status is a failure."""
         with pytest.raises(DeliveryError, match="status 1"):
             store(mda(tmp_path, 1), MESSAGE)
+
+    def test_pobox_deliver_without_pobox_on_path(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """--mda 'pobox deliver -u alice' works with an MTA's short PATH: this pobox runs."""
+        add_user(tmp_path / "passwd", "alice", b"x", scheme="PLAIN")
+        (tmp_path / "pobox.toml").write_text(
+            f'mail_location = "maildir:{tmp_path}/mail/%u"\n'
+            f'passwd_file = "{tmp_path}/passwd"\n'
+            'mail_uid = "0"\nmail_gid = "0"\nfirst_valid_uid = 0\nfirst_valid_gid = 0\n'
+        )
+        monkeypatch.setenv("PATH", "/usr/bin:/bin")
+        assert shutil.which("pobox") is None
+        store(MdaSink(f"pobox deliver -u Alice -c {tmp_path}/pobox.toml"), MESSAGE)
+        [delivered] = list((tmp_path / "mail" / "alice" / "new").iterdir())
+        assert delivered.read_bytes().endswith(MESSAGE)

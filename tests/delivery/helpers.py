@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import poplib
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +20,22 @@ from pobox.testing import RunningServer, running_server
 from tests.integration.wire import Wire
 
 PASSWORD = "secret"
+
+#: A ``Received:`` header with its folded continuation lines (LF or CRLF line ends).
+_RECEIVED = re.compile(rb"^Received: [^\n]*\n(?:\t[^\n]*\n)*", re.MULTILINE)
+
+
+def split_received(data: bytes) -> tuple[bytes, bytes]:
+    """Return the first ``Received:`` header of ``data`` and ``data`` without it.
+
+    The header carries a date and an id, different every time: tests check its shape with
+    a pattern and compare the rest byte for byte.
+    """
+    match = _RECEIVED.search(data)
+    assert match is not None, data[:300]
+    return match.group(0), data[: match.start()] + data[match.end() :]
+
+
 #: Seconds a raw client waits for a reply (a deadline for the test, not a timed assertion).
 REPLY_DEADLINE = 30.0
 

@@ -11,9 +11,10 @@ from pobox.auth.base import User
 from pobox.auth.passwdfile import PasswdFileAuthenticator, add_user
 from pobox.config import build_config
 from pobox.delivery import DeliveryAgent, Outcome, Recipient, parse_size
-from pobox.delivery._agent import trace_headers
+from pobox.delivery._agent import Received, received_header, trace_headers
 from pobox.delivery.lmtp import LmtpHandler
 from pobox.errors import ConfigError
+from pobox.names import parse_format
 from pobox.records import Quota, quota_from_fields
 from pobox.storage.base import IncomingMessage, MailUser
 from pobox.storage.maildir import MaildirStore
@@ -87,6 +88,69 @@ class TestTraceHeaders:
         )
 
 
+class TestReceivedHeader:
+    """received_header(): RFC 5321 §4.4 trace, nothing a client sends can add a header."""
+
+    DATE = "Mon, 07 Dec 2026 12:00:00 +0000"
+
+    def test_lmtp_shape(self) -> None:
+        """from HELO ([IP]) by host (pobox) with LMTP id ID for <rcpt>; date, folded."""
+        received = Received("LMTP", helo="mx.example.org", address="192.0.2.7", id="abc123")
+        assert (
+            "Received: from mx.example.org ([192.0.2.7])\n"
+            "\tby pop.example.net (pobox) with LMTP id abc123\n"
+            f"\tfor <alice@example.net>; {self.DATE}\n"
+        ) == received_header(received, "pop.example.net", "alice@example.net", date=self.DATE)
+
+    def test_no_for_with_several_recipients(self) -> None:
+        """A transaction with two recipients names none of them."""
+        received = Received("ESMTP", helo="h", address="::1", recipients=2, id="i")
+        assert (
+            f"Received: from h ([::1])\n\tby me (pobox) with ESMTP id i; {self.DATE}\n"
+        ) == received_header(received, "me", "alice@me", date=self.DATE)
+
+    def test_local(self) -> None:
+        """pobox deliver has no client: by ... with local."""
+        assert (
+            f"Received: by me (pobox) with local id i\n\tfor <bob>; {self.DATE}\n"
+        ) == received_header(Received("local", id="i"), "me", "bob", date=self.DATE)
+
+    @pytest.mark.parametrize(
+        "helo",
+        [
+            "evil\r\nX-Injected: 1",
+            "evil\nX-Injected: 1",
+            "evil\rX-Injected: 1",
+            "evil\x00\x0bX-Injected: 1",
+            "evil (forged [10.0.0.1])",
+            "évil\u2028X-Injected: 1",
+        ],
+    )
+    def test_helo_cannot_inject(self, helo: str) -> None:
+        """CR, LF, controls, parentheses and non-ASCII in HELO become ?: still one header."""
+        text = received_header(Received("LMTP", helo=helo, address="192.0.2.7", id="i"), "me", "a")
+        lines = text.split("\n")
+        assert 4 == len(lines)
+        assert "" == lines[3]
+        assert all(line.startswith("\tby ") or line.startswith("\tfor ") for line in lines[1:3])
+        first = lines[0]
+        assert first.startswith("Received: from ")
+        assert first.endswith(" ([192.0.2.7])")
+        assert "(" not in first[len("Received: from ") : -len(" ([192.0.2.7])")]
+        assert all(c.isprintable() and c.isascii() for c in "".join(lines).replace("\t", ""))
+
+    def test_recipient_cannot_inject(self) -> None:
+        """A recipient with line breaks, brackets or ; stays inside its for <...>."""
+        text = received_header(
+            Received("local", id="i"), "me", "a>\r\nX-Injected: <b;c", date=self.DATE
+        )
+        assert [
+            "Received: by me (pobox) with local id i",
+            f"\tfor <a???X-Injected: ?b?c>; {self.DATE}",
+            "",
+        ] == text.split("\n")
+
+
 class TestResolve:
     """DeliveryAgent.resolve()."""
 
@@ -120,6 +184,22 @@ class TestResolve:
     async def test_lmtp_takes_any_domain(self, agent: DeliveryAgent) -> None:
         """For LMTP, the MTA has routed the mail: the local part names the user."""
         assert isinstance(await agent.resolve("alice@other.test", any_domain=True), Recipient)
+
+    async def test_mixed_case_address_is_the_lowercase_user(self, agent: DeliveryAgent) -> None:
+        """ALICE@MX.test is alice with the default auth_username_format %Lu."""
+        resolved = await agent.resolve("ALICE@MX.test", any_domain=False)
+        assert isinstance(resolved, Recipient)
+        assert "alice" == resolved.user.name
+
+    async def test_percent_u_keeps_case(self, tmp_path: Path) -> None:
+        """With %u, ALICE is nobody."""
+        add_user(tmp_path / "passwd", "alice", b"x", scheme="PLAIN")
+        agent = DeliveryAgent(
+            PasswdFileAuthenticator(tmp_path / "passwd"),
+            MaildirStore(f"maildir:{tmp_path}/%u"),
+            username_format=parse_format("%u"),
+        )
+        assert Outcome.UNKNOWN_USER is await agent.resolve("ALICE", any_domain=True)
 
     async def test_unknown_user(self, agent: DeliveryAgent) -> None:
         """An unknown local user is 550 5.1.1."""

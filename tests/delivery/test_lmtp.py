@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import socket
 from pathlib import Path
 
-from tests.delivery.helpers import retrieve_all, running_pobox
+from tests.delivery.helpers import retrieve_all, running_pobox, split_received
 
 MESSAGE = (
     b"From: Sender <sender@example.org>\r\n"
@@ -59,9 +60,16 @@ class TestLmtpOverTcp:
             )
         assert [(250, b"2.1.5 Ok")] == rcpt
         assert [(250, b"2.0.0 Ok: delivered")] == data
+        received, rest = split_received(messages[0])
         assert [
             b"Return-Path: <sender@example.org>\r\nDelivered-To: alice@mx.pobox.test\r\n" + MESSAGE
-        ] == messages
+        ] == [rest]
+        assert re.fullmatch(
+            rb"Received: from \S+ \(\[127\.0\.0\.1\]\)\r\n"
+            rb"\tby mx\.pobox\.test \(pobox\) with LMTP id [0-9a-f]{16}\r\n"
+            rb"\tfor <alice@mx\.pobox\.test>; \w{3}, \d\d? \w{3} \d{4} [\d:]{8} [+-]\d{4}\r\n",
+            received,
+        ), received
 
     async def test_one_reply_per_recipient(self, tmp_path: Path) -> None:
         """After DATA each accepted recipient gets its own reply: delivered, over quota."""
@@ -153,8 +161,11 @@ class TestLmtpOverUnixSocket:
                 retrieve_all, pobox.pop3.host, pobox.pop3.port, "alice"
             )
         assert (0, b"") == sent
-        assert [b"Return-Path: <sender@example.org>\r\nDelivered-To: alice\r\n" + MESSAGE] == (
-            messages
+        received, rest = split_received(messages[0])
+        assert [b"Return-Path: <sender@example.org>\r\nDelivered-To: alice\r\n" + MESSAGE] == [rest]
+        # A Unix socket has no client address: the HELO name only.
+        assert re.match(
+            rb"Received: from \S+\r\n\tby mx\.pobox\.test \(pobox\) with LMTP ", received
         )
         assert not path.exists()
 

@@ -17,7 +17,7 @@ import pytest
 
 from pobox.auth.passwdfile import add_user
 from pobox.delivery.mda import read_message
-from tests.delivery.helpers import open_files_in
+from tests.delivery.helpers import open_files_in, split_received
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 from tests.helpers.postgres import stored_messages
 
@@ -62,8 +62,15 @@ class TestExitCodes:
         files = _files(tmp_path / "mail" / "alice")
         stored = b"Return-Path: <s@example.org>\nDelivered-To: alice\n" + MESSAGE
         assert (0, b"") == (result.returncode, result.stderr)
-        assert [stored] == [path.read_bytes() for path in files]
-        assert files[0].name.endswith(",S=123,W=130")
+        data = files[0].read_bytes()
+        received, rest = split_received(data)
+        assert [stored] == [rest]
+        assert re.fullmatch(
+            rb"Received: by \S+ \(pobox\) with local id [0-9a-f]{16}\n\tfor <alice>; [^\n]+\n",
+            received,
+        ), received
+        wire = len(data) + data.count(b"\n")  # every LF is CRLF on the wire
+        assert files[0].name.endswith(f",S={len(data)},W={wire}")
 
     def test_unknown_user(self, tmp_path: Path) -> None:
         """An unknown user exits 67 (EX_NOUSER)."""
@@ -111,7 +118,7 @@ class TestExitCodes:
         files = _files(tmp_path / "mail" / "alice")
         assert 0 == result.returncode
         assert [b"Return-Path: <s@example.org>\nDelivered-To: alice\n" + MESSAGE] == [
-            path.read_bytes() for path in files
+            split_received(path.read_bytes())[1] for path in files
         ]
 
 
@@ -244,7 +251,8 @@ class TestCrashSafety:
             assert match is not None, data[:200]
             number = int(match.group(1))
             expected = b"Return-Path: <>\nDelivered-To: alice\n" + _crash_message(number)
-            assert (expected, len(expected)) == (data, len(data))
+            rest = split_received(data)[1]
+            assert (expected, len(expected)) == (rest, len(rest))
             stored.append(number)
         assert len(stored) == len(set(stored))
         assert acknowledged <= set(stored)

@@ -14,6 +14,7 @@ from tests.delivery.helpers import (
     reply,
     retrieve_all,
     running_pobox,
+    split_received,
     start_data,
 )
 from tests.integration.wire import Wire
@@ -73,7 +74,7 @@ class TestDataIntoSpool:
         assert b"250 2.0.0 Ok: delivered\r\n" == done
         assert [] == after
         assert [b"Subject: big\r\n\r\n" + LARGE] == [
-            message.split(b"\r\n", 2)[2] for message in messages
+            split_received(message)[1].split(b"\r\n", 2)[2] for message in messages
         ]
         assert [] == list(spool.iterdir())
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pobox.auth.passwdfile import add_user
 from pobox.testing import deliver_to_maildir
+from tests.delivery.helpers import split_received
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 
 #: How long pobox may take to start (a deadline for the start-up, not a timed assertion).
@@ -188,7 +189,7 @@ class TestServeStartsLmtp:
         files = list((tmp_path / "mail" / "alice" / "new").iterdir())
         assert {} == refused
         assert [b"Return-Path: <s@example.org>\nDelivered-To: alice\nSubject: hi\n\nhi\n"] == [
-            path.read_bytes() for path in files
+            split_received(path.read_bytes())[1] for path in files
         ]
         assert 0 == process.returncode
         assert not socket_path.exists()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import smtplib
 import subprocess
 from pathlib import Path
 
-from tests.delivery.helpers import retrieve_all, running_pobox
+from tests.delivery.helpers import retrieve_all, running_pobox, split_received
 
 MESSAGE = (
     b"From: sender@example.org\r\n"
@@ -66,9 +67,16 @@ class TestSmtpDelivery:
                 retrieve_all, pobox.pop3.host, pobox.pop3.port, "alice"
             )
         assert 0 == result.returncode, result.stdout.decode(errors="replace")
+        received, rest = split_received(messages[0])
         assert [
             b"Return-Path: <sender@example.org>\r\nDelivered-To: alice@mx.pobox.test\r\n" + MESSAGE
-        ] == messages
+        ] == [rest]
+        assert re.match(
+            rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+            rb"\tby mx\.pobox\.test \(pobox\) with ESMTP id [0-9a-f]{16}\r\n"
+            rb"\tfor <alice@mx\.pobox\.test>; ",
+            received,
+        ), received
 
     async def test_smtplib_delivers_to_a_local_domain(self, tmp_path: Path) -> None:
         """A message for user@<local_domains> reaches the user."""

@@ -71,13 +71,12 @@ class TestLogrotate:
             await fail_login(proc, b"before")
             await proc.wait_log(r"user=<before>")
             config = LOGROTATE.read_text()
-            assert "/var/log/pobox.log {" in config
-            assert "systemctl kill --signal=USR1 pobox.service" in config
+            assert "/var/log/pobox/pobox.log {" in config
+            signal_line = "systemctl kill --kill-whom=main --signal=USR1 pobox.service"
+            assert signal_line in config
             # The same file, for this log and this process (the test has no systemd unit).
-            config = config.replace("/var/log/pobox.log", str(proc.log))
-            config = config.replace(
-                "systemctl kill --signal=USR1 pobox.service", f"kill -USR1 {proc.proc.pid}"
-            )
+            config = config.replace("/var/log/pobox/pobox.log", str(proc.log))
+            config = config.replace(signal_line, f"kill -USR1 {proc.proc.pid}")
             (tmp_path / "pobox.logrotate").write_text(config)
             result = await asyncio.to_thread(
                 subprocess.run,

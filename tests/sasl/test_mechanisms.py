@@ -62,6 +62,17 @@ class TestPlain:
         """An authzid equal to the user is accepted."""
         assert CheckPassword("tim", b"pw") == Plain().start(b"tim\0tim\0pw")
 
+    def test_authzid_same_user_after_name_format(self):
+        """An authzid that the shell's name format makes the user's is the user's."""
+        plain = new_mechanism(
+            "PLAIN", nonce="n", challenge=b"<c>", external_identity=None, name_format=str.lower
+        )
+        assert CheckPassword("tim", b"pw") == plain.start(b"TIM\0tim\0pw")
+
+    def test_authzid_case_matters_without_name_format(self):
+        """Without a name format (``%u``), TIM is not tim."""
+        assert isinstance(Plain().start(b"TIM\0tim\0pw"), Failed)
+
     def test_other_authzid(self):
         """Acting as another user is refused."""
         assert Failed("tim", "authorization identity 'root' is not the user's") == Plain().start(

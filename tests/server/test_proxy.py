@@ -25,7 +25,7 @@ from pobox.errors import ConfigError
 from pobox.proxy import ProxyHeaderParser
 from pobox.server._proxy import Origin, ProxiedTransport, ProxyPolicy
 from pobox.testing import RunningServer, running_server
-from tests.delivery.helpers import running_pobox
+from tests.delivery.helpers import maildir_files, running_pobox
 from tests.integration.wire import Wire
 from tests.proxy import build
 from tests.tls.helpers import Pki
@@ -514,6 +514,10 @@ class TestLmtp:
             wire = await connect(*srv.lmtp, HAPROXY, header)
 
             assert [b"220", b"250", b"250", b"250", b"354", b"250"] == await self.deliver(wire)
+        # The Received header names the client of the PROXY header, never HAProxy.
+        [stored] = [path.read_bytes() for path in maildir_files(tmp_path)]
+        assert stored.startswith(b"Return-Path: <a@example.org>\nDelivered-To: alice\n")
+        assert f"Received: from mx ([{CLIENT}])\n".encode() in stored
         connected = f"lmtp: haproxy: Client connected: PROXY v{version}: rip={CLIENT}, rport=50123"
         assert 1 == len(logged(caplog, connected))
         assert [f"Peer: ('{CLIENT}', 50123)"] == logged(caplog, "Peer: ")

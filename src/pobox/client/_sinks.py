@@ -27,7 +27,9 @@ import fcntl
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from email.parser import BytesHeaderParser
@@ -297,6 +299,10 @@ class MdaSink:
         if not self.argv:
             msg = "the MDA command is empty"
             raise ValueError(msg)
+        if self.argv[0] == "pobox" and shutil.which("pobox") is None:
+            # ``--mda 'pobox deliver -u alice'`` from a pobox that is not on PATH (run from
+            # its virtualenv, or by cron with a short PATH): this very pobox delivers.
+            self.argv[:1] = [sys.executable, "-m", "pobox"]
 
     def describe(self) -> str:
         """Name the destination for messages."""

@@ -11,19 +11,22 @@ exits with.
 Delivery never takes the POP3 session lock, so it never waits for a POP3 session.
 
 May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage`, :mod:`pobox.records`,
-:mod:`pobox._logevents` and :mod:`pobox.config`.
+:mod:`pobox._logevents`, :mod:`pobox.names` and :mod:`pobox.config`.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import socket
 from dataclasses import dataclass
+from email.utils import formatdate
 
 from pobox import _logevents as events
 from pobox.auth.base import Authenticator, AuthError, User
 from pobox.config import Config
+from pobox.names import DEFAULT_FORMAT, UsernameFormat, parse_format
 from pobox.records import Quota, parse_size
 from pobox.storage.base import (
     IncomingMessage,
@@ -37,9 +40,11 @@ from pobox.storage.spool import Spool
 __all__ = [
     "DeliveryAgent",
     "Outcome",
+    "Received",
     "Recipient",
     "build_agent",
     "parse_size",
+    "received_header",
     "trace_headers",
 ]
 
@@ -84,6 +89,81 @@ class Recipient:
     user: User
 
 
+@dataclass(frozen=True, slots=True)
+class Received:
+    """Where a message came from: what its ``Received:`` header says (RFC 5321 §4.4).
+
+    ``protocol`` is the RFC 3848 ``with`` keyword: ``LMTP``, ``ESMTP``, ``ESMTPS``, ``SMTP``
+    (after HELO), or ``local`` for ``pobox deliver``. ``helo`` and ``address`` are what the
+    client said and where it connected from (the PROXY header's client behind HAProxy);
+    ``None`` for a local delivery or a Unix socket.
+    """
+
+    protocol: str
+    helo: str | None = None
+    address: str | None = None
+    #: Recipients of the transaction: ``for <rcpt>`` is written only when there is one, so a
+    #: copy never names the other (perhaps blind) recipients.
+    recipients: int = 1
+    #: The transaction's id in the header and the log; a fresh one if empty.
+    id: str = ""
+
+
+#: Octets of a client-supplied name kept in a Received header (a domain is at most 255).
+_MAX_HEADER_NAME = 255
+
+
+def _header_safe(text: str, allowed: frozenset[str]) -> str:
+    """Return ``text`` with every character outside ``allowed`` (and past 255) as ``?``.
+
+    What a client sends ends up inside a header line: a CR, LF or other control byte would
+    start a header of its own, a parenthesis or ``;`` would change what the line says.
+    """
+    return "".join(c if c in allowed else "?" for c in text[:_MAX_HEADER_NAME])
+
+
+#: RFC 5321 §4.1.2 Domain and address literals: letters, digits, ``-``, ``.``, ``[``, ``]``,
+#: ``:`` (IPv6); ``_`` is common in the wild.
+_HELO_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._[]:")
+
+
+def _address_safe(address: str) -> str:
+    """Return an envelope address fit for ``for <...>``: printable, no ``<>;()`` or controls."""
+    return "".join(
+        "?" if (not c.isprintable() or c in "<>;()\\") else c for c in address[:_MAX_HEADER_NAME]
+    )
+
+
+def received_header(
+    received: Received, hostname: str, recipient: str, *, date: str | None = None
+) -> str:
+    """Return the ``Received:`` header (folded, LF line ends) for one recipient's copy.
+
+    ``from HELO ([IP]) by hostname (pobox) with PROTO id ID for <rcpt>; date``: no reverse
+    DNS lookup is made (it would cost a query per connection and proves nothing), so the
+    comment holds the address only. Everything the client chose is sanitised.
+    """
+    lines = []
+    first = "Received:"
+    if received.helo is not None or received.address is not None:
+        helo = _header_safe(received.helo or "", _HELO_CHARS) or "unknown"
+        address = _header_safe(received.address or "", _HELO_CHARS)
+        first += f" from {helo}" + (f" ([{address}])" if address else "")
+        lines.append(first)
+        first = ""
+    ident = _header_safe(received.id, _HELO_CHARS) if received.id else os.urandom(8).hex()
+    by = f"by {_header_safe(hostname, _HELO_CHARS)} (pobox) with {received.protocol} id {ident}"
+    if first:
+        by = f"{first} {by}"
+    lines.append(by)
+    stamp = date or formatdate(localtime=True)
+    if received.recipients == 1 and recipient:
+        lines.append(f"for <{_address_safe(recipient)}>; {stamp}")
+    else:
+        lines[-1] += f"; {stamp}"
+    return "\n\t".join(lines) + "\n"
+
+
 class DeliveryAgent:
     """Resolves recipients and stores messages in their maildirs."""
 
@@ -94,6 +174,8 @@ class DeliveryAgent:
         *,
         quota: Quota | None = None,
         local_domains: tuple[str, ...] = (),
+        username_format: UsernameFormat | None = None,
+        hostname: str = "",
     ) -> None:
         """Create an agent.
 
@@ -103,11 +185,16 @@ class DeliveryAgent:
             quota: the default quota, for users whose record sets none (none by default).
             local_domains: domains whose local part names a user (``alice@<domain>`` is the
                 user ``alice`` when no user ``alice@<domain>`` exists).
+            username_format: ``auth_username_format``, applied to every name looked up
+                (Dovecot's ``%Lu`` by default: ``ALICE@dom`` is ``alice@dom``).
+            hostname: this host's name in ``Received:`` headers (default: the system's).
         """
         self._authenticator = authenticator
         self._store = store
         self._quota = quota or Quota()
         self._local_domains = frozenset(domain.lower() for domain in local_domains)
+        self._format = username_format or parse_format(DEFAULT_FORMAT)
+        self._hostname = hostname or socket.gethostname()
 
     async def resolve(self, address: str, *, any_domain: bool) -> Recipient | Outcome:
         """Find the user an envelope address delivers to.
@@ -122,10 +209,10 @@ class DeliveryAgent:
         local, at, domain = address.rpartition("@")
         if not at:
             local, domain = address, ""
-        candidates = [address]
+        candidates = [self._format(address)]
         is_local = not domain or any_domain or domain.lower() in self._local_domains
         if domain and is_local and local:
-            candidates.append(local)
+            candidates.append(self._format(local))
         try:
             for candidate in candidates:
                 user = await self._authenticator.lookup(candidate)
@@ -155,13 +242,21 @@ class DeliveryAgent:
             return Outcome.OVER_QUOTA
         return None
 
-    async def deliver(self, recipient: Recipient, sender: str, body: Spool) -> Outcome:
+    async def deliver(
+        self, recipient: Recipient, sender: str, body: Spool, received: Received | None = None
+    ) -> Outcome:
         """Store ``body`` for ``recipient`` with trace headers; return how it went.
 
-        The message is durable (fsynced, committed) when this returns
-        :attr:`Outcome.DELIVERED`.
+        ``received`` says where the message came from, for its ``Received:`` header (none:
+        no such header). The message is durable (fsynced, committed) when this returns
+        :attr:`Outcome.DELIVERED`. Only the recipient's own header lines differ between the
+        copies of one transaction: a store that keeps bodies once still does.
         """
-        message = IncomingMessage(trace_headers(sender, recipient.address), body)
+        headers = trace_headers(sender, recipient.address)
+        if received is not None:
+            line = received_header(received, self._hostname, recipient.address)
+            headers += line.encode("utf-8", "surrogateescape")
+        message = IncomingMessage(headers, body)
         try:
             quota = recipient.user.quota(self._quota)
             key = await self._store.deliver(recipient.user, message, quota=quota)
@@ -201,10 +296,13 @@ def build_agent(
     config: Config, authenticator: Authenticator, store: MaildropStore
 ) -> DeliveryAgent:
     """Build the delivery agent a configuration describes, on the backends given."""
-    local_domains = (*config.local_domains, config.hostname or socket.gethostname(), "localhost")
+    hostname = config.hostname or socket.gethostname()
+    local_domains = (*config.local_domains, hostname, "localhost")
     return DeliveryAgent(
         authenticator,
         store,
         quota=Quota(max_bytes=config.quota_bytes, max_messages=config.quota_messages),
         local_domains=local_domains,
+        username_format=parse_format(config.auth_username_format),
+        hostname=hostname,
     )

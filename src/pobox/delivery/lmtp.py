@@ -14,14 +14,15 @@ May import: the standard library, aiosmtpd and :mod:`pobox.delivery`.
 from __future__ import annotations
 
 import asyncio
+import os
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from pobox.delivery._agent import DeliveryAgent, Outcome
+from pobox.delivery._agent import DeliveryAgent, Outcome, Received
 from pobox.delivery._protocol import DeliveryProtocol
 from pobox.storage.spool import Spool
 
-__all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpProtocol"]
+__all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpProtocol", "received_from"]
 
 #: Recipients per transaction, like Postfix's ``lmtp_destination_recipient_limit`` default
 #: (50) with room to spare; more get ``452 4.5.3`` (RFC 5321 §4.5.3.1.8) and come again.
@@ -81,14 +82,37 @@ class LmtpHandler:
     ) -> str:
         """Deliver ``body`` to every recipient; return one reply per recipient, CRLF-joined."""
         sender = envelope.mail_from or ""
+        received = received_from(session, "LMTP", len(envelope.rcpt_tos))
         outcomes = await asyncio.gather(
-            *(self._deliver(address, sender, body) for address in envelope.rcpt_tos)
+            *(self._deliver(address, sender, body, received) for address in envelope.rcpt_tos)
         )
         return "\r\n".join(outcome.reply for outcome in outcomes)
 
-    async def _deliver(self, address: str, sender: str, body: Spool) -> Outcome:
+    async def _deliver(self, address: str, sender: str, body: Spool, received: Received) -> Outcome:
         """Resolve ``address`` again (the user may be gone since RCPT) and deliver."""
         resolved = await self._agent.resolve(address, any_domain=True)
         if isinstance(resolved, Outcome):
             return resolved
-        return await self._agent.deliver(resolved, sender, body)
+        return await self._agent.deliver(resolved, sender, body, received)
+
+
+def received_from(session: Session, protocol: str, recipients: int) -> Received:
+    """Describe where a transaction's message came from, for its ``Received:`` header.
+
+    ``protocol`` is ``LMTP`` or ``ESMTP``; ``SMTP`` after HELO and an ``S`` over TLS are
+    added here (RFC 3848). The peer is the PROXY header's client behind HAProxy (the
+    listener hands aiosmtpd that address); a Unix socket has none.
+    """
+    if protocol == "ESMTP" and not session.extended_smtp:
+        protocol = "SMTP"
+    if session.ssl is not None:
+        protocol += "S"
+    peer = session.peer
+    address = str(peer[0]) if isinstance(peer, tuple) and peer else None
+    return Received(
+        protocol=protocol,
+        helo=session.host_name,
+        address=address,
+        recipients=recipients,
+        id=os.urandom(8).hex(),
+    )

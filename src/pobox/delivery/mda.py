@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-from pobox.delivery._agent import EX_DATAERR, DeliveryAgent, Outcome
+from pobox.delivery._agent import EX_DATAERR, DeliveryAgent, Outcome, Received
 from pobox.storage.spool import Spool
 
 __all__ = ["deliver_stdin", "read_message"]
@@ -86,5 +86,7 @@ async def deliver_stdin(
         resolved = await agent.resolve(user, any_domain=True)
         if isinstance(resolved, Outcome):
             return resolved.exit_code, f"{user}: {resolved.reply}"
-        outcome = await agent.deliver(resolved, sender or _NULL_SENDER, body)
+        outcome = await agent.deliver(
+            resolved, sender or _NULL_SENDER, body, Received(protocol="local")
+        )
     return outcome.exit_code, f"{user}: {outcome.reply}"

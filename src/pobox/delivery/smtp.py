@@ -18,7 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from pobox.delivery._agent import DeliveryAgent, Outcome
 from pobox.delivery._protocol import DeliveryProtocol
-from pobox.delivery.lmtp import MAX_RECIPIENTS
+from pobox.delivery.lmtp import MAX_RECIPIENTS, received_from
 from pobox.storage.spool import Spool
 
 __all__ = ["SmtpHandler", "SmtpProtocol"]
@@ -64,13 +64,14 @@ class SmtpHandler:
     ) -> str:
         """Deliver ``body`` to every recipient; answer with one reply for all (module doc)."""
         sender = envelope.mail_from or ""
+        received = received_from(session, "ESMTP", len(envelope.rcpt_tos))
         outcomes: list[Outcome] = []
         for address in envelope.rcpt_tos:
             resolved = await self._agent.resolve(address, any_domain=False)
             if isinstance(resolved, Outcome):
                 outcomes.append(resolved)
             else:
-                outcomes.append(await self._agent.deliver(resolved, sender, body))
+                outcomes.append(await self._agent.deliver(resolved, sender, body, received))
         failures = [outcome for outcome in outcomes if outcome is not Outcome.DELIVERED]
         if not failures:
             return "250 2.0.0 Ok: delivered"

@@ -31,6 +31,7 @@ import hmac
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
@@ -228,6 +229,13 @@ class Mechanism:
     plaintext: ClassVar[bool] = False
     #: The user the client has named so far in this exchange, if any.
     _user: str | None = None
+    #: How the shell turns a name into its user database's (``auth_username_format``): an
+    #: authorization identity is the user's when both come out the same.
+    name_format: Callable[[str], str] = str
+
+    def _same_user(self, authzid: str, authcid: str) -> bool:
+        """Whether ``authzid`` names the user ``authcid`` (after the shell's name format)."""
+        return self.name_format(authzid) == self.name_format(authcid)
 
     @property
     def authcid(self) -> str | None:
@@ -265,7 +273,7 @@ class Plain(Mechanism):
         user, zid = _utf8(authcid), _utf8(authzid)
         if not user or zid is None or not password:
             return Failed(None, "malformed PLAIN message")
-        if zid and zid != user:
+        if zid and not self._same_user(zid, user):
             return Failed(user, f"authorization identity {zid!r} is not the user's")
         return CheckPassword(user, password)
 
@@ -402,7 +410,7 @@ class Scram(Mechanism):
             return Failed(None, "malformed SCRAM client-first")
         if authzid:
             zid = _scram_name(authzid[2:]) if authzid.startswith("a=") else None
-            if zid != user:
+            if zid is None or not self._same_user(zid, user):
                 return Failed(user, "SCRAM authorization identity is not the user's")
         self._user = user
         self._gs2 = f"{cbind},{authzid},".encode()
@@ -476,7 +484,7 @@ class External(Mechanism):
     def step(self, response: bytes) -> Step:
         assert self.identity is not None
         authzid = _utf8(response)
-        if authzid is None or (authzid and authzid != self.identity):
+        if authzid is None or (authzid and not self._same_user(authzid, self.identity)):
             return Failed(self.identity, "authorization identity is not the certificate's")
         return Verified(self.identity)
 
@@ -588,7 +596,12 @@ PLAINTEXT_MECHANISMS: Final = frozenset({"PLAIN", "LOGIN"})
 
 
 def new_mechanism(
-    name: str, *, nonce: str, challenge: bytes, external_identity: str | None
+    name: str,
+    *,
+    nonce: str,
+    challenge: bytes,
+    external_identity: str | None,
+    name_format: Callable[[str], str] = str,
 ) -> Mechanism:
     """Return a fresh mechanism called ``name`` (upper case).
 
@@ -596,10 +609,22 @@ def new_mechanism(
         nonce: the SCRAM server nonce (printable ASCII without ``,``).
         challenge: the CRAM-MD5 challenge, ``<unique@host>``.
         external_identity: the verified TLS client identity, for EXTERNAL.
+        name_format: the shell's ``auth_username_format``, for comparing an authorization
+            identity with the user (``Alice`` is ``alice`` with Dovecot's ``%Lu``).
 
     Raises:
         ValueError: ``name`` is not in :data:`ALL_MECHANISMS`.
     """
+    mechanism = _new_mechanism(
+        name, nonce=nonce, challenge=challenge, external_identity=external_identity
+    )
+    mechanism.name_format = name_format
+    return mechanism
+
+
+def _new_mechanism(
+    name: str, *, nonce: str, challenge: bytes, external_identity: str | None
+) -> Mechanism:
     if name == "PLAIN":
         return Plain()
     if name == "LOGIN":

@@ -160,6 +160,8 @@ class ServerConnection:
         sasl_nonce: return a fresh random token (printable ASCII, no ``,``) for the SCRAM
             server nonce and the CRAM-MD5 challenge; injectable so tests replay RFC vectors.
         hostname: the host name in the CRAM-MD5 challenge.
+        username_format: the shell's ``auth_username_format``: a SASL authorization identity
+            names the user when both come out of it the same (``Alice`` and ``alice``).
 
     Raises:
         ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
@@ -180,6 +182,7 @@ class ServerConnection:
         apop_timestamp: str | None = None,
         sasl_nonce: Callable[[], str] | None = None,
         hostname: str = "localhost",
+        username_format: Callable[[str], str] = str,
     ) -> None:
         if apop_timestamp is not None:
             greeting = f"{greeting} {apop_timestamp}"
@@ -213,6 +216,7 @@ class ServerConnection:
         self.external_identity: str | None = None
         self._apop_timestamp = apop_timestamp
         self._sasl_nonce = sasl_nonce or _random_nonce
+        self._username_format = username_format
         self._hostname = hostname
         self._sasl: Mechanism | None = None
         self._sasl_rejection: LoginRejected | None = None
@@ -512,6 +516,7 @@ class ServerConnection:
             nonce=nonce,
             challenge=f"<{nonce}@{self._hostname}>".encode(),
             external_identity=self.external_identity,
+            name_format=self._username_format,
         )
         self._sasl = mechanism
         self._transition(Trigger.AUTH)

@@ -18,7 +18,7 @@ within ``mail_max_userip_connections`` and ``mail_max_user_connections`` (over t
 the registry to.
 
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
-:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.log`,
+:mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.names`, :mod:`pobox.log`,
 :mod:`pobox._logevents`, :mod:`pobox.tls`, :mod:`pobox.server._connection`.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import itertools
 import logging
@@ -41,6 +42,7 @@ from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
 from pobox.config import Config
 from pobox.log import SessionLog
+from pobox.names import parse_format
 from pobox.protocol import (
     AuthenticateUser,
     CommitDeletions,
@@ -168,6 +170,10 @@ def _may_log_in(user: User | None) -> User | None:
     return user
 
 
+#: The parsed ``auth_username_format`` (checked when the configuration was read).
+_username_format = functools.lru_cache(maxsize=8)(parse_format)
+
+
 #: What :meth:`Session._verify` returns when it has already answered the core itself.
 _ANSWERED: Final = object()
 
@@ -239,6 +245,7 @@ class Session:
             ],
             apop_timestamp=apop_timestamp() if cfg.apop else None,
             hostname=_hostname(),
+            username_format=_username_format(cfg.auth_username_format),
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
@@ -294,6 +301,11 @@ class Session:
         """Answer a login step: check, fetch, or open the maildrop (USER/PASS, APOP, AUTH)."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
+        if event.username is not None:
+            # auth_username_format first: the throttle, the registry, the logs and the user
+            # database all see the one name (``Alice`` is ``alice`` with Dovecot's %Lu).
+            name_format = _username_format(self.ctx.config.auth_username_format)
+            event = dataclasses.replace(event, username=name_format(event.username))
         throttle = self.ctx.throttle
         failures = 0
         if throttle is not None:

@@ -169,6 +169,10 @@ def bind_listeners(config: Config) -> Listeners:
                 wanted.append((kind, text, parse_listen(text, key=f"{kind}_listen")))
     try:
         for kind, text, where in wanted:
+            passed = _inherit.take(_inherit.key(kind, text))
+            if passed is not None:  # systemd's socket activation: bound (and removed) by it
+                out.sockets[_inherit.key(kind, text)] = passed
+                continue
             with binding(_KEY_OF_KIND[kind], text):
                 if isinstance(where, Path):
                     out.sockets[_inherit.key(kind, text)] = [_unix_listener(where)]
