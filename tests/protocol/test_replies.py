@@ -128,6 +128,8 @@ class TestMessageEncoder:
             ((b"\n" + b"a" * 2000 + b"\r\r",), b"\r\n" + b"a" * 2000 + b"\r\r\r\n.\r\n"),
             ((b".\r\n.\r\n",), b"..\r\n..\r\n.\r\n"),
             ((b".\r.\n",), b"..\r.\r\n.\r\n"),
+            (((b"." + b"a" * 38 + b"\r\n") * 40,), (b".." + b"a" * 38 + b"\r\n") * 40 + b".\r\n"),
+            ((b"ab\r\n.c\r\n" * 100,), b"ab\r\n..c\r\n" * 100 + b".\r\n"),
         ],
         ids=[
             "dot-first",
@@ -140,6 +142,8 @@ class TestMessageEncoder:
             "bare-lf-first-cr-last",
             "dense-dots",
             "dense-dots-bare-lf",
+            "dense-dots-found-late",
+            "short-lines",
         ],
     )
     def test_encode_crlf(self, chunks, expected):
