@@ -692,6 +692,18 @@ class TestLargeReads:
         assert [CHUNK_SIZE, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE] == offsets
         await maildrop.close()
 
+    async def test_no_inline_reads_no_cached_reads(
+        self, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With ``inline_read_max`` 0 no chunk is read in the event loop, cached or not."""
+        deliver(maildir, self.BIG)
+        store = MaildirStore(f"maildir:{maildir.parent}/%n", inline_read_max=0)
+        maildrop = await store.open(ALICE)
+        offsets = self._count_threaded_reads(monkeypatch)
+        assert self.BIG == await read_all(maildrop, maildrop.messages[0].key)
+        assert [CHUNK_SIZE, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE] == offsets
+        await maildrop.close()
+
     async def test_evicted_file_is_read_whole(self, maildir: Path) -> None:
         """A file dropped from the page cache (``EAGAIN`` from the cache) is read all the same."""
         path = maildir / "new" / deliver(maildir, self.BIG)

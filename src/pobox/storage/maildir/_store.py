@@ -14,7 +14,8 @@ loop's own thread; anything else, or any doubt, goes to a worker thread. A messa
 turns out larger than its snapshot said (a name lying about its size, a file changed since)
 is read in a worker thread too, in chunks, never whole. After its first chunk, a large
 message is read in the event loop's thread as far as the page cache holds it
-(``RWF_NOWAIT``: never a wait for the disk), a worker thread reading only what is not cached.
+(``RWF_NOWAIT``: never a wait for the disk), a worker thread reading only what is not cached;
+with ``inline_read_max`` 0, all of it in a worker thread.
 
 No worker thread ever waits for a lock: the index lock is tried once in the thread
 (``lock_timeout=0`` of the core), and while another process holds it the store waits in the
@@ -308,9 +309,10 @@ class MaildirMaildrop:
                 yield chunk
             left -= len(chunk)
             offset = len(chunk)
+            in_loop = self._inline_read_max > 0  # 0: no reads in the event loop at all
             while fd >= 0 and left > 0:
                 want = min(CHUNK_SIZE, left)
-                cached = _read_cached(fd, want, offset, key)
+                cached = _read_cached(fd, want, offset, key) if in_loop else None
                 if cached is None:
                     cached = await asyncio.to_thread(_pread, fd, want, offset, key)
                 else:
