@@ -482,7 +482,9 @@ class Config:
     mail_inline_read_max: int = key(
         128 * 1024,
         "Messages up to this many octets are read in the event loop instead of a worker "
-        "thread (faster on local disks); `0` for slow network storage.",
+        "thread (faster on local disks); larger ones too, chunk by chunk, while the page "
+        "cache holds them (`RWF_NOWAIT`). `0`: every read in a worker thread, for slow "
+        "network storage.",
         minimum=0,
         section="POP3 service",
     )

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -97,6 +98,70 @@ class TestMessageEncoder:
     def test_encode_matches_the_rfc_rule(self, chunks):
         """However the message is cut into chunks, the output is CRLF-normalized and stuffed."""
         whole = b"".join(chunks)
+        normalized = whole.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if normalized and not normalized.endswith(b"\r\n"):
+            normalized += b"\r\n"
+        expected = re.sub(rb"(?m)^\.", b"..", normalized.replace(b"\r\n", b"\n")).replace(
+            b"\n", b"\r\n"
+        )
+        assert expected + b".\r\n" == encode(*chunks)
+
+    @pytest.mark.parametrize(
+        ("chunks", "expected"),
+        [
+            ((b"." + b"a" * 2000 + b"\r\n.b\r\n",), b".." + b"a" * 2000 + b"\r\n..b\r\n.\r\n"),
+            ((b"a" * 2000 + b"\r\n",), b"a" * 2000 + b"\r\n.\r\n"),
+            (
+                (b"a" * 2000, b"." + b"a" * 2000 + b"\r\n"),
+                b"a" * 2000 + b"." + b"a" * 2000 + b"\r\n.\r\n",
+            ),
+            (
+                (b"a" * 2000 + b"\r", b"\n." + b"a" * 2000 + b"\r\n"),
+                b"a" * 2000 + b"\r\n.." + b"a" * 2000 + b"\r\n.\r\n",
+            ),
+            (
+                (b"a" * 2000 + b"\r\n", b"\nb" + b"a" * 2000 + b"\r\n"),
+                b"a" * 2000 + b"\r\n\r\nb" + b"a" * 2000 + b"\r\n.\r\n",
+            ),
+            ((b"a" * 2000 + b"\nb\r\n.c\r\n",), b"a" * 2000 + b"\r\nb\r\n..c\r\n.\r\n"),
+            ((b"a" * 2000 + b"\n.b\r\n",), b"a" * 2000 + b"\r\n..b\r\n.\r\n"),
+            ((b"\n" + b"a" * 2000 + b"\r\r",), b"\r\n" + b"a" * 2000 + b"\r\r\r\n.\r\n"),
+            ((b".\r\n.\r\n",), b"..\r\n..\r\n.\r\n"),
+            ((b".\r.\n",), b"..\r.\r\n.\r\n"),
+            (((b"." + b"a" * 38 + b"\r\n") * 40,), (b".." + b"a" * 38 + b"\r\n") * 40 + b".\r\n"),
+            ((b"ab\r\n.c\r\n" * 100,), b"ab\r\n..c\r\n" * 100 + b".\r\n"),
+        ],
+        ids=[
+            "dot-first",
+            "no-dot",
+            "dot-first-mid-line",
+            "crlf-split-before-dot",
+            "bare-lf-first",
+            "bare-lf",
+            "bare-lf-before-dot",
+            "bare-lf-first-cr-last",
+            "dense-dots",
+            "dense-dots-bare-lf",
+            "dense-dots-found-late",
+            "short-lines",
+        ],
+    )
+    def test_encode_crlf(self, chunks, expected):
+        """CRLF mail: dots found and stuffed in one search; a bare LF still becomes CRLF."""
+        assert expected == encode(*chunks)
+
+    @given(
+        lines=st.lists(
+            st.sampled_from([b"", b".", b"..", b"a", b".a", b"a" * 700, b"\r", b"x\ny"]),
+            max_size=40,
+        ),
+        cut_at=st.lists(st.integers(min_value=0, max_value=4000), max_size=8),
+    )
+    def test_crlf_mail_matches_the_rfc_rule(self, lines, cut_at):
+        """CRLF mail cut anywhere (inside a CRLF, before a dot) is stuffed as RFC 1939 says."""
+        whole = b"\r\n".join(lines)
+        cuts = sorted({0, len(whole), *(c for c in cut_at if c < len(whole))})
+        chunks = [whole[a:b] for a, b in itertools.pairwise(cuts)]
         normalized = whole.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if normalized and not normalized.endswith(b"\r\n"):
             normalized += b"\r\n"

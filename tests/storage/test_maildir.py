@@ -648,6 +648,93 @@ def unlink_forbidden(directory: Path) -> Iterator[None]:
             directory.chmod(0o700)
 
 
+class TestLargeReads:
+    """A message over one chunk: chunks in the page cache are read without a worker thread."""
+
+    #: Four chunks: the first read with the open (in a worker thread), three after it.
+    BIG = bytes(range(256)) * (CHUNK_SIZE // 256) * 3 + b"Subject: big\n\n" + b"x" * 1000
+
+    @staticmethod
+    def _count_threaded_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+        """Have each read in a worker thread after the first chunk recorded; return the record."""
+        offsets: list[int] = []
+        real = store_module._pread
+
+        def counted(fd: int, size: int, offset: int, key: str) -> bytes:
+            offsets.append(offset)
+            return real(fd, size, offset, key)
+
+        monkeypatch.setattr(store_module, "_pread", counted)
+        return offsets
+
+    async def test_cached_chunks_read_in_the_event_loop(
+        self, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A message just delivered (in the page cache) needs no worker thread after its open."""
+        deliver(maildir, self.BIG)
+        store = MaildirStore(f"maildir:{maildir.parent}/%n")
+        maildrop = await store.open(ALICE)
+        offsets = self._count_threaded_reads(monkeypatch)
+        assert self.BIG == await read_all(maildrop, maildrop.messages[0].key)
+        assert [] == offsets
+        await maildrop.close()
+
+    async def test_without_nowait_reads_go_to_a_thread(
+        self, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Where RWF_NOWAIT is missing, every chunk after the first is read in a worker thread."""
+        deliver(maildir, self.BIG)
+        store = MaildirStore(f"maildir:{maildir.parent}/%n")
+        maildrop = await store.open(ALICE)
+        offsets = self._count_threaded_reads(monkeypatch)
+        monkeypatch.setattr(store_module, "_NOWAIT", 0)
+        assert self.BIG == await read_all(maildrop, maildrop.messages[0].key)
+        assert [CHUNK_SIZE, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE] == offsets
+        await maildrop.close()
+
+    async def test_no_inline_reads_no_cached_reads(
+        self, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With ``inline_read_max`` 0 no chunk is read in the event loop, cached or not."""
+        deliver(maildir, self.BIG)
+        store = MaildirStore(f"maildir:{maildir.parent}/%n", inline_read_max=0)
+        maildrop = await store.open(ALICE)
+        offsets = self._count_threaded_reads(monkeypatch)
+        assert self.BIG == await read_all(maildrop, maildrop.messages[0].key)
+        assert [CHUNK_SIZE, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE] == offsets
+        await maildrop.close()
+
+    async def test_evicted_file_is_read_whole(self, maildir: Path) -> None:
+        """A file dropped from the page cache (``EAGAIN`` from the cache) is read all the same."""
+        path = maildir / "new" / deliver(maildir, self.BIG)
+        store = MaildirStore(f"maildir:{maildir.parent}/%n")
+        maildrop = await store.open(ALICE)
+        chunks = maildrop.read_message(maildrop.messages[0].key)
+        first = await anext(chunks)
+        # After the first chunk (whose read starts the kernel's read-ahead): written out,
+        # then dropped from the cache, so the next reads find nothing there.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert self.BIG == first + b"".join([chunk async for chunk in chunks])
+        await maildrop.close()
+
+    async def test_file_shrunk_after_open_ends_early(self, maildir: Path) -> None:
+        """A file cut short while it is read yields what is left, never more than announced."""
+        path = maildir / "new" / deliver(maildir, self.BIG)
+        store = MaildirStore(f"maildir:{maildir.parent}/%n")
+        maildrop = await store.open(ALICE)
+        chunks = maildrop.read_message(maildrop.messages[0].key)
+        first = await anext(chunks)
+        os.truncate(path, CHUNK_SIZE + 10)
+        rest = b"".join([chunk async for chunk in chunks])
+        assert self.BIG[: CHUNK_SIZE + 10] == first + rest
+        await maildrop.close()
+
+
 class TestStorageError:
     """OSError becomes SYS/TEMP or SYS/PERM, with the operation and the path in the message."""
 

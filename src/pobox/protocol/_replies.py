@@ -2,16 +2,20 @@
 
 Multi-line replies (RFC 1939 §3) end with ``CRLF.CRLF``; a line of the body that starts with
 "." gets one more "." in front ("byte-stuffing").  The :class:`MessageEncoder` turns stored
-message bytes into that wire form chunk by chunk, with bytes-level ``replace`` calls (C speed,
-no per-line Python work), carrying the little state a chunk boundary needs: a CR at the end
-of a chunk may be the first half of a CRLF, and a "." at the start of a chunk is at the start
-of a line when the previous chunk ended one.
+message bytes into that wire form chunk by chunk, with searches and ``replace`` calls that run
+in C (no per-line Python work), carrying the little state a chunk boundary needs: a CR at the
+end of a chunk may be the first half of a CRLF, and a "." at the start of a chunk is at the
+start of a line when the previous chunk ended one.  Mail stored with CRLF line ends is
+encoded in one pass per chunk: one compiled search finds both what may need a rewrite (a bare
+LF) and what needs stuffing (a "." after an LF), and the chunk is copied once, and only when
+a dot is stuffed.
 
 May import: the standard library only.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 __all__ = ["CRLF", "MessageEncoder", "TopFilter", "err", "ok"]
@@ -45,6 +49,20 @@ def err(text: str, resp_code: str | None = None) -> bytes:
 
 #: Below one dot per this many octets, dots are looked at one by one (see ``encode``).
 _SPARSE_DOTS = 128
+#: CRLF mail: after this many stuffed dots, dots denser than ``_SPARSE_DOTS`` end the one-pass
+#: search (see ``_encode_crlf``).
+_DENSE_AFTER = 32
+
+#: What a chunk of CRLF mail may need done: a dot after an LF (stuffed), or a bare LF (an LF
+#: not preceded by CR).  The pattern starts with a literal, so the regex engine skips to each
+#: LF in C; the look-behind then rejects the CRLFs.  On mail's lines this one search is about
+#: 2.5 times as fast as counting LFs and CRLFs; each LF costs a step of the engine, though,
+#: so lines much shorter than mail's take the counts (see ``encode``).
+_LF_DOT_OR_BARE_LF: Final = re.compile(rb"\n(?:\.|(?<!\r\n))")
+#: The first this many octets of a chunk are sampled for its line length.
+_SAMPLE = 4096
+#: ... and the one search is used when they hold at most this many LFs (lines of 32 octets).
+_SAMPLE_LFS = _SAMPLE // 32
 
 
 class MessageEncoder:
@@ -58,20 +76,21 @@ class MessageEncoder:
 
     def normalize(self, chunk: bytes) -> bytes:
         """Return ``chunk`` with every bare LF made CRLF (no stuffing)."""
+        chunk = self._hold_cr(chunk)
+        if b"\n" not in chunk:
+            return chunk
+        if b"\r" in chunk:
+            return _crlf(chunk)
+        return chunk.replace(b"\n", b"\r\n")  # the usual Maildir file: LF only, one pass
+
+    def _hold_cr(self, chunk: bytes) -> bytes:
+        """Put back the CR held from the last chunk; hold back this chunk's last CR."""
         if self._pending_cr:
             chunk = b"\r" + chunk
             self._pending_cr = False
         if chunk.endswith(b"\r"):
             chunk = chunk[:-1]
             self._pending_cr = True
-        if b"\n" in chunk:
-            if b"\r" in chunk:
-                # Mail stored with CRLF is usually wire-ready: two counts (no copies) say so,
-                # and only a chunk with a bare LF is rewritten (the rewrite leaves CRs alone).
-                if chunk.count(b"\n") != chunk.count(b"\r\n"):
-                    chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            else:  # the usual Maildir file: LF only, one pass instead of two
-                chunk = chunk.replace(b"\n", b"\r\n")
         return chunk
 
     def stuff(self, data: bytes) -> bytes:
@@ -112,10 +131,50 @@ class MessageEncoder:
         pieces.append(data[start:])
         return b"".join(pieces)
 
+    def _encode_crlf(self, chunk: bytes) -> bytes | None:
+        """Byte-stuff a chunk of CRLF mail in one pass; ``None`` on a bare LF or dense dots.
+
+        ``chunk`` is not empty and holds no CR of a CRLF split from its LF
+        (:meth:`_hold_cr`), so an LF first in it is a bare one.  Each match is a dot to stuff
+        or the end of the attempt: the caller then rewrites the chunk's line ends and stuffs
+        it; nothing of the encoder's state has changed by then.  Dots denser than one per
+        ``_SPARSE_DOTS`` octets end it too (a hostile file of lines of dots): the caller's two
+        C passes then beat a Python step per dot, and the work given up is bounded by what
+        was searched, at most the chunk.
+        """
+        pieces: list[bytes] = []
+        start = 0
+        if self._at_line_start and chunk[:1] == b".":
+            pieces.append(b".")
+        for stuffed, match in enumerate(_LF_DOT_OR_BARE_LF.finditer(chunk), 1):
+            lf = match.start()
+            if not lf or chunk[lf - 1] != 0x0D:  # a bare LF, with or without a dot after it
+                return None
+            if stuffed > _DENSE_AFTER and stuffed * _SPARSE_DOTS > lf:
+                return None
+            pieces.append(chunk[start : lf + 1])
+            start = lf + 1  # the dot is sent twice: once ending this piece, once starting the next
+            pieces.append(b".")
+        self._at_line_start = chunk.endswith(b"\n")  # never empty: see encode
+        if not pieces:
+            return chunk
+        pieces.append(chunk[start:])
+        return b"".join(pieces)
+
     def encode(self, chunk: bytes) -> bytes:
         """Return the wire form of the next chunk."""
         if self._pending_cr or b"\r" in chunk:
-            return self.stuff(self.normalize(chunk))
+            # Stored with CRLF (or with CRs at least): one search finds the dots to stuff
+            # and any bare LF; a bare LF, dots too dense or lines too short for that (a
+            # hostile file) take two C passes whose speed does not depend on the lines.
+            chunk = self._hold_cr(chunk)
+            if not chunk:
+                return chunk
+            if chunk.count(b"\n", 0, _SAMPLE) <= _SAMPLE_LFS:
+                data = self._encode_crlf(chunk)
+                if data is not None:
+                    return data
+            return self.stuff(_crlf(chunk))
         # The usual Maildir file, LF only: stuff first, then turn LF into CRLF in one pass.
         return self.stuff(chunk).replace(b"\n", b"\r\n")
 
@@ -131,6 +190,17 @@ class MessageEncoder:
         if not self._at_line_start:
             tail += CRLF
         return tail + b"." + CRLF
+
+
+def _crlf(chunk: bytes) -> bytes:
+    """Return ``chunk`` (with CRs in it) with every bare LF made CRLF.
+
+    Two counts (no copies) say whether it is wire-ready already, and only a chunk with a bare
+    LF is rewritten (the rewrite leaves the CRs alone).
+    """
+    if chunk.count(b"\n") == chunk.count(b"\r\n"):
+        return chunk
+    return chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 class TopFilter:

@@ -12,7 +12,10 @@ nothing changed). On a local disk those cost a few system calls, less than the h
 thread and back (most of a mail session's CPU in the benchmark), so they run in the event
 loop's own thread; anything else, or any doubt, goes to a worker thread. A message whose file
 turns out larger than its snapshot said (a name lying about its size, a file changed since)
-is read in a worker thread too, in chunks, never whole.
+is read in a worker thread too, in chunks, never whole. After its first chunk, a large
+message is read in the event loop's thread as far as the page cache holds it
+(``RWF_NOWAIT``: never a wait for the disk), a worker thread reading only what is not cached;
+with ``inline_read_max`` 0, all of it in a worker thread.
 
 No worker thread ever waits for a lock: the index lock is tried once in the thread
 (``lock_timeout=0`` of the core), and while another process holds it the store waits in the
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -58,6 +62,10 @@ __all__ = ["CHUNK_SIZE", "INLINE_READ_MAX", "MaildirGates", "MaildirMaildrop", "
 
 #: Messages up to this wire size are read in the event loop's thread (see the module doc).
 INLINE_READ_MAX = 128 * 1024
+
+#: ``preadv`` flag: return only what the page cache holds (0 where the platform lacks it:
+#: then every read after the first chunk goes to a worker thread).
+_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 _T = TypeVar("_T")
 
@@ -300,11 +308,23 @@ class MaildirMaildrop:
             if chunk:
                 yield chunk
             left -= len(chunk)
+            offset = len(chunk)
+            in_loop = self._inline_read_max > 0  # 0: no reads in the event loop at all
             while fd >= 0 and left > 0:
-                chunk = await asyncio.to_thread(_read, fd, min(CHUNK_SIZE, left), key)
+                want = min(CHUNK_SIZE, left)
+                cached = _read_cached(fd, want, offset, key) if in_loop else None
+                if cached is None:
+                    cached = await asyncio.to_thread(_pread, fd, want, offset, key)
+                else:
+                    # Other sessions get their turn between two chunks, as they do while a
+                    # worker thread reads: a huge message (a sparse file of the user's) and a
+                    # fast client must not keep the event loop to themselves.
+                    await asyncio.sleep(0)
+                chunk = cached
                 if not chunk:
                     break
                 left -= len(chunk)
+                offset += len(chunk)
                 yield chunk
         finally:
             if fd >= 0:
@@ -404,6 +424,45 @@ def _read(fd: int, size: int, key: str) -> bytes:
     """
     try:
         return read_upto(fd, size)
+    except OSError as exc:
+        raise storage_error(exc, "read message", key) from exc
+
+
+def _read_cached(fd: int, size: int, offset: int, key: str) -> bytes | None:
+    """Read what the page cache holds of ``size`` octets at ``offset``, in this thread.
+
+    ``RWF_NOWAIT`` (Linux 4.14) makes the read return what is cached and never wait for the
+    disk: a large message read again, or just delivered, costs no hop to a worker thread
+    and back per chunk (a fifth of a bulk RETR's CPU time).  ``None`` when nothing of it is
+    cached or the filesystem cannot say: read it in a worker thread.  ``b""`` at the end of
+    the file (it shrank since it was opened).
+
+    Raises:
+        StorageError: the read failed.
+    """
+    if not _NOWAIT:
+        return None
+    buffer = bytearray(size)
+    try:
+        got = os.preadv(fd, [buffer], offset, _NOWAIT)
+    except BlockingIOError:  # nothing of it in the cache
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without RWF_NOWAIT
+            return None
+        raise storage_error(exc, "read message", key) from exc
+    del buffer[got:]
+    return bytes(buffer)
+
+
+def _pread(fd: int, size: int, offset: int, key: str) -> bytes:
+    """Read up to ``size`` octets at ``offset`` of message ``key`` (in a worker thread).
+
+    Raises:
+        StorageError: the read failed.
+    """
+    try:
+        return os.pread(fd, size, offset)
     except OSError as exc:
         raise storage_error(exc, "read message", key) from exc
 
