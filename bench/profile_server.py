@@ -30,17 +30,21 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 
 
 def _spec(
-    workload: str, settings: run.Settings, groups: dict[str, list[str]], clients: int
+    workload: str,
+    settings: run.Settings,
+    groups: dict[str, list[str]],
+    clients: int,
+    line_end: str = "crlf",
 ) -> Spec:
     if workload == "session":
-        users = tuple(groups["session"])
+        users = tuple(groups[f"session-{line_end}"])
         return Spec(
             "session", run.HOST, 0, users, run.PASSWORD, clients, 0, settings.session_messages
         )
     if workload == "login":
         return Spec("login", run.HOST, 0, tuple(groups["plain"]), run.PASSWORD, clients, 0)
     if workload == "bulk":
-        return Spec("bulk", run.HOST, 0, tuple(groups["bulk"]), run.PASSWORD, 1, 0, 1)
+        return Spec("bulk", run.HOST, 0, tuple(groups[f"bulk-{line_end}"]), run.PASSWORD, 1, 0, 1)
     raise SystemExit(f"cannot profile {workload!r}: session, login or bulk")
 
 
@@ -79,6 +83,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--out", default=str(run.ROOT / "bench" / "results"))
     parser.add_argument("--clients", type=int, default=16, help="session/login clients (16)")
+    parser.add_argument(
+        "--line-end", choices=["crlf", "lf"], default="crlf", help="stored mail (crlf)"
+    )
     args = parser.parse_args()
     settings = run.Settings.make(
         argparse.Namespace(quick=False, rounds=1, duration=args.duration, generators=1)
@@ -89,7 +96,10 @@ def main() -> int:
     with run.searchable_tmpdir() as root:
         groups = run.build_world(root, settings, [args.workload])
         with run.run_pobox(root) as server:
-            spec = replace(_spec(args.workload, settings, groups, args.clients), port=server.port)
+            spec = replace(
+                _spec(args.workload, settings, groups, args.clients, args.line_end),
+                port=server.port,
+            )
             kind = "session" if spec.kind == "bulk" else spec.kind
             run.warm(server, list(spec.users), spec.messages, kind)
             stem = out / f"profile-{args.workload}"
