@@ -129,6 +129,7 @@ class Config:
     mail_max_userip_connections: int = 10
     mail_max_user_connections: int = 0
     health_listen: str = ""
+    metrics_listen: str = ""
     drain_timeout: float = 30.0
     workers: int = 0
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -467,6 +468,12 @@ KEYS: Final[dict[str, tuple[type, str]]] = {
         "answers 200 while the node reaches its stores and is not draining, else 503 with the "
         "reason. Bind it to loopback or a private network: anyone who reaches it may ask.",
     ),
+    "metrics_listen": (
+        str,
+        'Prometheus metrics endpoint, "HOST:PORT" (default "": off). GET /metrics answers '
+        "the node's counters (all workers summed). Bind it to loopback or a private network: "
+        "anyone who reaches it may read them.",
+    ),
     "drain_timeout": (
         float,
         "Seconds SIGTERM lets open sessions finish (QUIT and UPDATE as usual) after the node "
@@ -729,6 +736,8 @@ def shared_state_backend(config: Config) -> str:
 def _validate_health(config: Config) -> None:
     if config.health_listen:
         parse_listen(config.health_listen, key="health_listen")
+    if config.metrics_listen:
+        parse_listen(config.metrics_listen, key="metrics_listen")
     if config.drain_timeout < 0:
         raise ConfigError("drain_timeout: must not be negative")
     if config.workers < 0:

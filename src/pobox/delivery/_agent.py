@@ -10,8 +10,8 @@ exits with.
 
 Delivery never takes the POP3 session lock, so it never waits for a POP3 session.
 
-May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage`, :mod:`pobox.records`
-and :mod:`pobox.config`.
+May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage`, :mod:`pobox.records`,
+:mod:`pobox.metrics` and :mod:`pobox.config`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from pobox.auth.base import Authenticator, AuthError, User
 from pobox.config import Config
+from pobox.metrics import Metrics
 from pobox.records import Quota, parse_size
 from pobox.storage.base import (
     IncomingMessage,
@@ -107,6 +108,14 @@ class DeliveryAgent:
         self._store = store
         self._quota = quota or Quota()
         self._local_domains = frozenset(domain.lower() for domain in local_domains)
+        #: Where the listeners count deliveries and storage errors (``metrics_listen``).
+        self.metrics: Metrics | None = None
+
+    def counted(self, protocol: str, outcome: Outcome) -> Outcome:
+        """Count the delivery to one recipient over ``protocol`` (metrics on); return it."""
+        if self.metrics is not None:
+            self.metrics.delivery(protocol, outcome.reply)
+        return outcome
 
     async def resolve(self, address: str, *, any_domain: bool) -> Recipient | Outcome:
         """Find the user an envelope address delivers to.
@@ -167,10 +176,12 @@ class DeliveryAgent:
         except QuotaExceeded as exc:
             logger.info("delivery: %s: %s", recipient.user.name, exc)
             return Outcome.OVER_QUOTA
-        except StoragePermanentError as exc:
-            logger.error("delivery: %s: %s", recipient.user.name, exc)
-            return Outcome.PERMANENT_STORAGE
         except StorageError as exc:
+            if self.metrics is not None:
+                self.metrics.storage_error("deliver")
+            if isinstance(exc, StoragePermanentError):
+                logger.error("delivery: %s: %s", recipient.user.name, exc)
+                return Outcome.PERMANENT_STORAGE
             logger.warning("delivery: %s: %s", recipient.user.name, exc)
             return Outcome.TEMPORARY
         except Exception:

@@ -90,5 +90,5 @@ class LmtpHandler:
         """Resolve ``address`` again (the user may be gone since RCPT) and deliver."""
         resolved = await self._agent.resolve(address, any_domain=True)
         if isinstance(resolved, Outcome):
-            return resolved
-        return await self._agent.deliver(resolved, sender, body)
+            return self._agent.counted("lmtp", resolved)
+        return self._agent.counted("lmtp", await self._agent.deliver(resolved, sender, body))

@@ -160,6 +160,10 @@ class ServerConnection:
         sasl_nonce: return a fresh random token (printable ASCII, no ``,``) for the SCRAM
             server nonce and the CRAM-MD5 challenge; injectable so tests replay RFC vectors.
         hostname: the host name in the CRAM-MD5 challenge.
+        on_command: called with each command line's keyword as the core takes it up (the
+            :class:`Verb` value, ``"other"`` for a line that is no command), before it is
+            answered; SASL responses and over-long lines are no commands.  For the shell's
+            metrics; ``None``: nothing is called.
 
     Raises:
         ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
@@ -180,6 +184,7 @@ class ServerConnection:
         apop_timestamp: str | None = None,
         sasl_nonce: Callable[[], str] | None = None,
         hostname: str = "localhost",
+        on_command: Callable[[str], None] | None = None,
     ) -> None:
         if apop_timestamp is not None:
             greeting = f"{greeting} {apop_timestamp}"
@@ -214,6 +219,7 @@ class ServerConnection:
         self._apop_timestamp = apop_timestamp
         self._sasl_nonce = sasl_nonce or _random_nonce
         self._hostname = hostname
+        self._on_command = on_command
         self._sasl: Mechanism | None = None
         self._sasl_rejection: LoginRejected | None = None
         self._reply(ok(greeting))
@@ -400,6 +406,8 @@ class ServerConnection:
 
     def _handle_line(self, line: bytes) -> None:
         parsed = parse_command(line)
+        if self._on_command is not None:
+            self._on_command(parsed.verb.value if isinstance(parsed, Command) else "other")
         if self._trace:
             # Mask anything that looks like PASS, not just the well-formed command: a client
             # that separates with a TAB or adds a leading space must not get logged either.

@@ -19,7 +19,7 @@ the registry to.
 
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
 :mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.log`, :mod:`pobox.tls`,
-:mod:`pobox.server._connection`.
+:mod:`pobox.metrics`, :mod:`pobox.server._connection`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
 from pobox.config import Config
 from pobox.log import SessionLog
+from pobox.metrics import CommandClock, Metrics
 from pobox.protocol import (
     AuthenticateUser,
     CommitDeletions,
@@ -102,6 +103,8 @@ class SessionContext:
     scram_secret: bytes = b""
     #: This node's sessions in the (cluster's) registry: limits, kicks (none: neither).
     cluster: Cluster | None = None
+    #: What the sessions count for ``metrics_listen`` (none: nothing is counted).
+    metrics: Metrics | None = None
 
 
 _apop_counter = itertools.count()
@@ -214,6 +217,14 @@ class Session:
         #: Whoever asked that the session end without UPDATE (checked at UPDATE).
         self.ended_by: str | None = None
         cfg = ctx.config
+        metrics = ctx.metrics
+        #: Times the commands (metrics on), ended by the driver when it waits for the client.
+        self.clock: CommandClock | None = None
+        #: The state the metrics count the session in (``None``: not counted).
+        self._counted_as: str | None = None
+        if metrics is not None:
+            self.clock = metrics.clock()
+            self._count_as("authorization")
         self.conn = ServerConnection(
             user_enabled=self.plaintext_allowed(),
             tls_available=ctx.tls is not None,
@@ -228,6 +239,7 @@ class Session:
             ],
             apop_timestamp=apop_timestamp() if cfg.apop else None,
             hostname=_hostname(),
+            on_command=None if self.clock is None else self.clock.begin,
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
@@ -244,6 +256,23 @@ class Session:
             cfg.login_trusted_networks,
             secure=self.secure,
         )
+
+    def _count_as(self, state: str | None) -> None:
+        """Move the session to ``state`` in the metrics (``None``: ended)."""
+        metrics = self.ctx.metrics
+        if metrics is not None and state != self._counted_as:
+            metrics.session_state(self._counted_as, state)
+            self._counted_as = state
+
+    def _count_login(self, mechanism: str, result: str) -> None:
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.login(mechanism, result)
+
+    def _count_storage_error(self, operation: str) -> None:
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.storage_error(operation)
 
     @property
     def needs_release(self) -> bool:
@@ -290,6 +319,7 @@ class Session:
                     self.lip,
                     self.id,
                 )
+                self._count_login(event.mechanism, "throttled")
                 self.conn.send(
                     LoginRejected("Too many failed logins, try again later.", "LOGIN-DELAY")
                 )
@@ -298,6 +328,7 @@ class Session:
             user = await self._verify(event)
         except AuthError as exc:
             self.log.error("Authentication backend failure for user=<%s>: %s", event.username, exc)
+            self._count_login(event.mechanism, "error")
             self.conn.send(LoginRejected("Temporary authentication failure.", exc.resp_code))
             return
         if user is _ANSWERED:
@@ -353,6 +384,7 @@ class Session:
         self.auth_failures += 1
         self.last_user = username
         self.last_method = method
+        self._count_login(method, "failed")
         self.log.info(
             "Authentication failed: user=<%s>, method=%s, rip=%s, lip=%s, session=<%s>",
             username or "",
@@ -398,6 +430,7 @@ class Session:
             admission.user_sessions,
             admission.userip_sessions,
         )
+        self._count_login(method, "limit")
         self.conn.send(LoginRejected(refusal + ".", "IN-USE"))
         return False
 
@@ -405,7 +438,7 @@ class Session:
         if not await self._admit(user, method):
             return
         try:
-            self.maildrop = await self._open_maildrop(user)
+            self.maildrop = await self._open_maildrop(user, method)
         finally:
             if self.maildrop is None:  # not logged in after all: not counted either
                 await self.unregister()
@@ -423,22 +456,27 @@ class Session:
             self.id,
         )
         self.log.user = user.name
+        self._count_login(method, "ok")
+        self._count_as("transaction")
         self.maildrop.on_lock_lost(self._lock_lost)
         self.conn.send(LoginAccepted(self.maildrop.messages))
 
-    async def _open_maildrop(self, user: User) -> Maildrop | None:
+    async def _open_maildrop(self, user: User, method: str) -> Maildrop | None:
         """Open and lock the user's maildrop; ``None`` (answered) if it cannot be."""
         cfg = self.ctx.config
         try:
             return await self.ctx.store.open(user, lock=cfg.pop3_lock_session)
         except MaildropLocked:
             self.log.info("Login refused, maildrop locked: user=<%s>, rip=%s", user.name, self.rip)
+            self._count_login(method, "locked")
             self.conn.send(
                 LoginRejected("Mailbox is locked by another POP3 session, try later.", "IN-USE")
             )
             return None
         except StorageError as exc:
             self.log.error("Cannot open maildrop of user=<%s>: %s", user.name, exc)
+            self._count_login(method, "error")
+            self._count_storage_error("open")
             self.conn.send(LoginRejected("Cannot open the mailbox, try later.", exc.resp_code))
             return None
 
@@ -494,11 +532,13 @@ class Session:
             )
         else:
             self.log.error("Cannot read message %d (%s): %s", event.number, key, exc)
+            self._count_storage_error("read")
             self.conn.send(MessageUnavailable("Cannot read the message, try later.", exc.resp_code))
 
     async def commit(self, event: CommitDeletions) -> None:
         """Answer QUIT in TRANSACTION: delete what was marked (RFC 1939 §6), release the lock."""
         assert self.maildrop is not None
+        self._count_as("update")
         failed = 0
         if event.numbers and self.ended_by is not None:
             self.log.error("%s, %d deletions not made", self.ended_by, len(event.numbers))
@@ -513,6 +553,7 @@ class Session:
                 failed = len(keys)
             self.delete_failures = failed
             if failed:
+                self._count_storage_error("delete")
                 self.log.error("%d of %d messages could not be deleted", failed, len(keys))
         # UPDATE ends the session: the lock goes before the client hears +OK, so a client
         # that logs in again at once finds the maildrop free (through the storage helper,
@@ -563,6 +604,9 @@ class Session:
 
     def disconnected(self, reason: str) -> None:
         """Write the session's last log line (its formats are read by fail2ban filters)."""
+        if self.clock is not None:
+            self.clock.end()
+        self._count_as(None)
         s = self.conn.stats
         if self.log.user is not None:
             self.log.info(
