@@ -8,7 +8,9 @@ master.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import smtplib
 import socket
 import ssl
@@ -287,3 +289,23 @@ class TestWorkers:
         assert 0 == after[key("pobox_sessions", state="transaction")]
         connections = key("pobox_connections_total", listener="pop3")
         assert len(held) <= after[connections] - before.get(connections, 0)
+
+    async def test_dead_worker_gauges_go_counts_stay(self, tmp_path: Path) -> None:
+        """SIGKILL of a worker in a session: its gauges are dropped, its counts kept."""
+        async with pobox_serve(
+            tmp_path, USERS, workers=2, apop=True, metrics_listen="127.0.0.1:0"
+        ) as proc:
+            await proc.wait_log(r"master: pobox \S+ started, listening on 127\.0\.0\.1:")
+            port = await metrics_port(proc)
+            victim = worker_pids(proc)[0]
+            wire = await connect_to(proc, victim)
+            assert b"+OK Logged in.\r\n" == await login(wire, b"alice", b"secret")
+            during = await scrape(port)
+            os.kill(victim, signal.SIGKILL)
+            await proc.wait_log(rf"master: worker \d \(pid {victim}\) died")
+            after = await scrape(port)
+        ok = key("pobox_logins_total", mechanism="PLAIN", result="ok")
+        transaction = key("pobox_sessions", state="transaction")
+        assert (1, 1) == (during[transaction], during[ok])
+        assert (0, 1) == (after[transaction], after[ok])
+        assert 0 == after[key("pobox_connections_open")]
