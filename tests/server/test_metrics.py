@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from pobox.config import Listen
-from pobox.metrics import COMMANDS, Metrics, tls_failure_class
+from pobox.metrics import COMMANDS, METRIC_NAMES, Metrics, tls_failure_class
 from pobox.server._http import MAX_CONNECTIONS
 from pobox.server._metrics import MetricsServer
 
@@ -190,3 +193,40 @@ class TestTlsFailureClass:
         assert "timeout" == tls_failure_class(TimeoutError())
         assert "closed" == tls_failure_class(None)
         assert "other" == tls_failure_class(OSError("odd"))
+
+
+DASHBOARD = Path(__file__).parents[2] / "contrib" / "grafana" / "pobox.json"
+
+
+def _exprs(node: object) -> list[str]:
+    """Every PromQL expression of a dashboard: panel targets and template queries."""
+    out: list[str] = []
+    if isinstance(node, dict):
+        for name, item in node.items():
+            if name in ("expr", "query") and isinstance(item, str) and "pobox_" in item:
+                out.append(item)
+            else:
+                out.extend(_exprs(item))
+    elif isinstance(node, list):
+        for item in node:
+            out.extend(_exprs(item))
+    return out
+
+
+class TestGrafanaDashboard:
+    """contrib/grafana/pobox.json is built on exactly the metrics pobox exports."""
+
+    def test_every_expression_uses_exported_series_only(self):
+        """Each series named in an expression is one pobox exports; every family is used."""
+        exported = {
+            sample.name for family in Metrics().registry.collect() for sample in family.samples
+        }
+        dashboard = json.loads(DASHBOARD.read_text())
+        exprs = _exprs(dashboard)
+        panels_exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        used = {name for expr in exprs for name in re.findall(r"\bpobox_[a-z0-9_]+", expr)}
+
+        assert [] == [e for e in panels_exprs if "pobox_" not in e]
+        assert set() == used - exported
+        families = {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in used}
+        assert {re.sub(r"_total$", "", name) for name in METRIC_NAMES} == families
