@@ -8,6 +8,7 @@ master.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -123,6 +124,29 @@ def good_handshake(port: int, ca: trustme.CA) -> bytes:
         return sock.recv(4096)
 
 
+def stls(port: int, ca: trustme.CA | None) -> bytes:
+    """STLS, then a real handshake and CAPA (``ca``), or plaintext where the hello belongs."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"STLS\r\n")
+        assert reader.readline().startswith(b"+OK")
+        if ca is None:
+            raw.sendall(b"NOOP\r\n" * 20)
+            with contextlib.suppress(OSError):
+                while raw.recv(4096):
+                    pass
+            return b""
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(b"CAPA\r\n")
+            answer = sock.recv(4096)
+            sock.sendall(b"QUIT\r\n")
+            sock.recv(4096)
+            return answer
+
+
 @pytest.fixture
 def pems(tmp_path: Path) -> tuple[trustme.CA, dict[str, str]]:
     ca = trustme.CA()
@@ -216,6 +240,30 @@ class TestOneProcess:
         for state in ("authorization", "transaction", "update"):
             assert 0 == after[key("pobox_sessions", state=state)]
         assert 0 == after[key("pobox_connections_open")]
+
+    async def test_stls_handshakes(
+        self, tmp_path: Path, pems: tuple[trustme.CA, dict[str, str]]
+    ) -> None:
+        """An STLS handshake that succeeds and one fed plaintext: one ok, one protocol."""
+        ca, tls = pems
+        async with pobox_serve(tmp_path, USERS, metrics_listen="127.0.0.1:0", **tls) as proc:
+            port = await metrics_port(proc)
+            before = await scrape(port)
+            assert b"+OK" == (await asyncio.to_thread(stls, proc.port, ca))[:3]
+            await asyncio.to_thread(stls, proc.port, None)
+            await proc.wait_count("Disconnected", 2)
+            after = await scrape(port)
+        assert {
+            key("pobox_connections_total", listener="pop3"): 2,
+            key("pobox_tls_handshakes_total", listener="stls", result="ok"): 1,
+            key("pobox_tls_handshakes_total", listener="stls", result="failed"): 1,
+            key("pobox_tls_handshake_failures_total", listener="stls", reason="protocol"): 1,
+            key("pobox_pop3_command_duration_seconds_count", command="STLS"): 2,
+            key("pobox_pop3_command_duration_seconds_count", command="CAPA"): 1,
+            key("pobox_pop3_command_duration_seconds_count", command="QUIT"): 1,
+            key("pobox_pop3_bytes_sent_total"): after[key("pobox_pop3_bytes_sent_total")]
+            - before[key("pobox_pop3_bytes_sent_total")],
+        } == moved(before, after)
 
     async def test_other_paths_404_and_names_are_documented(self, tmp_path: Path) -> None:
         """Only /metrics answers; each family exported is one of METRIC_NAMES."""

@@ -506,7 +506,9 @@ class Pop3Protocol(asyncio.Protocol):
         """
         transport = self._transport
         assert transport is not None
-        if self._lost:
+        # Closed already: a failed STLS handshake closes the transport (uvloop then refuses
+        # write_eof with RuntimeError, which ended the session as an internal error).
+        if self._lost or transport.is_closing():
             return
         if linger and transport.can_write_eof():
             self._closer = self._loop.call_later(CLOSE_TIMEOUT, transport.abort)
