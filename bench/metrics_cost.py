@@ -8,6 +8,7 @@ hits both alike; the medians of the CPU microseconds per command are printed, wi
 average.  CPU time, not wall time: other programs on the machine skew it much less.
 
     .venv/bin/python bench/metrics_cost.py --rounds 5 --commands 20000
+    .venv/bin/python bench/metrics_cost.py --rounds 5 --commands 2000 --sessions
 """
 
 from __future__ import annotations
@@ -39,8 +40,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def one_round(folder: Path, *, metrics: bool, commands: int, verbs: list[bytes]) -> float:
-    """Return the server's CPU microseconds per command for one run."""
+SESSION = (b"USER alice\r\n", b"PASS secret\r\n", b"STAT\r\n", b"UIDL\r\n", b"LIST\r\n")
+
+
+def _session(port: int) -> None:
+    """One whole session: login, STAT, UIDL, LIST, RETR 1, QUIT (each answer read)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        for line in SESSION:
+            sock.sendall(line)
+            status = reader.readline()
+            if line in (b"UIDL\r\n", b"LIST\r\n") and status.startswith(b"+OK"):
+                while reader.readline() != b".\r\n":
+                    pass
+        sock.sendall(b"RETR 1\r\n")
+        while reader.readline() != b".\r\n":
+            pass
+        sock.sendall(b"QUIT\r\n")
+        reader.readline()
+
+
+def one_round(
+    folder: Path, *, metrics: bool, commands: int, verbs: list[bytes], sessions: bool
+) -> float:
+    """Return the server's CPU microseconds per command (or per session) for one run."""
     port = free_port()
     log = folder / "pobox.log"
     log.unlink(missing_ok=True)
@@ -60,6 +84,11 @@ def one_round(folder: Path, *, metrics: bool, commands: int, verbs: list[bytes])
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit("pobox did not start")
             time.sleep(0.05)
+        if sessions:
+            start = cpu_seconds(proc.pid)
+            for _ in range(commands):
+                _session(port)
+            return (cpu_seconds(proc.pid) - start) / commands * 1e6
         with socket.create_connection(("127.0.0.1", port)) as sock:
             reader = sock.makefile("rb")
             reader.readline()
@@ -82,7 +111,10 @@ def one_round(folder: Path, *, metrics: bool, commands: int, verbs: list[bytes])
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--commands", type=int, default=20000)
+    parser.add_argument("--commands", type=int, default=20000, help="commands (or sessions)")
+    parser.add_argument(
+        "--sessions", action="store_true", help="whole sessions (7 commands) instead of commands"
+    )
     args = parser.parse_args()
     verbs = [b"NOOP\r\n", b"STAT\r\n", b"LIST 1\r\n", b"UIDL 1\r\n"]
     with tempfile.TemporaryDirectory(prefix="pobox-metrics-cost-") as tmp:
@@ -94,17 +126,24 @@ def main() -> int:
             (new.parent / sub).mkdir()
         (new / "1.M1P1.host").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
         results: dict[bool, list[float]] = {False: [], True: []}
+        unit = "session" if args.sessions else "command"
         load_start = os.getloadavg()[0]
         for _ in range(args.rounds):
             for metrics in (False, True):
-                us = one_round(folder, metrics=metrics, commands=args.commands, verbs=verbs)
+                us = one_round(
+                    folder,
+                    metrics=metrics,
+                    commands=args.commands,
+                    verbs=verbs,
+                    sessions=args.sessions,
+                )
                 results[metrics].append(us)
-                print(f"metrics {'on ' if metrics else 'off'}: {us:.1f} us CPU per command")
+                print(f"metrics {'on ' if metrics else 'off'}: {us:.1f} us CPU per {unit}")
         off, on = statistics.median(results[False]), statistics.median(results[True])
         print(
-            f"median: off {off:.1f} us, on {on:.1f} us per command: +{on - off:.1f} us "
+            f"median: off {off:.1f} us, on {on:.1f} us per {unit}: +{on - off:.1f} us "
             f"({(on - off) / off:+.1%}); load average {load_start:.2f} at start, "
-            f"{os.getloadavg()[0]:.2f} at end; {args.rounds} rounds of {args.commands} commands"
+            f"{os.getloadavg()[0]:.2f} at end; {args.rounds} rounds of {args.commands} {unit}s"
         )
     return 0
 
