@@ -443,6 +443,8 @@ _POBOX_LIMITS = {"max_connections": 20_000, "max_connections_per_ip": 20_000}
 #: whole server runs as the mail account) or ``helper`` (mode 3, the storage helper opens
 #: every file with the owner's uid, for users who each own their mail).
 POBOX_ACCESS = {"value": "mail_uid"}
+#: Whether pobox runs with ``metrics_listen`` (``--pobox-metrics``).
+POBOX_METRICS: dict[str, bool] = {"value": False}
 
 
 def _pobox_access(name: str = "pobox") -> str:
@@ -470,11 +472,13 @@ def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
         else 'mail_location = "maildir:~/Maildir"\n'
     )
     lock = "false" if name == "pobox-nolock" else "true"  # true: pobox's default
+    # --pobox-metrics: the Prometheus endpoint on (what counting costs per command).
+    metrics = f'metrics_listen = "{HOST}:{_free_port()}"\n' if POBOX_METRICS["value"] else ""
     # workers = N only once pobox knows the key (a multi-process pobox is being built).
     workers = f"workers = {len(SERVER_CORES)}\n" if "workers" in KEYS else ""
     config.write_text(
         f'listen = ["{HOST}:{port}"]\n' + store + f'passwd_file = "{base / "passwd"}"\n'
-        f"pop3_lock_session = {lock}\n" + workers + 'log_level = "info"\n'
+        f"pop3_lock_session = {lock}\n" + workers + metrics + 'log_level = "info"\n'
         f'log_path = "{log}"\n'
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
         + _pobox_access(name)
@@ -1359,8 +1363,14 @@ def main(argv: list[str] | None = None) -> int:
         help="cores the server runs on, comma-separated (0; 0,1: pobox gets workers = 2 "
         "when it knows the key, Dovecot process_min_avail = 2)",
     )
+    parser.add_argument(
+        "--pobox-metrics",
+        action="store_true",
+        help="pobox with metrics_listen set (its counting's cost, against a run without)",
+    )
     args = parser.parse_args(argv)
     POBOX_ACCESS["value"] = args.pobox_access
+    POBOX_METRICS["value"] = args.pobox_metrics
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     if args.dovecot_perclient and "dovecot-perclient" not in servers:
         servers.append("dovecot-perclient")

@@ -61,6 +61,14 @@ from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, ListenError, PoboxError
 from pobox.log import reopen_logs, setup_logging
+from pobox.metrics import (
+    MULTIPROC_ENV,
+    Metrics,
+    make_directory,
+    multiprocess_registry,
+    remove_directory,
+    worker_gone,
+)
 from pobox.names import DEFAULT_FORMAT, parse_format
 from pobox.records import User, parse_size
 from pobox.server import Pop3Server, SessionContext
@@ -80,6 +88,7 @@ from pobox.server._control import (
 )
 from pobox.server._health import HealthServer, probes_of
 from pobox.server._limits import raise_open_file_limit
+from pobox.server._metrics import MetricsServer
 from pobox.server._privileges import MailAccess, PrivilegePlan, plan_privileges, switch_to
 from pobox.server._systemd import Notifier, adopt_listen_fds, listen_fds
 from pobox.server._throttle import LoginThrottle
@@ -407,6 +416,7 @@ def build_context(
     tls: ServerTls | None = None,
     workers: HashWorkers | None = None,
     remote: RemoteState | None = None,
+    metrics: Metrics | None = None,
 ) -> SessionContext:
     """Build the server's backends from the configuration (or use those given).
 
@@ -434,6 +444,7 @@ def build_context(
         workers=workers,
         scram_secret=scram_secret(config),
         cluster=cluster,
+        metrics=metrics,
     )
 
 
@@ -604,6 +615,9 @@ async def run_server(
         remote.on_lost = master_lost
         await remote.start()
 
+    # The counts (metrics_listen): a worker's go to the files of the master's directory
+    # (PROMETHEUS_MULTIPROC_DIR), made now, while the process may still be root.
+    metrics = Metrics() if config.metrics_listen else None
     helper: StorageHelper | None = None
     tls: ServerTls | None = None
     workers = HashWorkers()
@@ -631,17 +645,25 @@ async def run_server(
             tls=tls,
             workers=workers,
             remote=remote,
+            metrics=metrics,
         )
     )
     if remote is not None and server.ctx.cluster is not None:  # pobox kick, from the master
         remote.on_kick = server.ctx.cluster.kick_here
-    delivery = DeliveryServer(config, build_agent(config, authenticator, store))
+    agent = build_agent(config, authenticator, store)
+    agent.metrics = metrics
+    delivery = DeliveryServer(config, agent)
     health = (
         HealthServer(parse_listen(config.health_listen, key="health_listen"), probes_of(stores))
         if config.health_listen
         else None
     )
     control: ControlServer | None = None
+    metrics_server = (  # a worker's counts are the master's to answer
+        MetricsServer(parse_listen(config.metrics_listen, key="metrics_listen"), metrics.registry)
+        if metrics is not None and worker is None
+        else None
+    )
     try:  # the ports are bound and the TLS key read: root is no longer needed
         if server.ctx.cluster is not None:
             await server.ctx.cluster.check_schema()
@@ -656,6 +678,8 @@ async def run_server(
             )
             if control is not None:
                 await control.start()
+        if metrics_server is not None:
+            await metrics_server.start()
         # Start the thread pool (and import its modules) first: the interpreter may live
         # where the unprivileged user cannot read (a pyenv under /root).
         await asyncio.to_thread(int)
@@ -663,6 +687,8 @@ async def run_server(
     except BaseException:
         if control is not None:
             await control.aclose()
+        if metrics_server is not None:
+            await metrics_server.aclose()
         if health is not None:
             await health.aclose()
         await delivery.aclose()
@@ -719,6 +745,8 @@ async def run_server(
     logger.info("master: shutting down (%d sessions open)", server.session_count)
     if control is not None:
         await control.aclose()
+    if metrics_server is not None:
+        await metrics_server.aclose()
     if health is not None:
         await health.aclose()
     await delivery.aclose()
@@ -777,7 +805,27 @@ async def run_master(
         logger.warning("config: %s", warning)
     listeners = bind_listeners(config)
     service = StateService(config.auth_failure_window, node_name(config))
-    supervisor = Supervisor(command, listeners, count, service.attach)
+    # metrics_listen: the workers count into files of a private directory made for this run
+    # (0700, the serving user's), which the master sums at each scrape (pobox.metrics).
+    metrics_dir: Path | None = None
+    env: dict[str, str] | None = None
+    metrics_server: MetricsServer | None = None
+    if config.metrics_listen:
+        serve_as = plan.serve_as if os.geteuid() == 0 else None
+        metrics_dir = make_directory(None if serve_as is None else (serve_as.uid, serve_as.gid))
+        env = {**os.environ, MULTIPROC_ENV: str(metrics_dir)}
+        metrics_server = MetricsServer(
+            parse_listen(config.metrics_listen, key="metrics_listen"),
+            multiprocess_registry(metrics_dir),
+        )
+    supervisor = Supervisor(
+        command,
+        listeners,
+        count,
+        service.attach,
+        env=env,
+        on_exit=None if metrics_dir is None else functools.partial(worker_gone, metrics_dir),
+    )
     service.on_ready = supervisor.ready
     try:
         control, close_registry = _master_control(config, plan, service)
@@ -835,6 +883,8 @@ async def run_master(
             await control.start()
         if health is not None:
             await health.start()
+        if metrics_server is not None:
+            await metrics_server.start()
         supervisor.start()
         ready = loop.create_task(supervisor.wait_ready())
         stopping = loop.create_task(stop.wait())
@@ -870,6 +920,10 @@ async def run_master(
             loop.remove_signal_handler(sig)
         if health is not None:
             await health.aclose()
+        if metrics_server is not None:
+            await metrics_server.aclose()
+        if metrics_dir is not None:
+            remove_directory(metrics_dir)
         for store in probed:
             await store.aclose()
         if control is not None:

@@ -1003,6 +1003,14 @@ class Config:
         check=_check_optional_listen,
         section="Several nodes and processes",
     )
+    metrics_listen: str = key(
+        "",
+        '`"HOST:PORT"` of a Prometheus endpoint: `GET /metrics` answers the node\'s counters, '
+        "gauges and histograms, all workers summed ([Metrics](#metrics)). Off by default. "
+        "Bind it to loopback or a private network: anyone who reaches it can read the counts.",
+        check=_check_optional_listen,
+        section="Several nodes and processes",
+    )
     control_socket: str = key(
         "auto",
         "Unix socket of `pobox who` and `pobox kick` ([Live sessions](#live-sessions-pobox-"

@@ -1481,6 +1481,39 @@ class TestStats:
         assert (1, 10) == (conn.stats.deleted_count, conn.stats.deleted_bytes)
 
 
+class TestOnCommand:
+    """``on_command`` hears each command's keyword as the core takes it up (for metrics)."""
+
+    def test_keywords_in_order(self):
+        """Known verbs by name, in any case; unknown or malformed lines as ``other``."""
+        heard: list[str] = []
+        conn = logged_in(THREE, on_command=heard.append)
+        heard.clear()  # USER, PASS of logged_in
+
+        run(conn, b"stat\r\nXYZZY\r\n\r\nLIST 1\r\nDELE 1\r\nNOOP extra\r\n")
+
+        assert ["STAT", "other", "other", "LIST", "DELE", "NOOP"] == heard
+
+    def test_login_and_sasl_responses(self):
+        """USER and PASS are heard; a SASL response line is no command."""
+        heard: list[str] = []
+        conn = fresh(on_command=heard.append, sasl_mechanisms=["PLAIN"])
+
+        run(conn, b"USER alice\r\nAUTH PLAIN\r\n")
+        run(conn, b"AGFsaWNlAHNlY3JldA==\r\n")
+
+        assert ["USER", "AUTH"] == heard
+
+    def test_overlong_line_unheard(self):
+        """A line over 255 octets is dropped unheard (it was never read whole)."""
+        heard: list[str] = []
+        conn = fresh(on_command=heard.append)
+
+        run(conn, b"NOOP " + b"x" * 300 + b"\r\nNOOP\r\n")
+
+        assert ["NOOP"] == heard
+
+
 class TestHelpers:
     """The helpers these tests stand on."""
 

@@ -11,7 +11,7 @@ exits with.
 Delivery never takes the POP3 session lock, so it never waits for a POP3 session.
 
 May import: the standard library, :mod:`pobox.auth`, :mod:`pobox.storage`, :mod:`pobox.records`,
-:mod:`pobox._logevents`, :mod:`pobox.names` and :mod:`pobox.config`.
+:mod:`pobox._logevents`, :mod:`pobox.names`, :mod:`pobox.metrics` and :mod:`pobox.config`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from email.utils import formatdate
 from pobox import _logevents as events
 from pobox.auth.base import Authenticator, AuthError, User
 from pobox.config import Config
+from pobox.metrics import Metrics
 from pobox.names import DEFAULT_FORMAT, UsernameFormat, parse_format
 from pobox.records import Quota, parse_size
 from pobox.storage.base import (
@@ -195,6 +196,14 @@ class DeliveryAgent:
         self._local_domains = frozenset(domain.lower() for domain in local_domains)
         self._format = username_format or parse_format(DEFAULT_FORMAT)
         self._hostname = hostname or socket.gethostname()
+        #: Where the listeners count deliveries and storage errors (``metrics_listen``).
+        self.metrics: Metrics | None = None
+
+    def counted(self, protocol: str, outcome: Outcome) -> Outcome:
+        """Count the delivery to one recipient over ``protocol`` (metrics on); return it."""
+        if self.metrics is not None:
+            self.metrics.delivery(protocol, outcome.reply)
+        return outcome
 
     async def resolve(self, address: str, *, any_domain: bool) -> Recipient | Outcome:
         """Find the user an envelope address delivers to.
@@ -263,10 +272,12 @@ class DeliveryAgent:
         except QuotaExceeded as exc:
             events.delivery_failed(logger, logging.INFO, recipient.user.name, exc)
             return Outcome.OVER_QUOTA
-        except StoragePermanentError as exc:
-            events.delivery_failed(logger, logging.ERROR, recipient.user.name, exc)
-            return Outcome.PERMANENT_STORAGE
         except StorageError as exc:
+            if self.metrics is not None:
+                self.metrics.storage_error("deliver")
+            if isinstance(exc, StoragePermanentError):
+                events.delivery_failed(logger, logging.ERROR, recipient.user.name, exc)
+                return Outcome.PERMANENT_STORAGE
             events.delivery_failed(logger, logging.WARNING, recipient.user.name, exc)
             return Outcome.TEMPORARY
         except Exception:

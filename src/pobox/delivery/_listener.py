@@ -20,7 +20,7 @@ elsewhere it refuses a header (aiosmtpd is not changed).
 
 May import: the standard library, aiosmtpd, :mod:`pobox.config`, :mod:`pobox.delivery`,
 :mod:`pobox.server._limits` (the connection caps POP3 uses too), :mod:`pobox.server._proxy` and
-:mod:`pobox._logevents`.
+:mod:`pobox._logevents`, :mod:`pobox.metrics`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from pobox.delivery._protocol import DeliveryLimits, DeliveryProtocol
 from pobox.delivery.lmtp import LmtpHandler, LmtpProtocol
 from pobox.delivery.smtp import SmtpHandler, SmtpProtocol
 from pobox.errors import ConfigError, binding
+from pobox.metrics import Metrics
 from pobox.server import _inherit
 from pobox.server._limits import IN_ALL, ConnectionLimits
 from pobox.server._proxy import ProxyGate, ProxyPolicy
@@ -67,6 +68,8 @@ class _Door:
     factory: Callable[[], DeliveryProtocol]
     #: The connections being served (for :meth:`DeliveryServer.stop_connections`).
     gates: set[_Gate] = field(default_factory=set, compare=False)
+    #: Where connections are counted (``metrics_listen``; none: they are not).
+    metrics: Metrics | None = None
 
     def refuse(self, transport: asyncio.Transport, which: str, address: str | None) -> None:
         """Answer a connection over a cap with ``421`` and close it."""
@@ -97,6 +100,9 @@ class _Gate(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         # A TCP peer is (host, port, ...); a Unix socket's is a path, often empty.
         self._address = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        metrics = self._door.metrics
+        if metrics is not None:
+            metrics.connected(self._door.name)
         which = self._door.limits.admit(self._address)
         if which is not None:
             self._door.refuse(cast("asyncio.Transport", transport), which, self._address)
@@ -228,12 +234,14 @@ class DeliveryServer:
             hostname,
             ConnectionLimits(config.lmtp_max_connections, config.lmtp_max_connections_per_ip),
             lmtp_factory,
+            metrics=self._agent.metrics,
         )
         smtp_door = _Door(
             "smtp",
             hostname,
             ConnectionLimits(config.smtp_max_connections, config.smtp_max_connections_per_ip),
             smtp_factory,
+            metrics=self._agent.metrics,
         )
         policy = ProxyPolicy.from_config(config)
         self._doors = [lmtp_door, smtp_door]

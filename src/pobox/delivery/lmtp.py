@@ -92,8 +92,9 @@ class LmtpHandler:
         """Resolve ``address`` again (the user may be gone since RCPT) and deliver."""
         resolved = await self._agent.resolve(address, any_domain=True)
         if isinstance(resolved, Outcome):
-            return resolved
-        return await self._agent.deliver(resolved, sender, body, received)
+            return self._agent.counted("lmtp", resolved)
+        delivered = await self._agent.deliver(resolved, sender, body, received)
+        return self._agent.counted("lmtp", delivered)
 
 
 def received_from(session: Session, protocol: str, recipients: int) -> Received:

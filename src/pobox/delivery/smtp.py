@@ -69,9 +69,10 @@ class SmtpHandler:
         for address in envelope.rcpt_tos:
             resolved = await self._agent.resolve(address, any_domain=False)
             if isinstance(resolved, Outcome):
-                outcomes.append(resolved)
+                outcomes.append(self._agent.counted("smtp", resolved))
             else:
-                outcomes.append(await self._agent.deliver(resolved, sender, body, received))
+                delivered = await self._agent.deliver(resolved, sender, body, received)
+                outcomes.append(self._agent.counted("smtp", delivered))
         failures = [outcome for outcome in outcomes if outcome is not Outcome.DELIVERED]
         if not failures:
             return "250 2.0.0 Ok: delivered"

@@ -162,6 +162,10 @@ class ServerConnection:
         hostname: the host name in the CRAM-MD5 challenge.
         username_format: the shell's ``auth_username_format``: a SASL authorization identity
             names the user when both come out of it the same (``Alice`` and ``alice``).
+        on_command: called with each command line's keyword as the core takes it up (the
+            :class:`Verb` value, ``"other"`` for a line that is no command), before it is
+            answered; SASL responses and over-long lines are no commands.  For the shell's
+            metrics; ``None``: nothing is called.
 
     Raises:
         ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
@@ -183,6 +187,7 @@ class ServerConnection:
         sasl_nonce: Callable[[], str] | None = None,
         hostname: str = "localhost",
         username_format: Callable[[str], str] = str,
+        on_command: Callable[[str], None] | None = None,
     ) -> None:
         if apop_timestamp is not None:
             greeting = f"{greeting} {apop_timestamp}"
@@ -218,6 +223,7 @@ class ServerConnection:
         self._sasl_nonce = sasl_nonce or _random_nonce
         self._username_format = username_format
         self._hostname = hostname
+        self._on_command = on_command
         self._sasl: Mechanism | None = None
         self._sasl_rejection: LoginRejected | None = None
         self._reply(ok(greeting))
@@ -404,6 +410,8 @@ class ServerConnection:
 
     def _handle_line(self, line: bytes) -> None:
         parsed = parse_command(line)
+        if self._on_command is not None:
+            self._on_command(parsed.verb.value if isinstance(parsed, Command) else "other")
         if self._trace:
             # Mask anything that looks like PASS, not just the well-formed command: a client
             # that separates with a TAB or adds a leading space must not get logged either.

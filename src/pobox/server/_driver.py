@@ -119,6 +119,7 @@ class Pop3Protocol(asyncio.Protocol):
     def __init__(self, door: Door, origin: Origin | None = None, *, counted: bool = False) -> None:
         self._door = door
         self._ctx = door.ctx
+        self._metrics = door.ctx.metrics
         self._origin = origin
         self._counted = counted
         self._loop = asyncio.get_running_loop()
@@ -341,6 +342,8 @@ class Pop3Protocol(asyncio.Protocol):
                     conn.receive_data(b"")
                     continue
                 self._write_out()
+                if session.clock is not None:  # metrics: the command under way is answered
+                    session.clock.end()
                 if self._kicked or self._lock_gone or self._stopping:
                     self._end_at_wait(session)
                     continue
@@ -463,6 +466,8 @@ class Pop3Protocol(asyncio.Protocol):
         transport = self._transport
         if transport is not None and not self._lost and not transport.is_closing():
             transport.write(data)
+            if self._metrics is not None:
+                self._metrics.sent(len(data))
 
     async def _flush(self) -> None:
         """Write what the core has to send, and wait while the transport holds too much."""
@@ -557,12 +562,15 @@ class Pop3Protocol(asyncio.Protocol):
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self._held = None
+            self._count_handshake(exc, ok=False)
             session.tls_failed(exc)
             return
         held, self._held = self._held, None
         if new is None:  # the connection closed during the handshake
+            self._count_handshake(None, ok=False)
             session.tls_failed(ConnectionResetError("connection closed"))
             return
+        self._count_handshake(None, ok=True)
         self._transport = new
         self._tls = True
         self._reading = True  # the new transport reads (start_tls resumed the socket)
@@ -572,6 +580,10 @@ class Pop3Protocol(asyncio.Protocol):
         )
         if held:  # what the client sent inside TLS as soon as the handshake ended
             session.conn.receive_data(bytes(held))
+
+    def _count_handshake(self, exc: BaseException | None, *, ok: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.tls_handshake("stls", exc, ok=ok)
 
     # ----------------------------------------------------------------- timeouts
 

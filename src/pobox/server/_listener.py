@@ -25,7 +25,7 @@ reason and the client's address, as the session's only line (it gets a session i
 
 May import: the standard library, :mod:`pobox.server._session`, :mod:`pobox.server._driver`,
 :mod:`pobox.server._proxy`, :mod:`pobox.config`, :mod:`pobox.tls`, :mod:`pobox.log`,
-:mod:`pobox._logevents`.
+:mod:`pobox._logevents` (and counts in :mod:`pobox.metrics` through the session context).
 """
 
 from __future__ import annotations
@@ -219,7 +219,15 @@ class Pop3Server:
         """Make the driver of a new connection (and remember it for :meth:`aclose`)."""
         driver = Pop3Protocol(self, origin, counted=counted)
         self._connections.add(driver)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connections_open(len(self._connections))
         return driver
+
+    def _plain_protocol(self) -> Pop3Protocol:
+        """Make the driver of a new connection to a plain listener."""
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connected("pop3")
+        return self._protocol()
 
     async def _bind(self, listen: Listen) -> list[asyncio.Server]:
         """Listen on one plain address (on the sockets a master bound, in a worker)."""
@@ -228,13 +236,13 @@ class Pop3Server:
         if inherited is not None:
             # (the backlog again: asyncio listens on a given socket once more, with its own)
             return [
-                await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
+                await loop.create_server(self._plain_protocol, sock=sock, backlog=BACKLOG)
                 for sock in inherited
             ]
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         return [
             await loop.create_server(
-                self._protocol,
+                self._plain_protocol,
                 listen.host,
                 listen.port,
                 family=family,
@@ -248,6 +256,9 @@ class Pop3Server:
         loop = asyncio.get_running_loop()
         tls = self.ctx.tls
         assert tls is not None
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.connected("pop3s")
         origin: Origin | None = None
         try:
             sock.setblocking(False)
@@ -295,9 +306,15 @@ class Pop3Server:
             self._limits.release(rip)  # the session (which releases it) never started
             if not isinstance(exc, OSError | TimeoutError):  # ssl.SSLError is an OSError
                 raise
+            if metrics is not None:
+                metrics.connections_open(len(self._connections))
+                metrics.tls_handshake("pop3s", exc, ok=False)
             events.tls_handshake_failed(
                 SessionLog(session_logger, session_id(), rip=rip, lip=lip), exc
             )
+        else:
+            if metrics is not None:
+                metrics.tls_handshake("pop3s", None, ok=True)
 
     def reload_tls(self) -> bool:
         """Re-read the certificates (SIGHUP); open sessions keep theirs.
@@ -341,6 +358,8 @@ class Pop3Server:
     def closed(self, driver: Pop3Protocol, ip: str | None) -> None:
         """Forget a connection; ``ip``: where it was counted against the caps, if it was."""
         self._connections.discard(driver)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connections_open(len(self._connections))
         if driver in self._sessions:
             self._sessions.discard(driver)
             if ip is not None:

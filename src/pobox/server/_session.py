@@ -19,7 +19,7 @@ the registry to.
 
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
 :mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.names`, :mod:`pobox.log`,
-:mod:`pobox._logevents`, :mod:`pobox.tls`, :mod:`pobox.server._connection`.
+:mod:`pobox._logevents`, :mod:`pobox.tls`, :mod:`pobox.metrics`, :mod:`pobox.server._connection`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
 from pobox.config import Config
 from pobox.log import SessionLog
+from pobox.metrics import CommandClock, Metrics
 from pobox.names import parse_format
 from pobox.protocol import (
     AuthenticateUser,
@@ -104,6 +105,8 @@ class SessionContext:
     scram_secret: bytes = b""
     #: This node's sessions in the (cluster's) registry: limits, kicks (none: neither).
     cluster: Cluster | None = None
+    #: What the sessions count for ``metrics_listen`` (none: nothing is counted).
+    metrics: Metrics | None = None
 
 
 _apop_counter = itertools.count()
@@ -231,6 +234,14 @@ class Session:
         #: Whoever asked that the session end without UPDATE (checked at UPDATE).
         self.ended_by: str | None = None
         cfg = ctx.config
+        metrics = ctx.metrics
+        #: Times the commands (metrics on), ended by the driver when it waits for the client.
+        self.clock: CommandClock | None = None
+        #: The state the metrics count the session in (``None``: not counted).
+        self._counted_as: str | None = None
+        if metrics is not None:
+            self.clock = metrics.clock()
+            self._count_as("authorization")
         self.conn = ServerConnection(
             user_enabled=self.plaintext_allowed(),
             tls_available=ctx.tls is not None,
@@ -246,6 +257,7 @@ class Session:
             apop_timestamp=apop_timestamp() if cfg.apop else None,
             hostname=_hostname(),
             username_format=_username_format(cfg.auth_username_format),
+            on_command=None if self.clock is None else self.clock.begin,
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
@@ -263,6 +275,23 @@ class Session:
             cfg.login_trusted_networks,
             secure=self.secure,
         )
+
+    def _count_as(self, state: str | None) -> None:
+        """Move the session to ``state`` in the metrics (``None``: ended)."""
+        metrics = self.ctx.metrics
+        if metrics is not None and state != self._counted_as:
+            metrics.session_state(self._counted_as, state)
+            self._counted_as = state
+
+    def _count_login(self, mechanism: str, result: str) -> None:
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.login(mechanism, result)
+
+    def _count_storage_error(self, operation: str) -> None:
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.storage_error(operation)
 
     @property
     def needs_release(self) -> bool:
@@ -313,6 +342,7 @@ class Session:
             if throttle.refuses(failures):
                 self._refused(event.username, event.mechanism)
                 events.login_throttled(self.log, event.username, event.mechanism)
+                self._count_login(event.mechanism, "throttled")
                 self.conn.send(
                     LoginRejected("Too many failed logins, try again later.", "LOGIN-DELAY")
                 )
@@ -322,6 +352,7 @@ class Session:
         except AuthError as exc:
             self._refused(event.username, event.mechanism)
             events.auth_backend_failed(self.log, event.username, exc)
+            self._count_login(event.mechanism, "error")
             self.conn.send(LoginRejected("Temporary authentication failure.", exc.resp_code))
             return
         if user is _ANSWERED:
@@ -377,6 +408,7 @@ class Session:
         self.auth_failures += 1
         self.last_user = username
         self.last_method = method
+        self._count_login(method, "failed")
         events.auth_failed(self.log, username, method)
         throttle = self.ctx.throttle
         delay = (
@@ -412,6 +444,7 @@ class Session:
             sessions=admission.user_sessions,
             from_address=admission.userip_sessions,
         )
+        self._count_login(method, "limit")
         self.conn.send(LoginRejected(refusal + ".", "IN-USE"))
         return False
 
@@ -430,6 +463,8 @@ class Session:
             await self.ctx.throttle.succeeded(self.rip, failures)
         events.login(self.log, user.name, method)
         self.log.user = user.name
+        self._count_login(method, "ok")
+        self._count_as("transaction")
         self.maildrop.on_lock_lost(self._lock_lost)
         self.conn.send(LoginAccepted(self.maildrop.messages))
 
@@ -447,6 +482,7 @@ class Session:
         except MaildropLocked:
             self._refused(user.name, method)
             events.maildrop_locked(self.log, user.name, method)
+            self._count_login(method, "locked")
             self.conn.send(
                 LoginRejected("Mailbox is locked by another POP3 session, try later.", "IN-USE")
             )
@@ -454,6 +490,8 @@ class Session:
         except StorageError as exc:
             self._refused(user.name, method)
             events.maildrop_open_failed(self.log, user.name, exc)
+            self._count_login(method, "error")
+            self._count_storage_error("open")
             self.conn.send(LoginRejected("Cannot open the mailbox, try later.", exc.resp_code))
             return None
 
@@ -516,11 +554,13 @@ class Session:
             self.log.error(
                 "Cannot read message %d (%s): %s", event.number, key, exc, event="read_failed"
             )
+            self._count_storage_error("read")
             self.conn.send(MessageUnavailable("Cannot read the message, try later.", exc.resp_code))
 
     async def commit(self, event: CommitDeletions) -> None:
         """Answer QUIT in TRANSACTION: delete what was marked (RFC 1939 §6), release the lock."""
         assert self.maildrop is not None
+        self._count_as("update")
         failed = 0
         if event.numbers and self.ended_by is not None:
             self.log.error(
@@ -542,6 +582,7 @@ class Session:
                 failed = len(keys)
             self.delete_failures = failed
             if failed:
+                self._count_storage_error("delete")
                 self.log.error(
                     "%d of %d messages could not be deleted",
                     failed,
@@ -604,6 +645,9 @@ class Session:
 
     def disconnected(self, reason: str) -> None:
         """Write the session's last log line (its formats are read by fail2ban filters)."""
+        if self.clock is not None:
+            self.clock.end()
+        self._count_as(None)
         s = self.conn.stats
         if self.log.user is not None:
             quit_ = self.conn.close_reason == "quit"

@@ -261,6 +261,8 @@ class Supervisor:
         listeners: the sockets the workers inherit.
         count: how many workers.
         attach: serves one worker's end of its socketpair (the master's state service).
+        env: the workers' environment (``None``: this process's).
+        on_exit: called with the pid of each worker that exited, once it is reaped.
     """
 
     def __init__(
@@ -269,8 +271,13 @@ class Supervisor:
         listeners: Listeners,
         count: int,
         attach: Callable[[socket.socket], object],
+        *,
+        env: dict[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self._command = command
+        self._env = env
+        self._on_exit = on_exit
         self._listeners = listeners
         self._attach = attach
         self._workers = [_Worker(i + 1) for i in range(count)]
@@ -321,6 +328,7 @@ class Supervisor:
                 [*self._command, "--worker", spec.encode()],
                 stdin=subprocess.DEVNULL,
                 pass_fds=passed,
+                env=self._env,
                 process_group=0,  # a terminal's Ctrl-C reaches the master only
             )
         except OSError as exc:
@@ -347,6 +355,8 @@ class Supervisor:
         os.close(worker.pidfd)
         worker.pidfd, worker.proc = -1, None
         was_ready, worker.ready = worker.ready, False
+        if self._on_exit is not None:
+            self._on_exit(proc.pid)
         if self._stopping:
             logger.info(
                 "master: worker %d (pid %d) exited (status %d)", worker.index, proc.pid, status
