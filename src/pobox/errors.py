@@ -9,12 +9,7 @@ May import: the standard library only.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import socket
-from collections.abc import Iterator
-
-__all__ = ["ConfigError", "ListenError", "PoboxError", "binding"]
+__all__ = ["ConfigError", "ListenError", "PoboxError"]
 
 
 class PoboxError(Exception):
@@ -32,37 +27,10 @@ class ListenError(ConfigError):
     """A listener cannot be bound: the message names the key, the address and the fix.
 
     ``in_use`` tells a port another process holds (which may free itself: ``pobox`` exits
-    with 71, EX_OSERR) from an address this host cannot have (78, EX_CONFIG).
+    with 71, EX_OSERR) from an address this host cannot have (78, EX_CONFIG).  Made by
+    :func:`pobox.binding.listen_error` (this module imports nothing: the sans-IO cores use it).
     """
 
-    def __init__(self, key: str, address: str, exc: OSError) -> None:
-        self.in_use = exc.errno == errno.EADDRINUSE
-        if isinstance(exc, socket.gaierror):
-            what = f"cannot resolve the host of {address} ({exc.strerror}): change {key}"
-        elif self.in_use:
-            what = f"another server listens on {address}: stop it or change {key}"
-        elif exc.errno == errno.EACCES:
-            what = (
-                f"permission denied to listen on {address} (ports below 1024 need root or "
-                f"CAP_NET_BIND_SERVICE; a socket file, a directory you may write to): start "
-                f"pobox as root, which gives root up after binding, or change {key}"
-            )
-        elif exc.errno == errno.EADDRNOTAVAIL:
-            what = f"{address} is not an address of this host: change {key}"
-        else:
-            what = f"cannot listen on {address}: {exc.strerror or exc}: check {key}"
-        super().__init__(f"{key}: {what}")
-
-
-@contextlib.contextmanager
-def binding(key: str, address: str) -> Iterator[None]:
-    """Turn an :class:`OSError` of binding ``address`` into a :class:`ListenError`.
-
-    Args:
-        key: the configuration key that names the address (``listen``, ``ssl_listen``...).
-        address: ``HOST:PORT`` or ``unix:/path``, as the configuration gives it.
-    """
-    try:
-        yield
-    except OSError as exc:
-        raise ListenError(key, address, exc) from exc
+    def __init__(self, message: str, *, in_use: bool) -> None:
+        super().__init__(message)
+        self.in_use = in_use

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from pobox.binding import listen_error
 from pobox.cli import _overrides, build_parser
 from pobox.config import load_config
-from pobox.errors import ListenError
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS, ROOT_MAIL_VALUES
 from tests.tls.helpers import Pki
 
@@ -251,7 +251,7 @@ class TestListenError:
     )  # fmt: skip
     def test_messages(self, code: int, message: str, in_use: bool) -> None:
         """Each errno gets its cause and its fix, naming the key."""
-        error = ListenError("ssl_listen", "[::1]:995", OSError(code, os.strerror(code)))
+        error = listen_error("ssl_listen", "[::1]:995", OSError(code, os.strerror(code)))
         assert (message, in_use) == (str(error), error.in_use)
 
     def test_unresolvable_host(self) -> None:
@@ -259,7 +259,7 @@ class TestListenError:
         try:
             socket.getaddrinfo("pobox-no-such-host.invalid", 110)
         except socket.gaierror as exc:
-            error = ListenError("listen", "pobox-no-such-host.invalid:110", exc)
+            error = listen_error("listen", "pobox-no-such-host.invalid:110", exc)
         else:
             pytest.fail(".invalid resolved")
         assert str(error).startswith(

@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Final, cast
 
 from pobox import _logevents as events
+from pobox.binding import binding
 from pobox.config import Config, parse_listen
 from pobox.delivery._agent import DeliveryAgent
 from pobox.delivery._protocol import DeliveryLimits, DeliveryProtocol
 from pobox.delivery.lmtp import LmtpHandler, LmtpProtocol
 from pobox.delivery.smtp import SmtpHandler, SmtpProtocol
-from pobox.errors import ConfigError, binding
+from pobox.errors import ConfigError
 from pobox.metrics import Metrics
 from pobox.server import _inherit
 from pobox.server._limits import IN_ALL, ConnectionLimits

@@ -29,8 +29,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
+from pobox.binding import binding
 from pobox.config import Listen
-from pobox.errors import binding
 from pobox.server import _http
 from pobox.server._http import MAX_CONNECTIONS, MAX_REQUEST, READ_DEADLINE, HttpEndpoint
 

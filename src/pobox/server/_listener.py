@@ -40,8 +40,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from pobox import _logevents as events
+from pobox.binding import binding
 from pobox.config import Listen
-from pobox.errors import ConfigError, binding
+from pobox.errors import ConfigError
 from pobox.log import SessionLog
 from pobox.server import _inherit
 from pobox.server._driver import Pop3Protocol

@@ -25,8 +25,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry
 
+from pobox.binding import binding
 from pobox.config import Listen
-from pobox.errors import binding
 from pobox.metrics import CONTENT_TYPE, render
 from pobox.server._http import HttpEndpoint
 

@@ -53,8 +53,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from pobox.binding import binding
 from pobox.config import Config, Listen, parse_listen
-from pobox.errors import ConfigError, binding
+from pobox.errors import ConfigError
 from pobox.server import _inherit
 from pobox.server._listener import BACKLOG, _listening_sockets
 
