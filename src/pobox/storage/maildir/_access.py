@@ -139,6 +139,7 @@ from pobox.storage.maildir._names import (
     base_name,
     delivery_sort_key,
     is_acceptable_name,
+    seen_name,
     size_field,
 )
 
@@ -355,6 +356,41 @@ class MaildirHandle:
             return
         with Dir.open_root(self.root, self.owner) as root:
             _forget(root, list(keys), lock_timeout)
+
+    def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Give messages of the snapshot the ``S`` (seen) flag, as an IMAP server would.
+
+        Each file is renamed within the maildir to its name with ``S`` added to the flags
+        (:func:`~._names.seen_name`), into ``cur/`` (a message in ``new/`` moves there, as
+        Maildir wants of a message a client has seen). The base name, and so the UIDL, the
+        index entry and the size fields, never changes; other flags are kept. A message that
+        has the flag already, or whose file is gone (expunged by another program meanwhile),
+        needs nothing. A file renamed by another program since the snapshot is found again
+        once. Nothing is followed: only regular files of the owner in the maildir's own
+        ``new/`` and ``cur/`` are renamed, and never over an existing name. The directories
+        touched are fsynced.
+
+        Returns:
+            The keys whose file could not be renamed (no permission, not a regular file of
+            the owner, a key not in the snapshot).
+
+        Raises:
+            StorageError: the maildir (or ``new/``, ``cur/``) cannot be opened or synced.
+        """
+        self._check_open()
+        failed: list[str] = []
+        with Dir.open_root(self.root, self.owner) as root, _Subdirs(root) as subdirs:
+            for key in keys:
+                location = self._files.get(key)
+                if location is None:
+                    failed.append(key)
+                    continue
+                try:
+                    self._files[key] = _mark_seen(subdirs, key, location)
+                except StorageError:
+                    failed.append(key)
+            subdirs.fsync_touched()
+        return tuple(failed)
 
     def close(self) -> None:
         """Release the session lock; safe to call more than once."""
@@ -626,11 +662,11 @@ class _Subdirs:
         return directory
 
     def touched(self, name: str) -> None:
-        """Note that an entry of ``name`` was removed (it is fsynced at the end)."""
+        """Note that an entry of ``name`` was removed or added (it is fsynced at the end)."""
         self._touched.add(name)
 
     def fsync_touched(self) -> None:
-        """Fsync the subdirectories where entries were removed."""
+        """Fsync the subdirectories where entries were removed or added."""
         for name in sorted(self._touched):
             self._open[name].fsync()
 
@@ -1024,6 +1060,46 @@ def _unlink_message(subdirs: _Subdirs, key: str, location: Location) -> bool:
     except StorageError:
         return False
     return True
+
+
+def _mark_seen(subdirs: _Subdirs, key: str, location: Location) -> Location:
+    """Rename one message file to its name with the ``S`` flag, in ``cur/``; return where it is.
+
+    Nothing is done to a file that has the flag (in ``cur/``), whose info part is not ``2,``,
+    or that is gone (expunged by another program): its last known location is returned.
+
+    Raises:
+        UnsafeFile: it is not a regular file of the owner.
+        StorageError: the rename failed for another reason than the file being gone.
+    """
+    for _ in range(2):  # once more if another program renamed it since we last saw it
+        directory, name = location
+        new = seen_name(name) or name
+        if (directory, new) == ("cur", name):
+            return location
+        source = subdirs.get(directory)
+        st = source.stat(name)
+        if st is not None:
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != source.owner:
+                msg = f"refusing {source.path}/{name}: not a regular file of uid {source.owner}"
+                raise UnsafeFile(msg)
+            cur = subdirs.get("cur")
+            if cur.stat(new) is not None:
+                return "cur", new  # another program gave it that name already: not replaced
+            try:
+                source.rename(name, cur, new)
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError):
+                    raise
+            else:
+                subdirs.touched(directory)
+                subdirs.touched("cur")
+                return "cur", new
+        found = _find_message_in(subdirs, key)
+        if found is None:
+            return location  # expunged meanwhile: nothing to flag
+        location = found
+    return location
 
 
 def _forget(root: Dir, bases: list[str], lock_timeout: float) -> None:

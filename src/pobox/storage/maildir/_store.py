@@ -381,6 +381,27 @@ class MaildirMaildrop:
                 await _retrying(self._gates, handle.root, self._lock_timeout, forget)
         return result
 
+    async def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Add the ``S`` flag to the files of messages (:meth:`MaildirHandle.mark_seen`).
+
+        Runs in a worker thread, in the maildir's turn; it takes no index lock (the index,
+        keyed by base name, does not change).
+
+        Returns:
+            The keys that could not be marked.
+
+        Raises:
+            StorageError: the maildir could not be opened or synced.
+        """
+        self._check_open()
+        handle = self._handle
+        return await _retrying(
+            self._gates,
+            handle.root,
+            self._lock_timeout,
+            functools.partial(handle.mark_seen, tuple(keys)),
+        )
+
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
         """Do nothing: a lock file held by this process is lost only with the process."""
 

@@ -302,7 +302,7 @@ class Helper:
                 maildrop = core.open_path(root, owner=owner.uid, lock=lock, taken=taken)
             handle = self._add(_Session(owner, maildrop))
             return {"handle": handle, "messages": messages_to_wire(list(maildrop.messages))}, []
-        if op in ("fetch", "delete"):
+        if op in ("fetch", "delete", "seen"):
             session = self._session(args["handle"])
             with session.lock:
                 if session.closed:
@@ -312,6 +312,8 @@ class Helper:
                 if op == "fetch":
                     fd, size = session.maildrop.open_message(args["key"])
                     return {"size": size}, [fd]
+                if op == "seen":
+                    return {"failed": list(session.maildrop.mark_seen(args["keys"]))}, []
                 result = session.maildrop.delete(args["keys"])
             return {"removed": list(result.removed), "failed": list(result.failed)}, []
         if op == "close":
