@@ -1,0 +1,98 @@
+"""Marking messages seen through the storage helper: with the owner's rights, nothing else.
+
+The serving process asks the root helper (``seen``) to rename message files of a maildrop it
+opened; the helper does it as the maildir's owner, through the same safe file layer as every
+other operation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pobox.config import build_config
+from pobox.records import User
+from pobox.storage.base import SeenFlags
+from pobox.storage.privsep import OwnerPolicy, StorageHelper
+from tests.privsep.conftest import World
+
+
+@pytest.fixture
+async def helper(world: World) -> AsyncIterator[StorageHelper]:
+    """A started storage helper for the world's maildirs."""
+    config = build_config(
+        {"mail_location": "maildir:~/Maildir", "passwd_file": str(world.root / "passwd")}
+    )
+    started = await StorageHelper.start(
+        config, OwnerPolicy.from_config(config, fallback=None), on_lost=lambda _: None
+    )
+    yield started
+    await started.aclose()
+
+
+def _alice(world: World) -> User:
+    return User(
+        world.alice.name,
+        uid=world.alice.uid,
+        gid=world.alice.gid,
+        home=str(world.home(world.alice)),
+    )
+
+
+def _entries(maildir: Path) -> dict[str, tuple[int, int]]:
+    """Map ``dir/name`` of each message file to its (owner, inode)."""
+    found = {}
+    for directory in ("new", "cur"):
+        for entry in (maildir / directory).iterdir():
+            st = entry.lstat()
+            found[f"{directory}/{entry.name}"] = (st.st_uid, st.st_ino)
+    return found
+
+
+class TestSeenThroughTheHelper:
+    """``mark_seen`` of a maildrop the helper holds."""
+
+    async def test_renamed_as_the_owner_uidl_kept(
+        self, helper: StorageHelper, world: World
+    ) -> None:
+        """The file moves to cur/ with ``:2,S``, same inode and owner; the UIDL stays."""
+        maildir = world.maildir(world.alice)
+        [(name, (uid, ino))] = _entries(maildir).items()
+        maildrop = await helper.store.open(_alice(world))
+        try:
+            assert isinstance(maildrop, SeenFlags)
+            [info] = maildrop.messages
+            failed = await maildrop.mark_seen([info.key, "../../../etc/passwd"])
+        finally:
+            await maildrop.close()
+        again = await helper.store.open(_alice(world))
+        try:
+            [info_again] = again.messages
+        finally:
+            await again.close()
+        base = name.removeprefix("new/")
+        assert ("../../../etc/passwd",) == failed
+        assert {f"cur/{base}:2,S": (world.alice.uid, ino)} == _entries(maildir)
+        assert world.alice.uid == uid
+        assert (info.uidl, info.size) == (info_again.uidl, info_again.size)
+
+    async def test_file_not_the_owners_is_not_renamed(
+        self, helper: StorageHelper, world: World
+    ) -> None:
+        """A message replaced by a root-owned file after the snapshot is refused, not renamed."""
+        maildir = world.maildir(world.alice)
+        [name] = _entries(maildir)
+        maildrop = await helper.store.open(_alice(world))
+        try:
+            [info] = maildrop.messages
+            path = maildir / name
+            path.unlink()
+            path.write_bytes(b"planted by root\n")  # owned by root: not alice's
+            failed = await maildrop.mark_seen([info.key])
+        finally:
+            await maildrop.close()
+        assert (info.key,) == failed
+        assert {name: (0, os.stat(maildir / name).st_ino)} == _entries(maildir)
