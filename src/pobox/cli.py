@@ -224,7 +224,11 @@ def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> Maildro
     """
     if config.mail_location == "postgresql":
         return _postgres_store(config)
-    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    maildir = MaildirStore(
+        config.mail_location,
+        inline_read_max=config.mail_inline_read_max,
+        reuse_xuidl=config.pop3_reuse_xuidl,
+    )
     if plan is None:
         me = Owner(os.geteuid(), os.getegid())
         return SameOwnerStore(maildir, OwnerPolicy.from_config(config, fallback=me), me)
@@ -1115,7 +1119,11 @@ def build_deliver_store(config: Config) -> MaildropStore:
     """
     if os.geteuid() != 0 or config.mail_location == "postgresql":
         return build_store(config)
-    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    maildir = MaildirStore(
+        config.mail_location,
+        inline_read_max=config.mail_inline_read_max,
+        reuse_xuidl=config.pop3_reuse_xuidl,
+    )
     return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
 
 

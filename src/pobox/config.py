@@ -487,6 +487,13 @@ class Config:
         "PostgreSQL, which has no IMAP side.",
         section="POP3 service",
     )
+    pop3_reuse_xuidl: bool = key(
+        False,
+        "At a maildir's first open, keep the UIDL of a message's `X-UIDL:` header (left by "
+        "qpopper and other mbox servers), as Dovecot's key of that name. UIDLs of "
+        "`dovecot-uidlist`, `courierpop3dsizelist` and `pobox-uidl-map` are kept always.",
+        section="POP3 service",
+    )
     mail_inline_read_max: int = key(
         128 * 1024,
         "Messages up to this many octets are read in the event loop instead of a worker "

@@ -1,8 +1,8 @@
-"""Marking messages seen through the storage helper: with the owner's rights, nothing else.
+"""Issue 15 through the storage helper: seen flags with the owner's rights, X-UIDL import.
 
 The serving process asks the root helper (``seen``) to rename message files of a maildrop it
 opened; the helper does it as the maildir's owner, through the same safe file layer as every
-other operation.
+other operation. ``pop3_reuse_xuidl`` reaches the helper in its ``hello`` settings.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pobox.config import build_config
 from pobox.records import User
 from pobox.storage.base import SeenFlags
 from pobox.storage.privsep import OwnerPolicy, StorageHelper
+from tests.helpers.accounts import chown_tree
+from tests.helpers.maildir import deliver
 from tests.privsep.conftest import World
 
 
@@ -96,3 +98,32 @@ class TestSeenThroughTheHelper:
             await maildrop.close()
         assert (info.key,) == failed
         assert {name: (0, os.stat(maildir / name).st_ino)} == _entries(maildir)
+
+
+class TestReuseXuidlThroughTheHelper:
+    """``pop3_reuse_xuidl`` reaches the helper's core (the ``hello`` settings)."""
+
+    @pytest.mark.parametrize("reuse", [True, False])
+    async def test_xuidl_kept_only_with_the_key(self, world: World, reuse: bool) -> None:
+        """An ``X-UIDL:`` header in alice's maildir is her message's UIDL only with the key."""
+        maildir = world.maildir(world.alice)
+        deliver(maildir, b"X-UIDL: qpopper-1234\nSubject: old\n\nbody\n")
+        chown_tree(world.home(world.alice), world.alice)
+        config = build_config(
+            {
+                "mail_location": "maildir:~/Maildir",
+                "passwd_file": str(world.root / "passwd"),
+                "pop3_reuse_xuidl": reuse,
+            }
+        )
+        started = await StorageHelper.start(
+            config, OwnerPolicy.from_config(config, fallback=None), on_lost=lambda _: None
+        )
+        try:
+            maildrop = await started.store.open(_alice(world))
+            uidls = [info.uidl for info in maildrop.messages]
+            await maildrop.close()
+        finally:
+            await started.aclose()
+        assert reuse == ("qpopper-1234" in uidls)
+        assert 2 == len(uidls)

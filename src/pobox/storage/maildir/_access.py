@@ -88,18 +88,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.errors import ConfigError
-from pobox.storage._safefs import Dir, UnsafeFile, flocked, flocked_if_free, open_by_real_path
+from pobox.storage._safefs import (
+    Dir,
+    UnsafeFile,
+    flocked,
+    flocked_if_free,
+    open_by_real_path,
+    read_upto,
+)
 from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import (
     DeleteResult,
@@ -121,6 +130,16 @@ from pobox.storage.maildir._deliver import (
     deliver_message,
     maildir_usage,
     open_maildir,
+)
+from pobox.storage.maildir._foreign import (
+    COURIER_NAME,
+    FOREIGN_MAX,
+    MAP_NAME,
+    XUIDL_HEADER_MAX,
+    checked_uidls,
+    parse_courier_sizelist,
+    parse_uidl_map,
+    xuidl_header,
 )
 from pobox.storage.maildir._fs import SessionLock
 from pobox.storage.maildir._index import (
@@ -144,6 +163,10 @@ from pobox.storage.maildir._names import (
 )
 
 __all__ = ["LOCK_NAME", "LOCK_TIMEOUT", "MaildirAccess", "MaildirHandle"]
+
+logger = logging.getLogger(__name__)
+#: Refused imported UIDLs logged one by one per maildir; the rest are counted.
+_COMPLAINTS_LOGGED = 20
 
 #: The session lock, inside the maildir: Dovecot's ``POP3_LOCK_FNAME`` (see :mod:`._fs`).
 LOCK_NAME = "dovecot-pop3-session.lock"
@@ -415,6 +438,7 @@ class MaildirAccess:
         *,
         index: bool = True,
         lock_timeout: float = LOCK_TIMEOUT,
+        reuse_xuidl: bool = False,
     ) -> None:
         """Serve the maildirs that ``location`` names.
 
@@ -424,6 +448,8 @@ class MaildirAccess:
             index: keep UIDs and sizes in ``pobox-uidlist`` (the default); without it, see the
                 module documentation.
             lock_timeout: how long to wait at most for a busy index lock.
+            reuse_xuidl: at a maildir's first open, keep the UIDL of an ``X-UIDL:`` header
+                (Dovecot's ``pop3_reuse_xuidl``; see :mod:`._foreign`).
 
         Raises:
             ConfigError: the location is malformed.
@@ -436,6 +462,7 @@ class MaildirAccess:
             raise ConfigError(msg) from exc
         self.index = index
         self.lock_timeout = lock_timeout
+        self.reuse_xuidl = reuse_xuidl
         #: The snapshot cache (shared with the non-blocking open of the async store).
         self.cache = SnapshotCache()
         self._tmp_cleaner = TmpCleaner()
@@ -619,7 +646,9 @@ class MaildirAccess:
                     directory.make_dir("tmp")  # where deliveries write; whatever is there
                     self._tmp_cleaner.maybe_clean(directory)
                 if self.index:
-                    messages, files = _indexed_snapshot(directory, self.cache, lock_timeout)
+                    messages, files = _indexed_snapshot(
+                        directory, self.cache, lock_timeout, reuse_xuidl=self.reuse_xuidl
+                    )
                 else:
                     messages, files = _unindexed_snapshot(directory)
                 real = directory.real_path()
@@ -680,12 +709,14 @@ class _Subdirs:
 
 
 def _indexed_snapshot(
-    root: Dir, cache: SnapshotCache, lock_timeout: float
+    root: Dir, cache: SnapshotCache, lock_timeout: float, *, reuse_xuidl: bool = False
 ) -> tuple[tuple[MessageInfo, ...], dict[str, Location]]:
     """Reconcile the index with the directories; return the snapshot and file locations.
 
-    Uses and updates the cache (see the module documentation).
+    Uses and updates the cache (see the module documentation). At the first open (no
+    ``pobox-uidlist`` yet), other servers' UIDLs are adopted (:func:`_adopt_foreign_uidls`).
     """
+    first = False
     with flocked(root, INDEX_LOCK_NAME, timeout=lock_timeout):
         cached = cache.get(root.path)
         index_key = _file_key(root, INDEX_NAME)
@@ -699,6 +730,7 @@ def _indexed_snapshot(
             dirty = False
             digest = cached.index_digest
         else:
+            first = index_key is None
             uidlist, dirty, index_key, digest = _load_index(root, cached)
         with _Subdirs(root) as subdirs:
             files = _list_messages(subdirs)
@@ -727,6 +759,8 @@ def _indexed_snapshot(
                         del uidlist.entries[base]
                         files.pop(base, None)
                     dirty = True
+            if first and _adopt_foreign_uidls(root, subdirs, uidlist, files, reuse_xuidl):
+                dirty = True
         if dirty:
             text = format_pobox_uidlist(uidlist)
             raw = text.encode("utf-8", "surrogateescape")
@@ -748,6 +782,79 @@ def _indexed_snapshot(
                 ),
             )
     return messages, files
+
+
+def _adopt_foreign_uidls(
+    root: Dir,
+    subdirs: _Subdirs,
+    uidlist: UidList,
+    files: dict[str, Location],
+    reuse_xuidl: bool,
+) -> bool:
+    """Give messages the UIDLs other servers gave them (:mod:`._foreign`); tell if any changed.
+
+    By precedence: the admin's ``pobox-uidl-map``, Dovecot's ``P`` (already in ``uidlist``),
+    Courier's ``courierpop3dsizelist``, then (``reuse_xuidl``) an ``X-UIDL:`` header. Then
+    every UIDL is checked (valid, unique, not of pobox's generated form); one refused is
+    dropped (the message gets a generated UIDL) and logged.
+    """
+    admin = _foreign_list(root, MAP_NAME, parse_uidl_map)
+    courier = _foreign_list(root, COURIER_NAME, parse_courier_sizelist)
+    if not (admin or courier or reuse_xuidl) and all(
+        entry.uidl is None for entry in uidlist.entries.values()
+    ):
+        return False
+    ordered = sorted(uidlist.entries.items(), key=lambda item: item[1].uid)
+    proposed = []
+    for base, entry in ordered:
+        uidl = admin.get(base) or entry.uidl or courier.get(base)
+        if uidl is None and reuse_xuidl and base in files:
+            uidl = _xuidl(subdirs, files[base])
+        proposed.append((base, uidl, f"{entry.uid:08x}{uidlist.uidvalidity:08x}"))
+    generated = re.compile(f"[0-9a-f]{{8,}}{uidlist.uidvalidity:08x}")
+    keep, complaints = checked_uidls(proposed, generated)
+    for complaint in complaints[:_COMPLAINTS_LOGGED]:
+        logger.warning(
+            "Maildir %s: imported UIDL refused, a new one given: %s", root.path, complaint
+        )
+    if len(complaints) > _COMPLAINTS_LOGGED:
+        logger.warning(
+            "Maildir %s: %d more imported UIDLs refused",
+            root.path,
+            len(complaints) - _COMPLAINTS_LOGGED,
+        )
+    changed = False
+    for base, entry in ordered:
+        if entry.uidl != keep[base]:
+            entry.uidl = keep[base]
+            changed = True
+    return changed
+
+
+def _foreign_list(root: Dir, name: str, parse: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """Read and parse another server's list in the maildir; empty if missing or unusable."""
+    try:
+        raw = root.read_file(name, FOREIGN_MAX)
+    except StorageError as exc:  # a link, a FIFO, too large: the user's doing
+        logger.warning("Maildir %s: %s ignored: %s", root.path, name, exc)
+        return {}
+    if raw is None:
+        return {}
+    return parse(raw.decode("utf-8", "surrogateescape"))
+
+
+def _xuidl(subdirs: _Subdirs, location: Location) -> str | None:
+    """Return the ``X-UIDL:`` of a message file's header, if it has one (and is the owner's)."""
+    directory, name = location
+    try:
+        handle = subdirs.get(directory).open_file(name)
+        if handle is None:
+            return None
+        with handle:
+            head = read_upto(handle.fd, min(handle.size, XUIDL_HEADER_MAX))
+    except (StorageError, OSError):
+        return None
+    return xuidl_header(head)
 
 
 def _file_key(root: Dir, name: str) -> _FileKey | None:

@@ -119,6 +119,7 @@ class MaildirStore:
         inline_read_max: int = INLINE_READ_MAX,
         owner: int | None = None,
         lock_timeout: float = LOCK_TIMEOUT,
+        reuse_xuidl: bool = False,
     ) -> None:
         """Create a store serving the maildirs that ``location`` names.
 
@@ -133,11 +134,15 @@ class MaildirStore:
                 effective uid at each call).
             lock_timeout: how long an operation waits at most for a busy index lock, and for
                 its turn on a maildir busy with another operation.
+            reuse_xuidl: at a maildir's first open, keep the UIDLs of ``X-UIDL:`` headers
+                (``pop3_reuse_xuidl``).
 
         Raises:
             ConfigError: the location is malformed.
         """
-        self._access = MaildirAccess(location, index=index, lock_timeout=lock_timeout)
+        self._access = MaildirAccess(
+            location, index=index, lock_timeout=lock_timeout, reuse_xuidl=reuse_xuidl
+        )
         self._inline_read_max = inline_read_max
         self._owner = owner
         self._gates = MaildirGates()

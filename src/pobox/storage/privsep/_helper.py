@@ -97,6 +97,8 @@ class Settings:
     files: dict[str, str]
     appends: dict[str, str]
     workers: int
+    #: ``pop3_reuse_xuidl`` (optional in the frame: false).
+    reuse_xuidl: bool = False
 
     @classmethod
     def from_wire(cls, value: dict[str, Any]) -> Settings:
@@ -117,8 +119,12 @@ class Settings:
             "appends": dict,
             "workers": int,
         }
-        if set(value) != set(expected):
-            msg = f"settings: expected {sorted(expected)}"
+        reuse_xuidl = value.get("reuse_xuidl", False)
+        if type(reuse_xuidl) is not bool:
+            msg = "settings.reuse_xuidl: wrong type"
+            raise InvalidRequest(msg)
+        if set(value) - {"reuse_xuidl"} != set(expected):
+            msg = f"settings: expected {sorted(expected)} (and optionally reuse_xuidl)"
             raise InvalidRequest(msg)
         for key, kind in expected.items():
             if not isinstance(value[key], kind) or isinstance(value[key], bool):
@@ -139,7 +145,14 @@ class Settings:
             fallback=None,  # the helper is root: a user without an owner is refused
         )
         workers = max(1, min(value["workers"], 256))
-        return cls(value["location"], policy, dict(value["files"]), dict(value["appends"]), workers)
+        return cls(
+            value["location"],
+            policy,
+            dict(value["files"]),
+            dict(value["appends"]),
+            workers,
+            reuse_xuidl,
+        )
 
 
 @dataclass(slots=True)
@@ -236,7 +249,7 @@ class Helper:
             msg = "the first request must be hello"
             raise InvalidRequest(msg, request_id)
         self._settings = Settings.from_wire(args["settings"])
-        self._core = MaildirAccess(self._settings.location)
+        self._core = MaildirAccess(self._settings.location, reuse_xuidl=self._settings.reuse_xuidl)
         for key, path in (*self._settings.files.items(), *self._settings.appends.items()):
             self._dirs[key] = _open_parent(path)
         self._reply(self._main, request_id, {"pid": os.getpid()})

@@ -580,6 +580,7 @@ class StorageHelper:
             "files": config_files(config),
             "appends": {"log_path": config.log_path} if config.log_path else {},
             "workers": min(32, (os.cpu_count() or 1) + 4),
+            "reuse_xuidl": config.pop3_reuse_xuidl,
         }
         main_ours, main_theirs = socket_pair()
         files_ours, files_theirs = socket_pair()
