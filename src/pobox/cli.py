@@ -1594,9 +1594,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         owner = maildir_owner(path)
         source: MaildirSource | ForkedMaildirSource
         if owner is None:
-            source = MaildirSource(path, user.name)
+            source = MaildirSource(path, user.name, reuse_xuidl=config.pop3_reuse_xuidl)
         else:
-            source = ForkedMaildirSource(path, user.name, owner)
+            source = ForkedMaildirSource(
+                path, user.name, owner, reuse_xuidl=config.pop3_reuse_xuidl
+            )
             source.start(known)
         report = asyncio.run(_import_run(config, user, source, known))
     except (StorageTemporaryError, MaildropLocked, AuthTemporaryError) as exc:
