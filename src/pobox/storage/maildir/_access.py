@@ -380,6 +380,20 @@ class MaildirHandle:
         with Dir.open_root(self.root, self.owner) as root:
             _forget(root, list(keys), lock_timeout)
 
+    def unseen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Return the keys whose file, as last seen, still needs the ``S`` flag (no I/O).
+
+        A message seen already in ``cur/`` (a second session's RETR of it) needs no visit to
+        the disk at all.
+        """
+        files = self._files
+        out = []
+        for key in keys:
+            location = files.get(key)
+            if location is None or location[0] != "cur" or seen_name(location[1]) is not None:
+                out.append(key)
+        return tuple(out)
+
     def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
         """Give messages of the snapshot the ``S`` (seen) flag, as an IMAP server would.
 
@@ -391,14 +405,15 @@ class MaildirHandle:
         needs nothing. A file renamed by another program since the snapshot is found again
         once. Nothing is followed: only regular files of the owner in the maildir's own
         ``new/`` and ``cur/`` are renamed, and never over an existing name. The directories
-        touched are fsynced.
+        are not fsynced (as Dovecot's flag changes are not): a crash may lose a flag, never a
+        message, which is a rename within the maildir.
 
         Returns:
             The keys whose file could not be renamed (no permission, not a regular file of
             the owner, a key not in the snapshot).
 
         Raises:
-            StorageError: the maildir (or ``new/``, ``cur/``) cannot be opened or synced.
+            StorageError: the maildir cannot be opened.
         """
         self._check_open()
         failed: list[str] = []
@@ -412,7 +427,6 @@ class MaildirHandle:
                     self._files[key] = _mark_seen(subdirs, key, location)
                 except StorageError:
                     failed.append(key)
-            subdirs.fsync_touched()
         return tuple(failed)
 
     def close(self) -> None:

@@ -389,22 +389,26 @@ class MaildirMaildrop:
     async def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
         """Add the ``S`` flag to the files of messages (:meth:`MaildirHandle.mark_seen`).
 
-        Runs in a worker thread, in the maildir's turn; it takes no index lock (the index,
-        keyed by base name, does not change).
+        Runs in a worker thread, in the maildir's turn, unless every message is seen already
+        (by the names last seen); it takes no index lock (the index, keyed by base name,
+        does not change).
 
         Returns:
             The keys that could not be marked.
 
         Raises:
-            StorageError: the maildir could not be opened or synced.
+            StorageError: the maildir could not be opened.
         """
         self._check_open()
         handle = self._handle
+        todo = handle.unseen(keys)
+        if not todo:
+            return ()  # all seen already: no worker thread, no system call
         return await _retrying(
             self._gates,
             handle.root,
             self._lock_timeout,
-            functools.partial(handle.mark_seen, tuple(keys)),
+            functools.partial(handle.mark_seen, todo),
         )
 
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
