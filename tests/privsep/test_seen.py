@@ -19,7 +19,7 @@ from pobox.storage.base import SeenFlags
 from pobox.storage.privsep import OwnerPolicy, StorageHelper
 from tests.helpers.accounts import chown_tree
 from tests.helpers.maildir import deliver
-from tests.privsep.conftest import World
+from tests.privsep.conftest import World, settings, start_helper
 
 
 @pytest.fixture
@@ -127,3 +127,26 @@ class TestReuseXuidlThroughTheHelper:
             await started.aclose()
         assert reuse == ("qpopper-1234" in uidls)
         assert 2 == len(uidls)
+
+
+class TestHelperLogsRefusedUidls:
+    """The helper's core logs a refused imported UIDL on its standard error, sanitised."""
+
+    def test_refused_uidl_logged_on_one_clean_line(self, world: World) -> None:
+        """A map whose UIDLs hold an escape character: one clean line for each."""
+        maildir = world.maildir(world.alice)
+        deliver(maildir, b"Subject: second\n\nbody\n")
+        names = sorted(path.name for path in (maildir / "new").iterdir())
+        (maildir / "pobox-uidl-map").write_bytes(
+            f"{names[0]} \x1b[2Jdup\n{names[1]} \x1b[2Jdup\n".encode()
+        )
+        chown_tree(world.home(world.alice), world.alice)
+        running = start_helper(settings())
+        try:
+            running.ok("open", user=world.user(world.alice), lock=False)
+        finally:
+            _, err = running.stop()
+        lines = [line for line in err.splitlines() if "imported UIDL refused" in line]
+        assert "\x1b" not in err
+        assert 2 == len(lines)
+        assert all("?[2Jdup is not a valid UIDL" in line for line in lines)

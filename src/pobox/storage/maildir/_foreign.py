@@ -55,6 +55,8 @@ COURIER_NAME = "courierpop3dsizelist"
 FOREIGN_MAX = 16 * 1024 * 1024
 #: How much of a message's header is searched for ``X-UIDL:``.
 XUIDL_HEADER_MAX = 64 * 1024
+#: How much of a refused UIDL a complaint quotes.
+_SHOWN = 80
 _COURIER_HEADER = re.compile(r"/([23]) ([0-9]+) ([0-9]+)")
 _COURIER_UID = re.compile(r"([0-9]+):([0-9]+)(?::[0-9]+)?")
 
@@ -141,7 +143,8 @@ def checked_uidls(
             keep[base] = None
             continue
         if not is_valid_uidl(uidl):
-            complaints.append(f"{base}: not a valid UIDL")
+            shown = uidl if len(uidl) <= _SHOWN else uidl[:_SHOWN] + "..."
+            complaints.append(f"{base}: {shown} is not a valid UIDL")
         elif uidl != own and generated.fullmatch(uidl):
             complaints.append(f"{base}: UIDL {uidl} has the form of pobox's own")
         elif uidl in taken:

@@ -39,6 +39,7 @@ of this package.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -86,6 +87,19 @@ def _log(message: str) -> None:
     clean = message.encode("ascii", "backslashreplace").decode().replace("\n", "\\n")
     sys.stderr.write(f"pobox storage-helper[{os.getpid()}]: {clean}\n")
     sys.stderr.flush()
+
+
+class _LogToStderr(logging.Handler):
+    """Send the core's log records (an imported UIDL refused...) to :func:`_log`, sanitised.
+
+    The core's messages can quote what a maildir's user wrote: every character outside
+    printable ASCII becomes ``?``, so no record can start a line or hide from a reader.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` as one line."""
+        text = "".join(c if " " <= c <= "~" else "?" for c in record.getMessage())
+        _log(f"{record.levelname.lower()}: {text}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if os.geteuid() == 0:
         os.setgroups([])  # the owners' rights only: no supplementary group adds to them
+    core_log = logging.getLogger("pobox")
+    core_log.addHandler(_LogToStderr())
+    core_log.setLevel(logging.WARNING)
     # Session locks are refreshed (a thread of their own) and released with the owner's ids.
     use_thread_rights(thread_ids, _owner_rights)
     main_sock = socket.socket(fileno=int(args[0]))
