@@ -20,6 +20,8 @@ from pobox.storage.privsep import OwnerPolicy, StorageHelper
 from tests.helpers.accounts import chown_tree
 from tests.helpers.maildir import deliver
 from tests.privsep.conftest import World, settings, start_helper
+from tests.privsep.serving import serve
+from tests.privsep.test_serve import _passwd, _retrieve_all
 
 
 @pytest.fixture
@@ -150,3 +152,20 @@ class TestHelperLogsRefusedUidls:
         assert "\x1b" not in err
         assert 2 == len(lines)
         assert all("?[2Jdup is not a valid UIDL" in line for line in lines)
+
+
+class TestServeAsRoot:
+    """``pobox serve`` as root (helper mode): a RETR'd message is marked seen as its owner."""
+
+    async def test_retr_marks_seen_through_the_helper(self, world: World) -> None:
+        """After RETR and QUIT alice's message is ``cur/…:2,S``, still hers; a link is not."""
+        maildir = world.maildir(world.alice)
+        [message] = (maildir / "new").iterdir()
+        inode = message.stat().st_ino
+        os.symlink(world.secret, maildir / "new" / "1700000001.M1P1.evil,S=17,W=18")
+        async with serve(world.root, f'passwd_file = "{_passwd(world)}"\n') as served:
+            stat, _ = await _retrieve_all(served.port)
+        seen = maildir / "cur" / f"{message.name}:2,S"
+        assert stat.startswith(b"+OK 1 ")
+        assert (world.alice.uid, inode) == (seen.stat().st_uid, seen.stat().st_ino)
+        assert ["1700000001.M1P1.evil,S=17,W=18"] == [p.name for p in (maildir / "new").iterdir()]
