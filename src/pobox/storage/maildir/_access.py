@@ -48,7 +48,9 @@ current time, as in Dovecot, but always above the last one handed out, which
 ``pobox-uidvalidity`` remembers (Dovecot's ``dovecot-uidvalidity`` does the same). Every
 message then gets a new UIDL and clients download everything once more, but no old UIDL is
 ever given to another message. A maildir last served by Dovecot keeps Dovecot's UIDLs (its
-``dovecot-uidlist`` is imported once). pobox's own files (the index, its lock, the session
+``dovecot-uidlist`` is imported once), and so does one last served by Courier, one with an
+``X-UIDL:`` header per message, or one the admin wrote a UIDL map for (:mod:`._foreign`).
+pobox's own files (the index, its lock, the session
 lock) must be regular files of the owner: one replaced by a link or a FIFO is never followed;
 the open fails (``SYS/PERM``) until the user removes it.
 
@@ -57,6 +59,10 @@ except that messages with a POP3 order number imported from Dovecot (``O`` field
 by that number, as in Dovecot. A message's key is its base name (the file name without the
 ``:2,<flags>`` part), so a message whose flags change or that moves from ``new/`` to ``cur/``
 after the snapshot is found again by listing the directories once more.
+
+*Seen flags.* :meth:`MaildirHandle.mark_seen` gives messages the ``S`` flag as an IMAP
+server would (a rename within the maildir, into ``cur/``), for RETR as Dovecot's POP3 does;
+the base name, and with it the key, the UIDL and the index entry, does not change.
 
 *The snapshot cache.* Parsing a large index at every login costs more than anything else
 in it, so the core keeps, per maildir, the reconciled index and the snapshot of its last open
@@ -705,11 +711,11 @@ class _Subdirs:
         return directory
 
     def touched(self, name: str) -> None:
-        """Note that an entry of ``name`` was removed or added (it is fsynced at the end)."""
+        """Note that an entry of ``name`` was removed (it is fsynced at the end)."""
         self._touched.add(name)
 
     def fsync_touched(self) -> None:
-        """Fsync the subdirectories where entries were removed or added."""
+        """Fsync the subdirectories where entries were removed."""
         for name in sorted(self._touched):
             self._open[name].fsync()
 
@@ -1213,8 +1219,6 @@ def _mark_seen(subdirs: _Subdirs, key: str, location: Location) -> Location:
                 if not isinstance(exc.__cause__, FileNotFoundError):
                     raise
             else:
-                subdirs.touched(directory)
-                subdirs.touched("cur")
                 return "cur", new
         found = _find_message_in(subdirs, key)
         if found is None:
