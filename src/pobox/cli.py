@@ -233,7 +233,11 @@ def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> Maildro
     """
     if config.mail_location == "postgresql":
         return _postgres_store(config)
-    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    maildir = MaildirStore(
+        config.mail_location,
+        inline_read_max=config.mail_inline_read_max,
+        reuse_xuidl=config.pop3_reuse_xuidl,
+    )
     if plan is None:
         me = Owner(os.geteuid(), os.getegid())
         return SameOwnerStore(maildir, OwnerPolicy.from_config(config, fallback=me), me)
@@ -1169,7 +1173,11 @@ def build_deliver_store(config: Config) -> MaildropStore:
     """
     if os.geteuid() != 0 or config.mail_location == "postgresql":
         return build_store(config)
-    maildir = MaildirStore(config.mail_location, inline_read_max=config.mail_inline_read_max)
+    maildir = MaildirStore(
+        config.mail_location,
+        inline_read_max=config.mail_inline_read_max,
+        reuse_xuidl=config.pop3_reuse_xuidl,
+    )
     return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
 
 
@@ -1640,9 +1648,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         owner = maildir_owner(path)
         source: MaildirSource | ForkedMaildirSource
         if owner is None:
-            source = MaildirSource(path, user.name)
+            source = MaildirSource(path, user.name, reuse_xuidl=config.pop3_reuse_xuidl)
         else:
-            source = ForkedMaildirSource(path, user.name, owner)
+            source = ForkedMaildirSource(
+                path, user.name, owner, reuse_xuidl=config.pop3_reuse_xuidl
+            )
             source.start(known)
         report = asyncio.run(_import_run(config, user, source, known))
     except (StorageTemporaryError, MaildropLocked, AuthTemporaryError) as exc:

@@ -479,6 +479,21 @@ class Config:
         "[IN-USE]`.",
         section="POP3 service",
     )
+    pop3_no_flag_updates: bool = key(
+        False,
+        "Do not mark messages seen: by default, as Dovecot, a message sent whole by `RETR` "
+        "(not `TOP`) gets the Maildir `S` flag (IMAP `\\Seen`; the file moves from `new/` to "
+        "`cur/`) at the end of the session, UIDL and size unchanged. No effect on "
+        "PostgreSQL, which has no IMAP side.",
+        section="POP3 service",
+    )
+    pop3_reuse_xuidl: bool = key(
+        False,
+        "At a maildir's first open, keep the UIDL of a message's `X-UIDL:` header (left by "
+        "qpopper and other mbox servers), as Dovecot's key of that name. UIDLs of "
+        "`dovecot-uidlist`, `courierpop3dsizelist` and `pobox-uidl-map` are kept always.",
+        section="POP3 service",
+    )
     mail_inline_read_max: int = key(
         128 * 1024,
         "Messages up to this many octets are read in the event loop instead of a worker "

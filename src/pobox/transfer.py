@@ -182,8 +182,14 @@ def _location(path: Path) -> str:
 class MaildirSource:
     """The messages of a Maildir as pobox serves them, read in this process."""
 
-    def __init__(self, path: Path, name: str) -> None:
-        self._store = MaildirStore(_location(path))
+    def __init__(self, path: Path, name: str, *, reuse_xuidl: bool = False) -> None:
+        """Read the Maildir at ``path`` for user ``name``.
+
+        Args:
+            reuse_xuidl: keep ``X-UIDL:`` headers as UIDLs (``pop3_reuse_xuidl``), when
+                pobox has not indexed the Maildir yet.
+        """
+        self._store = MaildirStore(_location(path), reuse_xuidl=reuse_xuidl)
         self._user = User(name=name)
         self._path = path
 
@@ -243,10 +249,13 @@ class ForkedMaildirSource:
     - ``G <uidl>\\n``: a message that vanished; ``E <text>\\n``: an error; ``D\\n``: done.
     """
 
-    def __init__(self, path: Path, name: str, owner: tuple[int, int]) -> None:
+    def __init__(
+        self, path: Path, name: str, owner: tuple[int, int], *, reuse_xuidl: bool = False
+    ) -> None:
         self._path = path
         self._name = name
         self._owner = owner
+        self._reuse_xuidl = reuse_xuidl
         self._pid = 0
         self._pipe: BinaryIO | None = None
 
@@ -273,7 +282,8 @@ class ForkedMaildirSource:
         self._pipe = os.fdopen(read_end, "rb")
 
     async def _pump(self, out: BinaryIO, known: frozenset[str]) -> None:  # pragma: no cover
-        async for item in MaildirSource(self._path, self._name).read(known):
+        source = MaildirSource(self._path, self._name, reuse_xuidl=self._reuse_xuidl)
+        async for item in source.read(known):
             if isinstance(item, tuple):
                 out.write(b"N %d %d\n" % item)
             elif isinstance(item, str):

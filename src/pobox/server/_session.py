@@ -73,6 +73,7 @@ from pobox.storage.base import (
     MaildropLocked,
     MaildropStore,
     MessageGone,
+    SeenFlags,
     StorageError,
 )
 from pobox.tls import ServerTls, plaintext_auth_allowed
@@ -227,6 +228,8 @@ class Session:
         self.last_user: str | None = None
         self.last_method = "PLAIN"
         self.delete_failures = 0
+        #: Keys of the messages sent whole by RETR (not TOP), to be marked seen at the end.
+        self.retrieved: set[str] = set()
         self.started = time.monotonic()
         self.secure = info.secure
         self._kick = kick
@@ -514,6 +517,7 @@ class Session:
             return False
         self.conn.send(MessageData(data))
         self.conn.send(EndOfMessage())
+        self._sent(event, info.key)
         return True
 
     async def retrieve(self, event: RetrieveMessage, flush: Callable[[], Awaitable[None]]) -> None:
@@ -537,6 +541,12 @@ class Session:
             if aclose is not None:
                 await aclose()
         conn.send(EndOfMessage())
+        self._sent(event, info.key)
+
+    def _sent(self, event: RetrieveMessage, key: str) -> None:
+        """Note a message sent whole by RETR, to mark it seen at the end of the session."""
+        if event.body_lines is None and not self.ctx.config.pop3_no_flag_updates:
+            self.retrieved.add(key)
 
     def _unavailable(self, event: RetrieveMessage, key: str, exc: StorageError) -> None:
         """Log why a message cannot be read and tell the core."""
@@ -581,6 +591,7 @@ class Session:
                 )
                 failed = len(keys)
             self.delete_failures = failed
+            self.retrieved.difference_update(keys)
             if failed:
                 self._count_storage_error("delete")
                 self.log.error(
@@ -598,13 +609,39 @@ class Session:
     # ----------------------------------------------------------------- the end
 
     async def release(self) -> None:
-        """Close the maildrop (releasing its lock); safe to call more than once."""
+        """Close the maildrop (releasing its lock); safe to call more than once.
+
+        First the messages sent by RETR and not deleted are marked seen, under the session
+        lock, whether the session ends with QUIT or not (as Dovecot keeps a dropped
+        session's flag changes): the client has them.
+        """
         if self.maildrop is not None and not self.released:
+            await self._mark_seen(self.maildrop)
             self.released = True
             try:
                 await self.maildrop.close()
             except Exception:
                 self.log.exception("Closing the maildrop failed")
+
+    async def _mark_seen(self, maildrop: Maildrop) -> None:
+        """Mark the messages sent by RETR seen, if the store keeps flags; log failures."""
+        keys, self.retrieved = sorted(self.retrieved), set()
+        if not keys or self.ended_by is not None or not isinstance(maildrop, SeenFlags):
+            return
+        try:
+            failed = len(await maildrop.mark_seen(keys))
+        except StorageError as exc:
+            self.log.error(
+                "Marking %d messages seen failed: %s", len(keys), exc, event="flags_failed"
+            )
+            return
+        if failed:
+            self.log.error(
+                "%d of %d messages could not be marked seen",
+                failed,
+                len(keys),
+                event="flags_failed",
+            )
 
     async def unregister(self) -> None:
         """Take the session out of the registry; safe to call more than once."""

@@ -17,6 +17,9 @@ a store can run on the other side of a process boundary.
 
 Every backend passes the same contract suite (``tests/storage/test_contract.py``).
 
+A store whose messages an IMAP server may read too (Maildir) also offers :class:`SeenFlags`:
+the session marks the messages it sent with RETR as seen, as Dovecot's POP3 does.
+
 ``pobox import`` needs one more thing, which only stores that can keep another server's UIDLs
 offer (PostgreSQL): :class:`MaildropImporter`, a separate protocol so that
 :class:`MaildropStore` stays as it is.
@@ -48,6 +51,7 @@ __all__ = [
     "MessageInfo",
     "Quota",
     "QuotaExceeded",
+    "SeenFlags",
     "StorageError",
     "StoragePermanentError",
     "StorageTemporaryError",
@@ -273,6 +277,28 @@ class MaildropStore(Protocol):
 
     async def aclose(self) -> None:
         """Release store-wide resources (connection pools); safe to call more than once."""
+
+
+@runtime_checkable
+class SeenFlags(Protocol):
+    """A maildrop that keeps IMAP's ``\\Seen`` flag (Maildir's ``S``), and sets it for POP3.
+
+    Stores without an IMAP side (PostgreSQL, memory) do not offer it.
+    """
+
+    async def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Mark messages of the snapshot seen; their keys, UIDLs and sizes do not change.
+
+        Called at the end of a session (UPDATE, or a session that ends without QUIT), with
+        the messages sent whole by RETR and not deleted. A message that is seen already, or
+        gone, needs nothing.
+
+        Returns:
+            The keys that could not be marked.
+
+        Raises:
+            StorageError: nothing could be marked.
+        """
 
 
 def is_unique_id(uidl: str) -> bool:

@@ -48,7 +48,9 @@ current time, as in Dovecot, but always above the last one handed out, which
 ``pobox-uidvalidity`` remembers (Dovecot's ``dovecot-uidvalidity`` does the same). Every
 message then gets a new UIDL and clients download everything once more, but no old UIDL is
 ever given to another message. A maildir last served by Dovecot keeps Dovecot's UIDLs (its
-``dovecot-uidlist`` is imported once). pobox's own files (the index, its lock, the session
+``dovecot-uidlist`` is imported once), and so does one last served by Courier, one with an
+``X-UIDL:`` header per message, or one the admin wrote a UIDL map for (:mod:`._foreign`).
+pobox's own files (the index, its lock, the session
 lock) must be regular files of the owner: one replaced by a link or a FIFO is never followed;
 the open fails (``SYS/PERM``) until the user removes it.
 
@@ -57,6 +59,10 @@ except that messages with a POP3 order number imported from Dovecot (``O`` field
 by that number, as in Dovecot. A message's key is its base name (the file name without the
 ``:2,<flags>`` part), so a message whose flags change or that moves from ``new/`` to ``cur/``
 after the snapshot is found again by listing the directories once more.
+
+*Seen flags.* :meth:`MaildirHandle.mark_seen` gives messages the ``S`` flag as an IMAP
+server would (a rename within the maildir, into ``cur/``), for RETR as Dovecot's POP3 does;
+the base name, and with it the key, the UIDL and the index entry, does not change.
 
 *The snapshot cache.* Parsing a large index at every login costs more than anything else
 in it, so the core keeps, per maildir, the reconciled index and the snapshot of its last open
@@ -88,18 +94,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.errors import ConfigError
-from pobox.storage._safefs import Dir, UnsafeFile, flocked, flocked_if_free, open_by_real_path
+from pobox.storage._safefs import (
+    Dir,
+    UnsafeFile,
+    flocked,
+    flocked_if_free,
+    open_by_real_path,
+    read_upto,
+)
 from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import (
     DeleteResult,
@@ -122,6 +137,16 @@ from pobox.storage.maildir._deliver import (
     maildir_usage,
     open_maildir,
 )
+from pobox.storage.maildir._foreign import (
+    COURIER_NAME,
+    FOREIGN_MAX,
+    MAP_NAME,
+    XUIDL_HEADER_MAX,
+    checked_uidls,
+    parse_courier_sizelist,
+    parse_uidl_map,
+    xuidl_header,
+)
 from pobox.storage.maildir._fs import SessionLock
 from pobox.storage.maildir._index import (
     DOVECOT_UIDLIST_NAME,
@@ -139,10 +164,15 @@ from pobox.storage.maildir._names import (
     base_name,
     delivery_sort_key,
     is_acceptable_name,
+    seen_name,
     size_field,
 )
 
 __all__ = ["LOCK_NAME", "LOCK_TIMEOUT", "MaildirAccess", "MaildirHandle"]
+
+logger = logging.getLogger(__name__)
+#: Refused imported UIDLs logged one by one per maildir; the rest are counted.
+_COMPLAINTS_LOGGED = 20
 
 #: The session lock, inside the maildir: Dovecot's ``POP3_LOCK_FNAME`` (see :mod:`._fs`).
 LOCK_NAME = "dovecot-pop3-session.lock"
@@ -356,6 +386,55 @@ class MaildirHandle:
         with Dir.open_root(self.root, self.owner) as root:
             _forget(root, list(keys), lock_timeout)
 
+    def unseen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Return the keys whose file, as last seen, still needs the ``S`` flag (no I/O).
+
+        A message seen already in ``cur/`` (a second session's RETR of it) needs no visit to
+        the disk at all.
+        """
+        files = self._files
+        out = []
+        for key in keys:
+            location = files.get(key)
+            if location is None or location[0] != "cur" or seen_name(location[1]) is not None:
+                out.append(key)
+        return tuple(out)
+
+    def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Give messages of the snapshot the ``S`` (seen) flag, as an IMAP server would.
+
+        Each file is renamed within the maildir to its name with ``S`` added to the flags
+        (:func:`~._names.seen_name`), into ``cur/`` (a message in ``new/`` moves there, as
+        Maildir wants of a message a client has seen). The base name, and so the UIDL, the
+        index entry and the size fields, never changes; other flags are kept. A message that
+        has the flag already, or whose file is gone (expunged by another program meanwhile),
+        needs nothing. A file renamed by another program since the snapshot is found again
+        once. Nothing is followed: only regular files of the owner in the maildir's own
+        ``new/`` and ``cur/`` are renamed, and never over an existing name. The directories
+        are not fsynced (as Dovecot's flag changes are not): a crash may lose a flag, never a
+        message, which is a rename within the maildir.
+
+        Returns:
+            The keys whose file could not be renamed (no permission, not a regular file of
+            the owner, a key not in the snapshot).
+
+        Raises:
+            StorageError: the maildir cannot be opened.
+        """
+        self._check_open()
+        failed: list[str] = []
+        with Dir.open_root(self.root, self.owner) as root, _Subdirs(root) as subdirs:
+            for key in keys:
+                location = self._files.get(key)
+                if location is None:
+                    failed.append(key)
+                    continue
+                try:
+                    self._files[key] = _mark_seen(subdirs, key, location)
+                except StorageError:
+                    failed.append(key)
+        return tuple(failed)
+
     def close(self) -> None:
         """Release the session lock; safe to call more than once."""
         self._closed = True
@@ -379,6 +458,7 @@ class MaildirAccess:
         *,
         index: bool = True,
         lock_timeout: float = LOCK_TIMEOUT,
+        reuse_xuidl: bool = False,
     ) -> None:
         """Serve the maildirs that ``location`` names.
 
@@ -388,6 +468,8 @@ class MaildirAccess:
             index: keep UIDs and sizes in ``pobox-uidlist`` (the default); without it, see the
                 module documentation.
             lock_timeout: how long to wait at most for a busy index lock.
+            reuse_xuidl: at a maildir's first open, keep the UIDL of an ``X-UIDL:`` header
+                (Dovecot's ``pop3_reuse_xuidl``; see :mod:`._foreign`).
 
         Raises:
             ConfigError: the location is malformed.
@@ -400,6 +482,7 @@ class MaildirAccess:
             raise ConfigError(msg) from exc
         self.index = index
         self.lock_timeout = lock_timeout
+        self.reuse_xuidl = reuse_xuidl
         #: The snapshot cache (shared with the non-blocking open of the async store).
         self.cache = SnapshotCache()
         self._tmp_cleaner = TmpCleaner()
@@ -583,7 +666,9 @@ class MaildirAccess:
                     directory.make_dir("tmp")  # where deliveries write; whatever is there
                     self._tmp_cleaner.maybe_clean(directory)
                 if self.index:
-                    messages, files = _indexed_snapshot(directory, self.cache, lock_timeout)
+                    messages, files = _indexed_snapshot(
+                        directory, self.cache, lock_timeout, reuse_xuidl=self.reuse_xuidl
+                    )
                 else:
                     messages, files = _unindexed_snapshot(directory)
                 real = directory.real_path()
@@ -644,12 +729,14 @@ class _Subdirs:
 
 
 def _indexed_snapshot(
-    root: Dir, cache: SnapshotCache, lock_timeout: float
+    root: Dir, cache: SnapshotCache, lock_timeout: float, *, reuse_xuidl: bool = False
 ) -> tuple[tuple[MessageInfo, ...], dict[str, Location]]:
     """Reconcile the index with the directories; return the snapshot and file locations.
 
-    Uses and updates the cache (see the module documentation).
+    Uses and updates the cache (see the module documentation). At the first open (no
+    ``pobox-uidlist`` yet), other servers' UIDLs are adopted (:func:`_adopt_foreign_uidls`).
     """
+    first = False
     with flocked(root, INDEX_LOCK_NAME, timeout=lock_timeout):
         cached = cache.get(root.path)
         index_key = _file_key(root, INDEX_NAME)
@@ -663,6 +750,7 @@ def _indexed_snapshot(
             dirty = False
             digest = cached.index_digest
         else:
+            first = index_key is None
             uidlist, dirty, index_key, digest = _load_index(root, cached)
         with _Subdirs(root) as subdirs:
             files = _list_messages(subdirs)
@@ -691,6 +779,8 @@ def _indexed_snapshot(
                         del uidlist.entries[base]
                         files.pop(base, None)
                     dirty = True
+            if first and _adopt_foreign_uidls(root, subdirs, uidlist, files, reuse_xuidl):
+                dirty = True
         if dirty:
             text = format_pobox_uidlist(uidlist)
             raw = text.encode("utf-8", "surrogateescape")
@@ -712,6 +802,79 @@ def _indexed_snapshot(
                 ),
             )
     return messages, files
+
+
+def _adopt_foreign_uidls(
+    root: Dir,
+    subdirs: _Subdirs,
+    uidlist: UidList,
+    files: dict[str, Location],
+    reuse_xuidl: bool,
+) -> bool:
+    """Give messages the UIDLs other servers gave them (:mod:`._foreign`); tell if any changed.
+
+    By precedence: the admin's ``pobox-uidl-map``, Dovecot's ``P`` (already in ``uidlist``),
+    Courier's ``courierpop3dsizelist``, then (``reuse_xuidl``) an ``X-UIDL:`` header. Then
+    every UIDL is checked (valid, unique, not of pobox's generated form); one refused is
+    dropped (the message gets a generated UIDL) and logged.
+    """
+    admin = _foreign_list(root, MAP_NAME, parse_uidl_map)
+    courier = _foreign_list(root, COURIER_NAME, parse_courier_sizelist)
+    if not (admin or courier or reuse_xuidl) and all(
+        entry.uidl is None for entry in uidlist.entries.values()
+    ):
+        return False
+    ordered = sorted(uidlist.entries.items(), key=lambda item: item[1].uid)
+    proposed = []
+    for base, entry in ordered:
+        uidl = admin.get(base) or entry.uidl or courier.get(base)
+        if uidl is None and reuse_xuidl and base in files:
+            uidl = _xuidl(subdirs, files[base])
+        proposed.append((base, uidl, f"{entry.uid:08x}{uidlist.uidvalidity:08x}"))
+    generated = re.compile(f"[0-9a-f]{{8,}}{uidlist.uidvalidity:08x}")
+    keep, complaints = checked_uidls(proposed, generated)
+    for complaint in complaints[:_COMPLAINTS_LOGGED]:
+        logger.warning(
+            "Maildir %s: imported UIDL refused, a new one given: %s", root.path, complaint
+        )
+    if len(complaints) > _COMPLAINTS_LOGGED:
+        logger.warning(
+            "Maildir %s: %d more imported UIDLs refused",
+            root.path,
+            len(complaints) - _COMPLAINTS_LOGGED,
+        )
+    changed = False
+    for base, entry in ordered:
+        if entry.uidl != keep[base]:
+            entry.uidl = keep[base]
+            changed = True
+    return changed
+
+
+def _foreign_list(root: Dir, name: str, parse: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """Read and parse another server's list in the maildir; empty if missing or unusable."""
+    try:
+        raw = root.read_file(name, FOREIGN_MAX)
+    except StorageError as exc:  # a link, a FIFO, too large: the user's doing
+        logger.warning("Maildir %s: %s ignored: %s", root.path, name, exc)
+        return {}
+    if raw is None:
+        return {}
+    return parse(raw.decode("utf-8", "surrogateescape"))
+
+
+def _xuidl(subdirs: _Subdirs, location: Location) -> str | None:
+    """Return the ``X-UIDL:`` of a message file's header, if it has one (and is the owner's)."""
+    directory, name = location
+    try:
+        handle = subdirs.get(directory).open_file(name)
+        if handle is None:
+            return None
+        with handle:
+            head = read_upto(handle.fd, min(handle.size, XUIDL_HEADER_MAX))
+    except (StorageError, OSError):
+        return None
+    return xuidl_header(head)
 
 
 def _file_key(root: Dir, name: str) -> _FileKey | None:
@@ -1024,6 +1187,44 @@ def _unlink_message(subdirs: _Subdirs, key: str, location: Location) -> bool:
     except StorageError:
         return False
     return True
+
+
+def _mark_seen(subdirs: _Subdirs, key: str, location: Location) -> Location:
+    """Rename one message file to its name with the ``S`` flag, in ``cur/``; return where it is.
+
+    Nothing is done to a file that has the flag (in ``cur/``), whose info part is not ``2,``,
+    or that is gone (expunged by another program): its last known location is returned.
+
+    Raises:
+        UnsafeFile: it is not a regular file of the owner.
+        StorageError: the rename failed for another reason than the file being gone.
+    """
+    for _ in range(2):  # once more if another program renamed it since we last saw it
+        directory, name = location
+        new = seen_name(name) or name
+        if (directory, new) == ("cur", name):
+            return location
+        source = subdirs.get(directory)
+        st = source.stat(name)
+        if st is not None:
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != source.owner:
+                msg = f"refusing {source.path}/{name}: not a regular file of uid {source.owner}"
+                raise UnsafeFile(msg)
+            cur = subdirs.get("cur")
+            if cur.stat(new) is not None:
+                return "cur", new  # another program gave it that name already: not replaced
+            try:
+                source.rename(name, cur, new)
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError):
+                    raise
+            else:
+                return "cur", new
+        found = _find_message_in(subdirs, key)
+        if found is None:
+            return location  # expunged meanwhile: nothing to flag
+        location = found
+    return location
 
 
 def _forget(root: Dir, bases: list[str], lock_timeout: float) -> None:

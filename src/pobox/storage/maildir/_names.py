@@ -16,7 +16,13 @@ May import: the standard library only.
 
 from __future__ import annotations
 
-__all__ = ["base_name", "delivery_sort_key", "is_acceptable_name", "size_field"]
+__all__ = [
+    "base_name",
+    "delivery_sort_key",
+    "is_acceptable_name",
+    "seen_name",
+    "size_field",
+]
 
 _DIGITS = frozenset("0123456789")
 
@@ -24,6 +30,25 @@ _DIGITS = frozenset("0123456789")
 def base_name(filename: str) -> str:
     """Return the part of a Maildir file name before the ``:`` that starts the flags."""
     return filename.partition(":")[0]
+
+
+def seen_name(filename: str) -> str | None:
+    """Return the name of message file ``filename`` with the ``S`` (seen) flag added.
+
+    ``base`` becomes ``base:2,S``; ``base:2,FR`` becomes ``base:2,FRS``: the flags stay in
+    ASCII order, as the Maildir specification wants (upper-case flags, then Dovecot's
+    lower-case keyword letters), each once. ``None`` if the name has the flag already, or an
+    info part other than ``2,`` (``1,`` is "experimental semantics": not ours to change).
+    """
+    base, colon, info = filename.partition(":")
+    if not colon:
+        return f"{base}:2,S"
+    if not info.startswith("2,"):
+        return None
+    flags = info[2:]
+    if "S" in flags:
+        return None
+    return f"{base}:2,{''.join(sorted({*flags, 'S'}))}"
 
 
 def is_acceptable_name(filename: str) -> bool:

@@ -119,6 +119,7 @@ class MaildirStore:
         inline_read_max: int = INLINE_READ_MAX,
         owner: int | None = None,
         lock_timeout: float = LOCK_TIMEOUT,
+        reuse_xuidl: bool = False,
     ) -> None:
         """Create a store serving the maildirs that ``location`` names.
 
@@ -133,11 +134,15 @@ class MaildirStore:
                 effective uid at each call).
             lock_timeout: how long an operation waits at most for a busy index lock, and for
                 its turn on a maildir busy with another operation.
+            reuse_xuidl: at a maildir's first open, keep the UIDLs of ``X-UIDL:`` headers
+                (``pop3_reuse_xuidl``).
 
         Raises:
             ConfigError: the location is malformed.
         """
-        self._access = MaildirAccess(location, index=index, lock_timeout=lock_timeout)
+        self._access = MaildirAccess(
+            location, index=index, lock_timeout=lock_timeout, reuse_xuidl=reuse_xuidl
+        )
         self._inline_read_max = inline_read_max
         self._owner = owner
         self._gates = MaildirGates()
@@ -380,6 +385,31 @@ class MaildirMaildrop:
                 forget = functools.partial(_forget, handle, result.removed)
                 await _retrying(self._gates, handle.root, self._lock_timeout, forget)
         return result
+
+    async def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Add the ``S`` flag to the files of messages (:meth:`MaildirHandle.mark_seen`).
+
+        Runs in a worker thread, in the maildir's turn, unless every message is seen already
+        (by the names last seen); it takes no index lock (the index, keyed by base name,
+        does not change).
+
+        Returns:
+            The keys that could not be marked.
+
+        Raises:
+            StorageError: the maildir could not be opened.
+        """
+        self._check_open()
+        handle = self._handle
+        todo = handle.unseen(keys)
+        if not todo:
+            return ()  # all seen already: no worker thread, no system call
+        return await _retrying(
+            self._gates,
+            handle.root,
+            self._lock_timeout,
+            functools.partial(handle.mark_seen, todo),
+        )
 
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
         """Do nothing: a lock file held by this process is lost only with the process."""

@@ -39,6 +39,7 @@ of this package.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -88,6 +89,19 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
+class _LogToStderr(logging.Handler):
+    """Send the core's log records (an imported UIDL refused...) to :func:`_log`, sanitised.
+
+    The core's messages can quote what a maildir's user wrote: every character outside
+    printable ASCII becomes ``?``, so no record can start a line or hide from a reader.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` as one line."""
+        text = "".join(c if " " <= c <= "~" else "?" for c in record.getMessage())
+        _log(f"{record.levelname.lower()}: {text}")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What the helper learns from the ``hello`` frame."""
@@ -97,6 +111,8 @@ class Settings:
     files: dict[str, str]
     appends: dict[str, str]
     workers: int
+    #: ``pop3_reuse_xuidl`` (optional in the frame: false).
+    reuse_xuidl: bool = False
 
     @classmethod
     def from_wire(cls, value: dict[str, Any]) -> Settings:
@@ -117,8 +133,12 @@ class Settings:
             "appends": dict,
             "workers": int,
         }
-        if set(value) != set(expected):
-            msg = f"settings: expected {sorted(expected)}"
+        reuse_xuidl = value.get("reuse_xuidl", False)
+        if type(reuse_xuidl) is not bool:
+            msg = "settings.reuse_xuidl: wrong type"
+            raise InvalidRequest(msg)
+        if set(value) - {"reuse_xuidl"} != set(expected):
+            msg = f"settings: expected {sorted(expected)} (and optionally reuse_xuidl)"
             raise InvalidRequest(msg)
         for key, kind in expected.items():
             if not isinstance(value[key], kind) or isinstance(value[key], bool):
@@ -139,7 +159,14 @@ class Settings:
             fallback=None,  # the helper is root: a user without an owner is refused
         )
         workers = max(1, min(value["workers"], 256))
-        return cls(value["location"], policy, dict(value["files"]), dict(value["appends"]), workers)
+        return cls(
+            value["location"],
+            policy,
+            dict(value["files"]),
+            dict(value["appends"]),
+            workers,
+            reuse_xuidl,
+        )
 
 
 @dataclass(slots=True)
@@ -236,7 +263,7 @@ class Helper:
             msg = "the first request must be hello"
             raise InvalidRequest(msg, request_id)
         self._settings = Settings.from_wire(args["settings"])
-        self._core = MaildirAccess(self._settings.location)
+        self._core = MaildirAccess(self._settings.location, reuse_xuidl=self._settings.reuse_xuidl)
         for key, path in (*self._settings.files.items(), *self._settings.appends.items()):
             self._dirs[key] = _open_parent(path)
         self._reply(self._main, request_id, {"pid": os.getpid()})
@@ -302,7 +329,7 @@ class Helper:
                 maildrop = core.open_path(root, owner=owner.uid, lock=lock, taken=taken)
             handle = self._add(_Session(owner, maildrop))
             return {"handle": handle, "messages": messages_to_wire(list(maildrop.messages))}, []
-        if op in ("fetch", "delete"):
+        if op in ("fetch", "delete", "seen"):
             session = self._session(args["handle"])
             with session.lock:
                 if session.closed:
@@ -312,6 +339,8 @@ class Helper:
                 if op == "fetch":
                     fd, size = session.maildrop.open_message(args["key"])
                     return {"size": size}, [fd]
+                if op == "seen":
+                    return {"failed": list(session.maildrop.mark_seen(args["keys"]))}, []
                 result = session.maildrop.delete(args["keys"])
             return {"removed": list(result.removed), "failed": list(result.failed)}, []
         if op == "close":
@@ -525,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if os.geteuid() == 0:
         os.setgroups([])  # the owners' rights only: no supplementary group adds to them
+    core_log = logging.getLogger("pobox")
+    core_log.addHandler(_LogToStderr())
+    core_log.setLevel(logging.WARNING)
     # Session locks are refreshed (a thread of their own) and released with the owner's ids.
     use_thread_rights(thread_ids, _owner_rights)
     main_sock = socket.socket(fileno=int(args[0]))

@@ -77,6 +77,7 @@ OPS: Final[dict[str, frozenset[str]]] = {
     "open": frozenset({"user", "lock"}),
     "fetch": frozenset({"handle", "key"}),
     "delete": frozenset({"handle", "keys"}),
+    "seen": frozenset({"handle", "keys"}),
     "close": frozenset({"handle"}),
     "deliver": frozenset({"user", "header", "quota", "wire_size", "digest"}),
     "usage": frozenset({"user"}),

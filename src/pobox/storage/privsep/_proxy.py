@@ -482,6 +482,26 @@ class HelperMaildrop:
         close_fds(fds)
         return delete_result_from_wire(ok)
 
+    async def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Have the helper add the ``S`` flag to messages, with the owner's rights.
+
+        Returns:
+            The keys that could not be marked.
+
+        Raises:
+            RuntimeError: the maildrop is closed.
+            StorageError: the helper could not mark any.
+        """
+        self._check_open()
+        async with self._turn():
+            ok, fds = await self._channel.call("seen", {"handle": self._handle, "keys": list(keys)})
+        close_fds(fds)
+        failed = ok.get("failed")
+        if not isinstance(failed, list) or not all(type(key) is str for key in failed):
+            msg = "storage helper: malformed seen answer"
+            raise StorageTemporaryError(msg)
+        return tuple(failed)
+
     def _check_open(self) -> None:
         """Refuse to work on a closed maildrop, as the Maildir store does."""
         if self._closed:
@@ -560,6 +580,7 @@ class StorageHelper:
             "files": config_files(config),
             "appends": {"log_path": config.log_path} if config.log_path else {},
             "workers": min(32, (os.cpu_count() or 1) + 4),
+            "reuse_xuidl": config.pop3_reuse_xuidl,
         }
         main_ours, main_theirs = socket_pair()
         files_ours, files_theirs = socket_pair()
