@@ -190,31 +190,33 @@ class Suite:
         conn.close()
 
     def _expect_errors(self, commands: list[bytes], *, login: bool, when: str) -> None:
-        """Check that each command gets -ERR, on side sessions of their own.
+        """Check that each command gets -ERR: before login on a side session, after on the main.
 
         A server may close the connection after a few bad commands (Dovecot does after
         three before login): the command is then sent again on a new connection.
         """
-        conn: Connection | None = None
+        side: Connection | None = None
         try:
             for command in commands:
                 for attempt in (1, 2):
-                    if conn is None:
-                        conn = self._open()
-                        if login:
-                            self._login(conn)
+                    if login:
+                        conn = self._session()
+                    else:
+                        side = side or self._open()
+                        conn = side
                     try:
                         reply = conn.command(command)
                         break
                     except ConnectionLost:
                         conn.close()
-                        conn = None
+                        self.main = None if login else self.main
+                        side = side if login else None
                         if attempt == 2:
                             raise
-                _err(reply, f"{command.decode()} {when}")
+                _err(reply, f"{command.decode()} {when}".strip())
         finally:
-            if conn is not None:
-                self._end(conn)
+            if side is not None:
+                self._end(side)
 
     def _advertised(self, name: str, *, after: bool = False) -> bool:
         caps = self.caps_after if after else self.caps

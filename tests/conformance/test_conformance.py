@@ -1,0 +1,161 @@
+"""The conformance suite (``pobox conformance``) against pobox, Dovecot and a broken server.
+
+pobox must pass every check that applies; Dovecot's report is pinned as it is (a change in
+either shows here); a fake server with one bug at a time must fail exactly the checks that
+look for that bug, which shows that the checks can fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from pobox.cli import main
+from pobox.conformance import SEED_MESSAGES, Report, Status, Target, run_suite
+from pobox.testing import running_server
+from tests.conformance.fake import fake_server
+from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
+from tests.helpers.maildir import deliver
+from tests.tls.helpers import Pki
+
+#: Checks that need what neither the seed maildrop nor a plain listener offers.
+NOT_ADVERTISED = ["expire", "login-delay", "sys-codes", "utf8", "lang"]
+NO_STLS = ["stls-not-after-login", "stls"]
+
+
+def suite(port: int, *, allow_delete: bool = True, mode: str = "plain") -> Report:
+    """Run the suite as alice/secret against ``127.0.0.1:port``."""
+    return run_suite(Target("127.0.0.1", port, "alice", "secret", mode), allow_delete=allow_delete)
+
+
+def failures(report: Report) -> dict[str, str]:
+    """Return the failed checks' ids and details (to show in an assertion)."""
+    return {c.id: c.detail for c in report.checks if c.status is Status.FAIL}
+
+
+class TestPobox:
+    """pobox passes every check that applies to it."""
+
+    async def test_plain(self, tmp_path: Path) -> None:
+        """Over plain TCP with --allow-delete: no FAIL; skips only what is not advertised."""
+        async with running_server(tmp_path) as srv:
+            for message in SEED_MESSAGES:
+                srv.deliver("alice", message)
+            report = await asyncio.to_thread(suite, srv.port)
+            left = srv.count("alice")
+        assert {} == failures(report)
+        assert NOT_ADVERTISED + NO_STLS == sorted(
+            report.ids(Status.SKIP), key=(NOT_ADVERTISED + NO_STLS).index
+        )
+        assert len(SEED_MESSAGES) - 1 == left  # the UPDATE check deleted the last one
+
+    async def test_keeps_mail_without_allow_delete(self, tmp_path: Path) -> None:
+        """Without --allow-delete every message is still there and the UPDATE check is skipped."""
+        async with running_server(tmp_path) as srv:
+            for message in SEED_MESSAGES:
+                srv.deliver("alice", message)
+            report = await asyncio.to_thread(suite, srv.port, allow_delete=False)
+            left = srv.count("alice")
+        assert (len(SEED_MESSAGES), Status.SKIP, {}) == (
+            left,
+            report.status("update"),
+            failures(report),
+        )
+
+    async def test_starttls_cli(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """`pobox conformance --starttls --json`: exit 0, STLS checks pass inside TLS."""
+        pki = Pki.create(tmp_path / "pki")
+        async with running_server(
+            tmp_path / "srv", ssl_cert=str(pki.cert_pem), ssl_key=str(pki.key_pem)
+        ) as srv:
+            for message in SEED_MESSAGES:
+                srv.deliver("alice", message)
+            argv = [
+                "conformance", f"127.0.0.1:{srv.port}", "--user", "alice",
+                "--password", "secret", "--starttls", "--cafile", str(pki.ca_pem), "--json",
+            ]  # fmt: skip
+            code = await asyncio.to_thread(main, argv)
+        document = json.loads(capsys.readouterr().out)
+        checks = {c["id"]: c for s in document["sections"] for c in s["checks"]}
+        assert (0, "PASS", "PASS", "SKIP") == (
+            code,
+            checks["stls-capa"]["status"],
+            checks["stls-not-after-login"]["status"],
+            checks["update"]["status"],
+        )
+        assert 0 == document["totals"]["FAIL"]
+
+    async def test_stls_in_plain_mode(self, tmp_path: Path) -> None:
+        """Over plain TCP against a server with a certificate, the STLS check runs and passes."""
+        pki = Pki.create(tmp_path / "pki")
+        async with running_server(
+            tmp_path / "srv", ssl_cert=str(pki.cert_pem), ssl_key=str(pki.key_pem)
+        ) as srv:
+            for message in SEED_MESSAGES:
+                srv.deliver("alice", message)
+            target = Target("127.0.0.1", srv.port, "alice", "secret", "plain", pki.client_context())
+            report = await asyncio.to_thread(run_suite, target)
+        assert (Status.PASS, Status.PASS, {}) == (
+            report.status("stls"),
+            report.status("stls-not-after-login"),
+            failures(report),
+        )
+
+
+class TestDovecot:
+    """Dovecot's report, pinned: what it passes, fails and skips."""
+
+    def test_report(self) -> None:
+        """Dovecot 2.3 on the seed maildrop: no FAIL; skips IMPLEMENTATION and the rest."""
+        with searchable_tmpdir() as tmp:
+            for message in SEED_MESSAGES:
+                deliver(tmp / "home" / "alice" / "Maildir", message.replace(b"\r\n", b"\n"))
+            extra = "auth_failure_delay = 0\n"
+            with running_dovecot(tmp, users={"alice": "secret"}, extra_config=extra) as dovecot:
+                report = suite(dovecot.port)
+        assert {} == failures(report)
+        assert ["implementation", *NOT_ADVERTISED, *NO_STLS] == sorted(
+            report.ids(Status.SKIP),
+            key=["implementation", *NOT_ADVERTISED, *NO_STLS].index,
+        )
+
+
+class TestBrokenServer:
+    """Each bug of the fake server fails the checks that look for it, and only those."""
+
+    @pytest.mark.parametrize(
+        ("flaw", "failed"),
+        [
+            ((), set()),
+            (("no-stuffing",), {"retr", "retr-size", "retr-stuffing"}),
+            (("top-miscount",), {"top-lines"}),
+            (("no-quit-reply",), {"quit", "update"}),
+            (("stat-after-dele",), {"dele", "deleted-err"}),
+            (("pipelining-order",), {"pipelining", "advertised-works"}),
+        ],
+    )
+    async def test_flaw(self, flaw: tuple[str, ...], failed: set[str]) -> None:
+        """The report has exactly these FAILs (none for the server without flaws)."""
+        async with fake_server(flaw) as port:
+            report = await asyncio.to_thread(suite, port)
+        assert failed == set(failures(report)), failures(report)
+
+    async def test_exit_status(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`pobox conformance` exits 1 when a check fails and names it in the text report."""
+        async with fake_server({"no-quit-reply"}) as port:
+            argv = ["conformance", f"127.0.0.1:{port}", "-u", "alice", "-p", "secret"]
+            code = await asyncio.to_thread(main, argv)
+        out = capsys.readouterr().out
+        assert (1, True) == (code, "  FAIL  quit " in out)
+
+    def test_nobody_listening(self) -> None:
+        """No server: the greeting check fails and the run stops there."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]  # bound, never listening: connections are refused
+            report = suite(port)
+        assert [("greeting", Status.FAIL)] == [(c.id, c.status) for c in report.checks]
