@@ -7,7 +7,12 @@ USER/PASS on ``127.0.0.1:port``; each flaw is a bug seen in real servers:
 - ``top-miscount``: TOP n k counts the blank line after the header as a body line;
 - ``no-quit-reply``: QUIT closes the connection without ``+OK``;
 - ``stat-after-dele``: STAT and LIST still count messages marked deleted;
-- ``pipelining-order``: a batch of commands is answered last first.
+- ``pipelining-order``: a batch of commands is answered last first;
+- ``bad-expire``: CAPA says ``EXPIRE soon`` (RFC 2449 §6.7 wants a number or NEVER);
+- ``bad-resp-code``: a wrong password gets ``-ERR [AUTH wrong`` (no closing bracket);
+- ``auth-no-initial``: AUTH PLAIN refuses an initial response (RFC 5034 §4 allows one);
+- ``utf8-refused``: UTF8 is advertised, the command gets -ERR;
+- ``bad-lang``: LANG lists ``en_US`` (not a language tag).
 
 Without flaws it is a correct (small) POP3 server: the suite passes it.
 """
@@ -15,6 +20,7 @@ Without flaws it is a correct (small) POP3 server: the suite passes it.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
@@ -23,9 +29,24 @@ from pobox.conformance import SEED_MESSAGES
 __all__ = ["FLAWS", "fake_server"]
 
 FLAWS = frozenset(
-    {"no-stuffing", "top-miscount", "no-quit-reply", "stat-after-dele", "pipelining-order"}
+    {
+        "no-stuffing",
+        "top-miscount",
+        "no-quit-reply",
+        "stat-after-dele",
+        "pipelining-order",
+        "bad-expire",
+        "bad-resp-code",
+        "auth-no-initial",
+        "utf8-refused",
+        "bad-lang",
+    }
 )
-_CAPA = b"CAPA\r\nTOP\r\nUIDL\r\nUSER\r\nPIPELINING\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+_CAPA = (
+    b"CAPA\r\nTOP\r\nUIDL\r\nUSER\r\nPIPELINING\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+    b"SASL PLAIN\r\nLOGIN-DELAY 900\r\nUTF8\r\nLANG\r\nIMPLEMENTATION fake-pop3 1.0\r\n"
+)
+_CREDENTIALS = b"\0alice\0secret"
 
 
 def _uid(message: bytes) -> bytes:
@@ -41,6 +62,7 @@ class _Session:
         self.logged_in = False
         self.deleted: set[int] = set()
         self.quit = False
+        self.sasl = False  # waiting for the AUTH PLAIN response
 
     def _number(self, arg: bytes) -> int | None:
         if not arg.isdigit():
@@ -59,6 +81,20 @@ class _Session:
         )
         return stuffed + b".\r\n"
 
+    def _plain(self, response: bytes) -> bytes:
+        if response == b"*":
+            return b"-ERR cancelled\r\n"
+        try:
+            decoded = base64.b64decode(response, validate=True)
+        except ValueError:
+            return b"-ERR bad base64\r\n"
+        if decoded != _CREDENTIALS:
+            return (
+                b"-ERR [AUTH wrong\r\n" if "bad-resp-code" in self.flaws else b"-ERR [AUTH] no\r\n"
+            )
+        self.logged_in = True
+        return b"+OK logged in\r\n"
+
     def _visible(self) -> list[int]:
         if "stat-after-dele" in self.flaws:
             return list(range(1, len(self.messages) + 1))
@@ -66,10 +102,17 @@ class _Session:
 
     def answer(self, line: bytes) -> bytes | None:
         """Return the reply to one command line (``None``: close without a reply)."""
+        if self.sasl:
+            self.sasl = False
+            return self._plain(line)
         verb, _, arg = line.partition(b" ")
         verb = verb.upper()
         if verb == b"CAPA":
-            return b"+OK\r\n" + _CAPA + b".\r\n"
+            expire = b"EXPIRE soon" if "bad-expire" in self.flaws else b"EXPIRE 30"
+            return b"+OK\r\n" + _CAPA + expire + b"\r\n.\r\n"
+        if verb == b"LANG":
+            tag = b"en_US" if "bad-lang" in self.flaws else b"en"
+            return b"+OK\r\n" + tag + b" English\r\nde Deutsch\r\n.\r\n"
         if verb == b"QUIT":
             self.quit = True
             for gone in sorted(self.deleted, reverse=True):  # the UPDATE state
@@ -82,10 +125,16 @@ class _Session:
                 self.user = arg
                 return b"+OK\r\n"
             if verb == b"PASS" and self.user:
-                if arg != b"secret":
-                    return b"-ERR [AUTH] wrong\r\n"
-                self.logged_in = True
-                return b"+OK logged in\r\n"
+                return self._plain(base64.b64encode(b"\0" + self.user + b"\0" + arg))
+            if verb == b"AUTH" and arg.upper() == b"PLAIN":
+                self.sasl = True
+                return b"+ \r\n"
+            if verb == b"AUTH" and arg.upper().startswith(b"PLAIN "):
+                if "auth-no-initial" in self.flaws:
+                    return b"-ERR no initial response, please\r\n"
+                return self._plain(arg[6:])
+            if verb == b"UTF8" and "utf8-refused" not in self.flaws:
+                return b"+OK UTF8 on\r\n"
             return b"-ERR not now\r\n"
         visible = self._visible()
         sizes = {n: len(self.messages[n - 1]) for n in visible}

@@ -136,6 +136,11 @@ class TestBrokenServer:
             (("no-quit-reply",), {"quit", "update"}),
             (("stat-after-dele",), {"dele", "deleted-err"}),
             (("pipelining-order",), {"pipelining", "advertised-works"}),
+            (("bad-expire",), {"expire"}),
+            (("bad-resp-code",), {"resp-codes", "auth-resp-code"}),
+            (("auth-no-initial",), {"auth-plain", "advertised-works"}),
+            (("utf8-refused",), {"utf8", "advertised-works"}),
+            (("bad-lang",), {"lang", "advertised-works"}),
         ],
     )
     async def test_flaw(self, flaw: tuple[str, ...], failed: set[str]) -> None:
@@ -143,6 +148,15 @@ class TestBrokenServer:
         async with fake_server(flaw) as port:
             report = await asyncio.to_thread(suite, port)
         assert failed == set(failures(report)), failures(report)
+
+    async def test_flawless_fake_runs_every_check(self) -> None:
+        """The fake without flaws advertises every extension, so almost no check is skipped."""
+        async with fake_server() as port:
+            report = await asyncio.to_thread(suite, port)
+        assert (["stls", "stls-not-after-login", "sys-codes"], {}) == (
+            sorted(report.ids(Status.SKIP)),
+            failures(report),
+        )
 
     async def test_exit_status(self, capsys: pytest.CaptureFixture[str]) -> None:
         """`pobox conformance` exits 1 when a check fails and names it in the text report."""
