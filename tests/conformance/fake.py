@@ -12,7 +12,9 @@ USER/PASS on ``127.0.0.1:port``; each flaw is a bug seen in real servers:
 - ``bad-resp-code``: a wrong password gets ``-ERR [AUTH wrong`` (no closing bracket);
 - ``auth-no-initial``: AUTH PLAIN refuses an initial response (RFC 5034 §4 allows one);
 - ``utf8-refused``: UTF8 is advertised, the command gets -ERR;
-- ``bad-lang``: LANG lists ``en_US`` (not a language tag).
+- ``bad-lang``: LANG lists ``en_US`` (not a language tag);
+- ``evil-greeting``: the greeting is ``-ERR`` with terminal escapes and a line break;
+- ``endless-line``: the greeting never ends (2 MiB without a line break).
 
 Without flaws it is a correct (small) POP3 server: the suite passes it.
 """
@@ -40,6 +42,8 @@ FLAWS = frozenset(
         "auth-no-initial",
         "utf8-refused",
         "bad-lang",
+        "evil-greeting",
+        "endless-line",
     }
 )
 _CAPA = (
@@ -183,7 +187,12 @@ async def fake_server(flaws: Collection[str] = ()) -> AsyncIterator[int]:
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = _Session(flaws, store)
-        writer.write(b"+OK fake POP3 ready\r\n")
+        if "evil-greeting" in flaws:
+            writer.write(b"-ERR \x1b[2J\x1b[31mPASS  forged\rline\r\n")
+        elif "endless-line" in flaws:
+            writer.write(b"+OK " + b"x" * (2 * 1024 * 1024))
+        else:
+            writer.write(b"+OK fake POP3 ready\r\n")
         buffer = b""
         try:
             while chunk := await reader.read(65536):

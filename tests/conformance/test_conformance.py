@@ -69,6 +69,8 @@ class TestPobox:
     async def test_starttls_cli(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """`pobox conformance --starttls --json`: exit 0, STLS checks pass inside TLS."""
         pki = Pki.create(tmp_path / "pki")
+        secret = tmp_path / "password"
+        secret.write_text("secret\n")
         async with running_server(
             tmp_path / "srv", ssl_cert=str(pki.cert_pem), ssl_key=str(pki.key_pem)
         ) as srv:
@@ -76,7 +78,7 @@ class TestPobox:
                 srv.deliver("alice", message)
             argv = [
                 "conformance", f"127.0.0.1:{srv.port}", "--user", "alice",
-                "--password", "secret", "--starttls", "--cafile", str(pki.ca_pem), "--json",
+                "--password-file", str(secret), "--starttls", "--cafile", str(pki.ca_pem), "--json",
             ]  # fmt: skip
             code = await asyncio.to_thread(main, argv)
         document = json.loads(capsys.readouterr().out)
@@ -182,6 +184,26 @@ class TestBrokenServer:
             code = await asyncio.to_thread(main, argv)
         out = capsys.readouterr().out
         assert (1, True) == (code, "  FAIL  quit " in out)
+
+    async def test_hostile_greeting_is_escaped(self) -> None:
+        """Control bytes a server sends reach the report escaped, in text and JSON alike."""
+        async with fake_server({"evil-greeting"}) as port:
+            report = await asyncio.to_thread(suite, port)
+        text, document = report.text(), report.json()
+        assert (Status.FAIL, [], [], True) == (
+            report.status("greeting"),
+            [c for c in text + document if c in "\x1b\r"],
+            [line for line in text.splitlines() if line.startswith("  PASS")],
+            "\\x1b[2J" in text,
+        )
+
+    async def test_endless_line_is_refused(self) -> None:
+        """A line that never ends fails the check once it passes the limit (memory bounded)."""
+        async with fake_server({"endless-line"}) as port:
+            report = await asyncio.to_thread(suite, port)
+        assert [("greeting", Status.FAIL, "a line longer than 1048576 octets")] == [
+            (c.id, c.status, c.detail) for c in report.checks
+        ]
 
     def test_nobody_listening(self) -> None:
         """No server: the greeting check fails and the run stops there."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 from pobox.conformance._checks import SEED_MESSAGES, Suite, run_suite
@@ -59,7 +60,9 @@ def add_conformance_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's priva
     )
     parser.add_argument("address", type=_address, metavar="HOST:PORT")
     parser.add_argument("--user", "-u", required=True, help="the user to log in as")
-    parser.add_argument("--password", "-p", required=True, help="the user's password")
+    secret = parser.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--password", "-p", help="the password (other users see it in ps)")
+    secret.add_argument("--password-file", help="read the password from this file's first line")
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--tls", action="store_true", help="TLS from the first byte (port 995)")
     tls.add_argument("--starttls", action="store_true", help="STLS on every connection")
@@ -85,7 +88,11 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         context.verify_mode = ssl.CERT_NONE
     host, port = args.address
     mode = "tls" if args.tls else "starttls" if args.starttls else "plain"
-    target = Target(host, port, args.user, args.password, mode, context, args.timeout)
+    password = args.password
+    if password is None:
+        lines = Path(args.password_file).read_text().splitlines()
+        password = lines[0] if lines else ""
+    target = Target(host, port, args.user, password, mode, context, args.timeout)
     report = run_suite(target, allow_delete=args.allow_delete)
     sys.stdout.write(report.json() + "\n" if args.json else report.text())
     return 1 if report.failed else 0

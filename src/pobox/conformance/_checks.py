@@ -178,7 +178,11 @@ class Suite:
         """Return the main session, logged in (a new one if the last was lost)."""
         if self.main is None:
             conn = self._open()
-            self._login(conn)
+            try:
+                self._login(conn)
+            except BaseException:
+                conn.close()
+                raise
             self.main = conn
         return self.main
 
@@ -247,8 +251,17 @@ class Suite:
         with self.check(_1939, "greeting", "the greeting is +OK"):
             conn = Connection(self.target, self.wire)
             _ok(conn.reply(), "greeting")
-        if conn is None or self.report.checks[-1].status is not Status.PASS:
+        if conn is None:
             raise _Abort
+        try:
+            if self.report.checks[-1].status is not Status.PASS:
+                raise _Abort
+            self._first_session(conn)
+        finally:
+            if self.main is not conn:
+                conn.close()
+
+    def _first_session(self, conn: Connection) -> None:
         with self.check(_2449, "capa", "CAPA before login: +OK and well-formed lines"):
             reply, lines = conn.multi(b"CAPA")
             if not reply.ok:
