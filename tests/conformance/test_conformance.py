@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from pobox.testing import running_server
 from tests.conformance.fake import fake_server
 from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
 from tests.helpers.maildir import deliver
-from tests.tls.helpers import Pki
+from tests.tls.helpers import Pki, ssl_port
 
 #: Checks that need what neither the seed maildrop nor a plain listener offers.
 NOT_ADVERTISED = ["expire", "login-delay", "sys-codes", "utf8", "lang"]
@@ -91,20 +93,30 @@ class TestPobox:
         )
         assert 0 == document["totals"]["FAIL"]
 
-    async def test_stls_in_plain_mode(self, tmp_path: Path) -> None:
-        """Over plain TCP against a server with a certificate, the STLS check runs and passes."""
+    async def test_stls_and_pop3s(self, tmp_path: Path) -> None:
+        """With a certificate: the STLS checks run and pass; POP3S (--tls) passes too."""
         pki = Pki.create(tmp_path / "pki")
         async with running_server(
-            tmp_path / "srv", ssl_cert=str(pki.cert_pem), ssl_key=str(pki.key_pem)
+            tmp_path / "srv",
+            ssl_cert=str(pki.cert_pem),
+            ssl_key=str(pki.key_pem),
+            ssl_listen=["127.0.0.1:0"],
         ) as srv:
             for message in SEED_MESSAGES:
                 srv.deliver("alice", message)
-            target = Target("127.0.0.1", srv.port, "alice", "secret", "plain", pki.client_context())
-            report = await asyncio.to_thread(run_suite, target)
+            context = pki.client_context()
+            plain = Target("127.0.0.1", srv.port, "alice", "secret", "plain", context)
+            report = await asyncio.to_thread(run_suite, plain)
+            pop3s = Target("127.0.0.1", ssl_port(srv), "alice", "secret", "tls", context)
+            implicit = await asyncio.to_thread(run_suite, pop3s)
         assert (Status.PASS, Status.PASS, {}) == (
             report.status("stls"),
             report.status("stls-not-after-login"),
             failures(report),
+        )
+        assert ({}, [*NOT_ADVERTISED, *NO_STLS, "update"]) == (
+            failures(implicit),
+            sorted(implicit.ids(Status.SKIP), key=[*NOT_ADVERTISED, *NO_STLS, "update"].index),
         )
 
 
@@ -212,3 +224,24 @@ class TestBrokenServer:
             port = probe.getsockname()[1]  # bound, never listening: connections are refused
             report = suite(port)
         assert [("greeting", Status.FAIL)] == [(c.id, c.status) for c in report.checks]
+
+
+class TestBlackBox:
+    """The suite stands alone: it could be copied out and run against any server."""
+
+    def test_imports_nothing_of_the_server(self) -> None:
+        """Importing pobox.conformance loads no other pobox module."""
+        code = (
+            "import sys, pobox.conformance\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('pobox'))))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
+        assert [
+            "pobox",
+            "pobox.conformance",
+            "pobox.conformance._checks",
+            "pobox.conformance._client",
+            "pobox.conformance._report",
+        ] == result.stdout.split()
