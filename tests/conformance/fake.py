@@ -14,7 +14,8 @@ USER/PASS on ``127.0.0.1:port``; each flaw is a bug seen in real servers:
 - ``utf8-refused``: UTF8 is advertised, the command gets -ERR;
 - ``bad-lang``: LANG lists ``en_US`` (not a language tag);
 - ``evil-greeting``: the greeting is ``-ERR`` with terminal escapes and a line break;
-- ``endless-line``: the greeting never ends (2 MiB without a line break).
+- ``endless-line``: the greeting never ends (2 MiB without a line break);
+- ``rset-ignored``: RSET answers ``+OK`` and unmarks nothing.
 
 Without flaws it is a correct (small) POP3 server: the suite passes it.
 """
@@ -25,10 +26,11 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from pobox.conformance import SEED_MESSAGES
 
-__all__ = ["FLAWS", "fake_server"]
+__all__ = ["FLAWS", "Fake", "fake_server"]
 
 FLAWS = frozenset(
     {
@@ -44,6 +46,7 @@ FLAWS = frozenset(
         "bad-lang",
         "evil-greeting",
         "endless-line",
+        "rset-ignored",
     }
 )
 _CAPA = (
@@ -145,7 +148,8 @@ class _Session:
         if verb == b"STAT":
             return b"+OK %d %d\r\n" % (len(visible), sum(sizes.values()))
         if verb == b"RSET":
-            self.deleted.clear()
+            if "rset-ignored" not in self.flaws:
+                self.deleted.clear()
             return b"+OK\r\n"
         if verb in (b"LIST", b"UIDL") and not arg:
             body = b"".join(
@@ -179,9 +183,17 @@ class _Session:
         return b"-ERR bad command\r\n"
 
 
+@dataclass
+class Fake:
+    """A running fake server: its port, and the messages it holds (UPDATE removes them)."""
+
+    port: int
+    store: list[bytes]
+
+
 @asynccontextmanager
-async def fake_server(flaws: Collection[str] = ()) -> AsyncIterator[int]:
-    """Serve the seed messages with ``flaws`` on a loopback port; yield the port."""
+async def fake_server(flaws: Collection[str] = ()) -> AsyncIterator[Fake]:
+    """Serve the seed messages with ``flaws`` on a loopback port."""
     unknown = set(flaws) - FLAWS
     assert not unknown, unknown
 
@@ -212,7 +224,7 @@ async def fake_server(flaws: Collection[str] = ()) -> AsyncIterator[int]:
     store = list(SEED_MESSAGES)
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield Fake(server.sockets[0].getsockname()[1], store)
     finally:
         server.close()
         await server.wait_closed()

@@ -176,14 +176,20 @@ class TestBrokenServer:
     )
     async def test_flaw(self, flaw: tuple[str, ...], failed: set[str]) -> None:
         """The report has exactly these FAILs (none for the server without flaws)."""
-        async with fake_server(flaw) as port:
-            report = await asyncio.to_thread(suite, port)
+        async with fake_server(flaw) as fake:
+            report = await asyncio.to_thread(suite, fake.port)
         assert failed == set(failures(report)), failures(report)
+
+    async def test_rset_ignored_deletes_nothing(self) -> None:
+        """A server whose RSET does nothing fails the check, and gets no QUIT to delete with."""
+        async with fake_server({"rset-ignored"}) as fake:
+            report = await asyncio.to_thread(suite, fake.port, allow_delete=False)
+        assert ({"rset"}, len(SEED_MESSAGES)) == (set(failures(report)), len(fake.store))
 
     async def test_flawless_fake_runs_every_check(self) -> None:
         """The fake without flaws advertises every extension, so almost no check is skipped."""
-        async with fake_server() as port:
-            report = await asyncio.to_thread(suite, port)
+        async with fake_server() as fake:
+            report = await asyncio.to_thread(suite, fake.port)
         assert (["stls", "stls-not-after-login", "sys-codes"], {}) == (
             sorted(report.ids(Status.SKIP)),
             failures(report),
@@ -191,16 +197,16 @@ class TestBrokenServer:
 
     async def test_exit_status(self, capsys: pytest.CaptureFixture[str]) -> None:
         """`pobox conformance` exits 1 when a check fails and names it in the text report."""
-        async with fake_server({"no-quit-reply"}) as port:
-            argv = ["conformance", f"127.0.0.1:{port}", "-u", "alice", "-p", "secret"]
+        async with fake_server({"no-quit-reply"}) as fake:
+            argv = ["conformance", f"127.0.0.1:{fake.port}", "-u", "alice", "-p", "secret"]
             code = await asyncio.to_thread(main, argv)
         out = capsys.readouterr().out
         assert (1, True) == (code, "  FAIL  quit " in out)
 
     async def test_hostile_greeting_is_escaped(self) -> None:
         """Control bytes a server sends reach the report escaped, in text and JSON alike."""
-        async with fake_server({"evil-greeting"}) as port:
-            report = await asyncio.to_thread(suite, port)
+        async with fake_server({"evil-greeting"}) as fake:
+            report = await asyncio.to_thread(suite, fake.port)
         text, document = report.text(), report.json()
         assert (Status.FAIL, [], [], True) == (
             report.status("greeting"),
@@ -211,8 +217,8 @@ class TestBrokenServer:
 
     async def test_endless_line_is_refused(self) -> None:
         """A line that never ends fails the check once it passes the limit (memory bounded)."""
-        async with fake_server({"endless-line"}) as port:
-            report = await asyncio.to_thread(suite, port)
+        async with fake_server({"endless-line"}) as fake:
+            report = await asyncio.to_thread(suite, fake.port)
         assert [("greeting", Status.FAIL, "a line longer than 1048576 octets")] == [
             (c.id, c.status, c.detail) for c in report.checks
         ]
