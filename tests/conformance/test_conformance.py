@@ -120,6 +120,7 @@ class TestPobox:
         )
 
 
+@pytest.mark.external
 class TestDovecot:
     """Dovecot's report, pinned: what it passes, fails and skips."""
 
