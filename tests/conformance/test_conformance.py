@@ -170,7 +170,7 @@ class TestBrokenServer:
             (("pipelining-order",), {"pipelining", "advertised-works"}),
             (("bad-expire",), {"expire"}),
             (("bad-resp-code",), {"resp-codes", "auth-resp-code"}),
-            (("auth-no-initial",), {"auth-plain", "advertised-works"}),
+            (("auth-no-initial",), {"auth-plain", "auth-resp-code", "advertised-works"}),
             (("utf8-refused",), {"utf8", "advertised-works"}),
             (("bad-lang",), {"lang", "advertised-works"}),
         ],

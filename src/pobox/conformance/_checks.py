@@ -613,12 +613,21 @@ class Suite:
                 _err(bad, "PASS with a wrong password")
             finally:
                 self._end(conn)
-        with self.check(_3206, "auth-resp-code", "a wrong password gets [AUTH]"):
+        with self.check(_3206, "auth-resp-code", "a wrong password gets [AUTH] (PASS, AUTH)"):
             if self.caps is None or "AUTH-RESP-CODE" not in self.caps:
                 raise _Skip("AUTH-RESP-CODE not advertised in CAPA")
             _expect(bad is not None, "no -ERR to a wrong password to look at")
             assert bad is not None
             _expect(bad.text.startswith(b"[AUTH]"), f"wrong password: {bad.line!r}")
+            if "PLAIN" in [m.upper() for m in self.caps.get("SASL", [])]:
+                wrong = b"\0" + self.target.user.encode() + b"\0" + self.target.password.encode()
+                conn = self._open()
+                try:
+                    sasl = conn.command(b"AUTH PLAIN " + base64.b64encode(wrong + b"-wrong"))
+                finally:
+                    self._end(conn)
+                _err(sasl, "AUTH PLAIN with a wrong password")
+                _expect(sasl.text.startswith(b"[AUTH]"), f"AUTH PLAIN, wrong: {sasl.line!r}")
         with self.check(_2595, "stls", "STLS: +OK, TLS, CAPA again without STLS"):
             if self.target.mode == "starttls":
                 raise _Skip("checked on every connection (--starttls)")
