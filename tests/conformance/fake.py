@@ -117,6 +117,8 @@ class _Session:
         if verb == b"CAPA":
             expire = b"EXPIRE soon" if "bad-expire" in self.flaws else b"EXPIRE 30"
             return b"+OK\r\n" + _CAPA + expire + b"\r\n.\r\n"
+        if verb == b"LANG" and arg:
+            return b"+OK\r\n" if arg in (b"en", b"de") else b"-ERR [LANG] unknown\r\n"
         if verb == b"LANG":
             tag = b"en_US" if "bad-lang" in self.flaws else b"en"
             return b"+OK\r\n" + tag + b" English\r\nde Deutsch\r\n.\r\n"

@@ -723,7 +723,7 @@ class Suite:
                 self.worked.add("UTF8")
             finally:
                 self._end(conn)
-        with self.check(_6856, "lang", "LANG lists 'tag description' lines"):
+        with self.check(_6856, "lang", "LANG lists 'tag description' lines; LANG tag: +OK"):
             if "LANG" not in caps:
                 raise _Skip("LANG not advertised")
             conn = self._open()
@@ -733,6 +733,9 @@ class Suite:
                 _expect(bool(lines), "LANG lists no language")
                 bad = [x for x in lines if not _LANG_LINE.fullmatch(x.rstrip(b"\r\n"))]
                 _expect(not bad, f"malformed LANG lines: {bad[:3]!r}")
+                tags = [x.split(b" ")[0] for x in lines if not x.startswith(b"* ")]
+                if tags:
+                    _ok(conn.command(b"LANG " + tags[-1]), f"LANG {tags[-1].decode()}")
                 self.worked.add("LANG")
             finally:
                 self._end(conn)
