@@ -57,6 +57,7 @@ from pobox.config import (
     parse_listen,
     shared_state_backend,
 )
+from pobox.conformance import add_conformance_parser
 from pobox.delivery import DeliveryServer, build_agent
 from pobox.delivery.mda import deliver_stdin
 from pobox.errors import ConfigError, ListenError, PoboxError
@@ -1842,6 +1843,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump.set_defaults(func=cmd_config_dump)
     add_fetch_parser(sub)
     add_control_parsers(sub)
+    add_conformance_parser(sub)
     return parser
 
 
