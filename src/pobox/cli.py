@@ -399,15 +399,13 @@ def build_control(
             exc,
         )
         return None
-    # A kick by user matches the name as logins register it: Dovecot's %Lu lowercases it
-    # (auth_username_format, when the configuration has that key).
-    lower = getattr(config, "auth_username_format", "") == "%Lu"
+    # A kick by user matches the name as logins register it (auth_username_format).
     control = SessionControl(
         registry,
         octets=octets,
         end_here=end_here,
         wait=kick_wait(config),
-        normalise=str.lower if lower else str,
+        normalise=parse_format(config.auth_username_format),
     )
     allowed = frozenset() if owner is None else frozenset({owner.uid})
     return ControlServer(sock, path, control, allowed=allowed, node=node_name(config))

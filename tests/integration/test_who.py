@@ -273,7 +273,7 @@ class TestOneProcess:
         assert "1 session" in text
 
     async def test_kick_by_user_ends_without_update(self, tmp_path: Path, sockdir: Path) -> None:
-        """kick alice ends both her sessions without UPDATE; bob's goes on."""
+        """kick ALICE (as %Lu makes it: alice) ends her sessions without UPDATE; bob's goes on."""
         fill(tmp_path)
         async with pobox_serve(
             tmp_path, USERS, control_socket=str(sockdir / "control"), pop3_lock_session=False
@@ -282,7 +282,7 @@ class TestOneProcess:
             assert (await first.command(b"DELE 1")).startswith(b"+OK")
             second = await logged_in(proc.port, "alice")
             bob = await logged_in(proc.port, "bob")
-            status, out, err = await pobox("kick", "alice", "-c", str(config_of(proc)))
+            status, out, err = await pobox("kick", "ALICE", "-c", str(config_of(proc)))
             assert (0, "2 sessions ended\n", "") == (status, out, err)
             assert (await ended(first)).startswith(b"-ERR [SYS/TEMP]")
             assert (await ended(second)).startswith(b"-ERR [SYS/TEMP]")
