@@ -1029,7 +1029,8 @@ class Config:
     control_socket: str = key(
         "auto",
         "Unix socket of `pobox who` and `pobox kick` ([Live sessions](#live-sessions-pobox-"
-        "who-and-pobox-kick)). `auto`: `/run/pobox/control` when started as root, else "
+        "who-and-pobox-kick)). `auto`: `$RUNTIME_DIRECTORY/control` under systemd's "
+        "`RuntimeDirectory=`, else `/run/pobox/control` when started as root, else "
         "`$XDG_RUNTIME_DIR/pobox/control` (none if that is unset); `off`: none; or an "
         "absolute path. Mode `0600` (`0660` with `group`), owned by `user`; only root and "
         "the server's own user are answered.",

@@ -373,8 +373,11 @@ class TestConfig:
             load_config(config)
 
     def test_auto(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """auto: /run/pobox/control for root, XDG_RUNTIME_DIR for others, else none."""
+        """auto: systemd's RUNTIME_DIRECTORY, /run/pobox/control for root, XDG_RUNTIME_DIR..."""
         config = Config()
+        monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/pobox:/run/other")
+        assert Path("/run/pobox/control") == control_socket_path(config, euid=1000)
+        monkeypatch.delenv("RUNTIME_DIRECTORY")
         monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
         assert Path("/run/pobox/control") == control_socket_path(config, euid=0)
         assert Path("/run/user/1000/pobox/control") == control_socket_path(config, euid=1000)

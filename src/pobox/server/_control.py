@@ -93,14 +93,19 @@ _PEERCRED: Final = struct.Struct("3i")
 def control_socket_path(config: Config, *, euid: int | None = None) -> Path | None:
     """Return where the control socket is (``None``: there is none), ``auto`` resolved.
 
-    ``auto`` is ``/run/pobox/control`` for root (``euid`` 0), else
-    ``$XDG_RUNTIME_DIR/pobox/control``, and none when that variable is unset.
+    ``auto`` is ``$RUNTIME_DIRECTORY/control`` when systemd set that variable
+    (``RuntimeDirectory=pobox`` of contrib/systemd: ``/run/pobox``, so a server run as
+    ``vmail`` and ``pobox who`` run by root agree), else ``/run/pobox/control`` for root
+    (``euid`` 0), else ``$XDG_RUNTIME_DIR/pobox/control``, and none when that is unset.
     """
     value = config.control_socket
     if value == "off":
         return None
     if value != "auto":
         return Path(value)
+    systemd = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if systemd.startswith("/"):
+        return Path(systemd) / "control"
     if (os.geteuid() if euid is None else euid) == 0:
         return Path("/run/pobox/control")
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
