@@ -109,6 +109,7 @@ from pathlib import Path
 from pobox.errors import ConfigError
 from pobox.storage._safefs import (
     Dir,
+    LockBusy,
     UnsafeFile,
     flocked,
     flocked_if_free,
@@ -402,7 +403,15 @@ class MaildirHandle:
                 failed.append(key)
             else:
                 moves.append((key, location[0], location[1], info.size, info.uidl))
-        moved = keep_messages(root, moves, retention=self.retention, lock_timeout=lock_timeout)
+        try:
+            moved = keep_messages(root, moves, retention=self.retention, lock_timeout=lock_timeout)
+        except LockBusy:
+            raise  # the caller waits and tries again
+        except StorageError as exc:
+            # ``.pobox-deleted`` unusable (a link, not the owner's, disk full): nothing is
+            # unlinked; what did move is kept (the next open drops its index entries).
+            logger.warning("cannot keep deleted messages in %s: %s", self.root, exc)
+            return DeleteResult(removed=(), failed=keys)
         done = set(moved)
         failed.extend(key for key, *_ in moves if key not in done)
         return DeleteResult(removed=tuple(moved), failed=tuple(failed))
