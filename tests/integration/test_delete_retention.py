@@ -118,3 +118,17 @@ async def test_without_retention_deleted_mail_is_gone(tmp_path: Path) -> None:
     assert 0 != done.returncode
     assert "pop3_delete_retention" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_since_picks_by_deletion_time(tmp_path: Path) -> None:
+    """``--since`` a future date restores nothing; ``--since 1h`` (a duration ago) all."""
+    async with running_server(tmp_path, pop3_delete_retention="7d") as srv:
+        srv.deliver("alice", MESSAGES[0])
+        before = await asyncio.to_thread(_session, srv, (1,))
+        config = _config(srv)
+        future = await asyncio.to_thread(_restore, config, "--since", "2099-01-01T00:00")
+        recent = await asyncio.to_thread(_restore, config, "--since", "1h")
+        after = await asyncio.to_thread(_session, srv)
+    assert ["restored 0 message(s) into the maildrop of alice"] == future
+    assert "restored 1 message(s) into the maildrop of alice" == recent[-1]
+    assert before == after
