@@ -132,6 +132,7 @@ from pobox.storage.privsep import (
     SameOwnerStore,
     StorageHelper,
     SwitchingStore,
+    switch_process,
 )
 from pobox.storage.spool import Spool
 from pobox.tls import ServerTls
@@ -1580,12 +1581,12 @@ async def _restore_run(config: Config, args: argparse.Namespace) -> list[str]:
         msg = 'pobox restore needs pop3_delete_retention set (not "0") and a Maildir mail_location'
         raise PoboxError(msg)
     user = await _transfer_user(config, args.user)
-    owner = user.uid if user.uid is not None else os.geteuid()
+    if os.geteuid() == 0:
+        # As dovecot-lda: become the owner of the mail (never root unless first_valid_uid
+        # is 0) before any file of the maildir is touched; one user per run.
+        switch_process(OwnerPolicy.from_config(config, fallback=None).owner_of(user))
     store = MaildirStore(
-        config.mail_location,
-        reuse_xuidl=config.pop3_reuse_xuidl,
-        retention=retention,
-        owner=owner,
+        config.mail_location, reuse_xuidl=config.pop3_reuse_xuidl, retention=retention
     )
     if args.list:
         return [_restore_line(m) for m in await store.deleted_messages(user)]

@@ -49,6 +49,9 @@ def _config(srv: RunningServer) -> Path:
         f'mail_location = "{srv.config.mail_location}"\n'
         f'passwd_file = "{srv.config.passwd_file}"\n'
         'pop3_delete_retention = "7d"\n'
+        # The test server serves mail as root (this process): the owner of the mail, which
+        # ``pobox restore`` started as root becomes, is root too (never do that in production).
+        "mail_uid = 0\nmail_gid = 0\n"
         "first_valid_uid = 0\n"
         "first_valid_gid = 0\n"
     )

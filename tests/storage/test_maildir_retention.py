@@ -7,6 +7,7 @@ next UPDATE purges what expired, and that the maildir's user cannot make pobox f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ from pobox.config import build_config, parse_duration
 from pobox.errors import ConfigError
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._retain import DELETED_FOLDER, DELETED_LIST
+from pobox.storage.privsep import OwnerPolicy, StorageHelper
+from tests.helpers.accounts import ALICE as ACCOUNT
+from tests.helpers.accounts import chown_tree, system_user
+from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import User, deliver
 
 WEEK = 7 * 86400
@@ -142,3 +147,41 @@ def test_config_rejects_a_bad_duration() -> None:
     """``pobox config check`` and start-up say which key is wrong."""
     with pytest.raises(ConfigError, match="pop3_delete_retention: '7 days'"):
         build_config({"pop3_delete_retention": "7 days"})
+
+
+async def test_through_the_storage_helper_as_the_mail_owner() -> None:
+    """Mode 3 (root, mail of an unprivileged user): kept and restored files stay the user's."""
+    owner = system_user(ACCOUNT)
+    with searchable_tmpdir() as folder:
+        config = build_config(
+            {
+                "mail_location": "maildir:~/Maildir",
+                "passwd_file": str(folder / "passwd"),
+                "pop3_delete_retention": "7d",
+            }
+        )
+        home = folder / "home" / "alice"
+        home.mkdir(parents=True)
+        os.chown(home, owner.uid, owner.gid)
+        user = User("alice", home=str(home), uid=owner.uid, gid=owner.gid)
+        maildir = home / "Maildir"
+        deliver(maildir, b"Subject: mine\n\nbody\n")
+        chown_tree(maildir, owner)
+        helper = await StorageHelper.start(
+            config, OwnerPolicy.from_config(config, fallback=None), on_lost=print
+        )
+        try:
+            maildrop = await helper.store.open(user)
+            (info,) = maildrop.messages
+            result = await maildrop.delete([info.key])
+            await maildrop.close()
+        finally:
+            await helper.aclose()
+        kept = list((maildir / DELETED_FOLDER / "cur").iterdir())
+        owners = {p.stat().st_uid for p in [maildir / DELETED_FOLDER, *kept]}
+        local = MaildirStore("maildir:~/Maildir", owner=owner.uid, retention=WEEK)
+        restored = await local.restore_deleted(user)
+        index_owner = (maildir / "pobox-uidlist").stat().st_uid
+    assert ((info.key,), 1, {owner.uid}) == (result.removed, len(kept), owners)
+    assert [(info.uidl, info.size)] == [(m.uidl, m.size) for m in restored]
+    assert owner.uid == index_owner
