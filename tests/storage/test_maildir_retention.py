@@ -17,6 +17,8 @@ from pobox.errors import ConfigError
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._retain import DELETED_FOLDER, DELETED_LIST
 from pobox.storage.privsep import OwnerPolicy, StorageHelper
+from pobox.storage.privsep._helper import Settings
+from pobox.storage.privsep._protocol import InvalidRequest
 from tests.helpers.accounts import ALICE as ACCOUNT
 from tests.helpers.accounts import chown_tree, system_user
 from tests.helpers.dovecot import searchable_tmpdir
@@ -185,3 +187,18 @@ async def test_through_the_storage_helper_as_the_mail_owner() -> None:
     assert ((info.key,), 1, {owner.uid}) == (result.removed, len(kept), owners)
     assert [(info.uidl, info.size)] == [(m.uidl, m.size) for m in restored]
     assert owner.uid == index_owner
+
+
+@pytest.mark.parametrize(("value", "ok"), [(3600, True), (0, True), (-1, False), ("7d", False)])
+def test_helper_hello_takes_only_a_whole_number_of_seconds(value: object, ok: bool) -> None:
+    """The storage helper's ``hello`` carries the retention in seconds, checked."""
+    frame = {
+        "location": "maildir:~/Maildir", "mail_uid": None, "mail_gid": None,
+        "first_valid_uid": 500, "last_valid_uid": 0, "first_valid_gid": 1, "last_valid_gid": 0,
+        "files": {}, "appends": {}, "workers": 1, "retention": value,
+    }  # fmt: skip
+    if ok:
+        assert value == Settings.from_wire(frame).retention
+    else:
+        with pytest.raises(InvalidRequest, match="retention"):
+            Settings.from_wire(frame)
