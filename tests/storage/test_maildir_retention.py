@@ -202,3 +202,16 @@ def test_helper_hello_takes_only_a_whole_number_of_seconds(value: object, ok: bo
     else:
         with pytest.raises(InvalidRequest, match="retention"):
             Settings.from_wire(frame)
+
+
+async def test_restore_without_index_writes_no_index(tmp_path: Path) -> None:
+    """Served without an index (UIDLs from file names), a restore creates none."""
+    store = MaildirStore(f"maildir:{tmp_path}/%n", index=False, retention=WEEK)
+    deliver(tmp_path / "alice", b"x\n")
+    maildrop = await store.open(ALICE)
+    (info,) = maildrop.messages
+    await maildrop.delete([info.key])
+    await maildrop.close()
+    (restored,) = await store.restore_deleted(ALICE)
+    assert (info.uidl, info.size) == (restored.uidl, restored.size)
+    assert not (tmp_path / "alice" / "pobox-uidlist").exists()

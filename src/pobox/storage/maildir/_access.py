@@ -634,7 +634,8 @@ class MaildirAccess:
         """
         timeout = self.lock_timeout if lock_timeout is None else lock_timeout
         with Dir.open_root(self.maildir_path(user), owner) as root:
-            return restore_kept(root, select, lock_timeout=timeout, fresh_index=_fresh_index)
+            fresh = _fresh_index if self.index else None
+            return restore_kept(root, select, lock_timeout=timeout, fresh_index=fresh)
 
     def purge(
         self,

@@ -277,14 +277,35 @@ def purge_kept(root: Dir, *, retention: int, lock_timeout: float, now: int | Non
         return _purge_files(cur, {k.name for k in keep}, expired, retention, stamp)
 
 
+def _index_restored(root: Dir, chosen: list[Kept], fresh_index: Callable[[Dir], UidList]) -> None:
+    """Add index entries with the old UIDLs and sizes, under new UIDs (none is reused).
+
+    Written before the files move: a crash before the renames leaves entries without files
+    (dropped at the next open) and the messages still kept.
+    """
+    raw = root.read_file(INDEX_NAME, INDEX_MAX)
+    parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape")) if raw else None
+    uidlist = parsed[0] if parsed is not None else fresh_index(root)
+    for entry in chosen:
+        uidlist.entries[base_name(entry.name)] = IndexEntry(
+            uid=uidlist.next_uid, size=entry.size, uidl=entry.uidl
+        )
+        uidlist.next_uid += 1
+    root.replace(INDEX_NAME, format_pobox_uidlist(uidlist).encode("utf-8", "surrogateescape"))
+
+
 def restore_kept(
     root: Dir,
     select: Callable[[Kept], bool],
     *,
     lock_timeout: float,
-    fresh_index: Callable[[Dir], UidList],
+    fresh_index: Callable[[Dir], UidList] | None,
 ) -> list[Kept]:
     """Move the kept messages ``select`` picks back into ``cur/`` with their UIDL and size.
+
+    Args:
+        fresh_index: makes a new index when there is none; ``None`` for a maildir served
+            without an index (its UIDLs come from the file names, which do not change).
 
     Returns:
         The messages restored. One whose name is taken in ``cur/`` stays kept.
@@ -307,17 +328,8 @@ def restore_kept(
         chosen = [k for k in _present(kept_cur, kept) if select(k) and cur.stat(k.name) is None]
         if not chosen:
             return []
-        raw = root.read_file(INDEX_NAME, INDEX_MAX)
-        parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape")) if raw else None
-        uidlist = parsed[0] if parsed is not None else fresh_index(root)
-        for entry in chosen:
-            uidlist.entries[base_name(entry.name)] = IndexEntry(
-                uid=uidlist.next_uid, size=entry.size, uidl=entry.uidl
-            )
-            uidlist.next_uid += 1
-        # The index first: a crash before the renames leaves entries without files
-        # (dropped at the next open) and the messages still kept.
-        root.replace(INDEX_NAME, format_pobox_uidlist(uidlist).encode("utf-8", "surrogateescape"))
+        if fresh_index is not None:
+            _index_restored(root, chosen, fresh_index)
         for entry in chosen:
             try:
                 kept_cur.rename(entry.name, cur, entry.name)
