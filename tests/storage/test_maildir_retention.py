@@ -215,3 +215,22 @@ async def test_restore_without_index_writes_no_index(tmp_path: Path) -> None:
     (restored,) = await store.restore_deleted(ALICE)
     assert (info.uidl, info.size) == (restored.uidl, restored.size)
     assert not (tmp_path / "alice" / "pobox-uidlist").exists()
+
+
+async def test_restore_never_changes_the_uidl_of_a_message_there(
+    keeping: MaildirStore, tmp_path: Path
+) -> None:
+    """A kept message whose base name is in the maildrop again (copied back by hand in
+    ``new/``) stays kept: the message there keeps its UIDL."""
+    name = Path(deliver(tmp_path / "alice", b"x\n")).name
+    await _delete_all(keeping)
+    kept_file = tmp_path / "alice" / DELETED_FOLDER / "cur" / name
+    (tmp_path / "alice" / "new" / name.split(":")[0]).write_bytes(kept_file.read_bytes())
+    maildrop = await keeping.open(ALICE)
+    (there,) = maildrop.messages
+    await maildrop.close()
+    assert () == await keeping.restore_deleted(ALICE)
+    maildrop = await keeping.open(ALICE)
+    assert [there] == list(maildrop.messages)
+    await maildrop.close()
+    assert 1 == len(await keeping.deleted_messages(ALICE))

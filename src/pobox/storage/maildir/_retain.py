@@ -277,21 +277,32 @@ def purge_kept(root: Dir, *, retention: int, lock_timeout: float, now: int | Non
         return _purge_files(cur, {k.name for k in keep}, expired, retention, stamp)
 
 
-def _index_restored(root: Dir, chosen: list[Kept], fresh_index: Callable[[Dir], UidList]) -> None:
+def _index_restored(
+    root: Dir, chosen: list[Kept], fresh_index: Callable[[Dir], UidList]
+) -> list[Kept]:
     """Add index entries with the old UIDLs and sizes, under new UIDs (none is reused).
 
     Written before the files move: a crash before the renames leaves entries without files
-    (dropped at the next open) and the messages still kept.
+    (dropped at the next open) and the messages still kept. A message whose base name the
+    index has already (a file of that name put back by hand) is left out: its entry, and the
+    UIDL of the message there, are not touched.
+
+    Returns:
+        The messages indexed, to be moved back.
     """
     raw = root.read_file(INDEX_NAME, INDEX_MAX)
     parsed = parse_pobox_uidlist(raw.decode("utf-8", "surrogateescape")) if raw else None
     uidlist = parsed[0] if parsed is not None else fresh_index(root)
+    chosen = [entry for entry in chosen if base_name(entry.name) not in uidlist.entries]
+    if not chosen:
+        return []
     for entry in chosen:
         uidlist.entries[base_name(entry.name)] = IndexEntry(
             uid=uidlist.next_uid, size=entry.size, uidl=entry.uidl
         )
         uidlist.next_uid += 1
     root.replace(INDEX_NAME, format_pobox_uidlist(uidlist).encode("utf-8", "surrogateescape"))
+    return chosen
 
 
 def restore_kept(
@@ -329,7 +340,7 @@ def restore_kept(
         if not chosen:
             return []
         if fresh_index is not None:
-            _index_restored(root, chosen, fresh_index)
+            chosen = _index_restored(root, chosen, fresh_index)
         for entry in chosen:
             try:
                 kept_cur.rename(entry.name, cur, entry.name)
