@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import errno
 import fnmatch
 import functools
@@ -31,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -54,6 +56,7 @@ from pobox.config import (
     dump_config,
     keys_help,
     load_config,
+    parse_duration,
     parse_listen,
     shared_state_backend,
 )
@@ -114,6 +117,7 @@ from pobox.state.remote import (
     StateService,
 )
 from pobox.storage.base import (
+    DeletedMessage,
     IncomingMessage,
     MaildropImporter,
     MaildropLocked,
@@ -128,6 +132,7 @@ from pobox.storage.privsep import (
     SameOwnerStore,
     StorageHelper,
     SwitchingStore,
+    switch_process,
 )
 from pobox.storage.spool import Spool
 from pobox.tls import ServerTls
@@ -238,6 +243,7 @@ def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> Maildro
         config.mail_location,
         inline_read_max=config.mail_inline_read_max,
         reuse_xuidl=config.pop3_reuse_xuidl,
+        retention=parse_duration(config.pop3_delete_retention),
     )
     if plan is None:
         me = Owner(os.geteuid(), os.getegid())
@@ -1176,6 +1182,7 @@ def build_deliver_store(config: Config) -> MaildropStore:
         config.mail_location,
         inline_read_max=config.mail_inline_read_max,
         reuse_xuidl=config.pop3_reuse_xuidl,
+        retention=parse_duration(config.pop3_delete_retention),
     )
     return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
 
@@ -1542,6 +1549,67 @@ async def _user_delete(
             await store.aclose()
 
 
+# --------------------------------------------------------------------------- restore
+
+
+def _since(text: str, now: float) -> int:
+    """Read ``--since``: an ISO date/time (UTC unless it has an offset) or a duration ago."""
+    try:
+        return int(now) - parse_duration(text, key="--since")
+    except ConfigError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        msg = f'--since: {text!r} is neither a date/time ("2026-12-07T09:30") nor a duration'
+        raise PoboxError(msg) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp())
+
+
+def _restore_line(message: DeletedMessage) -> str:
+    when = datetime.datetime.fromtimestamp(message.deleted, datetime.UTC)
+    return f"{message.uidl} {message.size} {when:%Y-%m-%dT%H:%M:%SZ}"
+
+
+async def _restore_run(config: Config, args: argparse.Namespace) -> list[str]:
+    retention = parse_duration(config.pop3_delete_retention)
+    if config.mail_location == "postgresql" or not retention:
+        msg = 'pobox restore needs pop3_delete_retention set (not "0") and a Maildir mail_location'
+        raise PoboxError(msg)
+    user = await _transfer_user(config, args.user)
+    if os.geteuid() == 0:
+        # As dovecot-lda: become the owner of the mail (never root unless first_valid_uid
+        # is 0) before any file of the maildir is touched; one user per run.
+        switch_process(OwnerPolicy.from_config(config, fallback=None).owner_of(user))
+    store = MaildirStore(
+        config.mail_location, reuse_xuidl=config.pop3_reuse_xuidl, retention=retention
+    )
+    if args.list:
+        return [_restore_line(m) for m in await store.deleted_messages(user)]
+    if args.purge:
+        return [f"purged {await store.purge_deleted(user)} message(s) of {user.name}"]
+    since = None if args.since is None else _since(args.since, time.time())
+    restored = await store.restore_deleted(user, since=since, uidls=tuple(args.uidl))
+    lines = [f"restored {_restore_line(m)}" for m in restored]
+    lines.append(f"restored {len(restored)} message(s) into the maildrop of {user.name}")
+    return lines
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """List, restore or purge the messages pop3_delete_retention keeps for a user."""
+    config = load_config(args.config)
+    try:
+        lines = asyncio.run(_restore_run(config, args))
+    except (StorageTemporaryError, MaildropLocked, AuthTemporaryError) as exc:
+        print(f"pobox restore: {exc} (run it again)", file=sys.stderr)
+        return EX_TEMPFAIL
+    for line in lines:
+        print(line)
+    return 0
+
+
 # --------------------------------------------------------------------------- import/export
 
 
@@ -1800,6 +1868,31 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", dest="target", required=True, metavar="maildir:PATH")
     exp.add_argument("--config", "-c", required=True, help="TOML configuration file")
     exp.set_defaults(func=cmd_export)
+    res = sub.add_parser(
+        "restore",
+        help="bring back messages deleted over POP3 (pop3_delete_retention), UIDLs kept",
+        description="With pop3_delete_retention set, messages deleted over POP3 are kept in "
+        "the hidden Maildir folder .pobox-deleted/ for that long. This brings them back into "
+        "USER's maildrop with the UIDL and size they had (all of them, or those deleted since "
+        "TIME, or those with the given UIDLs); --list shows what is kept, --purge removes "
+        "what was kept longer than the retention. Run it as the mail's owner or as root. "
+        "Exit 75: try again.",
+    )
+    res.add_argument("user", metavar="USER", help="the user whose deleted mail is restored")
+    res.add_argument(
+        "--since",
+        metavar="TIME",
+        help='only messages deleted since TIME: "2026-12-07", "2026-12-07T09:30" (UTC unless '
+        'it says otherwise) or a duration ago ("2h", "3d")',
+    )
+    res.add_argument(
+        "--uidl", action="append", default=[], metavar="UIDL", help="only this UIDL (repeatable)"
+    )
+    mode = res.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="list what can be restored")
+    mode.add_argument("--purge", action="store_true", help="purge what is past the retention")
+    res.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    res.set_defaults(func=cmd_restore)
     db = sub.add_parser(
         "db",
         help="the PostgreSQL schema: upgrade, status, gc",

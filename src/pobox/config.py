@@ -74,6 +74,7 @@ __all__ = [
     "keys_help",
     "load_config",
     "markdown_table",
+    "parse_duration",
     "parse_listen",
     "readme_with_table",
     "shared_state_backend",
@@ -224,6 +225,23 @@ class Key:
         return list(value) if isinstance(value, tuple) else value
 
 
+#: Seconds per unit of a duration string (:func:`parse_duration`).
+_DURATION_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, key: str = "duration") -> int:
+    """Return the seconds of a duration such as ``"7d"``, ``"36h"``, ``"90m"`` or ``"0"``.
+
+    Raises:
+        ConfigError: ``text`` is not a whole number followed by at most one of s, m, h, d, w.
+    """
+    match = re.fullmatch(r"([0-9]{1,9})([smhdw]?)", text.strip())
+    if match is None:
+        msg = f'{key}: {text!r} is not a duration such as "7d", "36h", "90m" or "0"'
+        raise ConfigError(msg)
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 def _alternatives(choices: tuple[str, ...]) -> str:
     """``a or b``, ``one of a, b or c``."""
     words = ", ".join(choices[:-1]) + f" or {choices[-1]}"
@@ -368,6 +386,10 @@ def _check_temp_dir(name: str, value: str) -> None:
         raise ConfigError(f"{name}: {value} is not an absolute directory")
 
 
+def _check_duration(name: str, value: str) -> None:
+    parse_duration(value, key=name)
+
+
 def _check_optional_listen(name: str, value: str) -> None:
     if value:
         parse_listen(value, key=name)
@@ -492,6 +514,17 @@ class Config:
         "At a maildir's first open, keep the UIDL of a message's `X-UIDL:` header (left by "
         "qpopper and other mbox servers), as Dovecot's key of that name. UIDLs of "
         "`dovecot-uidlist`, `courierpop3dsizelist` and `pobox-uidl-map` are kept always.",
+        section="POP3 service",
+    )
+    pop3_delete_retention: str = key(
+        "0",
+        "Keep messages deleted over POP3 this long in the hidden Maildir folder "
+        "`.pobox-deleted/`, from where `pobox restore USER` brings them back with their "
+        'UIDLs and sizes: a duration, `"7d"`, `"36h"`, `"90m"`, `"3600s"` (a bare number is '
+        'seconds); `"0"`: off, deleted mail is unlinked. Kept mail is not counted against '
+        "the quota and is purged at the maildrop's next `QUIT` after the retention (or by "
+        "`pobox restore USER --purge`). Maildir only: refused with PostgreSQL.",
+        check=_check_duration,
         section="POP3 service",
     )
     mail_inline_read_max: int = key(
@@ -1145,6 +1178,11 @@ def _validate_postgresql(config: Config) -> None:
         raise ConfigError(
             "postgresql_password_query: needed when postgresql_user_query or "
             "postgresql_iterate_query is set"
+        )
+    if config.mail_location == "postgresql" and parse_duration(config.pop3_delete_retention):
+        raise ConfigError(
+            'pop3_delete_retention: not supported with mail_location = "postgresql" '
+            '(Maildir only); set it to "0"'
         )
     if config.postgresql_pool_max < config.postgresql_pool_min:
         raise ConfigError("postgresql_pool_max: must be at least postgresql_pool_min")

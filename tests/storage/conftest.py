@@ -57,9 +57,12 @@ def _maildir(
     flags: str | None,
     index: bool,
     inline_read_max: int = 128 * 1024,
+    retention: int = 0,
 ) -> Backend:
     """Return a Maildir backend with homes under ``tmp_path`` and mail in ``~/Maildir``."""
-    store = MaildirStore("maildir:~/Maildir", index=index, inline_read_max=inline_read_max)
+    store = MaildirStore(
+        "maildir:~/Maildir", index=index, inline_read_max=inline_read_max, retention=retention
+    )
 
     def user(name: str) -> MailUser:
         """Return user ``name``, with a home of their own."""
@@ -87,7 +90,20 @@ _BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "maildir-threaded-reads": lambda path: _maildir(
         path, "maildir-threaded-reads", fields="SW", flags=None, index=True, inline_read_max=0
     ),
+    # Deleted mail kept a week (pop3_delete_retention = "7d"): the whole contract holds too.
+    "maildir-retention": lambda path: _maildir(
+        path, "maildir-retention", fields="SW", flags=None, index=True, retention=RETENTION
+    ),
+    "maildir-no-index-retention": lambda path: _maildir(
+        path, "maildir-no-index-retention", fields="", flags=None, index=False, retention=RETENTION
+    ),
 }
+
+#: The retention of the ``*-retention`` backends: 7 days, in seconds.
+RETENTION = 7 * 86400
+#: The backends that keep deleted mail (:class:`~pobox.storage.base.DeletedMailRetention`).
+#: PostgreSQL and memory do not: ``pop3_delete_retention`` is refused for them.
+RETAINING = ("maildir-retention", "maildir-no-index-retention")
 
 
 @contextlib.asynccontextmanager
@@ -146,6 +162,14 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     await made.store.aclose()
     for close in made.closers:
         close()
+
+
+@pytest.fixture(params=RETAINING)
+async def retaining(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each backend that keeps deleted mail for ``RETENTION`` seconds."""
+    made = _BACKENDS[request.param](tmp_path)
+    yield made
+    await made.store.aclose()
 
 
 @pytest.fixture

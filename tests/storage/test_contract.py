@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pobox.storage.base import (
+    DeletedMailRetention,
     IncomingMessage,
     Maildrop,
     MaildropLocked,
@@ -25,6 +26,7 @@ from pobox.storage.base import (
 )
 from pobox.storage.spool import Spool
 from tests.helpers.maildir import incoming
+from tests.storage.conftest import RETENTION
 
 if TYPE_CHECKING:
     from tests.storage.conftest import Backend
@@ -521,3 +523,123 @@ class TestDeliver:
         with pytest.raises(QuotaExceeded):
             await backend.store.deliver(backend.user("bob"), incoming(b"12345\n"), quota=quota)
         assert Usage(octets=0, messages=0) == await backend.store.usage(backend.user("bob"))
+
+
+def _retention(backend: Backend) -> DeletedMailRetention:
+    """The store's retention capability (every ``retaining`` backend has it)."""
+    store = backend.store
+    assert isinstance(store, DeletedMailRetention)
+    return store
+
+
+async def _snapshot(backend: Backend) -> list[tuple[str, int, bytes]]:
+    """(UIDL, size, bytes) of every message of a fresh session, in order."""
+    maildrop = await backend.store.open(backend.user("alice"))
+    try:
+        return [(i.uidl, i.size, await read_all(maildrop, i.key)) for i in maildrop.messages]
+    finally:
+        await maildrop.close()
+
+
+async def _delete(backend: Backend, numbers: list[int]) -> list[tuple[str, int]]:
+    """Delete messages (0-based) in one session; return their (UIDL, size)."""
+    maildrop = await backend.store.open(backend.user("alice"))
+    chosen = [maildrop.messages[n] for n in numbers]
+    result = await maildrop.delete([info.key for info in chosen])
+    await maildrop.close()
+    assert (len(chosen), ()) == (len(result.removed), result.failed)
+    return [(info.uidl, info.size) for info in chosen]
+
+
+class TestDeletedMailRetention:
+    """``pop3_delete_retention``: deleted mail kept, invisible, restorable with its UIDL.
+
+    Runs on the backends that keep deleted mail (``RETAINING`` in conftest); PostgreSQL and
+    memory do not offer :class:`DeletedMailRetention`, which the last test checks.
+    """
+
+    async def test_deleted_message_is_invisible_but_kept(self, retaining: Backend) -> None:
+        """Gone from the next snapshot and from usage; listed as kept with UIDL and size."""
+        for number in range(3):
+            retaining.deliver("alice", f"Subject: {number}\n\nbody {number}\n".encode())
+        before = await _snapshot(retaining)
+        deleted = await _delete(retaining, [1])
+        assert [before[0], before[2]] == await _snapshot(retaining)
+        kept = await _retention(retaining).deleted_messages(retaining.user("alice"))
+        assert deleted == [(k.uidl, k.size) for k in kept]
+        usage = await retaining.store.usage(retaining.user("alice"))
+        assert 2 == usage.messages
+
+    async def test_restore_brings_back_uidl_size_and_bytes(self, retaining: Backend) -> None:
+        """A restored message is listed again with the same UIDL, size and content."""
+        for number in range(3):
+            retaining.deliver("alice", f"Subject: {number}\r\n\r\nline\n{number}\n".encode())
+        before = await _snapshot(retaining)
+        await _delete(retaining, [0, 2])
+        restored = await _retention(retaining).restore_deleted(retaining.user("alice"))
+        assert {before[0][0], before[2][0]} == {m.uidl for m in restored}
+        assert sorted(before) == sorted(await _snapshot(retaining))
+        assert () == await _retention(retaining).deleted_messages(retaining.user("alice"))
+
+    async def test_restore_by_uidl_only_that_one(self, retaining: Backend) -> None:
+        """``uidls`` picks the messages; the others stay kept."""
+        for number in range(3):
+            retaining.deliver("alice", f"m{number}\n".encode())
+        deleted = await _delete(retaining, [0, 1, 2])
+        store = _retention(retaining)
+        restored = await store.restore_deleted(retaining.user("alice"), uidls=[deleted[1][0]])
+        assert [deleted[1][0]] == [m.uidl for m in restored]
+        assert [(deleted[1][0], b"m1\n")] == [(u, b) for u, _, b in await _snapshot(retaining)]
+        kept = await store.deleted_messages(retaining.user("alice"))
+        assert {deleted[0][0], deleted[2][0]} == {k.uidl for k in kept}
+
+    async def test_restore_since_skips_older_deletions(self, retaining: Backend) -> None:
+        """``since`` after the deletion restores nothing; at or before it, everything."""
+        retaining.deliver("alice", b"x\n")
+        await _delete(retaining, [0])
+        store = _retention(retaining)
+        (kept,) = await store.deleted_messages(retaining.user("alice"))
+        user = retaining.user("alice")
+        assert () == await store.restore_deleted(user, since=kept.deleted + 1)
+        assert (kept,) == await store.restore_deleted(user, since=kept.deleted)
+
+    async def test_purge_removes_only_expired(self, retaining: Backend) -> None:
+        """Kept messages are purged once the retention has passed, not before."""
+        retaining.deliver("alice", b"x\n")
+        await _delete(retaining, [0])
+        store = _retention(retaining)
+        user = retaining.user("alice")
+        (kept,) = await store.deleted_messages(user)
+        assert 0 == await store.purge_deleted(user, now=kept.deleted + RETENTION - 1)
+        assert 1 == len(await store.deleted_messages(user))
+        assert 1 == await store.purge_deleted(user, now=kept.deleted + RETENTION)
+        assert () == await store.deleted_messages(user)
+        assert () == await store.restore_deleted(user)
+        assert [] == await _snapshot(retaining)
+
+    async def test_restored_then_deleted_again_is_kept_again(self, retaining: Backend) -> None:
+        """Restore and delete round-trip with the UIDL unchanged."""
+        retaining.deliver("alice", b"again\n")
+        (first,) = await _delete(retaining, [0])
+        await _retention(retaining).restore_deleted(retaining.user("alice"))
+        assert [first] == await _delete(retaining, [0])
+        kept = await _retention(retaining).deleted_messages(retaining.user("alice"))
+        assert [first] == [(k.uidl, k.size) for k in kept]
+
+    async def test_uidl_of_restored_message_is_not_given_to_new_mail(
+        self, retaining: Backend
+    ) -> None:
+        """Mail delivered while a message is kept never gets the kept message's UIDL."""
+        retaining.deliver("alice", b"old\n")
+        ((uidl, _),) = await _delete(retaining, [0])
+        retaining.deliver("alice", b"new\n")
+        await _retention(retaining).restore_deleted(retaining.user("alice"))
+        uidls = [u for u, _, _ in await _snapshot(retaining)]
+        assert 2 == len(set(uidls))
+        assert uidl in uidls
+
+    async def test_other_stores_do_not_offer_it(self, backend: Backend) -> None:
+        """Only Maildir keeps deleted mail; memory and PostgreSQL say so by type."""
+        offers = isinstance(backend.store, DeletedMailRetention)
+        in_process_maildir = backend.name.startswith("maildir") and backend.name != "maildir-helper"
+        assert offers == in_process_maildir

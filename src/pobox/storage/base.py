@@ -20,6 +20,9 @@ Every backend passes the same contract suite (``tests/storage/test_contract.py``
 A store whose messages an IMAP server may read too (Maildir) also offers :class:`SeenFlags`:
 the session marks the messages it sent with RETR as seen, as Dovecot's POP3 does.
 
+A store that can keep deleted mail for a while (Maildir, with ``pop3_delete_retention``) offers
+:class:`DeletedMailRetention`: ``pobox restore`` lists, restores and purges what it kept.
+
 ``pobox import`` needs one more thing, which only stores that can keep another server's UIDLs
 offer (PostgreSQL): :class:`MaildropImporter`, a separate protocol so that
 :class:`MaildropStore` stays as it is.
@@ -40,6 +43,8 @@ from pobox.storage.spool import Spool
 
 __all__ = [
     "DeleteResult",
+    "DeletedMailRetention",
+    "DeletedMessage",
     "ImportedMessage",
     "IncomingMessage",
     "MailUser",
@@ -339,3 +344,50 @@ class MaildropImporter(Protocol):
             StoragePermanentError: a UIDL is not a valid unique-id.
             StorageTemporaryError: a failure that may pass (nothing of the call stored).
         """
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedMessage:
+    """A message deleted over POP3 and kept for restore.
+
+    Attributes:
+        uidl: the UIDL it had, and gets again when restored.
+        size: the wire size it had (LIST), and has again.
+        deleted: when it was deleted (Unix seconds).
+    """
+
+    uidl: str
+    size: int
+    deleted: int
+
+
+@runtime_checkable
+class DeletedMailRetention(Protocol):
+    """A store that keeps messages deleted over POP3 for a while (``pop3_delete_retention``).
+
+    Kept messages are invisible to POP3 (never in a snapshot) and not counted by
+    :meth:`MaildropStore.usage`. Stores without it (PostgreSQL, memory) refuse the key.
+    """
+
+    async def deleted_messages(self, user: MailUser) -> tuple[DeletedMessage, ...]:
+        """Return the messages kept for ``user``, oldest deletion first."""
+
+    async def restore_deleted(
+        self,
+        user: MailUser,
+        *,
+        since: int | None = None,
+        uidls: Sequence[str] = (),
+    ) -> tuple[DeletedMessage, ...]:
+        """Bring kept messages back into the maildrop with their UIDL and size; return them.
+
+        Args:
+            since: only messages deleted at or after this time (Unix seconds).
+            uidls: only messages with these UIDLs (all if empty).
+
+        Raises:
+            StorageTemporaryError: a failure that may pass (nothing restored, or some).
+        """
+
+    async def purge_deleted(self, user: MailUser, *, now: int | None = None) -> int:
+        """Remove for good what was kept longer than the retention; return how many."""

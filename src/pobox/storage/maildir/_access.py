@@ -109,6 +109,7 @@ from pathlib import Path
 from pobox.errors import ConfigError
 from pobox.storage._safefs import (
     Dir,
+    LockBusy,
     UnsafeFile,
     flocked,
     flocked_if_free,
@@ -166,6 +167,13 @@ from pobox.storage.maildir._names import (
     is_acceptable_name,
     seen_name,
     size_field,
+)
+from pobox.storage.maildir._retain import (
+    Kept,
+    keep_messages,
+    kept_messages,
+    purge_kept,
+    restore_kept,
 )
 
 __all__ = ["LOCK_NAME", "LOCK_TIMEOUT", "MaildirAccess", "MaildirHandle"]
@@ -257,6 +265,7 @@ class MaildirHandle:
         "_real",
         "messages",
         "owner",
+        "retention",
         "root",
     )
 
@@ -271,6 +280,7 @@ class MaildirHandle:
         indexed: bool,
         lock_timeout: float,
         real: str | None = None,
+        retention: int = 0,
     ) -> None:
         #: The maildir's path.
         self.root = root
@@ -284,6 +294,9 @@ class MaildirHandle:
         self._lock_timeout = lock_timeout
         #: The maildir's path as the kernel had it at the last careful open (no links in it).
         self._real = real
+        #: ``pop3_delete_retention`` in seconds: deleted messages are kept that long in
+        #: ``.pobox-deleted/`` (:mod:`._retain`) instead of being unlinked; 0: unlinked.
+        self.retention = retention
         self._closed = False
 
     def open_message(self, key: str) -> tuple[int, int]:
@@ -337,14 +350,18 @@ class MaildirHandle:
         Raises:
             StorageTemporaryError: the directories could not be synced.
         """
-        result = self.unlink_messages(keys)
+        result = self.unlink_messages(keys, lock_timeout=self._lock_timeout)
         if result.removed:
             with contextlib.suppress(StorageError):
                 self.forget(result.removed, lock_timeout=self._lock_timeout)
         return result
 
-    def unlink_messages(self, keys: Sequence[str]) -> DeleteResult:
+    def unlink_messages(self, keys: Sequence[str], *, lock_timeout: float = 0) -> DeleteResult:
         """Unlink the files of messages of the snapshot, and fsync their directories.
+
+        With a :attr:`retention`, the files are moved into ``.pobox-deleted/`` instead, under
+        the index lock (waited for at most ``lock_timeout``; :class:`LockBusy` if still busy),
+        and what was kept longer than the retention is purged (:func:`._retain.keep_messages`).
 
         A file already gone counts as removed; one that cannot be unlinked (``EACCES``, a
         directory, ``new/`` or ``cur/`` replaced by a link) and a key that is not in the
@@ -360,6 +377,9 @@ class MaildirHandle:
             root = Dir.open_root(self.root, self.owner)
         except StorageError:
             return DeleteResult(removed=(), failed=keys)
+        if self.retention > 0:
+            with root:
+                return self._keep(root, keys, lock_timeout)
         removed: list[str] = []
         failed: list[str] = []
         with root, _Subdirs(root) as subdirs:
@@ -371,6 +391,30 @@ class MaildirHandle:
                     failed.append(key)
             subdirs.fsync_touched()
         return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+    def _keep(self, root: Dir, keys: tuple[str, ...], lock_timeout: float) -> DeleteResult:
+        """Move messages into ``.pobox-deleted/`` (see :meth:`unlink_messages`)."""
+        infos = {info.key: info for info in self.messages}
+        moves = []
+        failed: list[str] = []
+        for key in keys:
+            location, info = self._files.get(key), infos.get(key)
+            if location is None or info is None:
+                failed.append(key)
+            else:
+                moves.append((key, location[0], location[1], info.size, info.uidl))
+        try:
+            moved = keep_messages(root, moves, retention=self.retention, lock_timeout=lock_timeout)
+        except LockBusy:
+            raise  # the caller waits and tries again
+        except StorageError as exc:
+            # ``.pobox-deleted`` unusable (a link, not the owner's, disk full): nothing is
+            # unlinked; what did move is kept (the next open drops its index entries).
+            logger.warning("cannot keep deleted messages in %s: %s", self.root, exc)
+            return DeleteResult(removed=(), failed=keys)
+        done = set(moved)
+        failed.extend(key for key, *_ in moves if key not in done)
+        return DeleteResult(removed=tuple(moved), failed=tuple(failed))
 
     def forget(self, keys: Sequence[str], *, lock_timeout: float) -> None:
         """Drop removed messages from the index (their UIDs are not reused).
@@ -459,6 +503,7 @@ class MaildirAccess:
         index: bool = True,
         lock_timeout: float = LOCK_TIMEOUT,
         reuse_xuidl: bool = False,
+        retention: int = 0,
     ) -> None:
         """Serve the maildirs that ``location`` names.
 
@@ -470,6 +515,8 @@ class MaildirAccess:
             lock_timeout: how long to wait at most for a busy index lock.
             reuse_xuidl: at a maildir's first open, keep the UIDL of an ``X-UIDL:`` header
                 (Dovecot's ``pop3_reuse_xuidl``; see :mod:`._foreign`).
+            retention: keep deleted messages this many seconds in ``.pobox-deleted/``
+                (``pop3_delete_retention``; see :mod:`._retain`); 0: unlink them.
 
         Raises:
             ConfigError: the location is malformed.
@@ -483,6 +530,7 @@ class MaildirAccess:
         self.index = index
         self.lock_timeout = lock_timeout
         self.reuse_xuidl = reuse_xuidl
+        self.retention = retention
         #: The snapshot cache (shared with the non-blocking open of the async store).
         self.cache = SnapshotCache()
         self._tmp_cleaner = TmpCleaner()
@@ -558,6 +606,49 @@ class MaildirAccess:
         return PendingDelivery(
             str(self.maildir_path(user)), message, owner=owner, tmp_cleaner=self._tmp_cleaner
         )
+
+    def kept(self, user: MailUser, *, owner: int) -> list[Kept]:
+        """Return the messages ``.pobox-deleted/`` keeps for ``user`` (:mod:`._retain`)."""
+        try:
+            root = Dir.open_root(self.maildir_path(user), owner)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return []
+            raise
+        with root:
+            return kept_messages(root)
+
+    def restore(
+        self,
+        user: MailUser,
+        select: Callable[[Kept], bool],
+        *,
+        owner: int,
+        lock_timeout: float | None = None,
+    ) -> list[Kept]:
+        """Restore the kept messages ``select`` picks (:func:`._retain.restore_kept`).
+
+        Raises:
+            LockBusy: the index lock stayed busy for ``lock_timeout`` seconds.
+            StorageError: the index or the list could not be written.
+        """
+        timeout = self.lock_timeout if lock_timeout is None else lock_timeout
+        with Dir.open_root(self.maildir_path(user), owner) as root:
+            fresh = _fresh_index if self.index else None
+            return restore_kept(root, select, lock_timeout=timeout, fresh_index=fresh)
+
+    def purge(
+        self,
+        user: MailUser,
+        *,
+        owner: int,
+        lock_timeout: float | None = None,
+        now: int | None = None,
+    ) -> int:
+        """Unlink kept messages older than the retention (:func:`._retain.purge_kept`)."""
+        timeout = self.lock_timeout if lock_timeout is None else lock_timeout
+        with Dir.open_root(self.maildir_path(user), owner) as root:
+            return purge_kept(root, retention=self.retention, lock_timeout=timeout, now=now)
 
     def usage(self, user: MailUser, *, owner: int) -> Usage:
         """Return the octets and number of messages in ``user``'s maildir.
@@ -638,6 +729,7 @@ class MaildirAccess:
                             indexed=True,
                             lock_timeout=self.lock_timeout,
                             real=directory.real_path(),
+                            retention=self.retention,
                         )
                         return handle, None
         except StorageError:
@@ -685,6 +777,7 @@ class MaildirAccess:
             indexed=self.index,
             lock_timeout=self.lock_timeout,
             real=real,
+            retention=self.retention,
         )
 
 

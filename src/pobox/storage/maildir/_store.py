@@ -45,6 +45,7 @@ from typing import TypeVar
 
 from pobox.storage._safefs import CHUNK_SIZE, LockBusy, read_upto, storage_error
 from pobox.storage.base import (
+    DeletedMessage,
     DeleteResult,
     IncomingMessage,
     MailUser,
@@ -57,6 +58,7 @@ from pobox.storage.base import (
 from pobox.storage.maildir._access import LOCK_TIMEOUT, MaildirAccess, MaildirHandle
 from pobox.storage.maildir._deliver import PendingDelivery
 from pobox.storage.maildir._fs import SessionLock
+from pobox.storage.maildir._retain import Kept
 
 __all__ = ["CHUNK_SIZE", "INLINE_READ_MAX", "MaildirGates", "MaildirMaildrop", "MaildirStore"]
 
@@ -120,6 +122,7 @@ class MaildirStore:
         owner: int | None = None,
         lock_timeout: float = LOCK_TIMEOUT,
         reuse_xuidl: bool = False,
+        retention: int = 0,
     ) -> None:
         """Create a store serving the maildirs that ``location`` names.
 
@@ -136,12 +139,18 @@ class MaildirStore:
                 its turn on a maildir busy with another operation.
             reuse_xuidl: at a maildir's first open, keep the UIDLs of ``X-UIDL:`` headers
                 (``pop3_reuse_xuidl``).
+            retention: keep deleted messages this many seconds in ``.pobox-deleted/``
+                (``pop3_delete_retention``; see :mod:`._retain`); 0: unlink them.
 
         Raises:
             ConfigError: the location is malformed.
         """
         self._access = MaildirAccess(
-            location, index=index, lock_timeout=lock_timeout, reuse_xuidl=reuse_xuidl
+            location,
+            index=index,
+            lock_timeout=lock_timeout,
+            reuse_xuidl=reuse_xuidl,
+            retention=retention,
         )
         self._inline_read_max = inline_read_max
         self._owner = owner
@@ -255,6 +264,49 @@ class MaildirStore:
         owner = self.owner()
         return await _retrying(
             self._gates, root, access.lock_timeout, lambda: access.usage(user, owner=owner)
+        )
+
+    async def deleted_messages(self, user: MailUser) -> tuple[DeletedMessage, ...]:
+        """Return the messages ``.pobox-deleted/`` keeps for ``user``, oldest first."""
+        owner = self.owner()
+        kept = await asyncio.to_thread(self._access.kept, user, owner=owner)
+        return tuple(_deleted(k) for k in kept)
+
+    async def restore_deleted(
+        self, user: MailUser, *, since: int | None = None, uidls: Sequence[str] = ()
+    ) -> tuple[DeletedMessage, ...]:
+        """Move kept messages back into ``cur/`` with their UIDL and size (:mod:`._retain`).
+
+        Raises:
+            StorageTemporaryError: the index lock stayed busy for ``lock_timeout`` seconds.
+            StorageError: the index or the list could not be written.
+        """
+        access = self._access
+        root = str(access.maildir_path(user))
+        owner = self.owner()
+        wanted = frozenset(uidls)
+
+        def select(kept: Kept) -> bool:
+            return (since is None or kept.deleted >= since) and (not wanted or kept.uidl in wanted)
+
+        restored = await _retrying(
+            self._gates,
+            root,
+            access.lock_timeout,
+            lambda: access.restore(user, select, owner=owner, lock_timeout=0),
+        )
+        return tuple(_deleted(k) for k in restored)
+
+    async def purge_deleted(self, user: MailUser, *, now: int | None = None) -> int:
+        """Unlink kept messages older than the retention; return how many."""
+        access = self._access
+        root = str(access.maildir_path(user))
+        owner = self.owner()
+        return await _retrying(
+            self._gates,
+            root,
+            access.lock_timeout,
+            lambda: access.purge(user, owner=owner, lock_timeout=0, now=now),
         )
 
     async def aclose(self) -> None:
@@ -550,6 +602,10 @@ async def _retrying(
             raise _busy(key, timeout)
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, _RETRY_MAX)
+
+
+def _deleted(kept: Kept) -> DeletedMessage:
+    return DeletedMessage(uidl=kept.uidl, size=kept.size, deleted=kept.deleted)
 
 
 def _busy(key: str, timeout: float) -> StorageTemporaryError:

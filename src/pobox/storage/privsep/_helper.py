@@ -113,6 +113,8 @@ class Settings:
     workers: int
     #: ``pop3_reuse_xuidl`` (optional in the frame: false).
     reuse_xuidl: bool = False
+    #: ``pop3_delete_retention`` in seconds (optional in the frame: 0, off).
+    retention: int = 0
 
     @classmethod
     def from_wire(cls, value: dict[str, Any]) -> Settings:
@@ -137,8 +139,12 @@ class Settings:
         if type(reuse_xuidl) is not bool:
             msg = "settings.reuse_xuidl: wrong type"
             raise InvalidRequest(msg)
-        if set(value) - {"reuse_xuidl"} != set(expected):
-            msg = f"settings: expected {sorted(expected)} (and optionally reuse_xuidl)"
+        retention = value.get("retention", 0)
+        if type(retention) is not int or retention < 0:
+            msg = "settings.retention: wrong type"
+            raise InvalidRequest(msg)
+        if set(value) - {"reuse_xuidl", "retention"} != set(expected):
+            msg = f"settings: expected {sorted(expected)} (and optionally reuse_xuidl, retention)"
             raise InvalidRequest(msg)
         for key, kind in expected.items():
             if not isinstance(value[key], kind) or isinstance(value[key], bool):
@@ -166,6 +172,7 @@ class Settings:
             dict(value["appends"]),
             workers,
             reuse_xuidl,
+            retention,
         )
 
 
@@ -263,7 +270,11 @@ class Helper:
             msg = "the first request must be hello"
             raise InvalidRequest(msg, request_id)
         self._settings = Settings.from_wire(args["settings"])
-        self._core = MaildirAccess(self._settings.location, reuse_xuidl=self._settings.reuse_xuidl)
+        self._core = MaildirAccess(
+            self._settings.location,
+            reuse_xuidl=self._settings.reuse_xuidl,
+            retention=self._settings.retention,
+        )
         for key, path in (*self._settings.files.items(), *self._settings.appends.items()):
             self._dirs[key] = _open_parent(path)
         self._reply(self._main, request_id, {"pid": os.getpid()})

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import pobox
+from pobox.config import parse_duration
 from pobox.records import Quota
 from pobox.storage.base import (
     DeleteResult,
@@ -581,6 +582,7 @@ class StorageHelper:
             "appends": {"log_path": config.log_path} if config.log_path else {},
             "workers": min(32, (os.cpu_count() or 1) + 4),
             "reuse_xuidl": config.pop3_reuse_xuidl,
+            "retention": parse_duration(config.pop3_delete_retention),
         }
         main_ours, main_theirs = socket_pair()
         files_ours, files_theirs = socket_pair()
