@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pobox.protocol import (
     NEED_DATA,
@@ -21,7 +23,7 @@ from pobox.protocol import (
     TlsStarted,
 )
 
-from .helpers import Msg, logged_in, run
+from .helpers import Msg, Shell, drive, logged_in, pieces, run
 
 #: A digest of the right shape for APOP (its value does not matter before the shell checks).
 DIGEST = b"c4c9334bac560ecc979e58001b3e22fb"
@@ -355,3 +357,79 @@ class TestGermanReplies:
             "-ERR Ungültige Nachrichtennummer: x1\r\n"
             "-ERR Es gibt keine Nachricht 7.\r\n"
         ).encode() == out
+
+
+SNAPSHOT = [Msg(25, "u1"), Msg(7, "u2")]
+#: Arguments: tags, ranges, UTF-8 text SASLprep maps or refuses, and raw octets.
+ARGS = st.one_of(
+    st.sampled_from([b"de", b"en", b"*", b"DE-at", b"uga", b"1", b"x" * 9, b"\xff"]),
+    st.text(max_size=12).map(str.encode).filter(lambda b: b"\n" not in b and b"\r" not in b),
+    st.binary(max_size=30).filter(lambda b: b"\n" not in b),
+)
+
+
+class TestProperties:
+    """With UTF8 and LANG on, every reply is still a proper status line, split or whole."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        setup=st.sampled_from([b"", b"UTF8\r\n", b"LANG de\r\n", b"UTF8\r\nLANG de\r\n"]),
+        verb=st.sampled_from(b"UTF8 LANG USER PASS APOP DELE RETR NOOP BOGUS".split()),
+        args=st.lists(ARGS, max_size=3),
+        logged=st.booleans(),
+    )
+    def test_status_line(self, setup, verb, args, logged):
+        """The first reply line is +OK or -ERR, UTF-8, at most 512 octets (RFC 2449 §4)."""
+        line = b" ".join([verb, *args])[:253] + b"\r\n"
+        new = ServerConnection(utf8=True, lang=True, apop_timestamp="<1.2@h>")
+        conn = logged_in(SNAPSHOT, utf8=True, lang=True) if logged else new
+        drive(conn, [setup], Shell(messages=SNAPSHOT), eof=False)
+
+        _, out = drive(conn, [line], Shell(messages=SNAPSHOT))
+
+        status = out.split(b"\r\n")[0]
+        assert status.startswith((b"+OK", b"-ERR"))
+        status.decode("utf-8")
+        assert len(status) + 2 <= 512
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        commands=st.lists(
+            st.one_of(
+                st.sampled_from(
+                    [
+                        b"UTF8",
+                        b"LANG",
+                        b"LANG de",
+                        b"LANG *",
+                        b"LANG xx",
+                        b"USER alice",
+                        "USER \u2168".encode(),
+                        b"PASS secret",
+                        "PASS s\u00adecret".encode(),
+                        b"PASS \xff",
+                        b"STAT",
+                        b"DELE 1",
+                        b"RETR 9",
+                        b"BOGUS",
+                    ]
+                ),
+                ARGS,
+            ).map(lambda c: c + b"\r\n"),
+            max_size=15,
+        ).map(b"".join),
+        cut_at=st.lists(st.integers(0, 300), max_size=10),
+    )
+    def test_same_result_split(self, commands, cut_at):
+        """Whole, one byte at a time, or in pieces: the same events and output."""
+        shell = Shell(messages=SNAPSHOT)
+
+        def new() -> ServerConnection:
+            return ServerConnection(utf8=True, lang=True)
+
+        whole = drive(new(), [commands], shell)
+        one_by_one = drive(new(), [commands[i : i + 1] for i in range(len(commands))], shell)
+        split = drive(new(), pieces(commands, cut_at), shell)
+
+        assert whole == one_by_one
+        assert whole == split
