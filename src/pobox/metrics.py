@@ -63,7 +63,7 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 #: reads (pobox's names are all plain ``[a-z_]``, so the 1.0.0 format would say the same).
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
-#: POP3 commands with a label of their own (RFC 1939, 2449, 2595, 5034); others: ``other``.
+#: POP3 commands with a label of their own (RFC 1939, 2449, 2595, 5034, 6856); others: ``other``.
 COMMANDS: Final = (
     "USER",
     "PASS",
@@ -80,6 +80,8 @@ COMMANDS: Final = (
     "RSET",
     "TOP",
     "UIDL",
+    "UTF8",
+    "LANG",
     "other",
 )
 

@@ -264,7 +264,8 @@ class TestPipelining:
         uidl = out.split(b"+OK 1 ", 2)[2].split(b"\r\n")[0]
         assert (
             b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
-            b"PIPELINING\r\nUSER\r\nSASL PLAIN LOGIN\r\nIMPLEMENTATION pobox\r\n.\r\n"
+            b"PIPELINING\r\nUSER\r\nSASL PLAIN LOGIN\r\nUTF8 USER\r\nLANG\r\n"
+            b"IMPLEMENTATION pobox\r\n.\r\n"
             b"+OK\r\n+OK Logged in.\r\n+OK 1 20\r\n+OK 1 " + uidl + b"\r\n"
             b"+OK\r\nSubject: a\r\n\r\n.\r\n"
             b"+OK 20 octets\r\nSubject: a\r\n\r\n..dot\r\n.\r\n"

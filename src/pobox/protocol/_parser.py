@@ -102,7 +102,7 @@ class LineFramer:
 
 
 class Verb(enum.Enum):
-    """The POP3 command keywords pobox knows (RFC 1939, RFC 2449, RFC 2595, RFC 5034)."""
+    """The POP3 command keywords pobox knows (RFC 1939, 2449, 2595, 5034, 6856)."""
 
     USER = "USER"
     PASS = "PASS"
@@ -119,6 +119,8 @@ class Verb(enum.Enum):
     RSET = "RSET"
     TOP = "TOP"
     UIDL = "UIDL"
+    UTF8 = "UTF8"
+    LANG = "LANG"
 
 
 _VERBS: Final = {v.value.encode(): v for v in Verb}

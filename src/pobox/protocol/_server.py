@@ -54,6 +54,14 @@ from pobox.protocol._events import (
     VerifyToken,
     _Sentinel,
 )
+from pobox.protocol._i18n import (
+    DEFAULT_LANGUAGE,
+    LANGUAGES,
+    localize,
+    lookup_language,
+    saslprep,
+    translate,
+)
 from pobox.protocol._parser import (
     LINE_TOO_LONG,
     MAX_COMMAND_LINE,
@@ -98,7 +106,9 @@ OUTPUT_HIGH_WATER: Final = 256 * 1024
 #: 255 octets"); 8 KiB holds any OAuth bearer token in practice and stays bounded.
 MAX_SASL_LINE: Final = 8192
 
-_NO_ARGS: Final = frozenset({Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.CAPA, Verb.STLS})
+_NO_ARGS: Final = frozenset(
+    {Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.CAPA, Verb.STLS, Verb.UTF8}
+)
 
 #: How much of a bad argument a ``-ERR`` reply echoes back: enough to recognise it, and the
 #: status line stays ASCII and far below RFC 2449's 512 octets whatever the client sent.
@@ -166,6 +176,10 @@ class ServerConnection:
             :class:`Verb` value, ``"other"`` for a line that is no command), before it is
             answered; SASL responses and over-long lines are no commands.  For the shell's
             metrics; ``None``: nothing is called.
+        utf8: offer RFC 6856 §2 UTF8 (CAPA ``UTF8 USER`` and the command): after it, user
+            names and passwords are UTF-8 and prepared with SASLprep (RFC 4013).
+        lang: offer RFC 6856 §3 LANG (CAPA ``LANG`` and the command) to switch the
+            language of reply texts.
 
     Raises:
         ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
@@ -188,6 +202,8 @@ class ServerConnection:
         hostname: str = "localhost",
         username_format: Callable[[str], str] = str,
         on_command: Callable[[str], None] | None = None,
+        utf8: bool = False,
+        lang: bool = False,
     ) -> None:
         if apop_timestamp is not None:
             greeting = f"{greeting} {apop_timestamp}"
@@ -226,6 +242,12 @@ class ServerConnection:
         self._on_command = on_command
         self._sasl: Mechanism | None = None
         self._sasl_rejection: LoginRejected | None = None
+        self._utf8_offered = utf8
+        self._lang_offered = lang
+        #: Whether the client sent UTF8 (RFC 6856 §2): credentials are SASLprep'd from then on.
+        self.utf8_mode = False
+        #: The language of reply texts (RFC 6856 §3), a tag of ``LANGUAGES``.
+        self.language = DEFAULT_LANGUAGE
         self._reply(ok(greeting))
 
     # ------------------------------------------------------------------ public API
@@ -321,6 +343,9 @@ class ServerConnection:
             self._framer.discard_buffered()
             self._pending_user = None
             self._bad = 0
+            # UTF8 and LANG sent in plaintext might be an attacker's: start over (RFC 2595 §4).
+            self.utf8_mode = False
+            self.language = DEFAULT_LANGUAGE
             self.secure = True
             self.user_enabled = event.user_enabled
         elif isinstance(event, DeletionsCommitted):
@@ -385,6 +410,8 @@ class ServerConnection:
             self._retr = None
 
     def _reply(self, line: bytes) -> None:
+        if self.language != DEFAULT_LANGUAGE:
+            line = translate(line, self.language)
         self._out.append(line)
         self._out_len += len(line)
         if self._trace:
@@ -451,12 +478,30 @@ class ServerConnection:
         if len(cmd.args) != 1:
             self._bad_command("USER takes exactly one argument: a user name.")
             return
+        user = self._user_name(cmd.args[0])
+        if user is None:
+            return
+        self._pending_user = user
+        self._reply(ok())
+
+    def _user_name(self, arg: bytes) -> str | None:
+        """Decode a user name argument; in UTF8 mode, prepare it (RFC 6856 §2, RFC 4013).
+
+        Before UTF8 a name is decoded as UTF-8 too (what pobox always did), unprepared.
+        Replies ``-ERR`` and returns ``None`` when it cannot be used.
+        """
         try:
-            self._pending_user = cmd.args[0].decode("utf-8")
+            user = arg.decode("utf-8")
         except UnicodeDecodeError:
             self._bad_command("User name is not valid UTF-8.")
-            return
-        self._reply(ok())
+            return None
+        if self.utf8_mode:
+            try:
+                return saslprep(user)
+            except ValueError:
+                self._bad_command("User name not allowed by SASLprep (RFC 4013).")
+                return None
+        return user
 
     def _cmd_pass(self, cmd: Command) -> None:
         if not self.user_enabled:
@@ -470,8 +515,19 @@ class ServerConnection:
         if not cmd.rest:
             self._bad_command("PASS takes one argument: the password.")
             return
+        password = cmd.rest
+        if self.utf8_mode:
+            # RFC 6856 §2: SASLprep the PASS argument as a query string.
+            try:
+                password = saslprep(password.decode("utf-8")).encode()
+            except UnicodeDecodeError:
+                self._bad_command("Password is not valid UTF-8.")
+                return
+            except ValueError:
+                self._bad_command("Password not allowed by SASLprep (RFC 4013).")
+                return
         self._transition(Trigger.PASS)
-        self._events.append(AuthenticateUser(self._pending_user, cmd.rest))
+        self._events.append(AuthenticateUser(self._pending_user, password))
 
     def _cmd_stls(self, _cmd: Command) -> None:
         if self.secure:
@@ -537,10 +593,8 @@ class ServerConnection:
         if len(cmd.args) != 2 or len(cmd.args[1]) != 32:
             self._bad_command("APOP takes two arguments: a user name and an MD5 digest.")
             return
-        try:
-            user = cmd.args[0].decode("utf-8")
-        except UnicodeDecodeError:
-            self._bad_command("User name is not valid UTF-8.")
+        user = self._user_name(cmd.args[0])
+        if user is None:
             return
         self._sasl = Apop(self._apop_timestamp.encode(), user, cmd.args[1])
         self._transition(Trigger.PASS)
@@ -640,9 +694,44 @@ class ServerConnection:
                 caps.append(" ".join(["SASL", *offered]).encode())
         if self.tls_available and not self.secure and self.state is State.AUTHORIZATION:
             caps.append(b"STLS")
+        if self._utf8_offered:
+            caps.append(b"UTF8 USER")
+        if self._lang_offered:
+            caps.append(b"LANG")
         if self._implementation:
             caps.append(b"IMPLEMENTATION " + self._implementation.encode())
         self._reply_lines(ok("Capability list follows"), [c + CRLF for c in caps])
+
+    def _cmd_utf8(self, _cmd: Command) -> None:
+        """RFC 6856 §2: from now on user names and passwords are UTF-8, SASLprep'd."""
+        if not self._utf8_offered:
+            self._bad_command("Command not available.")
+            return
+        self.utf8_mode = True
+        self._reply(ok("UTF-8 mode on."))
+
+    def _cmd_lang(self, cmd: Command) -> None:
+        """RFC 6856 §3: list the languages, or switch the language of reply texts."""
+        if not self._lang_offered:
+            self._bad_command("Command not available.")
+            return
+        if not cmd.args:
+            self._reply_lines(
+                ok("Language listing follows"),
+                [f"{tag} {name}".encode() + CRLF for tag, name in LANGUAGES.items()],
+            )
+            return
+        if len(cmd.args) > 1:
+            self._bad_command("Too many arguments.")
+            return
+        tag = lookup_language(cmd.args[0])
+        if tag is None:
+            # RFC 6856 §3: -ERR, and the language stays what it was.
+            self._reply(err(f"Unsupported language: {_echo(cmd.args[0])}"))
+            return
+        self.language = tag
+        # "+OK" then the tag chosen, then text in that language (RFC 6856 §3's example).
+        self._reply(ok(f"{tag} {localize('Language changed.', tag)}"))
 
     def _cmd_stat(self, _cmd: Command) -> None:
         count, size = self._totals()
@@ -734,6 +823,8 @@ class ServerConnection:
         Verb.RETR: _cmd_retr,
         Verb.TOP: _cmd_top,
         Verb.DELE: _cmd_dele,
+        Verb.UTF8: _cmd_utf8,
+        Verb.LANG: _cmd_lang,
     }
 
     def _totals(self) -> tuple[int, int]:

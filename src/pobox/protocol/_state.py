@@ -73,10 +73,21 @@ class Trigger(enum.Enum):
 
 
 #: Commands each state accepts.  STLS is only valid in AUTHORIZATION (RFC 2595 §4: "only
-#: permitted in AUTHORIZATION state"), and so are APOP and AUTH (RFC 1939 §7, RFC 5034 §4).
+#: permitted in AUTHORIZATION state"), and so are APOP and AUTH (RFC 1939 §7, RFC 5034 §4)
+#: and UTF8 (RFC 6856 §2); LANG is valid in both (RFC 6856 §3).
 ALLOWED: Final[dict[State, frozenset[Verb]]] = {
     State.AUTHORIZATION: frozenset(
-        {Verb.USER, Verb.PASS, Verb.APOP, Verb.AUTH, Verb.QUIT, Verb.CAPA, Verb.STLS}
+        {
+            Verb.USER,
+            Verb.PASS,
+            Verb.APOP,
+            Verb.AUTH,
+            Verb.QUIT,
+            Verb.CAPA,
+            Verb.STLS,
+            Verb.UTF8,
+            Verb.LANG,
+        }
     ),
     State.TRANSACTION: frozenset(
         {
@@ -90,6 +101,7 @@ ALLOWED: Final[dict[State, frozenset[Verb]]] = {
             Verb.UIDL,
             Verb.QUIT,
             Verb.CAPA,
+            Verb.LANG,
         }
     ),
     State.SASL: frozenset(),

@@ -261,6 +261,8 @@ class Session:
             hostname=_hostname(),
             username_format=_username_format(cfg.auth_username_format),
             on_command=None if self.clock is None else self.clock.begin,
+            utf8=True,  # RFC 6856 §2
+            lang=True,  # RFC 6856 §3
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
