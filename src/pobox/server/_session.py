@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -46,10 +46,12 @@ from pobox.metrics import CommandClock, Metrics
 from pobox.names import parse_format
 from pobox.protocol import (
     AuthenticateUser,
+    ClientWorkarounds,
     CommitDeletions,
     DeletionsCommitted,
     EndOfMessage,
     FetchSecret,
+    HeaderEnd,
     LoginAccepted,
     LoginFailed,
     LoginRejected,
@@ -61,6 +63,7 @@ from pobox.protocol import (
     Secret,
     SecretFound,
     ServerConnection,
+    SnapshotEntry,
     TlsStarted,
     VerifyToken,
 )
@@ -174,6 +177,61 @@ def _may_log_in(user: User | None) -> User | None:
     return user
 
 
+#: ``pop3_client_workarounds`` names → the core's flags.
+_WORKAROUNDS: Final = {
+    "outlook-no-nuls": ClientWorkarounds.OUTLOOK_NO_NULS,
+    "oe-ns-eoh": ClientWorkarounds.OE_NS_EOH,
+}
+
+
+def client_workarounds(names: tuple[str, ...]) -> ClientWorkarounds:
+    """Return the core's flags for the ``pop3_client_workarounds`` names (checked already)."""
+    flags = ClientWorkarounds.NONE
+    for name in names:
+        flags |= _WORKAROUNDS[name]
+    return flags
+
+
+@dataclass(frozen=True, slots=True)
+class _Sized:
+    """A snapshot entry whose size counts the header end ``oe-ns-eoh`` adds."""
+
+    size: int
+    uidl: str
+
+
+async def _header_end_sizes(maildrop: Maildrop) -> list[SnapshotEntry]:
+    """Return the snapshot with 2 octets more for each message that has no header end.
+
+    ``oe-ns-eoh`` sends a CRLF more for those (:class:`pobox.protocol.HeaderEnd` decides,
+    as the encoder does), so LIST, STAT and RETR's octet count must say so.  Reads each
+    message up to the end of its header.  A message that cannot be read keeps its size:
+    RETR will fail on it anyway.
+    """
+    entries: list[SnapshotEntry] = []
+    for info in maildrop.messages:
+        finder = HeaderEnd()
+        try:
+            data = maildrop.read_now(info.key)
+            if data is not None:
+                finder.feed_stored(data)
+            else:
+                chunks = maildrop.read_message(info.key)
+                try:
+                    async for chunk in chunks:
+                        finder.feed_stored(chunk)
+                        if finder.found:
+                            break
+                finally:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+        except StorageError:
+            finder.found = True
+        entries.append(info if finder.found else _Sized(info.size + 2, info.uidl))
+    return entries
+
+
 #: The parsed ``auth_username_format`` (checked when the configuration was read).
 _username_format = functools.lru_cache(maxsize=8)(parse_format)
 
@@ -261,6 +319,7 @@ class Session:
             hostname=_hostname(),
             username_format=_username_format(cfg.auth_username_format),
             on_command=None if self.clock is None else self.clock.begin,
+            workarounds=client_workarounds(cfg.pop3_client_workarounds),
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
@@ -469,7 +528,10 @@ class Session:
         self._count_login(method, "ok")
         self._count_as("transaction")
         self.maildrop.on_lock_lost(self._lock_lost)
-        self.conn.send(LoginAccepted(self.maildrop.messages))
+        messages: Sequence[SnapshotEntry] = self.maildrop.messages
+        if "oe-ns-eoh" in self.ctx.config.pop3_client_workarounds:
+            messages = await _header_end_sizes(self.maildrop)
+        self.conn.send(LoginAccepted(messages))
 
     def _refused(self, user: str | None, method: str) -> None:
         """Count a login refused for what it was (not a failure, not "no auth attempts")."""

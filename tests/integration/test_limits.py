@@ -1,0 +1,95 @@
+"""Client workarounds and per-user limits against a real server on loopback, with poplib."""
+
+from __future__ import annotations
+
+import asyncio
+import poplib
+from pathlib import Path
+
+import pytest
+
+from pobox.config import build_config
+from pobox.errors import ConfigError
+from pobox.testing import RunningServer, deliver_to_maildir, running_server
+
+CLIENT_TIMEOUT = 10.0
+
+#: A header without the empty line that ends it, a NUL in it, and a normal message.
+HEADER_ONLY = b"Subject: no body\nX-Nul: a\0b\n"
+NORMAL = b"Subject: hi\n\n.dot\nbody\0\n"
+
+
+def login(srv: RunningServer, user: str = "alice", password: str = "secret") -> poplib.POP3:
+    """Log ``user`` in by POP3."""
+    client = poplib.POP3(srv.host, srv.port, timeout=CLIENT_TIMEOUT)
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def sizes_and_messages(srv: RunningServer) -> tuple[bytes, list[bytes], list[tuple[bytes, int]]]:
+    """Return STAT, LIST, and each RETR's (status line, octets read) in one session."""
+    client = login(srv)
+    try:
+        stat = client.stat()
+        listing = client.list()[1]
+        retrieved = []
+        for number in (1, 2):
+            resp, lines, octets = client.retr(number)
+            retrieved.append((resp, octets, b"\r\n".join(lines)))
+        return (
+            f"{stat[0]} {stat[1]}".encode(),
+            listing,
+            [(resp, octets) for resp, octets, _ in retrieved],
+        ), [body for _, _, body in retrieved]
+    finally:
+        client.quit()
+
+
+class TestClientWorkarounds:
+    """pop3_client_workarounds on a real server: what is sent and the sizes announced."""
+
+    async def test_both_workarounds(self, tmp_path: Path) -> None:
+        """NULs arrive as 0x80; a header-only message gets its header end, counted in sizes."""
+        async with running_server(
+            tmp_path, pop3_client_workarounds="outlook-no-nuls oe-ns-eoh"
+        ) as srv:
+            deliver_to_maildir(srv.maildir("alice"), HEADER_ONLY)
+            deliver_to_maildir(srv.maildir("alice"), NORMAL)
+            (stat, listing, retrs), bodies = await asyncio.to_thread(sizes_and_messages, srv)
+        # Wire sizes: 30 + 2 for the added header end; 28 for the normal message.
+        assert (b"2 60", [b"1 32", b"2 28"]) == (stat, listing)
+        assert [b"+OK 32 octets", b"+OK 28 octets"] == [r for r, _ in retrs]
+        assert [b"Subject: no body", b"X-Nul: a\x80b", b""] == bodies[0].split(b"\r\n")
+        assert b"Subject: hi\r\n\r\n.dot\r\nbody\x80" == bodies[1]
+        # poplib counts each line and its CRLF (less the stuffed dot): the announced sizes.
+        assert [32, 28] == [octets for _, octets in retrs]
+
+    async def test_off_by_default(self, tmp_path: Path) -> None:
+        """Without workarounds, sizes are the wire sizes and the bytes go as stored."""
+        async with running_server(tmp_path) as srv:
+            deliver_to_maildir(srv.maildir("alice"), HEADER_ONLY)
+            deliver_to_maildir(srv.maildir("alice"), NORMAL)
+            (stat, listing, retrs), bodies = await asyncio.to_thread(sizes_and_messages, srv)
+        assert (b"2 58", [b"1 30", b"2 28"]) == (stat, listing)
+        assert [b"Subject: no body", b"X-Nul: a\0b"] == bodies[0].split(b"\r\n")
+        assert [30, 28] == [octets for _, octets in retrs]
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            ("", ()),
+            ("oe-ns-eoh  Outlook-No-Nuls", ("oe-ns-eoh", "outlook-no-nuls")),
+            (["outlook-no-nuls", "outlook-no-nuls"], ("outlook-no-nuls",)),
+        ],
+    )
+    async def test_config_forms(self, tmp_path: Path, value: object, expected: tuple) -> None:
+        """Dovecot's space-separated string and a TOML list are both read."""
+        async with running_server(tmp_path, pop3_client_workarounds=value) as srv:
+            assert expected == srv.config.pop3_client_workarounds
+
+    @pytest.mark.parametrize("value", ["oe-ns-eoh no-such-thing", [3], 7])
+    def test_config_refuses_unknown(self, value: object) -> None:
+        """An unknown name or a wrong type is a config error naming the key."""
+        with pytest.raises(ConfigError, match="pop3_client_workarounds"):
+            build_config({"pop3_client_workarounds": value})
