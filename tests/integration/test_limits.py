@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pobox.auth.passwdfile import add_user
 from pobox.config import build_config
 from pobox.errors import ConfigError
 from pobox.testing import RunningServer, deliver_to_maildir, running_server
@@ -93,3 +94,45 @@ class TestClientWorkarounds:
         """An unknown name or a wrong type is a config error naming the key."""
         with pytest.raises(ConfigError, match="pop3_client_workarounds"):
             build_config({"pop3_client_workarounds": value})
+
+
+def refused(srv: RunningServer, user: str) -> str:
+    """Try to log ``user`` in (password ``secret``); return the server's refusal."""
+    client = poplib.POP3(srv.host, srv.port, timeout=CLIENT_TIMEOUT)
+    try:
+        client.user(user)
+        with pytest.raises(poplib.error_proto) as caught:
+            client.pass_("secret")
+        return caught.value.args[0].decode()
+    finally:
+        client.quit()
+
+
+class TestNoPop3:
+    """The userdb field ``nopop3`` refuses the login with ``[SYS/PERM]``, and logs it."""
+
+    @pytest.mark.parametrize("field", ["nopop3", "nopop3=yes", "userdb_nopop3=y"])
+    async def test_refused(
+        self, tmp_path: Path, field: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A user with the field set gets -ERR [SYS/PERM]; the log line names the user."""
+        async with running_server(tmp_path) as srv:
+            add_user(srv.config.passwd_file, "carol", b"secret", "PLAIN", extra=[field])
+            (srv.maildir("carol")).mkdir(parents=True)
+            with caplog.at_level("INFO", logger="pobox"):
+                reply = await asyncio.to_thread(refused, srv, "carol")
+        assert "-ERR [SYS/PERM] POP3 access is disabled for this account." == reply
+        assert any(
+            "Login refused, POP3 disabled for the user: user=<carol>" in r.getMessage()
+            for r in caplog.records
+        )
+
+    @pytest.mark.parametrize("field", ["nopop3=no", "nopop3=0", "pop3=no"])
+    async def test_not_set(self, tmp_path: Path, field: str) -> None:
+        """``nopop3=no`` (or another field) leaves POP3 on."""
+        async with running_server(tmp_path) as srv:
+            add_user(srv.config.passwd_file, "carol", b"secret", "PLAIN", extra=[field])
+            (srv.maildir("carol")).mkdir(parents=True)
+            client = await asyncio.to_thread(login, srv, "carol")
+            assert b"+OK" == (await asyncio.to_thread(client.noop))[:3]
+            await asyncio.to_thread(client.quit)

@@ -232,6 +232,16 @@ async def _header_end_sizes(maildrop: Maildrop) -> list[SnapshotEntry]:
     return entries
 
 
+def pop3_disabled(user: User) -> bool:
+    """Tell whether the userdb field ``nopop3`` turns POP3 off for ``user``.
+
+    Set as the passwd-file's ``nologin`` is: present with no value or any value but
+    ``n``/``no``/``false``/``0`` (a PostgreSQL ``boolean`` column reads ``True``/``False``).
+    """
+    value = user.extra.get("nopop3")
+    return value is not None and value.lower() not in ("n", "no", "false", "0")
+
+
 #: The parsed ``auth_username_format`` (checked when the configuration was read).
 _username_format = functools.lru_cache(maxsize=8)(parse_format)
 
@@ -511,6 +521,15 @@ class Session:
         return False
 
     async def _open(self, user: User, method: str, failures: int) -> None:
+        if pop3_disabled(user):
+            # RFC 3206 §4: [SYS/PERM] — the credentials are right (checked first, so only
+            # their holder learns this), and no retry or other password will help; [AUTH]
+            # would make clients ask for the password again.
+            self._refused(user.name, method)
+            events.pop3_disabled(self.log, user.name, method)
+            self._count_login(method, "disabled")
+            self.conn.send(LoginRejected("POP3 access is disabled for this account.", "SYS/PERM"))
+            return
         if not await self._admit(user, method):
             return
         try:
