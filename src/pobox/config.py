@@ -515,6 +515,16 @@ class Config:
         parse=_parse_workarounds,
         section="POP3 service",
     )
+    pop3_daily_download_bytes: int = key(
+        0,
+        "Octets of mail (RETR and TOP, message sizes as LIST gives them) a user may download "
+        "per UTC day (the count resets at 00:00 UTC); `0`: no cap. A RETR or TOP that would "
+        "pass it gets `-ERR [SYS/TEMP] daily download limit reached`. Per user: userdb field "
+        "of the same name (`pop3_daily_download_bytes=500M`, `0`: none). Counted where the "
+        "shared state is: this process, the master of `workers`, or PostgreSQL.",
+        minimum=0,
+        section="POP3 service",
+    )
     pop3_reuse_xuidl: bool = key(
         False,
         "At a maildir's first open, keep the UIDL of a message's `X-UIDL:` header (left by "

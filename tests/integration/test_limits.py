@@ -6,6 +6,7 @@ import asyncio
 import poplib
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pobox.auth.passwdfile import add_user
@@ -136,3 +137,126 @@ class TestNoPop3:
             client = await asyncio.to_thread(login, srv, "carol")
             assert b"+OK" == (await asyncio.to_thread(client.noop))[:3]
             await asyncio.to_thread(client.quit)
+
+
+def try_retr(client: poplib.POP3, number: int, top: int | None = None) -> str:
+    """RETR (or TOP) ``number``; return ``"+OK"`` or the server's -ERR line."""
+    try:
+        if top is None:
+            client.retr(number)
+        else:
+            client.top(number, top)
+    except poplib.error_proto as exc:
+        return exc.args[0].decode()
+    return "+OK"
+
+
+def session(srv: RunningServer, user: str, commands: list[tuple[int, int | None]]) -> list[str]:
+    """Log in, run RETR (top None) / TOP commands, QUIT; return each answer."""
+    client = login(srv, user)
+    try:
+        return [try_retr(client, number, top) for number, top in commands]
+    finally:
+        client.quit()
+
+
+LIMIT_REACHED = "-ERR [SYS/TEMP] daily download limit reached"
+
+
+class TestDailyDownloadCap:
+    """pop3_daily_download_bytes: RETR/TOP that would pass it get -ERR [SYS/TEMP]."""
+
+    async def test_cap_survives_reconnects(self, tmp_path: Path) -> None:
+        """Two RETRs of 28 octets fit in 60; the third, and one in a new session, do not."""
+        async with running_server(tmp_path, pop3_daily_download_bytes=60) as srv:
+            deliver_to_maildir(srv.maildir("alice"), NORMAL)
+            first = await asyncio.to_thread(session, srv, "alice", [(1, None)] * 3)
+            second = await asyncio.to_thread(session, srv, "alice", [(1, None)])
+            used = await srv.server.ctx.cluster.downloads.used("alice")  # type: ignore[union-attr]
+        assert (["+OK", "+OK", LIMIT_REACHED], [LIMIT_REACHED], 56) == (first, second, used)
+
+    async def test_top_charged_what_it_sends(self, tmp_path: Path) -> None:
+        """TOP 1 0 sends 18 octets of a 28-octet message: three fit in 64, then RETR does not.
+
+        Each TOP needs room for the whole message (28) and is then refunded the 10 it did
+        not send: 36 after two, 64 then 54 after the third; charged 28 each, the third
+        would not fit.
+        """
+        async with running_server(tmp_path, pop3_daily_download_bytes=64) as srv:
+            deliver_to_maildir(srv.maildir("alice"), NORMAL)
+            answers = await asyncio.to_thread(
+                session, srv, "alice", [(1, 0), (1, 0), (1, 0), (1, None)]
+            )
+        assert ["+OK", "+OK", "+OK", LIMIT_REACHED] == answers
+
+    @pytest.mark.parametrize(
+        ("field", "default", "expected"),
+        [
+            ("pop3_daily_download_bytes=30", 0, ["+OK", LIMIT_REACHED]),
+            ("pop3_daily_download_bytes=0", 30, ["+OK", "+OK"]),
+            ("pop3_daily_download_bytes=1k", 30, ["+OK", "+OK"]),
+            ("pop3_daily_download_bytes=lots", 30, ["+OK", LIMIT_REACHED]),
+        ],
+    )
+    async def test_per_user_field(
+        self, tmp_path: Path, field: str, default: int, expected: list[str]
+    ) -> None:
+        """The userdb field overrides the global cap (0: none); a bad one is ignored."""
+        async with running_server(tmp_path, pop3_daily_download_bytes=default) as srv:
+            add_user(srv.config.passwd_file, "carol", b"secret", "PLAIN", extra=[field])
+            srv.maildir("carol").mkdir(parents=True)
+            deliver_to_maildir(srv.maildir("carol"), NORMAL)
+            answers = await asyncio.to_thread(session, srv, "carol", [(1, None), (1, None)])
+        assert expected == answers
+
+    async def test_session_goes_on_after_refusal(self, tmp_path: Path) -> None:
+        """After the refusal, other commands work and QUIT deletes as asked."""
+        async with running_server(tmp_path, pop3_daily_download_bytes=10) as srv:
+            deliver_to_maildir(srv.maildir("alice"), NORMAL)
+
+            def run() -> tuple[str, bytes]:
+                client = login(srv)
+                answer = try_retr(client, 1)
+                client.dele(1)
+                return answer, client.quit()
+
+            answer, bye = await asyncio.to_thread(run)
+            left = list((srv.maildir("alice") / "new").iterdir()) + list(
+                (srv.maildir("alice") / "cur").iterdir()
+            )
+        assert (LIMIT_REACHED, b"+OK", []) == (answer, bye[:3], left)
+
+
+class TestPostgresUsersAndState:
+    """userdb and shared state in PostgreSQL: the users table's columns, the shared count."""
+
+    async def test_columns_and_shared_count(self, tmp_path: Path, pg_dsn: str) -> None:
+        """nopop3 refuses; the cap column holds across two servers sharing the database."""
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM pobox.download_counter")
+            for name, nopop3, cap in (("lim_off", True, None), ("lim_cap", False, 40)):
+                conn.execute(
+                    "INSERT INTO pobox.users (username, password, nopop3,"
+                    " pop3_daily_download_bytes) VALUES (%s, '{PLAIN}secret', %s, %s)"
+                    " ON CONFLICT (username) DO NOTHING",
+                    (name, nopop3, cap),
+                )
+        settings = {
+            "userdb": "postgresql",
+            "postgresql_dsn": pg_dsn,
+            "shared_state": "postgresql",
+            "postgresql_timeout": 10,
+            "shared_state_timeout": 10,
+        }
+        async with (
+            running_server(tmp_path / "a", {}, **settings) as one,
+            running_server(tmp_path / "b", {}, **settings) as two,
+        ):
+            for srv in (one, two):
+                srv.maildir("lim_cap").mkdir(parents=True)
+                deliver_to_maildir(srv.maildir("lim_cap"), NORMAL)
+            off = await asyncio.to_thread(refused, one, "lim_off")
+            first = await asyncio.to_thread(session, one, "lim_cap", [(1, None)])
+            second = await asyncio.to_thread(session, two, "lim_cap", [(1, None)])
+        assert "-ERR [SYS/PERM] POP3 access is disabled for this account." == off
+        assert (["+OK"], [LIMIT_REACHED]) == (first, second)

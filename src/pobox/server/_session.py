@@ -67,15 +67,17 @@ from pobox.protocol import (
     TlsStarted,
     VerifyToken,
 )
+from pobox.records import parse_size
 from pobox.server._cluster import Cluster
 from pobox.server._connection import ConnectionInfo, client_identity
 from pobox.server._throttle import LoginThrottle
-from pobox.state.base import SessionEntry
+from pobox.state.base import SessionEntry, StateUnavailable
 from pobox.storage.base import (
     Maildrop,
     MaildropLocked,
     MaildropStore,
     MessageGone,
+    MessageInfo,
     SeenFlags,
     StorageError,
 )
@@ -242,6 +244,23 @@ def pop3_disabled(user: User) -> bool:
     return value is not None and value.lower() not in ("n", "no", "false", "0")
 
 
+def download_limit(user: User, default: int, log: SessionLog) -> int:
+    """Return ``user``'s daily download cap: the userdb field, else ``default`` (0: none)."""
+    value = user.extra.get("pop3_daily_download_bytes")
+    if value is None:
+        return default
+    try:
+        return parse_size(value)
+    except ValueError:
+        log.warning(
+            "userdb: user %s: bad pop3_daily_download_bytes ignored: %s",
+            user.name,
+            value,
+            event="bad_user_field",
+        )
+        return default
+
+
 #: The parsed ``auth_username_format`` (checked when the configuration was read).
 _username_format = functools.lru_cache(maxsize=8)(parse_format)
 
@@ -286,6 +305,8 @@ class Session:
         )
         self.rip, self.lip = info.rip, info.lip
         self.maildrop: Maildrop | None = None
+        #: The user's ``pop3_daily_download_bytes`` (0: none), set at login.
+        self.download_limit = 0
         #: The maildrop is closed (its lock released), or there never was one.
         self.released = True
         self.auth_failures = 0
@@ -547,6 +568,9 @@ class Session:
         self._count_login(method, "ok")
         self._count_as("transaction")
         self.maildrop.on_lock_lost(self._lock_lost)
+        self.download_limit = download_limit(
+            user, self.ctx.config.pop3_daily_download_bytes, self.log
+        )
         messages: Sequence[SnapshotEntry] = self.maildrop.messages
         if "oe-ns-eoh" in self.ctx.config.pop3_client_workarounds:
             messages = await _header_end_sizes(self.maildrop)
@@ -588,6 +612,8 @@ class Session:
         the reply line, the message and its terminator leave in one write.
         """
         assert self.maildrop is not None
+        if self.download_limit:
+            return False  # the counter is asked first, which may wait: see retrieve
         info = self.maildrop.messages[event.number - 1]
         try:
             data = self.maildrop.read_now(info.key)
@@ -602,9 +628,57 @@ class Session:
         return True
 
     async def retrieve(self, event: RetrieveMessage, flush: Callable[[], Awaitable[None]]) -> None:
-        """Stream a message too large for :meth:`retrieve_now`, ``flush``-ing as it goes."""
+        """Stream a message too large for :meth:`retrieve_now` (or any, under a download cap)."""
         assert self.maildrop is not None
         info = self.maildrop.messages[event.number - 1]
+        conn = self.conn
+        if self.download_limit:
+            if not await self._charge(event, info.size):
+                return
+            if event.body_lines is not None:
+                # TOP is charged the whole message first, then refunded what it did not send.
+                before = conn.stats.top_bytes
+                try:
+                    await self._stream(event, info, flush)
+                finally:
+                    unsent = info.size - (conn.stats.top_bytes - before)
+                    if unsent > 0:
+                        await self._charge(event, -unsent)
+                return
+        await self._stream(event, info, flush)
+
+    async def _charge(self, event: RetrieveMessage, octets: int) -> bool:
+        """Charge the day's download count; answer the core and say so if over the cap.
+
+        When the shared state does not answer, the download goes on uncounted (lenient, as
+        the other policies are when their state is down).
+        """
+        cluster = self.ctx.cluster
+        user = self.log.user
+        if cluster is None or user is None:
+            return True
+        try:
+            allowed = await cluster.downloads.charge(user, octets, self.download_limit)
+        except StateUnavailable as exc:
+            self.log.warning(
+                "Daily download count unavailable, not counted: %s", exc, event="state_failed"
+            )
+            return True
+        if not allowed:
+            self.log.info(
+                "Download refused, daily limit of %d octets reached: user=<%s>, message %d",
+                self.download_limit,
+                user,
+                event.number,
+                event="download_limit",
+            )
+            self.conn.send(MessageUnavailable("daily download limit reached", "SYS/TEMP"))
+        return allowed
+
+    async def _stream(
+        self, event: RetrieveMessage, info: MessageInfo, flush: Callable[[], Awaitable[None]]
+    ) -> None:
+        assert self.maildrop is not None
         conn = self.conn
         chunks = self.maildrop.read_message(info.key)
         try:
