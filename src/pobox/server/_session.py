@@ -661,7 +661,9 @@ class Session:
             allowed = await cluster.downloads.charge(user, octets, self.download_limit)
         except StateUnavailable as exc:
             self.log.warning(
-                "Daily download count unavailable, not counted: %s", exc, event="state_failed"
+                "Daily download count unavailable, not counted: %s",
+                exc,
+                event="download_count_failed",
             )
             return True
         if not allowed:
