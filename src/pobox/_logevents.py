@@ -183,6 +183,24 @@ def maildrop_locked(log: SessionLog, user: str, method: str) -> None:
     )
 
 
+def pop3_disabled(log: SessionLog, user: str, method: str) -> None:
+    """``Login refused, POP3 disabled for the user: user=<U>, method=M, ..., session=<S>``."""
+    log.log(
+        INFO,
+        "Login refused, POP3 disabled for the user: user=<%s>, method=%s, rip=%s, lip=%s, "
+        "%ssession=<%s>",
+        user,
+        method,
+        log.rip,
+        log.lip,
+        tls_element(log),
+        log.session,
+        event="pop3_disabled",
+        fields=_who(log, user, method),
+        names_session=True,
+    )
+
+
 def auth_backend_failed(log: SessionLog, user: str | None, error: object) -> None:
     """``Authentication backend failure for user=<U>: ERROR`` (answered ``[SYS/TEMP]``)."""
     log.log(

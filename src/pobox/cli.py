@@ -111,6 +111,7 @@ from pobox.state import (
     StateUnavailable,
 )
 from pobox.state.remote import (
+    RemoteDownloadCounters,
     RemoteFailureCounters,
     RemoteSessionRegistry,
     RemoteState,
@@ -324,8 +325,12 @@ def build_shared_state(
         master = StoreHealth()
         return FallbackFailureCounters(
             RemoteFailureCounters(remote), local_counters, master
-        ), cluster(FallbackRegistry(RemoteSessionRegistry(remote, node), local_registry, master))
+        ), cluster(
+            FallbackRegistry(RemoteSessionRegistry(remote, node), local_registry, master),
+            downloads=RemoteDownloadCounters(remote),
+        )
     from pobox.state.postgres import (  # noqa: PLC0415 - psycopg only when used
+        PostgresDownloadCounters,
         PostgresFailureCounters,
         PostgresSessionRegistry,
         PostgresState,
@@ -362,6 +367,7 @@ def build_shared_state(
         on_close=state.aclose,
         store="postgresql",
         check=state.check_schema,
+        downloads=PostgresDownloadCounters(state),
     )
 
 

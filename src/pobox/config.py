@@ -335,6 +335,24 @@ def _parse_sni(name: str, value: dict[str, Any]) -> tuple[tuple[str, str, str], 
     return tuple(_sni_entry(server, entry) for server, entry in value.items())
 
 
+#: Dovecot's ``pop3_client_workarounds`` that pobox implements (see pobox.protocol).
+CLIENT_WORKAROUNDS: Final = ("outlook-no-nuls", "oe-ns-eoh")
+
+
+def _parse_workarounds(name: str, value: str | list[Any]) -> tuple[str, ...]:
+    """Read a space-separated string (as Dovecot writes it) or a TOML list of names."""
+    words = value.split() if isinstance(value, str) else value
+    names: list[str] = []
+    for word in words:
+        if not isinstance(word, str) or word.lower() not in CLIENT_WORKAROUNDS:
+            raise ConfigError(
+                f"{name}: unknown workaround {word!r} (known: {', '.join(CLIENT_WORKAROUNDS)})"
+            )
+        if word.lower() not in names:
+            names.append(word.lower())
+    return tuple(names)
+
+
 def _dump_sni(value: tuple[tuple[str, str, str], ...]) -> dict[str, dict[str, str]]:
     return {server: {"cert": cert, "key": key} for server, cert, key in value}
 
@@ -507,6 +525,26 @@ class Config:
         "(not `TOP`) gets the Maildir `S` flag (IMAP `\\Seen`; the file moves from `new/` to "
         "`cur/`) at the end of the session, UIDL and size unchanged. No effect on "
         "PostgreSQL, which has no IMAP side.",
+        section="POP3 service",
+    )
+    pop3_client_workarounds: tuple[str, ...] = key(
+        (),
+        "Dovecot's workarounds for old clients, space-separated or a list: `outlook-no-nuls` "
+        "(send each NUL of a message as the octet 0x80) and `oe-ns-eoh` (send the empty "
+        "line that ends the header when a message has none; its size in LIST, STAT and "
+        "RETR counts those 2 octets, so every message's header is read at login).",
+        toml=(list, str),
+        parse=_parse_workarounds,
+        section="POP3 service",
+    )
+    pop3_daily_download_bytes: int = key(
+        0,
+        "Octets of mail (RETR and TOP, message sizes as LIST gives them) a user may download "
+        "per UTC day (the count resets at 00:00 UTC); `0`: no cap. A RETR or TOP that would "
+        "pass it gets `-ERR [SYS/TEMP] daily download limit reached`. Per user: userdb field "
+        "of the same name (`pop3_daily_download_bytes=500M`, `0`: none). Counted where the "
+        "shared state is: this process, the master of `workers`, or PostgreSQL.",
+        minimum=0,
         section="POP3 service",
     )
     pop3_reuse_xuidl: bool = key(

@@ -101,11 +101,13 @@ MECHANISMS: Final = (
 
 #: How a login ends: logged in, a wrong password (or unknown user), refused by the throttle
 #: (``[LOGIN-DELAY]``), over the per-user connection limits (``[IN-USE]``), the maildrop
-#: locked by another session (``[IN-USE]``), or a backend failure (``[SYS/TEMP]``).
-LOGIN_RESULTS: Final = ("ok", "failed", "throttled", "limit", "locked", "error")
+#: locked by another session (``[IN-USE]``), a backend failure (``[SYS/TEMP]``), or POP3
+#: disabled for the user (``nopop3``, ``[SYS/PERM]``).
+LOGIN_RESULTS: Final = ("ok", "failed", "throttled", "limit", "locked", "error", "disabled")
 
-#: Login refusals counted on their own: the throttle, the connection limits, the lock.
-REFUSALS: Final = ("throttled", "limit", "locked")
+#: Login refusals counted on their own: the throttle, the connection limits, the lock, the
+#: user's ``nopop3``.
+REFUSALS: Final = ("throttled", "limit", "locked", "disabled")
 
 #: The listener kinds connections are counted by.
 LISTENERS: Final = ("pop3", "pop3s", "lmtp", "smtp")

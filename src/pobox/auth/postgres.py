@@ -303,7 +303,10 @@ class PostgresAuthenticator:
         self._timeout = timeout
         self._cache = _Cache(cache_ttl)
         table = sql.Identifier(schema, "users")
-        columns = sql.SQL("password, uid, gid, home, mail, quota_bytes, quota_messages, nologin")
+        columns = sql.SQL(
+            "password, uid, gid, home, mail, quota_bytes, quota_messages, nologin, nopop3,"
+            " pop3_daily_download_bytes"
+        )
         self._lookup_sql: sql.Composed | bytes
         self._user_sql: sql.Composed | bytes
         self._iterate_sql: sql.Composed | bytes | None

@@ -35,7 +35,7 @@ from pobox.protocol._events import (
     VerifyToken,
 )
 from pobox.protocol._parser import MAX_COMMAND_LINE, Verb
-from pobox.protocol._replies import MessageEncoder
+from pobox.protocol._replies import ClientWorkarounds, HeaderEnd, MessageEncoder
 from pobox.protocol._sasl import ALL_MECHANISMS, PLAINTEXT_MECHANISMS, ScramKeys, Secret
 from pobox.protocol._server import ServerConnection, SessionStats
 from pobox.protocol._state import State
@@ -49,12 +49,14 @@ __all__ = [
     "PAUSED",
     "PLAINTEXT_MECHANISMS",
     "AuthenticateUser",
+    "ClientWorkarounds",
     "CommitDeletions",
     "ConnectionClosed",
     "DeletionsCommitted",
     "EndOfMessage",
     "Event",
     "FetchSecret",
+    "HeaderEnd",
     "LocalProtocolError",
     "LoginAccepted",
     "LoginFailed",

@@ -15,10 +15,20 @@ May import: the standard library only.
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import Final
 
-__all__ = ["CRLF", "MessageEncoder", "TopFilter", "err", "ok"]
+__all__ = [
+    "CRLF",
+    "ClientWorkarounds",
+    "HeaderEnd",
+    "MessageEncoder",
+    "TopFilter",
+    "WorkaroundEncoder",
+    "err",
+    "ok",
+]
 
 CRLF: Final = b"\r\n"
 
@@ -190,6 +200,93 @@ class MessageEncoder:
         if not self._at_line_start:
             tail += CRLF
         return tail + b"." + CRLF
+
+
+class ClientWorkarounds(enum.Flag):
+    """Dovecot's ``pop3_client_workarounds``: changes to the wire form old clients need."""
+
+    NONE = 0
+    #: ``outlook-no-nuls``: Outlook and Outlook Express hang on a NUL in a message; each NUL
+    #: is sent as the octet 0x80 instead (one octet for one: sizes do not change).
+    OUTLOOK_NO_NULS = enum.auto()
+    #: ``oe-ns-eoh``: Outlook Express and Netscape Mail break on a message whose header is
+    #: not ended by an empty line; one (CRLF) is sent before the terminating ``.CRLF``.
+    OE_NS_EOH = enum.auto()
+
+
+_EOH: Final = b"\r\n\r\n"
+
+
+class HeaderEnd:
+    """Find whether a message in wire form has the empty line that ends its header.
+
+    The start of the message counts as the start of a line, so a message whose first line
+    is empty has an empty header and a header end.  Only the last three octets carry from
+    chunk to chunk.  The shell uses the same class (:meth:`feed_stored`) to size messages
+    the way :class:`WorkaroundEncoder` will send them.
+    """
+
+    __slots__ = ("_normalizer", "_tail", "found")
+
+    def __init__(self) -> None:
+        self.found = False
+        self._tail = CRLF
+        self._normalizer: MessageEncoder | None = None
+
+    def feed(self, wire: bytes) -> None:
+        """Look at the next octets of the wire form (CRLF line ends)."""
+        if self.found or not wire:
+            return
+        if _EOH in self._tail + wire[:3] or _EOH in wire:
+            self.found = True
+            return
+        self._tail = (self._tail + wire)[-3:]
+
+    def feed_stored(self, chunk: bytes) -> None:
+        """Look at the next chunk of a message as stored (LF or CRLF line ends)."""
+        if self._normalizer is None:
+            self._normalizer = MessageEncoder()
+        self.feed(self._normalizer.normalize(chunk))
+
+
+class WorkaroundEncoder(MessageEncoder):
+    """A :class:`MessageEncoder` that also applies the :class:`ClientWorkarounds` given.
+
+    A subclass, so that sessions without workarounds keep the plain encoder's code path:
+    the flags are looked at once per message (which class to use), then once per chunk.
+    """
+
+    __slots__ = ("_header_end", "_no_nuls")
+
+    def __init__(self, workarounds: ClientWorkarounds) -> None:
+        super().__init__()
+        self._no_nuls = ClientWorkarounds.OUTLOOK_NO_NULS in workarounds
+        self._header_end = HeaderEnd() if ClientWorkarounds.OE_NS_EOH in workarounds else None
+
+    def _nuls(self, chunk: bytes) -> bytes:
+        if self._no_nuls and b"\0" in chunk:
+            return chunk.replace(b"\0", b"\x80")
+        return chunk
+
+    def _seen(self, wire: bytes) -> bytes:
+        if self._header_end is not None:
+            self._header_end.feed(wire)
+        return wire
+
+    def normalize(self, chunk: bytes) -> bytes:
+        """Return ``chunk`` normalized (see :meth:`MessageEncoder.normalize`), NULs replaced."""
+        return self._seen(super().normalize(self._nuls(chunk)))
+
+    def encode(self, chunk: bytes) -> bytes:
+        """Return the wire form of the next chunk, NULs replaced."""
+        return self._seen(super().encode(self._nuls(chunk)))
+
+    def finish(self) -> bytes:
+        """Return what ends the message, with the missing end of the header (``oe-ns-eoh``)."""
+        tail = super().finish()
+        if self._header_end is not None and not self._header_end.found:
+            return tail[:-3] + CRLF + tail[-3:]
+        return tail
 
 
 def _crlf(chunk: bytes) -> bytes:

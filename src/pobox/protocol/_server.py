@@ -72,7 +72,16 @@ from pobox.protocol._parser import (
     parse_command,
     parse_number,
 )
-from pobox.protocol._replies import CRLF, MAX_STATUS_LINE, MessageEncoder, TopFilter, err, ok
+from pobox.protocol._replies import (
+    CRLF,
+    MAX_STATUS_LINE,
+    ClientWorkarounds,
+    MessageEncoder,
+    TopFilter,
+    WorkaroundEncoder,
+    err,
+    ok,
+)
 from pobox.protocol._sasl import (
     ALL_MECHANISMS,
     PLAINTEXT_MECHANISMS,
@@ -180,6 +189,10 @@ class ServerConnection:
             names and passwords are UTF-8 and prepared with SASLprep (RFC 4013).
         lang: offer RFC 6856 §3 LANG (CAPA ``LANG`` and the command) to switch the
             language of reply texts.
+        workarounds: Dovecot's ``pop3_client_workarounds`` applied to RETR and TOP.  With
+            ``OE_NS_EOH`` the shell adds 2 to the size of each message without a header end
+            (:class:`HeaderEnd`) in the snapshot it sends, so LIST, STAT and RETR's octet
+            count say what RETR sends.
 
     Raises:
         ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
@@ -204,6 +217,7 @@ class ServerConnection:
         on_command: Callable[[str], None] | None = None,
         utf8: bool = False,
         lang: bool = False,
+        workarounds: ClientWorkarounds = ClientWorkarounds.NONE,
     ) -> None:
         if apop_timestamp is not None:
             greeting = f"{greeting} {apop_timestamp}"
@@ -240,6 +254,7 @@ class ServerConnection:
         self._username_format = username_format
         self._hostname = hostname
         self._on_command = on_command
+        self._workarounds = workarounds
         self._sasl: Mechanism | None = None
         self._sasl_rejection: LoginRejected | None = None
         self._utf8_offered = utf8
@@ -855,7 +870,7 @@ class ServerConnection:
         self._retr = _Retrieval(
             number=index + 1,
             size=self._messages[index].size,
-            encoder=MessageEncoder(),
+            encoder=WorkaroundEncoder(self._workarounds) if self._workarounds else MessageEncoder(),
             top=TopFilter(top_lines) if top_lines is not None else None,
         )
         self._events.append(RetrieveMessage(index + 1, top_lines))

@@ -36,11 +36,13 @@ from typing import Final, TypeVar
 
 from pobox.state.base import (
     Admission,
+    DownloadCounters,
     FailureCounters,
     SessionEntry,
     SessionRegistry,
     StateUnavailable,
 )
+from pobox.state.memory import MemoryDownloadCounters
 
 __all__ = [
     "LEASE_BEATS",
@@ -280,6 +282,7 @@ class Cluster:
         report: with each heartbeat, tells the master (``workers`` > 1) the octets each of
             this process's sessions has sent, for ``pobox who``; its
             :class:`StateUnavailable` is ignored.
+        downloads: the daily download counters (default: this process's memory).
     """
 
     def __init__(
@@ -294,8 +297,12 @@ class Cluster:
         store: str = "memory",
         check: Callable[[], Awaitable[None]] | None = None,
         report: Callable[[dict[str, int]], Awaitable[object]] | None = None,
+        downloads: DownloadCounters | None = None,
     ) -> None:
         self.registry = registry
+        #: The octets each user downloaded today (``pop3_daily_download_bytes``), as shared
+        #: as the registry: this process, the master, or PostgreSQL.
+        self.downloads: DownloadCounters = downloads or MemoryDownloadCounters()
         self.heartbeat = heartbeat
         self.max_user = max_user
         self.max_userip = max_userip

@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -46,10 +46,12 @@ from pobox.metrics import CommandClock, Metrics
 from pobox.names import parse_format
 from pobox.protocol import (
     AuthenticateUser,
+    ClientWorkarounds,
     CommitDeletions,
     DeletionsCommitted,
     EndOfMessage,
     FetchSecret,
+    HeaderEnd,
     LoginAccepted,
     LoginFailed,
     LoginRejected,
@@ -61,18 +63,21 @@ from pobox.protocol import (
     Secret,
     SecretFound,
     ServerConnection,
+    SnapshotEntry,
     TlsStarted,
     VerifyToken,
 )
+from pobox.records import parse_size
 from pobox.server._cluster import Cluster
 from pobox.server._connection import ConnectionInfo, client_identity
 from pobox.server._throttle import LoginThrottle
-from pobox.state.base import SessionEntry
+from pobox.state.base import SessionEntry, StateUnavailable
 from pobox.storage.base import (
     Maildrop,
     MaildropLocked,
     MaildropStore,
     MessageGone,
+    MessageInfo,
     SeenFlags,
     StorageError,
 )
@@ -174,6 +179,88 @@ def _may_log_in(user: User | None) -> User | None:
     return user
 
 
+#: ``pop3_client_workarounds`` names → the core's flags.
+_WORKAROUNDS: Final = {
+    "outlook-no-nuls": ClientWorkarounds.OUTLOOK_NO_NULS,
+    "oe-ns-eoh": ClientWorkarounds.OE_NS_EOH,
+}
+
+
+def client_workarounds(names: tuple[str, ...]) -> ClientWorkarounds:
+    """Return the core's flags for the ``pop3_client_workarounds`` names (checked already)."""
+    flags = ClientWorkarounds.NONE
+    for name in names:
+        flags |= _WORKAROUNDS[name]
+    return flags
+
+
+@dataclass(frozen=True, slots=True)
+class _Sized:
+    """A snapshot entry whose size counts the header end ``oe-ns-eoh`` adds."""
+
+    size: int
+    uidl: str
+
+
+async def _header_end_sizes(maildrop: Maildrop) -> list[SnapshotEntry]:
+    """Return the snapshot with 2 octets more for each message that has no header end.
+
+    ``oe-ns-eoh`` sends a CRLF more for those (:class:`pobox.protocol.HeaderEnd` decides,
+    as the encoder does), so LIST, STAT and RETR's octet count must say so.  Reads each
+    message up to the end of its header.  A message that cannot be read keeps its size:
+    RETR will fail on it anyway.
+    """
+    entries: list[SnapshotEntry] = []
+    for info in maildrop.messages:
+        finder = HeaderEnd()
+        try:
+            data = maildrop.read_now(info.key)
+            if data is not None:
+                finder.feed_stored(data)
+            else:
+                chunks = maildrop.read_message(info.key)
+                try:
+                    async for chunk in chunks:
+                        finder.feed_stored(chunk)
+                        if finder.found:
+                            break
+                finally:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+        except StorageError:
+            finder.found = True
+        entries.append(info if finder.found else _Sized(info.size + 2, info.uidl))
+    return entries
+
+
+def pop3_disabled(user: User) -> bool:
+    """Tell whether the userdb field ``nopop3`` turns POP3 off for ``user``.
+
+    Set as the passwd-file's ``nologin`` is: present with no value or any value but
+    ``n``/``no``/``false``/``0`` (a PostgreSQL ``boolean`` column reads ``True``/``False``).
+    """
+    value = user.extra.get("nopop3")
+    return value is not None and value.lower() not in ("n", "no", "false", "0")
+
+
+def download_limit(user: User, default: int, log: SessionLog) -> int:
+    """Return ``user``'s daily download cap: the userdb field, else ``default`` (0: none)."""
+    value = user.extra.get("pop3_daily_download_bytes")
+    if value is None:
+        return default
+    try:
+        return parse_size(value)
+    except ValueError:
+        log.warning(
+            "userdb: user %s: bad pop3_daily_download_bytes ignored: %s",
+            user.name,
+            value,
+            event="bad_user_field",
+        )
+        return default
+
+
 #: The parsed ``auth_username_format`` (checked when the configuration was read).
 _username_format = functools.lru_cache(maxsize=8)(parse_format)
 
@@ -218,6 +305,8 @@ class Session:
         )
         self.rip, self.lip = info.rip, info.lip
         self.maildrop: Maildrop | None = None
+        #: The user's ``pop3_daily_download_bytes`` (0: none), set at login.
+        self.download_limit = 0
         #: The maildrop is closed (its lock released), or there never was one.
         self.released = True
         self.auth_failures = 0
@@ -263,6 +352,7 @@ class Session:
             on_command=None if self.clock is None else self.clock.begin,
             utf8=True,  # RFC 6856 §2
             lang=True,  # RFC 6856 §3
+            workarounds=client_workarounds(cfg.pop3_client_workarounds),
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
@@ -454,6 +544,15 @@ class Session:
         return False
 
     async def _open(self, user: User, method: str, failures: int) -> None:
+        if pop3_disabled(user):
+            # RFC 3206 §4: [SYS/PERM] — the credentials are right (checked first, so only
+            # their holder learns this), and no retry or other password will help; [AUTH]
+            # would make clients ask for the password again.
+            self._refused(user.name, method)
+            events.pop3_disabled(self.log, user.name, method)
+            self._count_login(method, "disabled")
+            self.conn.send(LoginRejected("POP3 access is disabled for this account.", "SYS/PERM"))
+            return
         if not await self._admit(user, method):
             return
         try:
@@ -471,7 +570,13 @@ class Session:
         self._count_login(method, "ok")
         self._count_as("transaction")
         self.maildrop.on_lock_lost(self._lock_lost)
-        self.conn.send(LoginAccepted(self.maildrop.messages))
+        self.download_limit = download_limit(
+            user, self.ctx.config.pop3_daily_download_bytes, self.log
+        )
+        messages: Sequence[SnapshotEntry] = self.maildrop.messages
+        if "oe-ns-eoh" in self.ctx.config.pop3_client_workarounds:
+            messages = await _header_end_sizes(self.maildrop)
+        self.conn.send(LoginAccepted(messages))
 
     def _refused(self, user: str | None, method: str) -> None:
         """Count a login refused for what it was (not a failure, not "no auth attempts")."""
@@ -509,6 +614,8 @@ class Session:
         the reply line, the message and its terminator leave in one write.
         """
         assert self.maildrop is not None
+        if self.download_limit:
+            return False  # the counter is asked first, which may wait: see retrieve
         info = self.maildrop.messages[event.number - 1]
         try:
             data = self.maildrop.read_now(info.key)
@@ -523,9 +630,59 @@ class Session:
         return True
 
     async def retrieve(self, event: RetrieveMessage, flush: Callable[[], Awaitable[None]]) -> None:
-        """Stream a message too large for :meth:`retrieve_now`, ``flush``-ing as it goes."""
+        """Stream a message too large for :meth:`retrieve_now` (or any, under a download cap)."""
         assert self.maildrop is not None
         info = self.maildrop.messages[event.number - 1]
+        conn = self.conn
+        if self.download_limit:
+            if not await self._charge(event, info.size):
+                return
+            if event.body_lines is not None:
+                # TOP is charged the whole message first, then refunded what it did not send.
+                before = conn.stats.top_bytes
+                try:
+                    await self._stream(event, info, flush)
+                finally:
+                    unsent = info.size - (conn.stats.top_bytes - before)
+                    if unsent > 0:
+                        await self._charge(event, -unsent)
+                return
+        await self._stream(event, info, flush)
+
+    async def _charge(self, event: RetrieveMessage, octets: int) -> bool:
+        """Charge the day's download count; answer the core and say so if over the cap.
+
+        When the shared state does not answer, the download goes on uncounted (lenient, as
+        the other policies are when their state is down).
+        """
+        cluster = self.ctx.cluster
+        user = self.log.user
+        if cluster is None or user is None:
+            return True
+        try:
+            allowed = await cluster.downloads.charge(user, octets, self.download_limit)
+        except StateUnavailable as exc:
+            self.log.warning(
+                "Daily download count unavailable, not counted: %s",
+                exc,
+                event="download_count_failed",
+            )
+            return True
+        if not allowed:
+            self.log.info(
+                "Download refused, daily limit of %d octets reached: user=<%s>, message %d",
+                self.download_limit,
+                user,
+                event.number,
+                event="download_limit",
+            )
+            self.conn.send(MessageUnavailable("daily download limit reached", "SYS/TEMP"))
+        return allowed
+
+    async def _stream(
+        self, event: RetrieveMessage, info: MessageInfo, flush: Callable[[], Awaitable[None]]
+    ) -> None:
+        assert self.maildrop is not None
         conn = self.conn
         chunks = self.maildrop.read_message(info.key)
         try:

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 from pobox.state.base import (
     Admission,
+    DownloadCounters,
     FailureCounters,
     SessionEntry,
     SessionRegistry,
     StateUnavailable,
 )
-from pobox.state.memory import MemoryFailureCounters, MemorySessionRegistry
+from pobox.state.memory import (
+    MemoryDownloadCounters,
+    MemoryFailureCounters,
+    MemorySessionRegistry,
+)
 
 __all__ = [
     "Admission",
+    "DownloadCounters",
     "FailureCounters",
+    "MemoryDownloadCounters",
     "MemoryFailureCounters",
     "MemorySessionRegistry",
     "SessionEntry",

@@ -15,6 +15,11 @@ requests to the node that owns a session, which sees them at its next
 sessions of a node whose lease ran out (it died) are ignored at once and purged later, so
 nothing has to clean up after a crash.
 
+:class:`DownloadCounters` counts the octets of mail each user has downloaded (RETR and TOP)
+today, a UTC day (``pop3_daily_download_bytes``).  A charge is checked and added in one step,
+so two sessions of one user on two nodes cannot both pass the cap; the count of a day is
+replaced by the next day's first charge (one entry per user, nothing to sweep).
+
 Every method answers in one round trip for a backend over the network (PostgreSQL): the
 methods take several keys at once, and the registry admits and counts in one call.  The
 methods are ``async`` for that backend; the memory ones never suspend.  A backend that cannot
@@ -28,16 +33,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from pobox.errors import PoboxError
 
 __all__ = [
     "Admission",
+    "DownloadCounters",
     "FailureCounters",
     "SessionEntry",
     "SessionRegistry",
     "StateUnavailable",
+    "utc_day",
 ]
 
 
@@ -56,6 +63,29 @@ class FailureCounters(Protocol):
 
     async def clear(self, keys: Sequence[str]) -> None:
         """Forget the failures of ``keys``."""
+
+
+#: Seconds in a UTC day: the download counters reset at 00:00 UTC.
+DAY: Final = 86_400
+
+
+def utc_day(now: float) -> int:
+    """Return the number of the UTC day ``now`` (seconds since the epoch) falls in."""
+    return int(now // DAY)
+
+
+class DownloadCounters(Protocol):
+    """Octets of mail downloaded per user on the current UTC day."""
+
+    async def charge(self, user: str, octets: int, limit: int) -> bool:
+        """Add ``octets`` to ``user``'s count of today if it stays within ``limit``; say if so.
+
+        ``octets`` <= 0 (a refund of octets charged but not sent) is always applied, and a
+        count never goes below 0.  ``limit`` 0 is no limit.
+        """
+
+    async def used(self, user: str) -> int:
+        """Return the octets ``user`` has been charged today (0 when none)."""
 
 
 @dataclass(frozen=True, slots=True)

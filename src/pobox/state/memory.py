@@ -18,9 +18,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from pobox.state.base import Admission, SessionEntry
+from pobox.state.base import Admission, SessionEntry, utc_day
 
-__all__ = ["MAX_ENTRIES", "MemoryFailureCounters", "MemorySessionRegistry"]
+__all__ = [
+    "MAX_ENTRIES",
+    "MemoryDownloadCounters",
+    "MemoryFailureCounters",
+    "MemorySessionRegistry",
+]
 
 #: Keys remembered at most; an entry is about 200 bytes, so 200,000 keys are some 40 MB.
 MAX_ENTRIES: Final = 200_000
@@ -94,6 +99,43 @@ class MemoryFailureCounters:
         """Forget the failures of ``keys``."""
         for key in keys:
             self._data.pop(key, None)
+
+
+class MemoryDownloadCounters:
+    """A :class:`~pobox.state.base.DownloadCounters` in memory: ``user → (day, octets)``.
+
+    One entry per user who downloaded something (users who logged in: not a stranger's
+    choice); entries of past days are dropped when the dict passes ``max_entries``.
+
+    Args:
+        clock: the wall clock, seconds since the epoch (injectable for tests).
+    """
+
+    def __init__(
+        self, *, max_entries: int = MAX_ENTRIES, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.max_entries = max_entries
+        self._clock = clock
+        self._data: dict[str, tuple[int, int]] = {}
+
+    def _today(self, user: str, day: int) -> int:
+        entry = self._data.get(user)
+        return entry[1] if entry is not None and entry[0] == day else 0
+
+    async def charge(self, user: str, octets: int, limit: int) -> bool:
+        """Add ``octets`` to ``user``'s count of today if it stays within ``limit``; say if so."""
+        day = utc_day(self._clock())
+        used = self._today(user, day)
+        if octets > 0 and limit and used + octets > limit:
+            return False
+        self._data[user] = (day, max(used + octets, 0))
+        if len(self._data) > self.max_entries:
+            self._data = {u: e for u, e in self._data.items() if e[0] == day}
+        return True
+
+    async def used(self, user: str) -> int:
+        """Return the octets ``user`` has been charged today."""
+        return self._today(user, utc_day(self._clock()))
 
 
 class MemorySessionRegistry:

@@ -44,7 +44,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from pobox.state.base import Admission, SessionEntry, StateUnavailable
+from pobox.state.base import Admission, SessionEntry, StateUnavailable, utc_day
 from pobox.storage.postgres import (
     DriverError,
     check,
@@ -57,6 +57,7 @@ from pobox.storage.postgres import (
 __all__ = [
     "FORGET_NODE_AFTER",
     "MAX_ENTRIES",
+    "PostgresDownloadCounters",
     "PostgresFailureCounters",
     "PostgresSessionRegistry",
     "PostgresState",
@@ -151,6 +152,21 @@ _TEXT: dict[str, LiteralString] = {
     " UNION ALL SELECT instance, true FROM {cluster_node}"
     " WHERE name = %(node)s AND instance <> %(instance)s"
     " UNION ALL SELECT extract(epoch FROM statement_timestamp())::text, NULL",
+    # --- download counters ------------------------------------------------------------------
+    # Add the octets if today's count stays within the limit (0: none), in one statement: the
+    # row lock of ON CONFLICT makes concurrent charges of one user on several nodes queue.
+    # A count of an earlier day counts as 0. No row back: refused.
+    "charge": "INSERT INTO {download_counter} AS d (username, day, octets)"
+    " SELECT %(user)s, %(day)s, GREATEST(%(octets)s::bigint, 0)"
+    " WHERE %(limit)s::bigint = 0 OR %(octets)s::bigint <= %(limit)s::bigint"
+    " ON CONFLICT (username) DO UPDATE SET day = EXCLUDED.day,"
+    " octets = GREATEST(CASE WHEN d.day = EXCLUDED.day THEN d.octets ELSE 0 END"
+    " + %(octets)s::bigint, 0)"
+    " WHERE %(octets)s::bigint <= 0 OR %(limit)s::bigint = 0"
+    " OR CASE WHEN d.day = EXCLUDED.day THEN d.octets ELSE 0 END + %(octets)s::bigint"
+    " <= %(limit)s::bigint"
+    " RETURNING octets",
+    "used": "SELECT octets FROM {download_counter} WHERE username = %(user)s AND day = %(day)s",
     # Sessions of nodes whose lease ran out (or that have no row), then long-gone nodes.
     "purge": "WITH dead AS (DELETE FROM {cluster_session} AS s WHERE s.node <> %(node)s"
     " AND NOT EXISTS (SELECT FROM {cluster_node} AS n WHERE n.name = s.node"
@@ -160,7 +176,7 @@ _TEXT: dict[str, LiteralString] = {
     " SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM gone)",
 }
 
-_TABLES: Final = ("failure_counter", "cluster_node", "cluster_session")
+_TABLES: Final = ("failure_counter", "cluster_node", "cluster_session", "download_counter")
 
 
 def _compose(schema: str) -> dict[str, sql.Composed]:
@@ -328,6 +344,35 @@ class PostgresFailureCounters:
             {"expired": now - self.window, "cap": self.max_entries, "batch": _UPKEEP_BATCH},
         )
         return int(str(rows[0][0])), int(str(rows[0][1]))
+
+
+class PostgresDownloadCounters:
+    """A :class:`~pobox.state.base.DownloadCounters` in PostgreSQL, shared by every node.
+
+    A charge is one statement that checks and adds (see ``charge`` in the statements), so
+    the cap holds across nodes.  One row per user: nothing to sweep.
+    """
+
+    def __init__(self, state: PostgresState) -> None:
+        self.state = state
+
+    async def charge(self, user: str, octets: int, limit: int) -> bool:
+        """Add ``octets`` to ``user``'s count of today if it stays within ``limit``; say if so."""
+        params = {
+            "user": user,
+            "day": utc_day(self.state.clock()),
+            "octets": octets,
+            "limit": limit,
+        }
+        # A refused first charge inserts nothing: the SELECT's WHERE filters the row out.
+        return bool(await self.state.fetch("download", "charge", params))
+
+    async def used(self, user: str) -> int:
+        """Return the octets ``user`` has been charged today."""
+        rows = await self.state.fetch(
+            "download", "used", {"user": user, "day": utc_day(self.state.clock())}
+        )
+        return int(str(rows[0][0])) if rows else 0
 
 
 class PostgresSessionRegistry:

@@ -41,13 +41,19 @@ import json
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from pobox.state.base import Admission, SessionEntry, StateUnavailable
-from pobox.state.memory import MemoryFailureCounters, MemorySessionRegistry
+from pobox.state.memory import (
+    MemoryDownloadCounters,
+    MemoryFailureCounters,
+    MemorySessionRegistry,
+)
 
 __all__ = [
+    "RemoteDownloadCounters",
     "RemoteFailureCounters",
     "RemoteSessionRegistry",
     "RemoteState",
@@ -96,10 +102,16 @@ class StateService:
         window: ``auth_failure_window``, the life of a failure count.
         node: this node's name.
         clock: the failure counters' monotonic clock (injectable for tests).
+        wall_clock: the download counters' clock, seconds since the epoch (for tests).
     """
 
     def __init__(
-        self, window: float, node: str, *, clock: Callable[[], float] | None = None
+        self,
+        window: float,
+        node: str,
+        *,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.counters = (
             MemoryFailureCounters(window)
@@ -107,6 +119,7 @@ class StateService:
             else MemoryFailureCounters(window, clock=clock)
         )
         self.registry = MemorySessionRegistry(node)
+        self.downloads = MemoryDownloadCounters(clock=wall_clock)
         #: Called with ``(index, pid)`` when a worker says it serves (``ready``).
         self.on_ready: Callable[[int, int], None] | None = None
         self._live: dict[int, set[str]] = {}
@@ -196,6 +209,12 @@ class StateService:
         if op == "clear":
             await self.counters.clear(list(args["keys"]))
             return None
+        if op == "charge":
+            return await self.downloads.charge(
+                str(args["user"]), int(args["octets"]), int(args["limit"])
+            )
+        if op == "used":
+            return await self.downloads.used(str(args["user"]))
         if op == "register":
             entry = SessionEntry(**args["entry"])
             admission = await self.registry.register(
@@ -357,6 +376,21 @@ class RemoteFailureCounters:
     async def clear(self, keys: Sequence[str]) -> None:
         """Forget the failures of ``keys``."""
         await self._state.call("clear", keys=list(keys))
+
+
+class RemoteDownloadCounters:
+    """A :class:`~pobox.state.base.DownloadCounters` held by the master."""
+
+    def __init__(self, state: RemoteState) -> None:
+        self._state = state
+
+    async def charge(self, user: str, octets: int, limit: int) -> bool:
+        """Add ``octets`` to ``user``'s count of today if it stays within ``limit``; say if so."""
+        return bool(await self._state.call("charge", user=user, octets=octets, limit=limit))
+
+    async def used(self, user: str) -> int:
+        """Return the octets ``user`` has been charged today."""
+        return int(await self._state.call("used", user=user))
 
 
 class RemoteSessionRegistry:
