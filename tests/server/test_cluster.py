@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import string
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -302,6 +303,16 @@ class TestSessionIds:
         with os.fdopen(read, "rb") as pipe:
             child = pipe.read().decode()
         assert session_id() != child
+
+    def test_never_an_option(self) -> None:
+        """No id starts with "-" (``pobox kick ID`` would read it as an option), all are 12
+        URL-safe characters, and the first character still takes 63 values."""
+        ids = [session_id() for _ in range(20_000)]
+        assert not [i for i in ids if i.startswith("-")]
+        alphabet = set(string.ascii_letters + string.digits + "-_")
+        assert all(len(i) == 12 and set(i) <= alphabet for i in ids)
+        assert 63 == len({i[0] for i in ids})
+        assert len(set(ids)) == len(ids)
 
 
 class GatedStore(MemoryStore):

@@ -140,12 +140,17 @@ os.register_at_fork(after_in_child=_id_pool.clear)
 
 
 def session_id() -> str:
-    """Return a new session id for the logs: 72 random bits, URL-safe base64 (12 chars)."""
+    """Return a new session id for the logs: 72 random bits, URL-safe base64 (12 chars).
+
+    Never with a leading ``-`` (``_`` instead): an admin pastes the id into ``pobox kick ID``,
+    where ``-…`` would be read as an option.
+    """
     if not _id_pool:
         _id_pool.extend(os.urandom(9 * 512))
     raw = bytes(_id_pool[-9:])
     del _id_pool[-9:]
-    return base64.urlsafe_b64encode(raw).decode("ascii")
+    text = base64.urlsafe_b64encode(raw).decode("ascii")
+    return "_" + text[1:] if text.startswith("-") else text
 
 
 def secret_from_stored(stored: str) -> Secret:
