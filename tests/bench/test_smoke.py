@@ -9,6 +9,7 @@ writes the tables and the plot; and that the soak holds its idle sessions and re
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +25,23 @@ DEFAULT = ["pobox", "pobox-nolock", "dovecot-tuned", "dovecot-tuned-lock"]
 def bench(
     out: Path, *options: str, script: str = "run.py", timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``bench/<script> --quick`` with ``options``, results into ``out``."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--quick", *options, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """Run ``bench/<script> --quick`` with ``options``, results into ``out``.
+
+    A run past ``timeout`` fails with the end of what it printed (where it stopped).
+    """
+    try:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "bench" / script), "--quick", *options, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # all it printed, if it stops
+        )
+    except subprocess.TimeoutExpired as exc:
+        printed = [part for part in (exc.stdout, exc.stderr) if part]
+        text = "".join(p.decode(errors="replace") if isinstance(p, bytes) else p for p in printed)
+        pytest.fail(f"bench/{script} ran past {timeout:g} s; its output ends:\n{text[-4000:]}")
 
 
 def table_rows(table: str, *workloads: str) -> list[list[str]]:
