@@ -118,11 +118,13 @@ from pobox.state.remote import (
     StateService,
 )
 from pobox.storage.base import (
+    DeletedMailRetention,
     DeletedMessage,
     IncomingMessage,
     MaildropImporter,
     MaildropLocked,
     MaildropStore,
+    MailUser,
     StorageError,
     StorageTemporaryError,
 )
@@ -265,6 +267,7 @@ def _postgres_store(config: Config) -> PostgresStore:
         lock_connections=config.postgresql_lock_connections,
         timeout=config.postgresql_timeout,
         lock_check_interval=config.postgresql_lock_check_interval,
+        retention=parse_duration(config.pop3_delete_retention),
     )
 
 
@@ -1581,10 +1584,16 @@ def _restore_line(message: DeletedMessage) -> str:
 
 async def _restore_run(config: Config, args: argparse.Namespace) -> list[str]:
     retention = parse_duration(config.pop3_delete_retention)
-    if config.mail_location == "postgresql" or not retention:
-        msg = 'pobox restore needs pop3_delete_retention set (not "0") and a Maildir mail_location'
+    if not retention:
+        msg = 'pobox restore needs pop3_delete_retention set (not "0")'
         raise PoboxError(msg)
     user = await _transfer_user(config, args.user)
+    if config.mail_location == "postgresql":
+        database = _postgres_store(config)
+        try:
+            return await _restore_with(database, user, args)
+        finally:
+            await database.aclose()
     if os.geteuid() == 0:
         # As dovecot-lda: become the owner of the mail (never root unless first_valid_uid
         # is 0) before any file of the maildir is touched; one user per run.
@@ -1592,6 +1601,13 @@ async def _restore_run(config: Config, args: argparse.Namespace) -> list[str]:
     store = MaildirStore(
         config.mail_location, reuse_xuidl=config.pop3_reuse_xuidl, retention=retention
     )
+    return await _restore_with(store, user, args)
+
+
+async def _restore_with(
+    store: DeletedMailRetention, user: MailUser, args: argparse.Namespace
+) -> list[str]:
+    """List, purge or restore ``user``'s kept mail, as ``args`` says."""
     if args.list:
         return [_restore_line(m) for m in await store.deleted_messages(user)]
     if args.purge:
@@ -1877,8 +1893,9 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser(
         "restore",
         help="bring back messages deleted over POP3 (pop3_delete_retention), UIDLs kept",
-        description="With pop3_delete_retention set, messages deleted over POP3 are kept in "
-        "the hidden Maildir folder .pobox-deleted/ for that long. This brings them back into "
+        description="With pop3_delete_retention set, messages deleted over POP3 are kept for "
+        "that long (in the hidden Maildir folder .pobox-deleted/, or with PostgreSQL in the "
+        "table deleted_message). This brings them back into "
         "USER's maildrop with the UIDL and size they had (all of them, or those deleted since "
         "TIME, or those with the given UIDLs); --list shows what is kept, --purge removes "
         "what was kept longer than the retention. Run it as the mail's owner or as root. "

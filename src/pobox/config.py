@@ -556,12 +556,13 @@ class Config:
     )
     pop3_delete_retention: str = key(
         "0",
-        "Keep messages deleted over POP3 this long in the hidden Maildir folder "
-        "`.pobox-deleted/`, from where `pobox restore USER` brings them back with their "
-        'UIDLs and sizes: a duration, `"7d"`, `"36h"`, `"90m"`, `"3600s"` (a bare number is '
-        'seconds); `"0"`: off, deleted mail is unlinked. Kept mail is not counted against '
-        "the quota and is purged at the maildrop's next `QUIT` after the retention (or by "
-        "`pobox restore USER --purge`). Maildir only: refused with PostgreSQL.",
+        "Keep messages deleted over POP3 this long (in the hidden Maildir folder "
+        "`.pobox-deleted/`; with PostgreSQL, in the table `deleted_message`), from where "
+        "`pobox restore USER` brings them back with their UIDLs and sizes: a duration, "
+        '`"7d"`, `"36h"`, `"90m"`, `"3600s"` (a bare number is seconds); `"0"`: off, deleted '
+        "mail is removed for good. Kept mail is invisible to POP3, not counted against the "
+        "quota, and purged at the maildrop's next `QUIT` after the retention (or by "
+        "`pobox restore USER --purge`).",
         check=_check_duration,
         section="POP3 service",
     )
@@ -1216,11 +1217,6 @@ def _validate_postgresql(config: Config) -> None:
         raise ConfigError(
             "postgresql_password_query: needed when postgresql_user_query or "
             "postgresql_iterate_query is set"
-        )
-    if config.mail_location == "postgresql" and parse_duration(config.pop3_delete_retention):
-        raise ConfigError(
-            'pop3_delete_retention: not supported with mail_location = "postgresql" '
-            '(Maildir only); set it to "0"'
         )
     if config.postgresql_pool_max < config.postgresql_pool_min:
         raise ConfigError("postgresql_pool_max: must be at least postgresql_pool_min")

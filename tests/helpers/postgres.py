@@ -390,6 +390,7 @@ _TABLES = (
     "message",
     "body",
     "body_chunk",
+    "deleted_message",
     "users",
     "failure_counter",
     "cluster_node",

@@ -7,7 +7,8 @@ or not, moved to ``cur/`` with flags or not) and whether the index is used; ever
 must pass the whole contract suite, and so must the Maildir store reached through the storage
 helper (``maildir-helper``: mode 3 of ``pobox serve``, run as root with a real other user).
 For PostgreSQL, another store (another "node", on a thread and connections of its own)
-appends rows to the test database of the throwaway cluster.
+appends rows to the test database of the throwaway cluster; ``postgresql-retention`` keeps
+deleted mail (``pop3_delete_retention``) and must pass the whole contract too.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ _BACKENDS: dict[str, Callable[[Path], Backend]] = {
 #: The retention of the ``*-retention`` backends: 7 days, in seconds.
 RETENTION = 7 * 86400
 #: The backends that keep deleted mail (:class:`~pobox.storage.base.DeletedMailRetention`).
-#: PostgreSQL and memory do not: ``pop3_delete_retention`` is refused for them.
-RETAINING = ("maildir-retention", "maildir-no-index-retention")
+#: Memory does not (``pop3_delete_retention`` is a key of the Maildir and PostgreSQL stores).
+RETAINING = ("maildir-retention", "maildir-no-index-retention", "postgresql-retention")
 
 
 @contextlib.asynccontextmanager
@@ -139,22 +140,27 @@ async def _maildir_through_helper() -> AsyncIterator[Backend]:
             await helper.aclose()
 
 
-def _postgresql(dsn: str) -> Backend:
+def _postgresql(dsn: str, name: str = "postgresql", *, retention: int = 0) -> Backend:
     """Return the PostgreSQL backend on the emptied test database ``dsn``."""
-    store = PostgresStore(dsn, pool_min=1, pool_max=4, timeout=10)
+    store = PostgresStore(dsn, pool_min=1, pool_max=4, timeout=10, retention=retention)
     mta = StoreThread(dsn)
-    return Backend("postgresql", store, User, mta.append, closers=[mta.close])
+    return Backend(name, store, User, mta.append, closers=[mta.close])
 
 
-@pytest.fixture(params=[*sorted(_BACKENDS), "maildir-helper", "postgresql"])
+#: The PostgreSQL backends: the second keeps deleted mail for ``RETENTION`` seconds.
+_POSTGRESQL = {"postgresql": 0, "postgresql-retention": RETENTION}
+
+
+@pytest.fixture(params=[*sorted(_BACKENDS), "maildir-helper", *_POSTGRESQL])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """Each storage backend in turn (``maildir-helper`` through the storage helper, as root)."""
     if request.param == "maildir-helper":
         async with _maildir_through_helper() as through_helper:
             yield through_helper
         return
-    if request.param == "postgresql":
-        made = _postgresql(request.getfixturevalue("pg_dsn"))
+    if request.param in _POSTGRESQL:
+        dsn = request.getfixturevalue("pg_dsn")
+        made = _postgresql(dsn, request.param, retention=_POSTGRESQL[request.param])
     else:
         factory: Callable[[Path], Backend] = _BACKENDS[request.param]
         made = factory(tmp_path)
@@ -167,9 +173,14 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture(params=RETAINING)
 async def retaining(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """Each backend that keeps deleted mail for ``RETENTION`` seconds."""
-    made = _BACKENDS[request.param](tmp_path)
+    if request.param == "postgresql-retention":
+        made = _postgresql(request.getfixturevalue("pg_dsn"), request.param, retention=RETENTION)
+    else:
+        made = _BACKENDS[request.param](tmp_path)
     yield made
     await made.store.aclose()
+    for close in made.closers:
+        close()
 
 
 @pytest.fixture

@@ -554,8 +554,9 @@ async def _delete(backend: Backend, numbers: list[int]) -> list[tuple[str, int]]
 class TestDeletedMailRetention:
     """``pop3_delete_retention``: deleted mail kept, invisible, restorable with its UIDL.
 
-    Runs on the backends that keep deleted mail (``RETAINING`` in conftest); PostgreSQL and
-    memory do not offer :class:`DeletedMailRetention`, which the last test checks.
+    Runs on the backends that keep deleted mail (``RETAINING`` in conftest: Maildir and
+    PostgreSQL); memory does not offer :class:`DeletedMailRetention`, which the last test
+    checks.
     """
 
     async def test_deleted_message_is_invisible_but_kept(self, retaining: Backend) -> None:
@@ -639,7 +640,7 @@ class TestDeletedMailRetention:
         assert uidl in uidls
 
     async def test_other_stores_do_not_offer_it(self, backend: Backend) -> None:
-        """Only Maildir keeps deleted mail; memory and PostgreSQL say so by type."""
+        """Maildir and PostgreSQL keep deleted mail; memory (and the helper) say not by type."""
         offers = isinstance(backend.store, DeletedMailRetention)
         in_process_maildir = backend.name.startswith("maildir") and backend.name != "maildir-helper"
-        assert offers == in_process_maildir
+        assert offers == (in_process_maildir or backend.name.startswith("postgresql"))

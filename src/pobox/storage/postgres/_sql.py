@@ -56,6 +56,20 @@ _TEXT: dict[str, LiteralString] = {
     " WHERE datname = pg_catalog.current_database()))",
     "delete": "DELETE FROM {message} WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)"
     " RETURNING uid, size, digest",
+    # The same, with pop3_delete_retention: the rows move to deleted_message, in the same
+    # statement (data-modifying CTEs run to completion whether or not the query reads them).
+    "keep": "WITH gone AS (DELETE FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)"
+    " RETURNING mailbox, uid, uidl, wire_size, size, digest, header, delivered),"
+    " kept AS (INSERT INTO {deleted_message}"
+    " (mailbox, uid, uidl, wire_size, size, digest, header, delivered, deleted)"
+    " SELECT mailbox, uid, uidl, wire_size, size, digest, header, delivered,"
+    " pg_catalog.to_timestamp(%(now)s::bigint) FROM gone)"
+    " SELECT uid, size, digest FROM gone",
+    # Kept messages past the retention, purged at UPDATE or by pobox restore --purge: their
+    # bodies are collected after COMMIT, as those of deleted messages.
+    "purge_kept": "DELETE FROM {deleted_message} WHERE mailbox = %(mailbox)s"
+    " AND deleted <= pg_catalog.to_timestamp(%(before)s::bigint) RETURNING digest",
     "uncount": "UPDATE {mailbox} SET messages = messages - %(messages)s,"
     " octets = octets - %(octets)s WHERE mailbox = %(mailbox)s",
     "try_lock": "SELECT pg_catalog.pg_try_advisory_lock(%(key)s)",
@@ -87,8 +101,10 @@ _TEXT: dict[str, LiteralString] = {
     "lock_mailbox": "INSERT INTO {mailbox} AS mb (mailbox, uidvalidity)"
     " VALUES (%(mailbox)s, %(uidvalidity)s)"
     " ON CONFLICT (mailbox) DO UPDATE SET next_uid = mb.next_uid RETURNING next_uid",
+    # Kept deleted messages count as there: an import run again does not bring them back.
     "known_uidls": "SELECT uidl FROM {message} WHERE mailbox = %(mailbox)s"
-    " AND uidl = ANY(%(uidls)s)",
+    " AND uidl = ANY(%(uidls)s) UNION ALL SELECT uidl FROM {deleted_message}"
+    " WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)s)",
     # A batch's bodies at once: those new here get their chunks by one COPY; the others
     # are pinned (as pin_body does) until COMMIT.
     "insert_bodies": "INSERT INTO {body} (digest, size, chunks)"
@@ -100,18 +116,43 @@ _TEXT: dict[str, LiteralString] = {
     "take_in": "UPDATE {mailbox} SET next_uid = %(next_uid)s,"
     " messages = messages + %(messages)s, octets = octets + %(octets)s"
     " WHERE mailbox = %(mailbox)s",
+    # --- deleted mail kept for restore (pop3_delete_retention, pobox restore) -------------
+    "kept": "SELECT uidl, wire_size, (extract(epoch FROM deleted))::bigint"
+    " FROM {deleted_message} WHERE mailbox = %(mailbox)s ORDER BY deleted, id",
+    # What a restore may bring back: not a UIDL the maildrop has (it stays kept), locked
+    # against a concurrent restore or purge until COMMIT.
+    "restorable": "SELECT d.id, d.uid, d.uidl, d.wire_size, d.size, d.digest, d.header,"
+    " d.delivered, (extract(epoch FROM d.deleted))::bigint FROM {deleted_message} AS d"
+    " WHERE d.mailbox = %(mailbox)s"
+    " AND (%(since)s::bigint IS NULL OR d.deleted >= pg_catalog.to_timestamp(%(since)s::bigint))"
+    " AND (pg_catalog.cardinality(%(uidls)s::text[]) = 0 OR d.uidl = ANY(%(uidls)s::text[]))"
+    " AND NOT EXISTS (SELECT FROM {message} AS m"
+    " WHERE m.mailbox = d.mailbox AND m.uidl = d.uidl)"
+    " ORDER BY d.deleted, d.id FOR UPDATE OF d",
+    "unkeep": "DELETE FROM {deleted_message} WHERE mailbox = %(mailbox)s AND id = ANY(%(ids)s)",
+    # Back into the maildrop under new UIDs (next_uid never goes back: the counters of a
+    # cached listing change), with the UIDL, sizes, header and delivery time they had.
+    "restore_rows": "INSERT INTO {message}"
+    " (mailbox, uid, uidl, wire_size, size, digest, header, delivered)"
+    " SELECT %(mailbox)s::text, * FROM unnest(%(uids)s::bigint[], %(uidls)s::text[],"
+    " %(wire_sizes)s::bigint[], %(sizes)s::bigint[], %(digests)s::bytea[],"
+    " %(headers)s::bytea[], %(delivered)s::timestamptz[])",
     # --- garbage collection of bodies ---------------------------------------------------
     # Lock the candidates that no delivery has pinned, then (a new statement: a new
     # snapshot, taken with the locks held) drop those no message uses.
     "lock_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)s)"
     " FOR UPDATE SKIP LOCKED",
+    # A body is used by a message or by a kept deleted message (pop3_delete_retention).
     "unused_bodies": "SELECT b.digest FROM {body} AS b WHERE b.digest = ANY(%(digests)s)"
-    " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest)",
+    " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest)"
+    " AND NOT EXISTS (SELECT FROM {deleted_message} AS k WHERE k.digest = b.digest)",
     "drop_chunks": "DELETE FROM {body_chunk} WHERE digest = ANY(%(digests)s)",
     "drop_bodies": "DELETE FROM {body} WHERE digest = ANY(%(digests)s)",
     "orphans": "SELECT b.digest FROM {body} AS b"
     " WHERE b.created < now() - %(age)s::interval"
-    " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest) LIMIT %(limit)s",
+    " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest)"
+    " AND NOT EXISTS (SELECT FROM {deleted_message} AS k WHERE k.digest = b.digest)"
+    " LIMIT %(limit)s",
 }
 
 
@@ -127,6 +168,8 @@ class Statements:
     chunks: sql.Composed
     fence: sql.Composed
     delete: sql.Composed
+    keep: sql.Composed
+    purge_kept: sql.Composed
     uncount: sql.Composed
     try_lock: sql.Composed
     unlock: sql.Composed
@@ -143,6 +186,10 @@ class Statements:
     pin_bodies: sql.Composed
     copy_messages: sql.Composed
     take_in: sql.Composed
+    kept: sql.Composed
+    restorable: sql.Composed
+    unkeep: sql.Composed
+    restore_rows: sql.Composed
     lock_bodies: sql.Composed
     unused_bodies: sql.Composed
     drop_chunks: sql.Composed
@@ -154,7 +201,7 @@ class Statements:
         """Compose every statement with the tables of ``schema``."""
         tables = {
             name: sql.Identifier(schema, name)
-            for name in ("mailbox", "message", "body", "body_chunk")
+            for name in ("mailbox", "message", "body", "body_chunk", "deleted_message")
         }
         composed = {}
         for field in fields(cls):

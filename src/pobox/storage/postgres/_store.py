@@ -16,6 +16,13 @@ same contract suite as the memory and Maildir stores.
 * **UPDATE** deletes in one transaction, run on the connection that holds the maildrop lock
   after checking that the lock is still held (see :mod:`._locks`); a session that ends
   otherwise deletes nothing.
+* **Deleted mail kept** (``pop3_delete_retention``, :class:`~pobox.storage.base.
+  DeletedMailRetention`): the UPDATE moves the rows into ``deleted_message`` instead, in the
+  same statement and transaction, behind the same lock check; POP3 never lists them and the
+  maildrop's counters (the quota) no longer count them, but their bodies stay (a kept row uses
+  its body as a message row does). ``pobox restore`` moves them back under new UIDs with their
+  UIDL and sizes; what is older than the retention is purged at the maildrop's next UPDATE or
+  by ``pobox restore --purge``, and its bodies are collected as those of deleted messages.
 * **Bodies** no message uses any more are dropped right after the UPDATE that freed them, safely
   against deliveries reusing them at the same moment (a delivery pins an existing body with a
   ``FOR KEY SHARE`` row lock; the collector locks bodies ``FOR UPDATE SKIP LOCKED`` and only
@@ -47,6 +54,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
+    DeletedMessage,
     DeleteResult,
     ImportedMessage,
     IncomingMessage,
@@ -240,6 +248,7 @@ class PostgresStore:
         lock_connections: int = 2,
         timeout: float = 10.0,
         lock_check_interval: float = 10.0,
+        retention: int = 0,
     ) -> None:
         """Create a store; it connects at first use.
 
@@ -251,11 +260,14 @@ class PostgresStore:
             lock_connections: connections that carry the maildrop locks and the UPDATEs.
             timeout: seconds any statement (and any wait for a connection) may take.
             lock_check_interval: seconds between probes of a lock connection holding locks.
+            retention: keep messages deleted over POP3 this many seconds, for ``pobox
+                restore`` (``pop3_delete_retention``); 0: delete them for good.
         """
         self._dsn = dsn
         self._schema = schema
         self._sql = Statements.for_schema(schema)
         self._timeout = timeout
+        self._retention = max(0, retention)
         params, self._lock_params = connection_params(dsn, timeout, "pobox")
         self._params: dict[str, str] = params
         self._pool = AsyncConnectionPool(
@@ -526,6 +538,8 @@ class PostgresStore:
         """
         connection = maildrop.lock_connection
         fence = split_key(maildrop.key) if connection is not None else None
+        retention = self._retention
+        now = int(time.time())
 
         async def work(conn: Conn) -> list[bytes]:
             async with conn.transaction():
@@ -537,10 +551,19 @@ class PostgresStore:
                     if row is None or not row[0]:
                         msg = "the maildrop lock is no longer held: nothing deleted"
                         raise StorageTemporaryError(msg)
-                cur = await conn.execute(
-                    self._sql.delete, {"mailbox": maildrop.mailbox, "uids": uids}
-                )
-                rows = await cur.fetchall()
+                values = {"mailbox": maildrop.mailbox, "uids": uids}
+                if not retention:
+                    cur = await conn.execute(self._sql.delete, values)
+                    rows = await cur.fetchall()
+                    freed = [_bytes(digest) for _, _, digest in rows]
+                else:
+                    cur = await conn.execute(self._sql.keep, {**values, "now": now})
+                    rows = await cur.fetchall()
+                    cur = await conn.execute(
+                        self._sql.purge_kept,
+                        {"mailbox": maildrop.mailbox, "before": now - retention},
+                    )
+                    freed = [_bytes(row[0]) for row in await cur.fetchall()]
                 if rows:
                     await conn.execute(
                         self._sql.uncount,
@@ -550,7 +573,7 @@ class PostgresStore:
                             "octets": sum(_int(size) for _, size, _ in rows),
                         },
                     )
-            return [_bytes(digest) for _, _, digest in rows]
+            return freed
 
         if connection is None:
             return await self._run("deleting messages", work, retry=False)
@@ -837,6 +860,100 @@ class PostgresStore:
 
         row = await self._run("reading the usage", work)
         return Usage(octets=0, messages=0) if row is None else Usage(_int(row[0]), _int(row[1]))
+
+    # ------------------------------------------------------------------ deleted mail kept
+
+    async def deleted_messages(self, user: MailUser) -> tuple[DeletedMessage, ...]:
+        """Return the messages kept for ``user`` (``pop3_delete_retention``), oldest first."""
+        mailbox = self._mailbox(user)
+
+        async def work(conn: Conn) -> list[tuple[object, ...]]:
+            cur = await conn.execute(self._sql.kept, {"mailbox": mailbox})
+            return await cur.fetchall()
+
+        rows = await self._run("listing deleted mail", work)
+        return tuple(DeletedMessage(str(uidl), _int(size), _int(at)) for uidl, size, at in rows)
+
+    async def restore_deleted(
+        self, user: MailUser, *, since: int | None = None, uidls: Sequence[str] = ()
+    ) -> tuple[DeletedMessage, ...]:
+        """Move kept messages back into the maildrop with their UIDL and size; return them.
+
+        One transaction: the rows leave ``deleted_message`` and come back into ``message``
+        under new UIDs (after every message there, in deletion order), counted again in the
+        maildrop's totals (no quota check: it is the administrator's call). A kept message
+        whose UIDL the maildrop has again stays kept; of several kept with one UIDL, the last
+        deleted comes back.
+
+        Raises:
+            StorageTemporaryError: the database failed (nothing restored).
+        """
+        mailbox = self._mailbox(user)
+        wanted = list(dict.fromkeys(uidls))
+
+        async def work(conn: Conn) -> list[DeletedMessage]:
+            async with conn.transaction():
+                # The maildrop row first, as deliveries and UPDATEs lock it (no deadlock).
+                cur = await conn.execute(
+                    self._sql.lock_mailbox, {"mailbox": mailbox, "uidvalidity": int(time.time())}
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                first = _int(row[0])
+                cur = await conn.execute(
+                    self._sql.restorable, {"mailbox": mailbox, "since": since, "uidls": wanted}
+                )
+                by_uidl: dict[str, tuple[object, ...]] = {}
+                for found in await cur.fetchall():
+                    by_uidl[str(found[2])] = found  # the last deleted of a UIDL wins
+                chosen = sorted(by_uidl.values(), key=lambda r: (_int(r[8]), _int(r[0])))
+                if not chosen:
+                    return []
+                await conn.execute(
+                    self._sql.unkeep, {"mailbox": mailbox, "ids": [r[0] for r in chosen]}
+                )
+                await conn.execute(
+                    self._sql.restore_rows,
+                    {
+                        "mailbox": mailbox,
+                        "uids": list(range(first, first + len(chosen))),
+                        "uidls": [r[2] for r in chosen],
+                        "wire_sizes": [r[3] for r in chosen],
+                        "sizes": [r[4] for r in chosen],
+                        "digests": [r[5] for r in chosen],
+                        "headers": [r[6] for r in chosen],
+                        "delivered": [r[7] for r in chosen],
+                    },
+                )
+                await conn.execute(
+                    self._sql.take_in,
+                    {
+                        "mailbox": mailbox,
+                        "next_uid": first + len(chosen),
+                        "messages": len(chosen),
+                        "octets": sum(_int(r[4]) for r in chosen),
+                    },
+                )
+            return [DeletedMessage(str(r[2]), _int(r[3]), _int(r[8])) for r in chosen]
+
+        return tuple(await self._run("restoring deleted mail", work, retry=False))
+
+    async def purge_deleted(self, user: MailUser, *, now: int | None = None) -> int:
+        """Remove for good what was kept longer than the retention; return how many.
+
+        Their bodies are collected right after, unless another message uses them.
+        """
+        mailbox = self._mailbox(user)
+        stamp = int(time.time()) if now is None else now
+        before = stamp - self._retention
+
+        async def work(conn: Conn) -> list[bytes]:
+            cur = await conn.execute(self._sql.purge_kept, {"mailbox": mailbox, "before": before})
+            return [_bytes(row[0]) for row in await cur.fetchall()]
+
+        digests = await self._run("purging deleted mail", work, retry=False)
+        await self.collect(list(dict.fromkeys(digests)))
+        return len(digests)
 
     # ------------------------------------------------------------------ garbage
 
