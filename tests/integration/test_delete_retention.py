@@ -3,7 +3,8 @@
 The "my client deleted everything" case: poplib deletes with DELE and QUIT, the messages are
 gone from LIST, ``pobox restore`` (the real command, in a process of its own) lists them and
 brings them back, and the next session lists them with the same UIDLs, sizes and bytes, so a
-client that leaves mail on the server and remembers UIDLs does not fetch them twice.
+client that leaves mail on the server and remembers UIDLs does not fetch them twice. The first
+test runs on PostgreSQL too (``mail_location = "postgresql"`` on the throwaway cluster).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import poplib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from pobox.testing import RunningServer, running_server
 
@@ -45,8 +48,9 @@ def _session(srv: RunningServer, delete: tuple[int, ...] = ()) -> list[tuple[str
 def _config(srv: RunningServer) -> Path:
     """Write the running server's configuration, as an admin's TOML file would have it."""
     path = srv.root / "pobox.toml"
+    database = f'postgresql_dsn = "{srv.config.postgresql_dsn}"\n' if srv.in_database else ""
     path.write_text(
-        f'mail_location = "{srv.config.mail_location}"\n'
+        database + f'mail_location = "{srv.config.mail_location}"\n'
         f'passwd_file = "{srv.config.passwd_file}"\n'
         'pop3_delete_retention = "7d"\n'
         # The test server serves mail as root (this process): the owner of the mail, which
@@ -71,9 +75,15 @@ def _restore(config: Path, *args: str) -> list[str]:
     return done.stdout.splitlines()
 
 
-async def test_deleted_by_client_restored_with_same_uidls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["maildir", "postgresql"])
+async def test_deleted_by_client_restored_with_same_uidls(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
     """DELE + QUIT, gone from LIST; ``pobox restore`` brings back UIDL, size and bytes."""
-    async with running_server(tmp_path, pop3_delete_retention="7d") as srv:
+    store: dict[str, object] = {}
+    if where == "postgresql":
+        store = {"mail_location": "postgresql", "postgresql_dsn": request.getfixturevalue("pg_dsn")}
+    async with running_server(tmp_path, pop3_delete_retention="7d", **store) as srv:
         for data in MESSAGES:
             srv.deliver("alice", data)
         before = await asyncio.to_thread(_session, srv, (1, 3))

@@ -137,14 +137,6 @@ def test_bad_duration_is_a_config_error_naming_the_key(text: str) -> None:
         parse_duration(text, key="pop3_delete_retention")
 
 
-def test_postgresql_store_refuses_the_key() -> None:
-    """PostgreSQL does not keep deleted mail: the key is refused at start-up, by name."""
-    settings = {"mail_location": "postgresql", "pop3_delete_retention": "7d"}
-    with pytest.raises(ConfigError, match="pop3_delete_retention"):
-        build_config(settings)
-    assert "0" == build_config({"mail_location": "postgresql"}).pop3_delete_retention
-
-
 def test_config_rejects_a_bad_duration() -> None:
     """``pobox config check`` and start-up say which key is wrong."""
     with pytest.raises(ConfigError, match="pop3_delete_retention: '7 days'"):
