@@ -44,6 +44,7 @@ from typing import BinaryIO, Protocol
 from pobox.errors import PoboxError
 from pobox.records import User
 from pobox.storage.base import (
+    DeletedMailRetention,
     ImportedMessage,
     Maildrop,
     MaildropImporter,
@@ -151,7 +152,9 @@ async def purge_maildrop(store: MaildropStore, user: MailUser, *, rounds: int = 
     """Remove every message of ``user``'s maildrop, under its session lock; return how many.
 
     As an UPDATE does (one :meth:`~pobox.storage.base.Maildrop.delete`), again while mail
-    delivered meanwhile shows up, at most ``rounds`` times.
+    delivered meanwhile shows up, at most ``rounds`` times. A store that keeps deleted mail
+    (``pop3_delete_retention``) then drops all it kept for ``user`` too, this purge's included:
+    nothing is left to restore (nor to hold disk) for a user who is gone.
 
     Raises:
         MaildropLocked: a POP3 session holds the maildrop.
@@ -168,7 +171,14 @@ async def purge_maildrop(store: MaildropStore, user: MailUser, *, rounds: int = 
             removed += len(result.removed)
         finally:
             await maildrop.close()
+    if isinstance(store, DeletedMailRetention):
+        await store.purge_deleted(user, now=_PAST_EVERY_RETENTION)
     return removed
+
+
+#: A clock reading (Unix seconds, about the year 36800) past any retention: with it,
+#: :meth:`~pobox.storage.base.DeletedMailRetention.purge_deleted` drops everything kept.
+_PAST_EVERY_RETENTION = 2**40
 
 
 # --------------------------------------------------------------------------- import

@@ -15,6 +15,7 @@ from pobox.cli import build_authenticator, close_authenticator, main
 from pobox.config import load_config
 from tests.auth.test_contract import CUSTOM_TABLE, ITERATE_QUERY, PASSWORD_QUERY
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
+from tests.helpers.maildir import User
 from tests.helpers.postgres import StoreThread, stored_messages
 
 
@@ -179,6 +180,38 @@ class TestPurge:
             len(stored_messages(pg_dsn, "keep")),
             len(stored_messages(pg_dsn, "gone")),
         )
+
+    def test_postgresql_with_retention_keeps_nothing(
+        self, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With pop3_delete_retention, --purge leaves nothing kept either: neither what the
+        user deleted before nor what the purge itself deleted."""
+        config = tmp_path / "pobox.toml"
+        config.write_text(
+            toml(userdb="postgresql", mail_location="postgresql", postgresql_dsn=pg_dsn)
+            + 'pop3_delete_retention = "7d"\n'
+        )
+        run(["user", "add", "gone", "-c", str(config), "--scheme", "PLAIN"], b"p\n", monkeypatch)
+        mta = StoreThread(pg_dsn, retention=7 * 86400)
+        try:
+            for text in (b"deleted before\n", b"still there\n"):
+                mta.append("gone", text)
+
+            async def delete_first() -> None:
+                maildrop = await mta.store.open(User("gone"))
+                await maildrop.delete([maildrop.messages[0].key])
+                await maildrop.close()
+
+            mta.call(delete_first())
+        finally:
+            mta.close()
+        code = main(["user", "del", "gone", "-c", str(config), "--purge"])
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            counts = conn.execute(
+                "SELECT (SELECT count(*) FROM pobox.message), "
+                "(SELECT count(*) FROM pobox.deleted_message), (SELECT count(*) FROM pobox.body)"
+            ).fetchone()
+        assert (0, (0, 0, 0)) == (code, counts)
 
     def test_maildir(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Mail in a Maildir: --purge empties the maildir of the removed user."""

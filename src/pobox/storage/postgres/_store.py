@@ -552,18 +552,12 @@ class PostgresStore:
                         msg = "the maildrop lock is no longer held: nothing deleted"
                         raise StorageTemporaryError(msg)
                 values = {"mailbox": maildrop.mailbox, "uids": uids}
-                if not retention:
-                    cur = await conn.execute(self._sql.delete, values)
-                    rows = await cur.fetchall()
-                    freed = [_bytes(digest) for _, _, digest in rows]
-                else:
+                if retention:
                     cur = await conn.execute(self._sql.keep, {**values, "now": now})
-                    rows = await cur.fetchall()
-                    cur = await conn.execute(
-                        self._sql.purge_kept,
-                        {"mailbox": maildrop.mailbox, "before": now - retention},
-                    )
-                    freed = [_bytes(row[0]) for row in await cur.fetchall()]
+                else:
+                    cur = await conn.execute(self._sql.delete, values)
+                rows = await cur.fetchall()
+                freed = [] if retention else [_bytes(digest) for _, _, digest in rows]
                 if rows:
                     await conn.execute(
                         self._sql.uncount,
@@ -573,6 +567,13 @@ class PostgresStore:
                             "octets": sum(_int(size) for _, size, _ in rows),
                         },
                     )
+                if retention:
+                    # After the maildrop row's lock, as a restore takes them: no deadlock.
+                    cur = await conn.execute(
+                        self._sql.purge_kept,
+                        {"mailbox": maildrop.mailbox, "before": now - retention},
+                    )
+                    freed = [_bytes(row[0]) for row in await cur.fetchall()]
             return freed
 
         if connection is None:
