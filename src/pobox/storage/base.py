@@ -20,7 +20,8 @@ Every backend passes the same contract suite (``tests/storage/test_contract.py``
 A store whose messages an IMAP server may read too (Maildir) also offers :class:`SeenFlags`:
 the session marks the messages it sent with RETR as seen, as Dovecot's POP3 does.
 
-A store that can keep deleted mail for a while (Maildir, with ``pop3_delete_retention``) offers
+A store that can keep deleted mail for a while (Maildir and PostgreSQL, with
+``pop3_delete_retention``) offers
 :class:`DeletedMailRetention`: ``pobox restore`` lists, restores and purges what it kept.
 
 ``pobox import`` needs one more thing, which only stores that can keep another server's UIDLs
@@ -366,7 +367,7 @@ class DeletedMailRetention(Protocol):
     """A store that keeps messages deleted over POP3 for a while (``pop3_delete_retention``).
 
     Kept messages are invisible to POP3 (never in a snapshot) and not counted by
-    :meth:`MaildropStore.usage`. Stores without it (PostgreSQL, memory) refuse the key.
+    :meth:`MaildropStore.usage`. The memory store does not offer it.
     """
 
     async def deleted_messages(self, user: MailUser) -> tuple[DeletedMessage, ...]:
