@@ -139,6 +139,37 @@ class TestRows:
         assert ([first.uidl], [b"one\n"]) == (listed, await contents(plain, ALICE))
         assert first == restored
 
+    async def test_restore_never_gives_a_uidl_twice(self, keeping: PostgresStore) -> None:
+        """A kept message whose UIDL the maildrop has again (stored with that UIDL meanwhile)
+        stays kept; the message there keeps its UIDL and is the only one listed with it."""
+        await keeping.append(ALICE, b"first\n", uidl="same-uidl")
+        await delete_all(keeping, ALICE)
+        await keeping.append(ALICE, b"second\n", uidl="same-uidl")
+        restored = await keeping.restore_deleted(ALICE)
+        maildrop = await keeping.open(ALICE, lock=False)
+        listed = [info.uidl for info in maildrop.messages]
+        await maildrop.close()
+        kept = await keeping.deleted_messages(ALICE)
+        assert ((), ["same-uidl"], [b"second\n"]) == (
+            restored,
+            listed,
+            await contents(keeping, ALICE),
+        )
+        assert ["same-uidl"] == [k.uidl for k in kept]
+
+    async def test_of_two_kept_with_one_uidl_the_last_deleted_comes_back(
+        self, keeping: PostgresStore, pg_dsn: str
+    ) -> None:
+        """Two kept messages with one UIDL: the restore brings back one, the later deleted."""
+        await keeping.append(ALICE, b"older\n", uidl="twice")
+        await delete_all(keeping, ALICE)
+        age_kept(pg_dsn, 60)
+        await keeping.append(ALICE, b"newer\n", uidl="twice")
+        await delete_all(keeping, ALICE)
+        (restored,) = await keeping.restore_deleted(ALICE)
+        assert ("twice", [b"newer\n"]) == (restored.uidl, await contents(keeping, ALICE))
+        assert 1 == len(await keeping.deleted_messages(ALICE))
+
     async def test_update_without_the_lock_keeps_nothing(
         self, keeping: PostgresStore, pg_dsn: str
     ) -> None:
