@@ -26,7 +26,7 @@ from pobox.storage.base import (
 )
 from pobox.storage.spool import Spool
 from tests.helpers.maildir import incoming
-from tests.storage.conftest import RETENTION
+from tests.storage.conftest import DELETING, RETENTION
 
 if TYPE_CHECKING:
     from tests.storage.conftest import Backend
@@ -224,6 +224,7 @@ class TestReadNow:
         await maildrop.close()
 
 
+@pytest.mark.parametrize("backend", DELETING, indirect=True)
 class TestUidl:
     """UIDLs follow RFC 1939 §7: unique, stable, never reused, 1-70 chars of 0x21-0x7E."""
 
@@ -348,6 +349,7 @@ class TestLock:
         await alice.close()
 
 
+@pytest.mark.parametrize("backend", DELETING, indirect=True)
 class TestDelete:
     """``delete`` removes messages for good (UPDATE state, RFC 1939 §6)."""
 
@@ -427,6 +429,7 @@ class TestDelete:
             await maildrop.delete([maildrop.messages[0].key])
 
 
+@pytest.mark.parametrize("backend", DELETING, indirect=True)
 class TestDeliver:
     """Delivery through the store: what LMTP, SMTP and ``pobox deliver`` rely on."""
 
