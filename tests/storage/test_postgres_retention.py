@@ -244,6 +244,43 @@ class TestPurge:
         (restored,) = await keeping.restore_deleted(ALICE)
         assert (11, [b"kept body\n"]) == (restored.size, await contents(keeping, ALICE))
 
+    async def test_db_gc_purges_every_maildrop(
+        self,
+        keeping: PostgresStore,
+        pg_dsn: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``pobox db gc`` purges what any maildrop kept past the retention (users who never
+        log in again), with the bodies; what is younger stays."""
+        for user in (ALICE, User("carol")):
+            await keeping.deliver(user, incoming(f"old for {user.name}\n".encode()))
+            await delete_all(keeping, user)
+        age_kept(pg_dsn, WEEK)
+        await keeping.deliver(BOB, incoming(b"recent\n"))
+        await delete_all(keeping, BOB)
+        config = tmp_path / "pobox.toml"
+        config.write_text(
+            f'mail_location = "postgresql"\npostgresql_dsn = "{pg_dsn}"\n'
+            'pop3_delete_retention = "7d"\n'
+        )
+        capsys.readouterr()
+        status = await asyncio.to_thread(main, ["db", "gc", "-c", str(config)])
+        out = capsys.readouterr().out.splitlines()
+        left = [k.size for k in await keeping.deleted_messages(BOB)]
+        assert (0, "purged 2 deleted messages kept past the retention") == (status, out[0])
+        assert ((), [8], 1) == (await keeping.deleted_messages(ALICE), left, bodies(pg_dsn))
+
+    async def test_store_wide_purge_goes_in_batches(
+        self, keeping: PostgresStore, pg_dsn: str
+    ) -> None:
+        """Batches of one purge all three expired messages, and every body goes."""
+        for number in range(3):
+            await keeping.deliver(ALICE, incoming(f"m{number}\n".encode()))
+        await delete_all(keeping, ALICE)
+        purged = await keeping.purge_all_deleted(now=_now() + WEEK, batch=1)
+        assert (3, 0) == (purged, bodies(pg_dsn))
+
 
 class TestTransfer:
     """``pobox export`` and ``pobox import`` do not treat kept mail as live."""

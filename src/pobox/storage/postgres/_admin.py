@@ -73,9 +73,17 @@ async def db_status(dsn: str, schema: str, *, timeout: float = 10.0) -> tuple[bo
 
 
 async def db_gc(store: PostgresStore) -> list[str]:
-    """Drop message bodies that no message uses (left by a node that died mid-UPDATE)."""
+    """Drop message bodies that no message uses (left by a node that died mid-UPDATE).
+
+    With ``pop3_delete_retention``, first purge the deleted mail every maildrop kept longer
+    than that (maildrops whose users never log in again are purged by nothing else).
+    """
+    lines = []
     try:
+        if store.retention:
+            purged = await store.purge_all_deleted()
+            lines.append(f"purged {purged} deleted messages kept past the retention")
         dropped = await store.collect_garbage()
     finally:
         await store.aclose()
-    return [f"dropped {dropped} unused message bodies"]
+    return [*lines, f"dropped {dropped} unused message bodies"]

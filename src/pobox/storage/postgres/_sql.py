@@ -70,6 +70,11 @@ _TEXT: dict[str, LiteralString] = {
     # bodies are collected after COMMIT, as those of deleted messages.
     "purge_kept": "DELETE FROM {deleted_message} WHERE mailbox = %(mailbox)s"
     " AND deleted <= pg_catalog.to_timestamp(%(before)s::bigint) RETURNING digest",
+    # The same in every maildrop (pobox db gc, for maildrops nobody opens), a batch at a time.
+    "purge_all_kept": "DELETE FROM {deleted_message} WHERE (mailbox, id) IN"
+    " (SELECT mailbox, id FROM {deleted_message}"
+    " WHERE deleted <= pg_catalog.to_timestamp(%(before)s::bigint) LIMIT %(limit)s)"
+    " RETURNING digest",
     "uncount": "UPDATE {mailbox} SET messages = messages - %(messages)s,"
     " octets = octets - %(octets)s WHERE mailbox = %(mailbox)s",
     "try_lock": "SELECT pg_catalog.pg_try_advisory_lock(%(key)s)",
@@ -170,6 +175,7 @@ class Statements:
     delete: sql.Composed
     keep: sql.Composed
     purge_kept: sql.Composed
+    purge_all_kept: sql.Composed
     uncount: sql.Composed
     try_lock: sql.Composed
     unlock: sql.Composed

@@ -303,6 +303,11 @@ class PostgresStore:
         """The schema of pobox's tables."""
         return self._schema
 
+    @property
+    def retention(self) -> int:
+        """Seconds deleted mail is kept (``pop3_delete_retention``); 0: not kept."""
+        return self._retention
+
     async def _configure(self, conn: Conn) -> None:
         """Put every statement of a new connection under the timeouts."""
         await set_timeouts(conn, self._timeout)
@@ -955,6 +960,30 @@ class PostgresStore:
         digests = await self._run("purging deleted mail", work, retry=False)
         await self.collect(list(dict.fromkeys(digests)))
         return len(digests)
+
+    async def purge_all_deleted(self, *, now: int | None = None, batch: int = 1000) -> int:
+        """Purge what every maildrop kept longer than the retention; return how many.
+
+        For ``pobox db gc``: a maildrop whose user never logs in again has no UPDATE to
+        purge it. Nothing with no retention set. A batch per transaction, bodies collected
+        after each.
+        """
+        if not self._retention:
+            return 0
+        stamp = int(time.time()) if now is None else now
+        values = {"before": stamp - self._retention, "limit": batch}
+        total = 0
+        while True:
+
+            async def work(conn: Conn) -> list[bytes]:
+                cur = await conn.execute(self._sql.purge_all_kept, values)
+                return [_bytes(row[0]) for row in await cur.fetchall()]
+
+            digests = await self._run("purging deleted mail", work, retry=False)
+            await self.collect(list(dict.fromkeys(digests)))
+            total += len(digests)
+            if len(digests) < batch:
+                return total
 
     # ------------------------------------------------------------------ garbage
 
