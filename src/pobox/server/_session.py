@@ -821,7 +821,7 @@ class Session:
     def _sent(self, event: RetrieveMessage, key: str) -> None:
         """Note a message sent whole by RETR: to mark it seen, and for EXPIRE, at the end."""
         if event.body_lines is None:
-            if self.expire:
+            if self.expire.isdigit():  # EXPIRE 0 or n: NEVER and none need no record
                 self.fetched.setdefault(key, self.ctx.clock())
             if not self.ctx.config.pop3_no_flag_updates:
                 self.retrieved.add(key)
