@@ -23,6 +23,8 @@ from pobox.errors import ConfigError
 from pobox.state import MemoryLoginTimes
 from pobox.state.postgres import PostgresLoginTimes, PostgresState
 from pobox.testing import RunningServer, running_server
+from tests.integration.test_workers import connect_to, two_workers, worker_pids
+from tests.integration.test_workers import login as worker_login
 
 CLIENT_TIMEOUT = 10.0
 DAY = 86_400
@@ -342,3 +344,21 @@ class TestPostgresUsers:
         assert (["0"], ["60"]) == (caps["EXPIRE"], caps["LOGIN-DELAY"])
         assert early.startswith("-ERR [LOGIN-DELAY] ")
         assert 1 == left
+
+
+class TestWorkers:
+    """``workers = 2``: login times are the master's, so a delay holds across workers."""
+
+    async def test_delay_across_workers(self, tmp_path: Path) -> None:
+        """A login on one worker makes the next, on the other, wait (no clock needed: 600 s)."""
+        async with two_workers(tmp_path, pop3_login_delay=600) as proc:
+            first, second = worker_pids(proc)
+            wire = await connect_to(proc, first)
+            assert b"+OK Logged in.\r\n" == await worker_login(wire, b"alice", b"secret")
+            assert b"+OK" == (await wire.command(b"QUIT"))[:3]
+            wire = await connect_to(proc, second)
+            refused = await worker_login(wire, b"alice", b"secret")
+            wire = await connect_to(proc, second)
+            bob = await worker_login(wire, b"bob", b"hunter2")
+        assert b"-ERR [LOGIN-DELAY] Wait 600 seconds between logins, try later.\r\n" == refused
+        assert b"+OK Logged in.\r\n" == bob
