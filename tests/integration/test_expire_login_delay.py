@@ -267,6 +267,25 @@ class TestPerUser:
             alice = await asyncio.to_thread(uidls, srv, "alice")
         assert (0, 1) == (len(carol), len(alice))
 
+    async def test_bad_fields_ignored(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Bad values are logged and the global ones apply."""
+        async with server(tmp_path, Clock(), {}, pop3_expire_days=0, pop3_login_delay=60) as srv:
+            add_user(
+                srv.config.passwd_file,
+                "carol",
+                b"secret",
+                "PLAIN",
+                extra=["pop3_expire_days=soon", "pop3_login_delay=-3"],
+            )
+            srv.maildir("carol").mkdir(parents=True)
+            with caplog.at_level("WARNING", logger="pobox"):
+                caps = await asyncio.to_thread(capabilities, srv, "carol")
+        assert (["0"], ["60"]) == (caps["EXPIRE"], caps["LOGIN-DELAY"])
+        bad = [r.getMessage() for r in caplog.records if "bad pop3_" in r.getMessage()]
+        assert 2 == len(bad), bad
+
     async def test_login_delay_field(self, tmp_path: Path) -> None:
         """carol's ``pop3_login_delay=600`` applies to her alone (no global delay)."""
         clock = Clock()
