@@ -113,6 +113,7 @@ from pobox.state import (
 from pobox.state.remote import (
     RemoteDownloadCounters,
     RemoteFailureCounters,
+    RemoteLoginTimes,
     RemoteSessionRegistry,
     RemoteState,
     StateService,
@@ -331,10 +332,12 @@ def build_shared_state(
         ), cluster(
             FallbackRegistry(RemoteSessionRegistry(remote, node), local_registry, master),
             downloads=RemoteDownloadCounters(remote),
+            logins=RemoteLoginTimes(remote),
         )
     from pobox.state.postgres import (  # noqa: PLC0415 - psycopg only when used
         PostgresDownloadCounters,
         PostgresFailureCounters,
+        PostgresLoginTimes,
         PostgresSessionRegistry,
         PostgresState,
     )
@@ -371,6 +374,7 @@ def build_shared_state(
         store="postgresql",
         check=state.check_schema,
         downloads=PostgresDownloadCounters(state),
+        logins=PostgresLoginTimes(state),
     )
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "load_config",
     "markdown_table",
     "parse_duration",
+    "parse_expire_days",
     "parse_listen",
     "readme_with_table",
     "shared_state_backend",
@@ -353,6 +354,32 @@ def _parse_workarounds(name: str, value: str | list[Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def parse_expire_days(value: str) -> str | None:
+    """Read an RFC 2449 EXPIRE value: ``"never"`` → ``"NEVER"``, days → their digits.
+
+    Returns:
+        the CAPA argument, or ``None`` if ``value`` is neither (nor empty: ``""`` is unset).
+    """
+    text = value.strip()
+    if text.lower() == "never":
+        return "NEVER"
+    if text.isascii() and text.isdigit() and len(text) <= 9:
+        return str(int(text))
+    if not text:
+        return ""
+    return None
+
+
+def _parse_expire_days(name: str, value: str | int) -> str:
+    """Check ``pop3_expire_days``: empty, ``never`` or a number of days (0 or more)."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{name}: expected a number of days, "never" or ""')
+    parsed = parse_expire_days(str(value))
+    if parsed is None:
+        raise ConfigError(f'{name}: {value!r} is not a number of days (0 or more), "never" or ""')
+    return parsed
+
+
 def _dump_sni(value: tuple[tuple[str, str, str], ...]) -> dict[str, dict[str, str]]:
     return {server: {"cert": cert, "key": key} for server, cert, key in value}
 
@@ -544,6 +571,28 @@ class Config:
         "pass it gets `-ERR [SYS/TEMP] daily download limit reached`. Per user: userdb field "
         "of the same name (`pop3_daily_download_bytes=500M`, `0`: none). Counted where the "
         "shared state is: this process, the master of `workers`, or PostgreSQL.",
+        minimum=0,
+        section="POP3 service",
+    )
+    pop3_expire_days: str = key(
+        "",
+        "RFC 2449 EXPIRE, enforced: messages are deleted this many days after their first "
+        "`RETR` (recorded per message in the store), at the `QUIT` of a later session; `0`: "
+        "messages sent by `RETR` are deleted at that session's `QUIT` even without `DELE` (not "
+        "those only read with `TOP`); `never`: advertise `EXPIRE NEVER` (pobox deletes "
+        'nothing by itself); `""`: no EXPIRE in CAPA. Per user: userdb field of the same '
+        "name; CAPA then says `EXPIRE n USER` before login and the user's value after.",
+        toml=(str, int),
+        parse=_parse_expire_days,
+        section="POP3 service",
+    )
+    pop3_login_delay: int = key(
+        0,
+        "RFC 2449 LOGIN-DELAY, enforced: seconds a user must wait after a login before the "
+        "next one succeeds (`-ERR [LOGIN-DELAY]` sooner; checked after the password, so only "
+        "the password's holder learns it); `0`: none, and no LOGIN-DELAY in CAPA. Per user: "
+        "userdb field of the same name. Logins are timed where the shared state is: this "
+        "process, the master of `workers`, or PostgreSQL.",
         minimum=0,
         section="POP3 service",
     )

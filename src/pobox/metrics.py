@@ -101,13 +101,23 @@ MECHANISMS: Final = (
 
 #: How a login ends: logged in, a wrong password (or unknown user), refused by the throttle
 #: (``[LOGIN-DELAY]``), over the per-user connection limits (``[IN-USE]``), the maildrop
-#: locked by another session (``[IN-USE]``), a backend failure (``[SYS/TEMP]``), or POP3
-#: disabled for the user (``nopop3``, ``[SYS/PERM]``).
-LOGIN_RESULTS: Final = ("ok", "failed", "throttled", "limit", "locked", "error", "disabled")
+#: locked by another session (``[IN-USE]``), a backend failure (``[SYS/TEMP]``), POP3
+#: disabled for the user (``nopop3``, ``[SYS/PERM]``), or too soon after the user's last
+#: login (``pop3_login_delay``, ``[LOGIN-DELAY]``).
+LOGIN_RESULTS: Final = (
+    "ok",
+    "failed",
+    "throttled",
+    "limit",
+    "locked",
+    "error",
+    "disabled",
+    "delay",
+)
 
 #: Login refusals counted on their own: the throttle, the connection limits, the lock, the
-#: user's ``nopop3``.
-REFUSALS: Final = ("throttled", "limit", "locked", "disabled")
+#: user's ``nopop3``, LOGIN-DELAY.
+REFUSALS: Final = ("throttled", "limit", "locked", "disabled", "delay")
 
 #: The listener kinds connections are counted by.
 LISTENERS: Final = ("pop3", "pop3s", "lmtp", "smtp")

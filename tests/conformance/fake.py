@@ -9,6 +9,9 @@ USER/PASS on ``127.0.0.1:port``; each flaw is a bug seen in real servers:
 - ``stat-after-dele``: STAT and LIST still count messages marked deleted;
 - ``pipelining-order``: a batch of commands is answered last first;
 - ``bad-expire``: CAPA says ``EXPIRE soon`` (RFC 2449 §6.7 wants a number or NEVER);
+- ``bad-delay``: CAPA says ``LOGIN-DELAY 15m`` (RFC 2449 §6.5 wants seconds);
+- ``user-after-login``: CAPA after login still says ``EXPIRE 30 USER`` (USER is for before
+  login: logged in, the value is the user's own);
 - ``bad-resp-code``: a wrong password gets ``-ERR [AUTH wrong`` (no closing bracket);
 - ``auth-no-initial``: AUTH PLAIN refuses an initial response (RFC 5034 §4 allows one);
 - ``utf8-refused``: UTF8 is advertised, the command gets -ERR;
@@ -40,6 +43,8 @@ FLAWS = frozenset(
         "stat-after-dele",
         "pipelining-order",
         "bad-expire",
+        "bad-delay",
+        "user-after-login",
         "bad-resp-code",
         "auth-no-initial",
         "utf8-refused",
@@ -116,7 +121,12 @@ class _Session:
         verb = verb.upper()
         if verb == b"CAPA":
             expire = b"EXPIRE soon" if "bad-expire" in self.flaws else b"EXPIRE 30"
-            return b"+OK\r\n" + _CAPA + expire + b"\r\n.\r\n"
+            if "user-after-login" in self.flaws and self.logged_in:
+                expire += b" USER"
+            capa = _CAPA
+            if "bad-delay" in self.flaws:
+                capa = capa.replace(b"LOGIN-DELAY 900", b"LOGIN-DELAY 15m")
+            return b"+OK\r\n" + capa + expire + b"\r\n.\r\n"
         if verb == b"LANG" and arg:
             return b"+OK\r\n" if arg in (b"en", b"de") else b"-ERR [LANG] unknown\r\n"
         if verb == b"LANG":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pobox.auth.passwdfile import add_user
 from pobox.cli import main
 from pobox.conformance import SEED_MESSAGES, Report, Status, Target, run_suite
 from pobox.testing import running_server
@@ -56,6 +57,24 @@ class TestPobox:
         assert len(SEED_MESSAGES) - 1 == left  # the UPDATE check deleted the last one
         # RFC 6856: pobox advertises UTF8 and LANG, and both checks run and pass.
         assert (Status.PASS, Status.PASS) == (report.status("utf8"), report.status("lang"))
+
+    async def test_expire_and_login_delay(self, tmp_path: Path) -> None:
+        """With both keys set (the user's own delay 0), their grammar checks pass, not skip."""
+        async with running_server(
+            tmp_path, {}, pop3_expire_days="never", pop3_login_delay=900
+        ) as srv:
+            add_user(
+                srv.config.passwd_file, "carol", b"secret", "PLAIN", extra=["pop3_login_delay=0"]
+            )
+            for message in SEED_MESSAGES:
+                srv.deliver("carol", message)
+            target = Target("127.0.0.1", srv.port, "carol", "secret", "plain")
+            report = await asyncio.to_thread(run_suite, target, allow_delete=True)
+        assert {} == failures(report)
+        assert (Status.PASS, Status.PASS) == (
+            report.status("expire"),
+            report.status("login-delay"),
+        )
 
     async def test_keeps_mail_without_allow_delete(self, tmp_path: Path) -> None:
         """Without --allow-delete every message is still there and the UPDATE check is skipped."""
@@ -171,6 +190,8 @@ class TestBrokenServer:
             (("stat-after-dele",), {"dele", "deleted-err"}),
             (("pipelining-order",), {"pipelining", "advertised-works"}),
             (("bad-expire",), {"expire"}),
+            (("bad-delay",), {"login-delay"}),
+            (("user-after-login",), {"expire"}),
             (("bad-resp-code",), {"resp-codes", "auth-resp-code"}),
             (("auth-no-initial",), {"auth-plain", "auth-resp-code", "advertised-works"}),
             (("utf8-refused",), {"utf8", "advertised-works"}),

@@ -395,6 +395,7 @@ _TABLES = (
     "failure_counter",
     "cluster_node",
     "cluster_session",
+    "login_time",
 )
 
 

@@ -305,7 +305,7 @@ class PostgresAuthenticator:
         table = sql.Identifier(schema, "users")
         columns = sql.SQL(
             "password, uid, gid, home, mail, quota_bytes, quota_messages, nologin, nopop3,"
-            " pop3_daily_download_bytes"
+            " pop3_daily_download_bytes, pop3_expire_days, pop3_login_delay"
         )
         self._lookup_sql: sql.Composed | bytes
         self._user_sql: sql.Composed | bytes

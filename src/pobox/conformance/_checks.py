@@ -56,7 +56,9 @@ _CAPA: Final = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*(?: [\x21-\x7e]+)*")
 _RESP_CODE: Final = re.compile(
     rb"\[[\x21-\x2e\x30-\x5c\x5e-\x7e]+(?:/[\x21-\x2e\x30-\x5c\x5e-\x7e]+)*\]"
 )
-_EXPIRE_PRE: Final = re.compile(r"\d+(?: USER)?|NEVER")
+# RFC 2449 §6.5/§6.7: EXPIRE SP (digits / "NEVER") [SP "USER"]; LOGIN-DELAY SP digits
+# [SP "USER"]; USER (the value varies per user) only before login, where it may be shown.
+_EXPIRE_PRE: Final = re.compile(r"(?:\d+|NEVER)(?: USER)?")
 _EXPIRE_POST: Final = re.compile(r"\d+|NEVER")
 _DELAY_PRE: Final = re.compile(r"\d+(?: USER)?")
 _DELAY_POST: Final = re.compile(r"\d+")

@@ -197,9 +197,15 @@ class Trace:
 
 @dataclass(frozen=True, slots=True)
 class LoginAccepted:
-    """The credentials are good and the maildrop is open and locked."""
+    """The credentials are good and the maildrop is open and locked.
+
+    ``expire`` and ``login_delay`` are the user's RFC 2449 EXPIRE argument (digits or
+    ``NEVER``) and LOGIN-DELAY seconds that CAPA shows from now on (``None``: not shown).
+    """
 
     messages: Sequence[SnapshotEntry]
+    expire: str | None = None
+    login_delay: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

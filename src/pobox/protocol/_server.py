@@ -158,6 +158,14 @@ class _Retrieval:
     sent: int = 0
 
 
+def _check_policy(expire: str | None, login_delay: int | None, error: type[Exception]) -> None:
+    """Refuse an EXPIRE or LOGIN-DELAY argument RFC 2449 §6.5/§6.7 does not allow."""
+    if expire is not None and expire != "NEVER" and not (expire.isascii() and expire.isdigit()):
+        raise error(f"EXPIRE must be digits or NEVER, not {expire!r}")
+    if login_delay is not None and login_delay < 0:
+        raise error(f"LOGIN-DELAY must not be negative, not {login_delay!r}")
+
+
 class ServerConnection:
     """One POP3 session, server side.
 
@@ -193,6 +201,14 @@ class ServerConnection:
             ``OE_NS_EOH`` the shell adds 2 to the size of each message without a header end
             (:class:`HeaderEnd`) in the snapshot it sends, so LIST, STAT and RETR's octet
             count say what RETR sends.
+        expire: the RFC 2449 §6.7 EXPIRE argument CAPA shows before login (digits or
+            ``NEVER``), or ``None`` to show none; after login CAPA shows the user's value,
+            from :class:`LoginAccepted`.
+        login_delay: the RFC 2449 §6.5 LOGIN-DELAY seconds CAPA shows before login, or
+            ``None`` to show none; after login, the user's value as for ``expire``.
+        policy_per_user: the shell may apply other EXPIRE and LOGIN-DELAY values to some
+            users: CAPA adds ``USER`` to both before login (RFC 2449 §6.5, §6.7), telling the
+            client to ask again once logged in.
 
     Raises:
         ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
@@ -218,6 +234,9 @@ class ServerConnection:
         utf8: bool = False,
         lang: bool = False,
         workarounds: ClientWorkarounds = ClientWorkarounds.NONE,
+        expire: str | None = None,
+        login_delay: int | None = None,
+        policy_per_user: bool = False,
     ) -> None:
         if apop_timestamp is not None:
             greeting = f"{greeting} {apop_timestamp}"
@@ -263,6 +282,12 @@ class ServerConnection:
         self.utf8_mode = False
         #: The language of reply texts (RFC 6856 §3), a tag of ``LANGUAGES``.
         self.language = DEFAULT_LANGUAGE
+        _check_policy(expire, login_delay, ValueError)
+        #: CAPA's EXPIRE and LOGIN-DELAY arguments: the server's before login, then the
+        #: user's (from LoginAccepted).
+        self._expire = expire
+        self._login_delay = login_delay
+        self._policy_suffix = b" USER" if policy_per_user else b""
         self._reply(ok(greeting))
 
     # ------------------------------------------------------------------ public API
@@ -324,12 +349,16 @@ class ServerConnection:
         if isinstance(event, MessageData | EndOfMessage | MessageUnavailable):
             self._send_message_event(event)
         elif isinstance(event, LoginAccepted):
+            _check_policy(event.expire, event.login_delay, LocalProtocolError)
             self._transition(Trigger.LOGIN_ACCEPTED)
             self.username = self._pending_user
             self._pending_user = None
             self._sasl = None
             self._bad = 0
             self._messages = event.messages
+            self._expire = event.expire
+            self._login_delay = event.login_delay
+            self._policy_suffix = b""
             self.stats.messages_at_login = len(event.messages)
             self.stats.size_at_login = sum(m.size for m in event.messages)
             self._reply(ok("Logged in."))
@@ -713,6 +742,10 @@ class ServerConnection:
             caps.append(b"UTF8 USER")
         if self._lang_offered:
             caps.append(b"LANG")
+        if self._expire is not None:
+            caps.append(b"EXPIRE " + self._expire.encode("ascii") + self._policy_suffix)
+        if self._login_delay is not None:
+            caps.append(b"LOGIN-DELAY %d" % self._login_delay + self._policy_suffix)
         if self._implementation:
             caps.append(b"IMPLEMENTATION " + self._implementation.encode())
         self._reply_lines(ok("Capability list follows"), [c + CRLF for c in caps])

@@ -38,11 +38,12 @@ from pobox.state.base import (
     Admission,
     DownloadCounters,
     FailureCounters,
+    LoginTimes,
     SessionEntry,
     SessionRegistry,
     StateUnavailable,
 )
-from pobox.state.memory import MemoryDownloadCounters
+from pobox.state.memory import MemoryDownloadCounters, MemoryLoginTimes
 
 __all__ = [
     "LEASE_BEATS",
@@ -283,6 +284,8 @@ class Cluster:
             this process's sessions has sent, for ``pobox who``; its
             :class:`StateUnavailable` is ignored.
         downloads: the daily download counters (default: this process's memory).
+        logins: the users' last login times, for LOGIN-DELAY (default: this process's
+            memory).
     """
 
     def __init__(
@@ -298,11 +301,14 @@ class Cluster:
         check: Callable[[], Awaitable[None]] | None = None,
         report: Callable[[dict[str, int]], Awaitable[object]] | None = None,
         downloads: DownloadCounters | None = None,
+        logins: LoginTimes | None = None,
     ) -> None:
         self.registry = registry
         #: The octets each user downloaded today (``pop3_daily_download_bytes``), as shared
         #: as the registry: this process, the master, or PostgreSQL.
         self.downloads: DownloadCounters = downloads or MemoryDownloadCounters()
+        #: When each user last logged in (``pop3_login_delay``), shared as the downloads are.
+        self.logins: LoginTimes = logins or MemoryLoginTimes()
         self.heartbeat = heartbeat
         self.max_user = max_user
         self.max_userip = max_userip

@@ -40,7 +40,7 @@ from typing import Final
 from pobox import _logevents as events
 from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
-from pobox.config import Config
+from pobox.config import Config, parse_expire_days
 from pobox.log import SessionLog
 from pobox.metrics import CommandClock, Metrics
 from pobox.names import parse_format
@@ -78,6 +78,7 @@ from pobox.storage.base import (
     MaildropStore,
     MessageGone,
     MessageInfo,
+    RetrievalTimes,
     SeenFlags,
     StorageError,
 )
@@ -113,6 +114,9 @@ class SessionContext:
     cluster: Cluster | None = None
     #: What the sessions count for ``metrics_listen`` (none: nothing is counted).
     metrics: Metrics | None = None
+    #: The wall clock, seconds since the epoch: when messages were retrieved, for EXPIRE
+    #: (injectable for tests, which cannot wait days).
+    clock: Callable[[], float] = time.time
 
 
 _apop_counter = itertools.count()
@@ -266,6 +270,43 @@ def download_limit(user: User, default: int, log: SessionLog) -> int:
         return default
 
 
+def expire_days(user: User, default: str, log: SessionLog) -> str:
+    """Return ``user``'s EXPIRE: the userdb field, else ``default`` (digits, ``NEVER``, ``""``)."""
+    value = user.extra.get("pop3_expire_days")
+    if value is None:
+        return default
+    parsed = parse_expire_days(value)
+    if parsed is None:
+        log.warning(
+            "userdb: user %s: bad pop3_expire_days ignored: %s",
+            user.name,
+            value,
+            event="bad_user_field",
+        )
+        return default
+    return parsed
+
+
+def login_delay(user: User, default: int, log: SessionLog) -> int:
+    """Return ``user``'s LOGIN-DELAY seconds: the userdb field, else ``default`` (0: none)."""
+    value = user.extra.get("pop3_login_delay")
+    if value is None:
+        return default
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        log.warning(
+            "userdb: user %s: bad pop3_login_delay ignored: %s",
+            user.name,
+            value,
+            event="bad_user_field",
+        )
+        return default
+    return int(text)
+
+
+#: Seconds in a day, for EXPIRE's days.
+DAY: Final = 86_400
+
 #: The parsed ``auth_username_format`` (checked when the configuration was read).
 _username_format = functools.lru_cache(maxsize=8)(parse_format)
 
@@ -324,6 +365,10 @@ class Session:
         self.delete_failures = 0
         #: Keys of the messages sent whole by RETR (not TOP), to be marked seen at the end.
         self.retrieved: set[str] = set()
+        #: Key → when RETR first sent it whole in this session (TOP: never), for EXPIRE.
+        self.fetched: dict[str, float] = {}
+        #: The user's EXPIRE (``pop3_expire_days``), set at login: digits, ``NEVER``, ``""``.
+        self.expire = ""
         self.started = time.monotonic()
         self.secure = info.secure
         self._kick = kick
@@ -358,6 +403,9 @@ class Session:
             utf8=True,  # RFC 6856 §2
             lang=True,  # RFC 6856 §3
             workarounds=client_workarounds(cfg.pop3_client_workarounds),
+            expire=cfg.pop3_expire_days or None,
+            login_delay=self._advertised_delay(cfg.pop3_login_delay, set_globally=False),
+            policy_per_user=True,  # any user may have their own (userdb fields)
         )
         self.conn.external_identity = info.external_identity
         origin = info.origin
@@ -365,6 +413,16 @@ class Session:
             events.proxy_connected(
                 self.log, origin.describe(), health_check=origin.header.command == "LOCAL"
             )
+
+    def _advertised_delay(self, delay: int, *, set_globally: bool) -> int | None:
+        """Return the LOGIN-DELAY for CAPA: ``None`` when none is set, or none is enforced.
+
+        Logins are timed where the cluster keeps its state; without one, none is enforced.
+        After login (``set_globally``: the server has one) a user's 0 is shown as 0.
+        """
+        if self.ctx.cluster is None or not (delay or set_globally):
+            return None
+        return delay
 
     def plaintext_allowed(self) -> bool:
         """Whether USER/PASS and plaintext SASL are allowed on this connection now."""
@@ -558,6 +616,9 @@ class Session:
             self._count_login(method, "disabled")
             self.conn.send(LoginRejected("POP3 access is disabled for this account.", "SYS/PERM"))
             return
+        delay = login_delay(user, self.ctx.config.pop3_login_delay, self.log)
+        if delay and not await self._login_delay_passed(user, method, delay):
+            return
         if not await self._admit(user, method):
             return
         try:
@@ -578,10 +639,60 @@ class Session:
         self.download_limit = download_limit(
             user, self.ctx.config.pop3_daily_download_bytes, self.log
         )
+        cfg = self.ctx.config
+        self.expire = expire_days(user, cfg.pop3_expire_days, self.log)
+        if self.expire not in ("", "0", "NEVER") and not isinstance(self.maildrop, RetrievalTimes):
+            self.log.warning(
+                "EXPIRE %s not enforced: this store keeps no retrieval times",
+                self.expire,
+                event="expire_unsupported",
+            )
+            self.expire = ""
         messages: Sequence[SnapshotEntry] = self.maildrop.messages
-        if "oe-ns-eoh" in self.ctx.config.pop3_client_workarounds:
+        if "oe-ns-eoh" in cfg.pop3_client_workarounds:
             messages = await _header_end_sizes(self.maildrop)
-        self.conn.send(LoginAccepted(messages))
+        self.conn.send(
+            LoginAccepted(
+                messages,
+                expire=self.expire or None,
+                login_delay=self._advertised_delay(delay, set_globally=bool(cfg.pop3_login_delay)),
+            )
+        )
+
+    async def _login_delay_passed(self, user: User, method: str, delay: int) -> bool:
+        """Record this login unless the user's last is under ``delay`` s ago; answer if so.
+
+        RFC 2449 §8.1.1: ``-ERR [LOGIN-DELAY]``.  Asked after the password was checked, so
+        only its holder learns of it.  When the shared state does not answer, the login goes
+        on (lenient, as the other policies are when their state is down).
+        """
+        cluster = self.ctx.cluster
+        if cluster is None:
+            return True
+        try:
+            admitted = await cluster.logins.admit(user.name, delay)
+        except StateUnavailable as exc:
+            self.log.warning(
+                "Login times unavailable, LOGIN-DELAY not checked: %s",
+                exc,
+                event="login_delay_failed",
+            )
+            return True
+        if admitted:
+            return True
+        self._refused(user.name, method)
+        self.log.info(
+            "Login refused, under LOGIN-DELAY of %d s since the last: user=<%s>, method=%s",
+            delay,
+            user.name,
+            method,
+            event="login_delay",
+        )
+        self._count_login(method, "delay")
+        self.conn.send(
+            LoginRejected(f"Wait {delay} seconds between logins, try later.", "LOGIN-DELAY")
+        )
+        return False
 
     def _refused(self, user: str | None, method: str) -> None:
         """Count a login refused for what it was (not a failure, not "no auth attempts")."""
@@ -708,9 +819,12 @@ class Session:
         self._sent(event, info.key)
 
     def _sent(self, event: RetrieveMessage, key: str) -> None:
-        """Note a message sent whole by RETR, to mark it seen at the end of the session."""
-        if event.body_lines is None and not self.ctx.config.pop3_no_flag_updates:
-            self.retrieved.add(key)
+        """Note a message sent whole by RETR: to mark it seen, and for EXPIRE, at the end."""
+        if event.body_lines is None:
+            if self.expire.isdigit():  # EXPIRE 0 or n: NEVER and none need no record
+                self.fetched.setdefault(key, self.ctx.clock())
+            if not self.ctx.config.pop3_no_flag_updates:
+                self.retrieved.add(key)
 
     def _unavailable(self, event: RetrieveMessage, key: str, exc: StorageError) -> None:
         """Log why a message cannot be read and tell the core."""
@@ -736,39 +850,98 @@ class Session:
         assert self.maildrop is not None
         self._count_as("update")
         failed = 0
-        if event.numbers and self.ended_by is not None:
-            self.log.error(
-                "%s, %d deletions not made",
-                self.ended_by,
-                len(event.numbers),
-                event="delete_failed",
-            )
-            failed = self.delete_failures = len(event.numbers)
-        elif event.numbers:
+        keys: list[str] = []
+        marked: set[str] = set()
+        if self.ended_by is not None:
+            if event.numbers:
+                self.log.error(
+                    "%s, %d deletions not made",
+                    self.ended_by,
+                    len(event.numbers),
+                    event="delete_failed",
+                )
+                failed = self.delete_failures = len(event.numbers)
+        else:
             keys = [self.maildrop.messages[n - 1].key for n in event.numbers]
+            marked = set(keys)
+            keys += await self._expired(self.maildrop, marked)
+        if keys:
             try:
                 result = await self.maildrop.delete(keys)
-                failed = len(result.failed)
+                failures = set(result.failed)
             except StorageError as exc:
                 self.log.error(
                     "Deleting %d messages failed: %s", len(keys), exc, event="delete_failed"
                 )
-                failed = len(keys)
-            self.delete_failures = failed
+                failures = set(keys)
+            # The reply (and the session's last line) count what the client marked with
+            # DELE; what EXPIRE adds is logged on its own.
+            failed = self.delete_failures = len(failures & marked)
             self.retrieved.difference_update(keys)
-            if failed:
+            if failures:
                 self._count_storage_error("delete")
                 self.log.error(
                     "%d of %d messages could not be deleted",
-                    failed,
+                    len(failures),
                     len(keys),
                     event="delete_failed",
+                )
+            expired = len(keys) - len(marked) - len(failures - marked)
+            if expired:
+                self.log.info(
+                    "EXPIRE %s: %d retrieved messages deleted without DELE",
+                    self.expire,
+                    expired,
+                    event="expired",
                 )
         # UPDATE ends the session: the lock goes before the client hears +OK, so a client
         # that logs in again at once finds the maildrop free (through the storage helper,
         # releasing it is a round trip).
         await self.release()
         self.conn.send(DeletionsCommitted(failed=failed))
+
+    async def _expired(self, maildrop: Maildrop, marked: set[str]) -> list[str]:
+        """Return what EXPIRE deletes at this UPDATE besides ``marked`` (RFC 2449 §6.7).
+
+        ``EXPIRE 0``: the messages this session sent whole by RETR (not TOP), which the
+        client need not DELE.  ``EXPIRE n``: the snapshot's messages first retrieved ``n``
+        days ago or more (this session's retrievals recorded first).  A store that cannot
+        say keeps everything (logged).
+        """
+        if self.expire == "0":
+            fetched = self.fetched
+            return [i.key for i in maildrop.messages if i.key in fetched and i.key not in marked]
+        if not self.expire.isdigit() or not isinstance(maildrop, RetrievalTimes):
+            return []
+        await self._note_fetched(maildrop)
+        cutoff = self.ctx.clock() - int(self.expire) * DAY
+        try:
+            expired = await maildrop.retrieved_before(cutoff)
+        except StorageError as exc:
+            self.log.error("EXPIRE: reading retrieval times failed: %s", exc, event="expire_failed")
+            return []
+        return [key for key in expired if key not in marked]
+
+    async def _note_fetched(self, maildrop: Maildrop) -> None:
+        """Record the first retrievals of this session in the store, for ``EXPIRE n``."""
+        times, self.fetched = self.fetched, {}
+        if (
+            not times
+            or self.ended_by is not None
+            or not self.expire.isdigit()
+            or self.expire == "0"
+            or not isinstance(maildrop, RetrievalTimes)
+        ):
+            return
+        try:
+            await maildrop.note_retrieved(times)
+        except StorageError as exc:
+            self.log.error(
+                "EXPIRE: recording %d retrievals failed: %s",
+                len(times),
+                exc,
+                event="expire_failed",
+            )
 
     # ----------------------------------------------------------------- the end
 
@@ -780,6 +953,7 @@ class Session:
         session's flag changes): the client has them.
         """
         if self.maildrop is not None and not self.released:
+            await self._note_fetched(self.maildrop)
             await self._mark_seen(self.maildrop)
             self.released = True
             try:

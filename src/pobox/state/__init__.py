@@ -13,6 +13,7 @@ from pobox.state.base import (
     Admission,
     DownloadCounters,
     FailureCounters,
+    LoginTimes,
     SessionEntry,
     SessionRegistry,
     StateUnavailable,
@@ -20,6 +21,7 @@ from pobox.state.base import (
 from pobox.state.memory import (
     MemoryDownloadCounters,
     MemoryFailureCounters,
+    MemoryLoginTimes,
     MemorySessionRegistry,
 )
 
@@ -27,8 +29,10 @@ __all__ = [
     "Admission",
     "DownloadCounters",
     "FailureCounters",
+    "LoginTimes",
     "MemoryDownloadCounters",
     "MemoryFailureCounters",
+    "MemoryLoginTimes",
     "MemorySessionRegistry",
     "SessionEntry",
     "SessionRegistry",

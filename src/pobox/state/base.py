@@ -20,6 +20,10 @@ today, a UTC day (``pop3_daily_download_bytes``).  A charge is checked and added
 so two sessions of one user on two nodes cannot both pass the cap; the count of a day is
 replaced by the next day's first charge (one entry per user, nothing to sweep).
 
+:class:`LoginTimes` remembers when each user last logged in, for RFC 2449 LOGIN-DELAY
+(``pop3_login_delay``): a login is checked and recorded in one step, so two logins of one
+user on two nodes cannot both pass within the delay (one entry per user, nothing to sweep).
+
 Every method answers in one round trip for a backend over the network (PostgreSQL): the
 methods take several keys at once, and the registry admits and counts in one call.  The
 methods are ``async`` for that backend; the memory ones never suspend.  A backend that cannot
@@ -41,6 +45,7 @@ __all__ = [
     "Admission",
     "DownloadCounters",
     "FailureCounters",
+    "LoginTimes",
     "SessionEntry",
     "SessionRegistry",
     "StateUnavailable",
@@ -86,6 +91,18 @@ class DownloadCounters(Protocol):
 
     async def used(self, user: str) -> int:
         """Return the octets ``user`` has been charged today (0 when none)."""
+
+
+class LoginTimes(Protocol):
+    """When each user last logged in, for RFC 2449 §6.5 LOGIN-DELAY."""
+
+    async def admit(self, user: str, delay: float) -> bool:
+        """Record a login of ``user`` now unless their last one is under ``delay`` s ago.
+
+        Returns:
+            whether the login was recorded (``False``: too soon, nothing recorded, so a
+            client retrying early does not push its wait further out).
+        """
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_ENTRIES",
     "MemoryDownloadCounters",
     "MemoryFailureCounters",
+    "MemoryLoginTimes",
     "MemorySessionRegistry",
 ]
 
@@ -136,6 +137,38 @@ class MemoryDownloadCounters:
     async def used(self, user: str) -> int:
         """Return the octets ``user`` has been charged today."""
         return self._today(user, utc_day(self._clock()))
+
+
+class MemoryLoginTimes:
+    """A :class:`~pobox.state.base.LoginTimes` in memory: ``user → last login``.
+
+    One entry per user who logged in (past the password: not a stranger's choice); beyond
+    ``max_entries`` the users who logged in longest ago are forgotten, which only lets a
+    login in sooner, never refuses one wrongly.
+
+    Args:
+        clock: the wall clock, seconds since the epoch (injectable for tests).
+    """
+
+    def __init__(
+        self, *, max_entries: int = MAX_ENTRIES, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.max_entries = max_entries
+        self._clock = clock
+        self._data: OrderedDict[str, float] = OrderedDict()
+
+    async def admit(self, user: str, delay: float) -> bool:
+        """Record a login of ``user`` now unless their last one is under ``delay`` s ago."""
+        now = self._clock()
+        last = self._data.get(user)
+        # A last login in the future (the clock was set back) does not lock the user out.
+        if last is not None and now - delay < last <= now:
+            return False
+        self._data[user] = now
+        self._data.move_to_end(user)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+        return True
 
 
 class MemorySessionRegistry:

@@ -59,6 +59,7 @@ __all__ = [
     "MAX_ENTRIES",
     "PostgresDownloadCounters",
     "PostgresFailureCounters",
+    "PostgresLoginTimes",
     "PostgresSessionRegistry",
     "PostgresState",
 ]
@@ -167,6 +168,14 @@ _TEXT: dict[str, LiteralString] = {
     " <= %(limit)s::bigint"
     " RETURNING octets",
     "used": "SELECT octets FROM {download_counter} WHERE username = %(user)s AND day = %(day)s",
+    # --- login times (LOGIN-DELAY) ------------------------------------------------------------
+    # Record the login unless the last one is under delay seconds ago, in one statement (the
+    # row lock of ON CONFLICT queues two nodes' logins of one user). A last login in the
+    # future (a node's clock ahead) does not lock the user out. No row back: too soon.
+    "login_delay": "INSERT INTO {login_time} AS l (username, at) VALUES (%(user)s, %(now)s)"
+    " ON CONFLICT (username) DO UPDATE SET at = EXCLUDED.at"
+    " WHERE l.at <= %(now)s - %(delay)s OR l.at > %(now)s"
+    " RETURNING 1",
     # Sessions of nodes whose lease ran out (or that have no row), then long-gone nodes.
     "purge": "WITH dead AS (DELETE FROM {cluster_session} AS s WHERE s.node <> %(node)s"
     " AND NOT EXISTS (SELECT FROM {cluster_node} AS n WHERE n.name = s.node"
@@ -176,7 +185,13 @@ _TEXT: dict[str, LiteralString] = {
     " SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM gone)",
 }
 
-_TABLES: Final = ("failure_counter", "cluster_node", "cluster_session", "download_counter")
+_TABLES: Final = (
+    "failure_counter",
+    "cluster_node",
+    "cluster_session",
+    "download_counter",
+    "login_time",
+)
 
 
 def _compose(schema: str) -> dict[str, sql.Composed]:
@@ -373,6 +388,22 @@ class PostgresDownloadCounters:
             "download", "used", {"user": user, "day": utc_day(self.state.clock())}
         )
         return int(str(rows[0][0])) if rows else 0
+
+
+class PostgresLoginTimes:
+    """A :class:`~pobox.state.base.LoginTimes` in PostgreSQL, shared by every node.
+
+    A login is checked and recorded in one statement (see ``login_delay`` in the
+    statements), so the delay holds across nodes.  One row per user: nothing to sweep.
+    """
+
+    def __init__(self, state: PostgresState) -> None:
+        self.state = state
+
+    async def admit(self, user: str, delay: float) -> bool:
+        """Record a login of ``user`` now unless their last one is under ``delay`` s ago."""
+        params = {"user": user, "now": self.state.clock(), "delay": float(delay)}
+        return bool(await self.state.fetch("login", "login_delay", params))
 
 
 class PostgresSessionRegistry:

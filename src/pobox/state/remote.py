@@ -49,12 +49,14 @@ from pobox.state.base import Admission, SessionEntry, StateUnavailable
 from pobox.state.memory import (
     MemoryDownloadCounters,
     MemoryFailureCounters,
+    MemoryLoginTimes,
     MemorySessionRegistry,
 )
 
 __all__ = [
     "RemoteDownloadCounters",
     "RemoteFailureCounters",
+    "RemoteLoginTimes",
     "RemoteSessionRegistry",
     "RemoteState",
     "StateService",
@@ -120,6 +122,7 @@ class StateService:
         )
         self.registry = MemorySessionRegistry(node)
         self.downloads = MemoryDownloadCounters(clock=wall_clock)
+        self.logins = MemoryLoginTimes(clock=wall_clock)
         #: Called with ``(index, pid)`` when a worker says it serves (``ready``).
         self.on_ready: Callable[[int, int], None] | None = None
         self._live: dict[int, set[str]] = {}
@@ -215,6 +218,8 @@ class StateService:
             )
         if op == "used":
             return await self.downloads.used(str(args["user"]))
+        if op == "login_delay":
+            return await self.logins.admit(str(args["user"]), float(args["delay"]))
         if op == "register":
             entry = SessionEntry(**args["entry"])
             admission = await self.registry.register(
@@ -391,6 +396,17 @@ class RemoteDownloadCounters:
     async def used(self, user: str) -> int:
         """Return the octets ``user`` has been charged today."""
         return int(await self._state.call("used", user=user))
+
+
+class RemoteLoginTimes:
+    """A :class:`~pobox.state.base.LoginTimes` held by the master."""
+
+    def __init__(self, state: RemoteState) -> None:
+        self._state = state
+
+    async def admit(self, user: str, delay: float) -> bool:
+        """Record a login of ``user`` now unless their last one is under ``delay`` s ago."""
+        return bool(await self._state.call("login_delay", user=user, delay=delay))
 
 
 class RemoteSessionRegistry:

@@ -20,6 +20,10 @@ Every backend passes the same contract suite (``tests/storage/test_contract.py``
 A store whose messages an IMAP server may read too (Maildir) also offers :class:`SeenFlags`:
 the session marks the messages it sent with RETR as seen, as Dovecot's POP3 does.
 
+A store that records when each message was first retrieved offers :class:`RetrievalTimes`
+(every pobox store does): RFC 2449 EXPIRE (``pop3_expire_days``) deletes messages some days
+after their first RETR.
+
 A store that can keep deleted mail for a while (Maildir and PostgreSQL, with
 ``pop3_delete_retention``) offers
 :class:`DeletedMailRetention`: ``pobox restore`` lists, restores and purges what it kept.
@@ -34,7 +38,7 @@ May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records` and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -57,6 +61,7 @@ __all__ = [
     "MessageInfo",
     "Quota",
     "QuotaExceeded",
+    "RetrievalTimes",
     "SeenFlags",
     "StorageError",
     "StoragePermanentError",
@@ -304,6 +309,29 @@ class SeenFlags(Protocol):
 
         Raises:
             StorageError: nothing could be marked.
+        """
+
+
+@runtime_checkable
+class RetrievalTimes(Protocol):
+    """A maildrop that records when each message was first retrieved (RFC 2449 §6.7 EXPIRE)."""
+
+    async def note_retrieved(self, times: Mapping[str, float]) -> None:
+        """Record the first retrieval of messages of the snapshot, ``key → when``.
+
+        ``when`` is seconds since the epoch.  A message that has a time already keeps it
+        (it is the *first* RETR that counts); a key that is gone, or not in the snapshot, is
+        skipped.
+
+        Raises:
+            StorageError: nothing could be recorded.
+        """
+
+    async def retrieved_before(self, when: float) -> tuple[str, ...]:
+        """Return the keys of the snapshot's messages first retrieved at or before ``when``.
+
+        Raises:
+            StorageError: the times could not be read.
         """
 
 

@@ -21,7 +21,7 @@ May import: the standard library and :mod:`pobox.storage`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pobox.storage._wire import wire_size
@@ -50,6 +50,8 @@ class _Drop:
     """One user's maildrop: messages by key in delivery order, UID counter, lock holder."""
 
     messages: dict[str, bytes] = field(default_factory=dict)
+    #: Key → when the message was first retrieved (RETR), for EXPIRE.
+    retrieved: dict[str, float] = field(default_factory=dict)
     next_uid: int = 1
     holder: MemoryMaildrop | None = None
 
@@ -207,10 +209,29 @@ class MemoryMaildrop:
         for key in keys:
             if key in self._keys:
                 self._drop.messages.pop(key, None)
+                self._drop.retrieved.pop(key, None)
                 removed.append(key)
             else:
                 failed.append(key)
         return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+    async def note_retrieved(self, times: Mapping[str, float]) -> None:
+        """Record first retrievals of messages of the snapshot (a time kept stays)."""
+        self._check_open()
+        drop = self._drop
+        for key, when in times.items():
+            if key in self._keys and key in drop.messages:
+                drop.retrieved.setdefault(key, when)
+
+    async def retrieved_before(self, when: float) -> tuple[str, ...]:
+        """Return the snapshot's messages first retrieved at or before ``when``."""
+        self._check_open()
+        retrieved = self._drop.retrieved
+        return tuple(
+            info.key
+            for info in self._messages
+            if info.key in retrieved and retrieved[info.key] <= when
+        )
 
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` soon if :meth:`MemoryStore.break_lock` takes this session's lock."""

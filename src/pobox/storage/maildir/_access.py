@@ -101,7 +101,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +175,7 @@ from pobox.storage.maildir._retain import (
     purge_kept,
     restore_kept,
 )
+from pobox.storage.maildir._retrieved import read_retrieved, update_retrieved
 
 __all__ = ["LOCK_NAME", "LOCK_TIMEOUT", "MaildirAccess", "MaildirHandle"]
 
@@ -425,10 +426,55 @@ class MaildirHandle:
             LockBusy: the index lock stayed busy for ``lock_timeout`` seconds (try again).
             StorageError: the index could not be updated (nothing to do but go on).
         """
-        if not self._indexed or not keys:
+        if not keys:
             return
         with Dir.open_root(self.root, self.owner) as root:
-            _forget(root, list(keys), lock_timeout)
+            _forget(root, list(keys), lock_timeout, indexed=self._indexed)
+
+    def note_retrieved(
+        self, times: Mapping[str, float], *, lock_timeout: float | None = None
+    ) -> None:
+        """Record first retrievals (``key → when``) in ``pobox-retrieved`` (:mod:`._retrieved`).
+
+        Waits ``lock_timeout`` seconds at most for the index lock (default: the store's).
+        A message that has a time keeps it; keys not in the snapshot are skipped.  With the
+        session lock held, entries of messages no longer in the snapshot are dropped too.
+
+        Raises:
+            LockBusy: the index lock stayed busy for ``lock_timeout`` seconds (try again).
+            StorageError: the file could not be read or written.
+        """
+        self._check_open()
+        add = {key: int(when) for key, when in times.items() if key in self._files}
+        if not add:
+            return
+        keep = set(self._files) if self._lock is not None else None
+        with (
+            Dir.open_root(self.root, self.owner) as root,
+            flocked(
+                root,
+                INDEX_LOCK_NAME,
+                timeout=self._lock_timeout if lock_timeout is None else lock_timeout,
+            ),
+        ):
+            update_retrieved(root, add, keep=keep)
+
+    def retrieved_before(self, when: float) -> tuple[str, ...]:
+        """Return the snapshot's keys first retrieved at or before ``when``, in order.
+
+        Raises:
+            StorageError: ``pobox-retrieved`` cannot be read.
+        """
+        self._check_open()
+        with Dir.open_root(self.root, self.owner) as root:
+            times = read_retrieved(root)
+        if not times:
+            return ()
+        return tuple(
+            info.key
+            for info in self.messages
+            if info.key in self._files and times.get(info.key, when + 1) <= when
+        )
 
     def unseen(self, keys: Sequence[str]) -> tuple[str, ...]:
         """Return the keys whose file, as last seen, still needs the ``S`` flag (no I/O).
@@ -1320,13 +1366,18 @@ def _mark_seen(subdirs: _Subdirs, key: str, location: Location) -> Location:
     return location
 
 
-def _forget(root: Dir, bases: list[str], lock_timeout: float) -> None:
-    """Drop removed messages from the index, under the index lock.
+def _forget(root: Dir, bases: list[str], lock_timeout: float, *, indexed: bool = True) -> None:
+    """Drop removed messages from the index and ``pobox-retrieved``, under the index lock.
 
     Callers treat this as best effort: if it fails, the next open drops the entries of files
-    that are gone, so a failure here must not hide the result of the deletion.
+    that are gone (and the next locked session's RETR those of ``pobox-retrieved``), so a
+    failure here must not hide the result of the deletion.
     """
     with flocked(root, INDEX_LOCK_NAME, timeout=lock_timeout):
+        with contextlib.suppress(StorageError):  # a hostile file must not keep the index
+            update_retrieved(root, {}, keep=None, drop=bases)
+        if not indexed:
+            return
         read = _read_index(root)
         if read is None:
             return

@@ -39,7 +39,7 @@ import contextlib
 import errno
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -463,6 +463,32 @@ class MaildirMaildrop:
             functools.partial(handle.mark_seen, todo),
         )
 
+    async def note_retrieved(self, times: Mapping[str, float]) -> None:
+        """Record first retrievals in ``pobox-retrieved`` (:meth:`MaildirHandle.note_retrieved`).
+
+        Runs in a worker thread, in the maildir's turn, under the index lock.
+
+        Raises:
+            StorageError: the times could not be recorded.
+        """
+        self._check_open()
+        handle = self._handle
+        await _retrying(
+            self._gates,
+            handle.root,
+            self._lock_timeout,
+            functools.partial(_note_retrieved, handle, dict(times)),
+        )
+
+    async def retrieved_before(self, when: float) -> tuple[str, ...]:
+        """Return the snapshot's keys first retrieved at or before ``when``.
+
+        Raises:
+            StorageError: ``pobox-retrieved`` cannot be read.
+        """
+        self._check_open()
+        return await asyncio.to_thread(self._handle.retrieved_before, when)
+
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
         """Do nothing: a lock file held by this process is lost only with the process."""
 
@@ -617,6 +643,12 @@ def _busy(key: str, timeout: float) -> StorageTemporaryError:
 def _forget(handle: MaildirHandle, keys: tuple[str, ...]) -> bool:
     """Drop ``keys`` from the index if its lock is free (:class:`LockBusy` if not); ``True``."""
     handle.forget(keys, lock_timeout=0)
+    return True
+
+
+def _note_retrieved(handle: MaildirHandle, times: dict[str, float]) -> bool:
+    """Record ``times`` if the index lock is free (:class:`LockBusy` if not); ``True``."""
+    handle.note_retrieved(times, lock_timeout=0)
     return True
 
 

@@ -77,6 +77,13 @@ _TEXT: dict[str, LiteralString] = {
     " RETURNING digest",
     "uncount": "UPDATE {mailbox} SET messages = messages - %(messages)s,"
     " octets = octets - %(octets)s WHERE mailbox = %(mailbox)s",
+    # EXPIRE (RFC 2449 §6.7): a message's first RETR, kept once set; the snapshot's messages
+    # first retrieved at or before a time.
+    "note_retrieved": "UPDATE {message} AS m SET retrieved = t.at"
+    " FROM unnest(%(uids)s::bigint[], %(times)s::double precision[]) AS t (uid, at)"
+    " WHERE m.mailbox = %(mailbox)s AND m.uid = t.uid AND m.retrieved IS NULL",
+    "retrieved_before": "SELECT uid FROM {message} WHERE mailbox = %(mailbox)s"
+    " AND uid = ANY(%(uids)s) AND retrieved <= %(when)s",
     "try_lock": "SELECT pg_catalog.pg_try_advisory_lock(%(key)s)",
     "unlock": "SELECT pg_catalog.pg_advisory_unlock(%(key)s)",
     # --- delivery -------------------------------------------------------------------------
@@ -177,6 +184,8 @@ class Statements:
     purge_kept: sql.Composed
     purge_all_kept: sql.Composed
     uncount: sql.Composed
+    note_retrieved: sql.Composed
+    retrieved_before: sql.Composed
     try_lock: sql.Composed
     unlock: sql.Composed
     pin_body: sql.Composed

@@ -43,7 +43,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -593,6 +593,37 @@ class PostgresStore:
             raise
         except (LockLost, psycopg.Error, TimeoutError) as exc:
             raise _map_error(exc, "deleting messages") from exc
+
+    async def note_retrieved(self, mailbox: str, pairs: list[tuple[int, float]]) -> None:
+        """Set the first retrieval of messages ``(uid, when)`` of ``mailbox`` that have none.
+
+        Raises:
+            StorageTemporaryError: the database failed or did not answer in time.
+        """
+        params = {
+            "mailbox": mailbox,
+            "uids": [uid for uid, _ in pairs],
+            "times": [float(when) for _, when in pairs],
+        }
+
+        async def work(conn: Conn) -> None:
+            await conn.execute(self._sql.note_retrieved, params)
+
+        await self._run("recording retrievals", work)
+
+    async def retrieved_before(self, mailbox: str, uids: list[int], when: float) -> set[int]:
+        """Return those of ``uids`` of ``mailbox`` first retrieved at or before ``when``.
+
+        Raises:
+            StorageTemporaryError: the database failed or did not answer in time.
+        """
+        params = {"mailbox": mailbox, "uids": uids, "when": float(when)}
+
+        async def work(conn: Conn) -> set[int]:
+            cur = await conn.execute(self._sql.retrieved_before, params)
+            return {_int(row[0]) for row in await cur.fetchall()}
+
+        return await self._run("reading retrievals", work)
 
     # ------------------------------------------------------------------ delivery
 
@@ -1184,6 +1215,38 @@ class PostgresMaildrop:
             digests = await self._store.update(self, [rows[key][0] for key in removed])
             await self._store.collect(digests)
         return DeleteResult(removed=tuple(removed), failed=failed)
+
+    async def note_retrieved(self, times: Mapping[str, float]) -> None:
+        """Record first retrievals (``message.retrieved``); a time set already stays.
+
+        Raises:
+            StorageTemporaryError: the database failed or did not answer in time.
+        """
+        if self._closed:
+            msg = "the maildrop is closed"
+            raise RuntimeError(msg)
+        rows = self.snapshot.rows
+        pairs = [(rows[key][0], when) for key, when in times.items() if key in rows]
+        if not pairs:
+            return
+        await self._store.note_retrieved(self.mailbox, pairs)
+
+    async def retrieved_before(self, when: float) -> tuple[str, ...]:
+        """Return the snapshot's keys first retrieved at or before ``when``, in order.
+
+        Raises:
+            StorageTemporaryError: the database failed or did not answer in time.
+        """
+        if self._closed:
+            msg = "the maildrop is closed"
+            raise RuntimeError(msg)
+        rows = self.snapshot.rows
+        if not rows:
+            return ()
+        found = await self._store.retrieved_before(
+            self.mailbox, [row[0] for row in rows.values()], when
+        )
+        return tuple(info.key for info in self.messages if rows[info.key][0] in found)
 
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` (once, on the event loop) if the maildrop lock is lost."""

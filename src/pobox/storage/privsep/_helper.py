@@ -340,7 +340,7 @@ class Helper:
                 maildrop = core.open_path(root, owner=owner.uid, lock=lock, taken=taken)
             handle = self._add(_Session(owner, maildrop))
             return {"handle": handle, "messages": messages_to_wire(list(maildrop.messages))}, []
-        if op in ("fetch", "delete", "seen"):
+        if op in ("fetch", "delete", "seen", "note_retrieved", "retrieved_before"):
             session = self._session(args["handle"])
             with session.lock:
                 if session.closed:
@@ -352,6 +352,12 @@ class Helper:
                     return {"size": size}, [fd]
                 if op == "seen":
                     return {"failed": list(session.maildrop.mark_seen(args["keys"]))}, []
+                if op == "note_retrieved":
+                    times = dict(zip(args["keys"], args["times"], strict=False))
+                    session.maildrop.note_retrieved(times)
+                    return {}, []
+                if op == "retrieved_before":
+                    return {"keys": list(session.maildrop.retrieved_before(args["when"]))}, []
                 result = session.maildrop.delete(args["keys"])
             return {"removed": list(result.removed), "failed": list(result.failed)}, []
         if op == "close":

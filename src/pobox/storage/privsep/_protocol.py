@@ -78,6 +78,8 @@ OPS: Final[dict[str, frozenset[str]]] = {
     "fetch": frozenset({"handle", "key"}),
     "delete": frozenset({"handle", "keys"}),
     "seen": frozenset({"handle", "keys"}),
+    "note_retrieved": frozenset({"handle", "keys", "times"}),
+    "retrieved_before": frozenset({"handle", "when"}),
     "close": frozenset({"handle"}),
     "deliver": frozenset({"user", "header", "quota", "wire_size", "digest"}),
     "usage": frozenset({"user"}),
@@ -220,6 +222,12 @@ def _parse_fields(op: str, fields: dict[str, Any]) -> dict[str, Any]:
                 out[name] = value.encode("latin-1")
             except UnicodeEncodeError:
                 raise _fail("header: characters above U+00FF") from None
+        elif name == "times":
+            if not isinstance(value, list) or len(value) > MAX_KEYS:
+                raise _fail(f"times: expected a list of at most {MAX_KEYS} times")
+            out[name] = tuple(_number(when, "times[]") for when in value)
+        elif name == "when":
+            out[name] = _number(value, "when")
         elif name == "quota":
             out[name] = _quota(value)
         elif name == "wire_size":

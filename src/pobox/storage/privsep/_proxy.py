@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -502,6 +502,44 @@ class HelperMaildrop:
             msg = "storage helper: malformed seen answer"
             raise StorageTemporaryError(msg)
         return tuple(failed)
+
+    async def note_retrieved(self, times: Mapping[str, float]) -> None:
+        """Have the helper record first retrievals in ``pobox-retrieved``.
+
+        Raises:
+            RuntimeError: the maildrop is closed.
+            StorageError: the helper could not record them.
+        """
+        self._check_open()
+        if not times:
+            return
+        request = {
+            "handle": self._handle,
+            "keys": list(times),
+            "times": [int(when) for when in times.values()],
+        }
+        async with self._turn():
+            _, fds = await self._channel.call("note_retrieved", request)
+        close_fds(fds)
+
+    async def retrieved_before(self, when: float) -> tuple[str, ...]:
+        """Have the helper list the snapshot's messages first retrieved by ``when``.
+
+        Raises:
+            RuntimeError: the maildrop is closed.
+            StorageError: the helper could not read the times.
+        """
+        self._check_open()
+        async with self._turn():
+            ok, fds = await self._channel.call(
+                "retrieved_before", {"handle": self._handle, "when": max(int(when), 0)}
+            )
+        close_fds(fds)
+        keys = ok.get("keys")
+        if not isinstance(keys, list) or not all(type(key) is str for key in keys):
+            msg = "storage helper: malformed retrieved_before answer"
+            raise StorageTemporaryError(msg)
+        return tuple(keys)
 
     def _check_open(self) -> None:
         """Refuse to work on a closed maildrop, as the Maildir store does."""
