@@ -323,7 +323,7 @@ class TestMigration:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 await upgrade(conn, "pobox")
                 await conn.execute("DROP TABLE pobox.deleted_message")
-                await conn.execute("DELETE FROM pobox.schema_migrations WHERE version >= 221")
+                await conn.execute("DELETE FROM pobox.schema_migrations WHERE version = 221")
             old = _store(dsn)
             try:
                 await old.deliver(ALICE, incoming(b"before the upgrade\n"))
@@ -335,7 +335,7 @@ class TestMigration:
             status = await asyncio.to_thread(main, ["db", "upgrade", "-c", str(config)])
             out = capsys.readouterr().out
             expected = [
-                f"applied {m.version:04d}_{m.name}" for m in migrations() if m.version >= 221
+                f"applied {m.version:04d}_{m.name}" for m in migrations() if m.version == 221
             ]
             store = _store(dsn, retention=WEEK)
             try:
