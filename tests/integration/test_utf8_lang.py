@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pobox.config import KEYS
+from pobox.protocol._i18n import LANGUAGES
 from tests.helpers.maildir import deliver
 from tests.helpers.process import pobox_serve
 
@@ -85,3 +87,41 @@ class TestPoplib:
         assert b"+OK en Language changed." == seen["back"]
         assert b"+OK Logging out." == seen["quit"]
         assert b"-ERR [AUTH] Anmeldung fehlgeschlagen." == refused
+
+
+def _capa_and_commands(port: int) -> dict[str, object]:
+    """Greeting, CAPA, and what UTF8 and LANG get, as a client sees them."""
+    pop = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        seen: dict[str, object] = {"greeting": pop.getwelcome(), "capa": pop.capa()}
+        for command in ("UTF8", "LANG de"):
+            with pytest.raises(poplib.error_proto) as refused:
+                pop._shortcmd(command)
+            seen[command] = refused.value.args[0]
+        seen["quit"] = pop.quit()
+    finally:
+        pop.close()
+    return seen
+
+
+class TestKeys:
+    """``pop3_utf8``, ``pop3_lang`` and ``pop3_language`` in a real server."""
+
+    async def test_off_and_german_default(self, tmp_path: Path) -> None:
+        """Off: CAPA has neither and both commands are refused; texts in the default language."""
+        async with pobox_serve(
+            tmp_path / "srv", pop3_utf8=False, pop3_lang=False, pop3_language="de"
+        ) as proc:
+            seen = await asyncio.to_thread(_capa_and_commands, proc.port)
+
+        capa = seen["capa"]
+        assert isinstance(capa, dict)
+        assert ("UTF8" not in capa, "LANG" not in capa) == (True, True)
+        assert b"+OK pobox bereit." == seen["greeting"]
+        assert "-ERR Befehl nicht verfügbar.".encode() == seen["UTF8"]
+        assert "-ERR Befehl nicht verfügbar.".encode() == seen["LANG de"]
+        assert b"+OK Abmeldung." == seen["quit"]
+
+    def test_config_languages_are_the_cores(self) -> None:
+        """The key's choices are exactly the languages the core has texts for."""
+        assert tuple(LANGUAGES) == KEYS["pop3_language"].choices

@@ -355,8 +355,9 @@ class Session:
             hostname=_hostname(),
             username_format=_username_format(cfg.auth_username_format),
             on_command=None if self.clock is None else self.clock.begin,
-            utf8=True,  # RFC 6856 §2
-            lang=True,  # RFC 6856 §3
+            utf8=cfg.pop3_utf8,  # RFC 6856 §2
+            lang=cfg.pop3_lang,  # RFC 6856 §3
+            language=cfg.pop3_language,
             workarounds=client_workarounds(cfg.pop3_client_workarounds),
         )
         self.conn.external_identity = info.external_identity
