@@ -159,7 +159,7 @@ class TestUtf8Credentials:
         _, after = run(conn, b"PASS secret\r\n")
 
         assert (
-            b"-ERR User name not allowed by SASLprep (RFC 4013).\r\n",
+            b"-ERR [AUTH] User name not allowed by SASLprep (RFC 4013).\r\n",
             b"-ERR No user name given; send USER first.\r\n",
         ) == (out, after)
 
@@ -181,7 +181,10 @@ class TestUtf8Credentials:
         ("password", "reply"),
         [
             (b"\xc3(", b"-ERR Password is not valid UTF-8.\r\n"),
-            ("se\ue000cret".encode(), b"-ERR Password not allowed by SASLprep (RFC 4013).\r\n"),
+            (
+                "se\ue000cret".encode(),
+                b"-ERR [AUTH] Password not allowed by SASLprep (RFC 4013).\r\n",
+            ),
         ],
     )
     def test_password_refused(self, password, reply):
@@ -221,7 +224,7 @@ class TestUtf8Credentials:
 
         _, out = run(conn, b"APOP " + "a\ue000".encode() + b" " + DIGEST + b"\r\n")
 
-        assert b"-ERR User name not allowed by SASLprep (RFC 4013).\r\n" == out
+        assert b"-ERR [AUTH] User name not allowed by SASLprep (RFC 4013).\r\n" == out
 
 
 class TestLang:

@@ -448,13 +448,13 @@ class ServerConnection:
         if self._trace:
             self._events.append(Trace(direction, text))
 
-    def _bad_command(self, reason: str) -> None:
+    def _bad_command(self, reason: str, resp_code: str | None = None) -> None:
         self._bad += 1
         if self._bad >= self._max_bad:
             self._reply(err("Too many bad commands."))
             self._close("too-many-bad-commands")
         else:
-            self._reply(err(reason))
+            self._reply(err(reason, resp_code))
 
     def _handle_line(self, line: bytes) -> None:
         parsed = parse_command(line)
@@ -520,7 +520,8 @@ class ServerConnection:
             try:
                 return saslprep(user)
             except ValueError:
-                self._bad_command("User name not allowed by SASLprep (RFC 4013).")
+                # RFC 3206 AUTH: a problem with the credentials, not a server fault.
+                self._bad_command("User name not allowed by SASLprep (RFC 4013).", "AUTH")
                 return None
         return user
 
@@ -545,7 +546,7 @@ class ServerConnection:
                 self._bad_command("Password is not valid UTF-8.")
                 return
             except ValueError:
-                self._bad_command("Password not allowed by SASLprep (RFC 4013).")
+                self._bad_command("Password not allowed by SASLprep (RFC 4013).", "AUTH")
                 return
         self._transition(Trigger.PASS)
         self._events.append(AuthenticateUser(self._pending_user, password))
