@@ -532,7 +532,9 @@ class Config:
         "Dovecot's workarounds for old clients, space-separated or a list: `outlook-no-nuls` "
         "(send each NUL of a message as the octet 0x80) and `oe-ns-eoh` (send the empty "
         "line that ends the header when a message has none; its size in LIST, STAT and "
-        "RETR counts those 2 octets, so every message's header is read at login).",
+        "RETR counts those 2 octets, so the server must know each message's header end: "
+        "Maildir reads it once per message and keeps it in `pobox-uidlist`, PostgreSQL "
+        "reads every message's header at each login).",
         toml=(list, str),
         parse=_parse_workarounds,
         section="POP3 service",

@@ -211,12 +211,17 @@ async def _header_end_sizes(maildrop: Maildrop) -> list[SnapshotEntry]:
     """Return the snapshot with 2 octets more for each message that has no header end.
 
     ``oe-ns-eoh`` sends a CRLF more for those (:class:`pobox.protocol.HeaderEnd` decides,
-    as the encoder does), so LIST, STAT and RETR's octet count must say so.  Reads each
-    message up to the end of its header.  A message that cannot be read keeps its size:
-    RETR will fail on it anyway.
+    as the encoder does), so LIST, STAT and RETR's octet count must say so.  What the store
+    knows (:attr:`MessageInfo.header_end`: the Maildir store keeps it in its index) is taken
+    as it is; any other message is read up to the end of its header, at every login (the
+    PostgreSQL store).  A message that cannot be read keeps its size: RETR will fail on it
+    anyway.
     """
     entries: list[SnapshotEntry] = []
     for info in maildrop.messages:
+        if info.header_end is not None:
+            entries.append(info if info.header_end else _Sized(info.size + 2, info.uidl))
+            continue
         finder = HeaderEnd()
         try:
             data = maildrop.read_now(info.key)
