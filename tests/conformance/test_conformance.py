@@ -54,8 +54,12 @@ class TestPobox:
             report.ids(Status.SKIP), key=(NOT_ADVERTISED + NO_STLS).index
         )
         assert len(SEED_MESSAGES) - 1 == left  # the UPDATE check deleted the last one
-        # RFC 6856: pobox advertises UTF8 and LANG, and both checks run and pass.
-        assert (Status.PASS, Status.PASS) == (report.status("utf8"), report.status("lang"))
+        # RFC 6856: pobox advertises UTF8 and LANG, and the checks run and pass.
+        assert (Status.PASS, Status.PASS, Status.PASS) == (
+            report.status("utf8"),
+            report.status("utf8-saslprep"),
+            report.status("lang"),
+        )
 
     async def test_keeps_mail_without_allow_delete(self, tmp_path: Path) -> None:
         """Without --allow-delete every message is still there and the UPDATE check is skipped."""
@@ -146,7 +150,9 @@ class TestDovecot:
                            pki.client_context()),
                     allow_delete=True,
                 )  # fmt: skip
-        unadvertised = ["implementation", "expire", "login-delay", "sys-codes", "utf8", "lang"]
+        unadvertised = [
+            "implementation", "expire", "login-delay", "sys-codes", "utf8", "utf8-saslprep", "lang",
+        ]  # fmt: skip
         assert ({}, sorted([*unadvertised, "update"])) == (
             failures(plain),
             sorted(plain.ids(Status.SKIP)),
@@ -173,7 +179,8 @@ class TestBrokenServer:
             (("bad-expire",), {"expire"}),
             (("bad-resp-code",), {"resp-codes", "auth-resp-code"}),
             (("auth-no-initial",), {"auth-plain", "auth-resp-code", "advertised-works"}),
-            (("utf8-refused",), {"utf8", "advertised-works"}),
+            (("utf8-refused",), {"utf8", "utf8-saslprep", "advertised-works"}),
+            (("utf8-no-prep",), {"utf8-saslprep"}),
             (("bad-lang",), {"lang", "advertised-works"}),
         ],
     )
