@@ -70,6 +70,8 @@ _MAGIC = "pobox-uidlist"
 _VERSION = "1"
 #: ``<uid> W<size> [H<0|1>] :<base name>``, how almost every line of ``pobox-uidlist`` looks.
 _COMMON_RECORD = re.compile(r"([0-9]+) W([0-9]+)(?: H([01]))? :([^/]+)")
+#: The ``H`` field's value (absent: ``None``) as :attr:`IndexEntry.header_end`.
+_HEADER_END: dict[str | None, bool | None] = {None: None, "0": False, "1": True}
 #: RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _MAX_UIDL_LENGTH = 70
 
@@ -146,11 +148,7 @@ def parse_pobox_uidlist(text: str) -> tuple[UidList, bool] | None:
             fast_uid = int(uid_text)
             if fast_uid and fast_uid not in uids and base not in entries:
                 uids.add(fast_uid)
-                entries[base] = IndexEntry(
-                    uid=fast_uid,
-                    size=int(size_text),
-                    header_end=None if eoh is None else eoh == "1",
-                )
+                entries[base] = IndexEntry(fast_uid, int(size_text), None, None, _HEADER_END[eoh])
                 continue
         head, _, base = line.partition(" :")
         tokens = head.split()
