@@ -248,6 +248,7 @@ def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> Maildro
         inline_read_max=config.mail_inline_read_max,
         reuse_xuidl=config.pop3_reuse_xuidl,
         retention=parse_duration(config.pop3_delete_retention),
+        header_ends="oe-ns-eoh" in config.pop3_client_workarounds,
     )
     if plan is None:
         me = Owner(os.geteuid(), os.getegid())
@@ -1196,6 +1197,7 @@ def build_deliver_store(config: Config) -> MaildropStore:
         inline_read_max=config.mail_inline_read_max,
         reuse_xuidl=config.pop3_reuse_xuidl,
         retention=parse_duration(config.pop3_delete_retention),
+        header_ends="oe-ns-eoh" in config.pop3_client_workarounds,
     )
     return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
 

@@ -559,9 +559,35 @@ class Config:
         "Dovecot's workarounds for old clients, space-separated or a list: `outlook-no-nuls` "
         "(send each NUL of a message as the octet 0x80) and `oe-ns-eoh` (send the empty "
         "line that ends the header when a message has none; its size in LIST, STAT and "
-        "RETR counts those 2 octets, so every message's header is read at login).",
+        "RETR counts those 2 octets, so the server must know each message's header end: "
+        "Maildir reads it once per message and keeps it in `pobox-uidlist`, PostgreSQL "
+        "reads every message's header at each login).",
         toml=(list, str),
         parse=_parse_workarounds,
+        section="POP3 service",
+    )
+    pop3_utf8: bool = key(
+        True,
+        "Offer RFC 6856 `UTF8` (CAPA `UTF8 USER`): after the command, user names and "
+        "passwords are UTF-8 and prepared with SASLprep (RFC 4013). `false`: neither "
+        "advertised nor accepted. AUTH PLAIN, LOGIN and SCRAM SASLprep their names and "
+        "passwords either way (RFC 4616, RFC 5802).",
+        section="POP3 service",
+    )
+    pop3_lang: bool = key(
+        True,
+        "Offer RFC 6856 `LANG` (CAPA `LANG`), with which a client picks the language of "
+        "reply texts. `false`: neither advertised nor accepted.",
+        section="POP3 service",
+    )
+    #: The tags of pobox.protocol's LANGUAGES (config may not import the core; a test
+    #: checks that both say the same).
+    pop3_language: str = key(
+        "en",
+        "The language of reply texts from the greeting on, what `LANG *` picks, and what "
+        "`STLS` goes back to: `en` (English) or `de` (German). Status indicators, response "
+        "codes and numbers are the same in every language.",
+        choices=("en", "de"),
         section="POP3 service",
     )
     pop3_daily_download_bytes: int = key(

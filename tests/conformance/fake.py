@@ -15,6 +15,8 @@ USER/PASS on ``127.0.0.1:port``; each flaw is a bug seen in real servers:
 - ``bad-resp-code``: a wrong password gets ``-ERR [AUTH wrong`` (no closing bracket);
 - ``auth-no-initial``: AUTH PLAIN refuses an initial response (RFC 5034 §4 allows one);
 - ``utf8-refused``: UTF8 is advertised, the command gets -ERR;
+- ``utf8-no-prep``: after UTF8, USER and PASS are compared as sent (no SASLprep), so
+  credentials typed in fullwidth letters are refused;
 - ``bad-lang``: LANG lists ``en_US`` (not a language tag);
 - ``evil-greeting``: the greeting is ``-ERR`` with terminal escapes and a line break;
 - ``endless-line``: the greeting never ends (2 MiB without a line break);
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import unicodedata
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ FLAWS = frozenset(
         "bad-resp-code",
         "auth-no-initial",
         "utf8-refused",
+        "utf8-no-prep",
         "bad-lang",
         "evil-greeting",
         "endless-line",
@@ -56,7 +60,7 @@ FLAWS = frozenset(
 )
 _CAPA = (
     b"CAPA\r\nTOP\r\nUIDL\r\nUSER\r\nPIPELINING\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
-    b"SASL PLAIN\r\nLOGIN-DELAY 900\r\nUTF8\r\nLANG\r\nIMPLEMENTATION fake-pop3 1.0\r\n"
+    b"SASL PLAIN\r\nLOGIN-DELAY 900\r\nUTF8 USER\r\nLANG\r\nIMPLEMENTATION fake-pop3 1.0\r\n"
 )
 _CREDENTIALS = b"\0alice\0secret"
 
@@ -75,6 +79,7 @@ class _Session:
         self.deleted: set[int] = set()
         self.quit = False
         self.sasl = False  # waiting for the AUTH PLAIN response
+        self.utf8 = False  # after UTF8: USER and PASS arguments are NFKC-normalised
 
     def _number(self, arg: bytes) -> int | None:
         if not arg.isdigit():
@@ -140,6 +145,9 @@ class _Session:
         if verb == b"NOOP" and self.logged_in:
             return b"+OK\r\n"
         if not self.logged_in:
+            if self.utf8 and verb in (b"USER", b"PASS") and "utf8-no-prep" not in self.flaws:
+                # SASLprep's NFKC is what fullwidth letters need (a fake: no other step).
+                arg = unicodedata.normalize("NFKC", arg.decode("utf-8", "replace")).encode()
             if verb == b"USER" and arg:
                 self.user = arg
                 return b"+OK\r\n"
@@ -153,6 +161,7 @@ class _Session:
                     return b"-ERR no initial response, please\r\n"
                 return self._plain(arg[6:])
             if verb == b"UTF8" and "utf8-refused" not in self.flaws:
+                self.utf8 = True
                 return b"+OK UTF8 on\r\n"
             return b"-ERR not now\r\n"
         visible = self._visible()

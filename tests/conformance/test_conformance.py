@@ -55,8 +55,12 @@ class TestPobox:
             report.ids(Status.SKIP), key=(NOT_ADVERTISED + NO_STLS).index
         )
         assert len(SEED_MESSAGES) - 1 == left  # the UPDATE check deleted the last one
-        # RFC 6856: pobox advertises UTF8 and LANG, and both checks run and pass.
-        assert (Status.PASS, Status.PASS) == (report.status("utf8"), report.status("lang"))
+        # RFC 6856: pobox advertises UTF8 and LANG, and the checks run and pass.
+        assert (Status.PASS, Status.PASS, Status.PASS) == (
+            report.status("utf8"),
+            report.status("utf8-saslprep"),
+            report.status("lang"),
+        )
 
     async def test_expire_and_login_delay(self, tmp_path: Path) -> None:
         """With both keys set (the user's own delay 0), their grammar checks pass, not skip."""
@@ -165,7 +169,9 @@ class TestDovecot:
                            pki.client_context()),
                     allow_delete=True,
                 )  # fmt: skip
-        unadvertised = ["implementation", "expire", "login-delay", "sys-codes", "utf8", "lang"]
+        unadvertised = [
+            "implementation", "expire", "login-delay", "sys-codes", "utf8", "utf8-saslprep", "lang",
+        ]  # fmt: skip
         assert ({}, sorted([*unadvertised, "update"])) == (
             failures(plain),
             sorted(plain.ids(Status.SKIP)),
@@ -194,7 +200,8 @@ class TestBrokenServer:
             (("user-after-login",), {"expire"}),
             (("bad-resp-code",), {"resp-codes", "auth-resp-code"}),
             (("auth-no-initial",), {"auth-plain", "auth-resp-code", "advertised-works"}),
-            (("utf8-refused",), {"utf8", "advertised-works"}),
+            (("utf8-refused",), {"utf8", "utf8-saslprep", "advertised-works"}),
+            (("utf8-no-prep",), {"utf8-saslprep"}),
             (("bad-lang",), {"lang", "advertised-works"}),
         ],
     )

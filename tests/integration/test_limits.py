@@ -29,6 +29,15 @@ def login(srv: RunningServer, user: str = "alice", password: str = "secret") -> 
     return client
 
 
+def listing(srv: RunningServer) -> list[bytes]:
+    """Return LIST's lines in one session."""
+    client = login(srv)
+    try:
+        return client.list()[1]
+    finally:
+        client.quit()
+
+
 def sizes_and_messages(srv: RunningServer) -> tuple[bytes, list[bytes], list[tuple[bytes, int]]]:
     """Return STAT, LIST, and each RETR's (status line, octets read) in one session."""
     client = login(srv)
@@ -66,6 +75,22 @@ class TestClientWorkarounds:
         assert b"Subject: hi\r\n\r\n.dot\r\nbody\x80" == bodies[1]
         # poplib counts each line and its CRLF (less the stuffed dot): the announced sizes.
         assert [32, 28] == [octets for _, octets in retrs]
+
+    async def test_header_end_cached_in_the_index(self, tmp_path: Path) -> None:
+        """The first login finds the header end and the index keeps it; the next reads none.
+
+        The message is changed behind pobox's back (same name, header end added): a login
+        that read it again would announce 30 octets, not the cached 32.
+        """
+        async with running_server(tmp_path, pop3_client_workarounds="oe-ns-eoh") as srv:
+            maildir = srv.maildir("alice")
+            path = deliver_to_maildir(maildir, HEADER_ONLY)
+            first = await asyncio.to_thread(listing, srv)
+            index = (maildir / "pobox-uidlist").read_text()
+            path.write_bytes(b"\n" + HEADER_ONLY[:-1])
+            second = await asyncio.to_thread(listing, srv)
+        assert ([b"1 32"], [b"1 32"]) == (first, second)
+        assert f" H0 :{path.name}" in index
 
     async def test_off_by_default(self, tmp_path: Path) -> None:
         """Without workarounds, sizes are the wire sizes and the bytes go as stored."""

@@ -134,7 +134,7 @@ class TestKernelRefuses:
         if "error" in answer:  # refused at listing time: fine, nothing was read
             assert answer["error"]["kind"] in ("permanent", "temporary")
             return
-        keys = [key for key, _, _ in answer["ok"]["messages"]]
+        keys = [key for key, *_ in answer["ok"]["messages"]]
         fetched = _fetch_all(helper, answer["ok"]["handle"], keys)
         read = [item for item in fetched if isinstance(item, bytes)]
         assert [ALICE_MESSAGE] == read
@@ -146,7 +146,7 @@ class TestKernelRefuses:
         message = next((world.maildir(world.alice) / "new").iterdir())
         message.chmod(0)
         ok, _ = helper.ok("open", user=world.user(world.alice), lock=False)
-        [[key, _, _]] = ok["messages"]
+        [[key, *_]] = ok["messages"]
         answer, fds = helper.request("fetch", handle=ok["handle"], key=key)
         assert [] == fds
         assert "Permission denied" in answer["error"]["message"]
@@ -173,7 +173,7 @@ class TestServing:
     def test_open_fetch_read_only(self, helper: RawHelper, world: World) -> None:
         """open lists alice's message; fetch hands back a read-only descriptor of it."""
         ok, _ = helper.ok("open", user=world.user(world.alice), lock=True)
-        [[key, size, _]] = ok["messages"]
+        [[key, size, *_]] = ok["messages"]
         fetched, fds = helper.ok("fetch", handle=ok["handle"], key=key)
         assert 1 == len(fds)
         with pytest.raises(OSError, match="Bad file descriptor"):

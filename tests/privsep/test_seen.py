@@ -131,6 +131,37 @@ class TestReuseXuidlThroughTheHelper:
         assert 2 == len(uidls)
 
 
+class TestHeaderEndsThroughTheHelper:
+    """``oe-ns-eoh`` reaches the helper's core: header ends come cached from the index."""
+
+    @pytest.mark.parametrize("workaround", [True, False])
+    async def test_header_end_known_only_with_the_workaround(
+        self, world: World, workaround: bool
+    ) -> None:
+        """With the workaround the snapshot says which message lacks a header end."""
+        maildir = world.maildir(world.alice)
+        deliver(maildir, b"Subject: no body\n")
+        chown_tree(world.home(world.alice), world.alice)
+        config = build_config(
+            {
+                "mail_location": "maildir:~/Maildir",
+                "passwd_file": str(world.root / "passwd"),
+                "pop3_client_workarounds": "oe-ns-eoh" if workaround else "",
+            }
+        )
+        started = await StorageHelper.start(
+            config, OwnerPolicy.from_config(config, fallback=None), on_lost=lambda _: None
+        )
+        try:
+            maildrop = await started.store.open(_alice(world))
+            ends = [info.header_end for info in maildrop.messages]
+            await maildrop.close()
+        finally:
+            await started.aclose()
+        # The world's maildir holds one message of its own, with a header end.
+        assert sorted(ends, key=str) == ([False, True] if workaround else [None, None])
+
+
 class TestHelperLogsRefusedUidls:
     """The helper's core logs a refused imported UIDL on its standard error, sanitised."""
 

@@ -159,7 +159,7 @@ class TestUtf8Credentials:
         _, after = run(conn, b"PASS secret\r\n")
 
         assert (
-            b"-ERR User name not allowed by SASLprep (RFC 4013).\r\n",
+            b"-ERR [AUTH] User name not allowed by SASLprep (RFC 4013).\r\n",
             b"-ERR No user name given; send USER first.\r\n",
         ) == (out, after)
 
@@ -181,7 +181,10 @@ class TestUtf8Credentials:
         ("password", "reply"),
         [
             (b"\xc3(", b"-ERR Password is not valid UTF-8.\r\n"),
-            ("se\ue000cret".encode(), b"-ERR Password not allowed by SASLprep (RFC 4013).\r\n"),
+            (
+                "se\ue000cret".encode(),
+                b"-ERR [AUTH] Password not allowed by SASLprep (RFC 4013).\r\n",
+            ),
         ],
     )
     def test_password_refused(self, password, reply):
@@ -221,7 +224,7 @@ class TestUtf8Credentials:
 
         _, out = run(conn, b"APOP " + "a\ue000".encode() + b" " + DIGEST + b"\r\n")
 
-        assert b"-ERR User name not allowed by SASLprep (RFC 4013).\r\n" == out
+        assert b"-ERR [AUTH] User name not allowed by SASLprep (RFC 4013).\r\n" == out
 
 
 class TestLang:
@@ -285,6 +288,52 @@ class TestLang:
         _, out = run(conn, b"LANG *\r\nFOO\r\n")
 
         assert b"+OK en Language changed.\r\n-ERR Unknown command.\r\n" == out
+
+
+class TestDefaultLanguage:
+    """The server's default language (``pop3_language``): greeting, LANG * and STLS."""
+
+    def test_greeting_and_replies(self):
+        """With German as the default, the first replies are German, before any LANG."""
+        conn = ServerConnection(lang=True, language="de")
+
+        _, greeting = run(conn)
+        _, out = run(conn, b"FOO\r\n")
+
+        assert (b"+OK pobox bereit.\r\n", b"-ERR Unbekannter Befehl.\r\n") == (greeting, out)
+
+    def test_star_picks_the_default(self):
+        """LANG * goes back to the configured default, not to English."""
+        conn = fresh(language="de")
+        run(conn, b"LANG en\r\n")
+
+        _, out = run(conn, b"LANG *\r\n")
+
+        assert "+OK de Sprache geändert.\r\n".encode() == out
+
+    def test_stls_goes_back_to_the_default(self):
+        """After STLS the language is the default again, whatever LANG chose in plaintext."""
+        conn = fresh(language="de", tls_available=True)
+        run(conn, b"LANG en\r\nSTLS\r\n")
+
+        conn.send(TlsStarted())
+
+        assert "de" == conn.language
+
+    def test_without_lang_command(self):
+        """The default applies when LANG itself is not offered; CAPA does not list LANG."""
+        conn = ServerConnection(language="de")
+        run(conn)
+
+        _, out = run(conn, b"CAPA\r\nLANG en\r\n")
+
+        assert b"\r\nLANG\r\n" not in out
+        assert out.endswith("-ERR Befehl nicht verfügbar.\r\n".encode())
+
+    def test_unknown_language_refused(self):
+        """A default that is not in the catalogue is a programming error: ValueError."""
+        with pytest.raises(ValueError, match="language must be one of"):
+            ServerConnection(language="fr")
 
 
 class TestGermanReplies:

@@ -13,7 +13,18 @@ it runs.
 
 May import: the standard library, ``argon2`` (argon2-cffi), ``nacl`` (PyNaCl, for libsodium),
 ``bcrypt``, :mod:`pobox.errors`, :mod:`pobox.auth.base`, and the stdlib-only protocol core
-(``md5_compress`` from :mod:`pobox.protocol._sasl`; the core never imports auth).
+(``md5_compress`` from :mod:`pobox.protocol._sasl`, ``saslprep`` from
+:mod:`pobox.protocol._i18n`; the core never imports auth).
+
+**Passwords in other forms** (RFC 6856, RFC 4616, RFC 5802: SASLprep, RFC 4013).  The same
+password can reach pobox as different octets: ``é`` composed or as ``e`` plus a combining
+accent, fullwidth letters, a no-break space.  :func:`prepare_password` folds them into one
+form, and both sides use it: :func:`hash_password` hashes the prepared form (SCRAM's keys
+must be made from it, RFC 5802 §3), and :func:`verify` accepts the password as sent *or*
+prepared, and compares a ``{PLAIN}`` entry in its prepared form too.  So a hash pobox made
+matches whatever form the client types, and a hash made elsewhere (``doveadm pw`` hashes
+the octets it is given) still matches the octets it was made from.  A password SASLprep
+refuses (a control character, a private-use one) or that is not UTF-8 is used as sent.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import nacl.pwhash
 
 from pobox.auth.base import AuthError
 from pobox.errors import PoboxError
+from pobox.protocol._i18n import saslprep
 from pobox.protocol._sasl import md5_compress
 
 __all__ = [
@@ -50,6 +62,7 @@ __all__ = [
     "cram_md5_context",
     "hash_password",
     "identify_scheme",
+    "prepare_password",
     "scram_credentials",
     "scram_salt",
     "scram_server_keys",
@@ -490,10 +503,27 @@ def is_cheap(stored: str, *, default_scheme: str = "CRYPT") -> bool:
     return name in _BINARY or (name == "MD5" and not data.startswith("$1$"))
 
 
+def prepare_password(password: bytes) -> bytes:
+    """Return ``password`` SASLprep'd (RFC 4013, a query string), or as it is if it cannot be.
+
+    Not UTF-8, or refused by SASLprep (control or private-use characters, mixed-direction
+    text, empty): the octets as they are, so such a password still works where it was
+    hashed as it is, and never raises.
+    """
+    try:
+        return saslprep(password.decode("utf-8")).encode("utf-8")
+    except ValueError:  # UnicodeDecodeError included
+        return password
+
+
 def verify(
     stored: str, password: bytes, *, default_scheme: str = "CRYPT", username: str | None = None
 ) -> bool:
-    """Return whether ``password`` matches the stored password.
+    """Return whether ``password``, as sent or SASLprep'd, matches the stored password.
+
+    The prepared form is tried only when it differs from what was sent (so an ASCII
+    password costs one hash, as before); a ``{PLAIN}`` entry also matches when both
+    prepared forms are equal.  See the module docstring.
 
     A malformed stored password or an unknown scheme is never a match and never an error,
     and nothing is logged here: the caller knows the user and decides what to report.  A
@@ -510,6 +540,23 @@ def verify(
     Raises:
         AuthError: libxcrypt is missing, so crypt(3) schemes cannot be checked at all.
     """
+    if _verify_as_sent(stored, password, default_scheme, username):
+        return True
+    prepared = prepare_password(password)
+    if prepared != password and _verify_as_sent(stored, prepared, default_scheme, username):
+        return True
+    plain = _plaintext(stored, default_scheme)
+    return (
+        plain is not None
+        and b"\0" not in password
+        and hmac.compare_digest(prepare_password(plain), prepared)
+    )
+
+
+def _verify_as_sent(
+    stored: str, password: bytes, default_scheme: str, username: str | None
+) -> bool:
+    """Return whether these very octets match the stored password (see :func:`verify`)."""
     has_nul = b"\0" in password
     password = password.replace(b"\0", b"")  # same cost; the result is thrown away below
     try:
@@ -571,6 +618,9 @@ def hash_password(
     if b"\0" in password:
         msg = "a password cannot contain NUL"
         raise SchemeError(msg)
+    # One form for every way of typing it (see the module docstring); SCRAM's keys must be
+    # made from the prepared password (RFC 5802 §3, Normalize).
+    password = prepare_password(password)
     if rounds is not None and rounds < 1:
         msg = f"rounds must be positive, not {rounds}"
         raise SchemeError(msg)
@@ -696,8 +746,12 @@ def scram_server_keys(
         creds = scram_credentials(stored, default_scheme=default_scheme)
         if creds is not None and creds.hash_name != hash_name:
             creds = None
+    # RFC 5802 §3: the keys come from the SASLprep'd password, as the client's do.
     stored_key, server_key = _scram_keys(
-        hash_name, _DECOY_PASSWORD if plain is None else plain, salt, SCRAM_ITERATIONS
+        hash_name,
+        _DECOY_PASSWORD if plain is None else prepare_password(plain),
+        salt,
+        SCRAM_ITERATIONS,
     )
     if creds is not None:
         return creds

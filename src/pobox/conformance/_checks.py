@@ -103,6 +103,16 @@ def _err(reply: Reply, what: str) -> None:
     )
 
 
+def _fullwidth(text: str) -> str | None:
+    """Return printable ASCII ``text`` in its fullwidth forms (U+FF01...), else ``None``.
+
+    A space becomes U+3000 IDEOGRAPHIC SPACE, which SASLprep maps back to a space.
+    """
+    if not text or not all(" " <= c <= "~" for c in text):
+        return None
+    return "".join("\u3000" if c == " " else chr(ord(c) + 0xFEE0) for c in text)
+
+
 def _crlf_lines(data: bytes) -> list[bytes]:
     """Split ``data`` into lines ending in CRLF (a lone CR or LF is not a line end)."""
     lines = [part + b"\r\n" for part in data.split(b"\r\n")]
@@ -723,6 +733,23 @@ class Suite:
             try:
                 _ok(conn.command(b"UTF8"), "UTF8")
                 self.worked.add("UTF8")
+            finally:
+                self._end(conn)
+        with self.check(
+            _6856, "utf8-saslprep", "UTF8 USER: the credentials typed in fullwidth forms log in"
+        ):
+            # RFC 6856 §2: a server with "UTF8 USER" SHOULD SASLprep the USER and PASS
+            # arguments (RFC 4013), whose NFKC maps fullwidth forms to ASCII.
+            if "USER" not in caps.get("UTF8", []):
+                raise _Skip("UTF8 USER not advertised")
+            user, password = _fullwidth(self.target.user), _fullwidth(self.target.password)
+            if user is None or password is None:
+                raise _Skip("the user name or password is not printable ASCII")
+            conn = self._open()
+            try:
+                _ok(conn.command(b"UTF8"), "UTF8")
+                _ok(conn.command(b"USER " + user.encode()), "USER in fullwidth letters")
+                _ok(conn.command(b"PASS " + password.encode()), "PASS in fullwidth letters")
             finally:
                 self._end(conn)
         with self.check(_6856, "lang", "LANG lists 'tag description' lines; LANG tag: +OK"):

@@ -33,8 +33,8 @@ __all__ = [
     "translate",
 ]
 
-#: RFC 6856 §3 "LANG *": the language the server administrator prefers; pobox's texts are
-#: written in English.
+#: The language pobox's texts are written in (the catalogues translate from it), and the
+#: server's default language (RFC 6856 §3 "LANG *") unless ``pop3_language`` says otherwise.
 DEFAULT_LANGUAGE: Final = "en"
 
 #: The languages LANG offers, tag (RFC 5646) to description in that language.
@@ -94,17 +94,17 @@ def saslprep(text: str) -> str:
 # ------------------------------------------------------------------ LANG (RFC 6856 §3)
 
 
-def lookup_language(arg: bytes) -> str | None:
+def lookup_language(arg: bytes, default: str = DEFAULT_LANGUAGE) -> str | None:
     """Return the offered language tag a LANG argument picks, or ``None``.
 
-    ``*`` is the default language; otherwise RFC 4647 §3.4 "lookup": the range, then the
-    range with its last subtag cut off, and so on, compared without regard to case
-    (``DE-de`` picks ``de``).
+    ``*`` is ``default`` (the server's default language, RFC 6856 §3); otherwise RFC 4647
+    §3.4 "lookup": the range, then the range with its last subtag cut off, and so on,
+    compared without regard to case (``DE-de`` picks ``de``).
     """
     if not _LANGUAGE_RANGE.fullmatch(arg):
         return None
     if arg == b"*":
-        return DEFAULT_LANGUAGE
+        return default
     subtags = arg.decode("ascii").lower().split("-")
     while subtags:
         tag = "-".join(subtags)
@@ -116,7 +116,8 @@ def lookup_language(arg: bytes) -> str | None:
 
 #: German texts: the English text (exactly as the core and the shell write it) to German.
 _DE: Final[dict[str, str]] = {
-    # The core's own replies.
+    # The core's own replies, and the default greeting (login_greeting).
+    "pobox ready.": "pobox bereit.",
     "Empty command.": "Leerer Befehl.",
     "Invalid characters in command.": "Ungültige Zeichen im Befehl.",
     "Unknown command.": "Unbekannter Befehl.",

@@ -19,7 +19,13 @@ Nothing here does I/O or reads a clock; randomness (the server nonces) comes fro
 so RFC test vectors can be replayed byte for byte.  Nothing costly runs here either: SCRAM's
 PBKDF2 is the shell's, in a worker thread; the core only checks proofs (a few HMACs).
 
-May import: the standard library only.
+User names (PLAIN's and LOGIN's authcid and authzid, SCRAM's ``n=`` and ``a=``) are
+SASLprep'd query strings (RFC 4013) as RFC 4616 §2 and RFC 5802 §5.1 ask; a name SASLprep
+refuses fails the exchange (``-ERR [AUTH]``).  Passwords are passed on as sent: the password
+check (:func:`pobox.auth.schemes.verify`) accepts the password as sent *and* its SASLprep'd
+form, so a hash made from either matches (see there).
+
+May import: the standard library and :mod:`pobox.protocol._i18n` (SASLprep).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
+
+from pobox.protocol._i18n import saslprep
 
 __all__ = [
     "ALL_MECHANISMS",
@@ -147,6 +155,14 @@ def _utf8(data: bytes) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
+        return None
+
+
+def _prepared(name: str) -> str | None:
+    """Return ``name`` SASLprep'd as a query string (RFC 4013), or ``None`` if refused."""
+    try:
+        return saslprep(name)
+    except ValueError:
         return None
 
 
@@ -273,6 +289,10 @@ class Plain(Mechanism):
         user, zid = _utf8(authcid), _utf8(authzid)
         if not user or zid is None or not password:
             return Failed(None, "malformed PLAIN message")
+        # RFC 4616 §2: the identities are prepared with SASLprep.
+        user = _prepared(user)
+        if user is None or (zid and (zid := _prepared(zid)) is None):
+            return Failed(None, "PLAIN identity not allowed by SASLprep")
         if zid and not self._same_user(zid, user):
             return Failed(user, f"authorization identity {zid!r} is not the user's")
         return CheckPassword(user, password)
@@ -296,6 +316,9 @@ class Login(Mechanism):
             user = _utf8(response)
             if not user:
                 return Failed(None, "malformed LOGIN user name")
+            user = _prepared(user)
+            if user is None:
+                return Failed(None, "LOGIN user name not allowed by SASLprep")
             self._user = user
             return Challenge(b"Password:")
         if not response:
@@ -408,8 +431,14 @@ class Scram(Mechanism):
         cnonce = attrs[1][2:]
         if not user or not cnonce or not cnonce.isprintable() or "," in cnonce:
             return Failed(None, "malformed SCRAM client-first")
+        # RFC 5802 §5.1: the client SHOULD have prepared the name; prepare it here too, so a
+        # name typed in another form is the same user (as for PLAIN).
+        user = _prepared(user)
+        if user is None:
+            return Failed(None, "SCRAM user name not allowed by SASLprep")
         if authzid:
             zid = _scram_name(authzid[2:]) if authzid.startswith("a=") else None
+            zid = zid and _prepared(zid)
             if zid is None or not self._same_user(zid, user):
                 return Failed(user, "SCRAM authorization identity is not the user's")
         self._user = user

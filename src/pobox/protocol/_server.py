@@ -197,6 +197,8 @@ class ServerConnection:
             names and passwords are UTF-8 and prepared with SASLprep (RFC 4013).
         lang: offer RFC 6856 §3 LANG (CAPA ``LANG`` and the command) to switch the
             language of reply texts.
+        language: the server's default language (a tag of ``LANGUAGES``): the reply texts
+            from the greeting on, what ``LANG *`` picks and what STLS goes back to.
         workarounds: Dovecot's ``pop3_client_workarounds`` applied to RETR and TOP.  With
             ``OE_NS_EOH`` the shell adds 2 to the size of each message without a header end
             (:class:`HeaderEnd`) in the snapshot it sends, so LIST, STAT and RETR's octet
@@ -212,7 +214,7 @@ class ServerConnection:
 
     Raises:
         ValueError: the greeting would make a status line over 512 octets or holds CR/LF,
-            or a SASL mechanism is unknown.
+            a SASL mechanism is unknown, or ``language`` is not offered.
     """
 
     def __init__(
@@ -233,11 +235,14 @@ class ServerConnection:
         on_command: Callable[[str], None] | None = None,
         utf8: bool = False,
         lang: bool = False,
+        language: str = DEFAULT_LANGUAGE,
         workarounds: ClientWorkarounds = ClientWorkarounds.NONE,
         expire: str | None = None,
         login_delay: int | None = None,
         policy_per_user: bool = False,
     ) -> None:
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {sorted(LANGUAGES)}, not {language!r}")
         if apop_timestamp is not None:
             greeting = f"{greeting} {apop_timestamp}"
         if "\r" in greeting or "\n" in greeting or len(ok(greeting)) > MAX_STATUS_LINE:
@@ -280,8 +285,9 @@ class ServerConnection:
         self._lang_offered = lang
         #: Whether the client sent UTF8 (RFC 6856 §2): credentials are SASLprep'd from then on.
         self.utf8_mode = False
+        self._default_language = language
         #: The language of reply texts (RFC 6856 §3), a tag of ``LANGUAGES``.
-        self.language = DEFAULT_LANGUAGE
+        self.language = language
         _check_policy(expire, login_delay, ValueError)
         #: CAPA's EXPIRE and LOGIN-DELAY arguments: the server's before login, then the
         #: user's (from LoginAccepted).
@@ -389,7 +395,7 @@ class ServerConnection:
             self._bad = 0
             # UTF8 and LANG sent in plaintext might be an attacker's: start over (RFC 2595 §4).
             self.utf8_mode = False
-            self.language = DEFAULT_LANGUAGE
+            self.language = self._default_language
             self.secure = True
             self.user_enabled = event.user_enabled
         elif isinstance(event, DeletionsCommitted):
@@ -471,13 +477,13 @@ class ServerConnection:
         if self._trace:
             self._events.append(Trace(direction, text))
 
-    def _bad_command(self, reason: str) -> None:
+    def _bad_command(self, reason: str, resp_code: str | None = None) -> None:
         self._bad += 1
         if self._bad >= self._max_bad:
             self._reply(err("Too many bad commands."))
             self._close("too-many-bad-commands")
         else:
-            self._reply(err(reason))
+            self._reply(err(reason, resp_code))
 
     def _handle_line(self, line: bytes) -> None:
         parsed = parse_command(line)
@@ -543,7 +549,8 @@ class ServerConnection:
             try:
                 return saslprep(user)
             except ValueError:
-                self._bad_command("User name not allowed by SASLprep (RFC 4013).")
+                # RFC 3206 AUTH: a problem with the credentials, not a server fault.
+                self._bad_command("User name not allowed by SASLprep (RFC 4013).", "AUTH")
                 return None
         return user
 
@@ -568,7 +575,7 @@ class ServerConnection:
                 self._bad_command("Password is not valid UTF-8.")
                 return
             except ValueError:
-                self._bad_command("Password not allowed by SASLprep (RFC 4013).")
+                self._bad_command("Password not allowed by SASLprep (RFC 4013).", "AUTH")
                 return
         self._transition(Trigger.PASS)
         self._events.append(AuthenticateUser(self._pending_user, password))
@@ -772,7 +779,7 @@ class ServerConnection:
         if len(cmd.args) > 1:
             self._bad_command("Too many arguments.")
             return
-        tag = lookup_language(cmd.args[0])
+        tag = lookup_language(cmd.args[0], self._default_language)
         if tag is None:
             # RFC 6856 §3: -ERR, and the language stays what it was.
             self._reply(err(f"Unsupported language: {_echo(cmd.args[0])}"))

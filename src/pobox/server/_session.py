@@ -215,12 +215,17 @@ async def _header_end_sizes(maildrop: Maildrop) -> list[SnapshotEntry]:
     """Return the snapshot with 2 octets more for each message that has no header end.
 
     ``oe-ns-eoh`` sends a CRLF more for those (:class:`pobox.protocol.HeaderEnd` decides,
-    as the encoder does), so LIST, STAT and RETR's octet count must say so.  Reads each
-    message up to the end of its header.  A message that cannot be read keeps its size:
-    RETR will fail on it anyway.
+    as the encoder does), so LIST, STAT and RETR's octet count must say so.  What the store
+    knows (:attr:`MessageInfo.header_end`: the Maildir store keeps it in its index) is taken
+    as it is; any other message is read up to the end of its header, at every login (the
+    PostgreSQL store).  A message that cannot be read keeps its size: RETR will fail on it
+    anyway.
     """
     entries: list[SnapshotEntry] = []
     for info in maildrop.messages:
+        if info.header_end is not None:
+            entries.append(info if info.header_end else _Sized(info.size + 2, info.uidl))
+            continue
         finder = HeaderEnd()
         try:
             data = maildrop.read_now(info.key)
@@ -400,8 +405,9 @@ class Session:
             hostname=_hostname(),
             username_format=_username_format(cfg.auth_username_format),
             on_command=None if self.clock is None else self.clock.begin,
-            utf8=True,  # RFC 6856 §2
-            lang=True,  # RFC 6856 §3
+            utf8=cfg.pop3_utf8,  # RFC 6856 §2
+            lang=cfg.pop3_lang,  # RFC 6856 §3
+            language=cfg.pop3_language,
             workarounds=client_workarounds(cfg.pop3_client_workarounds),
             expire=cfg.pop3_expire_days or None,
             login_delay=self._advertised_delay(cfg.pop3_login_delay, set_globally=False),

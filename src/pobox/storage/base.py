@@ -118,11 +118,16 @@ class MessageInfo:
             before byte-stuffing, without the terminating ``.CRLF`` (RFC 1939 §5, LIST).
         uidl: the RFC 1939 §7 unique-id: 1 to 70 octets in 0x21-0x7E, stable across
             sessions, never reused for another message of the same maildrop.
+        header_end: whether the message has the empty line that ends its header (what
+            ``pop3_client_workarounds = oe-ns-eoh`` needs to know), if the store knows it
+            (the Maildir store caches it in its index when asked to); ``None``: not known,
+            the caller reads the message to find out.
     """
 
     key: str
     size: int
     uidl: str
+    header_end: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,12 +87,15 @@ from those of index mode and from Dovecot's.
 removed, at most once an hour per maildir and process, when a delivery or an uncached open
 comes by (:mod:`._deliver`).
 
-May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
+May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.storage` and the
+stdlib-only protocol core (:class:`pobox.protocol.HeaderEnd`, so that the header end is
+found exactly as the ``oe-ns-eoh`` encoder finds it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -107,6 +110,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pobox.errors import ConfigError
+from pobox.protocol import HeaderEnd
 from pobox.storage._safefs import (
     Dir,
     LockBusy,
@@ -191,6 +195,8 @@ UIDVALIDITY_NAME = "pobox-uidvalidity"
 _UIDVALIDITY_MAX = 64
 #: Chunks read to compute the wire size of a message whose name lacks a usable ``,W=``.
 _SIZE_CHUNK = 1024 * 1024
+#: Read size when looking for the end of a header: most headers fit in one.
+_HEADER_CHUNK = 16 * 1024
 #: How many maildirs the snapshot cache remembers.
 _CACHE_CAPACITY = 256
 #: A directory mtime is trusted only if it was this much older than the cached listing.
@@ -550,6 +556,7 @@ class MaildirAccess:
         lock_timeout: float = LOCK_TIMEOUT,
         reuse_xuidl: bool = False,
         retention: int = 0,
+        header_ends: bool = False,
     ) -> None:
         """Serve the maildirs that ``location`` names.
 
@@ -563,6 +570,10 @@ class MaildirAccess:
                 (Dovecot's ``pop3_reuse_xuidl``; see :mod:`._foreign`).
             retention: keep deleted messages this many seconds in ``.pobox-deleted/``
                 (``pop3_delete_retention``; see :mod:`._retain`); 0: unlink them.
+            header_ends: find out, once per message, whether it has the empty line that
+                ends its header, and keep the answer in the index (``H``) for the snapshot's
+                :attr:`~pobox.storage.base.MessageInfo.header_end`
+                (``pop3_client_workarounds = oe-ns-eoh``).
 
         Raises:
             ConfigError: the location is malformed.
@@ -577,6 +588,7 @@ class MaildirAccess:
         self.lock_timeout = lock_timeout
         self.reuse_xuidl = reuse_xuidl
         self.retention = retention
+        self.header_ends = header_ends
         #: The snapshot cache (shared with the non-blocking open of the async store).
         self.cache = SnapshotCache()
         self._tmp_cleaner = TmpCleaner()
@@ -805,7 +817,11 @@ class MaildirAccess:
                     self._tmp_cleaner.maybe_clean(directory)
                 if self.index:
                     messages, files = _indexed_snapshot(
-                        directory, self.cache, lock_timeout, reuse_xuidl=self.reuse_xuidl
+                        directory,
+                        self.cache,
+                        lock_timeout,
+                        reuse_xuidl=self.reuse_xuidl,
+                        header_ends=self.header_ends,
                     )
                 else:
                     messages, files = _unindexed_snapshot(directory)
@@ -868,12 +884,20 @@ class _Subdirs:
 
 
 def _indexed_snapshot(
-    root: Dir, cache: SnapshotCache, lock_timeout: float, *, reuse_xuidl: bool = False
+    root: Dir,
+    cache: SnapshotCache,
+    lock_timeout: float,
+    *,
+    reuse_xuidl: bool = False,
+    header_ends: bool = False,
 ) -> tuple[tuple[MessageInfo, ...], dict[str, Location]]:
     """Reconcile the index with the directories; return the snapshot and file locations.
 
     Uses and updates the cache (see the module documentation). At the first open (no
     ``pobox-uidlist`` yet), other servers' UIDLs are adopted (:func:`_adopt_foreign_uidls`).
+    With ``header_ends``, each message whose entry does not say yet whether it has a header
+    end is read up to it (:func:`_header_end`) and the answer kept in the index: a message
+    is read for it once, not at every login.
     """
     first = False
     with flocked(root, INDEX_LOCK_NAME, timeout=lock_timeout):
@@ -920,6 +944,15 @@ def _indexed_snapshot(
                     dirty = True
             if first and _adopt_foreign_uidls(root, subdirs, uidlist, files, reuse_xuidl):
                 dirty = True
+            if header_ends:
+                for base, entry in list(uidlist.entries.items()):
+                    seen_at = files.get(base)
+                    if entry.header_end is None and seen_at is not None:
+                        found = _header_end(subdirs, seen_at)
+                        if found is not None:
+                            # A new entry, not a change to one the cache may share.
+                            uidlist.entries[base] = dataclasses.replace(entry, header_end=found)
+                            dirty = True
         if dirty:
             text = format_pobox_uidlist(uidlist)
             raw = text.encode("utf-8", "surrogateescape")
@@ -1074,7 +1107,12 @@ def _snapshot_messages(uidlist: UidList, cached: _Cached | None) -> tuple[Messag
 def _infos(uidlist: UidList, items: Sequence[tuple[str, IndexEntry]]) -> tuple[MessageInfo, ...]:
     """Return the :class:`MessageInfo` of index entries, in the order given."""
     return tuple(
-        MessageInfo(key=base, size=_known(entry.size), uidl=uidlist.uidl(entry))
+        MessageInfo(
+            key=base,
+            size=_known(entry.size),
+            uidl=uidlist.uidl(entry),
+            header_end=entry.header_end,
+        )
         for base, entry in items
     )
 
@@ -1291,6 +1329,29 @@ def _find_message_in(subdirs: _Subdirs, base: str) -> Location | None:
             if entry.name == base or entry.name.startswith(prefix):
                 found = (directory, entry.name)
     return found
+
+
+def _header_end(subdirs: _Subdirs, location: Location) -> bool | None:
+    """Read a message up to the end of its header; tell whether it has one.
+
+    As :class:`pobox.protocol.HeaderEnd` decides it (on the wire form), which is what the
+    ``oe-ns-eoh`` encoder uses when it sends the message.  ``None`` if the file is gone or
+    not a regular file of the owner (the session then reads it itself, and RETR fails).
+    """
+    directory, name = location
+    try:
+        handle = subdirs.get(directory).open_file(name)
+    except UnsafeFile:
+        return None
+    if handle is None:
+        return None
+    finder = HeaderEnd()
+    with handle:
+        for chunk in handle.chunks(_HEADER_CHUNK):
+            finder.feed_stored(chunk)
+            if finder.found:
+                break
+    return finder.found
 
 
 def _file_wire_size(directory: Dir, name: str) -> int | None:

@@ -14,7 +14,10 @@ POP3 needs a unique-id per message that is stable across sessions and never reus
   message's *base name* (the file name without the ``:2,<flags>`` part, which changes; see
   :mod:`._names`). Fields: ``W`` the wire size (always written), ``P`` a UIDL that overrides the
   generated one (imported from Dovecot), ``O`` a POP3 order number (imported from Dovecot:
-  messages with one are listed first, by it). Unknown fields are ignored.
+  messages with one are listed first, by it), ``H`` whether the message has the empty line
+  that ends its header (``H1``) or not (``H0``), cached for ``pop3_client_workarounds =
+  oe-ns-eoh`` so that a login reads no message to learn it (absent: not looked at yet).
+  Unknown fields are ignored.
 
 The UIDL of a message is ``P`` if present, else ``%08x`` of the UID followed by ``%08x`` of the
 UIDVALIDITY: what Dovecot's default ``pop3_uidl_format = %08Xu%08Xv`` produces (Dovecot's
@@ -65,8 +68,10 @@ INDEX_MAX = 128 * 1024 * 1024
 INDEX_MAX_LINES = 1_000_000
 _MAGIC = "pobox-uidlist"
 _VERSION = "1"
-#: ``<uid> W<size> :<base name>``, how almost every line of ``pobox-uidlist`` looks.
-_COMMON_RECORD = re.compile(r"([0-9]+) W([0-9]+) :([^/]+)")
+#: ``<uid> W<size> [H<0|1>] :<base name>``, how almost every line of ``pobox-uidlist`` looks.
+_COMMON_RECORD = re.compile(r"([0-9]+) W([0-9]+)(?: H([01]))? :([^/]+)")
+#: The ``H`` field's value (absent: ``None``) as :attr:`IndexEntry.header_end`.
+_HEADER_END: dict[str | None, bool | None] = {None: None, "0": False, "1": True}
 #: RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _MAX_UIDL_LENGTH = 70
 
@@ -80,12 +85,15 @@ class IndexEntry:
         size: the wire size, or ``None`` if not known yet (imported without ``W``).
         uidl: a UIDL overriding the generated one (Dovecot's ``P`` field), or ``None``.
         order: a POP3 order number (Dovecot's ``O`` field), or ``None``.
+        header_end: whether the message has a header end (the ``H`` field), or ``None`` if
+            not known yet.
     """
 
     uid: int
     size: int | None
     uidl: str | None = None
     order: int | None = None
+    header_end: bool | None = None
 
 
 @dataclass(slots=True)
@@ -136,11 +144,11 @@ def parse_pobox_uidlist(text: str) -> tuple[UidList, bool] | None:
             continue
         match = common(line)
         if match is not None:
-            uid_text, size_text, base = match.groups()
+            uid_text, size_text, eoh, base = match.groups()
             fast_uid = int(uid_text)
             if fast_uid and fast_uid not in uids and base not in entries:
                 uids.add(fast_uid)
-                entries[base] = IndexEntry(uid=fast_uid, size=int(size_text))
+                entries[base] = IndexEntry(fast_uid, int(size_text), None, None, _HEADER_END[eoh])
                 continue
         head, _, base = line.partition(" :")
         tokens = head.split()
@@ -151,6 +159,7 @@ def parse_pobox_uidlist(text: str) -> tuple[UidList, bool] | None:
         uids.add(uid)
         size = order = None
         uidl: str | None = None
+        header_end: bool | None = None
         for token in tokens[1:]:
             key = token[:1]
             if key == "W":
@@ -162,9 +171,13 @@ def parse_pobox_uidlist(text: str) -> tuple[UidList, bool] | None:
                     clean = False
             elif key == "O":
                 order = _natural(token[1:])
+            elif key == "H" and token[1:] in ("0", "1"):
+                header_end = token[1:] == "1"
         if size is None:
             clean = False
-        entries[base] = IndexEntry(uid=uid, size=size, uidl=uidl, order=order)
+        entries[base] = IndexEntry(
+            uid=uid, size=size, uidl=uidl, order=order, header_end=header_end
+        )
     _fix_next_uid(uidlist)
     return uidlist, clean
 
@@ -176,6 +189,8 @@ def format_pobox_uidlist(uidlist: UidList) -> str:
         parts = [str(entry.uid)]
         if entry.size is not None:
             parts.append(f"W{entry.size}")
+        if entry.header_end is not None:
+            parts.append("H1" if entry.header_end else "H0")
         if entry.order is not None:
             parts.append(f"O{entry.order}")
         if entry.uidl is not None:

@@ -123,6 +123,7 @@ class MaildirStore:
         lock_timeout: float = LOCK_TIMEOUT,
         reuse_xuidl: bool = False,
         retention: int = 0,
+        header_ends: bool = False,
     ) -> None:
         """Create a store serving the maildirs that ``location`` names.
 
@@ -141,6 +142,8 @@ class MaildirStore:
                 (``pop3_reuse_xuidl``).
             retention: keep deleted messages this many seconds in ``.pobox-deleted/``
                 (``pop3_delete_retention``; see :mod:`._retain`); 0: unlink them.
+            header_ends: cache in the index whether each message has a header end, for
+                ``MessageInfo.header_end`` (``oe-ns-eoh``; see :class:`MaildirAccess`).
 
         Raises:
             ConfigError: the location is malformed.
@@ -151,6 +154,7 @@ class MaildirStore:
             lock_timeout=lock_timeout,
             reuse_xuidl=reuse_xuidl,
             retention=retention,
+            header_ends=header_ends,
         )
         self._inline_read_max = inline_read_max
         self._owner = owner

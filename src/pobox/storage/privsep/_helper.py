@@ -115,6 +115,8 @@ class Settings:
     reuse_xuidl: bool = False
     #: ``pop3_delete_retention`` in seconds (optional in the frame: 0, off).
     retention: int = 0
+    #: ``oe-ns-eoh`` is on: header ends are cached in the index (optional: false).
+    header_ends: bool = False
 
     @classmethod
     def from_wire(cls, value: dict[str, Any]) -> Settings:
@@ -139,12 +141,19 @@ class Settings:
         if type(reuse_xuidl) is not bool:
             msg = "settings.reuse_xuidl: wrong type"
             raise InvalidRequest(msg)
+        header_ends = value.get("header_ends", False)
+        if type(header_ends) is not bool:
+            msg = "settings.header_ends: wrong type"
+            raise InvalidRequest(msg)
         retention = value.get("retention", 0)
         if type(retention) is not int or retention < 0:
             msg = "settings.retention: wrong type"
             raise InvalidRequest(msg)
-        if set(value) - {"reuse_xuidl", "retention"} != set(expected):
-            msg = f"settings: expected {sorted(expected)} (and optionally reuse_xuidl, retention)"
+        if set(value) - {"reuse_xuidl", "retention", "header_ends"} != set(expected):
+            msg = (
+                f"settings: expected {sorted(expected)} "
+                "(and optionally reuse_xuidl, retention, header_ends)"
+            )
             raise InvalidRequest(msg)
         for key, kind in expected.items():
             if not isinstance(value[key], kind) or isinstance(value[key], bool):
@@ -173,6 +182,7 @@ class Settings:
             workers,
             reuse_xuidl,
             retention,
+            header_ends,
         )
 
 
@@ -274,6 +284,7 @@ class Helper:
             self._settings.location,
             reuse_xuidl=self._settings.reuse_xuidl,
             retention=self._settings.retention,
+            header_ends=self._settings.header_ends,
         )
         for key, path in (*self._settings.files.items(), *self._settings.appends.items()):
             self._dirs[key] = _open_parent(path)

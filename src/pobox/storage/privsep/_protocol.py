@@ -257,8 +257,8 @@ def quota_to_wire(quota: Quota | None) -> list[int] | None:
 
 
 def messages_to_wire(messages: tuple[MessageInfo, ...] | list[MessageInfo]) -> list[list[Any]]:
-    """Return a snapshot as ``[[key, size, uidl], ...]``."""
-    return [[info.key, info.size, info.uidl] for info in messages]
+    """Return a snapshot as ``[[key, size, uidl, header_end], ...]``."""
+    return [[info.key, info.size, info.uidl, info.header_end] for info in messages]
 
 
 def messages_from_wire(value: object) -> tuple[MessageInfo, ...]:
@@ -269,7 +269,9 @@ def messages_from_wire(value: object) -> tuple[MessageInfo, ...]:
     """
     try:
         assert isinstance(value, list)
-        return tuple(MessageInfo(key, size, uidl) for key, size, uidl in value)
+        return tuple(
+            MessageInfo(key, size, uidl, header_end) for key, size, uidl, header_end in value
+        )
     except (AssertionError, TypeError, ValueError):
         msg = "storage helper: malformed snapshot"
         raise StorageTemporaryError(msg) from None

@@ -621,6 +621,7 @@ class StorageHelper:
             "workers": min(32, (os.cpu_count() or 1) + 4),
             "reuse_xuidl": config.pop3_reuse_xuidl,
             "retention": parse_duration(config.pop3_delete_retention),
+            "header_ends": "oe-ns-eoh" in config.pop3_client_workarounds,
         }
         main_ours, main_theirs = socket_pair()
         files_ours, files_theirs = socket_pair()
