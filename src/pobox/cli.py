@@ -127,6 +127,7 @@ from pobox.storage.base import (
     StorageTemporaryError,
 )
 from pobox.storage.maildir import MaildirStore, deliver_message
+from pobox.storage.mbox import MboxStore
 from pobox.storage.privsep import (
     Owner,
     OwnerPolicy,
@@ -240,6 +241,12 @@ def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> Maildro
     """
     if config.mail_location == "postgresql":
         return _postgres_store(config)
+    if config.mail_location.startswith("mbox:"):
+        mbox = MboxStore(config.mail_location, reuse_xuidl=config.pop3_reuse_xuidl)
+        identity = Owner(os.geteuid(), os.getegid()) if plan is None else plan.identity
+        assert identity is not None
+        policy = OwnerPolicy.from_config(config, fallback=identity) if plan is None else plan.policy
+        return SameOwnerStore(mbox, policy, identity)
     maildir = MaildirStore(
         config.mail_location,
         inline_read_max=config.mail_inline_read_max,
@@ -636,6 +643,12 @@ async def run_server(
     helper: StorageHelper | None = None
     tls: ServerTls | None = None
     workers = HashWorkers()
+    if plan.access is MailAccess.HELPER and config.mail_location.startswith("mbox:"):
+        msg = (
+            "mail_location: mbox spools are served with one uid (mail_uid, or pobox started "
+            "as that user), not through the storage helper"
+        )
+        raise ConfigError(msg)
     if plan.access is MailAccess.HELPER:
         helper, authenticator, store, tls = await _start_helper(config, plan, helper_lost, workers)
         stores: list[MaildropStore | Authenticator] = [authenticator]
@@ -1184,6 +1197,9 @@ def build_deliver_store(config: Config) -> MaildropStore:
     """
     if os.geteuid() != 0 or config.mail_location == "postgresql":
         return build_store(config)
+    if config.mail_location.startswith("mbox:"):
+        mbox = MboxStore(config.mail_location, reuse_xuidl=config.pop3_reuse_xuidl)
+        return SwitchingStore(mbox, OwnerPolicy.from_config(config, fallback=None))
     maildir = MaildirStore(
         config.mail_location,
         inline_read_max=config.mail_inline_read_max,

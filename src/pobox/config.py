@@ -382,8 +382,17 @@ def _parse_account(name: str, value: str | int) -> str:
 
 
 def _check_mail_location(name: str, value: str) -> None:
+    if value.startswith("mbox:"):
+        # Dovecot's syntax: mbox:/var/mail/%u, or mbox:~/mail:INBOX=/var/mail/%u.
+        path, _, rest = value[len("mbox:") :].partition(":")
+        inbox = [o[len("INBOX=") :] for o in rest.split(":") if o.startswith("INBOX=")]
+        if not path or (inbox and not inbox[-1]):
+            raise ConfigError(f"{name}: {value!r}: expected mbox:PATH or mbox:ROOT:INBOX=PATH")
+        return
     if not value.startswith("maildir:") and value != "postgresql":
-        raise ConfigError(f"{name}: {value!r} must start with 'maildir:' or be 'postgresql'")
+        raise ConfigError(
+            f"{name}: {value!r} must start with 'maildir:' or 'mbox:', or be 'postgresql'"
+        )
 
 
 def _check_greeting(name: str, value: str) -> None:
@@ -480,8 +489,9 @@ class Config:
     mail_location: str = key(
         "maildir:~/Maildir",
         "Where maildrops are, like Dovecot's: `maildir:PATH` with `~` (home), `%u` "
-        "(user), `%n` (local part), `%d` (domain), `%h` (home). A user's `userdb_mail=` "
-        "field overrides it.",
+        "(user), `%n` (local part), `%d` (domain), `%h` (home); `mbox:/var/mail/%u` (an mbox "
+        "spool) or `mbox:~/mail:INBOX=/var/mail/%u` (the spool after `INBOX=`; the root "
+        "before it is ignored); `postgresql`. A user's `userdb_mail=` field overrides it.",
         check=_check_mail_location,
         flag=True,
         section="Mail and its owners",
@@ -1221,6 +1231,11 @@ def _validate_postgresql(config: Config) -> None:
         raise ConfigError(
             'pop3_delete_retention: not supported with mail_location = "postgresql" '
             '(Maildir only); set it to "0"'
+        )
+    if config.mail_location.startswith("mbox:") and parse_duration(config.pop3_delete_retention):
+        raise ConfigError(
+            "pop3_delete_retention: not supported with an mbox mail_location (Maildir only); "
+            'set it to "0"'
         )
     if config.postgresql_pool_max < config.postgresql_pool_min:
         raise ConfigError("postgresql_pool_max: must be at least postgresql_pool_min")
