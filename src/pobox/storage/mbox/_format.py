@@ -146,8 +146,8 @@ class ParsedMessage:
         segments: ``(offset, length)`` of the content served, hidden headers left out.
         stored: octets of the content served (the sum of the segments).
         wire: the wire size of the content served (RFC 1939 §5).
-        identity: a digest of the From_ line and the content served: what the UIDL list
-            recognises the message by after the file was rewritten.
+        identity: a digest of the From_ line and the content served, CRLF taken as LF: what
+            the UIDL list recognises the message by after the file was rewritten.
         xuidl: the value of its ``X-UIDL:`` header, if it has one.
     """
 
@@ -235,12 +235,18 @@ def _message(
     if position < content_end:
         segments.append((position, content_end - position))
     counter = WireSizeCounter()
-    digest = hashlib.sha256(line + b"\n")
+    digest = hashlib.sha256(line.rstrip(b"\r") + b"\n")
     stored = 0
+    held_cr = b""
     for chunk in read_segments(read, segments):
         counter.feed(chunk)
-        digest.update(chunk)
         stored += len(chunk)
+        # The identity is taken over LF line ends: a CRLF rewritten as LF (Dovecot does
+        # that to a header's last line) leaves the message, as served, the same.
+        text = held_cr + chunk
+        held_cr = b"\r" if text.endswith(b"\r") else b""
+        digest.update(text[: len(text) - len(held_cr)].replace(b"\r\n", b"\n"))
+    digest.update(held_cr)
     return ParsedMessage(
         start=start,
         end=end,
