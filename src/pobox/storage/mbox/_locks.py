@@ -6,10 +6,11 @@ that writes to ``/var/mail``: a dotlock and ``fcntl``):
 
 * **The dotlock** ``<spool>.lock``, beside the spool: created with ``O_CREAT | O_EXCL |
   O_NOFOLLOW`` (so a link of that name, planted by the user, is never followed and counts as
-  a held lock), holding our PID. A dotlock not changed for :data:`DOTLOCK_STALE` seconds
-  (Dovecot's ``mbox_dotlock_change_timeout``, 2 minutes) is stale and removed (the name
-  itself, never what a link points to). Taken for every change of the spool and of the UIDL
-  list, and to read the spool at open.
+  a held lock), holding ``PID:HOST`` as Dovecot's do. A dotlock not changed for
+  :data:`DOTLOCK_STALE` seconds (Dovecot's ``mbox_dotlock_change_timeout``, 2 minutes), or
+  naming a process of this host that no longer exists (a crashed pobox or Dovecot), is stale
+  and removed (the name itself, never what a link points to). Taken for every change of
+  the spool and of the UIDL list, and to read the spool at open.
 * **An fcntl lock** on the spool itself, after the dotlock: a write lock to append or
   rewrite, a read lock to read. Linux's open file description locks (``F_OFD_SETLK``), which
   conflict with the classic ``fcntl``/``lockf`` locks of other processes exactly as those do,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -76,7 +78,9 @@ def dotlocked(directory: Dir, spool: str, *, timeout: float) -> Iterator[None]:
         if fd is not None:
             break
         held = directory.stat(name)
-        if held is not None and time.time() - held.st_mtime >= DOTLOCK_STALE:
+        if held is not None and (
+            time.time() - held.st_mtime >= DOTLOCK_STALE or _holder_is_gone(directory, name)
+        ):
             directory.unlink(name)
             continue
         pause = next(pauses, None)
@@ -86,13 +90,37 @@ def dotlocked(directory: Dir, spool: str, *, timeout: float) -> Iterator[None]:
         time.sleep(pause)
     try:
         try:
-            write_all(fd, f"{os.getpid()}\n".encode())
+            write_all(fd, f"{os.getpid()}:{socket.gethostname()}\n".encode())
         finally:
             os.close(fd)
         yield
     finally:
         with contextlib.suppress(StorageError):
             directory.unlink(name)
+
+
+def _holder_is_gone(directory: Dir, name: str) -> bool:
+    """Tell whether the dotlock ``name`` names a process of this host that no longer exists.
+
+    Dovecot's and pobox's dotlocks hold ``PID:HOST`` (or a bare PID); a lock that is a link,
+    not the owner's, unreadable or holding anything else is judged by its age only.
+    """
+    try:
+        text = directory.read_file(name, 256)
+    except StorageError:
+        return False
+    if text is None:
+        return False
+    pid_text, _, host = text.decode("ascii", "replace").strip().partition(":")
+    if not pid_text.isdigit() or int(pid_text) <= 1 or host not in {"", socket.gethostname()}:
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _flock_struct(kind: int) -> bytes:
