@@ -143,24 +143,38 @@ class TestPoplib:
         assert [b"Subject: c", b"", b">From here"] == second[1][2]
 
 
-#: How many messages procmail appends while pobox sessions run.
-_APPENDS = 40
+#: procmail processes appending at the same time, and messages each appends in turn.
+_STREAMS = 3
+_APPENDS = 15
 
 
-def _procmail_appends(rcfile: Path, done: threading.Event, errors: list[str]) -> None:
-    """Deliver ``_APPENDS`` messages through procmail, one process each, then set ``done``."""
+def _procmail_appends(rcfile: Path, stream: int, errors: list[str]) -> None:
+    """Deliver ``_APPENDS`` messages through procmail, one process after the other."""
+    for number in range(_APPENDS):
+        ident = f"<{stream}.{number}@mta>"
+        message = f"Subject: mta {ident}\nMessage-ID: {ident}\n\nFrom body {number}\n"
+        result = subprocess.run(
+            ["procmail", "-m", "-f", "sender@example.org", str(rcfile)],
+            input=message.encode(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if result.returncode:
+            errors.append(f"procmail exit {result.returncode}: {result.stderr!r}")
+
+
+def _all_streams(rcfile: Path, done: threading.Event, errors: list[str]) -> None:
+    """Run ``_STREAMS`` procmail streams at once; set ``done`` when all have finished."""
     try:
-        for number in range(_APPENDS):
-            message = f"Subject: mta {number}\nMessage-ID: <{number}@mta>\n\nFrom body {number}\n"
-            result = subprocess.run(
-                ["procmail", "-m", "-f", "sender@example.org", str(rcfile)],
-                input=message.encode(),
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-            if result.returncode:
-                errors.append(f"procmail exit {result.returncode}: {result.stderr!r}")
+        streams = [
+            threading.Thread(target=_procmail_appends, args=(rcfile, stream, errors))
+            for stream in range(_STREAMS)
+        ]
+        for thread in streams:
+            thread.start()
+        for thread in streams:
+            thread.join()
     finally:
         done.set()
 
@@ -175,13 +189,14 @@ class TestConcurrentMta:
         spool = tmp_path / "spool"
         spool.mkdir()
         rcfile = tmp_path / "procmailrc"
+        # LOCKSLEEP: procmail's pause before it tries a held dotlock again (8 s by default).
         rcfile.write_text(f"LOCKSLEEP=1\nDEFAULT={spool}/alice\n:0:\n{spool}/alice\n")
         done = threading.Event()
         errors: list[str] = []
         seen: list[str] = []
         sessions = 0
         async with running_server(tmp_path, mail_location=f"mbox:{spool}/%u") as srv:
-            mta = threading.Thread(target=_procmail_appends, args=(rcfile, done, errors))
+            mta = threading.Thread(target=_all_streams, args=(rcfile, done, errors))
             mta.start()
             try:
                 while True:
@@ -193,7 +208,9 @@ class TestConcurrentMta:
                         break
             finally:
                 mta.join()
-        expected = sorted(f"<{number}@mta>" for number in range(_APPENDS))
+        expected = sorted(
+            f"<{stream}.{number}@mta>" for stream in range(_STREAMS) for number in range(_APPENDS)
+        )
         assert ([], expected) == (errors, sorted(seen))
         assert sessions > 1
 

@@ -118,26 +118,19 @@ class TestDotlock:
     """``<spool>.lock``: created O_EXCL, never followed, stale after two minutes."""
 
     async def test_held_dotlock_is_temporary_failure(self, spool_dir: Path) -> None:
-        """A fresh dotlock of another program makes open and delivery fail with SYS/TEMP."""
+        """A fresh dotlock of another program makes delivery fail with SYS/TEMP; reading
+        takes only the fcntl read lock (Dovecot's mbox_read_locks = fcntl), so open works."""
         append(spool_dir / "alice", b"x\n")
         (spool_dir / "alice.lock").write_text("")
         store = store_for(spool_dir, lock_timeout=0.05)
-        with pytest.raises(StorageTemporaryError) as opened:
-            await store.open(ALICE)
-        with pytest.raises(StorageTemporaryError):
+        with pytest.raises(StorageTemporaryError) as delivered:
             await store.deliver(ALICE, incoming(b"y\n"))
-        assert "SYS/TEMP" == opened.value.resp_code
-        assert (spool_dir / "alice.lock").exists()
-
-    async def test_failed_locked_open_releases_the_session_lock(self, spool_dir: Path) -> None:
-        """An open that failed on the dotlock leaves no session lock behind."""
-        (spool_dir / "alice.lock").write_text("")
-        store = store_for(spool_dir, lock_timeout=0.05)
-        with pytest.raises(StorageTemporaryError):
-            await store.open(ALICE)
-        (spool_dir / "alice.lock").unlink()
         maildrop = await store.open(ALICE)
+        with pytest.raises(StorageTemporaryError):
+            await maildrop.delete([maildrop.messages[0].key])
         await maildrop.close()
+        assert "SYS/TEMP" == delivered.value.resp_code
+        assert [b"x\n"] == [body for _, body in await uidls_and_bodies(store)]
 
     async def test_symlink_dotlock_never_followed(self, tmp_path: Path, spool_dir: Path) -> None:
         """A link planted as the dotlock counts as held, then as stale; its target is never
@@ -217,8 +210,11 @@ class TestFcntl:
     """The fcntl lock conflicts with the classic locks MTAs take."""
 
     async def test_write_locked_spool_is_not_read(self, fcntl_holder: Path) -> None:
-        """While an MTA holds its write lock, open waits, then fails with SYS/TEMP."""
+        """While an MTA holds its write lock, open waits, then fails with SYS/TEMP, and
+        leaves no session lock behind."""
         store = store_for(fcntl_holder.parent, lock_timeout=0.05)
+        with pytest.raises(StorageTemporaryError):
+            await store.open(ALICE)
         with pytest.raises(StorageTemporaryError):
             await store.open(ALICE)
 

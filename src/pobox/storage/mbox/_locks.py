@@ -10,7 +10,7 @@ that writes to ``/var/mail``: a dotlock and ``fcntl``):
   :data:`DOTLOCK_STALE` seconds (Dovecot's ``mbox_dotlock_change_timeout``, 2 minutes), or
   naming a process of this host that no longer exists (a crashed pobox or Dovecot), is stale
   and removed (the name itself, never what a link points to). Taken for every change of
-  the spool and of the UIDL list, and to read the spool at open.
+  the spool (delivery, rewrite); not to read it.
 * **An fcntl lock** on the spool itself, after the dotlock: a write lock to append or
   rewrite, a read lock to read. Linux's open file description locks (``F_OFD_SETLK``), which
   conflict with the classic ``fcntl``/``lockf`` locks of other processes exactly as those do,

@@ -11,12 +11,14 @@ by the mail's owner, or its group: ``/var/mail`` is ``root:mail`` mode 2775 or 1
 so pobox runs with group ``mail`` there, as Dovecot does with ``mail_privileged_group``):
 
 * ``N.lock``: the dotlock every mail program takes (:mod:`._locks`);
-* ``.N.pobox-uidl``: the UIDL list (:mod:`._uidlist`), replaced atomically;
+* ``.N.pobox-uidl``: the UIDL list (:mod:`._uidlist`), replaced atomically, and
+  ``.N.pobox-uidl.lock``, whose ``flock`` serialises its updates;
 * ``.N.pobox-session``: the session lock (``flock``);
 * ``.N.pobox-new``: the new spool while a deletion rewrites it (a leftover of a crash is
   removed by the next rewrite).
 
-Reading: at open, under the dotlock and an fcntl read lock, the spool is parsed up to the
+Reading: at open, under an fcntl read lock (Dovecot's ``mbox_read_locks = fcntl``: no
+dotlock, so an MTA's wait is as short as the read), the spool is parsed up to the
 size ``fstat`` gives (:mod:`._format`), the UIDLs are matched, and the descriptor is kept for
 the session: RETR reads from it by offset. Mail appended meanwhile lies past the snapshot's
 end and is not seen until the next open. Before each read the spool's name must still lead to
@@ -56,7 +58,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from pobox.storage._safefs import Dir, OpenFile, storage_error, write_all
+from pobox.storage._safefs import Dir, OpenFile, flocked, storage_error, write_all
 from pobox.storage.base import (
     DeleteResult,
     IncomingMessage,
@@ -67,6 +69,7 @@ from pobox.storage.base import (
     QuotaExceeded,
     StorageError,
     StoragePermanentError,
+    StorageTemporaryError,
     Usage,
 )
 from pobox.storage.maildir._location import LocationError, MailLocation
@@ -154,32 +157,106 @@ class _Spool:
     def snapshot(self, directory: Dir, fd: int, size: int, *, update: bool) -> _Snapshot:
         """Parse the spool (``fd``, ``size`` octets) and match its UIDLs.
 
-        With ``update``, the UIDL list is written back if it changed (hold the dotlock).
+        With ``update``, the UIDL list is written back if it changed, under its lock.
         """
         with _os_errors("read", self.path):
             messages = parse_mbox(lambda offset, length: os.pread(fd, length, offset), size)
-        stored = directory.read_file(self.uidlist_name, _UIDLIST_MAX)
-        current = None if stored is None else UidList.parse(stored)
-        uidls, updated, changed = assign_uidls(current, messages, reuse_xuidl=self.reuse_xuidl)
-        if update and changed:
-            directory.replace(self.uidlist_name, updated.render())
+        if not update:
+            uidls, _, _ = assign_uidls(self.read_uidlist(directory), messages, reuse_xuidl=False)
+            return _Snapshot(messages, uidls)
+        with self.uidlist_locked(directory):
+            current = self.read_uidlist(directory)
+            uidls, updated, changed = assign_uidls(current, messages, reuse_xuidl=self.reuse_xuidl)
+            if changed:
+                directory.replace(self.uidlist_name, updated.render())
         return _Snapshot(messages, uidls)
+
+    def read_uidlist(self, directory: Dir) -> UidList | None:
+        """Return the UIDL list, ``None`` if there is none (or it is damaged)."""
+        stored = directory.read_file(self.uidlist_name, _UIDLIST_MAX)
+        return None if stored is None else UidList.parse(stored)
+
+    def uidlist_locked(self, directory: Dir) -> contextlib.AbstractContextManager[None]:
+        """Hold the UIDL list's ``flock`` (``.N.pobox-uidl.lock``): its updates are serial."""
+        return flocked(directory, f"{self.uidlist_name}.lock", timeout=self.lock_timeout)
 
     def reparse(self) -> tuple[_Snapshot, OpenFile] | None:
         """Parse the spool as it is now, without changing anything; ``None`` if it is missing."""
         with self.open_dir() as directory:
+            snapshot, handle = self.read_locked(directory, update=False)
+            return None if handle is None else (snapshot, handle)
+
+    def read_locked(self, directory: Dir, *, update: bool) -> tuple[_Snapshot, OpenFile | None]:
+        """Open the spool, take the fcntl read lock, and parse it (no spool: empty).
+
+        The name must still lead to the file locked (a rewrite may have replaced it while
+        we waited for the lock; then it is opened again), and the size is taken under the
+        lock, so that no half-appended message is read.
+
+        Raises:
+            StorageTemporaryError: the lock stayed busy, or the spool kept being replaced.
+        """
+        for _ in range(_REOPEN_TRIES):
             handle = directory.open_file(self.name)
             if handle is None:
-                return None
+                return self.snapshot(directory, -1, 0, update=update), None
+            snapshot = None
             try:
                 with fcntl_locked(
                     handle.fd, str(self.path), write=False, timeout=self.lock_timeout
                 ):
-                    snapshot = self.snapshot(directory, handle.fd, handle.size, update=False)
+                    if _same_file(directory, self.name, handle.stat):
+                        with _os_errors("stat", self.path):
+                            handle.size = os.fstat(handle.fd).st_size
+                        snapshot = self.snapshot(directory, handle.fd, handle.size, update=update)
             except BaseException:
                 handle.close()
                 raise
-            return snapshot, handle
+            if snapshot is not None:
+                return snapshot, handle
+            handle.close()
+        raise _replaced(self.path)
+
+    @contextlib.contextmanager
+    def write_locked(self, directory: Dir, *, append: bool) -> Iterator[int | None]:
+        """Open the spool for writing (created if ``append``) under the fcntl write lock.
+
+        Yields the descriptor (``None`` if there is no spool and ``append`` is false). Hold
+        the dotlock around it. The name must still lead to the file locked, as above.
+
+        Raises:
+            StorageTemporaryError: the lock stayed busy, or the spool kept being replaced.
+        """
+        for _ in range(_REOPEN_TRIES):
+            fd = directory.open_writable(self.name, append=append, create=append)
+            if fd is None:
+                yield None
+                return
+            try:
+                with fcntl_locked(fd, str(self.path), write=True, timeout=self.lock_timeout):
+                    with _os_errors("stat", self.path):
+                        st = os.fstat(fd)
+                    if _same_file(directory, self.name, st):
+                        yield fd
+                        return
+            finally:
+                os.close(fd)
+        raise _replaced(self.path)
+
+
+#: How often an open is tried again when the spool was replaced while it waited for a lock.
+_REOPEN_TRIES = 5
+
+
+def _same_file(directory: Dir, name: str, st: os.stat_result) -> bool:
+    """Tell whether ``name`` still is the file ``st`` describes."""
+    now = directory.stat(name)
+    return now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _replaced(path: object) -> StorageTemporaryError:
+    """The error for a spool replaced again and again while we waited for its lock."""
+    return StorageTemporaryError(f"{path} keeps being replaced by another program")
 
 
 @contextlib.contextmanager
@@ -359,30 +436,26 @@ def _rewrite_without(spool: _Spool, doomed: set[str]) -> None:
     with (
         spool.open_dir() as directory,
         dotlocked(directory, spool.name, timeout=spool.lock_timeout),
+        spool.write_locked(directory, append=False) as fd,
     ):
-        fd = directory.open_writable(spool.name)
         if fd is None:
             return  # no spool: everything is gone already
-        try:
-            with fcntl_locked(fd, str(spool.path), write=True, timeout=spool.lock_timeout):
-                with _os_errors("stat", spool.path):
-                    st = os.fstat(fd)
-                snapshot = spool.snapshot(directory, fd, st.st_size, update=True)
-                keep = [
-                    message
-                    for message, uidl in zip(snapshot.messages, snapshot.uidls, strict=True)
-                    if uidl not in doomed
-                ]
-                if len(keep) == len(snapshot.messages):
-                    return  # all already gone
-                _write_new_spool(spool, directory, fd, st, keep)
-                stored = directory.read_file(spool.uidlist_name, _UIDLIST_MAX)
-                current = None if stored is None else UidList.parse(stored)
-                if current is not None:
-                    current.entries = [e for e in current.entries if e[1] not in doomed]
-                    directory.replace(spool.uidlist_name, current.render())
-        finally:
-            os.close(fd)
+        with _os_errors("stat", spool.path):
+            st = os.fstat(fd)
+        snapshot = spool.snapshot(directory, fd, st.st_size, update=True)
+        keep = [
+            message
+            for message, uidl in zip(snapshot.messages, snapshot.uidls, strict=True)
+            if uidl not in doomed
+        ]
+        if len(keep) == len(snapshot.messages):
+            return  # all already gone
+        _write_new_spool(spool, directory, fd, st, keep)
+        with spool.uidlist_locked(directory):
+            current = spool.read_uidlist(directory)
+            if current is not None:
+                current.entries = [e for e in current.entries if e[1] not in doomed]
+                directory.replace(spool.uidlist_name, current.render())
 
 
 def _write_new_spool(
@@ -491,26 +564,12 @@ class MboxStore:
         with spool.open_dir() as directory:
             session = session_lock(directory, spool.name) if lock else None
             try:
-                with dotlocked(directory, spool.name, timeout=spool.lock_timeout):
-                    handle = directory.open_file(spool.name)
-                    if handle is None:
-                        snapshot = spool.snapshot(directory, -1, 0, update=True)
-                        return MboxMaildrop(spool, None, snapshot, session, self._inline_read_max)
-                    try:
-                        with fcntl_locked(
-                            handle.fd, str(spool.path), write=False, timeout=spool.lock_timeout
-                        ):
-                            snapshot = spool.snapshot(
-                                directory, handle.fd, handle.size, update=True
-                            )
-                    except BaseException:
-                        handle.close()
-                        raise
-                    return MboxMaildrop(spool, handle, snapshot, session, self._inline_read_max)
+                snapshot, handle = spool.read_locked(directory, update=True)
             except BaseException:
                 if session is not None:
                     os.close(session)
                 raise
+            return MboxMaildrop(spool, handle, snapshot, session, self._inline_read_max)
 
     async def deliver(
         self, user: MailUser, message: IncomingMessage, *, quota: Quota | None = None
@@ -558,20 +617,16 @@ def _append(spool: _Spool, message: IncomingMessage, quota: Quota | None) -> str
     with (
         spool.open_dir() as directory,
         dotlocked(directory, spool.name, timeout=spool.lock_timeout),
+        spool.write_locked(directory, append=True) as fd,
     ):
-        fd = directory.open_writable(spool.name, append=True, create=True)
         assert fd is not None
-        try:
-            with fcntl_locked(fd, str(spool.path), write=True, timeout=spool.lock_timeout):
-                with _os_errors("stat", spool.path):
-                    size = os.fstat(fd).st_size
-                if quota is not None and not quota.unlimited:
-                    with _os_errors("read", spool.path):
-                        held = _usage(parse_mbox(lambda o, n: os.pread(fd, n, o), size))
-                    _check_quota(quota, held, message.size)
-                _write_message(spool, fd, size, sender, message)
-        finally:
-            os.close(fd)
+        with _os_errors("stat", spool.path):
+            size = os.fstat(fd).st_size
+        if quota is not None and not quota.unlimited:
+            with _os_errors("read", spool.path):
+                held = _usage(parse_mbox(lambda o, n: os.pread(fd, n, o), size))
+            _check_quota(quota, held, message.size)
+        _write_message(spool, fd, size, sender, message)
     return str(size)
 
 
