@@ -77,6 +77,38 @@ class TestLocation:
         await maildrop.close()
 
 
+class TestParseCache:
+    """A spool unchanged since the last open is not parsed again; an appended one only in part."""
+
+    async def test_append_after_a_message_without_final_newline(self, spool_dir: Path) -> None:
+        """What an MTA appends is found, and the message before it keeps its end."""
+        spool = spool_dir / "alice"
+        spool.write_bytes(b"From a@b Mon Dec  7 15:00:00 2026\nold")
+        store = store_for(spool_dir)
+        first = await uidls_and_bodies(store)
+        with spool.open("ab") as out:
+            out.write(b"\nFrom a@b Mon Dec  7 15:00:01 2026\nnew\n\n")
+        second = await uidls_and_bodies(store)
+        assert [b"old"] == [body for _, body in first]
+        assert [*first, (second[1][0], b"new\n")] == second
+
+    @pytest.mark.parametrize("grow", [b"", b"x" * 100], ids=["shrunk", "grown"])
+    async def test_rewritten_in_place_is_parsed_again(self, spool_dir: Path, grow: bytes) -> None:
+        """An MUA rewriting the spool in place (same inode) is not mistaken for an append."""
+        spool = spool_dir / "alice"
+        append(spool, b"one\n")
+        append(spool, b"two\n")
+        store = store_for(spool_dir)
+        await uidls_and_bodies(store)
+        with spool.open("r+b") as out:
+            out.write(b"From a@b Mon Dec  7 15:00:00 2026\nONE" + grow + b"\n\n")
+            out.write(b"From a@b Mon Dec  7 15:00:00 2026\nTWO\n\n")
+            out.truncate()
+        os.utime(spool, ns=(0, 10**9))
+        expected = [b"ONE" + grow + b"\n", b"TWO\n"]
+        assert expected == [body for _, body in await uidls_and_bodies(store)]
+
+
 class TestHostileSpool:
     """The user controls their spool file: links, FIFOs and others' files are refused."""
 

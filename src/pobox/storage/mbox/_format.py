@@ -29,7 +29,7 @@ message with every line that starts with ``From `` quoted as ``>From `` (what Do
 ``mbox_save`` does: mboxo quoting, which is what a reader that does not unquote needs), and one
 line feed as the separator.
 
-May import: the standard library, :mod:`pobox.storage.base` and :mod:`pobox.storage._wire`.
+May import: the standard library and :mod:`pobox.storage.base`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import StoragePermanentError
 
 __all__ = [
@@ -161,19 +160,19 @@ class ParsedMessage:
     xuidl: str | None
 
 
-def find_starts(read: Reader, size: int) -> list[int]:
-    """Return the offsets of the From_ lines of the first ``size`` octets.
+def find_starts(read: Reader, size: int, start: int = 0) -> list[int]:
+    """Return the offsets of the From_ lines of the first ``size`` octets, from ``start``.
 
     Raises:
-        NotAnMbox: the file does not start with ``From ``.
+        NotAnMbox: there is no ``From `` at ``start`` (the start of the file: not an mbox).
     """
-    if size == 0:
+    if size <= start:
         return []
-    if read(0, 5) != b"From ":
+    if read(start, 5) != b"From ":
         msg = "the file does not start with a 'From ' line: not an mbox"
         raise NotAnMbox(msg)
-    starts = [0]
-    offset = 0
+    starts = [start]
+    offset = start
     while offset < size:
         limit = min(_SCAN_CHUNK, size - offset)
         buffer = read(offset, min(limit + MAX_FROM_LINE + 1, size - offset))
@@ -195,27 +194,31 @@ def find_starts(read: Reader, size: int) -> list[int]:
     return starts
 
 
-def parse_mbox(read: Reader, size: int) -> list[ParsedMessage]:
+def parse_mbox(read: Reader, size: int, start: int = 0) -> list[ParsedMessage]:
     """Parse the first ``size`` octets of an mbox into its messages, in file order.
 
+    Args:
+        start: where to begin: 0, or the From_ line of a message parsed before (to parse
+            only what was appended after it, and it again).
+
     Raises:
-        NotAnMbox: the file does not start with ``From ``.
+        NotAnMbox: the file does not start with ``From `` (or there is none at ``start``).
     """
-    starts = find_starts(read, size)
+    starts = find_starts(read, size, start)
     last_is_lf = size > 0 and read(size - 1, 1) == b"\n"
     messages = []
-    for number, start in enumerate(starts):
+    for number, begin in enumerate(starts):
         end = starts[number + 1] if number + 1 < len(starts) else size
-        head = read(start, min(MAX_FROM_LINE + 1, end - start))
+        head = read(begin, min(MAX_FROM_LINE + 1, end - begin))
         line_end = head.find(b"\n")
         if line_end < 0:
             # The From_ line runs to the end of the message: no content.
-            messages.append(_message(read, (start, end), head, end, end))
+            messages.append(_message(read, (begin, end), head, end, end))
             continue
-        content_start = start + line_end + 1
+        content_start = begin + line_end + 1
         content_end = end - 1 if number + 1 < len(starts) or last_is_lf else end
         content_end = max(content_start, content_end)
-        messages.append(_message(read, (start, end), head[:line_end], content_start, content_end))
+        messages.append(_message(read, (begin, end), head[:line_end], content_start, content_end))
     return messages
 
 
@@ -234,18 +237,23 @@ def _message(
         position = content_start + hide_end
     if position < content_end:
         segments.append((position, content_end - position))
-    counter = WireSizeCounter()
     digest = hashlib.sha256(line.rstrip(b"\r") + b"\n")
-    stored = 0
+    stored = lfs = crlfs = 0
     held_cr = b""
     for chunk in read_segments(read, segments):
-        counter.feed(chunk)
         stored += len(chunk)
+        lfs += chunk.count(b"\n")
         # The identity is taken over LF line ends: a CRLF rewritten as LF (Dovecot does
-        # that to a header's last line) leaves the message, as served, the same.
-        text = held_cr + chunk
+        # that to a header's last line) leaves the message, as served, the same. A CR that
+        # ends a chunk waits for the next one; CRLFs are counted for the wire size too.
+        text = held_cr + chunk if held_cr else chunk
         held_cr = b"\r" if text.endswith(b"\r") else b""
-        digest.update(text[: len(text) - len(held_cr)].replace(b"\r\n", b"\n"))
+        if held_cr:
+            text = text[:-1]
+        if b"\r" in text:
+            crlfs += text.count(b"\r\n")
+            text = text.replace(b"\r\n", b"\n")
+        digest.update(text)
     digest.update(held_cr)
     return ParsedMessage(
         start=start,
@@ -253,7 +261,7 @@ def _message(
         from_line=line,
         segments=tuple(segments),
         stored=stored,
-        wire=counter.size,
+        wire=stored + lfs - crlfs,
         identity=digest.hexdigest()[:32],
         xuidl=xuidl,
     )

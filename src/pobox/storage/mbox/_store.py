@@ -54,6 +54,8 @@ import asyncio
 import contextlib
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -125,10 +127,74 @@ class _Snapshot:
     uidls: list[str]
 
 
+class _ParseCache:
+    """What the last parse of each spool found, so that an unchanged spool is not read again.
+
+    Keyed by the spool's path, checked against the file's device, inode, size and mtime
+    (``fstat`` under the read lock): the same file, same size and same mtime is taken as
+    unchanged; the same file grown, with the last known message's From_ line still where it
+    was, is taken as appended to, and only that last message and what follows is parsed
+    (an MTA only appends); anything else is parsed whole. At most :data:`_CACHED_SPOOLS`
+    spools are kept, the least recently used dropped first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[tuple[int, ...], list[ParsedMessage]]] = OrderedDict()
+
+    def parse(self, key: str, fd: int, size: int) -> list[ParsedMessage]:
+        """Return the messages of the first ``size`` octets of the spool open as ``fd``.
+
+        Raises:
+            OSError: a read failed.
+            NotAnMbox: it is not an mbox.
+        """
+
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        if size == 0:
+            return []
+        st = os.fstat(fd)
+        stamp = (st.st_dev, st.st_ino, size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._entries.get(key)
+        messages: list[ParsedMessage] | None = None
+        if cached is not None and cached[0][:2] == stamp[:2]:
+            old_stamp, old = cached
+            if old_stamp == stamp:
+                messages = old
+            elif old and size > old_stamp[2]:
+                last = old[-1]
+                line = last.from_line + b"\n"
+                if read(last.start, len(line)) == line:
+                    messages = old[:-1] + parse_mbox(read, size, last.start)
+        if messages is None:
+            messages = parse_mbox(read, size)
+        with self._lock:
+            self._entries[key] = (stamp, messages)
+            self._entries.move_to_end(key)
+            while len(self._entries) > _CACHED_SPOOLS:
+                self._entries.popitem(last=False)
+        return messages
+
+
+#: How many spools' parses :class:`_ParseCache` keeps.
+_CACHED_SPOOLS = 256
+
+
 class _Spool:
     """One user's spool: its directory, its name and the store's settings."""
 
-    def __init__(self, path: PurePosixPath, owner: int, lock_timeout: float, reuse: bool) -> None:
+    def __init__(
+        self,
+        path: PurePosixPath,
+        owner: int,
+        lock_timeout: float,
+        reuse: bool,
+        cache: _ParseCache,
+    ) -> None:
+        self.cache = cache
         self.path = path
         self.name = path.name
         self.owner = owner
@@ -160,7 +226,7 @@ class _Spool:
         With ``update``, the UIDL list is written back if it changed, under its lock.
         """
         with _os_errors("read", self.path):
-            messages = parse_mbox(lambda offset, length: os.pread(fd, length, offset), size)
+            messages = self.cache.parse(str(self.path), fd, size)
         if not update:
             uidls, _, _ = assign_uidls(self.read_uidlist(directory), messages, reuse_xuidl=False)
             return _Snapshot(messages, uidls)
@@ -530,6 +596,7 @@ class MboxStore:
         self._lock_timeout = lock_timeout
         self._reuse_xuidl = reuse_xuidl
         self._inline_read_max = inline_read_max
+        self._cache = _ParseCache()
 
     def spool_path(self, user: MailUser) -> PurePosixPath:
         """Return the path of ``user``'s spool.
@@ -547,7 +614,9 @@ class MboxStore:
 
     def _spool(self, user: MailUser) -> _Spool:
         owner = os.geteuid() if self._owner is None else self._owner
-        return _Spool(self.spool_path(user), owner, self._lock_timeout, self._reuse_xuidl)
+        return _Spool(
+            self.spool_path(user), owner, self._lock_timeout, self._reuse_xuidl, self._cache
+        )
 
     async def open(self, user: MailUser, *, lock: bool = True) -> MboxMaildrop:
         """Open ``user``'s spool, taking the session lock if ``lock``.
