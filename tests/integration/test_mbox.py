@@ -15,13 +15,16 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from pobox.auth.passwdfile import add_user
 from pobox.storage.mbox import MboxStore
 from pobox.testing import RunningServer, running_server
+from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
 from tests.helpers.maildir import User, incoming
 from tests.helpers.mbox import append
@@ -141,6 +144,45 @@ class TestPoplib:
         assert [37, 22] == [size for _, size, _ in first]
         assert [first[1][0]] == [uidl for uidl, _, _ in second[:1]]
         assert [b"Subject: c", b"", b">From here"] == second[1][2]
+
+
+class TestDeliverCommand:
+    """``pobox deliver`` (the MDA an MTA runs) appends to the spool."""
+
+    async def test_pobox_deliver_appends(self, tmp_path: Path) -> None:
+        """Two runs append two messages, quoted, readable by the store in order."""
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        add_user(tmp_path / "passwd", "alice", b"secret", scheme="PLAIN")
+        config = tmp_path / "pobox.toml"
+        config.write_text(
+            f'mail_location = "mbox:{spool}/%u"\npasswd_file = "{tmp_path / "passwd"}"\n'
+            + ROOT_MAIL_SETTINGS
+        )
+        command = [sys.executable, "-m", "pobox", "deliver", "-u", "alice", "-f", "s@x.org"]
+        results = [
+            subprocess.run(
+                [*command, "-c", str(config)],
+                input=f"Subject: {number}\n\nFrom the MDA\n".encode(),
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+            for number in (1, 2)
+        ]
+        store = MboxStore(f"mbox:{spool}/%u")
+        maildrop = await store.open(User("alice"))
+        bodies = [
+            b"".join([chunk async for chunk in maildrop.read_message(info.key)])
+            for info in maildrop.messages
+        ]
+        await maildrop.close()
+        assert [(0, b"")] * 2 == [(r.returncode, r.stderr) for r in results]
+        pattern = rb"Return-Path: <s@x\.org>\nDelivered-To: alice\nReceived: [^\n]+\n\t[^\n]+\n"
+        assert [True, True] == [
+            re.fullmatch(pattern + b"Subject: %d\n\n>From the MDA\n" % n, body) is not None
+            for n, body in enumerate(bodies, start=1)
+        ]
 
 
 #: procmail processes appending at the same time, and messages each appends in turn.
