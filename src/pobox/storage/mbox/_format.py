@@ -62,6 +62,9 @@ Reader = Callable[[int, int], bytes]
 MAX_FROM_LINE = 1024
 #: How far into a message its header is looked at for hidden and ``X-UIDL:`` headers.
 HEADER_SCAN_MAX = 1024 * 1024
+#: What is read of a message first to find its header (more, up to HEADER_SCAN_MAX, if the
+#: header does not end in it).
+_HEADER_FIRST_READ = 64 * 1024
 #: Chunks the file is scanned in.
 _SCAN_CHUNK = 1024 * 1024
 #: Dovecot's ``mbox_hide_headers`` (``src/lib-storage/index/mbox/mbox-storage.c``): its own
@@ -228,7 +231,10 @@ def _message(
     """Build one :class:`ParsedMessage` of ``region`` (start, end): hidden headers, sizes."""
     start, end = region
     scan = min(HEADER_SCAN_MAX, content_end - content_start)
-    hidden, xuidl = _scan_header(read(content_start, scan))
+    header = read(content_start, min(_HEADER_FIRST_READ, scan))
+    if len(header) < scan and not _has_header_end(header):
+        header = read(content_start, scan)
+    hidden, xuidl = _scan_header(header)
     segments: list[tuple[int, int]] = []
     position = content_start
     for hide_start, hide_end in hidden:
@@ -279,6 +285,11 @@ def read_segments(
                 return
             done += len(chunk)
             yield chunk
+
+
+def _has_header_end(data: bytes) -> bool:
+    """Tell whether the empty line that ends a header is in ``data`` (the content's start)."""
+    return data[:1] == b"\n" or data[:2] == b"\r\n" or b"\n\n" in data or b"\n\r\n" in data
 
 
 def _scan_header(header: bytes) -> tuple[list[tuple[int, int]], str | None]:

@@ -693,7 +693,7 @@ def _append(spool: _Spool, message: IncomingMessage, quota: Quota | None) -> str
             size = os.fstat(fd).st_size
         if quota is not None and not quota.unlimited:
             with _os_errors("read", spool.path):
-                held = _usage(parse_mbox(lambda o, n: os.pread(fd, n, o), size))
+                held = _usage(spool.cache.parse(str(spool.path), fd, size))
             _check_quota(quota, held, message.size)
         _write_message(spool, fd, size, sender, message)
     return str(size)
