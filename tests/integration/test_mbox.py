@@ -23,7 +23,7 @@ import pytest
 
 from pobox.auth.passwdfile import add_user
 from pobox.storage.mbox import MboxStore
-from pobox.testing import RunningServer, running_server
+from pobox.testing import RunningServer, deliver_to_maildir, running_server
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
 from tests.helpers.maildir import User, incoming
@@ -144,6 +144,50 @@ class TestPoplib:
         assert [37, 22] == [size for _, size, _ in first]
         assert [first[1][0]] == [uidl for uidl, _, _ in second[:1]]
         assert [b"Subject: c", b"", b">From here"] == second[1][2]
+
+
+def _messages_of(srv: RunningServer, user: str, password: str) -> list[list[bytes]]:
+    """Log in as ``user``; return the lines of each message; QUIT."""
+    client = poplib.POP3(srv.host, srv.port, timeout=10)
+    client.user(user)
+    client.pass_(password)
+    count, _ = client.stat()
+    out = [client.retr(number)[1] for number in range(1, count + 1)]
+    client.quit()
+    return out
+
+
+class TestMixedFormats:
+    """``userdb_mail`` may name the other format than ``mail_location`` (users moving over)."""
+
+    async def test_mbox_user_on_a_maildir_server(self, tmp_path: Path) -> None:
+        """With Maildir the default, a user whose mail field is mbox: is served from the spool."""
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        append(spool / "bob", b"Subject: spooled\n\nin mbox\n")
+        add_user(tmp_path / "passwd", "bob", b"pw", scheme="PLAIN", mail=f"mbox:{spool}/%u")
+        async with running_server(tmp_path, {"alice": "secret"}) as srv:
+            srv.deliver("alice", b"Subject: maildir\n\nin Maildir\n")
+            bob = await asyncio.to_thread(_messages_of, srv, "bob", "pw")
+            alice = await asyncio.to_thread(_messages_of, srv, "alice", "secret")
+        assert [[b"Subject: spooled", b"", b"in mbox"]] == bob
+        assert [[b"Subject: maildir", b"", b"in Maildir"]] == alice
+
+    async def test_maildir_user_on_an_mbox_server(self, tmp_path: Path) -> None:
+        """With mbox the default, a user whose mail field is maildir: is served from it."""
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        append(spool / "alice", b"Subject: spooled\n\nin mbox\n")
+        maildir = tmp_path / "maildirs" / "bob"
+        add_user(tmp_path / "passwd", "bob", b"pw", scheme="PLAIN", mail=f"maildir:{maildir}")
+        deliver_to_maildir(maildir, b"Subject: maildir\n\nin Maildir\n")
+        async with running_server(
+            tmp_path, {"alice": "secret"}, mail_location=f"mbox:{spool}/%u"
+        ) as srv:
+            bob = await asyncio.to_thread(_messages_of, srv, "bob", "pw")
+            alice = await asyncio.to_thread(_messages_of, srv, "alice", "secret")
+        assert [[b"Subject: maildir", b"", b"in Maildir"]] == bob
+        assert [[b"Subject: spooled", b"", b"in mbox"]] == alice
 
 
 class TestDeliverCommand:
