@@ -66,14 +66,15 @@ def _session(
     return out
 
 
-def _shared_spool(folder: Path) -> tuple[Path, int]:
-    """Write MESSAGES into ``folder/spool/alice``, owned by Dovecot's mail user; return both."""
+def _shared_spool(folder: Path, messages: list[bytes] = MESSAGES) -> tuple[Path, int]:
+    """Write ``messages`` into ``folder/spool/alice``, owned by Dovecot's mail user (the spool
+    directory too); return the directory and the owner."""
     owner = pwd.getpwnam("nobody") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
     spool = folder / "spool"
     spool.mkdir()
-    for message in MESSAGES:
+    for message in messages:
         append(spool / "alice", message)
-    for path in (spool, spool / "alice"):
+    for path in (spool, *spool.iterdir()):
         os.chown(path, owner.pw_uid, owner.pw_gid)
     spool.chmod(0o775)
     return spool, owner.pw_uid
@@ -124,6 +125,41 @@ class TestDovecotOnTheSameSpool:
                 mode = (spool / "alice").stat()
         assert _comparable(first[1:2] + first[3:]) == _comparable(theirs)
         assert (owner, 0o600) == (mode.st_uid, mode.st_mode & 0o7777)
+
+    async def test_spool_written_by_dovecot_lda(self) -> None:
+        """What dovecot-lda appends (From_ lines in bodies unquoted, a Content-Length written)
+        is listed and sent by pobox as by Dovecot."""
+        lda = Path("/usr/lib/dovecot/dovecot-lda")
+        if not lda.exists():
+            pytest.fail("dovecot-lda is not installed: apt install dovecot-core")
+        with searchable_tmpdir() as folder:
+            spool, owner = _shared_spool(folder, messages=[])
+            location = f"mbox:~/mail:INBOX={spool}/%u"
+            with running_dovecot(folder, {"alice": "secret"}, location) as dovecot:
+                results = [
+                    subprocess.run(
+                        [str(lda), "-c", str(dovecot.config), "-d", "alice", "-f", "s@x.org"],
+                        input=_LDA_MESSAGE % (number, number),
+                        capture_output=True,
+                        check=False,
+                        timeout=60,
+                    )
+                    for number in range(3)
+                ]
+                theirs = await asyncio.to_thread(_session, dovecot.host, dovecot.port)
+            store = MboxStore(f"mbox:{spool}/%u", owner=owner)
+            async with running_server(folder / "pobox", store=store) as srv:
+                ours = await asyncio.to_thread(_session, srv.host, srv.port)
+        assert [(0, b"")] * 3 == [(r.returncode, r.stderr) for r in results]
+        assert 3 == len(ours)
+        assert _comparable(theirs) == _comparable(ours)
+
+
+#: A message whose body has an unquoted From_ line, a quoted one and a dot line.
+_LDA_MESSAGE = (
+    b"Subject: lda %d\nMessage-ID: <%d@lda>\n\nfirst\n"
+    b"From x@y Mon Dec  7 15:00:00 2026\n>From z\n.dot\nlast\n"
+)
 
 
 class TestPoplib:

@@ -127,6 +127,28 @@ class TestParse:
         data = FROM + b"Content-Length: 1\n\nlong body\n\n" + FROM + b"Content-Length: 999\n\nx\n"
         assert [b"\nlong body\n", b"\nx"] == served(data)
 
+    def test_content_length_that_checks_out_is_used(self) -> None:
+        """A Content-Length ending the body right before a From_ line (as dovecot-lda writes,
+        From_ lines in the body unquoted) keeps those lines in the message, as Dovecot reads."""
+        body = b"From x@y Mon Dec  7 15:00:00 2026\nsecond line\n"
+        data = FROM + b"Content-Length: %d\n\n" % len(body) + body + b"\n" + FROM + b"next\n\n"
+        assert [b"\n" + body, b"next\n"] == served(data)
+
+    def test_content_length_to_the_end_of_the_file(self) -> None:
+        """A Content-Length that ends the body at the end of the file (before its final LF)."""
+        body = b"a\nFrom x@y Mon Dec  7 15:00:00 2026\n"
+        data = FROM + b"Content-Length: %d\n\n" % len(body) + body + b"\n"
+        assert [b"\n" + body] == served(data)
+
+    @pytest.mark.parametrize("length", [b"5", b"12", b"99999", b"-1", b"x", b"1" * 40])
+    def test_content_length_that_does_not_check_out(self, length: bytes) -> None:
+        """A Content-Length pointing anywhere but a From_ line is ignored: From_ lines split."""
+        data = (
+            FROM + b"Content-Length: " + length + b"\n\nbody\n"
+            b"From x@y Mon Dec  7 15:00:00 2026\nsecond\n\n"
+        )
+        assert [b"\nbody", b"second\n"] == served(data)
+
     def test_hidden_headers(self) -> None:
         """Dovecot's own headers, folded lines included, are not served; others are."""
         data = (

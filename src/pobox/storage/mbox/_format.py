@@ -19,15 +19,19 @@ Dovecot serving the same spool):
   a final line feed (``body``) is written as ``From a\\nbody\\nFrom b`` and read back as is.
 * ``>From `` lines are served as they are stored: Dovecot's reader does not unquote them
   (mboxo/mboxrd quoting is not reversed), and neither does pobox, so sizes stay the same.
-* ``Content-Length:`` is never trusted to find the end of a message (and, like Dovecot's other
-  own headers ``Status``, ``X-Status``, ``X-Keywords``, ``X-UID``, ``X-IMAP``, ``X-IMAPbase``,
-  it is hidden from what is served: :data:`HIDDEN_HEADERS`). Hidden headers are looked for in
-  the first :data:`HEADER_SCAN_MAX` octets of a message's header.
+* ``Content-Length:`` is never trusted blindly. Dovecot's LDA does not quote ``From `` lines
+  but writes a ``Content-Length:`` and its reader uses it when it checks out: when a From_
+  line (or the end of the file) is exactly where the length says the body ends, that is the
+  end of the message, whatever From_ lines the body holds. pobox does the same, and ignores
+  a length that does not check out (a stranger's header pointing anywhere else). Like
+  Dovecot's other own headers (``Status``, ``X-Status``, ``X-Keywords``, ``X-UID``,
+  ``X-IMAP``, ``X-IMAPbase``), it is hidden from what is served (:data:`HIDDEN_HEADERS`).
+  Headers are looked at in the first :data:`HEADER_SCAN_MAX` octets of a message.
 
 Writing (:class:`FromQuoter`, :func:`from_line`): a message is appended as a From_ line, the
 message with every line that starts with ``From `` quoted as ``>From `` (what Dovecot's
-``mbox_save`` does: mboxo quoting, which is what a reader that does not unquote needs), and one
-line feed as the separator.
+``mbox_save`` once did, and procmail and Postfix do: mboxo quoting, which is what a reader that
+does not unquote needs), and one line feed as the separator; no ``Content-Length:``.
 
 May import: the standard library and :mod:`pobox.storage.base`.
 """
@@ -64,7 +68,11 @@ MAX_FROM_LINE = 1024
 HEADER_SCAN_MAX = 1024 * 1024
 #: What is read of a message first to find its header (more, up to HEADER_SCAN_MAX, if the
 #: header does not end in it).
-_HEADER_FIRST_READ = 64 * 1024
+_HEADER_FIRST_READ = 8 * 1024
+#: A Content-Length of more digits than this is no length of a file here.
+_LENGTH_DIGITS = 18
+#: The first chunk read when looking for the next From_ line (then doubling).
+_FIRST_SCAN_CHUNK = 4 * 1024
 #: Chunks the file is scanned in.
 _SCAN_CHUNK = 1024 * 1024
 #: Dovecot's ``mbox_hide_headers`` (``src/lib-storage/index/mbox/mbox-storage.c``): its own
@@ -163,25 +171,20 @@ class ParsedMessage:
     xuidl: str | None
 
 
-def find_starts(read: Reader, size: int, start: int = 0) -> list[int]:
-    """Return the offsets of the From_ lines of the first ``size`` octets, from ``start``.
+def _next_start(read: Reader, size: int, position: int) -> int | None:
+    """Return the offset of the first From_ line after ``position`` (which is in a line).
 
-    Raises:
-        NotAnMbox: there is no ``From `` at ``start`` (the start of the file: not an mbox).
+    Reads chunks that start small and double (most messages are small), each with enough
+    after it to read a From_ line that starts in it whole.
     """
-    if size <= start:
-        return []
-    if read(start, 5) != b"From ":
-        msg = "the file does not start with a 'From ' line: not an mbox"
-        raise NotAnMbox(msg)
-    starts = [start]
-    offset = start
+    offset = position
+    chunk = _FIRST_SCAN_CHUNK
     while offset < size:
-        limit = min(_SCAN_CHUNK, size - offset)
+        limit = min(chunk, size - offset)
         buffer = read(offset, min(limit + MAX_FROM_LINE + 1, size - offset))
         limit = min(limit, len(buffer))
         if not limit:
-            break  # the file shrank under us: what is left is not ours to read
+            return None  # the file shrank under us: what is left is not ours to read
         at = buffer.find(b"\nFrom ")
         while 0 <= at < limit:
             line_end = buffer.find(b"\n", at + 1)
@@ -191,14 +194,42 @@ def find_starts(read: Reader, size: int, start: int = 0) -> list[int]:
             else:
                 complete = True
             if complete and is_from_line(buffer[at + 1 : line_end]):
-                starts.append(offset + at + 1)
+                return offset + at + 1
             at = buffer.find(b"\nFrom ", at + 1)
         offset += limit
-    return starts
+        chunk = min(chunk * 2, _SCAN_CHUNK)
+    return None
+
+
+def _from_line_at(read: Reader, size: int, position: int) -> bool:
+    """Tell whether a line feed and a From_ line are at ``position``."""
+    data = read(position, min(MAX_FROM_LINE + 2, size - position))
+    if not data.startswith(b"\nFrom "):
+        return False
+    line_end = data.find(b"\n", 1)
+    if line_end < 0:
+        if position + len(data) < size:
+            return False  # longer than any From_ line
+        line_end = len(data)
+    return is_from_line(data[1:line_end])
+
+
+def _read_header(read: Reader, position: int, limit: int) -> bytes:
+    """Read the start of a message's content, far enough to hold its header if it can."""
+    scan = min(HEADER_SCAN_MAX, limit)
+    header = read(position, min(_HEADER_FIRST_READ, scan))
+    if len(header) < scan and not _has_header_end(header):
+        header = read(position, scan)
+    return header
 
 
 def parse_mbox(read: Reader, size: int, start: int = 0) -> list[ParsedMessage]:
     """Parse the first ``size`` octets of an mbox into its messages, in file order.
+
+    A message ends at the next From_ line, unless its ``Content-Length:`` header says where
+    its body ends and a From_ line (or the end of the file) is exactly there, as Dovecot
+    writes and reads it (dovecot-lda does not quote ``From `` lines but writes that header):
+    a length that does not check out is ignored, never followed.
 
     Args:
         start: where to begin: 0, or the From_ line of a message parsed before (to parse
@@ -207,34 +238,66 @@ def parse_mbox(read: Reader, size: int, start: int = 0) -> list[ParsedMessage]:
     Raises:
         NotAnMbox: the file does not start with ``From `` (or there is none at ``start``).
     """
-    starts = find_starts(read, size, start)
-    last_is_lf = size > 0 and read(size - 1, 1) == b"\n"
+    if size <= start:
+        return []
+    if read(start, 5) != b"From ":
+        msg = "the file does not start with a 'From ' line: not an mbox"
+        raise NotAnMbox(msg)
+    last_is_lf = read(size - 1, 1) == b"\n"
     messages = []
-    for number, begin in enumerate(starts):
-        end = starts[number + 1] if number + 1 < len(starts) else size
-        head = read(begin, min(MAX_FROM_LINE + 1, end - begin))
+    begin = start
+    while begin < size:
+        head = read(begin, min(MAX_FROM_LINE + 1, size - begin))
         line_end = head.find(b"\n")
-        if line_end < 0:
-            # The From_ line runs to the end of the message: no content.
+        following = None if line_end < 0 else begin + line_end + 1
+        end = content_end = None
+        scanned = None
+        if following is not None:
+            scanned = _scan_header(_read_header(read, following, size - following))
+            _, _, body, length = scanned
+            if body is not None and length is not None:
+                body_end = following + body + length
+                if body_end == size or (body_end + 1 == size and last_is_lf):
+                    end, content_end = size, body_end
+                elif body_end < size and _from_line_at(read, size, body_end):
+                    end, content_end = body_end + 1, body_end
+        if end is None or content_end is None:
+            found = _next_start(read, size, begin)
+            if found is None:
+                end, content_end = size, size - 1 if last_is_lf else size
+            else:
+                end, content_end = found, found - 1
+        if following is None:
+            # The From_ line runs to the end of the message (or is overlong): no content.
             messages.append(_message(read, (begin, end), head, end, end))
-            continue
-        content_start = begin + line_end + 1
-        content_end = end - 1 if number + 1 < len(starts) or last_is_lf else end
-        content_end = max(content_start, content_end)
-        messages.append(_message(read, (begin, end), head[:line_end], content_start, content_end))
+        else:
+            content_end = max(following, content_end)
+            assert scanned is not None
+            if scanned[2] is None or following + scanned[2] > content_end:
+                scanned = None  # the header scan ran past this message: scan it again
+            messages.append(
+                _message(read, (begin, end), head[:line_end], following, content_end, scanned)
+            )
+        begin = end
     return messages
 
 
-def _message(
-    read: Reader, region: tuple[int, int], line: bytes, content_start: int, content_end: int
+def _message(  # noqa: PLR0917 - the parts of one message found by parse_mbox
+    read: Reader,
+    region: tuple[int, int],
+    line: bytes,
+    content_start: int,
+    content_end: int,
+    scanned: _Header | None = None,
 ) -> ParsedMessage:
-    """Build one :class:`ParsedMessage` of ``region`` (start, end): hidden headers, sizes."""
+    """Build one :class:`ParsedMessage` of ``region`` (start, end): hidden headers, sizes.
+
+    ``scanned`` is its header, read already (``None``: read it here).
+    """
     start, end = region
-    scan = min(HEADER_SCAN_MAX, content_end - content_start)
-    header = read(content_start, min(_HEADER_FIRST_READ, scan))
-    if len(header) < scan and not _has_header_end(header):
-        header = read(content_start, scan)
-    hidden, xuidl = _scan_header(header)
+    if scanned is None:
+        scanned = _scan_header(_read_header(read, content_start, content_end - content_start))
+    hidden, xuidl, _, _ = scanned
     segments: list[tuple[int, int]] = []
     position = content_start
     for hide_start, hide_end in hidden:
@@ -292,13 +355,23 @@ def _has_header_end(data: bytes) -> bool:
     return data[:1] == b"\n" or data[:2] == b"\r\n" or b"\n\n" in data or b"\n\r\n" in data
 
 
-def _scan_header(header: bytes) -> tuple[list[tuple[int, int]], str | None]:
-    """Return the ``(start, end)`` ranges of hidden header lines and the ``X-UIDL:`` value.
+#: What :func:`_scan_header` finds: hidden ranges, X-UIDL, body offset, Content-Length.
+_Header = tuple[list[tuple[int, int]], str | None, int | None, int | None]
+
+
+def _scan_header(header: bytes) -> _Header:
+    """Read a message's header: what to hide, its X-UIDL, where the body starts, its length.
 
     ``header`` is the start of a message's content; the header ends at its first empty line.
+
+    Returns:
+        The ``(start, end)`` ranges of hidden header lines, the ``X-UIDL:`` value, the
+        offset of the body (after the empty line; ``None`` if none was found) and the
+        ``Content-Length:`` value (``None`` if there is none, or it is not a number).
     """
     hidden: list[tuple[int, int]] = []
     xuidl: str | None = None
+    length: int | None = None
     position = 0
     hiding = False
     while position < len(header):
@@ -306,7 +379,7 @@ def _scan_header(header: bytes) -> tuple[list[tuple[int, int]], str | None]:
         line_end = len(header) if newline < 0 else newline + 1
         line = header[position:line_end]
         if line in {b"\n", b"\r\n"}:
-            break
+            return hidden, xuidl, line_end, length
         if line[:1] in {b" ", b"\t"}:
             hide = hiding
         else:
@@ -316,10 +389,14 @@ def _scan_header(header: bytes) -> tuple[list[tuple[int, int]], str | None]:
             if colon and field == b"x-uidl" and xuidl is None:
                 text = value.strip().decode("ascii", "replace")
                 xuidl = text or None
+            if colon and field == b"content-length" and length is None:
+                digits = value.strip()
+                if digits.isdigit() and len(digits) <= _LENGTH_DIGITS:
+                    length = int(digits)
         if hide:
             if hidden and hidden[-1][1] == position:
                 hidden[-1] = (hidden[-1][0], line_end)
             else:
                 hidden.append((position, line_end))
         position = line_end
-    return hidden, xuidl
+    return hidden, xuidl, None, length
