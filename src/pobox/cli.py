@@ -652,12 +652,6 @@ async def run_server(
     helper: StorageHelper | None = None
     tls: ServerTls | None = None
     workers = HashWorkers()
-    if plan.access is MailAccess.HELPER and config.mail_location.startswith("mbox:"):
-        msg = (
-            "mail_location: mbox spools are served with one uid (mail_uid, or pobox started "
-            "as that user), not through the storage helper"
-        )
-        raise ConfigError(msg)
     if plan.access is MailAccess.HELPER:
         helper, authenticator, store, tls = await _start_helper(config, plan, helper_lost, workers)
         stores: list[MaildropStore | Authenticator] = [authenticator]
