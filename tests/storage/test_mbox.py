@@ -6,6 +6,7 @@ these tests cover what only an mbox spool in a shared directory such as ``/var/m
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import pwd
@@ -163,6 +164,18 @@ class TestDotlock:
         await maildrop.close()
         assert "SYS/TEMP" == delivered.value.resp_code
         assert [b"x\n"] == [body for _, body in await uidls_and_bodies(store)]
+
+    async def test_held_dotlock_ties_up_one_thread(self, spool_dir: Path) -> None:
+        """Alice holding her own dotlock while many deliveries to her wait does not hold up
+        Bob: her waits take one worker thread, his delivery is done before any of hers ends."""
+        (spool_dir / "alice.lock").write_text("")
+        store = store_for(spool_dir, lock_timeout=1.0)
+        alice = [asyncio.create_task(store.deliver(ALICE, incoming(b"a\n"))) for _ in range(12)]
+        bob = asyncio.create_task(store.deliver(User("bob"), incoming(b"b\n")))
+        done, _ = await asyncio.wait([bob, *alice], return_when=asyncio.FIRST_COMPLETED)
+        results = await asyncio.gather(*alice, return_exceptions=True)
+        assert [bob] == list(done)
+        assert all(isinstance(result, StorageTemporaryError) for result in results)
 
     async def test_symlink_dotlock_never_followed(self, tmp_path: Path, spool_dir: Path) -> None:
         """A link planted as the dotlock counts as held, then as stale; its target is never

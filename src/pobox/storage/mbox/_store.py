@@ -59,6 +59,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TypeVar
 
 from pobox.storage._safefs import Dir, OpenFile, flocked, storage_error, write_all
 from pobox.storage.base import (
@@ -74,12 +75,15 @@ from pobox.storage.base import (
     StorageTemporaryError,
     Usage,
 )
+from pobox.storage.maildir import MaildirGates
 from pobox.storage.maildir._location import LocationError, MailLocation
 from pobox.storage.mbox._format import FromQuoter, ParsedMessage, from_line, parse_mbox
 from pobox.storage.mbox._locks import dotlocked, fcntl_locked, session_lock
 from pobox.storage.mbox._uidlist import UidList, assign_uidls
 
 __all__ = ["INLINE_READ_MAX", "LOCK_TIMEOUT", "MboxMaildrop", "MboxStore", "parse_mbox_location"]
+
+_T = TypeVar("_T")
 
 #: How long an operation waits at most for the dotlock or an fcntl lock.
 LOCK_TIMEOUT = 10.0
@@ -192,14 +196,27 @@ class _Spool:
         owner: int,
         lock_timeout: float,
         reuse: bool,
-        cache: _ParseCache,
+        shared: tuple[_ParseCache, MaildirGates],
     ) -> None:
-        self.cache = cache
+        self.cache, self._gates = shared
         self.path = path
         self.name = path.name
         self.owner = owner
         self.lock_timeout = lock_timeout
         self.reuse_xuidl = reuse
+
+    async def run(self, work: Callable[..., _T], *args: object) -> _T:
+        """Run blocking ``work`` in a worker thread, one at a time per spool.
+
+        Work on a spool may wait (up to ``lock_timeout``) for locks its user can hold: one
+        worker thread per spool at most, so that a user holding their own dotlock ties up
+        one thread, not all of them; others wait their turn in the event loop, as long.
+
+        Raises:
+            StorageTemporaryError: the turn did not come within ``lock_timeout`` seconds.
+        """
+        async with self._gates.turn(str(self.path), self.lock_timeout):
+            return await asyncio.to_thread(work, *args)
 
     def open_dir(self) -> Dir:
         """Open the spool's directory (the admin's: by its path)."""
@@ -419,7 +436,7 @@ class MboxMaildrop:
             MessageGone: the message is no longer in the spool.
             StorageTemporaryError: an I/O error that may pass.
         """
-        message, fd, extra = await asyncio.to_thread(self._locate, key)
+        message, fd, extra = await self._spool.run(self._locate, key)
         try:
             for offset, length in message.segments:
                 done = 0
@@ -461,7 +478,7 @@ class MboxMaildrop:
         wanted = [key for key in keys if key in self._by_key]
         failed = tuple(key for key in keys if key not in self._by_key)
         if wanted:
-            await asyncio.to_thread(_rewrite_without, self._spool, set(wanted))
+            await self._spool.run(_rewrite_without, self._spool, set(wanted))
         return DeleteResult(removed=tuple(wanted), failed=failed)
 
     def on_lock_lost(self, callback: Callable[[], object]) -> None:
@@ -596,7 +613,7 @@ class MboxStore:
         self._lock_timeout = lock_timeout
         self._reuse_xuidl = reuse_xuidl
         self._inline_read_max = inline_read_max
-        self._cache = _ParseCache()
+        self._shared = (_ParseCache(), MaildirGates())
 
     def spool_path(self, user: MailUser) -> PurePosixPath:
         """Return the path of ``user``'s spool.
@@ -615,7 +632,7 @@ class MboxStore:
     def _spool(self, user: MailUser) -> _Spool:
         owner = os.geteuid() if self._owner is None else self._owner
         return _Spool(
-            self.spool_path(user), owner, self._lock_timeout, self._reuse_xuidl, self._cache
+            self.spool_path(user), owner, self._lock_timeout, self._reuse_xuidl, self._shared
         )
 
     async def open(self, user: MailUser, *, lock: bool = True) -> MboxMaildrop:
@@ -627,7 +644,7 @@ class MboxStore:
             StoragePermanentError: the spool is unsafe or not an mbox.
         """
         spool = self._spool(user)
-        return await asyncio.to_thread(self._open, spool, lock)
+        return await spool.run(self._open, spool, lock)
 
     def _open(self, spool: _Spool, lock: bool) -> MboxMaildrop:
         with spool.open_dir() as directory:
@@ -651,7 +668,7 @@ class MboxStore:
             StoragePermanentError: the spool is unsafe.
         """
         spool = self._spool(user)
-        return await asyncio.to_thread(_append, spool, message, quota)
+        return await spool.run(_append, spool, message, quota)
 
     async def usage(self, user: MailUser) -> Usage:
         """Return what ``user``'s spool holds (served octets, LF line ends, and messages)."""
@@ -665,7 +682,7 @@ class MboxStore:
             handle.close()
             return _usage(snapshot.messages)
 
-        return await asyncio.to_thread(count)
+        return await spool.run(count)
 
     async def aclose(self) -> None:
         """Nothing to release."""
