@@ -437,6 +437,10 @@ class MboxMaildrop:
             StorageTemporaryError: an I/O error that may pass.
         """
         message, fd, extra = await self._spool.run(self._locate, key)
+        if extra is None:
+            # A descriptor of its own: the session may close its own while a read is queued.
+            with _os_errors("read", self._spool.path):
+                fd = os.dup(fd)
         try:
             for offset, length in message.segments:
                 done = 0
@@ -450,6 +454,8 @@ class MboxMaildrop:
         finally:
             if extra is not None:
                 extra.close()
+            else:
+                os.close(fd)
 
     def read_now(self, key: str) -> bytes | None:
         """Return a small message whole, else ``None`` (use :meth:`read_message`).
