@@ -14,6 +14,7 @@ import poplib
 import pwd
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import pytest
 from pobox.auth.passwdfile import add_user
 from pobox.storage.mbox import MboxStore
 from pobox.testing import RunningServer, deliver_to_maildir, running_server
+from tests.delivery.helpers import retrieve_all, running_pobox
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
 from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
 from tests.helpers.maildir import User, incoming
@@ -224,6 +226,35 @@ class TestMixedFormats:
             alice = await asyncio.to_thread(_messages_of, srv, "alice", "secret")
         assert [[b"Subject: maildir", b"", b"in Maildir"]] == bob
         assert [[b"Subject: spooled", b"", b"in mbox"]] == alice
+
+
+class TestLmtp:
+    """LMTP delivers into mbox spools, then POP3 serves them."""
+
+    async def test_lmtp_to_two_spools(self, tmp_path: Path) -> None:
+        """LMTP deliveries to alice and bob land in their spools, ``From `` quoted."""
+        spool = tmp_path / "spool"
+        spool.mkdir()
+        settings = {"mail_location": f"mbox:{spool}/%u"}
+        async with running_pobox(tmp_path, ("alice", "bob"), **settings) as pobox:
+            host, port = pobox.lmtp
+
+            def send() -> list[dict[str, tuple[int, bytes]]]:
+                with smtplib.LMTP(host, port, timeout=30) as client:
+                    return [
+                        client.sendmail("s@x.org", [name], b"Subject: lmtp\r\n\r\nFrom far\r\n")
+                        for name in ("alice", "bob")
+                    ]
+
+            refused = await asyncio.to_thread(send)
+            got = [
+                await asyncio.to_thread(retrieve_all, pobox.pop3.host, pobox.pop3.port, name)
+                for name in ("alice", "bob")
+            ]
+        assert [{}, {}] == refused
+        assert [1, 1] == [len(messages) for messages in got]
+        assert all(m[0].endswith(b"Subject: lmtp\r\n\r\n>From far\r\n") for m in got)
+        assert (spool / "alice").read_bytes().startswith(b"From s@x.org ")
 
 
 class TestDeliverCommand:
