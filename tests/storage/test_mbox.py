@@ -126,6 +126,24 @@ class TestHostileSpool:
             await store.deliver(ALICE, incoming(b"x\n"))
         assert before == target.read_bytes()
 
+    async def test_spool_swapped_for_a_link_during_a_session(
+        self, tmp_path: Path, spool_dir: Path
+    ) -> None:
+        """A spool replaced by a link after login is not followed when a message is read."""
+        append(spool_dir / "alice", b"mine\n")
+        target = tmp_path / "target"
+        append(target, b"secret\n")
+        store = store_for(spool_dir)
+        maildrop = await store.open(ALICE)
+        (spool_dir / "alice").rename(tmp_path / "moved")
+        (spool_dir / "alice").symlink_to(target)
+        with pytest.raises(StoragePermanentError):
+            b"".join([c async for c in maildrop.read_message(maildrop.messages[0].key)])
+        with pytest.raises(StoragePermanentError):
+            await maildrop.delete([maildrop.messages[0].key])
+        await maildrop.close()
+        assert b"secret\n" in target.read_bytes()
+
     async def test_fifo_spool_refused_without_blocking(self, spool_dir: Path) -> None:
         """A FIFO in place of the spool is refused at once (O_NONBLOCK, regular files only)."""
         os.mkfifo(spool_dir / "alice")
