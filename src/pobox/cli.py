@@ -130,6 +130,7 @@ from pobox.storage.base import (
     StorageTemporaryError,
 )
 from pobox.storage.maildir import MaildirStore, deliver_message
+from pobox.storage.mbox import MboxStore
 from pobox.storage.privsep import (
     Owner,
     OwnerPolicy,
@@ -138,6 +139,7 @@ from pobox.storage.privsep import (
     SwitchingStore,
     switch_process,
 )
+from pobox.storage.routed import FormatRouter
 from pobox.storage.spool import Spool
 from pobox.tls import ServerTls
 from pobox.transfer import (
@@ -243,18 +245,32 @@ def build_store(config: Config, *, plan: PrivilegePlan | None = None) -> Maildro
     """
     if config.mail_location == "postgresql":
         return _postgres_store(config)
+    files = _file_store(config)
+    if plan is None:
+        me = Owner(os.geteuid(), os.getegid())
+        return SameOwnerStore(files, OwnerPolicy.from_config(config, fallback=me), me)
+    assert plan.identity is not None
+    return SameOwnerStore(files, plan.policy, plan.identity)
+
+
+def _file_store(config: Config) -> FormatRouter:
+    """Build the Maildir and mbox stores, the one ``mail_location`` names as the default.
+
+    A user's ``userdb_mail`` may name the other format (:mod:`pobox.storage.routed`).
+    """
+    mbox_default = config.mail_location.startswith("mbox:")
     maildir = MaildirStore(
-        config.mail_location,
+        "maildir:~/Maildir" if mbox_default else config.mail_location,
         inline_read_max=config.mail_inline_read_max,
         reuse_xuidl=config.pop3_reuse_xuidl,
         retention=parse_duration(config.pop3_delete_retention),
         header_ends="oe-ns-eoh" in config.pop3_client_workarounds,
     )
-    if plan is None:
-        me = Owner(os.geteuid(), os.getegid())
-        return SameOwnerStore(maildir, OwnerPolicy.from_config(config, fallback=me), me)
-    assert plan.identity is not None
-    return SameOwnerStore(maildir, plan.policy, plan.identity)
+    mbox = MboxStore(
+        config.mail_location if mbox_default else "mbox:/var/mail/%u",
+        reuse_xuidl=config.pop3_reuse_xuidl,
+    )
+    return FormatRouter(mbox if mbox_default else maildir, maildir=maildir, mbox=mbox)
 
 
 def _postgres_store(config: Config) -> PostgresStore:
@@ -1192,14 +1208,7 @@ def build_deliver_store(config: Config) -> MaildropStore:
     """
     if os.geteuid() != 0 or config.mail_location == "postgresql":
         return build_store(config)
-    maildir = MaildirStore(
-        config.mail_location,
-        inline_read_max=config.mail_inline_read_max,
-        reuse_xuidl=config.pop3_reuse_xuidl,
-        retention=parse_duration(config.pop3_delete_retention),
-        header_ends="oe-ns-eoh" in config.pop3_client_workarounds,
-    )
-    return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
+    return SwitchingStore(_file_store(config), OwnerPolicy.from_config(config, fallback=None))
 
 
 async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple[int, str]:

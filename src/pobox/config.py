@@ -409,8 +409,17 @@ def _parse_account(name: str, value: str | int) -> str:
 
 
 def _check_mail_location(name: str, value: str) -> None:
+    if value.startswith("mbox:"):
+        # Dovecot's syntax: mbox:/var/mail/%u, or mbox:~/mail:INBOX=/var/mail/%u.
+        path, _, rest = value[len("mbox:") :].partition(":")
+        inbox = [o[len("INBOX=") :] for o in rest.split(":") if o.startswith("INBOX=")]
+        if not path or (inbox and not inbox[-1]):
+            raise ConfigError(f"{name}: {value!r}: expected mbox:PATH or mbox:ROOT:INBOX=PATH")
+        return
     if not value.startswith("maildir:") and value != "postgresql":
-        raise ConfigError(f"{name}: {value!r} must start with 'maildir:' or be 'postgresql'")
+        raise ConfigError(
+            f"{name}: {value!r} must start with 'maildir:' or 'mbox:', or be 'postgresql'"
+        )
 
 
 def _check_greeting(name: str, value: str) -> None:
@@ -507,8 +516,9 @@ class Config:
     mail_location: str = key(
         "maildir:~/Maildir",
         "Where maildrops are, like Dovecot's: `maildir:PATH` with `~` (home), `%u` "
-        "(user), `%n` (local part), `%d` (domain), `%h` (home). A user's `userdb_mail=` "
-        "field overrides it.",
+        "(user), `%n` (local part), `%d` (domain), `%h` (home); `mbox:/var/mail/%u` (an mbox "
+        "spool) or `mbox:~/mail:INBOX=/var/mail/%u` (the spool after `INBOX=`; the root "
+        "before it is ignored); `postgresql`. A user's `userdb_mail=` field overrides it.",
         check=_check_mail_location,
         flag=True,
         section="Mail and its owners",
@@ -607,7 +617,8 @@ class Config:
         "messages sent by `RETR` are deleted at that session's `QUIT` even without `DELE` (not "
         "those only read with `TOP`); `never`: advertise `EXPIRE NEVER` (pobox deletes "
         'nothing by itself); `""`: no EXPIRE in CAPA. Per user: userdb field of the same '
-        "name; CAPA then says `EXPIRE n USER` before login and the user's value after.",
+        "name; CAPA then says `EXPIRE n USER` before login and the user's value after. Not with "
+        "an mbox `mail_location` (it keeps no first-RETR times).",
         toml=(str, int),
         parse=_parse_expire_days,
         section="POP3 service",
@@ -1292,6 +1303,17 @@ def _validate_postgresql(config: Config) -> None:
         raise ConfigError(
             "postgresql_password_query: needed when postgresql_user_query or "
             "postgresql_iterate_query is set"
+        )
+    if config.mail_location.startswith("mbox:") and parse_duration(config.pop3_delete_retention):
+        raise ConfigError(
+            "pop3_delete_retention: not supported with an mbox mail_location (Maildir and "
+            'PostgreSQL only); set it to "0"'
+        )
+    if config.mail_location.startswith("mbox:") and config.pop3_expire_days not in ("", "NEVER"):
+        raise ConfigError(
+            "pop3_expire_days: not supported with an mbox mail_location (Maildir and "
+            "PostgreSQL only: mbox keeps no first-RETR times); leave it unset or set it to "
+            '"never"'
         )
     if config.postgresql_pool_max < config.postgresql_pool_min:
         raise ConfigError("postgresql_pool_max: must be at least postgresql_pool_min")

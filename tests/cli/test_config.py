@@ -85,10 +85,29 @@ class TestBuildConfig:
         with pytest.raises(ConfigError, match=r"^listen\[1\]: "):
             build_config({"listen": ["127.0.0.1:110", "nope"]})
 
-    def test_mail_location_must_be_maildir(self) -> None:
-        """Only maildir: locations exist for now."""
+    @pytest.mark.parametrize("location", ["sdbox:~/mail", "mbox:", "mbox:~/mail:INBOX="])
+    def test_mail_location_must_be_maildir_or_mbox(self, location: str) -> None:
+        """Only maildir:, mbox: (with a path) and postgresql locations exist."""
         with pytest.raises(ConfigError, match=r"^mail_location: "):
-            build_config({"mail_location": "mbox:~/mail"})
+            build_config({"mail_location": location})
+
+    @pytest.mark.parametrize("location", ["mbox:/var/mail/%u", "mbox:~/mail:INBOX=/var/mail/%u"])
+    def test_mbox_locations_accepted(self, location: str) -> None:
+        """Dovecot's two mbox forms are taken as written."""
+        assert location == build_config({"mail_location": location}).mail_location
+
+    def test_mbox_refuses_retention(self) -> None:
+        """Deleted-mail retention is Maildir's: with mbox it is refused, naming the key."""
+        with pytest.raises(ConfigError, match=r"^pop3_delete_retention: "):
+            build_config({"mail_location": "mbox:/var/mail/%u", "pop3_delete_retention": "7d"})
+
+    def test_mbox_refuses_expire_days(self) -> None:
+        """EXPIRE needs first-RETR times, which mbox does not keep: refused, NEVER allowed."""
+        mbox = {"mail_location": "mbox:/var/mail/%u"}
+        for days in ("0", "30"):
+            with pytest.raises(ConfigError, match=r"^pop3_expire_days: "):
+                build_config({**mbox, "pop3_expire_days": days})
+        assert "NEVER" == build_config({**mbox, "pop3_expire_days": "never"}).pop3_expire_days
 
     def test_greeting_limits(self) -> None:
         """The greeting must be one line within RFC 2449's 512-octet status line."""

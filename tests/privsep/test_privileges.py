@@ -109,6 +109,16 @@ class TestRootOtherwise:
         with pytest.raises(ConfigError, match=r"^user: the serving process must not stay root"):
             _plan(0, 0, user="root")
 
+    def test_mbox_refused(self) -> None:
+        """mbox spools are not served through the helper: mail_uid is asked for."""
+        with pytest.raises(ConfigError, match=r"^mail_location: mbox spools .* set mail_uid"):
+            _plan(0, 0, mail_location="mbox:/var/mail/%u")
+
+    def test_mbox_with_mail_uid(self) -> None:
+        """With mail_uid (mode 2) an mbox location is served."""
+        plan = _plan(0, 0, mail_location="mbox:/var/mail/%u", mail_uid=VMAIL)
+        assert MailAccess.MAIL_UID == plan.access
+
 
 class TestMailInPostgresql:
     """mail_location = "postgresql": no mail files, so no owners and no helper."""

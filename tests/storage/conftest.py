@@ -25,12 +25,14 @@ import pytest
 from pobox.config import build_config
 from pobox.storage.base import MaildropStore, MailUser
 from pobox.storage.maildir import MaildirStore
+from pobox.storage.mbox import MboxStore
 from pobox.storage.memory import MemoryStore
 from pobox.storage.postgres import PostgresStore
 from pobox.storage.privsep import OwnerPolicy, StorageHelper
 from tests.helpers.accounts import ALICE, chown_tree, system_user
 from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import User, deliver
+from tests.helpers.mbox import append
 from tests.helpers.postgres import StoreThread
 
 
@@ -77,7 +79,25 @@ def _maildir(
     return Backend(name, store, user, deliver_to)
 
 
+def _mbox(tmp_path: Path) -> Backend:
+    """Return the mbox backend: spools ``<tmp_path>/spool/<user>``, written as an MTA would."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    store = MboxStore(f"mbox:~/mail:INBOX={spool}/%u")
+
+    def user(name: str) -> MailUser:
+        """Return user ``name``, with a home of their own."""
+        return User(name, home=str(tmp_path / "home" / name))
+
+    def deliver_to(name: str, data: bytes) -> None:
+        """Append to the spool as an MTA does."""
+        append(spool / name, data)
+
+    return Backend("mbox", store, user, deliver_to)
+
+
 _BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "mbox": _mbox,
     "memory": _memory,
     "maildir": lambda path: _maildir(path, "maildir", fields="SW", flags=None, index=True),
     "maildir-no-sizes": lambda path: _maildir(

@@ -161,6 +161,13 @@ def plan_privileges(
             name = _name_of(mail.uid)
             serve_as = None if mail.uid == 0 else mail
             return PrivilegePlan(MailAccess.MAIL_UID, policy, mail, serve_as, name)
+    if config.mail_location.startswith("mbox:"):
+        msg = (
+            "mail_location: mbox spools are served with one uid: set mail_uid (and mail_gid, "
+            "e.g. a group that may write the spool directory), or start pobox as that user; "
+            "the storage helper for mail of several uids serves Maildir only"
+        )
+        raise ConfigError(msg)
     warnings: tuple[str, ...] = ()
     if config.user:
         serve_as, name = _account(config.user, config.group)
@@ -196,6 +203,13 @@ def _database_plan(config: Config, euid: int, egid: int) -> PrivilegePlan:
             raise ConfigError(msg)
         return PrivilegePlan(MailAccess.DATABASE, policy, me, None)
     policy = OwnerPolicy.from_config(config, fallback=None)
+    if config.mail_location.startswith("mbox:"):
+        msg = (
+            "mail_location: mbox spools are served with one uid: set mail_uid (and mail_gid, "
+            "e.g. a group that may write the spool directory), or start pobox as that user; "
+            "the storage helper for mail of several uids serves Maildir only"
+        )
+        raise ConfigError(msg)
     warnings: tuple[str, ...] = ()
     if config.user:
         serve_as, name = _account(config.user, config.group)
