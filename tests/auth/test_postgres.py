@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -20,6 +19,7 @@ from pobox.auth.postgres import (
 )
 from pobox.errors import PoboxError
 from pobox.storage.postgres import SchemaError
+from tests.helpers.ports import free_port
 from tests.helpers.postgres import Postgres
 
 
@@ -36,13 +36,6 @@ async def userdb(pg_dsn: str) -> AsyncIterator[PostgresAuthenticator]:
     db = PostgresAuthenticator(pg_dsn, cache_ttl=0, timeout=5, listen=False)
     yield db
     await db.aclose()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class TestColumns:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,9 @@ from pobox.auth.passwdfile import PasswdFileAuthenticator
 from pobox.cli import main
 from tests.helpers.accounts import ALICE, system_user
 from tests.helpers.dovecot import searchable_tmpdir
+from tests.helpers.ports import free_port
 
 from ..integration.wire import Wire
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for_port(port: int, proc: asyncio.subprocess.Process) -> None:

@@ -38,6 +38,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers.ports import free_port
+
 __all__ = [
     "Dovecot",
     "DovecotError",
@@ -170,7 +172,7 @@ def running_dovecot(
         _check_searchable(home, account)
     users_file = confdir / "users"
     users_file.write_text(_passwd_file(users, user_homes, account))
-    port = _free_port()
+    port = free_port()
     log = confdir / "dovecot.log"
     config = confdir / "dovecot.conf"
     config.write_text(_config(confdir, users_file, log, port, mail_location, account, extra_config))
@@ -315,14 +317,6 @@ service pop3-login {{
 }}
 {unprivileged}{extra}
 """
-
-
-def _free_port() -> int:
-    """Return a loopback TCP port that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((_HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_for_greeting(

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers.ports import free_port
+
 __all__ = ["HAProxy", "HAProxyError", "free_port", "running_haproxy"]
 
 _GLOBAL = """\
@@ -93,13 +95,6 @@ def find_haproxy() -> Path:
         msg = "haproxy is not installed: run scripts/install-deps --test"
         raise HAProxyError(msg)
     return Path(found)
-
-
-def free_port() -> int:
-    """Return a loopback TCP port that is free right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager

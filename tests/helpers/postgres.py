@@ -26,7 +26,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -40,6 +39,7 @@ import pytest
 
 from pobox.storage.postgres import PostgresStore, upgrade
 from tests.helpers.maildir import User
+from tests.helpers.ports import free_port
 
 __all__ = [
     "PG_USER",
@@ -103,13 +103,6 @@ def _ensure_user() -> pwd.struct_passwd:
         msg = f"useradd {PG_USER} failed: {done.stderr.strip()}"
         raise PostgresError(msg)
     return pwd.getpwnam(PG_USER)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -363,7 +356,7 @@ def running_postgres(settings: dict[str, str] | None = None) -> Iterator[Postgre
         if init.returncode:
             msg = f"initdb failed: {init.stderr.strip()}"
             raise PostgresError(msg)
-        port = _free_port()
+        port = free_port()
         values = {
             **DEFAULT_SETTINGS,
             "port": str(port),

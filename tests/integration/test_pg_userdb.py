@@ -8,7 +8,6 @@ import asyncio
 import poplib
 import re
 import smtplib
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,15 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.ports import free_port
 from tests.helpers.postgres import Postgres
 from tests.helpers.process import ServeProcess, serve_config
-
-
-def free_port() -> int:
-    """A loopback port free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pobox_user(config: Path, *args: str, password: str = "") -> int:

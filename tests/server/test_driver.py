@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
+import pytest
+
+from pobox.server import _driver
 from pobox.server._driver import Pop3Protocol
 from pobox.storage.memory import MemoryStore
 from pobox.testing import running_server
@@ -112,3 +116,28 @@ class TestConnectionRecord:
                 info.peername[1],
             )
             await wire.close()
+
+
+class TestShutdown:
+    """Stopping the server does not wait on clients that have gone."""
+
+    async def test_client_gone_during_a_failure_delay(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A client that closed while its failed login waited is not lingered on at shutdown.
+
+        Its EOF was read already, so a lingering close would wait for a second one that never
+        comes: with the linger made an hour long, the stop would not end at all.
+        """
+        monkeypatch.setattr(_driver, "CLOSE_TIMEOUT", 3600.0)
+        async with contextlib.AsyncExitStack() as stack:
+            srv = await stack.enter_async_context(
+                running_server(tmp_path, auth_failure_delay=60.0, auth_failure_delay_max=60.0)
+            )
+            wire = await Wire.connect(srv.host, srv.port)
+            await wire.line()
+            assert (await wire.command(b"USER alice")).startswith(b"+OK")
+            await wire.send(b"PASS wrong\r\n")
+            await wire.close()
+            await asyncio.sleep(0.2)  # the server reads the EOF during the delay
+            await asyncio.wait_for(stack.aclose(), 30)

@@ -512,7 +512,9 @@ class Pop3Protocol(asyncio.Protocol):
         # write_eof() then raises, asyncio's does nothing).
         if self._lost or transport.is_closing():
             return
-        if linger and transport.can_write_eof():
+        # After the client's EOF everything it sent has been read: nothing is left for a
+        # reset to destroy, and no second EOF would end the linger.
+        if linger and not self._eof and transport.can_write_eof():
             self._closer = self._loop.call_later(CLOSE_TIMEOUT, transport.abort)
             transport.write_eof()
             self._resume_reading()
