@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import poplib
 import shlex
-import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from pobox.cli import main
 from pobox.testing import RunningServer, running_server
 from tests.client.conftest import lf, local_messages
+from tests.helpers.ports import free_port
 
 MESSAGE = b"From: a@example.test\nSubject: cli\n\nhello\n"
 
@@ -114,9 +114,7 @@ class TestFetchCommand:
 
     async def test_connection_refused_is_75(self, tmp_path: Path) -> None:
         """A server that does not answer is a temporary failure (75)."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         (tmp_path / "pw").write_text("x")
         argv = ["fetch", "--host", "127.0.0.1", "--port", str(port), "--user", "a"]
         argv += ["--tls", "starttls", "--password-file", str(tmp_path / "pw")]

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pobox.auth.passwdfile import add_user
 from pobox.cli import main
 from pobox.server._cluster import Cluster
 from pobox.testing import RunningServer, running_server
+from tests.helpers.ports import free_port
 from tests.helpers.postgres import Postgres
 from tests.helpers.process import pobox_serve, serve_config
 from tests.integration.wire import Wire
@@ -189,9 +189,7 @@ async def _purged(dsn: str) -> bool:
 
 def unreachable_dsn() -> str:
     """A DSN of a loopback port nothing listens on (a stopped database)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     return f"host=127.0.0.1 port={port} dbname=pobox user=postgres"
 
 

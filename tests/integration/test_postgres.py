@@ -13,7 +13,6 @@ import random
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pobox.auth.passwdfile import add_user
 from pobox.testing import RunningServer, running_server
 from tests.delivery.helpers import running_pobox
 from tests.helpers.accounts import ROOT_MAIL_SETTINGS
+from tests.helpers.ports import free_port
 from tests.helpers.postgres import Postgres, stored_messages
 from tests.integration.wire import Wire
 
@@ -151,9 +151,7 @@ class TestKilledNode:
     async def test_user_logs_in_again_at_once(self, tmp_path: Path, pg_dsn: str) -> None:
         """A `pobox serve` with alice logged in is SIGKILLed; alice gets in on another node."""
         add_user(tmp_path / "passwd", "alice", b"secret", scheme="PLAIN")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         config = tmp_path / "pobox.toml"
         config.write_text(
             f'listen = ["127.0.0.1:{port}"]\nworkers = 1\npasswd_file = "{tmp_path / "passwd"}"\n'
