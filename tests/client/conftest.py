@@ -40,8 +40,18 @@ class Peer:
         return deliver_to_maildir(self.maildrop, data, owner=owner)
 
     def remaining(self) -> int:
-        """Count the messages still in alice's maildrop on the server."""
-        return sum(1 for sub in ("new", "cur") for _ in (self.maildrop / sub).iterdir())
+        """Count the messages still in alice's maildrop on the server.
+
+        By base name, new/ first: a message the server marks seen meanwhile (renamed from
+        new/ to cur/ with a ``:2,S`` suffix) is counted once, never missed.
+        """
+        return len(
+            {
+                path.name.split(":", 1)[0]
+                for sub in ("new", "cur")
+                for path in (self.maildrop / sub).iterdir()
+            }
+        )
 
 
 def dovecot_maildrop(tmp: Path) -> tuple[Path, tuple[int, int] | None]:

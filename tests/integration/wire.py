@@ -34,11 +34,11 @@ class Wire:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer)
 
-    async def line(self, timeout: float = 5) -> bytes:
+    async def line(self, timeout: float = 20) -> bytes:
         """Read one reply line, CRLF included."""
         return await asyncio.wait_for(self.reader.readline(), timeout)
 
-    async def multiline(self, timeout: float = 5) -> bytes:
+    async def multiline(self, timeout: float = 20) -> bytes:
         """Read a status line and, if +OK, the body up to and including ``.CRLF``."""
         status = await self.line(timeout)
         if not status.startswith(b"+OK"):

@@ -62,16 +62,17 @@ class TestPlainNames:
 
     @pytest.mark.parametrize("name", PROHIBITED_NAMES)
     def test_prohibited_user(self, name):
-        """A name SASLprep refuses fails the exchange (the shell answers -ERR [AUTH])."""
+        """A name SASLprep refuses fails the exchange (the shell answers -ERR [AUTH]); the
+        failure names it as sent, for the log."""
         message = b"\0" + name.encode() + b"\0pw"
 
-        assert Failed(None, "PLAIN identity not allowed by SASLprep") == Plain().start(message)
+        assert Failed(name, "PLAIN identity not allowed by SASLprep") == Plain().start(message)
 
     def test_prohibited_authzid(self):
         """So does an authzid SASLprep refuses."""
         message = "a\ue000\0bob\0pw".encode()
 
-        assert Failed(None, "PLAIN identity not allowed by SASLprep") == Plain().start(message)
+        assert Failed("bob", "PLAIN identity not allowed by SASLprep") == Plain().start(message)
 
     def test_name_format_after_prep(self):
         """auth_username_format (%Lu) applies to the prepared name (fullwidth BOB)."""
@@ -95,7 +96,7 @@ class TestLoginNames:
     @pytest.mark.parametrize("name", PROHIBITED_NAMES)
     def test_prohibited_user(self, name):
         """A refused name fails at once, before the password is asked for."""
-        assert Failed(None, "LOGIN user name not allowed by SASLprep") == Login().start(
+        assert Failed(name, "LOGIN user name not allowed by SASLprep") == Login().start(
             name.encode()
         )
 
@@ -118,7 +119,7 @@ class TestScramNames:
     @pytest.mark.parametrize("name", PROHIBITED_NAMES)
     def test_prohibited_user(self, name):
         """A refused name fails the exchange."""
-        assert Failed(None, "SCRAM user name not allowed by SASLprep") == Scram(
+        assert Failed(name, "SCRAM user name not allowed by SASLprep") == Scram(
             "sha256", "N"
         ).start(b"n,,n=" + name.encode() + b",r=abc")
 

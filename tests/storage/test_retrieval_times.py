@@ -1,7 +1,8 @@
 """The RetrievalTimes contract (RFC 2449 EXPIRE): every backend records first retrievals.
 
-Runs against every backend of the ``backend`` fixture (``conftest.py``); times are plain
-numbers the test picks, never the clock.
+Runs against every backend of the ``backend`` fixture (``conftest.py``) but mbox, which keeps
+no such times (``pop3_expire_days`` is refused with it); times are plain numbers the test
+picks, never the clock.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pobox.storage.base import RetrievalTimes, StorageError
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._retrieved import format_retrieved, parse_retrieved
 from tests.helpers.maildir import User, deliver
+from tests.storage.conftest import BACKENDS
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -24,6 +26,11 @@ T0 = 1_700_000_000.0
 DAY = 86_400.0
 
 
+#: The backends that keep first-retrieval times: all but mbox.
+RECORDING = [name for name in BACKENDS if name != "mbox"]
+
+
+@pytest.mark.parametrize("backend", RECORDING, indirect=True)
 class TestRetrievalTimes:
     """``note_retrieved`` keeps the first time; ``retrieved_before`` lists by it."""
 
@@ -142,3 +149,12 @@ class TestPoboxRetrievedFile:
             await maildrop.retrieved_before(T0)
         await maildrop.close()
         await store.aclose()
+
+
+@pytest.mark.parametrize("backend", ["mbox"], indirect=True)
+async def test_mbox_keeps_no_times(backend: Backend) -> None:
+    """mbox does not offer RetrievalTimes (so EXPIRE is never advertised over it)."""
+    backend.deliver("alice", b"one\n")
+    maildrop = await backend.store.open(backend.user("alice"))
+    assert not isinstance(maildrop, RetrievalTimes)
+    await maildrop.close()

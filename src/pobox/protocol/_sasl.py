@@ -289,10 +289,11 @@ class Plain(Mechanism):
         user, zid = _utf8(authcid), _utf8(authzid)
         if not user or zid is None or not password:
             return Failed(None, "malformed PLAIN message")
-        # RFC 4616 §2: the identities are prepared with SASLprep.
-        user = _prepared(user)
+        # RFC 4616 §2: the identities are prepared with SASLprep. A refused name is logged
+        # as sent (the log sanitises it), as Dovecot logs what was tried.
+        sent, user = user, _prepared(user)
         if user is None or (zid and (zid := _prepared(zid)) is None):
-            return Failed(None, "PLAIN identity not allowed by SASLprep")
+            return Failed(sent, "PLAIN identity not allowed by SASLprep")
         if zid and not self._same_user(zid, user):
             return Failed(user, f"authorization identity {zid!r} is not the user's")
         return CheckPassword(user, password)
@@ -316,9 +317,9 @@ class Login(Mechanism):
             user = _utf8(response)
             if not user:
                 return Failed(None, "malformed LOGIN user name")
-            user = _prepared(user)
+            sent, user = user, _prepared(user)
             if user is None:
-                return Failed(None, "LOGIN user name not allowed by SASLprep")
+                return Failed(sent, "LOGIN user name not allowed by SASLprep")
             self._user = user
             return Challenge(b"Password:")
         if not response:
@@ -433,9 +434,9 @@ class Scram(Mechanism):
             return Failed(None, "malformed SCRAM client-first")
         # RFC 5802 §5.1: the client SHOULD have prepared the name; prepare it here too, so a
         # name typed in another form is the same user (as for PLAIN).
-        user = _prepared(user)
+        sent, user = user, _prepared(user)
         if user is None:
-            return Failed(None, "SCRAM user name not allowed by SASLprep")
+            return Failed(sent, "SCRAM user name not allowed by SASLprep")
         if authzid:
             zid = _scram_name(authzid[2:]) if authzid.startswith("a=") else None
             zid = zid and _prepared(zid)
