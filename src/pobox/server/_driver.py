@@ -46,6 +46,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
+from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 from pobox import _logevents as events
@@ -301,7 +303,11 @@ class Pop3Protocol(asyncio.Protocol):
         self._ip = info.rip
         self._tls = info.tls
         self._login_by = self._loop.time() + self._ctx.config.login_deadline
-        self.session = Session(self._ctx, info, kick=self.kick, lock_lost=self._lock_lost)
+        # Weakly: the session (and the registry, the store) must not keep this driver alive,
+        # or every connection's objects would wait for the cyclic garbage collector.
+        self.session = Session(
+            self._ctx, info, kick=_weakly(self.kick), lock_lost=_weakly(self._lock_lost)
+        )
         self._pump()
 
     def _pump(self) -> None:
@@ -839,3 +845,21 @@ class Pop3Protocol(asyncio.Protocol):
 def _wake_waiter(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """Return a callable that calls the bound ``method`` while its object lives, else nothing.
+
+    A session ends in a reference cycle otherwise (driver → session → bound method →
+    driver): each connection's objects (transport, session, core, maildrop) would then be
+    freed only by a full cyclic collection, which thousands of idle sessions make rare, so
+    memory would rise with every connection until one came (issue 13's soak).
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
