@@ -447,6 +447,8 @@ _POBOX_LIMITS = {"max_connections": 20_000, "max_connections_per_ip": 20_000}
 #: whole server runs as the mail account) or ``helper`` (mode 3, the storage helper opens
 #: every file with the owner's uid, for users who each own their mail).
 POBOX_ACCESS = {"value": "mail_uid"}
+#: What runs ``-m pobox`` instead of Python itself (``soak.py --memtrace``: bench/memtrace.py).
+POBOX_WRAPPER: list[str] = []
 #: Whether pobox runs with ``metrics_listen`` (``--pobox-metrics``).
 POBOX_METRICS: dict[str, bool] = {"value": False}
 
@@ -487,7 +489,7 @@ def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
         + _pobox_access(name)
     )
-    command = [sys.executable, "-m", "pobox", "serve", "-c", str(config)]
+    command = [sys.executable, *POBOX_WRAPPER, "-m", "pobox", "serve", "-c", str(config)]
     with _started(name, command, base, port, base / "pobox.out") as server:
         yield server
 

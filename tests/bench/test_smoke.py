@@ -152,6 +152,20 @@ class TestQuickRun:
 class TestQuickSoak:
     """``bench/soak.py --quick``."""
 
+    def test_memtrace_logs_the_servers_memory(self, tmp_path: Path) -> None:
+        """``--memtrace DIR``: pobox runs under bench/memtrace.py, which logs its memory."""
+        trace = tmp_path / "trace"
+        done = bench(
+            tmp_path,
+            *("--servers", "pobox", "--memtrace", str(trace), "--memtrace-frames", "1"),
+            script="soak.py",
+        )
+        assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+        lines = (trace / "memory.log").read_text().splitlines()
+        assert lines, "no memory line"
+        assert all(" rss " in line and " traced " in line for line in lines), lines
+        assert list(trace.glob("snap-*.tm"))
+
     def test_holds_idle_sessions_under_load(self, tmp_path: Path) -> None:
         """pobox and tuned Dovecot keep every idle session while busy clients run, no error."""
         done = bench(tmp_path, script="soak.py")
