@@ -713,7 +713,9 @@ class Session:
             and event.body_lines is None
             and isinstance(maildrop, MessageFiles)
             and not self.ctx.config.pop3_client_workarounds
-            and self.ctx.config.mail_inline_read_max > 0  # 0: network storage
+            # Large files only (a small one is read whole in the event loop, one write), and
+            # never on network storage (mail_inline_read_max = 0).
+            and info.size > self.ctx.config.mail_inline_read_max > 0
         ):
             await self._stream_file(event, info, maildrop, flush, sender)
             return
