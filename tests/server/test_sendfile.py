@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -251,3 +252,55 @@ class TestSendfile:
             await client.close()
             await asyncio.wait_for(driver.done, 30)
             assert 0 == len(srv.server.ctx.wire_ready)
+
+
+class TestUvloop:
+    """pobox's default loop has no ``loop.sendfile``: the driver's own path runs there too."""
+
+    async def test_sendfile_on_uvloop(self, tmp_path: Path) -> None:
+        """On uvloop, a client with a small receive buffer (the socket fills: ``EAGAIN``,
+        a wait on a duplicate descriptor) gets the learnt file whole, sent as stored."""
+        import uvloop  # noqa: PLC0415 - only this test needs it
+
+        data = wire_ready(8 * 1024 * 1024)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+
+        def login(port: int) -> None:
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"USER alice\r\nPASS secret\r\n")
+            reader = sock.makefile("rb")
+            for _ in range(3):
+                assert reader.readline().startswith(b"+OK")
+            reader.close()
+
+        def retr() -> bytes:
+            sock.sendall(b"RETR 1\r\n")
+            reader = sock.makefile("rb")
+            try:
+                return reader.readline() + reader.read(len(data) + 3)
+            finally:
+                reader.close()
+
+        async def serve() -> tuple[str, list[bytes], int]:
+            async with running_server(tmp_path) as srv:
+                store(srv, data)
+                await asyncio.to_thread(login, srv.port)
+                got = [await asyncio.to_thread(retr)]  # learnt
+                writes = counting(srv)
+                got.append(await asyncio.to_thread(retr))
+                through_transport = sum(map(len, writes.writes))
+                await asyncio.to_thread(sock.sendall, b"QUIT\r\n")
+                await asyncio.to_thread(sock.recv, 100)
+                sock.close()
+                loop = type(asyncio.get_running_loop()).__module__
+                return loop, got, through_transport
+
+        def on_uvloop() -> tuple[str, list[bytes], int]:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(serve())
+
+        loop, got, through_transport = await asyncio.to_thread(on_uvloop)
+        expected = b"+OK %d octets\r\n" % len(data) + on_wire(data)
+        assert ("uvloop", [expected, expected]) == (loop, got)
+        assert len(b"+OK %d octets\r\n" % len(data)) + 3 == through_transport
