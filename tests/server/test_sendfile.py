@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pobox.server._driver import Pop3Protocol
+from pobox.server._sendfile import cached
 from pobox.testing import RunningServer, running_server
 from tests.server.test_retr_writes import CountingTransport
 from tests.tls.helpers import Pki, ssl_port
@@ -191,6 +192,31 @@ class TestSendfile:
                 writes.writes.clear()
                 await client.retr(len(data) + 3)
                 assert sum(map(len, writes.writes)) > len(data)
+            await client.close()
+
+    async def test_file_not_in_the_page_cache_is_sent_from_a_worker_thread(
+        self, tmp_path: Path
+    ) -> None:
+        """A learnt file dropped from the page cache is sent (in a worker thread: the event
+        loop never waits for the disk), exactly, and the duplicates it used are closed."""
+        data = wire_ready(4 * 1024 * 1024)
+        async with running_server(tmp_path) as srv:
+            path = store(srv, data)
+            client = await Client.login(srv.port)
+            await client.retr(len(data) + 3)  # learnt
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert not cached(fd, 0, len(data))  # what the driver will see
+            finally:
+                os.close(fd)
+            before = open_fds()
+            writes = counting(srv)
+            got = await client.retr(len(data) + 3)
+            assert b"+OK %d octets\r\n" % len(data) + on_wire(data) == got
+            assert len(b"+OK %d octets\r\n" % len(data)) + 3 == sum(map(len, writes.writes))
+            assert before == open_fds()
             await client.close()
 
     async def test_client_that_reads_late_gets_every_octet(self, tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ from pobox.proxy import NEED_DATA as HEADER_NEEDS_DATA
 from pobox.proxy import ProxyHeader, ProxyHeaderError, ProxyHeaderParser, starts_like_header
 from pobox.server._connection import ConnectionInfo
 from pobox.server._proxy import HeaderNotReceived, Origin, ProxyPolicy, log_header_failure
-from pobox.server._sendfile import SENDFILE_MAX, cached, sendfile_owned
+from pobox.server._sendfile import SENDFILE_MAX, cached, dup_pair, sendfile_owned
 from pobox.server._session import Session, SessionContext
 
 __all__ = ["Door", "Pop3Protocol"]
@@ -556,7 +556,7 @@ class Pop3Protocol(asyncio.Protocol):
                             done = os.sendfile(out, fd, at, size)
                         else:  # the disk would be read: not in the event loop's thread
                             done = await asyncio.to_thread(
-                                sendfile_owned, os.dup(out), os.dup(fd), at, size
+                                sendfile_owned, *dup_pair(out, fd), at, size
                             )
                     except BlockingIOError:
                         done = -1

@@ -51,6 +51,7 @@ __all__ = [
     "FileSender",
     "WireReadyFiles",
     "cached",
+    "dup_pair",
     "sendfile_owned",
 ]
 
@@ -82,6 +83,16 @@ def cached(fd: int, offset: int, count: int) -> bool:
     except OSError:  # BlockingIOError: not cached; others: the send itself will tell
         return False
     return True
+
+
+def dup_pair(out: int, fd: int) -> tuple[int, int]:
+    """Return duplicates of both descriptors (for :func:`sendfile_owned`); none leaks."""
+    out_copy = os.dup(out)
+    try:
+        return out_copy, os.dup(fd)
+    except OSError:
+        os.close(out_copy)
+        raise
 
 
 def sendfile_owned(out: int, fd: int, offset: int, count: int) -> int:
