@@ -29,7 +29,8 @@ What it does, per workload:
    ``Received:`` header, wrapped body lines of at most 76 characters) and 2% of their body
    lines start with ``.`` (a tenth of those are a lone ``.``), so every RETR dot-stuffs.
    ``session`` and ``bulk`` run once on mail stored with CRLF line ends and once on mail
-   stored with LF (``--line-ends``), each its own users and rows;
+   stored with LF (``--line-ends``), each its own users and rows; ``crlf-nodots`` adds mail
+   stored with CRLF and no dot line, which RETR may send as stored (``sendfile``);
 2. starts each server under ``taskset -c <server cores>`` (every Dovecot process inherits it);
    with several server cores (``--server-cores 0,1``) pobox gets ``workers = N`` when its
    configuration knows the key, and Dovecot ``process_min_avail = N`` for both services;
@@ -66,6 +67,7 @@ import os
 import platform
 import pwd
 import random
+import re
 import resource
 import shutil
 import signal
@@ -272,7 +274,7 @@ class World:
     ) -> list[str]:
         """Add ``count`` users with ``messages`` stored with ``line_end`` (``lf``/``crlf``)."""
         names = [f"{prefix}{i:05d}" for i in range(count)]
-        kept = [to_crlf(m) for m in messages] if line_end == "crlf" else messages
+        kept = [to_crlf(m) for m in messages] if line_end.startswith("crlf") else messages
         for name in names:
             self.users[name] = stored
             self.mail[name] = kept
@@ -337,8 +339,9 @@ def build_world(root: Path, settings: Settings, workloads: list[str]) -> dict[st
         DOT_SHARE["session"] = dot_share(messages)
         for end in LINE_ENDS:
             group = f"session-{end}"
-            groups[group] = world.add(f"s{end}", settings.session_users, plain, messages, end)
-            EXPECTED[group] = tuple(to_crlf(m) for m in messages)
+            kept = [without_dots(m) for m in messages] if end == "crlf-nodots" else messages
+            groups[group] = world.add(f"s{end}", settings.session_users, plain, kept, end)
+            EXPECTED[group] = tuple(to_crlf(m) for m in kept)
     if "login" in workloads:
         groups["sha512"] = world.add("c", settings.login_users, _doveadm_hash("SHA512-CRYPT"), [])
         groups["argon2"] = world.add("a", settings.argon_users, _doveadm_hash("ARGON2ID"), [])
@@ -347,8 +350,9 @@ def build_world(root: Path, settings: Settings, workloads: list[str]) -> dict[st
         DOT_SHARE["bulk"] = dot_share(messages)
         for end in LINE_ENDS:
             group = f"bulk-{end}"
-            groups[group] = world.add(f"bulk{end}", 1, plain, messages, end)
-            EXPECTED[group] = tuple(to_crlf(m) for m in messages)
+            kept = [without_dots(m) for m in messages] if end == "crlf-nodots" else messages
+            groups[group] = world.add(f"bulk{end}", 1, plain, kept, end)
+            EXPECTED[group] = tuple(to_crlf(m) for m in kept)
     if "bigbox" in workloads:
         messages = [
             _message(rng, n, rng.randint(800, 1600)) for n in range(settings.bigbox_messages)
@@ -443,6 +447,8 @@ _POBOX_LIMITS = {"max_connections": 20_000, "max_connections_per_ip": 20_000}
 #: whole server runs as the mail account) or ``helper`` (mode 3, the storage helper opens
 #: every file with the owner's uid, for users who each own their mail).
 POBOX_ACCESS = {"value": "mail_uid"}
+#: What runs ``-m pobox`` instead of Python itself (``soak.py --memtrace``: bench/memtrace.py).
+POBOX_WRAPPER: list[str] = []
 #: Whether pobox runs with ``metrics_listen`` (``--pobox-metrics``).
 POBOX_METRICS: dict[str, bool] = {"value": False}
 
@@ -483,7 +489,7 @@ def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
         + _pobox_access(name)
     )
-    command = [sys.executable, "-m", "pobox", "serve", "-c", str(config)]
+    command = [sys.executable, *POBOX_WRAPPER, "-m", "pobox", "serve", "-c", str(config)]
     with _started(name, command, base, port, base / "pobox.out") as server:
         yield server
 
@@ -859,7 +865,15 @@ def _interleaved(
 
 
 def _line_end_label(end: str) -> str:
+    if end == "crlf-nodots":  # wire-ready: what RETR may send as stored (sendfile)
+        return "CRLF-stored, no dot lines"
     return end.upper() + "-stored"
+
+
+def without_dots(data: bytes) -> bytes:
+    """Return ``data`` with no line starting with ``.`` (for ``--line-ends crlf-nodots``)."""
+    data = re.sub(rb"(?m)^\.+(?=\r?\n)", b"x", data)  # a line of dots: one letter instead
+    return re.sub(rb"(?m)^\.+", b"", data)
 
 
 def wl_session(root, settings, groups, rows) -> None:
@@ -1355,7 +1369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--line-ends",
         default="crlf,lf",
-        help="line ends of the stored mail for session and bulk, comma-separated: crlf,lf",
+        help="line ends of the stored mail for session and bulk, comma-separated: crlf,lf "
+        "(crlf-nodots: CRLF without dot lines, wire-ready)",
     )
     parser.add_argument(
         "--server-cores",
@@ -1377,8 +1392,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(servers) - set(ALL_SERVERS) or not servers or len(set(servers)) != len(servers):
         parser.error(f"--servers: choose among {', '.join(ALL_SERVERS)}, each once")
     line_ends = [end.strip() for end in args.line_ends.split(",") if end.strip()]
-    if not line_ends or set(line_ends) - {"crlf", "lf"}:
-        parser.error("--line-ends: crlf, lf or both")
+    if not line_ends or set(line_ends) - {"crlf", "lf", "crlf-nodots"}:
+        parser.error("--line-ends: among crlf, lf and crlf-nodots")
     try:
         cores = sorted({int(core) for core in args.server_cores.split(",") if core.strip()})
     except ValueError:

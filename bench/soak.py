@@ -1,7 +1,7 @@
 """A soak: many idle sessions and busy clients against one server for minutes, RSS sampled.
 
     .venv/bin/python bench/soak.py [--servers pobox,dovecot-tuned] [--idle 10000] [--busy 128]
-        [--minutes 10] [--interval 10] [--quick]
+        [--minutes 10] [--interval 10] [--memtrace DIR [--memtrace-frames N]] [--quick]
 
 Per server, one after the other (each on a fresh copy of the same data, pinned like
 ``bench/run.py``: the server to ``--server-cores``, the clients to the other core(s)):
@@ -321,6 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--noop-every", type=float, default=240.0, help="seconds between an idle session's NOOPs"
     )
+    parser.add_argument(
+        "--memtrace",
+        metavar="DIR",
+        help="run pobox under bench/memtrace.py, its memory log (and snapshots) into DIR",
+    )
+    parser.add_argument(
+        "--memtrace-frames",
+        type=int,
+        default=0,
+        help="with --memtrace: tracemalloc with this many frames (0: off)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny: a smoke run of seconds")
     parser.add_argument("--out", default=str(run.ROOT / "bench" / "results"), help="folder")
     args = parser.parse_args(argv)
@@ -328,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         args.idle, args.busy, args.minutes = min(args.idle, 50), min(args.busy, 4), 0.15
         args.interval, args.warmup, args.messages, args.noop_every = 1.0, 3.0, 10, 2.0
     NOOP_EVERY["value"] = args.noop_every
+    if args.memtrace:  # the server inherits the environment
+        os.environ["MEMTRACE_OUT"] = str(Path(args.memtrace).resolve())
+        os.environ["MEMTRACE_EVERY"] = str(args.interval)
+        if args.memtrace_frames:
+            os.environ["MEMTRACE_FRAMES"] = str(args.memtrace_frames)
+        run.POBOX_WRAPPER[:] = [str(Path(__file__).resolve().parent / "memtrace.py")]
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     if not servers or set(servers) - set(run.ALL_SERVERS) or "pobox-pg" in servers:
         parser.error("--servers: among pobox, pobox-nolock and the dovecot-* servers")

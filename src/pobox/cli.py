@@ -317,7 +317,7 @@ def node_name(config: Config) -> str:
 
 async def _report_octets(remote: RemoteState, sent: dict[str, int]) -> None:
     """Tell the master what this worker's sessions have sent (with each heartbeat)."""
-    await remote.call("octets", sent=sent)
+    await remote.notify("octets", sent=sent)
 
 
 def build_shared_state(

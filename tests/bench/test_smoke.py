@@ -103,6 +103,28 @@ class TestQuickRun:
             assert "n/a" not in row[3:6], row
         assert b"\x89PNG\r\n\x1a\n" == (tmp_path / "results.png").read_bytes()[:8]
 
+    def test_wire_ready_rows(self, tmp_path: Path) -> None:
+        """``--line-ends crlf-nodots``: CRLF mail without dot lines, checked like the rest."""
+        done = bench(
+            tmp_path,
+            *("--servers", "pobox", "--workloads", "bulk", "--line-ends", "crlf,crlf-nodots"),
+            *("--duration", "0.3"),
+        )
+        assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+        rows = table_rows((tmp_path / "results.md").read_text(), "bulk")
+        assert [
+            "RETR 1 MiB, CRLF-stored",
+            "RETR 1 MiB, CRLF-stored, no dot lines",
+        ] == [row[1] for row in rows]
+        for row in rows:
+            assert "0" == row[-1], row
+        sys.path.insert(0, str(ROOT / "bench"))
+        try:
+            import run  # noqa: PLC0415 - bench/run.py, a script
+        finally:
+            sys.path.remove(str(ROOT / "bench"))
+        assert b"a\nx\nb\nc\n" == run.without_dots(b".a\n.\nb\n..c\n")
+
     def test_refuses_an_unknown_server(self, tmp_path: Path) -> None:
         """An unknown name in ``--servers`` is a usage error, before anything starts."""
         done = bench(tmp_path, "--servers", "pobox,dovecot")
@@ -129,6 +151,20 @@ class TestQuickRun:
 @pytest.mark.external
 class TestQuickSoak:
     """``bench/soak.py --quick``."""
+
+    def test_memtrace_logs_the_servers_memory(self, tmp_path: Path) -> None:
+        """``--memtrace DIR``: pobox runs under bench/memtrace.py, which logs its memory."""
+        trace = tmp_path / "trace"
+        done = bench(
+            tmp_path,
+            *("--servers", "pobox", "--memtrace", str(trace), "--memtrace-frames", "1"),
+            script="soak.py",
+        )
+        assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+        lines = (trace / "memory.log").read_text().splitlines()
+        assert lines, "no memory line"
+        assert all(" rss " in line and " traced " in line for line in lines), lines
+        assert list(trace.glob("snap-*.tm"))
 
     def test_holds_idle_sessions_under_load(self, tmp_path: Path) -> None:
         """pobox and tuned Dovecot keep every idle session while busy clients run, no error."""

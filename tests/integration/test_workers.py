@@ -119,6 +119,19 @@ class TestWorkers:
             wire = await connect_to(proc, second)
             assert b"-ERR [IN-USE]" == (await login(wire, b"alice", b"secret"))[:13]
 
+    async def test_quit_frees_the_limit_for_the_other_worker(self, tmp_path: Path) -> None:
+        """A session's unregister (a notice to the master, not waited for) is applied before
+        a login that follows its QUIT on the other worker, every time."""
+        async with two_workers(
+            tmp_path, mail_max_user_connections=1, pop3_lock_session=False
+        ) as proc:
+            pids = worker_pids(proc)
+            for turn in range(6):
+                wire = await connect_to(proc, pids[turn % 2])
+                assert b"+OK Logged in.\r\n" == await login(wire, b"alice", b"secret")
+                assert b"+OK" == (await wire.command(b"QUIT"))[:3]
+            assert "[IN-USE]" not in proc.text()
+
     async def test_maildrop_lock_across_workers(self, tmp_path: Path) -> None:
         """A maildrop open on one worker is [IN-USE] on the other."""
         async with two_workers(tmp_path) as proc:

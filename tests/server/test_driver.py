@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import weakref
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,39 @@ class TestCallbacks:
             await wire.send(b"RETR 1\r\n")
             assert b"+OK 4000 octets\r\n" + MESSAGE + b".\r\n" == await wire.multiline()
             await wire.close()
+
+
+class TestMemory:
+    """A connection's objects are freed when it ends, without the cyclic garbage collector."""
+
+    async def test_ended_session_freed_by_reference_counting(self, tmp_path: Path) -> None:
+        """With the cycle collector off, the driver of a Maildir session (login, RETR,
+        QUIT) is gone once its connection is: no reference cycle keeps it (and its
+        transport, session, core and maildrop) until a full collection, which thousands
+        of idle sessions make rare."""
+        async with running_server(tmp_path) as srv:
+            srv.deliver("alice", b"Subject: t\n\n" + b"text\n" * 200)
+            gc.collect()
+            gc.disable()
+            try:
+                wire = await Wire.connect(srv.host, srv.port)
+                await wire.login()
+                (driver,) = srv.server._sessions
+                assert isinstance(driver, Pop3Protocol)
+                ref, done = weakref.ref(driver), driver.done
+                del driver
+                await wire.send(b"RETR 1\r\n")
+                assert (await wire.multiline()).endswith(b"\r\n.\r\n")
+                assert b"+OK" == (await wire.command(b"QUIT"))[:3]
+                await wire.close()
+                await done
+                for _ in range(100):  # the transport's close callbacks, a loop pass or two
+                    if ref() is None:
+                        break
+                    await asyncio.sleep(0)
+                assert ref() is None, gc.get_referrers(ref())
+            finally:
+                gc.enable()
 
 
 class TestFlowControl:

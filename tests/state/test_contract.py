@@ -523,3 +523,84 @@ class TestRemoteWorkers:
             assert [] == await other.sessions()
         finally:
             await workers.aclose()
+
+
+async def _raw_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, msg: str) -> str:
+    """Write one framed message (JSON text) and return the next framed message read."""
+    data = msg.encode()
+    writer.write(len(data).to_bytes(4, "big") + data)
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    return (await reader.readexactly(size)).decode()
+
+
+class TestRemoteNotices:
+    """Calls whose result is nothing are notices: no answer, applied in the worker's order."""
+
+    async def test_notice_gets_no_answer_and_is_applied_first(self) -> None:
+        """After a register (answered) and an unregister notice, the next answer is the
+        count's, and it sees the session gone: the master wrote nothing for the notice."""
+        service = StateService(60, "a", clock=Clock())
+        master_end, worker_end = socket.socketpair()
+        service.attach(master_end)
+        reader, writer = await asyncio.open_unix_connection(sock=worker_end)
+        try:
+            e = '{"id":"s1","user":"alice","node":"a","rip":"192.0.2.1","since":1.0,'
+            e += '"tls":false,"mechanism":"PLAIN"}'
+            reply = await _raw_call(
+                reader, writer, f'[1,"register",{{"entry":{e},"max_user":0,"max_userip":0}}]'
+            )
+            assert "[1,[true,0,0]]" == reply
+            data = b'[0,"unregister",{"id":"s1"}]'
+            writer.write(len(data).to_bytes(4, "big") + data)
+            reply = await _raw_call(
+                reader, writer, '[2,"count",{"user":"alice","rip":"192.0.2.1"}]'
+            )
+            assert "[2,[0,0]]" == reply
+        finally:
+            writer.close()
+            await service.aclose()
+
+    async def test_bad_notice_is_logged_and_the_link_goes_on(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A notice the master cannot apply is logged there; the worker's calls go on."""
+        workers = Workers()
+        try:
+            state = workers.connect(60, Clock())
+            await state.notify("nope")
+            assert [0] == await RemoteFailureCounters(state).counts(["ip:a"])
+            assert any("bad state call" in r.getMessage() for r in caplog.records)
+        finally:
+            await workers.aclose()
+
+    async def test_clear_and_unregister_are_notices_seen_by_the_next_call(self) -> None:
+        """Through the worker's own objects: what a notice did shows in the very next call,
+        of this worker and (once the master read it) of another."""
+        workers = Workers()
+        try:
+            state = workers.connect(60, Clock())
+            counters = RemoteFailureCounters(state)
+            registry = RemoteSessionRegistry(state, "a")
+            await counters.add(["ip:a"])
+            await counters.clear(["ip:a"])
+            assert [0] == await counters.counts(["ip:a"])
+            await registry.register(entry("s1"), max_user=1, max_userip=0)
+            await registry.unregister("s1")
+            assert (0, 0) == await registry.count("alice", "192.0.2.1")
+            other = RemoteSessionRegistry(workers.connect(60, Clock()), "a")
+            assert (await other.register(entry("s2"), max_user=1, max_userip=0)).admitted
+        finally:
+            await workers.aclose()
+
+    async def test_notice_to_a_gone_master_fails_cleanly(self) -> None:
+        """A notice the master cannot receive raises StateUnavailable, as a call does."""
+        master_end, worker_end = socket.socketpair()
+        lost: list[bool] = []
+        state = RemoteState(worker_end, on_lost=lambda: lost.append(True))
+        await state.start()
+        master_end.close()
+        while not lost:
+            await asyncio.sleep(0.01)
+        with pytest.raises(StateUnavailable):
+            await RemoteSessionRegistry(state, "a").unregister("s1")
+        await state.aclose()

@@ -33,6 +33,7 @@ from pobox.protocol._events import (
     TlsStarted,
     Trace,
     VerifyToken,
+    WireData,
 )
 from pobox.protocol._parser import MAX_COMMAND_LINE, Verb
 from pobox.protocol._replies import ClientWorkarounds, HeaderEnd, MessageEncoder
@@ -80,4 +81,5 @@ __all__ = [
     "Trace",
     "Verb",
     "VerifyToken",
+    "WireData",
 ]

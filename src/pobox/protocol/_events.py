@@ -12,8 +12,8 @@ core → shell               shell → core (answer)
 :class:`VerifyToken`       :class:`LoginAccepted` or :class:`LoginRejected`
 :class:`OpenMaildrop`      :class:`LoginAccepted` or :class:`LoginRejected`
 :class:`LoginFailed`       :class:`LoginRejected`
-:class:`RetrieveMessage`   :class:`MessageData`\\* then :class:`EndOfMessage`, or
-                           :class:`MessageUnavailable`
+:class:`RetrieveMessage`   :class:`MessageData`\\* or :class:`WireData`\\* then
+                           :class:`EndOfMessage`, or :class:`MessageUnavailable`
 :class:`CommitDeletions`   :class:`DeletionsCommitted`
 :class:`StartTLS`          :class:`TlsStarted` (or ``close()`` if the handshake failed)
 :class:`ConnectionClosed`  (none: the shell flushes and closes)
@@ -56,6 +56,7 @@ __all__ = [
     "TlsStarted",
     "Trace",
     "VerifyToken",
+    "WireData",
 ]
 
 
@@ -228,6 +229,22 @@ class MessageData:
     """A chunk of the stored message, in order, any size, line endings LF or CRLF."""
 
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WireData:
+    """The shell sends the next ``octets`` octets of the message itself (``sendfile``).
+
+    They go out right after the bytes :meth:`~pobox.protocol.ServerConnection.data_to_send`
+    returns once this is given (the reply line, for the first), exactly as stored: the shell
+    vouches that they are in wire form already (every LF after a CR, no line starting with a
+    dot) and that ``ends_line`` says whether they end with CRLF.  RETR only (TOP cuts lines),
+    without client workarounds (they change octets), and never after a chunk that ended
+    with a CR (:class:`MessageData`): else :class:`~pobox.protocol.LocalProtocolError`.
+    """
+
+    octets: int
+    ends_line: bool
 
 
 @dataclass(frozen=True, slots=True)

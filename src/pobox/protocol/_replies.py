@@ -188,6 +188,17 @@ class MessageEncoder:
         # The usual Maildir file, LF only: stuff first, then turn LF into CRLF in one pass.
         return self.stuff(chunk).replace(b"\n", b"\r\n")
 
+    def sent_as_stored(self, *, ends_line: bool) -> bool:
+        """Note that octets in wire form went out as stored, past this encoder (``sendfile``).
+
+        Returns ``False`` (and changes nothing) when a CR of the last chunk is held back:
+        the octets that follow it must come through :meth:`encode`.
+        """
+        if self._pending_cr:
+            return False
+        self._at_line_start = ends_line
+        return True
+
     def flush(self) -> bytes:
         """Return the CR held back at the end of the last chunk (normalized, not stuffed)."""
         held = b"\r" if self._pending_cr else b""

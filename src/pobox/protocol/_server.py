@@ -52,6 +52,7 @@ from pobox.protocol._events import (
     TlsStarted,
     Trace,
     VerifyToken,
+    WireData,
     _Sentinel,
 )
 from pobox.protocol._i18n import (
@@ -341,6 +342,7 @@ class ServerConnection:
         event: LoginAccepted
         | LoginRejected
         | MessageData
+        | WireData
         | EndOfMessage
         | MessageUnavailable
         | DeletionsCommitted
@@ -352,7 +354,7 @@ class ServerConnection:
         Raises:
             LocalProtocolError: the event does not answer what the core is waiting for.
         """
-        if isinstance(event, MessageData | EndOfMessage | MessageUnavailable):
+        if isinstance(event, MessageData | WireData | EndOfMessage | MessageUnavailable):
             self._send_message_event(event)
         elif isinstance(event, LoginAccepted):
             _check_policy(event.expire, event.login_delay, LocalProtocolError)
@@ -915,7 +917,9 @@ class ServerConnection:
         )
         self._events.append(RetrieveMessage(index + 1, top_lines))
 
-    def _send_message_event(self, event: MessageData | EndOfMessage | MessageUnavailable) -> None:
+    def _send_message_event(
+        self, event: MessageData | WireData | EndOfMessage | MessageUnavailable
+    ) -> None:
         retr = self._retr
         if retr is None:
             raise LocalProtocolError(f"{type(event).__name__} without a RetrieveMessage")
@@ -926,10 +930,19 @@ class ServerConnection:
             else:
                 self._reply(err(event.text, event.resp_code))
             return
+        encoder = retr.encoder
+        if isinstance(event, WireData) and (
+            retr.top is not None
+            or type(encoder) is not MessageEncoder
+            or not encoder.sent_as_stored(ends_line=event.ends_line)
+        ):
+            raise LocalProtocolError("WireData: only for RETR without workarounds, no CR held")
         if not retr.started:
             retr.started = True
             self._reply(ok() if retr.top else ok(f"{retr.size} octets"))
-        encoder = retr.encoder
+        if isinstance(event, WireData):
+            retr.sent += event.octets  # sent by the shell, after what is queued now
+            return
         if isinstance(event, MessageData):
             if retr.top is None:
                 data = encoder.encode(event.data)

@@ -11,7 +11,10 @@ the callbacks when the core needs data again.  Meanwhile reading is paused as so
 client pipelines more (and at once behind STLS), so a waiting answer costs no system call.
 
 Flow control: when the transport says :meth:`~asyncio.BaseProtocol.pause_writing`, the driver
-stops producing (and reading) until ``resume_writing``; a streamed message awaits it.
+stops producing (and reading) until ``resume_writing``; a streamed message awaits it.  A
+message file known to be in wire form goes out with ``sendfile`` on a plain connection
+(:meth:`Pop3Protocol.send_file`, :mod:`pobox.server._sendfile`), waiting for the socket to
+be writable under the same timeouts.
 
 Every network wait has a timeout: before login ``login_timeout``, and ``login_deadline``
 from the connection's start however busy the client keeps it; after login the RFC 1939
@@ -35,13 +38,16 @@ never a byte past what the header parser asks for; the listener then admits the 
 
 May import: the standard library, :mod:`pobox.protocol`, :mod:`pobox.proxy`,
 :mod:`pobox._logevents`, :mod:`pobox.server._session`, :mod:`pobox.server._connection`,
-:mod:`pobox.server._proxy`.
+:mod:`pobox.server._proxy`, :mod:`pobox.server._sendfile`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import weakref
+from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 from pobox import _logevents as events
@@ -67,6 +73,7 @@ from pobox.proxy import NEED_DATA as HEADER_NEEDS_DATA
 from pobox.proxy import ProxyHeader, ProxyHeaderError, ProxyHeaderParser, starts_like_header
 from pobox.server._connection import ConnectionInfo
 from pobox.server._proxy import HeaderNotReceived, Origin, ProxyPolicy, log_header_failure
+from pobox.server._sendfile import SENDFILE_MAX, cached, dup_pair, sendfile_owned
 from pobox.server._session import Session, SessionContext
 
 __all__ = ["Door", "Pop3Protocol"]
@@ -296,7 +303,11 @@ class Pop3Protocol(asyncio.Protocol):
         self._ip = info.rip
         self._tls = info.tls
         self._login_by = self._loop.time() + self._ctx.config.login_deadline
-        self.session = Session(self._ctx, info, kick=self.kick, lock_lost=self._lock_lost)
+        # Weakly: the session (and the registry, the store) must not keep this driver alive,
+        # or every connection's objects would wait for the cyclic garbage collector.
+        self.session = Session(
+            self._ctx, info, kick=_weakly(self.kick), lock_lost=_weakly(self._lock_lost)
+        )
         self._pump()
 
     def _pump(self) -> None:
@@ -404,7 +415,7 @@ class Pop3Protocol(asyncio.Protocol):
         ):
             await session.login(event)
         elif isinstance(event, RetrieveMessage):
-            await session.retrieve(event, self._flush)
+            await session.retrieve(event, self._flush, self)
         elif isinstance(event, CommitDeletions):
             await session.commit(event)
         elif isinstance(event, StartTLS):
@@ -484,6 +495,100 @@ class Pop3Protocol(asyncio.Protocol):
         try:
             await self._drained
         finally:
+            self._drained = None
+            self._io_since = None
+
+    # ----------------------------------------------------------------- sendfile
+
+    def sendfile_ready(self) -> bool:
+        """Say whether a message file may go out with ``sendfile`` now.
+
+        Only on a plain connection (the kernel does not encrypt here) whose transport has
+        nothing queued and is not pushing back: the file's octets must follow what was
+        written before them, not overtake it.
+        """
+        transport = self._transport
+        return (
+            transport is not None
+            and not self._tls
+            and not self._lost
+            and not self._write_paused
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0
+            and transport.get_extra_info("socket") is not None
+        )
+
+    async def send_file(self, fd: int, offset: int, count: int) -> int:
+        """Write what the core has queued, then ``count`` octets of ``fd`` from ``offset``.
+
+        The queued bytes (the reply line) go through the transport; the file goes out with
+        :func:`os.sendfile` on the socket once the transport's buffer is empty, at most
+        :data:`SENDFILE_MAX` octets a call with a turn for other sessions in between; in the
+        event loop's thread when the page cache holds the range (:func:`cached`), else in a
+        worker thread on descriptors of its own.  While
+        the socket is full, the driver waits for it to be writable on a duplicate of its
+        descriptor (the transport owns the original in the event loop), as a network wait:
+        the session's timeout, a kick or a shutdown end it as they end a drain.
+
+        Returns:
+            The octets of the file sent: fewer than ``count`` only if the file ended first.
+
+        Raises:
+            ConnectionError: the connection failed or was lost.
+        """
+        self._write_out()
+        transport = self._transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        if sock is None:  # pragma: no cover - sendfile_ready() said there is one
+            raise ConnectionResetError("no socket")
+        out = sock.fileno()
+        sent = 0
+        waiter = -1
+        try:
+            while sent < count:
+                if self._lost or transport.is_closing():
+                    raise ConnectionResetError("connection lost")
+                if transport.get_write_buffer_size() == 0:
+                    at, size = offset + sent, min(count - sent, SENDFILE_MAX)
+                    try:
+                        if cached(fd, at, size):
+                            done = os.sendfile(out, fd, at, size)
+                        else:  # the disk would be read: not in the event loop's thread
+                            done = await asyncio.to_thread(
+                                sendfile_owned, *dup_pair(out, fd), at, size
+                            )
+                    except BlockingIOError:
+                        done = -1
+                    except OSError as exc:  # EPIPE, ECONNRESET; EIO reading the file
+                        raise ConnectionResetError(f"sendfile: {exc.strerror}") from exc
+                    if done == 0:
+                        return sent  # the file ended before ``count``
+                    if done > 0:
+                        sent += done
+                        if self._metrics is not None:
+                            self._metrics.sent(done)
+                        await asyncio.sleep(0)  # other sessions' turn
+                        continue
+                if waiter < 0:
+                    waiter = os.dup(out)
+                await self._writable(waiter)
+        finally:
+            if waiter >= 0:
+                os.close(waiter)
+        return sent
+
+    async def _writable(self, fd: int) -> None:
+        """Wait (under the session's timeout) until the socket ``fd`` is writable."""
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        waiter = self._drained = self._loop.create_future()
+        self._loop.add_writer(fd, _wake_waiter, waiter)
+        self._wait_network()
+        try:
+            await waiter
+        finally:
+            self._loop.remove_writer(fd)
             self._drained = None
             self._io_since = None
 
@@ -737,3 +842,26 @@ class Pop3Protocol(asyncio.Protocol):
         self._reason = "Server shutting down"
         self.session.conn.close("shutdown")
         self._pump()
+
+
+def _wake_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """Return a callable that calls the bound ``method`` while its object lives, else nothing.
+
+    A session ends in a reference cycle otherwise (driver → session → bound method →
+    driver): each connection's objects (transport, session, core, maildrop) would then be
+    freed only by a full cyclic collection, which thousands of idle sessions make rare, so
+    memory would rise with every connection until one came (issue 13's soak).
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call

@@ -66,21 +66,26 @@ from pobox.protocol import (
     SnapshotEntry,
     TlsStarted,
     VerifyToken,
+    WireData,
 )
 from pobox.records import parse_size
 from pobox.server._cluster import Cluster
 from pobox.server._connection import ConnectionInfo, client_identity
+from pobox.server._sendfile import FileSender, WireReadyFiles
 from pobox.server._throttle import LoginThrottle
 from pobox.state.base import SessionEntry, StateUnavailable
 from pobox.storage.base import (
     Maildrop,
     MaildropLocked,
     MaildropStore,
+    MessageFiles,
     MessageGone,
     MessageInfo,
+    OpenedMessage,
     RetrievalTimes,
     SeenFlags,
     StorageError,
+    StorageTemporaryError,
 )
 from pobox.tls import ServerTls, plaintext_auth_allowed
 
@@ -117,6 +122,8 @@ class SessionContext:
     #: The wall clock, seconds since the epoch: when messages were retrieved, for EXPIRE
     #: (injectable for tests, which cannot wait days).
     clock: Callable[[], float] = time.time
+    #: The message files seen to be in wire form, sent with ``sendfile`` on plain connections.
+    wire_ready: WireReadyFiles = field(default_factory=WireReadyFiles)
 
 
 _apop_counter = itertools.count()
@@ -751,8 +758,16 @@ class Session:
         self._sent(event, info.key)
         return True
 
-    async def retrieve(self, event: RetrieveMessage, flush: Callable[[], Awaitable[None]]) -> None:
-        """Stream a message too large for :meth:`retrieve_now` (or any, under a download cap)."""
+    async def retrieve(
+        self,
+        event: RetrieveMessage,
+        flush: Callable[[], Awaitable[None]],
+        sender: FileSender | None = None,
+    ) -> None:
+        """Stream a message too large for :meth:`retrieve_now` (or any, under a download cap).
+
+        ``sender``: the driver, on a connection where a file may go out with ``sendfile``.
+        """
         assert self.maildrop is not None
         info = self.maildrop.messages[event.number - 1]
         conn = self.conn
@@ -769,7 +784,7 @@ class Session:
                     if unsent > 0:
                         await self._charge(event, -unsent)
                 return
-        await self._stream(event, info, flush)
+        await self._stream(event, info, flush, sender)
 
     async def _charge(self, event: RetrieveMessage, octets: int) -> bool:
         """Charge the day's download count; answer the core and say so if over the cap.
@@ -802,11 +817,27 @@ class Session:
         return allowed
 
     async def _stream(
-        self, event: RetrieveMessage, info: MessageInfo, flush: Callable[[], Awaitable[None]]
+        self,
+        event: RetrieveMessage,
+        info: MessageInfo,
+        flush: Callable[[], Awaitable[None]],
+        sender: FileSender | None = None,
     ) -> None:
-        assert self.maildrop is not None
+        maildrop = self.maildrop
+        assert maildrop is not None
+        if (
+            sender is not None
+            and event.body_lines is None
+            and isinstance(maildrop, MessageFiles)
+            and not self.ctx.config.pop3_client_workarounds
+            # Large files only (a small one is read whole in the event loop, one write), and
+            # never on network storage (mail_inline_read_max = 0).
+            and info.size > self.ctx.config.mail_inline_read_max > 0
+        ):
+            await self._stream_file(event, info, maildrop, flush, sender)
+            return
         conn = self.conn
-        chunks = self.maildrop.read_message(info.key)
+        chunks = maildrop.read_message(info.key)
         try:
             async for chunk in chunks:
                 conn.send(MessageData(chunk))
@@ -823,6 +854,68 @@ class Session:
                 await aclose()
         conn.send(EndOfMessage())
         self._sent(event, info.key)
+
+    async def _stream_file(
+        self,
+        event: RetrieveMessage,
+        info: MessageInfo,
+        maildrop: MessageFiles,
+        flush: Callable[[], Awaitable[None]],
+        sender: FileSender,
+    ) -> None:
+        """RETR of a Maildir file: with ``sendfile`` if it is known to be wire-ready, else
+        through the encoder, learning whether it is (see :mod:`pobox.server._sendfile`)."""
+        conn = self.conn
+        try:
+            opened = await maildrop.open_file(info.key)
+        except StorageError as exc:
+            self._unavailable(event, info.key, exc)
+            return
+        try:
+            known = self.ctx.wire_ready
+            if opened.size == info.size and opened.identity in known and sender.sendfile_ready():
+                conn.send(WireData(opened.size, ends_line=True))
+                sent = await sender.send_file(opened.fd, 0, opened.size)
+                if sent == opened.size and self._unchanged(maildrop, opened):
+                    conn.send(EndOfMessage())
+                    self._sent(event, info.key)
+                    return
+                # Short, or written to while it went out: no terminator, the session ends.
+                known.discard(opened.identity)
+                problem = StorageTemporaryError(f"the file changed while sent ({sent} octets)")
+                self._unavailable(event, info.key, problem)
+                return
+            before = conn.stats.retr_bytes
+            chunks = maildrop.read_file(opened, info.key)
+            try:
+                async for chunk in chunks:
+                    conn.send(MessageData(chunk))
+                    if conn.output_size >= STREAM_FLUSH:
+                        await flush()
+            except StorageError as exc:
+                self._unavailable(event, info.key, exc)
+                return
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+            conn.send(EndOfMessage())
+            self._sent(event, info.key)
+            # Sent as stored plus ".CRLF": nothing stuffed, no line end added or changed.
+            if (
+                conn.stats.retr_bytes - before == opened.size + 3
+                and opened.size == info.size
+                and self._unchanged(maildrop, opened)
+            ):
+                known.add(opened.identity)
+        finally:
+            os.close(opened.fd)
+
+    @staticmethod
+    def _unchanged(maildrop: MessageFiles, opened: OpenedMessage) -> bool:
+        """Say whether the file is as it was at open (no write to it since)."""
+        try:
+            return maildrop.identity(opened) == opened.identity
+        except StorageError:
+            return False
 
     def _sent(self, event: RetrieveMessage, key: str) -> None:
         """Note a message sent whole by RETR: to mark it seen, and for EXPIRE, at the end."""

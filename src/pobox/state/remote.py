@@ -16,6 +16,18 @@ order, one connection per worker, so one slow worker never delays another's answ
 the master's own loop.  The memory backends never suspend, so the master answers each call
 in one step.
 
+The calls whose result is nothing (``unregister``, ``clear``, ``octets``) are *notices*:
+id ``0``, no answer (:meth:`RemoteState.notify`), so a POP3 login costs the worker two round
+trips (the throttle's count before the password check, the registration after it) and one
+message, not three round trips.  Nothing is lost by not waiting: the master applies a
+worker's messages in the order they were written, so any later call of the same worker (a
+``count``, a ``register``) sees the notice applied; and a notice is written before the
+reply that ends the session, so a client that logs in again at once, through another
+worker, does so after the master has the notice in its socket buffer (the event loop
+handles ready sockets in the order they became ready).  A notice that fails on the master
+is logged there; one the master cannot receive (it is gone) raises
+:class:`~pobox.state.base.StateUnavailable` at once, as a call does.
+
 The session registry of one node forgets, at a heartbeat, the sessions the node no longer
 has.  With several workers each heartbeat lists only that worker's sessions, so the service
 keeps each worker's own set: a heartbeat replaces the set of its worker, and the registry is
@@ -184,7 +196,12 @@ class StateService:
                     return
                 if message is None:
                     return
-                writer.write(_encode(await self._answer(worker, message)))
+                answer = await self._answer(worker, message)
+                if answer[0] == 0:  # a notice: no answer, an error is only logged
+                    if len(answer) > 2:
+                        logger.error("master: worker %d: %s", worker, answer[2])
+                    continue
+                writer.write(_encode(answer))
                 await writer.drain()
         except (ConnectionError, OSError):
             return
@@ -354,6 +371,21 @@ class RemoteState:
         finally:
             self._pending.pop(call_id, None)
 
+    async def notify(self, op: str, **args: object) -> None:
+        """Send one call whose result is nothing, without waiting for the master (a notice).
+
+        The master applies it before any later call of this worker (see the module's
+        theory of operation).
+
+        Raises:
+            StateUnavailable: the master is gone.
+        """
+        if self._writer is None:
+            await self.start()
+        if self._lost or self._writer is None:
+            raise StateUnavailable("the master is gone")
+        self._writer.write(_encode([0, op, args]))
+
     async def aclose(self) -> None:
         """Close the connection (without calling :attr:`on_lost`)."""
         self.on_lost = None
@@ -379,8 +411,8 @@ class RemoteFailureCounters:
         return [int(n) for n in await self._state.call("add", keys=list(keys))]
 
     async def clear(self, keys: Sequence[str]) -> None:
-        """Forget the failures of ``keys``."""
-        await self._state.call("clear", keys=list(keys))
+        """Forget the failures of ``keys`` (a notice: applied before this worker's next call)."""
+        await self._state.notify("clear", keys=list(keys))
 
 
 class RemoteDownloadCounters:
@@ -434,8 +466,8 @@ class RemoteSessionRegistry:
         return Admission(bool(admitted), int(per_user), int(per_userip))
 
     async def unregister(self, session_id: str) -> None:
-        """Forget a session that ended."""
-        await self._state.call("unregister", id=session_id)
+        """Forget a session that ended (a notice: applied before this worker's next call)."""
+        await self._state.notify("unregister", id=session_id)
 
     async def sessions(self, user: str | None = None) -> list[SessionEntry]:
         """Return the node's sessions (of ``user`` only, if given), oldest first."""

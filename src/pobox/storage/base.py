@@ -57,8 +57,10 @@ __all__ = [
     "MaildropImporter",
     "MaildropLocked",
     "MaildropStore",
+    "MessageFiles",
     "MessageGone",
     "MessageInfo",
+    "OpenedMessage",
     "Quota",
     "QuotaExceeded",
     "RetrievalTimes",
@@ -337,6 +339,45 @@ class RetrievalTimes(Protocol):
 
         Raises:
             StorageError: the times could not be read.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedMessage:
+    """A message file opened for the caller (:meth:`MessageFiles.open_file`).
+
+    Attributes:
+        fd: the descriptor; the caller closes it.
+        size: ``st_size`` at open: read (or send) at most that many octets.
+        identity: what tells this file and its content apart from any other, as long as no
+            one writes to it (device, inode, size, mtime and ctime in nanoseconds: a write
+            moves the ctime, which only the kernel sets).
+    """
+
+    fd: int
+    size: int
+    identity: tuple[int, int, int, int, int]
+
+
+@runtime_checkable
+class MessageFiles(Protocol):
+    """A maildrop whose messages are files the server may send with ``sendfile`` (Maildir)."""
+
+    async def open_file(self, key: str) -> OpenedMessage:
+        """Open message ``key`` as :meth:`Maildrop.read_message` would (same checks).
+
+        Raises:
+            MessageGone, StorageError: as :meth:`Maildrop.read_message`.
+        """
+
+    def read_file(self, opened: OpenedMessage, key: str) -> AsyncIterator[bytes]:
+        """Yield ``opened``'s octets up to its size, in chunks (the descriptor stays open)."""
+
+    def identity(self, opened: OpenedMessage) -> tuple[int, int, int, int, int]:
+        """Return the file's identity now (``fstat``), to see whether it was written to.
+
+        Raises:
+            StorageError: ``fstat`` failed.
         """
 
 

@@ -50,6 +50,7 @@ from pobox.storage.base import (
     IncomingMessage,
     MailUser,
     MessageInfo,
+    OpenedMessage,
     Quota,
     StorageError,
     StorageTemporaryError,
@@ -368,28 +369,59 @@ class MaildirMaildrop:
         try:
             if chunk:
                 yield chunk
-            left -= len(chunk)
-            offset = len(chunk)
-            in_loop = self._inline_read_max > 0  # 0: no reads in the event loop at all
-            while fd >= 0 and left > 0:
-                want = min(CHUNK_SIZE, left)
-                cached = _read_cached(fd, want, offset, key) if in_loop else None
-                if cached is None:
-                    cached = await asyncio.to_thread(_pread, fd, want, offset, key)
-                else:
-                    # Other sessions get their turn between two chunks, as they do while a
-                    # worker thread reads: a huge message (a sparse file of the user's) and a
-                    # fast client must not keep the event loop to themselves.
-                    await asyncio.sleep(0)
-                chunk = cached
-                if not chunk:
-                    break
-                left -= len(chunk)
-                offset += len(chunk)
-                yield chunk
+            if fd >= 0:
+                async for more in self._chunks(fd, len(chunk), left - len(chunk), key):
+                    yield more
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    async def _chunks(self, fd: int, offset: int, left: int, key: str) -> AsyncIterator[bytes]:
+        """Yield up to ``left`` octets of ``fd`` from ``offset``, in chunks (see the module)."""
+        in_loop = self._inline_read_max > 0  # 0: no reads in the event loop at all
+        while left > 0:
+            want = min(CHUNK_SIZE, left)
+            cached = _read_cached(fd, want, offset, key) if in_loop else None
+            if cached is None:
+                cached = await asyncio.to_thread(_pread, fd, want, offset, key)
+            else:
+                # Other sessions get their turn between two chunks, as they do while a
+                # worker thread reads: a huge message (a sparse file of the user's) and a
+                # fast client must not keep the event loop to themselves.
+                await asyncio.sleep(0)
+            chunk = cached
+            if not chunk:
+                break
+            left -= len(chunk)
+            offset += len(chunk)
+            yield chunk
+
+    async def open_file(self, key: str) -> OpenedMessage:
+        """Open message ``key`` in a worker thread, as :meth:`read_message` does (same checks).
+
+        Raises:
+            MessageGone: the message was removed since the snapshot, or is not in it.
+            StorageError: as :meth:`read_message`.
+        """
+        self._check_open()
+        return await _owned_in_thread(functools.partial(_open_file, self._handle, key), _close_file)
+
+    async def read_file(self, opened: OpenedMessage, key: str) -> AsyncIterator[bytes]:
+        """Yield ``opened``'s octets up to its size at open, in chunks (it stays open)."""
+        self._check_open()
+        async for chunk in self._chunks(opened.fd, 0, opened.size, key):
+            yield chunk
+
+    def identity(self, opened: OpenedMessage) -> tuple[int, int, int, int, int]:
+        """Return ``opened``'s identity now (``fstat``): it changes with any write to it.
+
+        Raises:
+            StorageError: ``fstat`` failed.
+        """
+        try:
+            return _identity(os.fstat(opened.fd))
+        except OSError as exc:
+            raise storage_error(exc, "stat message", "") from exc
 
     def read_now(self, key: str) -> bytes | None:
         """Return message ``key`` read in this thread if it is at most ``inline_read_max``.
@@ -507,6 +539,26 @@ class MaildirMaildrop:
         if self._closed:
             msg = "the maildrop is closed"
             raise RuntimeError(msg)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _open_file(handle: MaildirHandle, key: str) -> OpenedMessage:
+    """Open a message and ``fstat`` it (in a worker thread)."""
+    fd, size = handle.open_message(key)
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise storage_error(exc, "stat message", key) from exc
+    return OpenedMessage(fd, min(size, st.st_size), _identity(st))
+
+
+def _close_file(opened: OpenedMessage) -> None:
+    """Close a message file opened for nobody."""
+    os.close(opened.fd)
 
 
 def _open_and_read(handle: MaildirHandle, key: str) -> tuple[int, int, bytes]:
