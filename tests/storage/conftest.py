@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from pobox.storage.postgres import PostgresStore
 from pobox.storage.privsep import OwnerPolicy, StorageHelper
 from tests.helpers.accounts import ALICE, chown_tree, system_user
 from tests.helpers.dovecot import searchable_tmpdir
-from tests.helpers.maildir import User, deliver
+from tests.helpers.maildir import User, deliver, incoming
 from tests.helpers.postgres import StoreThread
 
 
@@ -41,12 +41,25 @@ class Backend:
     user: Callable[[str], MailUser]
     deliver: Callable[[str, bytes], object]
     closers: list[Callable[[], object]] = field(default_factory=list)
+    #: Deliver (user, folder, data) into a folder; returns what ``move`` takes.
+    deliver_folder: Callable[[str, str, bytes], Awaitable[object]] | None = None
+    #: Move (user, what deliver_folder or move returned, folder) as an IMAP client's MOVE;
+    #: returns what names the message now.
+    move: Callable[[str, object, str], Awaitable[object]] | None = None
 
 
 def _memory(tmp_path: Path) -> Backend:
     """Return the memory backend (``tmp_path`` is unused)."""
     store = MemoryStore()
-    return Backend("memory", store, User, store.add)
+
+    async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+        return await store.deliver_to_folder(User(name), incoming(data), folder)
+
+    async def move(name: str, key: object, folder: str) -> object:
+        store.move(name, str(key), folder)
+        return key
+
+    return Backend("memory", store, User, store.add, deliver_folder=deliver_folder, move=move)
 
 
 def _maildir(
@@ -72,7 +85,27 @@ def _maildir(
         """Deliver as an MTA would, with this variant's file names."""
         deliver(store.maildir_path(user(name)), data, fields=fields, flags=flags)
 
-    return Backend(name, store, user, deliver_to)
+    def folder_path(name: str, folder: str) -> Path:
+        maildir = store.maildir_path(user(name))
+        return maildir if folder == "INBOX" else maildir / f".{folder}"
+
+    async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+        """Deliver into the Maildir++ folder as an MTA's Sieve ``fileinto`` would."""
+        return folder, deliver(folder_path(name, folder), data, fields=fields, flags=flags)
+
+    async def move(name: str, where: object, folder: str) -> object:
+        """Move the file into the other folder's ``cur/``, name kept, as Dovecot's MOVE."""
+        assert isinstance(where, tuple)
+        old, base = where
+        source = folder_path(name, old)
+        (found,) = [path for sub in ("new", "cur") for path in (source / sub).glob(f"{base}*")]
+        target = folder_path(name, folder)
+        for sub in ("cur", "new", "tmp"):
+            (target / sub).mkdir(parents=True, exist_ok=True)
+        os.rename(found, target / "cur" / found.name)
+        return folder, base
+
+    return Backend(name, store, user, deliver_to, deliver_folder=deliver_folder, move=move)
 
 
 _BACKENDS: dict[str, Callable[[Path], Backend]] = {
@@ -143,7 +176,23 @@ def _postgresql(dsn: str) -> Backend:
     """Return the PostgreSQL backend on the emptied test database ``dsn``."""
     store = PostgresStore(dsn, pool_min=1, pool_max=4, timeout=10)
     mta = StoreThread(dsn)
-    return Backend("postgresql", store, User, mta.append, closers=[mta.close])
+
+    async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+        return await store.deliver_to_folder(User(name), incoming(data), folder)
+
+    async def move(name: str, key: object, folder: str) -> object:
+        assert 1 == await store.move_to_folder(User(name), [str(key)], folder)
+        return key
+
+    return Backend(
+        "postgresql",
+        store,
+        User,
+        mta.append,
+        closers=[mta.close],
+        deliver_folder=deliver_folder,
+        move=move,
+    )
 
 
 @pytest.fixture(params=[*sorted(_BACKENDS), "maildir-helper", "postgresql"])
@@ -170,6 +219,24 @@ async def retaining(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     made = _BACKENDS[request.param](tmp_path)
     yield made
     await made.store.aclose()
+
+
+#: The backends with folders (:class:`~pobox.storage.base.MaildropFolders`); the storage
+#: helper has none yet (``pop3_folders`` serves the INBOX only there).
+FOLDERED = ("memory", "maildir", "maildir-no-index", "maildir-s-only-in-cur", "postgresql")
+
+
+@pytest.fixture(params=FOLDERED)
+async def foldered(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each backend whose maildrops have folders besides the INBOX."""
+    if request.param == "postgresql":
+        made = _postgresql(request.getfixturevalue("pg_dsn"))
+    else:
+        made = _BACKENDS[request.param](tmp_path)
+    yield made
+    await made.store.aclose()
+    for close in made.closers:
+        close()
 
 
 @pytest.fixture

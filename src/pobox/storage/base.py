@@ -23,12 +23,16 @@ the session marks the messages it sent with RETR as seen, as Dovecot's POP3 does
 A store that can keep deleted mail for a while (Maildir, with ``pop3_delete_retention``) offers
 :class:`DeletedMailRetention`: ``pobox restore`` lists, restores and purges what it kept.
 
+A store whose maildrops have folders besides the INBOX (Maildir++ ``.Junk/``, PostgreSQL's
+``folder`` column) offers :class:`MaildropFolders`: a session opens the folders of
+``pop3_folders`` merged into its one listing, and delivery can file a message into a folder.
+
 ``pobox import`` needs one more thing, which only stores that can keep another server's UIDLs
 offer (PostgreSQL): :class:`MaildropImporter`, a separate protocol so that
 :class:`MaildropStore` stays as it is.
 
-May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records` and
-:mod:`pobox.storage.spool`.
+May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.names`,
+:mod:`pobox.records` and :mod:`pobox.storage.spool`.
 """
 
 from __future__ import annotations
@@ -38,17 +42,21 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from pobox.errors import PoboxError
+from pobox.names import INBOX, folder_name
 from pobox.records import Quota
 from pobox.storage.spool import Spool
 
 __all__ = [
+    "INBOX",
     "DeleteResult",
     "DeletedMailRetention",
     "DeletedMessage",
+    "FolderNameError",
     "ImportedMessage",
     "IncomingMessage",
     "MailUser",
     "Maildrop",
+    "MaildropFolders",
     "MaildropImporter",
     "MaildropLocked",
     "MaildropStore",
@@ -61,6 +69,7 @@ __all__ = [
     "StoragePermanentError",
     "StorageTemporaryError",
     "Usage",
+    "check_folder",
     "is_unique_id",
 ]
 
@@ -96,6 +105,10 @@ class QuotaExceeded(StoragePermanentError):
     """The message would take the maildrop over its quota (RFC 3463 ``5.2.2``)."""
 
 
+class FolderNameError(StoragePermanentError):
+    """A folder name that no store accepts (see :func:`check_folder`)."""
+
+
 class MessageGone(StorageError):
     """The message vanished from the maildrop after the snapshot was taken."""
 
@@ -112,11 +125,14 @@ class MessageInfo:
             before byte-stuffing, without the terminating ``.CRLF`` (RFC 1939 §5, LIST).
         uidl: the RFC 1939 §7 unique-id: 1 to 70 octets in 0x21-0x7E, stable across
             sessions, never reused for another message of the same maildrop.
+        folder: the folder the message is in (:data:`INBOX` unless the maildrop was opened
+            with :meth:`MaildropFolders.open_folders`).
     """
 
     key: str
     size: int
     uidl: str
+    folder: str = INBOX
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +320,66 @@ class SeenFlags(Protocol):
         Raises:
             StorageError: nothing could be marked.
         """
+
+
+@runtime_checkable
+class MaildropFolders(Protocol):
+    """A store whose maildrops have folders besides the INBOX (``pop3_folders``).
+
+    Stores without folders (the storage helper, for now) do not offer it: a session of a user
+    with ``pop3_folders`` then sees the INBOX only.
+    """
+
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> Maildrop:
+        """Open ``user``'s maildrop with the messages of ``folders`` merged into one listing.
+
+        The listing is in arrival order across folders; :attr:`MessageInfo.folder` says where
+        each message is. UIDLs are distinct across folders, and a message moved from one
+        folder to another (by an IMAP client) keeps its UIDL, so a POP3 client does not
+        download it twice. :meth:`Maildrop.delete` removes each message from the folder it is
+        in. A folder that does not exist is empty (and is not created).
+
+        Args:
+            folders: folder names (:func:`check_folder`), :data:`INBOX` among them or not.
+
+        Raises:
+            FolderNameError: a folder name is not acceptable.
+            MaildropLocked, StorageTemporaryError, StoragePermanentError: as :meth:`open`.
+        """
+
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Store ``message`` in ``folder`` of ``user``'s maildrop (created if missing).
+
+        As :meth:`MaildropStore.deliver`; ``folder`` :data:`INBOX` is the same as it.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            QuotaExceeded, StorageTemporaryError, StoragePermanentError: as ``deliver``.
+        """
+
+
+def check_folder(name: str) -> str:
+    """Return the folder name ``name`` in its canonical form (``INBOX`` in any case is ``INBOX``).
+
+    Raises:
+        FolderNameError: ``name`` is not a folder name a maildrop can have: empty, over 100
+            characters, with a ``/``, a control or non-ASCII character, a leading or trailing
+            dot or space, or ``..``.
+    """
+    canonical = folder_name(name)
+    if canonical is None:
+        msg = f"{name!r} is not an acceptable folder name (letters, digits, _+-. and spaces)"
+        raise FolderNameError(msg)
+    return canonical
 
 
 def is_unique_id(uidl: str) -> bool:

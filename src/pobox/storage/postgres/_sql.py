@@ -24,9 +24,18 @@ _TEXT: dict[str, LiteralString] = {
     "counters": "SELECT next_uid, messages,"
     " (extract(epoch FROM created) * 1000000)::bigint"
     " FROM {mailbox} WHERE mailbox = %(mailbox)s",
-    # The snapshot: one scan of message's primary key, which includes these columns.
+    # The snapshot: one scan of message's primary key, which includes these columns, and
+    # the folder of each row (INBOX only, unless pop3_folders names more).
     "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message}"
-    " WHERE mailbox = %(mailbox)s ORDER BY uid",
+    " WHERE mailbox = %(mailbox)s AND folder = 'INBOX' ORDER BY uid",
+    # The snapshot of several folders merged (pop3_folders), in UID (arrival) order.
+    "snapshot_folders": "SELECT uid, wire_size, uidl, digest, folder FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND folder = ANY(%(folders)s) ORDER BY uid",
+    # Move messages to another folder (their UID and UIDL stay); next_uid goes up by one so
+    # that no cached listing (keyed by the counters) outlives the move.
+    "move": "UPDATE {message} SET folder = %(folder)s"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s) AND folder <> %(folder)s",
+    "touch": "UPDATE {mailbox} SET next_uid = next_uid + 1 WHERE mailbox = %(mailbox)s",
     # The first page of a message: its header lines (NULL: the message is gone), and as
     # "chunks" below. One statement, one round trip: most messages are one chunk. The
     # subquery is uncorrelated, so a distributed database plans it on its own shard.
@@ -77,9 +86,9 @@ _TEXT: dict[str, LiteralString] = {
     " RETURNING next_uid - 1, uidvalidity, messages, octets,"
     " pg_catalog.pg_current_xact_id()::text",
     "insert_message": "INSERT INTO {message}"
-    " (mailbox, uid, uidl, wire_size, size, digest, header)"
+    " (mailbox, uid, uidl, wire_size, size, digest, header, folder)"
     " VALUES (%(mailbox)s, %(uid)s, %(uidl)s, %(wire_size)s, %(size)s, %(digest)s,"
-    " %(header)s)",
+    " %(header)s, %(folder)s)",
     "xact_status": "SELECT pg_catalog.pg_xact_status(%(xid)s::xid8)",
     "usage": "SELECT octets, messages FROM {mailbox} WHERE mailbox = %(mailbox)s",
     # --- import (pobox import): messages with their UIDL and size kept --------------------
@@ -121,6 +130,9 @@ class Statements:
 
     counters: sql.Composed
     snapshot: sql.Composed
+    snapshot_folders: sql.Composed
+    move: sql.Composed
+    touch: sql.Composed
     first_page: sql.Composed
     heads: sql.Composed
     small_bodies: sql.Composed

@@ -47,6 +47,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
+    INBOX,
     DeleteResult,
     ImportedMessage,
     IncomingMessage,
@@ -60,6 +61,7 @@ from pobox.storage.base import (
     StoragePermanentError,
     StorageTemporaryError,
     Usage,
+    check_folder,
     is_unique_id,
 )
 from pobox.storage.postgres import _schema
@@ -215,10 +217,11 @@ class Snapshot:
         messages: list[MessageInfo] = []
         by_key: dict[str, tuple[int, bytes]] = {}
         index: dict[str, int] = {}
-        for uid, size, uidl, digest in rows:
+        for uid, size, uidl, digest, *folder in rows:
             key = str(uid)
             index[key] = len(messages)
-            messages.append(MessageInfo(key=key, size=_int(size), uidl=str(uidl)))
+            where = str(folder[0]) if folder else INBOX
+            messages.append(MessageInfo(key=key, size=_int(size), uidl=str(uidl), folder=where))
             by_key[key] = (_int(uid), _bytes(digest))
         return cls(counters, tuple(messages), by_key, index)
 
@@ -385,6 +388,62 @@ class PostgresStore:
             raise
         maildrop.snapshot = snapshot
         return maildrop
+
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> PostgresMaildrop:
+        """Open ``user``'s maildrop with the messages of ``folders``, in UID (arrival) order.
+
+        A message moved between folders keeps its row, so its UID and UIDL. The listing is
+        read afresh (not from the cache of INBOX listings).
+
+        Raises:
+            FolderNameError: a folder name is not acceptable.
+            MaildropLocked, StorageTemporaryError: as :meth:`open`.
+        """
+        names = list(dict.fromkeys(check_folder(name) for name in folders))
+        mailbox = self._mailbox(user)
+        await self._ensure_open()
+        maildrop = PostgresMaildrop(self, mailbox)
+        if lock:
+            await self._lock(maildrop)
+
+        async def work(conn: Conn) -> Snapshot:
+            cur = await conn.execute(
+                self._sql.snapshot_folders, {"mailbox": mailbox, "folders": names}, binary=True
+            )
+            return Snapshot.from_rows((0, 0, 0), await cur.fetchall())
+
+        try:
+            maildrop.snapshot = await self._run("opening the maildrop", work)
+        except BaseException:
+            await maildrop.close()
+            raise
+        return maildrop
+
+    async def move_to_folder(self, user: MailUser, keys: Sequence[str], folder: str) -> int:
+        """Move messages (keys of a snapshot) into ``folder``; return how many moved.
+
+        What an IMAP server's MOVE would do, for tools and tests: the messages keep their
+        UID and UIDL.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            StorageTemporaryError: the database failed (nothing moved).
+        """
+        folder = check_folder(folder)
+        mailbox = self._mailbox(user)
+        uids = [int(key) for key in keys if key.isdigit()]
+
+        async def work(conn: Conn) -> int:
+            async with conn.transaction():
+                values = {"mailbox": mailbox, "uids": uids, "folder": folder}
+                cur = await conn.execute(self._sql.move, values)
+                if cur.rowcount:
+                    await conn.execute(self._sql.touch, values)
+                return cur.rowcount
+
+        return await self._run("moving messages", work)
 
     async def _snapshot(self, conn: Conn, mailbox: str) -> Snapshot:
         """Return the listing of ``mailbox``: the cached one if its counters did not move."""
@@ -582,6 +641,27 @@ class PostgresStore:
         wire = _message_wire_size(message.header, body, body.wire_size)
         return await self._store(user, message.header, body, wire, quota=quota)
 
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Store ``message`` in ``folder`` of ``user``'s maildrop (:meth:`deliver`).
+
+        The quota counts every folder's messages.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            QuotaExceeded, StorageTemporaryError: as :meth:`deliver`.
+        """
+        folder = check_folder(folder)
+        body = message.body
+        wire = _message_wire_size(message.header, body, body.wire_size)
+        return await self._store(user, message.header, body, wire, quota=quota, folder=folder)
+
     async def append(
         self,
         user: MailUser,
@@ -609,6 +689,7 @@ class PostgresStore:
         *,
         quota: Quota | None = None,
         uidl: str | None = None,
+        folder: str = INBOX,
     ) -> str:
         mailbox = self._mailbox(user)
         digest = bytes.fromhex(body.digest)
@@ -619,6 +700,7 @@ class PostgresStore:
             "wire_size": wire,
             "digest": digest,
             "header": header,
+            "folder": folder,
         }
 
         #: What the transaction got to: its id, the UID, whether COMMIT was sent.

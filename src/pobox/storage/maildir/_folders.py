@@ -1,0 +1,282 @@
+"""Maildir++ folders merged into one POP3 listing (``pop3_folders``): :class:`FolderMaildrop`.
+
+A Maildir++ folder is a maildir of its own inside the user's maildir: ``.Junk/`` with
+``cur/``, ``new/`` and ``tmp/``, as Dovecot, Courier and every IMAP client filing spam there
+use it. Each folder is opened as a maildir of its own (its own ``pobox-uidlist`` index for the
+sizes, as Dovecot keeps a ``dovecot-uidlist`` there), reached from the maildir root by
+descriptor and never through a link (:class:`~pobox.storage._safefs.FolderPath`); the session
+lock is the INBOX's alone. A folder that does not exist is empty and is not created; one that
+is not a directory of the owner (a link, a FIFO) is left out, with a warning, and the rest is
+served.
+
+*Order.* The listing is in arrival order across folders: each folder's own order (the INBOX's
+UID order) is kept, and the folders are merged by the delivery time at the start of each
+message's Maildir file name (``<seconds>.M<usec>P<pid>.<host>``, :func:`._names.delivery_sort_key`),
+which every MDA writes and IMAP servers keep when they move a message between folders. Not the
+file's mtime: a flag change or a copy rewrites that, a name does not.
+
+*UIDLs.* A message of the INBOX has the UIDL the INBOX's index gives it (the one it had
+before ``pop3_folders`` was set). A message first seen in another folder gets
+``sha256(base name)`` in hex, the UIDL of the index-less mode: 64 characters, so distinct from
+the index's 16. The base name is what an IMAP move keeps (Dovecot's ``MOVE`` renames the file
+into the other folder), so the UIDL moves with the message through the map
+``pobox-folder-uidls`` in the maildir root: one line ``<base name> <UIDL>`` per message of the
+last merged listing, read at each open, written again (atomically) when it changed. A message
+that moves from ``.Junk`` to the INBOX, or back, between two sessions keeps its UIDL, so a
+client leaving mail on the server does not download it twice. One base name found in two
+folders (a broken copy) is listed once, from the first folder of ``pop3_folders``; a UIDL the
+map gives twice is given once. The map holds what the user may write (it is in their maildir),
+so it is read as everything there is: bounded, every UIDL checked; the worst a forged map does
+is have the user's own client download their own mail again.
+
+*Deletion* (UPDATE) unlinks each message in the folder it is in, as in the INBOX. Deleted
+folder messages are not kept for ``pobox restore`` (``pop3_delete_retention`` keeps INBOX
+messages only); the quota and ``usage`` count the INBOX only, as before.
+
+May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pobox.storage._safefs import Dir
+from pobox.storage.base import (
+    INBOX,
+    DeleteResult,
+    MessageGone,
+    MessageInfo,
+    StorageError,
+    is_unique_id,
+)
+from pobox.storage.maildir._names import delivery_sort_key
+
+__all__ = [
+    "FOLDER_UIDLS_NAME",
+    "FolderMaildrop",
+    "folder_uidl",
+    "merge_listing",
+    "read_folder_uidls",
+    "write_folder_uidls",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The map of base names to UIDLs of the last merged listing, in the maildir root.
+FOLDER_UIDLS_NAME = "pobox-folder-uidls"
+#: Bound of the map when read: 16 MiB, some 150,000 messages.
+FOLDER_UIDLS_MAX = 16 * 1024 * 1024
+
+
+def folder_uidl(base: str) -> str:
+    """Return the UIDL of a message first seen in a folder other than the INBOX."""
+    return hashlib.sha256(base.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def folder_key(folder: str, base: str) -> str:
+    """Return the key of a message in the merged listing (an INBOX key is its base name)."""
+    return base if folder == INBOX else f"{folder}/{base}"
+
+
+def read_folder_uidls(root: Dir) -> dict[str, str]:
+    """Read ``pobox-folder-uidls``: base name → UIDL; lines that do not parse are ignored.
+
+    Raises:
+        StorageError: the file is not a regular file of the owner, too large, or unreadable.
+    """
+    raw = root.read_file(FOLDER_UIDLS_NAME, FOLDER_UIDLS_MAX)
+    if raw is None:
+        return {}
+    out: dict[str, str] = {}
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+        base, _, uidl = line.partition(" ")
+        if base and "/" not in base and is_unique_id(uidl):
+            out.setdefault(base, uidl)
+    return out
+
+
+def write_folder_uidls(root: Dir, uidls: Mapping[str, str]) -> None:
+    """Replace ``pobox-folder-uidls`` by ``uidls`` (atomically, :meth:`Dir.replace`)."""
+    text = "".join(f"{base} {uidl}\n" for base, uidl in uidls.items())
+    root.replace(FOLDER_UIDLS_NAME, text.encode("utf-8", "surrogateescape"))
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    """A merged listing: the messages, where each one is, and the map to remember."""
+
+    messages: tuple[MessageInfo, ...]
+    #: key → (folder, the key in that folder's maildrop).
+    where: dict[str, tuple[str, str]]
+    uidls: dict[str, str]
+
+
+def merge_listing(
+    parts: Sequence[tuple[str, Sequence[MessageInfo]]], remembered: Mapping[str, str]
+) -> Merged:
+    """Merge the snapshots of folders into one listing (see the module doc).
+
+    Args:
+        parts: (folder, its snapshot) in the order of ``pop3_folders``; keys are base names.
+        remembered: the map read from ``pobox-folder-uidls``.
+    """
+    seen_bases: set[str] = set()
+    used: set[str] = set()
+    picked: list[list[tuple[tuple[int, int], MessageInfo]]] = []
+    for folder, infos in parts:
+        chosen: list[tuple[tuple[int, int], MessageInfo]] = []
+        for info in infos:
+            base = info.key
+            if base in seen_bases:
+                continue  # the same message in two folders: listed once
+            own = info.uidl if folder == INBOX else folder_uidl(base)
+            uidl = remembered.get(base, own)
+            if uidl in used:
+                uidl = own
+            if uidl in used:
+                continue
+            seen_bases.add(base)
+            used.add(uidl)
+            seconds, micro, _ = delivery_sort_key(base)
+            chosen.append(
+                (
+                    (seconds, micro),
+                    MessageInfo(
+                        key=folder_key(folder, base), size=info.size, uidl=uidl, folder=folder
+                    ),
+                )
+            )
+        picked.append(chosen)
+    # heapq.merge keeps each folder's own order and interleaves by delivery time; on a tie
+    # the earlier folder of ``pop3_folders`` comes first.
+    merged = [info for _, info in heapq.merge(*picked, key=lambda item: item[0])]
+    where: dict[str, tuple[str, str]] = {}
+    uidls: dict[str, str] = {}
+    for info in merged:
+        base = info.key.rpartition("/")[2]
+        where[info.key] = (info.folder, base)
+        uidls[base] = info.uidl
+    return Merged(tuple(merged), where, uidls)
+
+
+class _Part(Protocol):
+    """What :class:`FolderMaildrop` needs of each folder's open maildrop (a MaildirMaildrop)."""
+
+    def read_message(self, key: str) -> AsyncIterator[bytes]:
+        """Yield the message's stored bytes."""
+
+    def read_now(self, key: str) -> bytes | None:
+        """Return a small message whole, else ``None``."""
+
+    async def delete(self, keys: Sequence[str]) -> DeleteResult:
+        """Remove messages."""
+
+    async def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Give messages the ``S`` flag."""
+
+    async def close(self) -> None:
+        """Close it."""
+
+
+class FolderMaildrop:
+    """The folders of one maildir as one maildrop; satisfies ``Maildrop`` and ``SeenFlags``.
+
+    Each call goes to the folder's own maildrop; the INBOX's holds the session lock and is
+    closed last.
+    """
+
+    def __init__(self, parts: Mapping[str, _Part], merged: Merged) -> None:
+        self._parts = dict(parts)
+        self._merged = merged
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The merged snapshot, in arrival order."""
+        return self._merged.messages
+
+    def _find(self, key: str) -> tuple[_Part, str]:
+        where = self._merged.where.get(key)
+        part = None if where is None else self._parts.get(where[0])
+        if where is None or part is None:
+            msg = f"message {key!r} is not in the maildrop snapshot"
+            raise MessageGone(msg)
+        return part, where[1]
+
+    async def read_message(self, key: str) -> AsyncIterator[bytes]:
+        """Yield message ``key`` from its folder (as :meth:`MaildirMaildrop.read_message`)."""
+        part, inner = self._find(key)
+        chunks = part.read_message(inner)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def read_now(self, key: str) -> bytes | None:
+        """Return message ``key`` from its folder if it is small (:meth:`read_now`)."""
+        part, inner = self._find(key)
+        return part.read_now(inner)
+
+    def _group(self, keys: Sequence[str]) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+        """Group ``keys`` by folder; return unknown keys and (key, inner key) per folder."""
+        unknown: list[str] = []
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key in keys:
+            where = self._merged.where.get(key)
+            if where is None or where[0] not in self._parts:
+                unknown.append(key)
+            else:
+                groups.setdefault(where[0], []).append((key, where[1]))
+        return unknown, groups
+
+    async def delete(self, keys: Sequence[str]) -> DeleteResult:
+        """Remove each message from the folder it is in (UPDATE, RFC 1939 §6)."""
+        unknown, groups = self._group(keys)
+        removed: list[str] = []
+        failed = list(unknown)
+        for folder, pairs in groups.items():
+            back = {inner: key for key, inner in pairs}
+            try:
+                result = await self._parts[folder].delete([inner for _, inner in pairs])
+            except StorageError as exc:
+                logger.warning("cannot delete messages of folder %s: %s", folder, exc)
+                failed.extend(key for key, _ in pairs)
+                continue
+            removed.extend(back[inner] for inner in result.removed if inner in back)
+            failed.extend(back[inner] for inner in result.failed if inner in back)
+        return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+    async def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Give messages the ``S`` flag in the folder each is in; return those not marked."""
+        unknown, groups = self._group(keys)
+        failed = list(unknown)
+        for folder, pairs in groups.items():
+            back = {inner: key for key, inner in pairs}
+            try:
+                not_marked = await self._parts[folder].mark_seen([inner for _, inner in pairs])
+            except StorageError:
+                failed.extend(key for key, _ in pairs)
+                continue
+            failed.extend(back[inner] for inner in not_marked if inner in back)
+        return tuple(failed)
+
+    def on_lock_lost(self, callback: Callable[[], object]) -> None:
+        """Do nothing: the INBOX's lock file is lost only with the process."""
+
+    async def close(self) -> None:
+        """Close every folder, the INBOX (and with it the session lock) last."""
+        for folder, part in self._parts.items():
+            if folder != INBOX:
+                with contextlib.suppress(StorageError):
+                    await part.close()
+        inbox = self._parts.get(INBOX)
+        if inbox is not None:
+            await inbox.close()
