@@ -118,13 +118,16 @@ from pobox.state.remote import (
     StateService,
 )
 from pobox.storage.base import (
+    INBOX,
     DeletedMessage,
+    FolderNameError,
     IncomingMessage,
     MaildropImporter,
     MaildropLocked,
     MaildropStore,
     StorageError,
     StorageTemporaryError,
+    check_folder,
 )
 from pobox.storage.maildir import MaildirStore, deliver_message
 from pobox.storage.privsep import (
@@ -1162,7 +1165,12 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
-        status, message = asyncio.run(_deliver_stdin(config, args.user, args.sender))
+        folder = check_folder(args.mailbox)
+    except FolderNameError as exc:  # a setup error as above: tempfail, never a bounce
+        print(f"pobox deliver: -m: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    try:
+        status, message = asyncio.run(_deliver_stdin(config, args.user, args.sender, folder=folder))
     except Exception as exc:  # an MDA must tempfail, never crash into a bounce
         status, message = EX_TEMPFAIL, f"internal error: {exc!r}"
     if status:
@@ -1193,8 +1201,10 @@ def build_deliver_store(config: Config) -> MaildropStore:
     return SwitchingStore(maildir, OwnerPolicy.from_config(config, fallback=None))
 
 
-async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple[int, str]:
-    """Deliver standard input to ``user`` with the store ``pobox deliver`` uses."""
+async def _deliver_stdin(
+    config: Config, user: str, sender: str | None, *, folder: str = INBOX
+) -> tuple[int, str]:
+    """Deliver standard input to ``user`` (into ``folder``) with ``pobox deliver``'s store."""
     store = build_deliver_store(config)
     authenticator = build_authenticator(config, listen=False)
     try:
@@ -1206,6 +1216,7 @@ async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple
             sys.stdin.buffer,
             limit=config.max_message_size,
             spool_dir=config.mail_temp_dir or None,
+            folder=folder,
         )
     finally:
         await store.aclose()
@@ -1800,6 +1811,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deliver.add_argument("--user", "-u", "-d", required=True, help="recipient user or address")
     deliver.add_argument("--sender", "-f", help="envelope sender (Return-Path)")
+    deliver.add_argument(
+        "--mailbox",
+        "-m",
+        default="INBOX",
+        help="folder to file the message into (as dovecot-lda -m): Maildir++ .NAME, or the "
+        "PostgreSQL folder column; default INBOX",
+    )
     deliver.add_argument("--config", "-c", help="TOML configuration file")
     add_key_flags(deliver, _DELIVER_FLAGS)
     deliver.set_defaults(func=cmd_deliver)

@@ -48,7 +48,15 @@ from pobox.storage.base import (
 if TYPE_CHECKING:
     from pobox.config import Config
 
-__all__ = ["Owner", "OwnerPolicy", "OwnerRefused", "SameOwnerStore", "lookup_gid", "lookup_uid"]
+__all__ = [
+    "Owner",
+    "OwnerPolicy",
+    "OwnerRefused",
+    "SameOwnerStore",
+    "foldered",
+    "lookup_gid",
+    "lookup_uid",
+]
 
 
 class OwnerRefused(StoragePermanentError):
@@ -253,7 +261,7 @@ class SameOwnerStore:
             StoragePermanentError: the wrapped store has no folders.
         """
         self._check(user)
-        return await _foldered(self.inner).open_folders(user, folders, lock=lock)
+        return await foldered(self.inner).open_folders(user, folders, lock=lock)
 
     async def deliver_to_folder(
         self,
@@ -270,7 +278,7 @@ class SameOwnerStore:
             StoragePermanentError: the wrapped store has no folders.
         """
         self._check(user)
-        return await _foldered(self.inner).deliver_to_folder(user, message, folder, quota=quota)
+        return await foldered(self.inner).deliver_to_folder(user, message, folder, quota=quota)
 
     async def usage(self, user: MailUser) -> Usage:
         """Return ``user``'s usage if the process owns the mail (see the class doc).
@@ -286,7 +294,7 @@ class SameOwnerStore:
         await self.inner.aclose()
 
 
-def _foldered(store: MaildropStore) -> MaildropFolders:
+def foldered(store: MaildropStore) -> MaildropFolders:
     """Return ``store`` as a store with folders.
 
     Raises:
