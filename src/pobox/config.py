@@ -580,8 +580,7 @@ class Config:
         "(PostgreSQL: the `folder` column), with UIDLs that stay distinct and stay the same "
         "when a message moves between folders; DELE removes a message from its folder. A "
         "folder that does not exist is empty. Per user: userdb field of the same name, "
-        "comma-separated (`pop3_folders=INBOX,Junk`). Not yet through the storage helper "
-        "(mode 3: pobox started as root with no `mail_uid`): the INBOX only there.",
+        "comma-separated (`pop3_folders=INBOX,Junk`).",
         toml=(list, str),
         parse=parse_folders,
         dump=list,

@@ -166,8 +166,38 @@ async def _maildir_through_helper() -> AsyncIterator[Backend]:
             deliver(maildir, data, fields="SW", flags=None)
             chown_tree(maildir, owner)
 
+        def folder_path(name: str, folder: str) -> Path:
+            maildir = Path(user(name).home or "") / "Maildir"
+            return maildir if folder == "INBOX" else maildir / f".{folder}"
+
+        async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+            """Deliver into the Maildir++ folder as an MTA running as the owner would."""
+            base = deliver(folder_path(name, folder), data, fields="SW", flags=None)
+            chown_tree(folder_path(name, "INBOX"), owner)
+            return folder, base
+
+        async def move(name: str, where: object, folder: str) -> object:
+            """Move the file into the other folder's ``cur/`` as the owner's IMAP server."""
+            assert isinstance(where, tuple)
+            old, base = where
+            source = folder_path(name, old)
+            (found,) = [p for sub in ("new", "cur") for p in (source / sub).glob(f"{base}*")]
+            target = folder_path(name, folder)
+            for sub in ("cur", "new", "tmp"):
+                (target / sub).mkdir(parents=True, exist_ok=True)
+            os.rename(found, target / "cur" / found.name)
+            chown_tree(folder_path(name, "INBOX"), owner)
+            return folder, base
+
         try:
-            yield Backend("maildir-helper", helper.store, user, deliver_to)
+            yield Backend(
+                "maildir-helper",
+                helper.store,
+                user,
+                deliver_to,
+                deliver_folder=deliver_folder,
+                move=move,
+            )
         finally:
             await helper.aclose()
 
@@ -221,14 +251,25 @@ async def retaining(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     await made.store.aclose()
 
 
-#: The backends with folders (:class:`~pobox.storage.base.MaildropFolders`); the storage
-#: helper has none yet (``pop3_folders`` serves the INBOX only there).
-FOLDERED = ("memory", "maildir", "maildir-no-index", "maildir-s-only-in-cur", "postgresql")
+#: The backends with folders (:class:`~pobox.storage.base.MaildropFolders`); through the
+#: storage helper, delivery into a folder is refused (tested apart).
+FOLDERED = (
+    "memory",
+    "maildir",
+    "maildir-no-index",
+    "maildir-s-only-in-cur",
+    "maildir-helper",
+    "postgresql",
+)
 
 
 @pytest.fixture(params=FOLDERED)
 async def foldered(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """Each backend whose maildrops have folders besides the INBOX."""
+    if request.param == "maildir-helper":
+        async with _maildir_through_helper() as through_helper:
+            yield through_helper
+        return
     if request.param == "postgresql":
         made = _postgresql(request.getfixturevalue("pg_dsn"))
     else:

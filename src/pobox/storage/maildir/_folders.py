@@ -46,23 +46,29 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pobox.storage._safefs import Dir
+from pobox.storage._safefs import Dir, FolderPath, UnsafeFile
 from pobox.storage.base import (
     INBOX,
     DeleteResult,
     MessageGone,
     MessageInfo,
     StorageError,
+    check_folder,
     is_unique_id,
 )
+from pobox.storage.maildir._access import MaildirAccess, MaildirHandle
 from pobox.storage.maildir._names import delivery_sort_key
 
 __all__ = [
     "FOLDER_UIDLS_NAME",
+    "FolderHandle",
     "FolderMaildrop",
     "folder_uidl",
     "merge_listing",
+    "open_folder",
+    "open_folder_handle",
     "read_folder_uidls",
+    "remember_uidls",
     "write_folder_uidls",
 ]
 
@@ -165,6 +171,161 @@ def merge_listing(
     return Merged(tuple(merged), where, uidls)
 
 
+def group_keys(
+    where: Mapping[str, tuple[str, str]], parts: Mapping[str, object], keys: Sequence[str]
+) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+    """Group ``keys`` by folder; return unknown keys and (key, inner key) pairs per folder."""
+    unknown: list[str] = []
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for key in keys:
+        found = where.get(key)
+        if found is None or found[0] not in parts:
+            unknown.append(key)
+        else:
+            groups.setdefault(found[0], []).append((key, found[1]))
+    return unknown, groups
+
+
+def remember_uidls(
+    root: str, owner: int, listed: Sequence[tuple[str, Sequence[MessageInfo]]]
+) -> Merged:
+    """Merge ``listed`` with the UIDLs ``pobox-folder-uidls`` remembers; update the file.
+
+    A map that cannot be read (not a regular file of the owner, too large) counts as empty
+    and is replaced; one that cannot be written is left as it is (the UIDLs of messages
+    moved since are then not kept).
+
+    Raises:
+        StorageError: the maildir root cannot be opened.
+    """
+    with Dir.open_root(root, owner) as directory:
+        try:
+            known = read_folder_uidls(directory)
+        except StorageError as exc:
+            logger.warning("ignoring %s of %s: %s", FOLDER_UIDLS_NAME, root, exc)
+            known = {}
+        merged = merge_listing(listed, known)
+        if merged.uidls != known:
+            try:
+                write_folder_uidls(directory, merged.uidls)
+            except StorageError as exc:
+                logger.warning("cannot write %s of %s: %s", FOLDER_UIDLS_NAME, root, exc)
+    return merged
+
+
+def open_folder_handle(
+    access: MaildirAccess, root: str, folders: Sequence[str], *, owner: int, lock: bool
+) -> FolderHandle:
+    """Open the maildir ``root`` with ``folders`` merged in, synchronously (storage helper).
+
+    As :meth:`~pobox.storage.maildir.MaildirStore.open_folders`, in one thread that may wait
+    for the index locks (up to the core's ``lock_timeout`` each).
+
+    Raises:
+        FolderNameError: a folder name is not acceptable.
+        MaildropLocked, StorageError: as :meth:`MaildirAccess.open_path`.
+    """
+    names = list(dict.fromkeys(check_folder(name) for name in folders))
+    parts: dict[str, MaildirHandle] = {INBOX: access.open_path(root, owner=owner, lock=lock)}
+    try:
+        for name in names:
+            if name != INBOX:
+                handle = open_folder(access, root, name, owner=owner, lock_timeout=None)
+                if handle is not None:
+                    parts[name] = handle
+        merged = remember_uidls(root, owner, [(n, parts[n].messages) for n in names if n in parts])
+    except BaseException:
+        for handle in reversed(parts.values()):
+            handle.close()
+        raise
+    return FolderHandle(parts, merged)
+
+
+def open_folder(
+    access: MaildirAccess, root: str, name: str, *, owner: int, lock_timeout: float | None
+) -> MaildirHandle | None:
+    """Open the folder ``.<name>`` of the maildir ``root``, unlocked; ``None`` if missing.
+
+    Never created. A folder that is not a directory of the owner (a link, a FIFO, another
+    user's) is left out with a warning: the user's own doing, which must not stop their
+    session. Deleted messages of a folder are unlinked, never kept (``pobox restore`` serves
+    the INBOX).
+
+    Raises:
+        LockBusy: the folder's index lock is busy (``lock_timeout`` 0).
+        StorageError: it cannot be opened.
+    """
+    path = FolderPath(root, f".{name}")
+    with Dir.open_root(root, owner) as directory:
+        if directory.stat(path.folder) is None:
+            return None
+    try:
+        handle = access.open_path(path, owner=owner, lock=False, lock_timeout=lock_timeout)
+    except UnsafeFile as exc:
+        logger.warning("folder %s left out: %s", path, exc)
+        return None
+    handle.retention = 0
+    return handle
+
+
+class FolderHandle:
+    """The folders of one maildir as one :class:`MaildirHandle` (the storage helper's view).
+
+    Each call goes to the folder's own handle; the INBOX's holds the session lock and is
+    closed last. Not thread-safe, as a :class:`MaildirHandle`.
+    """
+
+    def __init__(self, parts: Mapping[str, MaildirHandle], merged: Merged) -> None:
+        self._parts = dict(parts)
+        self._merged = merged
+        #: The merged snapshot, in arrival order.
+        self.messages = merged.messages
+        #: The maildir's path.
+        self.root = self._parts[INBOX].root
+
+    def open_message(self, key: str) -> tuple[int, int]:
+        """Open message ``key`` in its folder (:meth:`MaildirHandle.open_message`)."""
+        where = self._merged.where.get(key)
+        part = None if where is None else self._parts.get(where[0])
+        if where is None or part is None:
+            msg = f"message {key!r} is not in the maildrop snapshot of {self.root}"
+            raise MessageGone(msg)
+        return part.open_message(where[1])
+
+    def delete(self, keys: Sequence[str]) -> DeleteResult:
+        """Remove each message from the folder it is in (:meth:`MaildirHandle.delete`)."""
+        unknown, groups = group_keys(self._merged.where, self._parts, keys)
+        removed: list[str] = []
+        failed = list(unknown)
+        for folder, pairs in groups.items():
+            back = {inner: key for key, inner in pairs}
+            result = self._parts[folder].delete([inner for _, inner in pairs])
+            removed.extend(back[inner] for inner in result.removed if inner in back)
+            failed.extend(back[inner] for inner in result.failed if inner in back)
+        return DeleteResult(removed=tuple(removed), failed=tuple(failed))
+
+    def mark_seen(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Give messages the ``S`` flag in their folders; return the keys not marked."""
+        unknown, groups = group_keys(self._merged.where, self._parts, keys)
+        failed = list(unknown)
+        for folder, pairs in groups.items():
+            back = {inner: key for key, inner in pairs}
+            try:
+                not_marked = self._parts[folder].mark_seen([inner for _, inner in pairs])
+            except StorageError:
+                failed.extend(key for key, _ in pairs)
+                continue
+            failed.extend(back[inner] for inner in not_marked if inner in back)
+        return tuple(failed)
+
+    def close(self) -> None:
+        """Close every folder, the INBOX (and with it the session lock) last."""
+        for folder, part in self._parts.items():
+            if folder != INBOX:
+                part.close()
+        self._parts[INBOX].close()
+
+
 class _Part(Protocol):
     """What :class:`FolderMaildrop` needs of each folder's open maildrop (a MaildirMaildrop)."""
 
@@ -226,16 +387,8 @@ class FolderMaildrop:
         return part.read_now(inner)
 
     def _group(self, keys: Sequence[str]) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
-        """Group ``keys`` by folder; return unknown keys and (key, inner key) per folder."""
-        unknown: list[str] = []
-        groups: dict[str, list[tuple[str, str]]] = {}
-        for key in keys:
-            where = self._merged.where.get(key)
-            if where is None or where[0] not in self._parts:
-                unknown.append(key)
-            else:
-                groups.setdefault(where[0], []).append((key, where[1]))
-        return unknown, groups
+        """Group ``keys`` by folder (:func:`group_keys`)."""
+        return group_keys(self._merged.where, self._parts, keys)
 
     async def delete(self, keys: Sequence[str]) -> DeleteResult:
         """Remove each message from the folder it is in (UPDATE, RFC 1939 §6)."""

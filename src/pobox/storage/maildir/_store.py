@@ -46,10 +46,8 @@ from typing import TypeVar
 
 from pobox.storage._safefs import (
     CHUNK_SIZE,
-    Dir,
     FolderPath,
     LockBusy,
-    UnsafeFile,
     read_upto,
     storage_error,
 )
@@ -68,12 +66,7 @@ from pobox.storage.base import (
 )
 from pobox.storage.maildir._access import LOCK_TIMEOUT, MaildirAccess, MaildirHandle
 from pobox.storage.maildir._deliver import PendingDelivery, deliver_message
-from pobox.storage.maildir._folders import (
-    FolderMaildrop,
-    merge_listing,
-    read_folder_uidls,
-    write_folder_uidls,
-)
+from pobox.storage.maildir._folders import FolderMaildrop, open_folder, remember_uidls
 from pobox.storage.maildir._fs import SessionLock
 from pobox.storage.maildir._retain import Kept
 
@@ -296,28 +289,17 @@ class MaildirStore:
                     if part is not None:
                         parts[name] = part
             listed = [(name, parts[name].messages) for name in names if name in parts]
-
-            def remember() -> tuple[MessageInfo, ...] | None:
-                """Read the UIDL map, merge, write the map if it changed (in the turn)."""
-                with Dir.open_root(root, owner) as directory:
-                    try:
-                        known = read_folder_uidls(directory)
-                    except StorageError as exc:
-                        logger.warning("ignoring %s of %s: %s", "pobox-folder-uidls", root, exc)
-                        known = {}
-                    merged[0] = merge_listing(listed, known)
-                    if merged[0].uidls != known:
-                        with contextlib.suppress(StorageError):  # UIDLs kept next time, or not
-                            write_folder_uidls(directory, merged[0].uidls)
-                return merged[0].messages
-
-            merged = [merge_listing(listed, {})]
-            await _retrying(self._gates, root, access.lock_timeout, remember)
+            merged = await _retrying(
+                self._gates,
+                root,
+                access.lock_timeout,
+                functools.partial(remember_uidls, root, owner, listed),
+            )
         except BaseException:
             for part in reversed(parts.values()):
                 await part.close()
             raise
-        return FolderMaildrop(parts, merged[0])
+        return FolderMaildrop(parts, merged)
 
     async def _open_folder(self, root: str, name: str, owner: int) -> MaildirMaildrop | None:
         """Open the folder ``.<name>`` of the maildir ``root``, unlocked; ``None`` if missing.
@@ -326,25 +308,16 @@ class MaildirStore:
         left out with a warning: the user's own doing, which must not stop their session.
         """
         access = self._access
-        path = FolderPath(root, f".{name}")
 
         def attempt() -> tuple[MaildirHandle | None]:
-            """Open the folder if it exists (``(None,)`` if not); never create it."""
-            with Dir.open_root(root, owner) as directory:
-                if directory.stat(path.folder) is None:
-                    return (None,)
-            return (access.open_path(path, owner=owner, lock=False, lock_timeout=0),)
+            """Open the folder if it exists (``(None,)`` if not), not waiting for its lock."""
+            return (open_folder(access, root, name, owner=owner, lock_timeout=0),)
 
-        try:
-            (handle,) = await _retrying(
-                self._gates, path, access.lock_timeout, attempt, _close_if_handle
-            )
-        except UnsafeFile as exc:
-            logger.warning("folder %s left out: %s", path, exc)
-            return None
+        (handle,) = await _retrying(
+            self._gates, f"{root}/.{name}", access.lock_timeout, attempt, _close_if_handle
+        )
         if handle is None:
             return None
-        handle.retention = 0  # pobox restore serves the INBOX: folder messages are unlinked
         return MaildirMaildrop(handle, self._inline_read_max, self._gates, access)
 
     async def deliver_to_folder(
