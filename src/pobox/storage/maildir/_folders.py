@@ -11,7 +11,7 @@ served.
 
 *Order.* The listing is in arrival order across folders: each folder's own order (the INBOX's
 UID order) is kept, and the folders are merged by the delivery time at the start of each
-message's Maildir file name (``<seconds>.M<usec>P<pid>.<host>``, :func:`._names.delivery_sort_key`),
+message's Maildir file name (``<seconds>.M<usec>P<pid>.<host>``, :func:`arrival`),
 which every MDA writes and IMAP servers keep when they move a message between folders. Not the
 file's mtime: a flag change or a copy rewrites that, a name does not.
 
@@ -42,6 +42,9 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,10 +57,8 @@ from pobox.storage.base import (
     MessageInfo,
     StorageError,
     check_folder,
-    is_unique_id,
 )
 from pobox.storage.maildir._access import MaildirAccess, MaildirHandle
-from pobox.storage.maildir._names import delivery_sort_key
 
 __all__ = [
     "FOLDER_UIDLS_NAME",
@@ -78,6 +79,22 @@ logger = logging.getLogger(__name__)
 FOLDER_UIDLS_NAME = "pobox-folder-uidls"
 #: Bound of the map when read: 16 MiB, some 150,000 messages.
 FOLDER_UIDLS_MAX = 16 * 1024 * 1024
+
+
+#: A line of ``pobox-folder-uidls``: a base name (no ``/``, no blank), a space, a UIDL
+#: (RFC 1939 §7: 1 to 70 characters in 0x21-0x7E).
+_MAP_LINE = re.compile(r"([^\s/]+) ([!-~]{1,70})")
+#: The delivery time at the start of a Maildir name: seconds, then the ``M<usec>`` of the
+#: unique part (as :func:`._names.delivery_sort_key` reads it, in one regular expression).
+_ARRIVAL = re.compile(r"(\d+)(?:\.[^.M]*M(\d*))?")
+
+
+def arrival(base: str) -> tuple[int, int]:
+    """Return the delivery time of a Maildir base name: (seconds, microseconds); 0 if none."""
+    found = _ARRIVAL.match(base)
+    if found is None:
+        return 0, 0
+    return int(found[1]), int(found[2] or 0)
 
 
 def folder_uidl(base: str) -> str:
@@ -101,9 +118,9 @@ def read_folder_uidls(root: Dir) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for line in raw.decode("utf-8", "surrogateescape").splitlines():
-        base, _, uidl = line.partition(" ")
-        if base and "/" not in base and is_unique_id(uidl):
-            out.setdefault(base, uidl)
+        entry = _MAP_LINE.fullmatch(line)
+        if entry is not None:
+            out.setdefault(entry[1], entry[2])
     return out
 
 
@@ -149,10 +166,9 @@ def merge_listing(
                 continue
             seen_bases.add(base)
             used.add(uidl)
-            seconds, micro, _ = delivery_sort_key(base)
             chosen.append(
                 (
-                    (seconds, micro),
+                    arrival(base),
                     MessageInfo(
                         key=folder_key(folder, base), size=info.size, uidl=uidl, folder=folder
                     ),
@@ -186,6 +202,70 @@ def group_keys(
     return unknown, groups
 
 
+@dataclass(frozen=True, slots=True)
+class _MergeEntry:
+    """The last merged listing of a maildir, and what it was made from."""
+
+    #: The folders' snapshots (the very objects: the snapshot cache hands out the same
+    #: tuple while a folder is unchanged, and holding them here keeps their ids unique).
+    listed: tuple[tuple[str, Sequence[MessageInfo]], ...]
+    #: (st_ino, st_mtime_ns, st_size) of ``pobox-folder-uidls`` as merged and written.
+    map_key: tuple[int, int, int]
+    merged: Merged
+
+
+class MergeCache:
+    """The last merged listing of the most recently opened maildirs (thread-safe).
+
+    A session of unchanged folders reuses it: no map parsed, no listing merged (a merge
+    costs a few microseconds per message, a thousand times the cached INBOX open).
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, _MergeEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self, root: str, listed: Sequence[tuple[str, Sequence[MessageInfo]]], map_key: object
+    ) -> Merged | None:
+        """Return the merge of ``listed`` if it was the last one of ``root`` and the map file
+        is the one it wrote or read."""
+        with self._lock:
+            entry = self._entries.get(root)
+            if entry is None or entry.map_key != map_key or len(entry.listed) != len(listed):
+                return None
+            for (folder, messages), (was_folder, was) in zip(listed, entry.listed, strict=True):
+                if folder != was_folder or messages is not was:
+                    return None
+            self._entries.move_to_end(root)
+            return entry.merged
+
+    def put(
+        self,
+        root: str,
+        listed: Sequence[tuple[str, Sequence[MessageInfo]]],
+        map_key: tuple[int, int, int],
+        merged: Merged,
+    ) -> None:
+        """Remember ``merged`` for ``root``."""
+        with self._lock:
+            self._entries[root] = _MergeEntry(tuple(listed), map_key, merged)
+            self._entries.move_to_end(root)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+
+#: The merges of this process (every store and the storage helper share it: the entries are
+#: keyed by the maildir's path and checked against what is on disk).
+_MERGES = MergeCache()
+
+
+def _map_key(directory: Dir) -> tuple[int, int, int] | None:
+    st = directory.stat(FOLDER_UIDLS_NAME)
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def remember_uidls(
     root: str, owner: int, listed: Sequence[tuple[str, Sequence[MessageInfo]]]
 ) -> Merged:
@@ -193,12 +273,16 @@ def remember_uidls(
 
     A map that cannot be read (not a regular file of the owner, too large) counts as empty
     and is replaced; one that cannot be written is left as it is (the UIDLs of messages
-    moved since are then not kept).
+    moved since are then not kept). Unchanged folders and map: the last merge, from memory.
 
     Raises:
         StorageError: the maildir root cannot be opened.
     """
     with Dir.open_root(root, owner) as directory:
+        before = _map_key(directory)
+        cached = _MERGES.get(root, listed, before) if before is not None else None
+        if cached is not None:
+            return cached
         try:
             known = read_folder_uidls(directory)
         except StorageError as exc:
@@ -210,6 +294,10 @@ def remember_uidls(
                 write_folder_uidls(directory, merged.uidls)
             except StorageError as exc:
                 logger.warning("cannot write %s of %s: %s", FOLDER_UIDLS_NAME, root, exc)
+                return merged
+        after = _map_key(directory)
+        if after is not None:
+            _MERGES.put(root, listed, after, merged)
     return merged
 
 
