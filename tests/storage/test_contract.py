@@ -743,6 +743,15 @@ class TestFolders:
             (f, u) for f, u, _, _ in await _folder_listing(foldered, ["INBOX", "Junk"])
         ]
 
+    async def test_move_out_of_the_inbox_leaves_the_plain_listing(self, foldered: Backend) -> None:
+        """A message moved into Junk after a session saw it is gone from the next plain one."""
+        where = await _into(foldered, "INBOX", b"ham\n")
+        await _into(foldered, "INBOX", b"more ham\n")
+        assert [b"ham\n", b"more ham\n"] == await _snapshot_bytes(foldered)
+        await _move(foldered, where, "Junk")
+        assert [b"more ham\n"] == await _snapshot_bytes(foldered)
+        assert [b"ham\n"] == [d for *_, d in await _folder_listing(foldered, ["Junk"])]
+
     async def test_delete_removes_from_the_folder_it_is_in(self, foldered: Backend) -> None:
         """DELE of a Junk message removes it from Junk; the INBOX keeps its mail."""
         await _into(foldered, "INBOX", b"ham\n")

@@ -24,10 +24,11 @@ _TEXT: dict[str, LiteralString] = {
     "counters": "SELECT next_uid, messages,"
     " (extract(epoch FROM created) * 1000000)::bigint"
     " FROM {mailbox} WHERE mailbox = %(mailbox)s",
-    # The snapshot: one scan of message's primary key, which includes these columns, and
-    # the folder of each row (INBOX only, unless pop3_folders names more).
-    "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message}"
-    " WHERE mailbox = %(mailbox)s AND folder = 'INBOX' ORDER BY uid",
+    # The snapshot: one scan of message's primary key, which includes these columns, less
+    # the messages of other folders (pop3_folders), found in their small partial index.
+    "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message} AS m"
+    " WHERE mailbox = %(mailbox)s AND NOT EXISTS (SELECT FROM {message} AS o"
+    " WHERE o.mailbox = %(mailbox)s AND o.folder <> 'INBOX' AND o.uid = m.uid) ORDER BY uid",
     # The snapshot of several folders merged (pop3_folders), in UID (arrival) order.
     "snapshot_folders": "SELECT uid, wire_size, uidl, digest, folder FROM {message}"
     " WHERE mailbox = %(mailbox)s AND folder = ANY(%(folders)s) ORDER BY uid",

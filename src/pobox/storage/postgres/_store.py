@@ -409,10 +409,7 @@ class PostgresStore:
             await self._lock(maildrop)
 
         async def work(conn: Conn) -> Snapshot:
-            cur = await conn.execute(
-                self._sql.snapshot_folders, {"mailbox": mailbox, "folders": names}, binary=True
-            )
-            return Snapshot.from_rows((0, 0, 0), await cur.fetchall())
+            return await self._snapshot(conn, mailbox, names)
 
         try:
             maildrop.snapshot = await self._run("opening the maildrop", work)
@@ -445,20 +442,35 @@ class PostgresStore:
 
         return await self._run("moving messages", work)
 
-    async def _snapshot(self, conn: Conn, mailbox: str) -> Snapshot:
-        """Return the listing of ``mailbox``: the cached one if its counters did not move."""
+    async def _snapshot(
+        self, conn: Conn, mailbox: str, folders: Sequence[str] | None = None
+    ) -> Snapshot:
+        """Return the listing of ``mailbox``: the cached one if its counters did not move.
+
+        ``folders``: the listing of those folders merged (``None``: the INBOX's). A move
+        between folders raises the counters too (``touch``).
+        """
         cur = await conn.execute(self._sql.counters, {"mailbox": mailbox}, binary=True)
         row = await cur.fetchone()
         if row is None:
             return _EMPTY
         counters = (_int(row[0]), _int(row[1]), _int(row[2]))
-        cached = self._snapshots.get(mailbox)
+        # Mailbox names have no NUL, so the key of a folder listing is no mailbox's key.
+        key = mailbox if folders is None else "\0".join((mailbox, *folders))
+        cached = self._snapshots.get(key)
         if cached is not None and cached.counters == counters:
-            self._snapshots.move_to_end(mailbox)
+            self._snapshots.move_to_end(key)
             return cached
-        cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox}, binary=True)
+        if folders is None:
+            cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox}, binary=True)
+        else:
+            cur = await conn.execute(
+                self._sql.snapshot_folders,
+                {"mailbox": mailbox, "folders": list(folders)},
+                binary=True,
+            )
         snapshot = Snapshot.from_rows(counters, await cur.fetchall())
-        self._remember(mailbox, snapshot)
+        self._remember(key, snapshot)
         return snapshot
 
     def _remember(self, mailbox: str, snapshot: Snapshot) -> None:
