@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import poplib
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +19,11 @@ from pathlib import Path
 import pytest
 
 from pobox.auth.passwdfile import add_user
+from pobox.storage.maildir import MaildirStore
 from pobox.testing import RunningServer, running_server
 from tests.helpers import need
+from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
+from tests.helpers.maildir import deliver
 from tests.integration.test_clients import MDA, run
 
 HAM = b"From: a@example.test\nSubject: lunch\n\nsee you\n"
@@ -200,3 +204,49 @@ class TestFetchmailJunk:
         got = sorted(p.read_bytes() for p in out.iterdir())
         assert sorted([HAM, b"X-Folder: Junk\n" + SPAM]) == got
         assert (0, 0) == left
+
+
+@pytest.mark.external
+class TestWithDovecot:
+    """Debian's Dovecot moves a message between folders; pobox's UIDL does not change."""
+
+    async def test_doveadm_move_keeps_the_pop3_uidl(self) -> None:
+        """Junk → INBOX and back with ``doveadm move`` (IMAP MOVE's code): same UIDL each time."""
+        doveadm = need("doveadm")
+        with searchable_tmpdir() as tmp:
+            maildir = tmp / "home" / "alice" / "Maildir"
+            deliver(maildir, HAM)
+            deliver(maildir / ".Junk", SPAM)
+            with running_dovecot(tmp, users={"alice": "secret"}) as dovecot:
+
+                def move(source: str, target: str) -> None:
+                    subprocess.run(
+                        [doveadm, "-c", str(dovecot.config), "move", "-u", "alice", target,
+                         "mailbox", source, "all"],
+                        check=True, capture_output=True, timeout=30,
+                    )  # fmt: skip
+
+                store = MaildirStore(f"maildir:{maildir}", owner=maildir.stat().st_uid)
+                async with running_server(
+                    tmp / "pobox", store=store, pop3_folders=["INBOX", "Junk"]
+                ) as srv:
+                    first = await asyncio.to_thread(_uidls_by_body, srv)
+                    await asyncio.to_thread(move, "Junk", "INBOX")
+                    moved_in = await asyncio.to_thread(_uidls_by_body, srv)
+                    await asyncio.to_thread(move, "INBOX", "Junk")
+                    moved_out = await asyncio.to_thread(_uidls_by_body, srv)
+                junk_files = list((maildir / ".Junk" / "cur").iterdir()) + list(
+                    (maildir / ".Junk" / "new").iterdir()
+                )
+        assert 2 == len(first)
+        assert first == moved_in == moved_out
+        assert 2 == len(junk_files)  # both went to Junk at the end: the moves happened
+
+
+def _uidls_by_body(srv: RunningServer) -> dict[bytes, str]:
+    """UIDL of each message of a session, by its body (the line after the empty one)."""
+    _, _, retrieved, uidls, _ = _session(srv)
+    return {
+        data.split(b"\r\n\r\n", 1)[1]: uidl
+        for (_, data), uidl in zip(retrieved, uidls, strict=True)
+    }

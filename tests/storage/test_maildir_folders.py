@@ -175,3 +175,34 @@ class TestMaildirFolderLayout:
         assert [b"1000\n", b"2000\n", b"3000\n", b"4000\n"] == [
             d for *_, d in await _listing(store)
         ]
+
+
+class TestDovecotGuid:
+    """A message Dovecot moved under a new name keeps its UIDL through its ``G`` GUID."""
+
+    async def test_renamed_by_dovecot_keeps_the_uidl(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """INBOX → Junk as a new file whose uidlist line names the old base as GUID."""
+        old = deliver(maildir, b"ham\n")
+        ((_, uidl, _),) = await _listing(store)
+        (path,) = (maildir / "new").iterdir()
+        new = "1700000001.M2P3.host,S=4,W=5"
+        for sub in ("cur", "new", "tmp"):
+            (maildir / ".Junk" / sub).mkdir(parents=True, exist_ok=True)
+        os.rename(path, maildir / ".Junk" / "cur" / f"{new}:2,S")
+        (maildir / ".Junk" / "dovecot-uidlist").write_text(
+            f"3 V1 N3 Gabc\n1 :{old}\n2 G{old} :{new}\n"
+        )
+        assert [("Junk", uidl, b"ham\n")] == await _listing(store)
+
+    async def test_forged_guid_hides_no_mail(self, store: MaildirStore, maildir: Path) -> None:
+        """Two files claiming one GUID are both listed, with distinct UIDLs."""
+        first = deliver(maildir / ".Junk", b"one\n")
+        second = deliver(maildir / ".Junk", b"two\n")
+        (maildir / ".Junk" / "dovecot-uidlist").write_text(
+            f"3 V1 N3 Gabc\n1 Gsame :{first}\n2 Gsame :{second}\n"
+        )
+        listing = await _listing(store)
+        assert [b"one\n", b"two\n"] == [data for *_, data in listing]
+        assert 2 == len({uidl for _, uidl, _ in listing})

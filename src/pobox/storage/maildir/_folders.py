@@ -20,10 +20,14 @@ before ``pop3_folders`` was set). A message first seen in another folder gets
 ``sha256(base name)`` in hex, the UIDL of the index-less mode: 64 characters, so distinct from
 the index's 16. The base name is what an IMAP move keeps (Dovecot's ``MOVE`` renames the file
 into the other folder), so the UIDL moves with the message through the map
-``pobox-folder-uidls`` in the maildir root: one line ``<base name> <UIDL>`` per message of the
+``pobox-folder-uidls`` in the maildir root: one line ``<identity> <UIDL>`` per message of the
 last merged listing, read at each open, written again (atomically) when it changed. A message
 that moves from ``.Junk`` to the INBOX, or back, between two sessions keeps its UIDL, so a
-client leaving mail on the server does not download it twice. One base name found in two
+client leaving mail on the server does not download it twice. The identity is the base name,
+except where Dovecot's ``dovecot-uidlist`` (of the INBOX or the folder) gives the file a GUID
+of its own (``G`` field): Dovecot moves a message under a new name when the old one is still
+in its uidlist, and keeps the old base name as the GUID (found with its own ``doveadm move``);
+that GUID is then the identity (and what ``sha256`` is taken of). One base name found in two
 folders (a broken copy) is listed once, from the first folder of ``pop3_folders``; a UIDL the
 map gives twice is given once. The map holds what the user may write (it is in their maildir),
 so it is read as everything there is: bounded, every UIDL checked; the worst a forged map does
@@ -59,6 +63,8 @@ from pobox.storage.base import (
     check_folder,
 )
 from pobox.storage.maildir._access import MaildirAccess, MaildirHandle
+from pobox.storage.maildir._index import DOVECOT_UIDLIST_NAME, INDEX_MAX, dovecot_record
+from pobox.storage.maildir._names import base_name
 
 __all__ = [
     "FOLDER_UIDLS_NAME",
@@ -124,6 +130,35 @@ def read_folder_uidls(root: Dir) -> dict[str, str]:
     return out
 
 
+def dovecot_guids(directory: Dir) -> dict[str, str]:
+    """Map base names to the GUID ``dovecot-uidlist`` of ``directory`` gives them, if other.
+
+    Dovecot copies (and so moves) a message under a new file name when the old one is in
+    the way, and keeps its GUID, the old base name, in a ``G`` field of its uidlist line:
+    that GUID, not the new name, is what moved with the message. Nothing if the file is
+    missing, unusable (a link, too large) or has no such field.
+    """
+    try:
+        raw = directory.read_file(DOVECOT_UIDLIST_NAME, INDEX_MAX)
+    except StorageError:
+        return {}
+    if raw is None or b" G" not in raw:
+        return {}
+    lines = raw.decode("utf-8", "surrogateescape").split("\n")
+    if not lines[0].startswith("3 "):
+        return {}
+    out: dict[str, str] = {}
+    for line in lines[1:]:
+        record = dovecot_record(line)
+        if record is None:
+            continue
+        _, fields, name = record
+        base, guid = base_name(name), fields.get("G")
+        if guid and guid != base and "/" not in guid:
+            out[base] = base_name(guid)
+    return out
+
+
 def write_folder_uidls(root: Dir, uidls: Mapping[str, str]) -> None:
     """Replace ``pobox-folder-uidls`` by ``uidls`` (atomically, :meth:`Dir.replace`)."""
     text = "".join(f"{base} {uidl}\n" for base, uidl in uidls.items())
@@ -141,16 +176,22 @@ class Merged:
 
 
 def merge_listing(
-    parts: Sequence[tuple[str, Sequence[MessageInfo]]], remembered: Mapping[str, str]
+    parts: Sequence[tuple[str, Sequence[MessageInfo]]],
+    remembered: Mapping[str, str],
+    identities: Mapping[str, str] | None = None,
 ) -> Merged:
     """Merge the snapshots of folders into one listing (see the module doc).
 
     Args:
         parts: (folder, its snapshot) in the order of ``pop3_folders``; keys are base names.
-        remembered: the map read from ``pobox-folder-uidls``.
+        remembered: the map read from ``pobox-folder-uidls``: identity → UIDL.
+        identities: base name → what identifies the message across folders, where that is
+            not the base name (Dovecot's GUID, :func:`dovecot_guids`).
     """
+    identities = identities or {}
     seen_bases: set[str] = set()
     used: set[str] = set()
+    remember: dict[str, str] = {}
     picked: list[list[tuple[tuple[int, int], MessageInfo]]] = []
     for folder, infos in parts:
         chosen: list[tuple[tuple[int, int], MessageInfo]] = []
@@ -158,14 +199,16 @@ def merge_listing(
             base = info.key
             if base in seen_bases:
                 continue  # the same message in two folders: listed once
-            own = info.uidl if folder == INBOX else folder_uidl(base)
-            uidl = remembered.get(base, own)
+            identity = identities.get(base, base)
+            own = info.uidl if folder == INBOX else folder_uidl(identity)
+            uidl = remembered.get(identity, own)
             if uidl in used:
-                uidl = own
+                uidl = info.uidl if folder == INBOX else folder_uidl(base)
             if uidl in used:
-                continue
+                continue  # only a forged map or uidlist gets here: the user's own doing
             seen_bases.add(base)
             used.add(uidl)
+            remember.setdefault(identity, uidl)
             chosen.append(
                 (
                     arrival(base),
@@ -178,13 +221,8 @@ def merge_listing(
     # heapq.merge keeps each folder's own order and interleaves by delivery time; on a tie
     # the earlier folder of ``pop3_folders`` comes first.
     merged = [info for _, info in heapq.merge(*picked, key=lambda item: item[0])]
-    where: dict[str, tuple[str, str]] = {}
-    uidls: dict[str, str] = {}
-    for info in merged:
-        base = info.key.rpartition("/")[2]
-        where[info.key] = (info.folder, base)
-        uidls[base] = info.uidl
-    return Merged(tuple(merged), where, uidls)
+    where = {info.key: (info.folder, info.key.rpartition("/")[2]) for info in merged}
+    return Merged(tuple(merged), where, remember)
 
 
 def group_keys(
@@ -211,6 +249,8 @@ class _MergeEntry:
     listed: tuple[tuple[str, Sequence[MessageInfo]], ...]
     #: (st_ino, st_mtime_ns, st_size) of ``pobox-folder-uidls`` as merged and written.
     map_key: tuple[int, int, int]
+    #: The identities the merge used (:func:`dovecot_guids`).
+    identities: Mapping[str, str]
     merged: Merged
 
 
@@ -227,13 +267,22 @@ class MergeCache:
         self._lock = threading.Lock()
 
     def get(
-        self, root: str, listed: Sequence[tuple[str, Sequence[MessageInfo]]], map_key: object
+        self,
+        root: str,
+        listed: Sequence[tuple[str, Sequence[MessageInfo]]],
+        map_key: object,
+        identities: Mapping[str, str],
     ) -> Merged | None:
-        """Return the merge of ``listed`` if it was the last one of ``root`` and the map file
-        is the one it wrote or read."""
+        """Return the merge of ``listed`` if it was the last one of ``root``, with the same
+        identities, and the map file is the one it wrote or read."""
         with self._lock:
             entry = self._entries.get(root)
-            if entry is None or entry.map_key != map_key or len(entry.listed) != len(listed):
+            if (
+                entry is None
+                or entry.map_key != map_key
+                or len(entry.listed) != len(listed)
+                or entry.identities != identities
+            ):
                 return None
             for (folder, messages), (was_folder, was) in zip(listed, entry.listed, strict=True):
                 if folder != was_folder or messages is not was:
@@ -246,11 +295,12 @@ class MergeCache:
         root: str,
         listed: Sequence[tuple[str, Sequence[MessageInfo]]],
         map_key: tuple[int, int, int],
+        identities: Mapping[str, str],
         merged: Merged,
     ) -> None:
         """Remember ``merged`` for ``root``."""
         with self._lock:
-            self._entries[root] = _MergeEntry(tuple(listed), map_key, merged)
+            self._entries[root] = _MergeEntry(tuple(listed), map_key, identities, merged)
             self._entries.move_to_end(root)
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
@@ -266,6 +316,19 @@ def _map_key(directory: Dir) -> tuple[int, int, int] | None:
     return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _identities(root: Dir, folders: Sequence[str]) -> dict[str, str]:
+    """Collect :func:`dovecot_guids` of the INBOX and the folders (those that can be opened)."""
+    out = dovecot_guids(root) if INBOX in folders else {}
+    for folder in folders:
+        if folder != INBOX:
+            try:
+                with root.sub(f".{folder}") as directory:
+                    out.update(dovecot_guids(directory))
+            except StorageError:
+                continue
+    return out
+
+
 def remember_uidls(
     root: str, owner: int, listed: Sequence[tuple[str, Sequence[MessageInfo]]]
 ) -> Merged:
@@ -279,8 +342,9 @@ def remember_uidls(
         StorageError: the maildir root cannot be opened.
     """
     with Dir.open_root(root, owner) as directory:
+        identities = _identities(directory, [folder for folder, _ in listed])
         before = _map_key(directory)
-        cached = _MERGES.get(root, listed, before) if before is not None else None
+        cached = _MERGES.get(root, listed, before, identities) if before is not None else None
         if cached is not None:
             return cached
         try:
@@ -288,7 +352,7 @@ def remember_uidls(
         except StorageError as exc:
             logger.warning("ignoring %s of %s: %s", FOLDER_UIDLS_NAME, root, exc)
             known = {}
-        merged = merge_listing(listed, known)
+        merged = merge_listing(listed, known, identities)
         if merged.uidls != known:
             try:
                 write_folder_uidls(directory, merged.uidls)
@@ -297,7 +361,7 @@ def remember_uidls(
                 return merged
         after = _map_key(directory)
         if after is not None:
-            _MERGES.put(root, listed, after, merged)
+            _MERGES.put(root, listed, after, identities, merged)
     return merged
 
 
