@@ -369,7 +369,7 @@ def parse_folders(name: str, value: str | list[Any]) -> tuple[str, ...]:
         canonical = folder_name(word.strip()) if isinstance(word, str) else None
         if canonical is None:
             raise ConfigError(
-                f"{name}: {word!r} is not a folder name (letters, digits, _+-. and spaces, "
+                f"{name}: {word!r} is not a folder name (letters, digits, _+-.&, and spaces, "
                 "as the Maildir++ folder .NAME)"
             )
         if canonical not in names:

@@ -32,11 +32,13 @@ __all__ = ["DEFAULT_FORMAT", "INBOX", "UsernameFormat", "folder_name", "parse_fo
 
 #: The folder every maildrop has, and the only one POP3 serves by default.
 INBOX: Final = "INBOX"
-#: A folder name besides ``INBOX``: a Maildir++ folder's name without its leading dot (Dovecot's
-#: ``Junk``, ``Spam``, Outlook's ``Junk E-mail``, ``Lists.pobox`` for a subfolder), at most
-#: 100 characters; nothing that could reach outside the maildir (``/``, ``..``, a leading dot)
-#: or break a header line (``X-Folder:``) or a log line (control characters).
-_FOLDER_NAME: Final = re.compile(r"[A-Za-z0-9_+-](?:[A-Za-z0-9_+. -]{0,98}[A-Za-z0-9_+-])?")
+#: A folder name besides ``INBOX``: a Maildir++ folder's name as on disk, without its leading
+#: dot (Dovecot's ``Junk``, ``Spam``, Outlook's ``Junk E-mail``, ``Lists.pobox`` for a
+#: subfolder, ``Courrier ind&AOk-sirable``: IMAP's modified UTF-7, as Dovecot stores a name
+#: that is not ASCII), at most 100 characters; nothing that could reach outside the maildir
+#: (``/``, ``..``, a leading dot) or break a header line (``X-Folder:``) or a log line
+#: (control characters).
+_FOLDER_NAME: Final = re.compile(r"[A-Za-z0-9_+&-](?:[A-Za-z0-9_+&,. -]{0,98}[A-Za-z0-9_+&-])?")
 
 
 def folder_name(name: str) -> str | None:

@@ -9,6 +9,7 @@ with its mark and deletes it; an IMAP-style move between folders keeps the UIDL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import poplib
 import subprocess
@@ -116,6 +117,25 @@ class TestJunkOverPop3:
         assert [_wire(HAM), _wire(SPAM)] == [
             data.replace(b"\r\n..", b"\r\n.") for _, data in bob[2]
         ]
+
+    async def test_bad_per_user_field_is_ignored_and_logged(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``pop3_folders=../x`` in the userdb: the global folders, and a warning."""
+        async with running_server(tmp_path, pop3_folders=["INBOX", "Junk"]) as srv:
+            add_user(
+                Path(srv.config.passwd_file),
+                "bob",
+                b"secret",
+                scheme="PLAIN",
+                extra=["pop3_folders=INBOX,../x"],
+            )
+            srv.deliver("bob", HAM)
+            srv.deliver_to_folder("bob", "Junk", SPAM)
+            with caplog.at_level(logging.WARNING):
+                bob = await asyncio.to_thread(_session, srv, user="bob")
+        assert 2 == len(bob[2])
+        assert "bad pop3_folders ignored" in caplog.text
 
     @pytest.mark.parametrize(
         ("message", "expected", "added"),

@@ -377,7 +377,7 @@ def check_folder(name: str) -> str:
     """
     canonical = folder_name(name)
     if canonical is None:
-        msg = f"{name!r} is not an acceptable folder name (letters, digits, _+-. and spaces)"
+        msg = f"{name!r} is not an acceptable folder name (letters, digits, _+-.&, and spaces)"
         raise FolderNameError(msg)
     return canonical
 
