@@ -37,6 +37,9 @@ _TEXT: dict[str, LiteralString] = {
     "move": "UPDATE {message} SET folder = %(folder)s"
     " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s) AND folder <> %(folder)s",
     "touch": "UPDATE {mailbox} SET next_uid = next_uid + 1 WHERE mailbox = %(mailbox)s",
+    # The folders with messages (INBOX first, then those of the small partial index).
+    "folder_names": "SELECT 'INBOX' UNION ALL (SELECT DISTINCT folder FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND folder <> 'INBOX' ORDER BY folder)",
     # The first page of a message: its header lines (NULL: the message is gone), and as
     # "chunks" below. One statement, one round trip: most messages are one chunk. The
     # subquery is uncorrelated, so a distributed database plans it on its own shard.
@@ -134,6 +137,7 @@ class Statements:
     snapshot_folders: sql.Composed
     move: sql.Composed
     touch: sql.Composed
+    folder_names: sql.Composed
     first_page: sql.Composed
     heads: sql.Composed
     small_bodies: sql.Composed

@@ -418,6 +418,16 @@ class PostgresStore:
             raise
         return maildrop
 
+    async def folder_names(self, user: MailUser) -> tuple[str, ...]:
+        """Return the folders of ``user``'s maildrop that hold messages (``pobox export``)."""
+        mailbox = self._mailbox(user)
+
+        async def work(conn: Conn) -> tuple[str, ...]:
+            cur = await conn.execute(self._sql.folder_names, {"mailbox": mailbox})
+            return tuple(str(row[0]) for row in await cur.fetchall())
+
+        return await self._run("listing folders", work)
+
     async def move_to_folder(self, user: MailUser, keys: Sequence[str], folder: str) -> int:
         """Move messages (keys of a snapshot) into ``folder``; return how many moved.
 
