@@ -113,6 +113,7 @@ from pobox.errors import ConfigError
 from pobox.protocol import HeaderEnd
 from pobox.storage._safefs import (
     Dir,
+    FolderPath,
     LockBusy,
     UnsafeFile,
     flocked,
@@ -122,6 +123,7 @@ from pobox.storage._safefs import (
 )
 from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import (
+    INBOX,
     DeleteResult,
     IncomingMessage,
     MailUser,
@@ -631,11 +633,14 @@ class MaildirAccess:
         *,
         owner: int,
         quota: Quota | None = None,
+        folder: str = INBOX,
     ) -> str:
         """Store ``message`` durably in ``user``'s maildir (see :mod:`._deliver`); return its name.
 
         Args:
             owner: the uid the maildir and every file in it must have (new files get it).
+            folder: a checked folder name (:func:`~pobox.storage.base.check_folder`): the
+                message goes into the Maildir++ folder ``.<folder>`` (made if missing).
 
         Raises:
             QuotaExceeded: the message does not fit in ``quota``.
@@ -643,7 +648,9 @@ class MaildirAccess:
                 ``lock_timeout`` seconds, ...).
             StoragePermanentError: a failure that needs an administrator.
         """
-        root = str(self.maildir_path(user))
+        root: str = str(self.maildir_path(user))
+        if folder != INBOX:
+            root = FolderPath(root, f".{folder}")
         return deliver_message(
             root,
             message,
