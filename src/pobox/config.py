@@ -696,7 +696,8 @@ class Config:
         '`"7d"`, `"36h"`, `"90m"`, `"3600s"` (a bare number is seconds); `"0"`: off, deleted '
         "mail is removed for good. Kept mail is invisible to POP3, not counted against the "
         "quota, and purged at the maildrop's next `QUIT` after the retention (or by "
-        "`pobox restore USER --purge`).",
+        "`pobox restore USER --purge`). With `pop3_folders`, mail deleted from any listed "
+        "folder is kept too, and restored into that folder (the INBOX if no longer listed).",
         check=_check_duration,
         section="POP3 service",
     )

@@ -811,3 +811,83 @@ class TestFolders:
 async def _snapshot_bytes(backend: Backend) -> list[bytes]:
     """The stored bytes of every message of a plain session, in order."""
     return [data for _, _, data in await _snapshot(backend)]
+
+
+async def _delete_in(backend: Backend, folders: list[str], wanted: str) -> tuple[str, str, int]:
+    """Delete, in a session of ``folders``, the messages of folder ``wanted``; return the
+    (folder, UIDL, size) of the one deleted."""
+    maildrop = await _folders(backend).open_folders(backend.user("alice"), folders)
+    try:
+        (info,) = [i for i in maildrop.messages if i.folder == wanted]
+        result = await maildrop.delete([info.key])
+    finally:
+        await maildrop.close()
+    assert ((info.key,), ()) == (result.removed, result.failed)
+    return info.folder, info.uidl, info.size
+
+
+class TestRetentionWithFolders:
+    """``pop3_delete_retention`` with ``pop3_folders``: mail deleted from any listed folder
+    is kept, and restored into the folder it was deleted from, with its UIDL.
+
+    Runs on the backends with both capabilities (``RETAINING``: Maildir, where it is kept in
+    the maildir's ``.pobox-deleted/``, and PostgreSQL, where ``deleted_message.folder`` says
+    where it was).
+    """
+
+    async def test_junk_message_kept_and_restored_into_junk(self, retaining: Backend) -> None:
+        """A Junk message DELE'd is kept (not lost), listed with its folder, and comes back
+        into Junk with the same UIDL, size and bytes."""
+        await _into(retaining, "INBOX", b"Subject: ham\n\nok\n")
+        await _into(retaining, "Junk", b"Subject: spam\n\nbuy\n")
+        both = ["INBOX", "Junk"]
+        before = await _folder_listing(retaining, both)
+        folder, uidl, size = await _delete_in(retaining, both, "Junk")
+        assert [before[0]] == await _folder_listing(retaining, both)
+        store = _retention(retaining)
+        user = retaining.user("alice")
+        kept = await store.deleted_messages(user)
+        assert [(uidl, size, "Junk")] == [(k.uidl, k.size, k.folder) for k in kept]
+        restored = await store.restore_deleted(user, folders=both)
+        assert [(uidl, "Junk")] == [(m.uidl, m.folder) for m in restored]
+        assert before == await _folder_listing(retaining, both)
+        assert [b"Subject: ham\n\nok\n"] == await _snapshot_bytes(retaining)
+        assert "Junk" == folder
+
+    async def test_message_moved_into_junk_keeps_its_inbox_uidl(self, retaining: Backend) -> None:
+        """A message an IMAP client moved INBOX → Junk kept its UIDL; deleted from Junk and
+        restored, it still has it (the folder-UIDL map gives it again)."""
+        where = await _into(retaining, "INBOX", b"ham after all\n")
+        ((_, uidl, _, _),) = await _folder_listing(retaining, ["INBOX", "Junk"])
+        await _move(retaining, where, "Junk")
+        assert ("Junk", uidl) == (await _delete_in(retaining, ["INBOX", "Junk"], "Junk"))[:2]
+        assert [] == await _folder_listing(retaining, ["INBOX", "Junk"])  # sessions go on
+        await _retention(retaining).restore_deleted(retaining.user("alice"))
+        assert [("Junk", uidl, b"ham after all\n")] == [
+            (f, u, d) for f, u, _, d in await _folder_listing(retaining, ["INBOX", "Junk"])
+        ]
+
+    async def test_restored_into_the_inbox_if_the_folder_is_no_longer_listed(
+        self, retaining: Backend
+    ) -> None:
+        """With ``folders`` not listing Junk any more, the message comes back into the INBOX,
+        UIDL kept: POP3 sees it again."""
+        await _into(retaining, "Junk", b"spam\n")
+        _, uidl, size = await _delete_in(retaining, ["INBOX", "Junk"], "Junk")
+        user = retaining.user("alice")
+        restored = await _retention(retaining).restore_deleted(user, folders=["INBOX"])
+        assert [(uidl, "INBOX")] == [(m.uidl, m.folder) for m in restored]
+        assert [(uidl, size, b"spam\n")] == await _snapshot(retaining)
+        assert [] == await _folder_listing(retaining, ["Junk"])
+
+    async def test_inbox_message_of_a_folder_session(self, retaining: Backend) -> None:
+        """An INBOX message deleted in a folder session is kept and restored as before."""
+        await _into(retaining, "INBOX", b"ham\n")
+        await _into(retaining, "Junk", b"spam\n")
+        before = await _snapshot(retaining)
+        _, uidl, _ = await _delete_in(retaining, ["INBOX", "Junk"], "INBOX")
+        assert [] == await _snapshot(retaining)
+        (kept,) = await _retention(retaining).deleted_messages(retaining.user("alice"))
+        assert (uidl, "INBOX") == (kept.uidl, kept.folder)
+        await _retention(retaining).restore_deleted(retaining.user("alice"))
+        assert before == await _snapshot(retaining)

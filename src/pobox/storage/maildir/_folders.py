@@ -33,9 +33,11 @@ map gives twice is given once. The map holds what the user may write (it is in t
 so it is read as everything there is: bounded, every UIDL checked; the worst a forged map does
 is have the user's own client download their own mail again.
 
-*Deletion* (UPDATE) unlinks each message in the folder it is in, as in the INBOX. Deleted
-folder messages are not kept for ``pobox restore`` (``pop3_delete_retention`` keeps INBOX
-messages only); the quota and ``usage`` count the INBOX only, as before.
+*Deletion* (UPDATE) unlinks each message in the folder it is in, as in the INBOX. With
+``pop3_delete_retention``, a folder's deleted messages are kept in the maildir's one
+``.pobox-deleted/`` with their folder and merged UIDL noted (:mod:`._retain`), and ``pobox
+restore`` puts them back into that folder, their UIDL added to ``pobox-folder-uidls``
+(:func:`add_folder_uidls`); the quota and ``usage`` count the INBOX only, as before.
 
 May import: the standard library, :mod:`pobox.errors` and :mod:`pobox.storage`.
 """
@@ -390,6 +392,7 @@ def open_folder_handle(
                 if handle is not None:
                     parts[name] = handle
         merged = remember_uidls(root, owner, [(n, parts[n].messages) for n in names if n in parts])
+        keep_merged_uidls(parts, merged)
     except BaseException:
         for handle in reversed(parts.values()):
             handle.close()
@@ -404,8 +407,8 @@ def open_folder(
 
     Never created. A folder that is not a directory of the owner (a link, a FIFO, another
     user's) is left out with a warning: the user's own doing, which must not stop their
-    session. Deleted messages of a folder are unlinked, never kept (``pobox restore`` serves
-    the INBOX).
+    session. With a retention, deleted messages of a folder are kept in the maildir's
+    ``.pobox-deleted/`` with the folder noted (:mod:`._retain`), as the INBOX's are.
 
     Raises:
         LockBusy: the folder's index lock is busy (``lock_timeout`` 0).
@@ -420,8 +423,32 @@ def open_folder(
     except UnsafeFile as exc:
         logger.warning("folder %s left out: %s", path, exc)
         return None
-    handle.retention = 0
+    handle.kept_in = (root, name)
     return handle
+
+
+def keep_merged_uidls(handles: Mapping[str, MaildirHandle], merged: Merged) -> None:
+    """Tell each folder's handle the UIDLs of the merged listing, kept with deleted mail."""
+    for info in merged.messages:
+        folder, inner = merged.where[info.key]
+        handle = handles.get(folder)
+        if handle is not None:
+            handle.kept_uidls[inner] = info.uidl
+
+
+def add_folder_uidls(root: Dir, uidls: Mapping[str, str]) -> None:
+    """Add base name → UIDL lines to ``pobox-folder-uidls`` (a restore into a folder).
+
+    An unreadable map counts as empty, as in :func:`remember_uidls`.
+
+    Raises:
+        StorageError: the map cannot be written.
+    """
+    try:
+        known = read_folder_uidls(root)
+    except StorageError:
+        known = {}
+    write_folder_uidls(root, {**known, **uidls})
 
 
 class FolderHandle:

@@ -66,7 +66,13 @@ from pobox.storage.base import (
 )
 from pobox.storage.maildir._access import LOCK_TIMEOUT, MaildirAccess, MaildirHandle
 from pobox.storage.maildir._deliver import PendingDelivery, deliver_message
-from pobox.storage.maildir._folders import FolderMaildrop, open_folder, remember_uidls
+from pobox.storage.maildir._folders import (
+    FolderMaildrop,
+    add_folder_uidls,
+    keep_merged_uidls,
+    open_folder,
+    remember_uidls,
+)
 from pobox.storage.maildir._fs import SessionLock
 from pobox.storage.maildir._retain import Kept
 
@@ -299,6 +305,7 @@ class MaildirStore:
                 access.lock_timeout,
                 functools.partial(remember_uidls, root, owner, listed),
             )
+            keep_merged_uidls({name: part.handle for name, part in parts.items()}, merged)
         except BaseException:
             for part in reversed(parts.values()):
                 await part.close()
@@ -385,6 +392,9 @@ class MaildirStore:
     ) -> tuple[DeletedMessage, ...]:
         """Move kept messages back into ``cur/`` with their UIDL and size (:mod:`._retain`).
 
+        A message kept from a folder goes back into that folder (the INBOX if ``folders``
+        does not list it, or it is gone), its UIDL kept by ``pobox-folder-uidls``.
+
         Raises:
             StorageTemporaryError: the index lock stayed busy for ``lock_timeout`` seconds.
             StorageError: the index or the list could not be written.
@@ -401,7 +411,14 @@ class MaildirStore:
             self._gates,
             root,
             access.lock_timeout,
-            lambda: access.restore(user, select, owner=owner, lock_timeout=0),
+            lambda: access.restore(
+                user,
+                select,
+                owner=owner,
+                lock_timeout=0,
+                folders=folders,
+                remember=add_folder_uidls,
+            ),
         )
         return tuple(_deleted(k) for k in restored)
 
@@ -449,6 +466,11 @@ class MaildirMaildrop:
     def path(self) -> Path:
         """The maildir's directory."""
         return Path(self._handle.root)
+
+    @property
+    def handle(self) -> MaildirHandle:
+        """The open maildir this maildrop reads (:class:`MaildirHandle`)."""
+        return self._handle
 
     async def read_message(self, key: str) -> AsyncIterator[bytes]:
         """Yield the stored bytes of message ``key`` in chunks of up to 256 KiB.
@@ -745,7 +767,7 @@ def _close_if_handle(opened: tuple[MaildirHandle | None]) -> None:
 
 
 def _deleted(kept: Kept) -> DeletedMessage:
-    return DeletedMessage(uidl=kept.uidl, size=kept.size, deleted=kept.deleted)
+    return DeletedMessage(uidl=kept.uidl, size=kept.size, deleted=kept.deleted, folder=kept.folder)
 
 
 def _busy(key: str, timeout: float) -> StorageTemporaryError:
