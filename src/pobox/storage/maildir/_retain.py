@@ -394,12 +394,16 @@ def restore_kept(
 
         kept = _parse(folder.read_file(DELETED_LIST, INDEX_MAX))
         chosen: list[tuple[Kept, str]] = []
+        targets: dict[str, str] = {}  # the folder deleted from → where it goes back
         for entry in _present(kept_cur, kept):
             if not select(entry):
                 continue
-            target = _target(root, entry, folders)
-            if cur_of(target) is None:
-                target = INBOX
+            target = targets.get(entry.folder)
+            if target is None:
+                target = _target(root, entry, folders)
+                if cur_of(target) is None:
+                    target = INBOX
+                targets[entry.folder] = target
             cur = cur_of(target)
             if cur is not None and cur.stat(entry.name) is None:
                 chosen.append((entry, target))
