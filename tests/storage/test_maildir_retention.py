@@ -277,3 +277,49 @@ async def test_restore_into_a_folder_that_is_gone_goes_to_the_inbox(
     maildrop = await keeping.open(ALICE)
     assert [restored.uidl] == [info.uidl for info in maildrop.messages]
     await maildrop.close()
+
+
+async def test_junk_kept_through_the_storage_helper_and_restored_into_junk() -> None:
+    """Mode 3: a Junk message deleted in a folder session through the helper is kept in the
+    maildir's ``.pobox-deleted/`` (the user's file), and restored into ``.Junk/`` with the UIDL
+    the merged listing gave it."""
+    owner = system_user(ACCOUNT)
+    with searchable_tmpdir() as folder:
+        config = build_config(
+            {
+                "mail_location": "maildir:~/Maildir",
+                "passwd_file": str(folder / "passwd"),
+                "pop3_delete_retention": "7d",
+            }
+        )
+        home = folder / "home" / "alice"
+        home.mkdir(parents=True)
+        os.chown(home, owner.uid, owner.gid)
+        user = User("alice", home=str(home), uid=owner.uid, gid=owner.gid)
+        maildir = home / "Maildir"
+        deliver(maildir, b"Subject: mine\n\nbody\n")
+        deliver(maildir / ".Junk", b"Subject: spam\n\nbuy\n")
+        chown_tree(maildir, owner)
+        helper = await StorageHelper.start(
+            config, OwnerPolicy.from_config(config, fallback=None), on_lost=print
+        )
+        try:
+            maildrop = await helper.store.open_folders(user, ["INBOX", "Junk"])
+            before = [(i.folder, i.uidl, i.size) for i in maildrop.messages]
+            (junk,) = [i for i in maildrop.messages if i.folder == "Junk"]
+            result = await maildrop.delete([junk.key])
+            await maildrop.close()
+        finally:
+            await helper.aclose()
+        kept = list((maildir / DELETED_FOLDER / "cur").iterdir())
+        owners = {p.stat().st_uid for p in kept}
+        local = MaildirStore("maildir:~/Maildir", owner=owner.uid, retention=WEEK)
+        restored = await local.restore_deleted(user, folders=["INBOX", "Junk"])
+        after = await local.open_folders(user, ["INBOX", "Junk"])
+        listing = [(i.folder, i.uidl, i.size) for i in after.messages]
+        await after.close()
+        junk_owners = {p.stat().st_uid for p in (maildir / ".Junk" / "cur").iterdir()}
+    assert ((junk.key,), 1, {owner.uid}) == (result.removed, len(kept), owners)
+    assert [(junk.uidl, "Junk")] == [(m.uidl, m.folder) for m in restored]
+    assert sorted(before) == sorted(listing)
+    assert {owner.uid} == junk_owners
