@@ -10,7 +10,8 @@ op (request fields)     ok (response fields)                            descript
 ======================  ==============================================  ==========================
 ``hello`` (settings)    ``{"pid": helper pid}``                         (first frame only)
 ``open`` (user, lock)   ``{"handle": H, "messages": [[key, size,        -
-                        uidl], ...]}``
+                        uidl, header_end], ...]}``; the folder fifth
+                        for a message outside the INBOX
 ``fetch`` (handle, key) ``{"size": octets}``                            the message file, read-only
 ``delete`` (handle,     ``{"removed": [keys], "failed": [keys]}``       -
 keys)
@@ -23,6 +24,11 @@ wire_size, digest)
                                                                         by ``key``, read-only (the
                                                                         log: open for appending)
 ======================  ==============================================  ==========================
+
+Besides: ``open_folders`` (user, lock, folders) answers as ``open``, with the folders of
+``pop3_folders`` merged in; ``seen`` (handle, keys) → ``{"failed": [keys]}``;
+``note_retrieved`` (handle, keys, times) → ``{}`` and ``retrieved_before`` (handle, when) →
+``{"keys": [keys]}`` for EXPIRE; ``deliver_folder`` is ``deliver`` with a ``folder``.
 
 A ``user`` is ``{"name", "uid", "gid", "home", "mail"}`` (uid/gid/home/mail may be null).
 ``header`` is the trace header as a string whose code points are its octets (Latin-1).
