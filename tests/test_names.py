@@ -11,7 +11,7 @@ import pytest
 
 from pobox.config import build_config
 from pobox.errors import ConfigError
-from pobox.names import parse_format
+from pobox.names import folder_name, parse_format
 from pobox.testing import running_server
 from tests.integration.wire import Wire
 
@@ -138,3 +138,31 @@ class TestUserAdd:
             timeout=60,
         )
         assert (0, b"") == (result.returncode, result.stderr)
+
+
+class TestFolderName:
+    """Folder names: what a Maildir++ folder may be called, and nothing that leaves it."""
+
+    @pytest.mark.parametrize(
+        ("name", "expected"),
+        [
+            ("inbox", "INBOX"),
+            ("Junk", "Junk"),
+            ("Junk E-mail", "Junk E-mail"),
+            ("Lists.pobox", "Lists.pobox"),
+            ("Courrier ind&AOk-sirable", "Courrier ind&AOk-sirable"),
+            ("a" * 100, "a" * 100),
+        ],
+    )
+    def test_accepted(self, name: str, expected: str) -> None:
+        """Canonical names of acceptable folders."""
+        assert expected == folder_name(name)
+
+    @pytest.mark.parametrize(
+        "name",
+        ["", ".Junk", "Junk.", "a..b", "../x", "a/b", " Junk", "Junk ", "J\nX", "J\x00", "é",
+         "a" * 101, "Junk:2", "J\tk"],
+    )  # fmt: skip
+    def test_refused(self, name: str) -> None:
+        """Names that are empty, too long, or could leave the maildir or a header line."""
+        assert folder_name(name) is None

@@ -57,6 +57,7 @@ from pobox.config import (
     keys_help,
     load_config,
     parse_duration,
+    parse_folders,
     parse_listen,
     shared_state_backend,
 )
@@ -119,15 +120,17 @@ from pobox.state.remote import (
     StateService,
 )
 from pobox.storage.base import (
+    INBOX,
     DeletedMailRetention,
     DeletedMessage,
+    FolderNameError,
     IncomingMessage,
     MaildropImporter,
     MaildropLocked,
     MaildropStore,
-    MailUser,
     StorageError,
     StorageTemporaryError,
+    check_folder,
 )
 from pobox.storage.maildir import MaildirStore, deliver_message
 from pobox.storage.mbox import MboxStore
@@ -1186,7 +1189,12 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         print(f"pobox deliver: configuration error: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
-        status, message = asyncio.run(_deliver_stdin(config, args.user, args.sender))
+        folder = check_folder(args.mailbox)
+    except FolderNameError as exc:  # a setup error as above: tempfail, never a bounce
+        print(f"pobox deliver: -m: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    try:
+        status, message = asyncio.run(_deliver_stdin(config, args.user, args.sender, folder=folder))
     except Exception as exc:  # an MDA must tempfail, never crash into a bounce
         status, message = EX_TEMPFAIL, f"internal error: {exc!r}"
     if status:
@@ -1211,8 +1219,10 @@ def build_deliver_store(config: Config) -> MaildropStore:
     return SwitchingStore(_file_store(config), OwnerPolicy.from_config(config, fallback=None))
 
 
-async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple[int, str]:
-    """Deliver standard input to ``user`` with the store ``pobox deliver`` uses."""
+async def _deliver_stdin(
+    config: Config, user: str, sender: str | None, *, folder: str = INBOX
+) -> tuple[int, str]:
+    """Deliver standard input to ``user`` (into ``folder``) with ``pobox deliver``'s store."""
     store = build_deliver_store(config)
     authenticator = build_authenticator(config, listen=False)
     try:
@@ -1224,6 +1234,7 @@ async def _deliver_stdin(config: Config, user: str, sender: str | None) -> tuple
             sys.stdin.buffer,
             limit=config.max_message_size,
             spool_dir=config.mail_temp_dir or None,
+            folder=folder,
         )
     finally:
         await store.aclose()
@@ -1594,7 +1605,19 @@ def _since(text: str, now: float) -> int:
 
 def _restore_line(message: DeletedMessage) -> str:
     when = datetime.datetime.fromtimestamp(message.deleted, datetime.UTC)
-    return f"{message.uidl} {message.size} {when:%Y-%m-%dT%H:%M:%SZ}"
+    line = f"{message.uidl} {message.size} {when:%Y-%m-%dT%H:%M:%SZ}"
+    return line if message.folder == INBOX else f"{line} {message.folder}"
+
+
+def _listed_folders(config: Config, user: User) -> tuple[str, ...]:
+    """The folders ``user``'s POP3 lists (``pop3_folders``, the userdb field first)."""
+    value = user.extra.get("pop3_folders")
+    if value is not None:
+        try:
+            return parse_folders("pop3_folders", value)
+        except ConfigError as exc:
+            print(f"pobox: note: userdb field ignored: {exc}", file=sys.stderr)
+    return config.pop3_folders
 
 
 async def _restore_run(config: Config, args: argparse.Namespace) -> list[str]:
@@ -1606,7 +1629,7 @@ async def _restore_run(config: Config, args: argparse.Namespace) -> list[str]:
     if config.mail_location == "postgresql":
         database = _postgres_store(config)
         try:
-            return await _restore_with(database, user, args)
+            return await _restore_with(database, user, args, config)
         finally:
             await database.aclose()
     if os.geteuid() == 0:
@@ -1616,11 +1639,11 @@ async def _restore_run(config: Config, args: argparse.Namespace) -> list[str]:
     store = MaildirStore(
         config.mail_location, reuse_xuidl=config.pop3_reuse_xuidl, retention=retention
     )
-    return await _restore_with(store, user, args)
+    return await _restore_with(store, user, args, config)
 
 
 async def _restore_with(
-    store: DeletedMailRetention, user: MailUser, args: argparse.Namespace
+    store: DeletedMailRetention, user: User, args: argparse.Namespace, config: Config
 ) -> list[str]:
     """List, purge or restore ``user``'s kept mail, as ``args`` says."""
     if args.list:
@@ -1628,7 +1651,9 @@ async def _restore_with(
     if args.purge:
         return [f"purged {await store.purge_deleted(user)} message(s) of {user.name}"]
     since = None if args.since is None else _since(args.since, time.time())
-    restored = await store.restore_deleted(user, since=since, uidls=tuple(args.uidl))
+    restored = await store.restore_deleted(
+        user, since=since, uidls=tuple(args.uidl), folders=_listed_folders(config, user)
+    )
     lines = [f"restored {_restore_line(m)}" for m in restored]
     lines.append(f"restored {len(restored)} message(s) into the maildrop of {user.name}")
     return lines
@@ -1831,6 +1856,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deliver.add_argument("--user", "-u", "-d", required=True, help="recipient user or address")
     deliver.add_argument("--sender", "-f", help="envelope sender (Return-Path)")
+    deliver.add_argument(
+        "--mailbox",
+        "-m",
+        default="INBOX",
+        help="folder to file the message into (as dovecot-lda -m): Maildir++ .NAME, or the "
+        "PostgreSQL folder column; default INBOX",
+    )
     deliver.add_argument("--config", "-c", help="TOML configuration file")
     add_key_flags(deliver, _DELIVER_FLAGS)
     deliver.set_defaults(func=cmd_deliver)

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from pobox.errors import ConfigError
-from pobox.names import parse_format
+from pobox.names import INBOX, folder_name, parse_format
 
 __all__ = [
     "KEYS",
@@ -380,6 +380,32 @@ def _parse_expire_days(name: str, value: str | int) -> str:
     return parsed
 
 
+#: The values of ``pop3_folder_mark``.
+FOLDER_MARKS: Final = ("none", "header", "subject")
+
+
+def parse_folders(name: str, value: str | list[Any]) -> tuple[str, ...]:
+    """Read ``pop3_folders``: a TOML list, or names separated by commas (the userdb field).
+
+    Raises:
+        ConfigError: a name is not a folder name, or the list is empty.
+    """
+    words = value.split(",") if isinstance(value, str) else value
+    names: list[str] = []
+    for word in words:
+        canonical = folder_name(word.strip()) if isinstance(word, str) else None
+        if canonical is None:
+            raise ConfigError(
+                f"{name}: {word!r} is not a folder name (letters, digits, _+-.&, and spaces, "
+                "as the Maildir++ folder .NAME)"
+            )
+        if canonical not in names:
+            names.append(canonical)
+    if not names:
+        raise ConfigError(f'{name}: name at least one folder (the default is ["{INBOX}"])')
+    return tuple(names)
+
+
 def _dump_sni(value: tuple[tuple[str, str, str], ...]) -> dict[str, dict[str, str]]:
     return {server: {"cert": cert, "key": key} for server, cert, key in value}
 
@@ -633,6 +659,28 @@ class Config:
         minimum=0,
         section="POP3 service",
     )
+    pop3_folders: tuple[str, ...] = key(
+        (INBOX,),
+        'Folders whose mail POP3 lists, merged in arrival order: `["INBOX", "Junk"]` shows '
+        "the spam an IMAP client or a Sieve filter filed into the Maildir++ folder `.Junk/` "
+        "(PostgreSQL: the `folder` column), with UIDLs that stay distinct and stay the same "
+        "when a message moves between folders; DELE removes a message from its folder. A "
+        "folder that does not exist is empty. Per user: userdb field of the same name, "
+        "comma-separated (`pop3_folders=INBOX,Junk`).",
+        toml=(list, str),
+        parse=parse_folders,
+        dump=list,
+        section="POP3 service",
+    )
+    pop3_folder_mark: str = key(
+        "none",
+        "How a message of a `pop3_folders` folder other than INBOX is marked, so that a "
+        "client's filter can sort it: `header` adds `X-Folder: NAME` on top of the header, "
+        "`subject` puts `[NAME] ` before the subject; `none`: no mark. Sizes in LIST, STAT "
+        "and RETR count the mark.",
+        choices=FOLDER_MARKS,
+        section="POP3 service",
+    )
     pop3_reuse_xuidl: bool = key(
         False,
         "At a maildir's first open, keep the UIDL of a message's `X-UIDL:` header (left by "
@@ -648,7 +696,8 @@ class Config:
         '`"7d"`, `"36h"`, `"90m"`, `"3600s"` (a bare number is seconds); `"0"`: off, deleted '
         "mail is removed for good. Kept mail is invisible to POP3, not counted against the "
         "quota, and purged at the maildrop's next `QUIT` after the retention (or by "
-        "`pobox restore USER --purge`).",
+        "`pobox restore USER --purge`). With `pop3_folders`, mail deleted from any listed "
+        "folder is kept too, and restored into that folder (the INBOX if no longer listed).",
         check=_check_duration,
         section="POP3 service",
     )

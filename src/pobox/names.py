@@ -15,16 +15,44 @@ with the same template language, restricted to what makes sense for a user name:
 The template is checked when the configuration is read (:func:`parse_format`), so an
 unknown variable stops the start-up, never a login.
 
+Folder names (``pop3_folders``, the userdb field of that name, delivery into a folder) follow
+one rule too, :func:`folder_name`, used by the configuration and by every store.
+
 May import: the standard library only.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["DEFAULT_FORMAT", "UsernameFormat", "parse_format"]
+__all__ = ["DEFAULT_FORMAT", "INBOX", "UsernameFormat", "folder_name", "parse_format"]
+
+#: The folder every maildrop has, and the only one POP3 serves by default.
+INBOX: Final = "INBOX"
+#: A folder name besides ``INBOX``: a Maildir++ folder's name as on disk, without its leading
+#: dot (Dovecot's ``Junk``, ``Spam``, Outlook's ``Junk E-mail``, ``Lists.pobox`` for a
+#: subfolder, ``Courrier ind&AOk-sirable``: IMAP's modified UTF-7, as Dovecot stores a name
+#: that is not ASCII), at most 100 characters; nothing that could reach outside the maildir
+#: (``/``, ``..``, a leading dot) or break a header line (``X-Folder:``) or a log line
+#: (control characters).
+_FOLDER_NAME: Final = re.compile(r"[A-Za-z0-9_+&-](?:[A-Za-z0-9_+&,. -]{0,98}[A-Za-z0-9_+&-])?")
+
+
+def folder_name(name: str) -> str | None:
+    """Return folder name ``name`` in its canonical form, ``None`` if it is not acceptable.
+
+    ``INBOX`` in any case is ``INBOX``. Not acceptable: empty, over 100 characters, a ``/``,
+    a control or non-ASCII character, a leading or trailing dot or space, ``..``.
+    """
+    if name.upper() == INBOX:
+        return INBOX
+    if _FOLDER_NAME.fullmatch(name) is None or ".." in name:
+        return None
+    return name
+
 
 #: Dovecot's default (``auth_username_format = %Lu``).
 DEFAULT_FORMAT: Final = "%Lu"

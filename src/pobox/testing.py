@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -95,6 +96,24 @@ class RunningServer:
             return None
         return deliver_to_maildir(self.maildir(user), data, sizes=sizes)
 
+    def deliver_to_folder(self, user: str, folder: str, data: bytes) -> None:
+        """Deliver ``data`` into ``folder`` of ``user``'s maildrop (Maildir++ ``.<folder>``)."""
+        if self.in_database:
+            self._on_other_node(functools.partial(_deliver_folder, folder), user, data)
+        else:
+            deliver_to_maildir(self.maildir(user) / f".{folder}", data)
+
+    def count_folder(self, user: str, folder: str) -> int:
+        """Return how many messages ``folder`` of ``user``'s maildrop holds."""
+        if self.in_database:
+            found = self._on_other_node(functools.partial(_count_folder, folder), user, b"")
+            assert isinstance(found, int)
+            return found
+        path = self.maildir(user) / f".{folder}"
+        return sum(
+            1 for sub in ("new", "cur") if (path / sub).is_dir() for _ in (path / sub).iterdir()
+        )
+
     def count(self, user: str) -> int:
         """Return how many messages ``user``'s maildrop holds."""
         if self.in_database:
@@ -125,6 +144,21 @@ class RunningServer:
 async def _append(store: Any, user: User, data: bytes) -> str:  # noqa: ANN401
     key: str = await store.append(user, data)
     return key
+
+
+async def _deliver_folder(folder: str, store: Any, user: User, data: bytes) -> str:  # noqa: ANN401
+    key: str = await store.deliver_to_folder(
+        user, IncomingMessage(b"", Spool.from_bytes(data)), folder
+    )
+    return key
+
+
+async def _count_folder(folder: str, store: Any, user: User, _data: bytes) -> int:  # noqa: ANN401
+    maildrop = await store.open_folders(user, [folder], lock=False)
+    try:
+        return len(maildrop.messages)
+    finally:
+        await maildrop.close()
 
 
 async def _count(store: Any, user: User, _data: bytes) -> int:  # noqa: ANN401

@@ -16,12 +16,14 @@ planted.
 ``cur/`` (through ``tmp/``, synced before it is renamed into place), named
 ``<time>.M<n>P<pid>.pobox-export-<id>,S=<octets>,W=<wire size>:2,`` where ``<id>`` is derived
 from the UIDL, then writes ``dovecot-uidlist`` with every message's UID, ``W`` (the wire size)
-and ``P`` (the UIDL). Dovecot answers UIDL from ``P`` and LIST from ``W``; pobox imports the
-same file. A run that was interrupted is run again: the messages already written are
-recognised by name and kept, the rest are written, and the UID list is written last, always
-whole. UIDs already in the target's UID list (an earlier export, or mail Dovecot or pobox
-already served there) are kept. Run as root, what is written belongs to the user's
-``uid``/``gid`` (or the owner of the nearest existing directory above the target).
+and ``P`` (the UIDL); a PostgreSQL maildrop's other folders (``pop3_folders``) go to Maildir++
+folders ``.<folder>`` of the target, the same way. Dovecot answers UIDL from ``P`` and LIST
+from ``W``; pobox imports the same file. A run that was interrupted is run again: the
+messages already written are recognised by name and kept, the rest are written, and the UID
+list is written last, always whole. UIDs already in the target's UID list (an earlier
+export, or mail Dovecot or pobox already served there) are kept. Run as root, what is
+written belongs to the user's ``uid``/``gid`` (or the owner of the nearest existing
+directory above the target).
 
 May import: anything in pobox but the shell (:mod:`pobox.server`, :mod:`pobox.delivery`).
 """
@@ -39,14 +41,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from pobox.errors import PoboxError
 from pobox.records import User
 from pobox.storage.base import (
+    INBOX,
     DeletedMailRetention,
     ImportedMessage,
     Maildrop,
+    MaildropFolders,
     MaildropImporter,
     MaildropStore,
     MailUser,
@@ -586,6 +590,9 @@ async def export_maildir(
 ) -> TransferReport:
     """Write ``user``'s maildrop to the Maildir ``target`` with its UIDLs (see the module doc).
 
+    A store that lists a maildrop's folders (:class:`FolderNames`: PostgreSQL) has each folder
+    other than the INBOX written to the Maildir++ folder ``target/.<folder>``, the same way.
+
     Raises:
         TransferError: the target cannot be written as needed.
         StorageError: the store failed (run again: what was written is kept).
@@ -593,15 +600,40 @@ async def export_maildir(
     progress = progress or _NoProgress()
     report = TransferReport()
     began = time.monotonic()
-    maildrop = await store.open(user, lock=False)
+    await _export_one(await store.open(user, lock=False), user, target, report, progress)
+    if isinstance(store, FolderNames) and isinstance(store, MaildropFolders):
+        for folder in await store.folder_names(user):
+            if folder != INBOX:
+                maildrop = await store.open_folders(user, [folder], lock=False)
+                await _export_one(maildrop, user, target / f".{folder}", report, progress)
+    report.seconds = time.monotonic() - began
+    return report
+
+
+@runtime_checkable
+class FolderNames(Protocol):
+    """A store that tells which folders a maildrop has messages in (PostgreSQL)."""
+
+    async def folder_names(self, user: MailUser) -> tuple[str, ...]:
+        """Return the folders of ``user``'s maildrop that hold messages."""
+
+
+async def _export_one(
+    maildrop: Maildrop,
+    user: MailUser,
+    target: Path,
+    report: TransferReport,
+    progress: Progress,
+) -> None:
+    """Write the messages of one open ``maildrop`` to the Maildir ``target``; close it."""
     try:
         writer = await asyncio.to_thread(_MaildirWriter, target, _owner_for(target, user))
         try:
             messages = list(maildrop.messages)
-            report.total = len(messages)
+            report.total += len(messages)
             done = await asyncio.to_thread(writer.exported)
             todo = [info for info in messages if _export_id(info.uidl) not in done]
-            report.present = len(messages) - len(todo)
+            report.present += len(messages) - len(todo)
             progress.start(len(todo))
             stamp, pid = int(time.time()), os.getpid()
             # Files are written (and synced) a few at a time: the file system commits their
@@ -636,8 +668,6 @@ async def export_maildir(
             writer.close()
     finally:
         await maildrop.close()
-    report.seconds = time.monotonic() - began
-    return report
 
 
 async def _write_all(

@@ -482,3 +482,36 @@ class TestDump:
         text = dump_config(config)
         assert "/x\x7f\x01\ny" == tomllib.loads(text)["passwd_file"]
         assert "\x7f" not in text
+
+
+class TestFolderKeys:
+    """``pop3_folders`` and ``pop3_folder_mark``."""
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            (["INBOX", "Junk"], ("INBOX", "Junk")),
+            ("inbox, Junk ,Junk", ("INBOX", "Junk")),
+            (["Junk E-mail"], ("Junk E-mail",)),
+        ],
+    )
+    def test_read(self, value: object, expected: tuple[str, ...]) -> None:
+        """A list or a comma-separated string; INBOX canonical; repeats dropped."""
+        assert expected == build_config({"pop3_folders": value}).pop3_folders
+
+    def test_default(self) -> None:
+        """The INBOX alone, no mark."""
+        config = build_config({})
+        assert (("INBOX",), "none") == (config.pop3_folders, config.pop3_folder_mark)
+
+    @pytest.mark.parametrize("value", [[], [".Junk"], ["../x"], ["a/b"], [3], ""])
+    def test_refused(self, value: object) -> None:
+        """No folder, or a name that is not a folder name, names the key."""
+        with pytest.raises(ConfigError, match="pop3_folders"):
+            build_config({"pop3_folders": value})
+
+    def test_mark_choices(self) -> None:
+        """An unknown mark names the key."""
+        assert "subject" == build_config({"pop3_folder_mark": "subject"}).pop3_folder_mark
+        with pytest.raises(ConfigError, match="pop3_folder_mark"):
+            build_config({"pop3_folder_mark": "colour"})

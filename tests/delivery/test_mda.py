@@ -72,6 +72,24 @@ class TestExitCodes:
         wire = len(data) + data.count(b"\n")  # every LF is CRLF on the wire
         assert files[0].name.endswith(f",S={len(data)},W={wire}")
 
+    def test_into_a_folder(self, tmp_path: Path) -> None:
+        """``-m Junk`` (dovecot-lda's option) files the message into the Maildir++ ``.Junk``."""
+        result = _deliver([*_setup(tmp_path), "-m", "Junk"], "alice", MESSAGE)
+        maildir = tmp_path / "mail" / "alice"
+        assert (0, b"") == (result.returncode, result.stderr)
+        ((path,),) = [_files(maildir / ".Junk")]
+        assert path.read_bytes().endswith(MESSAGE)
+        assert (maildir / ".Junk" / "maildirfolder").is_file()
+        assert [] == _files(maildir)
+
+    @pytest.mark.parametrize("folder", ["../elsewhere", ".Junk", "a/b"])
+    def test_bad_folder_tempfails(self, tmp_path: Path, folder: str) -> None:
+        """A folder name that could leave the maildir: 75 (retry later, never a bounce)."""
+        result = _deliver([*_setup(tmp_path), "-m", folder], "alice", MESSAGE)
+        assert 75 == result.returncode
+        assert b"-m:" in result.stderr
+        assert not (tmp_path / "mail").exists()
+
     def test_unknown_user(self, tmp_path: Path) -> None:
         """An unknown user exits 67 (EX_NOUSER)."""
         result = _deliver(_setup(tmp_path), "nobody", MESSAGE)

@@ -4,7 +4,8 @@ The "my client deleted everything" case: poplib deletes with DELE and QUIT, the 
 gone from LIST, ``pobox restore`` (the real command, in a process of its own) lists them and
 brings them back, and the next session lists them with the same UIDLs, sizes and bytes, so a
 client that leaves mail on the server and remembers UIDLs does not fetch them twice. The first
-test runs on PostgreSQL too (``mail_location = "postgresql"`` on the throwaway cluster).
+test runs on PostgreSQL too (``mail_location = "postgresql"`` on the throwaway cluster), with
+Junk listed (``pop3_folders``): a Junk message deleted is kept too, and comes back into Junk.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MESSAGES = [
     b"Subject: two\r\n\r\nsecond\r\n..dot-stuffed line\r\n",
     b"Subject: three\r\n\r\nthird\r\n",
 ]
+SPAM = b"Subject: cheap pills\r\n\r\nbuy now\r\n"
 
 
 def _session(srv: RunningServer, delete: tuple[int, ...] = ()) -> list[tuple[str, int, bytes]]:
@@ -49,8 +51,10 @@ def _config(srv: RunningServer) -> Path:
     """Write the running server's configuration, as an admin's TOML file would have it."""
     path = srv.root / "pobox.toml"
     database = f'postgresql_dsn = "{srv.config.postgresql_dsn}"\n' if srv.in_database else ""
+    folders = ", ".join(f'"{name}"' for name in srv.config.pop3_folders)
     path.write_text(
         database + f'mail_location = "{srv.config.mail_location}"\n'
+        f"pop3_folders = [{folders}]\n"
         f'passwd_file = "{srv.config.passwd_file}"\n'
         'pop3_delete_retention = "7d"\n'
         # The test server serves mail as root (this process): the owner of the mail, which
@@ -79,23 +83,32 @@ def _restore(config: Path, *args: str) -> list[str]:
 async def test_deleted_by_client_restored_with_same_uidls(
     tmp_path: Path, where: str, request: pytest.FixtureRequest
 ) -> None:
-    """DELE + QUIT, gone from LIST; ``pobox restore`` brings back UIDL, size and bytes."""
+    """DELE + QUIT, gone from LIST; ``pobox restore`` brings back UIDL, size and bytes, the
+    Junk message into Junk."""
     store: dict[str, object] = {}
     if where == "postgresql":
         store = {"mail_location": "postgresql", "postgresql_dsn": request.getfixturevalue("pg_dsn")}
-    async with running_server(tmp_path, pop3_delete_retention="7d", **store) as srv:
+    async with running_server(
+        tmp_path, pop3_delete_retention="7d", pop3_folders=["INBOX", "Junk"], **store
+    ) as srv:
         for data in MESSAGES:
             srv.deliver("alice", data)
-        before = await asyncio.to_thread(_session, srv, (1, 3))
+        srv.deliver_to_folder("alice", "Junk", SPAM)
+        before = await asyncio.to_thread(_session, srv, (1, 3, 4))
         after_delete = await asyncio.to_thread(_session, srv)
+        junk_after_delete = srv.count_folder("alice", "Junk")
         config = _config(srv)
         listed = await asyncio.to_thread(_restore, config, "--list")
         restored = await asyncio.to_thread(_restore, config)
         after_restore = await asyncio.to_thread(_session, srv)
+        junk_after_restore = srv.count_folder("alice", "Junk")
     assert [before[1]] == after_delete
-    assert sorted([before[0][0], before[2][0]]) == sorted(line.split()[0] for line in listed)
-    assert [str(before[0][1]), str(before[2][1])] == [line.split()[1] for line in listed]
-    assert "restored 2 message(s) into the maildrop of alice" == restored[-1]
+    assert (0, 1) == (junk_after_delete, junk_after_restore)
+    deleted = [before[0], before[2], before[3]]
+    assert sorted(m[0] for m in deleted) == sorted(line.split()[0] for line in listed)
+    assert sorted(str(m[1]) for m in deleted) == sorted(line.split()[1] for line in listed)
+    assert [["Junk"]] == [line.split()[3:] for line in listed if len(line.split()) > 3]
+    assert "restored 3 message(s) into the maildrop of alice" == restored[-1]
     assert sorted(before) == sorted(after_restore)
 
 

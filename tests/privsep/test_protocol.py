@@ -10,6 +10,7 @@ from pobox.records import Quota, User
 from pobox.storage.base import (
     MaildropLocked,
     MessageGone,
+    MessageInfo,
     QuotaExceeded,
     StoragePermanentError,
     StorageTemporaryError,
@@ -19,6 +20,8 @@ from pobox.storage.privsep._protocol import (
     InvalidRequest,
     error_from_wire,
     error_to_wire,
+    messages_from_wire,
+    messages_to_wire,
     parse_request,
     user_to_wire,
 )
@@ -35,6 +38,39 @@ class TestParseRequest:
         assert (7, "open") == (request_id, op)
         assert User("alice", uid=1000, gid=1000, home="/home/alice") == args["user"]
         assert args["lock"] is True
+
+    def test_open_folders(self) -> None:
+        """Folder names come back canonical (``inbox`` is ``INBOX``)."""
+        _, op, args = parse_request(
+            {
+                "id": 1,
+                "op": "open_folders",
+                "user": USER,
+                "lock": False,
+                "folders": ["inbox", "Junk"],
+            }
+        )
+        assert ("open_folders", ("INBOX", "Junk")) == (op, args["folders"])
+
+    @pytest.mark.parametrize(
+        "folders", [[], ["../x"], [".Junk"], ["a/b"], ["Junk\nX"], [7], "Junk", ["J"] * 65]
+    )
+    def test_open_folders_refused(self, folders: object) -> None:
+        """A folder that could leave the maildir, or a list that is not one, is refused."""
+        frame = {"id": 1, "op": "open_folders", "user": USER, "lock": True, "folders": folders}
+        with pytest.raises(InvalidRequest, match="folder"):
+            parse_request(frame)
+
+    def test_messages_keep_their_folder(self) -> None:
+        """A snapshot's folders and header ends survive the wire; INBOX messages go as four
+        fields, the folder fifth."""
+        messages = (
+            MessageInfo("a", 1, "u1"),
+            MessageInfo("Junk/b", 2, "u2", header_end=True, folder="Junk"),
+        )
+        wire = messages_to_wire(messages)
+        assert [["a", 1, "u1", None], ["Junk/b", 2, "u2", True, "Junk"]] == wire
+        assert messages == messages_from_wire(wire)
 
     def test_deliver(self) -> None:
         """A deliver request's header becomes bytes (Latin-1 code points) and quota a Quota."""

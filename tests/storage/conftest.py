@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from pobox.storage.postgres import PostgresStore
 from pobox.storage.privsep import OwnerPolicy, StorageHelper
 from tests.helpers.accounts import ALICE, chown_tree, system_user
 from tests.helpers.dovecot import searchable_tmpdir
-from tests.helpers.maildir import User, deliver
+from tests.helpers.maildir import User, deliver, incoming
 from tests.helpers.mbox import append
 from tests.helpers.postgres import StoreThread
 
@@ -45,12 +45,25 @@ class Backend:
     user: Callable[[str], MailUser]
     deliver: Callable[[str, bytes], object]
     closers: list[Callable[[], object]] = field(default_factory=list)
+    #: Deliver (user, folder, data) into a folder; returns what ``move`` takes.
+    deliver_folder: Callable[[str, str, bytes], Awaitable[object]] | None = None
+    #: Move (user, what deliver_folder or move returned, folder) as an IMAP client's MOVE;
+    #: returns what names the message now.
+    move: Callable[[str, object, str], Awaitable[object]] | None = None
 
 
 def _memory(tmp_path: Path) -> Backend:
     """Return the memory backend (``tmp_path`` is unused)."""
     store = MemoryStore()
-    return Backend("memory", store, User, store.add)
+
+    async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+        return await store.deliver_to_folder(User(name), incoming(data), folder)
+
+    async def move(name: str, key: object, folder: str) -> object:
+        store.move(name, str(key), folder)
+        return key
+
+    return Backend("memory", store, User, store.add, deliver_folder=deliver_folder, move=move)
 
 
 def _maildir(
@@ -76,7 +89,27 @@ def _maildir(
         """Deliver as an MTA would, with this variant's file names."""
         deliver(store.maildir_path(user(name)), data, fields=fields, flags=flags)
 
-    return Backend(name, store, user, deliver_to)
+    def folder_path(name: str, folder: str) -> Path:
+        maildir = store.maildir_path(user(name))
+        return maildir if folder == "INBOX" else maildir / f".{folder}"
+
+    async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+        """Deliver into the Maildir++ folder as an MTA's Sieve ``fileinto`` would."""
+        return folder, deliver(folder_path(name, folder), data, fields=fields, flags=flags)
+
+    async def move(name: str, where: object, folder: str) -> object:
+        """Move the file into the other folder's ``cur/``, name kept, as Dovecot's MOVE."""
+        assert isinstance(where, tuple)
+        old, base = where
+        source = folder_path(name, old)
+        (found,) = [path for sub in ("new", "cur") for path in (source / sub).glob(f"{base}*")]
+        target = folder_path(name, folder)
+        for sub in ("cur", "new", "tmp"):
+            (target / sub).mkdir(parents=True, exist_ok=True)
+        os.rename(found, target / "cur" / found.name)
+        return folder, base
+
+    return Backend(name, store, user, deliver_to, deliver_folder=deliver_folder, move=move)
 
 
 def _mbox(tmp_path: Path) -> Backend:
@@ -155,8 +188,38 @@ async def _maildir_through_helper() -> AsyncIterator[Backend]:
             deliver(maildir, data, fields="SW", flags=None)
             chown_tree(maildir, owner)
 
+        def folder_path(name: str, folder: str) -> Path:
+            maildir = Path(user(name).home or "") / "Maildir"
+            return maildir if folder == "INBOX" else maildir / f".{folder}"
+
+        async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+            """Deliver into the Maildir++ folder as an MTA running as the owner would."""
+            base = deliver(folder_path(name, folder), data, fields="SW", flags=None)
+            chown_tree(folder_path(name, "INBOX"), owner)
+            return folder, base
+
+        async def move(name: str, where: object, folder: str) -> object:
+            """Move the file into the other folder's ``cur/`` as the owner's IMAP server."""
+            assert isinstance(where, tuple)
+            old, base = where
+            source = folder_path(name, old)
+            (found,) = [p for sub in ("new", "cur") for p in (source / sub).glob(f"{base}*")]
+            target = folder_path(name, folder)
+            for sub in ("cur", "new", "tmp"):
+                (target / sub).mkdir(parents=True, exist_ok=True)
+            os.rename(found, target / "cur" / found.name)
+            chown_tree(folder_path(name, "INBOX"), owner)
+            return folder, base
+
         try:
-            yield Backend("maildir-helper", helper.store, user, deliver_to)
+            yield Backend(
+                "maildir-helper",
+                helper.store,
+                user,
+                deliver_to,
+                deliver_folder=deliver_folder,
+                move=move,
+            )
         finally:
             await helper.aclose()
 
@@ -165,7 +228,23 @@ def _postgresql(dsn: str, name: str = "postgresql", *, retention: int = 0) -> Ba
     """Return the PostgreSQL backend on the emptied test database ``dsn``."""
     store = PostgresStore(dsn, pool_min=1, pool_max=4, timeout=10, retention=retention)
     mta = StoreThread(dsn)
-    return Backend(name, store, User, mta.append, closers=[mta.close])
+
+    async def deliver_folder(name: str, folder: str, data: bytes) -> object:
+        return await store.deliver_to_folder(User(name), incoming(data), folder)
+
+    async def move(name: str, key: object, folder: str) -> object:
+        assert 1 == await store.move_to_folder(User(name), [str(key)], folder)
+        return key
+
+    return Backend(
+        name,
+        store,
+        User,
+        mta.append,
+        closers=[mta.close],
+        deliver_folder=deliver_folder,
+        move=move,
+    )
 
 
 #: The PostgreSQL backends: the second keeps deleted mail for ``RETENTION`` seconds.
@@ -201,6 +280,35 @@ async def retaining(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     """Each backend that keeps deleted mail for ``RETENTION`` seconds."""
     if request.param == "postgresql-retention":
         made = _postgresql(request.getfixturevalue("pg_dsn"), request.param, retention=RETENTION)
+    else:
+        made = _BACKENDS[request.param](tmp_path)
+    yield made
+    await made.store.aclose()
+    for close in made.closers:
+        close()
+
+
+#: The backends with folders (:class:`~pobox.storage.base.MaildropFolders`); through the
+#: storage helper, delivery into a folder is refused (tested apart).
+FOLDERED = (
+    "memory",
+    "maildir",
+    "maildir-no-index",
+    "maildir-s-only-in-cur",
+    "maildir-helper",
+    "postgresql",
+)
+
+
+@pytest.fixture(params=FOLDERED)
+async def foldered(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each backend whose maildrops have folders besides the INBOX."""
+    if request.param == "maildir-helper":
+        async with _maildir_through_helper() as through_helper:
+            yield through_helper
+        return
+    if request.param == "postgresql":
+        made = _postgresql(request.getfixturevalue("pg_dsn"))
     else:
         made = _BACKENDS[request.param](tmp_path)
     yield made

@@ -16,13 +16,16 @@ import pytest
 
 from pobox.storage.base import (
     DeletedMailRetention,
+    FolderNameError,
     IncomingMessage,
     Maildrop,
+    MaildropFolders,
     MaildropLocked,
     MessageGone,
     Quota,
     QuotaExceeded,
     Usage,
+    is_unique_id,
 )
 from pobox.storage.spool import Spool
 from tests.helpers.maildir import incoming
@@ -647,3 +650,244 @@ class TestDeletedMailRetention:
         offers = isinstance(backend.store, DeletedMailRetention)
         in_process_maildir = backend.name.startswith("maildir") and backend.name != "maildir-helper"
         assert offers == (in_process_maildir or backend.name.startswith("postgresql"))
+
+
+async def _folder_listing(
+    backend: Backend, folders: list[str]
+) -> list[tuple[str, str, int, bytes]]:
+    """(folder, UIDL, size, bytes) of every message of a fresh folder session, in order."""
+    store = _folders(backend)
+    maildrop = await store.open_folders(backend.user("alice"), folders)
+    try:
+        return [
+            (i.folder, i.uidl, i.size, await read_all(maildrop, i.key)) for i in maildrop.messages
+        ]
+    finally:
+        await maildrop.close()
+
+
+def _folders(backend: Backend) -> MaildropFolders:
+    """The store's folder capability (every ``foldered`` backend has it)."""
+    store = backend.store
+    assert isinstance(store, MaildropFolders)
+    return store
+
+
+async def _into(backend: Backend, folder: str, data: bytes) -> object:
+    assert backend.deliver_folder is not None
+    return await backend.deliver_folder("alice", folder, data)
+
+
+async def _move(backend: Backend, where: object, folder: str) -> object:
+    assert backend.move is not None
+    return await backend.move("alice", where, folder)
+
+
+class TestFolders:
+    """``pop3_folders``: other folders (Junk) merged into the one POP3 listing.
+
+    Runs on the backends with folders (``FOLDERED`` in conftest): memory, Maildir (Maildir++
+    ``.Junk/``) and PostgreSQL (the ``folder`` column).
+    """
+
+    async def test_plain_open_lists_the_inbox_only(self, foldered: Backend) -> None:
+        """Mail filed into Junk is not in the INBOX listing of a plain open."""
+        await _into(foldered, "INBOX", b"Subject: ham\n\nok\n")
+        await _into(foldered, "Junk", b"Subject: spam\n\nbuy\n")
+        assert [b"Subject: ham\n\nok\n"] == await _snapshot_bytes(foldered)
+
+    async def test_merged_in_arrival_order(self, foldered: Backend) -> None:
+        """INBOX and Junk messages come in the order they arrived, each with its folder."""
+        await _into(foldered, "INBOX", b"one\n")
+        await _into(foldered, "Junk", b"two\n")
+        await _into(foldered, "INBOX", b"three\n")
+        listing = await _folder_listing(foldered, ["INBOX", "Junk"])
+        assert [("INBOX", 5, b"one\n"), ("Junk", 5, b"two\n"), ("INBOX", 7, b"three\n")] == [
+            (folder, size, data) for folder, _, size, data in listing
+        ]
+
+    async def test_folder_alone(self, foldered: Backend) -> None:
+        """``["Junk"]`` lists Junk only; the order of pop3_folders does not reorder mail."""
+        await _into(foldered, "INBOX", b"one\n")
+        await _into(foldered, "Junk", b"two\n")
+        assert [b"two\n"] == [data for *_, data in await _folder_listing(foldered, ["Junk"])]
+        both = await _folder_listing(foldered, ["Junk", "INBOX"])
+        assert [b"one\n", b"two\n"] == [data for *_, data in both]
+
+    async def test_uidls_valid_distinct_and_stable(self, foldered: Backend) -> None:
+        """UIDLs are RFC 1939 unique-ids, distinct across folders, the same next session."""
+        for number in range(3):
+            await _into(foldered, "INBOX", f"same {number}\n".encode())
+            await _into(foldered, "Junk", f"same {number}\n".encode())
+        first = [uidl for _, uidl, _, _ in await _folder_listing(foldered, ["INBOX", "Junk"])]
+        assert 6 == len(set(first))
+        assert all(is_unique_id(uidl) for uidl in first)
+        again = [uidl for _, uidl, _, _ in await _folder_listing(foldered, ["INBOX", "Junk"])]
+        assert first == again
+
+    async def test_move_from_junk_to_inbox_keeps_the_uidl(self, foldered: Backend) -> None:
+        """A message an IMAP client moves Junk → INBOX keeps its UIDL: not downloaded twice."""
+        await _into(foldered, "INBOX", b"ham\n")
+        where = await _into(foldered, "Junk", b"not spam after all\n")
+        before = await _folder_listing(foldered, ["INBOX", "Junk"])
+        await _move(foldered, where, "INBOX")
+        after = await _folder_listing(foldered, ["INBOX", "Junk"])
+        assert [("INBOX", uidl, size, data) for _, uidl, size, data in before] == after
+
+    async def test_move_from_inbox_to_junk_and_back_keeps_the_uidl(self, foldered: Backend) -> None:
+        """A message moved INBOX → Junk, and back again, keeps the UIDL it had."""
+        where = await _into(foldered, "INBOX", b"ham\n")
+        ((_, uidl, _, _),) = await _folder_listing(foldered, ["INBOX", "Junk"])
+        where = await _move(foldered, where, "Junk")
+        assert [("Junk", uidl)] == [
+            (f, u) for f, u, _, _ in await _folder_listing(foldered, ["INBOX", "Junk"])
+        ]
+        await _move(foldered, where, "INBOX")
+        assert [("INBOX", uidl)] == [
+            (f, u) for f, u, _, _ in await _folder_listing(foldered, ["INBOX", "Junk"])
+        ]
+
+    async def test_move_out_of_the_inbox_leaves_the_plain_listing(self, foldered: Backend) -> None:
+        """A message moved into Junk after a session saw it is gone from the next plain one."""
+        where = await _into(foldered, "INBOX", b"ham\n")
+        await _into(foldered, "INBOX", b"more ham\n")
+        assert [b"ham\n", b"more ham\n"] == await _snapshot_bytes(foldered)
+        await _move(foldered, where, "Junk")
+        assert [b"more ham\n"] == await _snapshot_bytes(foldered)
+        assert [b"ham\n"] == [d for *_, d in await _folder_listing(foldered, ["Junk"])]
+
+    async def test_delete_removes_from_the_folder_it_is_in(self, foldered: Backend) -> None:
+        """DELE of a Junk message removes it from Junk; the INBOX keeps its mail."""
+        await _into(foldered, "INBOX", b"ham\n")
+        await _into(foldered, "Junk", b"spam\n")
+        store = _folders(foldered)
+        maildrop = await store.open_folders(foldered.user("alice"), ["INBOX", "Junk"])
+        junk = [info.key for info in maildrop.messages if info.folder == "Junk"]
+        result = await maildrop.delete(junk)
+        await maildrop.close()
+        assert (tuple(junk), ()) == (result.removed, result.failed)
+        assert [] == await _folder_listing(foldered, ["Junk"])
+        assert [b"ham\n"] == [data for *_, data in await _folder_listing(foldered, ["INBOX"])]
+
+    async def test_missing_folder_is_empty(self, foldered: Backend) -> None:
+        """A folder nobody delivered to lists nothing."""
+        await _into(foldered, "INBOX", b"ham\n")
+        listing = await _folder_listing(foldered, ["INBOX", "Spam"])
+        assert [("INBOX", b"ham\n")] == [(folder, data) for folder, _, _, data in listing]
+
+    async def test_open_folders_takes_the_session_lock(self, foldered: Backend) -> None:
+        """A folder session locks the maildrop as a plain one does."""
+        store = _folders(foldered)
+        maildrop = await store.open_folders(foldered.user("alice"), ["INBOX", "Junk"])
+        try:
+            with pytest.raises(MaildropLocked):
+                await foldered.store.open(foldered.user("alice"))
+        finally:
+            await maildrop.close()
+        await (await foldered.store.open(foldered.user("alice"))).close()
+
+    @pytest.mark.parametrize("name", ["../x", ".Junk", "a/b", "", "Junk\r\nX: y", "é"])
+    async def test_bad_folder_names_are_refused(self, foldered: Backend, name: str) -> None:
+        """A name that could leave the maildir or break a header line is refused."""
+        with pytest.raises(FolderNameError):
+            await _folders(foldered).open_folders(foldered.user("alice"), ["INBOX", name])
+        with pytest.raises(FolderNameError):
+            await _folders(foldered).deliver_to_folder(
+                foldered.user("alice"), incoming(b"x\n"), name
+            )
+
+    async def test_delivery_into_a_folder(self, foldered: Backend) -> None:
+        """The store's own delivery files a message into Junk (made if missing), or INBOX."""
+        store = _folders(foldered)
+        user = foldered.user("alice")
+        await store.deliver_to_folder(user, incoming(b"spam\n", b"Delivered-To: a\n"), "Junk")
+        await store.deliver_to_folder(user, incoming(b"ham\n"), "inbox")
+        listing = await _folder_listing(foldered, ["INBOX", "Junk"])
+        assert [("Junk", b"Delivered-To: a\nspam\n"), ("INBOX", b"ham\n")] == [
+            (folder, data) for folder, _, _, data in listing
+        ]
+
+
+async def _snapshot_bytes(backend: Backend) -> list[bytes]:
+    """The stored bytes of every message of a plain session, in order."""
+    return [data for _, _, data in await _snapshot(backend)]
+
+
+async def _delete_in(backend: Backend, folders: list[str], wanted: str) -> tuple[str, str, int]:
+    """Delete, in a session of ``folders``, the messages of folder ``wanted``; return the
+    (folder, UIDL, size) of the one deleted."""
+    maildrop = await _folders(backend).open_folders(backend.user("alice"), folders)
+    try:
+        (info,) = [i for i in maildrop.messages if i.folder == wanted]
+        result = await maildrop.delete([info.key])
+    finally:
+        await maildrop.close()
+    assert ((info.key,), ()) == (result.removed, result.failed)
+    return info.folder, info.uidl, info.size
+
+
+class TestRetentionWithFolders:
+    """``pop3_delete_retention`` with ``pop3_folders``: mail deleted from any listed folder
+    is kept, and restored into the folder it was deleted from, with its UIDL.
+
+    Runs on the backends with both capabilities (``RETAINING``: Maildir, where it is kept in
+    the maildir's ``.pobox-deleted/``, and PostgreSQL, where ``deleted_message.folder`` says
+    where it was).
+    """
+
+    async def test_junk_message_kept_and_restored_into_junk(self, retaining: Backend) -> None:
+        """A Junk message DELE'd is kept (not lost), listed with its folder, and comes back
+        into Junk with the same UIDL, size and bytes."""
+        await _into(retaining, "INBOX", b"Subject: ham\n\nok\n")
+        await _into(retaining, "Junk", b"Subject: spam\n\nbuy\n")
+        both = ["INBOX", "Junk"]
+        before = await _folder_listing(retaining, both)
+        folder, uidl, size = await _delete_in(retaining, both, "Junk")
+        assert [before[0]] == await _folder_listing(retaining, both)
+        store = _retention(retaining)
+        user = retaining.user("alice")
+        kept = await store.deleted_messages(user)
+        assert [(uidl, size, "Junk")] == [(k.uidl, k.size, k.folder) for k in kept]
+        restored = await store.restore_deleted(user, folders=both)
+        assert [(uidl, "Junk")] == [(m.uidl, m.folder) for m in restored]
+        assert before == await _folder_listing(retaining, both)
+        assert [b"Subject: ham\n\nok\n"] == await _snapshot_bytes(retaining)
+        assert "Junk" == folder
+
+    async def test_message_moved_into_junk_keeps_its_inbox_uidl(self, retaining: Backend) -> None:
+        """A message an IMAP client moved INBOX → Junk kept its UIDL; deleted from Junk and
+        restored, it still has it (the folder-UIDL map gives it again)."""
+        where = await _into(retaining, "INBOX", b"ham after all\n")
+        ((_, uidl, _, _),) = await _folder_listing(retaining, ["INBOX", "Junk"])
+        await _move(retaining, where, "Junk")
+        assert ("Junk", uidl) == (await _delete_in(retaining, ["INBOX", "Junk"], "Junk"))[:2]
+        assert [] == await _folder_listing(retaining, ["INBOX", "Junk"])  # sessions go on
+        await _retention(retaining).restore_deleted(retaining.user("alice"))
+        assert [("Junk", uidl, b"ham after all\n")] == [
+            (f, u, d) for f, u, _, d in await _folder_listing(retaining, ["INBOX", "Junk"])
+        ]
+
+    async def test_restored_into_the_inbox_if_the_folder_is_no_longer_listed(
+        self, retaining: Backend
+    ) -> None:
+        """With ``folders`` not listing Junk any more, the message comes back into the INBOX,
+        UIDL kept: POP3 sees it again."""
+        await _into(retaining, "Junk", b"spam\n")
+        _, uidl, size = await _delete_in(retaining, ["INBOX", "Junk"], "Junk")
+        user = retaining.user("alice")
+        restored = await _retention(retaining).restore_deleted(user, folders=["INBOX"])
+        assert [(uidl, "INBOX")] == [(m.uidl, m.folder) for m in restored]
+        assert [(uidl, size, b"spam\n")] == await _snapshot(retaining)
+        assert [] == await _folder_listing(retaining, ["Junk"])
+
+    async def test_inbox_message_of_a_folder_session(self, retaining: Backend) -> None:
+        """An INBOX message deleted in a folder session is kept and restored as before."""
+        await _into(retaining, "INBOX", b"ham\n")
+        await _into(retaining, "Junk", b"spam\n")
+        before = await _snapshot(retaining)
+        _, uidl, _ = await _delete_in(retaining, ["INBOX", "Junk"], "INBOX")
+        assert [] == await _snapshot(retaining)
+        (kept,) = await _retention(retaining).deleted_messages(retaining.user("alice"))
+        assert (uidl, "INBOX") == (kept.uidl, kept.folder)
+        await _retention(retaining).restore_deleted(retaining.user("alice"))
+        assert before == await _snapshot(retaining)

@@ -8,6 +8,8 @@ next UPDATE purges what expired, and that the maildir's user cannot make pobox f
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,98 @@ async def test_restore_never_changes_the_uidl_of_a_message_there(
     assert [there] == list(maildrop.messages)
     await maildrop.close()
     assert 1 == len(await keeping.deleted_messages(ALICE))
+
+
+async def test_junk_message_kept_in_the_maildirs_hidden_folder(
+    keeping: MaildirStore, tmp_path: Path
+) -> None:
+    """A Junk message deleted in a pop3_folders session goes to the maildir's own
+    ``.pobox-deleted/`` (not one inside ``.Junk``), its list line naming the folder."""
+    name = Path(deliver(tmp_path / "alice" / ".Junk", b"Subject: spam\n\nbuy\n")).name
+    maildrop = await keeping.open_folders(ALICE, ["INBOX", "Junk"])
+    (info,) = maildrop.messages
+    assert ((info.key,), ()) == astuple(await maildrop.delete([info.key]))
+    await maildrop.close()
+    assert [name] == [p.name for p in (tmp_path / "alice" / DELETED_FOLDER / "cur").iterdir()]
+    assert not (tmp_path / "alice" / ".Junk" / DELETED_FOLDER).exists()
+    text = (tmp_path / "alice" / DELETED_FOLDER / DELETED_LIST).read_text()
+    assert f" P{info.uidl} FJunk :{name}\n" in text
+
+
+@pytest.mark.parametrize("folder", ["../x", ".Junk", "a/b", "Junk:", " Junk"])
+async def test_forged_folder_in_the_list_is_dropped(
+    keeping: MaildirStore, tmp_path: Path, folder: str
+) -> None:
+    """A list line whose folder could leave the maildir is ignored: nothing listed, nothing
+    restored anywhere."""
+    name = Path(deliver(tmp_path / "alice", b"x\n")).name
+    await _delete_all(keeping)
+    listing = tmp_path / "alice" / DELETED_FOLDER / DELETED_LIST
+    listing.write_text(listing.read_text().replace(" :", f" F{folder} :"))
+    assert () == await keeping.deleted_messages(ALICE)
+    assert () == await keeping.restore_deleted(ALICE)
+    assert (tmp_path / "alice" / DELETED_FOLDER / "cur" / name).exists()
+
+
+async def test_restore_into_a_folder_that_is_gone_goes_to_the_inbox(
+    keeping: MaildirStore, tmp_path: Path
+) -> None:
+    """If the folder was deleted since (an IMAP client removed Junk), the message comes back
+    into the INBOX rather than into a folder made again."""
+    deliver(tmp_path / "alice" / ".Junk", b"spam\n")
+    maildrop = await keeping.open_folders(ALICE, ["INBOX", "Junk"])
+    await maildrop.delete([info.key for info in maildrop.messages])
+    await maildrop.close()
+    shutil.rmtree(tmp_path / "alice" / ".Junk")
+    (restored,) = await keeping.restore_deleted(ALICE, folders=["INBOX", "Junk"])
+    assert "INBOX" == restored.folder
+    assert not (tmp_path / "alice" / ".Junk").exists()
+    maildrop = await keeping.open(ALICE)
+    assert [restored.uidl] == [info.uidl for info in maildrop.messages]
+    await maildrop.close()
+
+
+async def test_junk_kept_through_the_storage_helper_and_restored_into_junk() -> None:
+    """Mode 3: a Junk message deleted in a folder session through the helper is kept in the
+    maildir's ``.pobox-deleted/`` (the user's file), and restored into ``.Junk/`` with the UIDL
+    the merged listing gave it."""
+    owner = system_user(ACCOUNT)
+    with searchable_tmpdir() as folder:
+        config = build_config(
+            {
+                "mail_location": "maildir:~/Maildir",
+                "passwd_file": str(folder / "passwd"),
+                "pop3_delete_retention": "7d",
+            }
+        )
+        home = folder / "home" / "alice"
+        home.mkdir(parents=True)
+        os.chown(home, owner.uid, owner.gid)
+        user = User("alice", home=str(home), uid=owner.uid, gid=owner.gid)
+        maildir = home / "Maildir"
+        deliver(maildir, b"Subject: mine\n\nbody\n")
+        deliver(maildir / ".Junk", b"Subject: spam\n\nbuy\n")
+        chown_tree(maildir, owner)
+        helper = await StorageHelper.start(
+            config, OwnerPolicy.from_config(config, fallback=None), on_lost=print
+        )
+        try:
+            maildrop = await helper.store.open_folders(user, ["INBOX", "Junk"])
+            before = [(i.folder, i.uidl, i.size) for i in maildrop.messages]
+            (junk,) = [i for i in maildrop.messages if i.folder == "Junk"]
+            result = await maildrop.delete([junk.key])
+            await maildrop.close()
+        finally:
+            await helper.aclose()
+        kept = list((maildir / DELETED_FOLDER / "cur").iterdir())
+        owners = {p.stat().st_uid for p in kept}
+        local = MaildirStore("maildir:~/Maildir", owner=owner.uid, retention=WEEK)
+        restored = await local.restore_deleted(user, folders=["INBOX", "Junk"])
+        after = await local.open_folders(user, ["INBOX", "Junk"])
+        listing = [(i.folder, i.uidl, i.size) for i in after.messages]
+        await after.close()
+        junk_owners = {p.stat().st_uid for p in (maildir / ".Junk" / "cur").iterdir()}
+    assert ((junk.key,), 1, {owner.uid}) == (result.removed, len(kept), owners)
+    assert [(junk.uidl, "Junk")] == [(m.uidl, m.folder) for m in restored]
+    assert sorted(before) == sorted(listing)
+    assert {owner.uid} == junk_owners

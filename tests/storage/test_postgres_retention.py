@@ -316,14 +316,17 @@ class TestMigration:
         self, pg_cluster: Postgres, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """A database at the version before 221, with mail in it: ``pobox db upgrade``
-        applies 221 alone, the mail stays, and deletion then keeps mail."""
+        applies 221 and 241 (its folder column) alone, the mail stays, and deletion then
+        keeps mail."""
         name = pg_cluster.create_database()
         dsn = pg_cluster.dsn(name)
         try:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 await upgrade(conn, "pobox")
                 await conn.execute("DROP TABLE pobox.deleted_message")
-                await conn.execute("DELETE FROM pobox.schema_migrations WHERE version = 221")
+                await conn.execute(
+                    "DELETE FROM pobox.schema_migrations WHERE version IN (221, 241)"
+                )
             old = _store(dsn)
             try:
                 await old.deliver(ALICE, incoming(b"before the upgrade\n"))
@@ -335,7 +338,7 @@ class TestMigration:
             status = await asyncio.to_thread(main, ["db", "upgrade", "-c", str(config)])
             out = capsys.readouterr().out
             expected = [
-                f"applied {m.version:04d}_{m.name}" for m in migrations() if m.version == 221
+                f"applied {m.version:04d}_{m.name}" for m in migrations() if m.version in (221, 241)
             ]
             store = _store(dsn, retention=WEEK)
             try:

@@ -23,7 +23,7 @@ from pobox.transfer import (
     known_uidls,
     purge_maildrop,
 )
-from tests.helpers.maildir import User, deliver
+from tests.helpers.maildir import User, deliver, incoming
 from tests.storage.test_dovecot_uidl import fill
 
 #: What a maildrop serves: (UIDL, LIST size, stored bytes) by message number.
@@ -209,6 +209,29 @@ class TestRoundTrip:
         with pytest.raises(TransferError):
             await export_maildir(pg, User("alice"), tmp_path / "out")
         assert [] == os.listdir(elsewhere)
+
+
+class TestFolders:
+    """A PostgreSQL maildrop with Junk (``pop3_folders``) exports Junk to ``.Junk``."""
+
+    async def test_junk_exported_to_a_maildirplusplus_folder(
+        self, pg: PostgresStore, tmp_path: Path
+    ) -> None:
+        """INBOX to the target, Junk to ``target/.Junk``, each with its UIDL and size."""
+        alice = User("alice")
+        await pg.deliver(alice, incoming(b"Subject: ham\n\nok\n"))
+        await pg.deliver_to_folder(alice, incoming(b"Subject: spam\n\nbuy\n"), "Junk")
+        maildrop = await pg.open_folders(alice, ["INBOX", "Junk"], lock=False)
+        inbox = [(i.uidl, i.size) for i in maildrop.messages if i.folder == "INBOX"]
+        junk = [(i.uidl, i.size) for i in maildrop.messages if i.folder == "Junk"]
+        await maildrop.close()
+        report = await export_maildir(pg, alice, tmp_path / "out")
+        assert (2, 2) == (report.total, report.copied)
+        out = await maildir_served(tmp_path / "out")
+        out_junk = await maildir_served(tmp_path / "out" / ".Junk")
+        assert inbox == [(uidl, size) for uidl, size, _ in out]
+        assert junk == [(uidl, size) for uidl, size, _ in out_junk]
+        assert [b"Subject: spam\n\nbuy\n"] == [data for *_, data in out_junk]
 
 
 class TestHostileTarget:

@@ -30,7 +30,9 @@ from pobox.metrics import Metrics
 from pobox.names import DEFAULT_FORMAT, UsernameFormat, parse_format
 from pobox.records import Quota, parse_size
 from pobox.storage.base import (
+    INBOX,
     IncomingMessage,
+    MaildropFolders,
     MaildropStore,
     QuotaExceeded,
     StorageError,
@@ -252,14 +254,22 @@ class DeliveryAgent:
         return None
 
     async def deliver(
-        self, recipient: Recipient, sender: str, body: Spool, received: Received | None = None
+        self,
+        recipient: Recipient,
+        sender: str,
+        body: Spool,
+        received: Received | None = None,
+        *,
+        folder: str = INBOX,
     ) -> Outcome:
         """Store ``body`` for ``recipient`` with trace headers; return how it went.
 
         ``received`` says where the message came from, for its ``Received:`` header (none:
-        no such header). The message is durable (fsynced, committed) when this returns
-        :attr:`Outcome.DELIVERED`. Only the recipient's own header lines differ between the
-        copies of one transaction: a store that keeps bodies once still does.
+        no such header). ``folder`` files it into that folder (``pobox deliver -m``), on a
+        store with folders (:class:`~pobox.storage.base.MaildropFolders`; other stores fail
+        with a permanent storage error). The message is durable (fsynced, committed) when
+        this returns :attr:`Outcome.DELIVERED`. Only the recipient's own header lines differ
+        between the copies of one transaction: a store that keeps bodies once still does.
         """
         headers = trace_headers(sender, recipient.address)
         if received is not None:
@@ -268,7 +278,15 @@ class DeliveryAgent:
         message = IncomingMessage(headers, body)
         try:
             quota = recipient.user.quota(self._quota)
-            key = await self._store.deliver(recipient.user, message, quota=quota)
+            if folder == INBOX:
+                key = await self._store.deliver(recipient.user, message, quota=quota)
+            elif isinstance(self._store, MaildropFolders):
+                key = await self._store.deliver_to_folder(
+                    recipient.user, message, folder, quota=quota
+                )
+            else:
+                msg = f"this mail store has no folders: cannot deliver into {folder!r}"
+                raise StoragePermanentError(msg)
         except QuotaExceeded as exc:
             events.delivery_failed(logger, logging.INFO, recipient.user.name, exc)
             return Outcome.OVER_QUOTA

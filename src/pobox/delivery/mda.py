@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from pobox.delivery._agent import EX_DATAERR, DeliveryAgent, Outcome, Received
+from pobox.storage.base import INBOX
 from pobox.storage.spool import Spool
 
 __all__ = ["deliver_stdin", "read_message"]
@@ -68,10 +69,13 @@ async def deliver_stdin(
     *,
     limit: int = 0,
     spool_dir: str | None = None,
+    folder: str = INBOX,
 ) -> tuple[int, str]:
     """Deliver the message on ``stream`` to ``user``; return the exit status and a message.
 
     Args:
+        folder: the folder to file it into (``-m``, as ``dovecot-lda -m``; checked by the
+            caller with :func:`~pobox.storage.base.check_folder`).
         agent: the delivery agent, on the backends the configuration names.
         limit: the largest message accepted, in octets (``max_message_size``; 0: none).
         spool_dir: where a large message is spooled (``mail_temp_dir``; ``None``: the
@@ -87,6 +91,6 @@ async def deliver_stdin(
         if isinstance(resolved, Outcome):
             return resolved.exit_code, f"{user}: {resolved.reply}"
         outcome = await agent.deliver(
-            resolved, sender or _NULL_SENDER, body, Received(protocol="local")
+            resolved, sender or _NULL_SENDER, body, Received(protocol="local"), folder=folder
         )
     return outcome.exit_code, f"{user}: {outcome.reply}"

@@ -19,7 +19,8 @@ the registry to.
 
 May import: the standard library, :mod:`pobox.protocol`, the storage and auth interfaces,
 :mod:`pobox.state` (its interfaces), :mod:`pobox.config`, :mod:`pobox.names`, :mod:`pobox.log`,
-:mod:`pobox._logevents`, :mod:`pobox.tls`, :mod:`pobox.metrics`, :mod:`pobox.server._connection`.
+:mod:`pobox._logevents`, :mod:`pobox.tls`, :mod:`pobox.metrics`, :mod:`pobox.server._connection`,
+:mod:`pobox.errors` and :mod:`pobox.storage.marks` (folder marks).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import Final
 from pobox import _logevents as events
 from pobox.auth import schemes
 from pobox.auth.base import Authenticator, AuthError, HashWorkers, TokenVerifier, User
-from pobox.config import Config, parse_expire_days
+from pobox.config import Config, parse_expire_days, parse_folders
+from pobox.errors import ConfigError
 from pobox.log import SessionLog
 from pobox.metrics import CommandClock, Metrics
 from pobox.names import parse_format
@@ -75,7 +77,9 @@ from pobox.server._sendfile import FileSender, WireReadyFiles
 from pobox.server._throttle import LoginThrottle
 from pobox.state.base import SessionEntry, StateUnavailable
 from pobox.storage.base import (
+    INBOX,
     Maildrop,
+    MaildropFolders,
     MaildropLocked,
     MaildropStore,
     MessageFiles,
@@ -87,6 +91,7 @@ from pobox.storage.base import (
     StorageError,
     StorageTemporaryError,
 )
+from pobox.storage.marks import mark_folders
 from pobox.tls import ServerTls, plaintext_auth_allowed
 
 __all__ = ["Session", "SessionContext", "client_identity"]
@@ -253,6 +258,23 @@ async def _header_end_sizes(maildrop: Maildrop) -> list[SnapshotEntry]:
             finder.found = True
         entries.append(info if finder.found else _Sized(info.size + 2, info.uidl))
     return entries
+
+
+def user_folders(user: User, default: tuple[str, ...], log: SessionLog) -> tuple[str, ...]:
+    """Return the folders ``user``'s POP3 listing merges: the userdb field, else ``default``."""
+    value = user.extra.get("pop3_folders")
+    if value is None:
+        return default
+    try:
+        return parse_folders("pop3_folders", value)
+    except ConfigError:
+        log.warning(
+            "userdb: user %s: bad pop3_folders ignored: %s",
+            user.name,
+            value,
+            event="bad_user_field",
+        )
+        return default
 
 
 def pop3_disabled(user: User) -> bool:
@@ -716,8 +738,17 @@ class Session:
     async def _open_maildrop(self, user: User, method: str) -> Maildrop | None:
         """Open and lock the user's maildrop; ``None`` (answered) if it cannot be."""
         cfg = self.ctx.config
+        store = self.ctx.store
+        folders = user_folders(user, cfg.pop3_folders, self.log)
         try:
-            return await self.ctx.store.open(user, lock=cfg.pop3_lock_session)
+            if folders == (INBOX,) or not isinstance(store, MaildropFolders):
+                return await store.open(user, lock=cfg.pop3_lock_session)
+            maildrop = await store.open_folders(user, folders, lock=cfg.pop3_lock_session)
+            try:
+                return await mark_folders(maildrop, cfg.pop3_folder_mark)
+            except BaseException:
+                await maildrop.close()
+                raise
         except MaildropLocked:
             self._refused(user.name, method)
             events.maildrop_locked(self.log, user.name, method)

@@ -14,6 +14,9 @@ use nothing else to touch files):
 * The root is opened by its path (following links above it and at it), then ``fstat``: it must
   be a directory owned by the *owner*, the uid the mail is accessed with (a root owned by
   anyone else, e.g. ``~/Maildir -> /etc`` or ``-> /home/bob/Maildir``, is refused).
+* A Maildir++ folder (``.Junk``) is opened as the root, then the folder below it, by
+  descriptor, as every other directory below the root (:class:`FolderPath`): a folder
+  replaced by a link (``.Junk -> /home/bob/Maildir``) is refused, never followed.
 * Everything below it is reached from a directory descriptor, one name at a time (a name with
   ``/`` or NUL, or ``.``/``..``, is refused), with ``O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC``
   (directories ``O_DIRECTORY | O_NOFOLLOW``), and through ``openat2(2)`` with
@@ -69,6 +72,7 @@ from pobox.storage.base import StorageError, StoragePermanentError, StorageTempo
 __all__ = [
     "CHUNK_SIZE",
     "Dir",
+    "FolderPath",
     "LockBusy",
     "OpenFile",
     "UnsafeFile",
@@ -435,6 +439,28 @@ def _checked(fd: int, kind: int, owner: int, base: str, names: tuple[str, ...]) 
     return st
 
 
+class FolderPath(str):
+    """The path of a Maildir++ folder: a maildir root, and one directory name below it.
+
+    It is the text ``<maildir>/<folder>`` (for caches, messages and logs), and wherever a root
+    path goes (:meth:`Dir.open_root`), the folder is opened below the root the careful way
+    (:meth:`Dir.sub`: never through a link, a directory of the owner), since it is the
+    user's ground while the root's path is the admin's.
+    """
+
+    maildir: str
+    folder: str
+
+    def __new__(cls, maildir: str | os.PathLike[str], folder: str) -> Self:
+        """Name ``folder`` (one name, :func:`check_name`) of the maildir at ``maildir``."""
+        check_name(folder)
+        base = os.fspath(maildir)
+        self = super().__new__(cls, f"{base.rstrip('/')}/{folder}")
+        self.maildir = base
+        self.folder = folder
+        return self
+
+
 class Dir(_Descriptor):
     """An open directory of a maildir, owned by the owner: the handle every operation starts from.
 
@@ -459,10 +485,16 @@ class Dir(_Descriptor):
     def open_root(cls, path: str | os.PathLike[str], owner: int) -> Dir:
         """Open a maildir root: by its path, links followed, and owned by ``owner``.
 
+        A :class:`FolderPath` opens its maildir root so, then the folder below it with
+        :meth:`sub` (no link followed).
+
         Raises:
             StorageError: it cannot be opened (``ENOENT`` as the cause when missing).
             UnsafeFile: it is not a directory of ``owner``.
         """
+        if isinstance(path, FolderPath):
+            with cls.open_root(path.maildir, owner) as parent:
+                return parent.sub(path.folder)
         text = os.fspath(path)
         try:
             fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -28,12 +28,16 @@ A store that can keep deleted mail for a while (Maildir and PostgreSQL, with
 ``pop3_delete_retention``) offers
 :class:`DeletedMailRetention`: ``pobox restore`` lists, restores and purges what it kept.
 
+A store whose maildrops have folders besides the INBOX (Maildir++ ``.Junk/``, PostgreSQL's
+``folder`` column) offers :class:`MaildropFolders`: a session opens the folders of
+``pop3_folders`` merged into its one listing, and delivery can file a message into a folder.
+
 ``pobox import`` needs one more thing, which only stores that can keep another server's UIDLs
 offer (PostgreSQL): :class:`MaildropImporter`, a separate protocol so that
 :class:`MaildropStore` stays as it is.
 
-May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.records` and
-:mod:`pobox.storage.spool`.
+May import: the standard library, :mod:`pobox.errors`, :mod:`pobox.names`,
+:mod:`pobox.records` and :mod:`pobox.storage.spool`.
 """
 
 from __future__ import annotations
@@ -43,17 +47,21 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from pobox.errors import PoboxError
+from pobox.names import INBOX, folder_name
 from pobox.records import Quota
 from pobox.storage.spool import Spool
 
 __all__ = [
+    "INBOX",
     "DeleteResult",
     "DeletedMailRetention",
     "DeletedMessage",
+    "FolderNameError",
     "ImportedMessage",
     "IncomingMessage",
     "MailUser",
     "Maildrop",
+    "MaildropFolders",
     "MaildropImporter",
     "MaildropLocked",
     "MaildropStore",
@@ -69,7 +77,9 @@ __all__ = [
     "StoragePermanentError",
     "StorageTemporaryError",
     "Usage",
+    "check_folder",
     "is_unique_id",
+    "restore_folder",
 ]
 
 #: RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
@@ -104,6 +114,10 @@ class QuotaExceeded(StoragePermanentError):
     """The message would take the maildrop over its quota (RFC 3463 ``5.2.2``)."""
 
 
+class FolderNameError(StoragePermanentError):
+    """A folder name that no store accepts (see :func:`check_folder`)."""
+
+
 class MessageGone(StorageError):
     """The message vanished from the maildrop after the snapshot was taken."""
 
@@ -124,12 +138,15 @@ class MessageInfo:
             ``pop3_client_workarounds = oe-ns-eoh`` needs to know), if the store knows it
             (the Maildir store caches it in its index when asked to); ``None``: not known,
             the caller reads the message to find out.
+        folder: the folder the message is in (:data:`INBOX` unless the maildrop was opened
+            with :meth:`MaildropFolders.open_folders`).
     """
 
     key: str
     size: int
     uidl: str
     header_end: bool | None = None
+    folder: str = INBOX
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +398,77 @@ class MessageFiles(Protocol):
         """
 
 
+@runtime_checkable
+class MaildropFolders(Protocol):
+    """A store whose maildrops have folders besides the INBOX (``pop3_folders``).
+
+    Stores without folders (the storage helper, for now) do not offer it: a session of a user
+    with ``pop3_folders`` then sees the INBOX only.
+    """
+
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> Maildrop:
+        """Open ``user``'s maildrop with the messages of ``folders`` merged into one listing.
+
+        The listing is in arrival order across folders; :attr:`MessageInfo.folder` says where
+        each message is. UIDLs are distinct across folders, and a message moved from one
+        folder to another (by an IMAP client) keeps its UIDL, so a POP3 client does not
+        download it twice. :meth:`Maildrop.delete` removes each message from the folder it is
+        in. A folder that does not exist is empty (and is not created).
+
+        Args:
+            folders: folder names (:func:`check_folder`), :data:`INBOX` among them or not.
+
+        Raises:
+            FolderNameError: a folder name is not acceptable.
+            MaildropLocked, StorageTemporaryError, StoragePermanentError: as :meth:`open`.
+        """
+
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Store ``message`` in ``folder`` of ``user``'s maildrop (created if missing).
+
+        As :meth:`MaildropStore.deliver`; ``folder`` :data:`INBOX` is the same as it.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            QuotaExceeded, StorageTemporaryError, StoragePermanentError: as ``deliver``.
+        """
+
+
+def check_folder(name: str) -> str:
+    """Return the folder name ``name`` in its canonical form (``INBOX`` in any case is ``INBOX``).
+
+    Raises:
+        FolderNameError: ``name`` is not a folder name a maildrop can have: empty, over 100
+            characters, with a ``/``, a control or non-ASCII character, a leading or trailing
+            dot or space, or ``..``.
+    """
+    canonical = folder_name(name)
+    if canonical is None:
+        msg = f"{name!r} is not an acceptable folder name (letters, digits, _+-.&, and spaces)"
+        raise FolderNameError(msg)
+    return canonical
+
+
+def restore_folder(folder: str, folders: Sequence[str] | None) -> str:
+    """Return where a kept message deleted from ``folder`` is restored (``restore_deleted``).
+
+    Its own folder if ``folders`` (the user's ``pop3_folders``) lists it or is ``None``, else
+    the INBOX: a restore brings mail back where POP3 sees it.
+    """
+    if folders is None or folder == INBOX or folder in folders:
+        return folder
+    return INBOX
+
+
 def is_unique_id(uidl: str) -> bool:
     """Tell whether ``uidl`` is a valid RFC 1939 §7 unique-id (1-70 octets, 0x21-0x7E)."""
     return 0 < len(uidl) <= MAX_UNIQUE_ID and all("\x21" <= char <= "\x7e" for char in uidl)
@@ -429,11 +517,14 @@ class DeletedMessage:
         uidl: the UIDL it had, and gets again when restored.
         size: the wire size it had (LIST), and has again.
         deleted: when it was deleted (Unix seconds).
+        folder: the folder it was deleted from (:data:`INBOX` but for ``pop3_folders``), and
+            is restored into.
     """
 
     uidl: str
     size: int
     deleted: int
+    folder: str = INBOX
 
 
 @runtime_checkable
@@ -453,12 +544,19 @@ class DeletedMailRetention(Protocol):
         *,
         since: int | None = None,
         uidls: Sequence[str] = (),
+        folders: Sequence[str] | None = None,
     ) -> tuple[DeletedMessage, ...]:
         """Bring kept messages back into the maildrop with their UIDL and size; return them.
+
+        Each message goes back into the folder it was deleted from (a Junk message into Junk,
+        with the UIDL it had there), or into the INBOX if ``folders`` does not list that
+        folder; the :class:`DeletedMessage` returned says where.
 
         Args:
             since: only messages deleted at or after this time (Unix seconds).
             uidls: only messages with these UIDLs (all if empty).
+            folders: the folders the user's POP3 lists (``pop3_folders``); ``None``: every
+                message back into its own folder.
 
         Raises:
             StorageTemporaryError: a failure that may pass (nothing restored, or some).

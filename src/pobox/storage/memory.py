@@ -12,6 +12,9 @@ server can run against it and trust what they see. It lives and dies with the pr
 * UIDLs come from a per-maildrop counter that never goes back, so they are unique and never
   reused, even after deletion; two identical messages get different UIDLs.
 * Sizes are wire sizes (:func:`pobox.storage._wire.wire_size`).
+* Folders (:class:`~pobox.storage.base.MaildropFolders`): each message is in one folder
+  (``INBOX`` unless delivered elsewhere); :meth:`MemoryStore.move` moves it as an IMAP client
+  would, keeping its key and so its UIDL.
 
 Everything runs on the event loop: there is no I/O to move off it.
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
+    INBOX,
     DeleteResult,
     IncomingMessage,
     MaildropLocked,
@@ -36,6 +40,7 @@ from pobox.storage.base import (
     QuotaExceeded,
     StorageTemporaryError,
     Usage,
+    check_folder,
 )
 
 __all__ = ["MemoryMaildrop", "MemoryStore"]
@@ -52,6 +57,8 @@ class _Drop:
     messages: dict[str, bytes] = field(default_factory=dict)
     #: Key → when the message was first retrieved (RETR), for EXPIRE.
     retrieved: dict[str, float] = field(default_factory=dict)
+    #: The folder of each message not in the INBOX, by key.
+    folders: dict[str, str] = field(default_factory=dict)
     next_uid: int = 1
     holder: MemoryMaildrop | None = None
 
@@ -94,6 +101,45 @@ class MemoryStore:
                 raise QuotaExceeded(msg)
         return self.add(user.name, message.header + message.body.getvalue())
 
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Store ``message`` in ``folder`` of ``user``'s maildrop within ``quota``.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            QuotaExceeded: the message does not fit.
+        """
+        folder = check_folder(folder)
+        key = await self.deliver(user, message, quota=quota)
+        self.move(user.name, key, folder)
+        return key
+
+    def move(self, username: str, key: str, folder: str) -> None:
+        """Move message ``key`` of ``username`` into ``folder``, as an IMAP client's MOVE."""
+        drop = self._drops[username]
+        folder = check_folder(folder)
+        if folder == INBOX:
+            drop.folders.pop(key, None)
+        else:
+            drop.folders[key] = folder
+
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> MemoryMaildrop:
+        """Open ``user.name``'s maildrop with the messages of ``folders``, in arrival order.
+
+        Raises:
+            FolderNameError: a folder name is not acceptable.
+            MaildropLocked: another session holds the lock and ``lock`` is true.
+        """
+        return await self.open(user, lock=lock, folders=frozenset(map(check_folder, folders)))
+
     async def usage(self, user: MailUser) -> Usage:
         """Return the stored octets and number of messages of ``user``'s maildrop."""
         drop = self._drops.get(user.name)
@@ -128,8 +174,16 @@ class MemoryStore:
         holder.lose_lock()
         return True
 
-    async def open(self, user: MailUser, *, lock: bool = True) -> MemoryMaildrop:
+    async def open(
+        self,
+        user: MailUser,
+        *,
+        lock: bool = True,
+        folders: frozenset[str] = frozenset((INBOX,)),
+    ) -> MemoryMaildrop:
         """Open ``user.name``'s maildrop (empty if nothing was delivered yet).
+
+        Only the messages of ``folders`` are in the snapshot (the INBOX's by default).
 
         Raises:
             MaildropLocked: another session holds the lock and ``lock`` is true.
@@ -139,8 +193,9 @@ class MemoryStore:
             msg = f"maildrop of {user.name!r} is locked by another session"
             raise MaildropLocked(msg)
         snapshot = tuple(
-            MessageInfo(key=key, size=wire_size(data), uidl=f"{int(key):08x}")
+            MessageInfo(key=key, size=wire_size(data), uidl=f"{int(key):08x}", folder=folder)
             for key, data in drop.messages.items()
+            if (folder := drop.folders.get(key, INBOX)) in folders
         )
         maildrop = MemoryMaildrop(drop, snapshot)
         if lock:
@@ -210,6 +265,7 @@ class MemoryMaildrop:
             if key in self._keys:
                 self._drop.messages.pop(key, None)
                 self._drop.retrieved.pop(key, None)
+                self._drop.folders.pop(key, None)
                 removed.append(key)
             else:
                 failed.append(key)

@@ -113,6 +113,7 @@ from pobox.errors import ConfigError
 from pobox.protocol import HeaderEnd
 from pobox.storage._safefs import (
     Dir,
+    FolderPath,
     LockBusy,
     UnsafeFile,
     flocked,
@@ -122,6 +123,7 @@ from pobox.storage._safefs import (
 )
 from pobox.storage._wire import WireSizeCounter
 from pobox.storage.base import (
+    INBOX,
     DeleteResult,
     IncomingMessage,
     MailUser,
@@ -270,6 +272,8 @@ class MaildirHandle:
         "_lock",
         "_lock_timeout",
         "_real",
+        "kept_in",
+        "kept_uidls",
         "messages",
         "owner",
         "retention",
@@ -304,6 +308,12 @@ class MaildirHandle:
         #: ``pop3_delete_retention`` in seconds: deleted messages are kept that long in
         #: ``.pobox-deleted/`` (:mod:`._retain`) instead of being unlinked; 0: unlinked.
         self.retention = retention
+        #: For a Maildir++ folder: (the maildir, the folder's name): deleted messages are kept
+        #: in the maildir's ``.pobox-deleted/``, with the folder noted; ``None``: the INBOX.
+        self.kept_in: tuple[str, str] | None = None
+        #: key → the UIDL a merged listing gave the message (``pop3_folders``), which it
+        #: keeps while kept and gets again when restored; others keep their own.
+        self.kept_uidls: dict[str, str] = {}
         self._closed = False
 
     def open_message(self, key: str) -> tuple[int, int]:
@@ -409,9 +419,24 @@ class MaildirHandle:
             if location is None or info is None:
                 failed.append(key)
             else:
-                moves.append((key, location[0], location[1], info.size, info.uidl))
+                uidl = self.kept_uidls.get(key, info.uidl)
+                moves.append((key, location[0], location[1], info.size, uidl))
         try:
-            moved = keep_messages(root, moves, retention=self.retention, lock_timeout=lock_timeout)
+            if self.kept_in is None:
+                moved = keep_messages(
+                    root, moves, retention=self.retention, lock_timeout=lock_timeout
+                )
+            else:
+                maildir, folder = self.kept_in
+                with Dir.open_root(maildir, self.owner) as top:
+                    moved = keep_messages(
+                        top,
+                        moves,
+                        retention=self.retention,
+                        lock_timeout=lock_timeout,
+                        origin=root,
+                        from_folder=folder,
+                    )
         except LockBusy:
             raise  # the caller waits and tries again
         except StorageError as exc:
@@ -631,11 +656,14 @@ class MaildirAccess:
         *,
         owner: int,
         quota: Quota | None = None,
+        folder: str = INBOX,
     ) -> str:
         """Store ``message`` durably in ``user``'s maildir (see :mod:`._deliver`); return its name.
 
         Args:
             owner: the uid the maildir and every file in it must have (new files get it).
+            folder: a checked folder name (:func:`~pobox.storage.base.check_folder`): the
+                message goes into the Maildir++ folder ``.<folder>`` (made if missing).
 
         Raises:
             QuotaExceeded: the message does not fit in ``quota``.
@@ -643,7 +671,9 @@ class MaildirAccess:
                 ``lock_timeout`` seconds, ...).
             StoragePermanentError: a failure that needs an administrator.
         """
-        root = str(self.maildir_path(user))
+        root: str = str(self.maildir_path(user))
+        if folder != INBOX:
+            root = FolderPath(root, f".{folder}")
         return deliver_message(
             root,
             message,
@@ -683,6 +713,8 @@ class MaildirAccess:
         *,
         owner: int,
         lock_timeout: float | None = None,
+        folders: Sequence[str] | None = None,
+        remember: Callable[[Dir, Mapping[str, str]], None] | None = None,
     ) -> list[Kept]:
         """Restore the kept messages ``select`` picks (:func:`._retain.restore_kept`).
 
@@ -693,7 +725,14 @@ class MaildirAccess:
         timeout = self.lock_timeout if lock_timeout is None else lock_timeout
         with Dir.open_root(self.maildir_path(user), owner) as root:
             fresh = _fresh_index if self.index else None
-            return restore_kept(root, select, lock_timeout=timeout, fresh_index=fresh)
+            return restore_kept(
+                root,
+                select,
+                lock_timeout=timeout,
+                fresh_index=fresh,
+                folders=folders,
+                remember=remember,
+            )
 
     def purge(
         self,

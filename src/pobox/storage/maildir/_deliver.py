@@ -58,6 +58,7 @@ from pathlib import Path
 
 from pobox.storage._safefs import (
     Dir,
+    FolderPath,
     LockBusy,
     UnsafeFile,
     check_name,
@@ -147,6 +148,16 @@ def _open_or_make_root(root: str | Path, owner: int) -> Dir:
     except StorageError as exc:
         if not isinstance(exc.__cause__, FileNotFoundError):
             raise
+    if isinstance(path, FolderPath):
+        # A Maildir++ folder: made below its maildir by descriptor, never through a link,
+        # with the ``maildirfolder`` marker file Maildir++ (and Dovecot) expect in it.
+        with _open_or_make_root(path.maildir, owner) as parent:
+            parent.make_dir(path.folder)
+            with parent.sub(path.folder) as folder:
+                marker = folder.create("maildirfolder")
+                if marker is not None:
+                    os.close(marker)
+        return Dir.open_root(path, owner)
     with os_errors("create maildir directory", path):
         os.makedirs(path, mode=0o700, exist_ok=True)
     return Dir.open_root(path, owner)

@@ -269,6 +269,11 @@ def _dovecot_uidl(value: str | None, base: str) -> str | None:
     return uidl if is_valid_uidl(uidl) else None
 
 
+def dovecot_record(line: str) -> tuple[int, dict[str, str], str] | None:
+    """Split a record line of a version 3 ``dovecot-uidlist``: UID, fields, base name."""
+    return _record(line)
+
+
 def _record(line: str) -> tuple[int, dict[str, str], str] | None:
     """Split ``<uid> [<key><value> ...] :<base name>``; ``None`` if malformed."""
     head, colon, base = line.partition(" :")

@@ -16,7 +16,10 @@ What a restore needs to give a message its UIDL and size back is kept in
 
 one line per kept message: the time it was deleted (Unix seconds), ``W`` its wire size, ``P``
 its UIDL (always written out, so that a later change of the maildir's UIDVALIDITY does not
-change it), then `` :`` and its file name in ``.pobox-deleted/cur/``. The list is written
+change it), ``F`` and the folder it was deleted from if that is not the INBOX (a Junk message
+of a ``pop3_folders`` session: ``... P<uidl> FJunk :<name>``), then `` :`` and its file name
+in ``.pobox-deleted/cur/``. Every folder's deleted mail is kept in the maildir's one
+``.pobox-deleted/`` (same filesystem: a rename). The list is written
 before the files move (a crash between leaves a line without a file, which is ignored and
 dropped), under the maildir's index lock, which restores take too.
 
@@ -24,6 +27,9 @@ A restore adds an index entry that carries the old UIDL (``P``) and size (``W``)
 UID, then renames the file back to ``cur/``: a client that leaves mail on the server and
 remembers the UIDL does not download it again, the others see it as it was. A crash between the
 two leaves an index entry without a file (dropped at the next open) and the message still kept.
+A message kept from a folder goes back into that folder's ``cur/`` (the INBOX if the folder is
+no longer listed or no longer there), its UIDL remembered in ``pobox-folder-uidls`` first (a
+callback of the caller: the map belongs to :mod:`._folders`).
 
 Every file operation goes through :class:`~pobox.storage._safefs.Dir`: nothing of the user's
 is followed (links are refused), and only regular files of the owner move.
@@ -38,11 +44,12 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
+from pobox.names import folder_name
 from pobox.storage._safefs import Dir, flocked
-from pobox.storage.base import StorageError
+from pobox.storage.base import INBOX, StorageError, restore_folder
 from pobox.storage.maildir._deliver import INDEX_LOCK_NAME
 from pobox.storage.maildir._index import (
     INDEX_MAX,
@@ -70,7 +77,9 @@ DELETED_FOLDER = ".pobox-deleted"
 #: The list of kept messages, inside :data:`DELETED_FOLDER`.
 DELETED_LIST = "pobox-deleted-list"
 _HEADER = "pobox-deleted 1\n"
-_LINE = re.compile(r"([0-9]{1,12}) W([0-9]{1,15}) P([\x21-\x7e]{1,70}) :([^/\n]+)")
+_LINE = re.compile(
+    r"([0-9]{1,12}) W([0-9]{1,15}) P([\x21-\x7e]{1,70})(?: F([^/:\n]{1,100}))? :([^/\n]+)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +91,14 @@ class Kept:
         size: its wire size (what LIST said).
         uidl: its UIDL (what UIDL said).
         name: its file name in ``.pobox-deleted/cur/``.
+        folder: the folder it was deleted from (and is restored into).
     """
 
     deleted: int
     size: int
     uidl: str
     name: str
+    folder: str = INBOX
 
 
 def _parse(raw: bytes | None) -> list[Kept]:
@@ -99,15 +110,23 @@ def _parse(raw: bytes | None) -> list[Kept]:
     seen: set[str] = set()
     for line in text.split("\n")[1:]:
         match = _LINE.fullmatch(line)
-        if match is None or match.group(4) in seen or match.group(4) in {".", ".."}:
+        if match is None or match.group(5) in seen or match.group(5) in {".", ".."}:
             continue
-        seen.add(match.group(4))
-        out.append(Kept(int(match.group(1)), int(match.group(2)), match.group(3), match.group(4)))
+        folder = INBOX if match.group(4) is None else folder_name(match.group(4))
+        if folder is None:
+            continue
+        seen.add(match.group(5))
+        out.append(
+            Kept(int(match.group(1)), int(match.group(2)), match.group(3), match.group(5), folder)
+        )
     return out
 
 
 def _format(kept: Sequence[Kept]) -> bytes:
-    lines = [_HEADER] + [f"{k.deleted} W{k.size} P{k.uidl} :{k.name}\n" for k in kept]
+    lines = [_HEADER] + [
+        f"{k.deleted} W{k.size} P{k.uidl}{'' if k.folder == INBOX else ' F' + k.folder} :{k.name}\n"
+        for k in kept
+    ]
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
@@ -147,14 +166,19 @@ def keep_messages(
     retention: int,
     lock_timeout: float,
     now: int | None = None,
+    origin: Dir | None = None,
+    from_folder: str = INBOX,
 ) -> list[str]:
     """Move deleted messages into ``.pobox-deleted/cur/`` instead of unlinking them.
 
     Also purges what was kept longer than ``retention`` seconds.
 
     Args:
+        root: the maildir (where ``.pobox-deleted`` and the index lock are).
         moves: per message: its key, the directory (``new``/``cur``) and file name it has,
             its wire size and its UIDL.
+        origin: the folder the messages are in (its ``new``/``cur``), if not ``root``.
+        from_folder: that folder's name, written in the list (:func:`restore_kept`).
 
     Returns:
         The keys whose file is no longer in the maildrop (moved, or gone already).
@@ -174,7 +198,7 @@ def keep_messages(
         kept = [k for k in listed if k.deleted + retention > stamp]
         taken = {k.name for k in kept}
         new = [
-            Kept(stamp, size, uidl, name)
+            Kept(stamp, size, uidl, name, from_folder)
             for _, _, name, size, uidl in moves
             if name not in taken and is_valid_uidl(uidl)
         ]
@@ -184,7 +208,9 @@ def keep_messages(
             for key, directory, name, _, _ in moves:
                 source = sources.get(directory)
                 if source is None:
-                    source = sources[directory] = root.sub(directory)
+                    source = sources[directory] = (root if origin is None else origin).sub(
+                        directory
+                    )
                 if _move(source, name, kept_cur, key):
                     moved.append(key)
             for source in sources.values():
@@ -305,21 +331,41 @@ def _index_restored(
     return chosen
 
 
+def _target(root: Dir, entry: Kept, folders: Sequence[str] | None) -> str:
+    """Where ``entry`` goes back: its folder if listed and there (a directory), else INBOX."""
+    folder = restore_folder(entry.folder, folders)
+    if folder != INBOX:
+        st = root.stat(f".{folder}")
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return INBOX
+    return folder
+
+
 def restore_kept(
     root: Dir,
     select: Callable[[Kept], bool],
     *,
     lock_timeout: float,
     fresh_index: Callable[[Dir], UidList] | None,
+    folders: Sequence[str] | None = None,
+    remember: Callable[[Dir, Mapping[str, str]], None] | None = None,
 ) -> list[Kept]:
-    """Move the kept messages ``select`` picks back into ``cur/`` with their UIDL and size.
+    """Move the kept messages ``select`` picks back with their UIDL and size.
+
+    A message deleted from the INBOX goes back into ``cur/``; one deleted from a folder into
+    that folder's ``cur/``, or into the INBOX if ``folders`` does not list it
+    (:func:`~pobox.storage.base.restore_folder`) or it is gone.
 
     Args:
         fresh_index: makes a new index when there is none; ``None`` for a maildir served
             without an index (its UIDLs come from the file names, which do not change).
+        folders: the user's ``pop3_folders``; ``None``: each into its own folder.
+        remember: records base name → UIDL of messages put back into folders (the
+            ``pobox-folder-uidls`` map), before they move.
 
     Returns:
-        The messages restored. One whose name is taken in ``cur/`` stays kept.
+        The messages restored, each with the folder it went into. One whose name is taken
+        where it goes stays kept.
 
     Raises:
         LockBusy: the index lock stayed busy for ``lock_timeout`` seconds.
@@ -333,21 +379,52 @@ def restore_kept(
         flocked(root, INDEX_LOCK_NAME, timeout=lock_timeout),
         folder,
         folder.sub("cur") as kept_cur,
-        root.sub("cur") as cur,
+        contextlib.ExitStack() as stack,
     ):
+        curs: dict[str, Dir] = {INBOX: stack.enter_context(root.sub("cur"))}
+
+        def cur_of(target: str) -> Dir | None:
+            if target not in curs:
+                try:
+                    sub = stack.enter_context(root.sub(f".{target}"))
+                    curs[target] = stack.enter_context(sub.sub("cur", create=True))
+                except StorageError:
+                    return None
+            return curs[target]
+
         kept = _parse(folder.read_file(DELETED_LIST, INDEX_MAX))
-        chosen = [k for k in _present(kept_cur, kept) if select(k) and cur.stat(k.name) is None]
+        chosen: list[tuple[Kept, str]] = []
+        targets: dict[str, str] = {}  # the folder deleted from → where it goes back
+        for entry in _present(kept_cur, kept):
+            if not select(entry):
+                continue
+            target = targets.get(entry.folder)
+            if target is None:
+                target = _target(root, entry, folders)
+                if cur_of(target) is None:
+                    target = INBOX
+                targets[entry.folder] = target
+            cur = cur_of(target)
+            if cur is not None and cur.stat(entry.name) is None:
+                chosen.append((entry, target))
         if not chosen:
             return []
-        if fresh_index is not None:
-            chosen = _index_restored(root, chosen, fresh_index)
-        for entry in chosen:
+        inbox = [entry for entry, target in chosen if target == INBOX]
+        if fresh_index is not None and inbox:
+            indexed = {k.name for k in _index_restored(root, inbox, fresh_index)}
+            chosen = [(e, t) for e, t in chosen if t != INBOX or e.name in indexed]
+        into_folders = {base_name(e.name): e.uidl for e, t in chosen if t != INBOX}
+        if into_folders and remember is not None:
+            remember(root, into_folders)
+        for entry, target in chosen:
+            cur = curs[target]
             try:
                 kept_cur.rename(entry.name, cur, entry.name)
             except StorageError:
                 continue
-            restored.append(entry)
-        cur.fsync()
+            restored.append(replace(entry, folder=target))
+        for cur in curs.values():
+            cur.fsync()
         kept_cur.fsync()
         done = {k.name for k in restored}
         folder.replace(DELETED_LIST, _format([k for k in kept if k.name not in done]))

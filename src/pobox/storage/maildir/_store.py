@@ -38,13 +38,21 @@ import asyncio
 import contextlib
 import errno
 import functools
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pobox.storage._safefs import CHUNK_SIZE, LockBusy, read_upto, storage_error
+from pobox.storage._safefs import (
+    CHUNK_SIZE,
+    FolderPath,
+    LockBusy,
+    read_upto,
+    storage_error,
+)
 from pobox.storage.base import (
+    INBOX,
     DeletedMessage,
     DeleteResult,
     IncomingMessage,
@@ -55,9 +63,17 @@ from pobox.storage.base import (
     StorageError,
     StorageTemporaryError,
     Usage,
+    check_folder,
 )
 from pobox.storage.maildir._access import LOCK_TIMEOUT, MaildirAccess, MaildirHandle
-from pobox.storage.maildir._deliver import PendingDelivery
+from pobox.storage.maildir._deliver import PendingDelivery, deliver_message
+from pobox.storage.maildir._folders import (
+    FolderMaildrop,
+    add_folder_uidls,
+    keep_merged_uidls,
+    open_folder,
+    remember_uidls,
+)
 from pobox.storage.maildir._fs import SessionLock
 from pobox.storage.maildir._retain import Kept
 
@@ -71,6 +87,8 @@ INLINE_READ_MAX = 128 * 1024
 _NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
 
 
 class MaildirGates:
@@ -257,6 +275,94 @@ class MaildirStore:
         finally:
             steps.close()
 
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> FolderMaildrop:
+        """Open ``user``'s maildir with Maildir++ folders merged in (see :mod:`._folders`).
+
+        The INBOX is opened first (with the session lock if ``lock``), whether it is among
+        ``folders`` or not; then each other folder, without creating it.
+
+        Raises:
+            FolderNameError: a folder name is not acceptable.
+            MaildropLocked, StorageTemporaryError, StoragePermanentError: as :meth:`open`.
+        """
+        names = list(dict.fromkeys(check_folder(name) for name in folders))
+        access = self._access
+        root = str(access.maildir_path(user))
+        owner = self.owner()
+        inbox = await self.open(user, lock=lock)
+        parts: dict[str, MaildirMaildrop] = {INBOX: inbox}
+        try:
+            for name in names:
+                if name != INBOX:
+                    part = await self._open_folder(root, name, owner)
+                    if part is not None:
+                        parts[name] = part
+            listed = [(name, parts[name].messages) for name in names if name in parts]
+            merged = await _retrying(
+                self._gates,
+                root,
+                access.lock_timeout,
+                functools.partial(remember_uidls, root, owner, listed),
+            )
+            keep_merged_uidls({name: part.handle for name, part in parts.items()}, merged)
+        except BaseException:
+            for part in reversed(parts.values()):
+                await part.close()
+            raise
+        return FolderMaildrop(parts, merged)
+
+    async def _open_folder(self, root: str, name: str, owner: int) -> MaildirMaildrop | None:
+        """Open the folder ``.<name>`` of the maildir ``root``, unlocked; ``None`` if missing.
+
+        A folder that is not a directory of the owner (a link, a FIFO, another user's) is
+        left out with a warning: the user's own doing, which must not stop their session.
+        """
+        access = self._access
+
+        def attempt() -> tuple[MaildirHandle | None]:
+            """Open the folder if it exists (``(None,)`` if not), not waiting for its lock."""
+            return (open_folder(access, root, name, owner=owner, lock_timeout=0),)
+
+        (handle,) = await _retrying(
+            self._gates, f"{root}/.{name}", access.lock_timeout, attempt, _close_if_handle
+        )
+        if handle is None:
+            return None
+        return MaildirMaildrop(handle, self._inline_read_max, self._gates, access)
+
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Store ``message`` in the Maildir++ folder ``.<folder>`` (made if missing).
+
+        The quota is checked against that folder's messages.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            QuotaExceeded, StorageTemporaryError, StoragePermanentError: as :meth:`deliver`.
+        """
+        folder = check_folder(folder)
+        if folder == INBOX:
+            return await self.deliver(user, message, quota=quota)
+        access = self._access
+        path = FolderPath(str(access.maildir_path(user)), f".{folder}")
+        owner = self.owner()
+        return await asyncio.to_thread(
+            deliver_message,
+            path,
+            message,
+            owner=owner,
+            quota=quota,
+            lock_timeout=access.lock_timeout,
+        )
+
     async def usage(self, user: MailUser) -> Usage:
         """Return the octets and number of messages in ``user``'s maildir.
 
@@ -278,9 +384,17 @@ class MaildirStore:
         return tuple(_deleted(k) for k in kept)
 
     async def restore_deleted(
-        self, user: MailUser, *, since: int | None = None, uidls: Sequence[str] = ()
+        self,
+        user: MailUser,
+        *,
+        since: int | None = None,
+        uidls: Sequence[str] = (),
+        folders: Sequence[str] | None = None,
     ) -> tuple[DeletedMessage, ...]:
         """Move kept messages back into ``cur/`` with their UIDL and size (:mod:`._retain`).
+
+        A message kept from a folder goes back into that folder (the INBOX if ``folders``
+        does not list it, or it is gone), its UIDL kept by ``pobox-folder-uidls``.
 
         Raises:
             StorageTemporaryError: the index lock stayed busy for ``lock_timeout`` seconds.
@@ -298,7 +412,14 @@ class MaildirStore:
             self._gates,
             root,
             access.lock_timeout,
-            lambda: access.restore(user, select, owner=owner, lock_timeout=0),
+            lambda: access.restore(
+                user,
+                select,
+                owner=owner,
+                lock_timeout=0,
+                folders=folders,
+                remember=add_folder_uidls,
+            ),
         )
         return tuple(_deleted(k) for k in restored)
 
@@ -346,6 +467,11 @@ class MaildirMaildrop:
     def path(self) -> Path:
         """The maildir's directory."""
         return Path(self._handle.root)
+
+    @property
+    def handle(self) -> MaildirHandle:
+        """The open maildir this maildrop reads (:class:`MaildirHandle`)."""
+        return self._handle
 
     async def read_message(self, key: str) -> AsyncIterator[bytes]:
         """Yield the stored bytes of message ``key`` in chunks of up to 256 KiB.
@@ -686,8 +812,14 @@ async def _retrying(
         pause = min(pause * 2, _RETRY_MAX)
 
 
+def _close_if_handle(opened: tuple[MaildirHandle | None]) -> None:
+    """Close a folder's handle opened for nobody."""
+    if opened[0] is not None:
+        opened[0].close()
+
+
 def _deleted(kept: Kept) -> DeletedMessage:
-    return DeletedMessage(uidl=kept.uidl, size=kept.size, deleted=kept.deleted)
+    return DeletedMessage(uidl=kept.uidl, size=kept.size, deleted=kept.deleted, folder=kept.folder)
 
 
 def _busy(key: str, timeout: float) -> StorageTemporaryError:

@@ -24,9 +24,22 @@ _TEXT: dict[str, LiteralString] = {
     "counters": "SELECT next_uid, messages,"
     " (extract(epoch FROM created) * 1000000)::bigint"
     " FROM {mailbox} WHERE mailbox = %(mailbox)s",
-    # The snapshot: one scan of message's primary key, which includes these columns.
-    "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message}"
-    " WHERE mailbox = %(mailbox)s ORDER BY uid",
+    # The snapshot: one scan of message's primary key, which includes these columns, less
+    # the messages of other folders (pop3_folders), found in their small partial index.
+    "snapshot": "SELECT uid, wire_size, uidl, digest FROM {message} AS m"
+    " WHERE mailbox = %(mailbox)s AND NOT EXISTS (SELECT FROM {message} AS o"
+    " WHERE o.mailbox = %(mailbox)s AND o.folder <> 'INBOX' AND o.uid = m.uid) ORDER BY uid",
+    # The snapshot of several folders merged (pop3_folders), in UID (arrival) order.
+    "snapshot_folders": "SELECT uid, wire_size, uidl, digest, folder FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND folder = ANY(%(folders)s) ORDER BY uid",
+    # Move messages to another folder (their UID and UIDL stay); next_uid goes up by one so
+    # that no cached listing (keyed by the counters) outlives the move.
+    "move": "UPDATE {message} SET folder = %(folder)s"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s) AND folder <> %(folder)s",
+    "touch": "UPDATE {mailbox} SET next_uid = next_uid + 1 WHERE mailbox = %(mailbox)s",
+    # The folders with messages (INBOX first, then those of the small partial index).
+    "folder_names": "SELECT 'INBOX' UNION ALL (SELECT DISTINCT folder FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND folder <> 'INBOX' ORDER BY folder)",
     # The first page of a message: its header lines (NULL: the message is gone), and as
     # "chunks" below. One statement, one round trip: most messages are one chunk. The
     # subquery is uncorrelated, so a distributed database plans it on its own shard.
@@ -56,14 +69,15 @@ _TEXT: dict[str, LiteralString] = {
     " WHERE datname = pg_catalog.current_database()))",
     "delete": "DELETE FROM {message} WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)"
     " RETURNING uid, size, digest",
-    # The same, with pop3_delete_retention: the rows move to deleted_message, in the same
+    # The same, with pop3_delete_retention: the rows move to deleted_message (with their
+    # folder; not their first-RETR time: a restored message starts afresh), in the same
     # statement (data-modifying CTEs run to completion whether or not the query reads them).
     "keep": "WITH gone AS (DELETE FROM {message}"
     " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)"
-    " RETURNING mailbox, uid, uidl, wire_size, size, digest, header, delivered),"
+    " RETURNING mailbox, uid, uidl, wire_size, size, digest, header, delivered, folder),"
     " kept AS (INSERT INTO {deleted_message}"
-    " (mailbox, uid, uidl, wire_size, size, digest, header, delivered, deleted)"
-    " SELECT mailbox, uid, uidl, wire_size, size, digest, header, delivered,"
+    " (mailbox, uid, uidl, wire_size, size, digest, header, delivered, folder, deleted)"
+    " SELECT mailbox, uid, uidl, wire_size, size, digest, header, delivered, folder,"
     " pg_catalog.to_timestamp(%(now)s::bigint) FROM gone)"
     " SELECT uid, size, digest FROM gone",
     # Kept messages past the retention, purged at UPDATE or by pobox restore --purge: their
@@ -103,9 +117,9 @@ _TEXT: dict[str, LiteralString] = {
     " RETURNING next_uid - 1, uidvalidity, messages, octets,"
     " pg_catalog.pg_current_xact_id()::text",
     "insert_message": "INSERT INTO {message}"
-    " (mailbox, uid, uidl, wire_size, size, digest, header)"
+    " (mailbox, uid, uidl, wire_size, size, digest, header, folder)"
     " VALUES (%(mailbox)s, %(uid)s, %(uidl)s, %(wire_size)s, %(size)s, %(digest)s,"
-    " %(header)s)",
+    " %(header)s, %(folder)s)",
     "xact_status": "SELECT pg_catalog.pg_xact_status(%(xid)s::xid8)",
     "usage": "SELECT octets, messages FROM {mailbox} WHERE mailbox = %(mailbox)s",
     # --- import (pobox import): messages with their UIDL and size kept --------------------
@@ -129,12 +143,13 @@ _TEXT: dict[str, LiteralString] = {
     " messages = messages + %(messages)s, octets = octets + %(octets)s"
     " WHERE mailbox = %(mailbox)s",
     # --- deleted mail kept for restore (pop3_delete_retention, pobox restore) -------------
-    "kept": "SELECT uidl, wire_size, (extract(epoch FROM deleted))::bigint"
+    "kept": "SELECT uidl, wire_size, (extract(epoch FROM deleted))::bigint, folder"
     " FROM {deleted_message} WHERE mailbox = %(mailbox)s ORDER BY deleted, id",
     # What a restore may bring back: not a UIDL the maildrop has (it stays kept), locked
     # against a concurrent restore or purge until COMMIT.
     "restorable": "SELECT d.id, d.uid, d.uidl, d.wire_size, d.size, d.digest, d.header,"
-    " d.delivered, (extract(epoch FROM d.deleted))::bigint FROM {deleted_message} AS d"
+    " d.delivered, (extract(epoch FROM d.deleted))::bigint, d.folder"
+    " FROM {deleted_message} AS d"
     " WHERE d.mailbox = %(mailbox)s"
     " AND (%(since)s::bigint IS NULL OR d.deleted >= pg_catalog.to_timestamp(%(since)s::bigint))"
     " AND (pg_catalog.cardinality(%(uidls)s::text[]) = 0 OR d.uidl = ANY(%(uidls)s::text[]))"
@@ -143,12 +158,13 @@ _TEXT: dict[str, LiteralString] = {
     " ORDER BY d.deleted, d.id FOR UPDATE OF d",
     "unkeep": "DELETE FROM {deleted_message} WHERE mailbox = %(mailbox)s AND id = ANY(%(ids)s)",
     # Back into the maildrop under new UIDs (next_uid never goes back: the counters of a
-    # cached listing change), with the UIDL, sizes, header and delivery time they had.
+    # cached listing change), with the UIDL, sizes, header and delivery time they had, into
+    # the folder chosen for each (restore_deleted).
     "restore_rows": "INSERT INTO {message}"
-    " (mailbox, uid, uidl, wire_size, size, digest, header, delivered)"
+    " (mailbox, uid, uidl, wire_size, size, digest, header, delivered, folder)"
     " SELECT %(mailbox)s::text, * FROM unnest(%(uids)s::bigint[], %(uidls)s::text[],"
     " %(wire_sizes)s::bigint[], %(sizes)s::bigint[], %(digests)s::bytea[],"
-    " %(headers)s::bytea[], %(delivered)s::timestamptz[])",
+    " %(headers)s::bytea[], %(delivered)s::timestamptz[], %(folders)s::text[])",
     # --- garbage collection of bodies ---------------------------------------------------
     # Lock the candidates that no delivery has pinned, then (a new statement: a new
     # snapshot, taken with the locks held) drop those no message uses.
@@ -174,6 +190,10 @@ class Statements:
 
     counters: sql.Composed
     snapshot: sql.Composed
+    snapshot_folders: sql.Composed
+    move: sql.Composed
+    touch: sql.Composed
+    folder_names: sql.Composed
     first_page: sql.Composed
     heads: sql.Composed
     small_bodies: sql.Composed

@@ -54,6 +54,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pobox.storage._wire import wire_size
 from pobox.storage.base import (
+    INBOX,
     DeletedMessage,
     DeleteResult,
     ImportedMessage,
@@ -68,7 +69,9 @@ from pobox.storage.base import (
     StoragePermanentError,
     StorageTemporaryError,
     Usage,
+    check_folder,
     is_unique_id,
+    restore_folder,
 )
 from pobox.storage.postgres import _schema
 from pobox.storage.postgres._connect import (
@@ -223,10 +226,11 @@ class Snapshot:
         messages: list[MessageInfo] = []
         by_key: dict[str, tuple[int, bytes]] = {}
         index: dict[str, int] = {}
-        for uid, size, uidl, digest in rows:
+        for uid, size, uidl, digest, *folder in rows:
             key = str(uid)
             index[key] = len(messages)
-            messages.append(MessageInfo(key=key, size=_int(size), uidl=str(uidl)))
+            where = str(folder[0]) if folder else INBOX
+            messages.append(MessageInfo(key=key, size=_int(size), uidl=str(uidl), folder=where))
             by_key[key] = (_int(uid), _bytes(digest))
         return cls(counters, tuple(messages), by_key, index)
 
@@ -403,20 +407,98 @@ class PostgresStore:
         maildrop.snapshot = snapshot
         return maildrop
 
-    async def _snapshot(self, conn: Conn, mailbox: str) -> Snapshot:
-        """Return the listing of ``mailbox``: the cached one if its counters did not move."""
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> PostgresMaildrop:
+        """Open ``user``'s maildrop with the messages of ``folders``, in UID (arrival) order.
+
+        A message moved between folders keeps its row, so its UID and UIDL. The listing is
+        read afresh (not from the cache of INBOX listings).
+
+        Raises:
+            FolderNameError: a folder name is not acceptable.
+            MaildropLocked, StorageTemporaryError: as :meth:`open`.
+        """
+        names = list(dict.fromkeys(check_folder(name) for name in folders))
+        mailbox = self._mailbox(user)
+        await self._ensure_open()
+        maildrop = PostgresMaildrop(self, mailbox)
+        if lock:
+            await self._lock(maildrop)
+
+        async def work(conn: Conn) -> Snapshot:
+            return await self._snapshot(conn, mailbox, names)
+
+        try:
+            maildrop.snapshot = await self._run("opening the maildrop", work)
+        except BaseException:
+            await maildrop.close()
+            raise
+        return maildrop
+
+    async def folder_names(self, user: MailUser) -> tuple[str, ...]:
+        """Return the folders of ``user``'s maildrop that hold messages (``pobox export``)."""
+        mailbox = self._mailbox(user)
+
+        async def work(conn: Conn) -> tuple[str, ...]:
+            cur = await conn.execute(self._sql.folder_names, {"mailbox": mailbox})
+            return tuple(str(row[0]) for row in await cur.fetchall())
+
+        return await self._run("listing folders", work)
+
+    async def move_to_folder(self, user: MailUser, keys: Sequence[str], folder: str) -> int:
+        """Move messages (keys of a snapshot) into ``folder``; return how many moved.
+
+        What an IMAP server's MOVE would do, for tools and tests: the messages keep their
+        UID and UIDL.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            StorageTemporaryError: the database failed (nothing moved).
+        """
+        folder = check_folder(folder)
+        mailbox = self._mailbox(user)
+        uids = [int(key) for key in keys if key.isdigit()]
+
+        async def work(conn: Conn) -> int:
+            async with conn.transaction():
+                values = {"mailbox": mailbox, "uids": uids, "folder": folder}
+                cur = await conn.execute(self._sql.move, values)
+                if cur.rowcount:
+                    await conn.execute(self._sql.touch, values)
+                return cur.rowcount
+
+        return await self._run("moving messages", work)
+
+    async def _snapshot(
+        self, conn: Conn, mailbox: str, folders: Sequence[str] | None = None
+    ) -> Snapshot:
+        """Return the listing of ``mailbox``: the cached one if its counters did not move.
+
+        ``folders``: the listing of those folders merged (``None``: the INBOX's). A move
+        between folders raises the counters too (``touch``).
+        """
         cur = await conn.execute(self._sql.counters, {"mailbox": mailbox}, binary=True)
         row = await cur.fetchone()
         if row is None:
             return _EMPTY
         counters = (_int(row[0]), _int(row[1]), _int(row[2]))
-        cached = self._snapshots.get(mailbox)
+        # Mailbox names have no NUL, so the key of a folder listing is no mailbox's key.
+        key = mailbox if folders is None else "\0".join((mailbox, *folders))
+        cached = self._snapshots.get(key)
         if cached is not None and cached.counters == counters:
-            self._snapshots.move_to_end(mailbox)
+            self._snapshots.move_to_end(key)
             return cached
-        cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox}, binary=True)
+        if folders is None:
+            cur = await conn.execute(self._sql.snapshot, {"mailbox": mailbox}, binary=True)
+        else:
+            cur = await conn.execute(
+                self._sql.snapshot_folders,
+                {"mailbox": mailbox, "folders": list(folders)},
+                binary=True,
+            )
         snapshot = Snapshot.from_rows(counters, await cur.fetchall())
-        self._remember(mailbox, snapshot)
+        self._remember(key, snapshot)
         return snapshot
 
     def _remember(self, mailbox: str, snapshot: Snapshot) -> None:
@@ -642,6 +724,27 @@ class PostgresStore:
         wire = _message_wire_size(message.header, body, body.wire_size)
         return await self._store(user, message.header, body, wire, quota=quota)
 
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Store ``message`` in ``folder`` of ``user``'s maildrop (:meth:`deliver`).
+
+        The quota counts every folder's messages.
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            QuotaExceeded, StorageTemporaryError: as :meth:`deliver`.
+        """
+        folder = check_folder(folder)
+        body = message.body
+        wire = _message_wire_size(message.header, body, body.wire_size)
+        return await self._store(user, message.header, body, wire, quota=quota, folder=folder)
+
     async def append(
         self,
         user: MailUser,
@@ -669,6 +772,7 @@ class PostgresStore:
         *,
         quota: Quota | None = None,
         uidl: str | None = None,
+        folder: str = INBOX,
     ) -> str:
         mailbox = self._mailbox(user)
         digest = bytes.fromhex(body.digest)
@@ -679,6 +783,7 @@ class PostgresStore:
             "wire_size": wire,
             "digest": digest,
             "header": header,
+            "folder": folder,
         }
 
         #: What the transaction got to: its id, the UID, whether COMMIT was sent.
@@ -909,10 +1014,18 @@ class PostgresStore:
             return await cur.fetchall()
 
         rows = await self._run("listing deleted mail", work)
-        return tuple(DeletedMessage(str(uidl), _int(size), _int(at)) for uidl, size, at in rows)
+        return tuple(
+            DeletedMessage(str(uidl), _int(size), _int(at), str(folder))
+            for uidl, size, at, folder in rows
+        )
 
     async def restore_deleted(
-        self, user: MailUser, *, since: int | None = None, uidls: Sequence[str] = ()
+        self,
+        user: MailUser,
+        *,
+        since: int | None = None,
+        uidls: Sequence[str] = (),
+        folders: Sequence[str] | None = None,
     ) -> tuple[DeletedMessage, ...]:
         """Move kept messages back into the maildrop with their UIDL and size; return them.
 
@@ -920,7 +1033,8 @@ class PostgresStore:
         under new UIDs (after every message there, in deletion order), counted again in the
         maildrop's totals (no quota check: it is the administrator's call). A kept message
         whose UIDL the maildrop has again stays kept; of several kept with one UIDL, the last
-        deleted comes back.
+        deleted comes back. Each goes into the folder it was deleted from, or the INBOX if
+        ``folders`` does not list it (:func:`~pobox.storage.base.restore_folder`).
 
         Raises:
             StorageTemporaryError: the database failed (nothing restored).
@@ -946,6 +1060,7 @@ class PostgresStore:
                 chosen = sorted(by_uidl.values(), key=lambda r: (_int(r[8]), _int(r[0])))
                 if not chosen:
                     return []
+                targets = [restore_folder(str(r[9]), folders) for r in chosen]
                 await conn.execute(
                     self._sql.unkeep, {"mailbox": mailbox, "ids": [r[0] for r in chosen]}
                 )
@@ -960,6 +1075,7 @@ class PostgresStore:
                         "digests": [r[5] for r in chosen],
                         "headers": [r[6] for r in chosen],
                         "delivered": [r[7] for r in chosen],
+                        "folders": targets,
                     },
                 )
                 await conn.execute(
@@ -971,7 +1087,10 @@ class PostgresStore:
                         "octets": sum(_int(r[4]) for r in chosen),
                     },
                 )
-            return [DeletedMessage(str(r[2]), _int(r[3]), _int(r[8])) for r in chosen]
+            return [
+                DeletedMessage(str(r[2]), _int(r[3]), _int(r[8]), folder)
+                for r, folder in zip(chosen, targets, strict=True)
+            ]
 
         return tuple(await self._run("restoring deleted mail", work, retry=False))
 

@@ -51,8 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 from pobox.records import User
-from pobox.storage.base import IncomingMessage, StorageTemporaryError
+from pobox.storage.base import INBOX, IncomingMessage, StorageTemporaryError
 from pobox.storage.maildir import MaildirAccess, MaildirHandle
+from pobox.storage.maildir._folders import FolderHandle, open_folder_handle
 from pobox.storage.maildir._fs import use_thread_rights
 from pobox.storage.privsep._fsid import CredentialsError, become, owner_rights, thread_ids
 from pobox.storage.privsep._owner import Owner, OwnerPolicy
@@ -79,7 +80,7 @@ EX_SOFTWARE: Final = 70
 #: Exit status when the serving process broke the framing or the hello (EX_PROTOCOL).
 EX_PROTOCOL: Final = 76
 #: Descriptors each operation takes with its request.
-_FDS_IN: Final = {"deliver": 1}
+_FDS_IN: Final = {"deliver": 1, "deliver_folder": 1}
 
 
 def _log(message: str) -> None:
@@ -191,7 +192,7 @@ class _Session:
     """A maildrop the helper holds open for the serving process."""
 
     owner: Owner
-    maildrop: MaildirHandle
+    maildrop: MaildirHandle | FolderHandle
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
 
@@ -340,15 +341,21 @@ class Helper:
         core, policy = self._core, self._settings.policy if self._settings else None
         assert core is not None
         assert policy is not None
-        if op == "open":
+        if op in ("open", "open_folders"):
             user: User = args["user"]
             owner = policy.owner_of(user)
             root, lock = str(core.maildir_path(user)), args["lock"]
             become(owner.uid, owner.gid)
-            # The snapshot cache answers an unchanged maildir in a dozen system calls.
-            maildrop, taken = core.open_if_cached(root, owner=owner.uid, lock=lock)
-            if maildrop is None:
-                maildrop = core.open_path(root, owner=owner.uid, lock=lock, taken=taken)
+            maildrop: MaildirHandle | FolderHandle | None
+            if op == "open_folders":
+                maildrop = open_folder_handle(
+                    core, root, args["folders"], owner=owner.uid, lock=lock
+                )
+            else:
+                # The snapshot cache answers an unchanged maildir in a dozen system calls.
+                maildrop, taken = core.open_if_cached(root, owner=owner.uid, lock=lock)
+                if maildrop is None:
+                    maildrop = core.open_path(root, owner=owner.uid, lock=lock, taken=taken)
             handle = self._add(_Session(owner, maildrop))
             return {"handle": handle, "messages": messages_to_wire(list(maildrop.messages))}, []
         if op in ("fetch", "delete", "seen", "note_retrieved", "retrieved_before"):
@@ -375,14 +382,20 @@ class Helper:
             session = self._pop(args["handle"])
             self._close(session)
             return {}, []
-        if op == "deliver":
+        if op in ("deliver", "deliver_folder"):
             user = args["user"]
             owner = policy.owner_of(user)
             body = Spool.adopt(fds.pop(), wire_size=args["wire_size"], digest=args["digest"])
             message = IncomingMessage(args["header"], body)
             with body:
                 become(owner.uid, owner.gid)
-                key = core.deliver(user, message, owner=owner.uid, quota=args["quota"])
+                key = core.deliver(
+                    user,
+                    message,
+                    owner=owner.uid,
+                    quota=args["quota"],
+                    folder=args.get("folder", INBOX),
+                )
             return {"key": key}, []
         # usage: the only op left after parse_request and _dispatch
         user = args["user"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import grp
 import pwd
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from pobox.records import Quota
 from pobox.storage.base import (
     IncomingMessage,
     Maildrop,
+    MaildropFolders,
     MaildropStore,
     MailUser,
     StoragePermanentError,
@@ -46,7 +48,15 @@ from pobox.storage.base import (
 if TYPE_CHECKING:
     from pobox.config import Config
 
-__all__ = ["Owner", "OwnerPolicy", "OwnerRefused", "SameOwnerStore", "lookup_gid", "lookup_uid"]
+__all__ = [
+    "Owner",
+    "OwnerPolicy",
+    "OwnerRefused",
+    "SameOwnerStore",
+    "foldered",
+    "lookup_gid",
+    "lookup_uid",
+]
 
 
 class OwnerRefused(StoragePermanentError):
@@ -241,6 +251,35 @@ class SameOwnerStore:
         self._check(user)
         return await self.inner.deliver(user, message, quota=quota)
 
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> Maildrop:
+        """Open ``user``'s maildrop with ``folders`` merged in, if the process owns it.
+
+        Raises:
+            OwnerRefused: the user's mail has another owner, or none allowed.
+            StoragePermanentError: the wrapped store has no folders.
+        """
+        self._check(user)
+        return await foldered(self.inner).open_folders(user, folders, lock=lock)
+
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Deliver to ``folder`` of ``user`` if the process owns the mail.
+
+        Raises:
+            OwnerRefused: the user's mail has another owner, or none allowed.
+            StoragePermanentError: the wrapped store has no folders.
+        """
+        self._check(user)
+        return await foldered(self.inner).deliver_to_folder(user, message, folder, quota=quota)
+
     async def usage(self, user: MailUser) -> Usage:
         """Return ``user``'s usage if the process owns the mail (see the class doc).
 
@@ -253,3 +292,15 @@ class SameOwnerStore:
     async def aclose(self) -> None:
         """Close the wrapped store."""
         await self.inner.aclose()
+
+
+def foldered(store: MaildropStore) -> MaildropFolders:
+    """Return ``store`` as a store with folders.
+
+    Raises:
+        StoragePermanentError: it has none.
+    """
+    if not isinstance(store, MaildropFolders):
+        msg = "this mail store has no folders (pop3_folders)"
+        raise StoragePermanentError(msg)
+    return store

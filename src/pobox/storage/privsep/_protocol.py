@@ -10,7 +10,8 @@ op (request fields)     ok (response fields)                            descript
 ======================  ==============================================  ==========================
 ``hello`` (settings)    ``{"pid": helper pid}``                         (first frame only)
 ``open`` (user, lock)   ``{"handle": H, "messages": [[key, size,        -
-                        uidl], ...]}``
+                        uidl, header_end], ...]}``; the folder fifth
+                        for a message outside the INBOX
 ``fetch`` (handle, key) ``{"size": octets}``                            the message file, read-only
 ``delete`` (handle,     ``{"removed": [keys], "failed": [keys]}``       -
 keys)
@@ -23,6 +24,11 @@ wire_size, digest)
                                                                         by ``key``, read-only (the
                                                                         log: open for appending)
 ======================  ==============================================  ==========================
+
+Besides: ``open_folders`` (user, lock, folders) answers as ``open``, with the folders of
+``pop3_folders`` merged in; ``seen`` (handle, keys) → ``{"failed": [keys]}``;
+``note_retrieved`` (handle, keys, times) → ``{}`` and ``retrieved_before`` (handle, when) →
+``{"keys": [keys]}`` for EXPIRE; ``deliver_folder`` is ``deliver`` with a ``folder``.
 
 A ``user`` is ``{"name", "uid", "gid", "home", "mail"}`` (uid/gid/home/mail may be null).
 ``header`` is the trace header as a string whose code points are its octets (Latin-1).
@@ -48,7 +54,9 @@ from typing import Any, Final
 
 from pobox.records import Quota, User
 from pobox.storage.base import (
+    INBOX,
     DeleteResult,
+    FolderNameError,
     MaildropLocked,
     MailUser,
     MessageGone,
@@ -58,6 +66,7 @@ from pobox.storage.base import (
     StoragePermanentError,
     StorageTemporaryError,
     Usage,
+    check_folder,
 )
 from pobox.storage.privsep._owner import OwnerRefused
 
@@ -75,6 +84,7 @@ __all__ = [
 OPS: Final[dict[str, frozenset[str]]] = {
     "hello": frozenset({"settings"}),
     "open": frozenset({"user", "lock"}),
+    "open_folders": frozenset({"user", "lock", "folders"}),
     "fetch": frozenset({"handle", "key"}),
     "delete": frozenset({"handle", "keys"}),
     "seen": frozenset({"handle", "keys"}),
@@ -82,6 +92,7 @@ OPS: Final[dict[str, frozenset[str]]] = {
     "retrieved_before": frozenset({"handle", "when"}),
     "close": frozenset({"handle"}),
     "deliver": frozenset({"user", "header", "quota", "wire_size", "digest"}),
+    "deliver_folder": frozenset({"user", "header", "quota", "wire_size", "digest", "folder"}),
     "usage": frozenset({"user"}),
     "file": frozenset({"key"}),
 }
@@ -93,6 +104,8 @@ MAX_TEXT: Final = 4096
 MAX_HEADER: Final = 64 * 1024
 #: Most keys one delete request may name.
 MAX_KEYS: Final = 1_000_000
+#: Most folders one ``open_folders`` request may name.
+MAX_FOLDERS: Final = 64
 #: Largest request id, handle or count (a JSON number that stays exact as a double).
 MAX_NUMBER: Final = 2**53
 
@@ -215,6 +228,21 @@ def _parse_fields(op: str, fields: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(value, list) or len(value) > MAX_KEYS:
                 raise _fail(f"keys: expected a list of at most {MAX_KEYS} keys")
             out[name] = tuple(_text(key, "keys[]") for key in value)
+        elif name == "folder":
+            try:
+                out[name] = check_folder(_text(value, "folder"))
+            except FolderNameError as exc:
+                raise _fail(f"folder: {exc}") from None
+        elif name == "folders":
+            if not isinstance(value, list) or not 0 < len(value) <= MAX_FOLDERS:
+                raise _fail(f"folders: expected a list of 1 to {MAX_FOLDERS} folder names")
+            names = []
+            for item in value:
+                try:
+                    names.append(check_folder(_text(item, "folders[]")))
+                except FolderNameError as exc:
+                    raise _fail(f"folders: {exc}") from None
+            out[name] = tuple(names)
         elif name == "header":
             if type(value) is not str or len(value) > MAX_HEADER:
                 raise _fail(f"header: expected a string of at most {MAX_HEADER} characters")
@@ -257,8 +285,14 @@ def quota_to_wire(quota: Quota | None) -> list[int] | None:
 
 
 def messages_to_wire(messages: tuple[MessageInfo, ...] | list[MessageInfo]) -> list[list[Any]]:
-    """Return a snapshot as ``[[key, size, uidl, header_end], ...]``."""
-    return [[info.key, info.size, info.uidl, info.header_end] for info in messages]
+    """Return a snapshot as ``[[key, size, uidl, header_end], ...]``, with the folder fifth
+    for a message outside the INBOX (``[key, size, uidl, header_end, folder]``)."""
+    return [
+        [info.key, info.size, info.uidl, info.header_end]
+        if info.folder == INBOX
+        else [info.key, info.size, info.uidl, info.header_end, info.folder]
+        for info in messages
+    ]
 
 
 def messages_from_wire(value: object) -> tuple[MessageInfo, ...]:
@@ -269,12 +303,20 @@ def messages_from_wire(value: object) -> tuple[MessageInfo, ...]:
     """
     try:
         assert isinstance(value, list)
-        return tuple(
-            MessageInfo(key, size, uidl, header_end) for key, size, uidl, header_end in value
-        )
+        return tuple(_message_from_wire(*item) for item in value)
     except (AssertionError, TypeError, ValueError):
         msg = "storage helper: malformed snapshot"
         raise StorageTemporaryError(msg) from None
+
+
+def _message_from_wire(
+    key: str, size: int, uidl: str, header_end: bool | None, folder: str = INBOX
+) -> MessageInfo:
+    if not all(isinstance(text, str) for text in (key, uidl, folder)) or type(size) is not int:
+        raise TypeError
+    if header_end is not None and type(header_end) is not bool:
+        raise TypeError
+    return MessageInfo(key, size, uidl, header_end=header_end, folder=folder)
 
 
 def delete_result_from_wire(value: dict[str, Any]) -> DeleteResult:

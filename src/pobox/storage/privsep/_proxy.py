@@ -47,6 +47,7 @@ import pobox
 from pobox.config import parse_duration
 from pobox.records import Quota
 from pobox.storage.base import (
+    INBOX,
     DeleteResult,
     IncomingMessage,
     MailUser,
@@ -55,6 +56,7 @@ from pobox.storage.base import (
     StorageError,
     StorageTemporaryError,
     Usage,
+    check_folder,
 )
 from pobox.storage.maildir import LOCK_TIMEOUT, MaildirAccess, MaildirGates
 from pobox.storage.privsep._protocol import (
@@ -349,8 +351,12 @@ class HelperStore:
             MaildropLocked: another session holds the lock.
             StorageError: the helper refused the user (its owner) or failed.
         """
+        return await self._open(user, "open", {"lock": lock})
+
+    async def _open(self, user: MailUser, op: str, fields: dict[str, Any]) -> HelperMaildrop:
+        """Send an ``open`` or ``open_folders`` request; return the maildrop it opened."""
         async with self._turn(user):
-            ok, fds = await self.channel.call("open", {"user": user_to_wire(user), "lock": lock})
+            ok, fds = await self.channel.call(op, {"user": user_to_wire(user), **fields})
         close_fds(fds)
         handle = ok.get("handle")
         if type(handle) is not int:
@@ -366,6 +372,39 @@ class HelperStore:
             ),
         )
 
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> HelperMaildrop:
+        """Open ``user``'s maildrop with ``folders`` merged in, in the helper.
+
+        Raises:
+            FolderNameError: a folder name is not acceptable.
+            MaildropLocked: another session holds the lock.
+            StorageError: the helper refused the user (its owner) or failed.
+        """
+        names = list(dict.fromkeys(check_folder(name) for name in folders))
+        return await self._open(user, "open_folders", {"lock": lock, "folders": names})
+
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Have the helper store ``message`` in ``folder`` of ``user``'s maildir (made if missing).
+
+        Raises:
+            FolderNameError: the folder name is not acceptable.
+            QuotaExceeded: the message does not fit (in that folder).
+            StorageError: the helper refused the user or failed.
+        """
+        folder = check_folder(folder)
+        if folder == INBOX:
+            return await self.deliver(user, message, quota=quota)
+        return await self._deliver(user, message, quota, {"folder": folder})
+
     async def deliver(
         self, user: MailUser, message: IncomingMessage, *, quota: Quota | None = None
     ) -> str:
@@ -377,6 +416,16 @@ class HelperStore:
             QuotaExceeded: the message does not fit.
             StorageError: the helper refused the user or failed.
         """
+        return await self._deliver(user, message, quota, {})
+
+    async def _deliver(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        quota: Quota | None,
+        extra: dict[str, Any],
+    ) -> str:
+        """Send a ``deliver`` (or, with a ``folder``, ``deliver_folder``) request."""
         body = message.body
         fields = {
             "user": user_to_wire(user),
@@ -384,12 +433,14 @@ class HelperStore:
             "quota": quota_to_wire(quota),
             "wire_size": body.wire_size,
             "digest": body.digest,
+            **extra,
         }
+        op = "deliver_folder" if extra else "deliver"
         async with self._turn(user):
             # A spool on disk is only duplicated; one in memory is copied to a memory file.
             fd = body.export_fd() if body.in_memory else await asyncio.to_thread(body.export_fd)
             try:
-                ok, fds = await self.channel.call("deliver", fields, [fd])
+                ok, fds = await self.channel.call(op, fields, [fd])
             finally:
                 os.close(fd)
         close_fds(fds)

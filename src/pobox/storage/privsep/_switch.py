@@ -18,10 +18,11 @@ of this package.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from pobox.records import Quota
 from pobox.storage.base import IncomingMessage, Maildrop, MaildropStore, MailUser, Usage
-from pobox.storage.privsep._owner import Owner, OwnerPolicy, OwnerRefused
+from pobox.storage.privsep._owner import Owner, OwnerPolicy, OwnerRefused, foldered
 
 __all__ = ["SwitchError", "SwitchingStore", "switch_process"]
 
@@ -99,6 +100,29 @@ class SwitchingStore:
         """Become the owner of ``user``'s mail, then deliver."""
         self._become(user)
         return await self.inner.deliver(user, message, quota=quota)
+
+    async def open_folders(
+        self, user: MailUser, folders: Sequence[str], *, lock: bool = True
+    ) -> Maildrop:
+        """Become the owner of ``user``'s mail, then open the maildrop with ``folders``."""
+        self._become(user)
+        return await foldered(self.inner).open_folders(user, folders, lock=lock)
+
+    async def deliver_to_folder(
+        self,
+        user: MailUser,
+        message: IncomingMessage,
+        folder: str,
+        *,
+        quota: Quota | None = None,
+    ) -> str:
+        """Become the owner of ``user``'s mail, then deliver into ``folder``.
+
+        Raises:
+            StoragePermanentError: the wrapped store has no folders.
+        """
+        self._become(user)
+        return await foldered(self.inner).deliver_to_folder(user, message, folder, quota=quota)
 
     async def usage(self, user: MailUser) -> Usage:
         """Become the owner of ``user``'s mail, then count its usage."""
