@@ -1406,11 +1406,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, settings, workloads)
 
 
-def _start_postgresql(stack: contextlib.ExitStack) -> None:
+def _start_postgresql(stack: contextlib.ExitStack, settings: dict[str, str] | None = None) -> None:
     """Start a throwaway PostgreSQL on the server core, with pobox's schema; add pobox-pg."""
     from tests.helpers.postgres import migrate, running_postgres  # noqa: PLC0415
 
-    cluster = stack.enter_context(running_postgres({"max_connections": "200"}))
+    cluster = stack.enter_context(running_postgres({"max_connections": "200", **(settings or {})}))
     for pid in _descendants(cluster.pid):
         with contextlib.suppress(OSError):
             os.sched_setaffinity(pid, set(SERVER_CORES))
