@@ -445,12 +445,12 @@ class PostgresStore:
                 msg = f"maildrop of {maildrop.mailbox!r} is locked by another session"
                 raise MaildropLocked(msg)
             connection.add(key, maildrop)
-        except MaildropLocked:
-            del self._held[key]
-            raise
         except (LockLost, psycopg.Error, TimeoutError) as exc:
             del self._held[key]
             raise _map_error(exc, "locking the maildrop") from exc
+        except BaseException:  # refused, or the login given up (cancelled)
+            del self._held[key]
+            raise
         maildrop.lock_connection = connection
 
     async def release(self, maildrop: PostgresMaildrop) -> None:
