@@ -1,7 +1,7 @@
 """Profile pobox under one benchmark workload with py-spy, and print where the time goes.
 
     .venv/bin/python bench/profile_server.py session|login|bulk [--duration 15] [--clients 16]
-        [--out DIR] [--store maildir|postgresql]
+        [--out DIR] [--store maildir|postgresql] [--set KEY=VALUE ...]
 
 It starts pobox alone on core 0 with the benchmark's data, attaches ``py-spy record`` (flame
 graph ``profile-<workload>.svg`` and collapsed stacks ``profile-<workload>.txt``), runs the
@@ -94,6 +94,13 @@ def main() -> int:
     parser.add_argument(
         "--store", choices=["maildir", "postgresql"], default="maildir", help="(maildir)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a configuration line for pobox (TOML), e.g. --set 'shared_state=\"memory\"'",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         if args.store == "postgresql":
@@ -123,7 +130,8 @@ def _profile(args: argparse.Namespace) -> int:
     os.sched_setaffinity(0, run._generator_cores())
     with run.searchable_tmpdir() as root:
         groups = run.build_world(root, settings, [args.workload])
-        with run.run_pobox(root, server_name) as server:
+        extra = "".join(f"{line}\n" for line in args.set)
+        with run.run_pobox(root, server_name, extra) as server:
             spec = replace(
                 _spec(args.workload, settings, groups, args.clients, args.line_end),
                 port=server.port,

@@ -460,8 +460,11 @@ def _pobox_access(name: str = "pobox") -> str:
 
 
 @contextlib.contextmanager
-def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
-    """Start ``python -m pobox serve`` on the server cores (``pobox-pg``: on PostgreSQL)."""
+def run_pobox(root: Path, name: str = "pobox", extra: str = "") -> Iterator[Server]:
+    """Start ``python -m pobox serve`` on the server cores (``pobox-pg``: on PostgreSQL).
+
+    ``extra``: configuration lines added at the end (bench/profile_server.py --set).
+    """
     port = _free_port()
     base = root / name
     config = base / "pobox.toml"
@@ -482,6 +485,7 @@ def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
         f'log_path = "{log}"\n'
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
         + _pobox_access(name)
+        + extra
     )
     command = [sys.executable, "-m", "pobox", "serve", "-c", str(config)]
     with _started(name, command, base, port, base / "pobox.out") as server:
