@@ -131,7 +131,7 @@ SERVER_SETUPS = {
 EXPECTED: dict[str, tuple[bytes, ...]] = {}
 #: Lines starting with "." over all body lines of the generated mail, filled by build_world.
 DOT_SHARE: dict[str, float] = {}
-#: The DSN of the throwaway PostgreSQL cluster when pobox-pg runs.
+#: The DSN of the throwaway PostgreSQL cluster when pobox-pg runs; "extra": --pg-config lines.
 PG: dict[str, str] = {}
 
 
@@ -488,6 +488,9 @@ def run_pobox(root: Path, name: str = "pobox", extra: str = "") -> Iterator[Serv
         + extra
     )
     command = [sys.executable, "-m", "pobox", "serve", "-c", str(config)]
+    if name == "pobox-pg":
+        with config.open("a") as more:
+            more.write(PG.get("extra", ""))
     with _started(name, command, base, port, base / "pobox.out") as server:
         yield server
 
@@ -1372,8 +1375,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="pobox with metrics_listen set (its counting's cost, against a run without)",
     )
+    parser.add_argument(
+        "--pg-config",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a configuration line added for pobox-pg only, e.g. 'shared_state = \"memory\"' "
+        "(the state the Maildir pobox keeps: the store alone compared)",
+    )
     args = parser.parse_args(argv)
     POBOX_ACCESS["value"] = args.pobox_access
+    if args.pg_config:
+        PG["extra"] = "".join(f"{line}\n" for line in args.pg_config)
+        SERVER_SETUPS["pobox-pg"] += ", with " + "; ".join(args.pg_config)
     POBOX_METRICS["value"] = args.pobox_metrics
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     if args.dovecot_perclient and "dovecot-perclient" not in servers:
