@@ -13,7 +13,7 @@ keeps a table of the keys it holds and refuses a second local session itself.
 
 Taking and releasing locks is batched: what sessions ask of a lock connection while it is busy
 waits, and goes at once in the next statement (:data:`BATCH`, one row per request, in the
-order asked). At 128 clients most logins and logouts share a round trip with others.
+order asked), so logins and logouts that come together share a round trip.
 
 Losing a lock connection loses its locks. :class:`LockConnection` notices at once when the
 server closes the connection (the socket turns readable while idle) and within

@@ -4,7 +4,7 @@ Table names are composed with :mod:`psycopg.sql` (:class:`~psycopg.sql.Identifie
 are always bound parameters (``%(name)s``), never formatted into the text. Each statement is
 composed into its bytes once (UTF-8: the store's connections use that client encoding), not
 at every execution: a :class:`~psycopg.sql.Composed` is walked and its identifiers quoted
-again each time it runs, about a tenth of the Python time of a short query. Every statement
+again each time it runs. Every statement
 that a POP3 session or a delivery runs touches one mailbox (``WHERE mailbox = ...``) or one
 body (``WHERE digest = ...``): on a distributed database each one goes to a single shard.
 
