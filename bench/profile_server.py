@@ -1,19 +1,24 @@
 """Profile pobox under one benchmark workload with py-spy, and print where the time goes.
 
     .venv/bin/python bench/profile_server.py session|login|bulk [--duration 15] [--clients 16]
-        [--out DIR]
+        [--out DIR] [--store maildir|postgresql] [--set KEY=VALUE ...]
 
 It starts pobox alone on core 0 with the benchmark's data, attaches ``py-spy record`` (flame
 graph ``profile-<workload>.svg`` and collapsed stacks ``profile-<workload>.txt``), runs the
 workload from the generator core for ``--duration`` seconds, then prints the functions with
 the most samples, by self time and by inclusive time (pobox's own frames and the rest).
 py-spy slows the target a little (it samples at 100 Hz by reading memory, no signals).
+
+``--store postgresql`` profiles pobox on the PostgreSQL store (``pobox-pg`` of
+:mod:`run`, its throwaway database on the server core too), and prints the database's side
+as well: the statements by total time, from ``pg_stat_statements`` (calls, ms per call).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -86,7 +91,37 @@ def main() -> int:
     parser.add_argument(
         "--line-end", choices=["crlf", "lf"], default="crlf", help="stored mail (crlf)"
     )
+    parser.add_argument(
+        "--store", choices=["maildir", "postgresql"], default="maildir", help="(maildir)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a configuration line for pobox (TOML), e.g. --set 'shared_state=\"memory\"'",
+    )
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.store == "postgresql":
+            run.SERVERS[:] = []
+            run._start_postgresql(stack, {"shared_preload_libraries": "pg_stat_statements"})
+            _psql("CREATE EXTENSION pg_stat_statements")
+        return _profile(args)
+
+
+def _psql(statement: str) -> str:
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(run.PG["dsn"], autocommit=True) as conn:
+        cur = conn.execute(statement)  # type: ignore[arg-type]
+        if cur.description is None:
+            return ""
+        return "\n".join(" | ".join(str(v) for v in row) for row in cur.fetchall())
+
+
+def _profile(args: argparse.Namespace) -> int:
+    server_name = "pobox-pg" if args.store == "postgresql" else "pobox"
     settings = run.Settings.make(
         argparse.Namespace(quick=False, rounds=1, duration=args.duration, generators=1)
     )
@@ -95,7 +130,8 @@ def main() -> int:
     os.sched_setaffinity(0, run._generator_cores())
     with run.searchable_tmpdir() as root:
         groups = run.build_world(root, settings, [args.workload])
-        with run.run_pobox(root) as server:
+        extra = "".join(f"{line}\n" for line in args.set)
+        with run.run_pobox(root, server_name, extra) as server:
             spec = replace(
                 _spec(args.workload, settings, groups, args.clients, args.line_end),
                 port=server.port,
@@ -128,7 +164,14 @@ def main() -> int:
                 )
             ]
             time.sleep(1.0)
+            if args.store == "postgresql":
+                _psql("SELECT pg_stat_statements_reset()")
+            cpu0 = [run.server_cpu_seconds(pid) for pid in (server.pid, *server.helpers)]
             result = run.generate(replace(spec, duration=args.duration - 1.5), 1)
+            cpu = [
+                run.server_cpu_seconds(pid) - before
+                for pid, before in zip((server.pid, *server.helpers), cpu0, strict=True)
+            ]
             for recorder in recorders:
                 recorder.wait()
     rate = result.ops / result.elapsed
@@ -136,7 +179,22 @@ def main() -> int:
         f"{args.workload}: {rate:,.1f} ops/s, {result.bytes / result.elapsed / 1e6:,.1f} MB/s "
         f"under py-spy, errors={result.errors}"
     )
+    print(
+        "CPU ms per op: pobox "
+        + ", database ".join(f"{seconds * 1000 / max(1, result.ops):.2f}" for seconds in cpu)
+        + " (pobox slowed by py-spy)"
+    )
     print(top(stem.with_suffix(".txt")))
+    if args.store == "postgresql":
+        print(f"PostgreSQL statements during the run ({result.ops} sessions):")
+        print(
+            _psql(
+                "SELECT calls, round(total_exec_time::numeric, 1) AS ms,"
+                " round((total_exec_time / calls)::numeric, 3) AS ms_per_call,"
+                " left(regexp_replace(query, '\\s+', ' ', 'g'), 110)"
+                " FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15"
+            )
+        )
     return 0
 
 

@@ -133,7 +133,7 @@ SERVER_SETUPS = {
 EXPECTED: dict[str, tuple[bytes, ...]] = {}
 #: Lines starting with "." over all body lines of the generated mail, filled by build_world.
 DOT_SHARE: dict[str, float] = {}
-#: The DSN of the throwaway PostgreSQL cluster when pobox-pg runs.
+#: The DSN of the throwaway PostgreSQL cluster when pobox-pg runs; "extra": --pg-config lines.
 PG: dict[str, str] = {}
 
 
@@ -466,8 +466,11 @@ def _pobox_access(name: str = "pobox") -> str:
 
 
 @contextlib.contextmanager
-def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
-    """Start ``python -m pobox serve`` on the server cores (``pobox-pg``: on PostgreSQL)."""
+def run_pobox(root: Path, name: str = "pobox", extra: str = "") -> Iterator[Server]:
+    """Start ``python -m pobox serve`` on the server cores (``pobox-pg``: on PostgreSQL).
+
+    ``extra``: configuration lines added at the end (bench/profile_server.py --set).
+    """
     port = _free_port()
     base = root / name
     config = base / "pobox.toml"
@@ -488,8 +491,12 @@ def run_pobox(root: Path, name: str = "pobox") -> Iterator[Server]:
         f'log_path = "{log}"\n'
         + "".join(f"{key} = {value}\n" for key, value in _POBOX_LIMITS.items() if key in KEYS)
         + _pobox_access(name)
+        + extra
     )
     command = [sys.executable, *POBOX_WRAPPER, "-m", "pobox", "serve", "-c", str(config)]
+    if name == "pobox-pg":
+        with config.open("a") as more:
+            more.write(PG.get("extra", ""))
     with _started(name, command, base, port, base / "pobox.out") as server:
         yield server
 
@@ -1383,8 +1390,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="pobox with metrics_listen set (its counting's cost, against a run without)",
     )
+    parser.add_argument(
+        "--pg-config",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a configuration line added for pobox-pg only, e.g. 'shared_state = \"memory\"' "
+        "(the state the Maildir pobox keeps: the store alone compared)",
+    )
     args = parser.parse_args(argv)
     POBOX_ACCESS["value"] = args.pobox_access
+    if args.pg_config:
+        PG["extra"] = "".join(f"{line}\n" for line in args.pg_config)
+        SERVER_SETUPS["pobox-pg"] += ", with " + "; ".join(args.pg_config)
     POBOX_METRICS["value"] = args.pobox_metrics
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     if args.dovecot_perclient and "dovecot-perclient" not in servers:
@@ -1421,11 +1439,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, settings, workloads)
 
 
-def _start_postgresql(stack: contextlib.ExitStack) -> None:
+def _start_postgresql(stack: contextlib.ExitStack, settings: dict[str, str] | None = None) -> None:
     """Start a throwaway PostgreSQL on the server core, with pobox's schema; add pobox-pg."""
     from tests.helpers.postgres import migrate, running_postgres  # noqa: PLC0415
 
-    cluster = stack.enter_context(running_postgres({"max_connections": "200"}))
+    cluster = stack.enter_context(running_postgres({"max_connections": "200", **(settings or {})}))
     for pid in _descendants(cluster.pid):
         with contextlib.suppress(OSError):
             os.sched_setaffinity(pid, set(SERVER_CORES))

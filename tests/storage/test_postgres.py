@@ -256,6 +256,23 @@ class TestSessions:
             *at_hand,
         ]
 
+    async def test_read_ahead_of_shared_and_empty_bodies(self, store: PostgresStore) -> None:
+        """Two messages with one body (their own header lines each) and a message with an
+        empty body are read ahead whole, each with its own header."""
+        body = Spool.from_bytes(b"the same body\n")
+        await store.deliver(User("alice"), IncomingMessage(b"To: one\n", body))
+        await store.deliver(User("alice"), IncomingMessage(b"To: two\n", body))
+        await store.deliver(User("alice"), incoming(b"", b"To: three\n"))
+        maildrop = await store.open(User("alice"))
+        keys = [info.key for info in maildrop.messages]
+        first = b"".join([chunk async for chunk in maildrop.read_message(keys[0])])
+        at_hand = [maildrop.read_now(key) for key in keys[1:]]
+        await maildrop.close()
+        assert [b"To: one\nthe same body\n", b"To: two\nthe same body\n", b"To: three\n"] == [
+            first,
+            *at_hand,
+        ]
+
     async def test_body_vanishing_mid_read_is_gone(self, store: PostgresStore, pg_dsn: str) -> None:
         """A body removed between two pages raises MessageGone, never a short message."""
         await store.deliver(User("alice"), incoming(b"y" * 2_000_000))
@@ -300,14 +317,17 @@ class TestDelivery:
         )
 
     async def test_schema_and_names_are_quoted_identifiers(self, pg_cluster: Postgres) -> None:
-        """A schema name with a quote and a space works: identifiers are composed, not pasted."""
+        """A schema name with a quote, a space and a non-ASCII letter works: identifiers are
+        composed, not pasted, and the statements' UTF-8 is read as UTF-8 even where the DSN
+        asks for another client encoding."""
         name = pg_cluster.create_database()
         dsn = pg_cluster.dsn(name)
+        schema = 'wé"ird schema'
         try:
             from tests.helpers.postgres import migrate  # noqa: PLC0415
 
-            migrate(dsn, schema='we"ird schema')
-            odd = PostgresStore(dsn, schema='we"ird schema', pool_min=1)
+            migrate(dsn, schema=schema)
+            odd = PostgresStore(dsn + " client_encoding=LATIN1", schema=schema, pool_min=1)
             try:
                 await odd.deliver(User("o'brien; DROP TABLE x"), incoming(b"fine\n"))
                 assert [b"fine\n"] == await read(odd, "o'brien; DROP TABLE x")
@@ -344,6 +364,47 @@ class TestLocksAcrossNodes:
         for session in sessions:
             await session.close()
         assert (True, 300) == (backends <= 2 + 8, locks)
+
+    async def test_concurrent_logins_share_one_statement(
+        self, store: PostgresStore, pg_dsn: str
+    ) -> None:
+        """50 logins at once on one lock connection: their locks are taken in one statement,
+        and so are their releases."""
+        connection = store.lock_connections()[0]
+        batches: list[int] = []
+        run_batch = connection._run_batch
+
+        async def counted(batch: list[tuple[int, bool, object]]) -> dict[int, bool]:
+            batches.append(len(batch))
+            return await run_batch(batch)  # type: ignore[arg-type]
+
+        connection._run_batch = counted  # type: ignore[assignment, method-assign]
+        keys = [lock_key(f"user{n}") for n in range(50)]
+        taken = await asyncio.gather(*(connection.try_lock(key) for key in keys))
+        [(held,)] = query(pg_dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        await asyncio.gather(*(connection.unlock(key) for key in keys))
+        [(left,)] = query(pg_dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        assert ([True] * 50, 50, 0, [50, 50]) == (taken, held, left, batches)
+
+    async def test_lock_taken_for_a_cancelled_login_is_released(
+        self, store: PostgresStore, other: PostgresStore
+    ) -> None:
+        """A login given up while its lock request waits does not leave the lock held."""
+        connection = store.lock_connections()[lock_key("alice") % 2]
+        async with connection.using():  # the connection is busy: the request waits
+            login = asyncio.ensure_future(store.open(User("alice")))
+            while connection._batcher is None:
+                await asyncio.sleep(0)
+            batcher = connection._batcher
+            login.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await login
+        await batcher  # sends the request, then releases what it took
+        again = await other.open(User("alice"))
+        await again.close()
+        here = await store.open(User("alice"))  # nor is the maildrop kept busy on this node
+        await here.close()
+        assert 0 == connection.holders
 
     async def test_terminated_lock_connection_ends_sessions_and_frees_locks(
         self, store: PostgresStore, other: PostgresStore, pg_dsn: str

@@ -11,6 +11,10 @@ Locks are not one connection per POP3 session: a node keeps a few *lock connecti
 connection its key hashes to. Advisory locks are re-entrant within a backend, so the node also
 keeps a table of the keys it holds and refuses a second local session itself.
 
+Taking and releasing locks is batched: what sessions ask of a lock connection while it is busy
+waits, and goes at once in the next statement (:data:`BATCH`, one row per request, in the
+order asked), so logins and logouts that come together share a round trip.
+
 Losing a lock connection loses its locks. :class:`LockConnection` notices at once when the
 server closes the connection (the socket turns readable while idle) and within
 ``postgresql_lock_check_interval`` seconds otherwise (a probe query, under the timeout);
@@ -35,12 +39,24 @@ import psycopg
 
 from pobox.storage.postgres._connect import HANG_UP_GRACE, HangUp
 
-__all__ = ["Holder", "LockConnection", "LockLost", "lock_key", "split_key"]
+__all__ = ["BATCH", "Holder", "LockConnection", "LockLost", "lock_key", "split_key"]
 
 logger = logging.getLogger(__name__)
 
 #: A connection whose rows are tuples.
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
+
+#: Take (``pg_try_advisory_lock``: granted or not) or release (``pg_advisory_unlock``) several
+#: maildrop locks in one statement, in the order given; each row says which request it answers.
+BATCH = (
+    "SELECT t.n, CASE WHEN t.take THEN pg_catalog.pg_try_advisory_lock(t.key)"
+    " ELSE pg_catalog.pg_advisory_unlock(t.key) END"
+    " FROM unnest(%(keys)s::bigint[], %(take)s::boolean[]) WITH ORDINALITY AS t(key, take, n)"
+    " ORDER BY t.n"
+)
+
+#: A request to a lock connection: the key, take (``True``) or release, who waits for it.
+_Request = tuple[int, bool, asyncio.Future[bool] | None]
 
 
 class LockLost(Exception):
@@ -68,6 +84,13 @@ def split_key(key: int) -> tuple[int, int]:
     """Return ``(classid, objid)``: how ``pg_locks`` shows the one-key advisory lock ``key``."""
     unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
     return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
+def _fail(requests: list[_Request], exc: BaseException) -> None:
+    """Make every caller still waiting among ``requests`` raise ``exc``."""
+    for _, _, future in requests:
+        if future is not None and not future.done():
+            future.set_exception(exc)
 
 
 class LockConnection:
@@ -99,6 +122,8 @@ class LockConnection:
         self._watched_fd: int | None = None
         self._probe_task: asyncio.Task[bool] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._requests: list[_Request] = []
+        self._batcher: asyncio.Task[None] | None = None
         self._closed = False
 
     @property
@@ -161,9 +186,80 @@ class LockConnection:
         self._conn = conn
         return conn
 
+    async def try_lock(self, key: int) -> bool:
+        """Take the advisory lock ``key`` if no backend holds it; tell whether it was granted.
+
+        Sent with the other requests waiting for this connection (:data:`BATCH`). A caller
+        cancelled while its lock was being taken does not leave it held: it is released.
+
+        Raises:
+            LockLost: the connection broke (or could not be made).
+            TimeoutError: no answer within the timeout.
+            psycopg.Error: the statement failed.
+        """
+        return await self._ask(key, take=True)
+
+    async def unlock(self, key: int) -> None:
+        """Release the advisory lock ``key`` (batched as :meth:`try_lock` is).
+
+        Raises:
+            LockLost, TimeoutError, psycopg.Error: as :meth:`try_lock`.
+        """
+        await self._ask(key, take=False)
+
+    async def _ask(self, key: int, *, take: bool) -> bool:
+        if self._closed:
+            msg = "the lock connection is closed"
+            raise LockLost(msg)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._requests.append((key, take, future))
+        if self._batcher is None:
+            self._batcher = loop.create_task(self._send_requests())
+        return await future
+
+    async def _send_requests(self) -> None:
+        """Send what is asked, a batch per statement, until nothing is left."""
+        batch: list[_Request] = []
+        try:
+            while self._requests:
+                batch, self._requests = self._requests, []
+                try:
+                    answers = await self._run_batch(batch)
+                except Exception as exc:  # every waiter hears of it
+                    _fail(batch, exc)
+                    batch = []
+                    continue
+                for number, (key, take, future) in enumerate(batch, 1):
+                    granted = answers.get(number, False)
+                    if future is None:
+                        continue
+                    if future.done():  # the caller gave up: do not keep what it took
+                        if take and granted:
+                            self._requests.append((key, False, None))
+                        continue
+                    future.set_result(granted)
+                batch = []
+        finally:
+            self._batcher = None
+            if self._closed:  # cancelled by aclose: nobody may wait for ever
+                waiting, self._requests = batch + self._requests, []
+                _fail(waiting, LockLost("the lock connection is closed"))
+
+    async def _run_batch(self, batch: list[_Request]) -> dict[int, bool]:
+        async with self.using() as conn:
+            cur = await conn.execute(
+                BATCH,
+                {"keys": [key for key, _, _ in batch], "take": [take for _, take, _ in batch]},
+            )
+            rows = await cur.fetchall()
+        return {number: bool(answer) for number, answer in rows if isinstance(number, int)}
+
     def add(self, key: int, holder: Holder) -> None:
         """Record that ``holder`` holds ``key`` on this connection."""
         self._holders[key] = holder
+        if self._watched_fd is None and not self._mutex.locked():
+            self._watch()  # idle, and now with a lock to lose: notice the server closing it
         if self._check_interval and self._heartbeat is None and not self._closed:
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
@@ -253,7 +349,7 @@ class LockConnection:
     async def aclose(self) -> None:
         """Close the connection (releasing whatever it holds) and stop watching it."""
         self._closed = True
-        for task in (self._heartbeat, self._probe_task):
+        for task in (self._heartbeat, self._probe_task, self._batcher):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -273,10 +273,11 @@ class PostgresStore:
         self._timeout = timeout
         self._retention = max(0, retention)
         params, self._lock_params = connection_params(dsn, timeout, "pobox")
-        self._params: dict[str, str] = params
+        # The statements are UTF-8 bytes (:mod:`._sql`), whatever the database's encoding.
+        self._params: dict[str, str] = {**params, "client_encoding": "UTF8"}
         self._pool = AsyncConnectionPool(
             dsn,
-            kwargs={**params, "autocommit": True},
+            kwargs={**self._params, "autocommit": True},
             min_size=pool_min,
             max_size=max(pool_min, pool_max),
             open=False,
@@ -522,19 +523,16 @@ class PostgresStore:
         self._held[key] = maildrop
         connection = self._locks[key % len(self._locks)]
         try:
-            async with connection.using() as conn:
-                cur = await conn.execute(self._sql.try_lock, {"key": key})
-                row = await cur.fetchone()
-                if row is None or not row[0]:
-                    msg = f"maildrop of {maildrop.mailbox!r} is locked by another session"
-                    raise MaildropLocked(msg)
-                connection.add(key, maildrop)
-        except MaildropLocked:
-            del self._held[key]
-            raise
+            if not await connection.try_lock(key):
+                msg = f"maildrop of {maildrop.mailbox!r} is locked by another session"
+                raise MaildropLocked(msg)
+            connection.add(key, maildrop)
         except (LockLost, psycopg.Error, TimeoutError) as exc:
             del self._held[key]
             raise _map_error(exc, "locking the maildrop") from exc
+        except BaseException:  # refused, or the login given up (cancelled)
+            del self._held[key]
+            raise
         maildrop.lock_connection = connection
 
     async def release(self, maildrop: PostgresMaildrop) -> None:
@@ -545,8 +543,7 @@ class PostgresStore:
             if connection is not None and connection.holds(key):
                 connection.discard(key)
                 with contextlib.suppress(LockLost, psycopg.Error, TimeoutError):
-                    async with connection.using() as conn:
-                        await conn.execute(self._sql.unlock, {"key": key})
+                    await connection.unlock(key)
         finally:
             if self._held.get(key) is maildrop:
                 del self._held[key]
@@ -592,21 +589,21 @@ class PostgresStore:
         Messages that are gone or larger are left out.
         """
 
+        values = {
+            "mailbox": mailbox,
+            "uids": [uid for uid, _ in wanted],
+            "digests": list({digest for _, digest in wanted}),
+        }
+
         async def work(conn: Conn) -> dict[int, bytes]:
-            uids = [uid for uid, _ in wanted]
-            digests = list({digest for _, digest in wanted})
-            async with conn.pipeline():
-                heads = await conn.execute(
-                    self._sql.heads, {"mailbox": mailbox, "uids": uids}, binary=True
-                )
-                bodies = await conn.execute(
-                    self._sql.small_bodies, {"digests": digests}, binary=True
-                )
-            header = {_int(uid): _bytes(head) for uid, head in await heads.fetchall()}
-            body = {
-                _bytes(digest): b"" if data is None else _bytes(data)
-                for digest, data in await bodies.fetchall()
-            }
+            cur = await conn.execute(self._sql.read_ahead, values, binary=True)
+            header: dict[int, bytes] = {}
+            body: dict[bytes, bytes] = {}
+            for kind, uid, key, data in await cur.fetchall():
+                if kind == 0:
+                    header[_int(uid)] = _bytes(key)
+                else:
+                    body[_bytes(key)] = b"" if data is None else _bytes(data)
             return {
                 uid: header[uid] + body[digest]
                 for uid, digest in wanted
