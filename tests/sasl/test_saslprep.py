@@ -15,6 +15,8 @@ import unicodedata
 
 import pytest
 import scramp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pobox.auth.schemes import (
     hash_password,
@@ -22,6 +24,7 @@ from pobox.auth.schemes import (
     scram_server_keys,
     verify,
 )
+from pobox.protocol._i18n import _saslprep_profile, saslprep
 from pobox.protocol._sasl import (
     Challenge,
     CheckPassword,
@@ -148,6 +151,23 @@ class TestPrepare:
     def test_forms(self, given, prepared):
         """Each form comes out as the RFC says, and nothing raises."""
         assert prepared == prepare_password(given)
+
+
+class TestAsciiShortcut:
+    """saslprep returns printable ASCII as it is, which is what the whole profile gives."""
+
+    @given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1))
+    def test_same_as_the_profile(self, text):
+        """For every printable ASCII string the shortcut and the profile agree."""
+        assert _saslprep_profile(text) == saslprep(text) == text
+
+    @pytest.mark.parametrize("text", ["", "tab\there", "bell\x07", "del\x7f"])
+    def test_refused_as_by_the_profile(self, text):
+        """Empty strings and ASCII controls are not taken by the shortcut: still refused."""
+        with pytest.raises(ValueError, match=r"empty|prohibited"):
+            _saslprep_profile(text)
+        with pytest.raises(ValueError, match=r"empty|prohibited"):
+            saslprep(text)
 
 
 class TestVerify:

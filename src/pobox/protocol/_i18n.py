@@ -71,6 +71,16 @@ def saslprep(text: str) -> str:
         ValueError: the result is empty, holds a prohibited character, or breaks the
             bidirectional rule (RFC 3454 §6); the message says which.
     """
+    # Printable ASCII (U+0020-U+007E) is left as it is by every step of the profile: no
+    # character of it is mapped, changed by NFKC, prohibited (C.2.1 is the ASCII controls)
+    # or right-to-left. Most names and passwords are such, and each login prepares two.
+    if text and text.isascii() and text.isprintable():
+        return text
+    return _saslprep_profile(text)
+
+
+def _saslprep_profile(text: str) -> str:
+    """SASLprep's steps, in order (:func:`saslprep`, which skips them for printable ASCII)."""
     mapped = "".join(
         " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
     )
