@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -867,8 +867,20 @@ class Session:
         ):
             await self._stream_file(event, info, maildrop, flush, sender)
             return
+        await self._send_chunks(event, info.key, maildrop.read_message(info.key), flush)
+
+    async def _send_chunks(
+        self,
+        event: RetrieveMessage,
+        key: str,
+        chunks: AsyncIterator[bytes],
+        flush: Callable[[], Awaitable[None]],
+    ) -> bool:
+        """Send a message's chunks through the core, then its end; say whether all went.
+
+        A chunk that cannot be read ends it with the core told (:meth:`_unavailable`).
+        """
         conn = self.conn
-        chunks = maildrop.read_message(info.key)
         try:
             async for chunk in chunks:
                 conn.send(MessageData(chunk))
@@ -877,14 +889,15 @@ class Session:
                 if conn.output_size >= STREAM_FLUSH:
                     await flush()
         except StorageError as exc:
-            self._unavailable(event, info.key, exc)
-            return
+            self._unavailable(event, key, exc)
+            return False
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
         conn.send(EndOfMessage())
-        self._sent(event, info.key)
+        self._sent(event, key)
+        return True
 
     async def _stream_file(
         self,
@@ -918,18 +931,8 @@ class Session:
                 return
             before = conn.stats.retr_bytes
             chunks = maildrop.read_file(opened, info.key)
-            try:
-                async for chunk in chunks:
-                    conn.send(MessageData(chunk))
-                    if conn.output_size >= STREAM_FLUSH:
-                        await flush()
-            except StorageError as exc:
-                self._unavailable(event, info.key, exc)
+            if not await self._send_chunks(event, info.key, chunks, flush):
                 return
-            finally:
-                await chunks.aclose()  # type: ignore[attr-defined]
-            conn.send(EndOfMessage())
-            self._sent(event, info.key)
             # Sent as stored plus ".CRLF": nothing stuffed, no line end added or changed.
             if (
                 conn.stats.retr_bytes - before == opened.size + 3
