@@ -107,6 +107,7 @@ ALL_SERVERS = (
     "dovecot-tuned",
     "dovecot-tuned-lock",
     "dovecot-perclient",
+    "python-floor",
 )
 DEFAULT_SERVERS = ("pobox", "pobox-nolock", "dovecot-tuned", "dovecot-tuned-lock")
 #: The baseline every ratio is taken over: Dovecot at its best.
@@ -128,6 +129,8 @@ SERVER_SETUPS = {
     "dovecot-tuned-lock": "the same with pop3_lock_session = yes",
     "dovecot-perclient": "Dovecot, one pop3 process per client (client_limit 1, "
     "service_count 0), pop3_lock_session = yes (the benchmark before issue 13)",
+    "python-floor": "bench/floor.py, the least a uvloop POP3 server does for these workloads "
+    "(no lock, log, limit or safety check): the ceiling of a CPython server of this design",
 }
 #: The delivered messages of each user group, normalised to CRLF (what RETR must return).
 EXPECTED: dict[str, tuple[bytes, ...]] = {}
@@ -587,6 +590,17 @@ def run_dovecot(root: Path, name: str) -> Iterator[Server]:
         yield server
 
 
+@contextlib.contextmanager
+def run_floor(root: Path, name: str) -> Iterator[Server]:
+    """Start bench/floor.py (the Python floor) on the server cores."""
+    port = _free_port()
+    base = root / name
+    floor = Path(__file__).resolve().parent / "floor.py"
+    command = [sys.executable, str(floor), "--port", str(port), "--passwd", str(base / "passwd")]
+    with _started(name, command, base, port, base / f"{name}.out") as server:
+        yield server
+
+
 def is_dovecot(name: str) -> bool:
     return name.startswith("dovecot")
 
@@ -595,6 +609,9 @@ def is_dovecot(name: str) -> bool:
 def run_server(name: str, root: Path) -> Iterator[Server]:
     if is_dovecot(name):
         with run_dovecot(root, name) as server:
+            yield server
+    elif name == "python-floor":
+        with run_floor(root, name) as server:
             yield server
     else:
         with run_pobox(root, name) as server:

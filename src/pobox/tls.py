@@ -16,6 +16,7 @@ May import: the standard library, :mod:`pobox.config`, :mod:`pobox.errors`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import ssl
@@ -233,6 +234,12 @@ def is_trusted_address(address: str, networks: Iterable[str] = ()) -> bool:
     IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``) count as their IPv4 address; anything
     that is not an IP address (a Unix socket, ``"unknown"``) is not trusted.
     """
+    return _is_trusted(address, tuple(networks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_trusted(address: str, networks: tuple[str, ...]) -> bool:
+    """:func:`is_trusted_address`, cached (bounded): asked at each login, parsing is its cost."""
     try:
         ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:

@@ -125,6 +125,25 @@ class TestQuickRun:
             sys.path.remove(str(ROOT / "bench"))
         assert b"a\nx\nb\nc\n" == run.without_dots(b".a\n.\nb\n..c\n")
 
+    def test_python_floor_beside_pobox(self, tmp_path: Path) -> None:
+        """``python-floor`` (bench/floor.py) serves the same data with answers that pass the
+        same checks (each RETR's content, un-stuffed, on CRLF- and LF-stored mail), so its
+        figure is a floor for the same work, not for less."""
+        done = bench(
+            tmp_path,
+            *("--servers", "pobox,python-floor,dovecot-tuned", "--workloads", "session,login"),
+            *("--duration", "0.3"),
+        )
+        assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+        table = (tmp_path / "results.md").read_text()
+        assert "| pobox | python-floor | dovecot-tuned |" in table
+        assert "python-floor ÷ dovecot-tuned" in table
+        rows = table_rows(table, "session", "login")
+        assert 7 == len(rows)
+        for row in rows:
+            assert "0/0/0" == row[-1], row  # no wrong answer, the floor's included
+            assert "n/a" not in row[3:6], row
+
     def test_refuses_an_unknown_server(self, tmp_path: Path) -> None:
         """An unknown name in ``--servers`` is a usage error, before anything starts."""
         done = bench(tmp_path, "--servers", "pobox,dovecot")

@@ -34,6 +34,7 @@ May import: the standard library and :mod:`pobox.state`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from typing import Final
@@ -56,10 +57,13 @@ MAX_PLAIN_KEY: Final = 64
 _MAX_DOUBLINGS: Final = 32
 
 
+@functools.lru_cache(maxsize=4096)
 def address_group(ip: str) -> str:
     """Return what ``ip`` is counted as: itself (IPv4), its /64 (IPv6), the IPv4 it maps.
 
-    Anything that is not an IP address (a test's made-up peer) is its own group.
+    Anything that is not an IP address (a test's made-up peer) is its own group. Cached: a
+    login asks three times (throttle, limits, registry), and parsing is most of the cost; the
+    cache is bounded, so addresses a stranger varies only evict each other.
     """
     try:
         address = ipaddress.ip_address(ip)
