@@ -13,6 +13,7 @@ May import: the standard library only.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -125,6 +126,10 @@ class Verb(enum.Enum):
 
 _VERBS: Final = {v.value.encode(): v for v in Verb}
 
+#: The bytes no command line may hold: the C0 controls but TAB, and DEL (one C search, not
+#: a Python step per byte).
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -160,7 +165,7 @@ def parse_command(line: bytes) -> Command | ParseFailure:
     """
     if not line.strip():
         return ParseFailure("Empty command.")
-    if any(b < 0x20 and b != 0x09 for b in line) or 0x7F in line:
+    if _CONTROL.search(line) is not None:
         return ParseFailure("Invalid characters in command.")
     keyword, _, rest = line.partition(b" ")
     verb = _VERBS.get(keyword.upper())
