@@ -371,7 +371,10 @@ def build_shared_state(
     health = StoreHealth()
     shared_counters = PostgresFailureCounters(state, config.auth_failure_window)
     shared_registry = PostgresSessionRegistry(
-        state, node, lease=LEASE_BEATS * config.shared_state_heartbeat
+        state,
+        node,
+        lease=LEASE_BEATS * config.shared_state_heartbeat,
+        failure_window=config.auth_failure_window,
     )
 
     async def upkeep() -> None:
@@ -479,6 +482,7 @@ def build_context(
             delay_max=config.auth_failure_delay_max,
             per_ip=config.auth_failures_per_ip,
             per_user=config.auth_failures_per_user,
+            window=config.auth_failure_window,
         ),
         token_verifier=JwtVerifier(config.oauth_jwt_key_file)
         if config.oauth_jwt_key_file

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import psycopg
@@ -21,6 +21,7 @@ import pytest
 from pobox.auth.passwdfile import add_user
 from pobox.cli import main
 from pobox.server._cluster import Cluster
+from pobox.state import FailureCounters
 from pobox.testing import RunningServer, running_server
 from tests.helpers.ports import free_port
 from tests.helpers.postgres import Postgres
@@ -64,6 +65,36 @@ def cluster_of(node: RunningServer) -> Cluster:
     return cluster
 
 
+def cluster_counters(node: RunningServer) -> FailureCounters:
+    """The node's failure counters (the throttle's)."""
+    throttle = node.server.ctx.throttle
+    assert throttle is not None
+    return throttle.counters
+
+
+class RecordingCounters:
+    """Real failure counters that note which calls reach them."""
+
+    def __init__(self, counters: FailureCounters) -> None:
+        self.counters = counters
+        self.calls: list[str] = []
+
+    async def counts(self, keys: Sequence[str]) -> list[int]:
+        """Count, noted."""
+        self.calls.append("counts")
+        return await self.counters.counts(keys)
+
+    async def add(self, keys: Sequence[str]) -> list[int]:
+        """Add, noted."""
+        self.calls.append("add")
+        return await self.counters.add(keys)
+
+    async def clear(self, keys: Sequence[str]) -> None:
+        """Clear, noted."""
+        self.calls.append("clear")
+        await self.counters.clear(keys)
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
     """Wait until ``check()`` holds (no timed assertion: a generous bound, then fail)."""
     for _ in range(200):
@@ -85,6 +116,44 @@ class TestAcrossNodes:
                 await wire.close()
             reply = await (await Wire.connect(b.host, b.port)).attempt()
         assert b"-ERR [LOGIN-DELAY] Too many failed logins, try again later.\r\n" == reply
+
+    async def test_failures_on_a_refuse_a_wrong_password_on_b(
+        self, tmp_path: Path, pg_dsn: str
+    ) -> None:
+        """Node b, which never saw the address fail, refuses its wrong password as throttled
+        (not as a failure, which is not counted): the counters are asked before the answer."""
+        async with two_nodes(tmp_path, pg_dsn, auth_failures_per_ip=2) as (a, b):
+            for _ in range(2):
+                wire = await Wire.connect(a.host, a.port)
+                await wire.attempt(password=b"wrong")
+                await wire.close()
+            reply = await (await Wire.connect(b.host, b.port)).attempt(password=b"wrong")
+            counts = await cluster_counters(b).counts(["ip:127.0.0.1"])
+        assert (b"-ERR [LOGIN-DELAY] Too many failed logins, try again later.\r\n", [2]) == (
+            reply,
+            counts,
+        )
+
+    async def test_counters_asked_before_the_password_only_after_failures(
+        self, tmp_path: Path, pg_dsn: str
+    ) -> None:
+        """An address this node has not seen fail is checked by the registration alone (no
+        round trip of its own); once it failed here, before the password again."""
+        async with two_nodes(tmp_path, pg_dsn) as (a, _):
+            throttle = a.server.ctx.throttle
+            assert throttle is not None
+            recording = RecordingCounters(throttle.counters)
+            throttle.counters = recording
+            wire = await Wire.connect(a.host, a.port)
+            await wire.login()
+            await wire.command(b"QUIT")
+            clean = list(recording.calls)
+            wire = await Wire.connect(a.host, a.port)
+            await wire.attempt(password=b"wrong")
+            await wire.close()
+            recording.calls.clear()
+            await (await Wire.connect(a.host, a.port)).login()
+        assert ([], ["counts"]) == (clean, recording.calls[:1])
 
     async def test_userip_limit_across_nodes(self, tmp_path: Path, pg_dsn: str) -> None:
         """Alice logged in on node a may not log in on node b from the same address, until

@@ -189,3 +189,37 @@ class TestUserKeys:
         finally:
             await state.aclose()
         assert [1.0, 1.0, 5.0] == delays
+
+
+class TestSuspects:
+    """What this node remembers of failing addresses: when to ask before the password."""
+
+    async def test_suspect_for_the_window_after_a_failure(self) -> None:
+        """An address that failed here is suspect (its /64 too) until the window has passed;
+        one that never failed is not."""
+        clock = Clock()
+        counters = MemoryFailureCounters(60.0, clock=clock)
+        t = LoginThrottle(
+            counters, delay=1.0, delay_max=5.0, per_ip=3, per_user=4, window=60.0, clock=clock
+        )
+        await t.failed("2001:db8::1", "tim")
+        during = [t.suspect("2001:db8::2"), t.suspect("10.0.0.1")]
+        clock.now += 60
+        assert ([True, False], False) == (during, t.suspect("2001:db8::1"))
+
+    async def test_success_or_a_clean_count_forgets_it(self) -> None:
+        """A login that succeeded, or counters found empty, make the address unsuspected;
+        failures found (by the registration) make it suspect."""
+        clock = Clock()
+        counters = MemoryFailureCounters(60.0, clock=clock)
+        t = LoginThrottle(
+            counters, delay=1.0, delay_max=5.0, per_ip=3, per_user=4, window=60.0, clock=clock
+        )
+        await t.failed("10.0.0.1", "tim")
+        await t.succeeded("10.0.0.1", await t.failures("10.0.0.1"))
+        after_success = t.suspect("10.0.0.1")
+        t.found("10.0.0.2", 2)
+        found = t.suspect("10.0.0.2")
+        assert [0] == await counters.counts(["ip:10.0.0.2"])
+        await t.failures("10.0.0.2")
+        assert (False, True, False) == (after_success, found, t.suspect("10.0.0.2"))

@@ -436,6 +436,58 @@ class TestPostgresBounds:
             await state.aclose()
 
 
+class PgState:
+    """A PostgreSQL state with a hand-moved clock, its failure counters and a registry."""
+
+    def __init__(self, dsn: str) -> None:
+        self.clock = Clock()
+        self.state = PostgresState(dsn, timeout=5, clock=self.clock)
+        self.counters = PostgresFailureCounters(self.state, 60)
+        self.registry = PostgresSessionRegistry(self.state, "a", lease=30, failure_window=60)
+
+
+@pytest.fixture
+async def pg_state(pg_dsn: str) -> AsyncIterator[PgState]:
+    """A :class:`PgState` on the test database, closed at the end."""
+    made = PgState(pg_dsn)
+    yield made
+    await made.state.aclose()
+
+
+class TestPostgresCheckedRegistration:
+    """PostgreSQL registers a session and checks its address's failed logins in one step."""
+
+    async def test_failures_reported_and_refused_at_the_limit(self, pg_state: PgState) -> None:
+        """Under the limit the session is registered and the failures said; at it, nothing is
+        registered; the window ended, the failures no longer count."""
+        registry = pg_state.registry
+        await pg_state.counters.add(["ip:192.0.2.1"])
+        first = await registry.register_checked(
+            entry("s1"), max_user=0, max_userip=0, failure_key="ip:192.0.2.1", max_failures=2
+        )
+        await pg_state.counters.add(["ip:192.0.2.1"])
+        second = await registry.register_checked(
+            entry("s2"), max_user=0, max_userip=0, failure_key="ip:192.0.2.1", max_failures=2
+        )
+        registered = [e.id for e in await registry.sessions()]
+        pg_state.clock.now += 61
+        third = await registry.register_checked(
+            entry("s3"), max_user=0, max_userip=0, failure_key="ip:192.0.2.1", max_failures=2
+        )
+        assert ((True, 1), (False, 2), ["s1"], (True, 0)) == (
+            (first.admitted, first.failures),
+            (second.admitted, second.failures),
+            registered,
+            (third.admitted, third.failures),
+        )
+
+    async def test_plain_register_checks_no_failures(self, pg_state: PgState) -> None:
+        """register leaves the failures alone, and says it did not check them."""
+        await pg_state.counters.add(["ip:192.0.2.1"])
+        admission = await pg_state.registry.register(entry("s1"), max_user=0, max_userip=0)
+        assert (True, None) == (admission.admitted, admission.failures)
+
+
 class TestRemoteWorkers:
     """The master's state, shared by its workers: what one worker does stays its own."""
 

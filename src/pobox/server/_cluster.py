@@ -48,6 +48,7 @@ from pobox.state.memory import MemoryDownloadCounters, MemoryLoginTimes
 __all__ = [
     "LEASE_BEATS",
     "RETRY_AFTER",
+    "THROTTLED",
     "Cluster",
     "FallbackFailureCounters",
     "FallbackRegistry",
@@ -65,6 +66,8 @@ LEASE_BEATS: Final = 3
 #: Seconds of difference from the store's clock that are logged as an error (or the
 #: heartbeat, if longer): NTP keeps clocks within milliseconds.
 MAX_SKEW: Final = 2.0
+#: The refusal of :meth:`Cluster.admit` when the client's address has too many failures.
+THROTTLED: Final = "Too many failed logins, try again later."
 #: Heartbeats between two upkeeps of the shared store (expired rows, dead nodes).
 UPKEEP_EVERY: Final = 12
 
@@ -213,6 +216,43 @@ class FallbackRegistry:
             self._in_memory.add(entry.id)
         return admission
 
+    @property
+    def checks_failures(self) -> bool:
+        """Whether :meth:`register_checked` checks the failures now (the store is asked)."""
+        return callable(getattr(self.shared, "register_checked", None)) and self.health.usable()
+
+    async def register_checked(
+        self,
+        entry: SessionEntry,
+        *,
+        max_user: int,
+        max_userip: int,
+        failure_key: str,
+        max_failures: int,
+    ) -> Admission:
+        """Register ``entry`` checking the failures in the shared store; in memory if it fails.
+
+        Registered in memory, the admission says no failures were checked (``None``).
+        """
+        check = getattr(self.shared, "register_checked", None)
+        if check is None:
+            return await self.register(entry, max_user=max_user, max_userip=max_userip)
+        ok, admission = await self._try(
+            lambda: check(
+                entry,
+                max_user=max_user,
+                max_userip=max_userip,
+                failure_key=failure_key,
+                max_failures=max_failures,
+            )
+        )
+        if ok and isinstance(admission, Admission):
+            return admission
+        admission = await self.local.register(entry, max_user=max_user, max_userip=max_userip)
+        if admission.admitted:
+            self._in_memory.add(entry.id)
+        return admission
+
     async def unregister(self, session_id: str) -> None:
         """Forget a session that ended, where it was registered."""
         if session_id in self._in_memory:
@@ -335,26 +375,53 @@ class Cluster:
         """This node's name."""
         return self.registry.node
 
+    @property
+    def checks_failures(self) -> bool:
+        """Whether :meth:`admit` can check the throttle's failures in the registration."""
+        return bool(getattr(self.registry, "checks_failures", False))
+
     async def admit(
         self,
         entry: SessionEntry,
         kick: Callable[[], None],
         sent: Callable[[], int] | None = None,
+        failures: tuple[str, int] | None = None,
     ) -> tuple[Admission, str | None]:
         """Register a session that just logged in, within the limits.
 
         ``sent`` counts the octets of mail the session has sent (``pobox who``).
+        ``failures``: the client address's key in the failure counters and the failures at
+        which it is refused, for a registry that checks them in the registration
+        (:attr:`checks_failures`); the admission then says the failures found.
 
         Returns:
-            the admission, and the text of the refusal if it was not admitted.
+            the admission, and the text of the refusal if it was not admitted
+            (:data:`THROTTLED` when the failures refused it).
         """
         self._admitting.add(entry.id)
+        check = getattr(self.registry, "register_checked", None)
         try:
-            admission = await self.registry.register(
-                entry, max_user=self.max_user, max_userip=self.max_userip
-            )
+            if failures is not None and check is not None:
+                admission: Admission = await check(
+                    entry,
+                    max_user=self.max_user,
+                    max_userip=self.max_userip,
+                    failure_key=failures[0],
+                    max_failures=failures[1],
+                )
+            else:
+                admission = await self.registry.register(
+                    entry, max_user=self.max_user, max_userip=self.max_userip
+                )
         finally:
             self._admitting.discard(entry.id)
+        if (
+            failures is not None
+            and admission.failures is not None
+            and failures[1]
+            and admission.failures >= failures[1]
+        ):
+            return admission, THROTTLED
         if not admission.admitted:
             if self.max_userip and admission.userip_sessions >= self.max_userip:
                 return admission, (

@@ -71,10 +71,10 @@ from pobox.protocol import (
     WireData,
 )
 from pobox.records import parse_size
-from pobox.server._cluster import Cluster
+from pobox.server._cluster import THROTTLED, Cluster
 from pobox.server._connection import ConnectionInfo, client_identity
 from pobox.server._sendfile import FileSender, WireReadyFiles
-from pobox.server._throttle import LoginThrottle
+from pobox.server._throttle import LoginThrottle, address_key
 from pobox.state.base import SessionEntry, StateUnavailable
 from pobox.storage.base import (
     INBOX,
@@ -529,17 +529,17 @@ class Session:
             name_format = _username_format(self.ctx.config.auth_username_format)
             event = dataclasses.replace(event, username=name_format(event.username))
         throttle = self.ctx.throttle
-        failures = 0
+        # None: not asked yet; the registration asks (see _throttle), or a failure does.
+        failures: int | None = 0
         if throttle is not None:
-            failures = await throttle.failures(self.rip)
-            if throttle.refuses(failures):
-                self._refused(event.username, event.mechanism)
-                events.login_throttled(self.log, event.username, event.mechanism)
-                self._count_login(event.mechanism, "throttled")
-                self.conn.send(
-                    LoginRejected("Too many failed logins, try again later.", "LOGIN-DELAY")
-                )
-                return
+            cluster = self.ctx.cluster
+            if cluster is not None and cluster.checks_failures and not throttle.suspect(self.rip):
+                failures = None
+            else:
+                failures = await throttle.failures(self.rip)
+                if throttle.refuses(failures):
+                    self._throttled(event.username, event.mechanism)
+                    return
         try:
             user = await self._verify(event)
         except AuthError as exc:
@@ -551,9 +551,24 @@ class Session:
         if user is _ANSWERED:
             return
         if not isinstance(user, User):
+            # Not asked before the password: refused now as it would have been then.
+            if (
+                throttle is not None
+                and failures is None
+                and throttle.refuses(await throttle.failures(self.rip))
+            ):
+                self._throttled(event.username, event.mechanism)
+                return
             await self._failed(event.username, event.mechanism, arrived)
             return
         await self._open(user, event.mechanism, failures)
+
+    def _throttled(self, username: str | None, mechanism: str) -> None:
+        """Refuse a login from an address with too many failures (the throttle)."""
+        self._refused(username, mechanism)
+        events.login_throttled(self.log, username, mechanism)
+        self._count_login(mechanism, "throttled")
+        self.conn.send(LoginRejected(THROTTLED, "LOGIN-DELAY"))
 
     async def _verify(
         self, event: AuthenticateUser | FetchSecret | VerifyToken | OpenMaildrop | LoginFailed
@@ -617,17 +632,41 @@ class Session:
             # Dovecot too closes after a few failures: a brute-forcer must reconnect.
             self.conn.close("too-many-auth-failures")
 
-    async def _admit(self, user: User, method: str) -> bool:
-        """Register the session in the registry within the per-user limits; say if admitted."""
+    async def _admit(self, user: User, method: str, failures: int | None) -> int | None:
+        """Register the session in the registry within the per-user limits.
+
+        ``failures``: the address's failures (``None``: not asked yet, the registration
+        asks, or failing that this does).
+
+        Returns:
+            the address's failures if admitted (and not throttled), ``None`` if refused
+            (answered).
+        """
         cluster = self.ctx.cluster
+        throttle = self.ctx.throttle
         if cluster is None:
-            return True
+            return failures or 0
         entry = SessionEntry(
             self.id, user.name, cluster.node, self.rip, time.time(), self.secure, method
         )
-        admission, refusal = await cluster.admit(entry, self._kick, self._octets_sent)
+        check = None
+        if failures is None and throttle is not None:
+            check = (address_key(self.rip), throttle.per_ip)
+        admission, refusal = await cluster.admit(entry, self._kick, self._octets_sent, check)
+        if throttle is not None and failures is None:
+            if admission.failures is not None:
+                failures = admission.failures
+                throttle.found(self.rip, failures)
+            else:  # registered where the failures could not be checked: ask now
+                failures = await throttle.failures(self.rip)
+                if refusal is None and throttle.refuses(failures):
+                    await self.unregister()
+                    refusal = THROTTLED
+        if refusal == THROTTLED:
+            self._throttled(user.name, method)
+            return None
         if refusal is None:
-            return True
+            return failures or 0
         self._refused(user.name, method)
         events.login_over_limit(
             self.log,
@@ -639,9 +678,19 @@ class Session:
         )
         self._count_login(method, "limit")
         self.conn.send(LoginRejected(refusal + ".", "IN-USE"))
-        return False
+        return None
 
-    async def _open(self, user: User, method: str, failures: int) -> None:
+    async def _open(self, user: User, method: str, failures: int | None) -> None:
+        delay = login_delay(user, self.ctx.config.pop3_login_delay, self.log)
+        throttle = self.ctx.throttle
+        if failures is None and throttle is not None and (delay or pop3_disabled(user)):
+            # These answers come before the registration (which would check the address):
+            # the throttle's comes first, as when it was asked before the password, and a
+            # login time is recorded only for a login it lets in.
+            failures = await throttle.failures(self.rip)
+            if throttle.refuses(failures):
+                self._throttled(user.name, method)
+                return
         if pop3_disabled(user):
             # RFC 3206 §4: [SYS/PERM] — the credentials are right (checked first, so only
             # their holder learns this), and no retry or other password will help; [AUTH]
@@ -651,11 +700,12 @@ class Session:
             self._count_login(method, "disabled")
             self.conn.send(LoginRejected("POP3 access is disabled for this account.", "SYS/PERM"))
             return
-        delay = login_delay(user, self.ctx.config.pop3_login_delay, self.log)
         if delay and not await self._login_delay_passed(user, method, delay):
             return
-        if not await self._admit(user, method):
+        admitted = await self._admit(user, method, failures)
+        if admitted is None:
             return
+        failures = admitted
         try:
             self.maildrop = await self._open_maildrop(user, method)
         finally:

@@ -29,6 +29,14 @@ which at /48 would refuse a whole site for one host's failures. The connection c
 The counters live behind :class:`~pobox.state.base.FailureCounters` (in memory on one node, in
 PostgreSQL shared by every node); this module is only the policy that reads them.
 
+Where the session registry can check an address's failures as it registers the session
+(PostgreSQL: :class:`~pobox.state.base.CheckingRegistry`), an address this node has not seen
+fail within the window is not asked about before the password: the right password is then
+refused by the registration itself, and a wrong one asks the counters before counting it.
+Either way the answer is the one the check before the password would have given; what the
+shared check no longer spares is one password check per node for an address that failed
+only on other nodes (after it, this node remembers the address, :meth:`LoginThrottle.suspect`).
+
 May import: the standard library and :mod:`pobox.state`.
 """
 
@@ -37,6 +45,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Final
 
 from pobox.state.base import FailureCounters
@@ -52,6 +63,10 @@ _IPV6_GROUP_MASK: Final = ((1 << IPV6_GROUP_PREFIX) - 1) << (128 - IPV6_GROUP_PR
 #: ones are hashed (:func:`user_key`).  Real names are far shorter; Dovecot's default
 #: ``auth_username_chars`` and common MTAs allow 64-octet local parts.
 MAX_PLAIN_KEY: Final = 64
+
+#: Addresses (groups) this node remembers as failing, at most; the oldest go first.  One
+#: forgotten costs a password check before the shared check refuses its next login.
+MAX_SUSPECTS: Final = 100_000
 
 #: The doubling stops here (2**32 times the base delay is far beyond any cap).
 _MAX_DOUBLINGS: Final = 32
@@ -109,6 +124,9 @@ class LoginThrottle:
         delay_max: the cap of the growing delay.
         per_ip: failures from one address after which its logins are refused.
         per_user: failures for one user name after which its failures wait ``delay_max``.
+        window: seconds a failure counts (``auth_failure_window``): how long this node
+            remembers an address it saw fail (:meth:`suspect`).
+        clock: a monotonic clock (injectable for tests).
     """
 
     def __init__(
@@ -119,17 +137,44 @@ class LoginThrottle:
         delay_max: float,
         per_ip: int,
         per_user: int,
+        window: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.counters = counters
         self.delay = delay
         self.delay_max = max(delay, delay_max)
         self.per_ip = per_ip
         self.per_user = per_user
+        self.window = window
+        self._clock = clock
+        #: Address group -> when this node last saw it fail (or found it with failures).
+        self._suspects: OrderedDict[str, float] = OrderedDict()
+
+    def suspect(self, ip: str) -> bool:
+        """Tell whether this node saw ``ip`` fail within the window: check it before the
+        password even where the registration checks it too."""
+        seen = self._suspects.get(address_group(ip))
+        return seen is not None and self._clock() - seen < self.window
+
+    def _note(self, ip: str, failures: int) -> None:
+        """Remember ``ip`` as failing if it has ``failures``, forget it otherwise."""
+        group = address_group(ip)
+        self._suspects.pop(group, None)
+        if failures:
+            self._suspects[group] = self._clock()
+            if len(self._suspects) > MAX_SUSPECTS:
+                self._suspects.popitem(last=False)
+
+    def found(self, ip: str, failures: int) -> None:
+        """Take note of the ``failures`` of ``ip`` found by a registration that checked them."""
+        self._note(ip, failures)
 
     async def failures(self, ip: str) -> int:
         """Return the failures remembered for ``ip``: what :meth:`refuses` and
         :meth:`succeeded` take."""
-        return (await self.counters.counts([address_key(ip)]))[0]
+        found = (await self.counters.counts([address_key(ip)]))[0]
+        self._note(ip, found)
+        return found
 
     def refuses(self, failures: int) -> bool:
         """Return whether an address with ``failures`` may not log in for now."""
@@ -142,6 +187,7 @@ class LoginThrottle:
             for_user = 0
         else:
             from_ip, for_user = await self.counters.add([address_key(ip), user_key(user)])
+        self._note(ip, from_ip)
         doublings = from_ip - 1 if for_user < self.per_user else _MAX_DOUBLINGS
         return float(min(self.delay * (1 << min(doublings, _MAX_DOUBLINGS)), self.delay_max))
 
@@ -152,4 +198,5 @@ class LoginThrottle:
         nothing to forget and no round trip to make.
         """
         if failures:
+            self._note(ip, 0)
             await self.counters.clear([address_key(ip)])

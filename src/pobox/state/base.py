@@ -43,6 +43,7 @@ from pobox.errors import PoboxError
 
 __all__ = [
     "Admission",
+    "CheckingRegistry",
     "DownloadCounters",
     "FailureCounters",
     "LoginTimes",
@@ -136,11 +137,14 @@ class Admission:
         admitted: whether the session was registered (within both limits).
         user_sessions: the user's other live sessions, on every node, before this one.
         userip_sessions: those of them from the same client address.
+        failures: the failed logins of the client's address, when the registration checked
+            them (:meth:`CheckingRegistry.register_checked`); ``None`` when it did not.
     """
 
     admitted: bool
     user_sessions: int
     userip_sessions: int
+    failures: int | None = None
 
 
 class SessionRegistry(Protocol):
@@ -185,4 +189,31 @@ class SessionRegistry(Protocol):
         knows: the registry forgets any other session of this node (one whose unregister
         got lost, or one of an earlier run of a node of the same name).  The sessions of
         nodes whose lease ran out are purged.
+        """
+
+
+class CheckingRegistry(Protocol):
+    """A registry that can check the throttle's failure count in the registration itself.
+
+    Where the failure counters and the registry share a store over the network
+    (PostgreSQL), the login throttle's check of the client's address costs no round trip of
+    its own: it is made by the statement that registers the session (see
+    :mod:`pobox.server._throttle`).
+    """
+
+    async def register_checked(
+        self,
+        entry: SessionEntry,
+        *,
+        max_user: int,
+        max_userip: int,
+        failure_key: str,
+        max_failures: int,
+    ) -> Admission:
+        """Register ``entry`` as ``register`` does, unless the failure counter of
+        ``failure_key`` has reached ``max_failures`` (0: no limit).
+
+        Returns:
+            the admission, with the failures found (``None``: not checked after all, the
+            caller checks them itself).
         """

@@ -114,15 +114,20 @@ _TEXT: dict[str, LiteralString] = {
     " AND (s.node = %(node)s OR n.last_seen > %(dead)s)),"
     " c AS (SELECT count(*) AS per_user,"
     " count(*) FILTER (WHERE rip = %(rip)s) AS per_userip FROM live),"
+    # The failed logins of the client's address too (f; none asked: key NULL), which refuse
+    # the registration at max_failures: the throttle's check in the same round trip.
+    " f AS (SELECT coalesce(max(count), 0) AS failures FROM {failure_counter}"
+    " WHERE key = %(fkey)s::text AND first_at > %(expired)s),"
     " ins AS (INSERT INTO {cluster_session}"
     " (id, node, username, rip, since, tls, mechanism)"
-    " SELECT %(id)s, %(node)s, %(user)s, %(rip)s, %(since)s, %(tls)s, %(mechanism)s FROM c"
+    " SELECT %(id)s, %(node)s, %(user)s, %(rip)s, %(since)s, %(tls)s, %(mechanism)s FROM c, f"
     " WHERE (%(max_user)s::integer = 0 OR c.per_user < %(max_user)s::integer)"
     " AND (%(max_userip)s::integer = 0 OR c.per_userip < %(max_userip)s::integer)"
+    " AND (%(max_failures)s::integer = 0 OR f.failures < %(max_failures)s::integer)"
     " ON CONFLICT (id) DO UPDATE SET node = EXCLUDED.node, username = EXCLUDED.username,"
     " rip = EXCLUDED.rip, since = EXCLUDED.since, tls = EXCLUDED.tls,"
     " mechanism = EXCLUDED.mechanism, kicked = false RETURNING 1)"
-    " SELECT c.per_user, c.per_userip, EXISTS (SELECT FROM ins) FROM c",
+    " SELECT c.per_user, c.per_userip, EXISTS (SELECT FROM ins), f.failures FROM c, f",
     "unregister": "DELETE FROM {cluster_session} WHERE id = %(id)s AND node = %(node)s",
     "sessions": "SELECT s.id, s.username, s.node, s.rip, s.since, s.tls, s.mechanism"
     " FROM {cluster_session} AS s LEFT JOIN {cluster_node} AS n ON n.name = s.node"
@@ -194,7 +199,11 @@ _TABLES: Final = (
 )
 
 
-def _compose(schema: str) -> dict[str, sql.Composed]:
+def _compose(schema: str) -> dict[str, bytes]:
+    """Compose every statement for ``schema`` into its bytes, once (not at each execution).
+
+    The state's connections use ``client_encoding`` UTF8, the encoding of these bytes.
+    """
     tables: dict[str, sql.Composable] = {name: sql.Identifier(schema, name) for name in _TABLES}
     # The qualified name as a text literal, for ::regclass ("schema"."table", quotes doubled).
     quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (schema, "failure_counter"))
@@ -202,7 +211,7 @@ def _compose(schema: str) -> dict[str, sql.Composed]:
     out = {}
     for name, text in _TEXT.items():
         used = {t: ident for t, ident in tables.items() if "{" + t + "}" in text}
-        out[name] = sql.SQL(text).format(**used)
+        out[name] = sql.SQL(text).format(**used).as_bytes(None)
     return out
 
 
@@ -233,7 +242,8 @@ class PostgresState:
         params, _ = connection_params(dsn, timeout, "pobox-state")
         self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             dsn,
-            kwargs={**params, "autocommit": True},
+            # The statements are UTF-8 bytes (_compose), whatever the database's encoding.
+            kwargs={**params, "client_encoding": "UTF8", "autocommit": True},
             min_size=1,
             max_size=max(1, pool_max),
             open=False,
@@ -415,10 +425,14 @@ class PostgresSessionRegistry:
         lease: seconds a node's sessions count after its last heartbeat.
     """
 
-    def __init__(self, state: PostgresState, node: str, *, lease: float) -> None:
+    def __init__(
+        self, state: PostgresState, node: str, *, lease: float, failure_window: float = 0.0
+    ) -> None:
         self.state = state
         self._node = node
         self.lease = lease
+        #: The failure counters' window (``auth_failure_window``), for :meth:`register_checked`.
+        self.failure_window = failure_window
         #: This process's token in ``cluster_node.instance``.
         self.instance = secrets.token_hex(8)
         #: Whether another live process renews this node's lease too (a node_name clash),
@@ -440,10 +454,41 @@ class PostgresSessionRegistry:
 
     async def register(self, entry: SessionEntry, *, max_user: int, max_userip: int) -> Admission:
         """Register ``entry`` if the user's live sessions leave room; say what was found."""
+        return await self._register(entry, max_user, max_userip, None, 0)
+
+    async def register_checked(
+        self,
+        entry: SessionEntry,
+        *,
+        max_user: int,
+        max_userip: int,
+        failure_key: str,
+        max_failures: int,
+    ) -> Admission:
+        """Register ``entry`` as :meth:`register` does, unless ``failure_key`` (the client's
+        address in the failure counters) has ``max_failures`` failed logins or more.
+
+        The counters and the registry are in the same database, so the throttle's check
+        costs no round trip of its own.  The admission says the failures found.
+        """
+        return await self._register(entry, max_user, max_userip, failure_key, max_failures)
+
+    async def _register(
+        self,
+        entry: SessionEntry,
+        max_user: int,
+        max_userip: int,
+        failure_key: str | None,
+        max_failures: int,
+    ) -> Admission:
+        now = self.state.clock()
         rows = await self.state.fetch(
             "register",
             "register",
             {
+                "fkey": failure_key,
+                "expired": now - self.failure_window,
+                "max_failures": max_failures,
                 "id": entry.id,
                 "node": self._node,
                 "user": entry.user,
@@ -456,8 +501,13 @@ class PostgresSessionRegistry:
                 "dead": self._dead(),
             },
         )
-        per_user, per_userip, admitted = rows[0]
-        return Admission(bool(admitted), int(str(per_user)), int(str(per_userip)))
+        per_user, per_userip, admitted, failures = rows[0]
+        return Admission(
+            bool(admitted),
+            int(str(per_user)),
+            int(str(per_userip)),
+            None if failure_key is None else int(str(failures)),
+        )
 
     async def unregister(self, session_id: str) -> None:
         """Forget a session of this node that ended."""

@@ -51,7 +51,7 @@ Conn = psycopg.AsyncConnection[tuple[object, ...]]
 BATCH = (
     "SELECT t.n, CASE WHEN t.take THEN pg_catalog.pg_try_advisory_lock(t.key)"
     " ELSE pg_catalog.pg_advisory_unlock(t.key) END"
-    " FROM unnest(%(keys)s::bigint[], %(take)s::boolean[]) WITH ORDINALITY AS t(key, take, n)"
+    " FROM unnest(%(keys)b::bigint[], %(take)b::boolean[]) WITH ORDINALITY AS t(key, take, n)"
     " ORDER BY t.n"
 )
 

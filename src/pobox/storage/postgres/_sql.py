@@ -4,7 +4,10 @@ Table names are composed with :mod:`psycopg.sql` (:class:`~psycopg.sql.Identifie
 are always bound parameters (``%(name)s``), never formatted into the text. Each statement is
 composed into its bytes once (UTF-8: the store's connections use that client encoding), not
 at every execution: a :class:`~psycopg.sql.Composed` is walked and its identifiers quoted
-again each time it runs. Every statement
+again each time it runs. Lists that a session sends (the read-ahead's UIDs and digests, the
+lock requests) are binary parameters (``%(name)b`` with a cast): psycopg's text form of a list
+quotes and escapes each element in Python, its binary form packs them: 0.3 against 0.11-0.17
+ms per execution with 50 UIDs and 50 digests. Every statement
 that a POP3 session or a delivery runs touches one mailbox (``WHERE mailbox = ...``) or one
 body (``WHERE digest = ...``): on a distributed database each one goes to a single shard.
 
@@ -59,10 +62,10 @@ _TEXT: dict[str, LiteralString] = {
     # in psycopg's pipeline mode: its wait for results polls for writing too, and spins on
     # the always-writable socket while the server works (38% of pobox's CPU at 128 clients).
     "read_ahead": "SELECT 0, uid, header, NULL::bytea FROM {message}"
-    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)b::bigint[])"
     " UNION ALL SELECT 1, NULL::bigint, b.digest, c.data FROM {body} AS b"
     " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest AND c.seq = 0"
-    " WHERE b.digest = ANY(%(digests)s) AND b.chunks <= 1",
+    " WHERE b.digest = ANY(%(digests)b::bytea[]) AND b.chunks <= 1",
     # A page of a body's chunks, with the number it has: no row at all means no body.
     "chunks": "SELECT NULL, b.chunks, c.seq, c.data FROM {body} AS b"
     " LEFT JOIN {body_chunk} AS c ON c.digest = b.digest"
@@ -142,7 +145,8 @@ _TEXT: dict[str, LiteralString] = {
     "insert_bodies": "INSERT INTO {body} (digest, size, chunks)"
     " SELECT * FROM unnest(%(digests)s::bytea[], %(sizes)s::bigint[], %(chunks)s::integer[])"
     " ON CONFLICT (digest) DO NOTHING RETURNING digest",
-    "pin_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)s) FOR KEY SHARE",
+    "pin_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)b::bytea[])"
+    " FOR KEY SHARE",
     "copy_messages": "COPY {message} (mailbox, uid, uidl, wire_size, size, digest, header)"
     " FROM STDIN (FORMAT BINARY)",
     "take_in": "UPDATE {mailbox} SET next_uid = %(next_uid)s,"
@@ -174,14 +178,14 @@ _TEXT: dict[str, LiteralString] = {
     # --- garbage collection of bodies ---------------------------------------------------
     # Lock the candidates that no delivery has pinned, then (a new statement: a new
     # snapshot, taken with the locks held) drop those no message uses.
-    "lock_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)s)"
+    "lock_bodies": "SELECT digest FROM {body} WHERE digest = ANY(%(digests)b::bytea[])"
     " FOR UPDATE SKIP LOCKED",
     # A body is used by a message or by a kept deleted message (pop3_delete_retention).
-    "unused_bodies": "SELECT b.digest FROM {body} AS b WHERE b.digest = ANY(%(digests)s)"
+    "unused_bodies": "SELECT b.digest FROM {body} AS b WHERE b.digest = ANY(%(digests)b::bytea[])"
     " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest)"
     " AND NOT EXISTS (SELECT FROM {deleted_message} AS k WHERE k.digest = b.digest)",
-    "drop_chunks": "DELETE FROM {body_chunk} WHERE digest = ANY(%(digests)s)",
-    "drop_bodies": "DELETE FROM {body} WHERE digest = ANY(%(digests)s)",
+    "drop_chunks": "DELETE FROM {body_chunk} WHERE digest = ANY(%(digests)b::bytea[])",
+    "drop_bodies": "DELETE FROM {body} WHERE digest = ANY(%(digests)b::bytea[])",
     "orphans": "SELECT b.digest FROM {body} AS b"
     " WHERE b.created < now() - %(age)s::interval"
     " AND NOT EXISTS (SELECT FROM {message} AS m WHERE m.digest = b.digest)"
