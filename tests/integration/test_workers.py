@@ -96,10 +96,19 @@ class TestWorkers:
             assert "worker 2: pobox" in text
             assert 2 == text.count("Login: user=<alice>")
 
-    async def test_throttle_counts_across_workers(self, tmp_path: Path) -> None:
-        """Failures made on one worker refuse the next login on the other (memory state)."""
+    @pytest.mark.parametrize("second_logged_in_before", [False, True])
+    async def test_throttle_counts_across_workers(
+        self, tmp_path: Path, second_logged_in_before: bool
+    ) -> None:
+        """Failures made on one worker refuse the next login on the other (memory state),
+        whether the other has logged users in before (and so asks the master only about
+        addresses it was told failed) or not."""
         async with two_workers(tmp_path, auth_failures_per_ip=3) as proc:
             first, second = worker_pids(proc)
+            if second_logged_in_before:
+                wire = await connect_to(proc, second)
+                assert b"+OK Logged in.\r\n" == await login(wire, b"alice", b"secret")
+                assert b"+OK" == (await wire.command(b"QUIT"))[:3]
             for _ in range(3):
                 wire = await connect_to(proc, first)
                 assert b"-ERR [AUTH]" == (await login(wire, b"alice", b"wrong"))[:11]

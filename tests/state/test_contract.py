@@ -26,6 +26,7 @@ from pobox.state import (
 )
 from pobox.state.postgres import PostgresFailureCounters, PostgresSessionRegistry, PostgresState
 from pobox.state.remote import (
+    FailingKeys,
     RemoteFailureCounters,
     RemoteSessionRegistry,
     RemoteState,
@@ -656,3 +657,183 @@ class TestRemoteNotices:
         with pytest.raises(StateUnavailable):
             await RemoteSessionRegistry(state, "a").unregister("s1")
         await state.aclose()
+
+
+async def _frame(reader: asyncio.StreamReader) -> bytes:
+    """Read one framed message (failing, not hanging, if none comes)."""
+    async with asyncio.timeout(30):
+        return await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+
+
+def _framed(*messages: bytes) -> bytes:
+    return b"".join(len(m).to_bytes(4, "big") + m for m in messages)
+
+
+class TestFailingKeys:
+    """A worker's record of the keys its master said failed: a superset, bounded."""
+
+    def test_kept_a_window_after_the_last_push(self) -> None:
+        """A key may have failures until window seconds after its last push, not longer."""
+        clock = Clock()
+        failing = FailingKeys(60, clock=clock)
+        failing.add(["ip:a"])
+        clock.now += 50
+        failing.add(["ip:a"])
+        clock.now += 59
+        assert failing.any(["ip:b", "ip:a"])
+        clock.now += 1
+        assert not failing.any(["ip:a"])
+
+    def test_expired_keys_swept_by_pushes(self) -> None:
+        """A push drops the expired keys at the old end: the record does not grow for ever."""
+        clock = Clock()
+        failing = FailingKeys(60, clock=clock)
+        failing.add(["ip:a", "ip:b"])
+        clock.now += 60
+        failing.add(["ip:c"])
+        assert 1 == len(failing)
+
+    def test_oldest_pushed_dropped_beyond_max_entries(self) -> None:
+        """Beyond max_entries the least recently pushed go first, as the master forgets them."""
+        failing = FailingKeys(60, max_entries=2, clock=Clock())
+        for key in ("ip:1", "ip:2", "ip:1", "ip:3"):
+            failing.add([key])
+        assert (True, False, True) == (
+            failing.any(["ip:1"]),
+            failing.any(["ip:2"]),
+            failing.any(["ip:3"]),
+        )
+
+    def test_discard(self) -> None:
+        """discard() forgets the keys given and leaves the others."""
+        failing = FailingKeys(60, clock=Clock())
+        failing.add(["ip:a", "ip:b"])
+        failing.discard(["ip:a", "ip:never"])
+        assert (False, True) == (failing.any(["ip:a"]), failing.any(["ip:b"]))
+
+
+class TestRemoteFailureCountersAskOnlyWhenFailing:
+    """A worker asks its master for counts only of keys the master said failed."""
+
+    async def test_no_failure_no_round_trip(self) -> None:
+        """After the first count (which subscribes), counts of keys that never failed are
+        answered without a round trip."""
+        workers = Workers()
+        try:
+            state = workers.connect(60, Clock())
+            counters = RemoteFailureCounters(state)
+            assert [0] == await counters.counts(["ip:a"])
+            calls = state.calls
+            for _ in range(3):
+                assert [0, 0] == await counters.counts(["ip:a", "ip:b"])
+            assert calls == state.calls
+        finally:
+            await workers.aclose()
+
+    async def test_failure_at_another_worker_is_asked(self) -> None:
+        """A failure counted through one worker is asked for by the other at its next count;
+        other keys still need no round trip."""
+        workers = Workers()
+        try:
+            one = RemoteFailureCounters(workers.connect(60, Clock()))
+            two_state = workers.connect(60, Clock())
+            two = RemoteFailureCounters(two_state)
+            assert [0] == await two.counts(["ip:a"])
+            assert [1] == await one.add(["ip:a"])
+            assert [1] == await two.counts(["ip:a"])
+            calls = two_state.calls
+            assert [0] == await two.counts(["ip:b"])
+            assert calls == two_state.calls
+        finally:
+            await workers.aclose()
+
+    async def test_late_subscriber_sees_earlier_failures(self) -> None:
+        """A worker started after failures were counted (a restart) learns of them."""
+        workers = Workers()
+        try:
+            one = RemoteFailureCounters(workers.connect(60, Clock()))
+            await one.add(["ip:a", "user:b"])
+            two = RemoteFailureCounters(workers.connect(60, Clock()))
+            assert [1, 1, 0] == await two.counts(["ip:a", "user:b", "ip:c"])
+        finally:
+            await workers.aclose()
+
+    async def test_count_gone_to_zero_is_forgotten(self) -> None:
+        """Once the master says a key's count is gone (window passed, or cleared), the
+        worker stops asking about it."""
+        clock = Clock()
+        workers = Workers()
+        try:
+            state = workers.connect(60, clock)
+            counters = RemoteFailureCounters(state)
+            await counters.add(["ip:a"])
+            assert [1] == await counters.counts(["ip:a"])
+            clock.now += 60
+            assert [0] == await counters.counts(["ip:a"])
+            calls = state.calls
+            assert [0] == await counters.counts(["ip:a"])
+            assert calls == state.calls
+        finally:
+            await workers.aclose()
+
+    async def test_master_pushes_before_answering_the_add(self) -> None:
+        """On the wire: a subscribed worker is told of an add before the adder's answer is
+        written; the subscription lists the live keys, with the window."""
+        clock = Clock()
+        service = StateService(60, "a", clock=clock)
+        ends = [socket.socketpair() for _ in range(2)]
+        for master_end, _ in ends:
+            service.attach(master_end)
+        (r1, w1), (r2, w2) = [await asyncio.open_unix_connection(sock=e) for _, e in ends]
+        try:
+            assert "[1,[1]]" == await _raw_call(r2, w2, '[1,"add",{"keys":["ip:old"]}]')
+            clock.now += 30
+            assert "[2,[1]]" == await _raw_call(r2, w2, '[2,"add",{"keys":["ip:new"]}]')
+            clock.now += 30  # ip:old expired, and no add since swept it
+            assert '[1,[60,["ip:new"]]]' == await _raw_call(r1, w1, '[1,"failing",{}]')
+            reply = await _raw_call(r2, w2, '[3,"add",{"keys":["ip:a","user:b"]}]')
+            assert "[3,[1,1]]" == reply
+            assert b'[0,["failing",["ip:a","user:b"]]]' == await _frame(r1)
+        finally:
+            w1.close()
+            w2.close()
+            await service.aclose()
+
+    async def test_push_behind_the_subscription_is_kept(self) -> None:
+        """A failure pushed right behind the answer that subscribes is not lost."""
+        master_end, worker_end = socket.socketpair()
+        state = RemoteState(worker_end)
+        counters = RemoteFailureCounters(state)
+        reader, writer = await asyncio.open_unix_connection(sock=master_end)
+        try:
+            first = asyncio.ensure_future(counters.counts(["ip:b"]))
+            assert b'[1,"failing",{}]' == await _frame(reader)
+            writer.write(_framed(b"[1,[60,[]]]", b'[0,["failing",["ip:a"]]]'))
+            assert [0] == await first
+            second = asyncio.ensure_future(counters.counts(["ip:a"]))
+            assert b'[2,"counts",{"keys":["ip:a"]}]' == await _frame(reader)
+            writer.write(_framed(b"[2,[1]]"))
+            assert [1] == await second
+        finally:
+            await state.aclose()
+            writer.close()
+
+    async def test_push_behind_a_zero_count_keeps_the_key(self) -> None:
+        """A count of 0 followed at once by a push of that key (a newer failure) leaves the
+        key asked for."""
+        master_end, worker_end = socket.socketpair()
+        state = RemoteState(worker_end)
+        counters = RemoteFailureCounters(state)
+        reader, writer = await asyncio.open_unix_connection(sock=master_end)
+        try:
+            first = asyncio.ensure_future(counters.counts(["ip:a"]))
+            await _frame(reader)
+            writer.write(_framed(b'[1,[60,["ip:a"]]]'))
+            await _frame(reader)
+            writer.write(_framed(b"[2,[0]]", b'[0,["failing",["ip:a"]]]'))
+            assert [0] == await first
+            assert counters.failing is not None
+            assert counters.failing.any(["ip:a"])
+        finally:
+            await state.aclose()
+            writer.close()

@@ -101,6 +101,12 @@ class MemoryFailureCounters:
         for key in keys:
             self._data.pop(key, None)
 
+    def failing(self) -> list[str]:
+        """Return the keys whose count is live, least recently failed first (the order in
+        which :meth:`add` forgets them beyond ``max_entries``)."""
+        now = self._clock()
+        return [key for key, (first, _) in self._data.items() if now - first < self.window]
+
 
 class MemoryDownloadCounters:
     """A :class:`~pobox.state.base.DownloadCounters` in memory: ``user → (day, octets)``.

@@ -28,6 +28,23 @@ handles ready sockets in the order they became ready).  A notice that fails on t
 is logged there; one the master cannot receive (it is gone) raises
 :class:`~pobox.state.base.StateUnavailable` at once, as a call does.
 
+A login asks the throttle for its address's failures before the password is checked, and
+on a healthy server the answer is nearly always none: so a worker does not ask the master
+while the master has said of no key it asks about that it failed.  Its first ``counts``
+subscribes it (``failing``: the window, and the keys whose count is live); from then on, the
+master pushes each ``add``'s keys to every subscribed worker, ``[0, ["failing", keys]]``,
+before it answers that ``add``.  The worker's :class:`FailingKeys` is thus a superset of the
+keys the master counts: a key is dropped only when a count the worker asked says ``0`` (and
+no push came in between), when ``window`` has passed since its last push (a count lives
+``window`` from its *first* failure), or beyond :data:`~pobox.state.memory.MAX_ENTRIES`,
+oldest push first, which is the order in which the master forgets them too.  A failure at
+one worker therefore reaches the others before its client hears the ``-ERR`` (the push is
+in their socket buffers before the ``add`` is answered, and the answer waits
+``auth_failure_delay``): a login that follows a failure, on any worker, asks the master as
+before.  Only logins already under way while a failure is being counted miss it, as they
+did when every login asked (their ``counts`` could be answered before that ``add``
+arrived).  So a login costs one round trip to the master, ``register``, and a notice.
+
 The session registry of one node forgets, at a heartbeat, the sessions the node no longer
 has.  With several workers each heartbeat lists only that worker's sessions, so the service
 keeps each worker's own set: a heartbeat replaces the set of its worker, and the registry is
@@ -54,11 +71,13 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from pobox.state.base import Admission, SessionEntry, StateUnavailable
 from pobox.state.memory import (
+    MAX_ENTRIES,
     MemoryDownloadCounters,
     MemoryFailureCounters,
     MemoryLoginTimes,
@@ -66,6 +85,7 @@ from pobox.state.memory import (
 )
 
 __all__ = [
+    "FailingKeys",
     "RemoteDownloadCounters",
     "RemoteFailureCounters",
     "RemoteLoginTimes",
@@ -141,6 +161,8 @@ class StateService:
         #: Each worker's sessions → octets of mail sent, as of its last heartbeat.
         self._octets: dict[int, dict[str, int]] = {}
         self._writers: dict[int, asyncio.StreamWriter] = {}
+        #: The workers told of each failure (those that asked ``failing``).
+        self._subscribed: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._next = 0
 
@@ -208,9 +230,20 @@ class StateService:
         finally:
             self._octets.pop(worker, None)
             self._writers.pop(worker, None)
+            self._subscribed.discard(worker)
             for session_id in self._live.pop(worker, ()):
                 await self.registry.unregister(session_id)
             writer.close()
+
+    def _push_failing(self, keys: list[str]) -> None:
+        """Tell every subscribed worker that ``keys`` failed (before the ``add`` is answered)."""
+        if not self._subscribed:
+            return
+        message = _encode([0, ["failing", keys]])
+        for worker in self._subscribed:
+            writer = self._writers.get(worker)
+            if writer is not None and not writer.is_closing():
+                writer.write(message)
 
     async def _answer(self, worker: int, message: list[Any]) -> list[Any]:
         try:
@@ -225,7 +258,13 @@ class StateService:
         if op == "counts":
             return await self.counters.counts(list(args["keys"]))
         if op == "add":
-            return await self.counters.add(list(args["keys"]))
+            keys = list(args["keys"])
+            counts = await self.counters.add(keys)
+            self._push_failing(keys)
+            return counts
+        if op == "failing":
+            self._subscribed.add(worker)
+            return [self.counters.window, self.counters.failing()]
         if op == "clear":
             await self.counters.clear(list(args["keys"]))
             return None
@@ -294,6 +333,10 @@ class RemoteState:
         self.timeout = timeout
         self.on_lost = on_lost
         self.on_kick: Callable[[list[str]], object] | None = None
+        #: Called with the keys of each failure the master pushes (:class:`FailingKeys`).
+        self.on_failing: Callable[[list[str]], object] | None = None
+        #: Round trips made so far (calls; notices are not counted).
+        self.calls = 0
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -329,11 +372,17 @@ class RemoteState:
         self._lose()
 
     def _pushed(self, body: object) -> None:
-        if not (isinstance(body, list) and len(body) == 2 and body[0] == "kick"):
+        if not (
+            isinstance(body, list)
+            and len(body) == 2
+            and body[0] in ("kick", "failing")
+            and isinstance(body[1], list)
+        ):
             logger.debug("master: unknown message from the master: %.100r", body)
             return
-        if self.on_kick is not None and isinstance(body[1], list):
-            self.on_kick([str(i) for i in body[1]])
+        handler = self.on_kick if body[0] == "kick" else self.on_failing
+        if handler is not None:
+            handler([str(i) for i in body[1]])
 
     def _lose(self) -> None:
         if self._lost:
@@ -359,6 +408,7 @@ class RemoteState:
         if self._lost or self._writer is None:
             raise StateUnavailable("the master is gone")
         self._next += 1
+        self.calls += 1
         call_id = self._next
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
@@ -396,15 +446,110 @@ class RemoteState:
                 await self._reading
 
 
+class FailingKeys:
+    """The keys a worker's master said failed: a superset of those it counts (in a worker).
+
+    See the module's theory of operation.  Each key is kept until ``window`` seconds after
+    its last push, in the order of the pushes; beyond ``max_entries`` the oldest go first.
+
+    Args:
+        window: ``auth_failure_window``, as the master said.
+        max_entries: keys kept at most (the master's bound).
+        clock: a monotonic clock (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        window: float,
+        *,
+        max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._clock = clock
+        self._until: OrderedDict[str, float] = OrderedDict()
+        #: Pushes taken so far: a count asked across one may not drop its key.
+        self.pushes = 0
+
+    def __len__(self) -> int:
+        """How many keys are kept now (expired ones may linger until swept)."""
+        return len(self._until)
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Note that ``keys`` failed now (a push); sweep expired keys at the old end."""
+        self.pushes += 1
+        now = self._clock()
+        until, kept = now + self.window, self._until
+        for key in keys:
+            kept[key] = until
+            kept.move_to_end(key)
+        while kept and (next(iter(kept.values())) <= now or len(kept) > self.max_entries):
+            kept.popitem(last=False)
+
+    def any(self, keys: Iterable[str]) -> bool:
+        """Return whether any of ``keys`` may have failures (those the master must count)."""
+        kept = self._until
+        if not kept:  # the usual case: nothing failed within the window
+            return False
+        now = self._clock()
+        return any(kept.get(key, now) > now for key in keys)
+
+    def discard(self, keys: Iterable[str]) -> None:
+        """Forget ``keys`` (the master counts none for them)."""
+        for key in keys:
+            self._until.pop(key, None)
+
+
 class RemoteFailureCounters:
-    """A :class:`~pobox.state.base.FailureCounters` held by the master."""
+    """A :class:`~pobox.state.base.FailureCounters` held by the master.
+
+    ``counts`` asks the master only for keys it said failed (:class:`FailingKeys`).
+    """
 
     def __init__(self, state: RemoteState) -> None:
         self._state = state
+        #: The keys the master said failed, once subscribed (the first ``counts``).
+        self.failing: FailingKeys | None = None
+        self._early: list[list[str]] | None = None
+        self._subscribing = asyncio.Lock()
+        state.on_failing = self._pushed
+
+    def _pushed(self, keys: list[str]) -> None:
+        if self.failing is not None:
+            self.failing.add(keys)
+        elif self._early is not None:  # pushed behind the answer to ``failing``
+            self._early.append(keys)
+
+    async def _subscribe(self) -> FailingKeys:
+        async with self._subscribing:  # one ``failing`` call, whatever the counts waiting
+            if self.failing is not None:
+                return self.failing
+            self._early = []
+            try:
+                window, keys = await self._state.call("failing")
+                failing = FailingKeys(float(window))
+                failing.add(str(k) for k in keys)
+                for pushed in self._early:
+                    failing.add(pushed)
+            finally:
+                self._early = None
+            self.failing = failing
+            return failing
 
     async def counts(self, keys: Sequence[str]) -> list[int]:
-        """Return the failures remembered for each of ``keys`` (0 when none), in order."""
-        return [int(n) for n in await self._state.call("counts", keys=list(keys))]
+        """Return the failures remembered for each of ``keys`` (0 when none), in order.
+
+        Without a round trip to the master when it said none of ``keys`` failed.
+        """
+        failing = self.failing or await self._subscribe()
+        if not failing.any(keys):
+            return [0] * len(keys)
+        pushes = failing.pushes
+        counts = [int(n) for n in await self._state.call("counts", keys=list(keys))]
+        if failing.pushes == pushes:  # else a push may be newer than these counts
+            failing.discard(key for key, n in zip(keys, counts, strict=True) if not n)
+        return counts
 
     async def add(self, keys: Sequence[str]) -> list[int]:
         """Count one failure for each of ``keys``; return each count, this failure included."""
