@@ -187,6 +187,28 @@ def _holder(host: str, port: int, users: list[str], conn) -> None:
 # --------------------------------------------------------------------------- one server
 
 
+#: Seconds the idle holder has to report after "stop" (its last NOOPs time out after 60).
+_HOLDER_REPORT_TIMEOUT = 150
+#: Seconds a generator process has to exit once it has sent its result.
+_EXIT_TIMEOUT = 30
+
+
+def _reap(process: multiprocessing.process.BaseProcess, what: str) -> None:
+    """Join a generator process that has sent its result; end it if it does not exit.
+
+    Its result is in hand already: a process stuck in its exit (the interpreter's shutdown in
+    a forked child) must not stall the soak, only be noted.
+    """
+    process.join(_EXIT_TIMEOUT)
+    if process.is_alive():
+        print(f"  {what} had not exited {_EXIT_TIMEOUT} s after its result: ended", flush=True)
+        process.terminate()
+        process.join(_EXIT_TIMEOUT)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def soak_server(
     name: str, root: Path, groups: dict[str, list[str]], args: argparse.Namespace
 ) -> SoakResult:
@@ -240,11 +262,21 @@ def soak_server(
                 )
                 next_sample += args.interval
             busy_parent.poll(min(1.0, max(0.05, next_sample - now)))
+        print(f"  {name} busy load done after {time.monotonic() - started:.0f}s", flush=True)
+        if not busy_parent.poll(_EXIT_TIMEOUT):  # it ended without a result
+            _reap(busy, "busy load process")
+            msg = f"soak {name}: the busy load process sent no result (exit code {busy.exitcode})"
+            raise RuntimeError(msg)
         result.busy = busy_parent.recv()
-        busy.join()
+        _reap(busy, "busy load process")
         parent.send("stop")
+        # The holder's last NOOPs wait 60 s at most each, all at once.
+        if not parent.poll(_HOLDER_REPORT_TIMEOUT):
+            holder.terminate()
+            msg = f"soak {name}: the idle holder did not report within {_HOLDER_REPORT_TIMEOUT} s"
+            raise RuntimeError(msg)
         _, result.idle_held, result.idle_errors, result.idle_first_error = parent.recv()
-        holder.join()
+        _reap(holder, "idle holder")
     print(
         f"soak {name}: busy {result.busy.ops:,} sessions, {result.busy.errors} errors"
         + (f" (first: {result.busy.first_error})" if result.busy.errors else "")
