@@ -615,7 +615,10 @@ class PostgresStore:
     async def update(self, maildrop: PostgresMaildrop, uids: list[int]) -> list[bytes]:
         """Delete ``uids`` from ``maildrop`` in one transaction; return the freed digests.
 
-        A locked maildrop's UPDATE runs on its lock connection and checks the lock first.
+        A locked maildrop's UPDATE runs on its lock connection and checks the lock first. If
+        the connection breaks during COMMIT, the outcome is asked of the server
+        (``pg_xact_status``), as for a delivery: a deletion that did commit is reported as
+        done, not as failed with the messages gone.
 
         Raises:
             StorageTemporaryError: the lock is gone, or the database failed; nothing deleted.
@@ -624,8 +627,11 @@ class PostgresStore:
         fence = split_key(maildrop.key) if connection is not None else None
         retention = self._retention
         now = int(time.time())
+        #: The transaction's id, whether its COMMIT is under way, and what it frees.
+        state: dict[str, object] = {"xid": None, "committing": False, "freed": []}
 
         async def work(conn: Conn) -> list[bytes]:
+            state["committing"] = False
             async with conn.transaction():
                 if fence is not None:
                     cur = await conn.execute(
@@ -658,8 +664,30 @@ class PostgresStore:
                         {"mailbox": maildrop.mailbox, "before": now - retention},
                     )
                     freed = [_bytes(row[0]) for row in await cur.fetchall()]
+                cur = await conn.execute(self._sql.current_xid)
+                row = await cur.fetchone()
+                state["xid"] = None if row is None else row[0]
+                state["freed"] = freed
+                state["committing"] = True  # the block's end is the COMMIT
             return freed
 
+        try:
+            return await self._update_on(connection, maildrop, work)
+        except StorageTemporaryError as failure:
+            if not state["committing"] or state["xid"] is None:
+                raise
+            await self._resolve(str(state["xid"]), failure, "deleting messages")
+            freed_list = state["freed"]
+            assert isinstance(freed_list, list)
+            return freed_list
+
+    async def _update_on(
+        self,
+        connection: LockConnection | None,
+        maildrop: PostgresMaildrop,
+        work: Callable[[Conn], Awaitable[list[bytes]]],
+    ) -> list[bytes]:
+        """Run an UPDATE's ``work`` on the maildrop's lock connection, or a pooled one."""
         if connection is None:
             return await self._run("deleting messages", work, retry=False)
         if maildrop.lost:
@@ -910,7 +938,7 @@ class PostgresStore:
 
         return await self._run("importing", work, retry=False)
 
-    async def _resolve(self, xid: str, failure: StorageError) -> None:
+    async def _resolve(self, xid: str, failure: StorageError, what: str = "delivering") -> None:
         """Find out whether the transaction ``xid``, whose COMMIT went unanswered, committed.
 
         Raises:
@@ -930,13 +958,13 @@ class PostgresStore:
                 await asyncio.sleep(0.5)
                 continue
             if state == "committed":
-                logger.warning("delivery: COMMIT of %s went unanswered but did commit", xid)
+                logger.warning("%s: COMMIT of %s went unanswered but did commit", what, xid)
                 return
             if state == "in progress":
                 await asyncio.sleep(0.1)
                 continue
             raise failure
-        msg = f"delivering: the outcome of transaction {xid} is unknown: {failure}"
+        msg = f"{what}: the outcome of transaction {xid} is unknown: {failure}"
         raise StorageTemporaryError(msg)
 
     async def _put_body(self, conn: Conn, digest: bytes, body: Body) -> None:
