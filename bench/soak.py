@@ -121,10 +121,13 @@ async def _hold(host: str, port: int, users: list[str], conn) -> None:
     errors = await loadgen.hold_idle(host, port, users, run.PASSWORD, opened)
     first = f"{errors} logins failed" if errors else ""
     conn.send(("ready", len(opened), errors))
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    loop.add_reader(conn.fileno(), lambda: stop.done() or stop.set_result(None))
     alive = list(opened)
+
+    async def stop() -> None:
+        # Polled, not a loop.add_reader: a holder once waited for minutes with "stop" unread
+        # in its pipe, whose descriptor was no longer in the event loop's epoll set.
+        while not conn.poll():
+            await asyncio.sleep(_STOP_POLL)
 
     async def noop(client: loadgen.Client) -> str:
         try:
@@ -147,8 +150,7 @@ async def _hold(host: str, port: int, users: list[str], conn) -> None:
 
     nonlocal_errors: list[str] = []
     keeper = asyncio.ensure_future(keep_alive())
-    await stop
-    loop.remove_reader(conn.fileno())
+    await stop()
     keeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await keeper
@@ -187,6 +189,8 @@ def _holder(host: str, port: int, users: list[str], conn) -> None:
 # --------------------------------------------------------------------------- one server
 
 
+#: How often the idle holder looks for "stop" in its pipe (seconds).
+_STOP_POLL = 0.2
 #: Seconds the idle holder has to report after "stop" (its last NOOPs time out after 60).
 _HOLDER_REPORT_TIMEOUT = 150
 #: Seconds a generator process has to exit once it has sent its result.
