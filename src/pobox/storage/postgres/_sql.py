@@ -130,8 +130,9 @@ _TEXT: dict[str, LiteralString] = {
     " VALUES (%(mailbox)s, %(uid)s, %(uidl)s, %(wire_size)s, %(size)s, %(digest)s,"
     " %(header)s, %(folder)s)",
     "xact_status": "SELECT pg_catalog.pg_xact_status(%(xid)s::xid8)",
-    # The UPDATE's transaction, asked before its COMMIT (resolved like a delivery's).
-    "current_xid": "SELECT pg_catalog.pg_current_xact_id()::text",
+    # After an UPDATE's COMMIT went unanswered: how many of its messages are still there.
+    "remaining": "SELECT count(*) FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)",
     "usage": "SELECT octets, messages FROM {mailbox} WHERE mailbox = %(mailbox)s",
     # --- import (pobox import): messages with their UIDL and size kept --------------------
     # Create the maildrop or lock its row (serialising imports and deliveries to it).
@@ -223,7 +224,7 @@ class Statements:
     count: bytes
     insert_message: bytes
     xact_status: bytes
-    current_xid: bytes
+    remaining: bytes
     usage: bytes
     lock_mailbox: bytes
     known_uidls: bytes

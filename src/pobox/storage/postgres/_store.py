@@ -616,9 +616,10 @@ class PostgresStore:
         """Delete ``uids`` from ``maildrop`` in one transaction; return the freed digests.
 
         A locked maildrop's UPDATE runs on its lock connection and checks the lock first. If
-        the connection breaks during COMMIT, the outcome is asked of the server
-        (``pg_xact_status``), as for a delivery: a deletion that did commit is reported as
-        done, not as failed with the messages gone.
+        the connection breaks during COMMIT, the outcome is found by looking: when none of
+        the messages is there any more, the deletion is reported as done, not as failed with
+        the messages gone. (Not ``pg_xact_status``: after a crash, a transaction id whose
+        commit never reached the disk can be given to a later transaction, which commits.)
 
         Raises:
             StorageTemporaryError: the lock is gone, or the database failed; nothing deleted.
@@ -627,8 +628,8 @@ class PostgresStore:
         fence = split_key(maildrop.key) if connection is not None else None
         retention = self._retention
         now = int(time.time())
-        #: The transaction's id, whether its COMMIT is under way, and what it frees.
-        state: dict[str, object] = {"xid": None, "committing": False, "freed": []}
+        #: Whether the COMMIT is under way, and what it frees.
+        state: dict[str, object] = {"committing": False, "freed": []}
 
         async def work(conn: Conn) -> list[bytes]:
             state["committing"] = False
@@ -664,9 +665,6 @@ class PostgresStore:
                         {"mailbox": maildrop.mailbox, "before": now - retention},
                     )
                     freed = [_bytes(row[0]) for row in await cur.fetchall()]
-                cur = await conn.execute(self._sql.current_xid)
-                row = await cur.fetchone()
-                state["xid"] = None if row is None else row[0]
                 state["freed"] = freed
                 state["committing"] = True  # the block's end is the COMMIT
             return freed
@@ -674,12 +672,40 @@ class PostgresStore:
         try:
             return await self._update_on(connection, maildrop, work)
         except StorageTemporaryError as failure:
-            if not state["committing"] or state["xid"] is None:
+            if not state["committing"]:
                 raise
-            await self._resolve(str(state["xid"]), failure, "deleting messages")
+            await self._resolve_update(maildrop.mailbox, uids, failure)
             freed_list = state["freed"]
             assert isinstance(freed_list, list)
             return freed_list
+
+    async def _resolve_update(self, mailbox: str, uids: list[int], failure: StorageError) -> None:
+        """Find out whether an UPDATE whose COMMIT went unanswered deleted its messages.
+
+        Raises:
+            StorageTemporaryError: some are still there (it did not commit), or nobody can
+                tell in time.
+        """
+        deadline = time.monotonic() + COMMIT_RESOLVE_TIME
+        values = {"mailbox": mailbox, "uids": uids}
+
+        async def work(conn: Conn) -> int:
+            cur = await conn.execute(self._sql.remaining, values)
+            row = await cur.fetchone()
+            return 0 if row is None else _int(row[0])
+
+        while time.monotonic() < deadline:
+            try:
+                remaining = await self._run("resolving a commit", work)
+            except StorageTemporaryError:
+                await asyncio.sleep(0.5)
+                continue
+            if remaining:
+                raise failure
+            logger.warning("deleting messages: COMMIT went unanswered but did commit")
+            return
+        msg = f"deleting messages: the outcome is unknown: {failure}"
+        raise StorageTemporaryError(msg)
 
     async def _update_on(
         self,
@@ -938,7 +964,7 @@ class PostgresStore:
 
         return await self._run("importing", work, retry=False)
 
-    async def _resolve(self, xid: str, failure: StorageError, what: str = "delivering") -> None:
+    async def _resolve(self, xid: str, failure: StorageError) -> None:
         """Find out whether the transaction ``xid``, whose COMMIT went unanswered, committed.
 
         Raises:
@@ -958,13 +984,13 @@ class PostgresStore:
                 await asyncio.sleep(0.5)
                 continue
             if state == "committed":
-                logger.warning("%s: COMMIT of %s went unanswered but did commit", what, xid)
+                logger.warning("delivery: COMMIT of %s went unanswered but did commit", xid)
                 return
             if state == "in progress":
                 await asyncio.sleep(0.1)
                 continue
             raise failure
-        msg = f"{what}: the outcome of transaction {xid} is unknown: {failure}"
+        msg = f"delivering: the outcome of transaction {xid} is unknown: {failure}"
         raise StorageTemporaryError(msg)
 
     async def _put_body(self, conn: Conn, digest: bytes, body: Body) -> None:
