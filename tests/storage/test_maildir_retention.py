@@ -7,8 +7,10 @@ next UPDATE purges what expired, and that the maildir's user cannot make pobox f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import astuple
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from pobox.storage.privsep import OwnerPolicy, StorageHelper
 from pobox.storage.privsep._helper import Settings
 from pobox.storage.privsep._protocol import InvalidRequest
 from tests.helpers.accounts import ALICE as ACCOUNT
-from tests.helpers.accounts import chown_tree, system_user
+from tests.helpers.accounts import Account, chown_tree, system_user
 from tests.helpers.dovecot import searchable_tmpdir
 from tests.helpers.maildir import User, deliver
 
@@ -145,8 +147,12 @@ def test_config_rejects_a_bad_duration() -> None:
         build_config({"pop3_delete_retention": "7 days"})
 
 
-async def test_through_the_storage_helper_as_the_mail_owner() -> None:
-    """Mode 3 (root, mail of an unprivileged user): kept and restored files stay the user's."""
+@contextlib.asynccontextmanager
+async def _owned_by_alice(
+    junk: bytes | None = None,
+) -> AsyncIterator[tuple[Account, User, Path, StorageHelper]]:
+    """Mode 3 with retention on: alice's maildir (a message in the INBOX, ``junk`` in
+    ``.Junk``), all hers, and a storage helper serving it (closed at the end if still open)."""
     owner = system_user(ACCOUNT)
     with searchable_tmpdir() as folder:
         config = build_config(
@@ -162,17 +168,26 @@ async def test_through_the_storage_helper_as_the_mail_owner() -> None:
         user = User("alice", home=str(home), uid=owner.uid, gid=owner.gid)
         maildir = home / "Maildir"
         deliver(maildir, b"Subject: mine\n\nbody\n")
+        if junk is not None:
+            deliver(maildir / ".Junk", junk)
         chown_tree(maildir, owner)
         helper = await StorageHelper.start(
             config, OwnerPolicy.from_config(config, fallback=None), on_lost=print
         )
         try:
-            maildrop = await helper.store.open(user)
-            (info,) = maildrop.messages
-            result = await maildrop.delete([info.key])
-            await maildrop.close()
+            yield owner, user, maildir, helper
         finally:
             await helper.aclose()
+
+
+async def test_through_the_storage_helper_as_the_mail_owner() -> None:
+    """Mode 3 (root, mail of an unprivileged user): kept and restored files stay the user's."""
+    async with _owned_by_alice() as (owner, user, maildir, helper):
+        maildrop = await helper.store.open(user)
+        (info,) = maildrop.messages
+        result = await maildrop.delete([info.key])
+        await maildrop.close()
+        await helper.aclose()
         kept = list((maildir / DELETED_FOLDER / "cur").iterdir())
         owners = {p.stat().st_uid for p in [maildir / DELETED_FOLDER, *kept]}
         local = MaildirStore("maildir:~/Maildir", owner=owner.uid, retention=WEEK)
@@ -283,34 +298,13 @@ async def test_junk_kept_through_the_storage_helper_and_restored_into_junk() -> 
     """Mode 3: a Junk message deleted in a folder session through the helper is kept in the
     maildir's ``.pobox-deleted/`` (the user's file), and restored into ``.Junk/`` with the UIDL
     the merged listing gave it."""
-    owner = system_user(ACCOUNT)
-    with searchable_tmpdir() as folder:
-        config = build_config(
-            {
-                "mail_location": "maildir:~/Maildir",
-                "passwd_file": str(folder / "passwd"),
-                "pop3_delete_retention": "7d",
-            }
-        )
-        home = folder / "home" / "alice"
-        home.mkdir(parents=True)
-        os.chown(home, owner.uid, owner.gid)
-        user = User("alice", home=str(home), uid=owner.uid, gid=owner.gid)
-        maildir = home / "Maildir"
-        deliver(maildir, b"Subject: mine\n\nbody\n")
-        deliver(maildir / ".Junk", b"Subject: spam\n\nbuy\n")
-        chown_tree(maildir, owner)
-        helper = await StorageHelper.start(
-            config, OwnerPolicy.from_config(config, fallback=None), on_lost=print
-        )
-        try:
-            maildrop = await helper.store.open_folders(user, ["INBOX", "Junk"])
-            before = [(i.folder, i.uidl, i.size) for i in maildrop.messages]
-            (junk,) = [i for i in maildrop.messages if i.folder == "Junk"]
-            result = await maildrop.delete([junk.key])
-            await maildrop.close()
-        finally:
-            await helper.aclose()
+    async with _owned_by_alice(junk=b"Subject: spam\n\nbuy\n") as (owner, user, maildir, helper):
+        maildrop = await helper.store.open_folders(user, ["INBOX", "Junk"])
+        before = [(i.folder, i.uidl, i.size) for i in maildrop.messages]
+        (junk,) = [i for i in maildrop.messages if i.folder == "Junk"]
+        result = await maildrop.delete([junk.key])
+        await maildrop.close()
+        await helper.aclose()
         kept = list((maildir / DELETED_FOLDER / "cur").iterdir())
         owners = {p.stat().st_uid for p in kept}
         local = MaildirStore("maildir:~/Maildir", owner=owner.uid, retention=WEEK)
