@@ -194,6 +194,32 @@ with open(name, "wb") as f:
 """
 
 
+async def fetchmail_all(fetchmail: str, srv: RunningServer, tmp_path: Path) -> Path:
+    """Run ``fetchmail`` once as alice (fetchall, no keep: it deletes what it fetched), each
+    message handed to :data:`MDA`; return the folder the MDA wrote the messages into."""
+    home = tmp_path / "fm-home"
+    out = tmp_path / "fm-out"
+    home.mkdir()
+    out.mkdir()
+    mda = tmp_path / "mda.py"
+    mda.write_text(MDA)
+    rc = home / ".fetchmailrc"
+    rc.write_text(
+        "set no bouncemail\n"
+        f"poll {srv.host} with proto POP3 port {srv.port} uidl\n"
+        f'  user "alice" there with password "secret" is "alice" here\n'
+        f'  options fetchall no keep sslproto "" no sslcertck\n'
+        f'  mda "{sys.executable} {mda} {out}"\n'
+    )
+    rc.chmod(0o600)
+    await run(
+        fetchmail, "-f", str(rc), "--nodetach", "--nosyslog", "--invisible",
+        "--pidfile", str(home / "pid"),
+        env={"HOME": str(home), "FETCHMAILHOME": str(home)},
+    )  # fmt: skip
+    return out
+
+
 @pytest.mark.external
 class TestFetchmail:
     """fetchmail, the classic retrieval client."""
@@ -203,26 +229,7 @@ class TestFetchmail:
         fetchmail = need("fetchmail")
         for m in MESSAGES:
             srv.deliver("alice", m)
-        home = tmp_path / "fm-home"
-        out = tmp_path / "fm-out"
-        home.mkdir()
-        out.mkdir()
-        mda = tmp_path / "mda.py"
-        mda.write_text(MDA)
-        rc = home / ".fetchmailrc"
-        rc.write_text(
-            "set no bouncemail\n"
-            f"poll {srv.host} with proto POP3 port {srv.port} uidl\n"
-            f'  user "alice" there with password "secret" is "alice" here\n'
-            f'  options fetchall no keep sslproto "" no sslcertck\n'
-            f'  mda "{sys.executable} {mda} {out}"\n'
-        )
-        rc.chmod(0o600)
-        await run(
-            fetchmail, "-f", str(rc), "--nodetach", "--nosyslog", "--invisible",
-            "--pidfile", str(home / "pid"),
-            env={"HOME": str(home), "FETCHMAILHOME": str(home)},
-        )  # fmt: skip
+        out = await fetchmail_all(fetchmail, srv, tmp_path)
         got = sorted(p.read_bytes() for p in out.iterdir())
         assert sorted(lf(m) for m in MESSAGES) == got
         assert 0 == remaining(srv)

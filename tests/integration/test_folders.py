@@ -13,7 +13,6 @@ import logging
 import os
 import poplib
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from pobox.testing import RunningServer, running_server
 from tests.helpers import need
 from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
 from tests.helpers.maildir import deliver
-from tests.integration.test_clients import MDA, run
+from tests.integration.test_clients import fetchmail_all
 
 HAM = b"From: a@example.test\nSubject: lunch\n\nsee you\n"
 SPAM = b"From: s@example.test\nSubject: cheap pills\n\n.buy\nnow\n"
@@ -200,26 +199,7 @@ class TestFetchmailJunk:
         ) as srv:
             srv.deliver("alice", HAM)
             srv.deliver_to_folder("alice", "Junk", SPAM)
-            home = tmp_path / "fm-home"
-            out = tmp_path / "fm-out"
-            home.mkdir()
-            out.mkdir()
-            mda = tmp_path / "mda.py"
-            mda.write_text(MDA)
-            rc = home / ".fetchmailrc"
-            rc.write_text(
-                "set no bouncemail\n"
-                f"poll {srv.host} with proto POP3 port {srv.port} uidl\n"
-                f'  user "alice" there with password "secret" is "alice" here\n'
-                f'  options fetchall no keep sslproto "" no sslcertck\n'
-                f'  mda "{sys.executable} {mda} {out}"\n'
-            )
-            rc.chmod(0o600)
-            await run(
-                fetchmail, "-f", str(rc), "--nodetach", "--nosyslog", "--invisible",
-                "--pidfile", str(home / "pid"),
-                env={"HOME": str(home), "FETCHMAILHOME": str(home)},
-            )  # fmt: skip
+            out = await fetchmail_all(fetchmail, srv, tmp_path)
             left = (srv.count("alice"), srv.count_folder("alice", "Junk"))
         got = sorted(p.read_bytes() for p in out.iterdir())
         assert sorted([HAM, b"X-Folder: Junk\n" + SPAM]) == got
