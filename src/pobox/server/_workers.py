@@ -358,11 +358,13 @@ class Supervisor:
         was_ready, worker.ready = worker.ready, False
         if self._on_exit is not None:
             self._on_exit(proc.pid)
-        if self._stopping:
+        if self._stopping or self.failed is not None:
+            # Stopping, or going down after a worker failed at start: another worker that
+            # fails then (it cannot serve either) is not started again.
             logger.info(
                 "master: worker %d (pid %d) exited (status %d)", worker.index, proc.pid, status
             )
-        elif not was_ready and self.failed is None and not self._all_ready.is_set():
+        elif not was_ready and not self._all_ready.is_set():
             logger.error(
                 "master: worker %d (pid %d) failed at start (status %d); stopping",
                 worker.index,
