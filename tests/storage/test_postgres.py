@@ -471,3 +471,136 @@ class TestFaults:
             assert [b"before\n", b"after\n"] == await read(node, "alice")
         finally:
             await node.aclose()
+
+
+class CommitCutter:
+    """A TCP relay to the test cluster that, once armed, cuts the connection at a COMMIT.
+
+    ``lose = "reply"`` forwards the COMMIT, waits for the server's answer (so it committed)
+    and drops it; ``lose = "request"`` drops the COMMIT itself (the server sees its client go
+    in the middle of the transaction and rolls it back). Either way the client sees its
+    connection break during COMMIT and cannot know which happened.
+    """
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.lose: str | None = None
+        self.cut = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CommitCutter:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def dsn(self, dbname: str) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"host=127.0.0.1 port={port} dbname={dbname} user=postgres sslmode=disable"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        answered = asyncio.Event()  # the server answered the COMMIT sent on
+        cutting = False
+
+        async def down() -> None:
+            while data := await up_reader.read(65536):
+                if cutting:
+                    answered.set()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        pump = asyncio.create_task(down())
+        try:
+            while data := await reader.read(65536):
+                if self.lose is not None and b"COMMIT\x00" in data:
+                    lose, self.lose = self.lose, None
+                    self.cut += 1
+                    cutting = True
+                    if lose == "reply":
+                        up_writer.write(data)
+                        await up_writer.drain()
+                        await asyncio.wait_for(answered.wait(), 30)
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+        finally:
+            pump.cancel()
+            for end in (writer, up_writer):
+                end.close()
+            self._tasks.discard(task)
+
+
+@pytest.fixture
+async def cutter(pg_cluster: Postgres, pg_dsn: str) -> AsyncIterator[CommitCutter]:
+    async with CommitCutter(pg_cluster.port) as made:
+        yield made
+
+
+class TestCommitUnanswered:
+    """A COMMIT whose answer is lost is resolved by looking at the tables, both ways."""
+
+    async def cut_store(self, cutter: CommitCutter) -> PostgresStore:
+        node = PostgresStore(cutter.dsn("pobox"), pool_min=1, pool_max=2, timeout=5)
+        await node.deliver(User("alice"), incoming(b"first\n"))  # connections made, warm
+        return node
+
+    async def test_delivery_committed_is_acknowledged_once(
+        self, cutter: CommitCutter, store: PostgresStore
+    ) -> None:
+        node = await self.cut_store(cutter)
+        try:
+            cutter.lose = "reply"
+            await node.deliver(User("alice"), incoming(b"second\n"))
+            assert 1 == cutter.cut
+            assert [b"first\n", b"second\n"] == await read(store, "alice")
+        finally:
+            await node.aclose()
+
+    async def test_delivery_not_committed_is_refused(
+        self, cutter: CommitCutter, store: PostgresStore
+    ) -> None:
+        node = await self.cut_store(cutter)
+        try:
+            cutter.lose = "request"
+            with pytest.raises(StorageTemporaryError):
+                await node.deliver(User("alice"), incoming(b"second\n"))
+            assert 1 == cutter.cut
+            assert [b"first\n"] == await read(store, "alice")
+            await node.deliver(User("alice"), incoming(b"third\n"))  # the next one goes in
+            assert [b"first\n", b"third\n"] == await read(store, "alice")
+        finally:
+            await node.aclose()
+
+    @pytest.mark.parametrize("lose", ["reply", "request"])
+    async def test_update(self, cutter: CommitCutter, store: PostgresStore, lose: str) -> None:
+        """A deletion that committed is reported done; one that did not fails, mail kept."""
+        node = await self.cut_store(cutter)
+        try:
+            await node.deliver(User("alice"), incoming(b"second\n"))
+            maildrop = await node.open(User("alice"))
+            cutter.lose = lose
+            try:
+                if lose == "reply":
+                    await maildrop.delete([maildrop.messages[0].key])
+                else:
+                    with pytest.raises(StorageTemporaryError):
+                        await maildrop.delete([maildrop.messages[0].key])
+            finally:
+                await maildrop.close()
+            assert 1 == cutter.cut
+            left = [b"second\n"] if lose == "reply" else [b"first\n", b"second\n"]
+            assert left == await read(store, "alice")
+        finally:
+            await node.aclose()

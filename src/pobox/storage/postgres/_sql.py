@@ -123,16 +123,23 @@ _TEXT: dict[str, LiteralString] = {
     " VALUES (%(mailbox)s, %(uidvalidity)s, 2, 1, %(size)s)"
     " ON CONFLICT (mailbox) DO UPDATE SET next_uid = mb.next_uid + 1,"
     " messages = mb.messages + 1, octets = mb.octets + EXCLUDED.octets"
-    " RETURNING next_uid - 1, uidvalidity, messages, octets,"
-    " pg_catalog.pg_current_xact_id()::text",
+    " RETURNING next_uid - 1, uidvalidity, messages, octets",
     "insert_message": "INSERT INTO {message}"
     " (mailbox, uid, uidl, wire_size, size, digest, header, folder)"
     " VALUES (%(mailbox)s, %(uid)s, %(uidl)s, %(wire_size)s, %(size)s, %(digest)s,"
     " %(header)s, %(folder)s)",
-    "xact_status": "SELECT pg_catalog.pg_xact_status(%(xid)s::xid8)",
-    # After an UPDATE's COMMIT went unanswered: how many of its messages are still there.
-    "remaining": "SELECT count(*) FROM {message}"
-    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)",
+    # After a COMMIT went unanswered, found by looking (not pg_xact_status: after a crash a
+    # transaction id whose commit never reached the disk can be given to a later one): is the
+    # delivered message there / are the deleted ones gone, and is the backend that ran the
+    # transaction still alive (then it may yet commit: ask again).
+    "delivered": "SELECT EXISTS (SELECT FROM {message} WHERE mailbox = %(mailbox)s"
+    " AND uid = %(uid)s AND digest = %(digest)s AND header = %(header)s"
+    " AND folder = %(folder)s), EXISTS (SELECT FROM pg_catalog.pg_stat_activity"
+    " WHERE pid = %(pid)s AND pid <> pg_catalog.pg_backend_pid())",
+    "deleted": "SELECT NOT EXISTS (SELECT FROM {message}"
+    " WHERE mailbox = %(mailbox)s AND uid = ANY(%(uids)s)),"
+    " EXISTS (SELECT FROM pg_catalog.pg_stat_activity"
+    " WHERE pid = %(pid)s AND pid <> pg_catalog.pg_backend_pid())",
     "usage": "SELECT octets, messages FROM {mailbox} WHERE mailbox = %(mailbox)s",
     # --- import (pobox import): messages with their UIDL and size kept --------------------
     # Create the maildrop or lock its row (serialising imports and deliveries to it).
@@ -223,8 +230,8 @@ class Statements:
     copy_chunks: bytes
     count: bytes
     insert_message: bytes
-    xact_status: bytes
-    remaining: bytes
+    delivered: bytes
+    deleted: bytes
     usage: bytes
     lock_mailbox: bytes
     known_uidls: bytes

@@ -8,8 +8,9 @@ same contract suite as the memory and Maildir stores.
   then the maildrop's counters take the message in under the maildrop row's lock, the quota is
   checked on the new totals, and the message row (the recipient's own header lines, the sizes,
   the UIDL) is inserted. It returns only after COMMIT. If the connection breaks during COMMIT
-  the outcome is asked of the server (``pg_xact_status``) instead of guessed, so a delivery is
-  neither lost nor, when the MTA tries again, stored twice.
+  the outcome is found by looking (is the message row there, once the backend that ran the
+  transaction is gone?) instead of guessed, so a delivery is neither lost nor, when the MTA
+  tries again, stored twice.
 * **A session** opens with one scan of the message table's primary key (sizes and UIDLs were
   fixed at delivery); RETR streams the body a few chunks at a time, each page a short query,
   so neither a 50 MB message nor a slow client holds memory or a connection.
@@ -147,10 +148,6 @@ class _BytesBody:
 
 class _CommitUnknown(Exception):
     """The connection broke while COMMIT was under way: it may or may not have happened."""
-
-    def __init__(self, xid: str) -> None:
-        super().__init__(xid)
-        self.xid = xid
 
 
 def _int(value: object) -> int:
@@ -616,10 +613,9 @@ class PostgresStore:
         """Delete ``uids`` from ``maildrop`` in one transaction; return the freed digests.
 
         A locked maildrop's UPDATE runs on its lock connection and checks the lock first. If
-        the connection breaks during COMMIT, the outcome is found by looking: when none of
-        the messages is there any more, the deletion is reported as done, not as failed with
-        the messages gone. (Not ``pg_xact_status``: after a crash, a transaction id whose
-        commit never reached the disk can be given to a later transaction, which commits.)
+        the connection breaks during COMMIT, the outcome is found by looking (:meth:`_settle`):
+        when none of the messages is there any more, the deletion is reported as done, not as
+        failed with the messages gone.
 
         Raises:
             StorageTemporaryError: the lock is gone, or the database failed; nothing deleted.
@@ -628,11 +624,12 @@ class PostgresStore:
         fence = split_key(maildrop.key) if connection is not None else None
         retention = self._retention
         now = int(time.time())
-        #: Whether the COMMIT is under way, and what it frees.
+        #: Whether the COMMIT is under way, what it frees, the backend that runs it.
         state: dict[str, object] = {"committing": False, "freed": []}
 
         async def work(conn: Conn) -> list[bytes]:
             state["committing"] = False
+            state["pid"] = conn.info.backend_pid
             async with conn.transaction():
                 if fence is not None:
                     cur = await conn.execute(
@@ -674,38 +671,11 @@ class PostgresStore:
         except StorageTemporaryError as failure:
             if not state["committing"]:
                 raise
-            await self._resolve_update(maildrop.mailbox, uids, failure)
+            values = {"mailbox": maildrop.mailbox, "uids": uids, "pid": state["pid"]}
+            await self._settle("deleting messages", self._sql.deleted, values, failure)
             freed_list = state["freed"]
             assert isinstance(freed_list, list)
             return freed_list
-
-    async def _resolve_update(self, mailbox: str, uids: list[int], failure: StorageError) -> None:
-        """Find out whether an UPDATE whose COMMIT went unanswered deleted its messages.
-
-        Raises:
-            StorageTemporaryError: some are still there (it did not commit), or nobody can
-                tell in time.
-        """
-        deadline = time.monotonic() + COMMIT_RESOLVE_TIME
-        values = {"mailbox": mailbox, "uids": uids}
-
-        async def work(conn: Conn) -> int:
-            cur = await conn.execute(self._sql.remaining, values)
-            row = await cur.fetchone()
-            return 0 if row is None else _int(row[0])
-
-        while time.monotonic() < deadline:
-            try:
-                remaining = await self._run("resolving a commit", work)
-            except StorageTemporaryError:
-                await asyncio.sleep(0.5)
-                continue
-            if remaining:
-                raise failure
-            logger.warning("deleting messages: COMMIT went unanswered but did commit")
-            return
-        msg = f"deleting messages: the outcome is unknown: {failure}"
-        raise StorageTemporaryError(msg)
 
     async def _update_on(
         self,
@@ -837,18 +807,19 @@ class PostgresStore:
             "folder": folder,
         }
 
-        #: What the transaction got to: its id, the UID, whether COMMIT was sent.
+        #: What the transaction got to: its backend, the UID, whether COMMIT was sent.
         state: dict[str, object] = {"committing": False}
 
         async def work(conn: Conn) -> int:
             state["committing"] = False
+            state["pid"] = conn.info.backend_pid
             try:
                 await conn.execute("BEGIN")
                 await self._put_body(conn, digest, body)
                 cur = await conn.execute(self._sql.count, values)
                 row = await cur.fetchone()
                 assert row is not None
-                uid, uidvalidity, messages, octets, state["xid"] = row
+                uid, uidvalidity, messages, octets = row
                 assert isinstance(uid, int)
                 assert isinstance(uidvalidity, int)
                 state["uid"] = uid
@@ -867,7 +838,7 @@ class PostgresStore:
                 await conn.execute("COMMIT")
             except psycopg.OperationalError as exc:
                 if conn.closed or conn.broken:  # no retry: it may have committed
-                    raise _CommitUnknown(str(state["xid"])) from exc
+                    raise _CommitUnknown from exc
                 raise
             return uid
 
@@ -881,8 +852,9 @@ class PostgresStore:
                 if isinstance(exc, StorageError)
                 else _map_error(exc.__cause__ or exc, "delivering")
             )
-            await self._resolve(str(state["xid"]), failure)
             uid = _int(state["uid"])
+            found = {"mailbox": mailbox, "uid": uid, "pid": state["pid"], **values}
+            await self._settle("delivering", self._sql.delivered, found, failure)
         return str(uid)
 
     async def import_messages(self, user: MailUser, messages: Sequence[ImportedMessage]) -> int:
@@ -964,33 +936,46 @@ class PostgresStore:
 
         return await self._run("importing", work, retry=False)
 
-    async def _resolve(self, xid: str, failure: StorageError) -> None:
-        """Find out whether the transaction ``xid``, whose COMMIT went unanswered, committed.
+    async def _settle(
+        self, what: str, statement: bytes, values: dict[str, object], failure: StorageError
+    ) -> None:
+        """Find out, by looking, whether a transaction whose COMMIT went unanswered committed.
+
+        ``statement`` answers two questions: is what the transaction wrote (or removed) so
+        in the tables, and is the backend that ran it still alive (``values["pid"]``)? While
+        it is, the COMMIT may still be going on: ask again. Once it is gone, what is in the
+        tables is the outcome. (Not ``pg_xact_status``: after a crash, a transaction id
+        whose commit never reached the disk can be given to a later transaction, which
+        commits; the id would then answer "committed" for what did not.) If what was
+        delivered is already retrieved and deleted by then, it counts as not delivered: the
+        MTA's retry brings a second copy, and nothing is lost.
 
         Raises:
-            StorageTemporaryError: it did not commit, or nobody can tell in time.
+            StorageError: ``failure``, as it did not commit; or a temporary error if nobody
+                can tell within :data:`COMMIT_RESOLVE_TIME`.
         """
         deadline = time.monotonic() + COMMIT_RESOLVE_TIME
+
+        async def work(conn: Conn) -> tuple[bool, bool]:
+            cur = await conn.execute(statement, values)
+            row = await cur.fetchone()
+            assert row is not None
+            return bool(row[0]), bool(row[1])
+
         while time.monotonic() < deadline:
-
-            async def work(conn: Conn) -> str | None:
-                cur = await conn.execute(self._sql.xact_status, {"xid": xid})
-                row = await cur.fetchone()
-                return None if row is None else str(row[0]) if row[0] is not None else None
-
             try:
-                state = await self._run("resolving a commit", work)
+                done, running = await self._run("resolving a commit", work)
             except StorageTemporaryError:
                 await asyncio.sleep(0.5)
                 continue
-            if state == "committed":
-                logger.warning("delivery: COMMIT of %s went unanswered but did commit", xid)
-                return
-            if state == "in progress":
+            if running:
                 await asyncio.sleep(0.1)
                 continue
-            raise failure
-        msg = f"delivering: the outcome of transaction {xid} is unknown: {failure}"
+            if not done:
+                raise failure
+            logger.warning("%s: COMMIT went unanswered but did commit", what)
+            return
+        msg = f"{what}: the outcome of a COMMIT is unknown: {failure}"
         raise StorageTemporaryError(msg)
 
     async def _put_body(self, conn: Conn, digest: bytes, body: Body) -> None:
