@@ -274,7 +274,7 @@ class TestWorkersOnPostgresState:
             tmp_path,
             shared_state="postgresql",
             postgresql_dsn=pg_dsn,
-            shared_state_heartbeat=0.2,
+            shared_state_heartbeat=0.5,  # a lease of 1.5 s: not overrun on loaded CI
             mail_max_user_connections=1,
             pop3_lock_session=False,
         ) as proc:
