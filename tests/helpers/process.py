@@ -85,17 +85,19 @@ async def serve_config(config: Path, **popen: object) -> AsyncIterator[asyncio.s
 DRAIN_WAIT = 2.0
 
 
-async def stop_process(proc: asyncio.subprocess.Process) -> None:
+async def stop_process(proc: asyncio.subprocess.Process, drain_wait: float = DRAIN_WAIT) -> None:
     """SIGTERM ``proc``; if it still drains sessions a test left open, SIGTERM it again.
 
     ``pobox serve`` drains on the first SIGTERM (``drain_timeout``, 30 s by default) and
-    stops at once on the second.
+    stops at once on the second. A test that checks the exit status gives a long
+    ``drain_wait``: a second SIGTERM that comes as the process is exiting (its event loop,
+    and so its handlers, gone) ends it by the signal.
     """
     if proc.returncode is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        async with asyncio.timeout(DRAIN_WAIT):
+        async with asyncio.timeout(drain_wait):
             await proc.wait()
     except TimeoutError:
         if proc.returncode is None:

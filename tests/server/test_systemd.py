@@ -231,7 +231,7 @@ class TestSocketActivation:
             await served.wait_log(r"started, listening on")  # its signal handlers are set
             assert f"socket activation: systemd passed pop3 127.0.0.1:{port}" in served.text()
         finally:
-            await stop_process(proc)
+            await stop_process(proc, drain_wait=30)  # no session open: one SIGTERM ends it
         assert 0 == proc.returncode
 
     async def test_a_socket_no_listener_names_is_an_error(self, tmp_path: Path) -> None:
