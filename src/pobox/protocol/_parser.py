@@ -123,6 +123,10 @@ class Verb(enum.Enum):
     UTF8 = "UTF8"
     LANG = "LANG"
 
+    #: Members are singletons compared by identity: hashed by identity too, in C.  Enum's own
+    #: ``__hash__`` is a Python call, and every command looks its verb up three times.
+    __hash__ = object.__hash__
+
 
 _VERBS: Final = {v.value.encode(): v for v in Verb}
 
