@@ -87,6 +87,22 @@ class TestMessageEncoder:
         """Long LF chunks with few dots (the one-byte search) are stuffed the same way."""
         assert expected == encode(*chunks)
 
+    @pytest.mark.parametrize(
+        ("chunks", "expected"),
+        [
+            ((b"a.\n" * 400,), b"a.\r\n" * 400 + b".\r\n"),
+            ((b".a\n" * 400,), b"..a\r\n" * 400 + b".\r\n"),
+            ((b"ab\n" * 400 + b".c\n",), b"ab\r\n" * 400 + b"..c\r\n.\r\n"),
+            ((b".b\n" + b"ab\n" * 400,), b"..b\r\n" + b"ab\r\n" * 400 + b".\r\n"),
+            ((b"ab\n" * 400 + b"a.b\n",), b"ab\r\n" * 400 + b"a.b\r\n.\r\n"),
+            ((b"ab\n" * 400, b".c\n"), b"ab\r\n" * 400 + b"..c\r\n.\r\n"),
+        ],
+        ids=["dense-dots-mid-line", "dense-dots", "sparse-dot", "dot-first", "no-dot", "cut"],
+    )
+    def test_encode_short_lf_lines(self, chunks, expected):
+        """LF mail of short lines (a hostile file's: not the regex's) is stuffed the same way."""
+        assert expected == encode(*chunks)
+
     @given(
         st.lists(
             st.lists(st.sampled_from([b".", b"a", b"\n", b"\r", b"a" * 600]), max_size=30).map(

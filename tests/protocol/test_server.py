@@ -1028,6 +1028,52 @@ class TestRetr:
         assert State.CLOSED == conn.state
 
 
+class TestLastChunk:
+    """``MessageData(last=True)`` ends the message as ``EndOfMessage`` after it would."""
+
+    STORED = (
+        b"",
+        b"ab",
+        b"ab\r",
+        b".a\n.\n",
+        b"A: 1\r\n\r\n.b\r\nc\r",
+        b"A: 1\n\nx\n.\ny",
+    )
+
+    @staticmethod
+    def answered(stored: bytes, command: bytes, *, last: bool) -> tuple[bytes, object]:
+        conn = start_retr(stored, command)
+        *head, tail = pieces(stored, (3,)) or [b""]
+        for piece in head:
+            conn.send(MessageData(piece))
+        if last:
+            conn.send(MessageData(tail, last=True))
+        else:
+            conn.send(MessageData(tail))
+            conn.send(EndOfMessage())
+        events, out = run(conn, b"NOOP\r\n")
+        assert [NEED_DATA] == events
+        return out, conn.stats
+
+    @pytest.mark.parametrize("command", [b"RETR 1\r\n", b"TOP 1 0\r\n", b"TOP 1 1\r\n"])
+    @pytest.mark.parametrize("stored", STORED)
+    def test_same_as_end_of_message(self, stored, command):
+        """Same octets (a held CR, the CRLF added, ``.CRLF``), same counts, next command read."""
+        out, stats = self.answered(stored, command, last=True)
+
+        assert (out, stats) == self.answered(stored, command, last=False)
+        assert out.endswith(b".\r\n+OK\r\n")
+
+    def test_nothing_after_it(self):
+        """The retrieval is over: an EndOfMessage after the last chunk raises."""
+        conn = start_retr(b"ab\n")
+        conn.send(MessageData(b"ab\n", last=True))
+
+        with pytest.raises(LocalProtocolError, match="without a RetrieveMessage"):
+            conn.send(EndOfMessage())
+        assert b"+OK 3 octets\r\nab\r\n.\r\n" == conn.data_to_send()
+
+
 class TestTop:
     """TOP: the header, the blank line and n body lines (RFC 1939 §7)."""
 

@@ -13,7 +13,8 @@ core → shell               shell → core (answer)
 :class:`OpenMaildrop`      :class:`LoginAccepted` or :class:`LoginRejected`
 :class:`LoginFailed`       :class:`LoginRejected`
 :class:`RetrieveMessage`   :class:`MessageData`\\* or :class:`WireData`\\* then
-                           :class:`EndOfMessage`, or :class:`MessageUnavailable`
+                           :class:`EndOfMessage` (or a last ``MessageData(last=True)``),
+                           or :class:`MessageUnavailable`
 :class:`CommitDeletions`   :class:`DeletionsCommitted`
 :class:`StartTLS`          :class:`TlsStarted` (or ``close()`` if the handshake failed)
 :class:`ConnectionClosed`  (none: the shell flushes and closes)
@@ -226,9 +227,14 @@ class SecretFound:
 
 @dataclass(frozen=True, slots=True)
 class MessageData:
-    """A chunk of the stored message, in order, any size, line endings LF or CRLF."""
+    """A chunk of the stored message, in order, any size, line endings LF or CRLF.
+
+    ``last``: this chunk ends the message, and the core ends it as :class:`EndOfMessage`
+    would (a small message read whole is answered with one event).
+    """
 
     data: bytes
+    last: bool = False
 
 
 @dataclass(frozen=True, slots=True)

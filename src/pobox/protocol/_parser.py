@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "LINE_TOO_LONG",
@@ -123,6 +123,10 @@ class Verb(enum.Enum):
     UTF8 = "UTF8"
     LANG = "LANG"
 
+    #: Members are singletons compared by identity: hashed by identity too, in C.  Enum's own
+    #: ``__hash__`` is a Python call, and every command looks its verb up three times.
+    __hash__ = object.__hash__
+
 
 _VERBS: Final = {v.value.encode(): v for v in Verb}
 
@@ -131,12 +135,13 @@ _VERBS: Final = {v.value.encode(): v for v in Verb}
 _CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     """A parsed command line: the verb and its raw arguments.
 
     ``rest`` is everything after the keyword and one space, unsplit (PASS takes it whole:
     RFC 1939 §7 lets a password contain spaces); ``args`` is ``rest`` split on whitespace.
+    Immutable, and a named tuple rather than a frozen dataclass: one is built per command
+    line, and a frozen dataclass's ``__init__`` sets each field through a Python call.
     """
 
     verb: Verb

@@ -931,37 +931,48 @@ class ServerConnection:
                 self._reply(err(event.text, event.resp_code))
             return
         encoder = retr.encoder
-        if isinstance(event, WireData) and (
-            retr.top is not None
-            or type(encoder) is not MessageEncoder
-            or not encoder.sent_as_stored(ends_line=event.ends_line)
-        ):
-            raise LocalProtocolError("WireData: only for RETR without workarounds, no CR held")
-        if not retr.started:
-            retr.started = True
-            self._reply(ok() if retr.top else ok(f"{retr.size} octets"))
+        top = retr.top
         if isinstance(event, WireData):
+            if (
+                top is not None
+                or type(encoder) is not MessageEncoder
+                or not encoder.sent_as_stored(ends_line=event.ends_line)
+            ):
+                raise LocalProtocolError("WireData: only for RETR without workarounds, no CR held")
+            self._start_message(retr)
             retr.sent += event.octets  # sent by the shell, after what is queued now
             return
+        self._start_message(retr)
         if isinstance(event, MessageData):
-            if retr.top is None:
-                data = encoder.encode(event.data)
+            if top is None:
+                self._message_out(retr, encoder.encode(event.data))
             else:
-                data = encoder.stuff(retr.top.feed(encoder.normalize(event.data)))
+                self._message_out(retr, encoder.stuff(top.feed(encoder.normalize(event.data))))
+            if not event.last:
+                return
+        # The end: EndOfMessage, or the last chunk.  A CR held back at the end of the last
+        # chunk is message text: TOP must cut it too when it has already seen all the lines
+        # it keeps.
+        held = encoder.flush()
+        if top is not None:
+            held = top.feed(held)
+        self._message_out(retr, encoder.stuff(held) + encoder.finish())
+        self._retr = None
+        if top is not None:
+            self.stats.top_count += 1
+            self.stats.top_bytes += retr.sent
         else:
-            # A CR held back at the end of the last chunk is message text: TOP must cut it
-            # too when it has already seen all the lines it keeps.
-            held = encoder.flush()
-            if retr.top is not None:
-                held = retr.top.feed(held)
-            data = encoder.stuff(held) + encoder.finish()
-            self._retr = None
-            if retr.top is not None:
-                self.stats.top_count += 1
-                self.stats.top_bytes += retr.sent + len(data)
-            else:
-                self.stats.retr_count += 1
-                self.stats.retr_bytes += retr.sent + len(data)
+            self.stats.retr_count += 1
+            self.stats.retr_bytes += retr.sent
+
+    def _start_message(self, retr: _Retrieval) -> None:
+        """Queue the status line before the first octets of the message."""
+        if not retr.started:
+            retr.started = True
+            self._reply(ok() if retr.top else b"+OK %d octets\r\n" % retr.size)
+
+    def _message_out(self, retr: _Retrieval, data: bytes) -> None:
+        """Queue octets of the message in wire form."""
         if data:
             retr.sent += len(data)
             self._out.append(data)

@@ -50,6 +50,9 @@ class State(enum.Enum):
     #: The session is over; the shell closes the connection.
     CLOSED = "CLOSED"
 
+    #: Hashed by identity, in C, as :class:`~pobox.protocol._parser.Verb` is.
+    __hash__ = object.__hash__
+
 
 class Trigger(enum.Enum):
     """What moves a session from one state to another."""
@@ -70,6 +73,9 @@ class Trigger(enum.Enum):
     CLOSE = "CLOSE"
     STLS = "STLS"
     TLS_STARTED = "TLS_STARTED"
+
+    #: Hashed by identity, in C, as :class:`~pobox.protocol._parser.Verb` is.
+    __hash__ = object.__hash__
 
 
 #: Commands each state accepts.  STLS is only valid in AUTHORIZATION (RFC 2595 §4: "only

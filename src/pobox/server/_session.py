@@ -834,8 +834,7 @@ class Session:
             return True
         if data is None:
             return False
-        self.conn.send(MessageData(data))
-        self.conn.send(EndOfMessage())
+        self.conn.send(MessageData(data, last=True))
         self._sent(event, info.key)
         return True
 

@@ -65,7 +65,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from pobox.storage.base import StorageError, StoragePermanentError, StorageTemporaryError
 
@@ -179,6 +179,9 @@ class _Openat2:
         self._syscall: Callable[..., int] | None = None
         #: Tests switch it off to exercise the ``openat`` fallback.
         self.enabled = True
+        #: ``struct open_how`` by reference, one per (flags, mode, resolve) ever used: a few,
+        #: built once and never written to again (the kernel only reads them).
+        self._hows: dict[tuple[int, int, int], Any] = {}
 
     def available(self) -> bool:
         """Tell whether ``openat2`` works here (probed on first use)."""
@@ -193,10 +196,13 @@ class _Openat2:
         """Open ``path`` beneath ``dir_fd`` following no link; raise :class:`OSError`."""
         syscall = self._syscall
         assert syscall is not None
-        # openat2 refuses a mode without O_CREAT or O_TMPFILE (which includes O_DIRECTORY).
-        creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
-        how = _OpenHow(flags, mode if creates else 0, resolve)
-        fd = syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), _OPEN_HOW_SIZE)
+        how = self._hows.get((flags, mode, resolve))
+        if how is None:
+            # openat2 refuses a mode without O_CREAT or O_TMPFILE (which includes O_DIRECTORY).
+            creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
+            how = ctypes.byref(_OpenHow(flags, mode if creates else 0, resolve))
+            self._hows[flags, mode, resolve] = how
+        fd = syscall(_SYS_OPENAT2, dir_fd, path, how, _OPEN_HOW_SIZE)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), os.fsdecode(path))
