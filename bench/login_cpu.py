@@ -1,6 +1,7 @@
 """CPU per login of pobox trees, in process: the real server objects, no sockets, interleaved.
 
-    .venv/bin/python bench/login_cpu.py [--logins 4000] [--rounds 5] [NAME=SRC ...]
+    .venv/bin/python bench/login_cpu.py [--logins 4000] [--rounds 5]
+        [--mechanism user|plain|apop] [NAME=SRC ...]
 
 Each ``SRC`` is a pobox source folder (default: this tree's ``src``); each round runs every
 tree once, in that order, each in a fresh process: ``pobox serve``'s own start
@@ -8,10 +9,11 @@ tree once, in that order, each in a fresh process: ``pobox serve``'s own start
 session lock on, a passwd-file with ``{PLAIN}`` passwords, as root ``mail_uid``), then
 ``--logins`` logins one after the other through :class:`~pobox.server.Pop3Server`'s own
 connection driver on a fake transport: connect, ``USER``, ``PASS``, ``STAT``, ``QUIT``, as
-bench/loadgen.py's ``login`` workload does (200 users in turn).  No socket, no client, no
-event-loop wakeup per read: what is left is pobox's work per login (the driver, the core,
-the session, the password check, the lock file, the snapshot cache, the registry, the two
-log lines to the log file) with its own system calls.
+bench/loadgen.py's ``login`` workload does (200 users in turn); ``--mechanism plain`` logs in
+with ``AUTH PLAIN`` and an initial response instead, ``apop`` with ``APOP`` (``apop = true``).
+No socket, no client, no event-loop wakeup per read: what is left is pobox's work per login
+(the driver, the core, the session, the password check, the lock file, the snapshot cache,
+the registry, the two log lines to the log file) with its own system calls.
 
 Printed per tree and round: the wall-clock time of a login, the least and the 10th percentile
 over batches of 20 (a batch another process did not interrupt), and the process's user and
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import resource
@@ -80,15 +84,25 @@ class _Transport:
         pass
 
 
-async def _login(server: object, user: bytes, password: bytes, port: int) -> None:
-    """One login workload session through the server's driver."""
+async def _login(server: object, user: bytes, password: bytes, port: int, mechanism: str) -> None:
+    """One login workload session through the server's driver, logging in by ``mechanism``."""
     loop = asyncio.get_running_loop()
     transport = _Transport(port)
     driver = server._plain_protocol()  # type: ignore[attr-defined]
-    driver.connection_made(transport)
-    driver.data_received(b"USER " + user + b"\r\n")
     transport.waiter = loop.create_future()
-    driver.data_received(b"PASS " + password + b"\r\n")
+    driver.connection_made(transport)
+    greeting = transport.waiter.result()
+    if mechanism == "user":
+        driver.data_received(b"USER " + user + b"\r\n")
+        command = b"PASS " + password
+    elif mechanism == "plain":
+        command = b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + password)
+    else:  # RFC 1939 §7: MD5 of the greeting's timestamp and the password
+        stamp = greeting[greeting.index(b"<") : greeting.index(b">") + 1]
+        digest = hashlib.md5(stamp + password, usedforsecurity=False).hexdigest()
+        command = b"APOP " + user + b" " + digest.encode()
+    transport.waiter = loop.create_future()
+    driver.data_received(command + b"\r\n")
     reply = await transport.waiter
     if not reply.startswith(b"+OK"):
         raise SystemExit(f"login failed: {reply!r}")
@@ -100,7 +114,9 @@ async def _login(server: object, user: bytes, password: bytes, port: int) -> Non
     await driver.done
 
 
-async def _child(config_path: str, logins: int, users: list[str], password: bytes) -> None:
+async def _child(
+    config_path: str, logins: int, users: list[str], password: bytes, mechanism: str
+) -> None:
     import pobox  # noqa: PLC0415 - the tree under test, from PYTHONPATH
     from pobox import cli  # noqa: PLC0415
     from pobox.server import Pop3Server  # noqa: PLC0415
@@ -121,14 +137,15 @@ async def _child(config_path: str, logins: int, users: list[str], password: byte
     await asyncio.sleep(0.2)
     names = [user.encode() for user in users]
     for index in range(WARM):
-        await _login(servers[0], names[index % len(names)], password, 30_000 + index)
+        await _login(servers[0], names[index % len(names)], password, 30_000 + index, mechanism)
     before = resource.getrusage(resource.RUSAGE_SELF)
     batches = []
     index = 0
     for _ in range(logins // BATCH):
         began = time.perf_counter()
         for _ in range(BATCH):
-            await _login(servers[0], names[index % len(names)], password, 30_000 + index % 20_000)
+            port = 30_000 + index % 20_000
+            await _login(servers[0], names[index % len(names)], password, port, mechanism)
             index += 1
         batches.append((time.perf_counter() - began) * 1e6 / BATCH)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -145,7 +162,7 @@ async def _child(config_path: str, logins: int, users: list[str], password: byte
     os._exit(0)  # the server's own shutdown is not measured
 
 
-def _config(run: ModuleType, root: Path) -> Path:
+def _config(run: ModuleType, root: Path, *, apop: bool) -> Path:
     """The benchmark's pobox configuration for the login world under ``root``."""
     base = root / "pobox"
     text = (
@@ -154,6 +171,7 @@ def _config(run: ModuleType, root: Path) -> Path:
         f'log_path = "{base / "pobox.log"}"\n'
         + "".join(f"{key} = {value}\n" for key, value in run._POBOX_LIMITS.items())
         + run._pobox_access("pobox")
+        + ("apop = true\n" if apop else "")
     )
     path = base / "login_cpu.toml"
     path.write_text(text)
@@ -165,13 +183,20 @@ def main() -> int:
     parser.add_argument("trees", nargs="*", metavar="NAME=SRC")
     parser.add_argument("--logins", type=int, default=4000, help="timed logins per run (4000)")
     parser.add_argument("--rounds", type=int, default=5, help="runs of each tree (5)")
+    parser.add_argument(
+        "--mechanism",
+        choices=["user", "plain", "apop"],
+        default="user",
+        help="USER/PASS (default), AUTH PLAIN with an initial response, or APOP (apop = true)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # CONFIG USERS PASSWORD
     args = parser.parse_args()
     if args.child:  # pobox from PYTHONPATH: bench/run.py (which puts this tree first) not loaded
         import uvloop  # noqa: PLC0415
 
         config, users, password = args.child
-        uvloop.run(_child(config, args.logins, json.loads(users), password.encode()))
+        users_list = json.loads(users)
+        uvloop.run(_child(config, args.logins, users_list, password.encode(), args.mechanism))
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import run  # noqa: PLC0415
@@ -183,10 +208,11 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
     with run.searchable_tmpdir() as root:
         users = run.build_world(root, settings, ["login"])["plain"]
-        config = _config(run, root)
+        config = _config(run, root, apop=args.mechanism == "apop")
         for number in range(args.rounds):
             for name, src in trees:
-                command = [sys.executable, __file__, "--logins", str(args.logins), "--child"]
+                command = [sys.executable, __file__, "--logins", str(args.logins)]
+                command += ["--mechanism", args.mechanism, "--child"]
                 out = subprocess.run(
                     [*command, str(config), json.dumps(users), run.PASSWORD],
                     env={**os.environ, "PYTHONPATH": src},
