@@ -45,6 +45,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -98,6 +99,29 @@ def fold(text: str) -> str:
 
 class SanitizingFormatter(logging.Formatter):
     """A :class:`logging.Formatter` whose every record comes out as one sanitised line."""
+
+    #: The last second :meth:`formatTime` formatted, with its format, converter and text:
+    #: a session's lines come many to the second, each ``strftime`` would be the same.
+    _second: tuple[int, str | None, object, str] | None = None
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """Format the record's time as :class:`logging.Formatter` does, once per second."""
+        second = int(record.created)
+        converter = self.converter
+        cached = self._second
+        if (
+            cached is not None
+            and cached[0] == second
+            and cached[1] == datefmt
+            and cached[2] is converter
+        ):
+            text = cached[3]
+        else:
+            text = time.strftime(datefmt or self.default_time_format, converter(record.created))
+            self._second = (second, datefmt, converter, text)
+        if datefmt or not self.default_msec_format:
+            return text
+        return self.default_msec_format % (text, record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
         """Format ``record``: the message sanitised, exception and stack text folded in."""
@@ -334,4 +358,22 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
             text += ", session=<%s>"
             args = (*args, self.session)
         extra = {EVENT: event, FIELDS: {**self.fields, **(fields or {})}}
-        self.logger.log(level, text, self.prefix, *args, extra=extra, **kwargs)
+        logger = self.logger
+        if kwargs:  # exc_info, stack_info, stacklevel: logging's own way
+            logger.log(level, text, self.prefix, *args, extra=extra, **kwargs)
+            return
+        # The record logging makes without looking for the caller's frame (as with
+        # ``logging._srcfile = None``): no format pobox installs names the caller.
+        logger.handle(
+            logger.makeRecord(
+                logger.name,
+                level,
+                "(unknown file)",
+                0,
+                text,
+                (self.prefix, *args),
+                None,
+                "(unknown function)",
+                extra,
+            )
+        )

@@ -123,6 +123,21 @@ class TestAuthentication:
             await w.close()
         assert [b"-ERR [AUTH] Authentication failed.\r\n"] * 2 == replies
 
+    async def test_name_formatted_before_the_check(
+        self, srv: RunningServer, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``USER ALICE`` is alice (auth_username_format %Lu): her maildrop, her log line."""
+        caplog.set_level(logging.INFO, logger="pobox")
+        srv.deliver("alice", b"a\n")
+        w = await Wire.connect(srv.host, srv.port)
+        await w.line()
+        await w.command(b"USER ALICE")
+        assert b"+OK Logged in.\r\n" == await w.command(b"PASS secret")
+        assert b"+OK 1 3\r\n" == await w.command(b"STAT")
+        await w.command(b"QUIT")
+        lines = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith("pop3-login: Login: user=<alice>, ") for line in lines), lines
+
     async def test_second_login_gets_in_use(self, srv: RunningServer) -> None:
         """A second session for a locked maildrop gets -ERR [IN-USE]; after QUIT it works."""
         w1 = await Wire.connect(srv.host, srv.port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,33 @@ class TestSanitizingFormatter:
         rec.stack_info = "Stack (most recent call last):\n  File 'a'\n    f()"
         line = SanitizingFormatter("%(message)s").format(rec)
         assert "here | Stack (most recent call last): |   File 'a' |     f()" == line
+
+
+class TestFormatTime:
+    """SanitizingFormatter.formatTime: what logging.Formatter writes, strftime once a second."""
+
+    @pytest.mark.parametrize("datefmt", [None, "%b %d %H:%M:%S"])
+    def test_same_as_logging(self, datefmt: str | None) -> None:
+        """Records within a second and across seconds get logging's own time text."""
+        ours = SanitizingFormatter("%(asctime)s", datefmt)
+        theirs = logging.Formatter("%(asctime)s", datefmt)
+        start = 1_767_225_599.0  # a second before a new year (UTC)
+        for offset in (0.001, 0.5, 0.999, 1.0, 1.25, 2.5, 0.75, 86_400.2):
+            rec = record("x")
+            rec.created = start + offset
+            assert theirs.formatTime(rec, datefmt) == ours.formatTime(rec, datefmt)
+        other = "%d/%m/%Y %H" if datefmt else None  # the one formatter asked another format
+        assert theirs.formatTime(rec, other) == ours.formatTime(rec, other)
+
+    def test_converter_change(self) -> None:
+        """A formatter given another ``converter`` (another zone) writes its time at once."""
+        ours = SanitizingFormatter("%(asctime)s")
+        ours.converter = time.gmtime
+        rec = record("x")
+        rec.created, rec.msecs = 1_767_225_599.5, 500.0
+        assert "2025-12-31 23:59:59,500" == ours.formatTime(rec)
+        ours.converter = lambda secs: time.gmtime(None if secs is None else secs + 3600)
+        assert "2026-01-01 00:59:59,500" == ours.formatTime(rec)
 
 
 class TestSessionLog:

@@ -33,6 +33,7 @@ from pobox.storage.base import (
 )
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir import _store as store_module
+from pobox.storage.maildir._access import MaildirAccess
 from pobox.storage.maildir._store import CHUNK_SIZE
 from tests.helpers.maildir import User, deliver, index_lock_held, set_flags
 
@@ -102,6 +103,23 @@ class TestLocation:
         """The user's ``mail`` field (userdb_mail) wins over the store's location."""
         user = User("alice@example.org", home="/home/alice", mail="maildir:~/Other/%d")
         assert Path("/home/alice/Other/example.org") == MaildirStore().maildir_path(user)
+
+    def test_root_remembered_per_user(self) -> None:
+        """``maildir_root`` is the path as text, for each name, home and ``mail`` field."""
+        access = MaildirAccess("maildir:~/Maildir")
+        users = [
+            User("alice", home="/home/alice"),
+            User("alice", home="/home/alice2"),
+            User("alice", home="/home/alice", mail="maildir:~/Other"),
+            User("bob", home="/home/alice"),
+            User("alice", mail="maildir:/srv/%n"),
+            User("bob", mail="maildir:/srv/%n"),
+        ]
+        for user in [*users, *reversed(users)]:
+            assert str(access.maildir_path(user)) == access.maildir_root(user)
+        for _ in range(2):  # a user whose path cannot be worked out is refused each time
+            with pytest.raises(StoragePermanentError, match=r"'carol'.*home"):
+                access.maildir_root(User("carol"))
 
     @pytest.mark.parametrize("location", ["maildir:~/Maildir", "maildir:%h/Maildir"])
     def test_missing_home_is_a_permanent_error(self, location: str) -> None:

@@ -527,7 +527,9 @@ class Session:
             # auth_username_format first: the throttle, the registry, the logs and the user
             # database all see the one name (``Alice`` is ``alice`` with Dovecot's %Lu).
             name_format = _username_format(self.ctx.config.auth_username_format)
-            event = dataclasses.replace(event, username=name_format(event.username))
+            username = name_format(event.username)
+            if username != event.username:  # (the default %Lu: most names are lowercase)
+                event = dataclasses.replace(event, username=username)
         throttle = self.ctx.throttle
         # None: not asked yet; the registration asks (see _throttle), or a failure does.
         failures: int | None = 0

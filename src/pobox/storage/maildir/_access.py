@@ -205,6 +205,9 @@ _CACHE_CAPACITY = 256
 _MTIME_SLACK_NS = 1_000_000_000
 #: The user location templates are checked with when a store is built.
 _PROBE_USER = ("user@example.org", "/home/user")
+#: How many users' maildir paths :meth:`MaildirAccess.maildir_root` remembers (then it
+#: starts afresh).
+_ROOTS_CAPACITY = 4096
 
 #: Where a message file was seen: (subdirectory, file name).
 Location = tuple[str, str]
@@ -617,6 +620,8 @@ class MaildirAccess:
         #: The snapshot cache (shared with the non-blocking open of the async store).
         self.cache = SnapshotCache()
         self._tmp_cleaner = TmpCleaner()
+        #: (``mail`` field, name, home) → the maildir's path (see :meth:`maildir_root`).
+        self._roots: dict[tuple[str | None, str, str | None], str] = {}
 
     def maildir_path(self, user: MailUser) -> Path:
         """Return the path of ``user``'s maildir.
@@ -634,6 +639,26 @@ class MaildirAccess:
             msg = f"mail location of user {user.name!r}: {exc}"
             raise StoragePermanentError(msg) from exc
 
+    def maildir_root(self, user: MailUser) -> str:
+        """Return :meth:`maildir_path` as a string, worked out once per user.
+
+        The path depends on nothing but the location and the user's ``mail`` field, name and
+        home: it is remembered for those (up to :data:`_ROOTS_CAPACITY` users), so a login
+        does not expand the template and parse the path again.  A user whose location cannot
+        be expanded is not remembered (it raises each time).
+
+        Raises:
+            StoragePermanentError: as :meth:`maildir_path`.
+        """
+        key = (user.mail, user.name, user.home)
+        root = self._roots.get(key)
+        if root is None:
+            root = str(self.maildir_path(user))
+            if len(self._roots) >= _ROOTS_CAPACITY:
+                self._roots.clear()
+            self._roots[key] = root
+        return root
+
     def open(self, user: MailUser, *, owner: int, lock: bool = True) -> MaildirHandle:
         """Open ``user``'s maildrop, taking the session lock if ``lock``.
 
@@ -647,7 +672,7 @@ class MaildirAccess:
             StoragePermanentError: a failure that needs an administrator (the maildir is not
                 a directory of ``owner``, one of its files is a link, ...).
         """
-        return self.open_path(str(self.maildir_path(user)), owner=owner, lock=lock)
+        return self.open_path(self.maildir_root(user), owner=owner, lock=lock)
 
     def deliver(
         self,

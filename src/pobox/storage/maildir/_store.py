@@ -207,7 +207,7 @@ class MaildirStore:
             StoragePermanentError: a failure that needs an administrator.
         """
         access = self._access
-        root = str(access.maildir_path(user))
+        root = access.maildir_root(user)
         owner = self.owner()
         taken: SessionLock | None = None
         if access.index and self._inline_read_max:
@@ -245,7 +245,7 @@ class MaildirStore:
             StoragePermanentError: a failure that needs an administrator.
         """
         access = self._access
-        root = str(access.maildir_path(user))
+        root = access.maildir_root(user)
         owner = self.owner()
         pending: list[PendingDelivery] = []
 
@@ -289,7 +289,7 @@ class MaildirStore:
         """
         names = list(dict.fromkeys(check_folder(name) for name in folders))
         access = self._access
-        root = str(access.maildir_path(user))
+        root = access.maildir_root(user)
         owner = self.owner()
         inbox = await self.open(user, lock=lock)
         parts: dict[str, MaildirMaildrop] = {INBOX: inbox}
@@ -352,7 +352,7 @@ class MaildirStore:
         if folder == INBOX:
             return await self.deliver(user, message, quota=quota)
         access = self._access
-        path = FolderPath(str(access.maildir_path(user)), f".{folder}")
+        path = FolderPath(access.maildir_root(user), f".{folder}")
         owner = self.owner()
         return await asyncio.to_thread(
             deliver_message,
@@ -371,7 +371,7 @@ class MaildirStore:
             StoragePermanentError: a failure that needs an administrator.
         """
         access = self._access
-        root = str(access.maildir_path(user))
+        root = access.maildir_root(user)
         owner = self.owner()
         return await _retrying(
             self._gates, root, access.lock_timeout, lambda: access.usage(user, owner=owner)
@@ -401,7 +401,7 @@ class MaildirStore:
             StorageError: the index or the list could not be written.
         """
         access = self._access
-        root = str(access.maildir_path(user))
+        root = access.maildir_root(user)
         owner = self.owner()
         wanted = frozenset(uidls)
 
@@ -426,7 +426,7 @@ class MaildirStore:
     async def purge_deleted(self, user: MailUser, *, now: int | None = None) -> int:
         """Unlink kept messages older than the retention; return how many."""
         access = self._access
-        root = str(access.maildir_path(user))
+        root = access.maildir_root(user)
         owner = self.owner()
         return await _retrying(
             self._gates,

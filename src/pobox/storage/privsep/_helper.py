@@ -344,7 +344,7 @@ class Helper:
         if op in ("open", "open_folders"):
             user: User = args["user"]
             owner = policy.owner_of(user)
-            root, lock = str(core.maildir_path(user)), args["lock"]
+            root, lock = core.maildir_root(user), args["lock"]
             become(owner.uid, owner.gid)
             maildrop: MaildirHandle | FolderHandle | None
             if op == "open_folders":

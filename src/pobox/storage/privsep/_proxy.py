@@ -342,7 +342,7 @@ class HelperStore:
 
     def _turn(self, user: MailUser) -> contextlib.AbstractAsyncContextManager[None]:
         """Wait for the turn on ``user``'s maildir."""
-        return self._gates.turn(str(self._paths.maildir_path(user)), self._lock_timeout)
+        return self._gates.turn(self._paths.maildir_root(user), self._lock_timeout)
 
     async def open(self, user: MailUser, *, lock: bool = True) -> HelperMaildrop:
         """Open ``user``'s maildrop in the helper, which holds the session lock.
@@ -367,9 +367,7 @@ class HelperStore:
             handle,
             messages_from_wire(ok.get("messages")),
             self._inline_read_max,
-            functools.partial(
-                self._gates.turn, str(self._paths.maildir_path(user)), self._lock_timeout
-            ),
+            functools.partial(self._gates.turn, self._paths.maildir_root(user), self._lock_timeout),
         )
 
     async def open_folders(
