@@ -181,7 +181,7 @@ class TestTrustedProxy:
 
     async def test_header_one_octet_at_a_time(self, server: Factory, caplog):
         """A header that trickles in octet by octet is still read whole."""
-        async with server() as srv:
+        async with server(haproxy_timeout=30) as srv:  # ~50 sends: seconds on a loaded machine
             wire = await connect(srv.host, srv.port, HAPROXY)
             for i in range(len(V1)):
                 await wire.send(V1[i : i + 1])
