@@ -94,6 +94,21 @@ class TestRawExchanges:
             assert b"+OK Logged in.\r\n" == reply
             assert b"+OK 0 0\r\n" == await w.command(b"STAT")
 
+    async def test_token_mechanisms_offered_only_with_a_verifier(self, tmp_path: Path) -> None:
+        """CAPA's SASL names the configured mechanisms in upper case, the token ones only
+        when there is a token verifier (none here), at every connection."""
+        mechs = "plain XOAUTH2 OAUTHBEARER cram-md5"
+        async with running_server(tmp_path, auth_mechanisms=mechs) as srv:
+            for _ in range(2):
+                w = await Wire.connect(srv.host, srv.port)
+                await w.line()
+                await w.send(b"CAPA\r\n")
+                capa = await w.multiline()
+                assert b"\r\nSASL PLAIN CRAM-MD5\r\n" in capa
+                reply = await w.command(b"AUTH XOAUTH2")
+                assert reply.startswith(b"-ERR")
+                await w.close()
+
     @pytest.mark.parametrize(
         ("mech", "hash_name"), [(b"SCRAM-SHA-256", "sha256"), (b"SCRAM-SHA-1", "sha1")]
     )

@@ -857,11 +857,14 @@ def _weakly(method: Callable[[], None]) -> Callable[[], None]:
     freed only by a full cyclic collection, which thousands of idle sessions make rare, so
     memory would rise with every connection until one came (issue 13's soak).
     """
-    ref = weakref.WeakMethod(method)
+    # What WeakMethod does (a weak reference to the object, the function kept), without its
+    # Python-level constructor: two of these are made per connection.
+    ref = weakref.ref(method.__self__)  # type: ignore[attr-defined]
+    func = method.__func__  # type: ignore[attr-defined]
 
     def call() -> None:
-        bound = ref()
-        if bound is not None:
-            bound()
+        owner = ref()
+        if owner is not None:
+            func(owner)
 
     return call

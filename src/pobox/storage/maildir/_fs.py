@@ -54,7 +54,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from pobox.storage._safefs import Dir, UnsafeFile, flocked, storage_error
@@ -109,22 +109,25 @@ def use_thread_rights(
     _thread_rights = (capture, enter)
 
 
-@contextlib.contextmanager
-def _rights_of(held: _Held) -> Iterator[None]:
-    """Run the block with the rights ``held`` was taken with.
+#: What :func:`_rights_of` returns when every thread has the process's own rights (reusable).
+_OWN_RIGHTS: AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def _rights_of(held: _Held) -> AbstractContextManager[None]:
+    """Return what runs a block with the rights ``held`` was taken with.
+
+    A plain function, not a generator: a session's release runs it once per login.
 
     Raises:
         PermissionError: it was taken with the process's own rights in a process whose
             threads have their own: the lock is left as it is.
     """
     if _thread_rights is None:
-        yield
-        return
+        return _OWN_RIGHTS
     if held.rights is None:
         msg = f"{held.path} was taken with the process's own rights: left alone"
         raise PermissionError(errno.EPERM, msg)
-    with _thread_rights[1](held.rights):
-        yield
+    return _thread_rights[1](held.rights)
 
 
 class _Held:
