@@ -503,7 +503,9 @@ class ServerConnection:
         if isinstance(parsed, ParseFailure):
             self._bad_command(parsed.reason)
             return
-        if parsed.verb not in ALLOWED[self.state]:
+        verb = parsed.verb
+        handler = _COMMANDS[self.state].get(verb)
+        if handler is None:
             # Lines reach here in AUTHORIZATION and TRANSACTION only, and every verb is
             # allowed in one of the two: a refused verb belongs to the other state.
             if self.state is State.TRANSACTION:
@@ -511,14 +513,14 @@ class ServerConnection:
             else:
                 self._bad_command("Not logged in.")
             return
-        if parsed.verb in _NO_ARGS and parsed.args:
+        if parsed.args and verb in _NO_ARGS:
             self._bad_command("Too many arguments.")
             return
         bad_before = self._bad
-        self._HANDLERS[parsed.verb](self, parsed)
+        handler(self, parsed)
         # A well-formed command ends a run of bad ones; AUTH does not, or "AUTH" followed by
         # a garbage response, over and over, would never reach max_bad_commands.
-        if self._bad == bad_before and parsed.verb is not Verb.AUTH:
+        if bad_before and self._bad == bad_before and verb is not Verb.AUTH:
             self._bad = 0
 
     def _cmd_user(self, cmd: Command) -> None:
@@ -977,3 +979,11 @@ class ServerConnection:
             retr.sent += len(data)
             self._out.append(data)
             self._out_len += len(data)
+
+
+#: The commands each state takes (:data:`ALLOWED`), verb to handler: one lookup per line
+#: both checks the verb against the state and finds what handles it.
+_COMMANDS: Final[dict[State, dict[Verb, Callable[[ServerConnection, Command], None]]]] = {
+    state: {verb: ServerConnection._HANDLERS[verb] for verb in verbs}
+    for state, verbs in ALLOWED.items()
+}
