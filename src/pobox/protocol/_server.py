@@ -947,18 +947,23 @@ class ServerConnection:
         self._start_message(retr)
         if isinstance(event, MessageData):
             if top is None:
-                self._message_out(retr, encoder.encode(event.data))
+                data = encoder.encode(event.data)
             else:
-                self._message_out(retr, encoder.stuff(top.feed(encoder.normalize(event.data))))
+                data = encoder.stuff(top.feed(encoder.normalize(event.data)))
             if not event.last:
+                self._message_out(retr, data)
                 return
+        else:  # EndOfMessage
+            data = b""
         # The end: EndOfMessage, or the last chunk.  A CR held back at the end of the last
         # chunk is message text: TOP must cut it too when it has already seen all the lines
-        # it keeps.
-        held = encoder.flush()
+        # it keeps (``finish`` sends it, stuffed, for RETR).
         if top is not None:
-            held = top.feed(held)
-        self._message_out(retr, encoder.stuff(held) + encoder.finish())
+            data += encoder.stuff(top.feed(encoder.flush()))
+        tail = encoder.finish()
+        retr.sent += len(data) + len(tail)
+        self._out += (data, tail)
+        self._out_len += len(data) + len(tail)
         self._retr = None
         if top is not None:
             self.stats.top_count += 1
