@@ -120,6 +120,9 @@ _NO_ARGS: Final = frozenset(
     {Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.CAPA, Verb.STLS, Verb.UTF8}
 )
 
+#: The bare status line (NOOP, USER, TOP's): built once.
+_OK: Final = ok()
+
 #: How much of a bad argument a ``-ERR`` reply echoes back: enough to recognise it, and the
 #: status line stays ASCII and far below RFC 2449's 512 octets whatever the client sent.
 _MAX_ECHO: Final = 40
@@ -536,7 +539,7 @@ class ServerConnection:
         if user is None:
             return
         self._pending_user = user
-        self._reply(ok())
+        self._reply(_OK)
 
     def _user_name(self, arg: bytes) -> str | None:
         """Decode a user name argument; in UTF8 mode, prepare it (RFC 6856 §2, RFC 4013).
@@ -793,11 +796,10 @@ class ServerConnection:
         self._reply(ok(f"{tag} {localize('Language changed.', tag)}"))
 
     def _cmd_stat(self, _cmd: Command) -> None:
-        count, size = self._totals()
-        self._reply(ok(f"{count} {size}"))
+        self._reply(b"+OK %d %d\r\n" % self._totals())
 
     def _cmd_noop(self, _cmd: Command) -> None:
-        self._reply(ok())
+        self._reply(_OK)
 
     def _cmd_rset(self, _cmd: Command) -> None:
         self._deleted.clear()
@@ -976,7 +978,7 @@ class ServerConnection:
         """Queue the status line before the first octets of the message."""
         if not retr.started:
             retr.started = True
-            self._reply(ok() if retr.top else b"+OK %d octets\r\n" % retr.size)
+            self._reply(_OK if retr.top else b"+OK %d octets\r\n" % retr.size)
 
     def _message_out(self, retr: _Retrieval, data: bytes) -> None:
         """Queue octets of the message in wire form."""
