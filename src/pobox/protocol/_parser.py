@@ -91,14 +91,14 @@ class LineFramer:
                 self._buf.clear()
                 self._scan = 0
             return None
-        line = bytes(self._buf[:nl])
-        del self._buf[: nl + 1]
+        buf = self._buf
         self._scan = 0
         if self._discarding or nl + 1 > self.max_line:
+            del buf[: nl + 1]
             self._discarding = False
             return LINE_TOO_LONG
-        if line.endswith(b"\r"):
-            line = line[:-1]
+        line = bytes(buf[: nl - 1 if nl and buf[nl - 1] == 0x0D else nl])  # CRLF or LF
+        del buf[: nl + 1]
         return line
 
 

@@ -222,10 +222,11 @@ class MessageEncoder:
 
     def finish(self) -> bytes:
         """Return what ends the message: a held CR, a CRLF if needed, and ``.CRLF``."""
-        tail = self.stuff(self.flush())
-        if not self._at_line_start:
-            tail += CRLF
-        return tail + b"." + CRLF
+        if self._at_line_start and not self._pending_cr:  # the usual end: the last line's
+            return b"." + CRLF
+        # A held CR is the last line's text (stuffed: it may be a line's first octet); the
+        # message did not end its last line either way.
+        return self.stuff(self.flush()) + CRLF + b"." + CRLF
 
 
 class ClientWorkarounds(enum.Flag):

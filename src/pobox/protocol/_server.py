@@ -120,6 +120,9 @@ _NO_ARGS: Final = frozenset(
     {Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.CAPA, Verb.STLS, Verb.UTF8}
 )
 
+#: The bare status line (NOOP, USER, TOP's): built once.
+_OK: Final = ok()
+
 #: How much of a bad argument a ``-ERR`` reply echoes back: enough to recognise it, and the
 #: status line stays ASCII and far below RFC 2449's 512 octets whatever the client sent.
 _MAX_ECHO: Final = 40
@@ -503,7 +506,9 @@ class ServerConnection:
         if isinstance(parsed, ParseFailure):
             self._bad_command(parsed.reason)
             return
-        if parsed.verb not in ALLOWED[self.state]:
+        verb = parsed.verb
+        handler = _COMMANDS[self.state].get(verb)
+        if handler is None:
             # Lines reach here in AUTHORIZATION and TRANSACTION only, and every verb is
             # allowed in one of the two: a refused verb belongs to the other state.
             if self.state is State.TRANSACTION:
@@ -511,14 +516,14 @@ class ServerConnection:
             else:
                 self._bad_command("Not logged in.")
             return
-        if parsed.verb in _NO_ARGS and parsed.args:
+        if parsed.args and verb in _NO_ARGS:
             self._bad_command("Too many arguments.")
             return
         bad_before = self._bad
-        self._HANDLERS[parsed.verb](self, parsed)
+        handler(self, parsed)
         # A well-formed command ends a run of bad ones; AUTH does not, or "AUTH" followed by
         # a garbage response, over and over, would never reach max_bad_commands.
-        if self._bad == bad_before and parsed.verb is not Verb.AUTH:
+        if bad_before and self._bad == bad_before and verb is not Verb.AUTH:
             self._bad = 0
 
     def _cmd_user(self, cmd: Command) -> None:
@@ -534,7 +539,7 @@ class ServerConnection:
         if user is None:
             return
         self._pending_user = user
-        self._reply(ok())
+        self._reply(_OK)
 
     def _user_name(self, arg: bytes) -> str | None:
         """Decode a user name argument; in UTF8 mode, prepare it (RFC 6856 §2, RFC 4013).
@@ -791,11 +796,10 @@ class ServerConnection:
         self._reply(ok(f"{tag} {localize('Language changed.', tag)}"))
 
     def _cmd_stat(self, _cmd: Command) -> None:
-        count, size = self._totals()
-        self._reply(ok(f"{count} {size}"))
+        self._reply(b"+OK %d %d\r\n" % self._totals())
 
     def _cmd_noop(self, _cmd: Command) -> None:
-        self._reply(ok())
+        self._reply(_OK)
 
     def _cmd_rset(self, _cmd: Command) -> None:
         self._deleted.clear()
@@ -945,18 +949,23 @@ class ServerConnection:
         self._start_message(retr)
         if isinstance(event, MessageData):
             if top is None:
-                self._message_out(retr, encoder.encode(event.data))
+                data = encoder.encode(event.data)
             else:
-                self._message_out(retr, encoder.stuff(top.feed(encoder.normalize(event.data))))
+                data = encoder.stuff(top.feed(encoder.normalize(event.data)))
             if not event.last:
+                self._message_out(retr, data)
                 return
+        else:  # EndOfMessage
+            data = b""
         # The end: EndOfMessage, or the last chunk.  A CR held back at the end of the last
         # chunk is message text: TOP must cut it too when it has already seen all the lines
-        # it keeps.
-        held = encoder.flush()
+        # it keeps (``finish`` sends it, stuffed, for RETR).
         if top is not None:
-            held = top.feed(held)
-        self._message_out(retr, encoder.stuff(held) + encoder.finish())
+            data += encoder.stuff(top.feed(encoder.flush()))
+        tail = encoder.finish()
+        retr.sent += len(data) + len(tail)
+        self._out += (data, tail)
+        self._out_len += len(data) + len(tail)
         self._retr = None
         if top is not None:
             self.stats.top_count += 1
@@ -969,7 +978,7 @@ class ServerConnection:
         """Queue the status line before the first octets of the message."""
         if not retr.started:
             retr.started = True
-            self._reply(ok() if retr.top else b"+OK %d octets\r\n" % retr.size)
+            self._reply(_OK if retr.top else b"+OK %d octets\r\n" % retr.size)
 
     def _message_out(self, retr: _Retrieval, data: bytes) -> None:
         """Queue octets of the message in wire form."""
@@ -977,3 +986,11 @@ class ServerConnection:
             retr.sent += len(data)
             self._out.append(data)
             self._out_len += len(data)
+
+
+#: The commands each state takes (:data:`ALLOWED`), verb to handler: one lookup per line
+#: both checks the verb against the state and finds what handles it.
+_COMMANDS: Final[dict[State, dict[Verb, Callable[[ServerConnection, Command], None]]]] = {
+    state: {verb: ServerConnection._HANDLERS[verb] for verb in verbs}
+    for state, verbs in ALLOWED.items()
+}

@@ -348,11 +348,15 @@ class Pop3Protocol(asyncio.Protocol):
                 self._wait_network()
                 return None
             event = conn.next_event()
+            if isinstance(event, RetrieveMessage) and session.retrieve_now(event):
+                continue  # the most frequent event: answered here, its reply queued
             if event is NEED_DATA:
                 if self._eof:
                     conn.receive_data(b"")
                     continue
-                self._write_out()
+                data = conn.data_to_send()
+                if data:
+                    self._write_raw(data)
                 if session.clock is not None:  # metrics: the command under way is answered
                     session.clock.end()
                 if self._kicked or self._lock_gone or self._stopping:
@@ -365,8 +369,6 @@ class Pop3Protocol(asyncio.Protocol):
                 self._write_out()
             elif isinstance(event, Trace):
                 events.trace(session.log, event.direction, event.line)
-            elif isinstance(event, RetrieveMessage) and session.retrieve_now(event):
-                continue
             elif isinstance(event, ConnectionClosed) and not session.needs_release:
                 self._end(session, event)
             elif event is PAUSED:  # every event above is answered before looping
