@@ -211,10 +211,7 @@ class FallbackRegistry:
         )
         if ok and admission is not None:
             return admission
-        admission = await self.local.register(entry, max_user=max_user, max_userip=max_userip)
-        if admission.admitted:
-            self._in_memory.add(entry.id)
-        return admission
+        return await self._register_locally(entry, max_user, max_userip)
 
     @property
     def checks_failures(self) -> bool:
@@ -248,6 +245,12 @@ class FallbackRegistry:
         )
         if ok and isinstance(admission, Admission):
             return admission
+        return await self._register_locally(entry, max_user, max_userip)
+
+    async def _register_locally(
+        self, entry: SessionEntry, max_user: int, max_userip: int
+    ) -> Admission:
+        """Register ``entry`` in this node's memory (the shared store failed)."""
         admission = await self.local.register(entry, max_user=max_user, max_userip=max_userip)
         if admission.admitted:
             self._in_memory.add(entry.id)

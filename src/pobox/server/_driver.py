@@ -354,9 +354,7 @@ class Pop3Protocol(asyncio.Protocol):
                 if self._eof:
                     conn.receive_data(b"")
                     continue
-                data = conn.data_to_send()
-                if data:
-                    self._write_raw(data)
+                self._write_out()
                 if session.clock is not None:  # metrics: the command under way is answered
                     session.clock.end()
                 if self._kicked or self._lock_gone or self._stopping:

@@ -538,9 +538,8 @@ class Session:
             if cluster is not None and cluster.checks_failures and not throttle.suspect(self.rip):
                 failures = None
             else:
-                failures = await throttle.failures(self.rip)
-                if throttle.refuses(failures):
-                    self._throttled(event.username, event.mechanism)
+                failures = await self._ask_throttle(throttle, event.username, event.mechanism)
+                if failures is None:
                     return
         try:
             user = await self._verify(event)
@@ -557,13 +556,23 @@ class Session:
             if (
                 throttle is not None
                 and failures is None
-                and throttle.refuses(await throttle.failures(self.rip))
+                and await self._ask_throttle(throttle, event.username, event.mechanism) is None
             ):
-                self._throttled(event.username, event.mechanism)
                 return
             await self._failed(event.username, event.mechanism, arrived)
             return
         await self._open(user, event.mechanism, failures)
+
+    async def _ask_throttle(
+        self, throttle: LoginThrottle, username: str | None, mechanism: str
+    ) -> int | None:
+        """Ask the throttle about the client's address: its failures, or ``None`` if they
+        refuse the login (then answered)."""
+        failures = await throttle.failures(self.rip)
+        if throttle.refuses(failures):
+            self._throttled(username, mechanism)
+            return None
+        return failures
 
     def _throttled(self, username: str | None, mechanism: str) -> None:
         """Refuse a login from an address with too many failures (the throttle)."""
@@ -689,9 +698,8 @@ class Session:
             # These answers come before the registration (which would check the address):
             # the throttle's comes first, as when it was asked before the password, and a
             # login time is recorded only for a login it lets in.
-            failures = await throttle.failures(self.rip)
-            if throttle.refuses(failures):
-                self._throttled(user.name, method)
+            failures = await self._ask_throttle(throttle, user.name, method)
+            if failures is None:
                 return
         if pop3_disabled(user):
             # RFC 3206 §4: [SYS/PERM] — the credentials are right (checked first, so only

@@ -853,7 +853,7 @@ class PostgresStore:
                 else _map_error(exc.__cause__ or exc, "delivering")
             )
             uid = _int(state["uid"])
-            found = {"mailbox": mailbox, "uid": uid, "pid": state["pid"], **values}
+            found = {**values, "uid": uid, "pid": state["pid"]}
             await self._settle("delivering", self._sql.delivered, found, failure)
         return str(uid)
 
