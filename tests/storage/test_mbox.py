@@ -319,6 +319,39 @@ class TestDeliver:
         await store.deliver(ALICE, incoming(b"y\n"))
         await session.close()
 
+    async def test_child_process_does_not_keep_the_lock(self, spool_dir: Path) -> None:
+        """Closing releases the session lock although a child process holds the descriptor.
+
+        A subprocess forked by any thread while a session is open holds a copy of every
+        descriptor until it execs; the flock, which belongs to the open file, must not stay
+        held with it (seen as a spurious ``[IN-USE]`` right after a QUIT).
+        """
+        store = store_for(spool_dir)
+        session = await store.open(ALICE)
+        lock_fds = _fds_open_on(".alice.pobox-session")
+        assert 1 == len(lock_fds)
+        child = subprocess.Popen(["sleep", "30"], pass_fds=lock_fds)
+        try:
+            await session.close()
+            again = await store.open(ALICE)
+            await again.close()
+        finally:
+            child.kill()
+            child.wait()
+
+
+def _fds_open_on(name: str) -> list[int]:
+    """This process's descriptors open on a file called ``name``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+        if target.endswith(f"/{name}"):
+            found.append(int(fd))
+    return found
+
 
 class TestRewrite:
     """Deletion rewrites the spool: same owner and mode, crash-safe."""

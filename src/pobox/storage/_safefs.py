@@ -85,6 +85,7 @@ __all__ = [
     "read_chunks",
     "read_upto",
     "storage_error",
+    "unlock_and_close",
 ]
 
 #: Chunks :func:`read_chunks` reads.
@@ -897,9 +898,13 @@ def _lock_fd(directory: Dir, name: str) -> int:
     return fd
 
 
-def _unlock(fd: int) -> None:
-    """Drop the ``flock`` and close its descriptor."""
-    # Closing the descriptor drops the flock; unlocking first makes it explicit.
+def unlock_and_close(fd: int) -> None:
+    """Drop the ``flock`` held through ``fd``, then close it.
+
+    Closing alone is not enough: a child process forked meanwhile (any thread's subprocess)
+    holds a copy of the descriptor until it execs, and the lock, which belongs to the open
+    file, would stay held until then. ``LOCK_UN`` drops it at once for every copy.
+    """
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
@@ -937,7 +942,7 @@ def flocked(directory: Dir, name: str, *, timeout: float) -> Iterator[None]:
                 raise storage_error(exc, "lock", f"{directory.path}/{name}") from exc
         yield
     finally:
-        _unlock(fd)
+        unlock_and_close(fd)
 
 
 @contextlib.contextmanager
@@ -961,4 +966,4 @@ def flocked_if_free(directory: Dir, name: str) -> Iterator[bool]:
             raise storage_error(exc, "lock", f"{directory.path}/{name}") from exc
         yield True
     finally:
-        _unlock(fd)
+        unlock_and_close(fd)

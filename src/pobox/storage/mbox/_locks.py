@@ -159,7 +159,8 @@ def fcntl_locked(fd: int, path: str, *, write: bool, timeout: float) -> Iterator
 def session_lock(directory: Dir, spool: str) -> int:
     """Take the session lock of ``spool`` at once; return the descriptor that holds it.
 
-    Closing the descriptor releases it.
+    :func:`~pobox.storage._safefs.unlock_and_close` releases it (closing alone may not, while
+    a child process forked meanwhile still holds a copy of the descriptor).
 
     Raises:
         MaildropLocked: another session holds it.

@@ -61,7 +61,14 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TypeVar
 
-from pobox.storage._safefs import Dir, OpenFile, flocked, storage_error, write_all
+from pobox.storage._safefs import (
+    Dir,
+    OpenFile,
+    flocked,
+    storage_error,
+    unlock_and_close,
+    write_all,
+)
 from pobox.storage.base import (
     DeleteResult,
     IncomingMessage,
@@ -498,7 +505,7 @@ class MboxMaildrop:
             self._handle = None
         if self._session_fd is not None:
             fd, self._session_fd = self._session_fd, None
-            os.close(fd)
+            unlock_and_close(fd)
 
 
 def read_at(fd: int, offset: int, length: int) -> bytes:
@@ -659,7 +666,7 @@ class MboxStore:
                 snapshot, handle = spool.read_locked(directory, update=True)
             except BaseException:
                 if session is not None:
-                    os.close(session)
+                    unlock_and_close(session)
                 raise
             return MboxMaildrop(spool, handle, snapshot, session, self._inline_read_max)
 
