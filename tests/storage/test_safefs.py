@@ -349,6 +349,44 @@ class TestLinkAndUnlink:
             assert not root.link("written", cur, "msg", expect=written)
 
 
+class TestRenameExclusive:
+    """``renameat2(RENAME_NOREPLACE)``: renames unless the target exists; moves links themselves."""
+
+    def test_renames_to_a_free_name(self, root: Dir, tree: Path) -> None:
+        """The file moves, the same inode under the new name."""
+        (tree / "a").write_bytes(b"a")
+        before = os.stat(tree / "a").st_ino
+        assert root.rename_exclusive("a", "b") is True
+        assert (False, before) == ((tree / "a").exists(), os.stat(tree / "b").st_ino)
+
+    def test_never_replaces(self, root: Dir, tree: Path) -> None:
+        """An existing target: ``False``, and both files stay as they were."""
+        (tree / "a").write_bytes(b"a")
+        (tree / "b").write_bytes(b"b")
+        assert root.rename_exclusive("a", "b") is False
+        assert (b"a", b"b") == ((tree / "a").read_bytes(), (tree / "b").read_bytes())
+
+    def test_missing_source(self, root: Dir) -> None:
+        """Nothing to rename: ``None``."""
+        assert root.rename_exclusive("nothing", "b") is None
+
+    def test_a_link_is_moved_not_followed(self, root: Dir, tree: Path) -> None:
+        """A link at the source is renamed itself; its target stays where it is."""
+        secret = tree.parent / "outside" / "secret"
+        (tree / "link").symlink_to(secret)
+        assert root.rename_exclusive("link", "moved") is True
+        assert (True, SECRET) == ((tree / "moved").is_symlink(), secret.read_bytes())
+
+    def test_without_renameat2(
+        self, root: Dir, tree: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Where libc has no ``renameat2``: ``None``, and nothing moves."""
+        monkeypatch.setattr(_safefs, "_renameat2", None)
+        (tree / "a").write_bytes(b"a")
+        assert root.rename_exclusive("a", "b") is None
+        assert (tree / "a").exists()
+
+
 class TestFlocked:
     """The ``flock`` helper never waits without a bound."""
 

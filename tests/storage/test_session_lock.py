@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pobox.storage import _safefs
 from pobox.storage._safefs import Dir
 from pobox.storage.base import MaildropLocked
 from pobox.storage.maildir import MaildirStore
@@ -383,6 +384,111 @@ class TestRelease:
         await first.close()
         assert ours() == (maildir / LOCK).read_bytes()
         await second.close()
+
+
+SPARE = LOCK + ".pobox-spare"
+
+
+class TestSpare:
+    """A release leaves the lock file as an empty spare; the next take renames it into place.
+
+    So a login allocates no inode (on ext4, creating a file under many logins cost ~300 µs),
+    while the lock stays Dovecot's dotlock. A spare the owner tampered with is never used.
+    """
+
+    async def test_release_leaves_an_empty_spare_the_next_take_renames(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """The spare is the inode the lock was, emptied; the next lock is that inode again."""
+        await (await store.open(ALICE)).close()
+        spare = os.stat(maildir / SPARE)
+        assert (0, False) == (spare.st_size, (maildir / LOCK).exists())
+        maildrop = await store.open(ALICE)
+        lock = os.stat(maildir / LOCK)
+        assert (spare.st_ino, ours(), False) == (
+            lock.st_ino,
+            (maildir / LOCK).read_bytes(),
+            (maildir / SPARE).exists(),
+        )
+        with pytest.raises(MaildropLocked):
+            await store.open(ALICE)
+        await maildrop.close()
+        assert (spare.st_ino, 0) == (
+            os.stat(maildir / SPARE).st_ino,
+            (maildir / SPARE).stat().st_size,
+        )
+
+    async def test_content_left_in_the_spare_is_replaced(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """A spare holding more than our content ends up holding exactly our content."""
+        make_maildir(maildir)
+        (maildir / SPARE).write_bytes(b"x" * 600)
+        maildrop = await store.open(ALICE)
+        assert ours() == (maildir / LOCK).read_bytes()
+        await maildrop.close()
+
+    @pytest.mark.parametrize("kind", ["symlink", "hardlink", "directory"])
+    async def test_tampered_spare_is_not_used(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path, kind: str
+    ) -> None:
+        """A spare that is a link, a second name of a message, or no file: left alone.
+
+        The lock is created afresh, and what the spare named keeps its content.
+        """
+        make_maildir(maildir)
+        message = maildir / "cur" / "1.M1P1.host:2,"
+        message.write_bytes(b"Subject: mine\r\n\r\nbody\r\n")
+        outside = tmp_path / "outside"
+        outside.write_bytes(b"not the user's\n")
+        if kind == "symlink":
+            (maildir / SPARE).symlink_to(outside)
+        elif kind == "hardlink":
+            os.link(message, maildir / SPARE)
+        else:
+            (maildir / SPARE).mkdir()
+        maildrop = await store.open(ALICE)
+        lock = maildir / LOCK
+        assert (ours(), False, True) == (
+            lock.read_bytes(),
+            lock.is_symlink(),
+            os.path.lexists(maildir / SPARE),
+        )
+        assert b"Subject: mine\r\n\r\nbody\r\n" == message.read_bytes()
+        assert b"not the user's\n" == outside.read_bytes()
+        await maildrop.close()
+        assert not lock.exists()
+
+    async def test_lock_is_unlinked_when_a_spare_exists(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """A second spare is never made: with one there already, release unlinks the lock."""
+        maildrop = await store.open(ALICE)
+        (maildir / SPARE).write_bytes(b"")
+        there = os.stat(maildir / SPARE).st_ino
+        await maildrop.close()
+        assert (False, there) == ((maildir / LOCK).exists(), os.stat(maildir / SPARE).st_ino)
+
+    async def test_without_renameat2_locks_are_created_and_unlinked(
+        self, store: MaildirStore, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Where renames cannot be exclusive, the lock file is created and unlinked, no spare."""
+        monkeypatch.setattr(_safefs, "_renameat2", None)
+        maildrop = await store.open(ALICE)
+        assert ours() == (maildir / LOCK).read_bytes()
+        await maildrop.close()
+        assert (False, False) == ((maildir / LOCK).exists(), (maildir / SPARE).exists())
+
+    async def test_stale_lock_is_broken_with_a_spare_there(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """A crash's lock is broken as before, and the spare then becomes the lock."""
+        plant(maildir, f"{dead_pid()}:{socket.gethostname()}".encode())
+        (maildir / SPARE).write_bytes(b"")
+        spare = os.stat(maildir / SPARE).st_ino
+        maildrop = await store.open(ALICE)
+        assert (ours(), spare) == ((maildir / LOCK).read_bytes(), os.stat(maildir / LOCK).st_ino)
+        await maildrop.close()
 
 
 class TestDescriptors:

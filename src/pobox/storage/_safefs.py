@@ -246,6 +246,27 @@ _OPEN_HOW_SIZE = ctypes.sizeof(_OpenHow)
 _openat2 = _Openat2()
 
 
+#: ``renameat2(2)``'s flag: fail with ``EEXIST`` rather than replace the target.
+_RENAME_NOREPLACE = 1
+#: Where ``renameat2`` fails this way, this kernel or filesystem cannot do it.
+_RENAMEAT2_MISSING = frozenset({errno.ENOSYS, errno.EINVAL, errno.EPERM})
+
+
+def _find_renameat2() -> Callable[..., int] | None:
+    """Return glibc's ``renameat2`` (2.28 and later), or ``None`` without it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    path = ctypes.c_char_p
+    function.argtypes = (ctypes.c_int, path, ctypes.c_int, path, ctypes.c_uint)
+    return function
+
+
+_renameat2 = _find_renameat2()
+
+
 def openat2_available() -> bool:
     """Tell whether opens go through ``openat2(2)`` with ``RESOLVE_BENEATH`` and friends."""
     return _openat2.available()
@@ -790,6 +811,33 @@ class Dir(_Descriptor):
             os.rename(name, new_name, src_dir_fd=self.fd, dst_dir_fd=target.fd)
         except OSError as exc:
             raise storage_error(exc, "rename", self._join(name)) from exc
+
+    def rename_exclusive(self, name: str, new_name: str) -> bool | None:
+        """Rename ``name`` to ``new_name`` in this directory, unless ``new_name`` exists.
+
+        ``renameat2(RENAME_NOREPLACE)``: atomic, and a link at ``name`` is moved itself, never
+        followed. ``True`` when renamed, ``False`` when ``new_name`` exists, ``None`` when
+        ``name`` is missing or this kernel or filesystem cannot rename so (the caller then
+        does without).
+
+        Raises:
+            StorageError: the rename failed otherwise.
+        """
+        check_name(name)
+        check_name(new_name)
+        function = _renameat2
+        if function is None:
+            return None
+        new = os.fsencode(new_name)
+        if function(self.fd, os.fsencode(name), self.fd, new, _RENAME_NOREPLACE) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            return False
+        if code == errno.ENOENT or code in _RENAMEAT2_MISSING:
+            return None
+        path = self._join(name)
+        raise storage_error(OSError(code, os.strerror(code), path), "rename", path)
 
     def link(self, name: str, target: Dir, new_name: str, *, expect: os.stat_result) -> bool:
         """Hard-link ``name`` here as ``new_name`` in ``target``; ``False`` if that exists.

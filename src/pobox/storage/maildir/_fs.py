@@ -27,6 +27,18 @@ pobox and a Dovecot serving the same maildir exclude each other (facts from Dove
 * a lock is released by unlinking it, only if the file is still ours (same device, inode
   and content): a lock broken and taken by another session meanwhile is left alone.
 
+pobox does not allocate an inode per session (on ext4, with many logins a second, creating
+the file cost ~300 µs, most of a PLAIN login): a release empties its lock file, while it is
+still the lock, and renames it to the *spare* ``dovecot-pop3-session.lock.pobox-spare``
+(``renameat2(RENAME_NOREPLACE)``; unlinked as above where a spare exists already or the
+filesystem cannot). The next take touches the spare and renames it back
+(``RENAME_NOREPLACE``: exclusive exactly as ``O_EXCL``), then writes its content into what it
+finds under the lock's name, if that is the inode the spare was. Dovecot sees the same
+dotlock: a file that exists is held, and an empty one (between the rename and the write) is
+judged by its fresh ``mtime``. A spare that is not an empty-or-not regular file of the owner
+with a single name (a link, a second name of a message, a directory) is never used, so the
+owner cannot make pobox write into anything but the spare itself.
+
 A root process whose worker threads take on each owner's filesystem ids (the storage helper)
 calls :func:`use_thread_rights` at start: each lock then remembers the rights of the thread
 that took it, and the refresher thread, or a finalizer in whatever thread, touches and
@@ -51,6 +63,7 @@ import contextlib
 import errno
 import os
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -66,6 +79,7 @@ __all__ = [
     "STALE_TIMEOUT",
     "SessionLock",
     "refresh_session_locks",
+    "spare_name",
     "use_thread_rights",
 ]
 
@@ -76,6 +90,8 @@ LIVE_PID_STALE_TIMEOUT = 2 * STALE_TIMEOUT
 #: How often held locks are touched: a fifth of :data:`STALE_TIMEOUT`, so a late pass or two
 #: never lets a live lock look stale (Dovecot touches every :data:`STALE_TIMEOUT`, no margin).
 REFRESH_INTERVAL = 60
+#: The spare of a lock file ``NAME`` is ``NAME`` + this (see the module documentation).
+SPARE_SUFFIX = ".pobox-spare"
 #: Dovecot reads at most this much of a lock file.
 _CONTENT_MAX = 511
 #: Tries to take a lock that keeps changing under us before calling the maildrop locked.
@@ -327,14 +343,18 @@ def _read_lock(root: Dir, name: str) -> _Found | None:
 def _create_lock(root: Dir, name: str) -> _Held | None:
     """Create the lock file ``name`` and record it as held; ``None`` if it exists.
 
-    The registry's mutex is held from the creation to the record, so no thread of this
-    process sees our PID in a lock file that is not yet recorded as ours.
+    The spare a release left is renamed into place if there is one (:func:`_claim_spare`),
+    else the file is created. The registry's mutex is held from the creation to the record,
+    so no thread of this process sees our PID in a lock file that is not yet recorded as ours.
 
     Raises:
         StorageError: the file cannot be created or written.
     """
     content = _registry.content
     with _registry.mutex:
+        claimed = _claim_spare(root, name, content)
+        if not isinstance(claimed, _NoSpare):
+            return claimed
         fd = root.create(name)
         if fd is None:
             return None
@@ -350,9 +370,84 @@ def _create_lock(root: Dir, name: str) -> _Held | None:
             with contextlib.suppress(StorageError):
                 root.unlink(name)
             raise storage_error(exc, "write lock file", f"{root.path}/{name}") from exc
-        held = _Held(root, name, (st.st_dev, st.st_ino), content)
-        _registry.add(held)
-        return held
+        return _record(root, name, (st.st_dev, st.st_ino), content)
+
+
+def _record(root: Dir, name: str, file_id: _FileId, content: bytes) -> _Held:
+    """Record the lock file ``file_id`` as held (the registry's mutex held)."""
+    held = _Held(root, name, file_id, content)
+    _registry.add(held)
+    return held
+
+
+class _NoSpare:
+    """What :func:`_claim_spare` returns when there is no spare to take: create the file."""
+
+
+_NO_SPARE = _NoSpare()
+
+
+def spare_name(name: str) -> str:
+    """Return the name of the spare of the lock file ``name``."""
+    return f"{name}{SPARE_SUFFIX}"
+
+
+def _claim_spare(root: Dir, name: str, content: bytes) -> _Held | _NoSpare | None:
+    """Take the lock ``name`` by renaming the spare into place; ``None`` if the lock exists.
+
+    Returns :data:`_NO_SPARE` when there is no usable spare (none, not an empty-or-not
+    regular file of the owner with one link, or no ``renameat2`` here). The spare is touched
+    first: between the rename and the write of our content the lock is an empty file, which
+    Dovecot and pobox judge by its age. What is found under the lock's name after the rename
+    must be the inode the spare was (else that is someone else's lock: ``None``).
+
+    Raises:
+        StorageError: the renamed spare cannot be written.
+    """
+    spare = spare_name(name)
+    try:
+        before = root.stat(spare)
+    except StorageError:
+        return _NO_SPARE
+    if (
+        before is None
+        or not stat.S_ISREG(before.st_mode)
+        or before.st_uid != root.owner
+        or before.st_nlink != 1
+    ):
+        return _NO_SPARE
+    try:
+        os.utime(spare, dir_fd=root.fd, follow_symlinks=False)
+        moved = root.rename_exclusive(spare, name)
+    except (OSError, StorageError):
+        return _NO_SPARE
+    if moved is None:
+        return _NO_SPARE
+    if not moved:
+        return None
+    try:
+        fd = root.open_writable(name)
+    except StorageError:
+        fd = None
+    if fd is None:
+        return None  # gone or replaced at once: another's lock now, or the owner's doing
+    try:
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_nlink) != (before.st_dev, before.st_ino, 1):
+                return None  # broken and taken by another session in between
+            written = os.pwrite(fd, content, 0)
+            if written != len(content):
+                raise OSError(errno.ENOSPC, "short write")
+            if st.st_size > written:
+                os.ftruncate(fd, written)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        with contextlib.suppress(StorageError):
+            root.unlink(name)
+        raise storage_error(exc, "write lock file", f"{root.path}/{name}") from exc
+    return _record(root, name, (st.st_dev, st.st_ino), content)
 
 
 class SessionLock:
@@ -427,13 +522,38 @@ def _take(root: Dir, name: str, guard: str, timeout: float) -> _Held:
 
 
 def _release(held: _Held) -> None:
-    """Unlink a lock file if it is still ours, then forget it; never raises."""
+    """Give up a lock file if it is still ours, then forget it; never raises."""
     try:
         with _rights_of(held), Dir.open_root(held.root, held.owner) as root:
-            found = _read_lock(root, held.name)
-            if found is not None and _is_ours(found, held):
-                root.unlink(held.name)
+            _give_up(root, held)
     except (OSError, StorageError):
         pass  # already gone, or no longer ours
     finally:
         _registry.discard(held)
+
+
+def _give_up(root: Dir, held: _Held) -> None:
+    """Empty the lock file if it is ours, and make it the spare (else unlink it).
+
+    Emptied first, while it is still the lock: a spare never names anyone, and an empty lock
+    just written is judged fresh by its age. Where a spare exists already (or this
+    filesystem cannot rename exclusively), the lock is unlinked as before.
+
+    Raises:
+        StorageError, OSError: it cannot be looked at, emptied or removed.
+    """
+    try:
+        fd = root.open_writable(held.name)
+    except UnsafeFile:
+        return  # a link, a FIFO, another's file: not ours
+    if fd is None:
+        return
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != held.file_id or os.read(fd, _CONTENT_MAX) != held.content:
+            return
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+    if st.st_nlink != 1 or root.rename_exclusive(held.name, spare_name(held.name)) is not True:
+        root.unlink(held.name)
