@@ -7,6 +7,8 @@ release, that no descriptor stays open, and exclusion against a real Dovecot.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import fcntl
 import gc
 import os
@@ -24,7 +26,7 @@ import pytest
 
 from pobox.storage import _safefs
 from pobox.storage._safefs import Dir
-from pobox.storage.base import MaildropLocked
+from pobox.storage.base import MaildropLocked, StorageError
 from pobox.storage.maildir import MaildirStore
 from pobox.storage.maildir._fs import SessionLock, refresh_session_locks
 from tests.helpers.dovecot import running_dovecot, searchable_tmpdir
@@ -390,19 +392,19 @@ SPARE = LOCK + ".pobox-spare"
 
 
 class TestSpare:
-    """A release leaves the lock file as an empty spare; the next take renames it into place.
+    """A release renames the lock file to a spare; the next take renames it back.
 
     So a login allocates no inode (on ext4, creating a file under many logins cost ~300 µs),
-    while the lock stays Dovecot's dotlock. A spare the owner tampered with is never used.
+    while the lock stays Dovecot's dotlock. A spare the owner tampered with is never written.
     """
 
-    async def test_release_leaves_an_empty_spare_the_next_take_renames(
+    async def test_release_leaves_a_spare_the_next_take_renames(
         self, store: MaildirStore, maildir: Path
     ) -> None:
-        """The spare is the inode the lock was, emptied; the next lock is that inode again."""
+        """The spare is the inode the lock was, content kept; the next lock is that inode."""
         await (await store.open(ALICE)).close()
         spare = os.stat(maildir / SPARE)
-        assert (0, False) == (spare.st_size, (maildir / LOCK).exists())
+        assert (ours(), False) == ((maildir / SPARE).read_bytes(), (maildir / LOCK).exists())
         maildrop = await store.open(ALICE)
         lock = os.stat(maildir / LOCK)
         assert (spare.st_ino, ours(), False) == (
@@ -413,30 +415,29 @@ class TestSpare:
         with pytest.raises(MaildropLocked):
             await store.open(ALICE)
         await maildrop.close()
-        assert (spare.st_ino, 0) == (
-            os.stat(maildir / SPARE).st_ino,
-            (maildir / SPARE).stat().st_size,
-        )
+        assert spare.st_ino == os.stat(maildir / SPARE).st_ino
 
     async def test_content_left_in_the_spare_is_replaced(
         self, store: MaildirStore, maildir: Path
     ) -> None:
         """A spare holding more than our content ends up holding exactly our content."""
-        make_maildir(maildir)
+        await (await store.open(ALICE)).close()  # the cache filled: the next open may claim
         (maildir / SPARE).write_bytes(b"x" * 600)
+        spare = os.stat(maildir / SPARE).st_ino
         maildrop = await store.open(ALICE)
-        assert ours() == (maildir / LOCK).read_bytes()
+        assert (ours(), spare) == ((maildir / LOCK).read_bytes(), os.stat(maildir / LOCK).st_ino)
         await maildrop.close()
 
-    @pytest.mark.parametrize("kind", ["symlink", "hardlink", "directory"])
+    @pytest.mark.parametrize("kind", ["symlink", "hardlink", "directory", "fifo"])
     async def test_tampered_spare_is_not_used(
         self, store: MaildirStore, maildir: Path, tmp_path: Path, kind: str
     ) -> None:
-        """A spare that is a link, a second name of a message, or no file: left alone.
+        """A spare that is a link, a second name of a message, or no regular file: left alone.
 
         The lock is created afresh, and what the spare named keeps its content.
         """
-        make_maildir(maildir)
+        await (await store.open(ALICE)).close()
+        (maildir / SPARE).unlink()
         message = maildir / "cur" / "1.M1P1.host:2,"
         message.write_bytes(b"Subject: mine\r\n\r\nbody\r\n")
         outside = tmp_path / "outside"
@@ -445,8 +446,10 @@ class TestSpare:
             (maildir / SPARE).symlink_to(outside)
         elif kind == "hardlink":
             os.link(message, maildir / SPARE)
-        else:
+        elif kind == "directory":
             (maildir / SPARE).mkdir()
+        else:
+            os.mkfifo(maildir / SPARE)
         maildrop = await store.open(ALICE)
         lock = maildir / LOCK
         assert (ours(), False, True) == (
@@ -458,6 +461,99 @@ class TestSpare:
         assert b"not the user's\n" == outside.read_bytes()
         await maildrop.close()
         assert not lock.exists()
+
+    async def test_spare_swapped_before_the_rename_is_put_back(
+        self,
+        store: MaildirStore,
+        maildir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The owner swaps the spare for a second name of a message just before the rename.
+
+        What was renamed is not the file written: it goes back to the spare's name, the lock
+        is created afresh, and the message is untouched.
+        """
+        await (await store.open(ALICE)).close()
+        message = maildir / "cur" / "1.M1P1.host:2,"
+        message.write_bytes(b"Subject: mine\r\n\r\nbody\r\n")
+        rename = Dir.rename_exclusive
+
+        def swapped(self: Dir, name: str, new_name: str) -> bool | None:
+            if name == SPARE:
+                (maildir / SPARE).unlink()
+                os.link(message, maildir / SPARE)
+            return rename(self, name, new_name)
+
+        monkeypatch.setattr(Dir, "rename_exclusive", swapped)
+        maildrop = await store.open(ALICE)
+        monkeypatch.undo()
+        lock = maildir / LOCK
+        assert (ours(), 1) == (lock.read_bytes(), os.stat(lock).st_nlink)
+        assert os.stat(message).st_ino == os.stat(maildir / SPARE).st_ino
+        assert b"Subject: mine\r\n\r\nbody\r\n" == message.read_bytes()
+        await maildrop.close()
+
+    async def test_spare_unopenable_is_left_and_the_lock_created(
+        self,
+        store: MaildirStore,
+        maildir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """An error opening the spare (no descriptor left, ...) renames nothing."""
+        await (await store.open(ALICE)).close()
+        spare = os.stat(maildir / SPARE).st_ino
+        open_writable = Dir.open_writable
+
+        def failing(self: Dir, name: str, **kwargs: bool) -> int | None:
+            if name == SPARE:
+                raise StorageError("too many open files")
+            return open_writable(self, name, **kwargs)
+
+        monkeypatch.setattr(Dir, "open_writable", failing)
+        maildrop = await store.open(ALICE)
+        monkeypatch.undo()
+        assert (spare, ours()) == (os.stat(maildir / SPARE).st_ino, (maildir / LOCK).read_bytes())
+        assert spare != os.stat(maildir / LOCK).st_ino
+        await maildrop.close()
+        assert not (maildir / LOCK).exists()
+
+    async def test_release_whose_rename_fails_unlinks(
+        self,
+        store: MaildirStore,
+        maildir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A rename refused at release (a full quota, ...) unlinks the lock as before."""
+        maildrop = await store.open(ALICE)
+
+        def over_quota(*args: object) -> int:
+            ctypes.set_errno(errno.EDQUOT)
+            return -1
+
+        monkeypatch.setattr(_safefs, "_renameat2", over_quota)
+        await maildrop.close()
+        monkeypatch.undo()
+        assert (False, False) == ((maildir / LOCK).exists(), (maildir / SPARE).exists())
+        await (await store.open(ALICE)).close()
+
+    async def test_spare_is_claimed_only_under_the_index_lock(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """While another process holds the index lock, the lock file is created, the spare left."""
+        await (await store.open(ALICE)).close()
+        spare = os.stat(maildir / SPARE).st_ino
+        index_lock = os.open(maildir / "pobox-uidlist.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(index_lock, fcntl.LOCK_EX)
+            opening = asyncio.ensure_future(store.open(ALICE))
+            await asyncio.sleep(0.2)
+            assert (False, spare) == (opening.done(), os.stat(maildir / SPARE).st_ino)
+        finally:
+            os.close(index_lock)
+        maildrop = await opening
+        assert spare == os.stat(maildir / SPARE).st_ino
+        assert spare != os.stat(maildir / LOCK).st_ino
+        await maildrop.close()
 
     async def test_lock_is_unlinked_when_a_spare_exists(
         self, store: MaildirStore, maildir: Path
@@ -474,9 +570,10 @@ class TestSpare:
     ) -> None:
         """Where renames cannot be exclusive, the lock file is created and unlinked, no spare."""
         monkeypatch.setattr(_safefs, "_renameat2", None)
-        maildrop = await store.open(ALICE)
-        assert ours() == (maildir / LOCK).read_bytes()
-        await maildrop.close()
+        for _ in range(2):
+            maildrop = await store.open(ALICE)
+            assert ours() == (maildir / LOCK).read_bytes()
+            await maildrop.close()
         assert (False, False) == ((maildir / LOCK).exists(), (maildir / SPARE).exists())
 
     async def test_stale_lock_is_broken_with_a_spare_there(

@@ -816,9 +816,10 @@ class MaildirAccess:
         """Open from the snapshot cache when that needs no waiting and no listing.
 
         It does when the cache holds the maildir, the session lock file does not exist, the
-        index lock is free and nothing changed: a dozen system calls (open the root, create
-        the lock file, flock the index lock, stat the index and the two directories), no
-        listing and no parsing. Meant for a thread that must not block (an event loop).
+        index lock is free and nothing changed: a dozen system calls (open the root, flock
+        the index lock, take the lock file (its spare renamed into place), stat the index
+        and the two directories), no listing and no parsing. Meant for a thread that must
+        not block (an event loop).
 
         Returns:
             The opened maildrop, or ``None`` and the session lock if it was taken (give it to
@@ -829,31 +830,34 @@ class MaildirAccess:
             return None, None
         session_lock = None
         try:
-            with Dir.open_root(root, owner) as directory:
+            with (
+                Dir.open_root(root, owner) as directory,
+                flocked_if_free(directory, INDEX_LOCK_NAME) as held,
+            ):
                 if lock:
-                    session_lock = SessionLock.take_if_free(directory, LOCK_NAME)
+                    # Under the index lock (if free) the session lock's spare may be used.
+                    session_lock = SessionLock.take_if_free(directory, LOCK_NAME, spare=held)
                     if session_lock is None:
                         return None, None
-                with flocked_if_free(directory, INDEX_LOCK_NAME) as held:
-                    cached = self.cache.get(root)
-                    if (
-                        held
-                        and cached is not None
-                        and _file_key(directory, INDEX_NAME) == cached.index_key
-                        and _listing_current(cached, _dir_mtimes(directory))
-                    ):
-                        handle = MaildirHandle(
-                            root,
-                            owner,
-                            cached.messages,
-                            dict(cached.files),
-                            session_lock,
-                            indexed=True,
-                            lock_timeout=self.lock_timeout,
-                            real=directory.real_path(),
-                            retention=self.retention,
-                        )
-                        return handle, None
+                cached = self.cache.get(root)
+                if (
+                    held
+                    and cached is not None
+                    and _file_key(directory, INDEX_NAME) == cached.index_key
+                    and _listing_current(cached, _dir_mtimes(directory))
+                ):
+                    handle = MaildirHandle(
+                        root,
+                        owner,
+                        cached.messages,
+                        dict(cached.files),
+                        session_lock,
+                        indexed=True,
+                        lock_timeout=self.lock_timeout,
+                        real=directory.real_path(),
+                        retention=self.retention,
+                    )
+                    return handle, None
         except StorageError:
             if session_lock is not None:
                 session_lock.release()

@@ -28,16 +28,17 @@ pobox and a Dovecot serving the same maildir exclude each other (facts from Dove
   and content): a lock broken and taken by another session meanwhile is left alone.
 
 pobox does not allocate an inode per session (on ext4, with many logins a second, creating
-the file cost ~300 µs, most of a PLAIN login): a release empties its lock file, while it is
-still the lock, and renames it to the *spare* ``dovecot-pop3-session.lock.pobox-spare``
-(``renameat2(RENAME_NOREPLACE)``; unlinked as above where a spare exists already or the
-filesystem cannot). The next take touches the spare and renames it back
-(``RENAME_NOREPLACE``: exclusive exactly as ``O_EXCL``), then writes its content into what it
-finds under the lock's name, if that is the inode the spare was. Dovecot sees the same
-dotlock: a file that exists is held, and an empty one (between the rename and the write) is
-judged by its fresh ``mtime``. A spare that is not an empty-or-not regular file of the owner
-with a single name (a link, a second name of a message, a directory) is never used, so the
-owner cannot make pobox write into anything but the spare itself.
+the file cost ~300 µs, most of a PLAIN login): a release renames its lock file, still holding
+its content, to the *spare* ``dovecot-pop3-session.lock.pobox-spare``
+(``renameat2(RENAME_NOREPLACE)``; unlinked as above where a spare exists already, the file
+has a second name or the rename fails). A take that holds the index lock (which every pobox
+claiming a spare holds; Dovecot never touches the spare) opens the spare (no link followed: a
+regular file of the owner with one name), writes its own content into it and renames it to
+the lock's name (``RENAME_NOREPLACE``: exclusive exactly as ``O_EXCL``): the lock appears
+holding ``<pid>:<hostname>`` with a fresh ``mtime``, as a created one does. If what the
+rename moved is not the file written (the owner swapped the spare), it is put back and the
+lock is created. A crash at any point leaves a lock naming a dead process (broken at once)
+or a spare, never an empty lock; an error before the rename leaves the spare, unused.
 
 A root process whose worker threads take on each owner's filesystem ids (the storage helper)
 calls :func:`use_thread_rights` at start: each lock then remembers the rights of the thread
@@ -63,7 +64,6 @@ import contextlib
 import errno
 import os
 import socket
-import stat
 import threading
 import time
 import weakref
@@ -340,21 +340,24 @@ def _read_lock(root: Dir, name: str) -> _Found | None:
     return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, content)
 
 
-def _create_lock(root: Dir, name: str) -> _Held | None:
+def _create_lock(root: Dir, name: str, *, spare: bool = False) -> _Held | None:
     """Create the lock file ``name`` and record it as held; ``None`` if it exists.
 
-    The spare a release left is renamed into place if there is one (:func:`_claim_spare`),
-    else the file is created. The registry's mutex is held from the creation to the record,
-    so no thread of this process sees our PID in a lock file that is not yet recorded as ours.
+    With ``spare`` (the caller holds the index lock, which every pobox claiming a spare
+    takes), the spare a release left is renamed into place if there is one
+    (:func:`_claim_spare`); else the file is created. The registry's mutex is held from the
+    creation to the record, so no thread of this process sees our PID in a lock file that is
+    not yet recorded as ours.
 
     Raises:
         StorageError: the file cannot be created or written.
     """
     content = _registry.content
     with _registry.mutex:
-        claimed = _claim_spare(root, name, content)
-        if not isinstance(claimed, _NoSpare):
-            return claimed
+        if spare:
+            claimed = _claim_spare(root, name, content)
+            if not isinstance(claimed, _NoSpare):
+                return claimed
         fd = root.create(name)
         if fd is None:
             return None
@@ -395,58 +398,49 @@ def spare_name(name: str) -> str:
 def _claim_spare(root: Dir, name: str, content: bytes) -> _Held | _NoSpare | None:
     """Take the lock ``name`` by renaming the spare into place; ``None`` if the lock exists.
 
-    Returns :data:`_NO_SPARE` when there is no usable spare (none, not an empty-or-not
-    regular file of the owner with one link, or no ``renameat2`` here). The spare is touched
-    first: between the rename and the write of our content the lock is an empty file, which
-    Dovecot and pobox judge by its age. What is found under the lock's name after the rename
-    must be the inode the spare was (else that is someone else's lock: ``None``).
+    The caller holds the index lock, so no other pobox writes into the spare meanwhile (and
+    Dovecot never does). The spare is opened (no link followed: a regular file of the owner
+    with one name), our content written into it, and only then renamed into place: the lock
+    appears holding ``<pid>:<host>`` and a fresh ``mtime``, never a past holder's content.
+    If what the rename moved is not the file written (the owner swapped the spare), it is
+    put back and the lock file is created instead.
+
+    Returns :data:`_NO_SPARE` when there is no usable spare (none, anything else, no
+    ``renameat2`` here, or an error before the rename): the caller then creates the file.
 
     Raises:
-        StorageError: the renamed spare cannot be written.
+        StorageError: the lock that appeared cannot be looked at.
     """
     spare = spare_name(name)
     try:
-        before = root.stat(spare)
-    except StorageError:
+        fd = root.open_writable(spare)
+    except StorageError:  # a link, a FIFO, a directory, another's file, EMFILE: not used
         return _NO_SPARE
-    if (
-        before is None
-        or not stat.S_ISREG(before.st_mode)
-        or before.st_uid != root.owner
-        or before.st_nlink != 1
-    ):
+    if fd is None:
         return _NO_SPARE
     try:
-        os.utime(spare, dir_fd=root.fd, follow_symlinks=False)
+        st = os.fstat(fd)
+        if st.st_nlink != 1:
+            return _NO_SPARE  # a second name of another file (a message, a backup's link)
+        written = os.pwrite(fd, content, 0)
+        if written != len(content):
+            return _NO_SPARE
+        if st.st_size > written:
+            os.ftruncate(fd, written)
         moved = root.rename_exclusive(spare, name)
     except (OSError, StorageError):
-        return _NO_SPARE
+        return _NO_SPARE  # nothing renamed: the spare's content is no one's concern
+    finally:
+        os.close(fd)
     if moved is None:
         return _NO_SPARE
     if not moved:
         return None
-    try:
-        fd = root.open_writable(name)
-    except StorageError:
-        fd = None
-    if fd is None:
-        return None  # gone or replaced at once: another's lock now, or the owner's doing
-    try:
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino, st.st_nlink) != (before.st_dev, before.st_ino, 1):
-                return None  # broken and taken by another session in between
-            written = os.pwrite(fd, content, 0)
-            if written != len(content):
-                raise OSError(errno.ENOSPC, "short write")
-            if st.st_size > written:
-                os.ftruncate(fd, written)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        with contextlib.suppress(StorageError):
-            root.unlink(name)
-        raise storage_error(exc, "write lock file", f"{root.path}/{name}") from exc
+    now = root.stat(name)
+    if now is None or (now.st_dev, now.st_ino, now.st_nlink) != (st.st_dev, st.st_ino, 1):
+        if now is not None and root.rename_exclusive(name, spare) is not True:
+            return None  # broken and taken meanwhile, or cannot be put back: locked
+        return _NO_SPARE
     return _record(root, name, (st.st_dev, st.st_ino), content)
 
 
@@ -477,15 +471,16 @@ class SessionLock:
         self._finalizer = weakref.finalize(self, _release, held)
 
     @classmethod
-    def take_if_free(cls, root: Dir, name: str) -> SessionLock | None:
+    def take_if_free(cls, root: Dir, name: str, *, spare: bool = False) -> SessionLock | None:
         """Take the lock if no lock file exists; ``None`` if one does (locked, or stale).
 
         A few system calls and no waiting, so it may run in the event loop's thread.
+        ``spare``: the caller holds the index lock, so the spare may be renamed into place.
 
         Raises:
             StorageError: the lock file cannot be created.
         """
-        held = _create_lock(root, name)
+        held = _create_lock(root, name, spare=spare)
         if held is None:
             return None
         lock = cls.__new__(cls)
@@ -514,7 +509,7 @@ def _take(root: Dir, name: str, guard: str, timeout: float) -> _Held:
                 if not _is_stale(again, time.time_ns()):
                     break
                 root.unlink(name)
-            held = _create_lock(root, name)
+            held = _create_lock(root, name, spare=True)
         if held is not None:
             return held
     msg = f"maildrop {root.path} is locked by another session"
@@ -533,14 +528,15 @@ def _release(held: _Held) -> None:
 
 
 def _give_up(root: Dir, held: _Held) -> None:
-    """Empty the lock file if it is ours, and make it the spare (else unlink it).
+    """Make the lock file the spare if it is ours (else leave it); unlink it if that fails.
 
-    Emptied first, while it is still the lock: a spare never names anyone, and an empty lock
-    just written is judged fresh by its age. Where a spare exists already (or this
-    filesystem cannot rename exclusively), the lock is unlinked as before.
+    The file keeps our content: a crash at any point leaves a lock naming a dead process
+    (broken at once) or a spare, never an empty lock. Where a spare exists already, the
+    file has a second name, or the rename fails (no ``renameat2``, a full disk, ...), the
+    lock is unlinked as before.
 
     Raises:
-        StorageError, OSError: it cannot be looked at, emptied or removed.
+        StorageError, OSError: it cannot be looked at or removed.
     """
     try:
         fd = root.open_writable(held.name)
@@ -552,8 +548,12 @@ def _give_up(root: Dir, held: _Held) -> None:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != held.file_id or os.read(fd, _CONTENT_MAX) != held.content:
             return
-        os.ftruncate(fd, 0)
     finally:
         os.close(fd)
-    if st.st_nlink != 1 or root.rename_exclusive(held.name, spare_name(held.name)) is not True:
-        root.unlink(held.name)
+    if st.st_nlink == 1:
+        try:
+            if root.rename_exclusive(held.name, spare_name(held.name)):
+                return
+        except StorageError:
+            pass
+    root.unlink(held.name)
