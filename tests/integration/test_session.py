@@ -241,6 +241,39 @@ class TestTimeouts:
             for line in lines
         ), lines
 
+    async def test_login_deadline_logged_with_its_age_when_the_loop_clock_lags(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A loop clock behind time.monotonic at connect does not log a younger session.
+
+        uvloop's clock is cached per loop iteration: at a connection it may be behind by what
+        the iteration has run so far. Here it is 0.5 s behind until the greeting, then exact;
+        the session ends at its deadline and its last line says so in the same seconds.
+        """
+        caplog.set_level(logging.INFO, logger="pobox")
+        loop = asyncio.get_running_loop()
+        lag = [0.0]
+        monotonic = loop.time
+        loop.time = lambda: monotonic() - lag[0]  # type: ignore[method-assign]
+        try:
+            async with running_server(tmp_path, login_deadline=1.0) as srv:
+                lag[0] = 0.5
+                w = await Wire.connect(srv.host, srv.port)
+                await w.line()
+                lag[0] = 0.0
+                with contextlib.suppress(ConnectionError):
+                    while await w.line(timeout=5):
+                        pass
+                await asyncio.sleep(0.1)
+        finally:
+            del loop.time
+        lines = [r.getMessage() for r in caplog.records]
+        assert any(
+            "Disconnected (no auth attempts in 1 secs): Login time limit - not logged in after "
+            "1 secs, rip=127.0.0.1" in line
+            for line in lines
+        ), lines
+
     async def test_login_deadline_ends_at_login(self, tmp_path: Path) -> None:
         """Once logged in, the deadline no longer applies: idle_timeout does."""
         async with running_server(tmp_path, login_deadline=0.6) as srv:

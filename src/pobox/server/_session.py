@@ -403,6 +403,8 @@ class Session:
         self.fetched: dict[str, float] = {}
         #: The user's EXPIRE (``pop3_expire_days``), set at login: digits, ``NEVER``, ``""``.
         self.expire = ""
+        #: When the session began (``time.monotonic``'s clock; the driver sets it to the
+        #: loop's time its deadlines count from, which never runs ahead of it).
         self.started = time.monotonic()
         self.secure = info.secure
         self._kick = kick
