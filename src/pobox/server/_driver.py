@@ -306,14 +306,17 @@ class Pop3Protocol(asyncio.Protocol):
         self._login_by = now + self._ctx.config.login_deadline
         # Weakly: the session (and the registry, the store) must not keep this driver alive,
         # or every connection's objects would wait for the cyclic garbage collector.
+        # Its age counts from the stamp its deadline does: the loop's clock (uvloop's is cached
+        # per iteration, behind time.monotonic by what the iteration has run) never runs ahead
+        # of time.monotonic, so a session ended by login_deadline is never logged as younger
+        # than that ("no auth attempts in 0 secs ... after 1 secs").
         self.session = Session(
-            self._ctx, info, kick=_weakly(self.kick), lock_lost=_weakly(self._lock_lost)
+            self._ctx,
+            info,
+            kick=_weakly(self.kick),
+            lock_lost=_weakly(self._lock_lost),
+            started=now,
         )
-        # The session's age from the stamp its deadline counts from: the loop's clock (uvloop's
-        # is cached per iteration, so behind time.monotonic by what the iteration has run)
-        # never runs ahead of time.monotonic, so a session ended by login_deadline is never
-        # logged as younger than that ("no auth attempts in 0 secs ... after 1 secs").
-        self.session.started = now
         self._pump()
 
     def _pump(self) -> None:

@@ -362,6 +362,8 @@ class Session:
         info: the connection record the listener built.
         kick: what ends the session when the registry asks (see :meth:`Cluster.admit`).
         lock_lost: what ends the session when the store loses the maildrop lock.
+        started: when the session began, on the clock its deadlines count from (the loop's;
+            it never runs ahead of ``time.monotonic``, which its age is read from at the end).
     """
 
     def __init__(
@@ -371,6 +373,7 @@ class Session:
         *,
         kick: Callable[[], None],
         lock_lost: Callable[[], None],
+        started: float,
     ) -> None:
         self.ctx = ctx
         self.info = info
@@ -403,9 +406,7 @@ class Session:
         self.fetched: dict[str, float] = {}
         #: The user's EXPIRE (``pop3_expire_days``), set at login: digits, ``NEVER``, ``""``.
         self.expire = ""
-        #: When the session began (``time.monotonic``'s clock; the driver sets it to the
-        #: loop's time its deadlines count from, which never runs ahead of it).
-        self.started = time.monotonic()
+        self.started = started
         self.secure = info.secure
         self._kick = kick
         self._lock_lost = lock_lost

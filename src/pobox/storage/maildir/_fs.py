@@ -260,13 +260,14 @@ def _is_ours(found: _Found, held: _Held) -> bool:
 
 
 class _Found:
-    """A lock file as read: its identity, ``mtime`` and (up to 511 bytes of) content."""
+    """A lock file as read: its identity, ``mtime``, names and (up to 511 bytes of) content."""
 
-    __slots__ = ("content", "file_id", "mtime_ns")
+    __slots__ = ("content", "file_id", "mtime_ns", "nlink")
 
-    def __init__(self, file_id: _FileId, mtime_ns: int, content: bytes | None) -> None:
-        self.file_id = file_id
-        self.mtime_ns = mtime_ns
+    def __init__(self, st: os.stat_result, content: bytes | None) -> None:
+        self.file_id = (st.st_dev, st.st_ino)
+        self.mtime_ns = st.st_mtime_ns
+        self.nlink = st.st_nlink
         #: ``None`` when the file cannot be read (another user's lock).
         self.content = content
 
@@ -328,7 +329,7 @@ def _read_lock(root: Dir, name: str) -> _Found | None:
         st = root.stat(name)
         if st is None:
             return None
-        return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, None)
+        return _Found(st, None)
     if handle is None:
         return None
     with handle:
@@ -337,7 +338,7 @@ def _read_lock(root: Dir, name: str) -> _Found | None:
             content = os.read(handle.fd, _CONTENT_MAX)
         except OSError as exc:
             raise storage_error(exc, "read lock file", handle.path) from exc
-    return _Found((st.st_dev, st.st_ino), st.st_mtime_ns, content)
+    return _Found(st, content)
 
 
 def _create_lock(root: Dir, name: str, *, spare: bool = False) -> _Held | None:
@@ -536,21 +537,12 @@ def _give_up(root: Dir, held: _Held) -> None:
     lock is unlinked as before.
 
     Raises:
-        StorageError, OSError: it cannot be looked at or removed.
+        StorageError: it cannot be looked at or removed.
     """
-    try:
-        fd = root.open_writable(held.name)
-    except UnsafeFile:
-        return  # a link, a FIFO, another's file: not ours
-    if fd is None:
+    found = _read_lock(root, held.name)
+    if found is None or not _is_ours(found, held):
         return
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != held.file_id or os.read(fd, _CONTENT_MAX) != held.content:
-            return
-    finally:
-        os.close(fd)
-    if st.st_nlink == 1:
+    if found.nlink == 1:
         try:
             if root.rename_exclusive(held.name, spare_name(held.name)):
                 return
