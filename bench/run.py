@@ -16,7 +16,10 @@ The servers (``--servers``, measured in this order, interleaved):
 - ``dovecot-perclient`` (``--dovecot-perclient``): the row before issue 13, one ``pop3``
   process per connected client (its built-in ``client_limit = 1``, ``service_count = 0``),
   ``pop3_lock_session = yes``;
-- ``pobox-pg`` (``--stores maildir,postgresql``): pobox on the PostgreSQL store.
+- ``pobox-pg`` (``--stores maildir,postgresql``): pobox on the PostgreSQL store;
+- ``pobox-compiled`` (named in ``--servers``): ``pobox`` with its hot modules compiled by
+  mypyc, from the tree ``POBOX_COMPILED_SRC`` names (``bench/compile_tree.sh``), an
+  experiment (bench/results/mypyc.md).
 
 Every ratio is over ``dovecot-tuned``; beside it, each lock setting against its match
 (``pobox`` ÷ ``dovecot-tuned-lock``: both lock; ``pobox-nolock`` ÷ ``dovecot-tuned``: neither).
@@ -108,6 +111,7 @@ ALL_SERVERS = (
     "dovecot-tuned-lock",
     "dovecot-perclient",
     "python-floor",
+    "pobox-compiled",
 )
 DEFAULT_SERVERS = ("pobox", "pobox-nolock", "dovecot-tuned", "dovecot-tuned-lock")
 #: The baseline every ratio is taken over: Dovecot at its best.
@@ -123,6 +127,8 @@ SERVERS: list[str] = list(DEFAULT_SERVERS)
 SERVER_SETUPS = {
     "pobox": "pobox, default pop3_lock_session = true (the maildrop locked per session)",
     "pobox-nolock": "pobox, pop3_lock_session = false",
+    "pobox-compiled": "pobox with its hot modules compiled by mypyc (bench/compile_tree.sh, "
+    "POBOX_COMPILED_SRC), default pop3_lock_session = true; an experiment, not for serving",
     "pobox-pg": "pobox on the PostgreSQL store, pop3_lock_session = true",
     "dovecot-tuned": "Dovecot, long-lived processes, pop3-login client_limit 12000, "
     "pop3 client_limit 1000 (many clients per pop3 process), default pop3_lock_session = no",
@@ -497,6 +503,11 @@ def run_pobox(root: Path, name: str = "pobox", extra: str = "") -> Iterator[Serv
         + extra
     )
     command = [sys.executable, *POBOX_WRAPPER, "-m", "pobox", "serve", "-c", str(config)]
+    if name == "pobox-compiled":
+        compiled = os.environ.get("POBOX_COMPILED_SRC", "")
+        if not compiled:
+            raise SystemExit("pobox-compiled: set POBOX_COMPILED_SRC (bench/compile_tree.sh)")
+        command = ["env", f"PYTHONPATH={compiled}", *command]
     if name == "pobox-pg":
         with config.open("a") as more:
             more.write(PG.get("extra", ""))

@@ -399,7 +399,7 @@ class Scram(Mechanism):
         self._server_first = b""
         self._nonce = b""
         self._keys: ScramKeys | None = None
-        self._real = False
+        self._known = False
         self._server_final: bytes | None = None
         self._done = False
 
@@ -461,7 +461,7 @@ class Scram(Mechanism):
         keys = secret.scram if secret is not None else None
         if keys is None or keys.hash_name != self.hash_name:
             return Failed(self._user, "no SCRAM keys for the user")
-        self._real = bool(keys.stored_key)
+        self._known = bool(keys.stored_key)
         self._keys = keys
         salt64 = base64.b64encode(keys.salt)
         self._server_first = b"r=%s,s=%s,i=%d" % (self._nonce, salt64, keys.iterations)
@@ -486,7 +486,7 @@ class Scram(Mechanism):
         keys = self._keys
         auth_message = self._client_first_bare + b"," + self._server_first + b"," + without_proof
         signature = hmac.digest(keys.stored_key or b"\0", auth_message, self.hash_name)
-        if proof is None or len(proof) != len(signature) or not self._real:
+        if proof is None or len(proof) != len(signature) or not self._known:
             return Failed(self._user, "wrong SCRAM proof")
         client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         if not hmac.compare_digest(

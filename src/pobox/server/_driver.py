@@ -866,14 +866,15 @@ def _weakly(method: Callable[[], None]) -> Callable[[], None]:
     freed only by a full cyclic collection, which thousands of idle sessions make rare, so
     memory would rise with every connection until one came (issue 13's soak).
     """
-    # What WeakMethod does (a weak reference to the object, the function kept), without its
-    # Python-level constructor: two of these are made per connection.
+    # A weak reference to the object and the method's name (what WeakMethod does, without
+    # its Python-level constructor: two of these are made per connection).  By name, not
+    # ``__func__``: a method compiled by mypyc has none (bench/results/mypyc.md).
     ref = weakref.ref(method.__self__)  # type: ignore[attr-defined]
-    func = method.__func__  # type: ignore[attr-defined]
+    name: str = method.__name__
 
     def call() -> None:
         owner = ref()
         if owner is not None:
-            func(owner)
+            getattr(owner, name)()
 
     return call

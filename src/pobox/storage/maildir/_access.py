@@ -274,7 +274,7 @@ class MaildirHandle:
         "_indexed",
         "_lock",
         "_lock_timeout",
-        "_real",
+        "_real_path",
         "kept_in",
         "kept_uidls",
         "messages",
@@ -307,7 +307,7 @@ class MaildirHandle:
         self._indexed = indexed
         self._lock_timeout = lock_timeout
         #: The maildir's path as the kernel had it at the last careful open (no links in it).
-        self._real = real
+        self._real_path = real
         #: ``pop3_delete_retention`` in seconds: deleted messages are kept that long in
         #: ``.pobox-deleted/`` (:mod:`._retain`) instead of being unlinked; 0: unlinked.
         self.retention = retention
@@ -343,13 +343,13 @@ class MaildirHandle:
         if location is None:
             msg = f"message {key!r} is not in the maildrop snapshot of {self.root}"
             raise MessageGone(msg)
-        real = self._real
+        real = self._real_path
         if real is not None:
             fast = open_by_real_path(real, self.owner, *location)
             if fast is not None:
                 return fast.detach(), fast.size
         with Dir.open_root(self.root, self.owner) as root:
-            self._real = root.real_path()
+            self._real_path = root.real_path()
             handle = root.open_file(*location)
             if handle is None:
                 found = _find_message(root, key)
