@@ -503,11 +503,8 @@ def run_pobox(root: Path, name: str = "pobox", extra: str = "") -> Iterator[Serv
         + extra
     )
     command = [sys.executable, *POBOX_WRAPPER, "-m", "pobox", "serve", "-c", str(config)]
-    if name == "pobox-compiled":
-        compiled = os.environ.get("POBOX_COMPILED_SRC", "")
-        if not compiled:
-            raise SystemExit("pobox-compiled: set POBOX_COMPILED_SRC (bench/compile_tree.sh)")
-        command = ["env", f"PYTHONPATH={compiled}", *command]
+    if name == "pobox-compiled":  # POBOX_COMPILED_SRC is checked with --servers
+        command = ["env", f"PYTHONPATH={os.environ['POBOX_COMPILED_SRC']}", *command]
     if name == "pobox-pg":
         with config.open("a") as more:
             more.write(PG.get("extra", ""))
@@ -1437,6 +1434,8 @@ def main(argv: list[str] | None = None) -> int:
         servers.append("dovecot-perclient")
     if set(servers) - set(ALL_SERVERS) or not servers or len(set(servers)) != len(servers):
         parser.error(f"--servers: choose among {', '.join(ALL_SERVERS)}, each once")
+    if "pobox-compiled" in servers and not os.environ.get("POBOX_COMPILED_SRC"):
+        parser.error("pobox-compiled: set POBOX_COMPILED_SRC (bench/compile_tree.sh)")
     line_ends = [end.strip() for end in args.line_ends.split(",") if end.strip()]
     if not line_ends or set(line_ends) - {"crlf", "lf", "crlf-nodots"}:
         parser.error("--line-ends: among crlf, lf and crlf-nodots")
